@@ -1,0 +1,263 @@
+"""What every node kind is made of: the backend interface, capabilities, and the three roles.
+
+A backend answers the NBD operations for one export. Plugins own their data, filters wrap
+`self.next`, fans combine `self.members`. Methods are named after the operations (as nbdkit's
+callbacks) and signal failure by raising `OSError(errno.X, message)`. Every method is async so
+that a backend may wait on I/O; a backend that never waits simply does not await anything.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+from typing import Any, ClassVar
+
+from .params import Params, update_params
+from .protocol.constants import CmdFlag, Extent, TFlag
+
+#: A read's holes: (start relative to the buffer, length) ranges that read as zeros and whose
+#: bytes in the buffer were not filled. `None` or an empty list means "all data".
+Holes = list[tuple[int, int]] | None
+#: Extents as (length, base:allocation flags), starting at the requested offset, contiguous.
+Extents = list[tuple[int, int]]
+
+
+class Support(IntEnum):
+    """How an operation is provided (nbdkit's tri-state for fua, zero and cache)."""
+
+    NONE = 0
+    EMULATE = 1  #: the server does it with other operations (flush after write, write zeros)
+    NATIVE = 2
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    size: int
+    writable: bool = False
+    flush: bool = False
+    fua: Support = Support.NONE
+    trim: bool = False
+    zero: Support = Support.NONE
+    fast_zero: bool = False
+    cache: Support = Support.NONE
+    extents: bool = False
+    multi_conn: bool = False
+    rotational: bool = False
+    block_min: int = 0  #: 0: no constraints advertised
+    block_preferred: int = 0
+    block_max: int = 0
+
+    def normalized(self) -> Capabilities:
+        """Write-derived capabilities are off when writing is (nbdkit's backend.c rule)."""
+        if self.writable:
+            if self.zero is Support.NONE and self.fast_zero:
+                return replace(self, fast_zero=False)
+            return self
+        return replace(self, fua=Support.NONE, trim=False, zero=Support.NONE, fast_zero=False)
+
+    def tflags(self) -> TFlag:
+        f = TFlag.HAS_FLAGS | TFlag.SEND_DF  # reads can always be sent unfragmented
+        if not self.writable:
+            f |= TFlag.READ_ONLY
+        if self.flush:
+            f |= TFlag.SEND_FLUSH
+        if self.fua is not Support.NONE:
+            f |= TFlag.SEND_FUA
+        if self.trim:
+            f |= TFlag.SEND_TRIM
+        if self.zero is not Support.NONE:
+            f |= TFlag.SEND_WRITE_ZEROES
+            if self.fast_zero:
+                f |= TFlag.SEND_FAST_ZERO
+        if self.cache is not Support.NONE:
+            f |= TFlag.SEND_CACHE
+        if self.multi_conn:
+            f |= TFlag.CAN_MULTI_CONN
+        if self.rotational:
+            f |= TFlag.ROTATIONAL
+        return f
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            k: (v.name.lower() if isinstance(v, Support) else v) for k, v in self.__dict__.items()
+        }
+
+
+@dataclass
+class ClientInfo:
+    """Who is asking; set for the duration of each request (see `current_client`)."""
+
+    address: str = ""
+    export_name: str = ""
+    connection_id: int = 0
+    tls: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+#: The client on whose behalf the current request runs (for per-client filters, `info`).
+current_client: ContextVar[ClientInfo] = ContextVar("current_client", default=ClientInfo())
+
+
+def unsupported(what: str) -> OSError:
+    return OSError(errno.EINVAL, f"{what} is not supported by this node")
+
+
+class Backend:
+    """The operations of one export. Subclasses set `kind`, `role` and `Params`."""
+
+    kind: ClassVar[str] = ""
+    role: ClassVar[str] = "plugin"  #: plugin | filter | fan
+    Params: ClassVar[type[Params]] = Params
+    #: The param a first bare word on the command line sets (`memory 1G`).
+    magic: ClassVar[str | None] = None
+    #: Fewest upstreams a fan needs.
+    min_members: ClassVar[int] = 0
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    # Lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open what the backend needs; capabilities() is valid afterwards."""
+
+    async def stop(self) -> None:
+        """Release resources; called once at shutdown."""
+
+    def capabilities(self) -> Capabilities:
+        raise NotImplementedError
+
+    def configure(self, changes: dict[str, Any]) -> None:
+        """Apply live param changes (already checked to be live). Override to react."""
+        self.params = update_params(self.kind, self.params, changes)
+
+    def status(self) -> dict[str, Any]:
+        """Kind-specific state for `info` (upstream health, fan members, cache fill, ...)."""
+        return {}
+
+    def healthy(self) -> bool:
+        """False when the node cannot serve (e.g. its upstream is down)."""
+        return True
+
+    # Data operations ----------------------------------------------------------------------
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        raise unsupported("read")
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        raise OSError(errno.EPERM, "this export is read-only")
+
+    async def flush(self, flags: int) -> None:
+        raise unsupported("flush")
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        raise unsupported("trim")
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        raise unsupported("write zeroes")
+
+    async def cache(self, count: int, offset: int, flags: int) -> None:
+        raise unsupported("cache")
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        """Default: everything is allocated data (what the spec says is always safe)."""
+        return [(count, 0)]
+
+
+class Plugin(Backend):
+    role = "plugin"
+
+
+class Filter(Backend):
+    """Passes every operation to `self.next` unless it overrides it."""
+
+    role = "filter"
+
+    def __init__(self, params: Params, next: Backend) -> None:  # noqa: A002 (nbdkit's name)
+        super().__init__(params)
+        self.next = next
+
+    async def start(self) -> None:
+        await self.next.start()
+
+    async def stop(self) -> None:
+        await self.next.stop()
+
+    def capabilities(self) -> Capabilities:
+        return self.next.capabilities()
+
+    def status(self) -> dict[str, Any]:
+        return self.next.status()
+
+    def healthy(self) -> bool:
+        return self.next.healthy()
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        return await self.next.pread(buf, offset, flags)
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        await self.next.pwrite(buf, offset, flags)
+
+    async def flush(self, flags: int) -> None:
+        await self.next.flush(flags)
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        await self.next.trim(count, offset, flags)
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        await self.next.zero(count, offset, flags)
+
+    async def cache(self, count: int, offset: int, flags: int) -> None:
+        await self.next.cache(count, offset, flags)
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        return await self.next.extents(count, offset, flags)
+
+
+class Fan(Backend):
+    """Combines several upstreams (`self.members`, in `--upstream` order)."""
+
+    role = "fan"
+    min_members = 2
+
+    def __init__(self, params: Params, members: Sequence[Backend]) -> None:
+        super().__init__(params)
+        self.members = list(members)
+
+    async def start(self) -> None:
+        for member in self.members:
+            await member.start()
+
+    async def stop(self) -> None:
+        for member in self.members:
+            await member.stop()
+
+
+# Helpers for kinds ---------------------------------------------------------------------------
+
+
+def fill_holes(buf: memoryview, holes: Holes) -> None:
+    """Zero the hole ranges of a read so the buffer holds the plain data."""
+    for start, length in holes or ():
+        buf[start : start + length] = bytes(length)
+
+
+async def read_flat(backend: Backend, buf: memoryview, offset: int, flags: int = 0) -> None:
+    """Read into `buf` with holes filled with zeros: what a filter that looks at data wants."""
+    fill_holes(buf, await backend.pread(buf, offset, flags))
+
+
+def all_zero_extent(count: int) -> Extents:
+    return [(count, Extent.HOLE | Extent.ZERO)]
+
+
+def fua_requested(flags: int) -> bool:
+    return bool(flags & CmdFlag.FUA)
+
+
+def may_trim(flags: int) -> bool:
+    """WRITE_ZEROES may punch a hole unless the client said NO_HOLE."""
+    return not flags & CmdFlag.NO_HOLE

@@ -1,0 +1,213 @@
+"""The `nbdfabric` command: `node` and `kinds` here; `ctl`/`health` from the control plane;
+fabric commands (`up`, `down`, `status`, ...) from the orchestrator, loaded only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from . import registry
+from .params import ParamError, field_info, parse_params
+from .server.addresses import AddressError, parse_address
+from .server.node import NodeOptions
+
+#: Sub-commands the orchestrator provides (nodes never import it at module level).
+FABRIC_COMMANDS = ("up", "down", "status", "validate", "graph", "set", "compose", "k8s", "logs",
+                   "schema")  # fmt: skip
+
+
+def _node_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nbdfabric node",
+        description="Serve one node kind over NBD (see `nbdfabric kinds`).",
+    )
+    p.add_argument("kind")
+    p.add_argument("params", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--upstream", action="append", default=[], metavar="URI")
+    p.add_argument("--listen", action="append", default=[], metavar="ADDR")
+    p.add_argument("--control", metavar="ADDR", help="serve gRPC control + health here")
+    p.add_argument("--no-reflection", action="store_true", help="turn gRPC reflection off")
+    p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics here")
+    p.add_argument("--export-name", default="", metavar="NAME")
+    p.add_argument("--description", default="", metavar="TEXT")
+    p.add_argument("-r", "--read-only", action="store_true")
+    p.add_argument("--print-uri", action="store_true")
+    p.add_argument("--ready-file", metavar="PATH")
+    p.add_argument("--run", metavar="CMD")
+    p.add_argument("--name", default="", help="node name for logs and metrics")
+    p.add_argument(
+        "--ordering",
+        choices=("parallel", "ordered", "serial"),
+        default="parallel",
+        help="parallel: replies in completion order; ordered: work in parallel, replies in "
+        "request order; serial: one request at a time",
+    )
+    p.add_argument("--max-connections", type=int, default=0, metavar="N")
+    p.add_argument("--no-sr", action="store_true", help="refuse structured replies (testing)")
+    p.add_argument(
+        "--eof-tolerant",
+        action="store_true",
+        help="a read running past the end returns the valid part, then an error for the tail",
+    )
+    p.add_argument("--tls", choices=("off", "on", "require"), default="off")
+    p.add_argument("--tls-certificates", metavar="DIR")
+    p.add_argument("--tls-psk", metavar="FILE")
+    p.add_argument("--tls-verify-peer", action="store_true")
+    p.add_argument("--upstream-tls-certificates", metavar="DIR")
+    p.add_argument("--upstream-timeout", type=float, default=30.0, metavar="SECONDS")
+    p.add_argument("--keepalive-idle", type=int, metavar="SECONDS")
+    p.add_argument("--keepalive-interval", type=int, metavar="SECONDS")
+    p.add_argument("--keepalive-count", type=int, metavar="N")
+    return p
+
+
+def cmd_node(argv: Sequence[str]) -> int:
+    from .run import NodeSpec, SpecError, UpstreamOptions, run_node
+
+    args = _node_parser().parse_intermixed_args(argv)
+    try:
+        cls = registry.get(args.kind)
+        params = parse_params(args.kind, cls.Params, list(args.params), cls.magic)
+        listen = [parse_address(a) for a in args.listen]
+    except (ParamError, AddressError, KeyError) as exc:
+        print(f"nbdfabric node: {exc}", file=sys.stderr)
+        return 1
+    if args.tls != "off" and not (args.tls_certificates or args.tls_psk):
+        print("nbdfabric node: --tls=on/require needs --tls-certificates DIR", file=sys.stderr)
+        return 1
+    options = NodeOptions(
+        export_name=args.export_name,
+        description=args.description,
+        read_only=args.read_only,
+        ordering=args.ordering,
+        max_connections=args.max_connections,
+        structured_replies=not args.no_sr,
+        eof_tolerant=args.eof_tolerant,
+        tls=args.tls,
+        tls_certificates=args.tls_certificates,
+        tls_psk=args.tls_psk,
+        tls_verify_peer=args.tls_verify_peer,
+        keepalive_idle=args.keepalive_idle,
+        keepalive_interval=args.keepalive_interval,
+        keepalive_count=args.keepalive_count,
+    )
+    spec = NodeSpec(
+        kind=args.kind,
+        params=params,
+        upstreams=args.upstream,
+        listen=listen,
+        options=options,
+        upstream_options=UpstreamOptions(
+            tls_certificates=args.upstream_tls_certificates,
+            connect_timeout=args.upstream_timeout,
+        ),
+        control=args.control,
+        reflection=not args.no_reflection,
+        metrics=args.metrics,
+        print_uri=args.print_uri,
+        ready_file=args.ready_file,
+        run=args.run,
+        name=args.name,
+    )
+    try:
+        return run_node(spec)
+    except SpecError as exc:
+        print(f"nbdfabric node: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_kinds(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="nbdfabric kinds", description="List node kinds.")
+    p.add_argument("kind", nargs="?")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.kind:
+        try:
+            cls = registry.get(args.kind)
+        except KeyError as exc:
+            print(f"nbdfabric kinds: {exc}", file=sys.stderr)
+            return 1
+        info = {
+            "kind": cls.kind,
+            "role": cls.role,
+            "summary": registry.summary(cls),
+            "magic": cls.magic,
+            "min_members": cls.min_members,
+            "params": field_info(cls.Params),
+            "manual": (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip(),
+        }
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        print(f"{cls.kind} ({cls.role}): {info['summary']}\n")
+        for prm in info["params"]:
+            flags = []
+            if prm["required"]:
+                flags.append("required")
+            else:
+                flags.append(f"default {prm['default']}")
+            if prm["live"]:
+                flags.append("live")
+            if prm["name"] == cls.magic:
+                flags.append("magic")
+            print(f"  {prm['name']}={prm['type']}  ({', '.join(flags)})")
+            if prm["help"]:
+                print(f"      {prm['help']}")
+        print()
+        print(info["manual"])
+        return 0
+    table = [
+        {"kind": k, "role": c.role, "summary": registry.summary(c)}
+        for k, c in registry.kinds().items()
+    ]
+    if args.json:
+        print(json.dumps(table, indent=2))
+    else:
+        width = max(len(r["kind"]) for r in table)
+        for row in table:
+            print(f"{row['kind']:<{width}}  {row['role']:<6}  {row['summary']}")
+    return 0
+
+
+USAGE = """usage: nbdfabric COMMAND ...
+
+node KIND [KEY=VALUE ...]   serve one node (plugin, filter or fan) over NBD
+kinds [KIND] [--json]       list node kinds, or one kind's params
+ctl ADDR ...                talk to a node's gRPC control endpoint
+health ADDR                 exit 0 only if the node at ADDR is SERVING
+up FILE | down | status | validate FILE | graph | set NODE K=V | logs NODE
+compose FILE | k8s FILE | schema
+                            run and inspect fabrics from a topology file
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "node":
+        return cmd_node(rest)
+    if command == "kinds":
+        return cmd_kinds(rest)
+    if command in ("ctl", "health"):
+        from .control import cli as control_cli
+
+        return int(control_cli.main(command, rest))
+    if command in FABRIC_COMMANDS:
+        try:
+            from orchestrator import cli as fabric_cli
+        except ImportError:
+            print(f"nbdfabric {command}: the orchestrator is not available", file=sys.stderr)
+            return 1
+        return int(fabric_cli.main(command, rest))
+    print(f"nbdfabric: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

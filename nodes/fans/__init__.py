@@ -1,0 +1,1 @@
+"""Node kinds: fans (one module each; see nodes/registry.py)."""

@@ -1,0 +1,1 @@
+"""Node kinds: filters (one module each; see nodes/registry.py)."""

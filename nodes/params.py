@@ -1,0 +1,226 @@
+"""Typed node parameters, declared once per kind with pydantic.
+
+The same declaration parses `KEY=VALUE` on the command line, validates topology files, answers
+`nbdfabric kinds KIND`, produces JSON Schema, and checks live changes from gRPC Configure.
+Spellings follow nbdkit: sizes `1G`/`512K`, durations `10ms`/`2s`, rates `10%`, errnos `EIO`.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import re
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h)?\s*$", re.IGNORECASE)
+_DURATION_UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+MAX_SIZE = 2**63 - 1
+
+
+def parse_size(value: Any) -> int:
+    """`4096`, `512K`, `1G`, `1.5M`, `2GiB`: binary multiples, as nbdkit reads them."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size like 1G, 512K or a byte count")
+    if isinstance(value, int):
+        n = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m:
+            raise ValueError("expected a size like 1G, 512K or a byte count")
+        n = int(float(m.group(1)) * (1 << _SIZE_SHIFT[m.group(2).lower()]))
+    if not 0 <= n <= MAX_SIZE:
+        raise ValueError(f"a size must be between 0 and {MAX_SIZE}")
+    return n
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds as a float from `2`, `1.5s`, `10ms`, `250us`, `1m`."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 10ms, 2s or a number of seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION_RE.match(str(value))
+        if not m:
+            raise ValueError("expected a duration like 10ms, 2s or a number of seconds")
+        seconds = float(m.group(1)) * _DURATION_UNIT[(m.group(2) or "s").lower()]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_fraction(value: Any) -> float:
+    """`10%`, `0.1` or `1/10` as a probability in [0, 1] (nbdkit's error-rate spelling)."""
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            frac = float(text[:-1]) / 100
+        elif "/" in text:
+            num, den = text.split("/", 1)
+            frac = float(num) / float(den)
+        else:
+            frac = float(text)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise ValueError("expected a rate like 10%, 0.1 or 1/10") from exc
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError("a rate must be between 0% and 100%")
+    return frac
+
+
+def parse_errno(value: Any) -> int:
+    """An errno by name (`EIO`, `enospc`) or number."""
+    if isinstance(value, int):
+        return value
+    name = str(value).strip().upper()
+    code = getattr(_errno, name, None)
+    if not isinstance(code, int) or not name.startswith("E"):
+        raise ValueError("expected an errno name such as EIO, ENOSPC, EPERM, EINVAL")
+    return code
+
+
+def _errno_name(code: int) -> str:
+    return _errno.errorcode.get(code, str(code))
+
+
+Size = Annotated[int, BeforeValidator(parse_size), Field(json_schema_extra={"format": "size"})]
+Duration = Annotated[
+    float, BeforeValidator(parse_duration), Field(json_schema_extra={"format": "duration"})
+]
+Fraction = Annotated[
+    float, BeforeValidator(parse_fraction), Field(json_schema_extra={"format": "rate"})
+]
+Errno = Annotated[
+    int,
+    BeforeValidator(parse_errno),
+    PlainSerializer(_errno_name, return_type=str),
+    Field(json_schema_extra={"format": "errno"}),
+]
+
+
+def live(default: Any = None, description: str = "", **kwargs: Any) -> Any:
+    """A param that can be changed while the node serves (gRPC Configure, `nbdfabric set`)."""
+    return Field(default, description=description, json_schema_extra={"live": True}, **kwargs)
+
+
+def param(default: Any = ..., description: str = "", **kwargs: Any) -> Any:
+    """A param fixed for the node's lifetime."""
+    return Field(default, description=description, **kwargs)
+
+
+class Params(BaseModel):
+    """Base of every kind's parameters: dashed names on the outside, unknown keys refused."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=lambda name: name.replace("_", "-"),
+        populate_by_name=True,
+        validate_assignment=True,
+        frozen=False,
+    )
+
+
+class ParamError(ValueError):
+    """A bad or unknown parameter; the message names the key and what it accepts."""
+
+
+def field_info(model: type[Params]) -> list[dict[str, Any]]:
+    """One entry per param: name, type, default, live, help (for `kinds` and gRPC info)."""
+    schema = model.model_json_schema(by_alias=True)
+    props = schema.get("properties", {})
+    out = []
+    for name, f in model.model_fields.items():
+        key = f.alias or name
+        prop = props.get(key, {})
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        out.append(
+            {
+                "name": key,
+                "type": _type_name(prop),
+                "default": None if f.is_required() else _jsonable(f.default),
+                "required": f.is_required(),
+                "live": bool(extra.get("live")),
+                "help": f.description or "",
+            }
+        )
+    return out
+
+
+def _type_name(prop: dict[str, Any]) -> str:
+    if "format" in prop and prop["format"] in ("size", "duration", "rate", "errno"):
+        return str(prop["format"])
+    if "enum" in prop:
+        return "|".join(str(v) for v in prop["enum"])
+    if "anyOf" in prop:
+        return " or ".join(_type_name(p) for p in prop["anyOf"] if p.get("type") != "null")
+    return str(prop.get("type", "string"))
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, str | int | float | bool | type(None)) else str(value)
+
+
+def _accepts(model: type[Params], key: str) -> str:
+    for entry in field_info(model):
+        if entry["name"] == key:
+            return entry["type"]
+    return "?"
+
+
+def format_error(kind: str, model: type[Params], exc: ValidationError) -> str:
+    lines = []
+    names = ", ".join(e["name"] for e in field_info(model)) or "(none)"
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "?"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{kind}: unknown parameter '{key}' (accepts: {names})")
+        elif err["type"] == "missing":
+            lines.append(f"{kind}: parameter '{key}' is required")
+        else:
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(
+                f"{kind}: bad value {err.get('input')!r} for '{key}' "
+                f"(accepts {_accepts(model, key)}): {msg}"
+            )
+    return "\n".join(lines)
+
+
+def parse_params(
+    kind: str, model: type[Params], args: list[str] | dict[str, Any], magic: str | None = None
+) -> Params:
+    """Build a kind's params from `KEY=VALUE` words (or a mapping), nbdkit style.
+
+    A first word without '=' is the kind's magic param (`memory 1G`, `file disk.img`).
+    """
+    values: dict[str, Any] = {}
+    if isinstance(args, dict):
+        values = {str(k): v for k, v in args.items()}
+    else:
+        for i, word in enumerate(args):
+            key, sep, value = word.partition("=")
+            if not sep:
+                if i == 0 and magic:
+                    key, value = magic, word
+                else:
+                    raise ParamError(f"{kind}: expected KEY=VALUE, got {word!r}")
+            if key in values:
+                raise ParamError(f"{kind}: parameter '{key}' given twice")
+            values[key] = value
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise ParamError(format_error(kind, model, exc)) from None
+
+
+def update_params(kind: str, params: Params, changes: dict[str, Any]) -> Params:
+    """A copy of `params` with `changes` applied and validated; live-only is checked by callers."""
+    merged = params.model_dump(by_alias=True)
+    merged.update(changes)
+    return parse_params(kind, type(params), merged)
+
+
+def live_names(model: type[Params]) -> set[str]:
+    return {e["name"] for e in field_info(model) if e["live"]}

@@ -1,0 +1,1 @@
+"""Node kinds: plugins (one module each; see nodes/registry.py)."""

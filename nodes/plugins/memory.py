@@ -1,0 +1,157 @@
+"""memory: a sparse RAM disk (nbdkit-memory-plugin).
+
+Only pages that were written take memory, so a virtual size up to 2^63-1 costs nothing until it
+is used. Zeroing or trimming a whole page frees it; extents report pages never written (or freed)
+as holes that read as zeros.
+
+Params: `size` (magic; e.g. `memory 1G`).
+
+Example: `nbdfabric node memory 1G --listen unix:/tmp/m.sock` then
+`qemu-img convert -O raw disk.img 'nbd+unix:///?socket=/tmp/m.sock'`.
+"""
+
+from __future__ import annotations
+
+from ..base import Capabilities, Extents, Holes, Plugin, Support, may_trim
+from ..params import Params, Size, param
+from ..protocol.constants import Extent
+from ..registry import register
+
+PAGE = 32 * 1024
+_ZERO_PAGE = bytes(PAGE)
+
+
+class MemoryParams(Params):
+    size: Size = param(description="virtual size of the disk (e.g. 1G)")
+
+
+class SparseStore:
+    """Pages of PAGE bytes in a dict; absent pages read as zeros."""
+
+    def __init__(self) -> None:
+        self.pages: dict[int, bytearray] = {}
+
+    def read(self, buf: memoryview, offset: int) -> Holes:
+        holes: list[tuple[int, int]] = []
+        pos, end, pages = 0, len(buf), self.pages
+        while pos < end:
+            index, in_page = divmod(offset + pos, PAGE)
+            n = min(PAGE - in_page, end - pos)
+            page = pages.get(index)
+            if page is None:
+                if holes and holes[-1][0] + holes[-1][1] == pos:
+                    holes[-1] = (holes[-1][0], holes[-1][1] + n)
+                else:
+                    holes.append((pos, n))
+            else:
+                buf[pos : pos + n] = memoryview(page)[in_page : in_page + n]
+            pos += n
+        return holes
+
+    def write(self, buf: memoryview, offset: int) -> None:
+        pos, end, pages = 0, len(buf), self.pages
+        while pos < end:
+            index, in_page = divmod(offset + pos, PAGE)
+            n = min(PAGE - in_page, end - pos)
+            page = pages.get(index)
+            if page is None:
+                page = pages[index] = bytearray(PAGE)
+            page[in_page : in_page + n] = buf[pos : pos + n]
+            pos += n
+
+    def zero(self, count: int, offset: int, punch: bool) -> None:
+        pos, pages = offset, self.pages
+        end = offset + count
+        while pos < end:
+            index, in_page = divmod(pos, PAGE)
+            n = min(PAGE - in_page, end - pos)
+            page = pages.get(index)
+            if page is not None:
+                if n == PAGE and punch:
+                    del pages[index]
+                else:
+                    page[in_page : in_page + n] = _ZERO_PAGE[:n]
+                    if punch and page == _ZERO_PAGE:
+                        del pages[index]
+            pos += n
+
+    def extents(self, count: int, offset: int) -> Extents:
+        end = offset + count
+        first, last = offset // PAGE, (end - 1) // PAGE
+        if last - first > 4 * len(self.pages):
+            # A huge range over few pages: visit the allocated pages, not every page.
+            allocated = sorted(i for i in self.pages if first <= i <= last)
+        else:
+            allocated = [i for i in range(first, last + 1) if i in self.pages]
+        out: list[tuple[int, int]] = []
+        pos = offset
+        hole = Extent.HOLE | Extent.ZERO
+        for index in allocated:
+            start = max(index * PAGE, offset)
+            stop = min((index + 1) * PAGE, end)
+            if start > pos:
+                _append(out, start - pos, hole)
+            _append(out, stop - start, 0)
+            pos = stop
+        if pos < end:
+            _append(out, end - pos, hole)
+        return out
+
+
+def _append(out: list[tuple[int, int]], length: int, flags: int) -> None:
+    if out and out[-1][1] == flags:
+        out[-1] = (out[-1][0] + length, flags)
+    else:
+        out.append((length, flags))
+
+
+@register
+class Memory(Plugin):
+    """A sparse RAM disk; memory grows only with data written."""
+
+    kind = "memory"
+    Params = MemoryParams
+    magic = "size"
+    params: MemoryParams
+
+    def __init__(self, params: MemoryParams) -> None:
+        super().__init__(params)
+        self.store = SparseStore()
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            size=self.params.size,
+            writable=True,
+            flush=True,
+            fua=Support.NATIVE,
+            trim=True,
+            zero=Support.NATIVE,
+            fast_zero=True,
+            cache=Support.NATIVE,
+            extents=True,
+            multi_conn=True,
+        )
+
+    def status(self) -> dict[str, int]:
+        return {"allocated_bytes": len(self.store.pages) * PAGE}
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        return self.store.read(buf, offset)
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        self.store.write(buf, offset)
+
+    async def flush(self, flags: int) -> None:
+        pass
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        self.store.zero(count, offset, punch=True)
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        self.store.zero(count, offset, punch=may_trim(flags))
+
+    async def cache(self, count: int, offset: int, flags: int) -> None:
+        pass
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        return self.store.extents(count, offset)

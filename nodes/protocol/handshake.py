@@ -1,0 +1,387 @@
+"""Sans-IO server side of the fixed newstyle handshake: bytes in, replies and events out.
+
+The server feeds whatever it reads to `receive_data`, sends `data_to_send()`, and reacts to the
+events `next_event()` returns: `StartTLS` (send the ACK, then upgrade the stream), `Ready`
+(transmission begins) or `Closed` (drop the connection). All option answers are made here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+from .constants import (
+    BASE_ALLOCATION,
+    BASE_ALLOCATION_ID,
+    CLIENT_FLAGS,
+    EXPORT_NAME_REPLY,
+    GREETING,
+    IHAVEOPT,
+    INFO_BLOCK_SIZE,
+    INFO_EXPORT,
+    MAX_OPTION_LENGTH,
+    MAX_OPTIONS,
+    MAX_STRING,
+    NBDMAGIC,
+    OPT_REPLY_MAGIC,
+    OPTION_HEADER,
+    OPTION_REPLY,
+    U16,
+    U32,
+    ClientFlag,
+    HandshakeFlag,
+    Info,
+    Opt,
+    Rep,
+    TFlag,
+)
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What a client learns about an export during the handshake."""
+
+    name: str
+    size: int
+    tflags: TFlag  #: without SEND_DF, which depends on structured replies being negotiated
+    description: str = ""
+    block_min: int = 0  #: 0: advertise no block size constraints
+    block_preferred: int = 0
+    block_max: int = 0
+
+    def flags_for(self, structured: bool) -> TFlag:
+        flags = self.tflags | TFlag.HAS_FLAGS
+        if not structured:
+            flags &= ~TFlag.SEND_DF
+        return flags
+
+
+@dataclass(frozen=True)
+class HandshakePolicy:
+    tls: str = "off"  #: off | on | require
+    structured_replies: bool = True  #: False behaves like nbdkit --no-sr
+    no_zeroes: bool = True
+    #: Advertise exports in NBD_OPT_LIST.
+    lookup: Callable[[str], ExportInfo | None] = field(default=lambda name: None)
+    listing: Callable[[], Sequence[ExportInfo]] = field(default=lambda: ())
+
+
+# Events --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    """The ACK is queued: send it, then run the TLS handshake on the stream and call tls_started."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Transmission begins on `export`; `leftover` is what the client sent after the last option."""
+
+    export: ExportInfo
+    structured: bool
+    meta_contexts: tuple[int, ...]  #: selected context ids (only base:allocation exists)
+    leftover: bytes
+
+
+@dataclass(frozen=True)
+class Closed:
+    reason: str
+    soft: bool = False  #: True for NBD_OPT_ABORT
+
+
+class NeedData(Enum):
+    NEED_DATA = auto()
+
+
+NEED_DATA = NeedData.NEED_DATA
+Event = StartTLS | Ready | Closed | NeedData
+
+
+class _State(Enum):
+    CLIENT_FLAGS = auto()
+    OPTION_HEADER = auto()
+    OPTION_DATA = auto()
+    DONE = auto()
+
+
+class _Malformed(Exception):
+    """Option data that does not parse: answered with ERR_INVALID."""
+
+
+class ServerHandshake:
+    """One connection's handshake, from the greeting to transmission (or a close)."""
+
+    def __init__(self, policy: HandshakePolicy) -> None:
+        self.policy = policy
+        self._buf = bytearray()
+        self._out = bytearray()
+        self._state = _State.CLIENT_FLAGS
+        self._options_seen = 0
+        self._option = 0
+        self._option_len = 0
+        self.client_flags = ClientFlag(0)
+        self.tls_active = False
+        self.shutting_down = False
+        self.structured = False
+        self._meta_export: str | None = None
+        self._meta_ids: tuple[int, ...] = ()
+        flags = HandshakeFlag.FIXED_NEWSTYLE
+        if policy.no_zeroes:
+            flags |= HandshakeFlag.NO_ZEROES
+        self._server_flags = flags
+        self._out += GREETING.pack(NBDMAGIC, IHAVEOPT, flags)
+
+    # I/O facade ------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        self._buf += data
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def tls_started(self) -> None:
+        """The stream is now TLS: earlier negotiation is forgotten (spec, STARTTLS)."""
+        self.tls_active = True
+        self.structured = False
+        self._meta_export = None
+        self._meta_ids = ()
+
+    def next_event(self) -> Event:
+        while True:
+            if self._state is _State.DONE:
+                return Closed("handshake already finished")
+            if self._state is _State.CLIENT_FLAGS:
+                if len(self._buf) < CLIENT_FLAGS.size:
+                    return NEED_DATA
+                (raw,) = CLIENT_FLAGS.unpack_from(self._buf)
+                del self._buf[: CLIENT_FLAGS.size]
+                if raw & ~int(self._server_flags):
+                    return self._close(f"client flags {raw:#x} not offered by the server")
+                self.client_flags = ClientFlag(raw)
+                self._state = _State.OPTION_HEADER
+                continue
+            if self._state is _State.OPTION_HEADER:
+                if len(self._buf) < OPTION_HEADER.size:
+                    return NEED_DATA
+                magic, option, length = OPTION_HEADER.unpack_from(self._buf)
+                del self._buf[: OPTION_HEADER.size]
+                if magic != IHAVEOPT:
+                    return self._close(f"bad option magic {magic:#x}")
+                self._options_seen += 1
+                if self._options_seen > MAX_OPTIONS:
+                    return self._close(f"more than {MAX_OPTIONS} options")
+                if length > MAX_OPTION_LENGTH:
+                    return self._close(f"option data of {length} bytes is too long")
+                self._option, self._option_len = option, length
+                self._state = _State.OPTION_DATA
+                continue
+            if len(self._buf) < self._option_len:
+                return NEED_DATA
+            data = bytes(self._buf[: self._option_len])
+            del self._buf[: self._option_len]
+            self._state = _State.OPTION_HEADER
+            event = self._handle_option(self._option, data)
+            if event is not None:
+                return event
+
+    # Options ---------------------------------------------------------------------------------
+
+    def _close(self, reason: str, soft: bool = False) -> Closed:
+        self._state = _State.DONE
+        return Closed(reason, soft)
+
+    def _reply(self, option: int, rep: int, data: bytes = b"") -> None:
+        self._out += OPTION_REPLY.pack(OPT_REPLY_MAGIC, option, rep, len(data))
+        self._out += data
+
+    def _error(self, option: int, rep: Rep, message: str) -> None:
+        self._reply(option, rep, message.encode()[:MAX_STRING])
+
+    def _handle_option(self, option: int, data: bytes) -> Event | None:
+        fixed = bool(self.client_flags & ClientFlag.FIXED_NEWSTYLE)
+        if option == Opt.EXPORT_NAME:
+            return self._export_name(data)
+        if not fixed:
+            # Old non-fixed clients know only EXPORT_NAME; nbdkit answers the rest like this.
+            self._error(option, Rep.ERR_INVALID, "fixed newstyle was not negotiated")
+            return None
+        if option == Opt.ABORT:
+            self._reply(option, Rep.ACK)
+            return self._close("client aborted", soft=True)
+        if self.shutting_down:
+            self._error(option, Rep.ERR_SHUTDOWN, "server is shutting down")
+            return None
+        if option == Opt.STARTTLS:
+            return self._starttls(data)
+        if self.policy.tls == "require" and not self.tls_active:
+            self._error(option, Rep.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS")
+            return None
+        try:
+            if option == Opt.LIST:
+                self._list(data)
+            elif option in (Opt.INFO, Opt.GO):
+                return self._info_or_go(option, data)
+            elif option == Opt.STRUCTURED_REPLY:
+                self._structured_reply(data)
+            elif option in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
+                self._meta_context(option, data)
+            else:
+                self._error(option, Rep.ERR_UNSUP, f"option {option} is not supported")
+        except _Malformed as exc:
+            self._error(option, Rep.ERR_INVALID, str(exc))
+        return None
+
+    def _export_name(self, data: bytes) -> Event:
+        # EXPORT_NAME has no error path: any failure is a hard disconnect (spec).
+        if self.shutting_down:
+            return self._close("server is shutting down")
+        if self.policy.tls == "require" and not self.tls_active:
+            return self._close("EXPORT_NAME before TLS on a TLS-only server")
+        try:
+            name = _decode(data)
+        except _Malformed as exc:
+            return self._close(str(exc))
+        export = self.policy.lookup(name)
+        if export is None:
+            return self._close(f"unknown export {name!r}")
+        self._out += EXPORT_NAME_REPLY.pack(export.size, export.flags_for(self.structured))
+        if not self.client_flags & ClientFlag.NO_ZEROES:
+            self._out += bytes(124)
+        return self._ready(export, name)
+
+    def _ready(self, export: ExportInfo, name: str) -> Ready:
+        meta = self._meta_ids if self._meta_export == name else ()
+        leftover = bytes(self._buf)
+        self._buf.clear()
+        self._state = _State.DONE
+        return Ready(export, self.structured, meta, leftover)
+
+    def _starttls(self, data: bytes) -> Event | None:
+        if data:
+            self._error(Opt.STARTTLS, Rep.ERR_INVALID, "STARTTLS takes no data")
+        elif self.policy.tls == "off":
+            self._error(Opt.STARTTLS, Rep.ERR_UNSUP, "TLS is not enabled on this server")
+        elif self.tls_active:
+            self._error(Opt.STARTTLS, Rep.ERR_INVALID, "TLS is already active")
+        else:
+            self._reply(Opt.STARTTLS, Rep.ACK)
+            return StartTLS()
+        return None
+
+    def _list(self, data: bytes) -> None:
+        if data:
+            raise _Malformed("LIST takes no data")
+        for export in self.policy.listing():
+            name = export.name.encode()
+            payload = U32.pack(len(name)) + name + export.description.encode()[:MAX_STRING]
+            self._reply(Opt.LIST, Rep.SERVER, payload)
+        self._reply(Opt.LIST, Rep.ACK)
+
+    def _info_or_go(self, option: int, data: bytes) -> Event | None:
+        reader = _Reader(data)
+        name = reader.string(reader.u32())
+        requests = [reader.u16() for _ in range(reader.u16())]
+        reader.end()
+        export = self.policy.lookup(name)
+        if export is None:
+            self._error(option, Rep.ERR_UNKNOWN, f"no export named {name!r}")
+            return None
+        self._reply(
+            option,
+            Rep.INFO,
+            INFO_EXPORT.pack(Info.EXPORT, export.size, export.flags_for(self.structured)),
+        )
+        if Info.NAME in requests:
+            self._reply(option, Rep.INFO, U16.pack(Info.NAME) + export.name.encode())
+        if Info.DESCRIPTION in requests and export.description:
+            desc = export.description.encode()[:MAX_STRING]
+            self._reply(option, Rep.INFO, U16.pack(Info.DESCRIPTION) + desc)
+        if export.block_min:
+            # Sent even when not asked for: the spec allows it and clients must obey it if asked.
+            sizes = (export.block_min, export.block_preferred, export.block_max)
+            self._reply(option, Rep.INFO, INFO_BLOCK_SIZE.pack(Info.BLOCK_SIZE, *sizes))
+        self._reply(option, Rep.ACK)
+        if option == Opt.GO:
+            return self._ready(export, name)
+        return None
+
+    def _structured_reply(self, data: bytes) -> None:
+        if data:
+            raise _Malformed("STRUCTURED_REPLY takes no data")
+        if not self.policy.structured_replies:
+            self._error(Opt.STRUCTURED_REPLY, Rep.ERR_UNSUP, "structured replies are disabled")
+        elif self.structured:
+            raise _Malformed("structured replies are already negotiated")
+        else:
+            self.structured = True
+            self._reply(Opt.STRUCTURED_REPLY, Rep.ACK)
+
+    def _meta_context(self, option: int, data: bytes) -> None:
+        setting = option == Opt.SET_META_CONTEXT
+        if setting:
+            # The selection is replaced even when the option fails (spec).
+            self._meta_export, self._meta_ids = None, ()
+        reader = _Reader(data)
+        name = reader.string(reader.u32())
+        queries = [reader.string(reader.u32()) for _ in range(reader.u32())]
+        reader.end()
+        if not self.structured:
+            raise _Malformed("meta contexts need structured replies first")
+        if self.policy.lookup(name) is None:
+            self._error(option, Rep.ERR_UNKNOWN, f"no export named {name!r}")
+            return
+        matched = False
+        for query in queries or ([] if setting else ["base:"]):
+            if query == BASE_ALLOCATION or (not setting and query == "base:"):
+                matched = True
+        if matched:
+            reply = U32.pack(BASE_ALLOCATION_ID if setting else 0) + BASE_ALLOCATION.encode()
+            self._reply(option, Rep.META_CONTEXT, reply)
+        if setting:
+            self._meta_export = name
+            self._meta_ids = (BASE_ALLOCATION_ID,) if matched else ()
+        self._reply(option, Rep.ACK)
+
+
+def _decode(raw: bytes) -> str:
+    if len(raw) > MAX_STRING:
+        raise _Malformed(f"string of {len(raw)} bytes is longer than {MAX_STRING}")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise _Malformed("string is not UTF-8") from exc
+    if "\0" in text:
+        raise _Malformed("string contains NUL")
+    return text
+
+
+class _Reader:
+    """Reads length-checked fields out of one option's data."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def _take(self, n: int) -> bytes:
+        if n > len(self.data) - self.pos:
+            raise _Malformed("option data is shorter than its fields say")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def u16(self) -> int:
+        return int(U16.unpack(self._take(2))[0])
+
+    def u32(self) -> int:
+        return int(U32.unpack(self._take(4))[0])
+
+    def string(self, n: int) -> str:
+        return _decode(self._take(n))
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise _Malformed("option data is longer than its fields say")

@@ -1,0 +1,61 @@
+"""The catalog of node kinds. A kind registers itself with `@register`; dropping one module into
+nodes/plugins/, nodes/filters/ or nodes/fans/ is all it takes to add one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import TypeVar
+
+from .base import Backend
+
+_KINDS: dict[str, type[Backend]] = {}
+_PACKAGES = ("nodes.plugins", "nodes.filters", "nodes.fans")
+_loaded = False
+
+B = TypeVar("B", bound=type[Backend])
+
+
+def register(cls: B) -> B:
+    if not cls.kind:
+        raise TypeError(f"{cls.__name__} has no kind name")
+    if cls.kind in _KINDS and _KINDS[cls.kind] is not cls:
+        raise TypeError(f"kind {cls.kind!r} registered twice")
+    _KINDS[cls.kind] = cls
+    return cls
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for package_name in _PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{package_name}.{info.name}")
+    _loaded = True
+
+
+def kinds() -> dict[str, type[Backend]]:
+    _load_all()
+    return dict(sorted(_KINDS.items()))
+
+
+class UnknownKind(KeyError):
+    def __str__(self) -> str:
+        return f"unknown node kind {self.args[0]!r} (see `nbdfabric kinds`)"
+
+
+def get(kind: str) -> type[Backend]:
+    _load_all()
+    try:
+        return _KINDS[kind]
+    except KeyError:
+        raise UnknownKind(kind) from None
+
+
+def summary(cls: type[Backend]) -> str:
+    """The first line of a kind's docstring: its one-line description."""
+    return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""

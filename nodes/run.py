@@ -1,0 +1,191 @@
+"""Running one node process: build the backend, listen, report readiness, serve until told to
+stop (signal, gRPC shutdown, or the end of a `--run` command), then exit cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import registry
+from .base import Backend
+from .params import Params
+from .server.addresses import Address, systemd_sockets
+from .server.node import NodeOptions, NodeRuntime
+
+log = logging.getLogger("nbdfabric.node")
+
+
+@dataclass
+class UpstreamOptions:
+    tls_certificates: str | None = None
+    tls_verify: bool = True
+    connect_timeout: float = 30.0
+
+
+@dataclass
+class NodeSpec:
+    """Everything `nbdfabric node` was told, already parsed and validated."""
+
+    kind: str
+    params: Params
+    upstreams: list[str] = field(default_factory=list)
+    listen: list[Address] = field(default_factory=list)
+    options: NodeOptions = field(default_factory=NodeOptions)
+    upstream_options: UpstreamOptions = field(default_factory=UpstreamOptions)
+    control: str | None = None
+    reflection: bool = True
+    metrics: str | None = None
+    print_uri: bool = False
+    ready_file: str | None = None
+    run: str | None = None
+    name: str = ""
+
+
+class SpecError(ValueError):
+    pass
+
+
+def build_backend(spec: NodeSpec) -> Backend:
+    cls = registry.get(spec.kind)
+    role = cls.role
+    if role == "plugin":
+        if spec.upstreams:
+            raise SpecError(f"{spec.kind} is a plugin: it takes no --upstream")
+        return cls(spec.params)
+    from .upstream import Upstream
+
+    uo = spec.upstream_options
+
+    def upstream(uri: str, index: int) -> Upstream:
+        return Upstream(
+            uri,
+            name=f"{spec.name or spec.kind}/upstream{index}",
+            tls_certificates=uo.tls_certificates,
+            tls_verify=uo.tls_verify,
+            connect_timeout=uo.connect_timeout,
+        )
+
+    if role == "filter":
+        if len(spec.upstreams) != 1:
+            raise SpecError(f"{spec.kind} is a filter: give exactly one --upstream URI")
+        return cls(spec.params, upstream(spec.upstreams[0], 0))  # type: ignore[call-arg]
+    if len(spec.upstreams) < cls.min_members:
+        raise SpecError(
+            f"{spec.kind} is a fan: give at least {cls.min_members} --upstream URIs "
+            f"(got {len(spec.upstreams)})"
+        )
+    members = [upstream(u, i) for i, u in enumerate(spec.upstreams)]
+    return cls(spec.params, members)  # type: ignore[call-arg]
+
+
+def _write_ready_file(path: str, info: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, path)  # readers never see half a file
+
+
+async def serve(spec: NodeSpec) -> int:
+    backend = build_backend(spec)
+    runtime = NodeRuntime(backend, spec.options)
+    sockets = systemd_sockets()
+    listen = spec.listen
+    if not listen and not sockets:
+        from .server.addresses import parse_address
+
+        listen = [parse_address("127.0.0.1:10809")]
+    await runtime.start(sockets, listen)
+
+    control_addr = metrics_addr = None
+    control_server = None
+    if spec.control:
+        from .control.server import start_control
+
+        control_server, control_addr = await start_control(
+            runtime, spec.control, reflection=spec.reflection
+        )
+    if spec.metrics:
+        from .control.metrics import start_metrics
+
+        metrics_addr = start_metrics(runtime, spec.metrics, node_name=spec.name or spec.kind)
+
+    uris = runtime.uris()
+    if spec.print_uri:
+        print(uris[0], flush=True)
+    if spec.ready_file:
+        _write_ready_file(
+            spec.ready_file,
+            {
+                "uri": uris[0],
+                "uris": uris,
+                "control": control_addr,
+                "metrics": metrics_addr,
+                "pid": os.getpid(),
+                "kind": spec.kind,
+            },
+        )
+    log.info("%s serving on %s", spec.kind, ", ".join(uris))
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: loop.create_task(runtime.shutdown()))
+
+    status = 0
+    if spec.run:
+        env = dict(os.environ, uri=uris[0])
+        if control_addr:
+            env["control"] = control_addr
+        proc = await asyncio.create_subprocess_shell(spec.run, env=env)
+        waiter = asyncio.ensure_future(proc.wait())
+        stopper = asyncio.ensure_future(runtime.stopped.wait())
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if waiter.done():
+            status = waiter.result()
+            status = 128 - status if status < 0 else status
+        else:
+            proc.terminate()
+            await waiter
+            status = 1
+        stopper.cancel()
+        await runtime.shutdown()
+    else:
+        await runtime.stopped.wait()
+    if control_server is not None:
+        await control_server.stop(grace=1.0)
+    return status
+
+
+def run_node(spec: NodeSpec) -> int:
+    logging.basicConfig(
+        level=os.environ.get("NBDFABRIC_LOG", "WARNING").upper(),
+        format=f"%(asctime)s {spec.name or spec.kind}[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return event_loop_runner()(serve(spec))
+    except (SpecError, OSError, ValueError) as exc:
+        print(f"nbdfabric node {spec.kind}: {exc}", file=sys.stderr)
+        return 1
+
+
+def event_loop_runner() -> Any:
+    """uvloop when it is installed (fewer copies, ~45% more requests/s), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
+
+
+def parse_addresses(texts: Sequence[str]) -> list[Address]:
+    from .server.addresses import parse_address
+
+    return [parse_address(t) for t in texts]

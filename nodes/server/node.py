@@ -1,0 +1,323 @@
+"""A running node: one backend served on its listen addresses, with the state the control plane
+sees and steers (stats, pause/resume, live configure, drain, events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..base import Backend, Capabilities, ClientInfo
+from ..params import field_info, live_names
+from ..protocol.constants import DEFAULT_MAX_PAYLOAD
+from ..protocol.handshake import ExportInfo, HandshakePolicy
+from ..stats import NodeStats
+from .addresses import Address, bound_address, nbd_uri, open_listener, set_keepalive
+from .session import BufferPool, Session
+from .stream import SocketStream
+
+log = logging.getLogger("nbdfabric.node")
+
+
+@dataclass
+class NodeOptions:
+    export_name: str = ""
+    description: str = ""
+    read_only: bool = False
+    ordering: str = "parallel"  #: parallel | ordered | serial
+    max_connections: int = 0  #: 0: unlimited
+    structured_replies: bool = True
+    eof_tolerant: bool = False
+    tls: str = "off"  #: off | on | require
+    tls_certificates: str | None = None
+    tls_psk: str | None = None
+    tls_verify_peer: bool = False
+    keepalive_idle: int | None = None
+    keepalive_interval: int | None = None
+    keepalive_count: int | None = None
+    shutdown_grace: float = 30.0
+
+
+@dataclass
+class Event:
+    kind: str  #: state | config | error | upstream | member
+    message: str
+    time: float = field(default_factory=time.time)
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+class ConfigError(ValueError):
+    """A configure request that cannot be applied; `code` says why (for gRPC status codes)."""
+
+    def __init__(self, message: str, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.code = code  #: invalid | not_live
+
+
+class NodeRuntime:
+    def __init__(self, backend: Backend, options: NodeOptions) -> None:
+        self.backend = backend
+        self.options = options
+        self.stats = NodeStats()
+        self.pool = BufferPool()
+        self.default_block_max = DEFAULT_MAX_PAYLOAD
+        self.state = "starting"
+        self.draining = False
+        self.paused = False
+        self._resumed = asyncio.Event()
+        self._resumed.set()
+        self.sessions: set[Session] = set()
+        self.listeners: list[socket.socket] = []
+        self.addresses: list[Address] = []
+        self._accept_tasks: list[asyncio.Task[None]] = []
+        self._session_tasks: set[asyncio.Task[None]] = set()
+        self._subscribers: list[asyncio.Queue[Event]] = []
+        self._next_id = 0
+        self.tls_context: ssl.SSLContext | None = None
+        self.stopped = asyncio.Event()
+        self.caps = Capabilities(size=0)
+
+    # Lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, sockets: list[socket.socket] | None = None, listen: list[Address] = ()):
+        await self.backend.start()
+        self.refresh_caps()
+        if self.options.tls != "off":
+            from .tls import server_context
+
+            self.tls_context = server_context(self.options)
+        for sock in sockets or []:
+            self._add_listener(sock)
+        for addr in listen:
+            self._add_listener(open_listener(addr))
+        self.set_state("serving")
+
+    def refresh_caps(self) -> Capabilities:
+        caps = self.backend.capabilities().normalized()
+        if self.options.read_only and caps.writable:
+            from dataclasses import replace
+
+            caps = replace(caps, writable=False).normalized()
+        self.caps = caps
+        return caps
+
+    def _add_listener(self, sock: socket.socket) -> None:
+        self.listeners.append(sock)
+        self.addresses.append(bound_address(sock))
+        task = asyncio.get_running_loop().create_task(self._accept_loop(sock))
+        self._accept_tasks.append(task)
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, peer = await loop.sock_accept(lsock)
+            except OSError as exc:
+                if self.draining:
+                    return
+                log.warning("accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            limit = self.options.max_connections
+            if self.draining or (limit and len(self.sessions) >= limit):
+                conn.close()
+                continue
+            o = self.options
+            set_keepalive(conn, o.keepalive_idle, o.keepalive_interval, o.keepalive_count)
+            self._next_id += 1
+            address = _peer_text(peer, lsock)
+            client = ClientInfo(address=address, connection_id=self._next_id)
+            session = Session(self, SocketStream(conn), client)
+            task = loop.create_task(self._run_session(session))
+            self._session_tasks.add(task)
+            task.add_done_callback(self._session_tasks.discard)
+
+    async def _run_session(self, session: Session) -> None:
+        self.sessions.add(session)
+        self.stats.connections_total += 1
+        self.stats.connections_open += 1
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+            self.stats.connections_open -= 1
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let requests in flight finish (later ones get ESHUTDOWN), flush,
+        close every connection, stop the backend."""
+        if self.draining:
+            await self.stopped.wait()
+            return
+        self.draining = True
+        self.set_state("draining")
+        self.resume()
+        for task in self._accept_tasks:
+            task.cancel()
+        for sock in self.listeners:
+            sock.close()
+        for addr in self.addresses:
+            if addr.kind == "unix":
+                with contextlib.suppress(OSError):
+                    os.unlink(addr.path)
+        for session in list(self.sessions):
+            session.begin_shutdown()
+        deadline = time.monotonic() + self.options.shutdown_grace
+        while self.stats.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.caps.writable and self.caps.flush:
+            try:
+                await self.backend.flush(0)
+            except OSError as exc:
+                log.warning("flush at shutdown failed: %s", exc)
+        for session in list(self.sessions):
+            session.closed = True
+            session.stream.close()
+        for task in list(self._session_tasks):
+            task.cancel()
+        await asyncio.gather(*self._session_tasks, return_exceptions=True)
+        try:
+            await self.backend.stop()
+        except Exception as exc:
+            log.warning("stopping the backend failed: %s", exc)
+        self.set_state("stopped")
+        self.stopped.set()
+
+    # Handshake facts -----------------------------------------------------------------------
+
+    def export_info(self) -> ExportInfo:
+        caps = self.refresh_caps()
+        return ExportInfo(
+            name=self.options.export_name,
+            size=caps.size,
+            tflags=caps.tflags(),
+            description=self.options.description,
+            block_min=caps.block_min or 1,
+            block_preferred=caps.block_preferred or 4096,
+            block_max=caps.block_max or self.default_block_max,
+        )
+
+    def handshake_policy(self) -> HandshakePolicy:
+        name = self.options.export_name
+        info = self.export_info()
+
+        def lookup(requested: str) -> ExportInfo | None:
+            # "" is the default export; without --export-name any name is accepted (nbdkit).
+            if requested in ("", name) or not name:
+                return ExportInfo(
+                    requested or name,
+                    info.size,
+                    info.tflags,
+                    info.description,
+                    info.block_min,
+                    info.block_preferred,
+                    info.block_max,
+                )
+            return None
+
+        return HandshakePolicy(
+            tls=self.options.tls,
+            structured_replies=self.options.structured_replies,
+            lookup=lookup,
+            listing=lambda: [info],
+        )
+
+    # Control -------------------------------------------------------------------------------
+
+    def uris(self) -> list[str]:
+        tls = self.options.tls == "require"
+        return [nbd_uri(a, self.options.export_name, tls) for a in self.addresses]
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state = state
+            self.emit("state", state)
+
+    def emit(self, kind: str, message: str, **detail: Any) -> None:
+        event = Event(kind, message, detail=detail)
+        for queue in list(self._subscribers):
+            if queue.qsize() < 1000:
+                queue.put_nowait(event)
+
+    def subscribe(self) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._subscribers.append(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[Event]) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(queue)
+
+    def healthy(self) -> bool:
+        return self.state in ("serving", "paused") and self.backend.healthy()
+
+    async def pause(self, flush: bool = False) -> None:
+        """New requests wait; those in flight finish. With flush, data is then made durable."""
+        self.paused = True
+        self._resumed.clear()
+        self.set_state("paused")
+        while self.stats.in_flight:
+            await asyncio.sleep(0.005)
+        if flush and self.caps.flush:
+            await self.backend.flush(0)
+
+    def resume(self) -> None:
+        self.paused = False
+        self._resumed.set()
+        if self.state == "paused":
+            self.set_state("serving")
+
+    async def wait_resumed(self) -> None:
+        await self._resumed.wait()
+
+    def params_info(self) -> list[dict[str, Any]]:
+        values = self.backend.params.model_dump(by_alias=True, mode="json")
+        out = []
+        for entry in field_info(type(self.backend.params)):
+            out.append({**entry, "value": values.get(entry["name"])})
+        return out
+
+    def configure(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Apply live param changes atomically; ConfigError names the offending param."""
+        from ..params import ParamError
+
+        model = type(self.backend.params)
+        known = {e["name"] for e in field_info(model)}
+        live = live_names(model)
+        for key in changes:
+            if key not in known:
+                raise ConfigError(
+                    f"{self.backend.kind}: unknown parameter '{key}' "
+                    f"(live ones: {', '.join(sorted(live)) or 'none'})"
+                )
+            if key not in live:
+                raise ConfigError(
+                    f"{self.backend.kind}: parameter '{key}' cannot change while the node "
+                    f"serves (live ones: {', '.join(sorted(live)) or 'none'})",
+                    code="not_live",
+                )
+        try:
+            self.backend.configure(changes)
+        except ParamError as exc:
+            raise ConfigError(str(exc)) from None
+        self.emit("config", ", ".join(f"{k}={v}" for k, v in changes.items()), **changes)
+        return self.backend.params.model_dump(by_alias=True, mode="json")
+
+
+def _peer_text(peer: Any, lsock: socket.socket) -> str:
+    if lsock.family == socket.AF_UNIX:
+        return "unix"
+    if isinstance(peer, tuple):
+        host, port = peer[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(peer)
+
+
+Callback = Callable[[], None]

@@ -1,0 +1,458 @@
+"""One client connection: the handshake through the sans-IO core, then the transmission loop.
+
+The hot path: request headers are parsed out of one receive buffer (many small requests per
+`recv`), WRITE payloads land in pooled buffers (straight from the socket when they are large),
+replies leave as one `sendmsg` of header + data view. Requests run concurrently and reply out of
+order unless the node asks for ordered replies or fully serial execution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ..base import ClientInfo, Holes, Support, current_client, fill_holes
+from ..protocol import transmission as tx
+from ..protocol.constants import (
+    REQUEST,
+    Cmd,
+    CmdFlag,
+    Err,
+)
+from ..protocol.errors import ProtocolError, to_wire
+from ..protocol.handshake import NEED_DATA, Closed, Ready, ServerHandshake, StartTLS
+from .stream import Buffer, Stream, TLSStream
+
+if TYPE_CHECKING:
+    from .node import NodeRuntime
+
+log = logging.getLogger("nbdfabric.session")
+
+RECV_BUFFER = 256 * 1024
+#: Requests in flight per connection before we stop reading more (backpressure).
+MAX_IN_FLIGHT = 64
+#: A hole shorter than this is sent as zeros: a chunk header costs more than the bytes.
+MIN_HOLE_CHUNK = 4096
+ZERO_CHUNK = 1024 * 1024
+_ZEROES = bytes(ZERO_CHUNK)
+
+_OP_NAMES = {
+    Cmd.READ: "read",
+    Cmd.WRITE: "write",
+    Cmd.FLUSH: "flush",
+    Cmd.TRIM: "trim",
+    Cmd.CACHE: "cache",
+    Cmd.WRITE_ZEROES: "zero",
+    Cmd.BLOCK_STATUS: "block_status",
+}
+
+
+class BufferPool:
+    """Reusable buffers in power-of-two size classes: no allocation per request."""
+
+    def __init__(self, max_pooled: int = 64 * 1024 * 1024) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._pooled = 0
+        self._max = max_pooled
+
+    def get(self, size: int) -> bytearray:
+        cls = max(4096, 1 << (size - 1).bit_length())
+        free = self._free.get(cls)
+        if free:
+            self._pooled -= cls
+            return free.pop()
+        return bytearray(cls)
+
+    def put(self, buf: bytearray) -> None:
+        if self._pooled + len(buf) <= self._max:
+            self._free.setdefault(len(buf), []).append(buf)
+            self._pooled += len(buf)
+
+
+class Session:
+    def __init__(self, node: NodeRuntime, stream: Stream, client: ClientInfo) -> None:
+        self.node = node
+        self.stream = stream
+        self.client = client
+        self.handshake: ServerHandshake | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.in_flight = 0
+        self.closed = False
+        self._send_lock = asyncio.Lock()
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._last_reply: asyncio.Future[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # Entry ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        current_client.set(self.client)
+        try:
+            ready = await self._handshake()
+            if ready is not None:
+                await self._transmission(ready)
+        except ProtocolError as exc:
+            self.node.stats.protocol_errors += 1
+            log.info("%s: protocol error, disconnecting: %s", self.client.address, exc)
+        except (ConnectionError, OSError) as exc:
+            log.debug("%s: connection lost: %s", self.client.address, exc)
+        finally:
+            await self._drain()
+            self.closed = True
+            self.stream.close()
+
+    async def _drain(self) -> None:
+        """Let requests in flight finish (spec: on DISC the server finishes them first)."""
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def begin_shutdown(self) -> None:
+        if self.handshake is not None:
+            self.handshake.shutting_down = True
+
+    # Handshake -----------------------------------------------------------------------------
+
+    async def _handshake(self) -> Ready | None:
+        hs = self.handshake = ServerHandshake(self.node.handshake_policy())
+        if self.node.draining:
+            hs.shutting_down = True
+        buf = bytearray(65536)
+        view = memoryview(buf)
+        while True:
+            event = hs.next_event()
+            out = hs.data_to_send()
+            if out:  # the STARTTLS ACK too: it goes out in clear text
+                await self.stream.send([out])
+            if event is NEED_DATA:
+                n = await self.stream.recv_into(view)
+                if n == 0:
+                    return None
+                hs.receive_data(bytes(view[:n]))
+            elif isinstance(event, StartTLS):
+                await self._start_tls(hs)
+            elif isinstance(event, Ready):
+                return event
+            elif isinstance(event, Closed):
+                if not event.soft:
+                    log.info("%s: handshake ended: %s", self.client.address, event.reason)
+                return None
+
+    async def _start_tls(self, hs: ServerHandshake) -> None:
+        context = self.node.tls_context
+        assert context is not None and hasattr(self.stream, "sock")
+        tls = TLSStream(self.stream, context)  # type: ignore[arg-type]
+        await tls.handshake()
+        self.stream = tls
+        self.client.tls = True
+        hs.tls_started()
+
+    # Transmission --------------------------------------------------------------------------
+
+    async def _transmission(self, ready: Ready) -> None:
+        node, stream = self.node, self.stream
+        caps = node.caps
+        block_max = caps.block_max or node.default_block_max
+        self.t = tx.Transmission(
+            size=ready.export.size,
+            tflags=ready.export.flags_for(ready.structured),
+            structured=ready.structured,
+            meta_contexts=ready.meta_contexts,
+            block_min=caps.block_min or 1,
+            block_max=block_max,
+        )
+        self.caps = caps
+        self.client.export_name = ready.export.name
+        ordering = node.options.ordering
+        loop = asyncio.get_running_loop()
+        rbuf = bytearray(RECV_BUFFER)
+        view = memoryview(rbuf)
+        start = 0
+        end = len(ready.leftover)
+        view[:end] = ready.leftover
+        hsize = REQUEST.size
+        pool = node.pool
+        while not self.closed:
+            if end - start < hsize:
+                if start:
+                    view[: end - start] = view[start:end]
+                    end -= start
+                    start = 0
+                while end < hsize:
+                    n = await stream.recv_into(view[end:])
+                    if n == 0:
+                        return
+                    end += n
+            req = tx.parse_request(view[start : start + hsize])
+            start += hsize
+            err = tx.validate(req, self.t)
+            if err is Err.EINVAL and self._tolerated_tail(req):
+                err = Err.OK
+            payload: bytearray | None = None
+            if req.cmd == Cmd.WRITE and req.length:
+                if err is Err.OK:
+                    payload = pool.get(req.length)
+                    target = memoryview(payload)
+                else:
+                    target = None
+                avail = min(end - start, req.length)
+                if target is not None:
+                    target[:avail] = view[start : start + avail]
+                start += avail
+                rest = req.length - avail
+                if rest:
+                    if target is not None:
+                        if not await stream.recv_exactly(target[avail : req.length]):
+                            return
+                    elif not await self._discard(rest):
+                        return
+            if req.cmd == Cmd.DISC:
+                return
+            await self._slots.acquire()
+            if ordering == "serial":
+                await self._serve(req, err, payload, None, None)
+                continue
+            previous = mine = None
+            if ordering == "ordered":
+                previous, mine = self._last_reply, loop.create_future()
+                self._last_reply = mine
+            task = loop.create_task(self._serve(req, err, payload, previous, mine))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def _tolerated_tail(self, req: tx.Request) -> bool:
+        """--eof-tolerant: a structured READ that starts inside the export but runs past its end
+        gets the valid part and then an ERROR_OFFSET for the tail."""
+        t = self.t
+        if not (self.node.options.eof_tolerant and t.structured and req.cmd == Cmd.READ):
+            return False
+        if req.flags & ~int(CmdFlag.FUA) or req.length > t.block_max:
+            return False
+        trial = tx.Request(req.flags, req.cmd, req.cookie, req.offset, t.size - req.offset)
+        return req.offset < t.size < req.offset + req.length and tx.validate(trial, t) is Err.OK
+
+    async def _discard(self, count: int) -> bool:
+        """Consume a rejected WRITE's payload so the stream stays in step (spec)."""
+        scratch = memoryview(bytearray(min(count, 1 << 20)))
+        while count:
+            n = await self.stream.recv_into(scratch[: min(count, len(scratch))])
+            if n == 0:
+                return False
+            count -= n
+        return True
+
+    async def _serve(
+        self,
+        req: tx.Request,
+        err: Err,
+        payload: bytearray | None,
+        previous: asyncio.Future[None] | None,
+        mine: asyncio.Future[None] | None,
+    ) -> None:
+        """Run one request and send its reply (after `previous`'s, in ordered mode)."""
+        node = self.node
+        stats = node.stats
+        stats.in_flight += 1
+        self.in_flight += 1
+        started = time.perf_counter()
+        parts: list[Buffer] | None = None
+        read_buf: bytearray | None = None
+        failed = err is not Err.OK
+        try:
+            if err is Err.OK and node.draining:
+                err, failed = Err.ESHUTDOWN, True
+            if err is not Err.OK:
+                parts = [self._error_reply(req, err, _message(err))]
+            else:
+                if node.paused:
+                    await node.wait_resumed()
+                try:
+                    if req.cmd == Cmd.READ:
+                        read_buf = node.pool.get(req.length) if req.length else bytearray()
+                        parts = await self._read(req, read_buf)
+                    else:
+                        parts = await self._execute(req, payload)
+                except OSError as exc:
+                    failed = True
+                    wire = to_wire(
+                        exc.errno or errno.EIO,
+                        fast_zero=bool(req.flags & CmdFlag.FAST_ZERO),
+                        df=bool(req.flags & CmdFlag.DF),
+                    )
+                    parts = [self._error_reply(req, wire, exc.strerror or str(exc))]
+                except Exception:
+                    failed = True
+                    log.exception("%s: request %s failed", self.client.address, req)
+                    parts = [self._error_reply(req, Err.EIO, "internal error")]
+            if previous is not None:
+                await previous
+            await self._send(parts)
+        finally:
+            if mine is not None and not mine.done():
+                mine.set_result(None)
+            if payload is not None:
+                node.pool.put(payload)
+            if read_buf is not None and len(read_buf):
+                node.pool.put(read_buf)
+            self.in_flight -= 1
+            stats.in_flight -= 1
+            self._slots.release()
+            op = _OP_NAMES.get(req.cmd)  # type: ignore[call-overload]
+            if op is not None:
+                nbytes = req.length if req.cmd in (Cmd.READ, Cmd.WRITE) and not failed else 0
+                stats.ops[op].record(nbytes, time.perf_counter() - started, failed)
+
+    async def _send(self, parts: list[Buffer]) -> None:
+        if self.closed:
+            return
+        try:
+            async with self._send_lock:
+                await self.stream.send(parts)
+        except OSError:
+            # The client went away mid-reply: stop this session, leave the others alone.
+            self.closed = True
+
+    def _error_reply(self, req: tx.Request, err: int, message: str) -> bytes:
+        if self.t.structured:
+            return tx.error_chunk(req.cookie, err, message)
+        return tx.simple_reply(req.cookie, err)
+
+    # Operations ----------------------------------------------------------------------------
+
+    async def _read(self, req: tx.Request, buf: bytearray) -> list[Buffer]:
+        length, offset, cookie = req.length, req.offset, req.cookie
+        if offset + length > self.t.size:  # an --eof-tolerant read
+            valid = self.t.size - offset
+            view = memoryview(buf)[:valid]
+            fill_holes(view, await self.node.backend.pread(view, offset, req.flags))
+            return [
+                tx.data_chunk_header(cookie, offset, valid, False),
+                view,
+                tx.error_chunk(cookie, Err.EINVAL, "read past the end of the export", self.t.size),
+            ]
+        view = memoryview(buf)[:length]
+        holes: Holes = await self.node.backend.pread(view, offset, req.flags) if length else None
+        structured = self.t.structured
+        if not structured or req.flags & CmdFlag.DF or not holes:
+            fill_holes(view, holes)
+            if not structured:
+                return [tx.simple_reply(cookie), view]
+            if not length:
+                return [tx.none_chunk(cookie)]
+            return [tx.data_chunk_header(cookie, offset, length, True), view]
+        return self._sparse_chunks(cookie, offset, view, holes)
+
+    def _sparse_chunks(
+        self, cookie: int, offset: int, view: memoryview, holes: list[tuple[int, int]]
+    ) -> list[Buffer]:
+        """DATA and HOLE chunks covering the read, the last one marked DONE."""
+        segments: list[tuple[int, int, bool]] = []  # (start, length, is_hole)
+        pos = 0
+        for start, length in holes:
+            if length < MIN_HOLE_CHUNK:
+                view[start : start + length] = _ZEROES[:length]
+                continue
+            if start > pos:
+                segments.append((pos, start - pos, False))
+            segments.append((start, length, True))
+            pos = start + length
+        if pos < len(view):
+            segments.append((pos, len(view) - pos, False))
+        merged: list[tuple[int, int, bool]] = []
+        for seg in segments:
+            if merged and not seg[2] and not merged[-1][2]:
+                merged[-1] = (merged[-1][0], merged[-1][1] + seg[1], False)
+            else:
+                merged.append(seg)
+        parts: list[Buffer] = []
+        for i, (start, length, is_hole) in enumerate(merged):
+            done = i == len(merged) - 1
+            if is_hole:
+                parts.append(tx.hole_chunk(cookie, offset + start, length, done))
+            else:
+                parts.append(tx.data_chunk_header(cookie, offset + start, length, done))
+                parts.append(view[start : start + length])
+        return parts
+
+    async def _execute(self, req: tx.Request, payload: bytearray | None) -> list[Buffer]:
+        backend, caps = self.node.backend, self.caps
+        cmd, flags, offset, length = req.cmd, req.flags, req.offset, req.length
+        fua = bool(flags & CmdFlag.FUA)
+        emulate_fua = fua and caps.fua is Support.EMULATE
+        if emulate_fua:
+            flags &= ~CmdFlag.FUA
+        if cmd == Cmd.BLOCK_STATUS:
+            count = min(length, self.t.size - offset)
+            if caps.extents:
+                extents = await backend.extents(count, offset, flags)
+            else:
+                extents = [(count, 0)]
+            clipped = tx.clip_extents(
+                extents, count, bool(flags & CmdFlag.REQ_ONE), self.t.block_min
+            )
+            if not clipped:
+                raise OSError(errno.EIO, "the backend returned no extents")
+            context = self.t.meta_contexts[0]
+            return [tx.block_status_chunk(req.cookie, context, clipped)]
+        if cmd == Cmd.FLUSH:
+            await backend.flush(flags)
+        elif length == 0:
+            pass  # zero-length write/trim/zero/cache: a no-op that succeeds
+        elif cmd == Cmd.WRITE:
+            assert payload is not None
+            await backend.pwrite(memoryview(payload)[:length], offset, flags)
+        elif cmd == Cmd.TRIM:
+            await backend.trim(length, offset, flags)
+        elif cmd == Cmd.WRITE_ZEROES:
+            await self._zero(length, offset, flags)
+        elif cmd == Cmd.CACHE:
+            await self._cache(length, offset, flags)
+        if emulate_fua and length:
+            await backend.flush(0)
+        return [tx.simple_reply(req.cookie)]
+
+    async def _zero(self, length: int, offset: int, flags: int) -> None:
+        backend = self.node.backend
+        if self.caps.zero is Support.NATIVE:
+            try:
+                await backend.zero(length, offset, flags)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP) or flags & CmdFlag.FAST_ZERO:
+                    raise
+        if flags & CmdFlag.FAST_ZERO:
+            raise OSError(errno.ENOTSUP, "zeroing is not faster than writing here")
+        write_flags = flags & CmdFlag.FUA
+        pos = 0
+        while pos < length:
+            n = min(ZERO_CHUNK, length - pos)
+            await backend.pwrite(memoryview(_ZEROES)[:n], offset + pos, write_flags)
+            pos += n
+
+    async def _cache(self, length: int, offset: int, flags: int) -> None:
+        backend = self.node.backend
+        if self.caps.cache is Support.NATIVE:
+            await backend.cache(length, offset, flags)
+            return
+        scratch = self.node.pool.get(min(length, ZERO_CHUNK))
+        try:
+            pos = 0
+            while pos < length:
+                n = min(len(scratch), length - pos)
+                await backend.pread(memoryview(scratch)[:n], offset + pos, 0)
+                pos += n
+        finally:
+            self.node.pool.put(scratch)
+
+
+def _message(err: Err) -> str:
+    return {
+        Err.EINVAL: "invalid request (range, flags, alignment or command)",
+        Err.ENOSPC: "request runs past the end of the export",
+        Err.EPERM: "the export is read-only",
+        Err.ESHUTDOWN: "the server is shutting down",
+        Err.EOVERFLOW: "request too large to send unfragmented",
+    }.get(err, err.name)

@@ -1,0 +1,142 @@
+"""The byte stream under a session: a non-blocking socket used zero-copy, or TLS over it.
+
+Reads land straight in the caller's buffer (`recv_into`); writes go out as one `sendmsg` of a
+header and a payload view. The event loop is only involved when the kernel says "not now".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Sequence
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Stream:
+    """Interface: `recv_into`, `send`, `close`; 0 from recv_into means the peer closed."""
+
+    async def recv_into(self, view: memoryview) -> int:
+        raise NotImplementedError
+
+    async def send(self, parts: Sequence[Buffer]) -> None:
+        raise NotImplementedError
+
+    async def recv_exactly(self, view: memoryview) -> bool:
+        """Fill `view`; False if the peer closed first."""
+        got = 0
+        while got < len(view):
+            n = await self.recv_into(view[got:])
+            if n == 0:
+                return False
+            got += n
+        return True
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SocketStream(Stream):
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+
+    async def recv_into(self, view: memoryview) -> int:
+        try:
+            return self.sock.recv_into(view)
+        except BlockingIOError:
+            return await self.loop.sock_recv_into(self.sock, view)
+        except (ConnectionResetError, BrokenPipeError):
+            return 0
+
+    async def send(self, parts: Sequence[Buffer]) -> None:
+        total = sum(len(p) for p in parts)
+        try:
+            sent = self.sock.sendmsg(parts)
+        except BlockingIOError:
+            sent = 0
+        if sent == total:
+            return
+        # The socket buffer is full: hand the rest to the loop without copying.
+        for part in parts:
+            view = memoryview(part)
+            if sent >= len(view):
+                sent -= len(view)
+                continue
+            await self.loop.sock_sendall(self.sock, view[sent:])
+            sent = 0
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class TLSStream(Stream):
+    """TLS through an `ssl.SSLObject` and memory BIOs, on top of a SocketStream."""
+
+    def __init__(self, raw: SocketStream, context: ssl.SSLContext) -> None:
+        self.raw = raw
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self._rbuf = bytearray(65536)
+
+    async def _pump_out(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            await self.raw.send([data])
+
+    async def _pump_in(self) -> bool:
+        n = await self.raw.recv_into(memoryview(self._rbuf))
+        if n == 0:
+            self.incoming.write_eof()
+            return False
+        self.incoming.write(self._rbuf[:n])
+        return True
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._pump_out()
+                if not await self._pump_in():
+                    raise ConnectionResetError("peer closed during the TLS handshake") from None
+        await self._pump_out()
+
+    @property
+    def peer_certificate(self) -> dict | None:
+        return self.obj.getpeercert()
+
+    async def recv_into(self, view: memoryview) -> int:
+        while True:
+            try:
+                return self.obj.read(len(view), view)
+            except ssl.SSLWantReadError:
+                await self._pump_out()
+                if not await self._pump_in():
+                    return 0
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return 0
+
+    async def send(self, parts: Sequence[Buffer]) -> None:
+        for part in parts:
+            if len(part):
+                self.obj.write(part)
+        await self._pump_out()
+
+    def close(self) -> None:
+        try:
+            self.obj.unwrap()
+            self.raw.sock.send(self.outgoing.read())
+        except (ssl.SSLError, OSError):
+            pass
+        self.raw.close()

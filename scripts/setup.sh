@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install everything nbdfabric needs on a Debian bookworm machine (as root), idempotently:
+# distro packages (libnbd's Python bindings exist only there), a venv that can import them,
+# and the pip dependencies. Quick when everything is already in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PKGS=(python3-venv python3-libnbd libnbd-bin nbdkit qemu-utils fio)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing ${missing[*]}"
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PY=/usr/bin/python3
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+# The venv does not see the distro's site-packages (it would pin unrelated libraries);
+# only libnbd's two files are linked in.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+for f in /usr/lib/python3/dist-packages/nbd.py /usr/lib/python3/dist-packages/libnbdmod*.so; do
+    ln -sf "$f" "$site/"
+done
+
+stamp=.venv/.deps-stamp
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -e '.[dev]'
+    touch "$stamp"
+fi
+.venv/bin/python -c 'import nbd, nodes' || { echo "setup: the venv cannot import nbd" >&2; exit 1; }
