@@ -15,7 +15,8 @@ from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from typing import Any, ClassVar
 
-from .params import Params, update_params
+from .params import Params as ParamsModel
+from .params import update_params
 from .protocol.constants import CmdFlag, Extent, TFlag
 
 #: A read's holes: (start relative to the buffer, length) ranges that read as zeros and whose
@@ -98,7 +99,10 @@ class ClientInfo:
 
 
 #: The client on whose behalf the current request runs (for per-client filters, `info`).
-current_client: ContextVar[ClientInfo] = ContextVar("current_client", default=ClientInfo())
+current_client: ContextVar[ClientInfo] = ContextVar(
+    "current_client",
+    default=ClientInfo(),  # noqa: B039 (never mutated: sessions set their own)
+)
 
 
 def unsupported(what: str) -> OSError:
@@ -110,13 +114,13 @@ class Backend:
 
     kind: ClassVar[str] = ""
     role: ClassVar[str] = "plugin"  #: plugin | filter | fan
-    Params: ClassVar[type[Params]] = Params
+    Params: ClassVar[type[ParamsModel]] = ParamsModel
     #: The param a first bare word on the command line sets (`memory 1G`).
     magic: ClassVar[str | None] = None
     #: Fewest upstreams a fan needs.
     min_members: ClassVar[int] = 0
 
-    def __init__(self, params: Params) -> None:
+    def __init__(self, params: ParamsModel) -> None:
         self.params = params
 
     # Lifecycle ----------------------------------------------------------------------------
@@ -176,7 +180,7 @@ class Filter(Backend):
 
     role = "filter"
 
-    def __init__(self, params: Params, next: Backend) -> None:  # noqa: A002 (nbdkit's name)
+    def __init__(self, params: ParamsModel, next: Backend) -> None:
         super().__init__(params)
         self.next = next
 
@@ -223,7 +227,7 @@ class Fan(Backend):
     role = "fan"
     min_members = 2
 
-    def __init__(self, params: Params, members: Sequence[Backend]) -> None:
+    def __init__(self, params: ParamsModel, members: Sequence[Backend]) -> None:
         super().__init__(params)
         self.members = list(members)
 

@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import registry
 from .params import ParamError, field_info, parse_params
@@ -130,20 +131,21 @@ def cmd_kinds(argv: Sequence[str]) -> int:
         except KeyError as exc:
             print(f"nbdfabric kinds: {exc}", file=sys.stderr)
             return 1
-        info = {
+        params = field_info(cls.Params)
+        info: dict[str, Any] = {
             "kind": cls.kind,
             "role": cls.role,
             "summary": registry.summary(cls),
             "magic": cls.magic,
             "min_members": cls.min_members,
-            "params": field_info(cls.Params),
-            "manual": (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip(),
+            "params": params,
+            "manual": ((cls.__module__ and sys.modules[cls.__module__].__doc__) or "").strip(),
         }
         if args.json:
             print(json.dumps(info, indent=2))
             return 0
         print(f"{cls.kind} ({cls.role}): {info['summary']}\n")
-        for prm in info["params"]:
+        for prm in params:
             flags = []
             if prm["required"]:
                 flags.append("required")
@@ -195,12 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "kinds":
         return cmd_kinds(rest)
     if command in ("ctl", "health"):
-        from .control import cli as control_cli
+        from .control import cli as control_cli  # type: ignore[attr-defined]
 
         return int(control_cli.main(command, rest))
     if command in FABRIC_COMMANDS:
         try:
-            from orchestrator import cli as fabric_cli
+            from orchestrator import cli as fabric_cli  # type: ignore[attr-defined]
         except ImportError:
             print(f"nbdfabric {command}: the orchestrator is not available", file=sys.stderr)
             return 1

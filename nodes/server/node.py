@@ -11,7 +11,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +87,9 @@ class NodeRuntime:
 
     # Lifecycle -----------------------------------------------------------------------------
 
-    async def start(self, sockets: list[socket.socket] | None = None, listen: list[Address] = ()):
+    async def start(
+        self, sockets: list[socket.socket] | None = None, listen: Sequence[Address] = ()
+    ) -> None:
         await self.backend.start()
         self.refresh_caps()
         if self.options.tls != "off":
@@ -169,9 +171,12 @@ class NodeRuntime:
                     os.unlink(addr.path)
         for session in list(self.sessions):
             session.begin_shutdown()
-        deadline = time.monotonic() + self.options.shutdown_grace
-        while self.stats.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        try:
+            await asyncio.wait_for(self.wait_idle(), self.options.shutdown_grace)
+        except TimeoutError:
+            log.warning(
+                "shutdown: requests still in flight after %.0fs", self.options.shutdown_grace
+            )
         if self.caps.writable and self.caps.flush:
             try:
                 await self.backend.flush(0)
@@ -263,8 +268,7 @@ class NodeRuntime:
         self.paused = True
         self._resumed.clear()
         self.set_state("paused")
-        while self.stats.in_flight:
-            await asyncio.sleep(0.005)
+        await self.wait_idle()
         if flush and self.caps.flush:
             await self.backend.flush(0)
 
@@ -273,6 +277,11 @@ class NodeRuntime:
         self._resumed.set()
         if self.state == "paused":
             self.set_state("serving")
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight (polled: in_flight changes on the hot path)."""
+        while self.stats.in_flight:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
 
     async def wait_resumed(self) -> None:
         await self._resumed.wait()
@@ -318,6 +327,3 @@ def _peer_text(peer: Any, lsock: socket.socket) -> str:
         host, port = peer[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(peer)
-
-
-Callback = Callable[[], None]

@@ -119,7 +119,7 @@ class TLSStream(Stream):
     async def recv_into(self, view: memoryview) -> int:
         while True:
             try:
-                return self.obj.read(len(view), view)
+                return int(self.obj.read(len(view), view))  # type: ignore[arg-type]
             except ssl.SSLWantReadError:
                 await self._pump_out()
                 if not await self._pump_in():
