@@ -1,0 +1,270 @@
+"""Side-by-side benchmark: nbdfabric nodes against nbdkit, in the same run, reporting ratios.
+
+    python -m bench [--suite core,chain,fan] [--runs 3] [--size 512M] [--seconds 5] [--json FILE]
+
+Each suite starts our topology and nbdkit's of the same shape, then runs the same workloads on both,
+interleaved (ours, theirs, theirs, ours, ...) and reports the median of the runs and the ratio
+ours / nbdkit (> 1 means we are faster). Workloads: nbdcopy read and write (`--no-extents -S 0` so
+the bytes really move; the first write into a fresh disk is discarded) at 1 MiB and 256 KiB, and
+fio's nbd engine for 4 KiB random reads and writes at queue depth 1 and 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE = [sys.executable, "-m", "nodes.cli", "node"]
+
+
+@dataclass
+class Server:
+    uri: str
+    pids: list[int]
+
+
+class Fabric:
+    """Starts processes in a temp dir and stops them all at exit."""
+
+    def __init__(self, tmp: Path, stack: ExitStack) -> None:
+        self.tmp = tmp
+        self.stack = stack
+        self.n = 0
+
+    def _wait(self, proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not ready():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start")
+            time.sleep(0.02)
+
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def stop() -> None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+        self.stack.callback(stop)
+        return proc
+
+    def node(self, kind: str, *args: str, upstreams: tuple[str, ...] = (), tcp: bool = False):
+        self.n += 1
+        ready = self.tmp / f"n{self.n}.json"
+        listen = "127.0.0.1:0" if tcp else f"unix:{self.tmp}/n{self.n}.sock"
+        cmd = [*NODE, kind, *args, "--listen", listen, "--ready-file", str(ready)]
+        for u in upstreams:
+            cmd += ["--upstream", u]
+        proc = self._spawn(cmd)
+        self._wait(proc, ready.exists, f"node {kind}")
+        return Server(json.loads(ready.read_text())["uri"], [proc.pid])
+
+    def nbdkit(self, *args: str, tcp: bool = False) -> Server:
+        self.n += 1
+        if tcp:
+            port = _free_port()
+            proc = self._spawn(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), *args])
+            uri = f"nbd://127.0.0.1:{port}/"
+            self._wait(proc, lambda: _port_open(port), "nbdkit")
+        else:
+            sock = self.tmp / f"k{self.n}.sock"
+            proc = self._spawn(["nbdkit", "-f", "-U", str(sock), *args])
+            uri = f"nbd+unix:///?socket={sock}"
+            self._wait(proc, sock.exists, "nbdkit")
+        return Server(uri, [proc.pid])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# Workloads: each returns a figure where bigger is better (MiB/s or IOPS) --------------------
+
+
+def nbdcopy_write(uri: str, source: Path, request: int) -> float:
+    size = source.stat().st_size
+    t0 = time.perf_counter()
+    cmd = ["nbdcopy", "--no-extents", "-S", "0", f"--request-size={request}", str(source), uri]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return size / (time.perf_counter() - t0) / 2**20
+
+
+def nbdcopy_read(uri: str, size: int, request: int) -> float:
+    t0 = time.perf_counter()
+    cmd = ["nbdcopy", "--no-extents", "-S", "0", f"--request-size={request}", uri, "null:"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return size / (time.perf_counter() - t0) / 2**20
+
+
+def fio_iops(uri: str, rw: str, depth: int, seconds: float, size: int) -> float:
+    cmd = [
+        "fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", "--bs=4k",
+        f"--iodepth={depth}", f"--runtime={seconds}", "--time_based", f"--size={size}",
+        "--output-format=json", "--norandommap", "--randrepeat=0",
+    ]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{") :])["jobs"][0]
+    return float(job["read"]["iops"] + job["write"]["iops"])
+
+
+# Suites ---------------------------------------------------------------------------------------
+
+Pair = tuple[Server, Server]
+
+
+def core_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
+    yield "memory/unix", (f.node("memory", size), f.nbdkit("memory", size))
+    yield "memory/tcp", (f.node("memory", size, tcp=True), f.nbdkit("memory", size, tcp=True))
+
+
+def chain_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
+    m = f.node("memory", size)
+    k = f.nbdkit("memory", size)
+    hop = f.node("nbd", upstreams=(m.uri,))
+    khop = f.nbdkit("nbd", f"uri={k.uri}")
+    yield "1-hop proxy", (hop, khop)
+    m3 = f.node("memory", size)
+    a = f.node("nbd", upstreams=(m3.uri,))
+    b = f.node("nbd", upstreams=(a.uri,))
+    k3 = f.nbdkit("memory", size)
+    ka = f.nbdkit("nbd", f"uri={k3.uri}")
+    kb = f.nbdkit("nbd", f"uri={ka.uri}")
+    yield "3-hop chain", (b, kb)
+
+
+def fan_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
+    """Not against nbdkit (it has no RAID): a fan over our memory nodes vs one memory node."""
+    single = f.node("memory", size)
+    members = tuple(f.node("memory", size).uri for _ in range(4))
+    yield "stripe x4 vs 1 node", (f.node("stripe", upstreams=members), single)
+    pair = tuple(f.node("memory", size).uri for _ in range(2))
+    yield "mirror x2 vs 1 node", (f.node("mirror", upstreams=pair), f.node("memory", size))
+
+
+SUITES = {"core": core_pairs, "chain": chain_pairs, "fan": fan_pairs}
+
+
+def run_suite(name: str, f: Fabric, args: argparse.Namespace, source: Path) -> list[dict]:
+    size = source.stat().st_size
+    rows = []
+    for label, (ours, theirs) in SUITES[name](f, args.size):
+        for uri in (ours.uri, theirs.uri):  # the first write into a fresh disk is discarded
+            nbdcopy_write(uri, source, 1 << 20)
+        workloads: list[tuple[str, Callable[[str], float], str]] = [
+            ("nbdcopy write 1M", lambda u: nbdcopy_write(u, source, 1 << 20), "MiB/s"),
+            ("nbdcopy read 1M", lambda u: nbdcopy_read(u, size, 1 << 20), "MiB/s"),
+            ("nbdcopy write 256K", lambda u: nbdcopy_write(u, source, 256 << 10), "MiB/s"),
+            ("nbdcopy read 256K", lambda u: nbdcopy_read(u, size, 256 << 10), "MiB/s"),
+        ]
+        if shutil.which("fio"):
+            for rw in ("randread", "randwrite"):
+                for depth in (1, 16):
+                    workloads.append(
+                        (
+                            f"fio 4K {rw} QD{depth}",
+                            lambda u, rw=rw, d=depth: fio_iops(u, rw, d, args.seconds, size),
+                            "IOPS",
+                        )
+                    )
+        for wname, fn, unit in workloads:
+            ours_v: list[float] = []
+            theirs_v: list[float] = []
+            for i in range(args.runs):
+                order = [(ours, ours_v), (theirs, theirs_v)]
+                for server, acc in order if i % 2 == 0 else reversed(order):
+                    acc.append(fn(server.uri))
+            o, t = statistics.median(ours_v), statistics.median(theirs_v)
+            row = {
+                "suite": name,
+                "setup": label,
+                "workload": wname,
+                "unit": unit,
+                "ours": round(o, 1),
+                "theirs": round(t, 1),
+                "ratio": round(o / t, 3) if t else None,
+            }
+            rows.append(row)
+            print(
+                f"{name:<6} {label:<22} {wname:<22} ours {o:>10.1f} {unit:<5}  "
+                f"other {t:>10.1f}  ratio {row['ratio']}",
+                flush=True,
+            )
+    return rows
+
+
+def idle_rss_mib(f: Fabric) -> float:
+    server = f.node("memory", "1G")
+    time.sleep(0.5)
+    with open(f"/proc/{server.pids[0]}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("--suite", default="core,chain", help="comma list of: core, chain, fan")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--size", default="512M", help="disk size and bytes copied per nbdcopy run")
+    p.add_argument("--seconds", type=float, default=5, help="fio run time per measurement")
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args(argv)
+    from nodes.params import parse_size
+
+    rows: list[dict] = []
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="nbdbench") as tmp:
+        source = _make_source(Path(tmp), parse_size(args.size))
+        f = Fabric(Path(tmp), stack)
+        rss = idle_rss_mib(f)
+        print(f"idle memory node RSS: {rss:.1f} MiB", flush=True)
+        for name in args.suite.split(","):
+            with ExitStack() as suite_stack:
+                rows += run_suite(name, Fabric(Path(tmp), suite_stack), args, source)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"idle_rss_mib": rss, "rows": rows}, indent=2))
+    return 0
+
+
+def _make_source(tmp: Path, size: int) -> Path:
+    """A file of incompressible-looking data in RAM-backed tmp (so the disk is not measured)."""
+    shm = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else tmp
+    path = shm / f"nbdbench-{os.getpid()}.img"
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(block)
+    import atexit
+
+    atexit.register(lambda: path.unlink(missing_ok=True))
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
