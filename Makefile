@@ -24,6 +24,7 @@ proto: setup
 
 proto-check: setup
 	@bash scripts/gen-proto.sh --check
+	$(VENV)/bin/buf lint proto
 
 test: setup lint typecheck proto-check
 	$(PY) -m pytest -q -p no:cacheprovider tests

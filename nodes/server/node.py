@@ -74,6 +74,7 @@ class NodeRuntime:
         self.paused = False
         self._resumed = asyncio.Event()
         self._resumed.set()
+        self.held = 0  #: requests waiting for resume (counted in stats.in_flight too)
         self.sessions: set[Session] = set()
         self.listeners: list[socket.socket] = []
         self.addresses: list[Address] = []
@@ -216,9 +217,12 @@ class NodeRuntime:
         def lookup(requested: str) -> ExportInfo | None:
             # "" is the default export; without --export-name any name is accepted (nbdkit).
             if requested in ("", name) or not name:
+                size = self.backend.export_size(requested or name, info.size)
+                if size is None:
+                    return None
                 return ExportInfo(
                     requested or name,
-                    info.size,
+                    size,
                     info.tflags,
                     info.description,
                     info.block_min,
@@ -279,12 +283,17 @@ class NodeRuntime:
             self.set_state("serving")
 
     async def wait_idle(self) -> None:
-        """Return once no request is in flight (polled: in_flight changes on the hot path)."""
-        while self.stats.in_flight:  # noqa: ASYNC110
+        """Return once no request is in flight (polled: in_flight changes on the hot path).
+        Requests held by a pause do not count: they cannot finish before resume."""
+        while self.stats.in_flight > self.held:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
     async def wait_resumed(self) -> None:
-        await self._resumed.wait()
+        self.held += 1
+        try:
+            await self._resumed.wait()
+        finally:
+            self.held -= 1
 
     def params_info(self) -> list[dict[str, Any]]:
         values = self.backend.params.model_dump(by_alias=True, mode="json")
