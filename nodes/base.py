@@ -134,6 +134,12 @@ class Backend:
     def capabilities(self) -> Capabilities:
         raise NotImplementedError
 
+    def export_size(self, export_name: str, size: int) -> int | None:
+        """The size a client asking for `export_name` sees (`size`: capabilities().size), or
+        None to refuse that export. Runs during the client's handshake, so `current_client`
+        is set; only kinds whose content depends on the client (`info`) override it."""
+        return size
+
     def configure(self, changes: dict[str, Any]) -> None:
         """Apply live param changes (already checked to be live). Override to react."""
         self.params = update_params(self.kind, self.params, changes)
@@ -145,6 +151,12 @@ class Backend:
     def healthy(self) -> bool:
         """False when the node cannot serve (e.g. its upstream is down)."""
         return True
+
+    async def open_connection(self) -> None:
+        """A client finished the handshake (`current_client` says who): before its first request."""
+
+    async def close_connection(self) -> None:
+        """A client's connection ended, after its last request (its `current_client` still set)."""
 
     # Data operations ----------------------------------------------------------------------
 
@@ -198,6 +210,12 @@ class Filter(Backend):
 
     def healthy(self) -> bool:
         return self.next.healthy()
+
+    async def open_connection(self) -> None:
+        await self.next.open_connection()
+
+    async def close_connection(self) -> None:
+        await self.next.close_connection()
 
     async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
         return await self.next.pread(buf, offset, flags)
