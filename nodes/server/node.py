@@ -85,6 +85,8 @@ class NodeRuntime:
         self.tls_context: ssl.SSLContext | None = None
         self.stopped = asyncio.Event()
         self.caps = Capabilities(size=0)
+        if hasattr(backend, "emit"):  # fans report member and rebuild events through the node
+            backend.emit = self.emit
 
     # Lifecycle -----------------------------------------------------------------------------
 

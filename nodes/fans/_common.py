@@ -1,0 +1,270 @@
+"""What the fan kinds share: the fan base with its event hook, capabilities combined from the
+members, and the piece mapping that concat and stripe use to split a request across members.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
+
+from ..base import Backend, Capabilities, Extents, Fan, Holes, Support
+from ..params import Params
+from ..protocol.constants import CmdFlag
+
+log = logging.getLogger("nbdfabric.fan")
+
+#: Upper bound for one member request that a fan issues on its own (rebuild, scrub, zero fill).
+IO_CHUNK = 1024 * 1024
+_ZEROES = bytes(IO_CHUNK)
+
+
+class EmitHook(Protocol):
+    def __call__(self, kind: str, message: str, **detail: Any) -> None: ...
+
+
+def _no_emit(kind: str, message: str, **detail: Any) -> None:
+    log.info("%s: %s %s", kind, message, detail or "")
+
+
+def member_name(member: Backend, index: int) -> str:
+    """The member's URI when it has one (an Upstream), else a readable placeholder."""
+    for attr in ("uri", "name"):
+        value = getattr(member, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return f"{member.kind or type(member).__name__}#{index}"
+
+
+class FanBase(Fan):
+    """A fan with an event hook (`emit`, replaced by the node runtime) and combined caps."""
+
+    def __init__(self, params: Params, members: Sequence[Backend]) -> None:
+        super().__init__(params, members)
+        #: NodeRuntime sets `backend.emit = runtime.emit`; until then events are only logged.
+        self.emit: EmitHook = _no_emit
+        self.member_caps: list[Capabilities] = []
+        self.caps = Capabilities(size=0)
+
+    async def start(self) -> None:
+        results = await asyncio.gather(*(m.start() for m in self.members), return_exceptions=True)
+        for i, res in enumerate(results):
+            if isinstance(res, BaseException):
+                await self._stop_started(results)
+                raise OSError(
+                    errno.EIO, f"{self.kind}: member {i} ({member_name(self.members[i], i)}) "
+                    f"did not start: {res}"
+                ) from res  # fmt: skip
+        self.member_caps = [m.capabilities().normalized() for m in self.members]
+        try:
+            self.caps = self.compute_caps(self.member_caps)
+        except ValueError:
+            await self._stop_started(results)
+            raise
+
+    async def _stop_started(self, results: Sequence[object]) -> None:
+        for member, res in zip(self.members, results, strict=True):
+            if not isinstance(res, BaseException):
+                try:
+                    await member.stop()
+                except Exception as exc:
+                    log.warning("stopping member failed: %s", exc)
+
+    async def stop(self) -> None:
+        for member in self.members:
+            try:
+                await member.stop()
+            except Exception as exc:
+                log.warning("%s: stopping a member failed: %s", self.kind, exc)
+
+    def compute_caps(self, caps: list[Capabilities]) -> Capabilities:
+        """Per kind: size rules (raise ValueError with a clear message) + `combine_caps`."""
+        raise NotImplementedError
+
+    def capabilities(self) -> Capabilities:
+        return self.caps
+
+    def healthy(self) -> bool:
+        return all(m.healthy() for m in self.members)
+
+    def members_info(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "index": i,
+                "uri": member_name(m, i),
+                "state": "in_sync" if m.healthy() else "faulty",
+                "dirty_bytes": 0,
+            }
+            for i, m in enumerate(self.members)
+        ]
+
+    def status(self) -> dict[str, Any]:
+        members = self.members_info()
+        return {
+            "members": members,
+            "degraded": any(m["state"] != "in_sync" for m in members),
+            "rebuild": {"running": False},
+        }
+
+
+def combine_caps(
+    caps: Sequence[Capabilities], size: int, *, fast_zero: bool = True, extents: bool = True
+) -> Capabilities:
+    """The fan's capabilities: each one only as far as every member has it.
+
+    Writable only if all are; flush if all flush; FUA native only if all are native (else
+    emulated with a flush, when every member can flush); zero native if every member zeroes
+    (else the session writes zeros); multi-conn only if all are; block sizes: the largest
+    minimum, the smallest maximum.
+    """
+    writable = all(c.writable for c in caps)
+    flush = all(c.flush for c in caps)
+    if all(c.fua is Support.NATIVE for c in caps):
+        fua = Support.NATIVE
+    elif flush:
+        fua = Support.EMULATE
+    else:
+        fua = Support.NONE
+    zero = Support.NATIVE if all(c.zero is Support.NATIVE for c in caps) else Support.EMULATE
+    cache = Support.NATIVE if all(c.cache is Support.NATIVE for c in caps) else Support.EMULATE
+    mins = [c.block_min for c in caps if c.block_min]
+    prefs = [c.block_preferred for c in caps if c.block_preferred]
+    maxes = [c.block_max for c in caps if c.block_max]
+    block_min = max(mins, default=0)
+    block_max = min(maxes, default=0)
+    if block_max and block_min and block_max < block_min:
+        raise ValueError(
+            f"members' block sizes do not overlap: minimum {block_min} > maximum {block_max}"
+        )
+    return Capabilities(
+        size=size,
+        writable=writable,
+        flush=flush,
+        fua=fua,
+        trim=all(c.trim for c in caps),
+        zero=zero,
+        fast_zero=fast_zero and zero is Support.NATIVE and all(c.fast_zero for c in caps),
+        cache=cache,
+        extents=extents and all(c.extents for c in caps),
+        multi_conn=all(c.multi_conn for c in caps),
+        rotational=any(c.rotational for c in caps),
+        block_min=block_min,
+        block_preferred=max(prefs, default=0),
+        block_max=block_max,
+    ).normalized()
+
+
+# Piece mapping (concat, stripe) -----------------------------------------------------------------
+
+
+class Piece(NamedTuple):
+    member: int
+    moffset: int  #: offset on the member
+    start: int  #: offset in the request buffer
+    length: int
+
+
+class LayoutFan(FanBase):
+    """A fan whose address space is a fixed layout over its members (concat, stripe): every
+    operation is split into pieces, and the pieces run concurrently."""
+
+    def pieces(self, offset: int, count: int) -> list[Piece]:
+        raise NotImplementedError
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        pieces = self.pieces(offset, len(buf))
+        results = await asyncio.gather(
+            *(
+                self.members[p.member].pread(buf[p.start : p.start + p.length], p.moffset, flags)
+                for p in pieces
+            )
+        )
+        holes: list[tuple[int, int]] = []
+        for p, piece_holes in zip(pieces, results, strict=True):
+            for start, length in piece_holes or ():
+                start += p.start
+                if holes and holes[-1][0] + holes[-1][1] == start:
+                    holes[-1] = (holes[-1][0], holes[-1][1] + length)
+                else:
+                    holes.append((start, length))
+        return holes
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        await asyncio.gather(
+            *(
+                self.members[p.member].pwrite(buf[p.start : p.start + p.length], p.moffset, flags)
+                for p in self.pieces(offset, len(buf))
+            )
+        )
+
+    async def flush(self, flags: int) -> None:
+        await asyncio.gather(*(m.flush(flags) for m in self.members))
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        await asyncio.gather(
+            *(
+                self.members[p.member].trim(p.length, p.moffset, flags)
+                for p in self.pieces(offset, count)
+            )
+        )
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        await asyncio.gather(
+            *(
+                self.members[p.member].zero(p.length, p.moffset, flags)
+                for p in self.pieces(offset, count)
+            )
+        )
+
+    async def cache(self, count: int, offset: int, flags: int) -> None:
+        await asyncio.gather(
+            *(
+                self.members[p.member].cache(p.length, p.moffset, flags)
+                for p in self.pieces(offset, count)
+            )
+        )
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        # The length is a hint: past a few dozen pieces, answer for the first ones only.
+        pieces = self.pieces(offset, count)[:64]
+        if flags & CmdFlag.REQ_ONE:
+            pieces = pieces[:1]
+        results = await asyncio.gather(
+            *(
+                self.members[p.member].extents(p.length, p.moffset, flags & ~CmdFlag.REQ_ONE)
+                for p in pieces
+            )
+        )
+        out: list[tuple[int, int]] = []
+        for p, member_extents in zip(pieces, results, strict=True):
+            left = p.length
+            for length, eflags in member_extents:
+                if left <= 0:
+                    break
+                n = min(length, left)
+                if out and out[-1][1] == eflags:
+                    out[-1] = (out[-1][0] + n, eflags)
+                else:
+                    out.append((n, eflags))
+                left -= n
+            if left > 0:  # the member answered short: stop at the gap
+                break
+        return out
+
+
+async def write_zeroes(member: Backend, caps: Capabilities, count: int, offset: int) -> None:
+    """Zero a member's range, with WRITE_ZEROES when it has it, else by writing zeros."""
+    if caps.zero is Support.NATIVE:
+        await member.zero(count, offset, 0)
+        return
+    pos = 0
+    while pos < count:
+        n = min(IO_CHUNK, count - pos)
+        await member.pwrite(memoryview(_ZEROES)[:n], offset + pos, 0)
+        pos += n
+
+
+def align_down(value: int, unit: int) -> int:
+    return value - value % unit if unit > 1 else value

@@ -1,0 +1,830 @@
+"""mirror: RAID1 over N members, degraded serving, write-intent bitmap and background rebuild.
+
+Writes, zeroes, trims and flushes go to every member that is in sync or rebuilding and are
+acknowledged once all of them have it. Reads go to one in-sync member (`read-policy`); a read
+that fails is retried on another, so the client sees no error while one in-sync member remains.
+
+A member that fails (an I/O error, or its upstream reporting `healthy()` False) becomes
+*faulty*: the fan keeps serving degraded, emits an event, and records every region written
+meanwhile in a per-member dirty map (`bitmap-chunk` granularity; also the writes not yet flushed
+when it failed, which a crashed member may have lost). The map is marked *before* the write is
+sent and, with `bitmap-file=PATH`, persisted first, so it survives a restart of the fan.
+
+When a faulty member is healthy again (polled every `check-interval`, not before `retry-delay`,
+which doubles on repeated failures), it is resynced in the background (state *rebuilding*):
+
+- `resync=auto` (default): copy only the dirty regions, unless the member does not hold the
+  array's data any more. That is checked by comparing up to 16 clean regions holding data (from
+  the extents of an in-sync member and of the returning one) on both; any difference (e.g. a
+  memory node that restarted empty) turns it into a full rebuild.
+- `resync=bitmap`: trust the member kept its data; copy dirty regions only.
+- `resync=full`: every returning member is rebuilt completely.
+
+`replace_member` (ctl replace) and `rebuild_member` always rebuild fully. While rebuilding,
+the member receives every client write, but is never read; each region is copied under a lock
+that waits for overlapping client writes in flight and holds new ones back, so a copy never
+overwrites newer data. Progress (bytes, rate, ETA) is in `status()`; `rebuild-rate` (bytes/s, 0 =
+unlimited) throttles it and can change live. `spares=N` makes the last N members hot spares: a
+spare takes over (full rebuild) as soon as a member fails; the failed one becomes a spare when it
+returns.
+
+Member states: in_sync, faulty, rebuilding, spare. Capabilities: writable, flush, trim, zero,
+FUA (native), multi-conn only as far as every member has them; fast zero is never offered (a
+member failing fast while another zeroed would split the mirror). Size: the smallest member.
+
+Not covered: a crash of the fan in the middle of a write may leave in-sync members differing in
+that region (md marks in-flight writes in the bitmap for this; we only mark for absent members).
+
+Example: `nbdfabric node mirror bitmap-file=/var/lib/m.bitmap --upstream URI_A --upstream URI_B`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..base import Backend, Capabilities, Extents, Holes, Support, fill_holes, read_flat
+from ..params import Duration, Params, Size, live, param
+from ..protocol.constants import CmdFlag, Extent
+from ..registry import register
+from ._bitmap import BitmapFile, DirtyMap
+from ._common import IO_CHUNK, FanBase, combine_caps, member_name, write_zeroes
+
+log = logging.getLogger("nbdfabric.mirror")
+
+IN_SYNC, FAULTY, REBUILDING, SPARE = "in_sync", "faulty", "rebuilding", "spare"
+MAX_RETRY_DELAY = 30.0
+SAMPLES = 16
+
+
+class MirrorParams(Params):
+    read_policy: Literal["round-robin", "least-outstanding", "first"] = live(
+        "least-outstanding", description="which in-sync member serves a read"
+    )
+    bitmap_chunk: Size = param(64 * 1024, description="granularity of the write-intent bitmap")
+    bitmap_file: str | None = param(
+        None, description="persist the write-intent bitmap and member states in this file"
+    )
+    resync: Literal["auto", "bitmap", "full"] = live(
+        "auto", description="how a member that returns after a failure is brought back in sync"
+    )
+    rebuild_rate: Size = live(0, description="rebuild throttle in bytes/s (0: unlimited)")
+    check_interval: Duration = param(0.2, description="how often member health is polled")
+    retry_delay: Duration = param(
+        1.0, description="wait before re-adding a failed member (doubles on repeated failures)"
+    )
+    spares: int = param(0, ge=0, description="the last N members are hot spares")
+
+
+@dataclass
+class RebuildRun:
+    member: int
+    kind: str  #: full | bitmap
+    bytes_total: int
+    bytes_done: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    def as_dict(self, paused: bool) -> dict[str, Any]:
+        elapsed = (self.finished or time.monotonic()) - self.started
+        rate = self.bytes_done / elapsed if elapsed > 0 else 0.0
+        left = max(self.bytes_total - self.bytes_done, 0)
+        return {
+            "running": self.finished is None,
+            "paused": paused,
+            "member": self.member,
+            "kind": self.kind,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "rate": rate,
+            "eta_seconds": (left / rate) if rate > 0 else None,
+        }
+
+
+class Slot:
+    """One member position: its backend, state and what it misses."""
+
+    def __init__(
+        self, index: int, backend: Backend, caps: Capabilities, nchunks: int, state: str
+    ) -> None:
+        self.index = index
+        self.backend = backend
+        self.caps = caps
+        self.state = state
+        self.dirty = DirtyMap(nchunks)
+        self.outstanding = 0
+        self.errors = 0
+        self.last_error = ""
+        self.generation = 0  #: bumped at every failure: a rebuild of an older one stops
+        self.failures = 0  #: consecutive, for the retry back-off
+        self.retry_at = 0.0
+        self.held = False  #: failed by the operator: stays out until rebuilt or replaced
+        self.demoted = False  #: a spare took its place: it becomes a spare when it returns
+        self.resync_bytes = 0  #: bytes copied to it by rebuilds, in total
+        self.rebuild: RebuildRun | None = None
+        self.task: asyncio.Task[None] | None = None
+
+
+class RegionGuard:
+    """Client writes in flight vs the one region a rebuild is copying."""
+
+    def __init__(self) -> None:
+        self._writes: dict[int, tuple[int, int]] = {}
+        self._next = 0
+        self._copy: tuple[int, int] | None = None
+        self._copy_done = asyncio.Event()
+        self._copy_done.set()
+
+    async def enter(self, start: int, end: int) -> int:
+        while self._copy is not None and start < self._copy[1] and self._copy[0] < end:
+            await self._copy_done.wait()
+        self._next += 1
+        self._writes[self._next] = (start, end)
+        return self._next
+
+    def leave(self, token: int) -> None:
+        self._writes.pop(token, None)
+
+    async def begin_copy(self, start: int, end: int) -> None:
+        self._copy = (start, end)
+        self._copy_done.clear()
+        # Writes in flight are a few round trips long: poll rather than wire events to each.
+        while any(s < end and start < e for s, e in self._writes.values()):  # noqa: ASYNC110
+            await asyncio.sleep(0.0005)
+
+    def end_copy(self) -> None:
+        self._copy = None
+        self._copy_done.set()
+
+
+class NoSource(OSError):
+    """No in-sync member is left to copy from."""
+
+
+@register
+class Mirror(FanBase):
+    """RAID1: N-way mirror with degraded mode, write-intent bitmap and live rebuild."""
+
+    kind = "mirror"
+    Params = MirrorParams
+    params: MirrorParams
+    min_members = 2
+
+    def __init__(self, params: MirrorParams, members: Sequence[Backend]) -> None:
+        super().__init__(params, members)
+        self.slots: list[Slot] = []
+        self.size = 0
+        self.chunk = params.bitmap_chunk
+        self.nchunks = 0
+        self.resync_bytes_total = 0
+        self._rr = 0
+        self._unflushed: set[int] = set()
+        self._guard = RegionGuard()
+        self._copy_lock = asyncio.Lock()
+        self._running = asyncio.Event()
+        self._running.set()
+        self._monitor_task: asyncio.Task[None] | None = None
+        self._bitmap = BitmapFile(params.bitmap_file) if params.bitmap_file else None
+        self._last_run: RebuildRun | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # Lifecycle ----------------------------------------------------------------------------
+
+    def compute_caps(self, caps: list[Capabilities]) -> Capabilities:
+        if self.params.spares >= len(caps):
+            raise ValueError(f"mirror: spares={self.params.spares} leaves no active member")
+        size = min(c.size for c in caps)
+        combined = combine_caps(caps, size, fast_zero=False)
+        if combined.block_min and self.chunk % combined.block_min:
+            raise ValueError(
+                f"mirror: bitmap-chunk {self.chunk} is not a multiple of the members' minimum "
+                f"block size {combined.block_min}"
+            )
+        if len({c.size for c in caps}) > 1:
+            log.warning("mirror: members differ in size; serving the smallest, %d bytes", size)
+        return combined
+
+    async def start(self) -> None:
+        await super().start()
+        self.size = self.caps.size
+        self.nchunks = max(1, -(-self.size // self.chunk))
+        first_spare = len(self.members) - self.params.spares
+        self.slots = [
+            Slot(i, m, c, self.nchunks, SPARE if i >= first_spare else IN_SYNC)
+            for i, (m, c) in enumerate(zip(self.members, self.member_caps, strict=True))
+        ]
+        if self._bitmap is not None:
+            self._load_bitmap()
+        self._persist()
+        self._monitor_task = asyncio.get_running_loop().create_task(self._monitor())
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._monitor_task, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._persist()
+        await super().stop()
+
+    def _load_bitmap(self) -> None:
+        assert self._bitmap is not None
+        data = self._bitmap.load()
+        if data is None:
+            return
+        expect = {"size": self.size, "chunk": self.chunk, "members": len(self.slots)}
+        got = {
+            "size": data.get("size"),
+            "chunk": data.get("chunk"),
+            "members": len(data.get("members", [])),
+        }
+        if got != expect:
+            raise ValueError(
+                f"mirror: bitmap file {self._bitmap.path} belongs to another array ({got}, "
+                f"this one is {expect}); remove it to start afresh"
+            )
+        for slot, saved in zip(self.slots, data["members"], strict=True):
+            slot.dirty.load_json(saved.get("dirty", {}))
+            slot.held = bool(saved.get("held"))
+            slot.demoted = bool(saved.get("demoted"))
+            state = saved.get("state")
+            if state in (FAULTY, REBUILDING):
+                slot.state = FAULTY
+                slot.last_error = "faulty before the fan restarted"
+            elif state == SPARE:
+                slot.state = SPARE
+            elif slot.dirty.count():
+                slot.state = FAULTY
+
+    def _persist(self) -> None:
+        if self._bitmap is None or not self.slots:
+            return
+        members = [
+            {
+                "uri": member_name(s.backend, s.index),
+                "state": s.state,
+                "held": s.held,
+                "demoted": s.demoted,
+                "dirty": s.dirty.to_json(),
+            }
+            for s in self.slots
+        ]
+        data = {"version": 1, "size": self.size, "chunk": self.chunk, "members": members}
+        try:
+            self._bitmap.save(data)
+        except OSError as exc:
+            log.error("mirror: cannot write the bitmap file: %s", exc)
+            self.emit("error", f"cannot write the bitmap file: {exc}")
+
+    # State --------------------------------------------------------------------------------
+
+    def healthy(self) -> bool:
+        return any(s.state == IN_SYNC for s in self.slots)
+
+    def _chunks(self, offset: int, count: int) -> tuple[int, int]:
+        return offset // self.chunk, (offset + max(count, 1) - 1) // self.chunk
+
+    def _fail(self, slot: Slot, reason: str, chunks: tuple[int, int] | None = None) -> None:
+        """Take a member out of service and remember what it may be missing."""
+        previous = slot.state
+        if slot.state == SPARE:
+            return
+        if chunks is not None and not slot.demoted:
+            slot.dirty.mark(*chunks)
+        if previous == FAULTY:
+            self._persist()
+            return
+        slot.generation += 1
+        slot.errors += 1
+        slot.failures += 1
+        slot.last_error = reason
+        slot.state = FAULTY
+        delay = min(self.params.retry_delay * 2 ** (slot.failures - 1), MAX_RETRY_DELAY)
+        slot.retry_at = time.monotonic() + delay
+        slot.dirty.mark_many(self._unflushed)
+        self._persist()
+        log.warning("mirror: member %d faulty: %s", slot.index, reason)
+        self.emit(
+            "member",
+            f"member {slot.index} faulty: {reason}",
+            index=slot.index,
+            state=FAULTY,
+            previous=previous,
+        )
+        if not self.healthy():
+            self.emit("member", "no in-sync member left: the mirror has failed", state="failed")
+        self._use_spare()
+
+    def _use_spare(self) -> None:
+        for failed in self.slots:
+            if failed.state != FAULTY or failed.demoted:
+                continue
+            spare = next((s for s in self.slots if s.state == SPARE and s.backend.healthy()), None)
+            if spare is None or not self.healthy():
+                return
+            failed.demoted = True
+            failed.dirty.clear()
+            spare.dirty.mark_all()
+            self.emit(
+                "member",
+                f"spare {spare.index} takes the place of member {failed.index}",
+                index=spare.index,
+                replaces=failed.index,
+            )
+            self._begin_rebuild(spare, "full")
+
+    async def _monitor(self) -> None:
+        while True:
+            await asyncio.sleep(self.params.check_interval)
+            try:
+                self._check_members()
+            except Exception:
+                log.exception("mirror: member check failed")
+
+    def _check_members(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            up = slot.backend.healthy()
+            if slot.state in (IN_SYNC, REBUILDING) and not up:
+                self._fail(slot, "member is down")
+            elif slot.state == FAULTY and up and not slot.held and now >= slot.retry_at:
+                if slot.task is not None and not slot.task.done():
+                    continue
+                if slot.demoted:
+                    slot.state, slot.demoted = SPARE, False
+                    slot.dirty.clear()
+                    self._persist()
+                    self.emit("member", f"member {slot.index} is back as a spare", index=slot.index)
+                    continue
+                self._spawn(slot, self._resync(slot))
+        self._use_spare()
+
+    def _spawn(self, slot: Slot, coro: Awaitable[None]) -> None:
+        async def run() -> None:
+            await coro
+
+        task = asyncio.get_running_loop().create_task(run())
+        slot.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # Resync and rebuild --------------------------------------------------------------------
+
+    async def _resync(self, slot: Slot) -> None:
+        generation = slot.generation
+        try:
+            mode = await self._resync_mode(slot)
+        except NoSource:
+            return
+        except OSError as exc:
+            self._fail(slot, f"probing the returning member failed: {exc}")
+            return
+        if slot.generation != generation or slot.state != FAULTY:
+            return
+        if mode == "full":
+            slot.dirty.mark_all()
+        self.emit(
+            "member",
+            f"member {slot.index} is back: {mode} resync of {self._dirty_bytes(slot)} bytes",
+            index=slot.index,
+            mode=mode,
+        )
+        await self._rebuild(slot, mode)
+
+    async def _resync_mode(self, slot: Slot) -> str:
+        policy = self.params.resync
+        if slot.dirty.is_full() or policy == "full":
+            return "full"
+        if policy == "bitmap":
+            return "bitmap"
+        if not self.caps.extents:
+            return "full"
+        source = self._source(slot)
+        samples = await self._data_chunks(source.backend, slot, SAMPLES // 2)
+        samples |= await self._data_chunks(slot.backend, slot, SAMPLES // 2)
+        a = bytearray(self.chunk)
+        b = bytearray(self.chunk)
+        for chunk in sorted(samples):
+            start = chunk * self.chunk
+            n = min(self.chunk, self.size - start)
+            await read_flat(source.backend, memoryview(a)[:n], start)
+            await read_flat(slot.backend, memoryview(b)[:n], start)
+            if a[:n] != b[:n]:
+                log.warning("mirror: member %d lost its data (chunk %d differs)", slot.index, chunk)
+                return "full"
+        return "bitmap"
+
+    async def _data_chunks(self, backend: Backend, slot: Slot, want: int) -> set[int]:
+        """Up to `want` clean chunks that hold data on `backend`, spread over the disk."""
+        found: list[int] = []
+        pos, seen = 0, 0
+        while pos < self.size and seen < 4096 and len(found) < 64 * want:
+            extents = await backend.extents(min(self.size - pos, 1 << 30), pos, 0)
+            if not extents:
+                break
+            for length, flags in extents:
+                length = min(length, self.size - pos)
+                if not flags & Extent.ZERO:
+                    first, last = self._chunks(pos, length)
+                    found.extend(
+                        c for c in range(first, min(last, first + 64) + 1)
+                        if not slot.dirty.is_dirty(c)
+                    )  # fmt: skip
+                pos += length
+                seen += 1
+                if pos >= self.size:
+                    break
+        if len(found) <= want:
+            return set(found)
+        step = len(found) / want
+        return {found[int(i * step)] for i in range(want)}
+
+    def _begin_rebuild(self, slot: Slot, mode: str) -> None:
+        async def run() -> None:
+            await self._rebuild(slot, mode)
+
+        self._spawn(slot, run())
+
+    def _dirty_bytes(self, slot: Slot) -> int:
+        n = slot.dirty.count() * self.chunk
+        if slot.dirty.is_dirty(self.nchunks - 1):
+            n -= self.nchunks * self.chunk - self.size
+        return n
+
+    async def _rebuild(self, slot: Slot, mode: str) -> None:
+        """Copy the slot's dirty regions from an in-sync member; in sync when none are left."""
+        slot.generation += 1
+        generation = slot.generation
+        slot.state = REBUILDING
+        run = RebuildRun(slot.index, mode, self._dirty_bytes(slot))
+        slot.rebuild = self._last_run = run
+        self._persist()
+        self.emit(
+            "rebuild", f"rebuilding member {slot.index} ({mode})", index=slot.index, mode=mode
+        )
+        run_chunks = max(1, IO_CHUNK // self.chunk)
+        last_save = time.monotonic()
+        try:
+            while slot.dirty.count():
+                for first, last in slot.dirty.runs(run_chunks):
+                    await self._running.wait()
+                    if slot.generation != generation:
+                        return
+                    start = first * self.chunk
+                    end = min((last + 1) * self.chunk, self.size)
+                    began = time.monotonic()
+                    async with self._copy_lock:
+                        if slot.generation != generation:
+                            return
+                        await self._guard.begin_copy(start, end)
+                        try:
+                            await self._copy(slot, start, end)
+                        finally:
+                            self._guard.end_copy()
+                    if slot.generation != generation:
+                        return
+                    slot.dirty.discard(first, last)
+                    run.bytes_done += end - start
+                    slot.resync_bytes += end - start
+                    self.resync_bytes_total += end - start
+                    now = time.monotonic()
+                    if now - last_save > 1.0:
+                        self._persist()
+                        last_save = now
+                    rate = self.params.rebuild_rate
+                    if rate:
+                        delay = (end - start) / rate - (now - began)
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+        except NoSource as exc:
+            self._fail(slot, f"rebuild stopped: {exc}")
+            return
+        except OSError as exc:
+            if slot.generation == generation:
+                self._fail(slot, f"rebuild failed: {exc}")
+            return
+        finally:
+            run.finished = time.monotonic()
+            slot.rebuild = None
+        if slot.generation != generation or slot.state != REBUILDING:
+            return
+        slot.state = IN_SYNC
+        slot.failures = 0
+        slot.demoted = False
+        self._persist()
+        log.info("mirror: member %d in sync (%d bytes copied)", slot.index, run.bytes_done)
+        self.emit(
+            "member",
+            f"member {slot.index} in sync ({run.bytes_done} bytes copied)",
+            index=slot.index,
+            state=IN_SYNC,
+            bytes_copied=run.bytes_done,
+        )
+
+    def _source(self, target: Slot, exclude: set[int] | None = None) -> Slot:
+        source = self._pick(exclude or set())
+        if source is None or source is target:
+            raise NoSource(errno.EIO, "no in-sync member to copy from")
+        return source
+
+    async def _copy(self, target: Slot, start: int, end: int) -> None:
+        buf = bytearray(end - start)
+        view = memoryview(buf)
+        tried: set[int] = set()
+        while True:
+            source = self._source(target, tried)
+            source.outstanding += 1
+            try:
+                holes = await source.backend.pread(view, start, 0)
+                break
+            except OSError as exc:
+                tried.add(source.index)
+                self._fail(source, f"read for rebuild failed: {exc}", None)
+            finally:
+                source.outstanding -= 1
+        if holes and len(holes) == 1 and holes[0] == (0, end - start):
+            await write_zeroes(target.backend, target.caps, end - start, start)
+        else:
+            fill_holes(view, holes)
+            await target.backend.pwrite(view, start, 0)
+
+    # Control plane --------------------------------------------------------------------------
+
+    def members_info(self) -> list[dict[str, Any]]:
+        out = []
+        for s in self.slots:
+            info: dict[str, Any] = {
+                "index": s.index,
+                "uri": member_name(s.backend, s.index),
+                "state": s.state,
+                "dirty_bytes": self._dirty_bytes(s) if s.state != SPARE else 0,
+                "errors": s.errors,
+                "last_error": s.last_error,
+                "outstanding": s.outstanding,
+                "resync_bytes": s.resync_bytes,
+                "held": s.held,
+                "healthy": s.backend.healthy(),
+            }
+            if s.rebuild is not None:
+                info["rebuild"] = s.rebuild.as_dict(not self._running.is_set())
+            out.append(info)
+        return out
+
+    def rebuild_progress(self) -> dict[str, Any]:
+        paused = not self._running.is_set()
+        for s in self.slots:
+            if s.rebuild is not None:
+                return s.rebuild.as_dict(paused)
+        if self._last_run is not None:
+            return self._last_run.as_dict(paused)
+        return {
+            "running": False,
+            "paused": paused,
+            "member": None,
+            "bytes_done": 0,
+            "bytes_total": 0,
+            "rate": 0.0,
+            "eta_seconds": None,
+        }
+
+    def status(self) -> dict[str, Any]:
+        members = self.members_info()
+        return {
+            "members": members,
+            "degraded": any(m["state"] in (FAULTY, REBUILDING) for m in members),
+            "failed": not self.healthy(),
+            "rebuild": self.rebuild_progress(),
+            "resync_bytes": self.resync_bytes_total,
+            "bitmap_chunk": self.chunk,
+        }
+
+    def set_rebuild(self, running: bool | None = None, throttle: int | None = None) -> None:
+        if running is True:
+            self._running.set()
+        elif running is False:
+            self._running.clear()
+        if throttle is not None:
+            self.configure({"rebuild-rate": throttle})
+
+    async def mark_faulty(self, index: int) -> None:
+        slot = self._slot(index)
+        slot.held = True
+        self._fail(slot, "marked faulty by the operator")
+        if slot.task is not None:
+            await asyncio.gather(slot.task, return_exceptions=True)
+
+    async def rebuild_member(self, index: int, full: bool = True) -> None:
+        """Bring a member back now: a full rebuild (or its dirty regions with full=False)."""
+        slot = self._slot(index)
+        if slot.state == IN_SYNC and not full:
+            return
+        if slot.state == IN_SYNC and not any(
+            s.state == IN_SYNC for s in self.slots if s is not slot
+        ):
+            raise ValueError(f"mirror: member {index} is the last in-sync member")
+        slot.held = False
+        slot.demoted = False
+        if slot.task is not None and not slot.task.done():
+            slot.generation += 1
+            await asyncio.gather(slot.task, return_exceptions=True)
+        if full:
+            slot.dirty.mark_all()
+        self._begin_rebuild(slot, "full" if full else "bitmap")
+
+    def make_member(self, uri: str, index: int) -> Backend:
+        from ..upstream import Upstream
+
+        return Upstream(uri, name=f"{self.kind}/upstream{index}")
+
+    async def replace_member(self, index: int, uri: str | Backend) -> None:
+        """Swap member INDEX for a new one (a URI, or a ready Backend) and rebuild it fully."""
+        slot = self._slot(index)
+        if slot.state == IN_SYNC and not any(
+            s.state == IN_SYNC for s in self.slots if s is not slot
+        ):
+            raise ValueError(f"mirror: member {index} is the last in-sync member; add one first")
+        new = self.make_member(uri, index) if isinstance(uri, str) else uri
+        await new.start()
+        caps = new.capabilities().normalized()
+        problem = None
+        if caps.size < self.size:
+            problem = f"it has {caps.size} bytes, the mirror needs {self.size}"
+        elif self.caps.writable and not caps.writable:
+            problem = "it is read-only"
+        elif caps.block_min and self.chunk % caps.block_min:
+            problem = f"its minimum block size {caps.block_min} does not divide bitmap-chunk"
+        if problem:
+            with contextlib.suppress(Exception):
+                await new.stop()
+            raise ValueError(f"mirror: cannot use {member_name(new, index)} as member {index}: "
+                             f"{problem}")  # fmt: skip
+        old = slot.backend
+        slot.generation += 1
+        was = slot.state
+        slot.state = FAULTY
+        if slot.task is not None and not slot.task.done():
+            slot.task.cancel()
+            await asyncio.gather(slot.task, return_exceptions=True)
+        slot.backend = new
+        slot.caps = caps
+        self.members[index] = new
+        self.member_caps[index] = caps
+        slot.held = slot.demoted = False
+        slot.failures = 0
+        slot.dirty.mark_all()
+        self.emit(
+            "member",
+            f"member {index} replaced by {member_name(new, index)}",
+            index=index,
+            previous=was,
+        )
+        if was == SPARE:
+            slot.state = SPARE
+            slot.dirty.clear()
+            self._persist()
+        else:
+            self._begin_rebuild(slot, "full")
+        try:
+            await old.stop()
+        except Exception as exc:
+            log.warning("mirror: stopping the old member %d failed: %s", index, exc)
+
+    def _slot(self, index: int) -> Slot:
+        if not 0 <= index < len(self.slots):
+            raise IndexError(f"mirror: no member {index} (0..{len(self.slots) - 1})")
+        return self.slots[index]
+
+    # Reads ----------------------------------------------------------------------------------
+
+    def _pick(self, exclude: set[int]) -> Slot | None:
+        candidates = [s for s in self.slots if s.state == IN_SYNC and s.index not in exclude]
+        if not candidates:
+            return None
+        policy = self.params.read_policy
+        if policy == "first":
+            return candidates[0]
+        self._rr += 1
+        n = len(candidates)
+        if policy == "round-robin":
+            return candidates[self._rr % n]
+        rr = self._rr
+        return min(candidates, key=lambda s: (s.outstanding, (s.index - rr) % n))
+
+    async def _read_op(self, what: str, op: Callable[[Backend], Awaitable[Any]]) -> Any:
+        tried: set[int] = set()
+        while True:
+            slot = self._pick(tried)
+            if slot is None:
+                raise OSError(errno.EIO, f"mirror: no in-sync member left for the {what}")
+            slot.outstanding += 1
+            try:
+                return await op(slot.backend)
+            except OSError as exc:
+                tried.add(slot.index)
+                self._fail(slot, f"{what} failed: {exc}")
+            finally:
+                slot.outstanding -= 1
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        holes: Holes = await self._read_op("read", lambda m: m.pread(buf, offset, flags))
+        return holes
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        ext: Extents = await self._read_op(
+            "block status", lambda m: m.extents(count, offset, flags)
+        )
+        return ext
+
+    async def cache(self, count: int, offset: int, flags: int) -> None:
+        await self._read_op("cache", lambda m: m.cache(count, offset, flags))
+
+    # Writes ---------------------------------------------------------------------------------
+
+    async def _write_op(
+        self,
+        what: str,
+        offset: int,
+        count: int,
+        flags: int,
+        op: Callable[[Slot], Awaitable[None]],
+    ) -> None:
+        first, last = self._chunks(offset, count)
+        changed = False
+        for s in self.slots:
+            if s.state == FAULTY and not s.demoted:
+                changed |= s.dirty.mark(first, last)
+        if changed:
+            self._persist()
+        token = await self._guard.enter(offset, offset + count)
+        try:
+            targets = [s for s in self.slots if s.state in (IN_SYNC, REBUILDING)]
+            results = await asyncio.gather(
+                *(self._member_call(s, op) for s in targets), return_exceptions=True
+            )
+        finally:
+            self._guard.leave(token)
+        ok = False
+        for slot, res in zip(targets, results, strict=True):
+            if isinstance(res, OSError):
+                self._fail(slot, f"{what} failed: {res}", (first, last))
+            elif isinstance(res, BaseException):
+                raise res
+            elif slot.state == IN_SYNC:
+                ok = True
+        if not ok:
+            raise OSError(errno.EIO, f"mirror: the {what} reached no in-sync member")
+        if not flags & CmdFlag.FUA:
+            self._unflushed.update(range(first, last + 1))
+
+    async def _member_call(self, slot: Slot, op: Callable[[Slot], Awaitable[None]]) -> None:
+        slot.outstanding += 1
+        try:
+            await op(slot)
+        finally:
+            slot.outstanding -= 1
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        await self._write_op(
+            "write", offset, len(buf), flags, lambda s: s.backend.pwrite(buf, offset, flags)
+        )
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        await self._write_op(
+            "trim", offset, count, flags, lambda s: s.backend.trim(count, offset, flags)
+        )
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        flags &= ~CmdFlag.FAST_ZERO
+
+        async def op(s: Slot) -> None:
+            if s.caps.zero is Support.NATIVE:
+                await s.backend.zero(count, offset, flags)
+            else:
+                await write_zeroes(s.backend, s.caps, count, offset)
+
+        await self._write_op("zero", offset, count, flags, op)
+
+    async def flush(self, flags: int) -> None:
+        pending, self._unflushed = self._unflushed, set()
+        targets = [s for s in self.slots if s.state in (IN_SYNC, REBUILDING)]
+        results = await asyncio.gather(
+            *(self._member_call(s, lambda t: t.backend.flush(flags)) for s in targets),
+            return_exceptions=True,
+        )
+        ok = False
+        for slot, res in zip(targets, results, strict=True):
+            if isinstance(res, OSError):
+                slot.dirty.mark_many(pending)
+                self._fail(slot, f"flush failed: {res}")
+            elif isinstance(res, BaseException):
+                raise res
+            elif slot.state == IN_SYNC:
+                ok = True
+        if not ok:
+            self._unflushed |= pending
+            raise OSError(errno.EIO, "mirror: the flush reached no in-sync member")

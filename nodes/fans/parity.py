@@ -1,0 +1,434 @@
+"""parity: RAID5 over N >= 3 members, rotating parity, degraded reads and rebuild.
+
+Stripe s holds N-1 data chunks and one parity chunk (the XOR of the data chunks), all at offset
+s * chunk-size on their members. The parity member rotates: for stripe s it is member
+N-1 - (s mod N), and data chunk j sits on the member after it, j+1 places on (mod N). Writes
+that do not cover whole stripes read, modify and write: new parity = old parity ^ old data ^ new
+data. Each stripe is locked while it is written or reconstructed, so concurrent partial writes
+and a rebuild never interleave inside a stripe.
+
+One member may fail: it is marked faulty, reads of its chunks are rebuilt from the others (XOR),
+writes go to the survivors (its share is implied by the parity). A second failure fails the
+requests that need it. A member that returns, or one swapped in by `replace_member`, is rebuilt
+fully (there is no bitmap here), stripe by stripe in the background; stripes already rebuilt
+are written and read as usual. Trim is not offered (it would break parity); zeroing is done by
+writing zeros. Size: (smallest member, in whole chunks) * (N-1).
+
+Params: `chunk-size` (default 64K), `rebuild-rate` (live, bytes/s of rebuilt member data).
+
+Example: `nbdfabric node parity chunk-size=64K --upstream A --upstream B --upstream C`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import field_validator
+
+from ..base import Backend, Capabilities, Holes, Support, fill_holes
+from ..params import Duration, Params, Size, live, param
+from ..registry import register
+from ._common import FanBase, combine_caps, member_name
+
+log = logging.getLogger("nbdfabric.parity")
+
+IN_SYNC, FAULTY, REBUILDING = "in_sync", "faulty", "rebuilding"
+
+
+class ParityParams(Params):
+    chunk_size: Size = param(64 * 1024, description="bytes per chunk on one member (e.g. 64K)")
+    rebuild_rate: Size = live(0, description="rebuild throttle in bytes/s (0: unlimited)")
+    check_interval: Duration = param(0.2, description="how often member health is polled")
+    retry_delay: Duration = param(1.0, description="wait before rebuilding a returning member")
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v < 512 or v & (v - 1):
+            raise ValueError("the chunk size must be a power of two, at least 512")
+        return v
+
+
+def _xor_into(acc: bytearray, data: bytes | bytearray | memoryview) -> None:
+    n = len(acc)
+    x = int.from_bytes(acc, "little") ^ int.from_bytes(data, "little")
+    acc[:] = x.to_bytes(n, "little")
+
+
+@register
+class Parity(FanBase):
+    """RAID5: rotating parity over N >= 3 members, degraded reads and full rebuild."""
+
+    kind = "parity"
+    Params = ParityParams
+    params: ParityParams
+    min_members = 3
+
+    def __init__(self, params: ParityParams, members: Sequence[Backend]) -> None:
+        super().__init__(params, members)
+        self.chunk = params.chunk_size
+        self.n = len(self.members)
+        self.states = [IN_SYNC] * self.n
+        self.cursor = [0] * self.n  #: while rebuilding: stripes below it are good
+        self.errors = [0] * self.n
+        self.retry_at = [0.0] * self.n
+        self.stripes = 0
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._monitor_task: asyncio.Task[None] | None = None
+        self.rebuild: dict[str, Any] | None = None
+
+    def compute_caps(self, caps: list[Capabilities]) -> Capabilities:
+        smallest = min(c.size for c in caps)
+        self.stripes = smallest // self.chunk
+        if self.stripes == 0:
+            raise ValueError(f"parity: the smallest member ({smallest} bytes) holds no chunk")
+        combined = combine_caps(caps, self.stripes * self.chunk * (self.n - 1), fast_zero=False)
+        if combined.block_min and self.chunk % combined.block_min:
+            raise ValueError(f"parity: chunk-size is not a multiple of {combined.block_min}")
+        from dataclasses import replace
+
+        return replace(combined, trim=False, zero=Support.EMULATE, extents=False).normalized()
+
+    async def start(self) -> None:
+        await super().start()
+        self._monitor_task = asyncio.get_running_loop().create_task(self._monitor())
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._monitor_task, *self._tasks) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await super().stop()
+
+    # Layout ---------------------------------------------------------------------------------
+
+    def parity_member(self, stripe: int) -> int:
+        return self.n - 1 - stripe % self.n
+
+    def data_member(self, stripe: int, j: int) -> int:
+        return (self.parity_member(stripe) + 1 + j) % self.n
+
+    def _pieces(self, offset: int, count: int) -> list[tuple[int, int, int, int, int]]:
+        """(stripe, data index, offset in chunk, offset in request, length)."""
+        out = []
+        pos = 0
+        width = self.n - 1
+        while pos < count:
+            k, within = divmod(offset + pos, self.chunk)
+            stripe, j = divmod(k, width)
+            length = min(self.chunk - within, count - pos)
+            out.append((stripe, j, within, pos, length))
+            pos += length
+        return out
+
+    def _good(self, member: int, stripe: int) -> bool:
+        state = self.states[member]
+        return state == IN_SYNC or (state == REBUILDING and stripe < self.cursor[member])
+
+    def _lock(self, stripe: int) -> asyncio.Lock:
+        lock = self._locks.get(stripe)
+        if lock is None:
+            lock = self._locks[stripe] = asyncio.Lock()
+        return lock
+
+    # State ----------------------------------------------------------------------------------
+
+    def _fail(self, member: int, why: str) -> None:
+        if self.states[member] == FAULTY:
+            return
+        self.states[member] = FAULTY
+        self.errors[member] += 1
+        self.retry_at[member] = time.monotonic() + self.params.retry_delay
+        log.warning("parity: member %d faulty: %s", member, why)
+        self.emit("member", f"member {member} faulty: {why}", index=member, state=FAULTY)
+
+    def healthy(self) -> bool:
+        return sum(s == IN_SYNC for s in self.states) >= self.n - 1
+
+    def members_info(self) -> list[dict[str, Any]]:
+        out = []
+        for i, m in enumerate(self.members):
+            info: dict[str, Any] = {
+                "index": i,
+                "uri": member_name(m, i),
+                "state": self.states[i],
+                "errors": self.errors[i],
+                "dirty_bytes": 0 if self.states[i] == IN_SYNC
+                else (self.stripes - self.cursor[i]) * self.chunk,
+            }  # fmt: skip
+            out.append(info)
+        return out
+
+    def rebuild_progress(self) -> dict[str, Any]:
+        if self.rebuild is None:
+            return {"running": False, "bytes_done": 0, "bytes_total": 0, "rate": 0.0,
+                    "eta_seconds": None, "member": None}  # fmt: skip
+        r = dict(self.rebuild)
+        elapsed = (r.pop("finished") or time.monotonic()) - r.pop("started")
+        r["rate"] = r["bytes_done"] / elapsed if elapsed > 0 else 0.0
+        left = r["bytes_total"] - r["bytes_done"]
+        r["eta_seconds"] = left / r["rate"] if r["rate"] > 0 else None
+        return r
+
+    def status(self) -> dict[str, Any]:
+        members = self.members_info()
+        return {
+            "members": members,
+            "degraded": any(m["state"] != IN_SYNC for m in members),
+            "rebuild": self.rebuild_progress(),
+        }
+
+    async def _monitor(self) -> None:
+        while True:
+            await asyncio.sleep(self.params.check_interval)
+            for i, m in enumerate(self.members):
+                up = m.healthy()
+                if self.states[i] != FAULTY and not up:
+                    self._fail(i, "member is down")
+                elif (
+                    self.states[i] == FAULTY
+                    and up
+                    and self.healthy_others(i)
+                    and time.monotonic() >= self.retry_at[i]
+                ):
+                    self._begin_rebuild(i)
+
+    def healthy_others(self, member: int) -> bool:
+        return all(s == IN_SYNC for i, s in enumerate(self.states) if i != member)
+
+    def _begin_rebuild(self, member: int) -> None:
+        self.states[member] = REBUILDING
+        self.cursor[member] = 0
+        task = asyncio.get_running_loop().create_task(self._rebuild(member))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _rebuild(self, member: int) -> None:
+        total = self.stripes * self.chunk
+        self.rebuild = {
+            "running": True,
+            "member": member,
+            "bytes_done": 0,
+            "bytes_total": total,
+            "started": time.monotonic(),
+            "finished": None,
+        }
+        self.emit("rebuild", f"rebuilding member {member}", index=member)
+        try:
+            for stripe in range(self.stripes):
+                began = time.monotonic()
+                async with self._lock(stripe):
+                    if self.states[member] != REBUILDING:
+                        return
+                    data = await self._reconstruct(stripe, member, 0, self.chunk)
+                    await self.members[member].pwrite(memoryview(data), stripe * self.chunk, 0)
+                    self.cursor[member] = stripe + 1
+                self.rebuild["bytes_done"] += self.chunk
+                rate = self.params.rebuild_rate
+                if rate:
+                    delay = self.chunk / rate - (time.monotonic() - began)
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+        except OSError as exc:
+            self._fail(member, f"rebuild failed: {exc}")
+            return
+        finally:
+            self.rebuild["finished"] = time.monotonic()
+            self.rebuild["running"] = False
+        self.states[member] = IN_SYNC
+        self.emit("member", f"member {member} in sync", index=member, state=IN_SYNC)
+
+    async def replace_member(self, index: int, uri: str | Backend) -> None:
+        if not 0 <= index < self.n:
+            raise IndexError(f"parity: no member {index}")
+        if not self.healthy_others(index):
+            raise ValueError("parity: another member is not in sync; replacing would lose data")
+        if isinstance(uri, str):
+            from ..upstream import Upstream
+
+            new: Backend = Upstream(uri, name=f"{self.kind}/upstream{index}")
+        else:
+            new = uri
+        await new.start()
+        if new.capabilities().size < self.stripes * self.chunk:
+            await new.stop()
+            raise ValueError(f"parity: the new member {index} is too small")
+        old = self.members[index]
+        self.states[index] = FAULTY
+        self.members[index] = new
+        self.emit("member", f"member {index} replaced by {member_name(new, index)}", index=index)
+        self._begin_rebuild(index)
+        try:
+            await old.stop()
+        except Exception as exc:
+            log.warning("parity: stopping the old member failed: %s", exc)
+
+    async def mark_faulty(self, index: int) -> None:
+        self._fail(index, "marked faulty by the operator")
+
+    def set_rebuild(self, running: bool | None = None, throttle: int | None = None) -> None:
+        if throttle is not None:
+            self.configure({"rebuild-rate": throttle})
+
+    # Data path ------------------------------------------------------------------------------
+
+    async def _read_member(self, member: int, buf: memoryview, offset: int) -> None:
+        fill_holes(buf, await self.members[member].pread(buf, offset, 0))
+
+    async def _reconstruct(self, stripe: int, missing: int, within: int, length: int) -> bytearray:
+        """The missing member's bytes, as the XOR of every other member's."""
+        others = [i for i in range(self.n) if i != missing]
+        for i in others:
+            if not self._good(i, stripe):
+                raise OSError(errno.EIO, f"parity: stripe {stripe} has lost two members")
+        bufs = [bytearray(length) for _ in others]
+        moff = stripe * self.chunk + within
+        results = await asyncio.gather(
+            *(self._read_member(i, memoryview(b), moff) for i, b in zip(others, bufs, strict=True)),
+            return_exceptions=True,
+        )
+        for i, res in zip(others, results, strict=True):
+            if isinstance(res, OSError):
+                self._fail(i, f"read failed: {res}")
+                raise OSError(errno.EIO, f"parity: stripe {stripe} has lost two members")
+            if isinstance(res, BaseException):
+                raise res
+        acc = bufs[0]
+        for b in bufs[1:]:
+            _xor_into(acc, b)
+        return acc
+
+    async def _read_piece(self, stripe: int, j: int, within: int, view: memoryview) -> None:
+        member = self.data_member(stripe, j)
+        moff = stripe * self.chunk + within
+        if self._good(member, stripe):
+            try:
+                await self._read_member(member, view, moff)
+                return
+            except OSError as exc:
+                self._fail(member, f"read failed: {exc}")
+        async with self._lock(stripe):
+            view[:] = await self._reconstruct(stripe, member, within, len(view))
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        await asyncio.gather(
+            *(
+                self._read_piece(s, j, w, buf[p : p + n])
+                for s, j, w, p, n in self._pieces(offset, len(buf))
+            )
+        )
+        return None
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        by_stripe: dict[int, list[tuple[int, int, int, int]]] = {}
+        for s, j, w, p, n in self._pieces(offset, len(buf)):
+            by_stripe.setdefault(s, []).append((j, w, p, n))
+        await asyncio.gather(
+            *(self._write_stripe(s, pieces, buf, flags) for s, pieces in by_stripe.items())
+        )
+
+    async def _write_stripe(
+        self, stripe: int, pieces: list[tuple[int, int, int, int]], buf: memoryview, flags: int
+    ) -> None:
+        async with self._lock(stripe):
+            base = stripe * self.chunk
+            pm = self.parity_member(stripe)
+            if len(pieces) == self.n - 1 and all(
+                w == 0 and n == self.chunk for _, w, _, n in pieces
+            ):
+                parity = bytearray(self.chunk)
+                for _, _, p, n in pieces:
+                    _xor_into(parity, buf[p : p + n])
+                writes = [
+                    (self.data_member(stripe, j), buf[p : p + n], base) for j, _, p, n in pieces
+                ]
+                writes.append((pm, memoryview(parity), base))
+                writes = [w for w in writes if self._good(w[0], stripe)]
+                await self._write_all(stripe, writes, flags)
+                return
+            for j, w, p, n in pieces:
+                await self._write_piece(stripe, j, w, buf[p : p + n], flags)
+
+    async def _write_piece(
+        self, stripe: int, j: int, within: int, new: memoryview, flags: int
+    ) -> None:
+        member = self.data_member(stripe, j)
+        pm = self.parity_member(stripe)
+        moff = stripe * self.chunk + within
+        n = len(new)
+        writes: list[tuple[int, memoryview, int]] = []
+        if self._good(member, stripe):
+            writes.append((member, new, moff))
+        if self._good(pm, stripe):
+            if self._good(member, stripe):
+                # Read-modify-write: parity ^= old ^ new.
+                old, parity = bytearray(n), bytearray(n)
+                try:
+                    await asyncio.gather(
+                        self._read_member(member, memoryview(old), moff),
+                        self._read_member(pm, memoryview(parity), moff),
+                    )
+                except OSError:
+                    # Who failed is not known here: let the health of each decide, by reading
+                    # again separately (a failed read marks that member faulty), then retry.
+                    await self._probe(stripe, (member, pm), moff, n)
+                    return await self._write_piece(stripe, j, within, new, flags)
+                _xor_into(parity, old)
+                _xor_into(parity, new)
+            else:
+                # The data member is gone: parity = XOR of the other data chunks and the new data.
+                parity = bytearray(new)
+                for i in range(self.n):
+                    if i in (member, pm):
+                        continue
+                    if not self._good(i, stripe):
+                        raise OSError(errno.EIO, f"parity: stripe {stripe} has lost two members")
+                    other = bytearray(n)
+                    await self._read_member(i, memoryview(other), moff)
+                    _xor_into(parity, other)
+            writes.append((pm, memoryview(parity), moff))
+        if not writes:
+            raise OSError(errno.EIO, f"parity: stripe {stripe} has lost two members")
+        await self._write_all(stripe, writes, flags)
+
+    async def _probe(self, stripe: int, members: tuple[int, ...], moff: int, n: int) -> None:
+        for i in members:
+            try:
+                await self._read_member(i, memoryview(bytearray(n)), moff)
+            except OSError as exc:
+                self._fail(i, f"read failed: {exc}")
+        if all(self._good(i, stripe) for i in members):
+            raise OSError(errno.EIO, "parity: a member read failed and then succeeded")
+
+    async def _write_all(
+        self, stripe: int, writes: list[tuple[int, memoryview, int]], flags: int
+    ) -> None:
+        results = await asyncio.gather(
+            *(self.members[i].pwrite(data, off, flags) for i, data, off in writes),
+            return_exceptions=True,
+        )
+        for (i, _, _), res in zip(writes, results, strict=True):
+            if isinstance(res, OSError):
+                self._fail(i, f"write failed: {res}")
+            elif isinstance(res, BaseException):
+                raise res
+        missing = sum(not self._good(i, stripe) for i in range(self.n))
+        if missing > 1:
+            raise OSError(errno.EIO, f"parity: stripe {stripe} has lost two members")
+
+    async def flush(self, flags: int) -> None:
+        live = [i for i in range(self.n) if self.states[i] != FAULTY]
+        results = await asyncio.gather(
+            *(self.members[i].flush(flags) for i in live), return_exceptions=True
+        )
+        for i, res in zip(live, results, strict=True):
+            if isinstance(res, OSError):
+                self._fail(i, f"flush failed: {res}")
+        if sum(s != FAULTY for s in self.states) < self.n - 1:
+            raise OSError(errno.EIO, "parity: two members lost")

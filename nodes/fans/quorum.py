@@ -1,0 +1,182 @@
+"""quorum: N members hold the same data; a read returns the answer enough of them agree on.
+
+Every read goes to all members; their buffers are compared and the largest group of identical
+answers wins if it has at least `vote-threshold` members (default: a majority). Members that
+answered differently (or failed) are reported (an event, and counts in `status()`); with
+`rewrite-corrupted=true` the winning data is written back to them. Writes, zeroes, trims and
+flushes go to every member and succeed when at least `vote-threshold` members succeed (as
+qemu's quorum driver does). Size: the smallest member.
+
+Params: `vote-threshold` (default: a majority of the members), `rewrite-corrupted` (live,
+default false).
+
+Example: `nbdfabric node quorum vote-threshold=2 rewrite-corrupted=true --upstream A --upstream B
+--upstream C`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from typing import Any
+
+from ..base import Capabilities, Holes, fill_holes
+from ..params import Params, live, param
+from ..registry import register
+from ._common import FanBase, combine_caps, member_name
+
+log = logging.getLogger("nbdfabric.quorum")
+
+
+class QuorumParams(Params):
+    vote_threshold: int | None = param(
+        None, ge=1, description="identical answers needed (default: a majority)"
+    )
+    rewrite_corrupted: bool = live(False, description="write the winning data back to losers")
+
+
+@register
+class Quorum(FanBase):
+    """Majority-vote reads over N members; disagreeing members reported and optionally fixed."""
+
+    kind = "quorum"
+    Params = QuorumParams
+    params: QuorumParams
+    min_members = 2
+
+    def __init__(self, params: QuorumParams, members: Any) -> None:
+        super().__init__(params, members)
+        self.mismatches = [0] * len(self.members)
+        self.errors = [0] * len(self.members)
+        self.rewrites = [0] * len(self.members)
+        self.last_mismatch: dict[str, Any] | None = None
+
+    @property
+    def threshold(self) -> int:
+        return self.params.vote_threshold or len(self.members) // 2 + 1
+
+    def compute_caps(self, caps: list[Capabilities]) -> Capabilities:
+        if self.threshold > len(caps):
+            raise ValueError(
+                f"quorum: vote-threshold {self.threshold} is more than the {len(caps)} members"
+            )
+        return combine_caps(caps, min(c.size for c in caps), fast_zero=False, extents=False)
+
+    def members_info(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "index": i,
+                "uri": member_name(m, i),
+                "state": "in_sync" if m.healthy() else "faulty",
+                "mismatches": self.mismatches[i],
+                "errors": self.errors[i],
+                "rewrites": self.rewrites[i],
+            }
+            for i, m in enumerate(self.members)
+        ]
+
+    def status(self) -> dict[str, Any]:
+        out = super().status()
+        out["vote_threshold"] = self.threshold
+        out["last_mismatch"] = self.last_mismatch
+        return out
+
+    def healthy(self) -> bool:
+        return sum(m.healthy() for m in self.members) >= self.threshold
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        n = len(buf)
+        bufs = [bytearray(n) for _ in self.members]
+
+        async def one(i: int) -> None:
+            view = memoryview(bufs[i])
+            fill_holes(view, await self.members[i].pread(view, offset, flags))
+
+        results = await asyncio.gather(
+            *(one(i) for i in range(len(self.members))), return_exceptions=True
+        )
+        groups: dict[bytes, list[int]] = {}
+        failed = []
+        for i, res in enumerate(results):
+            if isinstance(res, OSError):
+                self.errors[i] += 1
+                failed.append(i)
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                groups.setdefault(bytes(bufs[i]), []).append(i)
+        winner, voters = max(groups.items(), key=lambda kv: len(kv[1]), default=(b"", []))
+        if len(voters) < self.threshold:
+            self.emit("quorum", f"no quorum for {n} bytes at {offset}", offset=offset, length=n)
+            raise OSError(errno.EIO, f"quorum: no {self.threshold} members agree at {offset}")
+        buf[:] = winner
+        losers = [i for i in range(len(self.members)) if i not in voters and i not in failed]
+        if losers:
+            await self._report(losers, winner, bufs, offset)
+        return None
+
+    async def _report(
+        self, losers: list[int], winner: bytes, bufs: list[bytearray], offset: int
+    ) -> None:
+        first = min(_first_difference(winner, bufs[i]) for i in losers)
+        self.last_mismatch = {"offset": offset + first, "members": losers}
+        for i in losers:
+            self.mismatches[i] += 1
+        log.warning("quorum: members %s disagree at offset %d", losers, offset + first)
+        self.emit(
+            "quorum",
+            f"members {losers} disagree with the majority at offset {offset + first}",
+            offset=offset + first,
+            members=losers,
+        )
+        if self.params.rewrite_corrupted:
+            for i in losers:
+                try:
+                    await self.members[i].pwrite(memoryview(winner), offset, 0)
+                    self.rewrites[i] += 1
+                except OSError as exc:
+                    self.errors[i] += 1
+                    log.warning("quorum: rewriting member %d failed: %s", i, exc)
+
+    async def _all(self, what: str, calls: list[Any]) -> None:
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        ok = 0
+        for i, res in enumerate(results):
+            if isinstance(res, OSError):
+                self.errors[i] += 1
+                self.emit("member", f"member {i}: {what} failed: {res}", index=i)
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                ok += 1
+        if ok < self.threshold:
+            raise OSError(errno.EIO, f"quorum: the {what} succeeded on {ok} members only")
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        await self._all("write", [m.pwrite(buf, offset, flags) for m in self.members])
+
+    async def flush(self, flags: int) -> None:
+        await self._all("flush", [m.flush(flags) for m in self.members])
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        await self._all("trim", [m.trim(count, offset, flags) for m in self.members])
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        await self._all("zero", [m.zero(count, offset, flags) for m in self.members])
+
+    async def cache(self, count: int, offset: int, flags: int) -> None:
+        await self._all("cache", [m.cache(count, offset, flags) for m in self.members])
+
+
+def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
+    if a == b:
+        return len(a)
+    lo, hi = 0, len(a)
+    while hi - lo > 64:  # bisect on slices: C-speed compares
+        mid = (lo + hi) // 2
+        if a[lo:mid] != b[lo:mid]:
+            hi = mid
+        else:
+            lo = mid
+    return next(i for i in range(lo, hi) if a[i] != b[i])

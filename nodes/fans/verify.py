@@ -1,0 +1,99 @@
+"""verify: two members that must hold the same data; every read is compared (qemu blkverify).
+
+Writes, zeroes, trims and flushes go to both and must succeed on both. Every read is served by
+both; the first byte that differs is reported with its export offset (an event and
+`status()["first_mismatch"]`). With `on-mismatch=error` (default) the read fails with EIO, as
+blkverify aborts; with `on-mismatch=log` the first member's data is returned.
+
+Params: `on-mismatch` (error|log, live).
+
+Example: `nbdfabric node verify --upstream nbd+unix:///?socket=new.sock --upstream
+nbd+unix:///?socket=reference.sock` to check a new plugin against a trusted one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from typing import Any, Literal
+
+from ..base import Capabilities, Extents, Holes, fill_holes
+from ..params import Params, live
+from ..registry import register
+from ._common import FanBase, combine_caps
+from .quorum import _first_difference
+
+log = logging.getLogger("nbdfabric.verify")
+
+
+class VerifyParams(Params):
+    on_mismatch: Literal["error", "log"] = live(
+        "error", description="fail the read with EIO (error) or only report it (log)"
+    )
+
+
+@register
+class Verify(FanBase):
+    """Two members, every read compared; the first mismatch reported with its offset."""
+
+    kind = "verify"
+    Params = VerifyParams
+    params: VerifyParams
+    min_members = 2
+
+    def __init__(self, params: VerifyParams, members: Any) -> None:
+        super().__init__(params, members)
+        if len(self.members) != 2:
+            raise ValueError(f"verify: needs exactly 2 members, got {len(self.members)}")
+        self.first_mismatch: dict[str, Any] | None = None
+        self.mismatches = 0
+
+    def compute_caps(self, caps: list[Capabilities]) -> Capabilities:
+        if caps[0].size != caps[1].size:
+            raise ValueError(
+                f"verify: the members differ in size ({caps[0].size} and {caps[1].size})"
+            )
+        return combine_caps(caps, caps[0].size, fast_zero=False)
+
+    def status(self) -> dict[str, Any]:
+        out = super().status()
+        out["first_mismatch"] = self.first_mismatch
+        out["mismatches"] = self.mismatches
+        return out
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        other = bytearray(len(buf))
+
+        async def one(i: int, view: memoryview) -> None:
+            fill_holes(view, await self.members[i].pread(view, offset, flags))
+
+        await asyncio.gather(one(0, buf), one(1, memoryview(other)))
+        if buf != other:
+            at = offset + _first_difference(bytes(buf), other)
+            self.mismatches += 1
+            if self.first_mismatch is None:
+                self.first_mismatch = {"offset": at, "read_offset": offset, "length": len(buf)}
+            log.warning("verify: members differ at offset %d", at)
+            self.emit("verify", f"members differ at offset {at}", offset=at)
+            if self.params.on_mismatch == "error":
+                raise OSError(errno.EIO, f"verify: members differ at offset {at}")
+        return None
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        await asyncio.gather(*(m.pwrite(buf, offset, flags) for m in self.members))
+
+    async def flush(self, flags: int) -> None:
+        await asyncio.gather(*(m.flush(flags) for m in self.members))
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        await asyncio.gather(*(m.trim(count, offset, flags) for m in self.members))
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        await asyncio.gather(*(m.zero(count, offset, flags) for m in self.members))
+
+    async def cache(self, count: int, offset: int, flags: int) -> None:
+        await asyncio.gather(*(m.cache(count, offset, flags) for m in self.members))
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        return await self.members[0].extents(count, offset, flags)

@@ -1,0 +1,241 @@
+"""In-process harness for fan tests, and tests of what the fans share.
+
+Members are real backends (Memory) wrapped in `Flaky`, which the test can fail, restore or wipe
+(a member node restarted empty) to simulate losing an upstream. The fan and every member are
+served by real `NodeRuntime`s on unix sockets under tmp_path in one event loop running in a
+thread, so real clients (libnbd, qemu-io, qemu-img, nbdinfo) drive the fan and read each member
+directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import nbd_connect, run, wait_for
+
+from nodes.base import Backend, Capabilities, Extents, Holes, Support
+from nodes.fans._bitmap import DirtyMap
+from nodes.fans._common import combine_caps
+from nodes.plugins.memory import Memory, MemoryParams, SparseStore
+from nodes.server.addresses import parse_address
+from nodes.server.node import NodeOptions, NodeRuntime
+
+
+class Flaky(Backend):
+    """A member that can be lost and restored: while down every request fails with EIO at
+    once and `healthy()` is False (what nodes/upstream.py promises for a lost upstream)."""
+
+    kind = "flaky"
+
+    def __init__(self, inner: Memory) -> None:
+        super().__init__(inner.params)
+        self.inner = inner
+        self.down = False
+        self.fail_reads = False
+        self.read_delay = 0.0  #: seconds each read takes (widens race windows)
+        self.bytes_in = 0  #: bytes written or zeroed into it (rebuild accounting)
+
+    def capabilities(self) -> Capabilities:
+        return self.inner.capabilities()
+
+    def healthy(self) -> bool:
+        return not self.down
+
+    def wipe(self) -> None:
+        """The member's node restarted empty."""
+        self.inner.store = SparseStore()
+
+    async def _check(self) -> None:
+        await asyncio.sleep(0)  # let requests interleave as over a socket
+        if self.down:
+            raise OSError(errno.EIO, "member lost")
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        await self._check()
+        if self.fail_reads:
+            raise OSError(errno.EIO, "injected read error")
+        if self.read_delay:
+            await asyncio.sleep(self.read_delay)
+        return await self.inner.pread(buf, offset, flags)
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        await self._check()
+        self.bytes_in += len(buf)
+        await self.inner.pwrite(buf, offset, flags)
+
+    async def flush(self, flags: int) -> None:
+        await self._check()
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        await self._check()
+        await self.inner.trim(count, offset, flags)
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        await self._check()
+        self.bytes_in += count
+        await self.inner.zero(count, offset, flags)
+
+    async def cache(self, count: int, offset: int, flags: int) -> None:
+        await self._check()
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        await self._check()
+        return await self.inner.extents(count, offset, flags)
+
+
+class Harness:
+    """One event loop in a thread serving backends on unix sockets."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runtimes: list[NodeRuntime] = []
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+        self._n = 0
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 300) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a plain function in the loop thread (fan state is not thread-safe)."""
+
+        async def go() -> Any:
+            return fn(*args)
+
+        return self.run(go())
+
+    def memory(self, size: int) -> tuple[Memory, str]:
+        mem = Memory(MemoryParams(size=size))
+        return mem, self.serve(mem, "mem")
+
+    def flaky_members(self, n: int, size: int) -> tuple[list[Flaky], list[str]]:
+        """n memory members, each served directly (for checks) and wrapped for the fan."""
+        flakies, uris = [], []
+        for _ in range(n):
+            mem, uri = self.memory(size)
+            flakies.append(Flaky(mem))
+            uris.append(uri)
+        return flakies, uris
+
+    def serve(self, backend: Backend, name: str = "node", **options: Any) -> str:
+        self._n += 1
+        path = self.tmp_path / f"{name}{self._n}.sock"
+        if hasattr(backend, "emit"):
+
+            def record(kind: str, message: str, **detail: Any) -> None:
+                self.events.append((kind, message, detail))
+
+            backend.emit = record
+
+        async def go() -> NodeRuntime:
+            rt = NodeRuntime(backend, NodeOptions(shutdown_grace=5, **options))
+            await rt.start(listen=[parse_address(f"unix:{path}")])
+            return rt
+
+        self.runtimes.append(self.run(go()))
+        return f"nbd+unix:///?socket={path}"
+
+    def stop(self, uri_index: int = -1) -> None:
+        rt = self.runtimes.pop(uri_index)
+        self.run(rt.shutdown())
+
+    def close(self) -> None:
+        for rt in reversed(self.runtimes):
+            try:
+                self.run(rt.shutdown(), timeout=60)
+            except Exception as exc:
+                print("shutdown failed:", exc)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(tmp_path)
+    yield h
+    h.close()
+
+
+def digest(uri: str, size: int, step: int = 1 << 20) -> str:
+    """sha256 of a whole export read through libnbd."""
+    h = nbd_connect(uri)
+    try:
+        m = hashlib.sha256()
+        for off in range(0, size, step):
+            m.update(h.pread(min(step, size - off), off))
+        return m.hexdigest()
+    finally:
+        h.shutdown()
+
+
+def qemu_compare(a: str, b: str) -> None:
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b])
+
+
+def nbdinfo(uri: str) -> dict[str, Any]:
+    info: dict[str, Any] = json.loads(run(["nbdinfo", "--json", uri]).stdout)
+    return info["exports"][0]
+
+
+def wait_state(h: Harness, fan: Any, index: int, state: str, timeout: float = 120) -> None:
+    def check() -> bool:
+        return bool(h.call(lambda: fan.slots[index].state) == state)
+
+    wait_for(check, timeout, f"member {index} to become {state}")
+
+
+# Tests of the shared parts ----------------------------------------------------------------------
+
+
+def test_fan_combine_caps_takes_what_every_member_has() -> None:
+    a = Capabilities(size=1 << 20, writable=True, flush=True, fua=Support.NATIVE, trim=True,
+                     zero=Support.NATIVE, fast_zero=True, multi_conn=True, extents=True,
+                     block_min=512, block_preferred=4096, block_max=1 << 25)  # fmt: skip
+    b = Capabilities(size=1 << 20, writable=True, flush=True, fua=Support.EMULATE, trim=False,
+                     zero=Support.NATIVE, fast_zero=False, multi_conn=False, extents=True,
+                     block_min=4096, block_preferred=65536, block_max=1 << 24)  # fmt: skip
+    c = combine_caps([a, b], 123)
+    assert c.size == 123 and c.writable and c.flush
+    assert c.fua is Support.EMULATE
+    assert not c.trim and not c.fast_zero and not c.multi_conn
+    assert (c.block_min, c.block_preferred, c.block_max) == (4096, 65536, 1 << 24)
+    ro = combine_caps([a, Capabilities(size=1 << 20, writable=False)], 1)
+    assert not ro.writable and ro.zero is Support.NONE and ro.fua is Support.NONE
+
+
+def test_fan_combine_caps_rejects_disjoint_block_sizes() -> None:
+    a = Capabilities(size=1, writable=True, block_min=65536, block_max=65536)
+    b = Capabilities(size=1, writable=True, block_min=512, block_max=4096)
+    with pytest.raises(ValueError, match="block sizes"):
+        combine_caps([a, b], 1)
+
+
+def test_fan_dirty_map_counts_runs_and_cursor() -> None:
+    d = DirtyMap(100)
+    assert d.mark(3, 5) and not d.mark(4, 5)
+    d.mark(50, 50)
+    assert d.count() == 4
+    assert list(d.runs(2)) == [(3, 4), (5, 5), (50, 50)]
+    d.discard(3, 5)
+    assert d.count() == 1
+    d.mark_from(90)
+    d.mark(95, 99)
+    assert d.count() == 11
+    d.discard(90, 94)
+    assert d.full_from == 95 and d.count() == 6
+    saved = d.to_json()
+    e = DirtyMap(100)
+    e.load_json(saved)
+    assert e.count() == 6 and e.is_dirty(50) and e.is_dirty(99) and not e.is_dirty(94)
+    e.mark_all()
+    assert e.is_full() and e.count() == 100

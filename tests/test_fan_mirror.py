@@ -1,0 +1,474 @@
+"""mirror: every member holds every write; degraded serving; bitmap resync; full rebuild.
+
+Members are in-process memory backends behind `Flaky` (fail/restore/wipe), each also served on
+its own socket so that qemu-img compares the members themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nbd
+import pytest
+from conftest import NBDFABRIC, nbd_connect, run, wait_for
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from test_fan_common import (
+    Flaky,
+    Harness,
+    digest,
+    nbdinfo,
+    qemu_compare,
+    wait_state,
+)
+
+from nodes.fans.mirror import Mirror, MirrorParams
+
+SIZE = 8 << 20
+CHUNK = 64 * 1024
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(tmp_path)
+    yield h
+    h.close()
+
+
+def make_mirror(h: Harness, n: int = 2, size: int = SIZE, **params: Any):
+    flakies, uris = h.flaky_members(n, size)
+    fan = Mirror(MirrorParams.model_validate({"check-interval": 0.02, "retry-delay": 0.05,
+                                              **params}), flakies)  # fmt: skip
+    uri = h.serve(fan, "mirror")
+    return fan, flakies, uris, uri
+
+
+def write_batches(
+    uri: str, model: bytearray, batches: int, rng: random.Random, hook: Any = None
+) -> None:
+    """Sustained random writes, 16 in flight, non-overlapping within a batch; `hook(i)` runs
+    while batch i is in flight. Every write must succeed."""
+    h = nbd_connect(uri)
+    try:
+        slots = len(model) // CHUNK
+        for i in range(batches):
+            cookies = []
+            for slot in rng.sample(range(slots), 16):
+                length = rng.choice([512, 4096, 65536 - 512, 65536])
+                off = slot * CHUNK + rng.randrange(0, CHUNK - length + 1, 512)
+                data = rng.randbytes(length)
+                model[off : off + length] = data
+                cookies.append(h.aio_pwrite(data, off))
+            if hook is not None:
+                hook(i)
+            while h.aio_in_flight():
+                h.poll(-1)
+            for c in cookies:
+                assert h.aio_command_completed(c)
+        h.flush()
+    finally:
+        h.shutdown()
+
+
+def read_all(uri: str, size: int) -> bytes:
+    h = nbd_connect(uri)
+    try:
+        return b"".join(h.pread(min(1 << 20, size - o), o) for o in range(0, size, 1 << 20))
+    finally:
+        h.shutdown()
+
+
+def state(h: Harness, fan: Mirror) -> dict[str, Any]:
+    return h.call(fan.status)  # type: ignore[no-any-return]
+
+
+def test_mirror_writes_reach_every_member(harness: Harness) -> None:
+    _fan, _, uris, uri = make_mirror(harness, 3)
+    run(["qemu-io", "-f", "raw", "-t", "writeback", uri,
+         "-c", "write -P 0xab 0 1M", "-c", "write -P 0xcd 3M 512K", "-c", "write -z 3M 64K",
+         "-c", "write -f -P 0x11 7M 4K", "-c", "flush",
+         "-c", "read -P 0xab 0 1M", "-c", "read -P 0 3M 64K", "-c", "read -P 0xcd 3200K 384K",
+         "-c", "read -P 0x11 7M 4K"])  # fmt: skip
+    expected = digest(uri, SIZE)
+    for member in uris:
+        assert digest(member, SIZE) == expected
+        qemu_compare(uri, member)
+    qemu_compare(uris[0], uris[2])
+
+
+def test_mirror_capabilities_come_from_members(harness: Harness) -> None:
+    flakies, _ = harness.flaky_members(1, SIZE)
+    small_mem, _ = harness.memory(SIZE - CHUNK)
+    fan = Mirror(MirrorParams(), [flakies[0], Flaky(small_mem)])
+    info = nbdinfo(harness.serve(fan, "mirror"))
+    assert info["export-size"] == SIZE - CHUNK
+    assert info["is_read_only"] is False
+    assert info["can_fua"] and info["can_flush"] and info["can_trim"] and info["can_zero"]
+    assert info["can_multi_conn"] is True
+    assert info["can_fast_zero"] is False
+
+
+def test_mirror_member_lost_under_load_then_restarted_empty(harness: Harness) -> None:
+    fan, flakies, uris, uri = make_mirror(harness, 2)
+    rng = random.Random(1)
+    model = bytearray(SIZE)
+
+    def lose_member(i: int) -> None:
+        if i == 5:
+            flakies[1].down = True  # while 16 writes are in flight
+
+    write_batches(uri, model, 10, rng)  # data the member holds (flushed) before it is lost
+    write_batches(uri, model, 20, rng, lose_member)
+    st = state(harness, fan)
+    assert st["degraded"] and st["members"][1]["state"] == "faulty"
+    assert st["members"][0]["state"] == "in_sync"
+    assert any(e[0] == "member" and "faulty" in e[1] for e in harness.events)
+    assert read_all(uri, SIZE) == model  # no acknowledged write lost, no read error
+    # The member's node restarts empty: auto resync notices and rebuilds it fully.
+    flakies[1].wipe()
+    flakies[1].bytes_in = 0
+    flakies[1].down = False
+    wait_state(harness, fan, 1, "in_sync")
+    st = state(harness, fan)
+    assert not st["degraded"]
+    assert st["rebuild"]["kind"] == "full" and st["rebuild"]["bytes_done"] == SIZE
+    assert flakies[1].bytes_in == SIZE
+    qemu_compare(uris[0], uris[1])
+    assert read_all(uris[1], SIZE) == model
+
+
+def test_mirror_transient_outage_resyncs_only_dirty_regions(harness: Harness) -> None:
+    fan, flakies, uris, uri = make_mirror(harness, 2)
+    rng = random.Random(2)
+    model = bytearray(SIZE)
+    write_batches(uri, model, 8, rng)
+    flakies[0].down = True
+    wait_state(harness, fan, 0, "faulty")
+    h = nbd_connect(uri)
+    # Writes dirtying chunks 0, 10, 11 (one straddles 10|11), 40, 41; a zero over 100-101.
+    for off, n in [(0, 4096), (CHUNK * 10, 512), (CHUNK * 11 - 512, 1024), (CHUNK * 40, CHUNK),
+                   (CHUNK * 41 + 100, 10)]:  # fmt: skip
+        data = rng.randbytes(n)
+        model[off : off + n] = data
+        h.pwrite(data, off)
+    h.zero(2 * CHUNK, CHUNK * 100)
+    model[CHUNK * 100 : CHUNK * 102] = bytes(2 * CHUNK)
+    h.flush()
+    dirty = state(harness, fan)["members"][0]["dirty_bytes"]
+    assert dirty == 7 * CHUNK
+    flakies[0].bytes_in = 0
+    flakies[0].down = False
+    wait_state(harness, fan, 0, "in_sync")
+    st = state(harness, fan)
+    assert st["rebuild"]["kind"] == "bitmap"
+    assert st["members"][0]["resync_bytes"] == dirty
+    assert flakies[0].bytes_in == dirty  # counted at the member: nothing else was copied
+    assert read_all(uris[0], SIZE) == model
+    qemu_compare(uris[0], uris[1])
+    h.shutdown()
+
+
+def test_mirror_read_error_is_retried_on_another_member(harness: Harness) -> None:
+    fan, flakies, _, uri = make_mirror(harness, 2, **{"read-policy": "first"})
+    run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x5a 0 1M"])
+    flakies[0].fail_reads = True
+    run(["qemu-io", "-f", "raw", uri, "-c", "read -P 0x5a 0 1M"])
+    st = state(harness, fan)
+    assert st["members"][0]["state"] == "faulty"
+    assert "read failed" in st["members"][0]["last_error"]
+
+
+def test_mirror_fails_reads_only_when_no_member_is_left(harness: Harness) -> None:
+    _, flakies, _, uri = make_mirror(harness, 2)
+    for f in flakies:
+        f.down = True
+    res = run(["qemu-io", "-f", "raw", uri, "-c", "read 0 4K"], check=False)
+    assert res.returncode != 0 or "error" in (res.stdout + res.stderr).lower()
+
+
+def test_mirror_rebuild_under_writes_is_throttled_and_never_stale(harness: Harness) -> None:
+    fan, _flakies, uris, uri = make_mirror(harness, 2, **{"rebuild-rate": "2M"})
+    rng = random.Random(3)
+    model = bytearray(SIZE)
+    write_batches(uri, model, 10, rng)
+    new_mem, new_uri = harness.memory(SIZE)
+    harness.run(fan.replace_member(1, Flaky(new_mem)))
+    progress: list[dict[str, Any]] = []
+    # Clients keep writing while the member is rebuilt (throttled, so they overlap).
+    write_batches(
+        uri, model, 10, rng, lambda i: progress.append(harness.call(fan.rebuild_progress))
+    )
+    running = [p for p in progress if p["running"]]
+    assert running and running[0]["bytes_total"] == SIZE and running[0]["member"] == 1
+    assert harness.call(lambda: fan.slots[1].state) == "rebuilding"
+    assert any(p["eta_seconds"] is not None for p in running)
+    harness.call(fan.set_rebuild, None, 0)  # live: lift the throttle
+    wait_state(harness, fan, 1, "in_sync")
+    assert harness.call(lambda: fan.params.rebuild_rate) == 0
+    assert read_all(new_uri, SIZE) == model
+    qemu_compare(uris[0], new_uri)
+    assert read_all(uri, SIZE) == model
+
+
+def test_mirror_rebuild_copy_never_overwrites_a_newer_write(harness: Harness) -> None:
+    # Slow reads on the source widen the window between a region's copy read and its write:
+    # client writes landing in it must win (they wait for the copy, which waits for them).
+    fan, flakies, uris, uri = make_mirror(harness, 2, **{"read-policy": "first"})
+    rng = random.Random(4)
+    model = bytearray(SIZE)
+    write_batches(uri, model, 10, rng)
+    flakies[0].read_delay = 0.02
+    new_mem, new_uri = harness.memory(SIZE)
+    harness.run(fan.replace_member(1, Flaky(new_mem)))
+    batches = 0
+    while harness.call(lambda: fan.slots[1].state) != "in_sync":
+        write_batches(uri, model, 1, rng)
+        batches += 1
+    assert batches >= 3
+    flakies[0].read_delay = 0
+    assert read_all(new_uri, SIZE) == model
+    qemu_compare(uris[0], new_uri)
+
+
+def test_mirror_mark_faulty_and_rebuild_member(harness: Harness) -> None:
+    fan, _, uris, uri = make_mirror(harness, 3)
+    run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x77 0 2M"])
+    harness.run(fan.mark_faulty(2))
+    run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x78 1M 2M"])
+    info = harness.call(fan.members_info)
+    assert [m["state"] for m in info] == ["in_sync", "in_sync", "faulty"]
+    assert info[2]["dirty_bytes"] == 2 << 20
+    harness.run(fan.rebuild_member(2))
+    wait_state(harness, fan, 2, "in_sync")
+    qemu_compare(uris[0], uris[2])
+
+
+def test_mirror_refuses_to_replace_the_last_in_sync_member(harness: Harness) -> None:
+    fan, flakies, _, _ = make_mirror(harness, 2)
+    flakies[1].down = True
+    wait_state(harness, fan, 1, "faulty")
+    mem, _ = harness.memory(SIZE)
+    with pytest.raises(ValueError, match="last in-sync"):
+        harness.run(fan.replace_member(0, Flaky(mem)))
+    small, _ = harness.memory(SIZE // 2)
+    with pytest.raises(ValueError, match="needs"):
+        harness.run(fan.replace_member(1, Flaky(small)))
+
+
+def test_mirror_spare_takes_over(harness: Harness) -> None:
+    fan, flakies, uris, uri = make_mirror(harness, 3, spares=1)
+    assert [m["state"] for m in harness.call(fan.members_info)][2] == "spare"
+    run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x42 0 3M"])
+    flakies[0].down = True
+    wait_state(harness, fan, 2, "in_sync")
+    qemu_compare(uris[1], uris[2])
+    flakies[0].down = False
+    wait_state(harness, fan, 0, "spare")
+
+
+def test_mirror_bitmap_file_survives_a_fan_restart(harness: Harness, tmp_path: Path) -> None:
+    bitmap = tmp_path / "m.bitmap"
+    flakies, uris = harness.flaky_members(2, SIZE)
+    params = MirrorParams.model_validate(
+        {"bitmap-file": str(bitmap), "check-interval": 0.02, "retry-delay": 0.05}
+    )
+    fan = Mirror(params, flakies)
+    uri = harness.serve(fan, "mirror")
+    run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x01 0 4M"])
+    flakies[1].down = True
+    wait_state(harness, fan, 1, "faulty")
+    run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x02 1M 128K"])
+    harness.stop()  # the fan stops while degraded
+    saved = json.loads(bitmap.read_text())
+    assert saved["members"][1]["state"] == "faulty"
+    flakies[1].down = False
+    fan2 = Mirror(params, flakies)
+    harness.serve(fan2, "mirror")
+    wait_state(harness, fan2, 1, "in_sync")
+    st = harness.call(fan2.status)
+    assert st["rebuild"]["kind"] == "bitmap" and st["resync_bytes"] == 128 * 1024
+    qemu_compare(uris[0], uris[1])
+
+
+def test_mirror_bitmap_file_of_another_array_is_refused(harness: Harness, tmp_path: Path) -> None:
+    bitmap = tmp_path / "m.bitmap"
+    bitmap.write_text(json.dumps({"version": 1, "size": 1, "chunk": CHUNK, "members": []}))
+    flakies, _ = harness.flaky_members(2, SIZE)
+    fan = Mirror(MirrorParams.model_validate({"bitmap-file": str(bitmap)}), flakies)
+    with pytest.raises(ValueError, match="another array"):
+        harness.serve(fan, "mirror")
+
+
+# Hypothesis: random operations and member failures against a bytearray model -----------------
+
+HSIZE = 1 << 20
+
+
+class MirrorMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="mirror-sm")
+        self.h = Harness(Path(self.tmp.name))
+        self.flakies, self.uris = self.h.flaky_members(3, HSIZE)
+        self.fan = Mirror(
+            MirrorParams.model_validate({"check-interval": 0.01, "retry-delay": 0.01,
+                                         "bitmap-chunk": "4K"}), self.flakies)  # fmt: skip
+        self.uri = self.h.serve(self.fan, "mirror")
+        self.client = nbd_connect(self.uri)
+        self.model = bytearray(HSIZE)
+        self.defined = bytearray(b"\1" * HSIZE)
+
+    def teardown(self) -> None:
+        self.client.shutdown()
+        self.h.close()
+        self.tmp.cleanup()
+
+    extent = st.tuples(st.integers(0, HSIZE // 512 - 1), st.integers(1, 256)).map(
+        lambda t: (t[0] * 512, min(t[1] * 512, HSIZE - t[0] * 512))
+    )
+
+    @rule(where=extent, seed=st.integers(0, 255))
+    def write(self, where: tuple[int, int], seed: int) -> None:
+        off, n = where
+        data = hashlib.shake_128(bytes([seed]) + off.to_bytes(8, "big")).digest(n)
+        self.client.pwrite(data, off, nbd.CMD_FLAG_FUA if seed % 3 == 0 else 0)
+        self.model[off : off + n] = data
+        self.defined[off : off + n] = b"\1" * n
+
+    @rule(where=extent)
+    def zero(self, where: tuple[int, int]) -> None:
+        off, n = where
+        self.client.zero(n, off)
+        self.model[off : off + n] = bytes(n)
+        self.defined[off : off + n] = b"\1" * n
+
+    @rule(where=extent)
+    def trim(self, where: tuple[int, int]) -> None:
+        off, n = where
+        self.client.trim(n, off)
+        self.defined[off : off + n] = bytes(n)
+
+    @rule()
+    def flush(self) -> None:
+        self.client.flush()
+
+    @rule(where=extent)
+    def read(self, where: tuple[int, int]) -> None:
+        off, n = where
+        got = self.client.pread(n, off)
+        for i in range(n):
+            if self.defined[off + i]:
+                assert got[i] == self.model[off + i], f"byte {off + i}"
+
+    def _states(self) -> list[str]:
+        return [m["state"] for m in self.h.call(self.fan.members_info)]
+
+    @precondition(lambda self: all(not f.down for f in self.flakies))
+    @rule(index=st.integers(0, 2))
+    def lose_member(self, index: int) -> None:
+        # Never more than the level tolerates: one in-sync member must stay.
+        states = self._states()
+        if sum(s == "in_sync" for i, s in enumerate(states) if i != index) == 0:
+            return
+        self.flakies[index].down = True
+
+    @rule(index=st.integers(0, 2), empty=st.booleans())
+    def restore_member(self, index: int, empty: bool) -> None:
+        f = self.flakies[index]
+        if f.down:
+            if empty:
+                f.wipe()
+            f.down = False
+
+    @rule()
+    def settle(self) -> None:
+        wait_for(lambda: all(s == "in_sync" for s in self._states()) or any(
+            f.down for f in self.flakies), 60, "rebuilds")  # fmt: skip
+
+    @invariant()
+    def serving(self) -> None:
+        assert self.h.call(self.fan.healthy)
+
+    def check_members(self) -> None:
+        for f in self.flakies:
+            f.down = False
+        wait_for(lambda: all(s == "in_sync" for s in self._states()), 60, "all in sync")
+        mem = [read_all(u, HSIZE) for u in self.uris]
+        for i in range(HSIZE):
+            if self.defined[i]:
+                assert mem[0][i] == mem[1][i] == mem[2][i] == self.model[i], f"byte {i}"
+
+
+def test_mirror_random_operations_and_failures_match_a_model() -> None:
+    class Final(MirrorMachine):
+        def teardown(self) -> None:
+            try:
+                self.check_members()
+            finally:
+                super().teardown()
+
+    Final.TestCase.settings = settings(
+        max_examples=12,
+        stateful_step_count=25,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    Final.TestCase().runTest()
+
+
+# Process tests: member nodes as separate processes, lost with kill -9 -----------------------
+
+
+def ctl_members(control: str) -> dict[str, Any]:
+    out = run([*NBDFABRIC, "ctl", control, "members", "--json"]).stdout
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def member_states(control: str) -> list[str]:
+    return [m["state"] for m in ctl_members(control)["members"]]
+
+
+def test_mirror_process_member_killed_under_load_then_rebuilt(start_node: Any) -> None:
+    size = 8 << 20
+    a = start_node("memory", "8M")
+    b = start_node("memory", "8M")
+    m = start_node("mirror", "check-interval=0.05", "retry-delay=0.1",
+                   upstreams=[a.uri, b.uri], control=True)  # fmt: skip
+    rng = random.Random(5)
+    model = bytearray(size)
+    write_batches(m.uri, model, 10, rng)
+
+    def kill_b(i: int) -> None:
+        if i == 3:
+            b.kill()  # kill -9 while writes are in flight
+
+    write_batches(m.uri, model, 15, rng, kill_b)
+    assert read_all(m.uri, size) == model
+    wait_for(lambda: member_states(m.control)[1] == "faulty", 30, "member 1 faulty")
+    # The orchestrator restarts the member's node: empty, on the same socket.
+    start_node("memory", "8M", listen=f"unix:{b.socket}")
+    wait_for(lambda: member_states(m.control) == ["in_sync", "in_sync"], 60, "rebuild")
+    assert read_all(b.uri, size) == model
+    qemu_compare(a.uri, b.uri)
+
+
+def test_mirror_process_ctl_replace_rebuilds_fully(start_node: Any) -> None:
+    a = start_node("memory", "8M")
+    b = start_node("memory", "8M")
+    m = start_node("mirror", upstreams=[a.uri, b.uri], control=True)
+    run(["qemu-io", "-f", "raw", m.uri, "-c", "write -P 0x3c 0 5M"])
+    c = start_node("memory", "8M")
+    run([*NBDFABRIC, "ctl", m.control, "replace", "1", c.uri])
+    wait_for(lambda: member_states(m.control) == ["in_sync", "in_sync"], 60, "rebuild")
+    members = ctl_members(m.control)["members"]
+    assert members[1]["uri"] == c.uri
+    run(["qemu-io", "-f", "raw", c.uri, "-c", "read -P 0x3c 0 5M", "-c", "read -P 0 5M 3M"])
+    qemu_compare(a.uri, c.uri)

@@ -1,0 +1,195 @@
+"""quorum and verify: majority reads (against qemu's own quorum driver) and read comparison."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import nbd_connect, run, wait_for
+from test_fan_common import Harness
+
+from nodes.fans.quorum import Quorum, QuorumParams
+from nodes.fans.verify import Verify, VerifyParams
+from nodes.plugins.memory import Memory
+
+SIZE = 4 << 20
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(tmp_path)
+    yield h
+    h.close()
+
+
+def three(h: Harness) -> tuple[list[Memory], list[str]]:
+    mems, uris = [], []
+    for _ in range(3):
+        m, u = h.memory(SIZE)
+        mems.append(m)
+        uris.append(u)
+    return mems, uris
+
+
+def socket_of(uri: str) -> str:
+    return uri.split("socket=", 1)[1]
+
+
+def qemu_quorum(uris: list[str], *commands: str) -> str:
+    spec = {
+        "driver": "quorum",
+        "vote-threshold": 2,
+        "children": [
+            {"driver": "raw", "file": {"driver": "nbd",
+                                       "server": {"type": "unix", "path": socket_of(u)}}}
+            for u in uris
+        ],
+    }  # fmt: skip
+    args = ["qemu-io", f"json:{json.dumps(spec)}"]
+    for c in commands:
+        args += ["-c", c]
+    return run(args).stdout
+
+
+def test_quorum_outvotes_a_corrupted_member_like_qemu(harness: Harness) -> None:
+    mems, uris = three(harness)
+    fan = Quorum(QuorumParams(), mems)
+    uri = harness.serve(fan, "quorum")
+    run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x61 0 1M"])
+    for u in uris:
+        run(["qemu-io", "-f", "raw", u, "-c", "read -P 0x61 0 1M"])
+    # Corrupt member 1 behind the fan's back.
+    run(["qemu-io", "-f", "raw", uris[1], "-c", "write -P 0x66 512K 4K"])
+    run(["qemu-io", "-f", "raw", uri, "-c", "read -P 0x61 0 1M"])
+    qemu_quorum(uris, "read -P 0x61 0 1M")  # qemu's driver agrees on the majority answer
+    st = harness.call(fan.status)
+    assert st["last_mismatch"] == {"offset": 512 * 1024, "members": [1]}
+    assert [m["mismatches"] for m in st["members"]] == [0, 1, 0]
+    # Without rewrite the member stays corrupted.
+    run(["qemu-io", "-f", "raw", uris[1], "-c", "read -P 0x66 512K 4K"])
+
+
+def test_quorum_rewrite_repairs_the_member(harness: Harness) -> None:
+    mems, uris = three(harness)
+    fan = Quorum(QuorumParams.model_validate({"rewrite-corrupted": True}), mems)
+    uri = harness.serve(fan, "quorum")
+    run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x61 0 1M"])
+    run(["qemu-io", "-f", "raw", uris[2], "-c", "write -P 0x66 100K 1K"])
+    run(["qemu-io", "-f", "raw", uri, "-c", "read -P 0x61 0 1M"])
+    run(["qemu-io", "-f", "raw", uris[2], "-c", "read -P 0x61 0 1M"])  # repaired
+    assert harness.call(fan.members_info)[2]["rewrites"] == 1
+    qemu_quorum(uris, "read -P 0x61 0 1M")
+
+
+def test_quorum_without_agreement_fails_the_read(harness: Harness) -> None:
+    mems, uris = three(harness)
+    uri = harness.serve(Quorum(QuorumParams(), mems), "quorum")
+    for i, u in enumerate(uris):
+        run(["qemu-io", "-f", "raw", u, "-c", f"write -P {i + 1} 0 4K"])
+    res = run(["qemu-io", "-f", "raw", uri, "-c", "read 0 4K"], check=False)
+    assert "error" in (res.stdout + res.stderr).lower()
+    # Agreement elsewhere still reads fine.
+    run(["qemu-io", "-f", "raw", uri, "-c", "read -P 0 4K 4K"])
+
+
+def test_verify_reports_the_first_mismatch_offset(harness: Harness) -> None:
+    a, _ua = harness.memory(SIZE)
+    b, ub = harness.memory(SIZE)
+    fan = Verify(VerifyParams(), [a, b])
+    uri = harness.serve(fan, "verify")
+    run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x10 0 1M", "-c", "read -P 0x10 0 1M"])
+    h = nbd_connect(ub)
+    h.pwrite(b"\x99", 300001)
+    h.pwrite(b"\x98", 700000)
+    h.shutdown()
+    res = run(["qemu-io", "-f", "raw", uri, "-c", "read 256K 512K"], check=False)
+    assert "error" in (res.stdout + res.stderr).lower()
+    st = harness.call(fan.status)
+    assert st["first_mismatch"]["offset"] == 300001
+    assert any(e[0] == "verify" and e[2]["offset"] == 300001 for e in harness.events)
+    # on-mismatch=log: the first member's data is served, the mismatch still counted.
+    harness.call(fan.configure, {"on-mismatch": "log"})
+    run(["qemu-io", "-f", "raw", uri, "-c", "read -P 0x10 600K 200K"])
+    st = harness.call(fan.status)
+    assert st["first_mismatch"]["offset"] == 300001 and st["mismatches"] == 2
+
+
+# parity (RAID5) ---------------------------------------------------------------------------------
+
+
+def test_parity_layout_rotates_and_parity_is_the_xor(harness: Harness) -> None:
+    from nodes.fans.parity import Parity, ParityParams
+
+    mems = [harness.memory(256 * 1024)[0] for _ in range(3)]
+    fan = Parity(ParityParams.model_validate({"chunk-size": "4K"}), mems)
+    uri = harness.serve(fan, "parity")
+    assert nbd_connect(uri).get_size() == 64 * 4096 * 2
+    h = nbd_connect(uri)
+    rng = random.Random(7)
+    model = bytearray(64 * 4096 * 2)
+    for _ in range(60):  # partial-stripe writes: read-modify-write
+        off = rng.randrange(0, len(model) - 9000)
+        n = rng.randrange(1, 9000)
+        data = rng.randbytes(n)
+        h.pwrite(data, off)
+        model[off : off + n] = data
+    assert h.pread(len(model), 0) == model
+    h.shutdown()
+    raw = [harness.run(_read_mem(m, 64 * 4096)) for m in mems]
+    for stripe in range(64):
+        chunks = [r[stripe * 4096 : (stripe + 1) * 4096] for r in raw]
+        x = bytes(a ^ b ^ c for a, b, c in zip(*chunks, strict=True))
+        assert x == bytes(4096), f"stripe {stripe} parity"
+        pm = fan.parity_member(stripe)
+        assert pm == 2 - stripe % 3
+        d0 = fan.data_member(stripe, 0)
+        assert chunks[d0] == model[stripe * 8192 : stripe * 8192 + 4096]
+
+
+async def _read_mem(mem: Memory, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    for s, length in await mem.pread(view, 0, 0) or ():
+        view[s : s + length] = bytes(length)
+    return bytes(buf)
+
+
+def test_parity_member_lost_under_load_degraded_reads_and_rebuild(harness: Harness) -> None:
+    from nodes.fans.parity import Parity, ParityParams
+
+    flakies, _uris = harness.flaky_members(4, 1 << 20)
+    fan = Parity(ParityParams.model_validate({"chunk-size": "16K", "check-interval": 0.02,
+                                              "retry-delay": 0.05}), flakies)  # fmt: skip
+    uri = harness.serve(fan, "parity")
+    size = nbd_connect(uri).get_size()
+    assert size == 3 << 20
+    rng = random.Random(8)
+    model = bytearray(size)
+    h = nbd_connect(uri)
+    for i in range(40):
+        cookies = []
+        for slot in rng.sample(range(size // 65536), 8):
+            n = rng.choice([512, 4096, 20000, 65536])
+            off = slot * 65536 + rng.randrange(0, 65536 - n + 1)
+            data = rng.randbytes(n)
+            model[off : off + n] = data
+            cookies.append(h.aio_pwrite(data, off))
+        if i == 15:
+            flakies[2].down = True  # lost with writes in flight
+        while h.aio_in_flight():
+            h.poll(-1)
+        for c in cookies:
+            assert h.aio_command_completed(c)
+    assert h.pread(size, 0) == model  # degraded reads rebuilt from parity
+    st = harness.call(fan.status)
+    assert st["degraded"] and st["members"][2]["state"] == "faulty"
+    flakies[2].wipe()
+    flakies[2].down = False
+    wait_for(lambda: harness.call(fan.status)["degraded"] is False, 60, "rebuild")
+    assert harness.call(fan.rebuild_progress)["bytes_done"] == 1 << 20
+    flakies[0].down = True  # now lose another one: member 2 must hold its share again
+    assert h.pread(size, 0) == model
+    h.shutdown()
