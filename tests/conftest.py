@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -132,7 +133,9 @@ def start_nbdkit(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         def up() -> bool:
             if proc.poll() is not None:
                 raise RuntimeError(f"nbdkit exited {proc.returncode}: {log.read_text()}")
-            return os.path.exists(sock)
+            # The socket file appears at bind(), before listen(): probe with a connect.
+            with socket.socket(socket.AF_UNIX) as probe:
+                return probe.connect_ex(sock) == 0
 
         wait_for(up, 20, "nbdkit socket")
         return p

@@ -37,6 +37,8 @@ MAX_IN_FLIGHT = 64
 #: A hole shorter than this is sent as zeros: a chunk header costs more than the bytes.
 MIN_HOLE_CHUNK = 4096
 ZERO_CHUNK = 1024 * 1024
+#: A rejected WRITE payload larger than this is not skipped: the client is disconnected.
+MAX_SKIP = 64 * 1024 * 1024
 _ZEROES = bytes(ZERO_CHUNK)
 
 _OP_NAMES = {
@@ -91,9 +93,12 @@ class Session:
 
     async def run(self) -> None:
         current_client.set(self.client)
+        opened = False
         try:
             ready = await self._handshake()
             if ready is not None:
+                opened = True
+                await self.node.backend.open_connection()
                 await self._transmission(ready)
         except ProtocolError as exc:
             self.node.stats.protocol_errors += 1
@@ -103,7 +108,13 @@ class Session:
         finally:
             await self._drain()
             self.closed = True
-            self.stream.close()
+            try:
+                if opened:  # before the socket closes: a delayed close is seen by the client
+                    await self.node.backend.close_connection()
+            except Exception as exc:
+                log.warning("%s: closing the connection failed: %s", self.client.address, exc)
+            finally:
+                self.stream.close()
 
     async def _drain(self) -> None:
         """Let requests in flight finish (spec: on DISC the server finishes them first)."""
@@ -207,6 +218,10 @@ class Session:
                     if target is not None:
                         if not await stream.recv_exactly(target[avail : req.length]):
                             return
+                    elif req.length > MAX_SKIP:
+                        # Reading gigabytes just to stay in step is a DoS; the spec lets a
+                        # server hard-disconnect on an over-sized payload (nbdkit does too).
+                        raise ProtocolError(f"WRITE payload of {req.length} bytes is too big")
                     elif not await self._discard(rest):
                         return
             if req.cmd == Cmd.DISC:

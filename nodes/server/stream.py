@@ -87,11 +87,15 @@ class TLSStream(Stream):
         self.outgoing = ssl.MemoryBIO()
         self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self._rbuf = bytearray(65536)
+        # The reader pumps out too (handshake and post-handshake records): without this lock
+        # its bytes could land in the middle of a reply still being written by a sender.
+        self._out_lock = asyncio.Lock()
 
     async def _pump_out(self) -> None:
-        data = self.outgoing.read()
-        if data:
-            await self.raw.send([data])
+        async with self._out_lock:
+            data = self.outgoing.read()
+            if data:
+                await self.raw.send([data])
 
     async def _pump_in(self) -> bool:
         n = await self.raw.recv_into(memoryview(self._rbuf))

@@ -1,0 +1,364 @@
+"""The node's server seen through libnbd (Python): exact errors, zero-length requests, DF and
+holes, simple replies, the old EXPORT_NAME path, option mode, block sizes, --eof-tolerant, many
+requests in flight, reply ordering and clients that vanish mid-request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nbd
+import pytest
+from conftest import nbd_connect
+
+from nodes.base import Capabilities, Holes
+from nodes.plugins.memory import Memory, MemoryParams
+from nodes.server.addresses import Address
+from nodes.server.node import NodeOptions, NodeRuntime
+
+MiB = 1 << 20
+
+
+def errno_of(call: Callable[[], object]) -> str:
+    with pytest.raises(nbd.Error) as info:
+        call()
+    return str(info.value.errno)
+
+
+# An in-process node for backends no registered kind provides ---------------------------------
+
+
+class InProcessNode:
+    """A NodeRuntime on its own event loop thread, serving one unix socket."""
+
+    def __init__(self, backend: Memory, options: NodeOptions, path: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.runtime = self._call(self._start(backend, options, str(path)))
+        self.uri = f"nbd+unix:///?socket={path}"
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    @staticmethod
+    async def _start(backend: Memory, options: NodeOptions, path: str) -> NodeRuntime:
+        runtime = NodeRuntime(backend, options)
+        await runtime.start(listen=[Address("unix", path=path)])
+        return runtime
+
+    def stop(self) -> None:
+        self._call(self.runtime.shutdown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+class Aligned(Memory):
+    """Memory that insists on 512-byte blocks and 64 KiB payloads."""
+
+    def capabilities(self) -> Capabilities:
+        from dataclasses import replace
+
+        return replace(super().capabilities(), block_min=512, block_preferred=4096,
+                       block_max=65536)  # fmt: skip
+
+
+class Staggered(Memory):
+    """Memory whose reads at even 4 KiB blocks are slow, counting concurrent reads."""
+
+    def __init__(self, params: MemoryParams, delay: float) -> None:
+        super().__init__(params)
+        self.delay = delay
+        self.active = 0
+        self.max_active = 0
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if (offset // 4096) % 2 == 0:
+                await asyncio.sleep(self.delay)
+            return await super().pread(buf, offset, flags)
+        finally:
+            self.active -= 1
+
+
+@pytest.fixture
+def in_process(tmp_path: Path) -> Iterator[Callable[..., InProcessNode]]:
+    nodes: list[InProcessNode] = []
+
+    def start(backend: Memory, **options: Any) -> InProcessNode:
+        node = InProcessNode(backend, NodeOptions(**options), tmp_path / f"ip{len(nodes)}.sock")
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+# Errors --------------------------------------------------------------------------------------
+
+
+def test_libnbd_errors_past_the_end(start_node: Any) -> None:
+    node = start_node("memory", "1M")
+    h = nbd_connect(node.uri, strict=False)
+    cb = lambda *a: 0  # noqa: E731
+    assert errno_of(lambda: h.pwrite(b"x" * 512, MiB - 256)) == "ENOSPC"
+    assert errno_of(lambda: h.zero(4096, MiB)) == "ENOSPC"
+    assert errno_of(lambda: h.pread(512, MiB - 256)) == "EINVAL"
+    assert errno_of(lambda: h.trim(4096, MiB - 1)) == "EINVAL"
+    assert errno_of(lambda: h.block_status(4096, MiB, cb)) == "EINVAL"
+    assert errno_of(lambda: h.cache(4096, MiB)) == "EINVAL"
+    assert errno_of(lambda: h.pread(512, 2**63)) == "EINVAL"
+    h.pwrite(b"y" * 512, MiB - 512)  # the connection is still fine
+    assert h.pread(512, MiB - 512) == b"y" * 512
+    h.shutdown()
+
+
+def test_libnbd_read_only_eperm(start_node: Any) -> None:
+    node = start_node("memory", "1M", extra=("--read-only",))
+    h = nbd_connect(node.uri, strict=False)
+    assert h.is_read_only() and not h.can_trim() and not h.can_zero()
+    assert errno_of(lambda: h.pwrite(b"x" * 512, 0)) == "EPERM"
+    assert errno_of(lambda: h.zero(512, 0)) == "EPERM"
+    assert errno_of(lambda: h.trim(512, 0)) == "EPERM"
+    assert h.pread(512, 0) == bytes(512)
+    h.flush()
+    h.shutdown()
+
+
+def test_libnbd_zero_length_requests(start_node: Any) -> None:
+    node = start_node("memory", "1M")
+    h = nbd_connect(node.uri, strict=False)
+    assert h.pread(0, 4096) == b""
+    h.pwrite(b"", 4096)
+    h.trim(0, 4096)
+    h.zero(0, 4096)
+    h.pread(0, MiB)  # zero length at the very end is in range
+    assert errno_of(lambda: h.block_status(0, 0, lambda *a: 0)) == "EINVAL"
+    h.shutdown()
+
+
+# Structured reads ----------------------------------------------------------------------------
+
+
+def chunks_of(h: Any, count: int, offset: int, flags: int = 0) -> list[tuple[int, int, int]]:
+    seen: list[tuple[int, int, int]] = []
+
+    def chunk(subbuf: Any, off: int, status: int, err: Any) -> int:
+        seen.append((status, off, len(subbuf)))
+        return 0
+
+    h.pread_structured(count, offset, chunk, flags)
+    return sorted(seen, key=lambda c: c[1])
+
+
+def test_libnbd_sparse_read_holes_and_df(start_node: Any) -> None:
+    node = start_node("memory", "1M")
+    h = nbd_connect(node.uri)
+    assert h.can_df()
+    h.pwrite(b"\x11" * 65536, 128 * 1024)
+    seen = chunks_of(h, 512 * 1024, 0)
+    assert (nbd.READ_HOLE, 0, 128 * 1024) in seen
+    assert (nbd.READ_DATA, 128 * 1024, 65536) in seen
+    assert sum(n for _, _, n in seen) == 512 * 1024
+    # DF: the whole range arrives as one data chunk.
+    assert chunks_of(h, 512 * 1024, 0, nbd.CMD_FLAG_DF) == [(nbd.READ_DATA, 0, 512 * 1024)]
+    data = h.pread(512 * 1024, 0)
+    assert data[128 * 1024 : 192 * 1024] == b"\x11" * 65536 and data.count(0) == 448 * 1024
+    h.shutdown()
+
+
+def test_libnbd_simple_replies(start_node: Any) -> None:
+    node = start_node("memory", "1M")
+    h = nbd_connect(node.uri, strict=False, structured=False)
+    assert not h.get_structured_replies_negotiated()
+    assert not h.can_df(), "DF must not be advertised without structured replies"
+    h.pwrite(b"abc" * 100, 1000)
+    assert h.pread(300, 1000) == b"abc" * 100
+    assert errno_of(lambda: h.pread(512, MiB)) == "EINVAL"
+    assert errno_of(lambda: h.pwrite(b"x", MiB)) == "ENOSPC"
+    h.shutdown()
+
+
+def test_libnbd_old_export_name_path(start_node: Any) -> None:
+    node = start_node("memory", "1M")
+    h = nbd.NBD()
+    h.set_handshake_flags(0)  # no FIXED_NEWSTYLE: the only way in is NBD_OPT_EXPORT_NAME
+    h.connect_uri(node.uri)
+    assert h.get_protocol() == "newstyle"
+    assert h.get_size() == MiB
+    h.pwrite(b"q" * 4096, 0)
+    assert h.pread(4096, 0) == b"q" * 4096
+    h.shutdown()
+
+
+def test_libnbd_opt_mode(start_node: Any) -> None:
+    node = start_node("memory", "1M", extra=("--export-name", "disk", "--description", "a disk"))
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.set_full_info(True)
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_uri(node.uri)
+    exports: list[tuple[str, str]] = []
+    assert h.opt_list(lambda name, desc: exports.append((name, desc)) or 0) == 1
+    assert exports == [("disk", "a disk")]
+    contexts: list[str] = []
+    h.set_export_name("disk")
+    assert h.opt_list_meta_context(lambda name: contexts.append(name) or 0) == 1
+    assert contexts == [nbd.CONTEXT_BASE_ALLOCATION]
+    h.opt_info()
+    assert h.get_size() == MiB and h.get_export_description() == "a disk"
+    h.set_export_name("missing")
+    assert errno_of(h.opt_info) == "ENOENT"
+    h.set_export_name("disk")
+    h.opt_go()
+    assert h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    assert h.pread(512, 0) == bytes(512)
+    h.shutdown()
+
+
+def test_libnbd_block_size_advertised_and_enforced(in_process: Any) -> None:
+    node = in_process(Aligned(MemoryParams(size=MiB)))
+    h = nbd_connect(node.uri, strict=False)
+    sizes = [h.get_block_size(s) for s in (nbd.SIZE_MINIMUM, nbd.SIZE_PREFERRED, nbd.SIZE_MAXIMUM)]
+    assert sizes == [512, 4096, 65536]
+    h.pwrite(b"a" * 1024, 512)
+    assert h.pread(1024, 512) == b"a" * 1024
+    assert errno_of(lambda: h.pread(512, 100)) == "EINVAL"
+    assert errno_of(lambda: h.pwrite(b"x" * 100, 0)) == "EINVAL"
+    assert errno_of(lambda: h.zero(513, 0)) == "EINVAL"
+    assert errno_of(lambda: h.pread(131072, 0)) == "EINVAL"
+    assert errno_of(lambda: h.pread(131072, 0, nbd.CMD_FLAG_DF)) == "EOVERFLOW"
+    entries: list[int] = []
+    h.block_status(65536, 0, lambda meta, off, e, err: entries.extend(e) or 0)
+    assert all(n % 512 == 0 for n in entries[::2]), entries
+    h.shutdown()
+
+
+def test_libnbd_eof_tolerant_partial_read(start_node: Any) -> None:
+    node = start_node("memory", "1M", extra=("--eof-tolerant",))
+    h = nbd_connect(node.uri, strict=False)
+    h.pwrite(b"\x77" * 4096, MiB - 4096)
+    seen: list[tuple[int, int, bytes, int]] = []
+
+    def chunk(subbuf: Any, off: int, status: int, err: Any) -> int:
+        seen.append((status, off, bytes(subbuf), err.value))
+        return 0
+
+    with pytest.raises(nbd.Error) as info:
+        h.pread_structured(8192, MiB - 4096, chunk)
+    assert info.value.errno == "EINVAL"
+    data = [c for c in seen if c[0] == nbd.READ_DATA]
+    errors = [c for c in seen if c[0] == nbd.READ_ERROR]
+    assert data == [(nbd.READ_DATA, MiB - 4096, b"\x77" * 4096, 0)]
+    assert [(off, err) for _, off, _, err in errors] == [(MiB, 22)]
+    # Without the flag the same read is refused whole.
+    plain = start_node("memory", "1M")
+    h2 = nbd_connect(plain.uri, strict=False)
+    assert errno_of(lambda: h2.pread(8192, MiB - 4096)) == "EINVAL"
+    h2.shutdown()
+    h.shutdown()
+
+
+# Many requests, ordering, several connections ------------------------------------------------
+
+
+def test_libnbd_hundreds_in_flight(start_node: Any) -> None:
+    node = start_node("memory", "8M")
+    h = nbd_connect(node.uri)
+    n, size = 400, 8192
+    done: list[int] = []
+    for i in range(n):
+        buf = bytearray(struct.pack(">I", i) * (size // 4))
+        h.aio_pwrite(buf, i * size, lambda err, i=i: done.append(i) or 1)
+    while h.aio_in_flight():
+        h.poll(-1)
+    assert sorted(done) == list(range(n))
+    bufs = [bytearray(size) for _ in range(n)]
+    errs: list[int] = []
+    for i in range(n):
+        h.aio_pread(bufs[i], i * size, lambda err: errs.append(err.value) or 1)
+    assert h.aio_in_flight() > 100
+    while h.aio_in_flight():
+        h.poll(-1)
+    assert errs == [0] * n
+    for i, buf in enumerate(bufs):
+        assert buf == struct.pack(">I", i) * (size // 4)
+    h.shutdown()
+
+
+def completion_order(uri: str, n: int) -> list[int]:
+    h = nbd_connect(uri)
+    order: list[int] = []
+    bufs = [bytearray(4096) for _ in range(n)]
+    for i in range(n):
+        h.aio_pread(bufs[i], i * 4096, lambda err, i=i: order.append(i) or 1)
+    while h.aio_in_flight():
+        h.poll(-1)
+    h.shutdown()
+    return order
+
+
+def test_libnbd_parallel_replies_out_of_order(in_process: Any) -> None:
+    backend = Staggered(MemoryParams(size=MiB), delay=0.05)
+    node = in_process(backend)
+    order = completion_order(node.uri, 200)
+    assert sorted(order) == list(range(200))
+    assert order != sorted(order), "fast reads should overtake slow ones"
+    assert backend.max_active > 1
+
+
+@pytest.mark.parametrize(("ordering", "n"), [("ordered", 120), ("serial", 30)])
+def test_libnbd_ordering_modes(in_process: Any, ordering: str, n: int) -> None:
+    backend = Staggered(MemoryParams(size=MiB), delay=0.02)
+    node = in_process(backend, ordering=ordering)
+    assert completion_order(node.uri, n) == list(range(n))
+    if ordering == "serial":
+        assert backend.max_active == 1
+    else:
+        assert backend.max_active > 1, "ordered mode still works in parallel"
+
+
+def test_libnbd_multiple_connections(start_node: Any) -> None:
+    node = start_node("memory", "4M")
+    handles = [nbd_connect(node.uri) for _ in range(4)]
+    assert all(h.can_multi_conn() for h in handles)
+    for i, h in enumerate(handles):
+        h.pwrite(bytes([i + 1]) * 65536, i * 65536, nbd.CMD_FLAG_FUA)
+    handles[0].flush()
+    for h in handles:
+        for i in range(4):
+            assert h.pread(65536, i * 65536) == bytes([i + 1]) * 65536
+    for h in handles:
+        h.shutdown()
+
+
+def test_libnbd_client_vanishes_mid_request(start_node: Any) -> None:
+    node = start_node("memory", "64M")
+    other = nbd_connect(node.uri)
+    other.pwrite(b"\x5a" * MiB, 0)
+    for _ in range(5):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(node.socket)
+        s.recv(18)
+        s.sendall(struct.pack(">I", 3))
+        s.sendall(struct.pack(">QII", 0x49484156454F5054, 8, 0))  # structured replies
+        s.sendall(struct.pack(">QIIIH", 0x49484156454F5054, 7, 6, 0, 0))  # GO ""
+        for cookie in range(60):  # 60 MiB of reads, then a reset while they are answered
+            s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, cookie, cookie * MiB, MiB))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+        assert other.pread(MiB, 0) == b"\x5a" * MiB
+    assert node.proc.poll() is None
+    fresh = nbd_connect(node.uri)
+    assert fresh.pread(4096, 0) == b"\x5a" * 4096
+    fresh.shutdown()
+    other.shutdown()

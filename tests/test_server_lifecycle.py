@@ -1,0 +1,388 @@
+"""A node process from start to exit: --print-uri, --ready-file, several listen addresses, --run,
+systemd socket activation and fd:N, keepalive, --max-connections, SIGTERM with requests in flight
+(ESHUTDOWN / ERR_SHUTDOWN, exit 0), and TLS with nbdinfo and qemu.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nbd
+import pytest
+from conftest import NBDFABRIC, ROOT, nbd_connect, run, wait_for
+
+MiB = 1 << 20
+IHAVEOPT = 0x49484156454F5054
+
+
+def node_cmd(*args: str) -> list[str]:
+    return [*NBDFABRIC, "node", *args]
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[Any]]]:
+    started: list[subprocess.Popen[Any]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+
+
+def spawn(procs: list[subprocess.Popen[Any]], cmd: list[str], **kw: Any) -> subprocess.Popen[Any]:
+    kw.setdefault("stderr", subprocess.PIPE)
+    p = subprocess.Popen(cmd, cwd=ROOT, **kw)
+    procs.append(p)
+    return p
+
+
+def wait_ready(p: subprocess.Popen[Any], path: Path) -> dict[str, Any]:
+    def ready() -> bool:
+        if p.poll() is not None:
+            raise RuntimeError(f"node exited {p.returncode}: {p.stderr.read() if p.stderr else ''}")
+        return path.exists()
+
+    wait_for(ready, 30, "ready file")
+    return dict(json.loads(path.read_text()))
+
+
+def ipv6_works() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+# Start-up and addresses ----------------------------------------------------------------------
+
+
+def test_lifecycle_print_uri_real_port(procs: list[Any]) -> None:
+    p = spawn(procs, node_cmd("memory", "1M", "--listen", "127.0.0.1:0", "--print-uri"),
+              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    uri = p.stdout.readline().strip()
+    assert uri.startswith("nbd://127.0.0.1:")
+    port = int(uri.rsplit(":", 1)[1].split("/")[0])
+    assert port != 0
+    info = json.loads(run(["nbdinfo", "--json", uri]).stdout)
+    assert info["exports"][0]["export-size"] == MiB
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(15) == 0
+
+
+def test_lifecycle_ready_file_and_many_addresses(procs: list[Any], tmp_path: Path) -> None:
+    ready = tmp_path / "ready.json"
+    listens = [f"unix:{tmp_path}/a.sock", "127.0.0.1:0"]
+    if ipv6_works():
+        listens.append("[::1]:0")
+    args = [a for addr in listens for a in ("--listen", addr)]
+    p = spawn(procs, node_cmd("memory", "1M", *args, "--ready-file", str(ready)))
+    info = wait_ready(p, ready)
+    assert info["pid"] == p.pid and info["kind"] == "memory"
+    assert info["uri"] == info["uris"][0] and len(info["uris"]) == len(listens)
+    assert info["uris"][0].startswith("nbd+unix:///")
+    assert not any(u.endswith(":0/") for u in info["uris"]), "port 0 must be resolved"
+    for i, uri in enumerate(info["uris"]):
+        h = nbd_connect(uri)
+        h.pwrite(bytes([i + 1]) * 512, 0)
+        assert h.pread(512, 0) == bytes([i + 1]) * 512, "every address serves the same export"
+        h.shutdown()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(15) == 0
+    assert not (tmp_path / "a.sock").exists(), "the unix socket is removed at exit"
+
+
+@pytest.mark.parametrize("status", [0, 7])
+def test_lifecycle_run_captive(tmp_path: Path, status: int) -> None:
+    script = f'test -n "$uri" && nbdinfo "$uri" >/dev/null && echo "$uri" && exit {status}'
+    res = subprocess.run(
+        node_cmd("memory", "1M", "--listen", f"unix:{tmp_path}/r.sock", "--run", script),
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == status, res.stderr
+    assert res.stdout.strip() == f"nbd+unix:///?socket={tmp_path}/r.sock"
+
+
+def test_lifecycle_run_failing_command(tmp_path: Path) -> None:
+    res = subprocess.run(
+        node_cmd("memory", "1M", "--listen", f"unix:{tmp_path}/r.sock", "--run", "exit 3"),
+        cwd=ROOT, capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 3
+
+
+def test_lifecycle_systemd_socket_activation() -> None:
+    h = nbd.NBD()
+    nbdfabric = str(ROOT / ".venv/bin/nbdfabric")
+    h.connect_systemd_socket_activation([nbdfabric, "node", "memory", "1M"])
+    assert h.get_size() == MiB
+    h.pwrite(b"sd" * 256, 0)
+    assert h.pread(512, 0) == b"sd" * 256
+    h.shutdown()
+
+
+def test_lifecycle_listen_preopened_fd(procs: list[Any], tmp_path: Path) -> None:
+    path = str(tmp_path / "fd.sock")
+    lsock = socket.socket(socket.AF_UNIX)
+    lsock.bind(path)
+    lsock.listen(8)
+    fd = lsock.fileno()
+    ready = tmp_path / "ready.json"
+    p = spawn(procs, node_cmd("memory", "1M", "--listen", f"fd:{fd}", "--ready-file", str(ready)),
+              pass_fds=[fd])  # fmt: skip
+    lsock.close()
+    info = wait_ready(p, ready)
+    assert path in info["uri"]
+    run(["nbdinfo", f"nbd+unix:///?socket={path}"])
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(15) == 0
+
+
+def test_lifecycle_keepalive_options(procs: list[Any], tmp_path: Path) -> None:
+    ready = tmp_path / "ready.json"
+    p = spawn(procs, node_cmd("memory", "1M", "--listen", "127.0.0.1:0", "--keepalive-idle",
+                              "30", "--keepalive-interval", "5", "--keepalive-count", "3",
+                              "--ready-file", str(ready)))  # fmt: skip
+    uri = wait_ready(p, ready)["uri"]
+    h = nbd_connect(uri)
+    assert h.pread(512, 0) == bytes(512)
+    h.shutdown()
+
+
+def test_lifecycle_max_connections(start_node: Any) -> None:
+    node = start_node("memory", "1M", extra=("--max-connections", "2"))
+    first, second = nbd_connect(node.uri), nbd_connect(node.uri)
+    with pytest.raises(nbd.Error):
+        nbd_connect(node.uri)
+    assert first.pread(512, 0) == bytes(512)
+    first.shutdown()
+
+    def third_connects() -> bool:
+        try:
+            nbd_connect(node.uri).shutdown()
+            return True
+        except nbd.Error:
+            return False
+
+    wait_for(third_connects, 20, "a free connection slot")
+    second.shutdown()
+
+
+def test_lifecycle_max_connections_burst(start_node: Any) -> None:
+    """Connections that pile up while the node is stopped are still limited when it wakes."""
+    node = start_node("memory", "1M", extra=("--max-connections", "2"))
+    os.kill(node.pid, signal.SIGSTOP)
+    socks = []
+    try:
+        for _ in range(8):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(20)
+            s.connect(node.socket)
+            socks.append(s)
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+    greeted = sum(1 for s in socks if s.recv(18, socket.MSG_WAITALL))
+    assert greeted == 2
+    for s in socks:
+        s.close()
+
+
+# Shutdown ------------------------------------------------------------------------------------
+
+#: A node whose reads wait while a gate file exists: requests stay in flight on demand.
+GATED_NODE = '''
+import asyncio, os, sys
+from nodes import cli
+from nodes.plugins.memory import Memory
+from nodes.registry import register
+
+
+@register
+class Gated(Memory):
+    """Memory whose reads wait while $GATE exists."""
+
+    kind = "gated"
+
+    async def pread(self, buf, offset, flags):
+        gate = os.environ["GATE"]
+        open(gate + ".entered", "w").close()
+        while os.path.exists(gate):
+            await asyncio.sleep(0.01)
+        return await super().pread(buf, offset, flags)
+
+
+sys.exit(cli.main(sys.argv[1:]))
+'''
+
+
+def test_lifecycle_sigterm_drains_in_flight(procs: list[Any], tmp_path: Path) -> None:
+    gate, ready, sock = tmp_path / "gate", tmp_path / "ready.json", tmp_path / "g.sock"
+    gate.touch()
+    p = spawn(
+        procs,
+        [sys.executable, "-c", GATED_NODE, "node", "gated", "1M", "--listen", f"unix:{sock}",
+         "--ready-file", str(ready)],
+        env={**os.environ, "GATE": str(gate)},
+    )  # fmt: skip
+    uri = wait_ready(p, ready)["uri"]
+    haggling = nbd.NBD()
+    haggling.set_opt_mode(True)
+    haggling.connect_uri(uri)  # parked in option negotiation
+    h = nbd_connect(uri)
+    h.pwrite(b"\x42" * 4096, 0)
+    errors: list[int] = []
+    bufs = [bytearray(4096) for _ in range(5)]
+    for buf in bufs:
+        h.aio_pread(buf, 0, lambda err: errors.append(err.value) or 1)
+    wait_for(lambda: (h.poll(0), Path(f"{gate}.entered").exists())[1], 20, "reads in flight")
+
+    p.send_signal(signal.SIGTERM)
+    wait_for(lambda: not sock.exists(), 20, "the listener to close")
+    with pytest.raises(nbd.Error) as late:
+        h.pwrite(b"x" * 512, 8192)
+    assert late.value.errno == "ESHUTDOWN"
+    with pytest.raises(nbd.Error) as refused:
+        haggling.opt_info()
+    assert refused.value.errno == "ESHUTDOWN", "NBD_REP_ERR_SHUTDOWN while draining"
+
+    gate.unlink()  # let the reads in flight finish
+    while h.aio_in_flight():
+        h.poll(-1)
+    assert errors == [0] * 5
+    assert all(buf == b"\x42" * 4096 for buf in bufs)
+    assert p.wait(20) == 0
+
+
+# TLS -----------------------------------------------------------------------------------------
+
+
+def make_certificates(directory: Path) -> None:
+    """A CA and a server certificate in nbdkit's --tls-certificates layout."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def key() -> rsa.RSAPrivateKey:
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def pem_key(k: rsa.RSAPrivateKey) -> bytes:
+        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption())  # fmt: skip
+
+    usage = dict(content_commitment=False, data_encipherment=False, key_agreement=False,
+                 encipher_only=False, decipher_only=False)  # fmt: skip
+    ca_key = key()
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("nbdfabric test CA"))
+        .issuer_name(name("nbdfabric test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, key_encipherment=False,
+                                     key_cert_sign=True, crl_sign=True, **usage), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    server_key = key()
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(name("localhost"))
+        .issuer_name(ca.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True,
+                                     key_cert_sign=False, crl_sign=False, **usage), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    directory.mkdir(exist_ok=True)
+    (directory / "ca-cert.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "server-cert.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (directory / "server-key.pem").write_bytes(pem_key(server_key))
+    os.chmod(directory / "server-key.pem", 0o600)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tls") / "pki"
+    make_certificates(directory)
+    return directory
+
+
+def tls_node(procs: list[Any], tmp_path: Path, certs: Path, mode: str) -> tuple[str, int]:
+    sock, ready = tmp_path / "tls.sock", tmp_path / "ready.json"
+    p = spawn(procs, node_cmd("memory", "4M", "--listen", f"unix:{sock}", "--listen",
+                              "127.0.0.1:0", f"--tls={mode}", "--tls-certificates", str(certs),
+                              "--ready-file", str(ready)))  # fmt: skip
+    uris = wait_ready(p, ready)["uris"]
+    port = int(uris[1].rsplit(":", 1)[1].split("/")[0])
+    return str(sock), port
+
+
+def test_lifecycle_tls_require(procs: list[Any], tmp_path: Path, certs: Path) -> None:
+    sock, port = tls_node(procs, tmp_path, certs, "require")
+    for uri in (f"nbds+unix:///?socket={sock}&tls-certificates={certs}",
+                f"nbds://127.0.0.1:{port}/?tls-certificates={certs}"):  # fmt: skip
+        info = json.loads(run(["nbdinfo", "--json", uri]).stdout)
+        assert info["TLS"] is True and info["exports"][0]["export-size"] == 4 * MiB
+    # Data through TLS in both directions, with qemu's own TLS stack.
+    obj = f"tls-creds-x509,id=tls0,dir={certs},endpoint=client"
+    for server in (f"server.type=unix,server.path={sock}",
+                   f"server.type=inet,server.host=127.0.0.1,server.port={port}"):  # fmt: skip
+        opts = f"driver=nbd,{server},tls-creds=tls0,tls-hostname=localhost"
+        run(["qemu-io", "--object", obj, "--image-opts", opts, "-c", "write -P 0x5c 0 1M",
+             "-c", "read -P 0x5c 0 1M"])  # fmt: skip
+        out = run(["qemu-img", "info", "--output=json", "--object", obj, "--image-opts", opts])
+        assert json.loads(out.stdout)["virtual-size"] == 4 * MiB
+    # A plain client is refused.
+    res = run(["nbdinfo", f"nbd+unix:///?socket={sock}"], check=False)
+    assert res.returncode != 0
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(20)
+        s.connect(sock)
+        s.recv(18, socket.MSG_WAITALL)
+        s.sendall(struct.pack(">IQII", 3, IHAVEOPT, 3, 0))  # LIST without TLS
+        rep = struct.unpack(">QIII", s.recv(20, socket.MSG_WAITALL))[2]
+        assert rep == (1 << 31) | 5, "NBD_REP_ERR_TLS_REQD"
+
+
+def test_lifecycle_tls_on_allows_both(procs: list[Any], tmp_path: Path, certs: Path) -> None:
+    sock, _ = tls_node(procs, tmp_path, certs, "on")
+    h = nbd_connect(f"nbd+unix:///?socket={sock}")
+    h.pwrite(b"plain" * 100, 0)
+    h.shutdown()
+    secure = nbd.NBD()
+    secure.set_tls(nbd.TLS_REQUIRE)
+    secure.set_tls_certificates(str(certs))
+    secure.connect_uri(f"nbds+unix:///?socket={sock}")
+    assert secure.pread(500, 0) == b"plain" * 100
+    big = os.urandom(4 * MiB)
+    secure.pwrite(big, 0)
+    assert secure.pread(4 * MiB, 0) == big
+    secure.shutdown()
