@@ -24,6 +24,7 @@ from ..protocol.constants import (
 )
 from ..protocol.errors import ProtocolError, to_wire
 from ..protocol.handshake import NEED_DATA, Closed, Ready, ServerHandshake, StartTLS
+from .eager import start_eager
 from .stream import Buffer, Stream, TLSStream
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ MAX_IN_FLIGHT = 64
 #: A hole shorter than this is sent as zeros: a chunk header costs more than the bytes.
 MIN_HOLE_CHUNK = 4096
 ZERO_CHUNK = 1024 * 1024
+#: Requests served inline (no Task) in a row before the reader yields to the event loop.
+YIELD_EVERY = 16
 #: A rejected WRITE payload larger than this is not skipped: the client is disconnected.
 MAX_SKIP = 64 * 1024 * 1024
 _ZEROES = bytes(ZERO_CHUNK)
@@ -186,6 +189,7 @@ class Session:
         view[:end] = ready.leftover
         hsize = REQUEST.size
         pool = node.pool
+        finished_inline = 0
         while not self.closed:
             if end - start < hsize:
                 if start:
@@ -234,9 +238,17 @@ class Session:
             if ordering == "ordered":
                 previous, mine = self._last_reply, loop.create_future()
                 self._last_reply = mine
-            task = loop.create_task(self._serve(req, err, payload, previous, mine))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            task = start_eager(loop, self._serve(req, err, payload, previous, mine))
+            if task is not None:
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            else:
+                # Served without waiting: give other connections a turn now and then, since a
+                # client that keeps the socket full would otherwise never let the loop run.
+                finished_inline += 1
+                if finished_inline == YIELD_EVERY:
+                    finished_inline = 0
+                    await asyncio.sleep(0)
 
     def _tolerated_tail(self, req: tx.Request) -> bool:
         """--eof-tolerant: a structured READ that starts inside the export but runs past its end
