@@ -31,7 +31,9 @@ def parse_size(value: Any) -> int:
         m = _SIZE_RE.match(str(value))
         if not m:
             raise ValueError("expected a size like 1G, 512K or a byte count")
-        n = int(float(m.group(1)) * (1 << _SIZE_SHIFT[m.group(2).lower()]))
+        number, shift = m.group(1), _SIZE_SHIFT[m.group(2).lower()]
+        # Whole numbers stay exact (2^63-1 does not survive a float); only `1.5M` needs one.
+        n = int(number) << shift if number.isdigit() else int(float(number) * (1 << shift))
     if not 0 <= n <= MAX_SIZE:
         raise ValueError(f"a size must be between 0 and {MAX_SIZE}")
     return n

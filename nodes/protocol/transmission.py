@@ -72,21 +72,22 @@ class Transmission:
 def validate(req: Request, t: Transmission) -> Err:
     """The error a request must get before any work is done, or Err.OK.
 
-    Order as nbdkit's: command, flags, read-only, capability, range, alignment, size.
+    Order: command, unknown flags, read-only (EPERM wins over a FUA the export does not
+    advertise, as in nbdkit), flags, capability, range, alignment, size.
     """
     cmd, flags, tf = req.cmd, req.flags, t.tflags
     if cmd not in _KNOWN_CMDS:
         return Err.EINVAL
     if flags & ~_ALL_FLAGS or flags & ~FLAGS_VALID_FOR[Cmd(cmd)]:
         return Err.EINVAL
+    if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and tf & TFlag.READ_ONLY:
+        return Err.EPERM
     if flags & CmdFlag.FUA and not tf & TFlag.SEND_FUA:
         return Err.EINVAL
     if flags & CmdFlag.DF and not (t.structured and tf & TFlag.SEND_DF):
         return Err.EINVAL
     if flags & CmdFlag.FAST_ZERO and not tf & TFlag.SEND_FAST_ZERO:
         return Err.EINVAL
-    if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and tf & TFlag.READ_ONLY:
-        return Err.EPERM
     if cmd == Cmd.FLUSH:
         if not tf & TFlag.SEND_FLUSH or req.offset or req.length:
             return Err.EINVAL

@@ -1,0 +1,325 @@
+"""file: serve a regular file or a block device (nbdkit-file-plugin).
+
+Reads and writes go straight between the request buffer and the file (`preadv`/`pwritev`, no
+extra copy); flush is `fdatasync`, and FUA is a `fdatasync` after the write. Trim punches a
+hole (`fallocate PUNCH_HOLE|KEEP_SIZE`); write-zeroes punches a hole when the client allows
+holes, else uses `ZERO_RANGE`, and when the file system can do neither the server writes
+zeros instead (a fast-zero request then fails with ENOTSUP, as the spec asks). Extents come
+from `SEEK_DATA`/`SEEK_HOLE` on regular files (holes are reported as hole+zero); cache is
+`posix_fadvise(WILLNEED)`. A file we may not write (permissions, read-only mount, immutable)
+is served read-only. The size is read again for every new connection, so a file that grew
+shows its new size to new clients.
+
+`cache=none` opens the file with O_DIRECT so the page cache is bypassed (nbdkit's cache=none
+instead drops pages after use; the aim is the same). O_DIRECT needs aligned I/O: the node
+then advertises a minimum block size (the device's logical sector size, 4096 for files) and
+moves data through an aligned buffer; a size that is not a multiple of it is rounded down.
+File systems without O_DIRECT (tmpfs) refuse to start with a message saying so.
+
+Params: `file` (magic, required: path of a file or block device), `cache` (default | none),
+`fadvise` (normal | random | sequential: the kernel's read-ahead hint, default normal).
+
+Not (yet) supported from nbdkit: `dir=` (one export per file of a directory).
+
+Example: `nbdfabric node file disk.img --listen unix:/tmp/f.sock`, then
+`qemu-img map --output=json 'nbd+unix:///?socket=/tmp/f.sock'` matches `qemu-img map disk.img`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import stat
+import struct
+from collections.abc import Callable
+from typing import Literal
+
+from ..base import Capabilities, Extents, Holes, Plugin, Support, fua_requested, may_trim
+from ..params import Params, param
+from ..protocol.constants import Extent
+from ..registry import register
+
+log = logging.getLogger("nbdfabric.file")
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+BLKSSZGET = 0x1268  #: ioctl: a block device's logical sector size
+#: Requests this large run in a worker thread so one slow disk op does not stall the others.
+THREAD_THRESHOLD = 256 * 1024
+#: O_DIRECT alignment for regular files: safe on every device (logical sectors are <= 4096).
+FILE_DIRECT_ALIGN = 4096
+#: Describe at most this many extents per request (the spec lets us return less than asked).
+MAX_EXTENTS = 1024
+_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+_FADVICE = {
+    "normal": os.POSIX_FADV_NORMAL,
+    "random": os.POSIX_FADV_RANDOM,
+    "sequential": os.POSIX_FADV_SEQUENTIAL,
+}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode argument, which os.posix_fallocate does not have."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+class FileParams(Params):
+    file: str = param(description="path of the file or block device to serve")
+    cache: Literal["default", "none"] = param(
+        "default", description="none: bypass the page cache with O_DIRECT"
+    )
+    fadvise: Literal["normal", "random", "sequential"] = param(
+        "normal", description="access-pattern hint for the kernel's read-ahead"
+    )
+
+
+def _rotational(st: os.stat_result) -> bool:
+    """What sysfs says about the disk under this file (False when it cannot tell)."""
+    dev = st.st_rdev if stat.S_ISBLK(st.st_mode) else st.st_dev
+    base = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    for path in (f"{base}/queue/rotational", f"{base}/../queue/rotational"):  # disk, partition
+        try:
+            with open(path) as f:
+                return f.read().strip() == "1"
+        except OSError:
+            continue
+    return False
+
+
+def _sector_size(fd: int) -> int:
+    return int(struct.unpack("i", fcntl.ioctl(fd, BLKSSZGET, b"\0" * 4))[0])
+
+
+@register
+class File(Plugin):
+    """A regular file or block device."""
+
+    kind = "file"
+    Params = FileParams
+    magic = "file"
+    params: FileParams
+
+    def __init__(self, params: FileParams) -> None:
+        super().__init__(params)
+        self.fd = -1
+        self.writable = False
+        self.block_device = False
+        self.rotational = False
+        self.align = 0  #: O_DIRECT alignment; 0 when the page cache is used
+        self.sector = 512  #: a block device's logical sector size (discards are rounded to it)
+        self.unsupported: set[int] = set()  #: fallocate modes this file system refused
+
+    # Lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        path, direct = self.params.file, self.params.cache == "none"
+        flags = os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
+        try:
+            self.fd = os.open(path, flags | os.O_RDWR)
+            self.writable = True
+        except OSError as exc:
+            if exc.errno in _READ_ONLY:
+                self.fd = os.open(path, flags | os.O_RDONLY)
+            elif direct and exc.errno == errno.EINVAL:
+                raise OSError(
+                    errno.EINVAL,
+                    f"{path}: cache=none needs O_DIRECT, which this file system does not "
+                    "support; use cache=default",
+                ) from None
+            else:
+                raise
+        st = os.fstat(self.fd)
+        self.block_device = stat.S_ISBLK(st.st_mode)
+        if not (self.block_device or stat.S_ISREG(st.st_mode)):
+            os.close(self.fd)
+            raise OSError(errno.EINVAL, f"{path}: not a regular file or block device")
+        self.rotational = _rotational(st)
+        if self.block_device:
+            self.sector = _sector_size(self.fd)
+        if direct:
+            self.align = self.sector if self.block_device else FILE_DIRECT_ALIGN
+        os.posix_fadvise(self.fd, 0, 0, _FADVICE[self.params.fadvise])
+        if not self.writable:
+            log.warning("%s is not writable: serving it read-only", path)
+
+    async def stop(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def size(self) -> int:
+        # A block device's st_size is 0: its size is where its end is.
+        size = os.lseek(self.fd, 0, os.SEEK_END) if self.block_device else os.fstat(self.fd).st_size
+        return size - size % self.align if self.align else size
+
+    def capabilities(self) -> Capabilities:
+        # One fd shared by every connection, flushed with fdatasync: multi-conn is safe.
+        return Capabilities(
+            size=self.size(),
+            writable=self.writable,
+            flush=True,
+            fua=Support.NATIVE,
+            trim=True,
+            zero=Support.NATIVE,
+            fast_zero=True,
+            cache=Support.NATIVE,
+            extents=not self.block_device,
+            multi_conn=True,
+            rotational=self.rotational,
+            block_min=self.align,
+            block_preferred=max(self.align, 4096) if self.align else 0,
+        )
+
+    # Data ----------------------------------------------------------------------------------
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        await self._run(self._read, buf, offset)
+        return None
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        await self._run(self._write, buf, offset)
+        if fua_requested(flags):
+            await self.flush(0)
+
+    async def flush(self, flags: int) -> None:
+        await asyncio.to_thread(os.fdatasync, self.fd)  # may wait long for the disk
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        # A hint: where punching is unsupported (or not sector-aligned) nothing happens.
+        start, end = offset, offset + count
+        if self.block_device:  # a discard must cover whole sectors
+            start, end = -(-start // self.sector) * self.sector, end - end % self.sector
+        if start < end:
+            self._fallocate(PUNCH_HOLE, start, end - start)
+        if fua_requested(flags):
+            await self.flush(0)
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        punched = may_trim(flags) and self._fallocate(PUNCH_HOLE, offset, count)
+        if not (punched or self._fallocate(ZERO_RANGE, offset, count)):
+            # The server falls back to writing zeros (or fails a FAST_ZERO request).
+            raise OSError(errno.ENOTSUP, "this file cannot zero without writing")
+        if fua_requested(flags):
+            await self.flush(0)
+
+    def _fallocate(self, mode: int, offset: int, count: int) -> bool:
+        """True when done; False when the file cannot (remembered) or not at this range."""
+        if mode in self.unsupported:
+            return False
+        try:
+            fallocate(self.fd, mode, offset, count)
+        except OSError as exc:
+            if exc.errno in _UNSUPPORTED:
+                self.unsupported.add(mode)
+                return False
+            if exc.errno == errno.EINVAL:  # e.g. not sector-aligned on a block device
+                return False
+            raise
+        return True
+
+    async def cache(self, count: int, offset: int, flags: int) -> None:
+        os.posix_fadvise(self.fd, offset, count, os.POSIX_FADV_WILLNEED)
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        out: list[tuple[int, int]] = []
+        pos, end = offset, offset + count
+        hole = Extent.HOLE | Extent.ZERO
+        while pos < end and len(out) < MAX_EXTENTS:
+            data = self._seek(pos, os.SEEK_DATA, end)
+            if data > pos:
+                out.append((min(data, end) - pos, hole))
+                pos = min(data, end)
+                continue
+            next_hole = min(self._seek(pos, os.SEEK_HOLE, end), end)
+            out.append((next_hole - pos, 0))
+            pos = next_hole
+        return out
+
+    def _seek(self, pos: int, whence: int, end: int) -> int:
+        try:
+            return os.lseek(self.fd, pos, whence)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                return end
+            if exc.errno == errno.EINVAL:  # no SEEK_DATA/SEEK_HOLE here: all data
+                return pos if whence == os.SEEK_DATA else end
+            raise
+
+    # Plumbing ------------------------------------------------------------------------------
+
+    async def _run(
+        self, op: Callable[[memoryview, int], None], buf: memoryview, offset: int
+    ) -> None:
+        if len(buf) >= THREAD_THRESHOLD:
+            await asyncio.to_thread(op, buf, offset)
+        else:
+            op(buf, offset)
+
+    def _read(self, buf: memoryview, offset: int) -> None:
+        if self.align:
+            self._check_aligned(buf, offset)
+            with _Bounce(len(buf)) as bounce:
+                _read_all(self.fd, bounce, offset)
+                buf[:] = bounce
+        else:
+            _read_all(self.fd, buf, offset)
+
+    def _write(self, buf: memoryview, offset: int) -> None:
+        if self.align:
+            self._check_aligned(buf, offset)
+            with _Bounce(len(buf)) as bounce:
+                bounce[:] = buf
+                _write_all(self.fd, bounce, offset)
+        else:
+            _write_all(self.fd, buf, offset)
+
+    def _check_aligned(self, buf: memoryview, offset: int) -> None:
+        # The server refuses requests that break block_min, so this only guards our own calls.
+        if offset % self.align or len(buf) % self.align:
+            raise OSError(errno.EINVAL, f"cache=none needs {self.align}-byte aligned requests")
+
+
+class _Bounce:
+    """A page-aligned buffer (an anonymous mmap) for O_DIRECT, which cannot use ours."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __enter__(self) -> memoryview:
+        self.map = mmap.mmap(-1, self.length)
+        self.view = memoryview(self.map)
+        return self.view
+
+    def __exit__(self, *exc: object) -> None:
+        self.view.release()
+        self.map.close()
+
+
+def _read_all(fd: int, buf: memoryview, offset: int) -> None:
+    pos = 0
+    while pos < len(buf):
+        n = os.preadv(fd, [buf[pos:]], offset + pos)
+        if n == 0:
+            raise OSError(errno.EIO, "read past the end of the file (was it truncated?)")
+        pos += n
+
+
+def _write_all(fd: int, buf: memoryview, offset: int) -> None:
+    pos = 0
+    while pos < len(buf):
+        pos += os.pwritev(fd, [buf[pos:]], offset + pos)

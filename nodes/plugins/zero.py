@@ -1,0 +1,45 @@
+"""zero: a read-only disk of zeros (nbdkit-zero-plugin, deprecated there in favour of null).
+
+nbdkit's zero plugin is always zero bytes long and takes no parameters; ours keeps that as the
+default and also accepts a `size`, which makes it a read-only `null`. Reads return zeros, every
+write is refused with EPERM, extents report one hole.
+
+Params: `size` (magic, default 0).
+
+Example: `nbdfabric node zero --listen unix:/tmp/z.sock` serves an empty disk for testing how
+clients cope with size 0; `nbdfabric node zero 1G` a 1 GiB read-only hole.
+"""
+
+from __future__ import annotations
+
+from ..base import Capabilities, Extents, Holes, Plugin, Support, all_zero_extent
+from ..params import Params, Size, param
+from ..registry import register
+
+
+class ZeroParams(Params):
+    size: Size = param(0, description="virtual size (nbdkit's zero plugin is always 0)")
+
+
+@register
+class Zero(Plugin):
+    """A read-only disk that is all zeros (size 0 by default)."""
+
+    kind = "zero"
+    Params = ZeroParams
+    magic = "size"
+    params: ZeroParams
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            size=self.params.size, cache=Support.NATIVE, extents=True, multi_conn=True
+        )
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        return [(0, len(buf))]
+
+    async def cache(self, count: int, offset: int, flags: int) -> None:
+        pass
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        return all_zero_extent(count)

@@ -1,0 +1,52 @@
+"""Every registered node kind has a manual and a test (nbdkit's podwrapper-style check).
+
+The manual is the kind's module docstring (what it does, its params, an example); a test is
+any file under tests/ other than this one that names the kind as a quoted string, the way
+`start_node("memory", ...)` does.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from nodes import registry
+
+TESTS = Path(__file__).resolve().parent
+KINDS = registry.kinds()
+
+
+def _test_sources() -> str:
+    return "\n".join(
+        p.read_text()
+        for p in sorted(TESTS.rglob("*.py"))
+        if p.resolve() != Path(__file__).resolve()
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_registry_kind_has_a_manual(kind: str) -> None:
+    manual = (sys.modules[KINDS[kind].__module__].__doc__ or "").strip()
+    assert manual, f"{kind}: its module has no docstring (the kind's manual)"
+    assert manual.startswith(kind.split("-")[0]) or kind in manual, (
+        f"{kind}: the manual should open with the kind's name"
+    )
+    assert len(manual.splitlines()) >= 3, (
+        f"{kind}: the manual is one line; say what, params, example"
+    )
+    assert "Example" in manual, f"{kind}: the manual has no example"
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_registry_kind_has_a_test(kind: str) -> None:
+    quoted = re.compile(rf"""["']{re.escape(kind)}["']""")
+    assert quoted.search(_test_sources()), f"{kind}: no test under tests/ names this kind"
+
+
+def test_registry_lists_the_source_plugins() -> None:
+    expected = {"file", "null", "zero", "full", "pattern", "random", "sparse-random", "info"}
+    assert expected <= set(KINDS)
+    assert all(KINDS[k].role == "plugin" for k in expected)
