@@ -1,0 +1,1 @@
+"""Where nodes run: local processes (process.py), the embedded default."""

@@ -1,0 +1,305 @@
+"""The local process backend: every node is an `nbdfabric node` child process, linked to its
+upstreams over unix sockets in the fabric's run directory.
+
+Run directory (one per fabric, `RUN` below):
+  `--run-dir DIR` or `$NBDFABRIC_RUN_DIR`, else `$XDG_RUNTIME_DIR/nbdfabric`, else
+  `.nbdfabric/` beside the topology file; the fabric's own directory is `BASE/<name>/`.
+Per node: `RUN/NODE.sock` (internal NBD link), `RUN/NODE.ctl` (gRPC control + health),
+`RUN/NODE.json` (ready file), `RUN/NODE.log` (stderr, appended across restarts).
+Supervisor: `RUN/orchestrator.sock` (gRPC), `.pid`, `.lock`, `.log`, and `RUN/state.json`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..topology import Node, Topology, is_uri
+
+#: Longest unix socket path the kernel takes (sun_path is 108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
+
+
+class StartError(RuntimeError):
+    """A node did not come up: it exited, or never became ready or healthy."""
+
+
+def run_base(topology_dir: str | Path, override: str | None = None) -> Path:
+    if override:
+        return Path(override).absolute()
+    if os.environ.get("NBDFABRIC_RUN_DIR"):
+        return Path(os.environ["NBDFABRIC_RUN_DIR"]).absolute()
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg):
+        return Path(xdg) / "nbdfabric"
+    return Path(topology_dir).absolute() / ".nbdfabric"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    def sock(self, node: str) -> Path:
+        return self.path / f"{node}.sock"
+
+    def ctl(self, node: str) -> Path:
+        return self.path / f"{node}.ctl"
+
+    def ready(self, node: str) -> Path:
+        return self.path / f"{node}.json"
+
+    def log(self, node: str) -> Path:
+        return self.path / f"{node}.log"
+
+    @property
+    def api(self) -> Path:
+        return self.path / "orchestrator.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.path / "orchestrator.pid"
+
+    @property
+    def lockfile(self) -> Path:
+        return self.path / "orchestrator.lock"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.path / "orchestrator.log"
+
+    @property
+    def state(self) -> Path:
+        return self.path / "state.json"
+
+    def internal_uri(self, node: str) -> str:
+        return f"nbd+unix:///?socket={self.sock(node)}"
+
+    def check_paths(self, topology: Topology) -> list[str]:
+        """Socket paths too long for the kernel (then pick a shorter run dir)."""
+        paths = [self.api] + [p for n in topology.nodes for p in (self.sock(n), self.ctl(n))]
+        return [str(p) for p in paths if len(os.fsencode(str(p))) > MAX_SOCKET_PATH]
+
+    def remove_node_files(self, node: str, topology: Topology | None = None) -> None:
+        for p in (self.sock(node), self.ctl(node), self.ready(node)):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        export = topology.export_of(node) if topology else None
+        for addr in export.listen if export else ():
+            if addr.startswith("unix:"):
+                with contextlib.suppress(OSError):
+                    if Path(addr[5:]).is_socket():
+                        Path(addr[5:]).unlink()
+
+
+def control_supported() -> bool:
+    """Nodes serve gRPC control + health once nodes/control/server.py exists."""
+    return importlib.util.find_spec("nodes.control.server") is not None
+
+
+def nbdfabric_command() -> list[str]:
+    script = Path(sys.executable).parent / "nbdfabric"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "nodes.cli"]
+
+
+def param_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(param_text(v) for v in value)
+    return str(value)
+
+
+def node_command(node: Node, topology: Topology, run: RunDir, control: bool) -> list[str]:
+    cmd = [*nbdfabric_command(), "node", node.kind]
+    cmd += [f"{k}={param_text(v)}" for k, v in node.raw_params.items()]
+    cmd += ["--name", node.name, "--listen", f"unix:{run.sock(node.name)}"]
+    cmd += ["--ready-file", str(run.ready(node.name))]
+    for up in node.upstreams:
+        cmd += ["--upstream", up if is_uri(up) else run.internal_uri(up)]
+    export = topology.export_of(node.name)
+    if export is not None:
+        for addr in export.listen:
+            cmd += ["--listen", addr]
+        cmd += ["--export-name", export.name]
+        if export.description:
+            cmd += ["--description", export.description]
+        if export.read_only:
+            cmd += ["--read-only"]
+        if export.tls != "off":
+            cmd += [f"--tls={export.tls}"]
+            if export.tls_certificates:
+                cmd += ["--tls-certificates", export.tls_certificates]
+            if export.tls_psk:
+                cmd += ["--tls-psk", export.tls_psk]
+    if control:
+        cmd += ["--control", f"unix:{run.ctl(node.name)}"]
+    return cmd
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+class NodeProcess:
+    """One node's process: spawn, wait until ready, stop; files under the run dir."""
+
+    def __init__(self, run: RunDir, node: Node, topology: Topology, control: bool) -> None:
+        self.run = run
+        self.node = node
+        self.topology = topology
+        self.control = control
+        self.proc: asyncio.subprocess.Process | None = None
+        self.info: dict[str, Any] = {}
+        self.started_at = 0.0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc else 0
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    async def spawn(self) -> None:
+        name = self.node.name
+        self.run.remove_node_files(name, self.topology)
+        cmd = node_command(self.node, self.topology, self.run, self.control)
+        log = self.run.log(name)
+        with log.open("ab") as f:
+            f.write(f"--- nbdfabric: starting {name}: {' '.join(cmd)}\n".encode())
+            # A session of its own: Ctrl-C on a foreground `up` reaches the supervisor only,
+            # which then stops the nodes in order.
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd,
+                cwd=self.topology.base_dir,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=f,
+                start_new_session=True,
+            )
+        self.started_at = time.time()
+
+    async def wait_ready(self, limit: float) -> dict[str, Any]:
+        """The ready file's JSON once the node accepts connections; StartError if it exits."""
+        assert self.proc is not None
+        ready = self.run.ready(self.node.name)
+        deadline = time.monotonic() + limit
+        while True:
+            if self.proc.returncode is not None:
+                raise StartError(self.failure(f"exited with status {self.proc.returncode}"))
+            if ready.exists():
+                with contextlib.suppress(ValueError, OSError):
+                    info = json.loads(ready.read_text())
+                    if info.get("pid") == self.proc.pid:
+                        self.info = info
+                        return info
+            if time.monotonic() > deadline:
+                raise StartError(self.failure(f"not ready after {limit:.0f}s"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.proc.wait()), 0.02)
+
+    def failure(self, what: str) -> str:
+        tail = log_tail(self.run.log(self.node.name))
+        where = self.run.log(self.node.name)
+        return f"node {self.node.name!r} {what}" + (f"; {where}:\n{tail}" if tail else "")
+
+    async def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after `grace` seconds; removes the node's sockets."""
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        self.run.remove_node_files(self.node.name, self.topology)
+        return proc.returncode if proc else None
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await self.proc.wait()
+
+
+def probe_nbd(path: Path, timeout: float = 2.0) -> bool:
+    """Liveness without gRPC: the node's internal socket answers with the NBD greeting."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(path))
+            return s.recv(8) == b"NBDMAGIC"
+    except OSError:
+        return False
+
+
+def pid_matches(pid: int, marker: str) -> bool:
+    """Is `pid` alive, not a zombie, and its command line mentions `marker` (pid reuse check)?"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        return marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, IndexError):
+        return False
+
+
+def kill_leftovers(run: RunDir) -> list[int]:
+    """`down` when the supervisor is gone: kill the node processes state.json remembers."""
+    killed = []
+    try:
+        state = json.loads(run.state.read_text())
+    except (OSError, ValueError):
+        state = {}
+    for name, entry in (state.get("nodes") or {}).items():
+        pid = int(entry.get("pid") or 0)
+        if pid and pid_matches(pid, str(run.ready(name))):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    sup = int(state.get("supervisor_pid") or 0)
+    if sup and pid_matches(sup, "orchestrator"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(sup, signal.SIGKILL)
+        killed.append(sup)
+    for pid in killed:
+        while pid_matches(pid, ""):
+            time.sleep(0.02)
+    return killed
+
+
+def clean_run_dir(run: RunDir, keep_logs: bool = True) -> None:
+    """Remove every socket, ready file and state file; logs stay for `nbdfabric logs`."""
+    if not run.path.is_dir():
+        return
+    for p in run.path.iterdir():
+        if keep_logs and p.suffix == ".log":
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+    with contextlib.suppress(OSError):
+        run.path.rmdir()  # only when nothing (no log) is left

@@ -1,0 +1,565 @@
+"""`nbdfabric up | down | status | validate | graph | set | logs | schema` (via nodes/cli.py).
+
+Like docker compose, commands find the fabric from `-f FILE` (default ./fabric.yaml) or
+`-p NAME`; its run dir is described in orchestrator/backends/process.py. `up` talks to the
+fabric's supervisor over gRPC when one runs (re-apply), otherwise starts one: in the foreground
+(Ctrl-C stops the fabric in order) or, with `--detach`, as a daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from .backends.process import (
+    RunDir,
+    clean_run_dir,
+    kill_leftovers,
+    log_tail,
+    pid_matches,
+    run_base,
+)
+from .topology import Topology, TopologyError, load, peek_name
+
+DEFAULT_FILE = "fabric.yaml"
+#: `status` exit code when the fabric is not running (as `systemctl status`).
+NOT_RUNNING = 3
+
+
+def _err(command: str, message: str) -> None:
+    print(f"nbdfabric {command}: {message}", file=sys.stderr)
+
+
+def _parser(command: str, description: str, file_arg: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"nbdfabric {command}", description=description)
+    if file_arg:
+        p.add_argument("file", nargs="?", help=f"topology file (default: {DEFAULT_FILE})")
+    p.add_argument("-f", "--file", dest="file_opt", metavar="FILE", help="topology file")
+    p.add_argument("-p", "--project-name", metavar="NAME", help="fabric name (instead of -f)")
+    p.add_argument(
+        "--run-dir",
+        metavar="DIR",
+        help="base of run dirs (default: $NBDFABRIC_RUN_DIR, $XDG_RUNTIME_DIR/nbdfabric, "
+        "or .nbdfabric/ beside the file)",
+    )
+    return p
+
+
+def _file(args: argparse.Namespace) -> Path:
+    return Path(getattr(args, "file", None) or args.file_opt or DEFAULT_FILE)
+
+
+def _run_dir(args: argparse.Namespace, name: str | None = None) -> tuple[str, RunDir] | None:
+    path = _file(args)
+    name = name or args.project_name or peek_name(path)
+    if name is None:
+        return None
+    base = run_base(path.absolute().parent, args.run_dir)
+    return name, RunDir(base / name)
+
+
+# -- gRPC client --------------------------------------------------------------------------------
+
+
+class Client:
+    """The CLI's side of OrchestratorService on RUN/orchestrator.sock."""
+
+    def __init__(self, run: RunDir) -> None:
+        from nodes.control.rpc.nbdfabric.v1 import orchestrator_pb2 as pb
+        from nodes.control.rpc.nbdfabric.v1 import orchestrator_pb2_grpc as pb_grpc
+
+        self.pb = pb
+        self.channel = grpc.insecure_channel(f"unix:{run.api}")
+        self.stub = pb_grpc.OrchestratorServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def alive(self) -> bool:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            reply = health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def connect(run: RunDir) -> Client | None:
+    if not run.api.exists():
+        return None
+    client = Client(run)
+    if client.alive():
+        return client
+    client.close()
+    return None
+
+
+def _rpc_error(exc: grpc.RpcError) -> str:
+    details = exc.details() if hasattr(exc, "details") else None
+    return str(details or exc)
+
+
+# -- up -------------------------------------------------------------------------------------------
+
+
+def _print_exports(exports: Sequence[Any]) -> None:
+    for e in exports:
+        for uri in e.uris:
+            print(f"  {e.name}: {uri}")
+
+
+def _apply(client: Client, topology: Topology, path: Path) -> Any:
+    return client.stub.Apply(
+        client.pb.ApplyRequest(
+            topology_yaml=topology.text,
+            source=str(path),
+            base_dir=topology.base_dir,
+        )
+    )
+
+
+def cmd_up(argv: Sequence[str]) -> int:
+    p = _parser("up", "Start a fabric, or apply an edited topology to a running one.", True)
+    p.add_argument("-d", "--detach", action="store_true", help="run the supervisor in background")
+    p.add_argument("--dry-run", action="store_true", help="print what would change, do nothing")
+    args = p.parse_args(argv)
+    path = _file(args)
+    try:
+        topology = load(path)
+    except TopologyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    found = _run_dir(args, topology.name)
+    assert found is not None
+    _, run = found
+    too_long = run.check_paths(topology)
+    if too_long:
+        _err("up", f"socket path too long for unix sockets: {too_long[0]}; use a shorter "
+             "--run-dir or $NBDFABRIC_RUN_DIR")  # fmt: skip
+        return 1
+    client = connect(run)
+    if client is not None:
+        return _reapply(client, topology, path, args.dry_run)
+    if args.dry_run:
+        for n in topology.nodes:
+            print(f"  {n}: add")
+        return 0
+    if run.state.exists():  # a supervisor that died: clear what it left
+        kill_leftovers(run)
+        clean_run_dir(run)
+    if not args.detach:
+        return _foreground(run, topology)
+    return _detach(run, topology, path)
+
+
+def _reapply(client: Client, topology: Topology, path: Path, dry_run: bool) -> int:
+    try:
+        reply = client.stub.Apply(
+            client.pb.ApplyRequest(
+                topology_yaml=topology.text,
+                source=str(path),
+                base_dir=topology.base_dir,
+                dry_run=dry_run,
+            )
+        )
+    except grpc.RpcError as exc:
+        _err("up", _rpc_error(exc))
+        return 1
+    finally:
+        client.close()
+    for a in reply.actions:
+        print(f"  {a.node}: {a.action}{' (' + a.reason + ')' if a.reason else ''}")
+    if not dry_run:
+        print(f"fabric {topology.name}: applied")
+        _print_exports(reply.exports)
+    return 0
+
+
+def _detach(run: RunDir, topology: Topology, path: Path) -> int:
+    run.path.mkdir(parents=True, exist_ok=True)
+    with run.supervisor_log.open("ab") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.daemon", str(run.path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            start_new_session=True,
+            cwd="/",
+            env={**os.environ, "PYTHONPATH": _import_root()},
+        )
+    client = None
+    while client is None:
+        if daemon.poll() is not None:
+            _err("up", f"the supervisor exited ({daemon.returncode}):\n"
+                 + log_tail(run.supervisor_log))  # fmt: skip
+            return 1
+        client = connect(run)
+        if client is None:
+            time.sleep(0.05)
+    try:
+        reply = _apply(client, topology, path)
+    except grpc.RpcError as exc:
+        _err("up", _rpc_error(exc))
+        _down(run, client)
+        return 1
+    print(f"fabric {topology.name}: {len(topology.nodes)} nodes up (supervisor pid "
+          f"{daemon.pid}, run dir {run.path})")  # fmt: skip
+    _print_exports(reply.exports)
+    client.close()
+    return 0
+
+
+def _import_root() -> str:
+    """The daemon must import the same orchestrator package as this CLI."""
+    root = str(Path(__file__).resolve().parent.parent)
+    extra = os.environ.get("PYTHONPATH")
+    return f"{root}{os.pathsep}{extra}" if extra else root
+
+
+def _foreground(run: RunDir, topology: Topology) -> int:
+    import logging
+
+    from .service import AlreadyRunning, hosted
+    from .supervisor import ApplyError
+
+    logging.basicConfig(level=logging.WARNING)
+
+    async def main() -> int:
+        async with hosted(run) as sup:
+            loop = asyncio.get_running_loop()
+            pending: set[asyncio.Future[Any]] = set()
+
+            def down() -> None:
+                print("stopping...", flush=True)
+                pending.add(asyncio.ensure_future(sup.down()))
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, down)
+
+            async def printer() -> None:
+                async for event in sup.watch(replay=True):
+                    print(event, flush=True)
+
+            printing = asyncio.ensure_future(printer())
+            try:
+                await sup.apply(topology)
+            except ApplyError as exc:
+                _err("up", str(exc))
+                await sup.down()
+                printing.cancel()
+                return 1
+            print(f"fabric {topology.name}: {len(topology.nodes)} nodes up; Ctrl-C stops it",
+                  flush=True)  # fmt: skip
+            for e in sup.exports():
+                for uri in e["uris"]:
+                    print(f"  {e['name']}: {uri}", flush=True)
+            await sup.finished.wait()
+            await asyncio.sleep(0)
+            printing.cancel()
+            return 0
+
+    try:
+        return asyncio.run(main())
+    except AlreadyRunning as exc:
+        _err("up", str(exc))
+        return 1
+
+
+# -- down / status / logs / set --------------------------------------------------------------------
+
+
+def _supervisor_pid(run: RunDir) -> int:
+    try:
+        return int(run.pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _down(run: RunDir, client: Client | None) -> int:
+    stopped = 0
+    if client is not None:
+        pid = _supervisor_pid(run)
+        try:
+            stopped = len(client.stub.Down(client.pb.DownRequest()).stopped)
+        except grpc.RpcError as exc:
+            _err("down", f"supervisor did not answer ({_rpc_error(exc)}); killing what is left")
+        client.close()
+        while pid and pid_matches(pid, "orchestrator"):
+            time.sleep(0.02)
+    stopped += len(kill_leftovers(run))
+    clean_run_dir(run)
+    return stopped
+
+
+def cmd_down(argv: Sequence[str]) -> int:
+    args = _parser("down", "Stop every node of a fabric and its supervisor.").parse_args(argv)
+    found = _run_dir(args)
+    if found is None:
+        _err("down", f"no fabric: {_file(args)} not found (use -f FILE or -p NAME)")
+        return 1
+    name, run = found
+    client = connect(run)
+    if client is None and not run.path.exists():
+        print(f"fabric {name} is not running")
+        return 0
+    n = _down(run, client)
+    print(f"fabric {name}: down ({n} processes stopped)")
+    return 0
+
+
+def _uptime(seconds: float) -> str:
+    if seconds <= 0:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _node_json(n: Any) -> dict[str, Any]:
+    """Plain JSON types (MessageToDict would turn int64 into strings)."""
+    out: dict[str, Any] = {}
+    for field in n.DESCRIPTOR.fields:
+        value = getattr(n, field.name)
+        out[field.name] = list(value) if field.label == field.LABEL_REPEATED else value
+    return out
+
+
+def cmd_status(argv: Sequence[str]) -> int:
+    p = _parser("status", "Show the nodes of a running fabric.")
+    p.add_argument("--json", action="store_true", help="one JSON object per node, in a list")
+    args = p.parse_args(argv)
+    found = _run_dir(args)
+    if found is None:
+        _err("status", f"no fabric: {_file(args)} not found (use -f FILE or -p NAME)")
+        return 1
+    name, run = found
+    client = connect(run)
+    if client is None:
+        if args.json:
+            print("[]")
+        else:
+            print(f"fabric {name} is not running", file=sys.stderr)
+        return NOT_RUNNING
+    try:
+        reply = client.stub.Status(client.pb.StatusRequest())
+    except grpc.RpcError as exc:
+        _err("status", _rpc_error(exc))
+        return 1
+    finally:
+        client.close()
+    nodes = [_node_json(n) for n in reply.nodes]
+    if args.json:
+        print(json.dumps(nodes, indent=2))
+        return 0
+    print(f"fabric {reply.fabric} (supervisor pid {reply.supervisor_pid}, run dir {reply.run_dir})")
+    header = ("NODE", "KIND", "STATE", "HEALTH", "PID", "UPTIME", "RESTARTS", "EXPORT")
+    rows = [
+        (
+            n.name,
+            n.kind,
+            n.state,
+            n.health,
+            str(n.pid or "-"),
+            _uptime(n.uptime_seconds),
+            str(n.restarts),
+            n.export_name or "-",
+        )
+        for n in reply.nodes
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    for e in reply.exports:
+        for uri in e.uris:
+            print(f"export {e.name}: {uri}")
+    return 0
+
+
+def cmd_logs(argv: Sequence[str]) -> int:
+    p = _parser("logs", "Show a node's log (stderr), or the supervisor's without NODE.")
+    p.add_argument("node", nargs="?")
+    p.add_argument("--follow", "-F", action="store_true", help="keep printing what is appended")
+    p.add_argument("--tail", "-n", type=int, metavar="N", help="only the last N lines")
+    p.add_argument("--events", action="store_true", help="stream supervisor events (gRPC)")
+    args = p.parse_args(argv)
+    found = _run_dir(args)
+    if found is None:
+        _err("logs", f"no fabric: {_file(args)} not found")
+        return 1
+    _, run = found
+    if args.events:
+        return _events(run, args.follow)
+    path = run.log(args.node) if args.node else run.supervisor_log
+    if not path.exists():
+        _err("logs", f"no log at {path}")
+        return 1
+    with path.open("r", errors="replace") as f:
+        text = f.read()
+        if args.tail is not None:
+            text = "\n".join(text.rstrip("\n").splitlines()[-args.tail :]) + "\n"
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        while args.follow:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
+    return 0
+
+
+def _events(run: RunDir, follow: bool) -> int:
+    from .supervisor import Event
+
+    client = connect(run)
+    if client is None:
+        _err("logs", "the fabric is not running")
+        return NOT_RUNNING
+    stream = client.stub.WatchFabricEvents(
+        client.pb.WatchFabricEventsRequest(replay=True, follow=follow)
+    )
+    try:
+        for ev in stream:
+            print(Event(ev.time, ev.node, ev.kind, ev.message), flush=True)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+            _err("logs", _rpc_error(exc))
+            return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
+    return 0
+
+
+def cmd_set(argv: Sequence[str]) -> int:
+    p = _parser("set", "Change live params of a running node (gRPC Configure).")
+    p.add_argument("node")
+    p.add_argument("changes", nargs="+", metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    changes = {}
+    for word in args.changes:
+        key, sep, value = word.partition("=")
+        if not sep or not key:
+            _err("set", f"expected KEY=VALUE, got {word!r}")
+            return 1
+        changes[key] = value
+    found = _run_dir(args)
+    if found is None:
+        _err("set", f"no fabric: {_file(args)} not found")
+        return 1
+    name, run = found
+    client = connect(run)
+    if client is None:
+        _err("set", f"fabric {name} is not running")
+        return 1
+    try:
+        client.stub.ConfigureNode(client.pb.ConfigureNodeRequest(node=args.node, changes=changes))
+    except grpc.RpcError as exc:
+        _err("set", _rpc_error(exc))
+        return 1
+    finally:
+        client.close()
+    print(f"{args.node}: " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+    return 0
+
+
+# -- pure commands ------------------------------------------------------------------------------
+
+
+def cmd_validate(argv: Sequence[str]) -> int:
+    p = _parser("validate", "Check a topology file; print every problem with its line.", True)
+    args = p.parse_args(argv)
+    path = _file(args)
+    try:
+        topology = load(path)
+    except TopologyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"{path}: ok: fabric {topology.name}, {len(topology.nodes)} nodes, "
+          f"{len(topology.exports)} export{'' if len(topology.exports) == 1 else 's'}")  # fmt: skip
+    return 0
+
+
+def cmd_graph(argv: Sequence[str]) -> int:
+    from .graph import dot, text_tree
+
+    p = _parser("graph", "Draw a topology: a text tree, or Graphviz with --dot.", True)
+    p.add_argument("--dot", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        topology = load(_file(args))
+    except TopologyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(dot(topology) if args.dot else text_tree(topology))
+    return 0
+
+
+def cmd_schema(argv: Sequence[str]) -> int:
+    from .topology import json_schema
+
+    argparse.ArgumentParser(
+        prog="nbdfabric schema", description="Print the topology file's JSON Schema."
+    ).parse_args(argv)
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_module(command: str) -> Callable[[Sequence[str]], int]:
+    """`compose` and `k8s` live in their own modules (orchestrator/compose.py, k8s.py)."""
+
+    def run(argv: Sequence[str]) -> int:
+        import importlib
+
+        try:
+            module = importlib.import_module(f"orchestrator.{command}")
+        except ImportError:
+            _err(command, "not available yet in this build")
+            return 2
+        return int(module.main(argv))
+
+    return run
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "up": cmd_up,
+    "down": cmd_down,
+    "status": cmd_status,
+    "logs": cmd_logs,
+    "set": cmd_set,
+    "validate": cmd_validate,
+    "graph": cmd_graph,
+    "schema": cmd_schema,
+    "compose": cmd_module("compose"),
+    "k8s": cmd_module("k8s"),
+}
+
+
+def main(command: str, argv: Sequence[str]) -> int:
+    handler = COMMANDS.get(command)
+    if handler is None:
+        _err(command, "unknown fabric command")
+        return 2
+    try:
+        return handler(list(argv))
+    except KeyboardInterrupt:
+        return 130

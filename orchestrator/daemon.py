@@ -1,0 +1,52 @@
+"""The detached supervisor (`nbdfabric up --detach`): `python -m orchestrator.daemon RUN_DIR`.
+
+It serves the OrchestratorService on RUN/orchestrator.sock and lives until Down or SIGTERM
+(both stop every node first). Its stderr is RUN/orchestrator.log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from .backends.process import RunDir
+from .service import AlreadyRunning, hosted
+
+
+async def serve(run: RunDir) -> int:
+    async with hosted(run) as sup:
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[object]] = set()
+
+        def down() -> None:
+            task = asyncio.ensure_future(sup.down())
+            tasks.add(task)
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, down)
+        await sup.finished.wait()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m orchestrator.daemon RUN_DIR", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s orchestrator[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(serve(RunDir(Path(args[0]))))
+    except AlreadyRunning as exc:
+        print(f"nbdfabric: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,511 @@
+"""The supervisor: applies topologies to running node processes and keeps them running.
+
+It watches each node over grpc.health.v1 (or, for nodes without `--control`, by probing the
+NBD socket), restarts a node that exits or stops serving, per its restart policy and with
+back-off, and reports what happens as events (logged, kept, and streamed to subscribers).
+Dependents are not restarted with their upstream: they reconnect to the same socket by
+themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nodes.params import ParamError, live_names, update_params
+
+from . import plan
+from .backends.process import NodeProcess, RunDir, StartError, control_supported, probe_nbd
+from .topology import Node, Topology
+
+log = logging.getLogger("nbdfabric.orchestrator")
+
+#: Seconds between health checks of a node.
+HEALTH_INTERVAL = 0.5
+#: Timeout of one health check RPC.
+CHECK_TIMEOUT = 2.0
+#: Failed health RPCs in a row after which a live process counts as hung and is restarted.
+UNREACHABLE_CHECKS = 6
+#: A node that reports NOT_SERVING this long while its upstreams are healthy is restarted.
+NOT_SERVING_GRACE = 15.0
+#: How long a start may take (process ready, then SERVING) before it counts as failed.
+START_TIMEOUT = 60.0
+#: Back-off before the n-th consecutive restart: BACKOFF_FIRST * 2**(n-1), at most BACKOFF_MAX.
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 10.0
+#: Serving this long resets the consecutive-failure count.
+STABLE_AFTER = 10.0
+STOP_GRACE = 10.0
+
+
+class ApplyError(RuntimeError):
+    """A node could not be started while applying a topology."""
+
+
+class ConfigureError(ValueError):
+    def __init__(self, message: str, precondition: bool = False) -> None:
+        super().__init__(message)
+        self.precondition = precondition
+
+
+@dataclass(frozen=True)
+class Event:
+    time: float
+    node: str
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(self.time))
+        who = f"{self.node}: " if self.node else ""
+        return f"{stamp} {who}{self.kind}{': ' + self.message if self.message else ''}"
+
+
+async def check_health(channel: grpc.aio.Channel) -> str:
+    """SERVING | NOT_SERVING | UNKNOWN | UNREACHABLE for the node's overall health."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=CHECK_TIMEOUT)
+    except grpc.aio.AioRpcError:
+        return "UNREACHABLE"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+async def configure_node(control: str, changes: dict[str, str]) -> None:
+    """NodeService.Configure on one node (the control plane's generated stubs)."""
+    try:
+        from nodes.control.rpc.nbdfabric.v1 import node_pb2, node_pb2_grpc
+    except ImportError as exc:
+        raise ConfigureError(f"nodes have no Configure RPC yet ({exc})", True) from None
+    async with grpc.aio.insecure_channel(control) as channel:
+        stub = node_pb2_grpc.NodeServiceStub(channel)
+        try:
+            await stub.Configure(node_pb2.ConfigureRequest(changes=changes), timeout=30)
+        except grpc.aio.AioRpcError as exc:
+            precondition = exc.code() != grpc.StatusCode.INVALID_ARGUMENT
+            raise ConfigureError(exc.details() or str(exc.code()), precondition) from None
+
+
+class NodeRunner:
+    """One node: its current process, its health, and the loop that keeps it up."""
+
+    def __init__(self, sup: Supervisor, node: Node) -> None:
+        self.sup = sup
+        self.node = node
+        self.process: NodeProcess | None = None
+        self.state = "stopped"
+        self.health = "UNKNOWN"
+        self.restarts = 0
+        self.last_error = ""
+        self.healthy_since = 0.0
+        self.task: asyncio.Task[None] | None = None
+        self.channel: grpc.aio.Channel | None = None
+
+    @property
+    def name(self) -> str:
+        return self.node.name
+
+    @property
+    def control(self) -> str:
+        return f"unix:{self.sup.run.ctl(self.name)}" if self.sup.control else ""
+
+    def emit(self, kind: str, message: str = "") -> None:
+        self.sup.emit(self.name, kind, message)
+
+    # one start ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start a process and wait until it serves; StartError if it does not."""
+        topology = self.sup.topology
+        assert topology is not None
+        await self._close_channel()
+        self.state = "starting"
+        self.health = "UNKNOWN"
+        self.healthy_since = 0.0
+        proc = self.process = NodeProcess(self.sup.run, self.node, topology, self.sup.control)
+        await proc.spawn()
+        try:
+            await proc.wait_ready(START_TIMEOUT)
+            self.emit("started", f"pid {proc.pid}")
+            await self._wait_serving(proc)
+        except StartError as exc:
+            await proc.kill()
+            self.state = "failed"
+            self.last_error = str(exc).splitlines()[0]
+            raise
+        self.state = "running"
+        self.sup.save_state()
+
+    async def _wait_serving(self, proc: NodeProcess) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            health = await self.check()
+            if health == "SERVING":
+                self._set_health(health)
+                return
+            if not proc.alive():
+                raise StartError(proc.failure(f"exited with status {proc.returncode}"))
+            if time.monotonic() > deadline:
+                raise StartError(proc.failure(f"not SERVING after {START_TIMEOUT:.0f}s ({health})"))
+            with contextlib.suppress(TimeoutError):
+                assert proc.proc is not None
+                await asyncio.wait_for(asyncio.shield(proc.proc.wait()), 0.05)
+
+    async def check(self) -> str:
+        if self.sup.control:
+            if self.channel is None:
+                self.channel = grpc.aio.insecure_channel(self.control)
+            return await check_health(self.channel)
+        ok = await asyncio.to_thread(probe_nbd, self.sup.run.sock(self.name))
+        return "SERVING" if ok else "UNREACHABLE"
+
+    def _set_health(self, health: str) -> None:
+        before, self.health = self.health, health
+        if health == "SERVING" and before != "SERVING":
+            self.healthy_since = time.time()
+            self.emit("healthy")
+        elif health != "SERVING" and before == "SERVING":
+            self.healthy_since = 0.0
+            self.emit("unhealthy", health)
+
+    # supervision ------------------------------------------------------------------------------
+
+    def supervise(self) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._supervise(), name=f"supervise {self.name}")
+            self.task.add_done_callback(self._supervision_ended)
+
+    def _supervision_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("supervising %s failed: %r", self.name, exc, exc_info=exc)
+            self.state, self.last_error = "failed", f"supervisor error: {exc!r}"
+            self.emit("gave-up", self.last_error)
+
+    async def _watch(self) -> tuple[str, int | None]:
+        """Return (why, exit status) when the process exits or stops serving for too long."""
+        proc = self.process
+        assert proc is not None and proc.proc is not None
+        unreachable = 0
+        bad_since = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(proc.proc.wait()), HEALTH_INTERVAL)
+            if proc.returncode is not None:
+                self.health = "UNKNOWN"
+                self.healthy_since = 0.0
+                return f"exited with status {proc.returncode}", proc.returncode
+            health = await self.check()
+            if proc.returncode is not None:
+                continue
+            self._set_health(health)
+            if health == "SERVING":
+                unreachable, bad_since = 0, 0.0
+                continue
+            if health == "UNREACHABLE":
+                unreachable += 1
+                if unreachable >= UNREACHABLE_CHECKS:
+                    return "does not answer health checks", None
+                continue
+            unreachable = 0
+            bad_since = bad_since or time.monotonic()
+            if time.monotonic() - bad_since >= NOT_SERVING_GRACE and self.sup.upstreams_ok(
+                self.node
+            ):
+                return f"{health} for {NOT_SERVING_GRACE:.0f}s with healthy upstreams", None
+
+    async def _supervise(self) -> None:
+        failures = 0
+        while True:
+            why, status = await self._watch()
+            proc = self.process
+            assert proc is not None
+            if self.healthy_since and time.time() - self.healthy_since >= STABLE_AFTER:
+                failures = 0
+            self.last_error = why
+            self.emit("exited" if status is not None else "unhealthy", why)
+            policy = self.node.restart
+            if policy == "never" or (policy == "on-failure" and status == 0):
+                await proc.kill()
+                self.state = "stopped" if status == 0 else "failed"
+                self.sup.save_state()
+                return
+            if failures >= self.node.max_restarts:
+                await proc.kill()
+                self.state = "failed"
+                self.emit("gave-up", f"{failures} restarts in a row failed; last: {why}")
+                self.sup.save_state()
+                return
+            failures += 1
+            delay = min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
+            self.state = "restarting"
+            await asyncio.sleep(delay)
+            await proc.stop(STOP_GRACE)
+            self.restarts += 1
+            try:
+                await self.start()
+            except StartError as exc:
+                self.emit("start-failed", str(exc))
+                continue
+            self.emit("restarted", f"pid {self.pid} (restart {self.restarts})")
+
+    # stop ---------------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+        was_running = self.process is not None and self.process.alive()
+        if self.process is not None:
+            await self.process.stop(STOP_GRACE)
+        await self._close_channel()
+        self.state, self.health, self.healthy_since = "stopped", "UNKNOWN", 0.0
+        if was_running:
+            self.emit("stopped")
+
+    async def _close_channel(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process and self.process.alive() else 0
+
+    def status(self) -> dict[str, Any]:
+        topology = self.sup.topology
+        export = topology.export_of(self.name) if topology else None
+        proc = self.process
+        alive = proc is not None and proc.alive()
+        return {
+            "name": self.name,
+            "kind": self.node.kind,
+            "role": self.node.role,
+            "state": self.state,
+            "health": self.health if alive else "UNKNOWN",
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "uptime_seconds": round(time.time() - proc.started_at, 3) if alive and proc else 0.0,
+            "uri": self.sup.run.internal_uri(self.name),
+            "control": self.control,
+            "upstreams": list(self.node.upstreams),
+            "export_name": export.name if export else "",
+            "log_path": str(self.sup.run.log(self.name)),
+            "last_error": self.last_error,
+            "export_uris": self.export_uris(),
+        }
+
+    def export_uris(self) -> list[str]:
+        """The node's URIs other than its internal socket (the real port when 0 was asked)."""
+        if not self.process or not self.process.info:
+            return []
+        internal = str(self.sup.run.sock(self.name))
+        return [u for u in self.process.info.get("uris", []) if internal not in u]
+
+
+class Supervisor:
+    """Every node of one fabric; `apply` is serialised, supervision runs per node."""
+
+    def __init__(self, run: RunDir, control: bool | None = None) -> None:
+        self.run = run
+        self.control = control_supported() if control is None else control
+        self.topology: Topology | None = None
+        self.runners: dict[str, NodeRunner] = {}
+        self.events: collections.deque[Event] = collections.deque(maxlen=1000)
+        self.subscribers: list[asyncio.Queue[Event]] = []
+        self.lock = asyncio.Lock()
+        self.finished = asyncio.Event()
+
+    # events ---------------------------------------------------------------------------------
+
+    def emit(self, node: str, kind: str, message: str = "") -> None:
+        event = Event(time.time(), node, kind, message)
+        self.events.append(event)
+        log.info("%s", event)
+        for queue in list(self.subscribers):
+            if queue.qsize() < 10000:
+                queue.put_nowait(event)
+
+    async def watch(self, replay: bool = False) -> AsyncIterator[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        if replay:
+            for event in self.events:
+                queue.put_nowait(event)
+        self.subscribers.append(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self.subscribers.remove(queue)
+
+    # apply ----------------------------------------------------------------------------------
+
+    async def apply(self, topology: Topology, dry_run: bool = False) -> list[plan.Action]:
+        async with self.lock:
+            old = self.topology
+            actions = plan.diff(old, topology)
+            if dry_run:
+                return actions
+            by_node = {a.node: a for a in actions}
+            for a in actions:
+                if a.action == plan.REMOVE:
+                    await self.runners.pop(a.node).stop()
+            self.topology = topology
+            for a in actions:
+                if a.action in (plan.UNCHANGED, plan.CONFIGURE):
+                    self.runners[a.node].node = topology.nodes[a.node]
+            for a in actions:
+                if a.action == plan.CONFIGURE and not await self._configure_live(a):
+                    by_node[a.node] = plan.Action(a.node, plan.RESTART, a.reason + " (restart)")
+            self.emit("", "apply", ", ".join(f"{a.node}:{a.action}" for a in by_node.values()))
+            failures: list[str] = []
+            for group in plan.levels(topology):
+                todo = [n for n in group if by_node[n].action in (plan.ADD, plan.RESTART)]
+                results = await asyncio.gather(
+                    *(self._start(topology.nodes[n], by_node[n].action) for n in todo),
+                    return_exceptions=True,
+                )
+                failures += [str(r) for r in results if isinstance(r, BaseException)]
+                if failures:
+                    break
+            self.save_state()
+            if failures:
+                raise ApplyError("\n".join(failures))
+            return list(by_node.values())
+
+    async def _start(self, node: Node, action: str) -> None:
+        runner = self.runners.get(node.name)
+        if runner is not None:
+            await runner.stop()
+            runner.node = node
+        else:
+            runner = self.runners[node.name] = NodeRunner(self, node)
+        await runner.start()
+        runner.supervise()
+
+    async def _configure_live(self, action: plan.Action) -> bool:
+        runner = self.runners[action.node]
+        if not runner.control or not runner.pid:
+            return False
+        changes = {k: _text(v) for k, v in action.changes.items()}
+        try:
+            await configure_node(runner.control, changes)
+        except ConfigureError as exc:
+            self.emit(action.node, "configure-failed", f"{exc}; restarting instead")
+            return False
+        self.emit(action.node, "configured", ", ".join(f"{k}={v}" for k, v in changes.items()))
+        return True
+
+    async def configure(self, name: str, changes: dict[str, str]) -> None:
+        """`nbdfabric set NODE K=V`: live params now, and kept for later restarts."""
+        async with self.lock:
+            runner = self.runners.get(name)
+            if runner is None or self.topology is None:
+                known = ", ".join(self.runners) or "(none)"
+                raise ConfigureError(f"no node named {name!r} (nodes: {known})")
+            node = runner.node
+            model = type(node.params)
+            live = live_names(model)
+            fixed = sorted(k for k in changes if k not in live and k in _param_names(model))
+            if fixed:
+                raise ConfigureError(
+                    f"{node.kind}: {', '.join(fixed)} cannot change while the node serves "
+                    f"(live params: {', '.join(sorted(live)) or 'none'}); edit the topology "
+                    "file and run `nbdfabric up` again",
+                    precondition=True,
+                )
+            try:
+                params = update_params(node.kind, node.params, dict(changes))
+            except ParamError as exc:
+                raise ConfigureError(str(exc)) from None
+            if not runner.control:
+                raise ConfigureError("nodes run without gRPC control here", precondition=True)
+            await configure_node(runner.control, changes)
+            new = dataclasses.replace(
+                node, params=params, raw_params={**node.raw_params, **changes}
+            )
+            runner.node = new
+            nodes = dict(self.topology.nodes)
+            nodes[name] = new
+            self.topology = dataclasses.replace(self.topology, nodes=nodes)
+            self.emit(name, "configured", ", ".join(f"{k}={v}" for k, v in changes.items()))
+
+    # down -----------------------------------------------------------------------------------
+
+    async def down(self) -> list[str]:
+        async with self.lock:
+            stopped: list[str] = []
+            if self.topology is not None:
+                for group in reversed(plan.levels(self.topology)):
+                    names = [n for n in group if n in self.runners]
+                    await asyncio.gather(*(self.runners[n].stop() for n in names))
+                    stopped += names
+            self.runners.clear()
+            self.topology = None
+            with contextlib.suppress(FileNotFoundError):
+                self.run.state.unlink()
+            self.emit("", "down", f"stopped {len(stopped)} nodes")
+            self.finished.set()
+            return stopped
+
+    # queries --------------------------------------------------------------------------------
+
+    def upstreams_ok(self, node: Node) -> bool:
+        return all(
+            (r := self.runners.get(u)) is not None and r.health == "SERVING"
+            for u in node.node_upstreams()
+        )
+
+    def status(self) -> list[dict[str, Any]]:
+        if self.topology is None:
+            return []
+        return [self.runners[n].status() for n in self.topology.nodes if n in self.runners]
+
+    def exports(self) -> list[dict[str, Any]]:
+        """Each export with the URIs its node reported (the real port when 0 was asked)."""
+        if self.topology is None:
+            return []
+        out = []
+        for export in self.topology.exports.values():
+            runner = self.runners.get(export.node)
+            uris = runner.export_uris() if runner else []
+            out.append({"name": export.name, "node": export.node, "uris": uris})
+        return out
+
+    def save_state(self) -> None:
+        """What `down` needs if this supervisor dies: the pids of the nodes."""
+        if self.topology is None:
+            return
+        state = {
+            "fabric": self.topology.name,
+            "source": self.topology.source,
+            "supervisor_pid": os.getpid(),
+            "nodes": {n: {"pid": r.pid, "kind": r.node.kind} for n, r in self.runners.items()},
+        }
+        tmp = self.run.state.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.run.state)
+
+
+def _param_names(model: Any) -> set[str]:
+    return {f.alias or n for n, f in model.model_fields.items()}
+
+
+def _text(value: Any) -> str:
+    from .backends.process import param_text
+
+    return param_text(value)

@@ -1,0 +1,649 @@
+"""Topology files: the YAML a user writes, checked against a typed schema before anything starts.
+
+Params are validated with each kind's own `Params` model (the one `nbdfabric node` uses); every
+error names the file, the line, the node and the field. Pure: no processes, no sockets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from nodes.params import Params, field_info
+
+RESTART_POLICIES = ("always", "on-failure", "never")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+TOP_LEVEL_KEYS = ("name", "nodes", "exports")
+
+
+class KindInfo(Protocol):
+    """What the validator needs from a node kind (`nodes.registry` classes have it)."""
+
+    kind: str
+    role: str
+    Params: type[Params]
+    magic: str | None
+    min_members: int
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a topology file: where it is and what to do about it."""
+
+    file: str
+    line: int | None
+    where: str  #: dotted path of the field: `nodes.slow.params.delay-read`
+    message: str
+
+    def __str__(self) -> str:
+        place = f"{self.file}:{self.line}" if self.line else self.file
+        return (
+            f"{place}: {self.where}: {self.message}" if self.where else f"{place}: {self.message}"
+        )
+
+
+class TopologyError(ValueError):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+# -- the validated topology -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    kind: str
+    role: str  #: plugin | filter | fan
+    params: Params
+    #: The params as written (strings for the node's command line), without defaults.
+    raw_params: dict[str, Any]
+    #: Names of other nodes, or external NBD URIs (anything with `://`), in order.
+    upstreams: tuple[str, ...] = ()
+    restart: str = "always"
+    max_restarts: int = 5
+    line: int | None = None
+
+    def normalized_params(self) -> dict[str, Any]:
+        """Params as comparable values (`1G` and `1073741824` are the same)."""
+        return dict(self.params.model_dump(mode="json", by_alias=True))
+
+    def node_upstreams(self) -> tuple[str, ...]:
+        return tuple(u for u in self.upstreams if not is_uri(u))
+
+
+@dataclass(frozen=True)
+class Export:
+    name: str
+    node: str
+    listen: tuple[str, ...]
+    description: str = ""
+    read_only: bool = False
+    tls: str = "off"
+    tls_certificates: str | None = None
+    tls_psk: str | None = None
+
+
+@dataclass(frozen=True)
+class Topology:
+    name: str
+    source: str
+    nodes: dict[str, Node]
+    exports: dict[str, Export] = field(default_factory=dict)
+    #: The directory relative paths in params are read from (the file's directory).
+    base_dir: str = "."
+    #: The file's text with variables expanded (what the supervisor is sent).
+    text: str = ""
+
+    def export_of(self, node: str) -> Export | None:
+        for export in self.exports.values():
+            if export.node == node:
+                return export
+        return None
+
+    def dependents(self, node: str) -> list[str]:
+        return [n.name for n in self.nodes.values() if node in n.upstreams]
+
+
+def is_uri(text: str) -> bool:
+    return "://" in text
+
+
+# -- structural schema (per node / per export) -------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, alias_generator=lambda n: n.replace("_", "-")
+    )
+
+
+class NodeDef(_Strict):
+    """One entry of `nodes:`."""
+
+    kind: str = Field(description="node kind (see `nbdfabric kinds`)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the kind's params")
+    upstream: str | None = Field(None, description="the node (or NBD URI) a filter reads from")
+    upstreams: list[str] | None = Field(None, description="a fan's members, in order")
+    restart: Literal["always", "on-failure", "never"] = Field(
+        "always", description="restart policy when the node exits or stops serving"
+    )
+    max_restarts: int = Field(
+        5, ge=0, description="consecutive failed restarts before giving up on the node"
+    )
+
+
+class ExportDef(_Strict):
+    """One entry of `exports:`; its key is the NBD export name."""
+
+    node: str = Field(description="the node this export serves")
+    listen: list[str] = Field(
+        min_length=1, description="addresses: HOST:PORT, [::1]:PORT or unix:PATH"
+    )
+    description: str = Field("", description="export description shown to clients")
+    read_only: bool = Field(False, description="refuse writes on this export")
+    tls: Literal["off", "on", "require"] = "off"
+    tls_certificates: str | None = Field(None, description="directory with TLS certificates")
+    tls_psk: str | None = Field(None, description="TLS pre-shared keys file")
+
+
+# -- YAML with line numbers ---------------------------------------------------------------------
+
+
+class _Lines:
+    """Line numbers of every key and item of a YAML document, by path, plus duplicate keys."""
+
+    def __init__(self, root: yaml.Node | None) -> None:
+        self.lines: dict[tuple[Any, ...], int] = {}
+        self.duplicates: list[tuple[tuple[Any, ...], int]] = []
+        if root is not None:
+            self.lines[()] = root.start_mark.line + 1
+            self._walk(root, ())
+
+    def _walk(self, node: yaml.Node, path: tuple[Any, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key, value in node.value:
+                k = key.value if isinstance(key, yaml.ScalarNode) else None
+                sub = (*path, k)
+                if k in seen:
+                    self.duplicates.append((sub, key.start_mark.line + 1))
+                seen.add(k)
+                self.lines[sub] = key.start_mark.line + 1
+                self._walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.lines[(*path, i)] = item.start_mark.line + 1
+                self._walk(item, (*path, i))
+
+    def line(self, path: tuple[Any, ...]) -> int | None:
+        """The line of `path`, or of its nearest ancestor that exists in the file."""
+        while path not in self.lines and path:
+            path = path[:-1]
+        return self.lines.get(path)
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# -- loading and validation ------------------------------------------------------------------------
+
+
+def default_kinds() -> Mapping[str, KindInfo]:
+    from nodes import registry
+
+    return registry.kinds()
+
+
+def load(path: str | Path, kinds: Mapping[str, KindInfo] | None = None) -> Topology:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise TopologyError([Problem(str(p), None, "", f"cannot read: {exc.strerror}")]) from None
+    topology = load_text(text, str(p), kinds, base_dir=str(p.resolve().parent))
+    return dataclasses.replace(topology, text=expand_env(text, str(p), os.environ))
+
+
+def load_text(
+    text: str,
+    source: str = "<topology>",
+    kinds: Mapping[str, KindInfo] | None = None,
+    base_dir: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Topology:
+    """Parse and validate a topology; raises TopologyError with every problem found.
+
+    `${VAR}` and `${VAR:-default}` are replaced from `env` (default: os.environ) first, as
+    docker compose does; `$$` is a literal `$`. With env={} nothing is expanded.
+    """
+    if env is None or env:
+        text = expand_env(text, source, os.environ if env is None else env)
+    v = _Validator(source, kinds if kinds is not None else default_kinds())
+    return v.run(text, base_dir or str(Path(source).resolve().parent))
+
+
+_VAR_RE = re.compile(r"\$(\$|\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\})")
+
+
+def expand_env(text: str, source: str, env: Mapping[str, str]) -> str:
+    """Compose-style variables; an unset variable without a default is an error."""
+    problems: list[Problem] = []
+    out = []
+    for lineno, line in enumerate(text.splitlines(keepends=True), 1):
+
+        def repl(m: re.Match[str], lineno: int = lineno) -> str:
+            if m.group(1) == "$":
+                return "$"
+            name, default = m.group(2), m.group(3)
+            if name in env and (env[name] or default is None):
+                return env[name]
+            if default is not None:
+                return default
+            problems.append(Problem(source, lineno, "", f"variable {name} is not set"))
+            return ""
+
+        out.append(_VAR_RE.sub(repl, line))
+    if problems:
+        raise TopologyError(problems)
+    return "".join(out)
+
+
+def peek_name(path: str | Path) -> str | None:
+    """The fabric name of a file, even an invalid one (for `down`/`status` after an edit)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if isinstance(data, dict) and isinstance(data.get("name"), str):
+        return data["name"]
+    return default_name(path)
+
+
+def default_name(path: str | Path) -> str:
+    """Like docker compose: without `name:`, the fabric is named after the file's directory."""
+    stem = Path(path).resolve().parent.name or "fabric"
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", stem).lstrip("-_.")
+    return name or "fabric"
+
+
+class _Validator:
+    def __init__(self, source: str, kinds: Mapping[str, KindInfo]) -> None:
+        self.source = source
+        self.kinds = kinds
+        self.problems: list[Problem] = []
+        self.lines = _Lines(None)
+
+    def problem(self, path: tuple[Any, ...], message: str) -> None:
+        self.problems.append(Problem(self.source, self.lines.line(path), _dotted(path), message))
+
+    def fail_if_problems(self) -> None:
+        if self.problems:
+            raise TopologyError(self.problems)
+
+    def run(self, text: str, base_dir: str) -> Topology:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = mark.line + 1 if mark is not None else None
+            msg = " ".join(str(getattr(exc, "problem", "") or exc).split())
+            raise TopologyError(
+                [Problem(self.source, line, "", f"YAML syntax error: {msg}")]
+            ) from None
+        self.lines = _Lines(root)
+        for path, line in self.lines.duplicates:
+            self.problems.append(
+                Problem(self.source, line, _dotted(path), "duplicate key (the first is ignored)")
+            )
+        if not isinstance(data, dict):
+            self.problem((), "expected a mapping with 'name', 'nodes' and 'exports'")
+            self.fail_if_problems()
+        for key in data:
+            if key not in TOP_LEVEL_KEYS and not str(key).startswith("x-"):
+                self.problem((key,), f"unknown key (accepts: {', '.join(TOP_LEVEL_KEYS)})")
+
+        name = data.get("name", default_name(self.source))
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            self.problem(("name",), f"bad fabric name {name!r} (letters, digits, '-', '_', '.')")
+        raw_nodes = data.get("nodes")
+        if not isinstance(raw_nodes, dict) or not raw_nodes:
+            self.problem(("nodes",), "a fabric needs at least one node (nodes: {NAME: {kind: ..}})")
+            self.fail_if_problems()
+        raw_exports = data.get("exports") or {}
+        if not isinstance(raw_exports, dict):
+            self.problem(("exports",), "expected a mapping of export names to {node, listen}")
+            raw_exports = {}
+
+        nodes: dict[str, Node] = {}
+        for node_name, body in raw_nodes.items():
+            node = self.node(str(node_name), body)
+            if node is not None:
+                nodes[node.name] = node
+        self.check_links(raw_nodes, nodes)
+        exports = self.exports(raw_exports, raw_nodes)
+        self.fail_if_problems()
+        return Topology(str(name), self.source, nodes, exports, base_dir)
+
+    # nodes ----------------------------------------------------------------------------------
+
+    def node(self, name: str, body: Any) -> Node | None:
+        path: tuple[Any, ...] = ("nodes", name)
+        if not NAME_RE.match(name):
+            self.problem(path, "bad node name (letters, digits, '-', '_', '.'; at most 63)")
+            return None
+        if not isinstance(body, dict):
+            self.problem(path, "expected a mapping like {kind: memory, params: {size: 1G}}")
+            return None
+        if "kind" in body and body["kind"] is None:
+            body = {**body, "kind": "null"}  # `kind: null` is YAML's null: the null plugin
+        try:
+            spec = NodeDef.model_validate(body)
+        except ValidationError as exc:
+            self.pydantic_problems(path, exc, NodeDef)
+            return None
+        cls = self.kinds.get(spec.kind)
+        if cls is None:
+            known = ", ".join(sorted(self.kinds)) or "(none)"
+            self.problem((*path, "kind"), f"unknown kind {spec.kind!r} (known: {known})")
+            return None
+        if spec.upstream is not None and spec.upstreams is not None:
+            self.problem(path, "give either 'upstream' or 'upstreams', not both")
+            return None
+        upstreams = [spec.upstream] if spec.upstream is not None else list(spec.upstreams or [])
+        field_name = "upstream" if spec.upstream is not None else "upstreams"
+        if cls.role == "plugin" and upstreams:
+            self.problem((*path, field_name), f"{spec.kind} is a plugin: it takes no upstream")
+        elif cls.role == "filter" and len(upstreams) != 1:
+            if upstreams:
+                self.problem(
+                    (*path, field_name),
+                    f"{spec.kind} is a filter: it takes exactly one upstream "
+                    f"(got {len(upstreams)})",
+                )
+            else:
+                self.problem(path, f"{spec.kind} is a filter: it needs 'upstream: NODE'")
+        elif cls.role == "fan" and len(upstreams) < cls.min_members:
+            where = (*path, "upstreams") if "upstreams" in body or "upstream" in body else path
+            self.problem(
+                where,
+                f"{spec.kind} is a fan: it needs at least {cls.min_members} members in "
+                f"'upstreams' (got {len(upstreams)})",
+            )
+        for i, u in enumerate(upstreams):
+            if upstreams.index(u) != i:
+                self.problem((*path, "upstreams", i), f"upstream {u!r} is listed twice")
+        params = self.params(path, spec.kind, cls, spec.params)
+        if params is None:
+            return None
+        return Node(
+            name=name,
+            kind=spec.kind,
+            role=cls.role,
+            params=params,
+            raw_params=dict(spec.params),
+            upstreams=tuple(upstreams),
+            restart=spec.restart,
+            max_restarts=spec.max_restarts,
+            line=self.lines.line(path),
+        )
+
+    def params(
+        self, path: tuple[Any, ...], kind: str, cls: KindInfo, values: dict[str, Any]
+    ) -> Params | None:
+        try:
+            return cls.Params.model_validate({str(k): v for k, v in values.items()})
+        except ValidationError as exc:
+            errors = exc.errors()
+        info = {e["name"]: e for e in field_info(cls.Params)}
+        names = ", ".join(info) or "(none)"
+        for err in errors:
+            key = ".".join(str(p) for p in err["loc"])
+            where = (*path, "params", key)
+            if err["type"] == "extra_forbidden":
+                self.problem(where, f"unknown parameter of {kind} (accepts: {names})")
+            elif err["type"] == "missing":
+                self.problem((*path, "params"), f"{kind} needs parameter '{key}'")
+            else:
+                accepts = info.get(key, {}).get("type", "?")
+                msg = str(err["msg"]).removeprefix("Value error, ")
+                self.problem(
+                    where, f"bad value {err.get('input')!r} for {kind} (accepts {accepts}): {msg}"
+                )
+        return None
+
+    def check_links(self, raw: dict[Any, Any], nodes: dict[str, Node]) -> None:
+        names = [str(n) for n in raw]
+        for node in nodes.values():
+            for i, up in enumerate(node.upstreams):
+                if is_uri(up) or up in names:
+                    if up == node.name:
+                        self.problem(
+                            self.upstream_path(node, i), "a node cannot be its own upstream"
+                        )
+                    continue
+                self.problem(
+                    self.upstream_path(node, i),
+                    f"no node named {up!r} (nodes: {', '.join(names)})",
+                )
+        # Cycles, reported once each, from the node where the walk found them.
+        state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+        stack: list[str] = []
+
+        def visit(name: str) -> None:
+            state[name] = 1
+            stack.append(name)
+            node = nodes[name]
+            for i, up in enumerate(node.upstreams):
+                if up not in nodes or up == name:
+                    continue
+                if state.get(up) == 1:
+                    cycle = [*stack[stack.index(up) :], up]
+                    self.problem(self.upstream_path(node, i), "cycle: " + " -> ".join(cycle))
+                elif up not in state:
+                    visit(up)
+            stack.pop()
+            state[name] = 2
+
+        for name in nodes:
+            if name not in state:
+                visit(name)
+
+    def upstream_path(self, node: Node, index: int) -> tuple[Any, ...]:
+        if (("nodes", node.name, "upstream")) in self.lines.lines:
+            return ("nodes", node.name, "upstream")
+        return ("nodes", node.name, "upstreams", index)
+
+    # exports --------------------------------------------------------------------------------
+
+    def exports(self, raw: dict[Any, Any], raw_nodes: dict[Any, Any]) -> dict[str, Export]:
+        from nodes.server.addresses import AddressError, parse_address
+
+        out: dict[str, Export] = {}
+        used: dict[Any, str] = {}  # address key -> export name
+        exported: dict[str, str] = {}  # node -> export name
+        names = [str(n) for n in raw_nodes]
+        for export_name, body in raw.items():
+            path: tuple[Any, ...] = ("exports", str(export_name))
+            if not isinstance(body, dict):
+                self.problem(path, "expected a mapping like {node: NAME, listen: [ADDR]}")
+                continue
+            try:
+                spec = ExportDef.model_validate(body)
+            except ValidationError as exc:
+                self.pydantic_problems(path, exc, ExportDef)
+                continue
+            ok = True
+            if spec.node not in names:
+                self.problem(
+                    (*path, "node"), f"no node named {spec.node!r} (nodes: {', '.join(names)})"
+                )
+                ok = False
+            elif spec.node in exported:
+                self.problem(
+                    (*path, "node"),
+                    f"node {spec.node!r} is already exported as {exported[spec.node]!r} "
+                    "(one export per node; put a filter in front to export it again)",
+                )
+                ok = False
+            else:
+                exported[spec.node] = str(export_name)
+            for i, text in enumerate(spec.listen):
+                try:
+                    addr = parse_address(text)
+                except AddressError as exc:
+                    self.problem((*path, "listen", i), str(exc))
+                    ok = False
+                    continue
+                if addr.kind == "fd":
+                    self.problem((*path, "listen", i), "fd: addresses cannot be used in a topology")
+                    ok = False
+                    continue
+                checks, takes = _address_keys(addr)
+                clash = next((used[k] for k in checks if k in used), None)
+                if clash is not None:
+                    self.problem(
+                        (*path, "listen", i), f"address {text} is already used by export {clash!r}"
+                    )
+                    ok = False
+                    continue
+                for key in takes:
+                    used.setdefault(key, str(export_name))
+            if spec.tls != "off" and not (spec.tls_certificates or spec.tls_psk):
+                self.problem((*path, "tls"), "tls on/require needs 'tls-certificates' or 'tls-psk'")
+                ok = False
+            if ok:
+                out[str(export_name)] = Export(
+                    name=str(export_name),
+                    node=spec.node,
+                    listen=tuple(spec.listen),
+                    description=spec.description,
+                    read_only=spec.read_only,
+                    tls=spec.tls,
+                    tls_certificates=spec.tls_certificates,
+                    tls_psk=spec.tls_psk,
+                )
+        return out
+
+    def pydantic_problems(
+        self, path: tuple[Any, ...], exc: ValidationError, model: type[BaseModel]
+    ) -> None:
+        accepts = ", ".join(f.alias or n for n, f in model.model_fields.items())
+        for err in exc.errors():
+            where = (*path, *err["loc"])
+            if err["type"] == "extra_forbidden":
+                self.problem(where, f"unknown field (accepts: {accepts})")
+            elif err["type"] == "missing":
+                self.problem(where, "required field is missing")
+            else:
+                msg = str(err["msg"]).removeprefix("Value error, ")
+                self.problem(where, f"bad value {err.get('input')!r}: {msg}")
+
+
+def _address_keys(addr: Any) -> tuple[list[Any], list[Any]]:
+    """(keys that would collide, keys this address takes): the same unix path; the same TCP
+    port on the same host or where either side is a wildcard. Port 0 never collides."""
+    if addr.kind == "unix":
+        key = ("unix", str(Path(addr.path).resolve()))
+        return [key], [key]
+    if addr.port == 0:
+        return [], []
+    if addr.host in ("0.0.0.0", "::", ""):
+        return [("port", addr.port)], [("wild", addr.port), ("port", addr.port)]
+    own = ("tcp", addr.host, addr.port)
+    return [own, ("wild", addr.port)], [own, ("port", addr.port)]
+
+
+# -- JSON Schema for editors ---------------------------------------------------------------
+
+
+_FLEX_FORMATS = {"size": "integer", "duration": "number", "rate": "number", "errno": "integer"}
+
+
+def json_schema(kinds: Mapping[str, KindInfo] | None = None) -> dict[str, Any]:
+    """JSON Schema of a topology file, built from every kind's Params (editors, `schema`)."""
+    kinds = kinds if kinds is not None else default_kinds()
+    common = {
+        "restart": (
+            Literal["always", "on-failure", "never"],
+            Field("always", description="restart policy"),
+        ),
+        "max_restarts": (int, Field(5, ge=0, description="failed restarts before giving up")),
+    }
+    variants: list[Any] = []
+    for kind, cls in sorted(kinds.items()):
+        required = any(f.is_required() for f in cls.Params.model_fields.values())
+        fields: dict[str, Any] = {
+            "kind": (Literal[kind], Field(description=_summary(cls))),
+            "params": (cls.Params, Field(...) if required else Field(None)),
+            **common,
+        }
+        if cls.role == "filter":
+            fields["upstream"] = (str, Field(description="upstream node name or NBD URI"))
+        elif cls.role == "fan":
+            fields["upstreams"] = (
+                list[str],
+                Field(min_length=cls.min_members, description="members, in order"),
+            )
+        variants.append(
+            create_model(  # type: ignore[call-overload]
+                f"{_camel(kind)}Node", __base__=_Strict, **fields
+            )
+        )
+    node_type: Any = (
+        Annotated[Union[tuple(variants)], Field(discriminator="kind")]  # noqa: UP007
+        if len(variants) > 1
+        else variants[0]
+    )
+    model = create_model(
+        "Topology",
+        __base__=_Strict,
+        name=(str, Field(None, pattern=NAME_RE.pattern, description="fabric name")),
+        nodes=(dict[str, node_type], Field(description="node name -> node")),
+        exports=(dict[str, ExportDef], Field(None, description="export name -> export")),
+    )
+    schema = model.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "nbdfabric topology"
+    _flex(schema)
+    return schema
+
+
+def _flex(node: Any) -> None:
+    """`size: 1G` is a string in YAML: let sizes, durations, rates and errnos be strings too."""
+    if isinstance(node, dict):
+        fmt = node.get("format")
+        if fmt in _FLEX_FORMATS and "type" in node:
+            node.pop("type")
+            node["anyOf"] = [{"type": _FLEX_FORMATS[fmt]}, {"type": "string"}]
+        for value in node.values():
+            _flex(value)
+    elif isinstance(node, list):
+        for value in node:
+            _flex(value)
+
+
+def _camel(kind: str) -> str:
+    return "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]", kind))
+
+
+def _summary(cls: KindInfo) -> str:
+    doc = getattr(cls, "__doc__", None) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""

@@ -1,0 +1,274 @@
+"""The orchestrator on real processes: `nbdfabric up --detach` brings up multi-node fabrics in
+a tmp run dir, real clients (qemu-img, nbdcopy) put data through every export, and we check
+restarts after kill -9, re-apply diffs (pids compared), `set`, and that `down` leaves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, run, wait_for
+
+CHAIN = """\
+name: f
+nodes:
+  disk: {kind: memory, params: {size: 8M}}
+  slow: {kind: delay, upstream: disk, params: {delay-read: 1ms}}
+  m0: {kind: memory, params: {size: 4M}}
+  m1: {kind: memory, params: {size: 4M}}
+  raid: {kind: stripe, upstreams: [m0, m1]}
+exports:
+  vm1: {node: slow, listen: ["unix:${SOCKDIR}/vm1.sock", "127.0.0.1:0"]}
+  vm2: {node: raid, listen: ["unix:${SOCKDIR}/vm2.sock"]}
+"""
+
+
+class Fabric:
+    def __init__(self, tmp_path: Path, text: str = CHAIN) -> None:
+        self.dir = tmp_path
+        self.file = tmp_path / "fabric.yaml"
+        self.file.write_text(text)
+        self.env = {**os.environ, "NBDFABRIC_RUN_DIR": str(tmp_path / "r"),
+                    "SOCKDIR": str(tmp_path)}  # fmt: skip
+        self.pids: set[int] = set()
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [sys.executable, "-m", "nodes.cli", *args],
+            cwd=self.dir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(
+                f"nbdfabric {args} exited {res.returncode}\n{res.stdout}{res.stderr}"
+            )
+        return res
+
+    def up(self) -> str:
+        out = self.cli("up", "--detach", str(self.file)).stdout
+        self.status()
+        return out
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        nodes = json.loads(self.cli("status", "--json").stdout)
+        self.pids |= {n["pid"] for n in nodes if n["pid"]}
+        pidfile = self.dir / "r" / "f" / "orchestrator.pid"
+        if pidfile.exists():
+            self.pids.add(int(pidfile.read_text()))
+        return {n["name"]: n for n in nodes}
+
+    def uri(self, export: str, prefix: str = "nbd+unix") -> str:
+        node = next(n for n in self.status().values() if n["export_name"] == export)
+        return next(u for u in node["export_uris"] if u.startswith(prefix))
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture
+def fabric(tmp_path: Path) -> Iterator[Fabric]:
+    fab = Fabric(tmp_path)
+    yield fab
+    fab.cli("down", check=False)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_read(tmp_path: Path, uri: str, size: int, read_uri: str | None = None) -> str:
+    """Write `size` random bytes with qemu-img, read them back with nbdcopy; their checksum."""
+    src, back = tmp_path / "src.img", tmp_path / "back.img"
+    data = os.urandom(size)
+    src.write_bytes(data)
+    run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uri])
+    run(["nbdcopy", read_uri or uri, str(back)])
+    got = back.read_bytes()[:size]
+    assert sha(got) == sha(data)
+    return sha(data)
+
+
+def read_sha(tmp_path: Path, uri: str, size: int) -> str:
+    back = tmp_path / "again.img"
+    run(["nbdcopy", uri, str(back)])
+    return sha(back.read_bytes()[:size])
+
+
+def test_orchestrator_up_serves_every_export_and_down_leaves_nothing(
+    fabric: Fabric, tmp_path: Path
+) -> None:
+    out = fabric.up()
+    assert f"vm1: nbd+unix:///vm1?socket={tmp_path}/vm1.sock" in out
+    assert "vm1: nbd://127.0.0.1:" in out
+    assert f"vm2: nbd+unix:///vm2?socket={tmp_path}/vm2.sock" in out
+
+    nodes = fabric.status()
+    assert list(nodes) == ["disk", "slow", "m0", "m1", "raid"]
+    for n in nodes.values():
+        assert (n["state"], n["health"], n["restarts"]) == ("running", "SERVING", 0), n
+        assert n["pid"] > 0 and alive(n["pid"])
+    assert nodes["slow"]["kind"] == "delay" and nodes["raid"]["export_name"] == "vm2"
+
+    write_read(tmp_path, fabric.uri("vm1"), 1 << 20, read_uri=fabric.uri("vm1", "nbd://"))
+    write_read(tmp_path, fabric.uri("vm2"), 8 << 20)
+
+    text = fabric.cli("status").stdout
+    assert "NODE" in text and "RESTARTS" in text and "raid" in text
+
+    pids = set(fabric.pids)
+    assert len(pids) == 6  # five nodes and the supervisor
+    fabric.cli("down")
+    for pid in pids:
+        wait_for(lambda pid=pid: not alive(pid), 30, f"pid {pid} to exit")
+    assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
+    assert fabric.cli("status", check=False).returncode == 3
+
+
+def test_orchestrator_restarts_killed_node_and_export_serves_again(
+    fabric: Fabric, tmp_path: Path
+) -> None:
+    fabric.up()
+    digest = write_read(tmp_path, fabric.uri("vm1"), 1 << 20)
+    before = fabric.status()
+    os.kill(before["slow"]["pid"], signal.SIGKILL)
+
+    def restarted() -> bool:
+        n = fabric.status()["slow"]
+        return n["restarts"] == 1 and n["health"] == "SERVING" and n["pid"] != before["slow"]["pid"]
+
+    wait_for(restarted, 60, "slow to be restarted")
+    after = fabric.status()
+    assert after["disk"]["pid"] == before["disk"]["pid"]  # upstreams are left alone
+    # The data lives in `disk`: the restarted filter serves it again, over TCP too.
+    assert read_sha(tmp_path, fabric.uri("vm1", "nbd://"), 1 << 20) == digest
+    events = fabric.cli("logs", "--events").stdout
+    assert "slow: exited: exited with status -9" in events
+    assert "slow: restarted: pid" in events
+
+
+def test_orchestrator_reapply_restarts_only_the_changed_node(
+    fabric: Fabric, tmp_path: Path
+) -> None:
+    fabric.up()
+    before = fabric.status()
+    edited = CHAIN.replace("size: 4M}}\n  raid", "size: 6M}}\n  raid")
+    fabric.file.write_text(edited)
+    out = fabric.cli("up", "--detach", str(fabric.file)).stdout
+    assert "m1: restart (params changed: size)" in out
+    after = fabric.status()
+    changed = {n for n in before if before[n]["pid"] != after[n]["pid"]}
+    assert changed == {"m1"}
+    assert after["m1"]["health"] == "SERVING"
+    # A live param only: configured in place, no restart at all.
+    fabric.file.write_text(edited.replace("delay-read: 1ms", "delay-read: 3ms"))
+    out = fabric.cli("up", "--detach", str(fabric.file)).stdout
+    assert "slow: configure (live params: delay-read)" in out
+    final = fabric.status()
+    assert {n: final[n]["pid"] for n in final} == {n: after[n]["pid"] for n in after}
+    assert param_value(final["slow"]["control"], "delay-read") in ("0.003", "3ms")
+    write_read(tmp_path, fabric.uri("vm2"), 2 << 20)
+
+
+def param_value(control: str, name: str) -> str:
+    import grpc
+
+    from nodes.control.rpc.nbdfabric.v1 import node_pb2, node_pb2_grpc
+
+    with grpc.insecure_channel(control) as ch:
+        info = node_pb2_grpc.NodeServiceStub(ch).GetInfo(node_pb2.GetInfoRequest(), timeout=10)
+    return next(p.value for p in info.params if p.name == name)
+
+
+def test_orchestrator_set_changes_live_param_and_refuses_fixed(fabric: Fabric) -> None:
+    fabric.up()
+    pid = fabric.status()["slow"]["pid"]
+    fabric.cli("set", "slow", "delay-read=7ms")
+    slow = fabric.status()["slow"]
+    assert slow["pid"] == pid
+    assert param_value(slow["control"], "delay-read") in ("0.007", "7ms")
+    res = fabric.cli("set", "disk", "size=1G", check=False)
+    assert res.returncode == 1
+    assert "memory: size cannot change while the node serves" in res.stderr
+    res = fabric.cli("set", "nope", "x=1", check=False)
+    assert "no node named 'nope'" in res.stderr
+
+
+def test_orchestrator_invalid_topology_starts_nothing(tmp_path: Path) -> None:
+    fab = Fabric(tmp_path, CHAIN.replace("upstreams: [m0, m1]", "upstreams: [m0]"))
+    res = fab.cli("up", "--detach", str(fab.file), check=False)
+    assert res.returncode == 1
+    assert "nodes.raid.upstreams: stripe is a fan: it needs at least 2 members" in res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_orchestrator_foreground_up_stops_in_order_on_sigint(tmp_path: Path) -> None:
+    fab = Fabric(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nodes.cli", "up", str(fab.file)],
+        cwd=ROOT,
+        env=fab.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C stops it" in line:
+                break
+        assert any("Ctrl-C" in x for x in lines), "".join(lines)
+        pids = {n["pid"] for n in fab.status().values()}
+        assert len(pids) == 5
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stdout.read()
+        assert proc.wait() == 0, rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            fab.cli("down", check=False)
+    stops = [line.split()[1] for line in rest.splitlines() if line.endswith(": stopped")]
+    assert stops.index("slow:") < stops.index("disk:")  # dependents first
+    assert stops.index("raid:") < stops.index("m0:")
+    for pid in pids:
+        assert not alive(pid)
+    assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
+
+
+def test_orchestrator_restart_never_and_down_after_supervisor_died(tmp_path: Path) -> None:
+    fab = Fabric(
+        tmp_path,
+        "name: f\nnodes:\n  a: {kind: memory, params: {size: 1M}}\n"
+        "  n: {kind: null, params: {size: 1M}, restart: never}\n",
+    )
+    try:
+        fab.up()
+        nodes = fab.status()
+        os.kill(nodes["n"]["pid"], signal.SIGKILL)
+        wait_for(lambda: fab.status()["n"]["state"] == "failed", 30, "n to be failed")
+        assert (fab.status()["n"]["pid"], fab.status()["n"]["restarts"]) == (0, 0)
+        supervisor = int((tmp_path / "r" / "f" / "orchestrator.pid").read_text())
+        os.kill(supervisor, signal.SIGKILL)
+        wait_for(lambda: not alive(supervisor), 30, "the supervisor to die")
+        assert alive(nodes["a"]["pid"])  # orphaned: `down` must still find it
+    finally:
+        fab.cli("down")
+    wait_for(lambda: not alive(nodes["a"]["pid"]), 30, "the orphan to be killed")
+    assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []

@@ -1,0 +1,301 @@
+"""Topology files (pure): every invalid case with its exact message and line, start order,
+re-apply plans, JSON Schema and graphs. The kinds are the real registry's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from orchestrator import graph, plan
+from orchestrator.topology import TopologyError, json_schema, load, load_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHAIN = """\
+name: t
+nodes:
+  disk: {kind: memory, params: {size: 1M}}
+  slow: {kind: delay, upstream: disk, params: {delay-read: 1ms}}
+exports:
+  vm1: {node: slow, listen: ["127.0.0.1:10809"]}
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(TopologyError) as info:
+        load_text(textwrap.dedent(text), "f.yaml", env={"HOME": "/h"})
+    return str(info.value).splitlines()
+
+
+INVALID = [
+    (
+        "unknown kind",
+        "nodes:\n  a: {kind: memroy}\n",
+        "f.yaml:2: nodes.a.kind: unknown kind 'memroy' (known: ",
+    ),
+    (
+        "unknown param",
+        "nodes:\n  a:\n    kind: memory\n    params: {size: 1M, sise: 2}\n",
+        "f.yaml:4: nodes.a.params.sise: unknown parameter of memory (accepts: size)",
+    ),
+    (
+        "bad value",
+        "nodes:\n  a: {kind: memory, params: {size: big}}\n",
+        "f.yaml:2: nodes.a.params.size: bad value 'big' for memory (accepts size): "
+        "expected a size like 1G, 512K or a byte count",
+    ),
+    (
+        "missing param",
+        "nodes:\n  a: {kind: memory}\n",
+        "f.yaml:2: nodes.a.params: memory needs parameter 'size'",
+    ),
+    (
+        "unknown upstream",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}}\n  b: {kind: delay, upstream: x}\n",
+        "f.yaml:3: nodes.b.upstream: no node named 'x' (nodes: a, b)",
+    ),
+    (
+        "filter without upstream",
+        "nodes:\n  b: {kind: delay}\n",
+        "f.yaml:2: nodes.b: delay is a filter: it needs 'upstream: NODE'",
+    ),
+    (
+        "plugin with upstream",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}}\n"
+        "  b: {kind: memory, params: {size: 1M}, upstream: a}\n",
+        "f.yaml:3: nodes.b.upstream: memory is a plugin: it takes no upstream",
+    ),
+    (
+        "fan with too few members",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}}\n  m: {kind: mirror, upstreams: [a]}\n",
+        "f.yaml:3: nodes.m.upstreams: mirror is a fan: it needs at least 2 members in "
+        "'upstreams' (got 1)",
+    ),
+    (
+        "cycle",
+        "nodes:\n  a: {kind: delay, upstream: b}\n  b: {kind: delay, upstream: a}\n",
+        "f.yaml:3: nodes.b.upstream: cycle: a -> b -> a",
+    ),
+    (
+        "own upstream",
+        "nodes:\n  a: {kind: delay, upstream: a}\n",
+        "f.yaml:2: nodes.a.upstream: a node cannot be its own upstream",
+    ),
+    (
+        "two exports on one address",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}}\n  b: {kind: memory, params: {size: 1M}}\n"
+        "exports:\n  x: {node: a, listen: ['127.0.0.1:10809']}\n"
+        "  y: {node: b, listen: ['0.0.0.0:10809']}\n",
+        "f.yaml:6: exports.y.listen[0]: address 0.0.0.0:10809 is already used by export 'x'",
+    ),
+    (
+        "two exports on one unix socket",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}}\n  b: {kind: memory, params: {size: 1M}}\n"
+        "exports:\n  x: {node: a, listen: ['unix:/tmp/s']}\n"
+        "  y: {node: b, listen: ['unix:/tmp/s']}\n",
+        "f.yaml:6: exports.y.listen[0]: address unix:/tmp/s is already used by export 'x'",
+    ),
+    (
+        "export of an unknown node",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}}\n"
+        "exports:\n  x: {node: b, listen: [':0']}\n",
+        "f.yaml:4: exports.x.node: no node named 'b' (nodes: a)",
+    ),
+    (
+        "one node exported twice",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}}\nexports:\n"
+        "  x: {node: a, listen: [':0']}\n  y: {node: a, listen: [':0']}\n",
+        "f.yaml:5: exports.y.node: node 'a' is already exported as 'x' (one export per node; "
+        "put a filter in front to export it again)",
+    ),
+    (
+        "bad listen address",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}}\nexports:\n"
+        "  x: {node: a, listen: ['host:port']}\n",
+        "f.yaml:4: exports.x.listen[0]: 'host:port': port 'port' is not a number",
+    ),
+    (
+        "unknown node field",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}, restrat: never}\n",
+        "f.yaml:2: nodes.a.restrat: unknown field (accepts: kind, params, upstream, upstreams, "
+        "restart, max-restarts)",
+    ),
+    (
+        "bad restart policy",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}, restart: sometimes}\n",
+        "f.yaml:2: nodes.a.restart: bad value 'sometimes': Input should be 'always', "
+        "'on-failure' or 'never'",
+    ),
+    (
+        "upstream and upstreams",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}}\n"
+        "  b: {kind: delay, upstream: a, upstreams: [a]}\n",
+        "f.yaml:3: nodes.b: give either 'upstream' or 'upstreams', not both",
+    ),
+    (
+        "duplicate key",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}}\n"
+        "  a: {kind: memory, params: {size: 2M}}\n",
+        "f.yaml:3: nodes.a: duplicate key (the first is ignored)",
+    ),
+    (
+        "YAML syntax",
+        "nodes:\n  a: {kind: memory\n",
+        "f.yaml:3: YAML syntax error: expected ',' or '}', but got '<stream end>'",
+    ),
+    (
+        "no nodes",
+        "name: x\n",
+        "f.yaml:1: nodes: a fabric needs at least one node (nodes: {NAME: {kind: ..}})",
+    ),
+    (
+        "unknown top-level key",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}}\nexport: {}\n",
+        "f.yaml:3: export: unknown key (accepts: name, nodes, exports)",
+    ),
+    (
+        "unset variable",
+        "nodes:\n  a: {kind: memory, params: {size: '${DISK_SIZE}'}}\n",
+        "f.yaml:2: variable DISK_SIZE is not set",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "message"), INVALID, ids=[c[0] for c in INVALID])
+def test_topology_rejects_with_message(case: str, text: str, message: str) -> None:
+    found = problems(text)
+    assert any(line.startswith(message) for line in found), found
+    if not message.endswith(" "):
+        assert message in found
+
+
+def test_topology_reports_every_problem_at_once() -> None:
+    found = problems("nodes:\n  a: {kind: memroy}\n  b: {kind: delay}\n  c: {kind: memory}\n")
+    assert len(found) == 3
+
+
+def test_topology_loads_chain_with_typed_params() -> None:
+    top = load_text(CHAIN, "f.yaml")
+    assert top.name == "t"
+    assert top.nodes["disk"].params.size == 1 << 20  # type: ignore[attr-defined]
+    assert top.nodes["slow"].upstreams == ("disk",)
+    assert top.nodes["slow"].role == "filter"
+    assert top.exports["vm1"].node == "slow"
+    assert top.export_of("slow") is top.exports["vm1"]
+
+
+def test_topology_expands_variables_with_defaults() -> None:
+    text = (
+        "nodes:\n  a: {kind: memory, params: {size: '${S:-2M}'}}\n"
+        "  b: {kind: null, params: {size: '${T}'}}\n"
+    )
+    top = load_text(text, "f.yaml", env={"T": "4K"})
+    assert top.nodes["a"].params.size == 2 << 20  # type: ignore[attr-defined]
+    assert top.nodes["b"].params.size == 4096  # type: ignore[attr-defined]
+
+
+def test_topology_default_name_is_the_directory(tmp_path: Path) -> None:
+    f = tmp_path / "fabric.yaml"
+    f.write_text("nodes:\n  a: {kind: memory, params: {size: 1M}}\n")
+    assert load(f).name == tmp_path.name
+
+
+def test_topology_demo_example_is_valid() -> None:
+    top = load(ROOT / "compose/examples/demo.yaml")
+    assert "vm1" in top.exports
+
+
+def test_plan_start_order_is_leaves_first() -> None:
+    top = load_text(
+        "nodes:\n  top: {kind: delay, upstream: m}\n  m: {kind: mirror, upstreams: [a, b]}\n"
+        "  a: {kind: memory, params: {size: 1M}}\n  b: {kind: memory, params: {size: 1M}}\n",
+        "f.yaml",
+    )
+    assert plan.levels(top) == [["a", "b"], ["m"], ["top"]]
+    assert plan.start_order(top) == ["a", "b", "m", "top"]
+    assert plan.stop_order(top) == ["top", "m", "b", "a"]
+
+
+def _actions(old: str, new: str) -> dict[str, tuple[str, str]]:
+    a, b = load_text(old, "f.yaml"), load_text(new, "f.yaml")
+    return {x.node: (x.action, x.reason) for x in plan.diff(a, b)}
+
+
+def test_plan_diff_unchanged_when_same_value_spelled_differently() -> None:
+    acts = _actions(CHAIN, CHAIN.replace("size: 1M", "size: 1048576"))
+    assert acts == {"disk": ("unchanged", ""), "slow": ("unchanged", "")}
+
+
+def test_plan_diff_fixed_param_restarts_only_that_node() -> None:
+    acts = _actions(CHAIN, CHAIN.replace("size: 1M", "size: 2M"))
+    assert acts == {"disk": ("restart", "params changed: size"), "slow": ("unchanged", "")}
+
+
+def test_plan_diff_live_param_configures() -> None:
+    a, b = load_text(CHAIN, "f.yaml"), load_text(CHAIN.replace("1ms", "5ms"), "f.yaml")
+    (slow,) = [x for x in plan.diff(a, b) if x.node == "slow"]
+    assert (slow.action, slow.changes) == ("configure", {"delay-read": "5ms"})
+
+
+def test_plan_diff_added_removed_and_rewired() -> None:
+    new = CHAIN.replace(
+        "  slow: {kind: delay, upstream: disk, params: {delay-read: 1ms}}\n",
+        "  d2: {kind: memory, params: {size: 1M}}\n"
+        "  slow: {kind: delay, upstream: d2, params: {delay-read: 1ms}}\n",
+    ).replace("  disk: {kind: memory, params: {size: 1M}}\n", "")
+    acts = _actions(CHAIN, new)
+    assert acts == {
+        "disk": ("remove", "not in the topology any more"),
+        "d2": ("add", "new node"),
+        "slow": ("restart", "upstreams changed"),
+    }
+    order = [x.node for x in plan.diff(load_text(CHAIN, "f"), load_text(new, "f"))]
+    assert order == ["disk", "d2", "slow"]
+
+
+def test_plan_diff_export_change_restarts_exported_node() -> None:
+    acts = _actions(CHAIN, CHAIN.replace("127.0.0.1:10809", "127.0.0.1:10810"))
+    assert acts["slow"] == ("restart", "export changed")
+    assert acts["disk"] == ("unchanged", "")
+
+
+def test_topology_schema_has_every_kind_and_flexible_sizes() -> None:
+    from nodes import registry
+
+    schema = json_schema()
+    text = json.dumps(schema)
+    for kind in registry.kinds():
+        assert f'"const": "{kind}"' in text, kind
+    size = schema["$defs"]["MemoryParams"]["properties"]["size"]
+    assert {"type": "string"} in size["anyOf"]
+
+
+def test_graph_text_and_dot() -> None:
+    top = load_text(CHAIN, "f.yaml")
+    assert graph.text_tree(top).splitlines() == [
+        "fabric t",
+        "export vm1 [127.0.0.1:10809]",
+        "└── slow (delay, delay-read=1ms)",
+        "    └── disk (memory, size=1M)",
+    ]
+    dot = graph.dot(top)
+    assert '"slow" -> "disk";' in dot
+    assert '"export:vm1" -> "slow";' in dot
+
+
+def test_cli_validate_exit_status_and_message(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(CHAIN)
+    bad.write_text(CHAIN.replace("kind: delay", "kind: dely"))
+    cmd = [sys.executable, "-m", "nodes.cli", "validate"]
+    ok = subprocess.run([*cmd, str(good)], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok: fabric t, 2 nodes, 1 export" in ok.stdout
+    ko = subprocess.run([*cmd, str(bad)], capture_output=True, text=True, cwd=ROOT)
+    assert ko.returncode == 1
+    assert ko.stderr.startswith(f"{bad}:4: nodes.slow.kind: unknown kind 'dely' (known: ")
