@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test lint typecheck proto proto-check unit bench clean
+.PHONY: setup demo test lint typecheck proto proto-check compose-check bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -26,7 +26,10 @@ proto-check: setup
 	@bash scripts/gen-proto.sh --check
 	$(VENV)/bin/buf lint proto
 
-test: setup lint typecheck proto-check
+compose-check: setup
+	@bash compose/gen.sh --check
+
+test: setup lint typecheck proto-check compose-check
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: setup

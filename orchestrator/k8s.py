@@ -1,0 +1,254 @@
+"""`nbdfabric k8s FILE`: a topology as Kubernetes manifests (generation only).
+
+The fabric is one Pod: a container per node, all sharing an emptyDir at /run/nbdfabric for
+their unix sockets (`NODE.sock` for NBD, `NODE.ctl` for gRPC control + health, which the probes
+ask with `nbdfabric health`). Exports with TCP addresses also listen on the pod's network and
+get a Service. With `--import-to PVC`, the output is instead a Job in the style of KubeVirt's
+CDI importer: the node containers run as native sidecars (init containers with
+`restartPolicy: Always`, Kubernetes >= 1.29) and a main container copies the export onto the
+claim with qemu-img; the Job completes when the copy does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import yaml
+
+from .compose import DEFAULT_IMAGE, LABEL_PREFIX, is_path_param, param_text
+from .topology import Node, Topology, TopologyError, is_uri, load
+
+RUN_DIR = "/run/nbdfabric"
+DATA_ROOT = "/mnt/nbdfabric"
+TARGET_DIR = "/target"
+USER_ID = 10809
+
+
+def k8s_name(text: str) -> str:
+    """A DNS-1123 label from a node or fabric name (`disk_A.1` -> `disk-a-1`)."""
+    name = re.sub(r"[^a-z0-9-]", "-", text.lower()).strip("-")
+    return name[:63] or "node"
+
+
+def _sock(node: str) -> str:
+    return f"{RUN_DIR}/{node}.sock"
+
+
+def _ctl(node: str) -> str:
+    return f"unix:{RUN_DIR}/{node}.ctl"
+
+
+def _uri(topology: Topology, node: str) -> str:
+    export = topology.export_of(node)
+    return f"nbd+unix:///{export.name if export else ''}?socket={_sock(node)}"
+
+
+def _tcp_ports(topology: Topology, node: str) -> list[int]:
+    export = topology.export_of(node)
+    ports = []
+    for addr in export.listen if export else ():
+        if not addr.startswith("unix:"):
+            port = int(addr.rpartition(":")[2])
+            ports.append(port or 10809)
+    return sorted(set(ports))
+
+
+class _Volumes:
+    """Host paths named by params become hostPath volumes (swap in PVCs for real clusters)."""
+
+    def __init__(self, base_dir: str) -> None:
+        self.base_dir = Path(base_dir)
+        self.dirs: dict[str, str] = {}
+
+    def map_file(self, text: str) -> str:
+        p = Path(text)
+        host = str((self.base_dir / p.parent).resolve())
+        if host not in self.dirs:
+            self.dirs[host] = f"data-{len(self.dirs)}"
+        return str(PurePosixPath(DATA_ROOT, self.dirs[host], p.name))
+
+
+def node_container(topology: Topology, node: Node, image: str, volumes: _Volumes) -> dict[str, Any]:
+    args = ["node", node.kind]
+    for key, value in node.raw_params.items():
+        text = param_text(value)
+        if is_path_param(str(key)) and text:
+            text = volumes.map_file(text)
+        args.append(f"{key}={text}")
+    args += ["--name", node.name, "--listen", f"unix:{_sock(node.name)}"]
+    for port in _tcp_ports(topology, node.name):
+        args += ["--listen", f"0.0.0.0:{port}"]
+    for up in node.upstreams:
+        args += ["--upstream", up if is_uri(up) else _uri(topology, up)]
+    export = topology.export_of(node.name)
+    if export is not None:
+        args += ["--export-name", export.name]
+        if export.description:
+            args += ["--description", export.description]
+        if export.read_only:
+            args += ["--read-only"]
+    args += ["--control", _ctl(node.name)]
+    probe = {
+        "exec": {"command": ["nbdfabric", "health", "-q", _ctl(node.name)]},
+        "periodSeconds": 5,
+        "timeoutSeconds": 3,
+    }
+    mounts = [{"name": "run", "mountPath": RUN_DIR}]
+    mounts += [
+        {"name": vol, "mountPath": f"{DATA_ROOT}/{vol}"} for vol in sorted(volumes.dirs.values())
+    ]
+    container: dict[str, Any] = {
+        "name": k8s_name(node.name),
+        "image": image,
+        "args": args,
+        "volumeMounts": mounts,
+        "startupProbe": {**probe, "periodSeconds": 1, "failureThreshold": 60},
+        "readinessProbe": probe,
+        "livenessProbe": {**probe, "failureThreshold": 3},
+    }
+    ports = _tcp_ports(topology, node.name)
+    if ports:
+        container["ports"] = [{"name": f"nbd-{i}", "containerPort": p} for i, p in enumerate(ports)]
+    return container
+
+
+def _labels(topology: Topology) -> dict[str, str]:
+    return {f"{LABEL_PREFIX}/fabric": k8s_name(topology.name)}
+
+
+def pod_spec(topology: Topology, image: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(pod spec, node containers); the volumes of every node are gathered on the pod."""
+    containers = []
+    all_dirs: dict[str, str] = {}
+    for node in topology.nodes.values():
+        volumes = _Volumes(topology.base_dir)
+        volumes.dirs = all_dirs  # one volume per host directory across the pod
+        containers.append(node_container(topology, node, image, volumes))
+    spec: dict[str, Any] = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": USER_ID, "fsGroup": USER_ID},
+        "containers": containers,
+        "volumes": [{"name": "run", "emptyDir": {"medium": "Memory"}}]
+        + [
+            {"name": vol, "hostPath": {"path": host, "type": "DirectoryOrCreate"}}
+            for host, vol in all_dirs.items()
+        ],
+    }
+    return spec, containers
+
+
+def manifests(topology: Topology, image: str = DEFAULT_IMAGE) -> list[dict[str, Any]]:
+    name = k8s_name(topology.name)
+    spec, _ = pod_spec(topology, image)
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": _labels(topology)},
+        "spec": spec,
+    }
+    out: list[dict[str, Any]] = [pod]
+    ports = [
+        {"name": k8s_name(f"{e.name}-{p}")[:15], "port": p, "targetPort": p}
+        for e in topology.exports.values()
+        for p in _tcp_ports(topology, e.node)
+    ]
+    if ports:
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name, "labels": _labels(topology)},
+                "spec": {"selector": _labels(topology), "ports": ports},
+            }
+        )
+    return out
+
+
+def import_job(
+    topology: Topology, export: str, claim: str, image: str = DEFAULT_IMAGE, fmt: str = "raw"
+) -> dict[str, Any]:
+    """A Job copying `export` onto the PVC `claim` (as `disk.img`), CDI importer style."""
+    if export not in topology.exports:
+        raise ValueError(f"no export {export!r} (exports: {', '.join(topology.exports)})")
+    spec, containers = pod_spec(topology, image)
+    for c in containers:
+        c["restartPolicy"] = "Always"  # native sidecar: started in order, stopped after the job
+        c.pop("livenessProbe")
+        c.pop("readinessProbe")
+    node = topology.exports[export].node
+    importer = {
+        "name": "importer",
+        "image": image,
+        "command": ["qemu-img"],
+        "args": [
+            "convert",
+            "-p",
+            "-O",
+            fmt,
+            _uri(topology, node),
+            f"{TARGET_DIR}/disk.img",
+        ],
+        "volumeMounts": [
+            {"name": "run", "mountPath": RUN_DIR},
+            {"name": "target", "mountPath": TARGET_DIR},
+        ],
+    }
+    spec["initContainers"] = containers
+    spec["containers"] = [importer]
+    spec["restartPolicy"] = "Never"
+    spec["volumes"].append({"name": "target", "persistentVolumeClaim": {"claimName": claim}})
+    name = k8s_name(f"{topology.name}-import")
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": _labels(topology)},
+        "spec": {
+            "backoffLimit": 2,
+            "template": {"metadata": {"labels": _labels(topology)}, "spec": spec},
+        },
+    }
+
+
+def render(docs: list[dict[str, Any]], source: str) -> str:
+    header = f"# Generated by `nbdfabric k8s {source}`: edit the topology, not this file.\n"
+    return header + yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False, width=100)
+
+
+def main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="nbdfabric k8s", description="Print Kubernetes manifests that run the topology."
+    )
+    p.add_argument("file", help="topology file")
+    p.add_argument("--image", default=DEFAULT_IMAGE, help=f"image (default: {DEFAULT_IMAGE})")
+    p.add_argument("--import-to", metavar="PVC", help="emit a Job copying an export onto PVC")
+    p.add_argument("--export", help="the export to import (default: the only one)")
+    p.add_argument("--format", default="raw", help="qemu-img output format (default: raw)")
+    p.add_argument("-o", "--output", metavar="OUT", help="write here instead of stdout")
+    args = p.parse_args(argv)
+    try:
+        topology = load(args.file)
+    except TopologyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    if args.import_to:
+        export = args.export or (next(iter(topology.exports)) if topology.exports else "")
+        if args.export is None and len(topology.exports) != 1:
+            print("nbdfabric k8s: --import-to needs --export NAME", file=sys.stderr)
+            return 1
+        try:
+            docs = [import_job(topology, export, args.import_to, args.image, args.format)]
+        except ValueError as exc:
+            print(f"nbdfabric k8s: {exc}", file=sys.stderr)
+            return 1
+    else:
+        docs = manifests(topology, args.image)
+    text = render(docs, args.file)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0

@@ -1,0 +1,351 @@
+"""Docker: the image, generated compose stacks on the real engine, data from host clients.
+
+Builds the image with scripts/build-image.sh (quick when unchanged), runs containers with
+ports published on 127.0.0.1 only, checks data with qemu-img/nbdcopy/libnbd and checksums, and
+leaves no container or network behind. Without an engine these tests skip, except under CI
+(env CI set), where they fail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import ROOT, nbd_connect, run, wait_for
+
+IMAGE = os.environ.get("NBDFABRIC_IMAGE", "nbdfabric:latest")
+EXAMPLE = ROOT / "compose" / "example.yaml"
+MiB = 1 << 20
+
+pytestmark = pytest.mark.timeout(900)  # a fresh machine builds the base image first
+
+
+def _engine() -> Any:
+    missing = None
+    if shutil.which("docker-compose") is None:
+        missing = "docker-compose is not installed"
+    try:
+        import docker
+
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:  # any failure to reach the engine
+        missing = missing or f"no docker engine: {exc}"
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    return client
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    return _engine()
+
+
+@pytest.fixture(scope="module")
+def image(engine: Any) -> str:
+    started = time.monotonic()
+    res = subprocess.run(
+        [str(ROOT / "scripts" / "build-image.sh"), "--tag", IMAGE],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert res.returncode == 0, f"build-image.sh failed:\n{res.stdout}\n{res.stderr}"
+    print(f"image {IMAGE}: {time.monotonic() - started:.1f}s\n{res.stdout}")
+    return IMAGE
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(MiB), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def random_file(path: Path, size: int, seed: int) -> Path:
+    data = hashlib.shake_256(seed.to_bytes(8, "big")).digest(size)
+    path.write_bytes(data)
+    return path
+
+
+def host_port(container: Any, port: int = 10809) -> int:
+    container.reload()
+    binding = container.attrs["NetworkSettings"]["Ports"][f"{port}/tcp"][0]
+    assert binding["HostIp"] == "127.0.0.1"
+    return int(binding["HostPort"])
+
+
+def wait_healthy(container: Any, timeout: float = 60) -> None:
+    def healthy() -> bool:
+        container.reload()
+        state = container.attrs["State"]
+        if state["Status"] in ("exited", "dead"):
+            raise AssertionError(f"{container.name} exited: {container.logs().decode()}")
+        return state.get("Health", {}).get("Status") == "healthy"
+
+    wait_for(healthy, timeout, f"{container.name} to be healthy")
+
+
+# -- the image ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def node_container(engine: Any, image: str) -> Iterator[Any]:
+    name = f"nbdfabric-test-{uuid.uuid4().hex[:8]}"
+    container = engine.containers.run(
+        image,
+        ["node", "memory", "64M", "--listen", "0.0.0.0:10809", "--export-name", "disk"],
+        name=name,
+        detach=True,
+        ports={"10809/tcp": ("127.0.0.1", None)},
+        labels={"io.nbdfabric.test": "1"},
+    )
+    try:
+        yield container
+    finally:
+        container.remove(force=True)
+
+
+def test_docker_image_serves_qemu_img_on_loopback(node_container: Any, tmp_path: Path) -> None:
+    wait_healthy(node_container)
+    uri = f"nbd://127.0.0.1:{host_port(node_container)}/disk"
+    info = json.loads(run(["qemu-img", "info", "--output=json", uri]).stdout)
+    assert info["virtual-size"] == 64 * MiB
+    src = random_file(tmp_path / "src.img", 64 * MiB, seed=1)
+    run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uri])
+    back = tmp_path / "back.img"
+    run(["nbdcopy", uri, str(back)])
+    assert sha256_file(back) == sha256_file(src)
+
+
+def test_docker_image_runs_as_non_root_under_tini(node_container: Any) -> None:
+    wait_healthy(node_container)
+    uid = node_container.exec_run(["id", "-u"]).output.decode().strip()
+    assert uid != "0"
+    pid1 = node_container.exec_run(["cat", "/proc/1/cmdline"]).output.split(b"\0")[0]
+    assert pid1.endswith(b"tini")
+    started = time.monotonic()
+    node_container.stop(timeout=10)  # SIGTERM reaches the node through tini
+    node_container.reload()
+    assert node_container.attrs["State"]["ExitCode"] == 0
+    assert time.monotonic() - started < 8
+
+
+def test_docker_image_imports_nbd_and_lists_kinds(engine: Any, image: str) -> None:
+    out = engine.containers.run(image, ["kinds"], remove=True).decode()
+    assert "memory" in out and "mirror" in out
+    py = ["/opt/nbdfabric/bin/python", "-c", "import nbd; print(nbd.NBD().get_version())"]
+    out = engine.containers.run(image, [], entrypoint=py, remove=True)
+    assert out.strip()
+
+
+# -- compose -------------------------------------------------------------------------------------
+
+
+def test_compose_top_level_file_is_fresh_and_valid(engine: Any) -> None:
+    run([str(ROOT / "compose" / "gen.sh"), "--check"])
+    run(["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"])
+
+
+def test_compose_output_is_valid_compose(tmp_path: Path, engine: Any) -> None:
+    out = tmp_path / "docker-compose.yml"
+    run([*_nbdfabric(), "compose", str(EXAMPLE), "-o", str(out)])
+    config = yaml.safe_load(run(["docker-compose", "-f", str(out), "config"]).stdout)
+    services = config["services"]
+    assert set(services) == {"disk-a", "disk-b", "mirror", "slow"}
+    assert services["slow"]["depends_on"]["mirror"]["condition"] == "service_healthy"
+    assert services["slow"]["ports"] == ["127.0.0.1:10809:10809/tcp"]
+    assert services["mirror"]["labels"]["io.nbdfabric.kind"] == "mirror"
+    assert "--upstream" in services["mirror"]["command"]
+    assert "nbd://disk-a:10809/" in services["mirror"]["command"]
+
+
+def _nbdfabric() -> list[str]:
+    return [str(ROOT / ".venv" / "bin" / "python"), "-m", "nodes.cli"]
+
+
+class Stack:
+    """A compose project made from a topology (with the export on an ephemeral port)."""
+
+    def __init__(self, engine: Any, file: Path, project: str) -> None:
+        self.engine, self.file, self.project = engine, file, project
+
+    def compose(self, *args: str, timeout: float = 180) -> str:
+        cmd = ["docker-compose", "-f", str(self.file), "-p", self.project, *args]
+        return run(cmd, timeout=timeout).stdout
+
+    def container(self, service: str) -> Any:
+        found = self.engine.containers.list(
+            all=True,
+            filters={
+                "label": [
+                    f"com.docker.compose.project={self.project}",
+                    f"com.docker.compose.service={service}",
+                ]
+            },
+        )
+        assert len(found) == 1, f"{service}: {found}"
+        return found[0]
+
+    def leftovers(self) -> list[str]:
+        label = f"com.docker.compose.project={self.project}"
+        containers = self.engine.containers.list(all=True, filters={"label": label})
+        networks = self.engine.networks.list(filters={"label": label})
+        return [c.name for c in containers] + [n.name for n in networks]
+
+    def members(self) -> list[dict[str, Any]]:
+        res = self.container("mirror").exec_run(
+            ["nbdfabric", "ctl", "127.0.0.1:10810", "members", "--json"]
+        )
+        assert res.exit_code == 0, res.output.decode()
+        return json.loads(res.output)["members"]
+
+    def member_sha256(self, service: str) -> str:
+        # Read inside the compose network: members are not published on the host.
+        res = self.container("mirror").exec_run(
+            ["sh", "-c", f"nbdcopy nbd://{service}:10809/ - | sha256sum"]
+        )
+        assert res.exit_code == 0, res.output.decode()
+        return res.output.decode().split()[0]
+
+
+@pytest.fixture
+def stack(engine: Any, image: str, tmp_path: Path) -> Iterator[Stack]:
+    topo = yaml.safe_load(EXAMPLE.read_text())
+    topo["exports"]["vm1"]["listen"] = ["127.0.0.1:0"]
+    (tmp_path / "fabric.yaml").write_text(yaml.safe_dump(topo))
+    out = tmp_path / "docker-compose.yml"
+    run([*_nbdfabric(), "compose", str(tmp_path / "fabric.yaml"), "-o", str(out)])
+    s = Stack(engine, out, f"nbdfabrictest{uuid.uuid4().hex[:8]}")
+    try:
+        s.compose("up", "-d")
+        for service in ("disk-a", "disk-b", "mirror", "slow"):
+            wait_healthy(s.container(service))
+        yield s
+    finally:
+        s.compose("down", "--timeout", "10")
+    assert s.leftovers() == []
+
+
+def test_compose_example_up_serves_data_and_down_leaves_nothing(
+    stack: Stack, tmp_path: Path
+) -> None:
+    port = int(stack.compose("port", "slow", "10809").strip().rsplit(":", 1)[1])
+    uri = f"nbd://127.0.0.1:{port}/vm1"
+    src = random_file(tmp_path / "src.img", 32 * MiB, seed=2)
+    run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uri])
+    back = tmp_path / "back.img"
+    run(["nbdcopy", uri, str(back)])
+    size = back.stat().st_size
+    assert size == 256 * MiB
+    expect = hashlib.sha256(src.read_bytes() + bytes(size - 32 * MiB)).hexdigest()
+    assert sha256_file(back) == expect
+    # Both mirror members hold the same data, read inside the compose network.
+    assert stack.member_sha256("disk-a") == stack.member_sha256("disk-b") == expect
+
+
+def test_compose_mirror_survives_docker_kill_and_rebuilds(stack: Stack) -> None:
+    port = int(stack.compose("port", "slow", "10809").strip().rsplit(":", 1)[1])
+    h = nbd_connect(f"nbd://127.0.0.1:{port}/vm1")
+    size = 16 * MiB
+    model = bytearray(size)
+    chunk = 256 * 1024
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    writes_after_kill = [0]
+    killed = threading.Event()
+
+    def load() -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                off = (i * chunk * 7) % size
+                data = hashlib.shake_256(i.to_bytes(8, "big")).digest(chunk)
+                h.pwrite(data, off)
+                model[off : off + chunk] = data
+                if killed.is_set():
+                    writes_after_kill[0] += 1
+                i += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    writer = threading.Thread(target=load)
+    writer.start()
+    try:
+        time.sleep(0.5)
+        stack.container("disk-b").kill()
+        killed.set()
+        wait_for(lambda: writes_after_kill[0] >= 40 or errors, 30, "writes after the kill")
+        states = {m["uri"]: m["state"] for m in stack.members()}
+        assert states["nbd://disk-b:10809/"] == "faulty"
+        assert states["nbd://disk-a:10809/"] == "in_sync"
+    finally:
+        stop.set()
+        writer.join(30)
+    assert not errors, f"client saw an error: {errors[0]!r}"
+    h.flush()
+    assert h.pread(size, 0) == model
+
+    stack.container("disk-b").start()
+    wait_for(
+        lambda: all(m["state"] == "in_sync" for m in stack.members()),
+        60,
+        "the restarted member to be rebuilt",
+    )
+    h.shutdown()
+    expect = hashlib.sha256(bytes(model) + bytes(256 * MiB - size)).hexdigest()
+    assert stack.member_sha256("disk-a") == stack.member_sha256("disk-b") == expect
+
+
+# -- the docker backend --------------------------------------------------------------------------
+
+
+def test_docker_backend_up_serves_data_status_and_down(
+    engine: Any, image: str, tmp_path: Path
+) -> None:
+    from orchestrator.backends.docker import DockerFabric
+    from orchestrator.topology import load
+
+    topo_data = yaml.safe_load(EXAMPLE.read_text())
+    topo_data["name"] = f"dockertest{uuid.uuid4().hex[:8]}"
+    topo_data["exports"]["vm1"]["listen"] = ["127.0.0.1:0"]
+    (tmp_path / "fabric.yaml").write_text(yaml.safe_dump(topo_data))
+    topology = load(tmp_path / "fabric.yaml")
+    fabric = DockerFabric(engine, image)
+    try:
+        uris = fabric.up(topology)
+        assert set(uris) == {"vm1"} and uris["vm1"].startswith("nbd://127.0.0.1:")
+        status = {s.name: s for s in fabric.status(topology.name)}
+        assert set(status) == {"disk-a", "disk-b", "mirror", "slow"}
+        assert all(s.state == "running" and s.health == "healthy" for s in status.values())
+        assert all(len(s.container_id) == 12 for s in status.values())
+        src = random_file(tmp_path / "src.img", 16 * MiB, seed=3)
+        run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uris["vm1"]])
+        back = tmp_path / "back.img"
+        run(["nbdcopy", "--requests=4", uris["vm1"], str(back)])
+        expect = hashlib.sha256(src.read_bytes() + bytes(240 * MiB)).hexdigest()
+        assert sha256_file(back) == expect
+        # Up again is a no-op for running, healthy nodes.
+        ids = {s.name: s.container_id for s in fabric.status(topology.name)}
+        fabric.up(topology)
+        assert {s.name: s.container_id for s in fabric.status(topology.name)} == ids
+    finally:
+        fabric.down(topology.name, topology)
+    label = f"io.nbdfabric.fabric={topology.name}"
+    assert engine.containers.list(all=True, filters={"label": label}) == []
+    assert engine.networks.list(filters={"label": label}) == []

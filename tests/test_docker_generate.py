@@ -1,0 +1,111 @@
+"""Compose and Kubernetes generation from topologies: structure and YAML validity (no engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from conftest import ROOT
+
+from orchestrator import compose, k8s
+from orchestrator.topology import load, load_text
+
+EXAMPLE = ROOT / "compose" / "example.yaml"
+IMPORT = ROOT / "compose" / "k8s-import.yaml"
+
+FILE_TOPOLOGY = """
+name: files
+nodes:
+  disk: {kind: memory, params: {size: 1M}}
+  flaky: {kind: error, upstream: disk, params: {error-file: triggers/fail, error-rate: 1}}
+  m: {kind: mirror, upstreams: [flaky, disk], params: {bitmap-file: /var/lib/nbd/m.bitmap}}
+exports:
+  e: {node: m, listen: ["0.0.0.0:10900", "127.0.0.1:0", "unix:/run/x/e.sock"]}
+"""
+
+
+def test_compose_services_upstreams_and_health() -> None:
+    data = compose.compose_dict(load(EXAMPLE))
+    assert data["version"] == "2.4"
+    mirror = data["services"]["mirror"]
+    assert mirror["command"][:2] == ["node", "mirror"]
+    ups = [mirror["command"][i + 1] for i, a in enumerate(mirror["command"]) if a == "--upstream"]
+    assert ups == ["nbd://disk-a:10809/", "nbd://disk-b:10809/"]
+    assert mirror["depends_on"] == {
+        "disk-a": {"condition": "service_healthy"},
+        "disk-b": {"condition": "service_healthy"},
+    }
+    assert mirror["healthcheck"]["test"][:3] == ["CMD", "nbdfabric", "health"]
+    assert mirror["restart"] == "unless-stopped"
+    assert mirror["labels"]["io.nbdfabric.fabric"] == "example"
+
+
+def test_compose_ports_default_to_loopback_and_files_become_volumes(tmp_path: Path) -> None:
+    topo = load_text(FILE_TOPOLOGY, str(tmp_path / "fabric.yaml"))
+    data = compose.compose_dict(topo, relative_to=tmp_path)
+    m = data["services"]["m"]
+    assert m["ports"] == ["0.0.0.0:10900:10809", "127.0.0.1::10809"]
+    assert "/var/lib/nbd:/mnt/nbdfabric/0" in m["volumes"]
+    assert "/run/x:/mnt/nbdfabric/1" in m["volumes"]
+    assert "bitmap-file=/mnt/nbdfabric/0/m.bitmap" in m["command"]
+    assert "unix:/mnt/nbdfabric/1/e.sock" in m["command"]
+    flaky = data["services"]["flaky"]
+    assert flaky["volumes"] == ["./triggers:/mnt/nbdfabric/0"]
+    assert "error-file=/mnt/nbdfabric/0/fail" in flaky["command"]
+    assert "ports" not in flaky
+
+
+def test_compose_restart_policies() -> None:
+    text = (
+        EXAMPLE.read_text()
+        .replace(
+            "disk-a: {kind: memory, params: {size: 256M}}",
+            "disk-a: {kind: memory, params: {size: 256M}, restart: on-failure, max-restarts: 3}",
+        )
+        .replace(
+            "disk-b: {kind: memory, params: {size: 256M}}",
+            "disk-b: {kind: memory, params: {size: 256M}, restart: never}",
+        )
+    )
+    data = compose.compose_dict(load_text(text, str(EXAMPLE)))
+    assert data["services"]["disk-a"]["restart"] == "on-failure:3"
+    assert data["services"]["disk-b"]["restart"] == "no"
+
+
+def test_compose_check_reports_stale_output(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "docker-compose.yml"
+    assert compose.main([str(EXAMPLE), "-o", str(out), "--check"]) == 1
+    assert compose.main([str(EXAMPLE), "-o", str(out)]) == 0
+    assert compose.main([str(EXAMPLE), "-o", str(out), "--check"]) == 0
+    assert "stale" in capsys.readouterr().err
+
+
+def test_k8s_pod_shares_sockets_and_probes_health() -> None:
+    docs = k8s.manifests(load(EXAMPLE))
+    text = k8s.render(docs, "compose/example.yaml")
+    pod, service = list(yaml.safe_load_all(text))
+    assert pod["kind"] == "Pod" and service["kind"] == "Service"
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    assert set(containers) == {"disk-a", "disk-b", "mirror", "slow"}
+    assert {"name": "run", "emptyDir": {"medium": "Memory"}} in pod["spec"]["volumes"]
+    mirror = containers["mirror"]
+    assert "nbd+unix:///?socket=/run/nbdfabric/disk-a.sock" in mirror["args"]
+    assert mirror["readinessProbe"]["exec"]["command"] == [
+        "nbdfabric", "health", "-q", "unix:/run/nbdfabric/mirror.ctl"
+    ]  # fmt: skip
+    assert service["spec"]["ports"][0]["port"] == 10809
+    assert service["spec"]["selector"] == pod["metadata"]["labels"]
+
+
+def test_k8s_import_job_runs_nodes_as_sidecars(capsys) -> None:
+    assert k8s.main([str(IMPORT), "--import-to", "vm-disk"]) == 0
+    (job,) = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert job["kind"] == "Job"
+    spec = job["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["initContainers"]] == ["source", "throttle", "retries"]
+    assert all(c["restartPolicy"] == "Always" for c in spec["initContainers"])
+    (importer,) = spec["containers"]
+    assert importer["command"] == ["qemu-img"]
+    assert "nbd+unix:///disk?socket=/run/nbdfabric/retries.sock" in importer["args"]
+    assert {"name": "target", "persistentVolumeClaim": {"claimName": "vm-disk"}} in spec["volumes"]
+    assert spec["restartPolicy"] == "Never"
