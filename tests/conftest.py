@@ -109,7 +109,7 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         return p
 
     yield start
-    for p in procs:
+    for p in reversed(procs):  # clients first: a server waits for its clients to leave
         p.stop()
 
 
@@ -141,7 +141,7 @@ def start_nbdkit(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         return p
 
     yield start
-    for p in procs:
+    for p in reversed(procs):  # clients first: a server waits for its clients to leave
         p.stop()
 
 

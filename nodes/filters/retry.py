@@ -1,0 +1,177 @@
+"""retry: reopen the upstream and try again when a request fails (nbdkit-retry-filter).
+
+Makes long copies survive short upstream failures (a restarted node, a dropped connection)
+without the client noticing. On a failure the filter waits `retry-delay`, reopens the upstream
+(when the upstream can: `reconnect()`), and repeats the request, up to `retries` times; with
+`retry-exponential` the wait doubles each time. The last error goes to the client.
+
+Which failures are retried:
+- `retry-on=EIO,ECONNRESET`: only these errnos (default: every error).
+- `retry-pattern=RRRORRRRRO`: a script, one letter per failure seen by this node, repeating:
+  `R` retries it, `O` lets it through to the client. Handy to test clients against a flaky chain.
+
+Params (all live): `retries` (default 5), `retry-delay` (default 2s; `100ms` allowed),
+`retry-exponential` (yes|no, default yes), `retry-readonly` (yes|no, default no: after a failure,
+refuse writes on that connection for the rest of its life, as nbdkit reopens read-only),
+`retry-on`, `retry-pattern`.
+
+Example: `nbdfabric node retry retries=10 retry-delay=100ms --upstream nbd://flaky:10809`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BeforeValidator, Field, PlainSerializer
+
+from ..base import Backend, Extents, Filter, Holes, current_client
+from ..params import Duration, Params, live, parse_errno
+from ..registry import register
+
+log = logging.getLogger("nbdfabric.retry")
+T = TypeVar("T")
+
+
+def _parse_errnos(value: Any) -> tuple[int, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    codes = tuple(parse_errno(item) for item in items if str(item).strip())
+    if not codes:
+        raise ValueError("expected errno names separated by commas, e.g. EIO,ECONNRESET")
+    return codes
+
+
+def _errno_names(codes: tuple[int, ...]) -> str:
+    return ",".join(errno.errorcode.get(c, str(c)) for c in codes)
+
+
+def _parse_pattern(value: Any) -> str:
+    text = str(value).strip().upper()
+    if not re.fullmatch(r"[RO]+", text):
+        raise ValueError("expected a pattern of R (retry) and O (let through), e.g. RRRO")
+    return text
+
+
+Errnos = Annotated[
+    tuple[int, ...],
+    BeforeValidator(_parse_errnos),
+    PlainSerializer(_errno_names, return_type=str),
+    Field(json_schema_extra={"format": "errno-list"}),
+]
+Pattern = Annotated[str, BeforeValidator(_parse_pattern)]
+
+
+class RetryParams(Params):
+    retries: int = live(5, "how many times one request is retried", ge=0)
+    retry_delay: Duration = live(2.0, "wait before retrying (e.g. 2s, 100ms)")
+    retry_exponential: bool = live(True, "double the wait after each retry")
+    retry_readonly: bool = live(False, "after a failure, refuse writes on that connection")
+    retry_on: Errnos | None = live(None, "retry only these errors (e.g. EIO,ECONNRESET)")
+    retry_pattern: Pattern | None = live(None, "R = retry, O = let through, per failure, repeating")
+
+
+_WRITES = ("pwrite", "trim", "zero")
+
+
+@register
+class Retry(Filter):
+    """Retries failed requests, reopening the upstream in between."""
+
+    kind = "retry"
+    Params = RetryParams
+    params: RetryParams
+
+    def __init__(self, params: RetryParams, next: Backend) -> None:
+        super().__init__(params, next)
+        self.failures = 0  #: failures seen (the position in retry-pattern)
+        self.retried = 0
+        self.gave_up = 0
+        self.reopened = 0
+        self._readonly: set[int] = set()  #: connections degraded by retry-readonly
+
+    def status(self) -> dict[str, Any]:
+        return {
+            **self.next.status(),
+            "retried": self.retried,
+            "gave_up": self.gave_up,
+            "reopened": self.reopened,
+        }
+
+    async def close_connection(self) -> None:
+        self._readonly.discard(current_client.get().connection_id)
+        await self.next.close_connection()
+
+    def _should_retry(self, exc: OSError) -> bool:
+        p = self.params
+        index = self.failures
+        self.failures += 1
+        if p.retry_on is not None and exc.errno not in p.retry_on:
+            return False
+        if p.retry_pattern:
+            return p.retry_pattern[index % len(p.retry_pattern)] == "R"
+        return True
+
+    async def _reopen(self) -> None:
+        reconnect = getattr(self.next, "reconnect", None)
+        if reconnect is None:
+            return
+        try:
+            await reconnect()
+            self.reopened += 1
+        except OSError as exc:  # the next attempt fails too and counts as a retry
+            log.info("retry: reopening the upstream failed: %s", exc)
+
+    async def _run(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        conn = current_client.get().connection_id
+        if op in _WRITES and conn in self._readonly:
+            raise OSError(errno.EROFS, "retry: connection is read-only after a failure")
+        delay = self.params.retry_delay
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except OSError as exc:
+                if not self._should_retry(exc):
+                    raise
+                p = self.params
+                if attempt >= p.retries:
+                    self.gave_up += 1
+                    log.info("retry: %s failed %d times, giving up: %s", op, attempt + 1, exc)
+                    raise
+                attempt += 1
+                self.retried += 1
+                log.info("retry: %s failed (%s), retry %d in %.3fs", op, exc, attempt, delay)
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if p.retry_exponential:
+                    delay *= 2
+                await self._reopen()
+                if p.retry_readonly:
+                    self._readonly.add(conn)
+                    if op in _WRITES:
+                        raise OSError(errno.EROFS, "retry: read-only after a failure") from exc
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        return await self._run("pread", lambda: self.next.pread(buf, offset, flags))
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        await self._run("pwrite", lambda: self.next.pwrite(buf, offset, flags))
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        await self._run("trim", lambda: self.next.trim(count, offset, flags))
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        await self._run("zero", lambda: self.next.zero(count, offset, flags))
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        return await self._run("extents", lambda: self.next.extents(count, offset, flags))
+
+    async def cache(self, count: int, offset: int, flags: int) -> None:
+        await self._run("cache", lambda: self.next.cache(count, offset, flags))
+
+    async def flush(self, flags: int) -> None:
+        await self._run("flush", lambda: self.next.flush(flags))
