@@ -17,7 +17,7 @@ from .server.node import NodeOptions
 
 #: Sub-commands the orchestrator provides (nodes never import it at module level).
 FABRIC_COMMANDS = ("up", "down", "status", "validate", "graph", "set", "compose", "k8s", "logs",
-                   "schema")  # fmt: skip
+                   "events", "schema")  # fmt: skip
 
 
 def _node_parser() -> argparse.ArgumentParser:
@@ -181,7 +181,7 @@ kinds [KIND] [--json]       list node kinds, or one kind's params
 ctl ADDR ...                talk to a node's gRPC control endpoint
 health ADDR                 exit 0 only if the node at ADDR is SERVING
 up FILE | down | status | validate FILE | graph | set NODE K=V | logs NODE
-compose FILE | k8s FILE | schema
+compose FILE | k8s FILE | schema | events
                             run and inspect fabrics from a topology file
 """
 

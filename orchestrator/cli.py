@@ -1,9 +1,13 @@
-"""`nbdfabric up | down | status | validate | graph | set | logs | schema` (via nodes/cli.py).
+"""`nbdfabric up | down | status | validate | graph | set | logs | events | schema`
+(via nodes/cli.py).
 
 Like docker compose, commands find the fabric from `-f FILE` (default ./fabric.yaml) or
 `-p NAME`; its run dir is described in orchestrator/backends/process.py. `up` talks to the
 fabric's supervisor over gRPC when one runs (re-apply), otherwise starts one: in the foreground
-(Ctrl-C stops the fabric in order) or, with `--detach`, as a daemon.
+(Ctrl-C stops the fabric in order) or, with `--detach`, as a daemon. `--backend docker` runs
+the nodes as containers (orchestrator/backends/docker.py) under the same supervisor; the run dir's
+state.json records the backend, so `down` cleans up the right thing even when the supervisor
+died.
 """
 
 from __future__ import annotations
@@ -132,10 +136,68 @@ def _apply(client: Client, topology: Topology, path: Path) -> Any:
     )
 
 
+def _state(run: RunDir) -> dict[str, Any]:
+    try:
+        data = json.loads(run.state.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _leftovers(run: RunDir) -> int:
+    """`down` when the supervisor is gone: kill the processes, remove the containers."""
+    state = _state(run)
+    killed = len(kill_leftovers(run))
+    if state.get("backend") == "docker" and state.get("fabric"):
+        from .backends.docker import DockerFabric
+
+        fabric = str(state["fabric"])
+        try:
+            docker_fabric = DockerFabric()
+            killed += len(docker_fabric.containers(fabric))
+            docker_fabric.down(fabric)
+        except Exception as exc:  # no engine: say what is left
+            _err("down", f"cannot remove the containers of fabric {fabric}: {exc}")
+    return killed
+
+
+def _docker_problem(image: str | None) -> str:
+    """Why the docker backend cannot run here, or ""."""
+    try:
+        import docker
+        import docker.errors
+
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:
+        return f"docker backend: no docker engine reachable ({exc})"
+    from .compose import DEFAULT_IMAGE
+
+    image = image or os.environ.get("NBDFABRIC_IMAGE") or DEFAULT_IMAGE
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        return f"docker backend: image {image} not found; build it with scripts/build-image.sh"
+    except docker.errors.DockerException as exc:
+        return f"docker backend: {exc}"
+    finally:
+        client.close()
+    return ""
+
+
 def cmd_up(argv: Sequence[str]) -> int:
     p = _parser("up", "Start a fabric, or apply an edited topology to a running one.", True)
     p.add_argument("-d", "--detach", action="store_true", help="run the supervisor in background")
     p.add_argument("--dry-run", action="store_true", help="print what would change, do nothing")
+    p.add_argument(
+        "--backend",
+        choices=("process", "docker"),
+        help="run nodes as local processes (default) or docker containers",
+    )
+    p.add_argument(
+        "--image", help="docker backend: the node image (default: $NBDFABRIC_IMAGE or "
+        "nbdfabric:latest, built by scripts/build-image.sh)"
+    )  # fmt: skip
     args = p.parse_args(argv)
     path = _file(args)
     try:
@@ -153,17 +215,29 @@ def cmd_up(argv: Sequence[str]) -> int:
         return 1
     client = connect(run)
     if client is not None:
+        running = _state(run).get("backend") or "process"
+        if args.backend and args.backend != running:
+            client.close()
+            _err("up", f"fabric {topology.name} runs on the {running} backend; "
+                 f"`nbdfabric down` it first to move it to {args.backend}")  # fmt: skip
+            return 1
         return _reapply(client, topology, path, args.dry_run)
     if args.dry_run:
         for n in topology.nodes:
             print(f"  {n}: add")
         return 0
     if run.state.exists():  # a supervisor that died: clear what it left
-        kill_leftovers(run)
+        _leftovers(run)
         clean_run_dir(run)
+    backend = args.backend or "process"
+    if backend == "docker":
+        problem = _docker_problem(args.image)
+        if problem:
+            _err("up", problem)
+            return 1
     if not args.detach:
-        return _foreground(run, topology)
-    return _detach(run, topology, path)
+        return _foreground(run, topology, backend, args.image)
+    return _detach(run, topology, path, backend, args.image)
 
 
 def _reapply(client: Client, topology: Topology, path: Path, dry_run: bool) -> int:
@@ -189,11 +263,16 @@ def _reapply(client: Client, topology: Topology, path: Path, dry_run: bool) -> i
     return 0
 
 
-def _detach(run: RunDir, topology: Topology, path: Path) -> int:
+def _detach(
+    run: RunDir, topology: Topology, path: Path, backend: str = "process", image: str | None = None
+) -> int:
     run.path.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "orchestrator.daemon", str(run.path), "--backend", backend]
+    if image:
+        cmd += ["--image", image]
     with run.supervisor_log.open("ab") as log:
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.daemon", str(run.path)],
+            cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=log,
@@ -216,7 +295,8 @@ def _detach(run: RunDir, topology: Topology, path: Path) -> int:
         _err("up", _rpc_error(exc))
         _down(run, client)
         return 1
-    print(f"fabric {topology.name}: {len(topology.nodes)} nodes up (supervisor pid "
+    where = "" if backend == "process" else f"{backend} backend, "
+    print(f"fabric {topology.name}: {len(topology.nodes)} nodes up ({where}supervisor pid "
           f"{daemon.pid}, run dir {run.path})")  # fmt: skip
     _print_exports(reply.exports)
     client.close()
@@ -230,7 +310,9 @@ def _import_root() -> str:
     return f"{root}{os.pathsep}{extra}" if extra else root
 
 
-def _foreground(run: RunDir, topology: Topology) -> int:
+def _foreground(
+    run: RunDir, topology: Topology, backend: str = "process", image: str | None = None
+) -> int:
     import logging
 
     from .service import AlreadyRunning, hosted
@@ -239,7 +321,7 @@ def _foreground(run: RunDir, topology: Topology) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     async def main() -> int:
-        async with hosted(run) as sup:
+        async with hosted(run, backend, image) as sup:
             loop = asyncio.get_running_loop()
             pending: set[asyncio.Future[Any]] = set()
 
@@ -300,7 +382,7 @@ def _down(run: RunDir, client: Client | None) -> int:
         client.close()
         while pid and pid_matches(pid, "orchestrator"):
             time.sleep(0.02)
-    stopped += len(kill_leftovers(run))
+    stopped += _leftovers(run)
     clean_run_dir(run)
     return stopped
 
@@ -333,12 +415,24 @@ def _uptime(seconds: float) -> str:
 
 
 def _node_json(n: Any) -> dict[str, Any]:
-    """Plain JSON types (MessageToDict would turn int64 into strings)."""
+    """Plain JSON types (MessageToDict would turn int64 into strings); fan members as
+    `nbdfabric ctl ADDR members --json` prints them."""
+    from nodes.control.cli import to_data
+
     out: dict[str, Any] = {}
     for field in n.DESCRIPTOR.fields:
         value = getattr(n, field.name)
-        out[field.name] = list(value) if field.label == field.LABEL_REPEATED else value
+        if field.label != field.LABEL_REPEATED:
+            out[field.name] = value
+        elif field.message_type is not None:
+            out[field.name] = [to_data(v) for v in value]
+        else:
+            out[field.name] = list(value)
     return out
+
+
+def _members_text(members: Sequence[Any]) -> str:
+    return " ".join(f"{m.index}:{m.state}" for m in members) or "-"
 
 
 def cmd_status(argv: Sequence[str]) -> int:
@@ -368,21 +462,31 @@ def cmd_status(argv: Sequence[str]) -> int:
     if args.json:
         print(json.dumps(nodes, indent=2))
         return 0
-    print(f"fabric {reply.fabric} (supervisor pid {reply.supervisor_pid}, run dir {reply.run_dir})")
-    header = ("NODE", "KIND", "STATE", "HEALTH", "PID", "UPTIME", "RESTARTS", "EXPORT")
-    rows = [
+    docker = reply.backend == "docker"
+    where = f"{reply.backend} backend, " if docker else ""
+    print(f"fabric {reply.fabric} ({where}supervisor pid {reply.supervisor_pid}, "
+          f"run dir {reply.run_dir})")  # fmt: skip
+    header: tuple[str, ...] = ("NODE", "KIND", "STATE", "HEALTH", "CONTAINER" if docker
+                               else "PID", "UPTIME", "RESTARTS", "EXPORT")  # fmt: skip
+    rows: list[tuple[str, ...]] = [
         (
             n.name,
             n.kind,
             n.state,
             n.health,
-            str(n.pid or "-"),
+            (n.container_id if docker else str(n.pid or "")) or "-",
             _uptime(n.uptime_seconds),
             str(n.restarts),
             n.export_name or "-",
         )
         for n in reply.nodes
     ]
+    if any(n.role == "fan" for n in reply.nodes):
+        header += ("MEMBERS",)
+        rows = [
+            (*r, _members_text(n.members) if n.role == "fan" else "")
+            for r, n in zip(rows, reply.nodes, strict=True)
+        ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -426,28 +530,52 @@ def cmd_logs(argv: Sequence[str]) -> int:
     return 0
 
 
-def _events(run: RunDir, follow: bool) -> int:
+def _events(
+    run: RunDir, follow: bool, replay: bool = True, as_json: bool = False, command: str = "logs"
+) -> int:
     from .supervisor import Event
 
     client = connect(run)
     if client is None:
-        _err("logs", "the fabric is not running")
+        _err(command, "the fabric is not running")
         return NOT_RUNNING
     stream = client.stub.WatchFabricEvents(
-        client.pb.WatchFabricEventsRequest(replay=True, follow=follow)
+        client.pb.WatchFabricEventsRequest(replay=replay, follow=follow)
     )
     try:
         for ev in stream:
-            print(Event(ev.time, ev.node, ev.kind, ev.message), flush=True)
+            if as_json:
+                line = json.dumps(
+                    {"time": ev.time, "node": ev.node, "kind": ev.kind, "message": ev.message}
+                )
+            else:
+                line = str(Event(ev.time, ev.node, ev.kind, ev.message))
+            print(line, flush=True)
     except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
-            _err("logs", _rpc_error(exc))
+        # UNAVAILABLE: the supervisor went away (`down`): the stream is over.
+        if exc.code() not in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE):  # type: ignore[attr-defined]
+            _err(command, _rpc_error(exc))
             return 1
     except KeyboardInterrupt:
         pass
     finally:
         client.close()
     return 0
+
+
+def cmd_events(argv: Sequence[str]) -> int:
+    p = _parser("events", "Stream the supervisor's events (started, healthy, exited, "
+                "restarted, members, ...) until Ctrl-C or `down`.")  # fmt: skip
+    p.add_argument("--no-follow", action="store_true", help="print what is remembered, then exit")
+    p.add_argument("--no-replay", action="store_true", help="only events from now on")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = p.parse_args(argv)
+    found = _run_dir(args)
+    if found is None:
+        _err("events", f"no fabric: {_file(args)} not found (use -f FILE or -p NAME)")
+        return 1
+    _, run = found
+    return _events(run, not args.no_follow, not args.no_replay, args.json, "events")
 
 
 def cmd_set(argv: Sequence[str]) -> int:
@@ -545,6 +673,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "down": cmd_down,
     "status": cmd_status,
     "logs": cmd_logs,
+    "events": cmd_events,
     "set": cmd_set,
     "validate": cmd_validate,
     "graph": cmd_graph,

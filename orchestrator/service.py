@@ -66,6 +66,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         )
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
+        await self.sup.refresh_members()
         top = self.sup.topology
         return pb.StatusResponse(
             fabric=top.name if top else "",
@@ -74,6 +75,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             supervisor_pid=os.getpid(),
             run_dir=str(self.sup.run.path),
             source=top.source if top else "",
+            backend=self.sup.backend.name,
         )
 
     async def WatchFabricEvents(
@@ -119,12 +121,20 @@ def _lock(run: RunDir) -> int:
 
 
 @contextlib.asynccontextmanager
-async def hosted(run: RunDir) -> AsyncIterator[Supervisor]:
+async def hosted(
+    run: RunDir, backend: str = "process", image: str | None = None
+) -> AsyncIterator[Supervisor]:
     """A supervisor serving gRPC on RUN/orchestrator.sock; on exit every node is stopped and
-    the run dir holds nothing but logs."""
+    the run dir holds nothing but logs. `backend`: process (default) or docker."""
     run.path.mkdir(parents=True, exist_ok=True)
     lock = _lock(run)
-    sup = Supervisor(run)
+    try:
+        sup = Supervisor(run, backend=backend, image=image)
+    except Exception:
+        os.close(lock)
+        with contextlib.suppress(FileNotFoundError):
+            run.lockfile.unlink()
+        raise
     server = grpc.aio.server()
     pb_grpc.add_OrchestratorServiceServicer_to_server(OrchestratorServicer(sup), server)
     health = HealthServicer()

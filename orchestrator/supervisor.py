@@ -27,7 +27,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nodes.params import ParamError, live_names, update_params
 
 from . import plan
-from .backends.process import NodeProcess, RunDir, StartError, control_supported, probe_nbd
+from .backends.process import (
+    NodeProcess,
+    ProcessBackend,
+    RunDir,
+    StartError,
+    control_supported,
+)
 from .topology import Node, Topology
 
 log = logging.getLogger("nbdfabric.orchestrator")
@@ -98,13 +104,26 @@ async def configure_node(control: str, changes: dict[str, str]) -> None:
             raise ConfigureError(exc.details() or str(exc.code()), precondition) from None
 
 
+async def list_members(channel: grpc.aio.Channel) -> list[Any] | None:
+    """A fan's members (NodeService.ListMembers), None when it does not answer."""
+    from nodes.control.rpc.nbdfabric.v1 import node_pb2, node_pb2_grpc
+
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    try:
+        reply = await stub.ListMembers(node_pb2.ListMembersRequest(), timeout=CHECK_TIMEOUT)
+    except grpc.aio.AioRpcError:
+        return None
+    return list(reply.members)
+
+
 class NodeRunner:
-    """One node: its current process, its health, and the loop that keeps it up."""
+    """One node: its current process (or container), its health, and the loop that keeps it
+    up. For fans it also follows the members' states (events on every change)."""
 
     def __init__(self, sup: Supervisor, node: Node) -> None:
         self.sup = sup
         self.node = node
-        self.process: NodeProcess | None = None
+        self.process: NodeProcess | Any = None
         self.state = "stopped"
         self.health = "UNKNOWN"
         self.restarts = 0
@@ -112,6 +131,8 @@ class NodeRunner:
         self.healthy_since = 0.0
         self.task: asyncio.Task[None] | None = None
         self.channel: grpc.aio.Channel | None = None
+        #: A fan's members as it last reported them (node_pb2.Member messages).
+        self.members: list[Any] = []
 
     @property
     def name(self) -> str:
@@ -119,7 +140,17 @@ class NodeRunner:
 
     @property
     def control(self) -> str:
-        return f"unix:{self.sup.run.ctl(self.name)}" if self.sup.control else ""
+        if not self.sup.control:
+            return ""
+        return str(self.process.control) if self.process is not None else ""
+
+    @property
+    def who(self) -> str:
+        """pid N, or container ID."""
+        proc = self.process
+        if proc is not None and proc.container_id:
+            return f"container {proc.container_id}"
+        return f"pid {proc.pid if proc else 0}"
 
     def emit(self, kind: str, message: str = "") -> None:
         self.sup.emit(self.name, kind, message)
@@ -134,11 +165,11 @@ class NodeRunner:
         self.state = "starting"
         self.health = "UNKNOWN"
         self.healthy_since = 0.0
-        proc = self.process = NodeProcess(self.sup.run, self.node, topology, self.sup.control)
-        await proc.spawn()
+        proc = self.process = self.sup.backend.new_node(self.node, topology)
         try:
+            await proc.spawn()
             await proc.wait_ready(START_TIMEOUT)
-            self.emit("started", f"pid {proc.pid}")
+            self.emit("started", self.who)
             await self._wait_serving(proc)
         except StartError as exc:
             await proc.kill()
@@ -159,17 +190,28 @@ class NodeRunner:
                 raise StartError(proc.failure(f"exited with status {proc.returncode}"))
             if time.monotonic() > deadline:
                 raise StartError(proc.failure(f"not SERVING after {START_TIMEOUT:.0f}s ({health})"))
-            with contextlib.suppress(TimeoutError):
-                assert proc.proc is not None
-                await asyncio.wait_for(asyncio.shield(proc.proc.wait()), 0.05)
+            await proc.wait_exit(0.05)
 
     async def check(self) -> str:
         if self.sup.control:
             if self.channel is None:
                 self.channel = grpc.aio.insecure_channel(self.control)
             return await check_health(self.channel)
-        ok = await asyncio.to_thread(probe_nbd, self.sup.run.sock(self.name))
+        ok = await asyncio.to_thread(self.sup.backend.probe, self.process)
         return "SERVING" if ok else "UNREACHABLE"
+
+    async def refresh_members(self) -> None:
+        """Ask a fan for its members; an event when their states changed."""
+        if self.node.role != "fan" or self.channel is None or not self.process:
+            return
+        members = await list_members(self.channel)
+        if members is None:
+            return
+        before = [(m.index, m.state) for m in self.members]
+        self.members = members
+        after = [(m.index, m.state) for m in members]
+        if after != before:
+            self.emit("members", " ".join(f"{i}:{state}" for i, state in after))
 
     def _set_health(self, health: str) -> None:
         before, self.health = self.health, health
@@ -197,12 +239,11 @@ class NodeRunner:
     async def _watch(self) -> tuple[str, int | None]:
         """Return (why, exit status) when the process exits or stops serving for too long."""
         proc = self.process
-        assert proc is not None and proc.proc is not None
+        assert proc is not None
         unreachable = 0
         bad_since = 0.0
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(proc.proc.wait()), HEALTH_INTERVAL)
+            await proc.wait_exit(HEALTH_INTERVAL)
             if proc.returncode is not None:
                 self.health = "UNKNOWN"
                 self.healthy_since = 0.0
@@ -213,6 +254,7 @@ class NodeRunner:
             self._set_health(health)
             if health == "SERVING":
                 unreachable, bad_since = 0, 0.0
+                await self.refresh_members()
                 continue
             if health == "UNREACHABLE":
                 unreachable += 1
@@ -259,7 +301,7 @@ class NodeRunner:
             except StartError as exc:
                 self.emit("start-failed", str(exc))
                 continue
-            self.emit("restarted", f"pid {self.pid} (restart {self.restarts})")
+            self.emit("restarted", f"{self.who} (restart {self.restarts})")
 
     # stop ---------------------------------------------------------------------------------
 
@@ -298,15 +340,17 @@ class NodeRunner:
             "state": self.state,
             "health": self.health if alive else "UNKNOWN",
             "pid": self.pid,
+            "container_id": proc.container_id if alive and proc else "",
             "restarts": self.restarts,
             "uptime_seconds": round(time.time() - proc.started_at, 3) if alive and proc else 0.0,
-            "uri": self.sup.run.internal_uri(self.name),
+            "uri": self.sup.backend.internal_uri(topology, self.name) if topology else "",
             "control": self.control,
             "upstreams": list(self.node.upstreams),
             "export_name": export.name if export else "",
             "log_path": str(self.sup.run.log(self.name)),
             "last_error": self.last_error,
             "export_uris": self.export_uris(),
+            "members": list(self.members) if alive else [],
         }
 
     def export_uris(self) -> list[str]:
@@ -314,15 +358,29 @@ class NodeRunner:
         if not self.process or not self.process.info:
             return []
         internal = str(self.sup.run.sock(self.name))
-        return [u for u in self.process.info.get("uris", []) if internal not in u]
+        return [str(u) for u in self.process.info.get("uris", []) if internal not in u]
 
 
 class Supervisor:
     """Every node of one fabric; `apply` is serialised, supervision runs per node."""
 
-    def __init__(self, run: RunDir, control: bool | None = None) -> None:
+    def __init__(
+        self,
+        run: RunDir,
+        control: bool | None = None,
+        backend: str = "process",
+        image: str | None = None,
+    ) -> None:
         self.run = run
         self.control = control_supported() if control is None else control
+        self.backend: Any
+        if backend == "docker":
+            from .backends.docker import DockerBackend
+
+            self.control = True  # containers are watched through their published control port
+            self.backend = DockerBackend(run, image)
+        else:
+            self.backend = ProcessBackend(run, self.control)
         self.topology: Topology | None = None
         self.runners: dict[str, NodeRunner] = {}
         self.events: collections.deque[Event] = collections.deque(maxlen=1000)
@@ -372,6 +430,10 @@ class Supervisor:
                 if a.action == plan.CONFIGURE and not await self._configure_live(a):
                     by_node[a.node] = plan.Action(a.node, plan.RESTART, a.reason + " (restart)")
             self.emit("", "apply", ", ".join(f"{a.node}:{a.action}" for a in by_node.values()))
+            try:
+                await self.backend.prepare(topology)
+            except Exception as exc:  # the engine refused: name it, start nothing
+                raise ApplyError(f"{self.backend.name} backend: {exc}") from exc
             failures: list[str] = []
             for group in plan.levels(topology):
                 todo = [n for n in group if by_node[n].action in (plan.ADD, plan.RESTART)]
@@ -455,6 +517,11 @@ class Supervisor:
                     await asyncio.gather(*(self.runners[n].stop() for n in names))
                     stopped += names
             self.runners.clear()
+            if self.topology is not None:
+                try:
+                    await self.backend.teardown(self.topology.name)
+                except Exception as exc:
+                    log.error("tearing down the %s backend failed: %r", self.backend.name, exc)
             self.topology = None
             with contextlib.suppress(FileNotFoundError):
                 self.run.state.unlink()
@@ -469,6 +536,9 @@ class Supervisor:
             (r := self.runners.get(u)) is not None and r.health == "SERVING"
             for u in node.node_upstreams()
         )
+
+    async def refresh_members(self) -> None:
+        await asyncio.gather(*(r.refresh_members() for r in list(self.runners.values())))
 
     def status(self) -> list[dict[str, Any]]:
         if self.topology is None:
@@ -494,7 +564,15 @@ class Supervisor:
             "fabric": self.topology.name,
             "source": self.topology.source,
             "supervisor_pid": os.getpid(),
-            "nodes": {n: {"pid": r.pid, "kind": r.node.kind} for n, r in self.runners.items()},
+            "backend": self.backend.name,
+            "nodes": {
+                n: {
+                    "pid": r.pid,
+                    "kind": r.node.kind,
+                    "container_id": r.process.container_id if r.process else "",
+                }
+                for n, r in self.runners.items()
+            },
         }
         tmp = self.run.state.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))

@@ -349,3 +349,183 @@ def test_docker_backend_up_serves_data_status_and_down(
     label = f"io.nbdfabric.fabric={topology.name}"
     assert engine.containers.list(all=True, filters={"label": label}) == []
     assert engine.networks.list(filters={"label": label}) == []
+
+
+# -- `nbdfabric up --backend docker`: the supervisor over containers -------------------------------
+
+
+class CliFabric:
+    """`nbdfabric up --backend docker --detach` of a topology in tmp_path, through the CLI."""
+
+    def __init__(self, engine: Any, tmp_path: Path, text: str, name: str) -> None:
+        self.engine, self.name, self.dir = engine, name, tmp_path
+        self.file = tmp_path / "fabric.yaml"
+        self.file.write_text(text)
+        self.env = {**os.environ, "NBDFABRIC_RUN_DIR": str(tmp_path / "r")}
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [*_nbdfabric(), *args], cwd=self.dir, env=self.env, capture_output=True, text=True
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(
+                f"nbdfabric {args} exited {res.returncode}\n{res.stdout}{res.stderr}"
+            )
+        return res
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        return {n["name"]: n for n in json.loads(self.cli("status", "--json").stdout)}
+
+    def leftovers(self) -> list[str]:
+        label = f"io.nbdfabric.fabric={self.name}"
+        containers = self.engine.containers.list(all=True, filters={"label": label})
+        networks = self.engine.networks.list(filters={"label": label})
+        return [c.name for c in containers] + [n.name for n in networks]
+
+    def member_sha256(self, node: str) -> str:
+        mirror = self.engine.containers.get(self.status()["mirror"]["container_id"])
+        res = mirror.exec_run(
+            ["sh", "-c", f"nbdcopy nbd://{self.name}-{node}:10809/ - | sha256sum"]
+        )
+        assert res.exit_code == 0, res.output.decode()
+        return res.output.decode().split()[0]
+
+
+DOCKER_MIRROR = """\
+name: {name}
+nodes:
+  m0: {{kind: memory, params: {{size: 64M}}}}
+  m1: {{kind: memory, params: {{size: 64M}}}}
+  mirror: {{kind: mirror, upstreams: [m0, m1]}}
+exports:
+  vm: {{node: mirror, listen: ["127.0.0.1:0"]}}
+"""
+
+
+def test_docker_backend_cli_supervises_mirror_through_docker_kill(
+    engine: Any, image: str, tmp_path: Path
+) -> None:
+    name = f"dk{uuid.uuid4().hex[:8]}"
+    fab = CliFabric(engine, tmp_path, DOCKER_MIRROR.format(name=name), name)
+    try:
+        out = fab.cli("up", "--detach", "--backend", "docker", "--image", image).stdout
+        assert "docker backend" in out, out
+        uri = next(w for w in out.split() if w.startswith("nbd://127.0.0.1:"))
+        nodes = fab.status()
+        assert list(nodes) == ["m0", "m1", "mirror"]
+        for n in nodes.values():
+            assert (n["state"], n["health"], n["pid"], n["restarts"]) == (
+                "running",
+                "SERVING",
+                0,
+                0,
+            )
+            assert len(n["container_id"]) == 12
+            assert engine.containers.get(n["container_id"]).labels["io.nbdfabric.node"] == n["name"]
+        assert [m["state"] for m in nodes["mirror"]["members"]] == ["in_sync", "in_sync"]
+        assert nodes["mirror"]["export_uris"] == [uri]
+        assert "CONTAINER" in fab.cli("status").stdout
+        # Re-running up with the other backend is refused while this one runs.
+        res = fab.cli("up", "--detach", "--backend", "process", check=False)
+        assert res.returncode == 1 and "runs on the docker backend" in res.stderr
+
+        size = 64 * MiB
+        src = random_file(tmp_path / "src.img", 16 * MiB, seed=4)
+        run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uri])
+        back = tmp_path / "back.img"
+        run(["nbdcopy", uri, str(back)])
+        model = bytearray(src.read_bytes() + bytes(size - 16 * MiB))
+        assert sha256_file(back) == hashlib.sha256(model).hexdigest()
+
+        h = nbd_connect(uri)
+        chunk = 256 * 1024
+        errors: list[BaseException] = []
+        stop = threading.Event()
+        killed = threading.Event()
+        after_kill = [0]
+
+        def load() -> None:
+            i = 0
+            try:
+                while not stop.is_set():
+                    off = (i * chunk * 7) % (32 * MiB)
+                    data = hashlib.shake_256(i.to_bytes(8, "big")).digest(chunk)
+                    h.pwrite(data, off)
+                    model[off : off + chunk] = data
+                    if killed.is_set():
+                        after_kill[0] += 1
+                    i += 1
+            except BaseException as exc:
+                errors.append(exc)
+
+        writer = threading.Thread(target=load)
+        writer.start()
+        victim = nodes["m1"]["container_id"]
+        try:
+            time.sleep(0.5)
+            engine.containers.get(victim).kill()
+            killed.set()
+            wait_for(lambda: after_kill[0] >= 40 or errors, 60, "writes after the kill")
+        finally:
+            stop.set()
+            writer.join(60)
+        assert not errors, f"client saw an error: {errors[0]!r}"
+
+        def restarted() -> bool:
+            m1 = fab.status()["m1"]
+            return (
+                m1["restarts"] == 1 and m1["health"] == "SERVING" and m1["container_id"] != victim
+            )
+
+        wait_for(restarted, 120, "the supervisor to restart m1's container")
+
+        def rebuilt() -> bool:
+            members = fab.status()["mirror"]["members"]
+            return (
+                all(m["state"] == "in_sync" for m in members)
+                and members[1]["detail"]["resync_bytes"] > 0
+            )
+
+        wait_for(rebuilt, 120, "the mirror to rebuild m1")
+        h.flush()
+        step = 4 * MiB  # below the server's maximum block size
+        got = b"".join(h.pread(step, off) for off in range(0, size, step))
+        assert got == model
+        h.shutdown()
+        expect = hashlib.sha256(model).hexdigest()
+        assert fab.member_sha256("m0") == fab.member_sha256("m1") == expect
+        events = fab.cli("events", "--no-follow").stdout
+        assert "m1: exited: exited with status 137" in events, events
+        assert "m1: restarted: container" in events
+        assert "--- nbdfabric: container" in fab.cli("logs", "m1").stdout
+    finally:
+        res = fab.cli("down", check=False)
+    assert res.returncode == 0, res.stderr
+    assert fab.leftovers() == []
+    assert fab.cli("status", check=False).returncode == 3
+
+
+def test_docker_backend_down_after_the_supervisor_died(
+    engine: Any, image: str, tmp_path: Path
+) -> None:
+    name = f"dk{uuid.uuid4().hex[:8]}"
+    text = f"name: {name}\nnodes:\n  a: {{kind: memory, params: {{size: 1M}}}}\n"
+    fab = CliFabric(engine, tmp_path, text, name)
+    try:
+        fab.cli("up", "--detach", "--backend", "docker", "--image", image)
+        assert len(fab.leftovers()) == 2  # the container and the network
+        state = json.loads((tmp_path / "r" / name / "state.json").read_text())
+        assert state["backend"] == "docker"
+        pid = int((tmp_path / "r" / name / "orchestrator.pid").read_text())
+        os.kill(pid, 9)
+        wait_for(lambda: not Path(f"/proc/{pid}").exists() or _zombie(pid), 30, "supervisor exit")
+    finally:
+        fab.cli("down", check=False)
+    assert fab.leftovers() == []
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

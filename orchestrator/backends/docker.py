@@ -2,16 +2,31 @@
 docker SDK on a network of the fabric's own, upstreams first, each one healthy before its
 dependents start. Containers and network carry `io.nbdfabric.*` labels, so `status` and `down`
 find them from the fabric name alone. Same layout as `nbdfabric compose` (orchestrator/compose.py).
+
+Two ways to use it:
+- `DockerBackend` + `DockerNode`: what `nbdfabric up --backend docker` runs under the
+  supervisor (orchestrator/supervisor.py), with the same supervision as local processes. Each
+  container publishes its gRPC control port on 127.0.0.1 (an ephemeral port) and the supervisor
+  watches health through it; containers get docker restart policy `no`, the supervisor restarts
+  them per the node's policy with back-off (a restart is a new container: memory nodes come back
+  empty and fans rebuild them). Container output is copied to RUN/NODE.log.
+- `DockerFabric`: a one-shot `up`/`status`/`down` without a supervisor (docker's restart policy
+  from the topology does the restarting).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..compose import (
+    CONTROL_PORT,
     DEFAULT_IMAGE,
     LABEL_PREFIX,
     NBD_PORT,
@@ -20,13 +35,15 @@ from ..compose import (
     labels,
 )
 from ..plan import start_order, stop_order
-from ..topology import Topology
+from ..topology import Node, Topology
+from .process import RunDir
+from .process import StartError as ProcessStartError
 
 FABRIC_LABEL = f"{LABEL_PREFIX}.fabric"
 RESTART = {"always": "unless-stopped", "never": "no"}
 
 
-class StartError(RuntimeError):
+class StartError(ProcessStartError):
     """A container exited or did not become healthy in time."""
 
 
@@ -48,6 +65,273 @@ def container_name(fabric: str, node: str) -> str:
 
 def network_name(fabric: str) -> str:
     return f"nbdfabric-{fabric}"
+
+
+def make_layout(topology: Topology) -> ContainerLayout:
+    hosts = {n: container_name(topology.name, n) for n in topology.nodes}
+    return ContainerLayout(topology, hosts, control=True)
+
+
+def run_container(
+    client: Any,
+    image: str,
+    topology: Topology,
+    layout: ContainerLayout,
+    name: str,
+    restart: dict[str, Any],
+    publish_control: bool = False,
+) -> Any:
+    """`docker run -d` of one node on the fabric's network, its export's TCP addresses
+    published on the host (and its control port on 127.0.0.1 with `publish_control`)."""
+    node = topology.nodes[name]
+    mounts = Mounts(Path(topology.base_dir))
+    command = layout.command(node, mounts)
+    ports: dict[str, Any] = {}
+    export = topology.export_of(name)
+    for addr in export.listen if export else ():
+        if not addr.startswith("unix:"):
+            host, _, port = addr.rpartition(":")
+            ports.setdefault(f"{NBD_PORT}/tcp", []).append(
+                (host.strip("[]") or "127.0.0.1", int(port) if port != "0" else None)
+            )
+    if publish_control:
+        ports[f"{CONTROL_PORT}/tcp"] = ("127.0.0.1", None)
+    return client.containers.run(
+        image,
+        command,
+        name=container_name(topology.name, name),
+        hostname=name,
+        detach=True,
+        labels=labels(topology, node),
+        network=network_name(topology.name),
+        ports=ports,
+        restart_policy=restart,
+        environment={"NBDFABRIC_CONTROL": f"127.0.0.1:{CONTROL_PORT}"},
+        volumes={
+            str(d): {"bind": inside, "mode": "ro" if mounts.read_only[d] else "rw"}
+            for d, inside in mounts.dirs.items()
+        },
+        healthcheck={
+            "test": layout.healthcheck(),
+            "interval": 1_000_000_000,
+            "timeout": 3_000_000_000,
+            "retries": 5,
+            "start_period": 10_000_000_000,
+        },
+    )
+
+
+def published(container: Any, port: int) -> list[tuple[str, int]]:
+    """(host ip, host port) for each host binding of a container port."""
+    ports = container.attrs.get("NetworkSettings", {}).get("Ports") or {}
+    out = []
+    for b in ports.get(f"{port}/tcp") or []:
+        if b.get("HostPort"):
+            host = b.get("HostIp") or "127.0.0.1"
+            out.append(("127.0.0.1" if host == "0.0.0.0" else host, int(b["HostPort"])))
+    return out
+
+
+class DockerNode:
+    """One node's container under the supervisor: the same interface as `NodeProcess`
+    (spawn, wait_ready, wait_exit, stop, kill, returncode), container id instead of pid."""
+
+    pid = 0
+
+    def __init__(self, backend: DockerBackend, node: Node, topology: Topology) -> None:
+        self.backend = backend
+        self.node = node
+        self.topology = topology
+        self.container: Any = None
+        self.returncode: int | None = None
+        self.info: dict[str, Any] = {}
+        self.started_at = 0.0
+        self.control = ""
+        self._log_thread: threading.Thread | None = None
+
+    @property
+    def name(self) -> str:
+        return container_name(self.topology.name, self.node.name)
+
+    @property
+    def container_id(self) -> str:
+        return str(self.container.id[:12]) if self.container is not None else ""
+
+    def alive(self) -> bool:
+        return self.container is not None and self.returncode is None
+
+    async def spawn(self) -> None:
+        import docker.errors
+
+        try:
+            self.container = await asyncio.to_thread(self._run)
+        except docker.errors.DockerException as exc:
+            raise StartError(f"node {self.node.name!r}: docker: {exc}") from None
+        self.started_at = time.time()
+        self._log_thread = threading.Thread(
+            target=self._copy_logs, args=(self.container,), name=f"logs {self.name}", daemon=True
+        )
+        self._log_thread.start()
+
+    def _run(self) -> Any:
+        import docker.errors
+
+        client = self.backend.client
+        with contextlib.suppress(docker.errors.NotFound):
+            client.containers.get(self.name).remove(force=True)  # left by an earlier run
+        return run_container(
+            client,
+            self.backend.image,
+            self.topology,
+            make_layout(self.topology),
+            self.node.name,
+            {"Name": "no"},  # the supervisor restarts, per the node's policy
+            publish_control=True,
+        )
+
+    def _copy_logs(self, container: Any) -> None:
+        """Container output -> RUN/NODE.log, until the container stops."""
+        path = self.backend.run.log(self.node.name)
+        try:
+            with path.open("ab") as f:
+                f.write(f"--- nbdfabric: container {container.name} {container.id[:12]}\n".encode())
+                f.flush()
+                for chunk in container.logs(stream=True, follow=True):
+                    f.write(chunk)
+                    f.flush()
+        except Exception:  # the container went away under us: nothing more to copy
+            return
+
+    def _refresh(self) -> None:
+        import docker.errors
+
+        if self.container is None or self.returncode is not None:
+            return
+        try:
+            self.container.reload()
+        except docker.errors.NotFound:
+            self.returncode = -1
+            return
+        state = self.container.attrs["State"]
+        if state["Status"] in ("exited", "dead"):
+            self.returncode = int(state.get("ExitCode", -1))
+
+    async def wait_ready(self, limit: float) -> dict[str, Any]:
+        """Wait until the container runs with its ports published; its URIs on the host."""
+        deadline = time.monotonic() + limit
+        while True:
+            await asyncio.to_thread(self._refresh)
+            if self.returncode is not None:
+                raise StartError(self.failure(f"exited with status {self.returncode}"))
+            c = self.container
+            if c.attrs["State"]["Status"] == "running" and published(c, CONTROL_PORT):
+                host, port = published(c, CONTROL_PORT)[0]
+                self.control = f"{host}:{port}"
+                self.info = {"uris": self.host_uris(c), "control": self.control}
+                return self.info
+            if time.monotonic() > deadline:
+                raise StartError(self.failure(f"not running after {limit:.0f}s"))
+            await asyncio.sleep(0.05)
+
+    def host_uris(self, container: Any) -> list[str]:
+        export = self.topology.export_of(self.node.name)
+        if export is None:
+            return []
+        uris = []
+        for addr in export.listen:
+            if addr.startswith("unix:"):
+                uris.append(f"nbd+unix:///{export.name}?socket={addr[5:]}")
+        for host, port in published(container, NBD_PORT):
+            host = f"[{host}]" if ":" in host else host
+            uris.append(f"nbd://{host}:{port}/{export.name}")
+        return uris
+
+    async def wait_exit(self, limit: float) -> None:
+        await asyncio.sleep(limit)
+        await asyncio.to_thread(self._refresh)
+
+    def failure(self, what: str) -> str:
+        tail = ""
+        if self.container is not None:
+            with contextlib.suppress(Exception):
+                tail = self.container.logs(tail=15).decode(errors="replace").rstrip()
+        return f"node {self.node.name!r} (container {self.name}) {what}" + (
+            f"; its output:\n{tail}" if tail else ""
+        )
+
+    async def stop(self, grace: float = 10.0) -> int | None:
+        """docker stop (SIGTERM, SIGKILL after `grace`), then remove the container."""
+        await asyncio.to_thread(self._stop, grace)
+        return self.returncode
+
+    def _stop(self, grace: float) -> None:
+        import docker.errors
+
+        c = self.container
+        if c is None:
+            return
+        with contextlib.suppress(docker.errors.NotFound):
+            if self.returncode is None:
+                c.stop(timeout=int(grace))
+                self._refresh()
+            c.remove(force=True)
+        if self.returncode is None:
+            self.returncode = -1
+
+    async def kill(self) -> None:
+        await asyncio.to_thread(self._kill)
+
+    def _kill(self) -> None:
+        import docker.errors
+
+        if self.container is not None:
+            with contextlib.suppress(docker.errors.NotFound):
+                self.container.remove(force=True)
+        if self.returncode is None:
+            self.returncode = -9
+
+
+class DockerBackend:
+    """Nodes as containers of `image` on the network `nbdfabric-FABRIC`."""
+
+    name = "docker"
+
+    def __init__(self, run: RunDir, image: str | None = None, client: Any = None) -> None:
+        if client is None:
+            import docker
+
+            client = docker.from_env()
+        self.client = client
+        self.run = run
+        self.image = image or os.environ.get("NBDFABRIC_IMAGE") or DEFAULT_IMAGE
+
+    def new_node(self, node: Node, topology: Topology) -> DockerNode:
+        return DockerNode(self, node, topology)
+
+    def internal_uri(self, topology: Topology, node: str) -> str:
+        return make_layout(topology).upstream_uri(node)
+
+    async def prepare(self, topology: Topology) -> None:
+        """The image must be here (no registry is asked) and the network exists."""
+        import docker.errors
+
+        def work() -> None:
+            try:
+                self.client.images.get(self.image)
+            except docker.errors.ImageNotFound:
+                raise RuntimeError(
+                    f"image {self.image} not found; build it with scripts/build-image.sh"
+                ) from None
+            DockerFabric(self.client, self.image).network(topology.name)
+
+        await asyncio.to_thread(work)
+
+    async def teardown(self, fabric: str) -> None:
+        """Whatever containers are left for the fabric, and its network."""
+        await asyncio.to_thread(DockerFabric(self.client, self.image).down, fabric)
+
+    def probe(self, handle: DockerNode) -> bool:
+        return handle.alive()
 
 
 class DockerFabric:
@@ -88,45 +372,12 @@ class DockerFabric:
 
     def run_node(self, topology: Topology, layout: ContainerLayout, name: str) -> Any:
         node = topology.nodes[name]
-        mounts = Mounts(Path(topology.base_dir))
-        command = layout.command(node, mounts)
         restart = (
             {"Name": "on-failure", "MaximumRetryCount": node.max_restarts}
             if node.restart == "on-failure"
             else {"Name": RESTART[node.restart]}
         )
-        ports: dict[str, Any] = {}
-        export = topology.export_of(name)
-        for addr in export.listen if export else ():
-            if not addr.startswith("unix:"):
-                host, _, port = addr.rpartition(":")
-                ports.setdefault(f"{NBD_PORT}/tcp", []).append(
-                    (host or "127.0.0.1", int(port) if port != "0" else None)
-                )
-        health_cmd = layout.healthcheck()
-        return self.client.containers.run(
-            self.image,
-            command,
-            name=container_name(topology.name, name),
-            hostname=name,
-            detach=True,
-            labels=labels(topology, node),
-            network=network_name(topology.name),
-            ports=ports,
-            restart_policy=restart,
-            environment={"NBDFABRIC_CONTROL": "127.0.0.1:10810"},
-            volumes={
-                str(d): {"bind": inside, "mode": "ro" if mounts.read_only[d] else "rw"}
-                for d, inside in mounts.dirs.items()
-            },
-            healthcheck={
-                "test": health_cmd,
-                "interval": 1_000_000_000,
-                "timeout": 3_000_000_000,
-                "retries": 5,
-                "start_period": 10_000_000_000,
-            },
-        )
+        return run_container(self.client, self.image, topology, layout, name, restart)
 
     def wait_healthy(self, container: Any, timeout: float) -> None:
         deadline = time.monotonic() + timeout

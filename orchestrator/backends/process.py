@@ -162,7 +162,7 @@ class NodeProcess:
         self.run = run
         self.node = node
         self.topology = topology
-        self.control = control
+        self.control_on = control
         self.proc: asyncio.subprocess.Process | None = None
         self.info: dict[str, Any] = {}
         self.started_at = 0.0
@@ -178,10 +178,25 @@ class NodeProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.returncode is None
 
+    @property
+    def container_id(self) -> str:
+        return ""
+
+    @property
+    def control(self) -> str:
+        return f"unix:{self.run.ctl(self.node.name)}" if self.control_on else ""
+
+    async def wait_exit(self, limit: float) -> None:
+        """Return when the process exits or after `limit` seconds, whichever comes first."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.proc.wait()), limit)
+
     async def spawn(self) -> None:
         name = self.node.name
         self.run.remove_node_files(name, self.topology)
-        cmd = node_command(self.node, self.topology, self.run, self.control)
+        cmd = node_command(self.node, self.topology, self.run, self.control_on)
         log = self.run.log(name)
         with log.open("ab") as f:
             f.write(f"--- nbdfabric: starting {name}: {' '.join(cmd)}\n".encode())
@@ -213,8 +228,7 @@ class NodeProcess:
                         return info
             if time.monotonic() > deadline:
                 raise StartError(self.failure(f"not ready after {limit:.0f}s"))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self.proc.wait()), 0.02)
+            await self.wait_exit(0.02)
 
     def failure(self, what: str) -> str:
         tail = log_tail(self.run.log(self.node.name))
@@ -241,6 +255,31 @@ class NodeProcess:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             await self.proc.wait()
+
+
+class ProcessBackend:
+    """Nodes as local child processes (the default backend)."""
+
+    name = "process"
+
+    def __init__(self, run: RunDir, control: bool) -> None:
+        self.run = run
+        self.control = control
+
+    def new_node(self, node: Node, topology: Topology) -> NodeProcess:
+        return NodeProcess(self.run, node, topology, self.control)
+
+    def internal_uri(self, topology: Topology, node: str) -> str:
+        return self.run.internal_uri(node)
+
+    async def prepare(self, topology: Topology) -> None:
+        """Nothing to set up before the first node starts."""
+
+    async def teardown(self, fabric: str) -> None:
+        """Nothing shared is left once the nodes have stopped."""
+
+    def probe(self, handle: NodeProcess) -> bool:
+        return probe_nbd(self.run.sock(handle.node.name))
 
 
 def probe_nbd(path: Path, timeout: float = 2.0) -> bool:

@@ -1,3 +1,4 @@
+from nodes.control.rpc.nbdfabric.v1 import node_pb2 as _node_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -50,7 +51,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "kind", "role", "state", "health", "pid", "restarts", "uptime_seconds", "uri", "control", "upstreams", "export_name", "log_path", "last_error", "export_uris")
+    __slots__ = ("name", "kind", "role", "state", "health", "pid", "restarts", "uptime_seconds", "uri", "control", "upstreams", "export_name", "log_path", "last_error", "export_uris", "container_id", "members")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +67,8 @@ class NodeStatus(_message.Message):
     LOG_PATH_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     EXPORT_URIS_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     role: str
@@ -81,23 +84,27 @@ class NodeStatus(_message.Message):
     log_path: str
     last_error: str
     export_uris: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., health: _Optional[str] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., uri: _Optional[str] = ..., control: _Optional[str] = ..., upstreams: _Optional[_Iterable[str]] = ..., export_name: _Optional[str] = ..., log_path: _Optional[str] = ..., last_error: _Optional[str] = ..., export_uris: _Optional[_Iterable[str]] = ...) -> None: ...
+    container_id: str
+    members: _containers.RepeatedCompositeFieldContainer[_node_pb2.Member]
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., health: _Optional[str] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., uri: _Optional[str] = ..., control: _Optional[str] = ..., upstreams: _Optional[_Iterable[str]] = ..., export_name: _Optional[str] = ..., log_path: _Optional[str] = ..., last_error: _Optional[str] = ..., export_uris: _Optional[_Iterable[str]] = ..., container_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[_node_pb2.Member, _Mapping]]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("fabric", "nodes", "exports", "supervisor_pid", "run_dir", "source")
+    __slots__ = ("fabric", "nodes", "exports", "supervisor_pid", "run_dir", "source", "backend")
     FABRIC_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     EXPORTS_FIELD_NUMBER: _ClassVar[int]
     SUPERVISOR_PID_FIELD_NUMBER: _ClassVar[int]
     RUN_DIR_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     fabric: str
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     exports: _containers.RepeatedCompositeFieldContainer[FabricExport]
     supervisor_pid: int
     run_dir: str
     source: str
-    def __init__(self, fabric: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., exports: _Optional[_Iterable[_Union[FabricExport, _Mapping]]] = ..., supervisor_pid: _Optional[int] = ..., run_dir: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+    backend: str
+    def __init__(self, fabric: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., exports: _Optional[_Iterable[_Union[FabricExport, _Mapping]]] = ..., supervisor_pid: _Optional[int] = ..., run_dir: _Optional[str] = ..., source: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class WatchFabricEventsRequest(_message.Message):
     __slots__ = ("replay", "follow")
