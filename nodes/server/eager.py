@@ -20,6 +20,10 @@ def start_eager(
         yielded = coro.send(None)
     except StopIteration:
         return None
+    if yielded is not None:
+        # Clear the flag now, as Task.__step does: left set until _carry_on runs, a second
+        # coroutine awaiting the same future meanwhile fails ("await wasn't used with future").
+        yielded._asyncio_future_blocking = False
     return loop.create_task(_carry_on(coro, yielded))
 
 

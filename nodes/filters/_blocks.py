@@ -1,0 +1,193 @@
+"""Helpers shared by the block-structured filters (cow, cache, blocksize, readahead): per-block
+locks, a readers-writer lock, and extent-list arithmetic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+from ..base import Backend, Extents, Holes
+
+
+class BlockLocks:
+    """One asyncio.Lock per block index, created on demand and dropped when nobody holds or
+    waits for it. Several blocks are always taken in ascending order (no deadlock)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, blocks: Iterable[int]) -> AsyncIterator[None]:
+        taken: list[int] = []
+        acquired: set[int] = set()
+        try:
+            for b in sorted(set(blocks)):
+                lock, users = self._locks.get(b) or (asyncio.Lock(), 0)
+                self._locks[b] = (lock, users + 1)
+                taken.append(b)
+                await lock.acquire()
+                acquired.add(b)
+            yield
+        finally:
+            for b in taken:
+                lock, users = self._locks[b]
+                if b in acquired:
+                    lock.release()
+                if users <= 1:
+                    del self._locks[b]
+                else:
+                    self._locks[b] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    def busy(self, block: int) -> bool:
+        return block in self._locks
+
+
+class RWLock:
+    """Many shared holders or one exclusive holder; a waiting exclusive holder blocks new
+    shared ones (so read-modify-write cannot starve)."""
+
+    def __init__(self) -> None:
+        self._shared = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+        self._cond = asyncio.Condition()
+
+    @asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._exclusive and not self._waiting_exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._cond:
+            self._waiting_exclusive += 1
+            try:
+                await self._cond.wait_for(lambda: not self._exclusive and not self._shared)
+            finally:
+                self._waiting_exclusive -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+def add_extent(out: list[tuple[int, int]], length: int, flags: int) -> None:
+    """Append, merging with the previous extent when the flags match."""
+    if length <= 0:
+        return
+    if out and out[-1][1] == flags:
+        out[-1] = (out[-1][0] + length, flags)
+    else:
+        out.append((length, flags))
+
+
+def clip_extents(extents: Extents, length: int) -> Extents:
+    """The first `length` bytes of an extent list (shorter if the list is)."""
+    out: list[tuple[int, int]] = []
+    left = length
+    for n, flags in extents:
+        if left <= 0:
+            break
+        add_extent(out, min(n, left), flags)
+        left -= n
+    return out
+
+
+def skip_extents(extents: Extents, skip: int) -> Extents:
+    """An extent list without its first `skip` bytes."""
+    out: list[tuple[int, int]] = []
+    for n, flags in extents:
+        if skip >= n:
+            skip -= n
+            continue
+        add_extent(out, n - skip, flags)
+        skip = 0
+    return out
+
+
+def shift_holes(holes: Holes, by: int, out: list[tuple[int, int]]) -> None:
+    """Append `holes` (relative to a sub-buffer) to `out`, relative to the whole buffer."""
+    for start, n in holes or ():
+        if out and out[-1][0] + out[-1][1] == start + by:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((start + by, n))
+
+
+def clip_holes(holes: Holes, start: int, length: int) -> list[tuple[int, int]]:
+    """Holes inside [start, start+length) of a buffer, relative to `start`."""
+    out: list[tuple[int, int]] = []
+    end = start + length
+    for s, n in holes or ():
+        a, b = max(s, start), min(s + n, end)
+        if a < b:
+            out.append((a - start, b - a))
+    return out
+
+
+async def read_aligned(next: Backend, buf: memoryview, offset: int, align: int, size: int) -> Holes:
+    """Read through `next` in `align`-aligned requests (the tail may stop at `size`), via a
+    scratch buffer only when the range is not aligned; holes are kept."""
+    end = offset + len(buf)
+    if offset % align == 0 and (end % align == 0 or end == size):
+        return await next.pread(buf, offset, 0)
+    start = offset - offset % align
+    stop = min(-(-end // align) * align, size)
+    scratch = bytearray(stop - start)
+    holes = await next.pread(memoryview(scratch), start, 0)
+    buf[:] = memoryview(scratch)[offset - start : offset - start + len(buf)]
+    return clip_holes(holes, offset - start, len(buf))
+
+
+async def exact_extents(next: Backend, count: int, offset: int) -> Extents:
+    """Exactly `count` bytes of `next`'s extents (asking again when it answers short; a
+    backend that cannot tell says "data")."""
+    if not next.capabilities().extents:
+        return [(count, 0)]
+    out: list[tuple[int, int]] = []
+    done = 0
+    while done < count:
+        got = clip_extents(await next.extents(count - done, offset + done, 0), count - done)
+        if not got:
+            got = [(count - done, 0)]
+        for n, f in got:
+            add_extent(out, n, f)
+        done += sum(n for n, _ in got)
+    return out
+
+
+async def overlay_extents(
+    next: Backend, count: int, offset: int, bs: int, blocks: dict[int, int]
+) -> Extents:
+    """Extents where the blocks in `blocks` (index -> flags) replace `next`'s map."""
+    end = offset + count
+    first, last = offset // bs, (end - 1) // bs
+    mine = sorted(b for b in blocks if first <= b <= last) if blocks else []
+    out: list[tuple[int, int]] = []
+    pos = offset
+    for b in mine:
+        start, stop = max(b * bs, offset), min((b + 1) * bs, end)
+        if start > pos:
+            for n, f in await exact_extents(next, start - pos, pos):
+                add_extent(out, n, f)
+        add_extent(out, stop - start, blocks[b])
+        pos = stop
+    if pos < end:
+        for n, f in await exact_extents(next, end - pos, pos):
+            add_extent(out, n, f)
+    return out

@@ -1,0 +1,499 @@
+"""The libnbd-backed "next": how filters and fans reach the node upstream of them.
+
+One `Upstream` is a small pool of libnbd handles driven by the node's asyncio event loop (no
+threads): each handle's fd has a permanent reader, a writer is armed only while libnbd has bytes
+to send, and completed commands are retired with `aio_peek_command_completed` +
+`aio_command_completed` (no completion callbacks: in libnbd 1.14 every completion callback leaks
+a few bytes). When the upstream goes away every request in flight fails with EIO, new requests
+fail fast with EIO, and a background task reconnects with exponential back-off.
+
+`nbd.Error` becomes `OSError(errno)` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import nbd
+
+from .base import Backend, Capabilities, Extents, Holes, Support
+from .params import Params
+from .protocol.constants import CmdFlag
+
+log = logging.getLogger("nbdfabric.upstream")
+
+#: Requests in flight per libnbd handle (libnbd suggests 64; it queues without bound).
+MAX_IN_FLIGHT = 64
+#: Handles opened when the upstream advertises multi-conn.
+MULTI_CONN_POOL = 4
+#: Largest single read/write sent when the upstream advertises no maximum (qemu-nbd's cap).
+DEFAULT_MAX_REQUEST = 32 * 1024 * 1024
+#: Largest length for one BLOCK_STATUS (u32 on the wire; a power of two keeps it aligned).
+MAX_STATUS_LENGTH = 1 << 31
+#: Reconnect back-off: first delay, cap.
+BACKOFF_FIRST = 0.05
+BACKOFF_CAP = 2.0
+
+_READ_FLAGS = CmdFlag.FUA | CmdFlag.DF
+_WRITE_FLAGS = CmdFlag.FUA
+_ZERO_FLAGS = CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO
+_STATUS_FLAGS = CmdFlag.REQ_ONE
+
+
+class UpstreamDown(OSError):
+    """The upstream connection is gone (or not yet back): the request fails with EIO."""
+
+
+def _os_error(exc: nbd.Error, uri: str) -> OSError:
+    code = exc.errnum or errno.EIO
+    if code in (errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.ESHUTDOWN):
+        return UpstreamDown(errno.EIO, f"upstream {uri}: connection lost ({exc.string})")
+    return OSError(code, f"upstream {uri}: {exc.string}")
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future[Any]
+    result: Any = None  #: holes (reads) or extents (block status), filled by chunk callbacks
+
+
+@dataclass
+class _Conn:
+    """One libnbd handle registered with the event loop."""
+
+    h: nbd.NBD
+    fd: int
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_IN_FLIGHT))
+    pending: dict[int, _Pending] = field(default_factory=dict)
+    writing: bool = False
+    dead: bool = False
+
+
+class Upstream(Backend):
+    """An NBD server reached through libnbd, presented as a Backend."""
+
+    kind = "upstream"
+    role = "upstream"
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        name: str = "",
+        tls_certificates: str | None = None,
+        tls_verify: bool = True,
+        connect_timeout: float = 30.0,
+        pool_size: int = MULTI_CONN_POOL,
+    ) -> None:
+        super().__init__(Params())
+        self.uri = uri
+        self.name = name or uri
+        self.tls_certificates = tls_certificates
+        self.tls_verify = tls_verify
+        self.connect_timeout = connect_timeout
+        self.pool_size = max(1, pool_size)
+        self.state = "connecting"  #: up | down | connecting
+        self.reconnects = 0
+        self.last_error = ""
+        self._conns: list[_Conn] = []
+        self._caps = Capabilities(size=0)
+        self._max_request = DEFAULT_MAX_REQUEST
+        self._can_df = False
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # Lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.connect_timeout
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                await self._connect()
+                return
+            except OSError as exc:
+                self.last_error = str(exc)
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping:
+                    raise OSError(
+                        errno.EHOSTUNREACH,
+                        f"cannot connect to upstream {self.uri} within "
+                        f"{self.connect_timeout:g}s: {exc.strerror or exc}",
+                    ) from None
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, BACKOFF_CAP)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnect_task
+        self._drop_all("the node is stopping")
+        self.state = "down"
+
+    def healthy(self) -> bool:
+        return self.state == "up"
+
+    def status(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "uri": self.uri,
+            "name": self.name,
+            "state": self.state,
+            "reconnects": self.reconnects,
+            "connections": len(self._conns),
+            "in_flight": sum(len(c.pending) for c in self._conns),
+        }
+        if self.last_error and self.state != "up":
+            entry["error"] = self.last_error
+        return {"upstreams": [entry]}
+
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    # Connecting ---------------------------------------------------------------------------
+
+    def _new_handle(self) -> nbd.NBD:
+        h = nbd.NBD()
+        h.set_pread_initialize(False)
+        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        # Bounds are the upstream's business: let it answer (ENOSPC vs EINVAL) with its errno.
+        h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_BOUNDS)
+        if self.uri.startswith("nbds"):
+            h.set_tls(nbd.TLS_REQUIRE)
+        if self.tls_certificates:
+            h.set_tls_certificates(self.tls_certificates)
+        h.set_tls_verify_peer(self.tls_verify)
+        return h
+
+    async def _open_one(self) -> nbd.NBD:
+        """Connect one handle. The blocking handshake runs in a worker thread (it releases the
+        GIL); afterwards the handle is only touched from the event loop."""
+        h = self._new_handle()
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.run_in_executor(None, h.connect_uri, self.uri), self.connect_timeout
+            )
+        except nbd.Error as exc:
+            raise OSError(exc.errnum or errno.ECONNREFUSED, exc.string) from None
+        except TimeoutError:
+            raise OSError(errno.ETIMEDOUT, "connection timed out") from None
+        return h
+
+    async def _connect(self) -> None:
+        self.state = "connecting"
+        first = await self._open_one()
+        handles = [first]
+        if first.can_multi_conn():
+            for _ in range(self.pool_size - 1):
+                try:
+                    handles.append(await self._open_one())
+                except OSError:
+                    break  # a smaller pool still works
+        self._caps = self._read_caps(first)
+        self._can_df = bool(first.can_df())
+        maximum = first.get_block_size(nbd.SIZE_MAXIMUM)
+        self._max_request = min(maximum or DEFAULT_MAX_REQUEST, DEFAULT_MAX_REQUEST * 2)
+        minimum = first.get_block_size(nbd.SIZE_MINIMUM) or 1
+        self._max_request -= self._max_request % minimum
+        loop = asyncio.get_running_loop()
+        for h in handles:
+            conn = _Conn(h, h.aio_get_fd())
+            loop.add_reader(conn.fd, self._on_readable, conn)
+            self._conns.append(conn)
+        self.state = "up"
+        self.last_error = ""
+        log.info("%s: connected to %s (%d handle(s))", self.name, self.uri, len(handles))
+
+    @staticmethod
+    def _read_caps(h: nbd.NBD) -> Capabilities:
+        writable = not h.is_read_only()
+        flush = bool(h.can_flush())
+        if h.can_fua():
+            fua = Support.NATIVE
+        elif flush:
+            fua = Support.EMULATE  # the session flushes after the write
+        else:
+            fua = Support.NONE
+        # Without native zero, the session writes zero buffers.
+        zero = Support.NATIVE if h.can_zero() else Support.EMULATE
+        return Capabilities(
+            size=h.get_size(),
+            writable=writable,
+            flush=flush,
+            fua=fua,
+            trim=bool(h.can_trim()),
+            zero=zero,
+            fast_zero=bool(h.can_zero() and h.can_fast_zero()),
+            cache=Support.NATIVE if h.can_cache() else Support.EMULATE,
+            extents=bool(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)),
+            multi_conn=bool(h.can_multi_conn()),
+            rotational=bool(h.is_rotational()),
+            block_min=h.get_block_size(nbd.SIZE_MINIMUM),
+            block_preferred=h.get_block_size(nbd.SIZE_PREFERRED),
+            block_max=h.get_block_size(nbd.SIZE_MAXIMUM),
+        ).normalized()
+
+    def _lost(self, why: str) -> None:
+        """The upstream went away: fail everything in flight and reconnect in the background."""
+        if self.state == "down" or self._stopping:
+            return
+        log.warning("%s: upstream %s lost: %s", self.name, self.uri, why)
+        self.last_error = why
+        self._drop_all(why)
+        self.state = "down"
+        if self._reconnect_task is None or self._reconnect_task.done():
+            loop = self._loop or asyncio.get_running_loop()
+            self._reconnect_task = loop.create_task(self._reconnect())
+
+    def _drop_all(self, why: str) -> None:
+        conns, self._conns = self._conns, []
+        for conn in conns:
+            self._close(conn, why)
+
+    def _close(self, conn: _Conn, why: str) -> None:
+        conn.dead = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(conn.fd)
+            if conn.writing:
+                loop.remove_writer(conn.fd)
+        conn.writing = False
+        pending, conn.pending = conn.pending, {}
+        for p in pending.values():
+            if not p.future.done():
+                p.future.set_exception(
+                    UpstreamDown(errno.EIO, f"upstream {self.uri} is down: {why}")
+                )
+        with contextlib.suppress(nbd.Error):
+            conn.h.aio_disconnect(0)
+        # The handle closes (and its socket with it) when its last reference goes.
+
+    async def _reconnect(self) -> None:
+        delay = BACKOFF_FIRST
+        while not self._stopping:
+            await asyncio.sleep(delay)
+            self.state = "connecting"
+            try:
+                await self._connect()
+                self.reconnects += 1
+                log.warning("%s: upstream %s is back", self.name, self.uri)
+                return
+            except OSError as exc:
+                self.last_error = str(exc)
+                self.state = "down"
+                delay = min(delay * 2, BACKOFF_CAP)
+
+    # Driving libnbd from the event loop ---------------------------------------------------
+
+    def _on_readable(self, conn: _Conn) -> None:
+        if conn.dead:
+            return
+        try:
+            conn.h.aio_notify_read()
+        except nbd.Error as exc:
+            self._reap(conn)
+            self._lost(exc.string)
+            return
+        self._after_io(conn)
+
+    def _on_writable(self, conn: _Conn) -> None:
+        if conn.dead:
+            return
+        try:
+            conn.h.aio_notify_write()
+        except nbd.Error as exc:
+            self._reap(conn)
+            self._lost(exc.string)
+            return
+        self._after_io(conn)
+
+    def _after_io(self, conn: _Conn) -> None:
+        self._reap(conn)
+        h = conn.h
+        if h.aio_is_dead() or h.aio_is_closed():
+            self._lost("the connection closed")
+            return
+        self._update_writer(conn)
+
+    def _update_writer(self, conn: _Conn) -> None:
+        want = bool(conn.h.aio_get_direction() & nbd.AIO_DIRECTION_WRITE)
+        if want != conn.writing:
+            loop = self._loop
+            assert loop is not None
+            if want:
+                loop.add_writer(conn.fd, self._on_writable, conn)
+            else:
+                loop.remove_writer(conn.fd)
+            conn.writing = want
+
+    def _reap(self, conn: _Conn) -> None:
+        """Retire every completed command and settle its future (by value, outside callbacks)."""
+        h = conn.h
+        while conn.pending:
+            try:
+                cookie = h.aio_peek_command_completed()
+            except nbd.Error:
+                return
+            if cookie <= 0:
+                return
+            p = conn.pending.pop(cookie, None)
+            try:
+                h.aio_command_completed(cookie)
+                if p is not None and not p.future.done():
+                    p.future.set_result(p.result)
+            except nbd.Error as exc:
+                if p is not None and not p.future.done():
+                    p.future.set_exception(_os_error(exc, self.uri))
+
+    # Issuing ------------------------------------------------------------------------------
+
+    def _pick(self) -> _Conn:
+        if self.state != "up" or not self._conns:
+            raise UpstreamDown(errno.EIO, f"upstream {self.uri} is {self.state}")
+        conns = self._conns
+        if len(conns) == 1:
+            return conns[0]
+        return min(conns, key=lambda c: len(c.pending))
+
+    async def _run(self, issue: Any, result: Any = None) -> Any:
+        """Issue one command with `issue(handle)` -> cookie and wait for it to complete.
+
+        The caller's buffer stays lent to libnbd until the command completes, even if the
+        waiting task is cancelled (so a pooled buffer is never reused under libnbd's feet).
+        """
+        conn = self._pick()
+        await conn.slots.acquire()
+        try:
+            if conn.dead:
+                raise UpstreamDown(errno.EIO, f"upstream {self.uri} is {self.state}")
+            loop = self._loop or asyncio.get_running_loop()
+            fut: asyncio.Future[Any] = loop.create_future()
+            try:
+                cookie = issue(conn.h)
+            except nbd.Error as exc:
+                if conn.h.aio_is_dead() or conn.h.aio_is_closed():
+                    self._lost(exc.string)
+                raise _os_error(exc, self.uri) from None
+            conn.pending[cookie] = _Pending(fut, result)
+            self._update_writer(conn)
+            return await _wait_uncancellable(fut)
+        finally:
+            conn.slots.release()
+
+    # Data operations ----------------------------------------------------------------------
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        flags &= _READ_FLAGS
+        if not self._can_df:
+            flags &= ~CmdFlag.DF
+        if self._caps.fua is not Support.NATIVE:
+            flags &= ~CmdFlag.FUA
+        total = len(buf)
+        if total <= self._max_request:
+            return await self._pread_one(buf, offset, flags)
+        holes: list[tuple[int, int]] = []
+        pieces = []
+        for pos in range(0, total, self._max_request):
+            n = min(self._max_request, total - pos)
+            pieces.append(self._pread_one(buf[pos : pos + n], offset + pos, flags))
+        for pos, got in zip(range(0, total, self._max_request), await _gather(pieces), strict=True):
+            holes.extend((pos + s, n) for s, n in got or ())
+        return holes
+
+    async def _pread_one(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        holes: list[tuple[int, int]] = []
+
+        def chunk(sub: memoryview, off: int, status: int, err: Any) -> int:
+            if status == nbd.READ_HOLE:
+                holes.append((off - offset, len(sub)))
+            return 0
+
+        await self._run(lambda h: h.aio_pread_structured(buf, offset, chunk, None, flags))
+        if len(holes) > 1:
+            holes.sort()
+        return holes
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        flags &= _WRITE_FLAGS
+        total = len(buf)
+        if total <= self._max_request:
+            await self._run(lambda h: h.aio_pwrite(buf, offset, None, flags))
+            return
+        pieces = []
+        for pos in range(0, total, self._max_request):
+            n = min(self._max_request, total - pos)
+            view, at = buf[pos : pos + n], offset + pos
+            pieces.append(self._run(lambda h, v=view, o=at: h.aio_pwrite(v, o, None, flags)))
+        await _gather(pieces)
+
+    async def flush(self, flags: int) -> None:
+        if not self._caps.flush:
+            return  # nothing to make persistent: the upstream has no write cache to flush
+        await self._run(lambda h: h.aio_flush(None, 0))
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        flags &= CmdFlag.FUA
+        await self._run(lambda h: h.aio_trim(count, offset, None, flags))
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        flags &= _ZERO_FLAGS
+        await self._run(lambda h: h.aio_zero(count, offset, None, flags))
+
+    async def cache(self, count: int, offset: int, flags: int) -> None:
+        if self._caps.cache is not Support.NATIVE:
+            return  # a hint only; the session emulates CACHE by reading when we say EMULATE
+        await self._run(lambda h: h.aio_cache(count, offset, None, 0))
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        if not self._caps.extents:
+            return [(count, 0)]
+        count = min(count, MAX_STATUS_LENGTH)
+        flags &= _STATUS_FLAGS
+        out: list[tuple[int, int]] = []
+
+        def extent(meta: str, off: int, entries: list[int], err: Any) -> int:
+            if meta == nbd.CONTEXT_BASE_ALLOCATION:
+                out.extend(zip(entries[::2], entries[1::2], strict=True))
+            return 0
+
+        await self._run(lambda h: h.aio_block_status(count, offset, extent, None, flags))
+        if not out:
+            raise OSError(errno.EIO, f"upstream {self.uri} returned no extents")
+        return out
+
+
+async def _wait_uncancellable(fut: asyncio.Future[Any]) -> Any:
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(fut)
+            break
+        except asyncio.CancelledError:
+            if fut.done():
+                if fut.cancelled():
+                    raise
+                cancelled = True
+                break
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
+
+
+async def _gather(aws: list[Any]) -> list[Any]:
+    """Run pieces concurrently; the first error wins once all of them have finished."""
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results

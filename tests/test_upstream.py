@@ -1,0 +1,279 @@
+"""nodes/upstream.py: the libnbd "next", exercised through real node processes and in-process.
+
+Capabilities and flags pass through, upstream holes stay holes, errnos survive the hop, a lost
+upstream fails requests with EIO and comes back by itself, and the proxy does not leak memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import nbd
+import pytest
+from conftest import nbd_connect, run, wait_for
+
+from nodes.upstream import Upstream
+
+
+def info_json(uri: str) -> dict:
+    return json.loads(run(["nbdinfo", "--json", uri]).stdout)["exports"][0]
+
+
+CAP_KEYS = [
+    "export-size",
+    "is_read_only",
+    "can_flush",
+    "can_fua",
+    "can_trim",
+    "can_zero",
+    "can_fast_zero",
+    "can_cache",
+    "can_multi_conn",
+    "can_df",
+]
+
+
+def caps_of(uri: str) -> dict:
+    j = info_json(uri)
+    return {k: j.get(k) for k in CAP_KEYS}
+
+
+def test_upstream_proxy_same_capabilities(start_node):
+    mem = start_node("memory", "16M")
+    proxy = start_node("nbd", upstreams=[mem.uri])
+    assert caps_of(proxy.uri) == caps_of(mem.uri)
+    ro = start_node("memory", "16M", extra=("--read-only",))
+    proxy_ro = start_node("nbd", upstreams=[ro.uri])
+    got = caps_of(proxy_ro.uri)
+    assert got["is_read_only"] is True
+    assert got == caps_of(ro.uri)
+
+
+def test_upstream_sparse_read_stays_sparse(start_node):
+    mem = start_node("memory", "8M")
+    proxy = start_node("nbd", upstreams=[mem.uri])
+    run(["qemu-io", "-f", "raw", "-t", "writeback", proxy.uri, "-c", "write -P 0x5a 2M 64k"])
+    h = nbd_connect(proxy.uri)
+    chunks: list[tuple[int, int, int]] = []
+
+    def chunk(sub, off, status, err):
+        chunks.append((off, len(sub), status))
+        return 0
+
+    buf = h.pread_structured(4 * 1024 * 1024, 0, chunk)
+    assert buf[2 * 1024 * 1024 : 2 * 1024 * 1024 + 65536] == b"\x5a" * 65536
+    holes = sorted((o, n) for o, n, s in chunks if s == nbd.READ_HOLE)
+    data = sorted((o, n) for o, n, s in chunks if s == nbd.READ_DATA)
+    assert holes and sum(n for _, n in holes) == 4 * 1024 * 1024 - 65536
+    assert data == [(2 * 1024 * 1024, 65536)]
+
+
+def test_upstream_flags_pass_through(start_node, start_nbdkit, tmp_path):
+    """FUA, NO_HOLE and FAST_ZERO reach the upstream (nbdkit's log filter shows them)."""
+    log = tmp_path / "log.txt"
+    up = start_nbdkit("--filter=log", "memory", "size=8M", f"logfile={log}")
+    proxy = start_node("nbd", upstreams=[up.uri])
+    h = nbd_connect(proxy.uri)
+    h.pwrite(b"x" * 4096, 0, nbd.CMD_FLAG_FUA)
+    h.zero(4096, 8192, nbd.CMD_FLAG_NO_HOLE)
+    h.zero(4096, 16384, nbd.CMD_FLAG_FAST_ZERO)
+    h.trim(4096, 32768, nbd.CMD_FLAG_FUA)
+    h.shutdown()
+    proxy.stop()  # nbdkit waits for its clients on SIGTERM: close ours first
+    text = wait_for(lambda: log.read_text() if "Trim" in log.read_text() else "", 10, "log")
+    assert "Write id=" in text and "fua=1" in text
+    assert any("Zero" in ln and "trim=0" in ln for ln in text.splitlines())
+    assert any("Zero" in ln and "fast=1" in ln for ln in text.splitlines())
+
+
+def test_upstream_errno_preserved(start_node, start_nbdkit):
+    # The upstream's own errno (ENOSPC from nbdkit's error filter) comes through unchanged.
+    up = start_nbdkit(
+        "--filter=error", "memory", "size=8M", "error=ENOSPC", "error-pwrite-rate=100%"
+    )
+    proxy = start_node("nbd", upstreams=[up.uri])
+    h = nbd_connect(proxy.uri)
+    with pytest.raises(nbd.Error) as exc:
+        h.pwrite(b"a" * 512, 0)
+    assert exc.value.errnum == errno.ENOSPC
+    h.shutdown()
+    proxy.stop()
+    # Past the end through a proxy: ENOSPC; on a read-only upstream: EPERM.
+    mem = start_node("memory", "1M")
+    proxy2 = start_node("nbd", upstreams=[mem.uri])
+    h2 = nbd_connect(proxy2.uri, strict=False)
+    with pytest.raises(nbd.Error) as exc:
+        h2.pwrite(b"a" * 4096, 1024 * 1024 - 1024)
+    assert exc.value.errnum == errno.ENOSPC
+    ro = start_node("memory", "1M", extra=("--read-only",))
+    h3 = nbd_connect(start_node("nbd", upstreams=[ro.uri]).uri, strict=False)
+    with pytest.raises(nbd.Error) as exc:
+        h3.pwrite(b"a" * 512, 0)
+    assert exc.value.errnum == errno.EPERM
+    h4 = nbd_connect(start_node("cow", upstreams=[ro.uri]).uri)
+    h4.pwrite(b"a" * 512, 0)  # the overlay is writable over the read-only upstream
+
+
+def test_upstream_loss_fails_with_eio_then_recovers(start_node, tmp_path):
+    sock = str(tmp_path / "up.sock")
+    mem = start_node("memory", "8M", listen=f"unix:{sock}")
+    proxy = start_node("nbd", upstreams=[mem.uri])
+    h = nbd_connect(proxy.uri)
+    h.pwrite(b"q" * 4096, 0)
+    mem.kill()
+    os.unlink(sock) if os.path.exists(sock) else None
+    with pytest.raises(nbd.Error) as exc:
+        h.pread(4096, 0)
+    assert exc.value.errnum == errno.EIO
+    with pytest.raises(nbd.Error) as exc:  # while down: fails fast, same errno
+        h.pwrite(b"r" * 4096, 0)
+    assert exc.value.errnum == errno.EIO
+    start_node("memory", "8M", listen=f"unix:{sock}")
+
+    def serves() -> bool:
+        try:
+            return h.pread(4096, 0) == bytes(4096)  # a fresh memory node: zeros
+        except nbd.Error:
+            return False
+
+    wait_for(serves, 20, "the proxy to reconnect")
+    h.pwrite(b"s" * 4096, 0)
+    assert h.pread(4096, 0) == b"s" * 4096
+
+
+def test_upstream_status_and_backoff_in_process(start_node, tmp_path):
+    sock = str(tmp_path / "u.sock")
+    mem = start_node("memory", "4M", listen=f"unix:{sock}")
+    uri = f"nbd+unix:///?socket={sock}"
+
+    async def scenario() -> None:
+        up = Upstream(uri, name="t", connect_timeout=5)
+        await up.start()
+        st = up.status()["upstreams"][0]
+        assert st["state"] == "up" and st["uri"] == uri and up.healthy()
+        assert st["connections"] == 4  # memory advertises multi-conn: a pool
+        buf = bytearray(8192)
+        view = memoryview(buf)
+        view[:] = b"z" * 8192
+        await up.pwrite(view, 4096, 0)
+        back = bytearray(8192)
+        assert await up.pread(memoryview(back), 4096, 0) in (None, [])
+        assert back == buf
+        holes = await up.pread(memoryview(bytearray(65536)), 65536, 0)
+        assert holes == [(0, 65536)]
+        assert await up.extents(1 << 20, 0, 0) == [(32768, 0), ((1 << 20) - 32768, 3)]
+        # Many requests in flight across the pool at once.
+        results = await asyncio.gather(
+            *(up.pread(memoryview(bytearray(4096)), i * 4096, 0) for i in range(300))
+        )
+        assert len(results) == 300
+        mem.kill()
+        with pytest.raises(OSError) as exc:
+            await up.pread(memoryview(bytearray(4096)), 0, 0)
+        assert exc.value.errno == errno.EIO
+        assert not up.healthy()
+        assert up.status()["upstreams"][0]["state"] in ("down", "connecting")
+        with pytest.raises(OSError) as exc:
+            await up.flush(0)
+        assert exc.value.errno == errno.EIO
+        await asyncio.to_thread(start_node, "memory", "4M", listen=f"unix:{sock}")
+        for _ in range(400):
+            if up.healthy():
+                break
+            await asyncio.sleep(0.05)
+        assert up.healthy() and up.status()["upstreams"][0]["reconnects"] == 1
+        await up.pwrite(view, 0, 0)
+        await up.stop()
+
+    asyncio.run(scenario())
+
+
+def test_upstream_start_times_out_naming_the_uri(tmp_path):
+    uri = f"nbd+unix:///?socket={tmp_path}/nothing.sock"
+
+    async def scenario() -> None:
+        up = Upstream(uri, connect_timeout=0.3)
+        with pytest.raises(OSError) as exc:
+            await up.start()
+        assert uri in str(exc.value)
+
+    asyncio.run(scenario())
+
+
+def test_upstream_node_exits_when_upstream_never_comes(start_node, tmp_path):
+    with pytest.raises(RuntimeError, match=r"nothing\.sock"):
+        start_node(
+            "nbd",
+            upstreams=[f"nbd+unix:///?socket={tmp_path}/nothing.sock"],
+            extra=("--upstream-timeout", "0.5"),
+        )
+
+
+def test_upstream_over_tcp_and_mixed_with_nbdkit(start_node, start_nbdkit, tmp_path):
+    # Our proxy on TCP over nbdkit memory; then nbdkit's nbd plugin over our proxy.
+    kit = start_nbdkit("memory", "size=16M")
+    tcp = start_node("nbd", upstreams=[kit.uri], listen="127.0.0.1:0")
+    assert tcp.uri.startswith("nbd://127.0.0.1:")
+    outer_sock = tmp_path / "outer.sock"
+    outer = subprocess.Popen(
+        ["nbdkit", "-f", "-U", str(outer_sock), "nbd", f"uri={tcp.uri}"],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(outer_sock.exists, 20, "nbdkit nbd")
+        outer_uri = f"nbd+unix:///?socket={outer_sock}"
+        run(["qemu-io", "-f", "raw", "-t", "writeback", outer_uri, "-c", "write -P 0x77 1M 3M"])
+        run(["qemu-io", "-f", "raw", kit.uri, "-c", "read -P 0x77 1M 3M", "-c", "read -P 0 0 1M"])
+        run(["qemu-img", "compare", "-f", "raw", "-F", "raw", kit.uri, outer_uri])
+    finally:
+        outer.terminate()
+        outer.wait()
+        tcp.stop()
+
+
+def test_upstream_nbdcopy_checksums(start_node, tmp_path):
+    data = os.urandom(6 * 1024 * 1024)
+    src = tmp_path / "src.img"
+    src.write_bytes(data)
+    mem = start_node("memory", "6M")
+    proxy = start_node("nbd", upstreams=[mem.uri])
+    run(["nbdcopy", str(src), proxy.uri])
+    out = tmp_path / "out.img"
+    run(["nbdcopy", mem.uri, str(out)])
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_upstream_proxy_does_not_leak(start_node, start_nbdkit):
+    """~2 GiB of writes and reads through a proxy: its RSS stops growing after warm-up."""
+    size = "256M"
+    src = start_nbdkit("pattern", f"size={size}")
+    mem = start_node("memory", size)
+    proxy = start_node("nbd", upstreams=[mem.uri])
+    copy = ["nbdcopy", "--no-extents", "-S", "0", "--request-size=262144"]
+
+    def round_trip() -> None:  # 256 MiB in, 256 MiB out
+        run([*copy, src.uri, proxy.uri], timeout=300)
+        run([*copy, proxy.uri, "null:"], timeout=300)
+
+    round_trip()
+    early = _rss_kib(proxy.pid)
+    for _ in range(3):
+        round_trip()
+    late = _rss_kib(proxy.pid)
+    print(f"proxy RSS after 0.5 GiB: {early} KiB, after 2 GiB: {late} KiB")
+    assert late - early < 16 * 1024, f"RSS grew from {early} to {late} KiB"
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", src.uri, proxy.uri])
+    proxy.stop()
