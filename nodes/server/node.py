@@ -85,8 +85,15 @@ class NodeRuntime:
         self.tls_context: ssl.SSLContext | None = None
         self.stopped = asyncio.Event()
         self.caps = Capabilities(size=0)
-        if hasattr(backend, "emit"):  # fans report member and rebuild events through the node
-            backend.emit = self.emit
+        previous = getattr(backend, "emit", None)
+        if previous is not None:
+            # Fans report member and rebuild events through the node (and still to their own
+            # hook: it logs them, or a test records them).
+            def emit(kind: str, message: str, **detail: Any) -> None:
+                previous(kind, message, **detail)
+                self.emit(kind, message, **detail)
+
+            backend.emit = emit  # type: ignore[attr-defined]
 
     # Lifecycle -----------------------------------------------------------------------------
 
