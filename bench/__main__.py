@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"idle memory node RSS: {rss:.1f} MiB", flush=True)
         for name in args.suite.split(","):
             with ExitStack() as suite_stack:
-                rows += run_suite(name, Fabric(Path(tmp), suite_stack), args, source)
+                suite_dir = Path(tmp) / name  # fresh names: old ready files must not be read
+                suite_dir.mkdir()
+                rows += run_suite(name, Fabric(suite_dir, suite_stack), args, source)
     if args.json:
         Path(args.json).write_text(json.dumps({"idle_rss_mib": rss, "rows": rows}, indent=2))
     return 0

@@ -108,6 +108,8 @@ class Upstream(Backend):
         self._reconnect_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()  #: cut the reconnect back-off short (see reconnect())
+        self._attempted = asyncio.Event()  #: set after each reconnect attempt
 
     # Lifecycle ----------------------------------------------------------------------------
 
@@ -281,7 +283,9 @@ class Upstream(Backend):
     async def _reconnect(self) -> None:
         delay = BACKOFF_FIRST
         while not self._stopping:
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()
             self.state = "connecting"
             try:
                 await self._connect()
@@ -292,6 +296,22 @@ class Upstream(Backend):
                 self.last_error = str(exc)
                 self.state = "down"
                 delay = min(delay * 2, BACKOFF_CAP)
+            finally:
+                self._attempted.set()
+
+    async def reconnect(self) -> None:
+        """Reopen, for the retry filter. A live connection is kept: an error it carried was the
+        upstream's answer, and dropping the pool would fail every other request in flight. A lost
+        one is tried again now instead of at the next back-off step; OSError(EIO) if still down."""
+        task = self._reconnect_task
+        if self.state == "up" or self._stopping or task is None or task.done():
+            return
+        self._attempted.clear()
+        self._wake.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._attempted.wait(), self.connect_timeout)
+        if self.state != "up":
+            raise OSError(errno.EIO, f"upstream {self.uri} is still down: {self.last_error}")
 
     # Driving libnbd from the event loop ---------------------------------------------------
 

@@ -87,6 +87,7 @@ class Session:
         self.in_flight = 0
         self.closed = False
         self._send_lock = asyncio.Lock()
+        self._senders = 0  #: replies holding or waiting for the send lock
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._last_reply: asyncio.Future[None] | None = None
         self._idle = asyncio.Event()
@@ -336,8 +337,20 @@ class Session:
         if self.closed:
             return
         try:
-            async with self._send_lock:
-                await self.stream.send(parts)
+            sent = 0
+            if not self._senders:
+                # The common case: nobody else is mid-reply and the socket takes the whole
+                # reply at once. (Checked by count, not lock.locked(): a woken waiter has not
+                # re-taken the lock yet but owns the next turn.)
+                sent = self.stream.try_send(parts)
+                if sent == sum(len(p) for p in parts):
+                    return
+            self._senders += 1
+            try:
+                async with self._send_lock:
+                    await self.stream.send(parts, sent)
+            finally:
+                self._senders -= 1
         except OSError:
             # The client went away mid-reply: stop this session, leave the others alone.
             self.closed = True

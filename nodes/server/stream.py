@@ -20,8 +20,13 @@ class Stream:
     async def recv_into(self, view: memoryview) -> int:
         raise NotImplementedError
 
-    async def send(self, parts: Sequence[Buffer]) -> None:
+    async def send(self, parts: Sequence[Buffer], sent: int = 0) -> None:
+        """Send all of `parts`, of which the first `sent` bytes already went out (try_send)."""
         raise NotImplementedError
+
+    def try_send(self, parts: Sequence[Buffer]) -> int:
+        """Send what the kernel takes right now, without waiting; returns the bytes sent."""
+        return 0
 
     async def recv_exactly(self, view: memoryview) -> bool:
         """Fill `view`; False if the peer closed first."""
@@ -53,14 +58,17 @@ class SocketStream(Stream):
         except (ConnectionResetError, BrokenPipeError):
             return 0
 
-    async def send(self, parts: Sequence[Buffer]) -> None:
-        total = sum(len(p) for p in parts)
+    def try_send(self, parts: Sequence[Buffer]) -> int:
         try:
-            sent = self.sock.sendmsg(parts)
+            return self.sock.sendmsg(parts)
         except BlockingIOError:
-            sent = 0
-        if sent == total:
-            return
+            return 0
+
+    async def send(self, parts: Sequence[Buffer], sent: int = 0) -> None:
+        if not sent:
+            sent = self.try_send(parts)
+            if sent == sum(len(p) for p in parts):
+                return
         # The socket buffer is full: hand the rest to the loop without copying.
         for part in parts:
             view = memoryview(part)
@@ -131,7 +139,8 @@ class TLSStream(Stream):
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return 0
 
-    async def send(self, parts: Sequence[Buffer]) -> None:
+    async def send(self, parts: Sequence[Buffer], sent: int = 0) -> None:
+        # try_send never sends on TLS: `sent` is always 0 here.
         for part in parts:
             if len(part):
                 self.obj.write(part)
