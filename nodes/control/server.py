@@ -165,8 +165,9 @@ def progress_message(progress: dict[str, Any] | None) -> pb.RebuildProgress:
     p = progress or {}
     msg = pb.RebuildProgress(
         running=bool(p.get("running")),
-        done_bytes=int(p.get("done_bytes") or 0),
-        total_bytes=int(p.get("total_bytes") or 0),
+        # The fans say bytes_done/bytes_total; done_bytes/total_bytes is also accepted.
+        done_bytes=int(p.get("bytes_done") or p.get("done_bytes") or 0),
+        total_bytes=int(p.get("bytes_total") or p.get("total_bytes") or 0),
         throttle_bytes_per_second=int(p.get("throttle") or 0),
         rate_bytes_per_second=float(p.get("rate") or 0.0),
         detail_json=to_json({k: v for k, v in p.items() if k not in _PROGRESS_KEYS}),

@@ -95,6 +95,7 @@ class FanBase(Fan):
                 "index": i,
                 "uri": member_name(m, i),
                 "state": "in_sync" if m.healthy() else "faulty",
+                "healthy": m.healthy(),
                 "dirty_bytes": 0,
             }
             for i, m in enumerate(self.members)

@@ -129,6 +129,8 @@ class Slot:
         self.resync_bytes = 0  #: bytes copied to it by rebuilds, in total
         self.rebuild: RebuildRun | None = None
         self.task: asyncio.Task[None] | None = None
+        #: the member's reconnect count when last trusted (see Mirror._reconnected)
+        self.seen_reconnects = getattr(backend, "reconnects", 0)
 
 
 class RegionGuard:
@@ -346,9 +348,23 @@ class Mirror(FanBase):
             except Exception:
                 log.exception("mirror: member check failed")
 
+    def _reconnected(self, slot: Slot) -> bool:
+        """True (and the member faulty) if its link was lost and reopened since it was last
+        trusted: its node may have restarted empty between two health checks, unseen by any
+        request. The resync that follows finds out what it still holds."""
+        count = getattr(slot.backend, "reconnects", 0)
+        if count == slot.seen_reconnects:
+            return False
+        slot.seen_reconnects = count
+        if slot.state not in (IN_SYNC, REBUILDING):
+            return False
+        self._fail(slot, "member reconnected: not trusted until resynced")
+        return True
+
     def _check_members(self) -> None:
         now = time.monotonic()
         for slot in self.slots:
+            self._reconnected(slot)
             up = slot.backend.healthy()
             if slot.state in (IN_SYNC, REBUILDING) and not up:
                 self._fail(slot, "member is down")
@@ -702,6 +718,8 @@ class Mirror(FanBase):
     # Reads ----------------------------------------------------------------------------------
 
     def _pick(self, exclude: set[int]) -> Slot | None:
+        for slot in self.slots:
+            self._reconnected(slot)
         candidates = [s for s in self.slots if s.state == IN_SYNC and s.index not in exclude]
         if not candidates:
             return None
@@ -756,6 +774,7 @@ class Mirror(FanBase):
         first, last = self._chunks(offset, count)
         changed = False
         for s in self.slots:
+            self._reconnected(s)
             if s.state == FAULTY and not s.demoted:
                 changed |= s.dirty.mark(first, last)
         if changed:

@@ -77,6 +77,8 @@ class Parity(FanBase):
         self.cursor = [0] * self.n  #: while rebuilding: stripes below it are good
         self.errors = [0] * self.n
         self.retry_at = [0.0] * self.n
+        #: each member's reconnect count when last trusted (see `_returned`)
+        self.seen = [getattr(m, "reconnects", 0) for m in self.members]
         self.stripes = 0
         self._locks: dict[int, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -128,6 +130,7 @@ class Parity(FanBase):
         return out
 
     def _good(self, member: int, stripe: int) -> bool:
+        self._returned(member)
         state = self.states[member]
         return state == IN_SYNC or (state == REBUILDING and stripe < self.cursor[member])
 
@@ -148,6 +151,16 @@ class Parity(FanBase):
         log.warning("parity: member %d faulty: %s", member, why)
         self.emit("member", f"member {member} faulty: {why}", index=member, state=FAULTY)
 
+    def _returned(self, member: int) -> bool:
+        """True (and the member faulty) if its connection was lost and reopened since last seen:
+        the node may have restarted empty, even when no request or health poll saw it down."""
+        count = getattr(self.members[member], "reconnects", 0)
+        if count == self.seen[member]:
+            return False
+        self.seen[member] = count
+        self._fail(member, "member reconnected: its data is not trusted")
+        return True
+
     def healthy(self) -> bool:
         return sum(s == IN_SYNC for s in self.states) >= self.n - 1
 
@@ -158,6 +171,7 @@ class Parity(FanBase):
                 "index": i,
                 "uri": member_name(m, i),
                 "state": self.states[i],
+                "healthy": m.healthy(),
                 "errors": self.errors[i],
                 "dirty_bytes": 0 if self.states[i] == IN_SYNC
                 else (self.stripes - self.cursor[i]) * self.chunk,
@@ -188,6 +202,7 @@ class Parity(FanBase):
         while True:
             await asyncio.sleep(self.params.check_interval)
             for i, m in enumerate(self.members):
+                self._returned(i)
                 up = m.healthy()
                 if self.states[i] != FAULTY and not up:
                     self._fail(i, "member is down")
@@ -224,7 +239,7 @@ class Parity(FanBase):
             for stripe in range(self.stripes):
                 began = time.monotonic()
                 async with self._lock(stripe):
-                    if self.states[member] != REBUILDING:
+                    if self._returned(member) or self.states[member] != REBUILDING:
                         return
                     data = await self._reconstruct(stripe, member, 0, self.chunk)
                     await self.members[member].pwrite(memoryview(data), stripe * self.chunk, 0)
@@ -262,6 +277,7 @@ class Parity(FanBase):
         old = self.members[index]
         self.states[index] = FAULTY
         self.members[index] = new
+        self.seen[index] = getattr(new, "reconnects", 0)
         self.emit("member", f"member {index} replaced by {member_name(new, index)}", index=index)
         self._begin_rebuild(index)
         try:

@@ -69,6 +69,7 @@ class Quorum(FanBase):
                 "index": i,
                 "uri": member_name(m, i),
                 "state": "in_sync" if m.healthy() else "faulty",
+                "healthy": m.healthy(),
                 "mismatches": self.mismatches[i],
                 "errors": self.errors[i],
                 "rewrites": self.rewrites[i],
