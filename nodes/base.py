@@ -261,6 +261,14 @@ class Fan(Backend):
 # Helpers for kinds ---------------------------------------------------------------------------
 
 
+def add_range(ranges: list[tuple[int, int]], start: int, length: int) -> None:
+    """Append (start, length) to sorted ranges, extending the last one when they touch."""
+    if ranges and ranges[-1][0] + ranges[-1][1] == start:
+        ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+    else:
+        ranges.append((start, length))
+
+
 def fill_holes(buf: memoryview, holes: Holes) -> None:
     """Zero the hole ranges of a read so the buffer holds the plain data."""
     for start, length in holes or ():

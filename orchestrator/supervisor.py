@@ -32,7 +32,6 @@ from .backends.process import (
     ProcessBackend,
     RunDir,
     StartError,
-    control_supported,
 )
 from .topology import Node, Topology
 
@@ -372,7 +371,7 @@ class Supervisor:
         image: str | None = None,
     ) -> None:
         self.run = run
-        self.control = control_supported() if control is None else control
+        self.control = True if control is None else control  # nodes serve gRPC health
         self.backend: Any
         if backend == "docker":
             from .backends.docker import DockerBackend

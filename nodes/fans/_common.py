@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
-from ..base import Backend, Capabilities, Extents, Fan, Holes, Support
+from ..base import Backend, Capabilities, Extents, Fan, Holes, Support, add_range
 from ..params import Params
 from ..protocol.constants import CmdFlag
 
@@ -185,11 +185,7 @@ class LayoutFan(FanBase):
         holes: list[tuple[int, int]] = []
         for p, piece_holes in zip(pieces, results, strict=True):
             for start, length in piece_holes or ():
-                start += p.start
-                if holes and holes[-1][0] + holes[-1][1] == start:
-                    holes[-1] = (holes[-1][0], holes[-1][1] + length)
-                else:
-                    holes.append((start, length))
+                add_range(holes, p.start + start, length)
         return holes
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:

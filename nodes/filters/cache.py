@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
-from ..base import Capabilities, Extents, Filter, Holes, Support, read_flat
+from ..base import Capabilities, Extents, Filter, Holes, Support, add_range, read_flat
 from ..params import Params, Size, param
 from ..protocol.constants import CmdFlag
 from ..registry import register
@@ -149,10 +149,7 @@ class Cache(Filter):
             n = min(bs - inb, total - pos)
             entry = store.get(b)
             if entry is None:
-                if runs and runs[-1][0] + runs[-1][1] == pos:
-                    runs[-1] = (runs[-1][0], runs[-1][1] + n)
-                else:
-                    runs.append((pos, n))
+                add_range(runs, pos, n)
             else:
                 store.move_to_end(b)
                 buf[pos : pos + n] = memoryview(entry.data)[inb : inb + n]

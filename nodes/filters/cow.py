@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import field_validator
 
-from ..base import Capabilities, Extents, Filter, Holes, Support, may_trim, read_flat
+from ..base import Capabilities, Extents, Filter, Holes, Support, add_range, may_trim, read_flat
 from ..params import Params, Size, param
 from ..protocol.constants import Extent
 from ..registry import register
@@ -124,10 +124,7 @@ class Cow(Filter):
             n = min(bs - inb, total - pos)
             v = overlay.get(b)
             if v is None:
-                if runs and runs[-1][0] + runs[-1][1] == pos:
-                    runs[-1] = (runs[-1][0], runs[-1][1] + n)
-                else:
-                    runs.append((pos, n))
+                add_range(runs, pos, n)
             elif isinstance(v, int):
                 shift_holes([(0, n)], pos, holes)
             else:

@@ -34,7 +34,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
 
-from ..base import Backend, Filter, Holes, current_client
+from ..base import Backend, Filter, Holes, add_range, current_client
 from ..params import Duration, Params, Size, live, parse_size
 from ..registry import register
 
@@ -223,10 +223,7 @@ class Rate(Filter):
             piece = buf[pos : pos + step]
             await self._spend(limits, len(piece))
             for start, length in await self.next.pread(piece, offset + pos, flags) or ():
-                if holes and holes[-1][0] + holes[-1][1] == pos + start:
-                    holes[-1] = (holes[-1][0], holes[-1][1] + length)
-                else:
-                    holes.append((pos + start, length))
+                add_range(holes, pos + start, length)
         return holes
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:

@@ -12,7 +12,7 @@ Example: `nbdfabric node memory 1G --listen unix:/tmp/m.sock` then
 
 from __future__ import annotations
 
-from ..base import Capabilities, Extents, Holes, Plugin, Support, may_trim
+from ..base import Capabilities, Extents, Holes, Plugin, Support, add_range, may_trim
 from ..params import Params, Size, param
 from ..protocol.constants import Extent
 from ..registry import register
@@ -39,10 +39,7 @@ class SparseStore:
             n = min(PAGE - in_page, end - pos)
             page = pages.get(index)
             if page is None:
-                if holes and holes[-1][0] + holes[-1][1] == pos:
-                    holes[-1] = (holes[-1][0], holes[-1][1] + n)
-                else:
-                    holes.append((pos, n))
+                add_range(holes, pos, n)
             else:
                 buf[pos : pos + n] = memoryview(page)[in_page : in_page + n]
             pos += n

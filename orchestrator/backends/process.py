@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -100,11 +99,6 @@ class RunDir:
                 with contextlib.suppress(OSError):
                     if Path(addr[5:]).is_socket():
                         Path(addr[5:]).unlink()
-
-
-def control_supported() -> bool:
-    """Nodes serve gRPC control + health once nodes/control/server.py exists."""
-    return importlib.util.find_spec("nodes.control.server") is not None
 
 
 def nbdfabric_command() -> list[str]:
