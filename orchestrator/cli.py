@@ -200,10 +200,8 @@ def cmd_up(argv: Sequence[str]) -> int:
     )  # fmt: skip
     args = p.parse_args(argv)
     path = _file(args)
-    try:
-        topology = load(path)
-    except TopologyError as exc:
-        print(exc, file=sys.stderr)
+    topology = _load_or_say(path)
+    if topology is None:
         return 1
     found = _run_dir(args, topology.name)
     assert found is not None
@@ -613,14 +611,21 @@ def cmd_set(argv: Sequence[str]) -> int:
 # -- pure commands ------------------------------------------------------------------------------
 
 
+def _load_or_say(path: Path) -> Topology | None:
+    """The topology in `path`, or None after printing every problem found in it."""
+    try:
+        return load(path)
+    except TopologyError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
 def cmd_validate(argv: Sequence[str]) -> int:
     p = _parser("validate", "Check a topology file; print every problem with its line.", True)
     args = p.parse_args(argv)
     path = _file(args)
-    try:
-        topology = load(path)
-    except TopologyError as exc:
-        print(exc, file=sys.stderr)
+    topology = _load_or_say(path)
+    if topology is None:
         return 1
     print(f"{path}: ok: fabric {topology.name}, {len(topology.nodes)} nodes, "
           f"{len(topology.exports)} export{'' if len(topology.exports) == 1 else 's'}")  # fmt: skip
@@ -633,10 +638,8 @@ def cmd_graph(argv: Sequence[str]) -> int:
     p = _parser("graph", "Draw a topology: a text tree, or Graphviz with --dot.", True)
     p.add_argument("--dot", action="store_true")
     args = p.parse_args(argv)
-    try:
-        topology = load(_file(args))
-    except TopologyError as exc:
-        print(exc, file=sys.stderr)
+    topology = _load_or_say(_file(args))
+    if topology is None:
         return 1
     print(dot(topology) if args.dot else text_tree(topology))
     return 0
