@@ -187,6 +187,20 @@ class Plugin(Backend):
     role = "plugin"
 
 
+class ZeroContent(Plugin):
+    """The read side of a disk whose content is all zeros (null, zero, full): reads are one hole
+    (the server sends zeros or a hole chunk), cache has nothing to do, extents are one hole."""
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        return [(0, len(buf))]
+
+    async def cache(self, count: int, offset: int, flags: int) -> None:
+        pass
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        return all_zero_extent(count)
+
+
 class Filter(Backend):
     """Passes every operation to `self.next` unless it overrides it."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import errno
 
-from ..base import Capabilities, Extents, Holes, Plugin, Support, all_zero_extent
+from ..base import Capabilities, Support, ZeroContent
 from ..params import Params, Size, param
 from ..protocol.constants import CmdFlag
 from ..registry import register
@@ -30,7 +30,7 @@ def _no_space() -> OSError:
 
 
 @register
-class Full(Plugin):
+class Full(ZeroContent):
     """Reads zeros; every write fails with ENOSPC."""
 
     kind = "full"
@@ -51,9 +51,6 @@ class Full(Plugin):
             multi_conn=True,
         )
 
-    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
-        return [(0, len(buf))]
-
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         raise _no_space()
 
@@ -64,9 +61,3 @@ class Full(Plugin):
         if flags & CmdFlag.FAST_ZERO:
             raise OSError(errno.ENOTSUP, "zeroing a full disk is not fast")
         raise _no_space()
-
-    async def cache(self, count: int, offset: int, flags: int) -> None:
-        pass
-
-    async def extents(self, count: int, offset: int, flags: int) -> Extents:
-        return all_zero_extent(count)

@@ -12,7 +12,7 @@ Example: `nbdfabric node null 1G --listen unix:/tmp/null.sock`, then
 
 from __future__ import annotations
 
-from ..base import Capabilities, Extents, Holes, Plugin, Support, all_zero_extent
+from ..base import Capabilities, Support, ZeroContent
 from ..params import Params, Size, param
 from ..registry import register
 
@@ -22,7 +22,7 @@ class NullParams(Params):
 
 
 @register
-class Null(Plugin):
+class Null(ZeroContent):
     """Reads zeros, discards writes."""
 
     kind = "null"
@@ -45,9 +45,6 @@ class Null(Plugin):
             multi_conn=True,
         )
 
-    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
-        return [(0, len(buf))]  # the server sends zeros (or a hole chunk) for us
-
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         pass
 
@@ -59,9 +56,3 @@ class Null(Plugin):
 
     async def zero(self, count: int, offset: int, flags: int) -> None:
         pass
-
-    async def cache(self, count: int, offset: int, flags: int) -> None:
-        pass
-
-    async def extents(self, count: int, offset: int, flags: int) -> Extents:
-        return all_zero_extent(count)

@@ -12,7 +12,7 @@ clients cope with size 0; `nbdfabric node zero 1G` a 1 GiB read-only hole.
 
 from __future__ import annotations
 
-from ..base import Capabilities, Extents, Holes, Plugin, Support, all_zero_extent
+from ..base import Capabilities, Support, ZeroContent
 from ..params import Params, Size, param
 from ..registry import register
 
@@ -22,7 +22,7 @@ class ZeroParams(Params):
 
 
 @register
-class Zero(Plugin):
+class Zero(ZeroContent):
     """A read-only disk that is all zeros (size 0 by default)."""
 
     kind = "zero"
@@ -34,12 +34,3 @@ class Zero(Plugin):
         return Capabilities(
             size=self.params.size, cache=Support.NATIVE, extents=True, multi_conn=True
         )
-
-    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
-        return [(0, len(buf))]
-
-    async def cache(self, count: int, offset: int, flags: int) -> None:
-        pass
-
-    async def extents(self, count: int, offset: int, flags: int) -> Extents:
-        return all_zero_extent(count)
