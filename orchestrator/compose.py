@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from .argv import export_words, param_words
 from .topology import Node, Topology, TopologyError, is_uri, load
 
 #: The image every node container runs; `${NBDFABRIC_IMAGE}` overrides it when compose runs.
@@ -30,19 +31,6 @@ CONTROL_PORT = 10810
 MOUNT_ROOT = "/mnt/nbdfabric"
 LABEL_PREFIX = "io.nbdfabric"
 RESTART = {"always": "unless-stopped", "never": "no"}
-
-
-def is_path_param(name: str) -> bool:
-    """Params naming host files or directories (`file`, `bitmap-file`, `error-file`, `dir`)."""
-    return name in ("file", "dir") or name.endswith(("-file", "-dir"))
-
-
-def param_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | tuple):
-        return ",".join(param_text(v) for v in value)
-    return str(value)
 
 
 @dataclass
@@ -87,12 +75,7 @@ class ContainerLayout:
 
     def command(self, node: Node, mounts: Mounts) -> list[str]:
         """The arguments after the image's entrypoint (`nbdfabric`)."""
-        cmd = ["node", node.kind]
-        for key, value in node.raw_params.items():
-            text = param_text(value)
-            if is_path_param(str(key)) and text:
-                text = mounts.map_file(text)
-            cmd.append(f"{key}={text}")
+        cmd = ["node", node.kind, *param_words(node, mounts.map_file)]
         cmd += ["--name", node.name, "--listen", f"0.0.0.0:{NBD_PORT}"]
         for up in node.upstreams:
             cmd += ["--upstream", self.upstream_uri(up)]
@@ -101,20 +84,11 @@ class ContainerLayout:
             for addr in export.listen:
                 if addr.startswith("unix:"):
                     cmd += ["--listen", f"unix:{mounts.map_file(addr[5:])}"]
-            cmd += ["--export-name", export.name]
-            if export.description:
-                cmd += ["--description", export.description]
-            if export.read_only:
-                cmd += ["--read-only"]
-            if export.tls != "off":
-                cmd += [f"--tls={export.tls}"]
-                if export.tls_certificates:
-                    cmd += [
-                        "--tls-certificates",
-                        mounts.map_dir(Path(export.tls_certificates), read_only=True),
-                    ]
-                if export.tls_psk:
-                    cmd += ["--tls-psk", mounts.map_file(export.tls_psk, read_only=True)]
+            cmd += export_words(
+                export,
+                map_dir=lambda d: mounts.map_dir(Path(d), read_only=True),
+                map_secret=lambda f: mounts.map_file(f, read_only=True),
+            )
         if self.control:
             cmd += ["--control", f"0.0.0.0:{CONTROL_PORT}"]
         return cmd

@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from .compose import DEFAULT_IMAGE, LABEL_PREFIX, is_path_param, param_text
+from .argv import export_words, param_words
+from .compose import DEFAULT_IMAGE, LABEL_PREFIX
 from .topology import Node, Topology, TopologyError, is_uri, load
 
 RUN_DIR = "/run/nbdfabric"
@@ -74,12 +75,7 @@ class _Volumes:
 
 
 def node_container(topology: Topology, node: Node, image: str, volumes: _Volumes) -> dict[str, Any]:
-    args = ["node", node.kind]
-    for key, value in node.raw_params.items():
-        text = param_text(value)
-        if is_path_param(str(key)) and text:
-            text = volumes.map_file(text)
-        args.append(f"{key}={text}")
+    args = ["node", node.kind, *param_words(node, volumes.map_file)]
     args += ["--name", node.name, "--listen", f"unix:{_sock(node.name)}"]
     for port in _tcp_ports(topology, node.name):
         args += ["--listen", f"0.0.0.0:{port}"]
@@ -87,11 +83,7 @@ def node_container(topology: Topology, node: Node, image: str, volumes: _Volumes
         args += ["--upstream", up if is_uri(up) else _uri(topology, up)]
     export = topology.export_of(node.name)
     if export is not None:
-        args += ["--export-name", export.name]
-        if export.description:
-            args += ["--description", export.description]
-        if export.read_only:
-            args += ["--read-only"]
+        args += export_words(export, tls=False)  # TLS files are not mapped into pods yet
     args += ["--control", _ctl(node.name)]
     probe = {
         "exec": {"command": ["nbdfabric", "health", "-q", _ctl(node.name)]},

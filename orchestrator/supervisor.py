@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nodes.params import ParamError, live_names, update_params
 
 from . import plan
+from .argv import param_text
 from .backends.process import (
     NodeProcess,
     ProcessBackend,
@@ -462,7 +463,7 @@ class Supervisor:
         runner = self.runners[action.node]
         if not runner.control or not runner.pid:
             return False
-        changes = {k: _text(v) for k, v in action.changes.items()}
+        changes = {k: param_text(v) for k, v in action.changes.items()}
         try:
             await configure_node(runner.control, changes)
         except ConfigureError as exc:
@@ -580,9 +581,3 @@ class Supervisor:
 
 def _param_names(model: Any) -> set[str]:
     return {f.alias or n for n, f in model.model_fields.items()}
-
-
-def _text(value: Any) -> str:
-    from .backends.process import param_text
-
-    return param_text(value)

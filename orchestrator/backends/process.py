@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..argv import export_words, param_words
 from ..topology import Node, Topology, is_uri
 
 #: Longest unix socket path the kernel takes (sun_path is 108 bytes with its NUL).
@@ -106,17 +107,9 @@ def nbdfabric_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "nodes.cli"]
 
 
-def param_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | tuple):
-        return ",".join(param_text(v) for v in value)
-    return str(value)
-
-
 def node_command(node: Node, topology: Topology, run: RunDir, control: bool) -> list[str]:
     cmd = [*nbdfabric_command(), "node", node.kind]
-    cmd += [f"{k}={param_text(v)}" for k, v in node.raw_params.items()]
+    cmd += param_words(node)
     cmd += ["--name", node.name, "--listen", f"unix:{run.sock(node.name)}"]
     cmd += ["--ready-file", str(run.ready(node.name))]
     for up in node.upstreams:
@@ -125,17 +118,7 @@ def node_command(node: Node, topology: Topology, run: RunDir, control: bool) -> 
     if export is not None:
         for addr in export.listen:
             cmd += ["--listen", addr]
-        cmd += ["--export-name", export.name]
-        if export.description:
-            cmd += ["--description", export.description]
-        if export.read_only:
-            cmd += ["--read-only"]
-        if export.tls != "off":
-            cmd += [f"--tls={export.tls}"]
-            if export.tls_certificates:
-                cmd += ["--tls-certificates", export.tls_certificates]
-            if export.tls_psk:
-                cmd += ["--tls-psk", export.tls_psk]
+        cmd += export_words(export)
     if control:
         cmd += ["--control", f"unix:{run.ctl(node.name)}"]
     return cmd

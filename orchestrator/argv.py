@@ -1,0 +1,65 @@
+"""The `nbdfabric node` command words for a topology node: its params and its export flags.
+
+Every way of running a fabric (local processes, compose services, Kubernetes containers) builds
+node command lines from these; each adds its own listen, upstream and control addresses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .topology import Export, Node
+
+PathMap = Callable[[str], str]
+
+
+def _same(path: str) -> str:
+    return path
+
+
+def param_text(value: Any) -> str:
+    """A param value as the node CLI reads it back (`true`, `a,b`, `1048576`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(param_text(v) for v in value)
+    return str(value)
+
+
+def is_path_param(name: str) -> bool:
+    """Params naming host files or directories (`file`, `bitmap-file`, `error-file`, `dir`)."""
+    return name in ("file", "dir") or name.endswith(("-file", "-dir"))
+
+
+def param_words(node: Node, map_file: PathMap = _same) -> list[str]:
+    """`KEY=VALUE` words; file params go through `map_file` (a container's view of them)."""
+    words = []
+    for key, value in node.raw_params.items():
+        text = param_text(value)
+        if is_path_param(str(key)) and text:
+            text = map_file(text)
+        words.append(f"{key}={text}")
+    return words
+
+
+def export_words(
+    export: Export,
+    *,
+    tls: bool = True,
+    map_dir: PathMap = _same,
+    map_secret: PathMap = _same,
+) -> list[str]:
+    """Export name, description, read-only and (with `tls`) the TLS flags of an exported node."""
+    words = ["--export-name", export.name]
+    if export.description:
+        words += ["--description", export.description]
+    if export.read_only:
+        words += ["--read-only"]
+    if tls and export.tls != "off":
+        words += [f"--tls={export.tls}"]
+        if export.tls_certificates:
+            words += ["--tls-certificates", map_dir(export.tls_certificates)]
+        if export.tls_psk:
+            words += ["--tls-psk", map_secret(export.tls_psk)]
+    return words
