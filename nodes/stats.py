@@ -35,7 +35,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 OPS = ("read", "write", "flush", "trim", "cache", "zero", "block_status")
 
 
-@dataclass
+@dataclass(slots=True)
 class OpStats:
     count: int = 0
     bytes: int = 0

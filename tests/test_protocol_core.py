@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from nodes.protocol.constants import (
     BASE_ALLOCATION,
+    FLAGS_VALID_FOR,
     IHAVEOPT,
     MAX_OPTION_LENGTH,
     MAX_OPTIONS,
@@ -542,6 +543,72 @@ def test_validate_table(
     t: Transmission, cmd: int, offset: int, length: int, flags: int, expected: Err
 ) -> None:
     assert validate(Request(flags, cmd, 1, offset, length), t) is expected
+
+
+def reference_validate(req: Request, t: Transmission) -> Err:
+    """The validation rules written plainly, one check per spec sentence: the oracle for the
+    table-driven `validate` the server runs."""
+    cmd, flags, tf = req.cmd, req.flags, t.tflags
+    if cmd not in set(Cmd):
+        return Err.EINVAL
+    # int(): ~ of an IntFlag keeps only the defined bits, which would hide unknown flags
+    all_flags = int(
+        CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO
+    )
+    if flags & ~all_flags or flags & ~FLAGS_VALID_FOR[Cmd(cmd)]:
+        return Err.EINVAL
+    if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and tf & TFlag.READ_ONLY:
+        return Err.EPERM
+    if flags & CmdFlag.FUA and not tf & TFlag.SEND_FUA:
+        return Err.EINVAL
+    if flags & CmdFlag.DF and not (t.structured and tf & TFlag.SEND_DF):
+        return Err.EINVAL
+    if flags & CmdFlag.FAST_ZERO and not tf & TFlag.SEND_FAST_ZERO:
+        return Err.EINVAL
+    if cmd == Cmd.FLUSH:
+        if not tf & TFlag.SEND_FLUSH or req.offset or req.length:
+            return Err.EINVAL
+        return Err.OK
+    if cmd == Cmd.DISC:
+        return Err.OK
+    if (
+        (cmd == Cmd.TRIM and not tf & TFlag.SEND_TRIM)
+        or (cmd == Cmd.WRITE_ZEROES and not tf & TFlag.SEND_WRITE_ZEROES)
+        or (cmd == Cmd.CACHE and not tf & TFlag.SEND_CACHE)
+        or (cmd == Cmd.BLOCK_STATUS and not (t.structured and t.meta_contexts))
+    ):
+        return Err.EINVAL
+    if req.offset + req.length > t.size:
+        return Err.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL
+    if req.length == 0:
+        return Err.EINVAL if cmd == Cmd.BLOCK_STATUS else Err.OK
+    if t.block_min > 1 and (req.offset % t.block_min or req.length % t.block_min):
+        return Err.EINVAL
+    if cmd in (Cmd.READ, Cmd.WRITE) and req.length > t.block_max:
+        return Err.EOVERFLOW if flags & CmdFlag.DF else Err.EINVAL
+    return Err.OK
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    tflags=st.integers(0, 0xFFF),
+    structured=st.booleans(),
+    contexts=st.sampled_from([(), (1,)]),
+    block_min=st.sampled_from([1, 512, 4096]),
+    block_max=st.sampled_from([4096, 65536, 1 << 25]),
+    cmd=st.integers(0, 9),
+    flags=st.one_of(st.integers(0, 0x1F), st.integers(0, 0xFFFF)),
+    offset=st.one_of(st.integers(0, 1 << 21), st.sampled_from([0, 512, (1 << 20) - 1, 2**64 - 1])),
+    length=st.one_of(st.integers(0, 1 << 21), st.sampled_from([0, 1, 512, 4096, 2**32 - 1])),
+)
+def test_validate_agrees_with_the_plain_rules(
+    tflags: int, structured: bool, contexts: tuple[int, ...], block_min: int, block_max: int,
+    cmd: int, flags: int, offset: int, length: int,
+) -> None:  # fmt: skip
+    t = Transmission(size=1 << 20, tflags=TFlag(tflags), structured=structured,
+                     meta_contexts=contexts, block_min=block_min, block_max=block_max)  # fmt: skip
+    req = Request(flags, cmd, 1, offset, length)
+    assert validate(req, t) is reference_validate(req, t)
 
 
 def test_request_parser_consumes_rejected_write_payload() -> None:

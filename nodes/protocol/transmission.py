@@ -8,7 +8,7 @@ The server's hot path reads headers and payloads itself (straight into pooled bu
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .constants import (
     CHUNK_HEADER,
@@ -31,9 +31,6 @@ from .constants import (
     TFlag,
 )
 from .errors import ProtocolError
-
-_ALL_FLAGS = int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.DF | CmdFlag.REQ_ONE | CmdFlag.FAST_ZERO)
-_KNOWN_CMDS = frozenset(int(c) for c in Cmd)
 
 
 @dataclass(slots=True)
@@ -58,6 +55,31 @@ def parse_request(header: bytes | bytearray | memoryview) -> Request:
 
 
 @dataclass(frozen=True, slots=True)
+class _Rule:
+    """What one command may carry on this session, worked out once per session."""
+
+    valid: int  #: flags the protocol allows with this command
+    allowed: int  #: of those, the ones the export advertised (FUA, DF, FAST_ZERO)
+    gate: Err  #: EPERM for a write on a read-only export, else OK
+    supported: bool  #: the export advertised the command
+    past_end: Err  #: ENOSPC for writes and zeroes past the end, EINVAL otherwise
+
+
+_WRITES = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
+_ADVERTISED_BY = (
+    (CmdFlag.FUA, TFlag.SEND_FUA),
+    (CmdFlag.DF, TFlag.SEND_DF),
+    (CmdFlag.FAST_ZERO, TFlag.SEND_FAST_ZERO),
+)
+_SUPPORTED_BY = {
+    Cmd.FLUSH: TFlag.SEND_FLUSH,
+    Cmd.TRIM: TFlag.SEND_TRIM,
+    Cmd.WRITE_ZEROES: TFlag.SEND_WRITE_ZEROES,
+    Cmd.CACHE: TFlag.SEND_CACHE,
+}
+
+
+@dataclass(frozen=True, slots=True)
 class Transmission:
     """What validation needs to know about the negotiated session."""
 
@@ -67,51 +89,77 @@ class Transmission:
     meta_contexts: tuple[int, ...]
     block_min: int = 1
     block_max: int = 32 * 1024 * 1024
+    rules: dict[int, _Rule] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The flag and capability checks depend only on the command and the session, so they
+        # are folded into one small table here and not redone (with slow enum arithmetic) for
+        # every request.
+        tf = self.tflags
+        unadvertised = 0
+        for flag, tflag in _ADVERTISED_BY:
+            if not tf & tflag:
+                unadvertised |= flag
+        if not self.structured:
+            unadvertised |= CmdFlag.DF  # DF needs structured replies
+        rules = {}
+        for cmd in Cmd:
+            valid = int(FLAGS_VALID_FOR[cmd])
+            if cmd == Cmd.BLOCK_STATUS:
+                supported = bool(self.structured and self.meta_contexts)
+            elif cmd in _SUPPORTED_BY:
+                supported = bool(tf & _SUPPORTED_BY[cmd])
+            else:
+                supported = True
+            rules[int(cmd)] = _Rule(
+                valid=valid,
+                allowed=valid & ~unadvertised,
+                gate=Err.EPERM if cmd in _WRITES and tf & TFlag.READ_ONLY else Err.OK,
+                supported=supported,
+                past_end=Err.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL,
+            )
+        object.__setattr__(self, "rules", rules)
+
+
+_OK, _EINVAL, _EOVERFLOW = Err.OK, Err.EINVAL, Err.EOVERFLOW
+_READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
+_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+_DF = int(CmdFlag.DF)
 
 
 def validate(req: Request, t: Transmission) -> Err:
     """The error a request must get before any work is done, or Err.OK.
 
     Order: command, unknown flags, read-only (EPERM wins over a FUA the export does not
-    advertise, as in nbdkit), flags, capability, range, alignment, size.
+    advertise, as in nbdkit), unadvertised flags, capability, range, alignment, size.
     """
-    cmd, flags, tf = req.cmd, req.flags, t.tflags
-    if cmd not in _KNOWN_CMDS:
-        return Err.EINVAL
-    if flags & ~_ALL_FLAGS or flags & ~FLAGS_VALID_FOR[Cmd(cmd)]:
-        return Err.EINVAL
-    if cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES) and tf & TFlag.READ_ONLY:
-        return Err.EPERM
-    if flags & CmdFlag.FUA and not tf & TFlag.SEND_FUA:
-        return Err.EINVAL
-    if flags & CmdFlag.DF and not (t.structured and tf & TFlag.SEND_DF):
-        return Err.EINVAL
-    if flags & CmdFlag.FAST_ZERO and not tf & TFlag.SEND_FAST_ZERO:
-        return Err.EINVAL
-    if cmd == Cmd.FLUSH:
-        if not tf & TFlag.SEND_FLUSH or req.offset or req.length:
-            return Err.EINVAL
-        return Err.OK
-    if cmd == Cmd.DISC:
-        return Err.OK
-    if (
-        (cmd == Cmd.TRIM and not tf & TFlag.SEND_TRIM)
-        or (cmd == Cmd.WRITE_ZEROES and not tf & TFlag.SEND_WRITE_ZEROES)
-        or (cmd == Cmd.CACHE and not tf & TFlag.SEND_CACHE)
-        or (cmd == Cmd.BLOCK_STATUS and not (t.structured and t.meta_contexts))
-    ):
-        return Err.EINVAL
-    if req.offset + req.length > t.size:
-        return Err.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL
-    if req.length == 0:
+    cmd, flags = req.cmd, req.flags
+    rule = t.rules.get(cmd)
+    if rule is None or flags & ~rule.valid:
+        return _EINVAL
+    if rule.gate is not _OK:
+        return rule.gate
+    if flags & ~rule.allowed:
+        return _EINVAL
+    offset, length = req.offset, req.length
+    if cmd == _FLUSH:
+        return _OK if rule.supported and not offset and not length else _EINVAL
+    if cmd == _DISC:
+        return _OK
+    if not rule.supported:
+        return _EINVAL
+    if offset + length > t.size:
+        return rule.past_end
+    if length == 0:
         # Zero-length requests are no-ops (qemu-nbd), except block status, which must
         # describe at least one extent.
-        return Err.EINVAL if cmd == Cmd.BLOCK_STATUS else Err.OK
-    if t.block_min > 1 and (req.offset % t.block_min or req.length % t.block_min):
-        return Err.EINVAL
-    if cmd in (Cmd.READ, Cmd.WRITE) and req.length > t.block_max:
-        return Err.EOVERFLOW if flags & CmdFlag.DF else Err.EINVAL
-    return Err.OK
+        return _EINVAL if cmd == _BLOCK_STATUS else _OK
+    block_min = t.block_min
+    if block_min > 1 and (offset % block_min or length % block_min):
+        return _EINVAL
+    if length > t.block_max and cmd in (_READ, _WRITE):
+        return _EOVERFLOW if flags & _DF else _EINVAL
+    return _OK
 
 
 # Replies -------------------------------------------------------------------------------------

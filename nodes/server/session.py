@@ -35,6 +35,10 @@ log = logging.getLogger("nbdfabric.session")
 RECV_BUFFER = 256 * 1024
 #: Requests in flight per connection before we stop reading more (backpressure).
 MAX_IN_FLIGHT = 64
+#: Data bytes (read replies, write payloads) in flight per connection before we stop reading
+#: more. Replies leave one socket in turn, so preparing many big ones ahead only churns
+#: memory; a few MiB keeps the socket busy.
+MAX_BYTES_IN_FLIGHT = 8 * 1024 * 1024
 #: A hole shorter than this is sent as zeros: a chunk header costs more than the bytes.
 MIN_HOLE_CHUNK = 4096
 ZERO_CHUNK = 1024 * 1024
@@ -43,6 +47,10 @@ YIELD_EVERY = 16
 #: A rejected WRITE payload larger than this is not skipped: the client is disconnected.
 MAX_SKIP = 64 * 1024 * 1024
 _ZEROES = bytes(ZERO_CHUNK)
+
+# Plain ints for the hot path: arithmetic on IntFlag members runs Python code in enum.py.
+_READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
+_FUA, _DF, _FAST_ZERO = int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.FAST_ZERO)
 
 _OP_NAMES = {
     Cmd.READ: "read",
@@ -88,7 +96,12 @@ class Session:
         self.closed = False
         self._send_lock = asyncio.Lock()
         self._senders = 0  #: replies holding or waiting for the send lock
-        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        #: Backpressure: the reader stops at MAX_IN_FLIGHT requests or MAX_BYTES_IN_FLIGHT
+        #: until a reply makes room. Counters and an event, not a Semaphore: two coroutine
+        #: calls per request add up here.
+        self._busy = 0
+        self._busy_bytes = 0
+        self._room = asyncio.Event()
         self._last_reply: asyncio.Future[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -180,6 +193,7 @@ class Session:
             block_max=block_max,
         )
         self.caps = caps
+        self._op_stats = {int(cmd): node.stats.ops[name] for cmd, name in _OP_NAMES.items()}
         self.client.export_name = ready.export.name
         ordering = node.options.ordering
         loop = asyncio.get_running_loop()
@@ -208,7 +222,7 @@ class Session:
             if err is Err.EINVAL and self._tolerated_tail(req):
                 err = Err.OK
             payload: bytearray | None = None
-            if req.cmd == Cmd.WRITE and req.length:
+            if req.cmd == _WRITE and req.length:
                 if err is Err.OK:
                     payload = pool.get(req.length)
                     target = memoryview(payload)
@@ -229,9 +243,14 @@ class Session:
                         raise ProtocolError(f"WRITE payload of {req.length} bytes is too big")
                     elif not await self._discard(rest):
                         return
-            if req.cmd == Cmd.DISC:
+            if req.cmd == _DISC:
                 return
-            await self._slots.acquire()
+            while self._busy >= MAX_IN_FLIGHT or self._busy_bytes >= MAX_BYTES_IN_FLIGHT:
+                self._room.clear()
+                await self._room.wait()
+            self._busy += 1
+            if req.cmd == _READ or req.cmd == _WRITE:
+                self._busy_bytes += req.length
             if ordering == "serial":
                 await self._serve(req, err, payload, None, None)
                 continue
@@ -298,7 +317,7 @@ class Session:
                 if node.paused:
                     await node.wait_resumed()
                 try:
-                    if req.cmd == Cmd.READ:
+                    if req.cmd == _READ:
                         read_buf = node.pool.get(req.length) if req.length else bytearray()
                         parts = await self._read(req, read_buf)
                     else:
@@ -307,8 +326,8 @@ class Session:
                     failed = True
                     wire = to_wire(
                         exc.errno or errno.EIO,
-                        fast_zero=bool(req.flags & CmdFlag.FAST_ZERO),
-                        df=bool(req.flags & CmdFlag.DF),
+                        fast_zero=bool(req.flags & _FAST_ZERO),
+                        df=bool(req.flags & _DF),
                     )
                     parts = [self._error_reply(req, wire, exc.strerror or str(exc))]
                 except Exception:
@@ -327,11 +346,19 @@ class Session:
                 node.pool.put(read_buf)
             self.in_flight -= 1
             stats.in_flight -= 1
-            self._slots.release()
-            op = _OP_NAMES.get(req.cmd)  # type: ignore[call-overload]
+            self._busy -= 1
+            if req.cmd == _READ or req.cmd == _WRITE:
+                self._busy_bytes -= req.length
+            if (
+                self._busy < MAX_IN_FLIGHT
+                and self._busy_bytes < MAX_BYTES_IN_FLIGHT
+                and not self._room.is_set()
+            ):
+                self._room.set()
+            op = self._op_stats.get(req.cmd)
             if op is not None:
-                nbytes = req.length if req.cmd in (Cmd.READ, Cmd.WRITE) and not failed else 0
-                stats.ops[op].record(nbytes, time.perf_counter() - started, failed)
+                nbytes = req.length if (req.cmd == _READ or req.cmd == _WRITE) and not failed else 0
+                op.record(nbytes, time.perf_counter() - started, failed)
 
     async def _send(self, parts: list[Buffer]) -> None:
         if self.closed:
@@ -343,7 +370,7 @@ class Session:
                 # reply at once. (Checked by count, not lock.locked(): a woken waiter has not
                 # re-taken the lock yet but owns the next turn.)
                 sent = self.stream.try_send(parts)
-                if sent == sum(len(p) for p in parts):
+                if sent == sum(map(len, parts)):
                     return
             self._senders += 1
             try:
@@ -376,7 +403,7 @@ class Session:
         view = memoryview(buf)[:length]
         holes: Holes = await self.node.backend.pread(view, offset, req.flags) if length else None
         structured = self.t.structured
-        if not structured or req.flags & CmdFlag.DF or not holes:
+        if not structured or req.flags & _DF or not holes:
             fill_holes(view, holes)
             if not structured:
                 return [tx.simple_reply(cookie), view]
@@ -420,10 +447,10 @@ class Session:
     async def _execute(self, req: tx.Request, payload: bytearray | None) -> list[Buffer]:
         backend, caps = self.node.backend, self.caps
         cmd, flags, offset, length = req.cmd, req.flags, req.offset, req.length
-        fua = bool(flags & CmdFlag.FUA)
+        fua = bool(flags & _FUA)
         emulate_fua = fua and caps.fua is Support.EMULATE
         if emulate_fua:
-            flags &= ~CmdFlag.FUA
+            flags &= ~_FUA
         if cmd == Cmd.BLOCK_STATUS:
             count = min(length, self.t.size - offset)
             if caps.extents:

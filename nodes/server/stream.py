@@ -67,7 +67,7 @@ class SocketStream(Stream):
     async def send(self, parts: Sequence[Buffer], sent: int = 0) -> None:
         if not sent:
             sent = self.try_send(parts)
-            if sent == sum(len(p) for p in parts):
+            if sent == sum(map(len, parts)):
                 return
         # The socket buffer is full: hand the rest to the loop without copying.
         for part in parts:
