@@ -13,6 +13,7 @@ fail fast with EIO, and a background task reconnects with exponential back-off.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -57,20 +58,21 @@ def _os_error(exc: nbd.Error, uri: str) -> OSError:
     return OSError(code, f"upstream {uri}: {exc.string}")
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     future: asyncio.Future[Any]
     result: Any = None  #: holes (reads) or extents (block status), filled by chunk callbacks
 
 
-@dataclass
+@dataclass(slots=True)
 class _Conn:
     """One libnbd handle registered with the event loop."""
 
     h: nbd.NBD
     fd: int
-    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(MAX_IN_FLIGHT))
     pending: dict[int, _Pending] = field(default_factory=dict)
+    #: Requests waiting for a free place when MAX_IN_FLIGHT are already out on this handle.
+    queue: collections.deque[asyncio.Future[None]] = field(default_factory=collections.deque)
     writing: bool = False
     dead: bool = False
 
@@ -276,6 +278,10 @@ class Upstream(Backend):
                 p.future.set_exception(
                     UpstreamDown(errno.EIO, f"upstream {self.uri} is down: {why}")
                 )
+        queue, conn.queue = conn.queue, collections.deque()
+        for waiter in queue:
+            if not waiter.done():
+                waiter.set_result(None)  # it finds the handle dead and fails with EIO
         with contextlib.suppress(nbd.Error):
             conn.h.aio_disconnect(0)
         # The handle closes (and its socket with it) when its last reference goes.
@@ -374,6 +380,17 @@ class Upstream(Backend):
             except nbd.Error as exc:
                 if p is not None and not p.future.done():
                     p.future.set_exception(_os_error(exc, self.uri))
+            self._wake_one(conn)
+
+    @staticmethod
+    def _wake_one(conn: _Conn) -> None:
+        """A place is free on this handle: let the longest-waiting request issue."""
+        queue = conn.queue
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     # Issuing ------------------------------------------------------------------------------
 
@@ -392,23 +409,35 @@ class Upstream(Backend):
         waiting task is cancelled (so a pooled buffer is never reused under libnbd's feet).
         """
         conn = self._pick()
-        await conn.slots.acquire()
-        try:
-            if conn.dead:
-                raise UpstreamDown(errno.EIO, f"upstream {self.uri} is {self.state}")
-            loop = self._loop or asyncio.get_running_loop()
-            fut: asyncio.Future[Any] = loop.create_future()
+        loop = self._loop or asyncio.get_running_loop()
+        while len(conn.pending) >= MAX_IN_FLIGHT and not conn.dead:
+            waiter: asyncio.Future[None] = loop.create_future()
+            conn.queue.append(waiter)
             try:
-                cookie = issue(conn.h)
-            except nbd.Error as exc:
-                if conn.h.aio_is_dead() or conn.h.aio_is_closed():
-                    self._lost(exc.string)
-                raise _os_error(exc, self.uri) from None
-            conn.pending[cookie] = _Pending(fut, result)
-            self._update_writer(conn)
-            return await _wait_uncancellable(fut)
-        finally:
-            conn.slots.release()
+                await waiter  # cancelled here: never issued, nothing lent
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one(conn)  # the place we were given goes to the next one
+                raise
+        if conn.dead:
+            raise UpstreamDown(errno.EIO, f"upstream {self.uri} is {self.state}")
+        fut: asyncio.Future[Any] = loop.create_future()
+        try:
+            cookie = issue(conn.h)
+        except nbd.Error as exc:
+            if conn.h.aio_is_dead() or conn.h.aio_is_closed():
+                self._lost(exc.string)
+            raise _os_error(exc, self.uri) from None
+        pending = conn.pending[cookie] = _Pending(fut, result)
+        self._update_writer(conn)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.cancelled() and conn.pending.get(cookie) is pending:
+                # Our task was cancelled while libnbd still holds the buffer: wait it out.
+                pending.future = loop.create_future()
+                await _finish_despite_cancel(pending.future)
+            raise
 
     # Data operations ----------------------------------------------------------------------
 
@@ -492,22 +521,14 @@ class Upstream(Backend):
         return out
 
 
-async def _wait_uncancellable(fut: asyncio.Future[Any]) -> Any:
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(fut)
-            break
-        except asyncio.CancelledError:
-            if fut.done():
-                if fut.cancelled():
-                    raise
-                cancelled = True
-                break
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
+async def _finish_despite_cancel(fut: asyncio.Future[Any]) -> None:
+    """Wait for `fut` to settle, whatever cancellations arrive meanwhile (they were already
+    noted by the caller, which re-raises CancelledError afterwards)."""
+    while not fut.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(fut)
+    if not fut.cancelled():
+        fut.exception()  # retrieved: an error after the cancel is not worth a warning
 
 
 async def _gather(aws: list[Any]) -> list[Any]:

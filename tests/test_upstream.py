@@ -277,3 +277,39 @@ def test_upstream_proxy_does_not_leak(start_node, start_nbdkit):
     assert late - early < 16 * 1024, f"RSS grew from {early} to {late} KiB"
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", src.uri, proxy.uri])
     proxy.stop()
+
+
+def test_upstream_cancel_keeps_buffer_lent_until_done_and_queue_beyond_limit(start_nbdkit):
+    """A cancelled read returns only once libnbd is done with its buffer (it could be reused
+    at once), and more requests than one handle takes in flight queue up and all complete with
+    the right data."""
+    from nodes import upstream as upstream_mod
+
+    slow = start_nbdkit("--filter=delay", "memory", "4M", "rdelay=300ms")
+    fast = start_nbdkit("memory", "4M")
+
+    async def scenario() -> None:
+        up = Upstream(slow.uri, connect_timeout=5)
+        await up.start()
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(up.pread(memoryview(bytearray(4096)), 0, 0))
+        await asyncio.sleep(0.05)
+        started = loop.time()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert loop.time() - started > 0.15, "returned while libnbd still held the buffer"
+        await up.pread(memoryview(bytearray(4096)), 0, 0)  # the handle is still in step
+        await up.stop()
+
+        up = Upstream(fast.uri, connect_timeout=5, pool_size=1)
+        await up.start()
+        n = upstream_mod.MAX_IN_FLIGHT * 3
+        blocks = [os.urandom(4096) for _ in range(n)]
+        await asyncio.gather(*(up.pwrite(memoryview(b), i * 4096, 0) for i, b in enumerate(blocks)))
+        bufs = [bytearray(4096) for _ in range(n)]
+        await asyncio.gather(*(up.pread(memoryview(b), i * 4096, 0) for i, b in enumerate(bufs)))
+        assert bufs == blocks
+        await up.stop()
+
+    asyncio.run(scenario())
