@@ -160,8 +160,13 @@ def chain_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
 
 def fan_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
     """Not against nbdkit (it has no RAID): a fan over our memory nodes vs one memory node."""
+    from nodes.params import parse_size
+
+    # Members a quarter of the size each, so both exports hold the same bytes (nbdcopy reads
+    # the whole export, and the figures are bytes of the source per second).
+    quarter = str(parse_size(size) // 4)
     single = f.node("memory", size)
-    members = tuple(f.node("memory", size).uri for _ in range(4))
+    members = tuple(f.node("memory", quarter).uri for _ in range(4))
     yield "stripe x4 vs 1 node", (f.node("stripe", upstreams=members), single)
     pair = tuple(f.node("memory", size).uri for _ in range(2))
     yield "mirror x2 vs 1 node", (f.node("mirror", upstreams=pair), f.node("memory", size))

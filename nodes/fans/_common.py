@@ -176,6 +176,9 @@ class LayoutFan(FanBase):
 
     async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
         pieces = self.pieces(offset, len(buf))
+        if len(pieces) == 1:  # the common case for small requests: no task per piece
+            p = pieces[0]
+            return await self.members[p.member].pread(buf, p.moffset, flags)
         results = await asyncio.gather(
             *(
                 self.members[p.member].pread(buf[p.start : p.start + p.length], p.moffset, flags)
@@ -189,10 +192,14 @@ class LayoutFan(FanBase):
         return holes
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        pieces = self.pieces(offset, len(buf))
+        if len(pieces) == 1:
+            await self.members[pieces[0].member].pwrite(buf, pieces[0].moffset, flags)
+            return
         await asyncio.gather(
             *(
                 self.members[p.member].pwrite(buf[p.start : p.start + p.length], p.moffset, flags)
-                for p in self.pieces(offset, len(buf))
+                for p in pieces
             )
         )
 

@@ -6,7 +6,8 @@ are never adjacent, so each piece is at most one chunk). The size is the smalles
 rounded down to whole chunks, times N. No redundancy: losing a member fails the requests that
 touch it.
 
-Params: `chunk-size` (default 64K; a multiple of every member's minimum block size).
+Params: `chunk-size` (default 512K, as mdadm; a multiple of every member's minimum block size).
+Larger chunks mean fewer member requests per client request, which is what costs here.
 
 Example: `nbdfabric node stripe chunk-size=128K --upstream URI_A --upstream URI_B`.
 """
@@ -22,7 +23,7 @@ from ._common import LayoutFan, Piece, combine_caps
 
 
 class StripeParams(Params):
-    chunk_size: Size = param(64 * 1024, description="bytes per chunk on one member (e.g. 64K)")
+    chunk_size: Size = param(512 * 1024, description="bytes per chunk on one member (e.g. 64K)")
 
     @field_validator("chunk_size")
     @classmethod
