@@ -34,7 +34,7 @@ from .backends.process import (
     pid_matches,
     run_base,
 )
-from .topology import Topology, TopologyError, load, peek_name
+from .topology import Topology, load_or_report, peek_name
 
 DEFAULT_FILE = "fabric.yaml"
 #: `status` exit code when the fabric is not running (as `systemctl status`).
@@ -200,7 +200,7 @@ def cmd_up(argv: Sequence[str]) -> int:
     )  # fmt: skip
     args = p.parse_args(argv)
     path = _file(args)
-    topology = _load_or_say(path)
+    topology = load_or_report(path)
     if topology is None:
         return 1
     found = _run_dir(args, topology.name)
@@ -611,20 +611,11 @@ def cmd_set(argv: Sequence[str]) -> int:
 # -- pure commands ------------------------------------------------------------------------------
 
 
-def _load_or_say(path: Path) -> Topology | None:
-    """The topology in `path`, or None after printing every problem found in it."""
-    try:
-        return load(path)
-    except TopologyError as exc:
-        print(exc, file=sys.stderr)
-        return None
-
-
 def cmd_validate(argv: Sequence[str]) -> int:
     p = _parser("validate", "Check a topology file; print every problem with its line.", True)
     args = p.parse_args(argv)
     path = _file(args)
-    topology = _load_or_say(path)
+    topology = load_or_report(path)
     if topology is None:
         return 1
     print(f"{path}: ok: fabric {topology.name}, {len(topology.nodes)} nodes, "
@@ -638,7 +629,7 @@ def cmd_graph(argv: Sequence[str]) -> int:
     p = _parser("graph", "Draw a topology: a text tree, or Graphviz with --dot.", True)
     p.add_argument("--dot", action="store_true")
     args = p.parse_args(argv)
-    topology = _load_or_say(_file(args))
+    topology = load_or_report(_file(args))
     if topology is None:
         return 1
     print(dot(topology) if args.dot else text_tree(topology))

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .argv import export_words, param_words
-from .topology import Node, Topology, TopologyError, is_uri, load
+from .topology import Node, Topology, is_uri, load_or_report
 
 #: The image every node container runs; `${NBDFABRIC_IMAGE}` overrides it when compose runs.
 DEFAULT_IMAGE = "nbdfabric:latest"
@@ -215,10 +215,8 @@ def main(argv: Sequence[str]) -> int:
         "--check", action="store_true", help="exit 1 when OUT differs from what would be written"
     )
     args = p.parse_args(argv)
-    try:
-        topology = load(args.file)
-    except TopologyError as exc:
-        print(exc, file=sys.stderr)
+    topology = load_or_report(args.file)
+    if topology is None:
         return 1
     out = Path(args.output) if args.output else None
     base = (out.parent if out else Path.cwd()).resolve()

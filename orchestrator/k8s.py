@@ -22,7 +22,7 @@ import yaml
 
 from .argv import export_words, param_words
 from .compose import DEFAULT_IMAGE, LABEL_PREFIX
-from .topology import Node, Topology, TopologyError, is_uri, load
+from .topology import Node, Topology, is_uri, load_or_report
 
 RUN_DIR = "/run/nbdfabric"
 DATA_ROOT = "/mnt/nbdfabric"
@@ -221,10 +221,8 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--format", default="raw", help="qemu-img output format (default: raw)")
     p.add_argument("-o", "--output", metavar="OUT", help="write here instead of stdout")
     args = p.parse_args(argv)
-    try:
-        topology = load(args.file)
-    except TopologyError as exc:
-        print(exc, file=sys.stderr)
+    topology = load_or_report(args.file)
+    if topology is None:
         return 1
     if args.import_to:
         export = args.export or (next(iter(topology.exports)) if topology.exports else "")

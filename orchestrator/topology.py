@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,6 +220,15 @@ def load(path: str | Path, kinds: Mapping[str, KindInfo] | None = None) -> Topol
         raise TopologyError([Problem(str(p), None, "", f"cannot read: {exc.strerror}")]) from None
     topology = load_text(text, str(p), kinds, base_dir=str(p.resolve().parent))
     return dataclasses.replace(topology, text=expand_env(text, str(p), os.environ))
+
+
+def load_or_report(path: str | Path) -> Topology | None:
+    """The topology in `path`, or None after printing every problem found in it (for CLIs)."""
+    try:
+        return load(path)
+    except TopologyError as exc:
+        print(exc, file=sys.stderr)
+        return None
 
 
 def load_text(
