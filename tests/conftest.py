@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -153,6 +154,12 @@ def run(
     if check and res.returncode != 0:
         raise AssertionError(f"{cmd} exited {res.returncode}\n{res.stdout}\n{res.stderr}")
     return res
+
+
+def export_info(uri: str) -> dict[str, Any]:
+    """`nbdinfo --json` for the (first) export at `uri`."""
+    info: dict[str, Any] = json.loads(run(["nbdinfo", "--json", uri]).stdout)
+    return info["exports"][0]
 
 
 def nbd_connect(uri: str, strict: bool = True, structured: bool = True):

@@ -10,15 +10,11 @@ import os
 
 import nbd
 import pytest
-from conftest import nbd_connect, run
+from conftest import export_info, nbd_connect, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 MiB = 1024 * 1024
-
-
-def info(uri: str) -> dict:
-    return json.loads(run(["nbdinfo", "--json", uri]).stdout)["exports"][0]
 
 
 def test_chain_five_nodes_end_to_end(start_node, tmp_path):
@@ -59,7 +55,7 @@ def test_chain_five_nodes_end_to_end(start_node, tmp_path):
 def test_chain_capabilities_through_each_filter(start_node, kind, params):
     mem = start_node("memory", "8M")
     f = start_node(kind, *params, upstreams=[mem.uri])
-    base, got = info(mem.uri), info(f.uri)
+    base, got = export_info(mem.uri), export_info(f.uri)
     assert got["export-size"] == base["export-size"]
     for key in ("is_read_only", "can_flush", "can_fua", "can_trim", "can_zero", "can_cache"):
         assert got[key] == base[key], key
@@ -67,7 +63,7 @@ def test_chain_capabilities_through_each_filter(start_node, kind, params):
     if kind in ("nbd", "readahead"):
         assert got == {**base, "uri": got["uri"]}
     ro = start_node("memory", "8M", extra=("--read-only",))
-    over_ro = info(start_node(kind, *params, upstreams=[ro.uri]).uri)
+    over_ro = export_info(start_node(kind, *params, upstreams=[ro.uri]).uri)
     assert over_ro["is_read_only"] is (kind != "cow")
     if kind == "cow":
         assert over_ro["can_zero"] and over_ro["can_trim"] and over_ro["can_fast_zero"]

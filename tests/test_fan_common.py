@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
-import json
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -180,11 +179,6 @@ def digest(uri: str, size: int, step: int = 1 << 20) -> str:
 
 def qemu_compare(a: str, b: str) -> None:
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b])
-
-
-def nbdinfo(uri: str) -> dict[str, Any]:
-    info: dict[str, Any] = json.loads(run(["nbdinfo", "--json", uri]).stdout)
-    return info["exports"][0]
 
 
 def wait_state(h: Harness, fan: Any, index: int, state: str, timeout: float = 120) -> None:

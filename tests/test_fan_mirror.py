@@ -15,7 +15,7 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, nbd_connect, run, wait_for
+from conftest import NBDFABRIC, export_info, nbd_connect, run, wait_for
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -23,7 +23,6 @@ from test_fan_common import (
     Flaky,
     Harness,
     digest,
-    nbdinfo,
     qemu_compare,
     wait_state,
 )
@@ -106,7 +105,7 @@ def test_mirror_capabilities_come_from_members(harness: Harness) -> None:
     flakies, _ = harness.flaky_members(1, SIZE)
     small_mem, _ = harness.memory(SIZE - CHUNK)
     fan = Mirror(MirrorParams(), [flakies[0], Flaky(small_mem)])
-    info = nbdinfo(harness.serve(fan, "mirror"))
+    info = export_info(harness.serve(fan, "mirror"))
     assert info["export-size"] == SIZE - CHUNK
     assert info["is_read_only"] is False
     assert info["can_fua"] and info["can_flush"] and info["can_trim"] and info["can_zero"]

@@ -8,12 +8,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import nbd_connect, run
+from conftest import export_info, nbd_connect, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_fan_common import (
     Harness,
-    nbdinfo,
     qemu_compare,
 )
 
@@ -66,7 +65,7 @@ def test_stripe_deals_chunks_round_robin(harness: Harness) -> None:
 
 def test_stripe_size_is_the_smallest_member_in_whole_chunks(harness: Harness) -> None:
     mems, _ = members(harness, 1 << 20, (1 << 20) + 100 * K, 1000 * K)
-    info = nbdinfo(harness.serve(Stripe(StripeParams(chunk_size=64 * K), mems), "stripe"))
+    info = export_info(harness.serve(Stripe(StripeParams(chunk_size=64 * K), mems), "stripe"))
     assert info["export-size"] == 3 * (960 * K)  # 1000K rounded down to 64K chunks
     assert info["can_multi_conn"] and info["can_fua"] and info["can_zero"]
 
@@ -105,7 +104,7 @@ def test_stripe_holds_what_qemu_img_converts_into_it(harness: Harness, tmp_path:
 def test_concat_lays_members_end_to_end(harness: Harness) -> None:
     mems, uris = members(harness, 1 << 20, 512 * K, 2 << 20)
     uri = harness.serve(Concat(ConcatParams(), mems), "concat")
-    assert nbdinfo(uri)["export-size"] == (1 << 20) + 512 * K + (2 << 20)
+    assert export_info(uri)["export-size"] == (1 << 20) + 512 * K + (2 << 20)
     run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x33 1000K 600K",
          "-c", "read -P 0x33 1000K 600K"])  # fmt: skip
     # 24K at the end of member 0, all of member 1 (512K), 64K at the start of member 2.

@@ -25,7 +25,7 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import nbd_connect, run, wait_for
+from conftest import export_info, nbd_connect, run, wait_for
 
 from nodes.base import Backend, Filter
 from nodes.filters.delay import Delay, DelayParams
@@ -824,8 +824,7 @@ def test_chain_offset_node_matches_nbdkit_over_the_same_upstream(
     upstream = start_nbdkit("file", str(path))
     ours = start_node("offset", "offset=1M", "range=2M", upstreams=[upstream.uri])
     theirs = start_nbdkit("--filter=offset", "file", str(path), "offset=1M", "range=2M")
-    info = [json.loads(run(["nbdinfo", "--json", u]).stdout) for u in (ours.uri, theirs.uri)]
-    assert info[0]["exports"][0]["export-size"] == info[1]["exports"][0]["export-size"]
+    assert export_info(ours.uri)["export-size"] == export_info(theirs.uri)["export-size"]
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", ours.uri, theirs.uri])
     stop_chain(upstream, ours)
 

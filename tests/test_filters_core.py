@@ -12,7 +12,7 @@ import threading
 
 import nbd
 import pytest
-from conftest import nbd_connect, run
+from conftest import export_info, nbd_connect, run
 
 from nodes import registry
 
@@ -31,7 +31,7 @@ def nbd_map(uri: str) -> list[dict]:
 
 
 def caps(uri: str) -> dict:
-    j = json.loads(run(["nbdinfo", "--json", uri]).stdout)["exports"][0]
+    j = export_info(uri)
     return {k: v for k, v in j.items() if k.startswith(("can_", "is_")) or k == "export-size"}
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import Proc, nbd_connect, run, wait_for
+from conftest import Proc, export_info, nbd_connect, run, wait_for
 
 from nodes.plugins.file import PUNCH_HOLE, ZERO_RANGE, File, FileParams
 
@@ -64,10 +64,6 @@ def nbd_map(uri: str) -> list[tuple[int, int, int]]:
 def qemu_io(uri: str, *commands: str) -> None:
     """qemu-io in writeback mode (no FUA on every write); exits non-zero if any -P check fails."""
     run(["qemu-io", "-f", "raw", "-t", "writeback", uri, *(a for c in commands for a in ("-c", c))])
-
-
-def export_info(uri: str) -> dict:
-    return json.loads(run(["nbdinfo", "--json", uri]).stdout)["exports"][0]
 
 
 def is_hole(path: Path, offset: int) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import Proc, nbd_connect, run
+from conftest import Proc, export_info, nbd_connect, run
 
 #: nbdinfo --json keys that must agree with nbdkit (block sizes and content guesses excluded).
 CAP_KEYS = (
@@ -44,7 +44,7 @@ READ_ONLY_FLAG_PROBES = ("write-same-fua",)
 
 
 def export_caps(uri: str) -> dict[str, Any]:
-    info = json.loads(run(["nbdinfo", "--json", uri]).stdout)["exports"][0]
+    info = export_info(uri)
     return {key: info.get(key) for key in CAP_KEYS}
 
 

@@ -9,21 +9,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
-import json
 import os
 import subprocess
 from pathlib import Path
 
 import nbd
 import pytest
-from conftest import nbd_connect, run, wait_for
+from conftest import export_info, nbd_connect, run, wait_for
 
 from nodes.upstream import Upstream
-
-
-def info_json(uri: str) -> dict:
-    return json.loads(run(["nbdinfo", "--json", uri]).stdout)["exports"][0]
-
 
 CAP_KEYS = [
     "export-size",
@@ -40,7 +34,7 @@ CAP_KEYS = [
 
 
 def caps_of(uri: str) -> dict:
-    j = info_json(uri)
+    j = export_info(uri)
     return {k: j.get(k) for k in CAP_KEYS}
 
 
