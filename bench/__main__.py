@@ -25,6 +25,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from nodes.params import parse_size
+
 ROOT = Path(__file__).resolve().parent.parent
 NODE = [sys.executable, "-m", "nodes.cli", "node"]
 
@@ -160,8 +162,6 @@ def chain_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
 
 def fan_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
     """Not against nbdkit (it has no RAID): a fan over our memory nodes vs one memory node."""
-    from nodes.params import parse_size
-
     # Members a quarter of the size each, so both exports hold the same bytes (nbdcopy reads
     # the whole export, and the figures are bytes of the source per second).
     quarter = str(parse_size(size) // 4)
@@ -241,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5, help="fio run time per measurement")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
-    from nodes.params import parse_size
-
     rows: list[dict] = []
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="nbdbench") as tmp:
         source = _make_source(Path(tmp), parse_size(args.size))

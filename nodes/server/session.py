@@ -92,7 +92,6 @@ class Session:
         self.client = client
         self.handshake: ServerHandshake | None = None
         self.tasks: set[asyncio.Task[None]] = set()
-        self.in_flight = 0
         self.closed = False
         self._send_lock = asyncio.Lock()
         self._senders = 0  #: replies holding or waiting for the send lock
@@ -303,7 +302,6 @@ class Session:
         node = self.node
         stats = node.stats
         stats.in_flight += 1
-        self.in_flight += 1
         started = time.perf_counter()
         parts: list[Buffer] | None = None
         read_buf: bytearray | None = None
@@ -344,7 +342,6 @@ class Session:
                 node.pool.put(payload)
             if read_buf is not None and len(read_buf):
                 node.pool.put(read_buf)
-            self.in_flight -= 1
             stats.in_flight -= 1
             self._busy -= 1
             if req.cmd == _READ or req.cmd == _WRITE:
