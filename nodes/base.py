@@ -24,6 +24,8 @@ from .protocol.constants import CmdFlag, Extent, TFlag
 Holes = list[tuple[int, int]] | None
 #: Extents as (length, base:allocation flags), starting at the requested offset, contiguous.
 Extents = list[tuple[int, int]]
+#: A piece of a lent read: a view of the backend's own bytes, or a hole of that many zero bytes.
+Piece = memoryview | int
 
 
 class Support(IntEnum):
@@ -119,6 +121,16 @@ class Backend:
     magic: ClassVar[str | None] = None
     #: Fewest upstreams a fan needs.
     min_members: ClassVar[int] = 0
+    #: True for kinds whose data sits in this process's memory (memory): the session then sends
+    #: reads straight from it (lend_read), without a copy through a buffer. Writes still arrive
+    #: in a buffer first, so a write cut off mid-payload never lands half-way.
+    lends_memory: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Lending bypasses pread: a subclass that changes it lends only if it says so.
+        if "lends_memory" not in cls.__dict__ and "pread" in cls.__dict__:
+            cls.lends_memory = False
 
     def __init__(self, params: ParamsModel) -> None:
         self.params = params
@@ -181,6 +193,15 @@ class Backend:
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
         """Default: everything is allocated data (what the spec says is always safe)."""
         return [(count, 0)]
+
+    # Lending (only where lends_memory) -------------------------------------------------------
+
+    def lend_read(self, count: int, offset: int) -> list[Piece]:
+        """The `count` bytes at `offset` as pieces, in order: views of the backend's own memory
+        and hole lengths. The session sends them as they are, so a view may show a write that
+        lands before it leaves: only a request in flight at the same time can do that, and the
+        spec leaves overlapping requests in flight unordered. Views are never resized."""
+        raise NotImplementedError
 
 
 class Plugin(Backend):

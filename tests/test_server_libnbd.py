@@ -6,6 +6,8 @@ requests in flight, reply ordering and clients that vanish mid-request.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import random
 import socket
 import struct
 import threading
@@ -23,6 +25,10 @@ from nodes.server.addresses import Address
 from nodes.server.node import NodeOptions, NodeRuntime
 
 MiB = 1 << 20
+
+
+def sha(data: bytes | bytearray) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def errno_of(call: Callable[[], object]) -> str:
@@ -174,6 +180,41 @@ def test_libnbd_sparse_read_holes_and_df(start_node: Any) -> None:
     data = h.pread(512 * 1024, 0)
     assert data[128 * 1024 : 192 * 1024] == b"\x11" * 65536 and data.count(0) == 448 * 1024
     h.shutdown()
+
+
+def test_libnbd_reads_sent_from_memory_pages(start_node: Any) -> None:
+    """The memory node sends reads straight from its 32 KiB pages: a maximum-size read is more
+    views than one sendmsg takes, and holes of every size sit between them."""
+    page = 32 * 1024
+    node = start_node("memory", "64M")
+    h = nbd_connect(node.uri)
+    plain = nbd_connect(node.uri, structured=False)
+    assert h.get_block_size(nbd.SIZE_MAXIMUM) == 32 * MiB
+    data = random.Random(7).randbytes(32 * MiB)
+    h.pwrite(data, 1000)  # unaligned: 1025 pages, a partial one at each end
+    assert sha(h.pread(32 * MiB, 1000)) == sha(data)
+    assert sha(plain.pread(32 * MiB, 1000)) == sha(data)
+
+    # Punch out every third page, and a run of three: holes of one and three pages.
+    model = bytearray(64 * MiB)
+    model[1000 : 1000 + len(data)] = data
+    for index in [*range(3, 1000, 3), 1001, 1002, 1003]:
+        h.trim(page, index * page)
+        model[index * page : (index + 1) * page] = bytes(page)
+    for offset, count in [(1000, 32 * MiB), (3 * page - 100, page + 200), (2 * page, 1), (0, MiB)]:
+        want = bytes(model[offset : offset + count])
+        assert h.pread(count, offset) == want
+        assert plain.pread(count, offset) == want
+        assert h.pread_structured(count, offset, lambda *_: 0, nbd.CMD_FLAG_DF) == want
+    # A hole cut short by the edge of the read (100 bytes) goes as zeros inside a data chunk.
+    assert chunks_of(h, 200, 4 * page - 100) == [(nbd.READ_DATA, 4 * page - 100, 200)]
+    assert chunks_of(h, page + 200, 3 * page - 100) == [
+        (nbd.READ_DATA, 3 * page - 100, 100),
+        (nbd.READ_HOLE, 3 * page, page),
+        (nbd.READ_DATA, 4 * page, 100),
+    ]
+    h.shutdown()
+    plain.shutdown()
 
 
 def test_libnbd_simple_replies(start_node: Any) -> None:

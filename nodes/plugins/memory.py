@@ -12,7 +12,16 @@ Example: `nbdfabric node memory 1G --listen unix:/tmp/m.sock` then
 
 from __future__ import annotations
 
-from ..base import Capabilities, Extents, Holes, Plugin, Support, add_range, may_trim
+from ..base import (
+    Capabilities,
+    Extents,
+    Holes,
+    Piece,
+    Plugin,
+    Support,
+    add_range,
+    may_trim,
+)
 from ..params import Params, Size, param
 from ..protocol.constants import Extent
 from ..registry import register
@@ -31,18 +40,34 @@ class SparseStore:
     def __init__(self) -> None:
         self.pages: dict[int, bytearray] = {}
 
-    def read(self, buf: memoryview, offset: int) -> Holes:
-        holes: list[tuple[int, int]] = []
-        pos, end, pages = 0, len(buf), self.pages
+    def lend_read(self, count: int, offset: int) -> list[Piece]:
+        """Views of the stored bytes, and hole lengths for pages never written."""
+        pieces: list[Piece] = []
+        pos, end, pages = offset, offset + count, self.pages
         while pos < end:
-            index, in_page = divmod(offset + pos, PAGE)
+            index, in_page = divmod(pos, PAGE)
             n = min(PAGE - in_page, end - pos)
             page = pages.get(index)
-            if page is None:
-                add_range(holes, pos, n)
+            if page is not None:
+                pieces.append(memoryview(page)[in_page : in_page + n])
+            elif pieces and type(pieces[-1]) is int:
+                pieces[-1] += n
             else:
-                buf[pos : pos + n] = memoryview(page)[in_page : in_page + n]
+                pieces.append(n)
             pos += n
+        return pieces
+
+    def read(self, buf: memoryview, offset: int) -> Holes:
+        holes: list[tuple[int, int]] = []
+        pos = 0
+        for piece in self.lend_read(len(buf), offset):
+            if isinstance(piece, int):
+                add_range(holes, pos, piece)
+                pos += piece
+            else:
+                n = len(piece)
+                buf[pos : pos + n] = piece
+                pos += n
         return holes
 
     def write(self, buf: memoryview, offset: int) -> None:
@@ -109,6 +134,7 @@ class Memory(Plugin):
     kind = "memory"
     Params = MemoryParams
     magic = "size"
+    lends_memory = True
     params: MemoryParams
 
     def __init__(self, params: MemoryParams) -> None:
@@ -152,3 +178,6 @@ class Memory(Plugin):
 
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
         return self.store.extents(count, offset)
+
+    def lend_read(self, count: int, offset: int) -> list[Piece]:
+        return self.store.lend_read(count, offset)

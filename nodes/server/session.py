@@ -14,7 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from ..base import ClientInfo, Holes, Support, current_client, fill_holes
+from ..base import ClientInfo, Piece, Support, current_client
 from ..protocol import transmission as tx
 from ..protocol.constants import (
     REQUEST,
@@ -47,6 +47,7 @@ YIELD_EVERY = 16
 #: A rejected WRITE payload larger than this is not skipped: the client is disconnected.
 MAX_SKIP = 64 * 1024 * 1024
 _ZEROES = bytes(ZERO_CHUNK)
+_ZERO_VIEW = memoryview(_ZEROES)
 
 # Plain ints for the hot path: arithmetic on IntFlag members runs Python code in enum.py.
 _READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
@@ -203,6 +204,8 @@ class Session:
         view[:end] = ready.leftover
         hsize = REQUEST.size
         pool = node.pool
+        #: Reads are sent straight from the backend's memory where it lends it (memory).
+        self._lends = node.backend.lends_memory
         finished_inline = 0
         while not self.closed:
             if end - start < hsize:
@@ -220,33 +223,32 @@ class Session:
             err = tx.validate(req, self.t)
             if err is Err.EINVAL and self._tolerated_tail(req):
                 err = Err.OK
-            payload: bytearray | None = None
-            if req.cmd == _WRITE and req.length:
-                if err is Err.OK:
-                    payload = pool.get(req.length)
-                    target = memoryview(payload)
-                else:
-                    target = None
-                avail = min(end - start, req.length)
-                if target is not None:
-                    target[:avail] = view[start : start + avail]
-                start += avail
-                rest = req.length - avail
-                if rest:
-                    if target is not None:
-                        if not await stream.recv_exactly(target[avail : req.length]):
-                            return
-                    elif req.length > MAX_SKIP:
-                        # Reading gigabytes just to stay in step is a DoS; the spec lets a
-                        # server hard-disconnect on an over-sized payload (nbdkit does too).
-                        raise ProtocolError(f"WRITE payload of {req.length} bytes is too big")
-                    elif not await self._discard(rest):
-                        return
             if req.cmd == _DISC:
                 return
             while self._busy >= MAX_IN_FLIGHT or self._busy_bytes >= MAX_BYTES_IN_FLIGHT:
                 self._room.clear()
                 await self._room.wait()
+            payload: bytearray | None = None
+            if req.cmd == _WRITE and req.length:
+                avail = min(end - start, req.length)
+                target = None
+                if err is Err.OK:
+                    payload = pool.get(req.length)
+                    target = memoryview(payload)
+                    target[:avail] = view[start : start + avail]
+                start += avail
+                rest = req.length - avail
+                if not rest:
+                    pass
+                elif target is not None:
+                    if not await stream.recv_exactly(target[avail : req.length]):
+                        return
+                elif req.length > MAX_SKIP:
+                    # Reading gigabytes just to stay in step is a DoS; the spec lets a server
+                    # hard-disconnect on an over-sized payload (nbdkit does too).
+                    raise ProtocolError(f"WRITE payload of {req.length} bytes is too big")
+                elif not await self._discard(rest):
+                    return
             self._busy += 1
             if req.cmd == _READ or req.cmd == _WRITE:
                 self._busy_bytes += req.length
@@ -316,8 +318,14 @@ class Session:
                     await node.wait_resumed()
                 try:
                     if req.cmd == _READ:
-                        read_buf = node.pool.get(req.length) if req.length else bytearray()
-                        parts = await self._read(req, read_buf)
+                        # Shorter than asked only for an --eof-tolerant read past the end.
+                        valid = min(req.length, self.t.size - req.offset)
+                        if self._lends:
+                            pieces = node.backend.lend_read(valid, req.offset) if valid else []
+                        else:
+                            read_buf = node.pool.get(valid) if valid else None
+                            pieces = await self._read(req, read_buf, valid)
+                        parts = self._read_reply(req, pieces, valid)
                     else:
                         parts = await self._execute(req, payload)
                 except OSError as exc:
@@ -340,7 +348,7 @@ class Session:
                 mine.set_result(None)
             if payload is not None:
                 node.pool.put(payload)
-            if read_buf is not None and len(read_buf):
+            if read_buf is not None:
                 node.pool.put(read_buf)
             stats.in_flight -= 1
             self._busy -= 1
@@ -386,59 +394,57 @@ class Session:
 
     # Operations ----------------------------------------------------------------------------
 
-    async def _read(self, req: tx.Request, buf: bytearray) -> list[Buffer]:
-        length, offset, cookie = req.length, req.offset, req.cookie
-        if offset + length > self.t.size:  # an --eof-tolerant read
-            valid = self.t.size - offset
-            view = memoryview(buf)[:valid]
-            fill_holes(view, await self.node.backend.pread(view, offset, req.flags))
-            return [
-                tx.data_chunk_header(cookie, offset, valid, False),
-                view,
-                tx.error_chunk(cookie, Err.EINVAL, "read past the end of the export", self.t.size),
-            ]
-        view = memoryview(buf)[:length]
-        holes: Holes = await self.node.backend.pread(view, offset, req.flags) if length else None
-        structured = self.t.structured
-        if not structured or req.flags & _DF or not holes:
-            fill_holes(view, holes)
-            if not structured:
-                return [tx.simple_reply(cookie), view]
-            if not length:
-                return [tx.none_chunk(cookie)]
-            return [tx.data_chunk_header(cookie, offset, length, True), view]
-        return self._sparse_chunks(cookie, offset, view, holes)
-
-    def _sparse_chunks(
-        self, cookie: int, offset: int, view: memoryview, holes: list[tuple[int, int]]
-    ) -> list[Buffer]:
-        """DATA and HOLE chunks covering the read, the last one marked DONE."""
-        segments: list[tuple[int, int, bool]] = []  # (start, length, is_hole)
+    async def _read(self, req: tx.Request, buf: bytearray | None, valid: int) -> list[Piece]:
+        """Read `valid` bytes into `buf`: pieces of it, and holes the backend left unfilled."""
+        if buf is None:
+            return []
+        view = memoryview(buf)[:valid]
+        holes = await self.node.backend.pread(view, req.offset, req.flags)
+        if not holes:
+            return [view]
+        pieces: list[Piece] = []
         pos = 0
         for start, length in holes:
-            if length < MIN_HOLE_CHUNK:
-                view[start : start + length] = _ZEROES[:length]
-                continue
+            if start < pos:  # overlapping holes: keep only the new part
+                length -= pos - start
+                start = pos
+                if length <= 0:
+                    continue
             if start > pos:
-                segments.append((pos, start - pos, False))
-            segments.append((start, length, True))
+                pieces.append(view[pos:start])
+            pieces.append(length)
             pos = start + length
-        if pos < len(view):
-            segments.append((pos, len(view) - pos, False))
-        merged: list[tuple[int, int, bool]] = []
-        for seg in segments:
-            if merged and not seg[2] and not merged[-1][2]:
-                merged[-1] = (merged[-1][0], merged[-1][1] + seg[1], False)
-            else:
-                merged.append(seg)
-        parts: list[Buffer] = []
-        for i, (start, length, is_hole) in enumerate(merged):
-            done = i == len(merged) - 1
-            if is_hole:
-                parts.append(tx.hole_chunk(cookie, offset + start, length, done))
-            else:
-                parts.append(tx.data_chunk_header(cookie, offset + start, length, done))
-                parts.append(view[start : start + length])
+        if pos < valid:
+            pieces.append(view[pos:])
+        return pieces
+
+    def _read_reply(self, req: tx.Request, pieces: list[Piece], valid: int) -> list[Buffer]:
+        """The reply to a READ whose first `valid` bytes are `pieces`: plain data where the
+        client needs it (simple replies, DF), else data and hole chunks."""
+        cookie, offset = req.cookie, req.offset
+        if len(pieces) == 1 and type(pieces[0]) is memoryview:
+            data: list[Buffer] = [pieces[0]]  # the common case: one piece, all data
+        elif not self.t.structured or req.flags & _DF or not _has_hole_chunk(pieces):
+            data = _flatten(pieces)
+        else:
+            parts = _sparse_chunks(cookie, offset, pieces, done=valid == req.length)
+            return self._append_tail(req, parts, valid)
+        if not self.t.structured:
+            return [tx.simple_reply(cookie), *data]
+        if not valid:
+            return [tx.none_chunk(cookie)]
+        done = valid == req.length
+        return self._append_tail(
+            req, [tx.data_chunk_header(cookie, offset, valid, done), *data], valid
+        )
+
+    def _append_tail(self, req: tx.Request, parts: list[Buffer], valid: int) -> list[Buffer]:
+        if valid < req.length:  # --eof-tolerant: the part past the end is an error chunk
+            parts.append(
+                tx.error_chunk(
+                    req.cookie, Err.EINVAL, "read past the end of the export", self.t.size
+                )
+            )
         return parts
 
     async def _execute(self, req: tx.Request, payload: bytearray | None) -> list[Buffer]:
@@ -510,6 +516,65 @@ class Session:
                 pos += n
         finally:
             self.node.pool.put(scratch)
+
+
+def _zeros(length: int) -> list[Buffer]:
+    """Views of a shared zero buffer covering `length` bytes."""
+    out: list[Buffer] = []
+    while length:
+        n = min(length, ZERO_CHUNK)
+        out.append(_ZERO_VIEW[:n])
+        length -= n
+    return out
+
+
+def _flatten(pieces: list[Piece]) -> list[Buffer]:
+    """The pieces as plain data: holes become zeros."""
+    out: list[Buffer] = []
+    for piece in pieces:
+        if type(piece) is int:
+            out += _zeros(piece)
+        else:
+            out.append(piece)  # type: ignore[arg-type]
+    return out
+
+
+def _has_hole_chunk(pieces: list[Piece]) -> bool:
+    return any(type(p) is int and p >= MIN_HOLE_CHUNK for p in pieces)
+
+
+def _sparse_chunks(cookie: int, offset: int, pieces: list[Piece], done: bool) -> list[Buffer]:
+    """DATA and HOLE chunks covering the pieces (a hole shorter than MIN_HOLE_CHUNK goes as
+    zeros inside a data chunk); the last chunk is marked DONE when `done`."""
+    chunks: list[tuple[int, int, list[Buffer] | None]] = []  # (start, length, data or hole)
+    run: list[Buffer] = []
+    run_start = pos = 0
+    for piece in pieces:
+        if type(piece) is int and piece >= MIN_HOLE_CHUNK:
+            if run:
+                chunks.append((run_start, pos - run_start, run))
+                run = []
+            chunks.append((pos, piece, None))
+            pos += piece
+            run_start = pos
+        elif type(piece) is int:
+            run += _zeros(piece)
+            pos += piece
+        else:
+            run.append(piece)  # type: ignore[arg-type]
+            pos += len(piece)  # type: ignore[arg-type]
+    if run:
+        chunks.append((run_start, pos - run_start, run))
+    parts: list[Buffer] = []
+    last = len(chunks) - 1
+    for i, (start, length, data) in enumerate(chunks):
+        final = done and i == last
+        if data is None:
+            parts.append(tx.hole_chunk(cookie, offset + start, length, final))
+        else:
+            parts.append(tx.data_chunk_header(cookie, offset + start, length, final))
+            parts += data
+    return parts
 
 
 def _message(err: Err) -> str:
