@@ -319,6 +319,21 @@ def test_raw_disc_finishes_outstanding_requests(raw: Raw) -> None:
     assert raw.is_closed()
 
 
+def test_raw_half_close_still_gets_its_replies(raw: Raw) -> None:
+    """A client that sends its requests and then shuts down its sending side (no DISC) still
+    gets every reply, one of them for a write whose payload came with the end of the stream."""
+    raw.handshake()
+    raw.request(1, 0, 65536, cookie=100, payload=b"\xab" * 65536)
+    for cookie in range(1, 65):
+        raw.request(0, (cookie % 16) * 4096, 4096, cookie=cookie)
+    raw.sock.shutdown(socket.SHUT_WR)
+    replies = {cookie: (error, data) for cookie, error, data in (raw.reply() for _ in range(65))}
+    assert sorted(replies) == [*range(1, 65), 100]
+    assert all(error == 0 for error, _ in replies.values())
+    assert all(data == b"\xab" * 4096 for c, (_, data) in replies.items() if c != 100)
+    assert raw.is_closed()
+
+
 # nbdkit's fuzz seeds -------------------------------------------------------------------------
 
 

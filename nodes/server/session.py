@@ -1,9 +1,11 @@
-"""One client connection: the handshake through the sans-IO core, then the transmission loop.
+"""One client connection: the handshake through the sans-IO core, then the transmission phase.
 
-The hot path: request headers are parsed out of one receive buffer (many small requests per
-`recv`), WRITE payloads land in pooled buffers (straight from the socket when they are large),
-replies leave as one `sendmsg` of header + data view. Requests run concurrently and reply out of
-order unless the node asks for ordered replies or fully serial execution.
+The hot path: on a plain socket the event loop reads straight into the request framer's buffer
+(a BufferedProtocol, the socket watched for the whole connection: no registration per read);
+the framer cuts requests out of it (many small ones per read) and lets large WRITE payloads land
+in pooled buffers. Requests run concurrently, eagerly (one that never waits needs no Task), and
+reply out of order unless the node asks for ordered replies or fully serial execution. Replies
+leave as one `sendmsg` of header + data views, on a duplicate of the socket.
 """
 
 from __future__ import annotations
@@ -12,12 +14,11 @@ import asyncio
 import errno
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..base import ClientInfo, Piece, Support, current_client
 from ..protocol import transmission as tx
 from ..protocol.constants import (
-    REQUEST,
     Cmd,
     CmdFlag,
     Err,
@@ -25,14 +26,14 @@ from ..protocol.constants import (
 from ..protocol.errors import ProtocolError, to_wire
 from ..protocol.handshake import NEED_DATA, Closed, Ready, ServerHandshake, StartTLS
 from .eager import start_eager
-from .stream import Buffer, Stream, TLSStream
+from .framing import RequestFramer
+from .stream import Buffer, SocketStream, Stream, TLSStream
 
 if TYPE_CHECKING:
     from .node import NodeRuntime
 
 log = logging.getLogger("nbdfabric.session")
 
-RECV_BUFFER = 256 * 1024
 #: Requests in flight per connection before we stop reading more (backpressure).
 MAX_IN_FLIGHT = 64
 #: Data bytes (read replies, write payloads) in flight per connection before we stop reading
@@ -42,10 +43,6 @@ MAX_BYTES_IN_FLIGHT = 8 * 1024 * 1024
 #: A hole shorter than this is sent as zeros: a chunk header costs more than the bytes.
 MIN_HOLE_CHUNK = 4096
 ZERO_CHUNK = 1024 * 1024
-#: Requests served inline (no Task) in a row before the reader yields to the event loop.
-YIELD_EVERY = 16
-#: A rejected WRITE payload larger than this is not skipped: the client is disconnected.
-MAX_SKIP = 64 * 1024 * 1024
 _ZEROES = bytes(ZERO_CHUNK)
 _ZERO_VIEW = memoryview(_ZEROES)
 
@@ -96,15 +93,19 @@ class Session:
         self.closed = False
         self._send_lock = asyncio.Lock()
         self._senders = 0  #: replies holding or waiting for the send lock
-        #: Backpressure: the reader stops at MAX_IN_FLIGHT requests or MAX_BYTES_IN_FLIGHT
-        #: until a reply makes room. Counters and an event, not a Semaphore: two coroutine
-        #: calls per request add up here.
+        #: Backpressure: reading stops at MAX_IN_FLIGHT requests or MAX_BYTES_IN_FLIGHT until
+        #: a reply makes room (plain counters: this runs per request).
         self._busy = 0
         self._busy_bytes = 0
-        self._room = asyncio.Event()
+        self._serial = False
+        self._paused = False  #: reading stopped for backpressure
+        self._room = asyncio.Event()  #: set while reading may go on (the TLS reader waits on it)
+        self._room.set()
+        self._feeding = False
+        self._transport: asyncio.Transport | None = None
+        self._framer: RequestFramer | None = None
+        self._done: asyncio.Future[None] | None = None
         self._last_reply: asyncio.Future[None] | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     # Entry ---------------------------------------------------------------------------------
 
@@ -125,6 +126,8 @@ class Session:
         finally:
             await self._drain()
             self.closed = True
+            if self._framer is not None:
+                self._framer.release()
             try:
                 if opened:  # before the socket closes: a delayed close is seen by the client
                     await self.node.backend.close_connection()
@@ -132,6 +135,8 @@ class Session:
                 log.warning("%s: closing the connection failed: %s", self.client.address, exc)
             finally:
                 self.stream.close()
+                if self._transport is not None:
+                    self._transport.abort()
 
     async def _drain(self) -> None:
         """Let requests in flight finish (spec: on DISC the server finishes them first)."""
@@ -181,95 +186,124 @@ class Session:
     # Transmission --------------------------------------------------------------------------
 
     async def _transmission(self, ready: Ready) -> None:
-        node, stream = self.node, self.stream
+        node = self.node
         caps = node.caps
-        block_max = caps.block_max or node.default_block_max
         self.t = tx.Transmission(
             size=ready.export.size,
             tflags=ready.export.flags_for(ready.structured),
             structured=ready.structured,
             meta_contexts=ready.meta_contexts,
             block_min=caps.block_min or 1,
-            block_max=block_max,
+            block_max=caps.block_max or node.default_block_max,
         )
         self.caps = caps
         self._op_stats = {int(cmd): node.stats.ops[name] for cmd, name in _OP_NAMES.items()}
         self.client.export_name = ready.export.name
-        ordering = node.options.ordering
-        loop = asyncio.get_running_loop()
-        rbuf = bytearray(RECV_BUFFER)
-        view = memoryview(rbuf)
-        start = 0
-        end = len(ready.leftover)
-        view[:end] = ready.leftover
-        hsize = REQUEST.size
-        pool = node.pool
+        self._ordering = node.options.ordering
+        self._serial = self._ordering == "serial"
         #: Reads are sent straight from the backend's memory where it lends it (memory).
         self._lends = node.backend.lends_memory
-        finished_inline = 0
-        while not self.closed:
-            if end - start < hsize:
-                if start:
-                    view[: end - start] = view[start:end]
-                    end -= start
-                    start = 0
-                while end < hsize:
-                    n = await stream.recv_into(view[end:])
-                    if n == 0:
-                        return
-                    end += n
-            req = tx.parse_request(view[start : start + hsize])
-            start += hsize
-            err = tx.validate(req, self.t)
-            if err is Err.EINVAL and self._tolerated_tail(req):
-                err = Err.OK
-            if req.cmd == _DISC:
-                return
-            while self._busy >= MAX_IN_FLIGHT or self._busy_bytes >= MAX_BYTES_IN_FLIGHT:
-                self._room.clear()
+        self._loop = loop = asyncio.get_running_loop()
+        done = self._done = loop.create_future()
+        framer = self._framer = RequestFramer(
+            self._validate, self._dispatch, node.pool, ready.leftover
+        )
+        self._feed()  # requests that came in with the end of the handshake
+        stream = self.stream
+        if isinstance(stream, SocketStream) and not done.done():
+            await loop.connect_accepted_socket(
+                lambda: _SocketReader(self, framer), stream.split_reader()
+            )
+        elif not isinstance(stream, SocketStream):
+            await self._read_stream(framer)
+        await done
+
+    async def _read_stream(self, framer: RequestFramer) -> None:
+        """The reader for streams the loop cannot read for us (TLS)."""
+        assert self._done is not None
+        while not self._done.done():
+            if self._paused:
                 await self._room.wait()
-            payload: bytearray | None = None
-            if req.cmd == _WRITE and req.length:
-                avail = min(end - start, req.length)
-                target = None
-                if err is Err.OK:
-                    payload = pool.get(req.length)
-                    target = memoryview(payload)
-                    target[:avail] = view[start : start + avail]
-                start += avail
-                rest = req.length - avail
-                if not rest:
-                    pass
-                elif target is not None:
-                    if not await stream.recv_exactly(target[avail : req.length]):
-                        return
-                elif req.length > MAX_SKIP:
-                    # Reading gigabytes just to stay in step is a DoS; the spec lets a server
-                    # hard-disconnect on an over-sized payload (nbdkit does too).
-                    raise ProtocolError(f"WRITE payload of {req.length} bytes is too big")
-                elif not await self._discard(rest):
-                    return
-            self._busy += 1
-            if req.cmd == _READ or req.cmd == _WRITE:
-                self._busy_bytes += req.length
-            if ordering == "serial":
-                await self._serve(req, err, payload, None, None)
                 continue
-            previous = mine = None
-            if ordering == "ordered":
-                previous, mine = self._last_reply, loop.create_future()
-                self._last_reply = mine
-            task = start_eager(loop, self._serve(req, err, payload, previous, mine))
-            if task is not None:
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+            n = await self.stream.recv_into(framer.get_buffer())
+            if n == 0:
+                self._finish()
+                return
+            framer.buffer_updated(n)
+            self._feed()
+            # A client that keeps the stream full would otherwise never let the loop run.
+            await asyncio.sleep(0)
+
+    def _feed(self) -> None:
+        """Dispatch what the framer holds; pause reading when backpressure says so."""
+        assert self._framer is not None and self._done is not None
+        if self._feeding or self._done.done():
+            return  # re-entered by a request that finished inline: the running feed goes on
+        self._feeding = True
+        try:
+            self._framer.feed(self._blocked)
+        except ProtocolError as exc:
+            self._finish(exc)
+            return
+        finally:
+            self._feeding = False
+        if self._framer.disconnected:
+            self._finish()
+        elif self._blocked():
+            self._paused = True
+            self._room.clear()
+            if self._transport is not None:
+                self._transport.pause_reading()
+
+    def _blocked(self) -> bool:
+        return (
+            self._busy >= MAX_IN_FLIGHT
+            or self._busy_bytes >= MAX_BYTES_IN_FLIGHT
+            or (self._serial and self._busy > 0)
+            or self.closed
+        )
+
+    def _made_room(self) -> None:
+        """A request finished while reading was paused: go on if backpressure allows."""
+        if self._blocked():
+            return
+        self._paused = False
+        self._feed()  # requests already buffered first (this may pause again)
+        if not self._paused:
+            self._room.set()
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                transport.resume_reading()
+
+    def _finish(self, exc: BaseException | None = None) -> None:
+        """Reading is over: DISC, end of stream, a lost connection or a protocol error."""
+        done = self._done
+        if done is not None and not done.done():
+            if exc is None:
+                done.set_result(None)
             else:
-                # Served without waiting: give other connections a turn now and then, since a
-                # client that keeps the socket full would otherwise never let the loop run.
-                finished_inline += 1
-                if finished_inline == YIELD_EVERY:
-                    finished_inline = 0
-                    await asyncio.sleep(0)
+                done.set_exception(exc)
+        self._room.set()
+
+    def _validate(self, req: tx.Request) -> Err:
+        err = tx.validate(req, self.t)
+        if err is Err.EINVAL and self._tolerated_tail(req):
+            return Err.OK
+        return err
+
+    def _dispatch(self, req: tx.Request, err: Err, payload: bytearray | None) -> None:
+        """Start one request: run it now, and only if it has to wait, as a Task."""
+        self._busy += 1
+        if req.cmd == _READ or req.cmd == _WRITE:
+            self._busy_bytes += req.length
+        previous = mine = None
+        if self._ordering == "ordered":
+            previous, mine = self._last_reply, self._loop.create_future()
+            self._last_reply = mine
+        task = start_eager(self._loop, self._serve(req, err, payload, previous, mine))
+        if task is not None:
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     def _tolerated_tail(self, req: tx.Request) -> bool:
         """--eof-tolerant: a structured READ that starts inside the export but runs past its end
@@ -281,16 +315,6 @@ class Session:
             return False
         trial = tx.Request(req.flags, req.cmd, req.cookie, req.offset, t.size - req.offset)
         return req.offset < t.size < req.offset + req.length and tx.validate(trial, t) is Err.OK
-
-    async def _discard(self, count: int) -> bool:
-        """Consume a rejected WRITE's payload so the stream stays in step (spec)."""
-        scratch = memoryview(bytearray(min(count, 1 << 20)))
-        while count:
-            n = await self.stream.recv_into(scratch[: min(count, len(scratch))])
-            if n == 0:
-                return False
-            count -= n
-        return True
 
     async def _serve(
         self,
@@ -354,12 +378,8 @@ class Session:
             self._busy -= 1
             if req.cmd == _READ or req.cmd == _WRITE:
                 self._busy_bytes -= req.length
-            if (
-                self._busy < MAX_IN_FLIGHT
-                and self._busy_bytes < MAX_BYTES_IN_FLIGHT
-                and not self._room.is_set()
-            ):
-                self._room.set()
+            if self._paused:
+                self._made_room()
             op = self._op_stats.get(req.cmd)
             if op is not None:
                 nbytes = req.length if (req.cmd == _READ or req.cmd == _WRITE) and not failed else 0
@@ -386,6 +406,7 @@ class Session:
         except OSError:
             # The client went away mid-reply: stop this session, leave the others alone.
             self.closed = True
+            self._finish()
 
     def _error_reply(self, req: tx.Request, err: int, message: str) -> bytes:
         if self.t.structured:
@@ -575,6 +596,33 @@ def _sparse_chunks(cookie: int, offset: int, pieces: list[Piece], done: bool) ->
             parts.append(tx.data_chunk_header(cookie, offset + start, length, final))
             parts += data
     return parts
+
+
+class _SocketReader(asyncio.BufferedProtocol):
+    """Feeds a session from its socket: the loop reads straight into the framer's buffer."""
+
+    def __init__(self, session: Session, framer: RequestFramer) -> None:
+        self.session = session
+        self.framer = framer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.session._transport = reading = cast(asyncio.Transport, transport)
+        if self.session._paused:
+            reading.pause_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.framer.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.framer.buffer_updated(nbytes)
+        self.session._feed()
+
+    def eof_received(self) -> bool:
+        self.session._finish()
+        return True  # keep the socket: replies to requests in flight still go out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session._finish()
 
 
 def _message(err: Err) -> str:

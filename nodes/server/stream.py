@@ -63,6 +63,13 @@ class SocketStream(Stream):
         except (ConnectionResetError, BrokenPipeError):
             return 0
 
+    def split_reader(self) -> socket.socket:
+        """Hand the socket over to be read by an event-loop transport; this stream goes on
+        sending on a duplicate (the loop will not watch a transport's own fd for writing)."""
+        reader = self.sock
+        self.sock = reader.dup()
+        return reader
+
     def try_send(self, parts: Sequence[Buffer]) -> int:
         if len(parts) > IOV_MAX:
             return self._try_send_groups(parts)

@@ -1,0 +1,135 @@
+"""Framing of the transmission phase: the client's byte stream cut into requests.
+
+Sans-IO, in the shape of asyncio's BufferedProtocol: whoever reads the socket asks
+`get_buffer()` where the next bytes go, reports them with `buffer_updated(n)`, then calls
+`feed()` to hand each complete request to `dispatch`. Request headers are parsed out of one
+buffer (many small requests per read); a WRITE payload goes to a pooled buffer, and straight
+into it from the socket once the read buffer is empty; a rejected WRITE's payload is skipped so
+the stream stays in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..protocol import transmission as tx
+from ..protocol.constants import REQUEST, Cmd, Err
+from ..protocol.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from .session import BufferPool
+
+RECV_BUFFER = 256 * 1024
+#: Free space below which the read buffer is compacted before the next read.
+MIN_ROOM = 64 * 1024
+#: A rejected WRITE payload larger than this is not skipped: the client is disconnected.
+MAX_SKIP = 64 * 1024 * 1024
+_HEADER = REQUEST.size
+_WRITE, _DISC = int(Cmd.WRITE), int(Cmd.DISC)
+
+Dispatch = Callable[[tx.Request, Err, "bytearray | None"], None]
+
+
+class RequestFramer:
+    def __init__(
+        self,
+        validate: Callable[[tx.Request], Err],
+        dispatch: Dispatch,
+        pool: BufferPool,
+        leftover: bytes = b"",
+    ) -> None:
+        self._validate = validate
+        self._dispatch = dispatch
+        self._pool = pool
+        self._buf = memoryview(bytearray(RECV_BUFFER))
+        self._start = 0
+        self._end = len(leftover)
+        self._buf[: self._end] = leftover
+        #: The WRITE whose payload is being collected, its verdict, buffer and progress.
+        self._req: tx.Request | None = None
+        self._err = Err.OK
+        self._payload: bytearray | None = None
+        self._target: memoryview | None = None
+        self._filled = 0  #: payload bytes collected (or skipped, when rejected)
+        self._into_payload = False  #: the last get_buffer() handed out the payload itself
+        #: NBD_CMD_DISC arrived: nothing after it is read.
+        self.disconnected = False
+
+    def get_buffer(self) -> memoryview:
+        """Where the next bytes from the socket go."""
+        if self._target is not None and self._start == self._end:
+            # Nothing buffered ahead of the payload: the socket fills it directly.
+            self._into_payload = True
+            return self._target[self._filled :]
+        self._into_payload = False
+        if self._start == self._end:
+            self._start = self._end = 0
+        elif self._start and len(self._buf) - self._end < MIN_ROOM:
+            # Move the unparsed tail to the front: usually part of one header, since feed()
+            # consumes all it can, and reading pauses while it may not.
+            n = self._end - self._start
+            self._buf[:n] = self._buf[self._start : self._end]
+            self._start, self._end = 0, n
+        return self._buf[self._end :]
+
+    def buffer_updated(self, n: int) -> None:
+        if self._into_payload:
+            self._filled += n
+        else:
+            self._end += n
+
+    def feed(self, blocked: Callable[[], bool]) -> None:
+        """Dispatch every complete request buffered, until the buffer runs dry, `blocked()`
+        says to wait (backpressure), or DISC. Raises ProtocolError for a stream that cannot be
+        followed (bad magic, a rejected payload too big to skip)."""
+        while not self.disconnected and not blocked():
+            if self._req is not None:
+                if not self._collect():
+                    return
+                req, err, payload = self._req, self._err, self._payload
+                self._req = self._payload = self._target = None
+                self._dispatch(req, err, payload)
+                continue
+            if self._end - self._start < _HEADER:
+                return
+            req = tx.parse_request(self._buf[self._start : self._start + _HEADER])
+            self._start += _HEADER
+            err = self._validate(req)
+            if req.cmd == _DISC:
+                self.disconnected = True
+                return
+            if req.cmd == _WRITE and req.length:
+                self._begin_payload(req, err)
+                continue
+            self._dispatch(req, err, None)
+
+    def _begin_payload(self, req: tx.Request, err: Err) -> None:
+        self._req, self._err, self._filled = req, err, 0
+        if err is Err.OK:
+            self._payload = self._pool.get(req.length)
+            self._target = memoryview(self._payload)[: req.length]
+        elif req.length > MAX_SKIP:
+            # Reading gigabytes just to stay in step is a DoS; the spec lets a server
+            # hard-disconnect on an over-sized payload (nbdkit does too).
+            raise ProtocolError(f"WRITE payload of {req.length} bytes is too big")
+
+    def _collect(self) -> bool:
+        """Move buffered payload bytes into place (or past them); True once all are there."""
+        assert self._req is not None
+        want = self._req.length - self._filled
+        n = min(want, self._end - self._start)
+        if n:
+            if self._target is not None:
+                self._target[self._filled : self._filled + n] = self._buf[
+                    self._start : self._start + n
+                ]
+            self._start += n
+            self._filled += n
+        return self._filled == self._req.length
+
+    def release(self) -> None:
+        """Give back a payload buffer still being filled (the connection ended)."""
+        if self._payload is not None:
+            self._pool.put(self._payload)
+            self._payload = self._target = None
