@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -332,6 +333,27 @@ def test_raw_half_close_still_gets_its_replies(raw: Raw) -> None:
     assert all(error == 0 for error, _ in replies.values())
     assert all(data == b"\xab" * 4096 for c, (_, data) in replies.items() if c != 100)
     assert raw.is_closed()
+
+
+def test_raw_replies_beyond_the_socket_buffer_arrive_whole(raw: Raw) -> None:
+    """A client that sends a burst and only then reads: the replies (small ones gathered per
+    read, big ones alone) overflow the socket buffer, wait for room, and arrive whole."""
+    raw.handshake()
+    pattern = bytes(range(256)) * 128  # 32 KiB
+    raw.request(1, 0, len(pattern), cookie=1000, payload=pattern)
+    assert raw.reply() == (1000, 0, b"")
+    expected: dict[int, bytes] = {}
+    for cookie in range(1, 301):
+        if cookie % 3:
+            raw.request(0, 0, 32768, cookie=cookie)
+            expected[cookie] = pattern
+        else:
+            raw.request(1, 65536 + cookie * 16, 16, cookie=cookie, payload=b"w" * 16)
+            expected[cookie] = b""
+    time.sleep(0.5)  # let the node fill the socket before reading anything
+    got = {cookie: (error, data) for cookie, error, data in (raw.reply() for _ in expected)}
+    assert {c: e for c, (e, _) in got.items()} == dict.fromkeys(expected, 0)
+    assert {c: d for c, (_, d) in got.items()} == expected
 
 
 # nbdkit's fuzz seeds -------------------------------------------------------------------------

@@ -42,6 +42,8 @@ MAX_IN_FLIGHT = 64
 MAX_BYTES_IN_FLIGHT = 8 * 1024 * 1024
 #: A hole shorter than this is sent as zeros: a chunk header costs more than the bytes.
 MIN_HOLE_CHUNK = 4096
+#: Reply bytes gathered during one feed before they go out anyway.
+MAX_CORK = 256 * 1024
 ZERO_CHUNK = 1024 * 1024
 _ZEROES = bytes(ZERO_CHUNK)
 _ZERO_VIEW = memoryview(_ZEROES)
@@ -106,6 +108,11 @@ class Session:
         self._framer: RequestFramer | None = None
         self._done: asyncio.Future[None] | None = None
         self._last_reply: asyncio.Future[None] | None = None
+        #: Replies of requests served inline during one feed, sent together when it ends
+        #: (None: not feeding, or not corking).
+        self._corked: list[Buffer] | None = None
+        self._cork_bytes = 0
+        self._cork_replies = False
 
     # Entry ---------------------------------------------------------------------------------
 
@@ -201,6 +208,8 @@ class Session:
         self.client.export_name = ready.export.name
         self._ordering = node.options.ordering
         self._serial = self._ordering == "serial"
+        # Corked replies would leave after later ones that skip the cork: not when ordered.
+        self._cork_replies = self._ordering != "ordered"
         #: Reads are sent straight from the backend's memory where it lends it (memory).
         self._lends = node.backend.lends_memory
         self._loop = loop = asyncio.get_running_loop()
@@ -240,6 +249,8 @@ class Session:
         if self._feeding or self._done.done():
             return  # re-entered by a request that finished inline: the running feed goes on
         self._feeding = True
+        if self._cork_replies:
+            self._corked = []
         try:
             self._framer.feed(self._blocked)
         except ProtocolError as exc:
@@ -247,6 +258,9 @@ class Session:
             return
         finally:
             self._feeding = False
+            if self._corked is not None:
+                self._flush_cork()
+                self._corked = None
         if self._framer.disconnected:
             self._finish()
         elif self._blocked():
@@ -366,7 +380,7 @@ class Session:
                     parts = [self._error_reply(req, Err.EIO, "internal error")]
             if previous is not None:
                 await previous
-            await self._send(parts)
+            await self._send(parts, own_memory=read_buf is None)
         finally:
             if mine is not None and not mine.done():
                 mine.set_result(None)
@@ -385,9 +399,17 @@ class Session:
                 nbytes = req.length if (req.cmd == _READ or req.cmd == _WRITE) and not failed else 0
                 op.record(nbytes, time.perf_counter() - started, failed)
 
-    async def _send(self, parts: list[Buffer]) -> None:
+    async def _send(self, parts: list[Buffer], own_memory: bool = False) -> None:
+        """Send one reply whole. `own_memory`: it holds no pooled buffer, so it may wait in the
+        cork until the current feed ends (the buffer goes back to the pool when we return)."""
         if self.closed:
             return
+        if self._corked is not None:
+            if own_memory and self._cork_bytes < MAX_CORK:
+                self._corked += parts
+                self._cork_bytes += sum(map(len, parts))
+                return
+            parts = self._take_cork() + parts  # what was corked goes first
         try:
             sent = 0
             if not self._senders:
@@ -398,15 +420,47 @@ class Session:
                 if sent == sum(map(len, parts)):
                     return
             self._senders += 1
-            try:
-                async with self._send_lock:
-                    await self.stream.send(parts, sent)
-            finally:
-                self._senders -= 1
+            await self._send_rest(parts, sent)
         except OSError:
-            # The client went away mid-reply: stop this session, leave the others alone.
-            self.closed = True
-            self._finish()
+            self._lost()
+
+    async def _send_rest(self, parts: list[Buffer], sent: int) -> None:
+        """The rest of a reply the socket did not take at once; the caller counted itself
+        in `_senders`."""
+        try:
+            async with self._send_lock:
+                await self.stream.send(parts, sent)
+        except OSError:
+            self._lost()
+        finally:
+            self._senders -= 1
+
+    def _lost(self) -> None:
+        # The client went away mid-reply: stop this session, leave the others alone.
+        self.closed = True
+        self._finish()
+
+    def _take_cork(self) -> list[Buffer]:
+        parts = self._corked or []
+        self._corked = [] if self._corked is not None else None
+        self._cork_bytes = 0
+        return parts
+
+    def _flush_cork(self) -> None:
+        """Send the replies gathered during one feed in one go."""
+        parts = self._take_cork()
+        if not parts or self.closed:
+            return
+        try:
+            sent = 0 if self._senders else self.stream.try_send(parts)
+        except OSError:
+            self._lost()
+            return
+        if sent < sum(map(len, parts)):
+            self._senders += 1
+            task = self._loop.create_task(self._send_rest(parts, sent))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     def _error_reply(self, req: tx.Request, err: int, message: str) -> bytes:
         if self.t.structured:
