@@ -192,6 +192,10 @@ class NodeRuntime:
                 await self.backend.flush(0)
             except OSError as exc:
                 log.warning("flush at shutdown failed: %s", exc)
+        with contextlib.suppress(TimeoutError):  # replies still on their way out
+            await asyncio.wait_for(
+                asyncio.gather(*(s.drain() for s in self.sessions)), self.options.shutdown_grace
+            )
         for session in list(self.sessions):
             session.closed = True
             session.stream.close()
