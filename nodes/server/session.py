@@ -27,6 +27,7 @@ from ..protocol.errors import ProtocolError, to_wire
 from ..protocol.handshake import NEED_DATA, Closed, Ready, ServerHandshake, StartTLS
 from .eager import start_eager
 from .framing import RequestFramer
+from .replies import ZERO_CHUNK, ZEROES, pieces_of, read_reply
 from .stream import Buffer, SocketStream, Stream, TLSStream
 
 if TYPE_CHECKING:
@@ -40,13 +41,8 @@ MAX_IN_FLIGHT = 64
 #: more. Replies leave one socket in turn, so preparing many big ones ahead only churns
 #: memory; a few MiB keeps the socket busy.
 MAX_BYTES_IN_FLIGHT = 8 * 1024 * 1024
-#: A hole shorter than this is sent as zeros: a chunk header costs more than the bytes.
-MIN_HOLE_CHUNK = 4096
 #: Reply bytes gathered during one feed before they go out anyway.
 MAX_CORK = 256 * 1024
-ZERO_CHUNK = 1024 * 1024
-_ZEROES = bytes(ZERO_CHUNK)
-_ZERO_VIEW = memoryview(_ZEROES)
 
 # Plain ints for the hot path: arithmetic on IntFlag members runs Python code in enum.py.
 _READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
@@ -366,7 +362,7 @@ class Session:
                         else:
                             read_buf = node.pool.get(valid) if valid else None
                             pieces = await self._read(req, read_buf, valid)
-                        parts = self._read_reply(req, pieces, valid)
+                        parts = read_reply(self.t, req, pieces, valid, bool(req.flags & _DF))
                     else:
                         parts = await self._execute(req, payload)
                 except OSError as exc:
@@ -490,53 +486,7 @@ class Session:
         if buf is None:
             return []
         view = memoryview(buf)[:valid]
-        holes = await self.node.backend.pread(view, req.offset, req.flags)
-        if not holes:
-            return [view]
-        pieces: list[Piece] = []
-        pos = 0
-        for start, length in holes:
-            if start < pos:  # overlapping holes: keep only the new part
-                length -= pos - start
-                start = pos
-                if length <= 0:
-                    continue
-            if start > pos:
-                pieces.append(view[pos:start])
-            pieces.append(length)
-            pos = start + length
-        if pos < valid:
-            pieces.append(view[pos:])
-        return pieces
-
-    def _read_reply(self, req: tx.Request, pieces: list[Piece], valid: int) -> list[Buffer]:
-        """The reply to a READ whose first `valid` bytes are `pieces`: plain data where the
-        client needs it (simple replies, DF), else data and hole chunks."""
-        cookie, offset = req.cookie, req.offset
-        if len(pieces) == 1 and type(pieces[0]) is memoryview:
-            data: list[Buffer] = [pieces[0]]  # the common case: one piece, all data
-        elif not self.t.structured or req.flags & _DF or not _has_hole_chunk(pieces):
-            data = _flatten(pieces)
-        else:
-            parts = _sparse_chunks(cookie, offset, pieces, done=valid == req.length)
-            return self._append_tail(req, parts, valid)
-        if not self.t.structured:
-            return [tx.simple_reply(cookie), *data]
-        if not valid:
-            return [tx.none_chunk(cookie)]
-        done = valid == req.length
-        return self._append_tail(
-            req, [tx.data_chunk_header(cookie, offset, valid, done), *data], valid
-        )
-
-    def _append_tail(self, req: tx.Request, parts: list[Buffer], valid: int) -> list[Buffer]:
-        if valid < req.length:  # --eof-tolerant: the part past the end is an error chunk
-            parts.append(
-                tx.error_chunk(
-                    req.cookie, Err.EINVAL, "read past the end of the export", self.t.size
-                )
-            )
-        return parts
+        return pieces_of(view, await self.node.backend.pread(view, req.offset, req.flags))
 
     async def _execute(self, req: tx.Request, payload: bytearray | None) -> list[Buffer]:
         backend, caps = self.node.backend, self.caps
@@ -590,7 +540,7 @@ class Session:
         pos = 0
         while pos < length:
             n = min(ZERO_CHUNK, length - pos)
-            await backend.pwrite(memoryview(_ZEROES)[:n], offset + pos, write_flags)
+            await backend.pwrite(memoryview(ZEROES)[:n], offset + pos, write_flags)
             pos += n
 
     async def _cache(self, length: int, offset: int, flags: int) -> None:
@@ -607,65 +557,6 @@ class Session:
                 pos += n
         finally:
             self.node.pool.put(scratch)
-
-
-def _zeros(length: int) -> list[Buffer]:
-    """Views of a shared zero buffer covering `length` bytes."""
-    out: list[Buffer] = []
-    while length:
-        n = min(length, ZERO_CHUNK)
-        out.append(_ZERO_VIEW[:n])
-        length -= n
-    return out
-
-
-def _flatten(pieces: list[Piece]) -> list[Buffer]:
-    """The pieces as plain data: holes become zeros."""
-    out: list[Buffer] = []
-    for piece in pieces:
-        if type(piece) is int:
-            out += _zeros(piece)
-        else:
-            out.append(piece)  # type: ignore[arg-type]
-    return out
-
-
-def _has_hole_chunk(pieces: list[Piece]) -> bool:
-    return any(type(p) is int and p >= MIN_HOLE_CHUNK for p in pieces)
-
-
-def _sparse_chunks(cookie: int, offset: int, pieces: list[Piece], done: bool) -> list[Buffer]:
-    """DATA and HOLE chunks covering the pieces (a hole shorter than MIN_HOLE_CHUNK goes as
-    zeros inside a data chunk); the last chunk is marked DONE when `done`."""
-    chunks: list[tuple[int, int, list[Buffer] | None]] = []  # (start, length, data or hole)
-    run: list[Buffer] = []
-    run_start = pos = 0
-    for piece in pieces:
-        if type(piece) is int and piece >= MIN_HOLE_CHUNK:
-            if run:
-                chunks.append((run_start, pos - run_start, run))
-                run = []
-            chunks.append((pos, piece, None))
-            pos += piece
-            run_start = pos
-        elif type(piece) is int:
-            run += _zeros(piece)
-            pos += piece
-        else:
-            run.append(piece)  # type: ignore[arg-type]
-            pos += len(piece)  # type: ignore[arg-type]
-    if run:
-        chunks.append((run_start, pos - run_start, run))
-    parts: list[Buffer] = []
-    last = len(chunks) - 1
-    for i, (start, length, data) in enumerate(chunks):
-        final = done and i == last
-        if data is None:
-            parts.append(tx.hole_chunk(cookie, offset + start, length, final))
-        else:
-            parts.append(tx.data_chunk_header(cookie, offset + start, length, final))
-            parts += data
-    return parts
 
 
 class _SocketReader(asyncio.BufferedProtocol):
