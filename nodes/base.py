@@ -295,6 +295,9 @@ class Fan(Backend):
 
 # Helpers for kinds ---------------------------------------------------------------------------
 
+# Plain ints: `int & IntFlag` runs Python code in enum.py, and these run per request.
+_FUA, _NO_HOLE = int(CmdFlag.FUA), int(CmdFlag.NO_HOLE)
+
 
 def add_range(ranges: list[tuple[int, int]], start: int, length: int) -> None:
     """Append (start, length) to sorted ranges, extending the last one when they touch."""
@@ -320,9 +323,9 @@ def all_zero_extent(count: int) -> Extents:
 
 
 def fua_requested(flags: int) -> bool:
-    return bool(flags & CmdFlag.FUA)
+    return bool(flags & _FUA)
 
 
 def may_trim(flags: int) -> bool:
     """WRITE_ZEROES may punch a hole unless the client said NO_HOLE."""
-    return not flags & CmdFlag.NO_HOLE
+    return not flags & _NO_HOLE

@@ -46,7 +46,10 @@ MAX_CORK = 256 * 1024
 
 # Plain ints for the hot path: arithmetic on IntFlag members runs Python code in enum.py.
 _READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
+_FLUSH, _TRIM, _CACHE = int(Cmd.FLUSH), int(Cmd.TRIM), int(Cmd.CACHE)
+_ZERO, _STATUS = int(Cmd.WRITE_ZEROES), int(Cmd.BLOCK_STATUS)
 _FUA, _DF, _FAST_ZERO = int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.FAST_ZERO)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
 
 _OP_NAMES = {
     Cmd.READ: "read",
@@ -495,31 +498,29 @@ class Session:
         emulate_fua = fua and caps.fua is Support.EMULATE
         if emulate_fua:
             flags &= ~_FUA
-        if cmd == Cmd.BLOCK_STATUS:
+        if cmd == _STATUS:
             count = min(length, self.t.size - offset)
             if caps.extents:
                 extents = await backend.extents(count, offset, flags)
             else:
                 extents = [(count, 0)]
-            clipped = tx.clip_extents(
-                extents, count, bool(flags & CmdFlag.REQ_ONE), self.t.block_min
-            )
+            clipped = tx.clip_extents(extents, count, bool(flags & _REQ_ONE), self.t.block_min)
             if not clipped:
                 raise OSError(errno.EIO, "the backend returned no extents")
             context = self.t.meta_contexts[0]
             return [tx.block_status_chunk(req.cookie, context, clipped)]
-        if cmd == Cmd.FLUSH:
+        if cmd == _FLUSH:
             await backend.flush(flags)
         elif length == 0:
             pass  # zero-length write/trim/zero/cache: a no-op that succeeds
-        elif cmd == Cmd.WRITE:
+        elif cmd == _WRITE:
             assert payload is not None
             await backend.pwrite(memoryview(payload)[:length], offset, flags)
-        elif cmd == Cmd.TRIM:
+        elif cmd == _TRIM:
             await backend.trim(length, offset, flags)
-        elif cmd == Cmd.WRITE_ZEROES:
+        elif cmd == _ZERO:
             await self._zero(length, offset, flags)
-        elif cmd == Cmd.CACHE:
+        elif cmd == _CACHE:
             await self._cache(length, offset, flags)
         if emulate_fua and length:
             await backend.flush(0)
@@ -532,11 +533,11 @@ class Session:
                 await backend.zero(length, offset, flags)
                 return
             except OSError as exc:
-                if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP) or flags & CmdFlag.FAST_ZERO:
+                if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP) or flags & _FAST_ZERO:
                     raise
-        if flags & CmdFlag.FAST_ZERO:
+        if flags & _FAST_ZERO:
             raise OSError(errno.ENOTSUP, "zeroing is not faster than writing here")
-        write_flags = flags & CmdFlag.FUA
+        write_flags = flags & _FUA
         pos = 0
         while pos < length:
             n = min(ZERO_CHUNK, length - pos)
