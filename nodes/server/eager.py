@@ -8,7 +8,8 @@ Python 3.12's `asyncio.eager_task_factory` does; we run on 3.11 (Debian's, for p
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+import types
+from collections.abc import Coroutine, Generator
 from typing import Any
 
 
@@ -21,40 +22,28 @@ def start_eager(
     except StopIteration:
         return None
     if yielded is not None:
-        # Clear the flag now, as Task.__step does: left set until _carry_on runs, a second
-        # coroutine awaiting the same future meanwhile fails ("await wasn't used with future").
+        # Clear the flag now, as Task.__step does: left set until the Task takes the future
+        # over, a second coroutine awaiting the same future meanwhile fails ("await wasn't
+        # used with future").
         yielded._asyncio_future_blocking = False
-    return loop.create_task(_carry_on(coro, yielded))
+    return loop.create_task(_carry_on(coro, yielded))  # type: ignore[arg-type]
 
 
-async def _carry_on(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
-    """Drive a coroutine that is suspended on `yielded` (a Future, or None for a bare yield)."""
-    loop = asyncio.get_running_loop()
+@types.coroutine
+def _carry_on(coro: Coroutine[Any, Any, None], yielded: Any) -> Generator[Any, Any, None]:
+    """Hand the future `coro` is suspended on to the Task, as if `coro` had yielded it to the
+    Task itself; once it is done, the Task drives `coro` directly (`yield from`)."""
     while True:
-        if yielded is None:
-            await asyncio.sleep(0)
-        else:
-            # The coroutine awaits this future: wait for it without taking its result, which
-            # the coroutine itself collects when resumed (Future.__await__ returns result()).
-            yielded._asyncio_future_blocking = False
-            waiter = loop.create_future()
-
-            def wake(_: object, waiter: asyncio.Future[None] = waiter) -> None:
-                if not waiter.done():
-                    waiter.set_result(None)
-
-            yielded.add_done_callback(wake)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                # As a Task would: cancel what it waits on and raise inside the coroutine.
-                yielded.cancel()
-                try:
-                    yielded = coro.throw(asyncio.CancelledError())
-                except StopIteration:
-                    return
-                continue
+        if yielded is not None:
+            yielded._asyncio_future_blocking = True  # what the coroutine's own await set
         try:
-            yielded = coro.send(None)
-        except StopIteration:
-            return
+            yield yielded
+        except BaseException as exc:
+            # Cancelled while waiting: raise it where the coroutine waits, as a Task would.
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        yield from coro  # type: ignore[misc]
+        return
