@@ -99,7 +99,7 @@ class Session:
         self._busy = 0
         self._busy_bytes = 0
         self._serial = False
-        self._paused = False  #: reading stopped for backpressure
+        self._reading_paused = False  #: reading stopped for backpressure
         self._room = asyncio.Event()  #: set while reading may go on (the TLS reader waits on it)
         self._room.set()
         self._feeding = False
@@ -236,7 +236,7 @@ class Session:
         """The reader for streams the loop cannot read for us (TLS)."""
         assert self._done is not None
         while not self._done.done():
-            if self._paused:
+            if self._reading_paused:
                 await self._room.wait()
                 continue
             n = await self.stream.recv_into(framer.get_buffer())
@@ -266,7 +266,7 @@ class Session:
         if self._framer.disconnected:
             self._finish()
         elif self._blocked():
-            self._paused = True
+            self._reading_paused = True
             self._room.clear()
             if self._transport is not None:
                 self._transport.pause_reading()
@@ -283,9 +283,9 @@ class Session:
         """A request finished while reading was paused: go on if backpressure allows."""
         if self._blocked():
             return
-        self._paused = False
+        self._reading_paused = False
         self._feed()  # requests already buffered first (this may pause again)
-        if not self._paused:
+        if not self._reading_paused:
             self._room.set()
             transport = self._transport
             if transport is not None and not transport.is_closing():
@@ -395,7 +395,7 @@ class Session:
             self._busy -= 1
             if req.cmd == _READ or req.cmd == _WRITE:
                 self._busy_bytes -= req.length
-            if self._paused:
+            if self._reading_paused:
                 self._made_room()
             op = self._op_stats.get(req.cmd)
             if op is not None:
@@ -569,7 +569,7 @@ class _SocketReader(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.session._transport = reading = cast(asyncio.Transport, transport)
-        if self.session._paused:
+        if self.session._reading_paused:
             reading.pause_reading()
 
     def get_buffer(self, sizehint: int) -> memoryview:
