@@ -146,13 +146,9 @@ class Session:
                     self._transport.abort()
 
     async def drain(self) -> None:
-        """Let requests in flight finish and their replies leave (spec: on DISC the server
-        finishes them first)."""
-        while True:
-            if self._corked:
-                self._flush_cork()
-            if not self.tasks:
-                return
+        """Let requests in flight finish and their replies leave, including the rest of corked
+        replies a full socket did not take (spec: on DISC the server finishes them first)."""
+        while self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
 
     def begin_shutdown(self) -> None:
@@ -403,12 +399,8 @@ class Session:
                 op.record(nbytes, time.perf_counter() - started, failed)
 
     async def _send(self, parts: list[Buffer], held: bytearray | None = None) -> None:
-        """Send one reply whole, then give `held` (the pooled buffer it shows) back."""
-        pool = self.node.pool
-        if self.closed:
-            if held is not None:
-                pool.put(held)
-            return
+        """Send one reply whole (not at all if the client is gone), then give `held` (the
+        pooled buffer it shows) back."""
         if self._feeding and self._cork_replies:
             # Served inline while requests are being read: the reply leaves with the others
             # when the read is done. (Replies of requests that waited go at once: gathering
@@ -420,23 +412,30 @@ class Session:
             if self._cork_bytes >= MAX_CORK:
                 self._flush_cork()
             return
-        try:
-            sent = 0
-            if not self._senders:
-                # The common case: nobody else is mid-reply and the socket takes the whole
-                # reply at once. (Checked by count, not lock.locked(): a woken waiter has not
-                # re-taken the lock yet but owns the next turn.)
+        held_list = [held] if held is not None else []
+        sent = self._send_now(parts, held_list)
+        if sent is not None:
+            await self._send_rest(parts, sent, held_list)
+
+    def _send_now(self, parts: list[Buffer], held: list[bytearray]) -> int | None:
+        """Send what the socket takes now, unless another reply is on its way out. None when
+        nothing is left to do (all sent, or the client is gone; `held` went back to the pool);
+        else the bytes sent, and the caller, now counted in `_senders`, must `_send_rest`."""
+        sent = 0
+        if not self.closed and not self._senders:
+            # The common case: nobody else is mid-reply and the socket takes the whole reply
+            # at once. (Checked by count, not lock.locked(): a woken waiter has not re-taken
+            # the lock yet but owns the next turn.)
+            try:
                 sent = self.stream.try_send(parts)
-                if sent == sum(map(len, parts)):
-                    if held is not None:
-                        pool.put(held)
-                    return
-            self._senders += 1
-            await self._send_rest(parts, sent, [held] if held is not None else [])
-        except OSError:
-            self._lost()
-            if held is not None:
-                pool.put(held)
+            except OSError:
+                self._lost()
+        if self.closed or sent == sum(map(len, parts)):
+            for buf in held:
+                self.node.pool.put(buf)
+            return None
+        self._senders += 1
+        return sent
 
     async def _send_rest(self, parts: list[Buffer], sent: int, held: list[bytearray]) -> None:
         """The rest of replies the socket did not take at once (the caller counted itself in
@@ -460,22 +459,11 @@ class Session:
         """Send the corked replies in one go (the rest, if the socket is full, from a task)."""
         parts, held = self._corked, self._cork_buffers
         self._corked, self._cork_buffers, self._cork_bytes = [], [], 0
-        if not parts:
-            return
-        sent = 0
-        if not self.closed:
-            try:
-                sent = 0 if self._senders else self.stream.try_send(parts)
-            except OSError:
-                self._lost()
-        if self.closed or sent == sum(map(len, parts)):
-            for buf in held:
-                self.node.pool.put(buf)
-            return
-        self._senders += 1
-        task = self._loop.create_task(self._send_rest(parts, sent, held))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        sent = self._send_now(parts, held) if parts else None
+        if sent is not None:
+            task = self._loop.create_task(self._send_rest(parts, sent, held))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     def _error_reply(self, req: tx.Request, err: int, message: str) -> bytes:
         if self.t.structured:
