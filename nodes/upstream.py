@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 
 import nbd
 
-from .base import Backend, Capabilities, Extents, Holes, Support
+from .base import Backend, Capabilities, Extents, Holes, Support, add_range
 from .params import Params
 from .protocol.constants import CmdFlag
 
@@ -47,6 +48,7 @@ _READ_FLAGS = _FUA | _DF
 _WRITE_FLAGS = _FUA
 _ZERO_FLAGS = int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO)
 _STATUS_FLAGS = int(CmdFlag.REQ_ONE)
+_DIR_READ, _DIR_WRITE = nbd.AIO_DIRECTION_READ, nbd.AIO_DIRECTION_WRITE
 
 
 class UpstreamDown(OSError):
@@ -66,12 +68,41 @@ class _Pending:
     result: Any = None  #: holes (reads) or extents (block status), filled by chunk callbacks
 
 
+_LIBNBDMOD = getattr(nbd, "libnbdmod", None)
+
+
+class _Calls:
+    """The libnbd calls made per request on one handle. Each method of nbd.NBD is a generated
+    Python wrapper that passes its arguments on to the C extension (`libnbdmod`) with the handle
+    (`_o`); six of them run per request, so with the libnbd we checked that on (1.14) they are
+    bound to the C functions directly. Anything else gets the public methods."""
+
+    __slots__ = ("complete", "direction", "notify_read", "notify_write", "peek", "pread", "pwrite")
+
+    def __init__(self, h: nbd.NBD) -> None:
+        mod, o = _LIBNBDMOD, getattr(h, "_o", None)
+        if mod is None or o is None or not h.get_version().startswith("1.14."):
+            self.notify_read, self.notify_write = h.aio_notify_read, h.aio_notify_write
+            self.peek, self.complete = h.aio_peek_command_completed, h.aio_command_completed
+            self.direction = h.aio_get_direction
+            self.pread, self.pwrite = h.aio_pread_structured, h.aio_pwrite
+            return
+        self.notify_read = functools.partial(mod.aio_notify_read, o)
+        self.notify_write = functools.partial(mod.aio_notify_write, o)
+        self.peek = functools.partial(mod.aio_peek_command_completed, o)
+        self.complete = functools.partial(mod.aio_command_completed, o)
+        self.direction = functools.partial(mod.aio_get_direction, o)
+        self.pread = functools.partial(mod.aio_pread_structured, o)
+        self.pwrite = functools.partial(mod.aio_pwrite, o)
+
+
 @dataclass(slots=True)
 class _Conn:
     """One libnbd handle registered with the event loop."""
 
     h: nbd.NBD
     fd: int
+    calls: _Calls
     pending: dict[int, _Pending] = field(default_factory=dict)
     #: Requests waiting for a free place when MAX_IN_FLIGHT are already out on this handle.
     queue: collections.deque[asyncio.Future[None]] = field(default_factory=collections.deque)
@@ -106,9 +137,11 @@ class Upstream(Backend):
         self.reconnects = 0
         self.last_error = ""
         self._conns: list[_Conn] = []
+        self._turn = 0
         self._caps = Capabilities(size=0)
         self._max_request = DEFAULT_MAX_REQUEST
         self._can_df = False
+        self._read_flags = 0
         self._reconnect_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -207,13 +240,17 @@ class Upstream(Backend):
                     break  # a smaller pool still works
         self._caps = self._read_caps(first)
         self._can_df = bool(first.can_df())
+        # The read flags the upstream may be sent: DF only if it has it, FUA only if native.
+        self._read_flags = _READ_FLAGS & ~(0 if self._can_df else _DF)
+        if self._caps.fua is not Support.NATIVE:
+            self._read_flags &= ~_FUA
         maximum = first.get_block_size(nbd.SIZE_MAXIMUM)
         self._max_request = min(maximum or DEFAULT_MAX_REQUEST, DEFAULT_MAX_REQUEST * 2)
         minimum = first.get_block_size(nbd.SIZE_MINIMUM) or 1
         self._max_request -= self._max_request % minimum
         loop = asyncio.get_running_loop()
         for h in handles:
-            conn = _Conn(h, h.aio_get_fd())
+            conn = _Conn(h, h.aio_get_fd(), _Calls(h))
             loop.add_reader(conn.fd, self._on_readable, conn)
             self._conns.append(conn)
         self.state = "up"
@@ -327,7 +364,7 @@ class Upstream(Backend):
         if conn.dead:
             return
         try:
-            conn.h.aio_notify_read()
+            conn.calls.notify_read()
         except nbd.Error as exc:
             self._reap(conn)
             self._lost(exc.string)
@@ -338,7 +375,7 @@ class Upstream(Backend):
         if conn.dead:
             return
         try:
-            conn.h.aio_notify_write()
+            conn.calls.notify_write()
         except nbd.Error as exc:
             self._reap(conn)
             self._lost(exc.string)
@@ -348,13 +385,18 @@ class Upstream(Backend):
     def _after_io(self, conn: _Conn) -> None:
         self._reap(conn)
         h = conn.h
-        if h.aio_is_dead() or h.aio_is_closed():
+        direction = conn.calls.direction()
+        # A live handle always waits to read (READY or mid-reply); only a dead or closed one
+        # waits for nothing, so the two extra checks run only then.
+        if not direction & _DIR_READ and (h.aio_is_dead() or h.aio_is_closed()):
             self._lost("the connection closed")
             return
-        self._update_writer(conn)
+        self._set_writer(conn, bool(direction & _DIR_WRITE))
 
     def _update_writer(self, conn: _Conn) -> None:
-        want = bool(conn.h.aio_get_direction() & nbd.AIO_DIRECTION_WRITE)
+        self._set_writer(conn, bool(conn.calls.direction() & _DIR_WRITE))
+
+    def _set_writer(self, conn: _Conn, want: bool) -> None:
         if want != conn.writing:
             loop = self._loop
             assert loop is not None
@@ -366,17 +408,17 @@ class Upstream(Backend):
 
     def _reap(self, conn: _Conn) -> None:
         """Retire every completed command and settle its future (by value, outside callbacks)."""
-        h = conn.h
+        calls = conn.calls
         while conn.pending:
             try:
-                cookie = h.aio_peek_command_completed()
+                cookie = calls.peek()
             except nbd.Error:
                 return
             if cookie <= 0:
                 return
             p = conn.pending.pop(cookie, None)
             try:
-                h.aio_command_completed(cookie)
+                calls.complete(cookie)
                 if p is not None and not p.future.done():
                     p.future.set_result(p.result)
             except nbd.Error as exc:
@@ -402,10 +444,12 @@ class Upstream(Backend):
         conns = self._conns
         if len(conns) == 1:
             return conns[0]
-        return min(conns, key=lambda c: len(c.pending))
+        # Round robin: the handles lead to the same server, and it is O(1) per request.
+        self._turn = turn = (self._turn + 1) % len(conns)
+        return conns[turn]
 
     async def _run(self, issue: Any, result: Any = None) -> Any:
-        """Issue one command with `issue(handle)` -> cookie and wait for it to complete.
+        """Issue one command with `issue(conn)` -> cookie and wait for it to complete.
 
         The caller's buffer stays lent to libnbd until the command completes, even if the
         waiting task is cancelled (so a pooled buffer is never reused under libnbd's feet).
@@ -425,7 +469,7 @@ class Upstream(Backend):
             raise UpstreamDown(errno.EIO, f"upstream {self.uri} is {self.state}")
         fut: asyncio.Future[Any] = loop.create_future()
         try:
-            cookie = issue(conn.h)
+            cookie = issue(conn)
         except nbd.Error as exc:
             if conn.h.aio_is_dead() or conn.h.aio_is_closed():
                 self._lost(exc.string)
@@ -444,24 +488,9 @@ class Upstream(Backend):
     # Data operations ----------------------------------------------------------------------
 
     async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
-        flags &= _READ_FLAGS
-        if not self._can_df:
-            flags &= ~_DF
-        if self._caps.fua is not Support.NATIVE:
-            flags &= ~_FUA
-        total = len(buf)
-        if total <= self._max_request:
-            return await self._pread_one(buf, offset, flags)
-        holes: list[tuple[int, int]] = []
-        pieces = []
-        for pos in range(0, total, self._max_request):
-            n = min(self._max_request, total - pos)
-            pieces.append(self._pread_one(buf[pos : pos + n], offset + pos, flags))
-        for pos, got in zip(range(0, total, self._max_request), await _gather(pieces), strict=True):
-            holes.extend((pos + s, n) for s, n in got or ())
-        return holes
-
-    async def _pread_one(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        flags &= self._read_flags
+        if len(buf) > self._max_request:
+            return await self._pread_split(buf, offset, flags)
         holes: list[tuple[int, int]] = []
 
         def chunk(sub: memoryview, off: int, status: int, err: Any) -> int:
@@ -469,41 +498,52 @@ class Upstream(Backend):
                 holes.append((off - offset, len(sub)))
             return 0
 
-        await self._run(lambda h: h.aio_pread_structured(buf, offset, chunk, None, flags))
+        await self._run(lambda c: c.calls.pread(buf, offset, chunk, None, flags))
         if len(holes) > 1:
             holes.sort()
+        return holes
+
+    async def _pread_split(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        """A read larger than the upstream takes at once, as several reads in flight."""
+        step, total = self._max_request, len(buf)
+        starts = range(0, total, step)
+        got = await _gather([self.pread(buf[p : p + step], offset + p, flags) for p in starts])
+        holes: list[tuple[int, int]] = []
+        for p, part in zip(starts, got, strict=True):
+            for start, length in part or ():
+                add_range(holes, p + start, length)  # one hole across a seam, not two
         return holes
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         flags &= _WRITE_FLAGS
         total = len(buf)
         if total <= self._max_request:
-            await self._run(lambda h: h.aio_pwrite(buf, offset, None, flags))
+            await self._run(lambda c: c.calls.pwrite(buf, offset, None, flags))
             return
         pieces = []
         for pos in range(0, total, self._max_request):
             n = min(self._max_request, total - pos)
             view, at = buf[pos : pos + n], offset + pos
-            pieces.append(self._run(lambda h, v=view, o=at: h.aio_pwrite(v, o, None, flags)))
+            pieces.append(self._run(lambda c, v=view, o=at: c.calls.pwrite(v, o, None, flags)))
         await _gather(pieces)
 
     async def flush(self, flags: int) -> None:
         if not self._caps.flush:
             return  # nothing to make persistent: the upstream has no write cache to flush
-        await self._run(lambda h: h.aio_flush(None, 0))
+        await self._run(lambda c: c.h.aio_flush(None, 0))
 
     async def trim(self, count: int, offset: int, flags: int) -> None:
         flags &= _FUA
-        await self._run(lambda h: h.aio_trim(count, offset, None, flags))
+        await self._run(lambda c: c.h.aio_trim(count, offset, None, flags))
 
     async def zero(self, count: int, offset: int, flags: int) -> None:
         flags &= _ZERO_FLAGS
-        await self._run(lambda h: h.aio_zero(count, offset, None, flags))
+        await self._run(lambda c: c.h.aio_zero(count, offset, None, flags))
 
     async def cache(self, count: int, offset: int, flags: int) -> None:
         if self._caps.cache is not Support.NATIVE:
             return  # a hint only; the session emulates CACHE by reading when we say EMULATE
-        await self._run(lambda h: h.aio_cache(count, offset, None, 0))
+        await self._run(lambda c: c.h.aio_cache(count, offset, None, 0))
 
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
         if not self._caps.extents:
@@ -517,7 +557,7 @@ class Upstream(Backend):
                 out.extend(zip(entries[::2], entries[1::2], strict=True))
             return 0
 
-        await self._run(lambda h: h.aio_block_status(count, offset, extent, None, flags))
+        await self._run(lambda c: c.h.aio_block_status(count, offset, extent, None, flags))
         if not out:
             raise OSError(errno.EIO, f"upstream {self.uri} returned no extents")
         return out
