@@ -3,7 +3,7 @@
 The hot path: on a plain socket the event loop reads straight into the request framer's buffer
 (a BufferedProtocol, the socket watched for the whole connection: no registration per read);
 the framer cuts requests out of it (many small ones per read) and lets large WRITE payloads land
-in pooled buffers. Requests run concurrently, eagerly (one that never waits needs no Task), and
+in pooled buffers. Requests run concurrently, eagerly and without Tasks (eager.py), and
 reply out of order unless the node asks for ordered replies or fully serial execution. Replies
 leave as one `sendmsg` of header + data views, on a duplicate of the socket.
 """
@@ -25,7 +25,7 @@ from ..protocol.constants import (
 )
 from ..protocol.errors import ProtocolError, to_wire
 from ..protocol.handshake import NEED_DATA, Closed, Ready, ServerHandshake, StartTLS
-from .eager import start_eager
+from .eager import Resumed, start_eager
 from .framing import RequestFramer
 from .replies import ZERO_CHUNK, ZEROES, pieces_of, read_reply
 from .stream import Buffer, SocketStream, Stream, TLSStream
@@ -91,6 +91,9 @@ class Session:
         self.client = client
         self.handshake: ServerHandshake | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        #: Requests that had to wait, carried on without a Task (see eager.py).
+        self.waiting: set[Resumed] = set()
+        self._drainers: list[asyncio.Future[None]] = []  #: drain() calls waiting for them
         self.closed = False
         self._send_lock = asyncio.Lock()
         self._senders = 0  #: replies holding or waiting for the send lock
@@ -148,8 +151,28 @@ class Session:
     async def drain(self) -> None:
         """Let requests in flight finish and their replies leave, including the rest of corked
         replies a full socket did not take (spec: on DISC the server finishes them first)."""
-        while self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+        try:
+            while self.tasks or self.waiting:
+                if self.waiting:
+                    # One future per caller: cancelling one drain() leaves the others waiting.
+                    idle = asyncio.get_running_loop().create_future()
+                    self._drainers.append(idle)
+                    await idle
+                if self.tasks:
+                    await asyncio.gather(*self.tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            for request in list(self.waiting):
+                request.cancel()  # as gather() cancels the tasks it waits for
+            raise
+
+    def _request_done(self, request: Resumed) -> None:
+        waiting = self.waiting
+        waiting.discard(request)
+        if not waiting and self._drainers:
+            drainers, self._drainers = self._drainers, []
+            for idle in drainers:
+                if not idle.done():
+                    idle.set_result(None)
 
     def begin_shutdown(self) -> None:
         if self.handshake is not None:
@@ -312,10 +335,11 @@ class Session:
         if self._ordering == "ordered":
             previous, mine = self._last_reply, self._loop.create_future()
             self._last_reply = mine
-        task = start_eager(self._loop, self._serve(req, err, payload, previous, mine))
-        if task is not None:
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+        request = start_eager(
+            self._loop, self._serve(req, err, payload, previous, mine), self._request_done
+        )
+        if request is not None:
+            self.waiting.add(request)
 
     def _tolerated_tail(self, req: tx.Request) -> bool:
         """--eof-tolerant: a structured READ that starts inside the export but runs past its end
