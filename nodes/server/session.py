@@ -14,9 +14,10 @@ import asyncio
 import errno
 import logging
 import time
-from typing import TYPE_CHECKING, cast
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
-from ..base import ClientInfo, Piece, Support, current_client
+from ..base import ClientInfo, Support, current_client
 from ..protocol import transmission as tx
 from ..protocol.constants import (
     Cmd,
@@ -382,9 +383,13 @@ class Session:
                         valid = min(req.length, self.t.size - req.offset)
                         if self._lends:
                             pieces = node.backend.lend_read(valid, req.offset) if valid else []
+                        elif valid:
+                            read_buf = node.pool.get(valid)
+                            view = memoryview(read_buf)[:valid]
+                            holes = await node.backend.pread(view, req.offset, req.flags)
+                            pieces = pieces_of(view, holes)
                         else:
-                            read_buf = node.pool.get(valid) if valid else None
-                            pieces = await self._read(req, read_buf, valid)
+                            pieces = []
                         parts = read_reply(self.t, req, pieces, valid, bool(req.flags & _DF))
                     else:
                         parts = await self._execute(req, payload)
@@ -403,7 +408,9 @@ class Session:
             if previous is not None:
                 await previous
             held, read_buf = read_buf, None  # _send gives it back once the reply is out
-            await self._send(parts, held)
+            rest = self._send(parts, held)
+            if rest is not None:
+                await rest
         finally:
             if mine is not None and not mine.done():
                 mine.set_result(None)
@@ -422,9 +429,13 @@ class Session:
                 nbytes = req.length if (req.cmd == _READ or req.cmd == _WRITE) and not failed else 0
                 op.record(nbytes, time.perf_counter() - started, failed)
 
-    async def _send(self, parts: list[Buffer], held: bytearray | None = None) -> None:
+    def _send(
+        self, parts: list[Buffer], held: bytearray | None = None
+    ) -> Coroutine[Any, Any, None] | None:
         """Send one reply whole (not at all if the client is gone), then give `held` (the
-        pooled buffer it shows) back."""
+        pooled buffer it shows) back. Mostly that is done at once (or the reply is corked);
+        else this returns the coroutine that sends the rest, for the caller to await. (Not a
+        coroutine itself: one fewer per request.)"""
         if self._feeding and self._cork_replies:
             # Served inline while requests are being read: the reply leaves with the others
             # when the read is done. (Replies of requests that waited go at once: gathering
@@ -435,11 +446,12 @@ class Session:
             self._cork_bytes += sum(map(len, parts))
             if self._cork_bytes >= MAX_CORK:
                 self._flush_cork()
-            return
+            return None
         held_list = [held] if held is not None else []
         sent = self._send_now(parts, held_list)
-        if sent is not None:
-            await self._send_rest(parts, sent, held_list)
+        if sent is None:
+            return None
+        return self._send_rest(parts, sent, held_list)
 
     def _send_now(self, parts: list[Buffer], held: list[bytearray]) -> int | None:
         """Send what the socket takes now, unless another reply is on its way out. None when
@@ -495,13 +507,6 @@ class Session:
         return tx.simple_reply(req.cookie, err)
 
     # Operations ----------------------------------------------------------------------------
-
-    async def _read(self, req: tx.Request, buf: bytearray | None, valid: int) -> list[Piece]:
-        """Read `valid` bytes into `buf`: pieces of it, and holes the backend left unfilled."""
-        if buf is None:
-            return []
-        view = memoryview(buf)[:valid]
-        return pieces_of(view, await self.node.backend.pread(view, req.offset, req.flags))
 
     async def _execute(self, req: tx.Request, payload: bytearray | None) -> list[Buffer]:
         backend, caps = self.node.backend, self.caps
