@@ -30,6 +30,14 @@ from ..protocol.constants import CmdFlag
 from ..registry import register
 from ._blocks import RWLock, shift_holes, skip_extents
 
+# Plain ints: `int & IntFlag` runs Python code in enum.py (about 1 µs), per request.
+_FUA, _NO_HOLE, _REQ_ONE, _FAST_ZERO = (
+    int(CmdFlag.FUA),
+    int(CmdFlag.NO_HOLE),
+    int(CmdFlag.REQ_ONE),
+    int(CmdFlag.FAST_ZERO),
+)
+
 #: Largest request we take from a client (nbdkit's MAX_REQUEST_SIZE).
 MAX_REQUEST = 64 * 1024 * 1024
 #: What we send upstream when it advertises no maximum (what conservative servers take).
@@ -162,7 +170,7 @@ class Blocksize(Filter):
     def _piece_flags(self, flags: int) -> int:
         # FUA on every piece only when the upstream does it natively (else the session flushes).
         if self.next.capabilities().fua is Support.NATIVE:
-            return flags & CmdFlag.FUA
+            return flags & _FUA
         return 0
 
     async def _write_split(self, buf: memoryview, offset: int, flags: int) -> None:
@@ -218,12 +226,12 @@ class Blocksize(Filter):
     async def zero(self, count: int, offset: int, flags: int) -> None:
         end = offset + count
         a, b = self._aligned_span(offset, count)
-        zflags = self._piece_flags(flags) | (flags & (CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO))
+        zflags = self._piece_flags(flags) | (flags & (_NO_HOLE | _FAST_ZERO))
         if a == offset and b == end:
             async with self.rmw.shared():
                 await self._len_split(self.next.zero, count, offset, zflags)
             return
-        if flags & CmdFlag.FAST_ZERO:
+        if flags & _FAST_ZERO:
             raise OSError(errno.ENOTSUP, "an unaligned zero needs a read-modify-write")
         wflags = self._piece_flags(flags)
         async with self.rmw.exclusive():
@@ -251,6 +259,6 @@ class Blocksize(Filter):
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
         mn, _, maxlen = self._limits()
         lo, hi = _down(offset, mn), min(_up(offset + count, mn), self._size())
-        got = await self.next.extents(min(hi - lo, maxlen), lo, flags & CmdFlag.REQ_ONE)
+        got = await self.next.extents(min(hi - lo, maxlen), lo, flags & _REQ_ONE)
         out = skip_extents(got, offset - lo)
         return out or [(count, 0)]
