@@ -42,6 +42,10 @@ class SparseStore:
 
     def lend_read(self, count: int, offset: int) -> list[Piece]:
         """Views of the stored bytes, and hole lengths for pages never written."""
+        index, in_page = divmod(offset, PAGE)
+        if 0 < count <= PAGE - in_page:  # within one page: most small reads
+            page = self.pages.get(index)
+            return [count] if page is None else [memoryview(page)[in_page : in_page + count]]
         pieces: list[Piece] = []
         pos, end, pages = offset, offset + count, self.pages
         while pos < end:
@@ -71,6 +75,13 @@ class SparseStore:
         return holes
 
     def write(self, buf: memoryview, offset: int) -> None:
+        index, in_page = divmod(offset, PAGE)
+        if 0 < len(buf) <= PAGE - in_page:  # within one page: most small writes
+            page = self.pages.get(index)
+            if page is None:
+                page = self.pages[index] = bytearray(PAGE)
+            page[in_page : in_page + len(buf)] = buf
+            return
         pos, end, pages = 0, len(buf), self.pages
         while pos < end:
             index, in_page = divmod(offset + pos, PAGE)
