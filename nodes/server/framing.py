@@ -28,7 +28,10 @@ MAX_SKIP = 64 * 1024 * 1024
 _HEADER = REQUEST.size
 _WRITE, _DISC = int(Cmd.WRITE), int(Cmd.DISC)
 
-Dispatch = Callable[[tx.Request, Err, "bytearray | None"], None]
+#: Called with each request, the verdict of `validate` on it, and for an accepted WRITE its
+#: payload: a view of exactly its length into a pooled buffer (`view.obj`), which the callee
+#: gives back to the pool when done with it.
+Dispatch = Callable[[tx.Request, Err, "memoryview | None"], None]
 
 
 class RequestFramer:
@@ -87,7 +90,7 @@ class RequestFramer:
             if self._req is not None:
                 if not self._collect():
                     return
-                req, err, payload = self._req, self._err, self._payload
+                req, err, payload = self._req, self._err, self._target
                 self._req = self._payload = self._target = None
                 self._dispatch(req, err, payload)
                 continue

@@ -327,7 +327,7 @@ class Session:
             return Err.OK
         return err
 
-    def _dispatch(self, req: tx.Request, err: Err, payload: bytearray | None) -> None:
+    def _dispatch(self, req: tx.Request, err: Err, payload: memoryview | None) -> None:
         """Start one request: run it now, and only if it has to wait, as a Task."""
         self._busy += 1
         if req.cmd == _READ or req.cmd == _WRITE:
@@ -357,7 +357,7 @@ class Session:
         self,
         req: tx.Request,
         err: Err,
-        payload: bytearray | None,
+        payload: memoryview | None,
         previous: asyncio.Future[None] | None,
         mine: asyncio.Future[None] | None,
     ) -> None:
@@ -415,7 +415,7 @@ class Session:
             if mine is not None and not mine.done():
                 mine.set_result(None)
             if payload is not None:
-                node.pool.put(payload)
+                node.pool.put(cast(bytearray, payload.obj))
             if read_buf is not None:
                 node.pool.put(read_buf)
             stats.in_flight -= 1
@@ -508,7 +508,7 @@ class Session:
 
     # Operations ----------------------------------------------------------------------------
 
-    async def _execute(self, req: tx.Request, payload: bytearray | None) -> list[Buffer]:
+    async def _execute(self, req: tx.Request, payload: memoryview | None) -> list[Buffer]:
         backend, caps = self.node.backend, self.caps
         cmd, flags, offset, length = req.cmd, req.flags, req.offset, req.length
         fua = bool(flags & _FUA)
@@ -532,7 +532,7 @@ class Session:
             pass  # zero-length write/trim/zero/cache: a no-op that succeeds
         elif cmd == _WRITE:
             assert payload is not None
-            await backend.pwrite(memoryview(payload)[:length], offset, flags)
+            await backend.pwrite(payload, offset, flags)
         elif cmd == _TRIM:
             await backend.trim(length, offset, flags)
         elif cmd == _ZERO:

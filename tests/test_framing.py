@@ -1,0 +1,172 @@
+"""nodes/server/framing.py, the sans-IO request framer, driven as the event loop drives it.
+
+However the byte stream is cut into reads, the same requests come out in order, each WRITE with
+its payload whole; a rejected WRITE's payload is skipped and the stream stays in step; DISC ends
+the stream; backpressure stops dispatching and loses nothing; a bad magic or a rejected payload
+too big to skip is a ProtocolError.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nodes.protocol import transmission as tx
+from nodes.protocol.constants import REQUEST, REQUEST_MAGIC, Cmd, Err
+from nodes.protocol.errors import ProtocolError
+from nodes.server.framing import MAX_SKIP, RECV_BUFFER, RequestFramer
+from nodes.server.session import BufferPool
+
+Seen = tuple[int, int, Err, bytes | None]  # cmd, cookie, verdict, payload
+
+
+def header(cmd: int, cookie: int, length: int, offset: int = 0, flags: int = 0) -> bytes:
+    return REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+
+
+class Harness:
+    """A framer whose requests are validated by cookie (odd cookies are rejected), and which
+    records what it dispatches and gives payload buffers back to the pool, as the session does."""
+
+    def __init__(self, leftover: bytes = b"") -> None:
+        self.pool = BufferPool()
+        self.seen: list[Seen] = []
+        self.framer = RequestFramer(self.validate, self.dispatch, self.pool, leftover)
+        self.blocked = False
+
+    @staticmethod
+    def validate(req: tx.Request) -> Err:
+        return Err.EINVAL if req.cookie % 2 else Err.OK
+
+    def dispatch(self, req: tx.Request, err: Err, payload: memoryview | None) -> None:
+        data = None
+        if payload is not None:
+            assert len(payload) == req.length
+            data = bytes(payload)
+            self.pool.put(payload.obj)  # type: ignore[arg-type]  # reused by the next WRITE
+        self.seen.append((req.cmd, req.cookie, err, data))
+
+    def push(self, stream: bytes, cuts: list[int]) -> None:
+        """Deliver `stream` in reads of the sizes in `cuts` (cycled), each no bigger than the
+        buffer the framer offers, feeding after each read as the protocol callback does."""
+        pos, i = 0, 0
+        while pos < len(stream) and not self.framer.disconnected:
+            buf = self.framer.get_buffer()
+            assert len(buf) > 0, "an empty buffer would stall the event loop's reads"
+            n = min(len(buf), cuts[i % len(cuts)], len(stream) - pos)
+            i += 1
+            buf[:n] = stream[pos : pos + n]
+            self.framer.buffer_updated(n)
+            self.framer.feed(lambda: self.blocked)
+            pos += n
+
+
+request_specs = st.lists(
+    st.tuples(
+        st.sampled_from([Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, Cmd.WRITE]),
+        st.integers(0, 70000),  # length: payload bytes for a WRITE
+        st.booleans(),  # rejected by validate
+    ),
+    max_size=40,
+)
+
+
+def build(specs: list[tuple[Cmd, int, bool]]) -> tuple[bytes, list[Seen]]:
+    stream, expected = bytearray(), []
+    for i, (cmd, length, rejected) in enumerate(specs):
+        cookie = 2 * i + (1 if rejected else 0)
+        stream += header(cmd, cookie, length)
+        payload = None
+        if cmd == Cmd.WRITE and length:
+            data = os.urandom(length)
+            stream += data
+            payload = None if rejected else data
+        expected.append((int(cmd), cookie, Err.EINVAL if rejected else Err.OK, payload))
+    return bytes(stream), expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(specs=request_specs, cuts=st.lists(st.integers(1, 300000), min_size=1, max_size=8))
+def test_any_cutting_of_the_stream_gives_the_same_requests_and_payloads(specs, cuts):
+    stream, expected = build(specs)
+    h = Harness()
+    h.push(stream, cuts)
+    assert h.seen == expected
+    assert not h.framer.disconnected
+
+
+@settings(max_examples=50, deadline=None)
+@given(specs=request_specs, split=st.integers(0, 200))
+def test_bytes_left_over_from_the_handshake_are_framed_first(specs, split):
+    stream, expected = build(specs)
+    split = min(split, len(stream))
+    h = Harness(leftover=stream[:split])
+    h.framer.feed(lambda: False)
+    h.push(stream[split:], [4096])
+    assert h.seen == expected
+
+
+def test_disc_ends_the_stream_and_nothing_after_it_is_dispatched():
+    h = Harness()
+    stream = header(Cmd.READ, 2, 512) + header(Cmd.DISC, 4, 0) + header(Cmd.READ, 6, 512)
+    h.push(stream, [len(stream)])
+    assert h.seen == [(int(Cmd.READ), 2, Err.OK, None)]
+    assert h.framer.disconnected
+
+
+def test_backpressure_stops_dispatching_and_the_rest_follows_when_released():
+    specs = [(Cmd.WRITE, 5000, False), (Cmd.READ, 4096, False), (Cmd.WRITE, 300, False)]
+    stream, expected = build(specs)  # type: ignore[arg-type]
+    h = Harness()
+    h.blocked = True
+    h.push(stream, [len(stream)])  # all of it read, none of it dispatched yet
+    assert h.seen == []
+    h.blocked = False
+    h.framer.feed(lambda: h.blocked)
+    assert h.seen == expected
+
+
+def test_headers_cut_at_the_end_of_the_read_buffer_are_moved_to_its_front_and_parsed_whole():
+    """Reads of 100,000 bytes of 28-byte headers leave part of a header at the end each time;
+    when the free space runs low the framer moves it to the front of the buffer."""
+    specs = [(Cmd.READ, 512, i % 7 == 0) for i in range(20000)]
+    stream, expected = build(specs)  # type: ignore[arg-type]
+    h = Harness()
+    h.push(stream, [100000])
+    assert h.seen == expected
+
+
+def test_a_payload_is_read_straight_into_its_buffer_once_the_read_buffer_is_empty():
+    h = Harness()
+    data = os.urandom(3 * RECV_BUFFER)
+    h.push(header(Cmd.WRITE, 2, len(data)), [32])
+    target = h.framer.get_buffer()
+    assert len(target) == len(data)  # the payload's own buffer, not the read buffer
+    h.push(data, [RECV_BUFFER // 3])
+    assert h.seen == [(int(Cmd.WRITE), 2, Err.OK, data)]
+
+
+@pytest.mark.parametrize(
+    "stream, why",
+    [
+        (REQUEST.pack(0xDEADBEEF, 0, Cmd.READ, 2, 0, 512), "bad request magic"),
+        (header(Cmd.WRITE, 1, MAX_SKIP + 1), "too big"),
+    ],
+)
+def test_a_stream_that_cannot_be_followed_is_a_protocol_error(stream: bytes, why: str):
+    h = Harness()
+    with pytest.raises(ProtocolError, match=why):
+        h.push(stream, [len(stream)])
+
+
+def test_release_gives_a_half_filled_payload_buffer_back():
+    h = Harness()
+    h.push(header(Cmd.WRITE, 2, 8192) + bytes(100), [4096])
+    pooled: Callable[[], int] = lambda: h.pool._pooled  # noqa: E731
+    before = pooled()
+    h.framer.release()
+    assert pooled() == before + 8192
