@@ -3,8 +3,8 @@
     python -m bench.instructions [--requests 1000,6000] [--depth 16] [--json FILE]
 
 Throughput on a small shared machine swings by ±15 % from run to run (bench/RESULTS.md), too much
-to see a change of a few per cent on the hot path. An instruction count does not swing: the same
-code, inputs and requests give the same count whatever else the machine is doing. So this runs the
+to see a change of a few per cent on the hot path. An instruction count hardly swings (about 1 %
+between runs of our nodes): it does not depend on what else the machine is doing. So this runs the
 one server process being measured under `valgrind --tool=callgrind`, drives it with libnbd for N1
 and then N2 requests of 4 KiB at the given queue depth (offsets spread over a prefilled 16 MiB),
 and reports (count(N2) - count(N1)) / (N2 - N1): the cost of one request, start-up and shutdown

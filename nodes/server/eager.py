@@ -6,8 +6,8 @@ on 3.11, Debian's, for python3-libnbd). A request that does wait (on its upstrea
 send lock) is carried on by a `Resumed` driver: it resumes the coroutine from the done callback of
 the future it waits on. That is what a Task's step does, without the rest of a Task's cost per
 request (joining and leaving asyncio's WeakSet of tasks, in Python code; the Task object, its
-wake-up wrapper): 5,400 fewer instructions per request through a proxy hop (150,500 -> 145,100,
-callgrind, bench/instructions.py).
+wake-up wrapper): about 5,400 fewer instructions per request through a proxy hop (callgrind; see
+bench/RESULTS.md and bench/instructions.py).
 
 What a driven coroutine must not rely on: `asyncio.current_task()` is None in it, so no
 `asyncio.timeout()`; `asyncio.wait_for`, `gather`, `shield`, locks, events and sleeps all work, as
