@@ -140,8 +140,7 @@ class Upstream(Backend):
         self._turn = 0
         self._caps = Capabilities(size=0)
         self._max_request = DEFAULT_MAX_REQUEST
-        self._can_df = False
-        self._read_flags = 0
+        self._read_flags = 0  #: what reads may carry upstream (set per connection)
         self._reconnect_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -239,9 +238,8 @@ class Upstream(Backend):
                 except OSError:
                     break  # a smaller pool still works
         self._caps = self._read_caps(first)
-        self._can_df = bool(first.can_df())
         # The read flags the upstream may be sent: DF only if it has it, FUA only if native.
-        self._read_flags = _READ_FLAGS & ~(0 if self._can_df else _DF)
+        self._read_flags = _READ_FLAGS if first.can_df() else _READ_FLAGS & ~_DF
         if self._caps.fua is not Support.NATIVE:
             self._read_flags &= ~_FUA
         maximum = first.get_block_size(nbd.SIZE_MAXIMUM)
@@ -505,8 +503,8 @@ class Upstream(Backend):
 
     async def _pread_split(self, buf: memoryview, offset: int, flags: int) -> Holes:
         """A read larger than the upstream takes at once, as several reads in flight."""
-        step, total = self._max_request, len(buf)
-        starts = range(0, total, step)
+        step = self._max_request
+        starts = range(0, len(buf), step)
         got = await _gather([self.pread(buf[p : p + step], offset + p, flags) for p in starts])
         holes: list[tuple[int, int]] = []
         for p, part in zip(starts, got, strict=True):
@@ -516,16 +514,16 @@ class Upstream(Backend):
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         flags &= _WRITE_FLAGS
-        total = len(buf)
-        if total <= self._max_request:
-            await self._run(lambda c: c.calls.pwrite(buf, offset, None, flags))
+        step = self._max_request
+        if len(buf) > step:  # as several writes in flight
+            await _gather(
+                [
+                    self.pwrite(buf[p : p + step], offset + p, flags)
+                    for p in range(0, len(buf), step)
+                ]
+            )
             return
-        pieces = []
-        for pos in range(0, total, self._max_request):
-            n = min(self._max_request, total - pos)
-            view, at = buf[pos : pos + n], offset + pos
-            pieces.append(self._run(lambda c, v=view, o=at: c.calls.pwrite(v, o, None, flags)))
-        await _gather(pieces)
+        await self._run(lambda c: c.calls.pwrite(buf, offset, None, flags))
 
     async def flush(self, flags: int) -> None:
         if not self._caps.flush:
