@@ -328,7 +328,7 @@ class Session:
         return err
 
     def _dispatch(self, req: tx.Request, err: Err, payload: memoryview | None) -> None:
-        """Start one request: run it now, and only if it has to wait, as a Task."""
+        """Start one request: run it now, and only if it has to wait, carried on by a driver."""
         self._busy += 1
         if req.cmd == _READ or req.cmd == _WRITE:
             self._busy_bytes += req.length
@@ -346,9 +346,9 @@ class Session:
         """--eof-tolerant: a structured READ that starts inside the export but runs past its end
         gets the valid part and then an ERROR_OFFSET for the tail."""
         t = self.t
-        if not (self.node.options.eof_tolerant and t.structured and req.cmd == Cmd.READ):
+        if not (self.node.options.eof_tolerant and t.structured and req.cmd == _READ):
             return False
-        if req.flags & ~int(CmdFlag.FUA) or req.length > t.block_max:
+        if req.flags & ~_FUA or req.length > t.block_max:
             return False
         trial = tx.Request(req.flags, req.cmd, req.cookie, req.offset, t.size - req.offset)
         return req.offset < t.size < req.offset + req.length and tx.validate(trial, t) is Err.OK
