@@ -35,6 +35,14 @@ def test_a_coroutine_that_never_waits_runs_at_once_without_a_driver():
     run(scenario)
 
 
+async def settled(done: list[Resumed], seconds: float) -> None:
+    """Let the loop run until a driver has reported done (or `seconds` have passed)."""
+    for _ in range(round(seconds / 0.01)):
+        if done:
+            return
+        await asyncio.sleep(0.01)
+
+
 def _unexpected(_: Resumed) -> None:
     raise AssertionError("done() is only for requests that waited")
 
@@ -71,10 +79,7 @@ def test_a_waiting_coroutine_is_resumed_on_every_kind_of_wait_and_reports_done_o
         assert driver is not None and steps == ["start"]
         loop.call_later(0.01, fut.set_result, 7)
         loop.call_later(0.1, event.set)
-        for _ in range(200):
-            if done:
-                break
-            await asyncio.sleep(0.01)
+        await settled(done, 2.0)
         assert done == [driver]
         return steps
 
@@ -148,10 +153,7 @@ def test_cancel_raises_where_the_coroutine_waits_and_it_can_clean_up(where):
         await asyncio.sleep(0.05)
         assert not done and (where == "future" or len(children) == 2)
         driver.cancel()
-        for _ in range(100):
-            if done:
-                break
-            await asyncio.sleep(0.01)
+        await settled(done, 1.0)
         assert done == [driver]
         if where == "gather":
             assert all(c.cancelled() for c in children)
