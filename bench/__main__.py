@@ -7,6 +7,11 @@ interleaved (ours, theirs, theirs, ours, ...) and reports the median of the runs
 ours / nbdkit (> 1 means we are faster). Workloads: nbdcopy read and write (`--no-extents -S 0` so
 the bytes really move; the first write into a fresh disk is discarded) at 1 MiB and 256 KiB, and
 fio's nbd engine for 4 KiB random reads and writes at queue depth 1 and 16.
+
+Beside each ratio it reports the CPU time the servers of each side used (all their processes: a
+chain's proxies and its memory node), per request for fio and per GiB for nbdcopy, split into user
+and kernel time. Throughput swings with the scheduler from run to run; CPU per unit of work swings
+much less, and says where the time goes.
 """
 
 from __future__ import annotations
@@ -34,7 +39,45 @@ NODE = [sys.executable, "-m", "nodes.cli", "node"]
 @dataclass
 class Server:
     uri: str
-    pids: list[int]
+    pids: list[int]  #: every process serving this export (a chain: all its nodes)
+
+    def over(self, *below: Server) -> Server:
+        """This server with the processes it stands on, so their CPU is counted with it."""
+        return Server(self.uri, self.pids + [pid for b in below for pid in b.pids])
+
+
+@dataclass
+class Cpu:
+    """CPU time of a set of processes: total from schedstat (ns), user/kernel from stat (ticks)."""
+
+    total: float = 0.0
+    user: float = 0.0
+    system: float = 0.0
+
+    @classmethod
+    def of(cls, pids: list[int]) -> Cpu:
+        tick = os.sysconf("SC_CLK_TCK")
+        cpu = cls()
+        for pid in pids:
+            with open(f"/proc/{pid}/schedstat") as f:
+                cpu.total += int(f.read().split()[0]) / 1e9
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # the name may hold spaces
+            cpu.user += int(fields[11]) / tick  # utime, stime: fields 14 and 15 of stat(5)
+            cpu.system += int(fields[12]) / tick
+        return cpu
+
+    def __sub__(self, other: Cpu) -> Cpu:
+        return Cpu(self.total - other.total, self.user - other.user, self.system - other.system)
+
+    def __add__(self, other: Cpu) -> Cpu:
+        return Cpu(self.total + other.total, self.user + other.user, self.system + other.system)
+
+    def per(self, units: float) -> dict[str, float]:
+        """Total, user and kernel CPU per unit of work (user/kernel split from coarse ticks)."""
+        share = self.user / (self.user + self.system) if self.user + self.system else 0.0
+        per = self.total / units if units else 0.0
+        return {"total": per, "user": per * share, "system": per * (1 - share)}
 
 
 class Fabric:
@@ -150,14 +193,14 @@ def chain_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
     k = f.nbdkit("memory", size)
     hop = f.node("nbd", upstreams=(m.uri,))
     khop = f.nbdkit("nbd", f"uri={k.uri}")
-    yield "1-hop proxy", (hop, khop)
+    yield "1-hop proxy", (hop.over(m), khop.over(k))
     m3 = f.node("memory", size)
     a = f.node("nbd", upstreams=(m3.uri,))
     b = f.node("nbd", upstreams=(a.uri,))
     k3 = f.nbdkit("memory", size)
     ka = f.nbdkit("nbd", f"uri={k3.uri}")
     kb = f.nbdkit("nbd", f"uri={ka.uri}")
-    yield "3-hop chain", (b, kb)
+    yield "3-hop chain", (b.over(a, m3), kb.over(ka, k3))
 
 
 def fan_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
@@ -166,10 +209,12 @@ def fan_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
     # the whole export, and the figures are bytes of the source per second).
     quarter = str(parse_size(size) // 4)
     single = f.node("memory", size)
-    members = tuple(f.node("memory", quarter).uri for _ in range(4))
-    yield "stripe x4 vs 1 node", (f.node("stripe", upstreams=members), single)
-    pair = tuple(f.node("memory", size).uri for _ in range(2))
-    yield "mirror x2 vs 1 node", (f.node("mirror", upstreams=pair), f.node("memory", size))
+    members = [f.node("memory", quarter) for _ in range(4)]
+    stripe = f.node("stripe", upstreams=tuple(m.uri for m in members))
+    yield "stripe x4 vs 1 node", (stripe.over(*members), single)
+    pair = [f.node("memory", size) for _ in range(2)]
+    mirror = f.node("mirror", upstreams=tuple(m.uri for m in pair))
+    yield "mirror x2 vs 1 node", (mirror.over(*pair), f.node("memory", size))
 
 
 SUITES = {"core": core_pairs, "chain": chain_pairs, "fan": fan_pairs}
@@ -198,13 +243,23 @@ def run_suite(name: str, f: Fabric, args: argparse.Namespace, source: Path) -> l
                         )
                     )
         for wname, fn, unit in workloads:
-            ours_v: list[float] = []
-            theirs_v: list[float] = []
+            values: tuple[list[float], list[float]] = ([], [])
+            # CPU and work summed over the runs: per request (fio) or per GiB (nbdcopy).
+            cpu = [Cpu(), Cpu()]
+            work = [0.0, 0.0]
             for i in range(args.runs):
-                order = [(ours, ours_v), (theirs, theirs_v)]
-                for server, acc in order if i % 2 == 0 else reversed(order):
-                    acc.append(fn(server.uri))
-            o, t = statistics.median(ours_v), statistics.median(theirs_v)
+                for side in (0, 1) if i % 2 == 0 else (1, 0):
+                    server = (ours, theirs)[side]
+                    before = Cpu.of(server.pids)
+                    value = fn(server.uri)
+                    cpu[side] += Cpu.of(server.pids) - before
+                    values[side].append(value)
+                    work[side] += value * args.seconds if unit == "IOPS" else size / 2**30
+            o, t = statistics.median(values[0]), statistics.median(values[1])
+            scale, per = (1e6, "us/req") if unit == "IOPS" else (1.0, "CPU-s/GiB")
+            ours_cpu, theirs_cpu = (
+                {k: v * scale for k, v in cpu[side].per(work[side]).items()} for side in (0, 1)
+            )
             row = {
                 "suite": name,
                 "setup": label,
@@ -213,14 +268,23 @@ def run_suite(name: str, f: Fabric, args: argparse.Namespace, source: Path) -> l
                 "ours": round(o, 1),
                 "theirs": round(t, 1),
                 "ratio": round(o / t, 3) if t else None,
+                "cpu_unit": per,
+                "ours_cpu": {k: round(v, 3) for k, v in ours_cpu.items()},
+                "theirs_cpu": {k: round(v, 3) for k, v in theirs_cpu.items()},
             }
             rows.append(row)
             print(
                 f"{name:<6} {label:<22} {wname:<22} ours {o:>10.1f} {unit:<5}  "
-                f"other {t:>10.1f}  ratio {row['ratio']}",
+                f"other {t:>10.1f}  ratio {row['ratio']:<6}  {per} ours "
+                f"{_cpu_text(ours_cpu)} other {_cpu_text(theirs_cpu)}",
                 flush=True,
             )
     return rows
+
+
+def _cpu_text(cpu: dict[str, float]) -> str:
+    """total (user+kernel), to 3 significant figures."""
+    return f"{cpu['total']:.3g} ({cpu['user']:.3g}+{cpu['system']:.3g})"
 
 
 def idle_rss_mib(f: Fabric) -> float:

@@ -1,0 +1,71 @@
+"""The benchmark's own plumbing: its CPU accounting, and one small end-to-end run against nbdkit.
+
+Nothing here asserts a speed: only that the bench runs, measures both sides and reports figures
+that are the right kind of number.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.__main__ import Cpu, Server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_cpu_counts_the_time_a_process_spends_working() -> None:
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.0: pass\n"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", spin + "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        before = Cpu.of([proc.pid])
+        deadline = time.monotonic() + 10
+        while (Cpu.of([proc.pid]) - before).total < 0.3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        used = Cpu.of([proc.pid]) - before
+        assert 0.3 <= used.total < 5
+        assert used.user > 0  # a Python loop spends its time in user space
+        per = used.per(2)
+        assert per["total"] == used.total / 2
+        assert abs(per["user"] + per["system"] - per["total"]) < 1e-9
+    finally:
+        proc.communicate(b"")
+
+
+def test_a_server_counts_the_processes_it_stands_on() -> None:
+    memory = Server("nbd+unix:///?socket=/m", [10])
+    proxy = Server("nbd+unix:///?socket=/p", [20]).over(memory)
+    assert proxy.uri.endswith("/p") and proxy.pids == [20, 10]
+
+
+def test_bench_core_suite_runs_against_nbdkit(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, "-m", "bench", "--suite", "core", "--runs", "1", "--size", "16M",
+        "--seconds", "0.5", "--json", str(out),
+    ]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert 10 < report["idle_rss_mib"] < 200
+    rows = report["rows"]
+    assert {(r["setup"], r["workload"]) for r in rows} == {
+        (setup, workload)
+        for setup in ("memory/unix", "memory/tcp")
+        for workload in (
+            "nbdcopy write 1M", "nbdcopy read 1M", "nbdcopy write 256K", "nbdcopy read 256K",
+            "fio 4K randread QD1", "fio 4K randread QD16",
+            "fio 4K randwrite QD1", "fio 4K randwrite QD16",
+        )
+    }  # fmt: skip
+    for row in rows:
+        assert row["ours"] > 0 and row["theirs"] > 0
+        assert abs(row["ratio"] - row["ours"] / row["theirs"]) < 0.01  # from unrounded figures
+        assert row["cpu_unit"] == ("us/req" if row["unit"] == "IOPS" else "CPU-s/GiB")
+        for side in ("ours_cpu", "theirs_cpu"):
+            # Both sides' servers did the work, so both used CPU for it.
+            assert row[side]["total"] > 0, (row, side)
