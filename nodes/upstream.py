@@ -19,6 +19,7 @@ import errno
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,7 +250,7 @@ class Upstream(Backend):
         loop = asyncio.get_running_loop()
         for h in handles:
             conn = _Conn(h, h.aio_get_fd(), _Calls(h))
-            loop.add_reader(conn.fd, self._on_readable, conn)
+            loop.add_reader(conn.fd, self._on_ready, conn, conn.calls.notify_read)
             self._conns.append(conn)
         self.state = "up"
         self.last_error = ""
@@ -358,22 +359,13 @@ class Upstream(Backend):
 
     # Driving libnbd from the event loop ---------------------------------------------------
 
-    def _on_readable(self, conn: _Conn) -> None:
+    def _on_ready(self, conn: _Conn, notify: Callable[[], object]) -> None:
+        """The socket is ready in the direction `notify` (libnbd's aio_notify_read or _write)
+        tells libnbd about."""
         if conn.dead:
             return
         try:
-            conn.calls.notify_read()
-        except nbd.Error as exc:
-            self._reap(conn)
-            self._lost(exc.string)
-            return
-        self._after_io(conn)
-
-    def _on_writable(self, conn: _Conn) -> None:
-        if conn.dead:
-            return
-        try:
-            conn.calls.notify_write()
+            notify()
         except nbd.Error as exc:
             self._reap(conn)
             self._lost(exc.string)
@@ -399,7 +391,7 @@ class Upstream(Backend):
             loop = self._loop
             assert loop is not None
             if want:
-                loop.add_writer(conn.fd, self._on_writable, conn)
+                loop.add_writer(conn.fd, self._on_ready, conn, conn.calls.notify_write)
             else:
                 loop.remove_writer(conn.fd)
             conn.writing = want
