@@ -17,7 +17,7 @@ from .stream import Buffer
 MIN_HOLE_CHUNK = 4096
 ZERO_CHUNK = 1024 * 1024
 ZEROES = bytes(ZERO_CHUNK)
-_ZERO_VIEW = memoryview(ZEROES)
+ZERO_VIEW = memoryview(ZEROES)  #: sliced, never copied: zeroes to send or to write
 
 
 def pieces_of(view: memoryview, holes: Holes) -> list[Piece]:
@@ -75,7 +75,7 @@ def _zeros(length: int) -> list[Buffer]:
     out: list[Buffer] = []
     while length:
         n = min(length, ZERO_CHUNK)
-        out.append(_ZERO_VIEW[:n])
+        out.append(ZERO_VIEW[:n])
         length -= n
     return out
 

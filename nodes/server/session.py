@@ -28,7 +28,7 @@ from ..protocol.errors import ProtocolError, to_wire
 from ..protocol.handshake import NEED_DATA, Closed, Ready, ServerHandshake, StartTLS
 from .eager import Resumed, start_eager
 from .framing import RequestFramer
-from .replies import ZERO_CHUNK, ZEROES, pieces_of, read_reply
+from .replies import ZERO_CHUNK, ZERO_VIEW, pieces_of, read_reply
 from .stream import Buffer, SocketStream, Stream, TLSStream
 
 if TYPE_CHECKING:
@@ -558,7 +558,7 @@ class Session:
         pos = 0
         while pos < length:
             n = min(ZERO_CHUNK, length - pos)
-            await backend.pwrite(memoryview(ZEROES)[:n], offset + pos, write_flags)
+            await backend.pwrite(ZERO_VIEW[:n], offset + pos, write_flags)
             pos += n
 
     async def _cache(self, length: int, offset: int, flags: int) -> None:
