@@ -73,6 +73,14 @@ def _run_dir(args: argparse.Namespace, name: str | None = None) -> tuple[str, Ru
     return name, RunDir(base / name)
 
 
+def _find_fabric(command: str, args: argparse.Namespace) -> tuple[str, RunDir] | None:
+    """The fabric a command acts on, or None after saying why there is none."""
+    found = _run_dir(args)
+    if found is None:
+        _err(command, f"no fabric: {_file(args)} not found (use -f FILE or -p NAME)")
+    return found
+
+
 # -- gRPC client --------------------------------------------------------------------------------
 
 
@@ -387,9 +395,8 @@ def _down(run: RunDir, client: Client | None) -> int:
 
 def cmd_down(argv: Sequence[str]) -> int:
     args = _parser("down", "Stop every node of a fabric and its supervisor.").parse_args(argv)
-    found = _run_dir(args)
+    found = _find_fabric("down", args)
     if found is None:
-        _err("down", f"no fabric: {_file(args)} not found (use -f FILE or -p NAME)")
         return 1
     name, run = found
     client = connect(run)
@@ -437,9 +444,8 @@ def cmd_status(argv: Sequence[str]) -> int:
     p = _parser("status", "Show the nodes of a running fabric.")
     p.add_argument("--json", action="store_true", help="one JSON object per node, in a list")
     args = p.parse_args(argv)
-    found = _run_dir(args)
+    found = _find_fabric("status", args)
     if found is None:
-        _err("status", f"no fabric: {_file(args)} not found (use -f FILE or -p NAME)")
         return 1
     name, run = found
     client = connect(run)
@@ -501,9 +507,8 @@ def cmd_logs(argv: Sequence[str]) -> int:
     p.add_argument("--tail", "-n", type=int, metavar="N", help="only the last N lines")
     p.add_argument("--events", action="store_true", help="stream supervisor events (gRPC)")
     args = p.parse_args(argv)
-    found = _run_dir(args)
+    found = _find_fabric("logs", args)
     if found is None:
-        _err("logs", f"no fabric: {_file(args)} not found")
         return 1
     _, run = found
     if args.events:
@@ -568,9 +573,8 @@ def cmd_events(argv: Sequence[str]) -> int:
     p.add_argument("--no-replay", action="store_true", help="only events from now on")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     args = p.parse_args(argv)
-    found = _run_dir(args)
+    found = _find_fabric("events", args)
     if found is None:
-        _err("events", f"no fabric: {_file(args)} not found (use -f FILE or -p NAME)")
         return 1
     _, run = found
     return _events(run, not args.no_follow, not args.no_replay, args.json, "events")
@@ -588,9 +592,8 @@ def cmd_set(argv: Sequence[str]) -> int:
             _err("set", f"expected KEY=VALUE, got {word!r}")
             return 1
         changes[key] = value
-    found = _run_dir(args)
+    found = _find_fabric("set", args)
     if found is None:
-        _err("set", f"no fabric: {_file(args)} not found")
         return 1
     name, run = found
     client = connect(run)
