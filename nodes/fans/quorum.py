@@ -24,7 +24,7 @@ from typing import Any
 from ..base import Capabilities, Holes, fill_holes
 from ..params import Params, live, param
 from ..registry import register
-from ._common import FanBase, combine_caps, member_name
+from ._common import FanBase, combine_caps
 
 log = logging.getLogger("nbdfabric.quorum")
 
@@ -64,18 +64,12 @@ class Quorum(FanBase):
         return combine_caps(caps, min(c.size for c in caps), fast_zero=False, extents=False)
 
     def members_info(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "index": i,
-                "uri": member_name(m, i),
-                "state": "in_sync" if m.healthy() else "faulty",
-                "healthy": m.healthy(),
-                "mismatches": self.mismatches[i],
-                "errors": self.errors[i],
-                "rewrites": self.rewrites[i],
-            }
-            for i, m in enumerate(self.members)
-        ]
+        info = super().members_info()
+        for i, member in enumerate(info):
+            member.update(
+                mismatches=self.mismatches[i], errors=self.errors[i], rewrites=self.rewrites[i]
+            )
+        return info
 
     def status(self) -> dict[str, Any]:
         out = super().status()
