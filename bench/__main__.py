@@ -48,9 +48,9 @@ class Server:
 
 @dataclass
 class Cpu:
-    """CPU time of a set of processes: total from schedstat (ns), user/kernel from stat (ticks)."""
+    """User and kernel CPU seconds of a set of processes, all their threads (those that ended
+    too) included: /proc/PID/stat, in clock ticks (10 ms), so sum it over runs."""
 
-    total: float = 0.0
     user: float = 0.0
     system: float = 0.0
 
@@ -59,25 +59,24 @@ class Cpu:
         tick = os.sysconf("SC_CLK_TCK")
         cpu = cls()
         for pid in pids:
-            with open(f"/proc/{pid}/schedstat") as f:
-                cpu.total += int(f.read().split()[0]) / 1e9
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()  # the name may hold spaces
-            cpu.user += int(fields[11]) / tick  # utime, stime: fields 14 and 15 of stat(5)
+            cpu.user += int(fields[11]) / tick  # utime, stime: fields 14 and 15 of proc(5)
             cpu.system += int(fields[12]) / tick
         return cpu
 
     def __sub__(self, other: Cpu) -> Cpu:
-        return Cpu(self.total - other.total, self.user - other.user, self.system - other.system)
+        return Cpu(self.user - other.user, self.system - other.system)
 
     def __add__(self, other: Cpu) -> Cpu:
-        return Cpu(self.total + other.total, self.user + other.user, self.system + other.system)
+        return Cpu(self.user + other.user, self.system + other.system)
 
     def per(self, units: float) -> dict[str, float]:
-        """Total, user and kernel CPU per unit of work (user/kernel split from coarse ticks)."""
-        share = self.user / (self.user + self.system) if self.user + self.system else 0.0
-        per = self.total / units if units else 0.0
-        return {"total": per, "user": per * share, "system": per * (1 - share)}
+        """Total, user and kernel CPU per unit of work."""
+        if not units:
+            return {"total": 0.0, "user": 0.0, "system": 0.0}
+        user, system = self.user / units, self.system / units
+        return {"total": user + system, "user": user, "system": system}
 
 
 class Fabric:
