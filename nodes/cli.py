@@ -62,7 +62,22 @@ def _node_parser() -> argparse.ArgumentParser:
     p.add_argument("--keepalive-idle", type=int, metavar="SECONDS")
     p.add_argument("--keepalive-interval", type=int, metavar="SECONDS")
     p.add_argument("--keepalive-count", type=int, metavar="N")
+    p.add_argument(
+        "--poll-max-us",
+        type=_non_negative,
+        default=0,
+        metavar="N",
+        help="before sleeping, poll the sockets for up to N µs, adapting as QEMU's poll-max-ns: "
+        "lower latency for clients at low queue depth, at the cost of a busy core (0: off)",
+    )
     return p
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
 
 
 def cmd_node(argv: Sequence[str]) -> int:
@@ -94,6 +109,7 @@ def cmd_node(argv: Sequence[str]) -> int:
         keepalive_idle=args.keepalive_idle,
         keepalive_interval=args.keepalive_interval,
         keepalive_count=args.keepalive_count,
+        poll_max_us=args.poll_max_us,
     )
     spec = NodeSpec(
         kind=args.kind,

@@ -94,6 +94,9 @@ def _write_ready_file(path: str, info: dict[str, Any]) -> None:
 
 
 async def serve(spec: NodeSpec) -> int:
+    from .server.poll import POLLER
+
+    POLLER.configure(spec.options.poll_max_us)  # before any socket: they register with it
     backend = build_backend(spec)
     runtime = NodeRuntime(backend, spec.options)
     sockets = systemd_sockets()

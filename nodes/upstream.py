@@ -28,6 +28,7 @@ import nbd
 from .base import Backend, Capabilities, Extents, Holes, Support, add_range
 from .params import Params
 from .protocol.constants import CmdFlag
+from .server.poll import POLLER
 
 log = logging.getLogger("nbdfabric.upstream")
 
@@ -147,11 +148,15 @@ class Upstream(Backend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()  #: cut the reconnect back-off short (see reconnect())
         self._attempted = asyncio.Event()  #: set after each reconnect attempt
+        #: The readiness handler: the plain one, or the one that tells the poller (poll.py).
+        self._on_event: Callable[[_Conn, Callable[[], object]], None] = self._on_ready
 
     # Lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if POLLER.enabled:
+            self._on_event = self._on_ready_polled
         deadline = time.monotonic() + self.connect_timeout
         delay = BACKOFF_FIRST
         while True:
@@ -250,7 +255,8 @@ class Upstream(Backend):
         loop = asyncio.get_running_loop()
         for h in handles:
             conn = _Conn(h, h.aio_get_fd(), _Calls(h))
-            loop.add_reader(conn.fd, self._on_ready, conn, conn.calls.notify_read)
+            loop.add_reader(conn.fd, self._on_event, conn, conn.calls.notify_read)
+            POLLER.watch(conn.fd)
             self._conns.append(conn)
         self.state = "up"
         self.last_error = ""
@@ -305,6 +311,7 @@ class Upstream(Backend):
     def _close(self, conn: _Conn, why: str) -> None:
         conn.dead = True
         loop = self._loop
+        POLLER.unwatch(conn.fd)
         if loop is not None and not loop.is_closed():
             loop.remove_reader(conn.fd)
             if conn.writing:
@@ -372,6 +379,13 @@ class Upstream(Backend):
             return
         self._after_io(conn)
 
+    def _on_ready_polled(self, conn: _Conn, notify: Callable[[], object]) -> None:
+        """The same, telling the poller (--poll-max-us) when the loop wakes and when it may poll."""
+        POLLER.woke()
+        self._on_ready(conn, notify)
+        assert self._loop is not None
+        POLLER.idle_soon(self._loop)
+
     def _after_io(self, conn: _Conn) -> None:
         self._reap(conn)
         h = conn.h
@@ -391,7 +405,7 @@ class Upstream(Backend):
             loop = self._loop
             assert loop is not None
             if want:
-                loop.add_writer(conn.fd, self._on_ready, conn, conn.calls.notify_write)
+                loop.add_writer(conn.fd, self._on_event, conn, conn.calls.notify_write)
             else:
                 loop.remove_writer(conn.fd)
             conn.writing = want

@@ -134,6 +134,11 @@ def show_info(info: pb.GetInfoResponse) -> None:
         ("version", f"{d['version']}  pid {d['pid']}  {d['event_loop']}  "
                     f"up {_seconds(d['uptime_seconds'])}"),
     ]  # fmt: skip
+    polling = d["polling"]
+    if polling["max_ns"]:
+        rows.append(("polling", "up to {} µs, now {} µs; {} hits, {} misses".format(
+            polling["max_ns"] // 1000, polling["ns"] // 1000, polling["hits"],
+            polling["misses"])))  # fmt: skip
     con.print(_table(None, ("", ""), rows))
     if d["params"]:
         con.print()

@@ -24,6 +24,7 @@ from grpc_health.v1._async import HealthServicer
 
 from ..server.addresses import parse_address
 from ..server.node import ConfigError, Event, NodeRuntime
+from ..server.poll import POLLER
 from ..stats import LATENCY_BUCKETS
 from .rpc.nbdfabric.v1 import node_pb2 as pb
 from .rpc.nbdfabric.v1 import node_pb2_grpc as pb_grpc
@@ -275,6 +276,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):  # type: ignore[misc]
             pid=os.getpid(),
             uptime_seconds=time.time() - rt.stats.started,
             event_loop=event_loop_name(),
+            polling=pb.Polling(**POLLER.info()),
         )
 
     @rpc

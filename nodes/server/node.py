@@ -44,6 +44,8 @@ class NodeOptions:
     keepalive_interval: int | None = None
     keepalive_count: int | None = None
     shutdown_grace: float = 30.0
+    #: Poll the sockets for up to this long before the loop sleeps (poll.py); 0: off.
+    poll_max_us: int = 0
 
 
 @dataclass

@@ -28,6 +28,7 @@ from ..protocol.errors import ProtocolError, to_wire
 from ..protocol.handshake import NEED_DATA, Closed, Ready, ServerHandshake, StartTLS
 from .eager import Resumed, start_eager
 from .framing import RequestFramer
+from .poll import POLLER
 from .replies import ZERO_CHUNK, ZERO_VIEW, pieces_of, read_reply
 from .stream import Buffer, SocketStream, Stream, TLSStream
 
@@ -117,6 +118,7 @@ class Session:
         self._cork_buffers: list[bytearray] = []
         self._cork_bytes = 0
         self._cork_replies = False
+        self._polled: int | None = None  #: the socket's fd, while POLLER watches it
 
     # Entry ---------------------------------------------------------------------------------
 
@@ -145,6 +147,8 @@ class Session:
             except Exception as exc:
                 log.warning("%s: closing the connection failed: %s", self.client.address, exc)
             finally:
+                if self._polled is not None:
+                    POLLER.unwatch(self._polled)
                 self.stream.close()
                 if self._transport is not None:
                     self._transport.abort()
@@ -245,9 +249,8 @@ class Session:
         self._feed()  # requests that came in with the end of the handshake
         stream = self.stream
         if isinstance(stream, SocketStream) and not done.done():
-            await loop.connect_accepted_socket(
-                lambda: _SocketReader(self, framer), stream.split_reader()
-            )
+            reader = _PollingSocketReader if POLLER.enabled else _SocketReader
+            await loop.connect_accepted_socket(lambda: reader(self, framer), stream.split_reader())
         elif not isinstance(stream, SocketStream):
             await self._read_stream(framer)
         await done
@@ -602,6 +605,23 @@ class _SocketReader(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session._finish()
+
+
+class _PollingSocketReader(_SocketReader):
+    """The same, telling the poller (--poll-max-us) when the loop wakes and when it may poll."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        session = self.session
+        fd = cast(SocketStream, session.stream).sock.fileno()  # the reader's duplicate
+        POLLER.watch(fd)
+        session._polled = fd
+
+    def buffer_updated(self, nbytes: int) -> None:
+        POLLER.woke()
+        self.framer.buffer_updated(nbytes)
+        self.session._feed()
+        POLLER.idle_soon(self.session._loop)
 
 
 def _message(err: Err) -> str:

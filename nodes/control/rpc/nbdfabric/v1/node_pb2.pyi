@@ -124,7 +124,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("kind", "role", "version", "state", "healthy", "params", "export_name", "description", "size", "capabilities", "block_sizes", "uris", "upstreams", "status_json", "read_only", "pid", "uptime_seconds", "event_loop")
+    __slots__ = ("kind", "role", "version", "state", "healthy", "params", "export_name", "description", "size", "capabilities", "block_sizes", "uris", "upstreams", "status_json", "read_only", "pid", "uptime_seconds", "event_loop", "polling")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class GetInfoResponse(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EVENT_LOOP_FIELD_NUMBER: _ClassVar[int]
+    POLLING_FIELD_NUMBER: _ClassVar[int]
     kind: str
     role: NodeRole
     version: str
@@ -161,7 +162,20 @@ class GetInfoResponse(_message.Message):
     pid: int
     uptime_seconds: float
     event_loop: str
-    def __init__(self, kind: _Optional[str] = ..., role: _Optional[_Union[NodeRole, str]] = ..., version: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., healthy: bool = ..., params: _Optional[_Iterable[_Union[Param, _Mapping]]] = ..., export_name: _Optional[str] = ..., description: _Optional[str] = ..., size: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., block_sizes: _Optional[_Union[BlockSizes, _Mapping]] = ..., uris: _Optional[_Iterable[str]] = ..., upstreams: _Optional[_Iterable[_Union[Upstream, _Mapping]]] = ..., status_json: _Optional[str] = ..., read_only: bool = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., event_loop: _Optional[str] = ...) -> None: ...
+    polling: Polling
+    def __init__(self, kind: _Optional[str] = ..., role: _Optional[_Union[NodeRole, str]] = ..., version: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., healthy: bool = ..., params: _Optional[_Iterable[_Union[Param, _Mapping]]] = ..., export_name: _Optional[str] = ..., description: _Optional[str] = ..., size: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., block_sizes: _Optional[_Union[BlockSizes, _Mapping]] = ..., uris: _Optional[_Iterable[str]] = ..., upstreams: _Optional[_Iterable[_Union[Upstream, _Mapping]]] = ..., status_json: _Optional[str] = ..., read_only: bool = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., event_loop: _Optional[str] = ..., polling: _Optional[_Union[Polling, _Mapping]] = ...) -> None: ...
+
+class Polling(_message.Message):
+    __slots__ = ("max_ns", "ns", "hits", "misses")
+    MAX_NS_FIELD_NUMBER: _ClassVar[int]
+    NS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    max_ns: int
+    ns: int
+    hits: int
+    misses: int
+    def __init__(self, max_ns: _Optional[int] = ..., ns: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ...) -> None: ...
 
 class OpStats(_message.Message):
     __slots__ = ("op", "count", "bytes", "errors", "latency_sum_seconds", "latency_buckets")
