@@ -1,6 +1,7 @@
 """Side-by-side benchmark: nbdfabric nodes against nbdkit, in the same run, reporting ratios.
 
-    python -m bench [--suite core,chain,fan] [--runs 3] [--size 512M] [--seconds 5] [--json FILE]
+    python -m bench [--suite core,chain,fan] [--runs 3] [--size 512M] [--seconds 5]
+                    [--poll-max-us N] [--json FILE]
 
 Each suite starts our topology and nbdkit's of the same shape, then runs the same workloads on both,
 interleaved (ours, theirs, theirs, ours, ...) and reports the median of the runs and the ratio
@@ -82,10 +83,11 @@ class Cpu:
 class Fabric:
     """Starts processes in a temp dir and stops them all at exit."""
 
-    def __init__(self, tmp: Path, stack: ExitStack) -> None:
+    def __init__(self, tmp: Path, stack: ExitStack, node_args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.stack = stack
         self.n = 0
+        self.node_args = node_args  #: given to every node of ours (e.g. --poll-max-us)
 
     def _wait(self, proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + 30
@@ -111,7 +113,7 @@ class Fabric:
         self.n += 1
         ready = self.tmp / f"n{self.n}.json"
         listen = "127.0.0.1:0" if tcp else f"unix:{self.tmp}/n{self.n}.sock"
-        cmd = [*NODE, kind, *args, "--listen", listen, "--ready-file", str(ready)]
+        cmd = [*NODE, kind, *args, *self.node_args, "--listen", listen, "--ready-file", str(ready)]
         for u in upstreams:
             cmd += ["--upstream", u]
         proc = self._spawn(cmd)
@@ -302,6 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--size", default="512M", help="disk size and bytes copied per nbdcopy run")
     p.add_argument("--seconds", type=float, default=5, help="fio run time per measurement")
+    p.add_argument(
+        "--poll-max-us",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run our nodes with --poll-max-us N (adaptive polling before sleeping; 0: off)",
+    )
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     rows: list[dict] = []
@@ -314,9 +323,12 @@ def main(argv: list[str] | None = None) -> int:
             with ExitStack() as suite_stack:
                 suite_dir = Path(tmp) / name  # fresh names: old ready files must not be read
                 suite_dir.mkdir()
-                rows += run_suite(name, Fabric(suite_dir, suite_stack), args, source)
+                node_args = ("--poll-max-us", str(args.poll_max_us)) if args.poll_max_us else ()
+                fabric = Fabric(suite_dir, suite_stack, node_args)
+                rows += run_suite(name, fabric, args, source)
     if args.json:
-        Path(args.json).write_text(json.dumps({"idle_rss_mib": rss, "rows": rows}, indent=2))
+        report = {"idle_rss_mib": rss, "poll_max_us": args.poll_max_us, "rows": rows}
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
 
 
