@@ -1,4 +1,4 @@
-"""The `nbdfabric node` command words for a topology node: its params and its export flags.
+"""The `nbdfabric node` command words for a topology node: its params, options and export flags.
 
 Every way of running a fabric (local processes, compose services, Kubernetes containers) builds
 node command lines from these; each adds its own listen, upstream and control addresses.
@@ -41,6 +41,11 @@ def param_words(node: Node, map_file: PathMap = _same) -> list[str]:
             text = map_file(text)
         words.append(f"{key}={text}")
     return words
+
+
+def option_words(node: Node) -> list[str]:
+    """The node's own flags from the topology (only those set)."""
+    return ["--poll-max-us", str(node.poll_max_us)] if node.poll_max_us else []
 
 
 def export_words(

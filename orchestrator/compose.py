@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .argv import export_words, param_words
+from .argv import export_words, option_words, param_words
 from .topology import Node, Topology, is_uri, load_or_report
 
 #: The image every node container runs; `${NBDFABRIC_IMAGE}` overrides it when compose runs.
@@ -75,7 +75,7 @@ class ContainerLayout:
 
     def command(self, node: Node, mounts: Mounts) -> list[str]:
         """The arguments after the image's entrypoint (`nbdfabric`)."""
-        cmd = ["node", node.kind, *param_words(node, mounts.map_file)]
+        cmd = ["node", node.kind, *param_words(node, mounts.map_file), *option_words(node)]
         cmd += ["--name", node.name, "--listen", f"0.0.0.0:{NBD_PORT}"]
         for up in node.upstreams:
             cmd += ["--upstream", self.upstream_uri(up)]

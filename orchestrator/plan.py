@@ -71,6 +71,8 @@ def node_diff(old: Node, new: Node, old_top: Topology, new_top: Topology) -> Act
         reasons.append("export changed")
     if old_top.base_dir != new_top.base_dir and old.raw_params != new.raw_params:
         reasons.append("file moved")
+    if old.poll_max_us != new.poll_max_us:
+        reasons.append(f"poll-max-us {old.poll_max_us} -> {new.poll_max_us}")
     before, after = old.normalized_params(), new.normalized_params()
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     live = live_names(type(new.params))

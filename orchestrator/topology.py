@@ -75,6 +75,8 @@ class Node:
     upstreams: tuple[str, ...] = ()
     restart: str = "always"
     max_restarts: int = 5
+    #: `nbdfabric node --poll-max-us`: poll before sleeping, for up to this many µs (0: off).
+    poll_max_us: int = 0
     line: int | None = None
 
     def normalized_params(self) -> dict[str, Any]:
@@ -131,6 +133,12 @@ class _Strict(BaseModel):
     )
 
 
+_POLL_HELP = (
+    "poll the node's sockets for up to this many µs before it sleeps (adaptive, as QEMU's "
+    "poll-max-ns): lower latency at low queue depth for a busy core; 0: off"
+)
+
+
 class NodeDef(_Strict):
     """One entry of `nodes:`."""
 
@@ -144,6 +152,7 @@ class NodeDef(_Strict):
     max_restarts: int = Field(
         5, ge=0, description="consecutive failed restarts before giving up on the node"
     )
+    poll_max_us: int = Field(0, ge=0, description=_POLL_HELP)
 
 
 class ExportDef(_Strict):
@@ -412,6 +421,7 @@ class _Validator:
             upstreams=tuple(upstreams),
             restart=spec.restart,
             max_restarts=spec.max_restarts,
+            poll_max_us=spec.poll_max_us,
             line=self.lines.line(path),
         )
 
@@ -596,6 +606,7 @@ def json_schema(kinds: Mapping[str, KindInfo] | None = None) -> dict[str, Any]:
             Field("always", description="restart policy"),
         ),
         "max_restarts": (int, Field(5, ge=0, description="failed restarts before giving up")),
+        "poll_max_us": (int, Field(0, ge=0, description=_POLL_HELP)),
     }
     variants: list[Any] = []
     for kind, cls in sorted(kinds.items()):

@@ -123,7 +123,7 @@ INVALID = [
         "unknown node field",
         "nodes:\n  a: {kind: memory, params: {size: 1M}, restrat: never}\n",
         "f.yaml:2: nodes.a.restrat: unknown field (accepts: kind, params, upstream, upstreams, "
-        "restart, max-restarts)",
+        "restart, max-restarts, poll-max-us)",
     ),
     (
         "bad restart policy",
@@ -157,6 +157,11 @@ INVALID = [
         "unknown top-level key",
         "nodes:\n  a: {kind: memory, params: {size: 1M}}\nexport: {}\n",
         "f.yaml:3: export: unknown key (accepts: name, nodes, exports)",
+    ),
+    (
+        "negative poll time",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}, poll-max-us: -1}\n",
+        "f.yaml:2: nodes.a.poll-max-us: ",
     ),
     (
         "unset variable",
@@ -262,6 +267,24 @@ def test_plan_diff_export_change_restarts_exported_node() -> None:
     acts = _actions(CHAIN, CHAIN.replace("127.0.0.1:10809", "127.0.0.1:10810"))
     assert acts["slow"] == ("restart", "export changed")
     assert acts["disk"] == ("unchanged", "")
+
+
+def test_poll_max_us_reaches_every_way_of_running_the_node(tmp_path: Path) -> None:
+    from orchestrator.backends.process import RunDir, node_command
+    from orchestrator.compose import compose_dict
+    from orchestrator.k8s import manifests
+
+    polled = CHAIN.replace("delay-read: 1ms}", "delay-read: 1ms}, poll-max-us: 50")
+    top = load_text(polled, "f.yaml")
+    assert (top.nodes["slow"].poll_max_us, top.nodes["disk"].poll_max_us) == (50, 0)
+    cmd = node_command(top.nodes["slow"], top, RunDir(tmp_path / "run"), control=True)
+    assert cmd[cmd.index("--poll-max-us") + 1] == "50"
+    assert "--poll-max-us" not in node_command(top.nodes["disk"], top, RunDir(tmp_path), False)
+    assert "'--poll-max-us', '50'" in str(compose_dict(top))
+    assert "'--poll-max-us', '50'" in str(manifests(top))
+    assert _actions(CHAIN, polled)["slow"] == ("restart", "poll-max-us 0 -> 50")
+    schema = json.dumps(json_schema())
+    assert '"poll_max_us"' in schema or '"poll-max-us"' in schema
 
 
 def test_topology_schema_has_every_kind_and_flexible_sizes() -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..argv import export_words, param_words
+from ..argv import export_words, option_words, param_words
 from ..topology import Node, Topology, is_uri
 
 #: Longest unix socket path the kernel takes (sun_path is 108 bytes with its NUL).
@@ -109,7 +109,7 @@ def nbdfabric_command() -> list[str]:
 
 def node_command(node: Node, topology: Topology, run: RunDir, control: bool) -> list[str]:
     cmd = [*nbdfabric_command(), "node", node.kind]
-    cmd += param_words(node)
+    cmd += param_words(node) + option_words(node)
     cmd += ["--name", node.name, "--listen", f"unix:{run.sock(node.name)}"]
     cmd += ["--ready-file", str(run.ready(node.name))]
     for up in node.upstreams:
