@@ -68,6 +68,10 @@ def test_a_poll_stops_at_the_first_readable_socket_and_otherwise_sleeps_after_th
         p._poll()
         assert (p.hits, p.misses) == (1, 2)  # an unwatched socket does not count
         p.unwatch(a.fileno())  # twice is harmless (a connection may end two ways)
+        p.watch(a.fileno())
+        p.watch(a.fileno())  # and so is watching twice
+        p._poll()
+        assert p.hits == 2
     finally:
         a.close()
         b.close()
@@ -128,5 +132,9 @@ def test_a_polling_chain_serves_every_byte(tmp_path, start_node, poll: int) -> N
         if poll:
             # 4096 requests in turn, each answered within 1 ms: most found the node polling.
             assert polling.hits > 100, polling
+            shown = subprocess.run(
+                [*NBDFABRIC, "ctl", node.control, "info"], capture_output=True, text=True
+            )
+            assert "polling" in shown.stdout and "up to 1000 µs" in shown.stdout, shown
         else:
             assert (polling.hits, polling.misses, polling.ns) == (0, 0, 0)

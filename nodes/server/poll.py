@@ -58,7 +58,10 @@ class Poller:
     def watch(self, fd: int) -> None:
         """Count `fd` readable as an event worth staying awake for (a client or upstream socket)."""
         if self._epoll is not None:
-            self._epoll.register(fd, select.EPOLLIN)
+            try:
+                self._epoll.register(fd, select.EPOLLIN)
+            except FileExistsError:  # a reused fd number whose old entry is still there
+                self._epoll.modify(fd, select.EPOLLIN)
 
     def unwatch(self, fd: int) -> None:
         """Before `fd` closes (a duplicate of it may stay open, and its entry with it)."""
