@@ -36,14 +36,18 @@ class Node:
         self.proc, self.sock, self.uri = proc, sock, uri
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    """One node for the whole module: every case below must leave it serving."""
+@pytest.fixture(scope="module", params=[0, 100], ids=["plain", "polling"])
+def node(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Node]:
+    """One node for the whole module: every case below must leave it serving. Twice: as is, and
+    polling before it sleeps (--poll-max-us), which reads the same sockets from another path."""
     tmp = tmp_path_factory.mktemp("raw")
     sock, ready = str(tmp / "n.sock"), tmp / "ready.json"
     log = (tmp / "n.log").open("wb")
     cmd = [sys.executable, "-m", "nodes.cli", "node", "memory", str(SIZE),
-           "--listen", f"unix:{sock}", "--ready-file", str(ready)]  # fmt: skip
+           "--listen", f"unix:{sock}", "--ready-file", str(ready),
+           "--poll-max-us", str(request.param)]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log)
     wait_for(ready.exists, 30, "raw node ready")
     uri = json.loads(ready.read_text())["uri"]
