@@ -114,10 +114,12 @@ def test_upstream_errno_preserved(start_node, start_nbdkit):
     h4.pwrite(b"a" * 512, 0)  # the overlay is writable over the read-only upstream
 
 
-def test_upstream_loss_fails_with_eio_then_recovers(start_node, tmp_path):
+@pytest.mark.parametrize("poll", ["0", "200"], ids=["plain", "polling"])
+def test_upstream_loss_fails_with_eio_then_recovers(start_node, tmp_path, poll):
+    """Also with the proxy polling its sockets (the upstream's fd leaves and rejoins the poll)."""
     sock = str(tmp_path / "up.sock")
     mem = start_node("memory", "8M", listen=f"unix:{sock}")
-    proxy = start_node("nbd", upstreams=[mem.uri])
+    proxy = start_node("nbd", upstreams=[mem.uri], extra=("--poll-max-us", poll))
     h = nbd_connect(proxy.uri)
     h.pwrite(b"q" * 4096, 0)
     mem.kill()
