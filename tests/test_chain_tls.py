@@ -22,10 +22,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def test_chain_tls_upstream_carries_data(start_node: Any, pki: Path, tmp_path: Path) -> None:
-    disk = start_node("memory", "8M", extra=("--tls=require", "--tls-certificates", str(pki)))
+@pytest.mark.parametrize("poll", ["0", "200"], ids=["plain", "polling"])
+def test_chain_tls_upstream_carries_data(
+    start_node: Any, pki: Path, tmp_path: Path, poll: str
+) -> None:
+    """Also with both nodes polling before they sleep (the TLS reader and a TLS upstream)."""
+    polling = ("--poll-max-us", poll)
+    tls = ("--tls=require", "--tls-certificates", str(pki))
+    disk = start_node("memory", "8M", extra=(*tls, *polling))
     assert disk.uri.startswith("nbds+unix://")
-    proxy = start_node("nbd", upstreams=[disk.uri], extra=("--upstream-tls-certificates", str(pki)))
+    proxy = start_node(
+        "nbd", upstreams=[disk.uri], extra=("--upstream-tls-certificates", str(pki), *polling)
+    )
     src = tmp_path / "src.img"
     src.write_bytes(bytes(range(256)) * (8 * 4096))
     run(["nbdcopy", str(src), proxy.uri])

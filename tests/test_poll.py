@@ -138,3 +138,28 @@ def test_a_polling_chain_serves_every_byte(tmp_path, start_node, poll: int) -> N
             assert "polling" in shown.stdout and "up to 1000 µs" in shown.stdout, shown
         else:
             assert (polling.hits, polling.misses, polling.ns) == (0, 0, 0)
+
+
+def test_a_tls_session_polls_too(tmp_path, start_node) -> None:
+    """TLS sessions are read by their own coroutine, not the loop's transport: they poll as well,
+    and only once nothing already read waits to be decrypted."""
+    from test_server_lifecycle import make_certificates
+
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_certificates(pki)
+    tls = ("--tls=require", "--tls-certificates", str(pki), "--poll-max-us", "1000")
+    node = start_node("memory", "4M", control=True, extra=tls)
+    h = nbd.NBD()
+    h.set_tls(nbd.TLS_REQUIRE)
+    h.set_tls_certificates(str(pki))
+    h.connect_uri(node.uri)
+    data = os.urandom(4 << 20)
+    h.pwrite(data, 0)
+    digest = hashlib.sha256()
+    for offset in range(0, 4 << 20, 4096):
+        digest.update(h.pread(4096, offset))
+    h.shutdown()
+    assert digest.digest() == hashlib.sha256(data).digest()
+    assert node.control is not None
+    assert info(node.control).polling.hits > 100

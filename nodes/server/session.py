@@ -258,16 +258,25 @@ class Session:
     async def _read_stream(self, framer: RequestFramer) -> None:
         """The reader for streams the loop cannot read for us (TLS)."""
         assert self._done is not None
+        stream = self.stream
+        polling = POLLER.enabled and isinstance(stream, TLSStream)
+        if polling:
+            self._polled = cast(TLSStream, stream).raw.sock.fileno()
+            POLLER.watch(self._polled)
         while not self._done.done():
             if self._reading_paused:
                 await self._room.wait()
                 continue
-            n = await self.stream.recv_into(framer.get_buffer())
+            n = await stream.recv_into(framer.get_buffer())
             if n == 0:
                 self._finish()
                 return
+            if polling:
+                POLLER.woke()
             framer.buffer_updated(n)
             self._feed()
+            if polling and not cast(TLSStream, stream).buffered():
+                POLLER.idle_soon(self._loop)  # nothing left to decrypt: the socket is next
             # A client that keeps the stream full would otherwise never let the loop run.
             await asyncio.sleep(0)
 

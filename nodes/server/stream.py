@@ -176,6 +176,10 @@ class TLSStream(Stream):
                     raise ConnectionResetError("peer closed during the TLS handshake") from None
         await self._pump_out()
 
+    def buffered(self) -> bool:
+        """Bytes already read from the socket and not yet handed out (decrypted or not)."""
+        return bool(self.obj.pending() or self.incoming.pending)
+
     @property
     def peer_certificate(self) -> dict | None:
         return self.obj.getpeercert()
