@@ -12,6 +12,8 @@ Example: `nbdfabric node memory 1G --listen unix:/tmp/m.sock` then
 
 from __future__ import annotations
 
+import mmap
+
 from ..base import (
     Capabilities,
     Extents,
@@ -39,6 +41,9 @@ class SparseStore:
 
     def __init__(self) -> None:
         self.pages: dict[int, bytearray] = {}
+
+    def allocated_pages(self) -> int:
+        return len(self.pages)
 
     def lend_read(self, count: int, offset: int) -> list[Piece]:
         """Views of the stored bytes, and hole lengths for pages never written."""
@@ -131,6 +136,94 @@ class SparseStore:
         return out
 
 
+class SharedStore:
+    """The same pages, in one shared mapping that worker processes forked after it all see
+    (`--workers`): the mapping is the size of the disk, and the kernel gives it memory only
+    where it is written. One byte per page in a second mapping says whether the page holds
+    data; reads, extents, zeroing and trimming follow SparseStore page for page."""
+
+    #: The largest disk it maps: address space, not memory (most of it is never touched).
+    MAX_SIZE = 1 << 46
+
+    def __init__(self, size: int) -> None:
+        if size > self.MAX_SIZE:
+            raise ValueError(
+                f"memory: a disk shared by --workers can be at most {self.MAX_SIZE} bytes "
+                f"(64 TiB), not {size}"
+            )
+        npages = max(1, -(-size // PAGE))
+        shared = mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
+        self._data = mmap.mmap(-1, npages * PAGE, flags=shared)
+        self._allocated = mmap.mmap(-1, npages, flags=shared)  #: 1: the page holds data
+        self._view = memoryview(self._data)
+
+    def allocated_pages(self) -> int:
+        return self._allocated[:].count(1)
+
+    def lend_read(self, count: int, offset: int) -> list[Piece]:
+        """Views of the stored bytes (one for each run of pages with data), hole lengths for
+        the runs without."""
+        pieces: list[Piece] = []
+        allocated, view = self._allocated, self._view
+        pos, end = offset, offset + count
+        while pos < end:
+            index = pos // PAGE
+            has_data = allocated[index]
+            # The run of pages like this one, up to the end of the read.
+            other = allocated.find(b"\x00" if has_data else b"\x01", index + 1, end // PAGE + 1)
+            stop = end if other < 0 else min(end, other * PAGE)
+            pieces.append(view[pos:stop] if has_data else stop - pos)
+            pos = stop
+        return pieces
+
+    def read(self, buf: memoryview, offset: int) -> Holes:
+        holes: list[tuple[int, int]] = []
+        pos = 0
+        for piece in self.lend_read(len(buf), offset):
+            if isinstance(piece, int):
+                add_range(holes, pos, piece)  # not filled: see Holes
+                pos += piece
+            else:
+                n = len(piece)
+                buf[pos : pos + n] = piece
+                pos += n
+        return holes
+
+    def write(self, buf: memoryview, offset: int) -> None:
+        if not len(buf):
+            return
+        self._view[offset : offset + len(buf)] = buf
+        first, last = offset // PAGE, (offset + len(buf) - 1) // PAGE
+        self._allocated[first : last + 1] = b"\x01" * (last - first + 1)
+
+    def zero(self, count: int, offset: int, punch: bool) -> None:
+        pos, end = offset, offset + count
+        allocated, view = self._allocated, self._view
+        while pos < end:
+            index, in_page = divmod(pos, PAGE)
+            n = min(PAGE - in_page, end - pos)
+            if allocated[index]:
+                start = index * PAGE
+                if n == PAGE and punch:
+                    self._free(index)
+                else:
+                    view[pos : pos + n] = _ZERO_PAGE[:n]
+                    if punch and view[start : start + PAGE] == _ZERO_PAGE:
+                        self._free(index)
+            pos += n
+
+    def _free(self, index: int) -> None:
+        self._allocated[index] = 0
+        self._data.madvise(mmap.MADV_REMOVE, index * PAGE, PAGE)  # give the memory back
+
+    def extents(self, count: int, offset: int) -> Extents:
+        hole = Extent.HOLE | Extent.ZERO
+        return [
+            (piece, hole) if isinstance(piece, int) else (len(piece), 0)
+            for piece in self.lend_read(count, offset)  # runs alternate: nothing to merge
+        ]
+
+
 def _append(out: list[tuple[int, int]], length: int, flags: int) -> None:
     if out and out[-1][1] == flags:
         out[-1] = (out[-1][0] + length, flags)
@@ -143,6 +236,7 @@ class Memory(Plugin):
     """A sparse RAM disk; memory grows only with data written."""
 
     kind = "memory"
+    shareable = True  #: --workers (see workers.py)
     Params = MemoryParams
     magic = "size"
     lends_memory = True
@@ -150,7 +244,11 @@ class Memory(Plugin):
 
     def __init__(self, params: MemoryParams) -> None:
         super().__init__(params)
-        self.store = SparseStore()
+        self.store: SparseStore | SharedStore = SparseStore()
+
+    def share(self) -> None:
+        """Before --workers fork: keep the pages where every worker sees them."""
+        self.store = SharedStore(self.params.size)
 
     def capabilities(self) -> Capabilities:
         return Capabilities(
@@ -167,7 +265,7 @@ class Memory(Plugin):
         )
 
     def status(self) -> dict[str, int]:
-        return {"allocated_bytes": len(self.store.pages) * PAGE}
+        return {"allocated_bytes": self.store.allocated_pages() * PAGE}
 
     async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
         return self.store.read(buf, offset)

@@ -1,0 +1,83 @@
+"""The memory node's two stores agree page for page: the dict of pages one process uses, and the
+shared mapping `--workers` uses (same reads, holes, lent pieces, extents, allocation)."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nodes.plugins.memory import PAGE, SharedStore, SparseStore
+
+SIZE = 16 * PAGE + 1000  # a last page that is only partly inside the disk
+
+span = st.integers(0, SIZE - 1).flatmap(
+    lambda offset: st.tuples(st.just(offset), st.integers(1, min(SIZE - offset, 3 * PAGE)))
+)
+op = st.one_of(
+    st.tuples(st.just("write"), span, st.integers(0, 255)),
+    st.tuples(st.just("zero"), span, st.booleans()),
+)
+
+
+def plain(pieces: list) -> list:
+    """Lent pieces as (kind, length) runs: the two stores may cut data runs differently."""
+    out: list[list] = []
+    for piece in pieces:
+        kind, n = ("hole", piece) if isinstance(piece, int) else ("data", len(piece))
+        if out and out[-1][0] == kind:
+            out[-1][1] += n
+        else:
+            out.append([kind, n])
+    return out
+
+
+def data(pieces: list) -> bytes:
+    return b"".join(bytes(p) for p in pieces)  # a hole length gives that many zeros
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(op, max_size=25), span)
+def test_shared_store_behaves_like_the_page_dict(ops: list, probe: tuple[int, int]) -> None:
+    sparse, shared = SparseStore(), SharedStore(SIZE)
+    model = bytearray(SIZE)
+    for kind, (offset, length), arg in ops:
+        if kind == "write":
+            payload = bytes([arg]) * length
+            sparse.write(memoryview(payload), offset)
+            shared.write(memoryview(payload), offset)
+            model[offset : offset + length] = payload
+        else:
+            sparse.zero(length, offset, punch=arg)
+            shared.zero(length, offset, punch=arg)
+            model[offset : offset + length] = bytes(length)
+    assert shared.allocated_pages() == sparse.allocated_pages()
+    for offset, length in (probe, (0, SIZE)):
+        want = sparse.lend_read(length, offset)
+        got = shared.lend_read(length, offset)
+        assert plain(got) == plain(want)
+        assert data(got) == data(want) == bytes(model[offset : offset + length])
+        assert shared.extents(length, offset) == sparse.extents(length, offset)
+        buf_a, buf_b = bytearray(length), bytearray(length)
+        assert shared.read(memoryview(buf_a), offset) == sparse.read(memoryview(buf_b), offset)
+
+
+def test_shared_store_is_shared_with_a_forked_process() -> None:
+    store = SharedStore(4 * PAGE)
+    pid = os.fork()
+    if pid == 0:  # the child writes; the parent must see it
+        try:
+            store.write(memoryview(b"from the child"), PAGE + 5)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert data(store.lend_read(14, PAGE + 5)) == b"from the child"
+    assert store.allocated_pages() == 1
+
+
+def test_shared_store_refuses_disks_beyond_its_address_space() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="at most"):
+        SharedStore(SharedStore.MAX_SIZE + 1)
