@@ -125,6 +125,9 @@ class Backend:
     #: reads straight from it (lend_read), without a copy through a buffer. Writes still arrive
     #: in a buffer first, so a write cut off mid-payload never lands half-way.
     lends_memory: ClassVar[bool] = False
+    #: True for kinds that N processes can serve together (--workers): their state lives in the
+    #: kernel (files), nowhere (null), upstream (nbd), or moves to shared memory in share().
+    shareable: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -136,6 +139,10 @@ class Backend:
         self.params = params
 
     # Lifecycle ----------------------------------------------------------------------------
+
+    def share(self) -> None:
+        """Before --workers forks (only for `shareable` kinds): put state where every process
+        sees it. Most shareable kinds have none to move."""
 
     async def start(self) -> None:
         """Open what the backend needs; capabilities() is valid afterwards."""

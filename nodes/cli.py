@@ -63,6 +63,14 @@ def _node_parser() -> argparse.ArgumentParser:
     p.add_argument("--keepalive-interval", type=int, metavar="SECONDS")
     p.add_argument("--keepalive-count", type=int, metavar="N")
     p.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="serve with N processes sharing the listening sockets and the data, for clients "
+        "with several connections (memory, null, zero, full, pattern, file, nbd)",
+    )
+    p.add_argument(
         "--poll-max-us",
         type=_non_negative,
         default=0,
@@ -71,6 +79,13 @@ def _node_parser() -> argparse.ArgumentParser:
         "lower latency for clients at low queue depth, at the cost of a busy core (0: off)",
     )
     return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
 
 
 def _non_negative(text: str) -> int:
@@ -128,6 +143,7 @@ def cmd_node(argv: Sequence[str]) -> int:
         ready_file=args.ready_file,
         run=args.run,
         name=args.name,
+        workers=args.workers,
     )
     try:
         return run_node(spec)

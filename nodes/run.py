@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class NodeSpec:
     ready_file: str | None = None
     run: str | None = None
     name: str = ""
+    workers: int = 1  #: processes serving the export (workers.py)
 
 
 class SpecError(ValueError):
@@ -93,19 +95,44 @@ def _write_ready_file(path: str, info: dict[str, Any]) -> None:
     os.replace(tmp, path)  # readers never see half a file
 
 
-async def serve(spec: NodeSpec) -> int:
+async def serve(
+    spec: NodeSpec,
+    *,
+    backend: Backend | None = None,
+    sockets: list[socket.socket] | None = None,
+    workers: list[int] | None = None,
+    ready_fd: int | None = None,
+) -> int:
+    """Serve until told to stop. With --workers (workers.py) the backend and listening sockets
+    come ready-made; the first process gets its `workers`' pids and the read end of the pipe
+    on which each says it serves, a worker gets the write end (and reports nothing else)."""
     from .server.poll import POLLER
 
     POLLER.configure(spec.options.poll_max_us)  # before any socket: they register with it
-    backend = build_backend(spec)
-    runtime = NodeRuntime(backend, spec.options)
-    sockets = systemd_sockets()
-    listen = spec.listen
-    if not listen and not sockets:
-        from .server.addresses import parse_address
+    runtime = NodeRuntime(backend or build_backend(spec), spec.options)
+    if sockets is not None:
+        is_worker = workers is None
+        runtime.owns_paths = not is_worker  # the first process removes unix sockets at the end
+        await runtime.start(sockets, [])
+        if is_worker:
+            assert ready_fd is not None
+            os.write(ready_fd, b"w")
+            os.close(ready_fd)
+            return await _serve_as_worker(runtime)
+        assert ready_fd is not None
+        from .workers import wait_ready
 
-        listen = [parse_address("127.0.0.1:10809")]
-    await runtime.start(sockets, listen)
+        await asyncio.get_running_loop().run_in_executor(
+            None, wait_ready, ready_fd, len(workers or [])
+        )
+    else:
+        found = systemd_sockets()
+        listen = spec.listen
+        if not listen and not found:
+            from .server.addresses import parse_address
+
+            listen = [parse_address("127.0.0.1:10809")]
+        await runtime.start(found, listen)
 
     control_addr = metrics_addr = None
     control_server = None
@@ -138,8 +165,18 @@ async def serve(spec: NodeSpec) -> int:
     log.info("%s serving on %s", spec.kind, ", ".join(uris))
 
     loop = asyncio.get_running_loop()
+
+    stopping: list[asyncio.Task[None]] = []
+
+    def stop(sig: int) -> None:
+        if workers:
+            from .workers import forward
+
+            forward(workers, sig)
+        stopping.append(loop.create_task(runtime.shutdown()))
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: loop.create_task(runtime.shutdown()))
+        loop.add_signal_handler(sig, stop, sig)
 
     status = 0
     if spec.run:
@@ -163,7 +200,20 @@ async def serve(spec: NodeSpec) -> int:
         await runtime.stopped.wait()
     if control_server is not None:
         await control_server.stop(grace=1.0)
+    if workers:
+        from .workers import forward, reap
+
+        forward(workers, signal.SIGTERM)  # --run ended, or a gRPC shutdown: they stop too
+        status = status or await loop.run_in_executor(None, reap, workers)
     return status
+
+
+async def _serve_as_worker(runtime: NodeRuntime) -> int:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: loop.create_task(runtime.shutdown()))
+    await runtime.stopped.wait()
+    return 0
 
 
 def run_node(spec: NodeSpec) -> int:
@@ -173,6 +223,10 @@ def run_node(spec: NodeSpec) -> int:
         stream=sys.stderr,
     )
     try:
+        if spec.workers > 1:
+            from .workers import run_workers
+
+            return run_workers(spec)
         return event_loop_runner()(serve(spec))
     except (SpecError, OSError, ValueError) as exc:
         print(f"nbdfabric node {spec.kind}: {exc}", file=sys.stderr)

@@ -28,4 +28,5 @@ class Nbd(Filter):
     """A pass-through proxy to the upstream NBD server."""
 
     kind = "nbd"
+    shareable = True  #: --workers (see workers.py)
     Params = NbdParams

@@ -110,6 +110,7 @@ class File(Plugin):
     """A regular file or block device."""
 
     kind = "file"
+    shareable = True  #: --workers (see workers.py)
     Params = FileParams
     magic = "file"
     params: FileParams

@@ -34,6 +34,7 @@ class Full(ZeroContent):
     """Reads zeros; every write fails with ENOSPC."""
 
     kind = "full"
+    shareable = True  #: --workers (see workers.py)
     Params = FullParams
     magic = "size"
     params: FullParams

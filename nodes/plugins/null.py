@@ -26,6 +26,7 @@ class Null(ZeroContent):
     """Reads zeros, discards writes."""
 
     kind = "null"
+    shareable = True  #: --workers (see workers.py)
     Params = NullParams
     magic = "size"
     params: NullParams

@@ -53,6 +53,7 @@ class Pattern(Plugin):
     """Read-only; each 8-byte big-endian word contains its offset."""
 
     kind = "pattern"
+    shareable = True  #: --workers (see workers.py)
     Params = PatternParams
     magic = "size"
     params: PatternParams

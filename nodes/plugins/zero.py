@@ -26,6 +26,7 @@ class Zero(ZeroContent):
     """A read-only disk that is all zeros (size 0 by default)."""
 
     kind = "zero"
+    shareable = True  #: --workers (see workers.py)
     Params = ZeroParams
     magic = "size"
     params: ZeroParams

@@ -79,6 +79,8 @@ class NodeRuntime:
         self.held = 0  #: requests waiting for resume (counted in stats.in_flight too)
         self.sessions: set[Session] = set()
         self.listeners: list[socket.socket] = []
+        #: Remove unix socket files at shutdown (not in a --workers worker: the first process does).
+        self.owns_paths = True
         self.addresses: list[Address] = []
         self._accept_tasks: list[asyncio.Task[None]] = []
         self._session_tasks: set[asyncio.Task[None]] = set()
@@ -177,7 +179,7 @@ class NodeRuntime:
             task.cancel()
         for sock in self.listeners:
             sock.close()
-        for addr in self.addresses:
+        for addr in self.addresses if self.owns_paths else ():
             if addr.kind == "unix":
                 with contextlib.suppress(OSError):
                     os.unlink(addr.path)

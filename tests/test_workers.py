@@ -1,0 +1,139 @@
+"""`nbdfabric node --workers N`: several processes serving one export, checked with real clients.
+
+Which process accepts a connection is the kernel's choice, so the tests that need a given
+process to serve stop the other one (SIGSTOP): its queued connections then go to the one left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import nbd
+import pytest
+from conftest import NBDFABRIC, ROOT, nbd_connect, wait_for
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_workers_serve_one_disk_from_every_process(start_node) -> None:
+    node = start_node("memory", "8M", extra=("--workers", "2"))
+    first = node.pid
+    (worker,) = children_of(first)
+    data = os.urandom(1 << 20)
+    os.kill(worker, signal.SIGSTOP)  # the next connection can only be the first process's
+    try:
+        a = nbd_connect(node.uri)
+        a.pwrite(data, 4096)
+        a.trim(64 << 10, 4 << 20)
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    os.kill(first, signal.SIGSTOP)  # and this one only the worker's
+    try:
+        b = nbd_connect(node.uri)
+        assert b.pread(len(data), 4096) == data  # written in the other process
+        seen: list[tuple[int, int]] = []
+
+        def extents(context: str, offset: int, entries: list[int], err: object) -> int:
+            seen.extend(zip(entries[::2], entries[1::2], strict=True))
+            return 0
+
+        b.block_status(8 << 20, 0, extents)
+        allocated = sum(length for length, flags in seen if not flags & nbd.STATE_HOLE)
+        assert allocated == 33 * 32768  # the 1M + 4K written touched 33 pages of 32K
+        b.pwrite(b"w" * 4096, 0)
+    finally:
+        os.kill(first, signal.SIGCONT)
+    assert a.pread(4096, 0) == b"w" * 4096  # and back: the worker's write, seen by the first
+    a.shutdown()
+    b.shutdown()
+
+
+def test_workers_take_nbdcopy_connections_and_keep_every_byte(start_node, tmp_path: Path) -> None:
+    node = start_node("memory", "32M", extra=("--workers", "3"))
+    assert len(children_of(node.pid)) == 2
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(32 << 20))
+    subprocess.run(["nbdcopy", "--connections=4", str(src), node.uri], check=True)
+    back = tmp_path / "back.img"
+    subprocess.run(["nbdcopy", "--connections=4", node.uri, str(back)], check=True)
+    assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
+    subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), node.uri], check=True
+    )
+
+
+def test_workers_of_an_nbd_proxy(start_node, tmp_path: Path) -> None:
+    memory = start_node("memory", "16M", extra=("--workers", "2"))
+    proxy = start_node("nbd", upstreams=[memory.uri], extra=("--workers", "2"))
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(16 << 20))
+    subprocess.run(["qemu-img", "convert", "-n", "-O", "raw", str(src), proxy.uri], check=True)
+    subprocess.run(["nbdcopy", "--connections=4", proxy.uri, str(tmp_path / "b.img")], check=True)
+    assert (tmp_path / "b.img").read_bytes() == src.read_bytes()
+
+
+def test_sigterm_stops_every_worker_and_removes_the_socket(start_node) -> None:
+    node = start_node("memory", "8M", extra=("--workers", "3"))
+    workers = children_of(node.pid)
+    assert len(workers) == 2
+    h = nbd_connect(node.uri)
+    h.pwrite(b"x" * 4096, 0)
+    h.shutdown()
+    assert node.stop() == 0
+    wait_for(lambda: not any(alive(pid) for pid in workers), 10, "the workers to exit")
+    assert not os.path.exists(node.socket)
+
+
+def test_a_worker_does_not_outlive_a_killed_first_process(start_node) -> None:
+    node = start_node("null", "1M", extra=("--workers", "2"))
+    (worker,) = children_of(node.pid)
+    node.kill()
+    wait_for(lambda: not alive(worker), 10, "the worker to follow its parent")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["cow"], "cow keeps its state in one process"),
+        (["memory", "1M", "--control", "unix:/tmp/x.ctl"], "cannot be combined with --control"),
+        (["memory", "1M", "--workers", "0"], "must be 1 or more"),
+    ],
+)
+def test_workers_refused_where_they_cannot_work(args: list[str], message: str) -> None:
+    extra = [] if "--workers" in args else ["--workers", "2"]
+    if args[0] == "cow":
+        args = [*args, "--upstream", "nbd+unix:///?socket=/nonexistent"]
+    started = time.monotonic()
+    out = subprocess.run(
+        [*NBDFABRIC, "node", *args, *extra, "--listen", "unix:/tmp/never.sock"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode in (1, 2) and message in out.stderr, out.stderr
+    assert time.monotonic() - started < 30
