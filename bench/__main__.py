@@ -1,7 +1,7 @@
 """Side-by-side benchmark: nbdfabric nodes against nbdkit, in the same run, reporting ratios.
 
     python -m bench [--suite core,chain,fan] [--runs 3] [--size 512M] [--seconds 5]
-                    [--poll-max-us N] [--json FILE]
+                    [--poll-max-us N] [--workers N] [--json FILE]
 
 Each suite starts our topology and nbdkit's of the same shape, then runs the same workloads on both,
 interleaved (ours, theirs, theirs, ours, ...) and reports the median of the runs and the ratio
@@ -31,6 +31,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from nodes import registry
 from nodes.params import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,12 +114,17 @@ class Fabric:
         self.n += 1
         ready = self.tmp / f"n{self.n}.json"
         listen = "127.0.0.1:0" if tcp else f"unix:{self.tmp}/n{self.n}.sock"
-        cmd = [*NODE, kind, *args, *self.node_args, "--listen", listen, "--ready-file", str(ready)]
+        options = self.node_args
+        if "--workers" in options and not registry.get(kind).shareable:
+            at = options.index("--workers")
+            options = options[:at] + options[at + 2 :]  # fans take members, not workers
+        cmd = [*NODE, kind, *args, *options, "--listen", listen, "--ready-file", str(ready)]
         for u in upstreams:
             cmd += ["--upstream", u]
         proc = self._spawn(cmd)
         self._wait(proc, ready.exists, f"node {kind}")
-        return Server(json.loads(ready.read_text())["uri"], [proc.pid])
+        # With --workers the node is several processes: count them all (ready = all serve).
+        return Server(json.loads(ready.read_text())["uri"], [proc.pid, *_children(proc.pid)])
 
     def nbdkit(self, *args: str, tcp: bool = False) -> Server:
         self.n += 1
@@ -133,6 +139,19 @@ class Fabric:
             uri = f"nbd+unix:///?socket={sock}"
             self._wait(proc, sock.exists, "nbdkit")
         return Server(uri, [proc.pid])
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
 
 
 def _free_port() -> int:
@@ -311,6 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="run our nodes with --poll-max-us N (adaptive polling before sleeping; 0: off)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run our nodes with --workers N (N processes per node; 1: one, the default)",
+    )
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     rows: list[dict] = []
@@ -323,13 +349,28 @@ def main(argv: list[str] | None = None) -> int:
             with ExitStack() as suite_stack:
                 suite_dir = Path(tmp) / name  # fresh names: old ready files must not be read
                 suite_dir.mkdir()
-                node_args = ("--poll-max-us", str(args.poll_max_us)) if args.poll_max_us else ()
-                fabric = Fabric(suite_dir, suite_stack, node_args)
+                fabric = Fabric(suite_dir, suite_stack, _node_args(args))
                 rows += run_suite(name, fabric, args, source)
     if args.json:
-        report = {"idle_rss_mib": rss, "poll_max_us": args.poll_max_us, "rows": rows}
+        report = {
+            "idle_rss_mib": rss,
+            "poll_max_us": args.poll_max_us,
+            "workers": args.workers,
+            "rows": rows,
+        }
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def _node_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The options our nodes get in every suite (the fan suite's stripe and mirror cannot take
+    --workers: only their members do)."""
+    out: tuple[str, ...] = ()
+    if args.poll_max_us:
+        out += ("--poll-max-us", str(args.poll_max_us))
+    if args.workers > 1:
+        out += ("--workers", str(args.workers))
+    return out
 
 
 def _make_source(tmp: Path, size: int) -> Path:
