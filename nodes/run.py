@@ -160,6 +160,7 @@ async def serve(
                 "metrics": metrics_addr,
                 "pid": os.getpid(),
                 "kind": spec.kind,
+                "workers": workers or [],  #: --workers: the other processes' pids
             },
         )
     log.info("%s serving on %s", spec.kind, ", ".join(uris))

@@ -74,7 +74,8 @@ def test_workers_serve_one_disk_from_every_process(start_node) -> None:
 
 def test_workers_take_nbdcopy_connections_and_keep_every_byte(start_node, tmp_path: Path) -> None:
     node = start_node("memory", "32M", extra=("--workers", "3"))
-    assert len(children_of(node.pid)) == 2
+    assert sorted(node.info["workers"]) == sorted(children_of(node.pid))
+    assert len(node.info["workers"]) == 2
     src = tmp_path / "src.img"
     src.write_bytes(os.urandom(32 << 20))
     subprocess.run(["nbdcopy", "--connections=4", str(src), node.uri], check=True)
