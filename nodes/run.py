@@ -88,7 +88,7 @@ def build_backend(spec: NodeSpec) -> Backend:
     return cls(spec.params, members)  # type: ignore[call-arg]
 
 
-def _write_ready_file(path: str, info: dict[str, Any]) -> None:
+def write_ready_file(path: str, info: dict[str, Any]) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(info, f)
@@ -100,39 +100,28 @@ async def serve(
     *,
     backend: Backend | None = None,
     sockets: list[socket.socket] | None = None,
-    workers: list[int] | None = None,
     ready_fd: int | None = None,
 ) -> int:
-    """Serve until told to stop. With --workers (workers.py) the backend and listening sockets
-    come ready-made; the first process gets its `workers`' pids and the read end of the pipe
-    on which each says it serves, a worker gets the write end (and reports nothing else)."""
+    """Serve until told to stop. A --workers worker (workers.py) gets its backend and listening
+    sockets ready-made, says on `ready_fd` when it serves, and reports nothing else."""
     from .server.poll import POLLER
 
     POLLER.configure(spec.options.poll_max_us)  # before any socket: they register with it
     runtime = NodeRuntime(backend or build_backend(spec), spec.options)
     if sockets is not None:
-        is_worker = workers is None
-        runtime.owns_paths = not is_worker  # the first process removes unix sockets at the end
+        runtime.owns_paths = False  # the supervisor removes unix sockets at the end
         await runtime.start(sockets, [])
-        if is_worker:
-            assert ready_fd is not None
+        if ready_fd is not None:
             os.write(ready_fd, b"w")
             os.close(ready_fd)
-            return await _serve_as_worker(runtime)
-        assert ready_fd is not None
-        from .workers import wait_ready
+        return await _serve_as_worker(runtime)
+    found = systemd_sockets()
+    listen = spec.listen
+    if not listen and not found:
+        from .server.addresses import parse_address
 
-        await asyncio.get_running_loop().run_in_executor(
-            None, wait_ready, ready_fd, len(workers or [])
-        )
-    else:
-        found = systemd_sockets()
-        listen = spec.listen
-        if not listen and not found:
-            from .server.addresses import parse_address
-
-            listen = [parse_address("127.0.0.1:10809")]
-        await runtime.start(found, listen)
+        listen = [parse_address("127.0.0.1:10809")]
+    await runtime.start(found, listen)
 
     control_addr = metrics_addr = None
     control_server = None
@@ -151,7 +140,7 @@ async def serve(
     if spec.print_uri:
         print(uris[0], flush=True)
     if spec.ready_file:
-        _write_ready_file(
+        write_ready_file(
             spec.ready_file,
             {
                 "uri": uris[0],
@@ -160,24 +149,13 @@ async def serve(
                 "metrics": metrics_addr,
                 "pid": os.getpid(),
                 "kind": spec.kind,
-                "workers": workers or [],  #: --workers: the other processes' pids
             },
         )
     log.info("%s serving on %s", spec.kind, ", ".join(uris))
 
     loop = asyncio.get_running_loop()
-
-    stopping: list[asyncio.Task[None]] = []
-
-    def stop(sig: int) -> None:
-        if workers:
-            from .workers import forward
-
-            forward(workers, sig)
-        stopping.append(loop.create_task(runtime.shutdown()))
-
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop, sig)
+        loop.add_signal_handler(sig, lambda: loop.create_task(runtime.shutdown()))
 
     status = 0
     if spec.run:
@@ -201,11 +179,6 @@ async def serve(
         await runtime.stopped.wait()
     if control_server is not None:
         await control_server.stop(grace=1.0)
-    if workers:
-        from .workers import forward, reap
-
-        forward(workers, signal.SIGTERM)  # --run ended, or a gRPC shutdown: they stop too
-        status = status or await loop.run_in_executor(None, reap, workers)
     return status
 
 

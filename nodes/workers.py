@@ -1,21 +1,24 @@
 """`nbdfabric node KIND --workers N`: N processes serve one export, on as many cores.
 
 One event loop serves every connection of a node on one core. A client that opens several
-connections (nbdcopy opens four when the server offers multi-conn; qemu's several queues) can
-then keep only that core busy, where nbdkit spreads the same work over threads. With --workers
-the node's first process opens the listening sockets and the backend's shared state (the memory
-node's pages move into a shared mapping), then forks N-1 workers; every process accepts on the
-same sockets, so the kernel spreads connections over them, and each runs its own loop.
+connections (nbdcopy opens four when the server offers multi-conn; qemu's several queues) then
+keeps only that core busy, where nbdkit spreads the same work over threads. With --workers the
+node process becomes a small supervisor: it opens the listening sockets, moves the backend's
+state where other processes can see it (the memory node's pages into a shared mapping), and forks
+N workers. Every worker accepts on the same sockets, so the kernel spreads connections over them,
+and each runs its own event loop.
 
 - Only kinds whose state can live outside one process take it (`shareable` in their class: the
   memory, null, zero, full, pattern and file plugins, the nbd proxy): a cow overlay or a cache in
   one process's memory cannot be split.
-- The first process writes the ready file and prints the URI once every worker serves, runs
-  --run, passes SIGTERM/SIGINT on to the workers, and exits after them with the first non-zero
-  status among them. A worker dies with it (PR_SET_PDEATHSIG), so none outlives a kill -9.
+- The supervisor writes the ready file and prints the URI once every worker serves, runs --run,
+  passes SIGTERM/SIGINT on, and exits after the workers with the first non-zero status. A
+  worker that dies while the node serves is replaced (its connections are lost; a memory node's
+  data is not: it lives in the shared mapping). A worker dies with its supervisor
+  (PR_SET_PDEATHSIG), so none outlives a kill -9.
 - gRPC control and metrics would each see one process's connections and counters, so they are
-  refused with --workers for now. TLS works: each process builds its context from the same files.
-- Limits are per process: --max-connections counts one worker's connections.
+  refused with --workers for now. TLS works: each worker builds its context from the same files.
+- Limits are per worker: --max-connections counts one worker's connections.
 """
 
 from __future__ import annotations
@@ -25,15 +28,23 @@ import ctypes
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
+import time
+from typing import Any
 
 from . import registry
-from .run import NodeSpec, SpecError, build_backend, event_loop_runner, serve
-from .server.addresses import open_listener, parse_address, systemd_sockets
+from .base import Backend
+from .run import NodeSpec, SpecError, build_backend, event_loop_runner, serve, write_ready_file
+from .server.addresses import bound_address, nbd_uri, open_listener, parse_address, systemd_sockets
 
 log = logging.getLogger("nbdfabric.node")
 
 _PR_SET_PDEATHSIG = 1
+#: A worker that dies this many times within RESTART_WINDOW seconds is not replaced again.
+MAX_RESTARTS = 5
+RESTART_WINDOW = 10.0
 
 
 def run_workers(spec: NodeSpec) -> int:
@@ -41,7 +52,7 @@ def run_workers(spec: NodeSpec) -> int:
     if not cls.shareable:
         raise SpecError(
             f"--workers: {spec.kind} keeps its state in one process, so it cannot be served by "
-            "several (kinds that can: " + ", ".join(sorted(_shareable_kinds())) + ")"
+            "several (kinds that can: " + ", ".join(shareable_kinds()) + ")"
         )
     if spec.control or spec.metrics:
         raise SpecError(
@@ -53,30 +64,163 @@ def run_workers(spec: NodeSpec) -> int:
     sockets = systemd_sockets()
     listen = spec.listen or ([] if sockets else [parse_address("127.0.0.1:10809")])
     sockets += [open_listener(addr) for addr in listen]
-    ready_r, ready_w = os.pipe()
-    parent = os.getpid()
-    workers: list[int] = []
-    for _ in range(spec.workers - 1):
+    return Supervisor(spec, backend, sockets).run()
+
+
+def shareable_kinds() -> list[str]:
+    return sorted(kind for kind in registry.kinds() if registry.get(kind).shareable)
+
+
+class Supervisor:
+    """The node process under --workers: no event loop, only forks, signals and waits."""
+
+    def __init__(self, spec: NodeSpec, backend: Backend, sockets: list[socket.socket]) -> None:
+        self.spec = spec
+        self.backend = backend
+        self.sockets = sockets
+        self.workers: set[int] = set()
+        self.stopping = False
+        self.status = 0
+        self._deaths: list[float] = []  #: when workers died unasked, for the restart limit
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        try:
+            ready = [self._spawn() for _ in range(self.spec.workers)]
+            for fd in ready:
+                _wait_ready(fd)
+        except SpecError:
+            self._stop(signal.SIGTERM)
+            self._reap_all()
+            self._remove_socket_files()
+            raise
+        uris = self._uris()
+        if self.spec.print_uri:
+            print(uris[0], flush=True)
+        if self.spec.ready_file:
+            write_ready_file(self.spec.ready_file, self._ready_info(uris))
+        log.info("%s serving on %s with %d workers", self.spec.kind, uris[0], len(self.workers))
+        command = None
+        if self.spec.run:
+            command = subprocess.Popen(self.spec.run, shell=True, env=dict(os.environ, uri=uris[0]))
+        self._supervise(command)
+        self._remove_socket_files()
+        return self.status
+
+    # Workers -------------------------------------------------------------------------------
+
+    def _spawn(self) -> int:
+        """Fork one worker; returns the read end of the pipe on which it says it serves."""
+        ready_r, ready_w = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
-        if (
-            pid == 0
-        ):  # a worker: serve until told to stop, then leave (never return into our caller)
+        if pid == 0:
             os.close(ready_r)
-            status = 1
+            code = 1
             try:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_DFL)  # the worker's loop installs its own
                 _die_with(parent)
-                status = event_loop_runner()(
-                    serve(spec, backend=backend, sockets=sockets, ready_fd=ready_w)
+                code = event_loop_runner()(
+                    serve(self.spec, backend=self.backend, sockets=self.sockets, ready_fd=ready_w)
                 )
             except BaseException as exc:  # whatever happens, the worker ends here
-                print(f"nbdfabric node {spec.kind}: worker: {exc}", file=sys.stderr)
+                print(f"nbdfabric node {self.spec.kind}: worker: {exc}", file=sys.stderr)
             finally:
-                os._exit(status)
-        workers.append(pid)
-    os.close(ready_w)
-    return event_loop_runner()(
-        serve(spec, backend=backend, sockets=sockets, workers=workers, ready_fd=ready_r)
-    )
+                os._exit(code)
+        os.close(ready_w)
+        self.workers.add(pid)
+        return ready_r
+
+    def _supervise(self, command: subprocess.Popen[bytes] | None) -> None:
+        """Wait for children until every worker is gone (and the --run command, if any)."""
+        while self.workers or command is not None:
+            try:
+                pid, raw = os.wait()  # a signal runs its handler and the wait goes on (PEP 475)
+            except ChildProcessError:
+                break
+            code = os.waitstatus_to_exitcode(raw)
+            code = 128 - code if code < 0 else code
+            if command is not None and pid == command.pid:
+                command.returncode = code
+                command = None
+                self.status = self.status or code
+                self._stop(signal.SIGTERM)  # captive mode: the node ends with the command
+                continue
+            if pid not in self.workers:
+                continue
+            self.workers.discard(pid)
+            if self.stopping:
+                if code and not self.status:
+                    log.warning("worker %d exited with status %d", pid, code)
+                    self.status = code
+            else:
+                self._replace(pid, code)
+        if command is not None:
+            command.terminate()
+            command.wait()
+
+    def _replace(self, pid: int, code: int) -> None:
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW] + [now]
+        if len(self._deaths) > MAX_RESTARTS:
+            log.error("workers keep dying (last: %d, status %d): stopping the node", pid, code)
+            self.status = 1
+            self._stop(signal.SIGTERM)
+            return
+        log.warning("worker %d exited with status %d: starting another", pid, code)
+        try:
+            _wait_ready(self._spawn())
+        except SpecError as exc:
+            log.error("%s", exc)  # the next wait() reaps it and counts it
+
+    def _on_signal(self, sig: int, frame: Any) -> None:
+        self._stop(sig)
+
+    def _stop(self, sig: int) -> None:
+        self.stopping = True
+        for pid in self.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def _reap_all(self) -> None:
+        for pid in list(self.workers):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.workers.clear()
+
+    # Reporting -----------------------------------------------------------------------------
+
+    def _uris(self) -> list[str]:
+        o = self.spec.options
+        return [nbd_uri(bound_address(s), o.export_name, o.tls == "require") for s in self.sockets]
+
+    def _ready_info(self, uris: list[str]) -> dict[str, Any]:
+        return {
+            "uri": uris[0],
+            "uris": uris,
+            "control": None,
+            "metrics": None,
+            "pid": os.getpid(),
+            "kind": self.spec.kind,
+            "workers": sorted(self.workers),
+        }
+
+    def _remove_socket_files(self) -> None:
+        for sock in self.sockets:
+            addr = bound_address(sock)
+            sock.close()
+            if addr.kind == "unix":
+                with contextlib.suppress(OSError):
+                    os.unlink(addr.path)
+
+
+def _wait_ready(fd: int) -> None:
+    """Block until a worker says it serves (one byte); SpecError if it died first."""
+    with os.fdopen(fd, "rb", buffering=0) as pipe:
+        if not pipe.read(1):
+            raise SpecError("--workers: a worker exited before it could serve (see above)")
 
 
 def _die_with(parent: int) -> None:
@@ -84,40 +228,3 @@ def _die_with(parent: int) -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
-
-
-def _shareable_kinds() -> list[str]:
-    return [kind for kind in registry.kinds() if registry.get(kind).shareable]
-
-
-def forward(workers: list[int], sig: int) -> None:
-    for pid in workers:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-def wait_ready(fd: int, count: int) -> None:
-    """Block until `count` workers said they serve (a byte each); SpecError if one died first."""
-    got = 0
-    with os.fdopen(fd, "rb", buffering=0) as pipe:
-        while got < count:
-            chunk = pipe.read(count - got)
-            if not chunk:
-                raise SpecError(f"--workers: {count - got} worker(s) exited before serving")
-            got += len(chunk)
-
-
-def reap(workers: list[int]) -> int:
-    """Wait for every worker; the first non-zero exit status among them, else 0."""
-    status = 0
-    for pid in workers:
-        try:
-            _, raw = os.waitpid(pid, 0)
-        except ChildProcessError:
-            continue
-        code = os.waitstatus_to_exitcode(raw)
-        code = 128 - code if code < 0 else code
-        if code and not status:
-            log.warning("worker %d exited with status %d", pid, code)
-            status = code
-    return status

@@ -1,7 +1,8 @@
 """`nbdfabric node --workers N`: several processes serving one export, checked with real clients.
 
-Which process accepts a connection is the kernel's choice, so the tests that need a given
-process to serve stop the other one (SIGSTOP): its queued connections then go to the one left.
+The node process supervises; its children serve. Which worker accepts a connection is the
+kernel's choice, so the tests that need a given worker to serve stop the other one (SIGSTOP):
+connections then go to the one left.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def alive(pid: int) -> bool:
 
 def test_workers_serve_one_disk_from_every_process(start_node) -> None:
     node = start_node("memory", "8M", extra=("--workers", "2"))
-    first = node.pid
-    (worker,) = children_of(first)
+    first, worker = sorted(children_of(node.pid))
+    assert sorted(node.info["workers"]) == [first, worker]
     data = os.urandom(1 << 20)
     os.kill(worker, signal.SIGSTOP)  # the next connection can only be the first process's
     try:
@@ -75,7 +76,7 @@ def test_workers_serve_one_disk_from_every_process(start_node) -> None:
 def test_workers_take_nbdcopy_connections_and_keep_every_byte(start_node, tmp_path: Path) -> None:
     node = start_node("memory", "32M", extra=("--workers", "3"))
     assert sorted(node.info["workers"]) == sorted(children_of(node.pid))
-    assert len(node.info["workers"]) == 2
+    assert len(node.info["workers"]) == 3
     src = tmp_path / "src.img"
     src.write_bytes(os.urandom(32 << 20))
     subprocess.run(["nbdcopy", "--connections=4", str(src), node.uri], check=True)
@@ -100,7 +101,7 @@ def test_workers_of_an_nbd_proxy(start_node, tmp_path: Path) -> None:
 def test_sigterm_stops_every_worker_and_removes_the_socket(start_node) -> None:
     node = start_node("memory", "8M", extra=("--workers", "3"))
     workers = children_of(node.pid)
-    assert len(workers) == 2
+    assert len(workers) == 3
     h = nbd_connect(node.uri)
     h.pwrite(b"x" * 4096, 0)
     h.shutdown()
@@ -109,11 +110,56 @@ def test_sigterm_stops_every_worker_and_removes_the_socket(start_node) -> None:
     assert not os.path.exists(node.socket)
 
 
-def test_a_worker_does_not_outlive_a_killed_first_process(start_node) -> None:
+def test_a_worker_does_not_outlive_a_killed_supervisor(start_node) -> None:
     node = start_node("null", "1M", extra=("--workers", "2"))
-    (worker,) = children_of(node.pid)
+    workers = children_of(node.pid)
     node.kill()
-    wait_for(lambda: not alive(worker), 10, "the worker to follow its parent")
+    wait_for(lambda: not any(alive(pid) for pid in workers), 10, "the workers to follow")
+
+
+def test_a_dead_worker_is_replaced_and_the_data_is_still_there(start_node) -> None:
+    node = start_node("memory", "8M", extra=("--workers", "2"))
+    h = nbd_connect(node.uri)
+    h.pwrite(b"kept" * 1024, 8192)
+    h.shutdown()
+    before = set(children_of(node.pid))
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> bool:
+        now = set(children_of(node.pid))
+        return len(now) == 2 and victim not in now and all(alive(p) for p in now)
+
+    wait_for(replaced, 15, "a new worker")
+    for _ in range(4):  # whichever worker takes each connection, the data is the same
+        h = nbd_connect(node.uri)
+        assert h.pread(4096, 8192) == b"kept" * 1024
+        h.shutdown()
+    assert node.proc.poll() is None
+
+
+def test_workers_that_cannot_start_fail_the_node_cleanly(tmp_path: Path) -> None:
+    sock = tmp_path / "s"
+    out = subprocess.run(
+        [*NBDFABRIC, "node", "nbd", "--upstream", "nbd+unix:///?socket=/nonexistent",
+         "--upstream-timeout", "1", "--workers", "2", "--listen", f"unix:{sock}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert "cannot connect to upstream" in out.stderr
+    assert "a worker exited before it could serve" in out.stderr
+    assert not sock.exists()
+
+
+def test_run_captive_mode_with_workers(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*NBDFABRIC, "node", "memory", "4M", "--workers", "2", "--listen", f"unix:{tmp_path}/s",
+         "--run", 'nbdinfo --size "$uri"'],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(4 << 20)
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.parametrize(
