@@ -42,6 +42,7 @@ from .server.addresses import bound_address, nbd_uri, open_listener, parse_addre
 log = logging.getLogger("nbdfabric.node")
 
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 #: A worker that dies this many times within RESTART_WINDOW seconds is not replaced again.
 MAX_RESTARTS = 5
 RESTART_WINDOW = 10.0
@@ -84,16 +85,19 @@ class Supervisor:
         self._deaths: list[float] = []  #: when workers died unasked, for the restart limit
 
     def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in _STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         try:
             ready = [self._spawn() for _ in range(self.spec.workers)]
             for fd in ready:
                 _wait_ready(fd)
         except SpecError:
+            asked = self.stopping  # told to stop while the workers were starting: not a failure
             self._stop(signal.SIGTERM)
             self._reap_all()
             self._remove_socket_files()
+            if asked:
+                return 0
             raise
         uris = self._uris()
         if self.spec.print_uri:
@@ -114,13 +118,22 @@ class Supervisor:
         """Fork one worker; returns the read end of the pipe on which it says it serves."""
         ready_r, ready_w = os.pipe()
         parent = os.getpid()
-        pid = os.fork()
+        # No signal between fork and the child's own handlers: ours would act on its copy.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            os.close(ready_r)
+            os.close(ready_w)
+            raise
         if pid == 0:
             os.close(ready_r)
             code = 1
             try:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in _STOP_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)  # the worker's loop installs its own
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
                 _die_with(parent)
                 code = event_loop_runner()(
                     serve(self.spec, backend=self.backend, sockets=self.sockets, ready_fd=ready_w)
@@ -129,8 +142,9 @@ class Supervisor:
                 print(f"nbdfabric node {self.spec.kind}: worker: {exc}", file=sys.stderr)
             finally:
                 os._exit(code)
-        os.close(ready_w)
         self.workers.add(pid)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        os.close(ready_w)
         return ready_r
 
     def _supervise(self, command: subprocess.Popen[bytes] | None) -> None:
