@@ -67,8 +67,10 @@ def _node_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=1,
         metavar="N",
-        help="serve with N processes sharing the listening sockets and the data, for clients "
-        "with several connections (memory, null, zero, full, pattern, file, nbd)",
+        help="serve with N worker processes sharing the listening sockets and the data, for "
+        "clients with several connections (kinds that can: "
+        + ", ".join(sorted(k for k, c in registry.kinds().items() if c.shareable))
+        + ")",
     )
     p.add_argument(
         "--poll-max-us",
@@ -170,13 +172,17 @@ def cmd_kinds(argv: Sequence[str]) -> int:
             "summary": registry.summary(cls),
             "magic": cls.magic,
             "min_members": cls.min_members,
+            "workers": cls.shareable,  #: can be served by several processes (--workers)
             "params": params,
             "manual": ((cls.__module__ and sys.modules[cls.__module__].__doc__) or "").strip(),
         }
         if args.json:
             print(json.dumps(info, indent=2))
             return 0
-        print(f"{cls.kind} ({cls.role}): {info['summary']}\n")
+        print(f"{cls.kind} ({cls.role}): {info['summary']}")
+        if cls.shareable:
+            print("  (can be served by several processes: --workers N)")
+        print()
         for prm in params:
             flags = []
             if prm["required"]:

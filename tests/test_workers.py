@@ -8,6 +8,7 @@ connections then go to the one left.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -184,3 +185,14 @@ def test_workers_refused_where_they_cannot_work(args: list[str], message: str) -
     )
     assert out.returncode in (1, 2) and message in out.stderr, out.stderr
     assert time.monotonic() - started < 30
+
+
+def test_kinds_say_which_can_have_workers() -> None:
+    def workers(kind: str) -> bool:
+        out = subprocess.run(
+            [*NBDFABRIC, "kinds", kind, "--json"], cwd=ROOT, capture_output=True, text=True
+        )
+        return bool(json.loads(out.stdout)["workers"])
+
+    assert workers("memory") and workers("nbd") and workers("file")
+    assert not workers("cow") and not workers("mirror")
