@@ -67,17 +67,7 @@ class SparseStore:
         return pieces
 
     def read(self, buf: memoryview, offset: int) -> Holes:
-        holes: list[tuple[int, int]] = []
-        pos = 0
-        for piece in self.lend_read(len(buf), offset):
-            if isinstance(piece, int):
-                add_range(holes, pos, piece)
-                pos += piece
-            else:
-                n = len(piece)
-                buf[pos : pos + n] = piece
-                pos += n
-        return holes
+        return copy_pieces(self.lend_read(len(buf), offset), buf)
 
     def write(self, buf: memoryview, offset: int) -> None:
         index, in_page = divmod(offset, PAGE)
@@ -177,17 +167,7 @@ class SharedStore:
         return pieces
 
     def read(self, buf: memoryview, offset: int) -> Holes:
-        holes: list[tuple[int, int]] = []
-        pos = 0
-        for piece in self.lend_read(len(buf), offset):
-            if isinstance(piece, int):
-                add_range(holes, pos, piece)  # not filled: see Holes
-                pos += piece
-            else:
-                n = len(piece)
-                buf[pos : pos + n] = piece
-                pos += n
-        return holes
+        return copy_pieces(self.lend_read(len(buf), offset), buf)
 
     def write(self, buf: memoryview, offset: int) -> None:
         if not len(buf):
@@ -222,6 +202,22 @@ class SharedStore:
             (piece, hole) if isinstance(piece, int) else (len(piece), 0)
             for piece in self.lend_read(count, offset)  # runs alternate: nothing to merge
         ]
+
+
+def copy_pieces(pieces: list[Piece], buf: memoryview) -> Holes:
+    """A lent read copied into `buf`: the data pieces in place, the holes reported (and not
+    filled: see Holes)."""
+    holes: list[tuple[int, int]] = []
+    pos = 0
+    for piece in pieces:
+        if isinstance(piece, int):
+            add_range(holes, pos, piece)
+            pos += piece
+        else:
+            n = len(piece)
+            buf[pos : pos + n] = piece
+            pos += n
+    return holes
 
 
 def _append(out: list[tuple[int, int]], length: int, flags: int) -> None:
