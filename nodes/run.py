@@ -116,12 +116,7 @@ async def serve(
             os.close(ready_fd)
         return await _serve_as_worker(runtime)
     found = systemd_sockets()
-    listen = spec.listen
-    if not listen and not found:
-        from .server.addresses import parse_address
-
-        listen = [parse_address("127.0.0.1:10809")]
-    await runtime.start(found, listen)
+    await runtime.start(found, listen_addresses(spec, found))
 
     control_addr = metrics_addr = None
     control_server = None
@@ -153,9 +148,7 @@ async def serve(
         )
     log.info("%s serving on %s", spec.kind, ", ".join(uris))
 
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: loop.create_task(runtime.shutdown()))
+    _shutdown_on_signals(runtime)
 
     status = 0
     if spec.run:
@@ -183,11 +176,25 @@ async def serve(
 
 
 async def _serve_as_worker(runtime: NodeRuntime) -> int:
+    _shutdown_on_signals(runtime)
+    await runtime.stopped.wait()
+    return 0
+
+
+def _shutdown_on_signals(runtime: NodeRuntime) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: loop.create_task(runtime.shutdown()))
-    await runtime.stopped.wait()
-    return 0
+
+
+def listen_addresses(spec: NodeSpec, found: list[socket.socket]) -> list[Address]:
+    """Where to listen: the --listen addresses; with none (and no socket-activated sockets
+    `found`), nbdkit's default, 127.0.0.1:10809."""
+    if spec.listen or found:
+        return spec.listen
+    from .server.addresses import parse_address
+
+    return [parse_address("127.0.0.1:10809")]
 
 
 def run_node(spec: NodeSpec) -> int:

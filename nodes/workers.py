@@ -36,8 +36,22 @@ from typing import Any
 
 from . import registry
 from .base import Backend
-from .run import NodeSpec, SpecError, build_backend, event_loop_runner, serve, write_ready_file
-from .server.addresses import bound_address, nbd_uri, open_listener, parse_address, systemd_sockets
+from .run import (
+    NodeSpec,
+    SpecError,
+    build_backend,
+    event_loop_runner,
+    listen_addresses,
+    serve,
+    write_ready_file,
+)
+from .server.addresses import (
+    bound_address,
+    open_listener,
+    remove_socket_file,
+    systemd_sockets,
+)
+from .server.node import export_uris
 
 log = logging.getLogger("nbdfabric.node")
 
@@ -63,8 +77,7 @@ def run_workers(spec: NodeSpec) -> int:
     backend = build_backend(spec)
     backend.share()
     sockets = systemd_sockets()
-    listen = spec.listen or ([] if sockets else [parse_address("127.0.0.1:10809")])
-    sockets += [open_listener(addr) for addr in listen]
+    sockets += [open_listener(addr) for addr in listen_addresses(spec, sockets)]
     return Supervisor(spec, backend, sockets).run()
 
 
@@ -207,8 +220,7 @@ class Supervisor:
     # Reporting -----------------------------------------------------------------------------
 
     def _uris(self) -> list[str]:
-        o = self.spec.options
-        return [nbd_uri(bound_address(s), o.export_name, o.tls == "require") for s in self.sockets]
+        return export_uris([bound_address(s) for s in self.sockets], self.spec.options)
 
     def _ready_info(self, uris: list[str]) -> dict[str, Any]:
         return {
@@ -225,9 +237,7 @@ class Supervisor:
         for sock in self.sockets:
             addr = bound_address(sock)
             sock.close()
-            if addr.kind == "unix":
-                with contextlib.suppress(OSError):
-                    os.unlink(addr.path)
+            remove_socket_file(addr)
 
 
 def _wait_ready(fd: int) -> None:

@@ -103,6 +103,13 @@ def open_listener(addr: Address, backlog: int = 128) -> socket.socket:
     return sock
 
 
+def remove_socket_file(addr: Address) -> None:
+    """Once a unix listener is closed: its file goes too (nothing if it is already gone)."""
+    if addr.kind == "unix":
+        with contextlib.suppress(OSError):
+            os.unlink(addr.path)
+
+
 def systemd_sockets() -> list[socket.socket]:
     """Sockets passed by systemd socket activation (LISTEN_PID/LISTEN_FDS), if any."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):

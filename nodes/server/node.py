@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import ssl
 import time
@@ -20,7 +19,14 @@ from ..params import field_info, live_names
 from ..protocol.constants import DEFAULT_MAX_PAYLOAD
 from ..protocol.handshake import ExportInfo, HandshakePolicy
 from ..stats import NodeStats
-from .addresses import Address, bound_address, nbd_uri, open_listener, set_keepalive
+from .addresses import (
+    Address,
+    bound_address,
+    nbd_uri,
+    open_listener,
+    remove_socket_file,
+    set_keepalive,
+)
 from .session import BufferPool, Session
 from .stream import SocketStream
 
@@ -46,6 +52,12 @@ class NodeOptions:
     shutdown_grace: float = 30.0
     #: Poll the sockets for up to this long before the loop sleeps (poll.py); 0: off.
     poll_max_us: int = 0
+
+
+def export_uris(addresses: Sequence[Address], options: NodeOptions) -> list[str]:
+    """The NBD URIs clients use to reach the export on these addresses."""
+    tls = options.tls == "require"
+    return [nbd_uri(a, options.export_name, tls) for a in addresses]
 
 
 @dataclass
@@ -180,9 +192,7 @@ class NodeRuntime:
         for sock in self.listeners:
             sock.close()
         for addr in self.addresses if self.owns_paths else ():
-            if addr.kind == "unix":
-                with contextlib.suppress(OSError):
-                    os.unlink(addr.path)
+            remove_socket_file(addr)
         for session in list(self.sessions):
             session.begin_shutdown()
         try:
@@ -258,8 +268,7 @@ class NodeRuntime:
     # Control -------------------------------------------------------------------------------
 
     def uris(self) -> list[str]:
-        tls = self.options.tls == "require"
-        return [nbd_uri(a, self.options.export_name, tls) for a in self.addresses]
+        return export_uris(self.addresses, self.options)
 
     def set_state(self, state: str) -> None:
         if state != self.state:
