@@ -628,8 +628,7 @@ class _PollingSocketReader(_SocketReader):
 
     def buffer_updated(self, nbytes: int) -> None:
         POLLER.woke()
-        self.framer.buffer_updated(nbytes)
-        self.session._feed()
+        super().buffer_updated(nbytes)
         POLLER.idle_soon(self.session._loop)
 
 
