@@ -61,8 +61,7 @@ class Cpu:
         tick = os.sysconf("SC_CLK_TCK")
         cpu = cls()
         for pid in pids:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # the name may hold spaces
+            fields = stat_fields(pid)
             cpu.user += int(fields[11]) / tick  # utime, stime: fields 14 and 15 of proc(5)
             cpu.system += int(fields[12]) / tick
         return cpu
@@ -124,7 +123,7 @@ class Fabric:
         proc = self._spawn(cmd)
         self._wait(proc, ready.exists, f"node {kind}")
         # With --workers the node is several processes: count them all (ready = all serve).
-        return Server(json.loads(ready.read_text())["uri"], [proc.pid, *_children(proc.pid)])
+        return Server(json.loads(ready.read_text())["uri"], [proc.pid, *children_of(proc.pid)])
 
     def nbdkit(self, *args: str, tcp: bool = False) -> Server:
         self.n += 1
@@ -141,15 +140,22 @@ class Fabric:
         return Server(uri, [proc.pid])
 
 
-def _children(pid: int) -> list[int]:
+def stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat from its third field (state) on, past the name (which may hold spaces)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (a node's --workers)."""
     out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                parent = int(stat_fields(int(entry.name))[1])
             except OSError:
                 continue  # gone meanwhile
-            if int(fields[1]) == pid:
+            if parent == pid:
                 out.append(int(entry.name))
     return out
 

@@ -19,26 +19,14 @@ import nbd
 import pytest
 from conftest import NBDFABRIC, ROOT, nbd_connect, wait_for
 
-
-def children_of(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry.name))
-    return out
+from bench.__main__ import children_of, stat_fields
 
 
 def alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return stat_fields(pid)[0] != "Z"
     except OSError:
         return False
-    return state != "Z"
 
 
 def test_workers_serve_one_disk_from_every_process(start_node) -> None:
