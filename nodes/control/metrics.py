@@ -1,5 +1,7 @@
 """Prometheus metrics of a node, read from `runtime.stats` at scrape time (nothing is recorded
 twice), served over HTTP on the node's event loop: `HOST:PORT` or `unix:PATH`, path `/metrics`.
+A node with workers serves them from its control process, which reads a view of the workers'
+counters summed (control/fanin.py) that it refreshes before each scrape.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -37,7 +39,7 @@ _servers: list[Any] = []  # keeps the HTTP servers (and their tasks) alive
 class NodeCollector:
     """One scrape = one consistent look at the node's counters (it runs on the node's loop)."""
 
-    def __init__(self, runtime: NodeRuntime, node_name: str) -> None:
+    def __init__(self, runtime: NodeRuntime | Any, node_name: str) -> None:
         self.runtime = runtime
         self.node_name = node_name
 
@@ -105,7 +107,7 @@ def _family(cls: Any, name: str, doc: str, labels: list[str], value: float) -> M
     return family  # type: ignore[no-any-return]
 
 
-def registry_for(runtime: NodeRuntime, node_name: str) -> CollectorRegistry:
+def registry_for(runtime: NodeRuntime | Any, node_name: str) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(runtime, node_name))  # type: ignore[arg-type]
     with contextlib.suppress(Exception):  # process_* metrics need /proc (Linux)
@@ -115,15 +117,18 @@ def registry_for(runtime: NodeRuntime, node_name: str) -> CollectorRegistry:
 
 async def _respond(
     registry: CollectorRegistry,
-    runtime: NodeRuntime,
+    runtime: NodeRuntime | Any,
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
+    refresh: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
         writer.close()
         return
+    if refresh is not None:
+        await refresh()
     words = head.split(b"\r\n", 1)[0].decode("latin-1").split()
     method = words[0] if words else ""
     path = urlsplit(words[1]).path if len(words) > 1 else "/"
@@ -150,15 +155,21 @@ async def _respond(
         writer.close()
 
 
-def start_metrics(runtime: NodeRuntime, addr: str, node_name: str) -> str:
+def start_metrics(
+    runtime: NodeRuntime | Any,
+    addr: str,
+    node_name: str,
+    refresh: Callable[[], Awaitable[None]] | None = None,
+) -> str:
     """Serve Prometheus metrics on `addr` (port 0: any free port) from the running loop;
-    returns the bound address (`HOST:PORT` or `unix:PATH`)."""
+    returns the bound address (`HOST:PORT` or `unix:PATH`). `runtime` is the node, or a view
+    that `refresh` brings up to date before each request."""
     address = parse_address(addr, default_port=0)
     sock = open_listener(address)
     registry = registry_for(runtime, node_name)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _respond(registry, runtime, reader, writer)
+        await _respond(registry, runtime, reader, writer, refresh)
 
     if sock.family == socket.AF_UNIX:
         starting = asyncio.start_unix_server(handle, sock=sock)

@@ -454,35 +454,23 @@ async def _maybe_await(value: Any) -> Any:
 # Health --------------------------------------------------------------------------------------
 
 
-class NodeHealth(HealthServicer):  # type: ignore[misc]
-    """grpc.health.v1 for the node ("" and the export name), derived from the runtime.
+class HealthBase(HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 for a set of service names that share one status.
 
     Watch is re-implemented: the library's version forgets a service's condition when any one
     watcher leaves, so the other watchers of that service would miss every later change; and
     here watch streams end (after NOT_SERVING) when the node stops, so shutdown is not held up.
     """
 
-    def __init__(self, runtime: NodeRuntime, services: list[str]) -> None:
+    def __init__(self, services: list[str], status: int) -> None:
         super().__init__()
-        self.runtime = runtime
         self.services = services
         self.closed = False
         self._server_status.clear()
         for service in services:
-            self._server_status[service] = self.derive()
+            self._server_status[service] = status
 
-    def derive(self) -> int:
-        if self._gracefully_shutting_down:
-            return int(NOT_SERVING)
-        try:
-            ok = self.runtime.healthy()
-        except Exception as exc:
-            log.warning("health check failed: %s", exc)
-            ok = False
-        return int(SERVING if ok else NOT_SERVING)
-
-    async def refresh(self) -> None:
-        status = self.derive()
+    async def set_all(self, status: int) -> None:
         for service in self.services:
             if self._server_status.get(service) != status:
                 await self.set(service, status)
@@ -511,6 +499,28 @@ class NodeHealth(HealthServicer):  # type: ignore[misc]
             async with condition:
                 condition.notify_all()
 
+
+class NodeHealth(HealthBase):
+    """grpc.health.v1 for the node ("" and the export name), derived from the runtime."""
+
+    def __init__(self, runtime: NodeRuntime, services: list[str]) -> None:
+        self.runtime = runtime
+        super().__init__(services, int(NOT_SERVING))
+        self._server_status.update({service: self.derive() for service in services})
+
+    def derive(self) -> int:
+        if self._gracefully_shutting_down:
+            return int(NOT_SERVING)
+        try:
+            ok = self.runtime.healthy()
+        except Exception as exc:
+            log.warning("health check failed: %s", exc)
+            ok = False
+        return int(SERVING if ok else NOT_SERVING)
+
+    async def refresh(self) -> None:
+        await self.set_all(self.derive())
+
     async def keep(self) -> None:
         """Follow the node: on each event and every HEALTH_INTERVAL, re-derive the status."""
         rt = self.runtime
@@ -531,7 +541,7 @@ class NodeHealth(HealthServicer):  # type: ignore[misc]
 # Serving -------------------------------------------------------------------------------------
 
 
-def _target(addr: str) -> tuple[str, str | None]:
+def bind_target(addr: str) -> tuple[str, str | None]:
     """The gRPC bind target for `HOST:PORT`, `[::1]:PORT` or `unix:PATH` (and the unix path)."""
     address = parse_address(addr, default_port=0)
     if address.kind == "unix":
@@ -550,7 +560,7 @@ async def start_control(
 ) -> tuple[grpc.aio.Server, str]:
     """Serve NodeService, health and (unless disabled) reflection on `addr`; returns the
     started server and the address it really listens on (the port when 0 was asked)."""
-    target, path = _target(addr)
+    target, path = bind_target(addr)
     # No SO_REUSEPORT: a second node on the same port must fail, not share it silently.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     services = [""]
