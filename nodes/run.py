@@ -111,10 +111,7 @@ async def serve(
     if sockets is not None:
         runtime.owns_paths = False  # the supervisor removes unix sockets at the end
         await runtime.start(sockets, [])
-        if ready_fd is not None:
-            os.write(ready_fd, b"w")
-            os.close(ready_fd)
-        return await _serve_as_worker(runtime)
+        return await _serve_as_worker(spec, runtime, ready_fd)
     found = systemd_sockets()
     await runtime.start(found, listen_addresses(spec, found))
 
@@ -175,9 +172,20 @@ async def serve(
     return status
 
 
-async def _serve_as_worker(runtime: NodeRuntime) -> int:
+async def _serve_as_worker(spec: NodeSpec, runtime: NodeRuntime, ready_fd: int | None) -> int:
+    """A --workers worker: its --control is a private socket for the node's control process."""
+    control_server = None
+    if spec.control:
+        from .control.server import start_control
+
+        control_server, _ = await start_control(runtime, spec.control, reflection=False)
+    if ready_fd is not None:
+        os.write(ready_fd, b"w")
+        os.close(ready_fd)
     _shutdown_on_signals(runtime)
     await runtime.stopped.wait()
+    if control_server is not None:
+        await control_server.stop(grace=1.0)
     return 0
 
 

@@ -16,8 +16,12 @@ and each runs its own event loop.
   worker that dies while the node serves is replaced (its connections are lost; a memory node's
   data is not: it lives in the shared mapping). A worker dies with its supervisor
   (PR_SET_PDEATHSIG), so none outlives a kill -9.
-- gRPC control and metrics would each see one process's connections and counters, so they are
-  refused with --workers for now. TLS works: each worker builds its context from the same files.
+- With --control or --metrics, each worker serves its own NodeService on a private unix socket,
+  and one more child, the control process, serves the node's addresses and answers for all the
+  workers together (control/fanin.py). It starts once the workers serve, is replaced if it dies,
+  and is stopped after the last worker. A worker that exits 0 was told to shut down (a Shutdown
+  through the control endpoint reaches every worker): the node then stops instead of replacing it.
+- TLS works: each worker builds its context from the same files.
 - Limits are per worker: --max-connections counts one worker's connections.
 """
 
@@ -25,12 +29,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -69,11 +77,6 @@ def run_workers(spec: NodeSpec) -> int:
             f"--workers: {spec.kind} keeps its state in one process, so it cannot be served by "
             "several (kinds that can: " + ", ".join(shareable_kinds()) + ")"
         )
-    if spec.control or spec.metrics:
-        raise SpecError(
-            "--workers cannot be combined with --control or --metrics yet: each worker process "
-            "has its own connections and counters"
-        )
     backend = build_backend(spec)
     backend.share()
     sockets = systemd_sockets()
@@ -92,21 +95,32 @@ class Supervisor:
         self.spec = spec
         self.backend = backend
         self.sockets = sockets
-        self.workers: set[int] = set()
+        self.workers: dict[int, int] = {}  #: pid -> slot (a replacement takes the dead one's)
         self.stopping = False
         self.status = 0
+        self.started = time.time()
         self._deaths: list[float] = []  #: when workers died unasked, for the restart limit
+        #: With --control/--metrics: the workers' private control sockets, the control
+        #: process, and the addresses it serves (its replacement serves the same).
+        self.control_dir = (
+            tempfile.mkdtemp(prefix="nbdfabric-node-") if spec.control or spec.metrics else None
+        )
+        self.control_pid: int | None = None
+        self.bound: dict[str, str | None] = {"control": spec.control, "metrics": spec.metrics}
 
     def run(self) -> int:
         for sig in _STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         try:
-            ready = [self._spawn() for _ in range(self.spec.workers)]
+            ready = [self._spawn(slot) for slot in range(self.spec.workers)]
             for fd in ready:
                 _wait_ready(fd)
+            if self.control_dir is not None:
+                self._start_control()
         except SpecError:
             asked = self.stopping  # told to stop while the workers were starting: not a failure
             self._stop(signal.SIGTERM)
+            self._stop_control()
             self._reap_all()
             self._remove_socket_files()
             if asked:
@@ -127,8 +141,24 @@ class Supervisor:
 
     # Workers -------------------------------------------------------------------------------
 
-    def _spawn(self) -> int:
+    def _spawn(self, slot: int) -> int:
         """Fork one worker; returns the read end of the pipe on which it says it serves."""
+        spec = self.spec
+        if self.control_dir is not None:  # its own control endpoint, for the control process
+            spec = dataclasses.replace(spec, control=self._worker_control(slot), metrics=None)
+        return self._fork(
+            lambda ready_w: event_loop_runner()(
+                serve(spec, backend=self.backend, sockets=self.sockets, ready_fd=ready_w)
+            ),
+            slot,
+        )
+
+    def _worker_control(self, slot: int) -> str:
+        return f"unix:{self.control_dir}/worker{slot}.sock"
+
+    def _fork(self, main: Any, slot: int | None) -> int:
+        """Fork a child that runs `main(ready_w)`: a worker in `slot`, or (None) the control
+        process. Returns the read end of the pipe on which it says it is ready."""
         ready_r, ready_w = os.pipe()
         parent = os.getpid()
         # No signal between fork and the child's own handlers: ours would act on its copy.
@@ -148,21 +178,60 @@ class Supervisor:
                     signal.signal(sig, signal.SIG_DFL)  # the worker's loop installs its own
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
                 _die_with(parent)
-                code = event_loop_runner()(
-                    serve(self.spec, backend=self.backend, sockets=self.sockets, ready_fd=ready_w)
-                )
-            except BaseException as exc:  # whatever happens, the worker ends here
-                print(f"nbdfabric node {self.spec.kind}: worker: {exc}", file=sys.stderr)
+                code = main(ready_w)
+            except BaseException as exc:  # whatever happens, the child ends here
+                what = "worker" if slot is not None else "control"
+                print(f"nbdfabric node {self.spec.kind}: {what}: {exc}", file=sys.stderr)
             finally:
                 os._exit(code)
-        self.workers.add(pid)
+        if slot is None:
+            self.control_pid = pid
+        else:
+            self.workers[pid] = slot
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         os.close(ready_w)
         return ready_r
 
+    def _start_control(self) -> None:
+        """Fork the control process (control/fanin.py) and learn the addresses it serves."""
+        spec, bound = self.spec, self.bound
+        paths = [self._worker_control(slot).removeprefix("unix:") for slot in range(spec.workers)]
+        node_pid = os.getpid()
+
+        def main(ready_w: int) -> int:
+            from .control.fanin import serve_fanin
+
+            return int(
+                event_loop_runner()(
+                    serve_fanin(
+                        paths,
+                        node_pid=node_pid,
+                        started=self.started,
+                        export_name=spec.options.export_name,
+                        node_name=spec.name or spec.kind,
+                        control=bound["control"],
+                        metrics=bound["metrics"],
+                        reflection=spec.reflection,
+                        ready_fd=ready_w,
+                    )
+                )
+            )
+
+        with os.fdopen(self._fork(main, None), "rb") as pipe:
+            said = pipe.read()
+        if not said:
+            raise SpecError("--workers: the control process exited before it could serve")
+        self.bound = json.loads(said)
+
+    def _stop_control(self) -> None:
+        if self.control_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.control_pid, signal.SIGTERM)
+
     def _supervise(self, command: subprocess.Popen[bytes] | None) -> None:
-        """Wait for children until every worker is gone (and the --run command, if any)."""
-        while self.workers or command is not None:
+        """Wait for children until every worker is gone, then the control process (and the
+        --run command, if any)."""
+        while self.workers or command is not None or self.control_pid is not None:
             try:
                 pid, raw = os.wait()  # a signal runs its handler and the wait goes on (PEP 475)
             except ChildProcessError:
@@ -175,30 +244,46 @@ class Supervisor:
                 self.status = self.status or code
                 self._stop(signal.SIGTERM)  # captive mode: the node ends with the command
                 continue
-            if pid not in self.workers:
+            if pid == self.control_pid:
+                self.control_pid = None
+                if not self.stopping:
+                    self._replace(pid, code, None)
                 continue
-            self.workers.discard(pid)
+            slot = self.workers.pop(pid, None)
+            if slot is None:
+                continue
+            if not self.stopping and code == 0:
+                log.info("worker %d was told to shut down: stopping the node", pid)
+                self._stop(signal.SIGTERM)
             if self.stopping:
                 if code and not self.status:
                     log.warning("worker %d exited with status %d", pid, code)
                     self.status = code
+                if not self.workers:
+                    self._stop_control()  # it answered for the workers until the last one left
             else:
-                self._replace(pid, code)
+                self._replace(pid, code, slot)
         if command is not None:
             command.terminate()
             command.wait()
 
-    def _replace(self, pid: int, code: int) -> None:
+    def _replace(self, pid: int, code: int, slot: int | None) -> None:
+        """Start another worker in `slot`, or (None) another control process."""
+        what = "worker" if slot is not None else "the control process"
         now = time.monotonic()
         self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW] + [now]
         if len(self._deaths) > MAX_RESTARTS:
-            log.error("workers keep dying (last: %d, status %d): stopping the node", pid, code)
+            log.error("children keep dying (last: %s %d, status %d): stopping the node",
+                      what, pid, code)  # fmt: skip
             self.status = 1
             self._stop(signal.SIGTERM)
             return
-        log.warning("worker %d exited with status %d: starting another", pid, code)
+        log.warning("%s %d exited with status %d: starting another", what, pid, code)
         try:
-            _wait_ready(self._spawn())
+            if slot is None:
+                self._start_control()
+            else:
+                _wait_ready(self._spawn(slot))
         except SpecError as exc:
             log.error("%s", exc)  # the next wait() reaps it and counts it
 
@@ -206,16 +291,20 @@ class Supervisor:
         self._stop(sig)
 
     def _stop(self, sig: int) -> None:
+        """Stop the workers; the control process follows the last of them (_supervise)."""
         self.stopping = True
-        for pid in self.workers:
+        for pid in list(self.workers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
+        if not self.workers:
+            self._stop_control()
 
     def _reap_all(self) -> None:
-        for pid in list(self.workers):
+        for pid in [*self.workers, *([self.control_pid] if self.control_pid else [])]:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
         self.workers.clear()
+        self.control_pid = None
 
     # Reporting -----------------------------------------------------------------------------
 
@@ -226,8 +315,8 @@ class Supervisor:
         return {
             "uri": uris[0],
             "uris": uris,
-            "control": None,
-            "metrics": None,
+            "control": self.bound["control"],
+            "metrics": self.bound["metrics"],
             "pid": os.getpid(),
             "kind": self.spec.kind,
             "workers": sorted(self.workers),
@@ -238,6 +327,8 @@ class Supervisor:
             addr = bound_address(sock)
             sock.close()
             remove_socket_file(addr)
+        if self.control_dir is not None:
+            shutil.rmtree(self.control_dir, ignore_errors=True)
 
 
 def _wait_ready(fd: int) -> None:

@@ -155,7 +155,6 @@ def test_run_captive_mode_with_workers(tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["cow"], "cow keeps its state in one process"),
-        (["memory", "1M", "--control", "unix:/tmp/x.ctl"], "cannot be combined with --control"),
         (["memory", "1M", "--workers", "0"], "must be 1 or more"),
     ],
 )
