@@ -45,7 +45,10 @@ def param_words(node: Node, map_file: PathMap = _same) -> list[str]:
 
 def option_words(node: Node) -> list[str]:
     """The node's own flags from the topology (only those set)."""
-    return ["--poll-max-us", str(node.poll_max_us)] if node.poll_max_us else []
+    words = ["--poll-max-us", str(node.poll_max_us)] if node.poll_max_us else []
+    if node.workers > 1:
+        words += ["--workers", str(node.workers)]
+    return words
 
 
 def export_words(

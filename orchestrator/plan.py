@@ -73,6 +73,8 @@ def node_diff(old: Node, new: Node, old_top: Topology, new_top: Topology) -> Act
         reasons.append("file moved")
     if old.poll_max_us != new.poll_max_us:
         reasons.append(f"poll-max-us {old.poll_max_us} -> {new.poll_max_us}")
+    if old.workers != new.workers:
+        reasons.append(f"workers {old.workers} -> {new.workers}")
     before, after = old.normalized_params(), new.normalized_params()
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     live = live_names(type(new.params))

@@ -33,6 +33,7 @@ class KindInfo(Protocol):
     Params: type[Params]
     magic: str | None
     min_members: int
+    shareable: bool  #: several processes can serve it (`nbdfabric node --workers`)
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -77,6 +78,8 @@ class Node:
     max_restarts: int = 5
     #: `nbdfabric node --poll-max-us`: poll before sleeping, for up to this many µs (0: off).
     poll_max_us: int = 0
+    #: `nbdfabric node --workers`: processes serving the node together (1: the node alone).
+    workers: int = 1
     line: int | None = None
 
     def normalized_params(self) -> dict[str, Any]:
@@ -137,6 +140,12 @@ _POLL_HELP = (
     "poll the node's sockets for up to this many µs before it sleeps (adaptive, as QEMU's "
     "poll-max-ns): lower latency at low queue depth for a busy core; 0: off"
 )
+_WORKERS_HELP = (
+    "processes serving the node together, sharing its sockets and its data (a client's "
+    "connections spread over as many cores); only kinds that can share their state take more "
+    "than 1 (see `nbdfabric kinds`)"
+)
+_ONE_WORKER_HELP = "this kind keeps its state in one process: one worker only"
 
 
 class NodeDef(_Strict):
@@ -153,6 +162,7 @@ class NodeDef(_Strict):
         5, ge=0, description="consecutive failed restarts before giving up on the node"
     )
     poll_max_us: int = Field(0, ge=0, description=_POLL_HELP)
+    workers: int = Field(1, ge=1, description=_WORKERS_HELP)
 
 
 class ExportDef(_Strict):
@@ -409,6 +419,13 @@ class _Validator:
         for i, u in enumerate(upstreams):
             if upstreams.index(u) != i:
                 self.problem((*path, "upstreams", i), f"upstream {u!r} is listed twice")
+        if spec.workers > 1 and not cls.shareable:
+            can = ", ".join(sorted(k for k, c in self.kinds.items() if c.shareable)) or "(none)"
+            self.problem(
+                (*path, "workers"),
+                f"{spec.kind} keeps its state in one process, so it cannot be served by several "
+                f"workers (kinds that can: {can})",
+            )
         params = self.params(path, spec.kind, cls, spec.params)
         if params is None:
             return None
@@ -422,6 +439,7 @@ class _Validator:
             restart=spec.restart,
             max_restarts=spec.max_restarts,
             poll_max_us=spec.poll_max_us,
+            workers=spec.workers,
             line=self.lines.line(path),
         )
 
@@ -607,6 +625,7 @@ def json_schema(kinds: Mapping[str, KindInfo] | None = None) -> dict[str, Any]:
         ),
         "max_restarts": (int, Field(5, ge=0, description="failed restarts before giving up")),
         "poll_max_us": (int, Field(0, ge=0, description=_POLL_HELP)),
+        "workers": (int, Field(1, ge=1, description=_WORKERS_HELP)),
     }
     variants: list[Any] = []
     for kind, cls in sorted(kinds.items()):
@@ -616,6 +635,8 @@ def json_schema(kinds: Mapping[str, KindInfo] | None = None) -> dict[str, Any]:
             "params": (cls.Params, Field(...) if required else Field(None)),
             **common,
         }
+        if not cls.shareable:  # validate refuses more than one worker for it
+            fields["workers"] = (int, Field(1, ge=1, le=1, description=_ONE_WORKER_HELP))
         if cls.role == "filter":
             fields["upstream"] = (str, Field(description="upstream node name or NBD URI"))
         elif cls.role == "fan":

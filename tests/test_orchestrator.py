@@ -185,6 +185,53 @@ def test_orchestrator_reapply_restarts_only_the_changed_node(
     write_read(tmp_path, fabric.uri("vm2"), 2 << 20)
 
 
+WORKERS = """\
+name: f
+nodes:
+  disk: {kind: memory, params: {size: 8M}, workers: 2}
+  proxy: {kind: nbd, upstream: disk, workers: 2}
+exports:
+  vm1: {node: proxy, listen: ["unix:${SOCKDIR}/vm1.sock"]}
+"""
+
+
+def test_orchestrator_runs_nodes_with_workers(tmp_path: Path) -> None:
+    """`workers: 2`: each node is a supervisor with two workers and a control process; the
+    orchestrator watches it through that one endpoint, and a worker killed is the node's own
+    business (another worker serves, and the node replaces it), not a restart."""
+    fabric = Fabric(tmp_path, WORKERS)
+    try:
+        fabric.up()
+        nodes = fabric.status()
+        for n in nodes.values():
+            assert (n["state"], n["health"], n["restarts"]) == ("running", "SERVING", 0), n
+        digest = write_read(tmp_path, fabric.uri("vm1"), 2 << 20)
+        proxy = nodes["proxy"]
+        info = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "nodes.cli", "ctl", proxy["control"], "--json", "info"],
+                capture_output=True, text=True, check=True, cwd=ROOT,
+            ).stdout
+        )  # fmt: skip
+        workers = [w["pid"] for w in info["status"]["workers"]]
+        assert len(workers) == 2 and info["pid"] == proxy["pid"]
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(lambda: not alive(workers[0]), 10, "the worker to die")
+        assert read_sha(tmp_path, fabric.uri("vm1"), 2 << 20) == digest  # the other one serves
+        after = fabric.status()
+        assert (after["proxy"]["pid"], after["proxy"]["restarts"]) == (proxy["pid"], 0)
+        # Back to one process: a restart, announced with its reason.
+        fabric.file.write_text(WORKERS.replace(", workers: 2}\n  proxy", "}\n  proxy"))
+        out = fabric.cli("up", "--detach", str(fabric.file)).stdout
+        assert "disk: restart (workers 2 -> 1)" in out
+        pids = set(fabric.pids) | set(workers)
+    finally:
+        fabric.cli("down", check=False)
+    for pid in pids:
+        wait_for(lambda pid=pid: not alive(pid), 30, f"pid {pid} to exit")
+    assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
+
+
 def param_value(control: str, name: str) -> str:
     import grpc
 

@@ -123,7 +123,7 @@ INVALID = [
         "unknown node field",
         "nodes:\n  a: {kind: memory, params: {size: 1M}, restrat: never}\n",
         "f.yaml:2: nodes.a.restrat: unknown field (accepts: kind, params, upstream, upstreams, "
-        "restart, max-restarts, poll-max-us)",
+        "restart, max-restarts, poll-max-us, workers)",
     ),
     (
         "bad restart policy",
@@ -162,6 +162,36 @@ INVALID = [
         "negative poll time",
         "nodes:\n  a: {kind: memory, params: {size: 1M}, poll-max-us: -1}\n",
         "f.yaml:2: nodes.a.poll-max-us: ",
+    ),
+    (
+        "no workers",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}, workers: 0}\n",
+        "f.yaml:2: nodes.a.workers: bad value 0: Input should be greater than or equal to 1",
+    ),
+    (
+        "negative workers",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}, workers: -1}\n",
+        "f.yaml:2: nodes.a.workers: bad value -1: Input should be greater than or equal to 1",
+    ),
+    (
+        "workers not a number",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}, workers: two}\n",
+        "f.yaml:2: nodes.a.workers: bad value 'two': Input should be a valid integer, unable to "
+        "parse string as an integer",
+    ),
+    (
+        "workers on a kind that keeps its state in one process",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}}\n"
+        "  b: {kind: cow, upstream: a, workers: 2}\n",
+        "f.yaml:3: nodes.b.workers: cow keeps its state in one process, so it cannot be served by "
+        "several workers (kinds that can: file, full, memory, nbd, null, pattern, zero)",
+    ),
+    (
+        "workers on a fan",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}}\n  c: {kind: memory, params: {size: 1M}}\n"
+        "  m:\n    kind: mirror\n    upstreams: [a, c]\n    workers: 3\n",
+        "f.yaml:7: nodes.m.workers: mirror keeps its state in one process, so it cannot be served "
+        "by several workers (kinds that can: ",
     ),
     (
         "unset variable",
@@ -285,6 +315,32 @@ def test_poll_max_us_reaches_every_way_of_running_the_node(tmp_path: Path) -> No
     assert _actions(CHAIN, polled)["slow"] == ("restart", "poll-max-us 0 -> 50")
     schema = json.dumps(json_schema())
     assert '"poll_max_us"' in schema or '"poll-max-us"' in schema
+
+
+def test_workers_reach_every_way_of_running_the_node(tmp_path: Path) -> None:
+    from orchestrator.backends.process import RunDir, node_command
+    from orchestrator.compose import compose_dict
+    from orchestrator.k8s import manifests
+
+    shared = CHAIN.replace("params: {size: 1M}}", "params: {size: 1M}, workers: 2}")
+    top = load_text(shared, "f.yaml")
+    assert (top.nodes["disk"].workers, top.nodes["slow"].workers) == (2, 1)
+    cmd = node_command(top.nodes["disk"], top, RunDir(tmp_path / "run"), control=True)
+    assert cmd[cmd.index("--workers") + 1] == "2"
+    assert "--workers" not in node_command(top.nodes["slow"], top, RunDir(tmp_path), False)
+    assert "'--workers', '2'" in str(compose_dict(top))
+    assert "'--workers', '2'" in str(manifests(top))
+    one = CHAIN.replace("delay-read: 1ms}", "delay-read: 1ms}, workers: 1")  # any kind takes 1
+    single = load_text(one, "f.yaml")
+    assert "'--workers'" not in str(compose_dict(single)) + str(manifests(single))
+    assert _actions(CHAIN, one) == {"disk": ("unchanged", ""), "slow": ("unchanged", "")}
+    assert _actions(CHAIN, shared)["disk"] == ("restart", "workers 1 -> 2")
+    assert _actions(shared, CHAIN)["disk"] == ("restart", "workers 2 -> 1")
+    assert _actions(CHAIN, shared)["slow"] == ("unchanged", "")
+    nodes = json_schema()["$defs"]
+    memory, cow = (nodes[n]["properties"]["workers"] for n in ("MemoryNode", "CowNode"))
+    assert (memory["minimum"], memory.get("maximum")) == (1, None)
+    assert (cow["minimum"], cow["maximum"]) == (1, 1)  # what validate refuses, editors do too
 
 
 def test_topology_schema_has_every_kind_and_flexible_sizes() -> None:
