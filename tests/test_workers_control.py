@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import grpc
 import nbd
 import pytest
-from conftest import Proc, nbd_connect, wait_for
+from conftest import NBDFABRIC, ROOT, Proc, nbd_connect, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -106,6 +106,10 @@ def test_one_endpoint_counts_every_worker(node) -> None:
     status = json.loads(info.status_json)
     assert sorted(w["pid"] for w in status["workers"]) == workers
     assert all(w["state"] == "serving" and w["healthy"] for w in status["workers"])
+    text = subprocess.run(
+        [*NBDFABRIC, "ctl", p.control, "info"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert "workers" in text and all(str(pid) in text for pid in workers)
     health = health_pb2_grpc.HealthStub(channel)
     for service in ("", "nbdfabric.v1.NodeService"):
         check = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)

@@ -164,7 +164,26 @@ def show_info(info: pb.GetInfoResponse) -> None:
                 ],
             )
         )
-    extra = {k: v for k, v in (d["status"] or {}).items() if k not in ("upstreams", "members")}
+    status = d["status"] or {}
+    if isinstance(status.get("workers"), list):
+        con.print()
+        con.print(
+            _table(
+                "workers",
+                ("slot", "pid", "state", "healthy"),
+                [
+                    (
+                        w.get("slot", ""),
+                        w.get("pid", "-"),
+                        w.get("state", ""),
+                        "yes" if w.get("healthy") else "NO",
+                    )
+                    for w in status["workers"]
+                ],
+            )
+        )
+    skip = ("upstreams", "members", "workers")
+    extra = {k: v for k, v in status.items() if k not in skip}
     if extra:
         con.print()
         con.print(_table("status", ("", ""), [(k, json.dumps(v)) for k, v in extra.items()]))

@@ -92,7 +92,11 @@ class Workers:
     """Channels to every worker's private control socket, by slot."""
 
     def __init__(self, paths: list[str]) -> None:
-        self.channels = [grpc.aio.insecure_channel(f"unix:{p}") for p in paths]
+        # A replaced worker is back within a second: retry soon, not after gRPC's default
+        # back-off (which grows to two minutes).
+        options = [("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]  # fmt: skip
+        self.channels = [grpc.aio.insecure_channel(f"unix:{p}", options=options) for p in paths]
         self.nodes = [pb_grpc.NodeServiceStub(c) for c in self.channels]
         self.health = [health_pb2_grpc.HealthStub(c) for c in self.channels]
 
@@ -360,13 +364,16 @@ class FanInServicer(pb_grpc.NodeServiceServicer):  # type: ignore[misc]
         that breaks (a worker replaced) is opened again unless the node is stopping."""
         while True:
             stopped = False
+            call = stub.WatchEvents(pb.WatchEventsRequest())
             try:
-                async for answer in stub.WatchEvents(pb.WatchEventsRequest()):
+                async for answer in call:
                     event = answer.event
                     await queue.put((slot, event))
                     stopped = event.kind == "state" and event.message == "stopped"
             except grpc.aio.AioRpcError:
                 pass
+            finally:
+                call.cancel()  # the client left (this task is cancelled): so does the stream
             if stopped or self.fanin.stopping:
                 await queue.put((slot, None))
                 return
