@@ -169,6 +169,10 @@ async def serve(
         await runtime.stopped.wait()
     if control_server is not None:
         await control_server.stop(grace=1.0)
+    if metrics_addr is not None:
+        from .control.metrics import stop_metrics
+
+        stop_metrics()
     return status
 
 

@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import nbd
@@ -265,6 +266,16 @@ def test_control_metrics_endpoint_parses(node):
     assert samples[("nbdfabric_up", None)].value == 1
     assert samples[("nbdfabric_export_size_bytes", None)].value == SIZE
     h.shutdown()
+
+
+def test_control_and_metrics_unix_sockets_go_with_the_node(node, tmp_path):
+    metrics = tmp_path / "metrics.sock"
+    p, _, _ = node("--metrics", f"unix:{metrics}")
+    assert p.metrics == f"unix:{metrics}" and metrics.is_socket()
+    control = Path(p.control.removeprefix("unix:"))
+    assert control.is_socket()
+    p.stop()
+    assert not metrics.exists() and not control.exists() and not Path(p.socket).exists()
 
 
 def test_control_health_command_exit_codes(node, tmp_path):

@@ -205,3 +205,19 @@ def test_killed_worker_and_control_process_are_replaced(node) -> None:
         ["nbdcopy", p.uri, "-"], capture_output=True, timeout=60, check=True
     ).stdout
     assert out[:65536] == b"k" * 65536 and out[65536:] == bytes(len(out) - 65536)
+
+
+def test_unix_control_and_metrics_sockets_go_with_the_node(start_node, tmp_path) -> None:
+    metrics, scratch = tmp_path / "metrics.sock", tmp_path / "tmp"
+    scratch.mkdir()  # where the workers' private control sockets go (TMPDIR)
+    p = start_node("null", "1M", control=True, env={"TMPDIR": str(scratch)},
+                   extra=("--workers", "2", "--metrics", f"unix:{metrics}"))  # fmt: skip
+    control = p.control.removeprefix("unix:")
+    assert metrics.is_socket() and os.path.exists(control)
+    (private,) = scratch.iterdir()
+    assert sorted(f.name for f in private.iterdir()) == ["worker0.sock", "worker1.sock"]
+    children = children_of(p.pid)
+    assert p.stop() == 0
+    assert not any(alive(pid) for pid in children)
+    assert not metrics.exists() and not os.path.exists(control) and not os.path.exists(p.socket)
+    assert list(scratch.iterdir()) == []

@@ -514,5 +514,9 @@ async def serve_fanin(
         keeper.cancel()
     if server is not None:
         await server.stop(grace=1.0)
+    if metrics:
+        from .metrics import stop_metrics
+
+        stop_metrics()
     await fanin.workers.close()
     return 0

@@ -24,7 +24,13 @@ from prometheus_client.core import (
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
 
-from ..server.addresses import bound_address, open_listener, parse_address
+from ..server.addresses import (
+    Address,
+    bound_address,
+    open_listener,
+    parse_address,
+    remove_socket_file,
+)
 from ..server.node import NodeRuntime
 from ..stats import LATENCY_BUCKETS
 
@@ -33,7 +39,8 @@ log = logging.getLogger("nbdfabric.metrics")
 STATES = ("starting", "serving", "paused", "draining", "stopped")
 _LABELS = ["node", "kind", "export"]
 _BOUNDS = [floatToGoString(b) for b in LATENCY_BUCKETS]
-_servers: list[Any] = []  # keeps the HTTP servers (and their tasks) alive
+#: The HTTP servers' start tasks (kept alive here) and where they listen.
+_servers: list[tuple[asyncio.Task[Any], Address]] = []
 
 
 class NodeCollector:
@@ -176,7 +183,18 @@ def start_metrics(
     else:
         starting = asyncio.start_server(handle, sock=sock)
     task = asyncio.get_running_loop().create_task(starting)
-    _servers.append(task)
+    _servers.append((task, bound_address(sock)))
     bound = str(bound_address(sock))
     log.info("metrics on %s", bound)
     return bound
+
+
+def stop_metrics() -> None:
+    """Close this process's metrics listeners; a unix socket's file goes with it."""
+    for task, address in _servers:
+        if task.done() and not task.cancelled() and task.exception() is None:
+            task.result().close()
+        else:
+            task.cancel()
+        remove_socket_file(address)
+    _servers.clear()
