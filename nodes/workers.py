@@ -134,7 +134,10 @@ class Supervisor:
         log.info("%s serving on %s with %d workers", self.spec.kind, uris[0], len(self.workers))
         command = None
         if self.spec.run:
-            command = subprocess.Popen(self.spec.run, shell=True, env=dict(os.environ, uri=uris[0]))
+            env = dict(os.environ, uri=uris[0])
+            if self.bound["control"]:
+                env["control"] = self.bound["control"]  # as a single-process node sets it
+            command = subprocess.Popen(self.spec.run, shell=True, env=env)
         self._supervise(command)
         self._remove_socket_files()
         return self.status

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import threading
@@ -221,3 +222,15 @@ def test_unix_control_and_metrics_sockets_go_with_the_node(start_node, tmp_path)
     assert not any(alive(pid) for pid in children)
     assert not metrics.exists() and not os.path.exists(control) and not os.path.exists(p.socket)
     assert list(scratch.iterdir()) == []
+
+
+def test_run_captive_mode_gets_the_control_address(tmp_path) -> None:
+    run = shlex.join([*NBDFABRIC, "health"]) + ' "$control" && nbdinfo --size "$uri"'
+    out = subprocess.run(
+        [*NBDFABRIC, "node", "memory", "4M", "--workers", "2", "--listen", f"unix:{tmp_path}/s",
+         "--control", f"unix:{tmp_path}/c", "--run", run],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["SERVING", str(4 << 20)]
+    assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()
