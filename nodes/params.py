@@ -113,6 +113,11 @@ def param(default: Any = ..., description: str = "", **kwargs: Any) -> Any:
     return Field(default, description=description, **kwargs)
 
 
+def secret(default: Any = None, description: str = "") -> Any:
+    """A param fixed for the node's lifetime whose value is never shown (gRPC info, `ctl`)."""
+    return Field(default, description=description, json_schema_extra={"secret": True})
+
+
 class Params(BaseModel):
     """Base of every kind's parameters: dashed names on the outside, unknown keys refused."""
 
@@ -123,6 +128,14 @@ class Params(BaseModel):
         validate_assignment=True,
         frozen=False,
     )
+
+    def shown(self) -> dict[str, Any]:
+        """The values as JSON data for people to see: secret params masked."""
+        values = self.model_dump(by_alias=True, mode="json")
+        for entry in field_info(type(self)):
+            if entry["secret"] and values.get(entry["name"]) is not None:
+                values[entry["name"]] = "***"
+        return values
 
 
 class ParamError(ValueError):
@@ -145,6 +158,7 @@ def field_info(model: type[Params]) -> list[dict[str, Any]]:
                 "default": None if f.is_required() else _jsonable(f.default),
                 "required": f.is_required(),
                 "live": bool(extra.get("live")),
+                "secret": bool(extra.get("secret")),
                 "help": f.description or "",
             }
         )

@@ -103,6 +103,8 @@ def test_k8s_import_job_runs_nodes_as_sidecars(capsys) -> None:
     assert job["kind"] == "Job"
     spec = job["spec"]["template"]["spec"]
     assert [c["name"] for c in spec["initContainers"]] == ["source", "throttle", "retries"]
+    source = spec["initContainers"][0]
+    assert source["args"][:3] == ["node", "http", "url=https://images.example.org/fedora-40.raw"]
     assert all(c["restartPolicy"] == "Always" for c in spec["initContainers"])
     (importer,) = spec["containers"]
     assert importer["command"] == ["qemu-img"]

@@ -322,7 +322,7 @@ class NodeRuntime:
             self.held -= 1
 
     def params_info(self) -> list[dict[str, Any]]:
-        values = self.backend.params.model_dump(by_alias=True, mode="json")
+        values = self.backend.params.shown()
         out = []
         for entry in field_info(type(self.backend.params)):
             out.append({**entry, "value": values.get(entry["name"])})
