@@ -1,13 +1,15 @@
 """Side-by-side benchmark: nbdfabric nodes against nbdkit, in the same run, reporting ratios.
 
-    python -m bench [--suite core,chain,fan] [--runs 3] [--size 512M] [--seconds 5]
+    python -m bench [--suite core,chain,fan,source] [--runs 3] [--size 512M] [--seconds 5]
                     [--poll-max-us N] [--workers N] [--json FILE]
 
 Each suite starts our topology and nbdkit's of the same shape, then runs the same workloads on both,
 interleaved (ours, theirs, theirs, ours, ...) and reports the median of the runs and the ratio
 ours / nbdkit (> 1 means we are faster). Workloads: nbdcopy read and write (`--no-extents -S 0` so
 the bytes really move; the first write into a fresh disk is discarded) at 1 MiB and 256 KiB, and
-fio's nbd engine for 4 KiB random reads and writes at queue depth 1 and 16.
+fio's nbd engine for 4 KiB random reads and writes at queue depth 1 and 16. The source suite
+(our http node against `nbdkit -r curl`, both reading the bench's image from one local HTTP
+server, bench/http_server.py) is read-only: reads only.
 
 Beside each ratio it reports the CPU time the servers of each side used (all their processes: a
 chain's proxies and its memory node), per request for fio and per GiB for nbdcopy, split into user
@@ -124,6 +126,15 @@ class Fabric:
         self._wait(proc, ready.exists, f"node {kind}")
         # With --workers the node is several processes: count them all (ready = all serve).
         return Server(json.loads(ready.read_text())["uri"], [proc.pid, *children_of(proc.pid)])
+
+    def http_server(self, image: Path) -> str:
+        """Serve `image`'s directory over HTTP (bench/http_server.py); the image's URL."""
+        cmd = [sys.executable, str(Path(__file__).with_name("http_server.py")), str(image.parent)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        self.stack.callback(lambda: (proc.terminate(), proc.wait(10)))
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        return f"http://127.0.0.1:{port}/files/{image.name}"
 
     def nbdkit(self, *args: str, tcp: bool = False) -> Server:
         self.n += 1
@@ -243,23 +254,36 @@ def fan_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
     yield "mirror x2 vs 1 node", (mirror.over(*pair), f.node("memory", size))
 
 
-SUITES = {"core": core_pairs, "chain": chain_pairs, "fan": fan_pairs}
+def source_pairs(f: Fabric, image: Path) -> Iterator[tuple[str, Pair]]:
+    """Read-only: our http node vs `nbdkit -r curl`, over the same HTTP server and image."""
+    url = f.http_server(image)
+    yield "http source", (f.node("http", url), f.nbdkit("-r", "curl", f"url={url}"))
+
+
+SUITES = {"core": core_pairs, "chain": chain_pairs, "fan": fan_pairs, "source": source_pairs}
+#: Suites whose exports cannot be written: only the read workloads run.
+READ_ONLY = {"source"}
 
 
 def run_suite(name: str, f: Fabric, args: argparse.Namespace, source: Path) -> list[dict]:
     size = source.stat().st_size
     rows = []
-    for label, (ours, theirs) in SUITES[name](f, args.size):
-        for uri in (ours.uri, theirs.uri):  # the first write into a fresh disk is discarded
-            nbdcopy_write(uri, source, 1 << 20)
+    read_only = name in READ_ONLY
+    pairs = SUITES[name](f, source if read_only else args.size)
+    for label, (ours, theirs) in pairs:
+        if not read_only:
+            for uri in (ours.uri, theirs.uri):  # the first write into a fresh disk is discarded
+                nbdcopy_write(uri, source, 1 << 20)
         workloads: list[tuple[str, Callable[[str], float], str]] = [
             ("nbdcopy write 1M", lambda u: nbdcopy_write(u, source, 1 << 20), "MiB/s"),
             ("nbdcopy read 1M", lambda u: nbdcopy_read(u, size, 1 << 20), "MiB/s"),
             ("nbdcopy write 256K", lambda u: nbdcopy_write(u, source, 256 << 10), "MiB/s"),
             ("nbdcopy read 256K", lambda u: nbdcopy_read(u, size, 256 << 10), "MiB/s"),
         ]
+        if read_only:
+            workloads = [w for w in workloads if "write" not in w[0]]
         if shutil.which("fio"):
-            for rw in ("randread", "randwrite"):
+            for rw in ("randread",) if read_only else ("randread", "randwrite"):
                 for depth in (1, 16):
                     workloads.append(
                         (
@@ -325,7 +349,7 @@ def idle_rss_mib(f: Fabric) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("--suite", default="core,chain", help="comma list of: core, chain, fan")
+    p.add_argument("--suite", default="core,chain", help="comma list of: core, chain, fan, source")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--size", default="512M", help="disk size and bytes copied per nbdcopy run")
     p.add_argument("--seconds", type=float, default=5, help="fio run time per measurement")

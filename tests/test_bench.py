@@ -100,3 +100,19 @@ def test_bench_core_suite_runs_against_nbdkit(tmp_path: Path) -> None:
             # take less than the 10 ms a tick of /proc/PID/stat counts.
             assert row[side]["total"] > 0 or row["unit"] != "IOPS", (row, side)
             assert abs(row[side]["total"] - row[side]["user"] - row[side]["system"]) < 0.002
+
+
+def test_bench_source_suite_reads_through_http_against_nbdkit_curl(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, "-m", "bench", "--suite", "source", "--runs", "1", "--size", "16M",
+        "--seconds", "0.5", "--json", str(out),
+    ]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["setup"], r["workload"]) for r in rows} == {
+        ("http source", w)
+        for w in ("nbdcopy read 1M", "nbdcopy read 256K", "fio 4K randread QD1",
+                  "fio 4K randread QD16")
+    }  # fmt: skip
+    assert all(r["ours"] > 0 and r["theirs"] > 0 for r in rows)

@@ -19,7 +19,7 @@ from conftest import NBDFABRIC, ROOT, nbd_connect, run, wait_for
 from test_server_lifecycle import make_certificates
 
 SIZE = 4 << 20
-SERVER = Path(__file__).with_name("http_server.py")
+SERVER = Path(__file__).resolve().parent.parent / "bench" / "http_server.py"
 
 
 class HttpServer:

@@ -1,7 +1,8 @@
-"""A small HTTP(S) server for the http plugin's tests: aiohttp's own file serving, which answers
-HEAD and byte ranges as web servers do, plus the odd behaviours an image server may have.
+"""A small HTTP(S) server for the http plugin's tests and the bench's source suite: aiohttp's
+file serving, which answers HEAD and byte ranges as web servers do, plus the odd behaviours an
+image server may have.
 
-    python tests/http_server.py DIR [--port N] [--tls PKI_DIR]
+    python bench/http_server.py DIR [--port N] [--tls PKI_DIR]
 
 Prints the port once it listens. Routes (NAME: a file in DIR):
 - /files/NAME: the file, with ranges;
