@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -235,3 +236,33 @@ def test_http_never_shows_a_password(start_node, server, image) -> None:
         assert {k: params[k] for k in shown} == shown
         assert "u:p@" not in text
         node.stop()
+
+
+def test_retry_in_front_hides_a_server_outage(start_node, image) -> None:
+    """The http node fails reads while its server is away; a retry node in front turns the
+    outage into a delay: the client's read succeeds once the server is back."""
+    srv = HttpServer(image.parent)
+    try:
+        source = start_node("http", srv.url("files"))
+        retry = start_node("retry", "retries=20", "retry-delay=100ms",
+                           "retry-exponential=false", upstreams=[source.uri])  # fmt: skip
+        h = nbd_connect(retry.uri)
+        data = image.read_bytes()
+        assert h.pread(4096, 0) == data[:4096]
+        srv.stop()
+        buf = nbd.Buffer(65536)
+        cookie = h.aio_pread(buf, 1 << 20)
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:  # failing and being retried meanwhile
+            h.poll(0)
+            assert not h.aio_command_completed(cookie)
+            time.sleep(0.02)
+        srv = HttpServer(image.parent, port=srv.port)
+        while not h.aio_command_completed(cookie):  # raises if the read failed
+            h.poll(1)
+        assert bytes(buf.to_bytearray()) == data[1 << 20 : (1 << 20) + 65536]
+        out = subprocess.run(["nbdcopy", retry.uri, "-"], capture_output=True, check=True)
+        assert sha(out.stdout) == sha(data)
+        h.shutdown()
+    finally:
+        srv.stop()
