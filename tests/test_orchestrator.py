@@ -232,6 +232,45 @@ def test_orchestrator_runs_nodes_with_workers(tmp_path: Path) -> None:
     assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
 
 
+def test_orchestrator_cdi_style_import_from_http(tmp_path: Path) -> None:
+    """compose/k8s-import.yaml's shape on local processes: http source -> rate -> retry, and
+    qemu-img converting the export into a qcow2 that compares equal to the served image."""
+    www = tmp_path / "www"
+    www.mkdir()
+    image = www / "disk.img"
+    image.write_bytes(os.urandom(3 << 20))
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "http_server.py"), str(www)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert server.stdout is not None
+    url = f"http://127.0.0.1:{int(server.stdout.readline())}/files/disk.img"
+    fabric = Fabric(tmp_path, IMPORT_TOPOLOGY.replace("URL", url))
+    try:
+        fabric.up()
+        nodes = fabric.status()
+        assert [n["kind"] for n in nodes.values()] == ["http", "rate", "retry"]
+        assert all(n["health"] == "SERVING" for n in nodes.values())
+        target = tmp_path / "imported.qcow2"
+        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", fabric.uri("disk"), str(target)])
+        run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(image), str(target)])
+    finally:
+        fabric.cli("down", check=False)
+        server.terminate()
+        server.wait(10)
+
+
+IMPORT_TOPOLOGY = """\
+name: f
+nodes:
+  source: {kind: http, params: {url: "URL"}}
+  throttle: {kind: rate, upstream: source, params: {rate: 200M}}
+  retries: {kind: retry, upstream: throttle}
+exports:
+  disk: {node: retries, listen: ["unix:${SOCKDIR}/disk.sock"]}
+"""
+
+
 def param_value(control: str, name: str) -> str:
     import grpc
 
