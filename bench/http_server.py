@@ -9,7 +9,8 @@ Prints the port once it listens. Routes (NAME: a file in DIR):
 - /redirect/NAME: 302 to /files/NAME;
 - /auth/NAME: the file, for basic auth user "u", password "p" only (else 401);
 - /whole/NAME: always the whole file with 200 (a server that ignores Range);
-- /shifted/NAME: 206 answers for the asked range moved 512 bytes on (a broken server).
+- /shifted/NAME: 206 answers for the asked range moved 512 bytes on (a broken server);
+- /stall/NAME: the file, except that a range past byte 0 gets headers and then nothing.
 """
 
 from __future__ import annotations
@@ -66,12 +67,22 @@ def main() -> None:
             headers={"Content-Range": f"bytes {first}-{last}/{len(data)}"},
         )
 
+    async def stall(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Range", "bytes=0-").startswith("bytes=0-"):
+            return web.FileResponse(path_of(request))
+        response = web.StreamResponse(status=206)
+        response.content_length = 4096
+        await response.prepare(request)
+        await asyncio.Event().wait()  # never a byte of the body
+        return response
+
     app = web.Application()
     app.router.add_route("*", "/files/{name}", files)
     app.router.add_route("*", "/redirect/{name}", redirect)
     app.router.add_route("*", "/auth/{name}", auth)
     app.router.add_route("*", "/whole/{name}", whole)
     app.router.add_route("*", "/shifted/{name}", shifted)
+    app.router.add_route("*", "/stall/{name}", stall)
 
     context = None
     if args.tls:

@@ -157,6 +157,18 @@ def test_http_a_wrong_range_fails_the_read_not_the_node(start_node, server) -> N
     h.shutdown()
 
 
+def test_http_a_stalled_answer_fails_the_read_in_time(start_node, server) -> None:
+    node = start_node("http", server.url("stall"), "timeout=1")
+    h = nbd_connect(node.uri)
+    started = time.monotonic()
+    with pytest.raises(nbd.Error) as err:
+        h.pread(4096, 4096)
+    assert err.value.errnum == 5 and time.monotonic() - started < 15
+    assert node.proc.poll() is None
+    assert h.pread(1, 0) is not None  # the node still serves
+    h.shutdown()
+
+
 def test_http_server_outage_fails_reads_then_recovers(start_node, image, tmp_path) -> None:
     srv = HttpServer(image.parent)
     try:

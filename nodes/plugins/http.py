@@ -17,7 +17,8 @@ and the last error, and health is NOT_SERVING until a read succeeds again.
 Params (nbdkit's names): `url` (magic, required; http:// or https://), `user` and `password`
 (basic auth; `password=+FILE` reads it from a file; never shown by `ctl info`, nor is a
 password in the URL), `header` (one extra request header, `Name: value`), `timeout` (per
-request; 0: none), `sslverify` (default true), `cainfo` (a CA bundle to verify the server
+request; 0: none, though a server that does not connect within 30 s or sends nothing for 60 s
+fails the read all the same), `sslverify` (default true), `cainfo` (a CA bundle to verify the server
 with), `followlocation` (follow redirects, default true), `connections` (kept-alive
 connections, default 4).
 
@@ -46,6 +47,10 @@ if TYPE_CHECKING:
     import aiohttp
 
 log = logging.getLogger("nbdfabric.http")
+
+#: Seconds to connect, and without a byte from the server mid-answer, before a read fails.
+CONNECT_TIMEOUT = 30.0
+STALL_TIMEOUT = 60.0
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -130,7 +135,10 @@ class Http(Plugin):
         if p.header:
             name, _, value = p.header.partition(":")
             self._headers[name.strip()] = value.strip()
-        timeout = aiohttp.ClientTimeout(total=p.timeout or None)
+        # Whatever `timeout` says, a server that stops answering fails the read, not hangs it.
+        timeout = aiohttp.ClientTimeout(
+            total=p.timeout or None, sock_connect=CONNECT_TIMEOUT, sock_read=STALL_TIMEOUT
+        )
         self._session = aiohttp.ClientSession(
             connector=connector, auth=auth, timeout=timeout, headers=self._headers
         )
