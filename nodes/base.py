@@ -98,6 +98,8 @@ class ClientInfo:
     connection_id: int = 0
     tls: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    #: A unix-socket client's (pid, uid, gid) from SO_PEERCRED; None elsewhere or if unknown.
+    peer_credentials: tuple[int, int, int] | None = None
 
 
 #: The client on whose behalf the current request runs (for per-client filters, `info`).
@@ -170,6 +172,11 @@ class Backend:
     def healthy(self) -> bool:
         """False when the node cannot serve (e.g. its upstream is down)."""
         return True
+
+    async def preconnect(self) -> None:
+        """A client connected, before any byte of the handshake (`current_client` says who).
+        Raise OSError to refuse it: the connection is closed without a word (nbdkit's
+        .preconnect), and the node serves on."""
 
     async def open_connection(self) -> None:
         """A client finished the handshake (`current_client` says who): before its first request."""
@@ -252,6 +259,9 @@ class Filter(Backend):
 
     def healthy(self) -> bool:
         return self.next.healthy()
+
+    async def preconnect(self) -> None:
+        await self.next.preconnect()
 
     async def open_connection(self) -> None:
         await self.next.open_connection()

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
+import struct
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
@@ -126,6 +128,8 @@ class Session:
         current_client.set(self.client)
         opened = False
         try:
+            if not await self._preconnect():
+                return
             ready = await self._handshake()
             if ready is not None:
                 opened = True
@@ -184,6 +188,19 @@ class Session:
             self.handshake.shutting_down = True
 
     # Handshake -----------------------------------------------------------------------------
+
+    async def _preconnect(self) -> bool:
+        """Let the backend refuse the client before the handshake (nbdkit closes the connection
+        without a word, and so do we); a unix-socket client's credentials go with it."""
+        sock = getattr(self.stream, "sock", None)
+        if isinstance(sock, socket.socket) and sock.family == socket.AF_UNIX:
+            self.client.peer_credentials = _peer_credentials(sock)
+        try:
+            await self.node.backend.preconnect()
+        except OSError as exc:
+            log.info("%s: refused: %s", self.client.address, exc.strerror or exc)
+            return False
+        return True
 
     async def _handshake(self) -> Ready | None:
         hs = self.handshake = ServerHandshake(self.node.handshake_policy())
@@ -630,6 +647,18 @@ class _PollingSocketReader(_SocketReader):
         POLLER.woke()
         super().buffer_updated(nbytes)
         POLLER.idle_soon(self.session._loop)
+
+
+def _peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of a unix socket's peer, where the kernel tells (SO_PEERCRED)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    try:
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, option, 12))
+    except OSError:
+        return None
+    return pid, uid, gid
 
 
 def _message(err: Err) -> str:
