@@ -40,13 +40,13 @@ from .rpc.nbdfabric.v1 import node_pb2 as pb
 from .rpc.nbdfabric.v1 import node_pb2_grpc as pb_grpc
 from .server import (
     HEALTH_INTERVAL,
-    HEALTH_SERVICE,
-    NODE_SERVICE,
     NOT_SERVING,
     SERVING,
+    STATES,
     HealthBase,
-    bind_target,
     event_loop_name,
+    health_services,
+    serve_node_service,
 )
 
 log = logging.getLogger("nbdfabric.control")
@@ -58,13 +58,7 @@ REOPEN_DELAY = 0.2
 
 T = TypeVar("T")
 
-_STATE_NAMES: dict[int, str] = {
-    pb.NODE_STATE_STARTING: "starting",
-    pb.NODE_STATE_SERVING: "serving",
-    pb.NODE_STATE_PAUSED: "paused",
-    pb.NODE_STATE_DRAINING: "draining",
-    pb.NODE_STATE_STOPPED: "stopped",
-}
+_STATE_NAMES: dict[int, str] = {value: name for name, value in STATES.items()}
 
 
 def node_state(states: list[Any]) -> Any:
@@ -346,7 +340,7 @@ class FanInServicer(pb_grpc.NodeServiceServicer):  # type: ignore[misc]
                         event.detail_json = json.dumps(detail, sort_keys=True)
                     yield pb.WatchEventsResponse(event=event)
                     continue
-                states[slot] = _state_value(event.message)
+                states[slot] = STATES.get(event.message, pb.NODE_STATE_STARTING)
                 now = node_state([states.get(s, pb.NODE_STATE_STARTING)
                                   for s in range(len(readers))])  # fmt: skip
                 if now != last and now != pb.NODE_STATE_STOPPED:
@@ -405,13 +399,6 @@ class FanInServicer(pb_grpc.NodeServiceServicer):  # type: ignore[misc]
             await context.abort(exc.code(), exc.details())
 
 
-def _state_value(name: str) -> int:
-    for value, text in _STATE_NAMES.items():
-        if text == name:
-            return value
-    return pb.NODE_STATE_STARTING
-
-
 def _state_event(state: int) -> pb.WatchEventsResponse:
     event = pb.Event(kind="state", message=_STATE_NAMES.get(state, "starting"), detail_json="{}")
     event.time.GetCurrentTime()
@@ -445,26 +432,8 @@ async def start_fanin_control(
 ) -> tuple[grpc.aio.Server, str, FanInHealth]:
     """The node's public control endpoint over its workers; returns the server, the address it
     listens on and its health servicer."""
-    target, path = bind_target(addr)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    services = ["", *([export_name] if export_name else []), NODE_SERVICE]
-    health = FanInHealth(fanin, services)
-    pb_grpc.add_NodeServiceServicer_to_server(FanInServicer(fanin, health), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    if reflection:
-        from grpc_reflection.v1alpha import reflection as grpc_reflection
-
-        grpc_reflection.enable_server_reflection(
-            [NODE_SERVICE, HEALTH_SERVICE, grpc_reflection.SERVICE_NAME], server
-        )
-    try:
-        port = server.add_insecure_port(target)
-    except RuntimeError as exc:
-        raise OSError(f"--control {addr}: cannot listen: {exc}") from None
-    if path is None and port == 0:
-        raise OSError(f"--control {addr}: cannot listen (address in use?)")
-    await server.start()
-    bound = f"unix:{path}" if path is not None else f"{target.rsplit(':', 1)[0]}:{port}"
+    health = FanInHealth(fanin, health_services(export_name))
+    server, bound = await serve_node_service(addr, FanInServicer(fanin, health), health, reflection)
     log.info("control over %d workers on %s (%s)", len(fanin.workers.nodes), bound,
              event_loop_name())  # fmt: skip
     return server, bound, health

@@ -39,7 +39,8 @@ HEALTH_INTERVAL = 0.5
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-_STATES = {
+#: The node's lifecycle states by name (NodeRuntime.state) and as NodeState.
+STATES = {
     "starting": pb.NODE_STATE_STARTING,
     "serving": pb.NODE_STATE_SERVING,
     "paused": pb.NODE_STATE_PAUSED,
@@ -248,7 +249,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):  # type: ignore[misc]
             kind=backend.kind,
             role=_ROLES.get(backend.role, pb.NODE_ROLE_UNSPECIFIED),
             version=version(),
-            state=_STATES.get(rt.state, pb.NODE_STATE_UNSPECIFIED),
+            state=STATES.get(rt.state, pb.NODE_STATE_UNSPECIFIED),
             healthy=self.health.derive() == SERVING,
             params=param_messages(rt),
             export_name=rt.options.export_name,
@@ -555,20 +556,21 @@ def bind_target(addr: str) -> tuple[str, str | None]:
     return (f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"), None
 
 
-async def start_control(
-    runtime: NodeRuntime, addr: str, reflection: bool = True
+def health_services(export_name: str) -> list[str]:
+    """The names grpc.health.v1 answers for: "", the export's name, and the NodeService."""
+    return ["", *([export_name] if export_name else []), NODE_SERVICE]
+
+
+async def serve_node_service(
+    addr: str, servicer: Any, health: HealthBase, reflection: bool
 ) -> tuple[grpc.aio.Server, str]:
-    """Serve NodeService, health and (unless disabled) reflection on `addr`; returns the
-    started server and the address it really listens on (the port when 0 was asked)."""
+    """Serve `servicer` (NodeService), `health` and (unless disabled) reflection on `addr`;
+    returns the started server and the address it really listens on (the port when 0 was
+    asked). Shared by a node's own endpoint and the one over --workers (fanin.py)."""
     target, path = bind_target(addr)
     # No SO_REUSEPORT: a second node on the same port must fail, not share it silently.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    services = [""]
-    if runtime.options.export_name:
-        services.append(runtime.options.export_name)
-    services.append(NODE_SERVICE)
-    health = NodeHealth(runtime, services)
-    pb_grpc.add_NodeServiceServicer_to_server(NodeServicer(runtime, health), server)
+    pb_grpc.add_NodeServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if reflection:
         from grpc_reflection.v1alpha import reflection as grpc_reflection
@@ -583,11 +585,20 @@ async def start_control(
     if path is None and port == 0:
         raise OSError(errno.EADDRINUSE, f"--control {addr}: cannot listen (address in use?)")
     await server.start()
-    _spawn(health.keep())
     if path is not None:
-        bound = f"unix:{path}"
-    else:
-        host = target.rsplit(":", 1)[0]
-        bound = f"{host}:{port}"
+        return server, f"unix:{path}"
+    return server, f"{target.rsplit(':', 1)[0]}:{port}"
+
+
+async def start_control(
+    runtime: NodeRuntime, addr: str, reflection: bool = True
+) -> tuple[grpc.aio.Server, str]:
+    """Serve NodeService, health and (unless disabled) reflection on `addr`; returns the
+    started server and the address it really listens on (the port when 0 was asked)."""
+    health = NodeHealth(runtime, health_services(runtime.options.export_name))
+    server, bound = await serve_node_service(
+        addr, NodeServicer(runtime, health), health, reflection
+    )
+    _spawn(health.keep())
     log.info("control on %s (%s)", bound, event_loop_name())
     return server, bound
