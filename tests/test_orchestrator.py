@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, run, wait_for
+from test_plugin_http import HttpServer
 
 CHAIN = """\
 name: f
@@ -239,13 +240,8 @@ def test_orchestrator_cdi_style_import_from_http(tmp_path: Path) -> None:
     www.mkdir()
     image = www / "disk.img"
     image.write_bytes(os.urandom(3 << 20))
-    server = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "http_server.py"), str(www)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    assert server.stdout is not None
-    url = f"http://127.0.0.1:{int(server.stdout.readline())}/files/disk.img"
-    fabric = Fabric(tmp_path, IMPORT_TOPOLOGY.replace("URL", url))
+    server = HttpServer(www)
+    fabric = Fabric(tmp_path, IMPORT_TOPOLOGY.replace("URL", server.url("files")))
     try:
         fabric.up()
         nodes = fabric.status()
@@ -256,8 +252,7 @@ def test_orchestrator_cdi_style_import_from_http(tmp_path: Path) -> None:
         run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(image), str(target)])
     finally:
         fabric.cli("down", check=False)
-        server.terminate()
-        server.wait(10)
+        server.stop()
 
 
 IMPORT_TOPOLOGY = """\

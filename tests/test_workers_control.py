@@ -24,17 +24,12 @@ import pytest
 from conftest import NBDFABRIC, ROOT, Proc, nbd_connect, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from test_control import op
+from test_workers import alive
 
-from bench.__main__ import children_of, stat_fields
+from bench.__main__ import children_of
 from nodes.control.rpc.nbdfabric.v1 import node_pb2 as pb
 from nodes.control.rpc.nbdfabric.v1 import node_pb2_grpc as pb_grpc
-
-
-def alive(pid: int) -> bool:
-    try:
-        return stat_fields(pid)[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -63,10 +58,6 @@ def only(pid: int, workers: list[int]) -> Iterator[None]:
 def connect_to(p: Proc, pid: int, workers: list[int]) -> nbd.NBD:
     with only(pid, workers):
         return nbd_connect(p.uri)
-
-
-def op(stats: pb.GetStatsResponse, name: str) -> pb.OpStats:
-    return next(o for o in stats.ops if o.op == name)
 
 
 def metric(p: Proc, name: str, op_name: str) -> float:
