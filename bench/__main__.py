@@ -129,12 +129,11 @@ class Fabric:
 
     def http_server(self, image: Path) -> str:
         """Serve `image`'s directory over HTTP (bench/http_server.py); the image's URL."""
-        cmd = [sys.executable, str(Path(__file__).with_name("http_server.py")), str(image.parent)]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        self.stack.callback(lambda: (proc.terminate(), proc.wait(10)))
-        assert proc.stdout is not None
-        port = int(proc.stdout.readline())
-        return f"http://127.0.0.1:{port}/files/{image.name}"
+        from .http_server import HttpServer
+
+        server = HttpServer(image.parent)
+        self.stack.callback(server.stop)
+        return server.url("files", image.name)
 
     def nbdkit(self, *args: str, tcp: bool = False) -> Server:
         self.n += 1

@@ -4,7 +4,8 @@ image server may have.
 
     python bench/http_server.py DIR [--port N] [--tls PKI_DIR]
 
-Prints the port once it listens. Routes (NAME: a file in DIR):
+Prints the port once it listens (`HttpServer` below starts it so and stops it). Routes (NAME: a
+file in DIR):
 - /files/NAME: the file, with ranges;
 - /redirect/NAME: 302 to /files/NAME;
 - /auth/NAME: the file, for basic auth user "u", password "p" only (else 401);
@@ -20,10 +21,35 @@ import asyncio
 import base64
 import re
 import ssl
+import subprocess
 import sys
 from pathlib import Path
 
 from aiohttp import web
+
+
+class HttpServer:
+    """This server in a child process, serving `root` (over TLS with `tls`: a directory with
+    server-cert.pem and server-key.pem); `url(route, name)` for its files."""
+
+    def __init__(self, root: Path, tls: Path | None = None, port: int = 0) -> None:
+        self.root, self.tls = root, tls
+        cmd = [sys.executable, __file__, str(root), "--port", str(port)]
+        if tls is not None:
+            cmd += ["--tls", str(tls)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+        scheme = "https" if tls else "http"
+        host = "localhost" if tls else "127.0.0.1"  # the test certificate names localhost
+        self.base = f"{scheme}://{host}:{self.port}"
+
+    def url(self, route: str, name: str = "disk.img") -> str:
+        return f"{self.base}/{route}/{name}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 from conftest import NBDFABRIC, ROOT, export_info, nbd_connect, run
-from test_plugin_http import HttpServer
 
+from bench.http_server import HttpServer
 from nodes.filters._decompress import PIECE, StreamError
 from nodes.filters.gzip import GzipStream
 from nodes.filters.xz import XzStream

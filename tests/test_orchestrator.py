@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, run, wait_for
-from test_plugin_http import HttpServer
+
+from bench.http_server import HttpServer
 
 CHAIN = """\
 name: f

@@ -9,7 +9,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,29 +18,9 @@ import pytest
 from conftest import NBDFABRIC, ROOT, nbd_connect, run, wait_for
 from test_server_lifecycle import make_certificates
 
+from bench.http_server import HttpServer
+
 SIZE = 4 << 20
-SERVER = Path(__file__).resolve().parent.parent / "bench" / "http_server.py"
-
-
-class HttpServer:
-    def __init__(self, root: Path, tls: Path | None = None, port: int = 0) -> None:
-        self.root, self.tls = root, tls
-        cmd = [sys.executable, str(SERVER), str(root), "--port", str(port)]
-        if tls is not None:
-            cmd += ["--tls", str(tls)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        self.port = int(self.proc.stdout.readline())
-        scheme = "https" if tls else "http"
-        host = "localhost" if tls else "127.0.0.1"  # the test certificate names localhost
-        self.base = f"{scheme}://{host}:{self.port}"
-
-    def url(self, route: str, name: str = "disk.img") -> str:
-        return f"{self.base}/{route}/{name}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 @pytest.fixture
