@@ -50,12 +50,24 @@ Chunk = tuple[int, bytes | Run]
 class Image:
     chunks: list[Chunk] = field(default_factory=list)
     size: int = 0
+    #: Bytes spelled out (not runs), kept as chunks are laid: summing them again for every
+    #: field of a long string would make parsing quadratic.
+    _spelled: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._spelled = sum(len(d) for _, d in self.chunks if isinstance(d, bytes))
 
     def spelled(self) -> int:
-        return sum(len(d) for _, d in self.chunks if isinstance(d, bytes))
+        return self._spelled
 
     def placed(self, at: int) -> list[Chunk]:
         return [(at + off, d) for off, d in self.chunks]
+
+    def lay(self, item: Image, at: int) -> None:
+        """Lay `item` down at offset `at` (over whatever is there)."""
+        self.chunks += item.placed(at)
+        self._spelled += item._spelled
+        self.size = max(self.size, at + item.size)
 
     def materialize(self) -> bytes:
         if self.size > MAX_BYTES:
@@ -155,9 +167,8 @@ class _Parser:
                 continue
             if item.size and offset + item.size > MAX_SIZE:
                 raise self._fail(f"the image would be larger than {MAX_SIZE} bytes")
-            image.chunks += item.placed(offset)
+            image.lay(item, offset)
             offset += item.size
-            image.size = max(image.size, offset)
             if len(image.chunks) > MAX_CHUNKS or image.spelled() > MAX_BYTES:
                 self.pos = start
                 raise self._fail("the data spells out too much (more than 256 MiB or 1M pieces)")
