@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 from ..base import Backend, Capabilities, Filter, Holes, Support, read_flat
 from ..params import Params
-from ..plugins.file import THREAD_THRESHOLD
+from ..plugins.file import THREAD_THRESHOLD, read_all, write_all
 
 log = logging.getLogger("nbdfabric.decompress")
 
@@ -179,12 +179,12 @@ class SparseWriter:
         for at in range(0, len(data), SPARSE_BLOCK):
             if data[at : at + SPARSE_BLOCK] == _ZERO_BLOCK[: min(SPARSE_BLOCK, len(data) - at)]:
                 if run >= 0:
-                    _write_all(self.fd, view[run:at], self.pos + run)
+                    write_all(self.fd, view[run:at], self.pos + run)
                     run = -1
             elif run < 0:
                 run = at
         if run >= 0:
-            _write_all(self.fd, view[run:], self.pos + run)
+            write_all(self.fd, view[run:], self.pos + run)
         self.pos += len(data)
 
     def finish(self) -> None:
@@ -324,9 +324,9 @@ class Decompress(Filter):
 
     async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
         if len(buf) >= THREAD_THRESHOLD:
-            await asyncio.to_thread(_read_all, self.fd, buf, offset)
+            await asyncio.to_thread(read_all, self.fd, buf, offset)
         else:
-            _read_all(self.fd, buf, offset)
+            read_all(self.fd, buf, offset)
         return None
 
     async def cache(self, count: int, offset: int, flags: int) -> None:
@@ -338,18 +338,3 @@ class Decompress(Filter):
     trim = Backend.trim
     zero = Backend.zero
     extents = Backend.extents  # all data (extents are not advertised, as nbdkit's)
-
-
-def _read_all(fd: int, buf: memoryview, offset: int) -> None:
-    pos = 0
-    while pos < len(buf):
-        n = os.preadv(fd, [buf[pos:]], offset + pos)
-        if n == 0:
-            raise OSError(errno.EIO, "unexpected end of the temporary file")
-        pos += n
-
-
-def _write_all(fd: int, data: memoryview, offset: int) -> None:
-    pos = 0
-    while pos < len(data):
-        pos += os.pwrite(fd, data[pos:], offset + pos)

@@ -275,19 +275,19 @@ class File(Plugin):
         if self.align:
             self._check_aligned(buf, offset)
             with _Bounce(len(buf)) as bounce:
-                _read_all(self.fd, bounce, offset)
+                read_all(self.fd, bounce, offset)
                 buf[:] = bounce
         else:
-            _read_all(self.fd, buf, offset)
+            read_all(self.fd, buf, offset)
 
     def _write(self, buf: memoryview, offset: int) -> None:
         if self.align:
             self._check_aligned(buf, offset)
             with _Bounce(len(buf)) as bounce:
                 bounce[:] = buf
-                _write_all(self.fd, bounce, offset)
+                write_all(self.fd, bounce, offset)
         else:
-            _write_all(self.fd, buf, offset)
+            write_all(self.fd, buf, offset)
 
     def _check_aligned(self, buf: memoryview, offset: int) -> None:
         # The server refuses requests that break block_min, so this only guards our own calls.
@@ -311,7 +311,8 @@ class _Bounce:
         self.map.close()
 
 
-def _read_all(fd: int, buf: memoryview, offset: int) -> None:
+def read_all(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill `buf` from `fd` at `offset` (preadv until done); EIO if the file ends first."""
     pos = 0
     while pos < len(buf):
         n = os.preadv(fd, [buf[pos:]], offset + pos)
@@ -320,7 +321,8 @@ def _read_all(fd: int, buf: memoryview, offset: int) -> None:
         pos += n
 
 
-def _write_all(fd: int, buf: memoryview, offset: int) -> None:
+def write_all(fd: int, buf: memoryview, offset: int) -> None:
+    """Write all of `buf` to `fd` at `offset` (pwritev until done)."""
     pos = 0
     while pos < len(buf):
         pos += os.pwritev(fd, [buf[pos:]], offset + pos)
