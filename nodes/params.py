@@ -39,6 +39,20 @@ def parse_size(value: Any) -> int:
     return n
 
 
+_C_INTEGER = re.compile(r"([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+
+
+def c_integer(text: str, signed: bool = False) -> int | None:
+    """A whole number as C's strtol with base 0 reads it (nbdkit's params do): `0x1f`
+    hexadecimal, `017` octal, else decimal; a sign only when `signed`. None if it is not one."""
+    m = _C_INTEGER.fullmatch(text)
+    if m is None or (m.group(1) and not signed):
+        return None
+    digits = m.group(2)
+    base = 16 if digits[:2].lower() == "0x" else 8 if digits[0] == "0" else 10
+    return (-1 if m.group(1) == "-" else 1) * int(digits, base)
+
+
 def parse_duration(value: Any) -> float:
     """Seconds as a float from `2`, `1.5s`, `10ms`, `250us`, `1m`."""
     if isinstance(value, bool):

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import re
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import AfterValidator
 
 from ..base import Backend, ClientInfo, Filter, current_client
-from ..params import Params, live
+from ..params import Params, c_integer, live
 from ..registry import register
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -48,7 +47,6 @@ _KEYWORDS = {
 }
 #: Rules naming a unix-socket peer's credential: the index in ClientInfo.peer_credentials.
 _CREDENTIALS = {"pid": 0, "uid": 1, "gid": 2}
-_C_INTEGER = re.compile(r"[+-]?(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -75,13 +73,10 @@ class Rule:
 
 def _integer(text: str, what: str) -> int:
     """A C integer as nbdkit reads it: decimal, 0x hexadecimal or 0 octal."""
-    if not _C_INTEGER.fullmatch(text):
+    value = c_integer(text, signed=True)
+    if value is None:
         raise ValueError(f"{what} could not parse number {text!r}")
-    sign = -1 if text[0] == "-" else 1
-    digits = text.lstrip("+-")
-    if digits[:2].lower() == "0x":
-        return sign * int(digits, 16)
-    return sign * int(digits, 8 if digits.startswith("0") else 10)
+    return value
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

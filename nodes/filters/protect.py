@@ -25,7 +25,7 @@ from typing import Annotated
 from pydantic import AfterValidator
 
 from ..base import Backend, Filter, read_flat
-from ..params import Params, param, parse_size
+from ..params import Params, c_integer, param, parse_size
 from ..registry import register
 
 #: nbdkit's "end of the disk": the largest offset an export can have.
@@ -33,17 +33,13 @@ END_OF_DISK = 2**63 - 1
 #: Protected bytes are compared in pieces of at most this much (one buffer per check).
 CHECK_CHUNK = 4 * 1024 * 1024
 
-_HEX = re.compile(r"0[xX][0-9a-fA-F]+")
-_OCTAL = re.compile(r"0[0-7]+")
 _LEADING_ZERO = re.compile(r"0[0-9]+")
 
 
 def parse_offset(text: str) -> int:
     """An offset as nbdkit reads it (`512`, `0x200`, `01000`), or a size like `64K`."""
-    if _HEX.fullmatch(text):
-        return int(text, 16)
-    if _OCTAL.fullmatch(text):
-        return int(text, 8)
+    if text[:1] == "0" and (value := c_integer(text)) is not None:  # 0x.. hex, 0.. octal
+        return value
     if _LEADING_ZERO.fullmatch(text):
         raise ValueError(f"{text!r} is not an octal number (a leading 0 means octal)")
     try:

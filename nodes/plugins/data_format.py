@@ -23,6 +23,8 @@ from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..params import c_integer
+
 #: The most bytes a `data=` string may spell out (runs of one value are not counted).
 MAX_BYTES = 256 * 1024 * 1024
 #: The most chunks an image may have (repetitions of sparse groups multiply them).
@@ -81,7 +83,6 @@ class Image:
         return bytes(out)
 
 
-_NUMBER = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
 _WORD = re.compile(r"(le|be)(16|32|64):(.*)")
 _NAME = re.compile(r"\\[A-Za-z0-9_-]+")
 _ESCAPES = {"n": 10, "t": 9, "r": 13, "a": 7, "b": 8, "f": 12, "v": 11, "\\": 92, '"': 34,
@@ -91,9 +92,10 @@ _DELIMITERS = set(' \t\n\r()[]*"')
 
 def number(text: str, what: str) -> int:
     """A number as C's strtoumax with base 0 reads it: 0x.. hex, 0.. octal, else decimal."""
-    if _NUMBER.fullmatch(text) is None:
+    value = c_integer(text)
+    if value is None:
         raise DataError(f"{what}: {text!r} is not a number (decimal, 0x hex or 0 octal)")
-    return int(text, 16) if text[:2].lower() == "0x" else int(text, 8 if text[0] == "0" else 10)
+    return value
 
 
 class _Parser:
