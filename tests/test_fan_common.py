@@ -30,14 +30,18 @@ from nodes.server.node import NodeOptions, NodeRuntime
 
 class Flaky(Backend):
     """A member that can be lost and restored: while down every request fails with EIO at
-    once and `healthy()` is False (what nodes/upstream.py promises for a lost upstream)."""
+    once and `healthy()` is False, and coming back counts a reconnect (what nodes/upstream.py
+    promises for a lost upstream)."""
 
     kind = "flaky"
 
     def __init__(self, inner: Memory) -> None:
         super().__init__(inner.params)
         self.inner = inner
-        self.down = False
+        self._down = False
+        #: links reopened, as nodes/upstream.py counts them: a member node that restarted
+        #: (perhaps empty) is always a new connection, which is how the fans learn of it
+        self.reconnects = 0
         self.fail_reads = False
         self.read_delay = 0.0  #: seconds each read takes (widens race windows)
         self.bytes_in = 0  #: bytes written or zeroed into it (rebuild accounting)
@@ -47,6 +51,16 @@ class Flaky(Backend):
 
     def healthy(self) -> bool:
         return not self.down
+
+    @property
+    def down(self) -> bool:
+        return self._down
+
+    @down.setter
+    def down(self, value: bool) -> None:
+        if self._down and not value:
+            self.reconnects += 1
+        self._down = value
 
     def wipe(self) -> None:
         """The member's node restarted empty."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -309,6 +310,20 @@ def test_mirror_bitmap_file_of_another_array_is_refused(harness: Harness, tmp_pa
 HSIZE = 1 << 20
 
 
+def defined_runs(defined: bytearray, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The [start, end) runs whose bytes the model knows (trimmed bytes may read as anything)."""
+    for m in re.finditer(rb"\x01+", defined[start:end]):
+        yield start + m.start(), start + m.end()
+
+
+def assert_same(got: bytes, want: bytes | bytearray, base: int, who: str = "read") -> None:
+    """Compares slices at C speed (a byte loop is slow, and very slow under Hypothesis'
+    tracing) and names the first differing byte."""
+    if got != want:
+        i = next(i for i in range(len(want)) if got[i] != want[i])
+        raise AssertionError(f"{who}: byte {base + i} is {got[i]}, the model says {want[i]}")
+
+
 class MirrorMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -363,9 +378,8 @@ class MirrorMachine(RuleBasedStateMachine):
     def read(self, where: tuple[int, int]) -> None:
         off, n = where
         got = self.client.pread(n, off)
-        for i in range(n):
-            if self.defined[off + i]:
-                assert got[i] == self.model[off + i], f"byte {off + i}"
+        for start, end in defined_runs(self.defined, off, off + n):
+            assert_same(got[start - off : end - off], self.model[start:end], start)
 
     def _states(self) -> list[str]:
         return [m["state"] for m in self.h.call(self.fan.members_info)]
@@ -378,6 +392,10 @@ class MirrorMachine(RuleBasedStateMachine):
         if sum(s == "in_sync" for i, s in enumerate(states) if i != index) == 0:
             return
         self.flakies[index].down = True
+        # An outage the fan sees, as a real one is: lost and back within one health check,
+        # unseen by any request, it is only a reconnect (restore_member), and the guard above
+        # would count on states the fan has not updated yet.
+        wait_for(lambda: self._states()[index] != "in_sync", 10, "the fan to see the loss")
 
     @rule(index=st.integers(0, 2), empty=st.booleans())
     def restore_member(self, index: int, empty: bool) -> None:
@@ -399,11 +417,14 @@ class MirrorMachine(RuleBasedStateMachine):
     def check_members(self) -> None:
         for f in self.flakies:
             f.down = False
+        # A member that came back may still count as in sync until the fan looks at it (its
+        # monitor, or any request, does): make it look before trusting the states.
+        self.client.pread(1, 0)
         wait_for(lambda: all(s == "in_sync" for s in self._states()), 60, "all in sync")
         mem = [read_all(u, HSIZE) for u in self.uris]
-        for i in range(HSIZE):
-            if self.defined[i]:
-                assert mem[0][i] == mem[1][i] == mem[2][i] == self.model[i], f"byte {i}"
+        for start, end in defined_runs(self.defined, 0, HSIZE):
+            for m, member in enumerate(mem):
+                assert_same(member[start:end], self.model[start:end], start, f"member {m}")
 
 
 def test_mirror_random_operations_and_failures_match_a_model() -> None:

@@ -16,7 +16,8 @@ which doubles on repeated failures), it is resynced in the background (state *re
 - `resync=auto` (default): copy only the dirty regions, unless the member does not hold the
   array's data any more. That is checked by comparing up to 16 clean regions holding data (from
   the extents of an in-sync member and of the returning one) on both; any difference (e.g. a
-  memory node that restarted empty) turns it into a full rebuild.
+  memory node that restarted empty), or no region with non-zero bytes to compare while there
+  is data, turns it into a full rebuild.
 - `resync=bitmap`: trust the member kept its data; copy dirty regions only.
 - `resync=full`: every returning member is rebuilt completely.
 
@@ -428,6 +429,7 @@ class Mirror(FanBase):
         samples |= await self._data_chunks(slot.backend, slot, SAMPLES // 2)
         a = bytearray(self.chunk)
         b = bytearray(self.chunk)
+        matched = False  #: a sample with data that both hold: the only evidence the member kept it
         for chunk in sorted(samples):
             start = chunk * self.chunk
             n = min(self.chunk, self.size - start)
@@ -436,6 +438,12 @@ class Mirror(FanBase):
             if a[:n] != b[:n]:
                 log.warning("mirror: member %d lost its data (chunk %d differs)", slot.index, chunk)
                 return "full"
+            # Extents are coarser than chunks (a memory node allocates 32 KiB pages): a chunk
+            # reported as data may hold zeros, which an emptied member matches too.
+            matched |= a.count(0, 0, n) != n
+        if samples and not matched:
+            log.warning("mirror: member %d: no sampled data to compare, rebuilt fully", slot.index)
+            return "full"
         return "bitmap"
 
     async def _data_chunks(self, backend: Backend, slot: Slot, want: int) -> set[int]:
