@@ -10,6 +10,7 @@ import hashlib
 import json
 import random
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,86 @@ def test_mirror_fails_reads_only_when_no_member_is_left(harness: Harness) -> Non
         f.down = True
     res = run(["qemu-io", "-f", "raw", uri, "-c", "read 0 4K"], check=False)
     assert res.returncode != 0 or "error" in (res.stdout + res.stderr).lower()
+
+
+def lose_every_member(harness: Harness, fan: Mirror, flakies: list[Flaky], uri: str) -> None:
+    for f in flakies:
+        f.down = True
+    wait_for(lambda: not harness.call(fan.healthy), 10, "the mirror to fail")
+    h = nbd_connect(uri)
+    with pytest.raises(nbd.Error, match=r"EIO|Input/output"):
+        h.pread(4096, 0)
+    h.shutdown()
+
+
+def test_mirror_that_lost_every_member_at_once_serves_again_when_they_return(
+    harness: Harness,
+) -> None:
+    fan, flakies, uris, uri = make_mirror(harness, 3)
+    rng = random.Random(4)
+    model = bytearray(SIZE)
+    write_batches(uri, model, 8, rng)
+    lose_every_member(harness, fan, flakies, uri)  # every link lost at once: no write since
+    flakies[0].wipe()  # ... and member 0's node came back empty: it must not be the reference
+    for f in flakies:
+        f.down = False
+    for i in range(3):
+        wait_state(harness, fan, i, "in_sync")
+    assert any("holds every acknowledged write" in e[1] for e in harness.events)
+    assert state(harness, fan)["members"][0]["resync_bytes"] == SIZE  # rebuilt fully
+    assert read_all(uri, SIZE) == model
+    for member in uris:
+        assert read_all(member, SIZE) == model
+
+
+def test_mirror_never_trusts_a_stale_or_emptied_member_after_failing(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    fan, flakies, _, uri = make_mirror(harness, 2)
+    rng = random.Random(5)
+    model = bytearray(SIZE)
+    write_batches(uri, model, 4, rng)
+    flakies[1].down = True
+    wait_state(harness, fan, 1, "faulty")
+    write_batches(uri, model, 4, rng)  # acknowledged by member 0 alone: member 1 is stale
+    lose_every_member(harness, fan, flakies, uri)
+    flakies[0].wipe()  # the only member with every write came back empty
+    for f in flakies:
+        f.down = False
+
+    # Member 0 differs from member 1 where both should agree; member 1 misses writes. Neither
+    # is trusted: the mirror stays failed rather than serve lost or stale data.
+    def refused() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "differs from member" in r.getMessage()]
+
+    wait_for(lambda: refused(), 10, "the fan to compare the returning members")
+    time.sleep(0.5)  # more checks: the verdict stands, and is not logged again
+    assert len(refused()) == 1
+    assert not harness.call(fan.healthy)
+    assert [m["state"] for m in harness.call(fan.members_info)] == ["faulty", "faulty"]
+    h = nbd_connect(uri)
+    with pytest.raises(nbd.Error, match=r"EIO|Input/output"):
+        h.pread(4096, 0)
+    h.shutdown()
+
+
+def test_mirror_that_lost_its_last_member_trusts_it_when_it_returns_intact(
+    harness: Harness,
+) -> None:
+    fan, flakies, uris, uri = make_mirror(harness, 2)
+    rng = random.Random(6)
+    model = bytearray(SIZE)
+    write_batches(uri, model, 4, rng)
+    flakies[1].down = True
+    wait_state(harness, fan, 1, "faulty")
+    write_batches(uri, model, 4, rng)
+    lose_every_member(harness, fan, flakies, uri)
+    for f in flakies:
+        f.down = False  # a link blip: member 0 kept everything, member 1 is still stale
+    wait_state(harness, fan, 0, "in_sync")
+    wait_state(harness, fan, 1, "in_sync")
+    assert read_all(uri, SIZE) == model
+    qemu_compare(uris[0], uris[1])
 
 
 def test_mirror_rebuild_under_writes_is_throttled_and_never_stale(harness: Harness) -> None:

@@ -21,6 +21,12 @@ which doubles on repeated failures), it is resynced in the background (state *re
 - `resync=bitmap`: trust the member kept its data; copy dirty regions only.
 - `resync=full`: every returning member is rebuilt completely.
 
+If no member is in sync any more (every link lost at once, say), the mirror fails: every request
+gets EIO. It serves again by itself once a member that left the in-sync set after the last
+acknowledged write (so holds all of them) is back and holds the same non-zero data as another
+member on sampled regions neither missed (or no member holds data to lose); the rest resync
+from it. A member that restarted empty is never trusted that way.
+
 `replace_member` (ctl replace) and `rebuild_member` always rebuild fully. While rebuilding,
 the member receives every client write, but is never read; each region is copied under a lock
 that waits for overlapping client writes in flight and holds new ones back, so a copy never
@@ -135,6 +141,9 @@ class Slot:
         self.task: asyncio.Task[None] | None = None
         #: the member's reconnect count when last trusted (see Mirror._reconnected)
         self.seen_reconnects = getattr(backend, "reconnects", 0)
+        #: Mirror.acked when it left the in-sync set: while that is still the count, the member
+        #: holds every write the mirror acknowledged (see Mirror._recover)
+        self.left_at: int | None = None
 
 
 class RegionGuard:
@@ -191,6 +200,9 @@ class Mirror(FanBase):
         self.resync_bytes_total = 0
         self._rr = 0
         self._unflushed: set[int] = set()
+        self.acked = 0  #: writes, zeroes, trims and flushes acknowledged to clients
+        self._recovering = False
+        self._recover_tried: tuple[Any, ...] | None = None  #: what the last vain try saw
         self._guard = RegionGuard()
         self._copy_lock = asyncio.Lock()
         self._running = asyncio.Event()
@@ -258,6 +270,8 @@ class Mirror(FanBase):
             slot.dirty.load_json(saved.get("dirty", {}))
             slot.held = bool(saved.get("held"))
             slot.demoted = bool(saved.get("demoted"))
+            if saved.get("fresh"):
+                slot.left_at = self.acked
             state = saved.get("state")
             if state in (FAULTY, REBUILDING):
                 slot.state = FAULTY
@@ -276,6 +290,7 @@ class Mirror(FanBase):
                 "state": s.state,
                 "held": s.held,
                 "demoted": s.demoted,
+                "fresh": s.state == FAULTY and s.left_at == self.acked,
                 "dirty": s.dirty.to_json(),
             }
             for s in self.slots
@@ -310,6 +325,8 @@ class Mirror(FanBase):
         slot.failures += 1
         slot.last_error = reason
         slot.state = FAULTY
+        if previous == IN_SYNC:
+            slot.left_at = self.acked
         delay = min(self.params.retry_delay * 2 ** (slot.failures - 1), MAX_RETRY_DELAY)
         slot.retry_at = time.monotonic() + delay
         slot.dirty.mark_many(self._unflushed)
@@ -383,6 +400,11 @@ class Mirror(FanBase):
                     continue
                 self._spawn(slot, self._resync(slot))
         self._use_spare()
+        if not self.healthy() and not self._recovering and self._recover_tried != self._seen():
+            self._recovering = True
+            task = asyncio.get_running_loop().create_task(self._recover())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _spawn(self, slot: Slot, coro: Awaitable[None]) -> None:
         async def run() -> None:
@@ -425,29 +447,105 @@ class Mirror(FanBase):
         if not self.caps.extents:
             return "full"
         source = self._source(slot)
-        samples = await self._data_chunks(source.backend, slot, SAMPLES // 2)
-        samples |= await self._data_chunks(slot.backend, slot, SAMPLES // 2)
-        a = bytearray(self.chunk)
-        b = bytearray(self.chunk)
-        matched = False  #: a sample with data that both hold: the only evidence the member kept it
-        for chunk in sorted(samples):
-            start = chunk * self.chunk
-            n = min(self.chunk, self.size - start)
-            await read_flat(source.backend, memoryview(a)[:n], start)
-            await read_flat(slot.backend, memoryview(b)[:n], start)
-            if a[:n] != b[:n]:
-                log.warning("mirror: member %d lost its data (chunk %d differs)", slot.index, chunk)
-                return "full"
-            # Extents are coarser than chunks (a memory node allocates 32 KiB pages): a chunk
-            # reported as data may hold zeros, which an emptied member matches too.
-            matched |= a.count(0, 0, n) != n
-        if samples and not matched:
+        verdict = await self._compare(slot, source)
+        if verdict == "differs":
+            return "full"
+        if verdict == "zeros":
             log.warning("mirror: member %d: no sampled data to compare, rebuilt fully", slot.index)
             return "full"
         return "bitmap"
 
-    async def _data_chunks(self, backend: Backend, slot: Slot, want: int) -> set[int]:
-        """Up to `want` clean chunks that hold data on `backend`, spread over the disk."""
+    async def _compare(self, slot: Slot, other: Slot) -> str:
+        """Whether `slot` still holds the data `other` does, from up to 16 chunks that hold data
+        on either and that neither missed: `differs`, `matched` (some sampled chunk has
+        non-zero bytes, the same on both), `zeros` (every sample reads as zeros on both: no
+        evidence either way) or `nothing` (neither holds data outside what it missed)."""
+        dirty = (slot.dirty, other.dirty)
+        samples = await self._data_chunks(other.backend, dirty, SAMPLES // 2)
+        samples |= await self._data_chunks(slot.backend, dirty, SAMPLES // 2)
+        if not samples:
+            return "nothing"
+        a = bytearray(self.chunk)
+        b = bytearray(self.chunk)
+        matched = False
+        for chunk in sorted(samples):
+            start = chunk * self.chunk
+            n = min(self.chunk, self.size - start)
+            await read_flat(other.backend, memoryview(a)[:n], start)
+            await read_flat(slot.backend, memoryview(b)[:n], start)
+            if a[:n] != b[:n]:
+                log.warning("mirror: member %d lost its data (chunk %d differs from member %d)",
+                            slot.index, chunk, other.index)  # fmt: skip
+                return "differs"
+            # Extents are coarser than chunks (a memory node allocates 32 KiB pages): a chunk
+            # reported as data may hold zeros, which an emptied member matches too.
+            matched |= a.count(0, 0, n) != n
+        return "matched" if matched else "zeros"
+
+    async def _recover(self) -> None:
+        """The mirror has failed: no member is in sync (every link was lost at once, or the
+        last in-sync member reconnected and could not be trusted blindly). A member that left
+        the in-sync set after the last acknowledged write holds every write the mirror
+        acknowledged; once it is back, it is trusted again if it holds the same non-zero data
+        as another member on sampled chunks neither missed (a node that restarted empty does
+        not), or if no member holds any data to lose. The others then resync from it."""
+        seen = self._seen()
+        try:
+            for slot in self.slots:
+                if (
+                    slot.state != FAULTY or slot.held or slot.left_at != self.acked
+                    or not slot.backend.healthy()
+                    or (slot.task is not None and not slot.task.done())
+                ):  # fmt: skip
+                    continue
+                others = [
+                    s for s in self.slots
+                    if s is not slot and s.state != SPARE and s.backend.healthy()
+                ]  # fmt: skip
+                if not others:
+                    continue
+                try:
+                    verdicts = [await self._compare(slot, other) for other in others]
+                except OSError:
+                    continue
+                if "matched" not in verdicts and any(v != "nothing" for v in verdicts):
+                    continue
+                if self.healthy() or slot.state != FAULTY:
+                    return
+                self._trust(slot)
+                return
+            self._recover_tried = seen  # tried in vain: again only once something changes
+        finally:
+            self._recovering = False
+
+    def _seen(self) -> tuple[Any, ...]:
+        """What a recovery depends on: each member's state, health and reconnects."""
+        return tuple(
+            (s.state, s.backend.healthy(), getattr(s.backend, "reconnects", 0)) for s in self.slots
+        )
+
+    def _trust(self, slot: Slot) -> None:
+        slot.state = IN_SYNC
+        slot.generation += 1
+        slot.failures = 0
+        slot.left_at = None
+        slot.dirty.clear()  # writes it missed were never acknowledged: it is the reference now
+        slot.seen_reconnects = getattr(slot.backend, "reconnects", 0)
+        self._persist()
+        log.warning("mirror: member %d holds every acknowledged write: in sync again", slot.index)
+        self.emit(
+            "member",
+            f"member {slot.index} holds every acknowledged write: the mirror serves again",
+            index=slot.index,
+            state=IN_SYNC,
+            previous=FAULTY,
+        )
+
+    async def _data_chunks(
+        self, backend: Backend, dirty: Sequence[DirtyMap], want: int
+    ) -> set[int]:
+        """Up to `want` chunks that hold data on `backend` and are clean in every map of
+        `dirty`, spread over the disk."""
         found: list[int] = []
         pos, seen = 0, 0
         while pos < self.size and seen < 4096 and len(found) < 64 * want:
@@ -460,7 +558,7 @@ class Mirror(FanBase):
                     first, last = self._chunks(pos, length)
                     found.extend(
                         c for c in range(first, min(last, first + 64) + 1)
-                        if not slot.dirty.is_dirty(c)
+                        if not any(d.is_dirty(c) for d in dirty)
                     )  # fmt: skip
                 pos += length
                 seen += 1
@@ -543,6 +641,7 @@ class Mirror(FanBase):
         slot.state = IN_SYNC
         slot.failures = 0
         slot.demoted = False
+        slot.left_at = None
         self._persist()
         log.info("mirror: member %d in sync (%d bytes copied)", slot.index, run.bytes_done)
         self.emit(
@@ -808,6 +907,7 @@ class Mirror(FanBase):
                 ok = True
         if not ok:
             raise OSError(errno.EIO, f"mirror: the {what} reached no in-sync member")
+        self.acked += 1
         if not flags & _FUA:
             self._unflushed.update(range(first, last + 1))
 
@@ -858,3 +958,4 @@ class Mirror(FanBase):
         if not ok:
             self._unflushed |= pending
             raise OSError(errno.EIO, "mirror: the flush reached no in-sync member")
+        self.acked += 1
