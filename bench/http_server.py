@@ -9,6 +9,7 @@ file in DIR):
 - /files/NAME: the file, with ranges;
 - /redirect/NAME: 302 to /files/NAME;
 - /auth/NAME: the file, for basic auth user "u", password "p" only (else 401);
+- /headers/NAME: the file, for requests with the headers "X-One: 1" and "X-Two: 2" only (else 403);
 - /whole/NAME: always the whole file with 200 (a server that ignores Range);
 - /shifted/NAME: 206 answers for the asked range moved 512 bytes on (a broken server);
 - /stall/NAME: the file, except that a range past byte 0 gets headers and then nothing.
@@ -78,6 +79,11 @@ def main() -> None:
             raise web.HTTPUnauthorized(headers={"WWW-Authenticate": 'Basic realm="t"'})
         return web.FileResponse(path_of(request))
 
+    async def headers(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("X-One") != "1" or request.headers.get("X-Two") != "2":
+            raise web.HTTPForbidden()
+        return web.FileResponse(path_of(request))
+
     async def whole(request: web.Request) -> web.StreamResponse:
         return web.Response(body=path_of(request).read_bytes())
 
@@ -106,6 +112,7 @@ def main() -> None:
     app.router.add_route("*", "/files/{name}", files)
     app.router.add_route("*", "/redirect/{name}", redirect)
     app.router.add_route("*", "/auth/{name}", auth)
+    app.router.add_route("*", "/headers/{name}", headers)
     app.router.add_route("*", "/whole/{name}", whole)
     app.router.add_route("*", "/shifted/{name}", shifted)
     app.router.add_route("*", "/stall/{name}", stall)

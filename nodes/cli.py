@@ -187,6 +187,8 @@ def cmd_kinds(argv: Sequence[str]) -> int:
             flags = []
             if prm["required"]:
                 flags.append("required")
+            elif prm["repeat"]:
+                flags.append("may be repeated")
             else:
                 flags.append(f"default {prm['default']}")
             if prm["live"]:

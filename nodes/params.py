@@ -11,7 +11,15 @@ import errno as _errno
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    WithJsonSchema,
+)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
@@ -117,6 +125,18 @@ Errno = Annotated[
 ]
 
 
+def _listed(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+#: The values of a param given more than once (`header=A header=B`); one value is a list of one.
+Many = Annotated[
+    list[str],
+    BeforeValidator(_listed),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}),
+]
+
+
 def live(default: Any = None, description: str = "", **kwargs: Any) -> Any:
     """A param that can be changed while the node serves (gRPC Configure, `nbdfabric set`)."""
     return Field(default, description=description, json_schema_extra={"live": True}, **kwargs)
@@ -125,6 +145,11 @@ def live(default: Any = None, description: str = "", **kwargs: Any) -> Any:
 def param(default: Any = ..., description: str = "", **kwargs: Any) -> Any:
     """A param fixed for the node's lifetime."""
     return Field(default, description=description, **kwargs)
+
+
+def repeated(description: str = "") -> Any:
+    """A param (of type `Many`) that may be given several times, or not at all."""
+    return Field(default_factory=list, description=description, json_schema_extra={"repeat": True})
 
 
 def secret(default: Any = None, description: str = "") -> Any:
@@ -165,14 +190,16 @@ def field_info(model: type[Params]) -> list[dict[str, Any]]:
         key = f.alias or name
         prop = props.get(key, {})
         extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        required = f.is_required()
         out.append(
             {
                 "name": key,
-                "type": _type_name(prop),
-                "default": None if f.is_required() else _jsonable(f.default),
+                "type": "string" if extra.get("repeat") else _type_name(prop),
+                "default": None if required or extra.get("repeat") else _jsonable(f.default),
                 "required": f.is_required(),
                 "live": bool(extra.get("live")),
                 "secret": bool(extra.get("secret")),
+                "repeat": bool(extra.get("repeat")),
                 "help": f.description or "",
             }
         )
@@ -229,6 +256,7 @@ def parse_params(
     if isinstance(args, dict):
         values = {str(k): v for k, v in args.items()}
     else:
+        repeatable = {e["name"] for e in field_info(model) if e["repeat"]}
         for i, word in enumerate(args):
             key, sep, value = word.partition("=")
             if not sep:
@@ -236,6 +264,9 @@ def parse_params(
                     key, value = magic, word
                 else:
                     raise ParamError(f"{kind}: expected KEY=VALUE, got {word!r}")
+            if key in repeatable:
+                values.setdefault(key, []).append(value)
+                continue
             if key in values:
                 raise ParamError(f"{kind}: parameter '{key}' given twice")
             values[key] = value

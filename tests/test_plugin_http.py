@@ -103,6 +103,14 @@ def test_http_follows_redirects_and_authenticates(start_node, server, image, tmp
     assert sha(nbd_connect(authed.uri).pread(SIZE - 1000, 0)) == digest
 
 
+def test_http_sends_every_header_given(start_node, server, image) -> None:
+    args = ("header=X-One: 1", "header=X-Two: 2")
+    assert "403 Forbidden" in node_fails(server.url("headers"), *args[:1])  # the server checks
+    node = start_node("http", server.url("headers"), *args)
+    data = image.read_bytes()
+    assert sha(nbd_connect(node.uri).pread(len(data), 0)) == sha(data)
+
+
 @pytest.mark.parametrize(
     ("route", "args", "message"),
     [
@@ -119,8 +127,8 @@ def test_http_refuses_to_start_with_a_reason(server, route, args, message) -> No
 
 def test_http_bad_params_and_unreachable_server(tmp_path) -> None:
     assert "give an http:// or https:// URL" in node_fails("ftp://example/disk.img")
-    assert "give one header as 'Name: value'" in node_fails(
-        "http://127.0.0.1:1/x", "header=no-colon"
+    assert "give each header as 'Name: value', not 'no-colon'" in node_fails(
+        "http://127.0.0.1:1/x", "header=A: 1", "header=no-colon"
     )
     assert "http://127.0.0.1:1/x" in node_fails("http://127.0.0.1:1/x")  # nothing listens
 

@@ -50,3 +50,21 @@ def test_registry_lists_the_source_plugins() -> None:
     expected = {"file", "null", "zero", "full", "pattern", "random", "sparse-random", "info"}
     assert expected <= set(KINDS)
     assert all(KINDS[k].role == "plugin" for k in expected)
+
+
+def test_params_given_twice_are_refused_unless_they_may_be_repeated() -> None:
+    from nodes.params import ParamError, field_info, parse_params
+    from nodes.plugins.http import HttpParams
+
+    url = "http://h/x"
+    with pytest.raises(ParamError, match="parameter 'user' given twice"):
+        parse_params("http", HttpParams, [url, "user=a", "user=b"], "url")
+    p = parse_params("http", HttpParams, [url, "header=A: 1", "header=B: 2"], "url")
+    assert p.header == ["A: 1", "B: 2"]  # type: ignore[attr-defined]
+    assert parse_params("http", HttpParams, [url], "url").header == []  # type: ignore[attr-defined]
+    # A topology gives one value or a list.
+    one = parse_params("http", HttpParams, {"url": url, "header": "A: 1"})
+    assert one.header == ["A: 1"]  # type: ignore[attr-defined]
+    info = {e["name"]: e for e in field_info(HttpParams)}
+    assert info["header"]["repeat"] and info["header"]["type"] == "string"
+    assert not info["user"]["repeat"]

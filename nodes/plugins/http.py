@@ -16,11 +16,11 @@ and the last error, and health is NOT_SERVING until a read succeeds again.
 
 Params (nbdkit's names): `url` (magic, required; http:// or https://), `user` and `password`
 (basic auth; `password=+FILE` reads it from a file; never shown by `ctl info`, nor is a
-password in the URL), `header` (one extra request header, `Name: value`), `timeout` (per
-request; 0: none, though a server that does not connect within 30 s or sends nothing for 60 s
-fails the read all the same), `sslverify` (default true), `cainfo` (a CA bundle to verify the server
-with), `followlocation` (follow redirects, default true), `connections` (kept-alive
-connections, default 4).
+password in the URL), `header` (an extra request header, `Name: value`; repeat it for more),
+`timeout` (per request; 0: none, though a server that does not connect within 30 s or sends
+nothing for 60 s fails the read all the same), `sslverify` (default true), `cainfo` (a CA
+bundle to verify the server with), `followlocation` (follow redirects, default true),
+`connections` (kept-alive connections, default 4).
 
 Example (a KubeVirt CDI-style import, compose/k8s-import.yaml):
 `nbdfabric node http https://images.example/disk.img --listen unix:/tmp/img.sock`, then
@@ -41,7 +41,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import field_validator
 
 from ..base import Capabilities, Holes, Plugin
-from ..params import Duration, Params, param, secret
+from ..params import Duration, Many, Params, param, repeated, secret
 from ..registry import register
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ class HttpParams(Params):
     password: str | None = secret(
         description="password for basic authentication (+FILE: read it from FILE)"
     )
-    header: str | None = param(None, description="one extra request header, 'Name: value'")
+    header: Many = repeated("an extra request header, 'Name: value'")
     timeout: Duration = param(0.0, description="time limit per request (0: none)")
     sslverify: bool = param(True, description="verify the server's certificate")
     cainfo: str | None = param(None, description="CA bundle (PEM file) to verify the server")
@@ -91,10 +91,11 @@ class HttpParams(Params):
 
     @field_validator("header")
     @classmethod
-    def _one_header(cls, value: str | None) -> str | None:
-        if value is not None and (":" not in value or "\n" in value or "\r" in value):
-            raise ValueError("give one header as 'Name: value'")
-        return value
+    def _headers(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if ":" not in value or "\n" in value or "\r" in value:
+                raise ValueError(f"give each header as 'Name: value', not {value!r}")
+        return values
 
 
 def redacted(url: str) -> str:
@@ -125,7 +126,7 @@ class Http(Plugin):
         self.last_error = ""
         self.failing = False  #: the last request failed (health)
         self._session: aiohttp.ClientSession | None = None
-        self._headers: dict[str, str] = {}
+        self._headers: list[tuple[str, str]] = []
 
     # Lifecycle ----------------------------------------------------------------------------
 
@@ -141,9 +142,9 @@ class Http(Plugin):
         auth = None
         if p.user is not None:
             auth = aiohttp.BasicAuth(p.user, _password(p.password))
-        if p.header:
-            name, _, value = p.header.partition(":")
-            self._headers[name.strip()] = value.strip()
+        for header in p.header:
+            name, _, value = header.partition(":")
+            self._headers.append((name.strip(), value.strip()))
         # Whatever `timeout` says, a server that stops answering fails the read, not hangs it.
         timeout = aiohttp.ClientTimeout(
             total=p.timeout or None, sock_connect=CONNECT_TIMEOUT, sock_read=STALL_TIMEOUT
