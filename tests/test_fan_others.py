@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import nbd
 import pytest
 from conftest import nbd_connect, run, wait_for
-from test_fan_common import Harness
+from test_fan_common import Flaky, Harness
 
 from nodes.fans.quorum import Quorum, QuorumParams
 from nodes.fans.verify import Verify, VerifyParams
@@ -155,6 +158,101 @@ async def _read_mem(mem: Memory, n: int) -> bytes:
     for s, length in await mem.pread(view, 0, 0) or ():
         view[s : s + length] = bytes(length)
     return bytes(buf)
+
+
+def make_parity(harness: Harness, n: int = 4) -> tuple[Any, list[Flaky], str]:
+    from nodes.fans.parity import Parity, ParityParams
+
+    flakies, _ = harness.flaky_members(n, 1 << 20)
+    fan = Parity(ParityParams.model_validate({"chunk-size": "16K", "check-interval": 0.02,
+                                              "retry-delay": 0.05}), flakies)  # fmt: skip
+    return fan, flakies, harness.serve(fan, "parity")
+
+
+def fill_random(uri: str, seed: int) -> bytes:
+    h = nbd_connect(uri)
+    model = random.Random(seed).randbytes(h.get_size())
+    h.pwrite(model, 0)
+    h.flush()
+    h.shutdown()
+    return model
+
+
+def lose_all(harness: Harness, fan: Any, flakies: list[Flaky], uri: str) -> None:
+    for f in flakies:
+        f.down = True
+    wait_for(lambda: not harness.call(fan.healthy), 10, "the array to fail")
+    h = nbd_connect(uri)
+    with pytest.raises(nbd.Error):
+        h.pread(4096, 0)
+    h.shutdown()
+
+
+def test_parity_that_lost_every_member_at_once_serves_again(harness: Harness) -> None:
+    fan, flakies, uri = make_parity(harness)
+    model = fill_random(uri, 9)
+    lose_all(harness, fan, flakies, uri)
+    for f in flakies:
+        f.down = False
+    wait_for(lambda: harness.call(fan.healthy), 10, "the array to serve again")
+    wait_for(lambda: any("parity recomputed: 0 stripes" in e[1] for e in harness.events), 30,
+             "parity to be checked over every stripe")  # fmt: skip
+    h = nbd_connect(uri)
+    assert h.pread(len(model), 0) == model
+    flakies[1].down = True  # parity still right: a member's share is rebuilt from it
+    assert h.pread(len(model), 0) == model
+    h.shutdown()
+
+
+def test_parity_recomputes_a_stripe_a_write_in_flight_left_inconsistent(harness: Harness) -> None:
+    fan, flakies, uri = make_parity(harness)
+    model = fill_random(uri, 13)
+    lose_all(harness, fan, flakies, uri)
+    # A write in flight when the links went: stripe 5's parity chunk did not get there.
+    pm = harness.call(fan.parity_member, 5)
+    harness.run(flakies[pm].inner.pwrite(memoryview(bytes(16384)), 5 * 16384, 0))
+    for f in flakies:
+        f.down = False
+    wait_for(lambda: any("parity recomputed: 1 stripes" in e[1] for e in harness.events), 30,
+             "parity to be recomputed")  # fmt: skip
+    flakies[(pm + 1) % 4].down = True  # that stripe's data now comes from the parity
+    h = nbd_connect(uri)
+    assert h.pread(len(model), 0) == model
+    h.shutdown()
+
+
+def test_parity_never_trusts_a_member_that_came_back_empty(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    fan, flakies, uri = make_parity(harness)
+    fill_random(uri, 10)
+    lose_all(harness, fan, flakies, uri)
+    flakies[3].wipe()
+    for f in flakies:
+        f.down = False
+
+    def refused() -> bool:
+        return any("not trusted" in r.getMessage() for r in caplog.records)
+
+    wait_for(refused, 10, "the returning members to be checked")
+    assert not harness.call(fan.healthy)
+    h = nbd_connect(uri)
+    with pytest.raises(nbd.Error):
+        h.pread(4096, 0)
+    h.shutdown()
+
+
+def test_parity_never_trusts_a_member_that_missed_writes(harness: Harness) -> None:
+    fan, flakies, uri = make_parity(harness)
+    fill_random(uri, 11)
+    flakies[0].down = True
+    wait_for(lambda: harness.call(fan.status)["members"][0]["state"] == "faulty", 10, "faulty")
+    fill_random(uri, 12)  # acknowledged while member 0 was out: it is stale
+    lose_all(harness, fan, flakies, uri)
+    for f in flakies:
+        f.down = False
+    time.sleep(0.5)  # many health checks
+    assert not harness.call(fan.healthy)
 
 
 def test_parity_member_lost_under_load_degraded_reads_and_rebuild(harness: Harness) -> None:

@@ -453,55 +453,53 @@ def test_orchestrator_restarts_dead_mirror_member_and_the_mirror_rebuilds_it(
     assert res.returncode == 3 and "not running" in res.stderr
 
 
-FILE_MIRROR = """\
-name: f
-nodes:
-  m0: {kind: file, params: {file: "${SOCKDIR}/m0.img"}}
-  m1: {kind: file, params: {file: "${SOCKDIR}/m1.img"}}
-  mirror: {kind: mirror, upstreams: [m0, m1]}
-exports:
-  vm: {node: mirror, listen: ["unix:${SOCKDIR}/vm.sock"]}
-"""
+def file_fan(kind: str, names: list[str]) -> str:
+    """A fan of `kind` over file nodes named `names`, exported as vm."""
+    members = "".join(f'  {m}: {{kind: file, params: {{file: "${{SOCKDIR}}/{m}.img"}}}}\n'
+                      for m in names)  # fmt: skip
+    return (f"name: f\nnodes:\n{members}  fan: {{kind: {kind}, upstreams: [{', '.join(names)}]}}\n"
+            'exports:\n  vm: {node: fan, listen: ["unix:${SOCKDIR}/vm.sock"]}\n')  # fmt: skip
 
 
-def test_orchestrator_mirror_that_lost_both_members_at_once_serves_again(
-    tmp_path: Path,
+@pytest.mark.parametrize(("kind", "members"), [("mirror", 2), ("parity", 3)])
+def test_orchestrator_fan_that_lost_every_member_at_once_serves_again(
+    tmp_path: Path, kind: str, members: int
 ) -> None:
-    """Both member nodes killed together: the mirror has no member left and fails; the
-    supervisor restarts them over their files, and the mirror trusts them again by itself (it
-    compares them first: a member that came back empty would not be)."""
+    """Every member node killed together: the fan has too few members left and fails; the
+    supervisor restarts them over their files, and the fan trusts them again by itself (it
+    checks them first: a member that came back empty would not be)."""
     from conftest import nbd_connect
 
-    size = 8 << 20
-    for m in ("m0", "m1"):
-        (tmp_path / f"{m}.img").write_bytes(bytes(size))
-    fab = Fabric(tmp_path, FILE_MIRROR)
+    names = [f"m{i}" for i in range(members)]
+    for m in names:
+        (tmp_path / f"{m}.img").write_bytes(bytes(4 << 20))
+    fab = Fabric(tmp_path, file_fan(kind, names))
     try:
         fab.up()
         uri = fab.uri("vm")
-        model = os.urandom(size)
         h = nbd_connect(uri)
+        model = os.urandom(h.get_size())
         h.pwrite(model, 0)
         h.flush()
         nodes = fab.status()
-        victims = [nodes[m]["pid"] for m in ("m0", "m1")]
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)
-        control = nodes["mirror"]["control"]
+        for m in names:
+            os.kill(nodes[m]["pid"], signal.SIGKILL)
+        control = nodes["fan"]["control"]
 
         def serving_again() -> bool:
             res = fab.cli("ctl", control, "members", "--json", check=False)
-            if res.returncode != 0:  # the supervisor restarting an unhealthy mirror: seen below
+            if res.returncode != 0:  # the supervisor restarting an unhealthy fan: seen below
                 return False
             return all(m["state"] == "in_sync" for m in json.loads(res.stdout)["members"])
 
-        wait_for(lambda: fab.status()["m1"]["restarts"] == 1, 60, "m1 restarted")
-        wait_for(serving_again, 60, "the mirror to serve again")
-        assert h.pread(size, 0) == model
+        wait_for(lambda: all(fab.status()[m]["restarts"] == 1 for m in names), 60, "restarts")
+        wait_for(serving_again, 60, f"the {kind} to serve again")
+        assert h.pread(len(model), 0) == model
         h.shutdown()
-        for m in ("m0", "m1"):
-            assert (tmp_path / f"{m}.img").read_bytes() == model
-        assert fab.status()["mirror"]["restarts"] == 0
+        if kind == "mirror":
+            for m in names:
+                assert (tmp_path / f"{m}.img").read_bytes() == model
+        assert fab.status()["fan"]["restarts"] == 0
     finally:
         fab.cli("down")
 

@@ -9,9 +9,12 @@ and a rebuild never interleave inside a stripe.
 
 One member may fail: it is marked faulty, reads of its chunks are rebuilt from the others (XOR),
 writes go to the survivors (its share is implied by the parity). A second failure fails the
-requests that need it. A member that returns, or one swapped in by `replace_member`, is rebuilt
-fully (there is no bitmap here), stripe by stripe in the background; stripes already rebuilt
-are written and read as usual. Trim is not offered (it would break parity); zeroing is done by
+requests that need it. If every member comes back and none missed an acknowledged write (all
+links lost at once, say), the array serves again once sampled stripes check out (never with a
+member that restarted empty), and parity is recomputed over every stripe in the background.
+A member that returns, or one swapped in by `replace_member`, is rebuilt fully (there is no
+bitmap here), stripe by stripe in the background; stripes already rebuilt are written and read
+as usual. Trim is not offered (it would break parity); zeroing is done by
 writing zeros. Size: (smallest member, in whole chunks) * (N-1).
 
 Params: `chunk-size` (default 64K), `rebuild-rate` (live, bytes/s of rebuilt member data).
@@ -32,6 +35,7 @@ from pydantic import field_validator
 
 from ..base import Backend, Capabilities, Holes, Support, fill_holes
 from ..params import Duration, Params, Size, live, param
+from ..protocol.constants import Extent
 from ..registry import register
 from ._common import FanBase, combine_caps, member_name
 
@@ -84,6 +88,11 @@ class Parity(FanBase):
         self._tasks: set[asyncio.Task[None]] = set()
         self._monitor_task: asyncio.Task[None] | None = None
         self.rebuild: dict[str, Any] | None = None
+        self.acked = 0  #: writes and flushes acknowledged to clients
+        #: `acked` when each member left the in-sync set (see `_recover`)
+        self.left_at: list[int | None] = [None] * self.n
+        self._recovering = False
+        self._recover_tried: tuple[Any, ...] | None = None
 
     def compute_caps(self, caps: list[Capabilities]) -> Capabilities:
         smallest = min(c.size for c in caps)
@@ -145,6 +154,8 @@ class Parity(FanBase):
     def _fail(self, member: int, why: str) -> None:
         if self.states[member] == FAULTY:
             return
+        if self.states[member] == IN_SYNC:
+            self.left_at[member] = self.acked
         self.states[member] = FAULTY
         self.errors[member] += 1
         self.retry_at[member] = time.monotonic() + self.params.retry_delay
@@ -213,6 +224,120 @@ class Parity(FanBase):
                     and time.monotonic() >= self.retry_at[i]
                 ):
                     self._begin_rebuild(i)
+            if not self.healthy() and not self._recovering and self._recover_tried != self._seen():
+                self._recovering = True
+                self._spawn(self._recover())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _seen(self) -> tuple[Any, ...]:
+        """What a recovery depends on: each member's state, health and reconnects."""
+        return tuple(
+            (s, m.healthy(), getattr(m, "reconnects", 0))
+            for s, m in zip(self.states, self.members, strict=True)
+        )
+
+    async def _recover(self) -> None:
+        """Two or more members were lost (every link at once, say): the array has failed. If
+        every member is back and each that is not in sync left after the last acknowledged
+        write, all of them hold every acknowledged write. They are trusted again if sampled
+        stripes where they hold data are consistent (a member that restarted empty breaks the
+        XOR, and one with no data while the others have some is not trusted); then parity is
+        recomputed over every stripe, for writes that were in flight when they were lost."""
+        seen = self._seen()
+        try:
+            fresh = all(
+                s == IN_SYNC or (s == FAULTY and self.left_at[i] == self.acked)
+                for i, s in enumerate(self.states)
+            )
+            if fresh and all(m.healthy() for m in self.members) and await self._consistent():
+                for i in range(self.n):
+                    self.seen[i] = getattr(self.members[i], "reconnects", 0)
+                    self.left_at[i] = None
+                    self.states[i] = IN_SYNC
+                log.warning("parity: every member holds every acknowledged write: serving again")
+                self.emit("member", "every member is back with its data: the array serves again",
+                          state=IN_SYNC)  # fmt: skip
+                self._spawn(self._resync_parity())
+                return
+            self._recover_tried = seen  # tried in vain: again only once something changes
+        except OSError as exc:
+            log.warning("parity: checking the returning members failed: %s", exc)
+            self._recover_tried = seen
+        finally:
+            self._recovering = False
+
+    async def _consistent(self) -> bool:
+        span = self.stripes * self.chunk
+        stripes: set[int] = set()
+        empty = []
+        for i, m in enumerate(self.members):
+            found: list[int] = []
+            if self.member_caps[i].extents:
+                pos = 0
+                while pos < span and len(found) < 4:
+                    ext = await m.extents(min(span - pos, 1 << 30), pos, 0)
+                    if not ext:
+                        break
+                    for length, flags in ext:
+                        if not flags & Extent.ZERO and pos < span:
+                            found.append(pos // self.chunk)
+                        pos += length
+                empty.append(not found)
+            stripes.update(found[:4])
+        if empty and any(empty):
+            if all(empty):
+                return True  # no member holds data: nothing to lose
+            log.warning("parity: member %d holds no data while others do: not trusted",
+                        empty.index(True))  # fmt: skip
+            return False
+        step = max(1, self.stripes // 8)
+        stripes.update(range(0, self.stripes, step))
+        evidence = False
+        for stripe in sorted(stripes):
+            bufs = [bytearray(self.chunk) for _ in range(self.n)]
+            await asyncio.gather(
+                *(self._read_member(i, memoryview(b), stripe * self.chunk)
+                  for i, b in enumerate(bufs))
+            )  # fmt: skip
+            acc = bytearray(bufs[0])
+            for b in bufs[1:]:
+                _xor_into(acc, b)
+            if acc.count(0) != self.chunk:
+                log.warning("parity: stripe %d is inconsistent: a member lost data", stripe)
+                return False
+            evidence |= any(b.count(0) != self.chunk for b in bufs)
+        return evidence
+
+    async def _resync_parity(self) -> None:
+        fixed = 0
+        for stripe in range(self.stripes):
+            async with self._lock(stripe):
+                if any(s != IN_SYNC for s in self.states):
+                    return  # another failure: its rebuild recomputes what it needs
+                pm = self.parity_member(stripe)
+                bufs = [bytearray(self.chunk) for _ in range(self.n)]
+                try:
+                    await asyncio.gather(
+                        *(self._read_member(i, memoryview(b), stripe * self.chunk)
+                          for i, b in enumerate(bufs))
+                    )  # fmt: skip
+                    parity = bytearray(self.chunk)
+                    for i, b in enumerate(bufs):
+                        if i != pm:
+                            _xor_into(parity, b)
+                    if parity != bufs[pm]:
+                        await self.members[pm].pwrite(memoryview(parity), stripe * self.chunk, 0)
+                        fixed += 1
+                except OSError as exc:
+                    log.warning("parity: recomputing parity stopped: %s", exc)
+                    return
+            if self.params.rebuild_rate:
+                await asyncio.sleep(self.chunk * (self.n - 1) / self.params.rebuild_rate)
+        self.emit("rebuild", f"parity recomputed: {fixed} stripes were inconsistent", fixed=fixed)
 
     def healthy_others(self, member: int) -> bool:
         return all(s == IN_SYNC for i, s in enumerate(self.states) if i != member)
@@ -348,6 +473,7 @@ class Parity(FanBase):
         await asyncio.gather(
             *(self._write_stripe(s, pieces, buf, flags) for s, pieces in by_stripe.items())
         )
+        self.acked += 1
 
     async def _write_stripe(
         self, stripe: int, pieces: list[tuple[int, int, int, int]], buf: memoryview, flags: int
@@ -448,3 +574,4 @@ class Parity(FanBase):
                 self._fail(i, f"flush failed: {res}")
         if sum(s != FAULTY for s in self.states) < self.n - 1:
             raise OSError(errno.EIO, "parity: two members lost")
+        self.acked += 1
