@@ -172,9 +172,11 @@ def test_shutdown_through_control_stops_every_process(node) -> None:
 def test_killed_worker_and_control_process_are_replaced(node) -> None:
     p, stub, _ = node
     workers = sorted(p.info["workers"])
-    h = nbd_connect(p.uri)
+    h = connect_to(p, workers[0], workers)  # the worker about to be killed counts this write
     h.pwrite(b"k" * 65536, 0)
     h.shutdown()
+    written = op(stub.GetStats(pb.GetStatsRequest(), timeout=5), "write").bytes
+    assert written == 65536
     os.kill(workers[0], signal.SIGKILL)
 
     def whole_again() -> bool:
@@ -186,6 +188,8 @@ def test_killed_worker_and_control_process_are_replaced(node) -> None:
         return info.healthy and workers[0] not in pids and len(pids) == 2
 
     wait_for(whole_again, 30, "the worker to be replaced")
+    # The node's counters do not go back with the worker that counted them.
+    assert op(stub.GetStats(pb.GetStatsRequest(), timeout=5), "write").bytes == written
     (control,) = set(children_of(p.pid)) - {
         w["pid"] for w in json.loads(stub.GetInfo(pb.GetInfoRequest()).status_json)["workers"]
     }

@@ -8,8 +8,9 @@ addresses and answers for the node as a whole, from every worker:
   every worker is, the node's state over the workers (draining once one drains or has stopped,
   else paused, else starting while one is being replaced, else serving), polls summed, and
   `workers` in the status (pid, state, health of each);
-- GetStats: every counter and latency bucket summed. A worker that dies takes its counters with
-  it, so a counter can go back; Prometheus reads that as a reset, as after a restart;
+- GetStats: every counter and latency bucket summed. A worker that dies or is replaced still
+  counts with what it had counted when last asked (requests it served after that are lost), so
+  the node's counters do not go back; a replaced control process starts from the live workers;
 - Configure: checked and applied by the first worker, then applied by the others;
 - Pause, Resume, Flush, Shutdown: every worker (a worker told to shut down exits 0, and the
   supervisor then stops the node instead of replacing it);
@@ -162,6 +163,12 @@ class FanIn:
     stopping: bool = False
     #: The node as the metrics collector reads it (metrics.py), refreshed before each scrape.
     view: SimpleNamespace = field(default_factory=SimpleNamespace)
+    #: Each worker's counters when last asked, and those of workers since replaced, so that the
+    #: node's counters never go back when a worker is (Prometheus would take it for a reset).
+    last: dict[int, pb.GetStatsResponse] = field(default_factory=dict)
+    retired: pb.GetStatsResponse = field(default_factory=pb.GetStatsResponse)
+    #: one stats() at a time: answers must be compared in the order they were asked for
+    stats_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def info(self) -> pb.GetInfoResponse:
         answers = await self.workers.ask(
@@ -202,10 +209,33 @@ class FanIn:
         return info
 
     async def stats(self) -> pb.GetStatsResponse:
-        answers = await self.workers.ask(
-            lambda s: s.GetStats(pb.GetStatsRequest(), timeout=ASK_TIMEOUT)
-        )
-        merged = merge_stats([a for a in answers if a is not None])
+        async with self.stats_lock:
+            answers = await self.workers.ask(
+                lambda s: s.GetStats(pb.GetStatsRequest(), timeout=ASK_TIMEOUT)
+            )
+            return self._count(answers)
+
+    def _count(self, answers: list[pb.GetStatsResponse | None]) -> pb.GetStatsResponse:
+        for slot, answer in enumerate(answers):
+            before = self.last.get(slot)
+            if answer is None:
+                continue
+            if before is not None and answer.uptime_seconds < before.uptime_seconds:
+                gone = pb.GetStatsResponse()  # a new worker in this slot: keep the old one's
+                gone.CopyFrom(before)
+                gone.connections_open = gone.in_flight = 0
+                self.retired = merge_stats([self.retired, gone])
+            self.last[slot] = answer
+        counted = [self.retired]
+        for slot, answer in enumerate(answers):
+            if answer is not None:
+                counted.append(answer)
+            elif slot in self.last:  # gone, not yet replaced: what it had counted still counts
+                gone = pb.GetStatsResponse()
+                gone.CopyFrom(self.last[slot])
+                gone.connections_open = gone.in_flight = 0
+                counted.append(gone)
+        merged = merge_stats(counted)
         merged.uptime_seconds = time.time() - self.started
         return merged
 
