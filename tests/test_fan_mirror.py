@@ -223,6 +223,30 @@ def test_mirror_that_lost_every_member_at_once_serves_again_when_they_return(
         assert read_all(member, SIZE) == model
 
 
+def test_mirror_request_that_finds_every_link_reopened_waits_instead_of_failing(
+    harness: Harness,
+) -> None:
+    # Health checks rarely: the request is the first to see the reopened links.
+    fan, flakies, uris, uri = make_mirror(harness, 2, **{"check-interval": 1})
+    rng = random.Random(7)
+    model = bytearray(SIZE)
+    write_batches(uri, model, 4, rng)
+    for f in flakies:
+        f.down = True  # both links lost and back at once, unseen by any request
+        f.down = False
+    h = nbd_connect(uri)
+    assert h.pread(SIZE, 0) == model  # no EIO: the read waited for the check of the members
+    assert any("holds every acknowledged write" in e[1] for e in harness.events)
+    h.pwrite(b"x" * 4096, 0)
+    model[:4096] = b"x" * 4096
+    h.flush()
+    h.shutdown()
+    wait_state(harness, fan, 0, "in_sync")
+    wait_state(harness, fan, 1, "in_sync")
+    for member in uris:
+        assert read_all(member, SIZE) == model
+
+
 def test_mirror_never_trusts_a_stale_or_emptied_member_after_failing(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -25,7 +25,9 @@ If no member is in sync any more (every link lost at once, say), the mirror fail
 gets EIO. It serves again by itself once a member that left the in-sync set after the last
 acknowledged write (so holds all of them) is back and holds the same non-zero data as another
 member on sampled regions neither missed (or no member holds data to lose); the rest resync
-from it. A member that restarted empty is never trusted that way.
+from it. A member that restarted empty is never trusted that way. A request that finds the
+mirror so waits (up to 5 s) for that check instead of failing, so a blip of every link, or of
+the last in-sync member's link, costs clients a delay, not an error.
 
 `replace_member` (ctl replace) and `rebuild_member` always rebuild fully. While rebuilding,
 the member receives every client write, but is never read; each region is copied under a lock
@@ -70,6 +72,7 @@ log = logging.getLogger("nbdfabric.mirror")
 
 IN_SYNC, FAULTY, REBUILDING, SPARE = "in_sync", "faulty", "rebuilding", "spare"
 MAX_RETRY_DELAY = 30.0
+RECOVERY_WAIT = 5.0  #: the longest a request waits for a failed mirror to be trusted again
 SAMPLES = 16
 
 
@@ -201,7 +204,7 @@ class Mirror(FanBase):
         self._rr = 0
         self._unflushed: set[int] = set()
         self.acked = 0  #: writes, zeroes, trims and flushes acknowledged to clients
-        self._recovering = False
+        self._recovery: asyncio.Task[None] | None = None
         self._recover_tried: tuple[Any, ...] | None = None  #: what the last vain try saw
         self._guard = RegionGuard()
         self._copy_lock = asyncio.Lock()
@@ -400,11 +403,28 @@ class Mirror(FanBase):
                     continue
                 self._spawn(slot, self._resync(slot))
         self._use_spare()
-        if not self.healthy() and not self._recovering and self._recover_tried != self._seen():
-            self._recovering = True
-            task = asyncio.get_running_loop().create_task(self._recover())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if not self.healthy():
+            self._start_recovery()
+
+    def _start_recovery(self) -> asyncio.Task[None] | None:
+        """The running recovery, or a new one unless the last one saw what is seen now."""
+        if self._recovery is not None and not self._recovery.done():
+            return self._recovery
+        if self._recover_tried == self._seen():
+            return None
+        task = self._recovery = asyncio.get_running_loop().create_task(self._recover())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _await_recovery(self) -> None:
+        """No member is in sync. If one may be trusted again, a request waits for that (the
+        compare takes a few reads) instead of failing: e.g. when the last in-sync member's
+        link was reopened, which a request may be the first to notice."""
+        task = self._start_recovery()
+        if task is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), RECOVERY_WAIT)
 
     def _spawn(self, slot: Slot, coro: Awaitable[None]) -> None:
         async def run() -> None:
@@ -490,33 +510,34 @@ class Mirror(FanBase):
         as another member on sampled chunks neither missed (a node that restarted empty does
         not), or if no member holds any data to lose. The others then resync from it."""
         seen = self._seen()
-        try:
-            for slot in self.slots:
-                if (
-                    slot.state != FAULTY or slot.held or slot.left_at != self.acked
-                    or not slot.backend.healthy()
-                    or (slot.task is not None and not slot.task.done())
-                ):  # fmt: skip
-                    continue
-                others = [
-                    s for s in self.slots
-                    if s is not slot and s.state != SPARE and s.backend.healthy()
-                ]  # fmt: skip
-                if not others:
-                    continue
-                try:
-                    verdicts = [await self._compare(slot, other) for other in others]
-                except OSError:
-                    continue
-                if "matched" not in verdicts and any(v != "nothing" for v in verdicts):
-                    continue
-                if self.healthy() or slot.state != FAULTY:
-                    return
-                self._trust(slot)
+        busy = False
+        for slot in self.slots:
+            if (
+                slot.state != FAULTY or slot.held or slot.left_at != self.acked
+                or not slot.backend.healthy()
+            ):  # fmt: skip
+                continue
+            if slot.task is not None and not slot.task.done():
+                busy = True  # its resync is about to give up for want of a source: next time
+                continue
+            others = [
+                s for s in self.slots
+                if s is not slot and s.state != SPARE and s.backend.healthy()
+            ]  # fmt: skip
+            if not others:
+                continue
+            try:
+                verdicts = [await self._compare(slot, other) for other in others]
+            except OSError:
+                continue
+            if "matched" not in verdicts and any(v != "nothing" for v in verdicts):
+                continue
+            if self.healthy() or slot.state != FAULTY:
                 return
+            self._trust(slot)
+            return
+        if not busy:
             self._recover_tried = seen  # tried in vain: again only once something changes
-        finally:
-            self._recovering = False
 
     def _seen(self) -> tuple[Any, ...]:
         """What a recovery depends on: each member's state, health and reconnects."""
@@ -845,8 +866,13 @@ class Mirror(FanBase):
 
     async def _read_op(self, what: str, op: Callable[[Backend], Awaitable[Any]]) -> Any:
         tried: set[int] = set()
+        waited = False
         while True:
             slot = self._pick(tried)
+            if slot is None and not waited and not self.healthy():
+                waited = True
+                await self._await_recovery()
+                continue
             if slot is None:
                 raise OSError(errno.EIO, f"mirror: no in-sync member left for the {what}")
             slot.outstanding += 1
@@ -889,6 +915,8 @@ class Mirror(FanBase):
                 changed |= s.dirty.mark(first, last)
         if changed:
             self._persist()
+        if not self.healthy():
+            await self._await_recovery()
         token = await self._guard.enter(offset, offset + count)
         try:
             targets = [s for s in self.slots if s.state in (IN_SYNC, REBUILDING)]
@@ -940,6 +968,8 @@ class Mirror(FanBase):
         await self._write_op("zero", offset, count, flags, op)
 
     async def flush(self, flags: int) -> None:
+        if not self.healthy():
+            await self._await_recovery()
         pending, self._unflushed = self._unflushed, set()
         targets = [s for s in self.slots if s.state in (IN_SYNC, REBUILDING)]
         results = await asyncio.gather(
