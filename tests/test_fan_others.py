@@ -160,11 +160,11 @@ async def _read_mem(mem: Memory, n: int) -> bytes:
     return bytes(buf)
 
 
-def make_parity(harness: Harness, n: int = 4) -> tuple[Any, list[Flaky], str]:
+def make_parity(harness: Harness, n: int = 4, check: float = 0.02) -> tuple[Any, list[Flaky], str]:
     from nodes.fans.parity import Parity, ParityParams
 
     flakies, _ = harness.flaky_members(n, 1 << 20)
-    fan = Parity(ParityParams.model_validate({"chunk-size": "16K", "check-interval": 0.02,
+    fan = Parity(ParityParams.model_validate({"chunk-size": "16K", "check-interval": check,
                                               "retry-delay": 0.05}), flakies)  # fmt: skip
     return fan, flakies, harness.serve(fan, "parity")
 
@@ -201,6 +201,21 @@ def test_parity_that_lost_every_member_at_once_serves_again(harness: Harness) ->
     assert h.pread(len(model), 0) == model
     flakies[1].down = True  # parity still right: a member's share is rebuilt from it
     assert h.pread(len(model), 0) == model
+    h.shutdown()
+
+
+def test_parity_request_that_finds_every_link_reopened_waits_instead_of_failing(
+    harness: Harness,
+) -> None:
+    fan, flakies, uri = make_parity(harness, check=30)  # the request sees the links first
+    model = fill_random(uri, 14)
+    for f in flakies:
+        f.down = True  # every link lost and back at once, unseen by any request
+        f.down = False
+    h = nbd_connect(uri)
+    assert h.pread(len(model), 0) == model  # no EIO: the read waited for the check
+    assert any("the array serves again" in e[1] for e in harness.events)
+    assert harness.call(fan.healthy)
     h.shutdown()
 
 

@@ -11,7 +11,8 @@ One member may fail: it is marked faulty, reads of its chunks are rebuilt from t
 writes go to the survivors (its share is implied by the parity). A second failure fails the
 requests that need it. If every member comes back and none missed an acknowledged write (all
 links lost at once, say), the array serves again once sampled stripes check out (never with a
-member that restarted empty), and parity is recomputed over every stripe in the background.
+member that restarted empty), and parity is recomputed over every stripe in the background;
+a request meanwhile waits (up to 5 s) for that check rather than fail.
 A member that returns, or one swapped in by `replace_member`, is rebuilt fully (there is no
 bitmap here), stripe by stripe in the background; stripes already rebuilt are written and read
 as usual. Trim is not offered (it would break parity); zeroing is done by
@@ -25,6 +26,7 @@ Example: `nbdfabric node parity chunk-size=64K --upstream A --upstream B --upstr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import time
@@ -42,6 +44,7 @@ from ._common import FanBase, combine_caps, member_name
 log = logging.getLogger("nbdfabric.parity")
 
 IN_SYNC, FAULTY, REBUILDING = "in_sync", "faulty", "rebuilding"
+RECOVERY_WAIT = 5.0  #: the longest a request waits for a failed array to be trusted again
 
 
 class ParityParams(Params):
@@ -91,7 +94,7 @@ class Parity(FanBase):
         self.acked = 0  #: writes and flushes acknowledged to clients
         #: `acked` when each member left the in-sync set (see `_recover`)
         self.left_at: list[int | None] = [None] * self.n
-        self._recovering = False
+        self._recovery: asyncio.Task[None] | None = None
         self._recover_tried: tuple[Any, ...] | None = None
 
     def compute_caps(self, caps: list[Capabilities]) -> Capabilities:
@@ -224,14 +227,34 @@ class Parity(FanBase):
                     and time.monotonic() >= self.retry_at[i]
                 ):
                     self._begin_rebuild(i)
-            if not self.healthy() and not self._recovering and self._recover_tried != self._seen():
-                self._recovering = True
-                self._spawn(self._recover())
+            if not self.healthy():
+                self._start_recovery()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _start_recovery(self) -> asyncio.Task[None] | None:
+        """The running recovery, or a new one unless the last one saw what is seen now."""
+        if self._recovery is not None and not self._recovery.done():
+            return self._recovery
+        if self._recover_tried == self._seen():
+            return None
+        self._recovery = self._spawn(self._recover())
+        return self._recovery
+
+    async def _serving(self) -> None:
+        """Before a request: if the array has failed (perhaps found out only now, from reopened
+        links) and may be trusted again, wait for that check (up to 5 s) rather than fail."""
+        for i in range(self.n):
+            self._returned(i)
+        if not self.healthy():
+            task = self._start_recovery()
+            if task is not None:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(task), RECOVERY_WAIT)
 
     def _seen(self) -> tuple[Any, ...]:
         """What a recovery depends on: each member's state, health and reconnects."""
@@ -267,8 +290,6 @@ class Parity(FanBase):
         except OSError as exc:
             log.warning("parity: checking the returning members failed: %s", exc)
             self._recover_tried = seen
-        finally:
-            self._recovering = False
 
     async def _consistent(self) -> bool:
         span = self.stripes * self.chunk
@@ -458,6 +479,7 @@ class Parity(FanBase):
             view[:] = await self._reconstruct(stripe, member, within, len(view))
 
     async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        await self._serving()
         await asyncio.gather(
             *(
                 self._read_piece(s, j, w, buf[p : p + n])
@@ -467,6 +489,7 @@ class Parity(FanBase):
         return None
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        await self._serving()
         by_stripe: dict[int, list[tuple[int, int, int, int]]] = {}
         for s, j, w, p, n in self._pieces(offset, len(buf)):
             by_stripe.setdefault(s, []).append((j, w, p, n))
@@ -565,6 +588,7 @@ class Parity(FanBase):
             raise OSError(errno.EIO, f"parity: stripe {stripe} has lost two members")
 
     async def flush(self, flags: int) -> None:
+        await self._serving()
         live = [i for i in range(self.n) if self.states[i] != FAULTY]
         results = await asyncio.gather(
             *(self.members[i].flush(flags) for i in live), return_exceptions=True
