@@ -5,9 +5,10 @@ members, and the piece mapping that concat and stripe use to split a request acr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from ..base import Backend, Capabilities, Extents, Fan, Holes, Support, add_range
@@ -22,6 +23,48 @@ log = logging.getLogger("nbdfabric.fan")
 #: Upper bound for one member request that a fan issues on its own (rebuild, scrub, zero fill).
 IO_CHUNK = 1024 * 1024
 _ZEROES = bytes(IO_CHUNK)
+
+
+class Recovery:
+    """Bringing a failed array back (the mirror's and parity's `_recover`): one attempt at a
+    time, and after one in vain no other until what it depends on (`seen()`) has changed.
+    A request that finds the array failed waits for the attempt (up to `WAIT` s) instead of
+    failing at once. `attempt()` returns False when it tried in vain."""
+
+    WAIT = 5.0
+
+    def __init__(
+        self,
+        attempt: Callable[[], Awaitable[bool]],
+        seen: Callable[[], Hashable],
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
+        self._attempt, self._seen, self._tasks = attempt, seen, tasks
+        self._task: asyncio.Task[None] | None = None
+        self._tried: Hashable = None  #: what the last vain attempt saw
+
+    def start(self) -> asyncio.Task[None] | None:
+        """The running attempt, or a new one unless the last one saw what is seen now."""
+        if self._task is not None and not self._task.done():
+            return self._task
+        seen = self._seen()
+        if seen == self._tried:
+            return None
+
+        async def run() -> None:
+            if not await self._attempt():
+                self._tried = seen
+
+        task = self._task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def wait(self) -> None:
+        task = self.start()
+        if task is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), self.WAIT)
 
 
 class EmitHook(Protocol):

@@ -63,7 +63,7 @@ from ..params import Duration, Params, Size, live, param
 from ..protocol.constants import CmdFlag, Extent
 from ..registry import register
 from ._bitmap import BitmapFile, DirtyMap
-from ._common import IO_CHUNK, FanBase, combine_caps, member_name, write_zeroes
+from ._common import IO_CHUNK, FanBase, Recovery, combine_caps, member_name, write_zeroes
 
 # Plain ints: `int & IntFlag` runs Python code in enum.py (about 1 µs), per request.
 _FUA, _FAST_ZERO = int(CmdFlag.FUA), int(CmdFlag.FAST_ZERO)
@@ -72,7 +72,6 @@ log = logging.getLogger("nbdfabric.mirror")
 
 IN_SYNC, FAULTY, REBUILDING, SPARE = "in_sync", "faulty", "rebuilding", "spare"
 MAX_RETRY_DELAY = 30.0
-RECOVERY_WAIT = 5.0  #: the longest a request waits for a failed mirror to be trusted again
 SAMPLES = 16
 
 
@@ -204,8 +203,6 @@ class Mirror(FanBase):
         self._rr = 0
         self._unflushed: set[int] = set()
         self.acked = 0  #: writes, zeroes, trims and flushes acknowledged to clients
-        self._recovery: asyncio.Task[None] | None = None
-        self._recover_tried: tuple[Any, ...] | None = None  #: what the last vain try saw
         self._guard = RegionGuard()
         self._copy_lock = asyncio.Lock()
         self._running = asyncio.Event()
@@ -214,6 +211,7 @@ class Mirror(FanBase):
         self._bitmap = BitmapFile(params.bitmap_file) if params.bitmap_file else None
         self._last_run: RebuildRun | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._recovery = Recovery(self._recover, self._seen, self._tasks)
 
     # Lifecycle ----------------------------------------------------------------------------
 
@@ -404,27 +402,7 @@ class Mirror(FanBase):
                 self._spawn(slot, self._resync(slot))
         self._use_spare()
         if not self.healthy():
-            self._start_recovery()
-
-    def _start_recovery(self) -> asyncio.Task[None] | None:
-        """The running recovery, or a new one unless the last one saw what is seen now."""
-        if self._recovery is not None and not self._recovery.done():
-            return self._recovery
-        if self._recover_tried == self._seen():
-            return None
-        task = self._recovery = asyncio.get_running_loop().create_task(self._recover())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    async def _await_recovery(self) -> None:
-        """No member is in sync. If one may be trusted again, a request waits for that (the
-        compare takes a few reads) instead of failing: e.g. when the last in-sync member's
-        link was reopened, which a request may be the first to notice."""
-        task = self._start_recovery()
-        if task is not None:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), RECOVERY_WAIT)
+            self._recovery.start()
 
     def _spawn(self, slot: Slot, coro: Awaitable[None]) -> None:
         async def run() -> None:
@@ -502,14 +480,14 @@ class Mirror(FanBase):
             matched |= a.count(0, 0, n) != n
         return "matched" if matched else "zeros"
 
-    async def _recover(self) -> None:
+    async def _recover(self) -> bool:
         """The mirror has failed: no member is in sync (every link was lost at once, or the
         last in-sync member reconnected and could not be trusted blindly). A member that left
         the in-sync set after the last acknowledged write holds every write the mirror
         acknowledged; once it is back, it is trusted again if it holds the same non-zero data
         as another member on sampled chunks neither missed (a node that restarted empty does
-        not), or if no member holds any data to lose. The others then resync from it."""
-        seen = self._seen()
+        not), or if no member holds any data to lose. The others then resync from it. False
+        when it tried in vain."""
         busy = False
         for slot in self.slots:
             if (
@@ -532,12 +510,10 @@ class Mirror(FanBase):
                 continue
             if "matched" not in verdicts and any(v != "nothing" for v in verdicts):
                 continue
-            if self.healthy() or slot.state != FAULTY:
-                return
-            self._trust(slot)
-            return
-        if not busy:
-            self._recover_tried = seen  # tried in vain: again only once something changes
+            if not self.healthy() and slot.state == FAULTY:
+                self._trust(slot)
+            return True
+        return busy
 
     def _seen(self) -> tuple[Any, ...]:
         """What a recovery depends on: each member's state, health and reconnects."""
@@ -871,7 +847,7 @@ class Mirror(FanBase):
             slot = self._pick(tried)
             if slot is None and not waited and not self.healthy():
                 waited = True
-                await self._await_recovery()
+                await self._recovery.wait()
                 continue
             if slot is None:
                 raise OSError(errno.EIO, f"mirror: no in-sync member left for the {what}")
@@ -916,7 +892,7 @@ class Mirror(FanBase):
         if changed:
             self._persist()
         if not self.healthy():
-            await self._await_recovery()
+            await self._recovery.wait()
         token = await self._guard.enter(offset, offset + count)
         try:
             targets = [s for s in self.slots if s.state in (IN_SYNC, REBUILDING)]
@@ -969,7 +945,7 @@ class Mirror(FanBase):
 
     async def flush(self, flags: int) -> None:
         if not self.healthy():
-            await self._await_recovery()
+            await self._recovery.wait()
         pending, self._unflushed = self._unflushed, set()
         targets = [s for s in self.slots if s.state in (IN_SYNC, REBUILDING)]
         results = await asyncio.gather(

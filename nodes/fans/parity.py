@@ -26,7 +26,6 @@ Example: `nbdfabric node parity chunk-size=64K --upstream A --upstream B --upstr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import time
@@ -39,12 +38,11 @@ from ..base import Backend, Capabilities, Holes, Support, fill_holes
 from ..params import Duration, Params, Size, live, param
 from ..protocol.constants import Extent
 from ..registry import register
-from ._common import FanBase, combine_caps, member_name
+from ._common import FanBase, Recovery, combine_caps, member_name
 
 log = logging.getLogger("nbdfabric.parity")
 
 IN_SYNC, FAULTY, REBUILDING = "in_sync", "faulty", "rebuilding"
-RECOVERY_WAIT = 5.0  #: the longest a request waits for a failed array to be trusted again
 
 
 class ParityParams(Params):
@@ -89,13 +87,12 @@ class Parity(FanBase):
         self.stripes = 0
         self._locks: dict[int, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._recovery = Recovery(self._recover, self._seen, self._tasks)
         self._monitor_task: asyncio.Task[None] | None = None
         self.rebuild: dict[str, Any] | None = None
         self.acked = 0  #: writes and flushes acknowledged to clients
         #: `acked` when each member left the in-sync set (see `_recover`)
         self.left_at: list[int | None] = [None] * self.n
-        self._recovery: asyncio.Task[None] | None = None
-        self._recover_tried: tuple[Any, ...] | None = None
 
     def compute_caps(self, caps: list[Capabilities]) -> Capabilities:
         smallest = min(c.size for c in caps)
@@ -228,33 +225,20 @@ class Parity(FanBase):
                 ):
                     self._begin_rebuild(i)
             if not self.healthy():
-                self._start_recovery()
+                self._recovery.start()
 
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+    def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return task
-
-    def _start_recovery(self) -> asyncio.Task[None] | None:
-        """The running recovery, or a new one unless the last one saw what is seen now."""
-        if self._recovery is not None and not self._recovery.done():
-            return self._recovery
-        if self._recover_tried == self._seen():
-            return None
-        self._recovery = self._spawn(self._recover())
-        return self._recovery
 
     async def _serving(self) -> None:
         """Before a request: if the array has failed (perhaps found out only now, from reopened
-        links) and may be trusted again, wait for that check (up to 5 s) rather than fail."""
+        links) and may be trusted again, wait for that check rather than fail."""
         for i in range(self.n):
             self._returned(i)
         if not self.healthy():
-            task = self._start_recovery()
-            if task is not None:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(task), RECOVERY_WAIT)
+            await self._recovery.wait()
 
     def _seen(self) -> tuple[Any, ...]:
         """What a recovery depends on: each member's state, health and reconnects."""
@@ -263,14 +247,14 @@ class Parity(FanBase):
             for s, m in zip(self.states, self.members, strict=True)
         )
 
-    async def _recover(self) -> None:
+    async def _recover(self) -> bool:
         """Two or more members were lost (every link at once, say): the array has failed. If
         every member is back and each that is not in sync left after the last acknowledged
         write, all of them hold every acknowledged write. They are trusted again if sampled
         stripes where they hold data are consistent (a member that restarted empty breaks the
         XOR, and one with no data while the others have some is not trusted); then parity is
-        recomputed over every stripe, for writes that were in flight when they were lost."""
-        seen = self._seen()
+        recomputed over every stripe, for writes that were in flight when they were lost.
+        False when it tried in vain."""
         try:
             fresh = all(
                 s == IN_SYNC or (s == FAULTY and self.left_at[i] == self.acked)
@@ -285,11 +269,10 @@ class Parity(FanBase):
                 self.emit("member", "every member is back with its data: the array serves again",
                           state=IN_SYNC)  # fmt: skip
                 self._spawn(self._resync_parity())
-                return
-            self._recover_tried = seen  # tried in vain: again only once something changes
+                return True
         except OSError as exc:
             log.warning("parity: checking the returning members failed: %s", exc)
-            self._recover_tried = seen
+        return False
 
     async def _consistent(self) -> bool:
         span = self.stripes * self.chunk
@@ -319,11 +302,7 @@ class Parity(FanBase):
         stripes.update(range(0, self.stripes, step))
         evidence = False
         for stripe in sorted(stripes):
-            bufs = [bytearray(self.chunk) for _ in range(self.n)]
-            await asyncio.gather(
-                *(self._read_member(i, memoryview(b), stripe * self.chunk)
-                  for i, b in enumerate(bufs))
-            )  # fmt: skip
+            bufs = await self._read_stripe(stripe)
             acc = bytearray(bufs[0])
             for b in bufs[1:]:
                 _xor_into(acc, b)
@@ -333,6 +312,15 @@ class Parity(FanBase):
             evidence |= any(b.count(0) != self.chunk for b in bufs)
         return evidence
 
+    async def _read_stripe(self, stripe: int) -> list[bytearray]:
+        """Every member's chunk of the stripe, parity included."""
+        bufs = [bytearray(self.chunk) for _ in range(self.n)]
+        off = stripe * self.chunk
+        await asyncio.gather(
+            *(self._read_member(i, memoryview(b), off) for i, b in enumerate(bufs))
+        )
+        return bufs
+
     async def _resync_parity(self) -> None:
         fixed = 0
         for stripe in range(self.stripes):
@@ -340,12 +328,8 @@ class Parity(FanBase):
                 if any(s != IN_SYNC for s in self.states):
                     return  # another failure: its rebuild recomputes what it needs
                 pm = self.parity_member(stripe)
-                bufs = [bytearray(self.chunk) for _ in range(self.n)]
                 try:
-                    await asyncio.gather(
-                        *(self._read_member(i, memoryview(b), stripe * self.chunk)
-                          for i, b in enumerate(bufs))
-                    )  # fmt: skip
+                    bufs = await self._read_stripe(stripe)
                     parity = bytearray(self.chunk)
                     for i, b in enumerate(bufs):
                         if i != pm:
