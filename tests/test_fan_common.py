@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import nbd
 import pytest
 from conftest import nbd_connect, run, wait_for
 
@@ -200,6 +201,24 @@ def wait_state(h: Harness, fan: Any, index: int, state: str, timeout: float = 12
         return bool(h.call(lambda: fan.slots[index].state) == state)
 
     wait_for(check, timeout, f"member {index} to become {state}")
+
+
+def assert_reads_fail(uri: str) -> None:
+    """A read through the fan at `uri` fails with EIO."""
+    h = nbd_connect(uri)
+    try:
+        with pytest.raises(nbd.Error, match=r"EIO|Input/output"):
+            h.pread(4096, 0)
+    finally:
+        h.shutdown()
+
+
+def lose_every_member(h: Harness, fan: Any, flakies: list[Flaky], uri: str) -> None:
+    """Every member lost at once: the fan fails and so do its reads."""
+    for f in flakies:
+        f.down = True
+    wait_for(lambda: not h.call(fan.healthy), 10, "the fan to fail")
+    assert_reads_fail(uri)
 
 
 # Tests of the shared parts ----------------------------------------------------------------------

@@ -24,7 +24,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from test_fan_common import (
     Flaky,
     Harness,
+    assert_reads_fail,
     digest,
+    lose_every_member,
     qemu_compare,
     wait_state,
 )
@@ -193,16 +195,6 @@ def test_mirror_fails_reads_only_when_no_member_is_left(harness: Harness) -> Non
     assert res.returncode != 0 or "error" in (res.stdout + res.stderr).lower()
 
 
-def lose_every_member(harness: Harness, fan: Mirror, flakies: list[Flaky], uri: str) -> None:
-    for f in flakies:
-        f.down = True
-    wait_for(lambda: not harness.call(fan.healthy), 10, "the mirror to fail")
-    h = nbd_connect(uri)
-    with pytest.raises(nbd.Error, match=r"EIO|Input/output"):
-        h.pread(4096, 0)
-    h.shutdown()
-
-
 def test_mirror_that_lost_every_member_at_once_serves_again_when_they_return(
     harness: Harness,
 ) -> None:
@@ -272,10 +264,7 @@ def test_mirror_never_trusts_a_stale_or_emptied_member_after_failing(
     assert len(refused()) == 1
     assert not harness.call(fan.healthy)
     assert [m["state"] for m in harness.call(fan.members_info)] == ["faulty", "faulty"]
-    h = nbd_connect(uri)
-    with pytest.raises(nbd.Error, match=r"EIO|Input/output"):
-        h.pread(4096, 0)
-    h.shutdown()
+    assert_reads_fail(uri)
 
 
 def test_mirror_that_lost_its_last_member_trusts_it_when_it_returns_intact(
