@@ -153,6 +153,14 @@ def merge_stats(answers: list[pb.GetStatsResponse]) -> pb.GetStatsResponse:
     return out
 
 
+def _counters_only(stats: pb.GetStatsResponse) -> pb.GetStatsResponse:
+    """A copy without the gauges (open connections, requests in flight) of a worker gone."""
+    out = pb.GetStatsResponse()
+    out.CopyFrom(stats)
+    out.connections_open = out.in_flight = 0
+    return out
+
+
 @dataclass
 class FanIn:
     """What the control process knows: the workers, and the node they make together."""
@@ -216,26 +224,19 @@ class FanIn:
             return self._count(answers)
 
     def _count(self, answers: list[pb.GetStatsResponse | None]) -> pb.GetStatsResponse:
+        counted = []
         for slot, answer in enumerate(answers):
             before = self.last.get(slot)
             if answer is None:
+                if before is not None:  # gone, not yet replaced: what it counted still counts
+                    counted.append(_counters_only(before))
                 continue
             if before is not None and answer.uptime_seconds < before.uptime_seconds:
-                gone = pb.GetStatsResponse()  # a new worker in this slot: keep the old one's
-                gone.CopyFrom(before)
-                gone.connections_open = gone.in_flight = 0
-                self.retired = merge_stats([self.retired, gone])
+                # A new worker in this slot: the old one's counts stay.
+                self.retired = merge_stats([self.retired, _counters_only(before)])
             self.last[slot] = answer
-        counted = [self.retired]
-        for slot, answer in enumerate(answers):
-            if answer is not None:
-                counted.append(answer)
-            elif slot in self.last:  # gone, not yet replaced: what it had counted still counts
-                gone = pb.GetStatsResponse()
-                gone.CopyFrom(self.last[slot])
-                gone.connections_open = gone.in_flight = 0
-                counted.append(gone)
-        merged = merge_stats(counted)
+            counted.append(answer)
+        merged = merge_stats([self.retired, *counted])
         merged.uptime_seconds = time.time() - self.started
         return merged
 
