@@ -152,6 +152,7 @@ def test_control_fan_rpcs_are_unimplemented_on_a_plugin(node):
         lambda: stub.ListMembers(pb.ListMembersRequest(), timeout=5),
         lambda: stub.ReplaceMember(pb.ReplaceMemberRequest(index=0, uri="nbd://x"), timeout=5),
         lambda: stub.MarkMemberFaulty(pb.MarkMemberFaultyRequest(index=0), timeout=5),
+        lambda: stub.TrustMember(pb.TrustMemberRequest(index=0), timeout=5),
         lambda: stub.SetRebuild(pb.SetRebuildRequest(), timeout=5),
         lambda: next(stub.WatchRebuild(pb.WatchRebuildRequest(), timeout=5)),
     ]

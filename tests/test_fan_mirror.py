@@ -286,6 +286,48 @@ def test_mirror_that_lost_its_last_member_trusts_it_when_it_returns_intact(
     qemu_compare(uris[0], uris[1])
 
 
+def test_mirror_operator_trusts_the_one_member_that_came_back(harness: Harness) -> None:
+    fan, flakies, uris, uri = make_mirror(harness, 2)
+    rng = random.Random(8)
+    model = bytearray(SIZE)
+    write_batches(uri, model, 6, rng)
+    with pytest.raises(RuntimeError, match="has not failed"):
+        harness.run(fan.trust_member(0))  # nothing to force while a member is in sync
+    lose_every_member(harness, fan, flakies, uri)
+    flakies[0].down = False  # only member 0 comes back: nothing to compare it with
+    time.sleep(0.3)  # many member checks
+    assert not harness.call(fan.healthy)
+    assert_reads_fail(uri)
+    with pytest.raises(RuntimeError, match="unreachable"):
+        harness.run(fan.trust_member(1))
+    harness.run(fan.trust_member(0))
+    assert harness.call(fan.healthy)
+    assert any("trusted by the operator" in e[1] for e in harness.events)
+    assert read_all(uri, SIZE) == model
+    flakies[1].down = False  # it held the same data, but is rebuilt fully from member 0
+    wait_state(harness, fan, 1, "in_sync")
+    assert state(harness, fan)["members"][1]["resync_bytes"] == SIZE
+    assert read_all(uris[1], SIZE) == model
+
+
+def test_mirror_trusted_member_wins_over_one_that_differs(harness: Harness) -> None:
+    # mdadm --assemble --force semantics: the operator's member is the reference, and a member
+    # that holds other data is overwritten from it, not merged.
+    fan, flakies, uris, uri = make_mirror(harness, 2)
+    rng = random.Random(9)
+    model = bytearray(SIZE)
+    write_batches(uri, model, 4, rng)
+    lose_every_member(harness, fan, flakies, uri)
+    flakies[1].wipe()  # member 1 came back empty
+    flakies[0].down = False
+    harness.run(fan.trust_member(0))
+    flakies[1].down = False
+    wait_state(harness, fan, 1, "in_sync")
+    assert read_all(uri, SIZE) == model
+    assert read_all(uris[1], SIZE) == model
+    qemu_compare(uris[0], uris[1])
+
+
 def test_mirror_rebuild_under_writes_is_throttled_and_never_stale(harness: Harness) -> None:
     fan, _flakies, uris, uri = make_mirror(harness, 2, **{"rebuild-rate": "2M"})
     rng = random.Random(3)
@@ -572,6 +614,35 @@ def test_mirror_process_member_killed_under_load_then_rebuilt(start_node: Any) -
     wait_for(lambda: member_states(m.control) == ["in_sync", "in_sync"], 60, "rebuild")
     assert read_all(b.uri, size) == model
     qemu_compare(a.uri, b.uri)
+
+
+def test_mirror_process_ctl_trust_after_every_member_was_killed(
+    start_node: Any, tmp_path: Path
+) -> None:
+    disks = [tmp_path / "a.img", tmp_path / "b.img"]
+    for disk in disks:
+        disk.write_bytes(bytes(8 << 20))
+    a = start_node("file", str(disks[0]))
+    b = start_node("file", str(disks[1]))
+    m = start_node("mirror", "check-interval=0.05", "retry-delay=0.1",
+                   upstreams=[a.uri, b.uri], control=True)  # fmt: skip
+    run(["qemu-io", "-f", "raw", m.uri, "-c", "write -P 0x5a 0 3M", "-c", "flush"])
+    a.kill()
+    b.kill()
+    wait_for(lambda: member_states(m.control) == ["faulty", "faulty"], 30, "the mirror to fail")
+    # Member 0's node comes back with its file; member 1's does not. The fan cannot compare
+    # member 0 with anyone, so it stays failed until the operator says.
+    start_node("file", str(disks[0]), listen=f"unix:{a.socket}")
+    time.sleep(1)
+    assert member_states(m.control) == ["faulty", "faulty"]
+    refused = run([*NBDFABRIC, "ctl", m.control, "trust", "1"], check=False)
+    assert refused.returncode != 0 and "unreachable" in refused.stderr
+    run([*NBDFABRIC, "ctl", m.control, "trust", "0"])
+    assert member_states(m.control)[0] == "in_sync"
+    run(["qemu-io", "-f", "raw", m.uri, "-c", "read -P 0x5a 0 3M", "-c", "read -P 0 3M 5M"])
+    start_node("file", str(disks[1]), listen=f"unix:{b.socket}")
+    wait_for(lambda: member_states(m.control) == ["in_sync", "in_sync"], 60, "rebuild")
+    assert disks[0].read_bytes() == disks[1].read_bytes()
 
 
 def test_mirror_process_ctl_replace_rebuilds_fully(start_node: Any) -> None:

@@ -311,6 +311,8 @@ def ctl_parser() -> argparse.ArgumentParser:
     r.add_argument("uri")
     f = cmd("faulty", "stop using member INDEX")
     f.add_argument("index", type=int)
+    t = cmd("trust", "serve a failed mirror from member INDEX and rebuild the rest from it")
+    t.add_argument("index", type=int)
     rb = cmd("rebuild", "show, start, stop or throttle a fan's rebuild")
     rb.add_argument("action", nargs="?", choices=("start", "stop", "watch"))
     rb.add_argument("--throttle", metavar="SIZE", help="bytes per second (e.g. 50M; 0: off)")
@@ -383,12 +385,14 @@ def run_ctl(args: argparse.Namespace, channel: grpc.Channel) -> int:
         result = stub.ListMembers(pb.ListMembersRequest(), timeout=unary)
         show = lambda r: show_members(r.members, r.rebuild)  # noqa: E731
 
-    elif c in ("replace", "faulty"):
+    elif c in ("replace", "faulty", "trust"):
         if args.index < 0:
             raise Failed("INDEX is 0-based and cannot be negative", EXIT_USAGE)
         if c == "replace":
             req_r = pb.ReplaceMemberRequest(index=args.index, uri=args.uri)
             result = stub.ReplaceMember(req_r, timeout=unary)
+        elif c == "trust":
+            result = stub.TrustMember(pb.TrustMemberRequest(index=args.index), timeout=unary)
         else:
             req_f = pb.MarkMemberFaultyRequest(index=args.index)
             result = stub.MarkMemberFaulty(req_f, timeout=unary)

@@ -419,6 +419,9 @@ class FanInServicer(pb_grpc.NodeServiceServicer):  # type: ignore[misc]
     async def MarkMemberFaulty(self, request: Any, context: Any) -> Any:
         return await self._first("MarkMemberFaulty", request, context)
 
+    async def TrustMember(self, request: Any, context: Any) -> Any:
+        return await self._first("TrustMember", request, context)
+
     async def SetRebuild(self, request: Any, context: Any) -> Any:
         return await self._first("SetRebuild", request, context)
 

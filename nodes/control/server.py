@@ -418,6 +418,15 @@ class NodeServicer(pb_grpc.NodeServiceServicer):  # type: ignore[misc]
         return pb.MarkMemberFaultyResponse(members=await self._members(context))
 
     @rpc
+    async def TrustMember(
+        self, request: pb.TrustMemberRequest, context: Any
+    ) -> pb.TrustMemberResponse:
+        trust = await self._fan(context, "trust_member")
+        await self._check_index(context, request.index)
+        await _maybe_await(trust(request.index))
+        return pb.TrustMemberResponse(members=await self._members(context))
+
+    @rpc
     async def SetRebuild(
         self, request: pb.SetRebuildRequest, context: Any
     ) -> pb.SetRebuildResponse:

@@ -27,7 +27,9 @@ acknowledged write (so holds all of them) is back and holds the same non-zero da
 member on sampled regions neither missed (or no member holds data to lose); the rest resync
 from it. A member that restarted empty is never trusted that way. A request that finds the
 mirror so waits (up to 5 s) for that check instead of failing, so a blip of every link, or of
-the last in-sync member's link, costs clients a delay, not an error.
+the last in-sync member's link, costs clients a delay, not an error. When the fan cannot tell
+by itself (only one member is back), the operator can: `trust_member` (ctl trust INDEX, mdadm's
+`--assemble --force`) makes a failed mirror serve from that member and rebuild the rest from it.
 
 `replace_member` (ctl replace) and `rebuild_member` always rebuild fully. While rebuilding,
 the member receives every client write, but is never read; each region is copied under a lock
@@ -521,7 +523,7 @@ class Mirror(FanBase):
             (s.state, s.backend.healthy(), getattr(s.backend, "reconnects", 0)) for s in self.slots
         )
 
-    def _trust(self, slot: Slot) -> None:
+    def _trust(self, slot: Slot, why: str = "holds every acknowledged write") -> None:
         slot.state = IN_SYNC
         slot.generation += 1
         slot.failures = 0
@@ -529,10 +531,10 @@ class Mirror(FanBase):
         slot.dirty.clear()  # writes it missed were never acknowledged: it is the reference now
         slot.seen_reconnects = getattr(slot.backend, "reconnects", 0)
         self._persist()
-        log.warning("mirror: member %d holds every acknowledged write: in sync again", slot.index)
+        log.warning("mirror: member %d %s: in sync again", slot.index, why)
         self.emit(
             "member",
-            f"member {slot.index} holds every acknowledged write: the mirror serves again",
+            f"member {slot.index} {why}: the mirror serves again",
             index=slot.index,
             state=IN_SYNC,
             previous=FAULTY,
@@ -758,6 +760,45 @@ class Mirror(FanBase):
         if full:
             slot.dirty.mark_all()
         self._begin_rebuild(slot, "full" if full else "bitmap")
+
+    async def trust_member(self, index: int) -> None:
+        """The operator's word that member INDEX holds the array's data (mdadm's `--assemble
+        --force`): a failed mirror serves again from it, and every other member is then rebuilt
+        fully from it. For when the fan cannot tell by itself: only one member came back, or
+        the one that did cannot be compared with another. Writes acknowledged after it left
+        the array are lost if it missed them (the event says when that may be so). Refused
+        while any member is in sync: the fan knows better then (rebuild or replace the rest)."""
+        slot = self._slot(index)
+        if self.healthy():
+            in_sync = ", ".join(str(s.index) for s in self.slots if s.state == IN_SYNC)
+            raise RuntimeError(
+                f"mirror: member(s) {in_sync} in sync: the mirror has not failed, so there is "
+                f"nothing to force (rebuild or replace a member instead)"
+            )
+        if slot.state == SPARE:
+            raise RuntimeError(f"mirror: member {index} is a spare: it never held the data")
+        if not slot.backend.healthy():
+            raise RuntimeError(f"mirror: member {index} is unreachable: nothing to serve from")
+        if slot.task is not None and not slot.task.done():
+            slot.generation += 1  # a resync looking for a source: this member is the source now
+            await asyncio.gather(slot.task, return_exceptions=True)
+        if self.healthy():  # the fan recovered by itself meanwhile
+            return
+        complete = slot.left_at == self.acked
+        slot.held = slot.demoted = False
+        for other in self.slots:
+            if other is slot or other.state == SPARE:
+                continue
+            if other.state != FAULTY:
+                self._fail(other, f"member {index} was trusted by the operator")
+            other.dirty.mark_all()  # measured against another reference: copy everything
+            other.retry_at = 0.0
+        self._trust(
+            slot,
+            "trusted by the operator"
+            + ("" if complete else " (it may miss writes acknowledged after it left)"),
+        )
+        self._check_members()  # start the others' rebuilds now, not at the next check
 
     def make_member(self, uri: str, index: int) -> Backend:
         from ..upstream import Upstream

@@ -90,6 +90,11 @@ class NodeServiceStub(object):
                 request_serializer=nbdfabric_dot_v1_dot_node__pb2.MarkMemberFaultyRequest.SerializeToString,
                 response_deserializer=nbdfabric_dot_v1_dot_node__pb2.MarkMemberFaultyResponse.FromString,
                 _registered_method=True)
+        self.TrustMember = channel.unary_unary(
+                '/nbdfabric.v1.NodeService/TrustMember',
+                request_serializer=nbdfabric_dot_v1_dot_node__pb2.TrustMemberRequest.SerializeToString,
+                response_deserializer=nbdfabric_dot_v1_dot_node__pb2.TrustMemberResponse.FromString,
+                _registered_method=True)
         self.SetRebuild = channel.unary_unary(
                 '/nbdfabric.v1.NodeService/SetRebuild',
                 request_serializer=nbdfabric_dot_v1_dot_node__pb2.SetRebuildRequest.SerializeToString,
@@ -186,6 +191,15 @@ class NodeServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrustMember(self, request, context):
+        """A failed mirror (no member in sync) serves again from member `index`, taken as holding the
+        array's data (mdadm's --assemble --force); the others are rebuilt fully from it. Refused
+        with FAILED_PRECONDITION while a member is in sync or when `index` is unreachable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetRebuild(self, request, context):
         """Start or stop the rebuild, or change its throttle.
         """
@@ -257,6 +271,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.MarkMemberFaulty,
                     request_deserializer=nbdfabric_dot_v1_dot_node__pb2.MarkMemberFaultyRequest.FromString,
                     response_serializer=nbdfabric_dot_v1_dot_node__pb2.MarkMemberFaultyResponse.SerializeToString,
+            ),
+            'TrustMember': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrustMember,
+                    request_deserializer=nbdfabric_dot_v1_dot_node__pb2.TrustMemberRequest.FromString,
+                    response_serializer=nbdfabric_dot_v1_dot_node__pb2.TrustMemberResponse.SerializeToString,
             ),
             'SetRebuild': grpc.unary_unary_rpc_method_handler(
                     servicer.SetRebuild,
@@ -567,6 +586,33 @@ class NodeService(object):
             '/nbdfabric.v1.NodeService/MarkMemberFaulty',
             nbdfabric_dot_v1_dot_node__pb2.MarkMemberFaultyRequest.SerializeToString,
             nbdfabric_dot_v1_dot_node__pb2.MarkMemberFaultyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrustMember(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nbdfabric.v1.NodeService/TrustMember',
+            nbdfabric_dot_v1_dot_node__pb2.TrustMemberRequest.SerializeToString,
+            nbdfabric_dot_v1_dot_node__pb2.TrustMemberResponse.FromString,
             options,
             channel_credentials,
             insecure,
