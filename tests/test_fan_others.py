@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nbd
 import pytest
 from conftest import nbd_connect, run, wait_for
 from test_fan_common import Flaky, Harness, assert_reads_fail, lose_every_member
@@ -241,6 +242,36 @@ def test_parity_never_trusts_a_member_that_came_back_empty(
     wait_for(refused, 10, "the returning members to be checked")
     assert not harness.call(fan.healthy)
     assert_reads_fail(uri)
+
+
+def test_parity_operator_trusts_the_members_that_kept_their_data(harness: Harness) -> None:
+    fan, flakies, uri = make_parity(harness)
+    model = fill_random(uri, 15)
+    with pytest.raises(RuntimeError, match="has not failed"):
+        harness.run(fan.trust_member(0))
+    lose_every_member(harness, fan, flakies, uri)
+    flakies[3].wipe()  # member 3's node came back empty: the fan trusts none of them
+    flakies[3].down = True
+    for f in flakies[:3]:
+        f.down = False
+    with pytest.raises(RuntimeError, match="unreachable"):
+        harness.run(fan.trust_member(3))
+    harness.run(fan.trust_member(0))
+    harness.run(fan.trust_member(1))
+    assert not harness.call(fan.healthy)  # two of four: still failed
+    h = nbd_connect(uri)
+    with pytest.raises(nbd.Error, match=r"EIO|Input/output"):
+        h.pread(len(model), 0)  # the stripes whose lost chunks need members 2 and 3
+    harness.run(fan.trust_member(2))
+    assert harness.call(fan.healthy)
+    assert any("the array serves again" in e[1] for e in harness.events)
+    assert h.pread(len(model), 0) == model  # degraded: member 3's share from the parity
+    flakies[3].down = False
+    wait_for(lambda: harness.call(fan.status)["members"][3]["state"] == "in_sync", 30,
+             "member 3 to be rebuilt")  # fmt: skip
+    flakies[0].down = True  # member 3's rebuilt share now serves member 0's
+    assert h.pread(len(model), 0) == model
+    h.shutdown()
 
 
 def test_parity_never_trusts_a_member_that_missed_writes(harness: Harness) -> None:

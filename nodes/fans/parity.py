@@ -12,7 +12,9 @@ writes go to the survivors (its share is implied by the parity). A second failur
 requests that need it. If every member comes back and none missed an acknowledged write (all
 links lost at once, say), the array serves again once sampled stripes check out (never with a
 member that restarted empty), and parity is recomputed over every stripe in the background;
-a request meanwhile waits (up to 5 s) for that check rather than fail.
+a request meanwhile waits (up to 5 s) for that check rather than fail. When the fan will not trust
+them by itself, the operator can (`trust_member`, ctl trust INDEX, mdadm's `--assemble --force`):
+once N-1 members are trusted the array serves, degraded, and rebuilds the last one from them.
 A member that returns, or one swapped in by `replace_member`, is rebuilt fully (there is no
 bitmap here), stripe by stripe in the background; stripes already rebuilt are written and read
 as usual. Trim is not offered (it would break parity); zeroing is done by
@@ -417,6 +419,40 @@ class Parity(FanBase):
 
     async def mark_faulty(self, index: int) -> None:
         self._fail(index, "marked faulty by the operator")
+
+    async def trust_member(self, index: int) -> None:
+        """The operator's word that member INDEX holds its share of the array (mdadm's
+        `--assemble --force`), for a failed array the fan will not trust by itself (a member
+        did not come back, or one came back empty and the rest cannot be checked without it).
+        The member counts as in sync again; once N-1 do, the array serves (degraded) and the
+        last one is rebuilt from them. Refused while the array serves, and for an unreachable
+        member."""
+        if not 0 <= index < self.n:
+            raise IndexError(f"parity: no member {index} (0..{self.n - 1})")
+        if self.healthy():
+            raise RuntimeError(
+                "parity: the array has not failed, so there is nothing to force "
+                "(replace or mark a member faulty instead)"
+            )
+        if self.states[index] == IN_SYNC:
+            raise RuntimeError(f"parity: member {index} is in sync already")
+        member = self.members[index]
+        if not member.healthy():
+            raise RuntimeError(f"parity: member {index} is unreachable: nothing to serve from")
+        complete = self.left_at[index] == self.acked
+        self.seen[index] = getattr(member, "reconnects", 0)
+        self.left_at[index] = None
+        self.states[index] = IN_SYNC  # a rebuild of it still running sees this and stops
+        why = "" if complete else " (it may miss writes acknowledged after it left)"
+        log.warning("parity: member %d trusted by the operator%s", index, why)
+        serving = self.healthy()
+        self.emit(
+            "member",
+            f"member {index} trusted by the operator{why}"
+            + (": the array serves again" if serving else ""),
+            index=index,
+            state=IN_SYNC,
+        )
 
     def set_rebuild(self, running: bool | None = None, throttle: int | None = None) -> None:
         if throttle is not None:

@@ -192,9 +192,10 @@ class NodeServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def TrustMember(self, request, context):
-        """A failed mirror (no member in sync) serves again from member `index`, taken as holding the
-        array's data (mdadm's --assemble --force); the others are rebuilt fully from it. Refused
-        with FAILED_PRECONDITION while a member is in sync or when `index` is unreachable.
+        """Take member `index` of a failed array as holding its data (mdadm's --assemble --force): a
+        mirror serves from it and rebuilds the others fully from it; parity counts it in sync and
+        serves (degraded) once N-1 members are. FAILED_PRECONDITION while the array serves or when
+        the member is unreachable; UNIMPLEMENTED on other fans.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
