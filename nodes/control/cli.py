@@ -311,7 +311,7 @@ def ctl_parser() -> argparse.ArgumentParser:
     r.add_argument("uri")
     f = cmd("faulty", "stop using member INDEX")
     f.add_argument("index", type=int)
-    t = cmd("trust", "serve a failed mirror from member INDEX and rebuild the rest from it")
+    t = cmd("trust", "take member INDEX of a failed mirror or parity array as holding its data")
     t.add_argument("index", type=int)
     rb = cmd("rebuild", "show, start, stop or throttle a fan's rebuild")
     rb.add_argument("action", nargs="?", choices=("start", "stop", "watch"))
