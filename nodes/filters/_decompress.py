@@ -210,6 +210,11 @@ class Decompress(Filter):
     async def start(self) -> None:
         await self.next.start()
         self.compressed_size = self.next.capabilities().size
+        await self.decompress_whole()
+
+    async def decompress_whole(self) -> None:
+        """Decode the whole upstream into the hidden temporary file; ValueError (one line) if
+        the input is bad or the file cannot be written."""
         directory = os.environ.get("TMPDIR") or LARGE_TMPDIR
         self.fd = self._hidden_file(directory)
         began = time.monotonic()
