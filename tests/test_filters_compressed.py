@@ -6,6 +6,7 @@ temporary file, and a CDI-style http -> gzip -> qemu-img import.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip as gzip_module
 import hashlib
 import json
@@ -14,6 +15,7 @@ import random
 import re
 import resource
 import shutil
+import struct
 import subprocess
 import zlib
 from collections.abc import Callable, Iterator
@@ -24,6 +26,25 @@ from conftest import NBDFABRIC, ROOT, export_info, nbd_connect, run
 
 from bench.http_server import HttpServer
 from nodes.filters._decompress import PIECE, StreamError
+from nodes.filters._xzindex import (
+    INDEX_MAX,
+    VLI_MAX,
+    BlockError,
+    Read,
+    Record,
+    StreamInfo,
+    XzIndexError,
+    around_block,
+    block_table,
+    decode_block,
+    encode_vli,
+    find_streams,
+    parse_footer,
+    parse_index,
+    read_vli,
+    stream_footer,
+    stream_header,
+)
 from nodes.filters.gzip import GzipStream
 from nodes.filters.xz import XzStream
 
@@ -403,3 +424,193 @@ def test_compressed_stream_output_comes_in_bounded_pieces(stream_type, pack) -> 
 def test_compressed_stream_refusals(stream_type, data: bytes, message: str) -> None:
     with pytest.raises(StreamError, match=re.escape(message)):
         _decode(stream_type, data, 1 << 30)
+
+
+# The xz index walk and the one-block decode (sans-IO) ------------------------------------------
+
+
+def _walk(data: bytes) -> tuple[list[StreamInfo], list[Read]]:
+    """Drive the walk over bytes in memory: the streams found and the reads it asked for."""
+    walk, reads = find_streams(len(data)), []
+    try:
+        want = next(walk)
+        while True:
+            reads.append(want)
+            at, n = want
+            want = walk.send(data[at : at + n])
+    except StopIteration as done:
+        return done.value, reads
+
+
+def _xz_lists(path: Path) -> list[tuple[int, int, int, int]]:
+    """(file offset, image offset, bytes on disk, uncompressed size) of each block, as
+    `xz --robot --list -vv` gives them."""
+    out = run(["xz", "--robot", "--list", "-vv", str(path)]).stdout
+    rows = [line.split("\t") for line in out.splitlines() if line.startswith("block\t")]
+    return [(int(r[4]), int(r[5]), int(r[6]), int(r[7])) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1 MiB: random data with a run of zeros (fast to compress at -0)."""
+    data = bytearray(random.Random(11).randbytes(1 << 20))
+    data[300_000:700_000] = bytes(400_000)
+    path = tmp_path_factory.mktemp("small") / "small.img"
+    path.write_bytes(data)
+    return path
+
+
+def _xz_file(src: Path, *options: str) -> Path:
+    dest = src.with_name(f"{src.name}{''.join(options)}.xz")
+    with dest.open("wb") as out:
+        subprocess.run(["xz", "-c", "-0", "-T1", *options, str(src)], stdout=out, check=True)
+    return dest
+
+
+@pytest.mark.parametrize("check", ["crc32", "crc64", "sha256", "none"])
+def test_xz_walk_finds_the_blocks_xz_lists(check: str, small: Path) -> None:
+    path = _xz_file(small, "--block-size=128KiB", f"--check={check}")
+    data = path.read_bytes()
+    streams, reads = _walk(data)
+    blocks = block_table(streams)
+    assert [(b.offset, b.start, b.length, b.size) for b in blocks] == _xz_lists(path)
+    assert len(blocks) == 8 and len(reads) == 3  # footer, index, header: nothing else
+    original = small.read_bytes()
+    for b in blocks:
+        assert (
+            decode_block(b, memoryview(data)[b.offset : b.offset + b.length])
+            == (original[b.start : b.start + b.size])
+        )
+
+
+def test_xz_walk_crosses_concatenated_streams_and_padding(small: Path, tmp_path: Path) -> None:
+    one = _xz_file(small, "--block-size=256KiB").read_bytes()
+    two = _xz_file(small, "--check=crc32").read_bytes()  # one block, another check
+    path = tmp_path / "cat.xz"
+    path.write_bytes(one + bytes(8) + two + bytes(100_000) + _xz(b"") + bytes(4))
+    streams, reads = _walk(path.read_bytes())
+    assert [s.offset for s in streams] == [0, len(one) + 8, len(one) + len(two) + 100_008]
+    assert [len(s.records) for s in streams] == [4, 1, 0]  # xz of nothing: a stream, no block
+    blocks = block_table(streams)
+    assert [(b.offset, b.start, b.length, b.size) for b in blocks] == _xz_lists(path)
+    # Last stream: padding (the 12 bytes hold 8 of the footer), footer, index, header. Middle:
+    # 12 + 64K + 64K bytes of padding (the last read holds the footer), index, header. First:
+    # padding (8 bytes), footer, index, header.
+    assert len(reads) == 4 + 5 + 4
+
+
+def test_xz_one_block_stream_is_what_xz_writes(small: Path) -> None:
+    """A one-block file is exactly its block's bytes wrapped by around_block."""
+    data = _xz_file(small).read_bytes()
+    (block,) = block_table(_walk(data)[0])
+    head, tail = around_block(block)
+    assert head + data[block.offset : block.offset + block.length] + tail == data
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 300, 2**32, VLI_MAX])
+def test_xz_numbers_round_trip(n: int) -> None:
+    encoded = encode_vli(n)
+    assert read_vli(b"x" + encoded + b"y", 1) == (n, len(encoded) + 1)
+
+
+def _index(*numbers: int, pad: bytes | None = None, raw: bytes = b"") -> bytes:
+    body = b"\0" + (raw or b"".join(encode_vli(n) for n in numbers))
+    body += pad if pad is not None else bytes(-len(body) % 4)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_xz_index_parses_records() -> None:
+    assert parse_index(_index(2, 100, 4096, 5, 0)) == (Record(100, 4096), Record(5, 0))
+    assert parse_index(_index(0)) == ()
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        (_index(raw=b"\x81\x00"), "not in its shortest form"),
+        (_index(raw=b"\xff" * 10), "longer than 9 bytes"),
+        (_index(1, 4, 10), "impossible block size 4"),
+        (_index(1000, 100, 100), "claims 1000 records"),
+        (_index(1, 100, 1000, pad=b"\0\1\0"), "padding or size is wrong"),
+        (_index(1, 100, 100)[:-1] + b"\0", "CRC32 is wrong"),
+        (b"\1" + _index(0)[1:], "no index where"),
+    ],
+)
+def test_xz_index_refusals(index: bytes, message: str) -> None:
+    with pytest.raises(XzIndexError, match=re.escape(message)):
+        parse_index(index)
+
+
+def _refooted(data: bytes, index_size: int | None = None, flags: bytes | None = None) -> bytes:
+    """`data` with its last stream footer rewritten (its CRC32 made right again)."""
+    old = parse_footer(data[-12:])
+    rest = struct.pack("<I", (index_size or old.index_size) // 4 - 1) + (flags or old.flags)
+    return data[:-12] + struct.pack("<I", zlib.crc32(rest)) + rest + b"YZ"
+
+
+def _truncated_xz(data: bytes) -> bytes:
+    """Cut where a footer would end, on a non-zero byte (zeros would read as padding)."""
+    cut = len(data) - 100
+    while cut % 4 or not data[cut - 1]:
+        cut -= 1
+    return data[:cut]
+
+
+def _blocks_do_not_fit(data: bytes) -> bytes:
+    index = _index(1, 1000, 1000)
+    return stream_header(b"\0\1") + index + stream_footer(b"\0\1", len(index))
+
+
+def _file_refusals() -> list[tuple[Callable[[bytes], bytes], str]]:
+    def flip(at: int) -> Callable[[bytes], bytes]:
+        return lambda d: d[:at] + bytes([d[at] ^ 1]) + d[at + 1 :]
+
+    return [
+        (lambda d: b"", "it is empty"),
+        (lambda d: d + bytes(3), "its size is not a multiple of 4"),
+        (lambda d: d + b"garbage!", "no stream footer at the end"),
+        (_truncated_xz, "no stream footer at the end"),
+        (lambda d: bytes(64), "no stream, only zero bytes"),
+        (lambda d: bytes(4) + d, "no stream, only zero bytes"),
+        (lambda d: d + b"\1\1" + bytes(6), "stream padding of 6 bytes"),
+        (flip(-6), "the stream footer's CRC32 is wrong"),
+        (flip(-13), "the index's CRC32 is wrong"),
+        (flip(7), "the stream header's CRC32 is wrong"),
+        (flip(0), "no stream header where the index says the stream starts"),
+        (lambda d: _refooted(d, flags=b"\0\1"), "a stream's header and footer disagree"),
+        (lambda d: _refooted(d, flags=b"\0\x14"), "unsupported stream flags 0014"),
+        (lambda d: _refooted(d, index_size=len(d)), "impossible index size"),
+        (_blocks_do_not_fit, "the index's blocks do not fit before it"),
+    ]
+
+
+@pytest.mark.parametrize(("make", "message"), _file_refusals())
+def test_xz_walk_refusals(make: Callable[[bytes], bytes], message: str, small: Path) -> None:
+    data = _xz_file(small, "--block-size=256KiB").read_bytes()
+    with pytest.raises(XzIndexError, match=re.escape(message)):
+        _walk(make(data))
+
+
+def test_xz_walk_refuses_a_huge_index() -> None:
+    footer = _refooted(_xz(b""), index_size=INDEX_MAX + 4)[-12:]
+    walk = find_streams(INDEX_MAX + 64)
+    assert next(walk) == (INDEX_MAX + 52, 12)
+    with pytest.raises(XzIndexError, match="more than"):
+        walk.send(footer)
+
+
+def test_xz_decode_block_refuses_corrupt_and_lying_blocks(small: Path) -> None:
+    data = _xz_file(small, "--block-size=256KiB").read_bytes()
+    block = block_table(_walk(data)[0])[0]
+    raw = data[block.offset : block.offset + block.length]
+    corrupt = raw[:100] + bytes(16) + raw[116:]
+    lies = [
+        (block, corrupt, "Corrupt input data"),
+        (dataclasses.replace(block, size=block.size - 1), raw, "more than the 262143 bytes"),
+        (dataclasses.replace(block, size=10), raw, "more than the 10 bytes"),
+        (dataclasses.replace(block, size=block.size + 1), raw, "Corrupt input data"),
+        (dataclasses.replace(block, unpadded=block.unpadded + 4), raw + bytes(4), "Corrupt"),
+    ]
+    for lie, bytes_, message in lies:
+        with pytest.raises(BlockError, match=re.escape(message)):
+            decode_block(lie, bytes_)
