@@ -1,5 +1,6 @@
 """What the gzip and xz filters share: decompress the whole upstream once, at start, into a
-hidden temporary file, then serve reads from that file.
+hidden temporary file, then serve reads from that file. gzip always does (it cannot be read at
+random); xz only when its blocks cannot be decoded one by one (see xz.py).
 
 `Stream` is the sans-IO part (compressed bytes in, uncompressed pieces out to a sink, one
 `StreamError` for anything wrong with the input); `Decompress` is the filter around it.
