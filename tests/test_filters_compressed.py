@@ -1,8 +1,8 @@
 """The gzip and xz filters: images made with the real gzip(1) and xz(1), served by our file node,
 decompressed by our node and read with nbdinfo, nbdcopy, libnbd and qemu-img, byte for byte
 against the original and against nbdkit's filters of the same names; refusals, the hidden
-temporary file, a corrupt xz block, a CDI-style http -> gzip -> qemu-img import, and the xz index
-walk alone.
+temporary file, xz's random access to blocks (and its fallback to the temporary file), CDI-style
+http -> gzip|xz -> qemu-img imports, and the xz index walk alone.
 """
 
 from __future__ import annotations
@@ -209,8 +209,10 @@ def test_xz_concatenated_streams_and_padding_like_nbdkit(start_node, start_nbdki
     theirs = start_nbdkit("--filter=xz", "file", str(between))
     assert sha(read_all(theirs.uri)) == expected
     for path in (between, after):
-        node = start_node("xz", upstreams=[start_node("file", str(path)).uri])
+        node = start_node("xz", upstreams=[start_node("file", str(path)).uri], control=True)
         assert sha(read_all(node.uri)) == expected
+        status = node_status(node)  # served at random: 5 + 1 blocks, found across the padding
+        assert (status["mode"], status["streams"], status["blocks"]) == ("random-access", 2, 6)
 
 
 def test_gzip_trailing_garbage_is_ignored_like_nbdkit(start_node, start_nbdkit, image, tmp_path):
@@ -377,6 +379,135 @@ def xz_node(start_node, path: Path, *args: str, **kw) -> Any:
     return start_node("xz", *args, upstreams=[source.uri], control=True, **kw)
 
 
+def test_xz_reads_only_the_blocks_it_serves(start_node, image) -> None:
+    path = compressed(image, "xz")
+    node = xz_node(start_node, path)
+    status = node_status(node)
+    assert status["mode"] == "random-access" and status["blocks"] == 5
+    assert status["compressed_bytes_read"] < 4096  # footer, index, header: nothing else
+    h = nbd_connect(node.uri)
+    off = (3 << 20) + 100  # in block 4
+    assert h.pread(4096, off) == image.read_bytes()[off : off + 4096]
+    h.shutdown()
+    fourth = _xz_lists(path)[3][2]  # its bytes on disk
+    status = node_status(node)
+    assert fourth <= status["compressed_bytes_read"] < fourth + 4096
+    assert status["compressed_bytes_read"] < path.stat().st_size // 3
+    assert (status["blocks_decoded"], status["blocks_cached"]) == (1, 1)
+
+
+def test_xz_keeps_at_most_max_depth_blocks(start_node, image) -> None:
+    node = xz_node(start_node, compressed(image, "xz"), "xz-max-depth=2")
+    original = image.read_bytes()
+    assert sha(read_all(node.uri)) == sha(original)  # 1 MiB reads: one block each
+    status = node_status(node)
+    assert (status["blocks_decoded"], status["blocks_cached"]) == (5, 2)
+    h = nbd_connect(node.uri)
+    assert h.pread(4096, SIZE - 4096) == original[-4096:]  # blocks 4 and 5: kept
+    assert node_status(node)["blocks_decoded"] == 5
+    assert h.pread(4096, 0) == original[:4096]  # block 1: dropped, decoded again
+    h.shutdown()
+    status = node_status(node)
+    assert (status["blocks_decoded"], status["blocks_cached"]) == (6, 2)
+
+
+def _single_block(image: Path) -> Path:
+    path = image.with_name("single.img.xz")
+    if not path.exists():
+        with path.open("wb") as out:  # plain single-threaded xz: one block
+            subprocess.run(["xz", "-c", "-0", "-T1", str(image)], stdout=out, check=True)
+    return path
+
+
+OVER_MAX = "more than xz-max-block"
+
+
+@pytest.mark.parametrize(
+    ("single", "args", "why"),
+    [
+        (False, ("xz-max-block=512K",), f"block 1 holds 1048576 bytes, {OVER_MAX} (524288)"),
+        (True, ("xz-max-block=1M",), f"block 1 holds {SIZE} bytes, {OVER_MAX} (1048576)"),
+        (True, (), ""),  # one block of 4 MiB is not too big: random access
+    ],
+    ids=["blocks-over-max", "one-block-over-max", "one-block"],
+)
+def test_xz_serves_blocks_over_max_block_from_a_temporary_file(
+    single, args, why, start_node, image
+) -> None:
+    path = _single_block(image) if single else compressed(image, "xz")
+    node = xz_node(start_node, path, *args)
+    assert sha(read_all(node.uri)) == sha(image.read_bytes())
+    status = node_status(node)
+    if why:
+        assert status["mode"] == "whole" and status["whole_because"].startswith(why)
+        assert status["blocks"] == (1 if single else 5)
+        assert status["compressed_bytes_read"] > path.stat().st_size  # all of it, and the index
+        assert (
+            f"WARNING xz: decompressing the whole upstream into a temporary file: {why}; "
+            "recompress with `xz --block-size=16MiB`" in node.stderr()
+        )
+    else:
+        assert status["mode"] == "random-access"
+        assert (status["blocks"], status["blocks_decoded"]) == (1, 1)
+
+
+def test_xz_random_access_needs_no_temporary_file(start_node, image, tmp_path) -> None:
+    missing = tmp_path / "missing"
+    node = xz_node(start_node, compressed(image, "xz"), env={"TMPDIR": str(missing)})
+    assert sha(read_all(node.uri)) == sha(image.read_bytes())
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("check", ["crc32", "crc64", "sha256", "none"])
+def test_xz_every_check_type_serves(check: str, start_node, image, tmp_path) -> None:
+    path = tmp_path / f"{check}.xz"
+    with path.open("wb") as out:
+        cmd = ["xz", "-c", "-0", "-T1", "--block-size=1MiB", f"--check={check}", str(image)]
+        subprocess.run(cmd, stdout=out, check=True)
+    node = xz_node(start_node, path)
+    assert sha(read_all(node.uri)) == sha(image.read_bytes())
+    status = node_status(node)
+    assert (status["mode"], status["blocks_decoded"]) == ("random-access", 5)
+
+
+def _aio_reads(uri: str, spans: list[tuple[int, int]]) -> list[bytes]:
+    """All the (length, offset) reads in flight at once on one connection."""
+    h = nbd_connect(uri)
+    buffers = [nbd.Buffer(n) for n, _ in spans]
+    cookies = [h.aio_pread(b, off) for b, (_, off) in zip(buffers, spans, strict=True)]
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    for cookie in cookies:
+        assert h.aio_command_completed(cookie)
+    h.shutdown()
+    return [bytes(b.to_bytearray()) for b in buffers]
+
+
+def test_xz_concurrent_reads_like_nbdkit(start_node, start_nbdkit, image, tmp_path) -> None:
+    path = compressed(image, "xz")
+    ours = xz_node(start_node, path, "xz-max-depth=2")  # blocks dropped while others decode
+    theirs = start_nbdkit("--filter=xz", "file", str(path), "xz-max-depth=2")
+    original = image.read_bytes()
+    for node in (ours, theirs):
+        out = tmp_path / "copy.img"
+        run(["nbdcopy", node.uri, str(out)])  # 4 connections, 64 requests in flight
+        assert sha(out.read_bytes()) == sha(original)
+    rng = random.Random("xz-aio")
+    spans = [(rng.randrange(1, 3 << 19), rng.randrange(SIZE)) for _ in range(64)]
+    spans = [(min(n, SIZE - off), off) for n, off in spans]  # many cross block boundaries
+    expected = [original[off : off + n] for n, off in spans]
+    assert _aio_reads(ours.uri, spans) == expected
+    assert _aio_reads(theirs.uri, spans) == expected
+
+
+def test_xz_readers_of_one_block_share_its_decode(start_node, image) -> None:
+    node = xz_node(start_node, compressed(image, "xz"))
+    spans = [(4096, (2 << 20) + 4096 * i) for i in range(32)]  # all in block 3
+    original = image.read_bytes()
+    assert _aio_reads(node.uri, spans) == [original[off : off + n] for n, off in spans]
+    assert node_status(node)["blocks_decoded"] == 1
+
+
 def test_xz_corrupt_block_fails_only_its_reads_like_nbdkit(
     start_node, start_nbdkit, image, tmp_path
 ) -> None:
@@ -424,6 +555,7 @@ def www(image: Path, tmp_path: Path) -> Iterator[HttpServer]:
     root = tmp_path / "www"
     root.mkdir()
     shutil.copy(compressed(image, "gzip"), root / "disk.img.gz")
+    shutil.copy(compressed(image, "xz"), root / "disk.img.xz")
     srv = HttpServer(root)
     yield srv
     srv.stop()
@@ -435,6 +567,17 @@ def test_gzip_http_import_converts_with_qemu_img(start_node, www, image, tmp_pat
     out = tmp_path / "out.qcow2"
     run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", node.uri, str(out)])
     run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(image), str(out)])
+
+
+def test_xz_http_import_needs_no_temporary_file(start_node, www, image, tmp_path) -> None:
+    source = start_node("http", www.url("files", "disk.img.xz"))
+    missing = tmp_path / "missing"  # no $TMPDIR at all: random access does not need one
+    node = start_node("xz", upstreams=[source.uri], control=True, env={"TMPDIR": str(missing)})
+    out = tmp_path / "out.qcow2"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", node.uri, str(out)])
+    run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(image), str(out)])
+    status = node_status(node)
+    assert status["mode"] == "random-access" and status["blocks_decoded"] == 5
 
 
 # The decoders alone (sans-IO): whole, byte by byte, and in odd pieces ------------------------
