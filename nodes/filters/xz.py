@@ -265,9 +265,9 @@ class Xz(Decompress):
         self.size = sum(b.size for b in blocks)
         self.members = len(self.streams)
         log.info(
-            "xz: random access to %d blocks in %d streams (%d compressed bytes -> %d bytes), "
+            "xz: random access: %d compressed bytes -> %d bytes (streams: %d, blocks: %d), "
             "index read in %.3fs",
-            len(blocks), len(self.streams), self.compressed_size, self.size,
+            self.compressed_size, self.size, len(self.streams), len(blocks),
             time.monotonic() - began,
         )  # fmt: skip
 
