@@ -411,6 +411,18 @@ def test_xz_keeps_at_most_max_depth_blocks(start_node, image) -> None:
     assert (status["blocks_decoded"], status["blocks_cached"]) == (6, 2)
 
 
+def test_xz_cache_decodes_up_to_max_depth_blocks_ahead(start_node, image) -> None:
+    node = xz_node(start_node, compressed(image, "xz"), "xz-max-depth=2")
+    h = nbd_connect(node.uri)
+    assert h.can_cache()
+    h.cache(3 << 20, 0)  # blocks 1 to 3: the first 2 are decoded (a third would drop the first)
+    status = node_status(node)
+    assert (status["blocks_decoded"], status["blocks_cached"]) == (2, 2)
+    assert h.pread(4096, (1 << 20) + 5) == image.read_bytes()[(1 << 20) + 5 : (1 << 20) + 4101]
+    h.shutdown()
+    assert node_status(node)["blocks_decoded"] == 2  # served from what cache decoded
+
+
 def _single_block(image: Path) -> Path:
     path = image.with_name("single.img.xz")
     if not path.exists():
