@@ -1,5 +1,6 @@
 """What the gzip and xz filters share: decompress the whole upstream once, at start, into a
-hidden temporary file, then serve reads from that file.
+hidden temporary file, then serve reads from that file. gzip always does (it cannot be read at
+random); xz only when its blocks cannot be decoded one by one (see xz.py).
 
 `Stream` is the sans-IO part (compressed bytes in, uncompressed pieces out to a sink, one
 `StreamError` for anything wrong with the input); `Decompress` is the filter around it.
@@ -210,6 +211,11 @@ class Decompress(Filter):
     async def start(self) -> None:
         await self.next.start()
         self.compressed_size = self.next.capabilities().size
+        await self.decompress_whole()
+
+    async def decompress_whole(self) -> None:
+        """Decode the whole upstream into the hidden temporary file; ValueError (one line) if
+        the input is bad or the file cannot be written."""
         directory = os.environ.get("TMPDIR") or LARGE_TMPDIR
         self.fd = self._hidden_file(directory)
         began = time.monotonic()
