@@ -8,10 +8,13 @@ any file under tests/ other than this one that names the kind as a quoted string
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import NBDFABRIC, ROOT
 
 from nodes import registry
 
@@ -68,3 +71,16 @@ def test_params_given_twice_are_refused_unless_they_may_be_repeated() -> None:
     info = {e["name"]: e for e in field_info(HttpParams)}
     assert info["header"]["repeat"] and info["header"]["type"] == "string"
     assert not info["user"]["repeat"]
+
+
+def test_kinds_into_a_closed_pipe_stops_quietly() -> None:
+    # `nbdfabric kinds | head -1`: the reader is gone before we write (closed before the
+    # child has even imported), so the first write hits EPIPE.
+    proc = subprocess.Popen(
+        [*NBDFABRIC, "kinds"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 128 + signal.SIGPIPE
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
