@@ -68,3 +68,14 @@ def test_params_given_twice_are_refused_unless_they_may_be_repeated() -> None:
     info = {e["name"]: e for e in field_info(HttpParams)}
     assert info["header"]["repeat"] and info["header"]["type"] == "string"
     assert not info["user"]["repeat"]
+
+
+def test_params_checked_together_say_what_is_wrong_without_a_key() -> None:
+    from nodes.filters.readahead import ReadaheadParams
+    from nodes.params import ParamError, parse_params
+
+    args = ["readahead-min=1M", "readahead-max=4K"]
+    with pytest.raises(ParamError) as caught:
+        parse_params("readahead", ReadaheadParams, args)
+    # Not "bad value {...whole dict...} for '?'": the model's own message.
+    assert str(caught.value) == "readahead: need 0 < readahead-min <= readahead-max"
