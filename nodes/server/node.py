@@ -11,7 +11,7 @@ import socket
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..base import Backend, Capabilities, ClientInfo
@@ -27,7 +27,7 @@ from .addresses import (
     remove_socket_file,
     set_keepalive,
 )
-from .session import BufferPool, Session
+from .session import BufferPool, Export, Session
 from .stream import SocketStream
 
 log = logging.getLogger("nbdfabric.node")
@@ -129,12 +129,14 @@ class NodeRuntime:
         self.set_state("serving")
 
     def refresh_caps(self) -> Capabilities:
-        caps = self.backend.capabilities().normalized()
-        if self.options.read_only and caps.writable:
-            from dataclasses import replace
+        self.caps = self.export_caps(self.backend)
+        return self.caps
 
+    def export_caps(self, backend: Backend) -> Capabilities:
+        """What a client is told: `backend`'s capabilities, with --read-only applied."""
+        caps = backend.capabilities().normalized()
+        if self.options.read_only and caps.writable:
             caps = replace(caps, writable=False).normalized()
-        self.caps = caps
         return caps
 
     def _add_listener(self, sock: socket.socket) -> None:
@@ -227,14 +229,19 @@ class NodeRuntime:
 
     def export_info(self) -> ExportInfo:
         caps = self.refresh_caps()
+        return self._info(self.options.export_name, caps.size, Export(self.backend, caps))
+
+    def _info(self, name: str, size: int, export: Export) -> ExportInfo:
+        caps = export.caps
         return ExportInfo(
-            name=self.options.export_name,
-            size=caps.size,
+            name=name,
+            size=size,
             tflags=caps.tflags(),
             description=self.options.description,
             block_min=caps.block_min or 1,
             block_preferred=caps.block_preferred or 4096,
             block_max=caps.block_max or self.default_block_max,
+            handle=export,
         )
 
     def handshake_policy(self) -> HandshakePolicy:
@@ -247,15 +254,7 @@ class NodeRuntime:
                 size = self.backend.export_size(requested or name, info.size)
                 if size is None:
                     return None
-                return ExportInfo(
-                    requested or name,
-                    size,
-                    info.tflags,
-                    info.description,
-                    info.block_min,
-                    info.block_preferred,
-                    info.block_max,
-                )
+                return replace(info, name=requested or name, size=size)
             return None
 
         return HandshakePolicy(
