@@ -1,6 +1,7 @@
 """What every node kind is made of: the backend interface, capabilities, and the three roles.
 
-A backend answers the NBD operations for one export. Plugins own their data, filters wrap
+A backend answers the NBD operations for one export (a backend that serves several, file dir=,
+gives each its own: exports() and for_export()). Plugins own their data, filters wrap
 `self.next`, fans combine `self.members`. Methods are named after the operations (as nbdkit's
 callbacks) and signal failure by raising `OSError(errno.X, message)`. Every method is async so
 that a backend may wait on I/O; a backend that never waits simply does not await anything.
