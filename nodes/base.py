@@ -1,6 +1,7 @@
 """What every node kind is made of: the backend interface, capabilities, and the three roles.
 
-A backend answers the NBD operations for one export. Plugins own their data, filters wrap
+A backend answers the NBD operations for one export (a backend that serves several, file dir=,
+gives each its own: exports() and for_export()). Plugins own their data, filters wrap
 `self.next`, fans combine `self.members`. Methods are named after the operations (as nbdkit's
 callbacks) and signal failure by raising `OSError(errno.X, message)`. Every method is async so
 that a backend may wait on I/O; a backend that never waits simply does not await anything.
@@ -140,6 +141,12 @@ class Backend:
     def __init__(self, params: ParamsModel) -> None:
         self.params = params
 
+    @classmethod
+    def create(cls, params: ParamsModel) -> Backend:
+        """The plugin `nbdfabric node KIND PARAMS` serves: an instance of this class, unless
+        the kind has modes served by different classes (file: one file, or dir=)."""
+        return cls(params)
+
     # Lifecycle ----------------------------------------------------------------------------
 
     def share(self) -> None:
@@ -154,6 +161,21 @@ class Backend:
 
     def capabilities(self) -> Capabilities:
         raise NotImplementedError
+
+    def exports(self) -> list[tuple[str, str]] | None:
+        """None for a backend that serves one export (all kinds but file dir=; asked once,
+        after start). A backend that serves several, chosen by the client's export name,
+        returns the (name, description) of each it serves now: NBD_OPT_LIST shows them, and
+        for_export() gives the backend that serves one."""
+        return None
+
+    def for_export(self, name: str) -> Backend | None:
+        """Of a multi-export backend (see exports()): the backend that serves export `name`,
+        or None to refuse the name (the client gets NBD_REP_ERR_UNKNOWN). Runs during the
+        handshake, which waits for it: no long waits. The session then uses that backend for
+        capabilities(), export_size(), open/close_connection() and every request; the node's
+        own backend keeps start/stop, flush at shutdown, status() and the control plane."""
+        return self
 
     def export_size(self, export_name: str, size: int) -> int | None:
         """The size a client asking for `export_name` sees (`size`: capabilities().size), or

@@ -232,7 +232,10 @@ def format_error(kind: str, model: type[Params], exc: ValidationError) -> str:
     names = ", ".join(e["name"] for e in field_info(model)) or "(none)"
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "?"
-        if err["type"] == "extra_forbidden":
+        if not err["loc"]:  # a check of several params together (a model validator)
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"{kind}: {msg}")
+        elif err["type"] == "extra_forbidden":
             lines.append(f"{kind}: unknown parameter '{key}' (accepts: {names})")
         elif err["type"] == "missing":
             lines.append(f"{kind}: parameter '{key}' is required")

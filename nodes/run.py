@@ -61,7 +61,7 @@ def build_backend(spec: NodeSpec) -> Backend:
     if role == "plugin":
         if spec.upstreams:
             raise SpecError(f"{spec.kind} is a plugin: it takes no --upstream")
-        return cls(spec.params)
+        return cls.create(spec.params)
     from .upstream import Upstream
 
     uo = spec.upstream_options

@@ -84,3 +84,14 @@ def test_kinds_into_a_closed_pipe_stops_quietly() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(30) == 128 + signal.SIGPIPE
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_params_checked_together_say_what_is_wrong_without_a_key() -> None:
+    from nodes.filters.readahead import ReadaheadParams
+    from nodes.params import ParamError, parse_params
+
+    args = ["readahead-min=1M", "readahead-max=4K"]
+    with pytest.raises(ParamError) as caught:
+        parse_params("readahead", ReadaheadParams, args)
+    # Not "bad value {...whole dict...} for '?'": the model's own message.
+    assert str(caught.value) == "readahead: need 0 < readahead-min <= readahead-max"

@@ -16,13 +16,29 @@ then advertises a minimum block size (the device's logical sector size, 4096 for
 moves data through an aligned buffer; a size that is not a multiple of it is rounded down.
 File systems without O_DIRECT (tmpfs) refuse to start with a message saying so.
 
-Params: `file` (magic, required: path of a file or block device), `cache` (default | none),
-`fadvise` (normal | random | sequential: the kernel's read-ahead hint, default normal).
+`dir=DIRECTORY` (nbdkit's directory mode) serves every regular file and block device directly
+inside DIRECTORY, each as the export named by its file name: clients choose one by export name
+and NBD_OPT_LIST lists them (subdirectories, pipes, sockets and other special files are left
+out). Both look at the directory as it is now: a file added later is listed and served, a
+removed one is gone. Symbolic links in the directory are followed, wherever they point (as
+nbdkit does): what the directory holds is the operator's choice. No name leads out of it: the
+default export "", names with "/", "." and ".." are refused (NBD_REP_ERR_UNKNOWN), and files
+are opened relative to the directory opened at start (a later rename of DIRECTORY changes
+nothing). A file is opened on first use and shared by the connections to it; a file replaced
+or removed in the directory is closed when its last connection ends (a client caught in its
+handshake by the change is disconnected). `cache=` and `fadvise=` apply to each file; the
+node itself has size 0 (`nbdfabric ctl ADDR info` lists the exports in its status), flushes
+every open file at shutdown and on `ctl pause --flush`, and takes no --export-name.
 
-Not (yet) supported from nbdkit: `dir=` (one export per file of a directory).
+Params: `file` (magic: path of a file or block device) or `dir` (a directory), one of them;
+`cache` (default | none), `fadvise` (normal | random | sequential: the kernel's read-ahead
+hint, default normal).
 
 Example: `nbdfabric node file disk.img --listen unix:/tmp/f.sock`, then
 `qemu-img map --output=json 'nbd+unix:///?socket=/tmp/f.sock'` matches `qemu-img map disk.img`.
+With `nbdfabric node file dir=/srv/disks --listen unix:/tmp/d.sock`, `nbdinfo --list
+'nbd+unix:///?socket=/tmp/d.sock'` lists the files and `nbd+unix:///a.img?socket=/tmp/d.sock`
+is /srv/disks/a.img.
 """
 
 from __future__ import annotations
@@ -37,11 +53,23 @@ import os
 import stat
 import struct
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
-from ..base import Capabilities, Extents, Holes, Plugin, Support, fua_requested, may_trim
+from pydantic import model_validator
+
+from ..base import (
+    Backend,
+    Capabilities,
+    Extents,
+    Holes,
+    Plugin,
+    Support,
+    fua_requested,
+    may_trim,
+)
 from ..params import Params, param
-from ..protocol.constants import Extent
+from ..params import Params as ParamsModel  # (in the classes, `Params` is their own)
+from ..protocol.constants import MAX_STRING, Extent
 from ..registry import register
 
 log = logging.getLogger("nbdfabric.file")
@@ -79,13 +107,28 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 
 class FileParams(Params):
-    file: str = param(description="path of the file or block device to serve")
+    file: str | None = param(
+        None, description="path of the file or block device to serve (this or dir=)"
+    )
+    dir: str | None = param(
+        None,
+        description="serve each regular file and block device in this directory as the export "
+        "of its name (this or file=)",
+    )
     cache: Literal["default", "none"] = param(
         "default", description="none: bypass the page cache with O_DIRECT"
     )
     fadvise: Literal["normal", "random", "sequential"] = param(
         "normal", description="access-pattern hint for the kernel's read-ahead"
     )
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> FileParams:
+        if self.file is not None and self.dir is not None:
+            raise ValueError(f"give file= or dir=, not both (file={self.file!r}, dir={self.dir!r})")
+        if self.file is None and self.dir is None:
+            raise ValueError("give file=FILENAME (or a bare FILENAME) or dir=DIRECTORY")
+        return self
 
 
 def _rotational(st: os.stat_result) -> bool:
@@ -107,13 +150,18 @@ def _sector_size(fd: int) -> int:
 
 @register
 class File(Plugin):
-    """A regular file or block device."""
+    """A regular file or block device (with dir=: each one in a directory, one export each)."""
 
     kind = "file"
     shareable = True  #: --workers (see workers.py)
     Params = FileParams
     magic = "file"
     params: FileParams
+
+    @classmethod
+    def create(cls, params: ParamsModel) -> Backend:
+        assert isinstance(params, FileParams)
+        return FileDirectory(params) if params.dir is not None else cls(params)
 
     def __init__(self, params: FileParams) -> None:
         super().__init__(params)
@@ -124,18 +172,28 @@ class File(Plugin):
         self.align = 0  #: O_DIRECT alignment; 0 when the page cache is used
         self.sector = 512  #: a block device's logical sector size (discards are rounded to it)
         self.unsupported: set[int] = set()  #: fallocate modes this file system refused
+        self.identity = (0, 0)  #: (st_dev, st_ino) of the open file
 
     # Lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        path, direct = self.params.file, self.params.cache == "none"
+        assert self.params.file is not None  # FileParams: file= or dir= (FileDirectory)
+        self.open(self.params.file)
+
+    def open(self, path: str, dir_fd: int | None = None) -> None:
+        """Open `path` (relative to `dir_fd` if given): read-write, else read-only."""
+        direct = self.params.cache == "none"
         flags = os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
+        if dir_fd is not None:
+            # The name was a file when looked at; if a FIFO took its place since, opening
+            # must not wait for a writer (the type is checked below).
+            flags |= os.O_NONBLOCK | os.O_NOCTTY
         try:
-            self.fd = os.open(path, flags | os.O_RDWR)
+            self.fd = os.open(path, flags | os.O_RDWR, dir_fd=dir_fd)
             self.writable = True
         except OSError as exc:
             if exc.errno in _READ_ONLY:
-                self.fd = os.open(path, flags | os.O_RDONLY)
+                self.fd = os.open(path, flags | os.O_RDONLY, dir_fd=dir_fd)
             elif direct and exc.errno == errno.EINVAL:
                 raise OSError(
                     errno.EINVAL,
@@ -148,7 +206,11 @@ class File(Plugin):
         self.block_device = stat.S_ISBLK(st.st_mode)
         if not (self.block_device or stat.S_ISREG(st.st_mode)):
             os.close(self.fd)
+            self.fd = -1
             raise OSError(errno.EINVAL, f"{path}: not a regular file or block device")
+        if dir_fd is not None:
+            os.set_blocking(self.fd, True)
+        self.identity = (st.st_dev, st.st_ino)
         self.rotational = _rotational(st)
         if self.block_device:
             self.sector = _sector_size(self.fd)
@@ -293,6 +355,153 @@ class File(Plugin):
         # The server refuses requests that break block_min, so this only guards our own calls.
         if offset % self.align or len(buf) % self.align:
             raise OSError(errno.EINVAL, f"cache=none needs {self.align}-byte aligned requests")
+
+
+class FileDirectory(Plugin):
+    """file dir=: the regular files and block devices in a directory, one export each."""
+
+    kind = "file"
+    shareable = True  #: --workers: each worker opens the directory and its files itself
+    Params = FileParams
+    magic = "file"
+    params: FileParams
+
+    def __init__(self, params: FileParams) -> None:
+        super().__init__(params)
+        self.dir_fd = -1
+        self.files: dict[str, DirectoryFile] = {}  #: the open file of each name, as last seen
+        #: Files replaced or removed in the directory, open while connections still use them.
+        self.retired: set[DirectoryFile] = set()
+
+    async def start(self) -> None:
+        path = self.params.dir
+        assert path is not None
+        try:
+            self.dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise OSError(exc.errno, f"dir={path}: {exc.strerror}") from None
+
+    async def stop(self) -> None:
+        for member in [*self.files.values(), *self.retired]:
+            await member.stop()
+        self.files.clear()
+        self.retired.clear()
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+    def capabilities(self) -> Capabilities:
+        # The node as a whole (control plane, shutdown): no data of its own; its files may be
+        # written, and flush reaches every open one. Each export has its own capabilities.
+        return Capabilities(size=0, writable=True, flush=True)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "directory": self.params.dir,
+            "exports": [name for name, _ in self.exports()],
+            "open": {
+                name: {"size": f.size(), "writable": f.writable, "connections": f.users}
+                for name, f in sorted(self.files.items())
+            },
+            "retired_open": len(self.retired),
+        }
+
+    # Exports --------------------------------------------------------------------------------
+
+    def exports(self) -> list[tuple[str, str]]:
+        try:
+            names = os.listdir(self.dir_fd)  # from the start each time (rewinddir)
+        except OSError as exc:
+            log.warning("listing %s failed: %s", self.params.dir, exc)
+            return []
+        found = {name: st for name in names if (st := self._lookup(name)) is not None}
+        for name, member in list(self.files.items()):  # forget what is gone or replaced
+            st = found.get(name)
+            if st is None or (st.st_dev, st.st_ino) != member.identity:
+                self._retire(name)
+        return [(name, "") for name in sorted(found)]
+
+    def for_export(self, name: str) -> DirectoryFile | None:
+        st = self._lookup(name)
+        member = self.files.get(name)
+        if member is not None and (st is None or (st.st_dev, st.st_ino) != member.identity):
+            self._retire(name)
+            member = None
+        if st is None or member is not None:
+            return member
+        member = DirectoryFile(self.params, self, name)
+        try:
+            member.open(name, dir_fd=self.dir_fd)
+        except OSError as exc:
+            log.warning("%s/%s: %s", self.params.dir, name, exc.strerror or exc)
+            return None
+        if not member.writable:
+            log.info("%s/%s is not writable: serving it read-only", self.params.dir, name)
+        self.files[name] = member
+        return member
+
+    def _lookup(self, name: str) -> os.stat_result | None:
+        """The stat (links followed) of `name` in the directory if it is one we serve: a
+        plain name (no "/", not "", "." or "..", UTF-8 within NBD's 4096 bytes) of a regular
+        file or block device. None for everything else."""
+        if name in ("", ".", "..") or "/" in name or "\0" in name:
+            return None
+        try:
+            if len(name.encode()) > MAX_STRING:
+                return None
+            st = os.stat(name, dir_fd=self.dir_fd)
+        except (OSError, UnicodeError):  # gone, a dangling link, a name not in UTF-8
+            return None
+        return st if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode) else None
+
+    def _retire(self, name: str) -> None:
+        member = self.files.pop(name)
+        if member.users:
+            member.retired = True
+            self.retired.add(member)
+        else:
+            member.close()
+
+    # Node-level operations ------------------------------------------------------------------
+
+    async def flush(self, flags: int) -> None:
+        """Every open file that may have been written (shutdown, ctl pause --flush)."""
+        members = [f for f in (*self.files.values(), *self.retired) if f.writable and f.fd >= 0]
+        results = await asyncio.gather(*(f.flush(0) for f in members), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+
+class DirectoryFile(File):
+    """One file of a dir= node: opened relative to the directory, shared by the connections to
+    its export (counted, so that a replaced or removed file closes after its last one)."""
+
+    def __init__(self, params: FileParams, directory: FileDirectory, name: str) -> None:
+        super().__init__(params)
+        self.directory = directory
+        self.name = name
+        self.users = 0  #: connections using it
+        self.retired = False  #: no longer what `name` is in the directory
+
+    async def open_connection(self) -> None:
+        if self.fd < 0:
+            # Replaced or removed (and closed) between this client's lookup and now.
+            raise OSError(errno.ESTALE, f"{self.name} changed in the directory; reconnect")
+        self.users += 1
+
+    async def close_connection(self) -> None:
+        if self.fd < 0:  # open_connection refused it
+            return
+        self.users -= 1
+        if self.retired and not self.users:
+            self.close()
+            self.directory.retired.discard(self)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _Bounce:

@@ -49,6 +49,9 @@ class ExportInfo:
     block_min: int = 0  #: 0: advertise no block size constraints
     block_preferred: int = 0
     block_max: int = 0
+    #: The server's own reference for this export (what serves it); the handshake passes it
+    #: on in `Ready` and never looks at it.
+    handle: object = field(default=None, compare=False, repr=False)
 
     def flags_for(self, structured: bool) -> TFlag:
         flags = self.tflags | TFlag.HAS_FLAGS

@@ -11,12 +11,12 @@ import socket
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..base import Backend, Capabilities, ClientInfo
 from ..params import field_info, live_names
-from ..protocol.constants import DEFAULT_MAX_PAYLOAD
+from ..protocol.constants import DEFAULT_MAX_PAYLOAD, TFlag
 from ..protocol.handshake import ExportInfo, HandshakePolicy
 from ..stats import NodeStats
 from .addresses import (
@@ -27,7 +27,7 @@ from .addresses import (
     remove_socket_file,
     set_keepalive,
 )
-from .session import BufferPool, Session
+from .session import BufferPool, Export, Session
 from .stream import SocketStream
 
 log = logging.getLogger("nbdfabric.node")
@@ -101,6 +101,8 @@ class NodeRuntime:
         self.tls_context: ssl.SSLContext | None = None
         self.stopped = asyncio.Event()
         self.caps = Capabilities(size=0)
+        #: The backend serves several exports, chosen by name (file dir=; see Backend.exports).
+        self.multi_export = False
         previous = getattr(backend, "emit", None)
         if previous is not None:
             # Fans report member and rebuild events through the node (and still to their own
@@ -117,6 +119,13 @@ class NodeRuntime:
         self, sockets: list[socket.socket] | None = None, listen: Sequence[Address] = ()
     ) -> None:
         await self.backend.start()
+        self.multi_export = self.backend.exports() is not None
+        if self.multi_export and self.options.export_name:
+            await self.backend.stop()
+            raise ValueError(
+                f"--export-name {self.options.export_name!r}: this {self.backend.kind} node "
+                "serves several exports, which clients choose by name (see NBD_OPT_LIST)"
+            )
         self.refresh_caps()
         if self.options.tls != "off":
             from .tls import server_context
@@ -129,12 +138,14 @@ class NodeRuntime:
         self.set_state("serving")
 
     def refresh_caps(self) -> Capabilities:
-        caps = self.backend.capabilities().normalized()
-        if self.options.read_only and caps.writable:
-            from dataclasses import replace
+        self.caps = self.export_caps(self.backend)
+        return self.caps
 
+    def export_caps(self, backend: Backend) -> Capabilities:
+        """What a client is told: `backend`'s capabilities, with --read-only applied."""
+        caps = backend.capabilities().normalized()
+        if self.options.read_only and caps.writable:
             caps = replace(caps, writable=False).normalized()
-        self.caps = caps
         return caps
 
     def _add_listener(self, sock: socket.socket) -> None:
@@ -226,18 +237,31 @@ class NodeRuntime:
     # Handshake facts -----------------------------------------------------------------------
 
     def export_info(self) -> ExportInfo:
+        """The node's own export (of a multi-export node: the node as a whole)."""
         caps = self.refresh_caps()
+        return self._info(self.options.export_name, caps.size, Export(self.backend, caps))
+
+    def _info(self, name: str, size: int, export: Export) -> ExportInfo:
+        caps = export.caps
         return ExportInfo(
-            name=self.options.export_name,
-            size=caps.size,
+            name=name,
+            size=size,
             tflags=caps.tflags(),
             description=self.options.description,
             block_min=caps.block_min or 1,
             block_preferred=caps.block_preferred or 4096,
             block_max=caps.block_max or self.default_block_max,
+            handle=export,
         )
 
     def handshake_policy(self) -> HandshakePolicy:
+        if self.multi_export:
+            return HandshakePolicy(
+                tls=self.options.tls,
+                structured_replies=self.options.structured_replies,
+                lookup=self._lookup_export,
+                listing=self._list_exports,
+            )
         name = self.options.export_name
         info = self.export_info()
 
@@ -247,15 +271,7 @@ class NodeRuntime:
                 size = self.backend.export_size(requested or name, info.size)
                 if size is None:
                     return None
-                return ExportInfo(
-                    requested or name,
-                    size,
-                    info.tflags,
-                    info.description,
-                    info.block_min,
-                    info.block_preferred,
-                    info.block_max,
-                )
+                return replace(info, name=requested or name, size=size)
             return None
 
         return HandshakePolicy(
@@ -264,6 +280,28 @@ class NodeRuntime:
             lookup=lookup,
             listing=lambda: [info],
         )
+
+    def _lookup_export(self, name: str) -> ExportInfo | None:
+        """Of a multi-export node: the export `name`, from the backend that serves it now."""
+        try:
+            backend = self.backend.for_export(name)
+            if backend is None:
+                return None
+            caps = self.export_caps(backend)
+        except OSError as exc:  # the client is refused, the node serves on
+            log.warning("export %r: %s", name, exc)
+            return None
+        size = backend.export_size(name, caps.size)
+        if size is None:
+            return None
+        return self._info(name, size, Export(backend, caps))
+
+    def _list_exports(self) -> list[ExportInfo]:
+        # NBD_OPT_LIST carries names and descriptions only: no file is opened for it.
+        return [
+            ExportInfo(name, 0, TFlag(0), description or self.options.description)
+            for name, description in self.backend.exports() or ()
+        ]
 
     # Control -------------------------------------------------------------------------------
 

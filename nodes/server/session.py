@@ -17,9 +17,10 @@ import socket
 import struct
 import time
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from ..base import ClientInfo, Support, current_client
+from ..base import Backend, Capabilities, ClientInfo, Support, current_client
 from ..protocol import transmission as tx
 from ..protocol.constants import (
     Cmd,
@@ -88,11 +89,24 @@ class BufferPool:
             self._pooled += len(buf)
 
 
+@dataclass(frozen=True)
+class Export:
+    """What a client chose in the handshake (the handle of its ExportInfo): the backend that
+    serves that export and its capabilities as the client was told them."""
+
+    backend: Backend
+    caps: Capabilities
+
+
 class Session:
     def __init__(self, node: NodeRuntime, stream: Stream, client: ClientInfo) -> None:
         self.node = node
         self.stream = stream
         self.client = client
+        #: The export's backend and capabilities, from the handshake on: the node's own unless
+        #: it serves several exports (file dir=). Every request uses these.
+        self.backend = node.backend
+        self.caps = node.caps
         self.handshake: ServerHandshake | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         #: Requests that had to wait, carried on without a Task (see eager.py).
@@ -132,8 +146,11 @@ class Session:
                 return
             ready = await self._handshake()
             if ready is not None:
+                export = ready.export.handle
+                assert isinstance(export, Export), "the node's lookup sets the handle"
+                self.backend, self.caps = export.backend, export.caps
                 opened = True
-                await self.node.backend.open_connection()
+                await self.backend.open_connection()
                 await self._transmission(ready)
         except ProtocolError as exc:
             self.node.stats.protocol_errors += 1
@@ -147,7 +164,7 @@ class Session:
                 self._framer.release()
             try:
                 if opened:  # before the socket closes: a delayed close is seen by the client
-                    await self.node.backend.close_connection()
+                    await self.backend.close_connection()
             except Exception as exc:
                 log.warning("%s: closing the connection failed: %s", self.client.address, exc)
             finally:
@@ -240,7 +257,7 @@ class Session:
 
     async def _transmission(self, ready: Ready) -> None:
         node = self.node
-        caps = node.caps
+        caps = self.caps
         self.t = tx.Transmission(
             size=ready.export.size,
             tflags=ready.export.flags_for(ready.structured),
@@ -249,7 +266,6 @@ class Session:
             block_min=caps.block_min or 1,
             block_max=caps.block_max or node.default_block_max,
         )
-        self.caps = caps
         self._op_stats = {int(cmd): node.stats.ops[name] for cmd, name in _OP_NAMES.items()}
         self.client.export_name = ready.export.name
         self._ordering = node.options.ordering
@@ -257,7 +273,7 @@ class Session:
         # Corked replies would leave after later ones that skip the cork: not when ordered.
         self._cork_replies = self._ordering != "ordered"
         #: Reads are sent straight from the backend's memory where it lends it (memory).
-        self._lends = node.backend.lends_memory
+        self._lends = self.backend.lends_memory
         self._loop = loop = asyncio.get_running_loop()
         done = self._done = loop.create_future()
         framer = self._framer = RequestFramer(
@@ -411,11 +427,11 @@ class Session:
                         # Shorter than asked only for an --eof-tolerant read past the end.
                         valid = min(req.length, self.t.size - req.offset)
                         if self._lends:
-                            pieces = node.backend.lend_read(valid, req.offset) if valid else []
+                            pieces = self.backend.lend_read(valid, req.offset) if valid else []
                         elif valid:
                             read_buf = node.pool.get(valid)
                             view = memoryview(read_buf)[:valid]
-                            holes = await node.backend.pread(view, req.offset, req.flags)
+                            holes = await self.backend.pread(view, req.offset, req.flags)
                             pieces = pieces_of(view, holes)
                         else:
                             pieces = []
@@ -538,7 +554,7 @@ class Session:
     # Operations ----------------------------------------------------------------------------
 
     async def _execute(self, req: tx.Request, payload: memoryview | None) -> list[Buffer]:
-        backend, caps = self.node.backend, self.caps
+        backend, caps = self.backend, self.caps
         cmd, flags, offset, length = req.cmd, req.flags, req.offset, req.length
         fua = bool(flags & _FUA)
         emulate_fua = fua and caps.fua is Support.EMULATE
@@ -573,7 +589,7 @@ class Session:
         return [tx.simple_reply(req.cookie)]
 
     async def _zero(self, length: int, offset: int, flags: int) -> None:
-        backend = self.node.backend
+        backend = self.backend
         if self.caps.zero is Support.NATIVE:
             try:
                 await backend.zero(length, offset, flags)
@@ -591,7 +607,7 @@ class Session:
             pos += n
 
     async def _cache(self, length: int, offset: int, flags: int) -> None:
-        backend = self.node.backend
+        backend = self.backend
         if self.caps.cache is Support.NATIVE:
             await backend.cache(length, offset, flags)
             return
