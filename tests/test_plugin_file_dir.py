@@ -27,7 +27,7 @@ import nbd
 import pytest
 from conftest import NBDFABRIC, ROOT, Proc, nbd_connect, run, wait_for
 
-from nodes.plugins.file import DirectoryFile, File, FileDirectory, FileParams
+from nodes.plugins.file import MAX_IDLE_FILES, DirectoryFile, File, FileDirectory, FileParams
 
 MiB = 1024 * 1024
 EXPORTS = ["a.img", "b.img", "link"]
@@ -451,5 +451,62 @@ def test_dir_backend_shares_flushes_and_closes_files(
         await b.close_connection()  # as the session does after a failed open: harmless
         await backend.stop()
         assert backend.dir_fd < 0 and new.fd < 0
+
+    asyncio.run(scenario())
+
+
+def test_dir_keeps_few_idle_files_open_however_many_are_asked_about(
+    directory: Path, start_node: Callable[..., Proc]
+) -> None:
+    # nbdinfo --list asks for every export's size (one INFO each): a big directory must not use
+    # up the node's file descriptors, and every file still serves afterwards.
+    names = [f"disk{i:02}.img" for i in range(3 * MAX_IDLE_FILES)]
+    for i, name in enumerate(names):
+        (directory / name).write_bytes(bytes([i]) * 4096)
+    node = start_node("file", f"dir={directory}")
+    assert set(names) <= set(listed(node))
+    assert len([p for p in open_fds(node.pid) if p.startswith(str(directory))]) <= MAX_IDLE_FILES
+    for i, name in enumerate(names):  # the first ones were closed: reopened when asked for
+        h = nbd_connect(uri(node, name))
+        assert h.pread(4096, 0) == bytes([i]) * 4096, name
+        h.shutdown()
+
+
+def test_dir_backend_reopens_a_file_closed_idle_unless_it_changed(directory: Path) -> None:
+    async def scenario() -> None:
+        backend = File.create(FileParams(dir=str(directory), cache="default"))
+        assert isinstance(backend, FileDirectory)
+        await backend.start()
+        for i in range(MAX_IDLE_FILES + 2):
+            (directory / f"x{i:02}").write_bytes(b"x" * 512)
+        first = backend.for_export("a.img")
+        assert isinstance(first, DirectoryFile)
+        for i in range(MAX_IDLE_FILES + 2):  # a client asking about many files
+            assert backend.for_export(f"x{i:02}") is not None
+        assert first.fd < 0 and "a.img" not in backend.files  # closed while idle
+        open_now = [f for f in backend.files.values() if f.fd >= 0]
+        assert len(open_now) == MAX_IDLE_FILES
+        await first.open_connection()  # the client that looked it up starts: reopened
+        buf = bytearray(4)
+        await first.pread(memoryview(buf), 0, 0)
+        assert bytes(buf) == b"AAAA" and backend.files["a.img"] is first
+        await first.close_connection()
+        # Closed while idle, then replaced before its client starts: turned away.
+        for i in range(MAX_IDLE_FILES + 2):
+            backend.for_export(f"x{i:02}")
+        b = backend.for_export("b.img")
+        assert isinstance(b, DirectoryFile)
+        for i in range(MAX_IDLE_FILES + 2):
+            backend.for_export(f"x{i:02}")
+        assert b.fd < 0
+        # Kept elsewhere, so that the new file cannot reuse its inode number (identity is
+        # st_dev and st_ino).
+        os.link(directory / "b.img", directory.parent / "old-b.img")
+        (directory / "b.img").unlink()
+        (directory / "b.img").write_bytes(b"m" * 4096)
+        with pytest.raises(OSError) as caught:
+            await b.open_connection()
+        assert caught.value.errno == errno.ESTALE and b.fd < 0
+        await backend.stop()
 
     asyncio.run(scenario())

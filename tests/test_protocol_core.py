@@ -347,9 +347,20 @@ def test_handshake_failed_set_meta_context_clears_selection() -> None:
 def test_handshake_option_count_cap() -> None:
     c = Client()
     for _ in range(MAX_OPTIONS):
+        event, replies = c.send(opt(Opt.INFO, info_data("disk")))
+        assert event is NEED_DATA and replies[-1].rep == Rep.ACK
+    event, _ = c.send(opt(Opt.INFO, info_data("disk")))
+    assert isinstance(event, Closed) and not event.soft
+
+
+def test_handshake_option_cap_grows_once_by_two_per_listed_export() -> None:
+    many = [ExportInfo(f"disk{i}", 4096, TFlag(0)) for i in range(48)]
+    c = Client(HandshakePolicy(lookup=lambda name: many[0], listing=lambda: many))
+    budget = MAX_OPTIONS + 2 * len(many)  # what nbdinfo --list needs: LIST, then 2 per export
+    for _ in range(budget):  # LISTs again do not grow it further
         event, replies = c.send(opt(Opt.LIST))
         assert event is NEED_DATA and replies[-1].rep == Rep.ACK
-    event, _ = c.send(opt(Opt.LIST))
+    event, _ = c.send(opt(Opt.INFO, info_data("disk0")))
     assert isinstance(event, Closed) and not event.soft
 
 

@@ -26,7 +26,11 @@ default export "", names with "/", "." and ".." are refused (NBD_REP_ERR_UNKNOWN
 are opened relative to the directory opened at start (a later rename of DIRECTORY changes
 nothing). A file is opened on first use and shared by the connections to it; a file replaced
 or removed in the directory is closed when its last connection ends (a client caught in its
-handshake by the change is disconnected). `cache=` and `fadvise=` apply to each file; the
+handshake by the change is disconnected). At most 16 files no client uses stay open (the least
+recently asked about are closed, and reopened when a client that asked about one starts), so a
+client asking about every file of a big directory cannot use up the node's file descriptors;
+the option limit of the handshake grows by two per export a client listed, so that `nbdinfo
+--list` can ask about each. `cache=` and `fadvise=` apply to each file; the
 node itself has size 0 (`nbdfabric ctl ADDR info` lists the exports in its status), flushes
 every open file at shutdown and on `ctl pause --flush`, and takes no --export-name.
 
@@ -44,6 +48,7 @@ is /srv/disks/a.img.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import errno
 import fcntl
@@ -357,6 +362,13 @@ class File(Plugin):
             raise OSError(errno.EINVAL, f"cache=none needs {self.align}-byte aligned requests")
 
 
+#: Files of a dir= node kept open with no connection (looked up by INFO only, or their last client
+#: gone): past this many, the least recently looked up are closed, so that a client asking about
+#: every file of a big directory cannot use up the node's file descriptors. A client that looked
+#: up a file since closed gets it reopened when it starts (if it is still the same file).
+MAX_IDLE_FILES = 16
+
+
 class FileDirectory(Plugin):
     """file dir=: the regular files and block devices in a directory, one export each."""
 
@@ -369,7 +381,8 @@ class FileDirectory(Plugin):
     def __init__(self, params: FileParams) -> None:
         super().__init__(params)
         self.dir_fd = -1
-        self.files: dict[str, DirectoryFile] = {}  #: the open file of each name, as last seen
+        #: The open file of each name, as last seen, least recently looked up first.
+        self.files: collections.OrderedDict[str, DirectoryFile] = collections.OrderedDict()
         #: Files replaced or removed in the directory, open while connections still use them.
         self.retired: set[DirectoryFile] = set()
 
@@ -427,7 +440,10 @@ class FileDirectory(Plugin):
         if member is not None and (st is None or (st.st_dev, st.st_ino) != member.identity):
             self._retire(name)
             member = None
-        if st is None or member is not None:
+        if st is None:
+            return None
+        if member is not None:
+            self.files.move_to_end(name)
             return member
         member = DirectoryFile(self.params, self, name)
         try:
@@ -438,7 +454,21 @@ class FileDirectory(Plugin):
         if not member.writable:
             log.info("%s/%s is not writable: serving it read-only", self.params.dir, name)
         self.files[name] = member
+        self._close_idle()
         return member
+
+    def _close_idle(self) -> None:
+        idle = [name for name, f in self.files.items() if not f.users]
+        for name in idle[: max(0, len(idle) - MAX_IDLE_FILES)]:
+            self.files.pop(name).close()
+
+    def adopt(self, member: DirectoryFile) -> None:
+        """`member` was reopened for a client that looked it up before it was closed: it is the
+        name's file again, or, if the name has another open file meanwhile, kept apart and
+        closed after its last client."""
+        if self.files.setdefault(member.name, member) is not member:
+            member.retired = True
+            self.retired.add(member)
 
     def _lookup(self, name: str) -> os.stat_result | None:
         """The stat (links followed) of `name` in the directory if it is one we serve: a
@@ -485,10 +515,22 @@ class DirectoryFile(File):
         self.retired = False  #: no longer what `name` is in the directory
 
     async def open_connection(self) -> None:
-        if self.fd < 0:
-            # Replaced or removed (and closed) between this client's lookup and now.
-            raise OSError(errno.ESTALE, f"{self.name} changed in the directory; reconnect")
+        if self.fd < 0:  # closed since this client's lookup: idle, replaced or removed
+            self._reopen()
         self.users += 1
+
+    def _reopen(self) -> None:
+        """Open the name again for a client told about this file; ESTALE if it is another
+        file now (replaced or removed since the lookup)."""
+        told = self.identity
+        try:
+            self.open(self.name, dir_fd=self.directory.dir_fd)
+        except OSError as exc:
+            raise OSError(errno.ESTALE, f"{self.name}: {exc.strerror}; reconnect") from None
+        if self.identity != told:
+            self.close()
+            raise OSError(errno.ESTALE, f"{self.name} changed in the directory; reconnect")
+        self.directory.adopt(self)
 
     async def close_connection(self) -> None:
         if self.fd < 0:  # open_connection refused it

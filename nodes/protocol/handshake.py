@@ -122,6 +122,9 @@ class ServerHandshake:
         self._out = bytearray()
         self._state = _State.CLIENT_FLAGS
         self._options_seen = 0
+        #: Options allowed before the client must pick an export (see _list for the raise).
+        self._option_budget = MAX_OPTIONS
+        self._listed = False
         self._option = 0
         self._option_len = 0
         self.client_flags = ClientFlag(0)
@@ -175,8 +178,8 @@ class ServerHandshake:
                 if magic != IHAVEOPT:
                     return self._close(f"bad option magic {magic:#x}")
                 self._options_seen += 1
-                if self._options_seen > MAX_OPTIONS:
-                    return self._close(f"more than {MAX_OPTIONS} options")
+                if self._options_seen > self._option_budget:
+                    return self._close(f"more than {self._option_budget} options")
                 if length > MAX_OPTION_LENGTH:
                     return self._close(f"option data of {length} bytes is too long")
                 self._option, self._option_len = option, length
@@ -278,7 +281,14 @@ class ServerHandshake:
     def _list(self, data: bytes) -> None:
         if data:
             raise _Malformed("LIST takes no data")
-        for export in self.policy.listing():
+        listing = self.policy.listing()
+        if not self._listed:
+            # A client that lists the exports may then ask about each one (nbdinfo --list
+            # sends LIST_META_CONTEXT and INFO per export): the budget grows once, by two
+            # options per export listed. nbdkit lifts its cap after a LIST; we keep a bound.
+            self._listed = True
+            self._option_budget += 2 * len(listing)
+        for export in listing:
             name = export.name.encode()
             payload = U32.pack(len(name)) + name + export.description.encode()[:MAX_STRING]
             self._reply(Opt.LIST, Rep.SERVER, payload)
