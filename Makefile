@@ -30,7 +30,7 @@ compose-check: setup
 	@bash compose/gen.sh --check
 
 test: setup lint typecheck proto-check compose-check
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 bench: setup
 	$(PY) -m bench
