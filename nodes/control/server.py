@@ -408,23 +408,26 @@ class NodeServicer(pb_grpc.NodeServiceServicer):  # type: ignore[misc]
         await _maybe_await(replace(request.index, request.uri))
         return pb.ReplaceMemberResponse(members=await self._members(context))
 
+    async def _on_member(self, context: Any, method: str, index: int) -> list[pb.Member]:
+        """Call the fan's `method` on member `index`; the members as they are afterwards."""
+        call = await self._fan(context, method)
+        await self._check_index(context, index)
+        await _maybe_await(call(index))
+        return await self._members(context)
+
     @rpc
     async def MarkMemberFaulty(
         self, request: pb.MarkMemberFaultyRequest, context: Any
     ) -> pb.MarkMemberFaultyResponse:
-        mark = await self._fan(context, "mark_faulty")
-        await self._check_index(context, request.index)
-        await _maybe_await(mark(request.index))
-        return pb.MarkMemberFaultyResponse(members=await self._members(context))
+        members = await self._on_member(context, "mark_faulty", request.index)
+        return pb.MarkMemberFaultyResponse(members=members)
 
     @rpc
     async def TrustMember(
         self, request: pb.TrustMemberRequest, context: Any
     ) -> pb.TrustMemberResponse:
-        trust = await self._fan(context, "trust_member")
-        await self._check_index(context, request.index)
-        await _maybe_await(trust(request.index))
-        return pb.TrustMemberResponse(members=await self._members(context))
+        members = await self._on_member(context, "trust_member", request.index)
+        return pb.TrustMemberResponse(members=members)
 
     @rpc
     async def SetRebuild(
