@@ -451,9 +451,7 @@ class FileDirectory(Plugin):
         except OSError as exc:
             log.warning("%s/%s: %s", self.params.dir, name, exc.strerror or exc)
             return None
-        if not member.writable:
-            log.info("%s/%s is not writable: serving it read-only", self.params.dir, name)
-        self.files[name] = member
+        self.files[name] = member  # (open() has said if it is served read-only)
         self._close_idle()
         return member
 
