@@ -29,8 +29,11 @@ proto-check: setup
 compose-check: setup
 	@bash compose/gen.sh --check
 
+# One pytest worker per core (at most 4), a test file per worker at a time: most of the suite
+# waits on node processes starting, and a file's tests share its module fixtures (the image).
 test: setup lint typecheck proto-check compose-check
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile \
+		--durations=25 tests
 
 bench: setup
 	$(PY) -m bench

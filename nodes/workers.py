@@ -54,6 +54,7 @@ from .run import (
     write_ready_file,
 )
 from .server.addresses import (
+    UNIX_PATH_MAX,
     bound_address,
     open_listener,
     remove_socket_file,
@@ -102,9 +103,7 @@ class Supervisor:
         self._deaths: list[float] = []  #: when workers died unasked, for the restart limit
         #: With --control/--metrics: the workers' private control sockets, the control
         #: process, and the addresses it serves (its replacement serves the same).
-        self.control_dir = (
-            tempfile.mkdtemp(prefix="nbdfabric-node-") if spec.control or spec.metrics else None
-        )
+        self.control_dir = _private_dir(spec.workers) if spec.control or spec.metrics else None
         self.control_pid: int | None = None
         self.bound: dict[str, str | None] = {"control": spec.control, "metrics": spec.metrics}
 
@@ -156,7 +155,7 @@ class Supervisor:
             slot,
         )
 
-    def _worker_control(self, slot: int) -> str:
+    def _worker_control(self, slot: int) -> str:  # keep in step with _private_dir
         return f"unix:{self.control_dir}/worker{slot}.sock"
 
     def _fork(self, main: Any, slot: int | None) -> int:
@@ -332,6 +331,17 @@ class Supervisor:
             remove_socket_file(addr)
         if self.control_dir is not None:
             shutil.rmtree(self.control_dir, ignore_errors=True)
+
+
+def _private_dir(workers: int) -> str:
+    """A new 0700 directory for the workers' control sockets: in $TMPDIR, or in /tmp when
+    $TMPDIR is too deep for a socket path in it to fit in a sockaddr_un."""
+    prefix = "nbdfabric-node-"
+    longest = len(f"/{prefix}XXXXXXXX/worker{workers - 1}.sock")
+    base = tempfile.gettempdir()
+    if len(os.fsencode(base)) + longest > UNIX_PATH_MAX:
+        base = "/tmp"
+    return tempfile.mkdtemp(prefix=prefix, dir=base)
 
 
 def _wait_ready(fd: int) -> None:

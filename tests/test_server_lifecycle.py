@@ -150,6 +150,22 @@ def test_lifecycle_listen_preopened_fd(procs: list[Any], tmp_path: Path) -> None
     assert p.wait(15) == 0
 
 
+@pytest.mark.parametrize("option", ["--listen", "--control"])
+def test_lifecycle_unix_path_too_long_is_refused_readably(option: str, tmp_path: Path) -> None:
+    path = "/tmp/" + "s" * 103  # 108 bytes: one more than a sockaddr_un holds
+    args = [option, f"unix:{path}"] + (
+        ["--listen", f"unix:{tmp_path}/ok"] if option != "--listen" else []
+    )
+    out = subprocess.run(node_cmd("memory", "1M", *args), cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)  # fmt: skip
+    assert out.returncode == 1
+    assert (
+        f"'unix:{path}': the path is 108 bytes long; a unix socket path may have at most 107"
+        in out.stderr
+    )
+    assert "Traceback" not in out.stderr and not os.path.exists(path)
+
+
 def test_lifecycle_keepalive_options(procs: list[Any], tmp_path: Path) -> None:
     ready = tmp_path / "ready.json"
     p = spawn(procs, node_cmd("memory", "1M", "--listen", "127.0.0.1:0", "--keepalive-idle",

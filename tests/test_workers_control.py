@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 import nbd
@@ -203,20 +206,37 @@ def test_killed_worker_and_control_process_are_replaced(node) -> None:
     assert out[:65536] == b"k" * 65536 and out[65536:] == bytes(len(out) - 65536)
 
 
-def test_unix_control_and_metrics_sockets_go_with_the_node(start_node, tmp_path) -> None:
-    metrics, scratch = tmp_path / "metrics.sock", tmp_path / "tmp"
-    scratch.mkdir()  # where the workers' private control sockets go (TMPDIR)
-    p = start_node("null", "1M", control=True, env={"TMPDIR": str(scratch)},
-                   extra=("--workers", "2", "--metrics", f"unix:{metrics}"))  # fmt: skip
-    control = p.control.removeprefix("unix:")
-    assert metrics.is_socket() and os.path.exists(control)
-    (private,) = scratch.iterdir()
-    assert sorted(f.name for f in private.iterdir()) == ["worker0.sock", "worker1.sock"]
-    children = children_of(p.pid)
-    assert p.stop() == 0
-    assert not any(alive(pid) for pid in children)
-    assert not metrics.exists() and not os.path.exists(control) and not os.path.exists(p.socket)
-    assert list(scratch.iterdir()) == []
+@pytest.mark.parametrize("tmpdir", ["short", "too-deep"])
+def test_unix_control_and_metrics_sockets_go_with_the_node(start_node, tmp_path, tmpdir) -> None:
+    """The workers' private control sockets go in $TMPDIR, or in /tmp when a socket path in
+    $TMPDIR would not fit in a sockaddr_un (107 bytes); either way they go with the node."""
+    metrics = tmp_path / "metrics.sock"
+    if tmpdir == "short":
+        scratch = Path(tempfile.mkdtemp(prefix="nf-", dir="/tmp"))
+    else:
+        scratch = tmp_path / ("d" * (100 - len(str(tmp_path))))
+        scratch.mkdir()
+    try:
+        p = start_node("null", "1M", control=True, env={"TMPDIR": str(scratch)},
+                       extra=("--workers", "2", "--metrics", f"unix:{metrics}"))  # fmt: skip
+        control = p.control.removeprefix("unix:")
+        assert metrics.is_socket() and os.path.exists(control)
+        if tmpdir == "short":
+            (private,) = scratch.iterdir()
+            assert sorted(f.name for f in private.iterdir()) == ["worker0.sock", "worker1.sock"]
+        else:
+            assert list(scratch.iterdir()) == []
+        # The control process answers for both workers: it reached their private sockets.
+        health = subprocess.run([*NBDFABRIC, "health", p.control], cwd=ROOT,
+                                capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert health.stdout.split() == ["SERVING"], health.stderr
+        children = children_of(p.pid)
+        assert p.stop() == 0
+        assert not any(alive(pid) for pid in children)
+        assert not metrics.exists() and not os.path.exists(control)
+        assert not os.path.exists(p.socket) and list(scratch.iterdir()) == []
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def test_run_captive_mode_gets_the_control_address(tmp_path) -> None:

@@ -13,6 +13,8 @@ from urllib.parse import quote
 
 DEFAULT_PORT = 10809
 SD_LISTEN_FDS_START = 3
+#: sun_path holds 108 bytes with the terminating NUL: longer paths cannot be bound.
+UNIX_PATH_MAX = 107
 
 
 class AddressError(ValueError):
@@ -41,6 +43,11 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
         path = text[5:]
         if not path:
             raise AddressError(f"{text!r}: a unix address needs a path (unix:/run/x.sock)")
+        if len(os.fsencode(path)) > UNIX_PATH_MAX:
+            raise AddressError(
+                f"{text!r}: the path is {len(os.fsencode(path))} bytes long; a unix socket "
+                f"path may have at most {UNIX_PATH_MAX}"
+            )
         return Address("unix", path=path)
     if text.startswith("fd:"):
         try:
@@ -81,7 +88,7 @@ def open_listener(addr: Address, backlog: int = 128) -> socket.socket:
             sock.bind(addr.path)
         except OSError as exc:
             sock.close()
-            raise AddressError(f"cannot listen on {addr}: {exc.strerror}") from None
+            raise AddressError(f"cannot listen on {addr}: {exc.strerror or exc}") from None
     else:
         family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
         try:
