@@ -497,6 +497,12 @@ def cmd_status(argv: Sequence[str]) -> int:
     for e in reply.exports:
         for uri in e.uris:
             print(f"export {e.name}: {uri}")
+    from nodes.control.cli import trust_hint
+
+    for n in reply.nodes:
+        hint = trust_hint(n.members, n.control) if n.role == "fan" and n.control else None
+        if hint:
+            print(f"{n.name}: {hint}")
     return 0
 
 

@@ -242,6 +242,7 @@ class NodeRunner:
         assert proc is not None
         unreachable = 0
         bad_since = 0.0
+        said_why = False
         while True:
             await proc.wait_exit(HEALTH_INTERVAL)
             if proc.returncode is not None:
@@ -253,7 +254,7 @@ class NodeRunner:
                 continue
             self._set_health(health)
             if health == "SERVING":
-                unreachable, bad_since = 0, 0.0
+                unreachable, bad_since, said_why = 0, 0.0, False
                 await self.refresh_members()
                 continue
             if health == "UNREACHABLE":
@@ -263,10 +264,20 @@ class NodeRunner:
                 continue
             unreachable = 0
             bad_since = bad_since or time.monotonic()
-            if time.monotonic() - bad_since >= NOT_SERVING_GRACE and self.sup.upstreams_ok(
+            if time.monotonic() - bad_since < NOT_SERVING_GRACE or not self.sup.upstreams_ok(
                 self.node
             ):
-                return f"{health} for {NOT_SERVING_GRACE:.0f}s with healthy upstreams", None
+                continue
+            if self.node.role == "fan":
+                # A fan that does not serve knows which members it cannot trust; a new process
+                # would start with every member in sync and serve whichever it reads (stale
+                # data). It waits for its members or for the operator (`ctl trust`) instead.
+                if not said_why:
+                    said_why = True
+                    self.emit("failed", f"{health} for {NOT_SERVING_GRACE:.0f}s with healthy "
+                              "upstreams: not restarted (see `nbdfabric status`)")  # fmt: skip
+                continue
+            return f"{health} for {NOT_SERVING_GRACE:.0f}s with healthy upstreams", None
 
     async def _supervise(self) -> None:
         failures = 0

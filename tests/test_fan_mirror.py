@@ -635,10 +635,15 @@ def test_mirror_process_ctl_trust_after_every_member_was_killed(
     start_node("file", str(disks[0]), listen=f"unix:{a.socket}")
     time.sleep(1)
     assert member_states(m.control) == ["faulty", "faulty"]
+    # `ctl members` says what the operator can do, naming only the member a trust would take.
+    shown = run([*NBDFABRIC, "ctl", m.control, "members"]).stdout
+    assert "member(s) 0 reachable" in shown and f"nbdfabric ctl {m.control} trust 0" in shown
+    assert [x["detail"]["trustable"] for x in ctl_members(m.control)["members"]] == [True, False]
     refused = run([*NBDFABRIC, "ctl", m.control, "trust", "1"], check=False)
     assert refused.returncode != 0 and "unreachable" in refused.stderr
     run([*NBDFABRIC, "ctl", m.control, "trust", "0"])
     assert member_states(m.control)[0] == "in_sync"
+    assert "has failed" not in run([*NBDFABRIC, "ctl", m.control, "members"]).stdout
     run(["qemu-io", "-f", "raw", m.uri, "-c", "read -P 0x5a 0 3M", "-c", "read -P 0 3M 5M"])
     start_node("file", str(disks[1]), listen=f"unix:{b.socket}")
     wait_for(lambda: member_states(m.control) == ["in_sync", "in_sync"], 60, "rebuild")

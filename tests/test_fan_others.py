@@ -254,16 +254,23 @@ def test_parity_operator_trusts_the_members_that_kept_their_data(harness: Harnes
     flakies[3].down = True
     for f in flakies[:3]:
         f.down = False
+
+    def trustable() -> list[bool]:
+        return [m["trustable"] for m in harness.call(fan.members_info)]
+
+    assert trustable() == [True, True, True, False]  # what `ctl members` offers the operator
     with pytest.raises(RuntimeError, match="unreachable"):
         harness.run(fan.trust_member(3))
     harness.run(fan.trust_member(0))
     harness.run(fan.trust_member(1))
     assert not harness.call(fan.healthy)  # two of four: still failed
+    assert trustable() == [False, False, True, False]
     h = nbd_connect(uri)
     with pytest.raises(nbd.Error, match=r"EIO|Input/output"):
         h.pread(len(model), 0)  # the stripes whose lost chunks need members 2 and 3
     harness.run(fan.trust_member(2))
     assert harness.call(fan.healthy)
+    assert trustable() == [False] * 4  # serving again: nothing to force
     assert any("the array serves again" in e[1] for e in harness.events)
     assert h.pread(len(model), 0) == model  # degraded: member 3's share from the parity
     flakies[3].down = False

@@ -500,6 +500,7 @@ def test_orchestrator_fan_that_lost_every_member_at_once_serves_again(
             for m in names:
                 assert (tmp_path / f"{m}.img").read_bytes() == model
         assert fab.status()["fan"]["restarts"] == 0
+        assert "has failed" not in fab.cli("status").stdout
     finally:
         fab.cli("down")
 
@@ -512,3 +513,73 @@ def test_orchestrator_docker_backend_without_engine_says_so(tmp_path: Path) -> N
     assert "nbdfabric up: docker backend: no docker engine reachable" in res.stderr
     assert not (tmp_path / "r" / "f" / "state.json").exists()
     assert fab.cli("status", check=False).returncode == 3
+
+
+def test_orchestrator_leaves_a_failed_mirror_to_the_operator(
+    tmp_path: Path, start_node: Any
+) -> None:
+    """A mirror that failed with its members reachable is not restarted after the NOT_SERVING
+    grace: a new process would take every member as in sync and serve stale data. Here member
+    0 left first and missed writes member 1 acknowledged; member 1 is back only later. The
+    mirror keeps failing reads (never stale data), `status` says what a trust would cost, and
+    the mirror serves the new data again by itself once member 1 is back."""
+    from conftest import nbd_connect
+
+    from orchestrator.supervisor import NOT_SERVING_GRACE
+
+    size = 4 << 20
+    disks = [tmp_path / "a.img", tmp_path / "b.img"]
+    for disk in disks:
+        disk.write_bytes(bytes(size))
+    a, b = (start_node("file", str(d)) for d in disks)
+    fab = Fabric(tmp_path, (
+        "name: f\nnodes:\n"
+        f"  fan: {{kind: mirror, upstreams: ['{a.uri}', '{b.uri}'],\n"
+        "        params: {check-interval: 0.05, retry-delay: 0.1}}\n"
+        'exports:\n  vm: {node: fan, listen: ["unix:${SOCKDIR}/vm.sock"]}\n'
+    ))  # fmt: skip
+    old, new = os.urandom(size), os.urandom(size)
+    try:
+        fab.up()
+        uri = fab.uri("vm")
+        h = nbd_connect(uri)
+        h.pwrite(old, 0)
+        h.flush()
+        a.kill()
+        h.pwrite(new, 0)  # acknowledged by member 1 alone
+        h.flush()
+        h.shutdown()
+        b.kill()
+        start_node("file", str(disks[0]), listen=f"unix:{a.socket}")  # the stale member
+        wait_for(lambda: fab.status()["fan"]["health"] == "NOT_SERVING", 30, "the fan to fail")
+
+        def said_failed() -> bool:
+            res = fab.cli("events", "--no-follow")
+            return any(" fan: failed: " in line for line in res.stdout.splitlines())
+
+        wait_for(said_failed, NOT_SERVING_GRACE + 30, "the supervisor to give up on the fan")
+        nodes = fab.status()
+        assert nodes["fan"]["restarts"] == 0 and nodes["fan"]["health"] == "NOT_SERVING"
+        res = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, timeout=60)
+        assert res.returncode != 0 and "Input/output error" in res.stderr.decode()
+        control = nodes["fan"]["control"]
+        shown = fab.cli("status").stdout
+        assert "member(s) 0 reachable" in shown
+        assert "none of them holds every acknowledged write" in shown  # member 0 missed some
+        assert f"nbdfabric ctl {control} trust 0" in shown
+        # Member 1 comes back: it left last, and member 0 missed every region it could be
+        # compared on, so the mirror trusts it by itself and rebuilds member 0 from it.
+        start_node("file", str(disks[1]), listen=f"unix:{b.socket}")
+
+        def in_sync() -> bool:
+            return [m["state"] for m in fab.status()["fan"]["members"]] == ["in_sync"] * 2
+
+        wait_for(in_sync, 60, "member 0 to be rebuilt from member 1")
+        h = nbd_connect(uri)
+        assert h.pread(size, 0) == new
+        h.shutdown()
+        assert disks[0].read_bytes() == disks[1].read_bytes() == new
+        assert fab.status()["fan"]["restarts"] == 0
+        assert "has failed" not in fab.cli("status").stdout
+    finally:
+        fab.cli("down")

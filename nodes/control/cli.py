@@ -221,7 +221,9 @@ def show_stats(stats: pb.GetStatsResponse) -> None:
     )
 
 
-def show_members(members: Sequence[pb.Member], rebuild: pb.RebuildProgress | None) -> None:
+def show_members(
+    members: Sequence[pb.Member], rebuild: pb.RebuildProgress | None, addr: str
+) -> None:
     con = _console()
     con.print(
         _table(
@@ -230,8 +232,33 @@ def show_members(members: Sequence[pb.Member], rebuild: pb.RebuildProgress | Non
             [(m.index, m.uri, m.state, "yes" if m.healthy else "NO") for m in members],
         )
     )
+    hint = trust_hint(members, addr)
+    if hint:
+        print(hint)
     if rebuild is not None:
         show_progress(rebuild)
+
+
+def trust_hint(members: Sequence[pb.Member], addr: str) -> str | None:
+    """For a failed mirror or parity fan with members `ctl trust` would accept: what the
+    operator can do (the fan will not guess which member holds the data). A member that left
+    the array last missed no acknowledged write: that one is named first."""
+    details = {m.index: json.loads(m.detail_json or "{}") for m in members}
+    trustable = [i for i, d in details.items() if d.get("trustable")]
+    if not trustable:
+        return None
+    complete = [i for i in trustable if details[i].get("complete")]
+    best = (complete or trustable)[0]
+    why = (
+        "it left last and holds every acknowledged write"
+        if complete
+        else "none of them holds every acknowledged write: writes will be lost"
+    )
+    return (
+        f"the array has failed and will not guess which member holds its data; member(s) "
+        f"{', '.join(map(str, trustable))} reachable. To serve from member {best} ({why}): "
+        f"nbdfabric ctl {addr} trust {best}"
+    )
 
 
 def show_progress(p: pb.RebuildProgress) -> None:
@@ -383,7 +410,7 @@ def run_ctl(args: argparse.Namespace, channel: grpc.Channel) -> int:
 
     elif c == "members":
         result = stub.ListMembers(pb.ListMembersRequest(), timeout=unary)
-        show = lambda r: show_members(r.members, r.rebuild)  # noqa: E731
+        show = lambda r: show_members(r.members, r.rebuild, args.addr)  # noqa: E731
 
     elif c in ("replace", "faulty", "trust"):
         if args.index < 0:
@@ -396,7 +423,7 @@ def run_ctl(args: argparse.Namespace, channel: grpc.Channel) -> int:
         else:
             req_f = pb.MarkMemberFaultyRequest(index=args.index)
             result = stub.MarkMemberFaulty(req_f, timeout=unary)
-        show = lambda r: show_members(r.members, None)  # noqa: E731
+        show = lambda r: show_members(r.members, None, args.addr)  # noqa: E731
 
     elif c == "rebuild":
         if args.action is None and args.throttle is None:

@@ -682,6 +682,7 @@ class Mirror(FanBase):
 
     def members_info(self) -> list[dict[str, Any]]:
         out = []
+        failed = not self.healthy()
         for s in self.slots:
             info: dict[str, Any] = {
                 "index": s.index,
@@ -694,6 +695,11 @@ class Mirror(FanBase):
                 "resync_bytes": s.resync_bytes,
                 "held": s.held,
                 "healthy": s.backend.healthy(),
+                # What `ctl trust` would accept now: the operator's way out of a failure the
+                # fan cannot settle by itself (see trust_member).
+                "trustable": failed and s.state != SPARE and s.backend.healthy(),
+                # It left the in-sync set last: it missed no acknowledged write.
+                "complete": s.state == FAULTY and s.left_at == self.acked,
             }
             if s.rebuild is not None:
                 info["rebuild"] = s.rebuild.as_dict(not self._running.is_set())

@@ -179,6 +179,7 @@ class Parity(FanBase):
 
     def members_info(self) -> list[dict[str, Any]]:
         out = []
+        failed = not self.healthy()
         for i, m in enumerate(self.members):
             info: dict[str, Any] = {
                 "index": i,
@@ -188,6 +189,10 @@ class Parity(FanBase):
                 "errors": self.errors[i],
                 "dirty_bytes": 0 if self.states[i] == IN_SYNC
                 else (self.stripes - self.cursor[i]) * self.chunk,
+                # What `ctl trust` would accept now (see trust_member).
+                "trustable": failed and self.states[i] != IN_SYNC and m.healthy(),
+                # It left the in-sync set last: it missed no acknowledged write.
+                "complete": self.states[i] != IN_SYNC and self.left_at[i] == self.acked,
             }  # fmt: skip
             out.append(info)
         return out
