@@ -131,6 +131,11 @@ class Backend:
     #: True for kinds that N processes can serve together (--workers): their state lives in the
     #: kernel (files), nowhere (null), upstream (nbd), or moves to shared memory in share().
     shareable: ClassVar[bool] = False
+    #: The param naming a file where the node keeps what it must know after a restart (a
+    #: mirror's member states and dirty maps). An orchestrator sets it when the user did not.
+    state_param: ClassVar[str | None] = None
+    #: The params that file depends on: when one changes (or the upstreams do), it is stale.
+    state_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

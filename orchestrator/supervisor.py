@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nodes import registry
 from nodes.params import ParamError, live_names, update_params
 
 from . import plan
@@ -462,11 +463,16 @@ class Supervisor:
 
     async def _start(self, node: Node, action: str) -> None:
         runner = self.runners.get(node.name)
+        old = runner.node if runner is not None else None
         if runner is not None:
             await runner.stop()
             runner.node = node
         else:
             runner = self.runners[node.name] = NodeRunner(self, node)
+        if old is None or _state_differs(old, node):
+            # Another array (or a new one): what the last one knew of its members is not true
+            # of this one. Other restarts (a crash, another read policy) keep it.
+            self.backend.forget_state(node.name)
         await runner.start()
         runner.supervise()
 
@@ -592,3 +598,14 @@ class Supervisor:
 
 def _param_names(model: Any) -> set[str]:
     return {f.alias or n for n, f in model.model_fields.items()}
+
+
+def _state_differs(old: Node, new: Node) -> bool:
+    """Whether a node's state file (Backend.state_param) no longer describes the new node."""
+    keys = registry.get(new.kind).state_keys
+    before, after = old.normalized_params(), new.normalized_params()
+    return (
+        old.kind != new.kind
+        or old.upstreams != new.upstreams
+        or any(before.get(k) != after.get(k) for k in keys)
+    )

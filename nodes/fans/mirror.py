@@ -194,6 +194,8 @@ class Mirror(FanBase):
     Params = MirrorParams
     params: MirrorParams
     min_members = 2
+    state_param = "bitmap-file"
+    state_keys = ("bitmap-chunk",)
 
     def __init__(self, params: MirrorParams, members: Sequence[Backend]) -> None:
         super().__init__(params, members)

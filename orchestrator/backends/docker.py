@@ -311,6 +311,9 @@ class DockerBackend:
     def internal_uri(self, topology: Topology, node: str) -> str:
         return make_layout(topology).upstream_uri(node)
 
+    def forget_state(self, node: str) -> None:
+        """Containers keep no state file (a mirror in a container starts afresh)."""
+
     async def prepare(self, topology: Topology) -> None:
         """The image must be here (no registry is asked) and the network exists."""
         import docker.errors

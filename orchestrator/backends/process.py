@@ -5,7 +5,9 @@ Run directory (one per fabric, `RUN` below):
   `--run-dir DIR` or `$NBDFABRIC_RUN_DIR`, else `$XDG_RUNTIME_DIR/nbdfabric`, else
   `.nbdfabric/` beside the topology file; the fabric's own directory is `BASE/<name>/`.
 Per node: `RUN/NODE.sock` (internal NBD link), `RUN/NODE.ctl` (gRPC control + health),
-`RUN/NODE.json` (ready file), `RUN/NODE.log` (stderr, appended across restarts).
+`RUN/NODE.json` (ready file), `RUN/NODE.log` (stderr, appended across restarts), and for kinds
+with a `state_param` the user left unset, `RUN/NODE.state` (a mirror's bitmap-file: which members
+are in sync survives a restart of the fan).
 Supervisor: `RUN/orchestrator.sock` (gRPC), `.pid`, `.lock`, `.log`, and `RUN/state.json`.
 """
 
@@ -23,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from nodes import registry
 
 from ..argv import export_words, option_words, param_words
 from ..topology import Node, Topology, is_uri
@@ -61,6 +65,11 @@ class RunDir:
 
     def log(self, node: str) -> Path:
         return self.path / f"{node}.log"
+
+    def node_state(self, node: str) -> Path:
+        """What the node keeps across its restarts (a mirror's member states and dirty maps);
+        removed with the fabric, or when the node's members or params change."""
+        return self.path / f"{node}.state"
 
     @property
     def api(self) -> Path:
@@ -110,6 +119,9 @@ def nbdfabric_command() -> list[str]:
 def node_command(node: Node, topology: Topology, run: RunDir, control: bool) -> list[str]:
     cmd = [*nbdfabric_command(), "node", node.kind]
     cmd += param_words(node) + option_words(node)
+    state = registry.get(node.kind).state_param
+    if state and state not in node.raw_params:
+        cmd.append(f"{state}={run.node_state(node.name)}")
     cmd += ["--name", node.name, "--listen", f"unix:{run.sock(node.name)}"]
     cmd += ["--ready-file", str(run.ready(node.name))]
     for up in node.upstreams:
@@ -248,6 +260,10 @@ class ProcessBackend:
 
     def internal_uri(self, topology: Topology, node: str) -> str:
         return self.run.internal_uri(node)
+
+    def forget_state(self, node: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.run.node_state(node).unlink()
 
     async def prepare(self, topology: Topology) -> None:
         """Nothing to set up before the first node starts."""
