@@ -330,3 +330,30 @@ def test_parity_member_lost_under_load_degraded_reads_and_rebuild(harness: Harne
     flakies[0].down = True  # now lose another one: member 2 must hold its share again
     assert h.pread(size, 0) == model
     h.shutdown()
+
+
+def test_parity_state_file_says_who_is_out_before_it_matters(harness: Harness, tmp_path) -> None:
+    """state-file: a member's fall is on disk at once; the first write acknowledged without it
+    makes it 'not complete' on disk before it is sent; a file of another array is refused."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    path = tmp_path / "parity.state"
+    flakies, _ = harness.flaky_members(3, 1 << 20)
+    params = {"chunk-size": "16K", "retry-delay": 60, "state-file": str(path)}
+    fan = Parity(ParityParams.model_validate(params), flakies)
+    uri = harness.serve(fan, "parity")
+    assert json.loads(path.read_text())["states"] == ["in_sync"] * 3
+    harness.run(fan.mark_faulty(1))
+    saved = json.loads(path.read_text())
+    assert saved["states"] == ["in_sync", "faulty", "in_sync"]
+    assert saved["complete"] == [False, True, False]  # it missed nothing yet
+    h = nbd_connect(uri)
+    h.pread(4096, 0)  # reads change nothing on disk
+    assert json.loads(path.read_text())["complete"] == [False, True, False]
+    h.pwrite(b"x" * 4096, 0)
+    assert json.loads(path.read_text())["complete"] == [False, False, False]
+    h.shutdown()
+    # The same file for an array of another shape: refused, with what to do.
+    other = Parity(ParityParams.model_validate({**params, "chunk-size": "32K"}), flakies)
+    with pytest.raises(ValueError, match=r"belongs to another array.*remove it"):
+        harness.run(other.start())

@@ -585,21 +585,25 @@ def test_orchestrator_leaves_a_failed_mirror_to_the_operator(
         fab.cli("down")
 
 
-def test_orchestrator_mirror_restarted_after_a_crash_remembers_its_faulty_member(
-    tmp_path: Path, start_node: Any
+@pytest.mark.parametrize(("kind", "members", "params"),
+                         [("mirror", 2, "{}"), ("parity", 3, "{retry-delay: 60}")])  # fmt: skip
+def test_orchestrator_fan_restarted_after_a_crash_remembers_its_faulty_member(
+    tmp_path: Path, start_node: Any, kind: str, members: int, params: str
 ) -> None:
-    """The supervisor gives a mirror a state file in the run dir (its bitmap-file), so a fan
-    killed with -9 and restarted still knows member 0 missed writes: it serves member 1's data,
-    not a mix of both disks."""
+    """The supervisor gives a mirror or parity fan a state file in the run dir (bitmap-file,
+    state-file), so a fan killed with -9 and restarted still knows member 0 missed writes: it
+    serves the new data, not member 0's stale share of it."""
     from conftest import nbd_connect
 
     size = 4 << 20
-    a, b = start_node("memory", "4M"), start_node("memory", "4M")
+    nodes = [start_node("memory", "4M") for _ in range(members)]
     fab = Fabric(tmp_path, (
         "name: f\nnodes:\n"
-        f"  fan: {{kind: mirror, upstreams: ['{a.uri}', '{b.uri}']}}\n"
+        f"  fan: {{kind: {kind}, upstreams: [{', '.join(repr(n.uri) for n in nodes)}],\n"
+        f"        params: {params}}}\n"
         'exports:\n  vm: {node: fan, listen: ["unix:${SOCKDIR}/vm.sock"]}\n'
     ))  # fmt: skip
+    size = size if kind == "mirror" else size * (members - 1)
     old, new = os.urandom(size), os.urandom(size)
     try:
         fab.up()
@@ -613,21 +617,22 @@ def test_orchestrator_mirror_restarted_after_a_crash_remembers_its_faulty_member
         h.flush()
         h.shutdown()
         assert (tmp_path / "r" / "f" / "fan.state").exists()
+        assert fab.status()["fan"]["members"][0]["state"] == "faulty"
         os.kill(fab.status()["fan"]["pid"], signal.SIGKILL)
         wait_for(lambda: fab.status()["fan"]["restarts"] == 1, 60, "the fan to be restarted")
         wait_for(lambda: fab.status()["fan"]["health"] == "SERVING", 60, "the fan to serve")
         states = [m["state"] for m in fab.status()["fan"]["members"]]
-        assert states == ["faulty", "in_sync"]
+        assert states == ["faulty"] + ["in_sync"] * (members - 1)
         h = nbd_connect(uri)
         for _ in range(4):  # every read policy's choice: only member 1 may answer
             assert h.pread(size, 0) == new
         h.shutdown()
         # `up` again with another check-interval (not live: a restart) keeps the state too.
-        fab.file.write_text(fab.file.read_text().replace("upstreams:", "params: "
-                            "{check-interval: 0.3}, upstreams:"))  # fmt: skip
+        fab.file.write_text(fab.file.read_text().replace("params: {", "params: "
+                            "{check-interval: 0.3, ").replace(", }", "}"))  # fmt: skip
         assert "fan:restart" in fab.cli("up", "--detach", str(fab.file)).stdout.replace(" ", "")
         wait_for(lambda: fab.status()["fan"]["health"] == "SERVING", 60, "the fan to serve")
-        assert [m["state"] for m in fab.status()["fan"]["members"]] == ["faulty", "in_sync"]
+        assert [m["state"] for m in fab.status()["fan"]["members"]] == states
         assert nbd_connect(uri).pread(size, 0) == new
     finally:
         fab.cli("down")

@@ -20,7 +20,12 @@ bitmap here), stripe by stripe in the background; stripes already rebuilt are wr
 as usual. Trim is not offered (it would break parity); zeroing is done by
 writing zeros. Size: (smallest member, in whole chunks) * (N-1).
 
-Params: `chunk-size` (default 64K), `rebuild-rate` (live, bytes/s of rebuilt member data).
+With `state-file=PATH` (the orchestrator gives one in its run dir) the fan keeps which members
+are in sync in a small JSON file, written before a change is acted on, so a fan restarted after
+a crash does not read a member that missed writes as a good one.
+
+Params: `chunk-size` (default 64K), `rebuild-rate` (live, bytes/s of rebuilt member data),
+`state-file`.
 
 Example: `nbdfabric node parity chunk-size=64K --upstream A --upstream B --upstream C`.
 """
@@ -40,6 +45,7 @@ from ..base import Backend, Capabilities, Holes, Support, fill_holes
 from ..params import Duration, Params, Size, live, param
 from ..protocol.constants import Extent
 from ..registry import register
+from ._bitmap import BitmapFile
 from ._common import FanBase, Recovery, combine_caps, member_name
 
 log = logging.getLogger("nbdfabric.parity")
@@ -52,6 +58,9 @@ class ParityParams(Params):
     rebuild_rate: Size = live(0, description="rebuild throttle in bytes/s (0: unlimited)")
     check_interval: Duration = param(0.2, description="how often member health is polled")
     retry_delay: Duration = param(1.0, description="wait before rebuilding a returning member")
+    state_file: str | None = param(
+        None, description="JSON file keeping which members are in sync across restarts of the fan"
+    )
 
     @field_validator("chunk_size")
     @classmethod
@@ -75,6 +84,8 @@ class Parity(FanBase):
     Params = ParityParams
     params: ParityParams
     min_members = 3
+    state_param = "state-file"
+    state_keys = ("chunk-size",)
 
     def __init__(self, params: ParityParams, members: Sequence[Backend]) -> None:
         super().__init__(params, members)
@@ -95,6 +106,8 @@ class Parity(FanBase):
         self.acked = 0  #: writes and flushes acknowledged to clients
         #: `acked` when each member left the in-sync set (see `_recover`)
         self.left_at: list[int | None] = [None] * self.n
+        self._state = BitmapFile(params.state_file) if params.state_file else None
+        self._saved: dict[str, Any] | None = None  #: what the state file holds now
 
     def compute_caps(self, caps: list[Capabilities]) -> Capabilities:
         smallest = min(c.size for c in caps)
@@ -110,7 +123,59 @@ class Parity(FanBase):
 
     async def start(self) -> None:
         await super().start()
+        if self._state is not None:
+            self._load_state()
+        self._persist()
         self._monitor_task = asyncio.get_running_loop().create_task(self._monitor())
+
+    def _load_state(self) -> None:
+        """Members that were not in sync when the fan stopped (or crashed) stay out: a new
+        process would otherwise read a stale member's chunks as good ones."""
+        assert self._state is not None
+        data = self._state.load()
+        if data is None:
+            return
+        expect = {"members": self.n, "chunk": self.chunk, "stripes": self.stripes}
+        got = {k: data.get(k) for k in expect}
+        if got != expect:
+            raise ValueError(
+                f"parity: state file {self._state.path} belongs to another array ({got}, this "
+                f"one is {expect}); remove it to start afresh"
+            )
+        for i, (state, complete) in enumerate(zip(data["states"], data["complete"], strict=True)):
+            if state != IN_SYNC:
+                self.states[i] = FAULTY
+                # `acked` starts again at 0: a member that missed nothing still matches it.
+                self.left_at[i] = self.acked if complete else None
+                self.retry_at[i] = time.monotonic() + self.params.retry_delay
+                log.warning("parity: member %d was not in sync before the fan restarted", i)
+
+    def _persist(self) -> None:
+        """Save which members are in sync, and which of the others missed no acknowledged
+        write, whenever that changes (before the write that changes it is sent)."""
+        if self._state is None:
+            return
+        data = {
+            "members": self.n,
+            "chunk": self.chunk,
+            "stripes": self.stripes,
+            "states": [IN_SYNC if s == IN_SYNC else FAULTY for s in self.states],
+            "complete": [s != IN_SYNC and self.left_at[i] == self.acked
+                         for i, s in enumerate(self.states)],
+        }  # fmt: skip
+        if data != self._saved:
+            self._state.save(data)
+            self._saved = data
+
+    def _before_write(self) -> None:
+        """A write is about to be acknowledged without the members not in sync: once it is,
+        they miss it. Say so on disk first."""
+        if self._saved is not None and any(self._saved["complete"]):
+            self.acked += 1  # as it will be once acknowledged
+            try:
+                self._persist()
+            finally:
+                self.acked -= 1
 
     async def stop(self) -> None:
         tasks = [t for t in (self._monitor_task, *self._tasks) if t is not None]
@@ -161,6 +226,7 @@ class Parity(FanBase):
         self.states[member] = FAULTY
         self.errors[member] += 1
         self.retry_at[member] = time.monotonic() + self.params.retry_delay
+        self._persist()
         log.warning("parity: member %d faulty: %s", member, why)
         self.emit("member", f"member {member} faulty: {why}", index=member, state=FAULTY)
 
@@ -272,6 +338,7 @@ class Parity(FanBase):
                     self.seen[i] = getattr(self.members[i], "reconnects", 0)
                     self.left_at[i] = None
                     self.states[i] = IN_SYNC
+                self._persist()
                 log.warning("parity: every member holds every acknowledged write: serving again")
                 self.emit("member", "every member is back with its data: the array serves again",
                           state=IN_SYNC)  # fmt: skip
@@ -394,6 +461,7 @@ class Parity(FanBase):
             self.rebuild["finished"] = time.monotonic()
             self.rebuild["running"] = False
         self.states[member] = IN_SYNC
+        self._persist()
         self.emit("member", f"member {member} in sync", index=member, state=IN_SYNC)
 
     async def replace_member(self, index: int, uri: str | Backend) -> None:
@@ -413,6 +481,8 @@ class Parity(FanBase):
             raise ValueError(f"parity: the new member {index} is too small")
         old = self.members[index]
         self.states[index] = FAULTY
+        self.left_at[index] = None  # a new disk: it holds nothing yet
+        self._persist()
         self.members[index] = new
         self.seen[index] = getattr(new, "reconnects", 0)
         self.emit("member", f"member {index} replaced by {member_name(new, index)}", index=index)
@@ -448,6 +518,7 @@ class Parity(FanBase):
         self.seen[index] = getattr(member, "reconnects", 0)
         self.left_at[index] = None
         self.states[index] = IN_SYNC  # a rebuild of it still running sees this and stops
+        self._persist()
         why = "" if complete else " (it may miss writes acknowledged after it left)"
         log.warning("parity: member %d trusted by the operator%s", index, why)
         serving = self.healthy()
@@ -515,6 +586,7 @@ class Parity(FanBase):
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         await self._serving()
+        self._before_write()
         by_stripe: dict[int, list[tuple[int, int, int, int]]] = {}
         for s, j, w, p, n in self._pieces(offset, len(buf)):
             by_stripe.setdefault(s, []).append((j, w, p, n))
