@@ -58,8 +58,11 @@ def export_words(
     map_dir: PathMap = _same,
     map_secret: PathMap = _same,
 ) -> list[str]:
-    """Export name, description, read-only and (with `tls`) the TLS flags of an exported node."""
-    words = ["--export-name", export.name]
+    """Export name, description, read-only and (with `tls`) the TLS flags of an exported node.
+
+    A node that serves several exports (file dir=) gets no name: it refuses one, and serves
+    them all on the export's addresses."""
+    words = ["--export-name", export.name] if export.served_name else []
     if export.description:
         words += ["--description", export.description]
     if export.read_only:
