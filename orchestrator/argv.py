@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from .topology import Export, Node
 
@@ -16,6 +17,12 @@ PathMap = Callable[[str], str]
 
 def _same(path: str) -> str:
     return path
+
+
+def uri_path(export: str) -> str:
+    """An export name as the path of an NBD URI (`nbd://HOST:PORT/PATH`): percent-encoded,
+    as libnbd and qemu decode it (a file name may have spaces, '?' or '#')."""
+    return quote(export, safe="")
 
 
 def param_text(value: Any) -> str:

@@ -423,6 +423,47 @@ def test_workers_reach_every_way_of_running_the_node(tmp_path: Path) -> None:
     assert (cow["minimum"], cow["maximum"]) == (1, 1)  # what validate refuses, editors do too
 
 
+def test_directory_references_reach_every_way_of_running_the_node(tmp_path: Path) -> None:
+    """Each filter's upstream URI names its file (percent-encoded), on every backend; the
+    exported directory node gets no --export-name; compose waits for the node once."""
+    from orchestrator import k8s
+    from orchestrator.backends.process import RunDir, node_command
+    from orchestrator.compose import compose_dict
+
+    top = load_text(DIRECTORY.replace("files/b.img", "files/my disk#2.img"), "f.yaml")
+    run = RunDir(tmp_path)
+
+    def upstreams(words: list[str]) -> list[str]:
+        return [words[i + 1] for i, w in enumerate(words) if w == "--upstream"]
+
+    assert upstreams(node_command(top.nodes["a"], top, run, False)) == [
+        f"nbd+unix:///a.img?socket={tmp_path}/files.sock"
+    ]
+    assert upstreams(node_command(top.nodes["b"], top, run, False)) == [
+        f"nbd+unix:///my%20disk%232.img?socket={tmp_path}/files.sock"
+    ]
+    assert upstreams(node_command(top.nodes["m"], top, run, False))[1:] == [
+        f"nbd+unix:///d%2Fe?socket={tmp_path}/files.sock",
+        f"nbd+unix:///?socket={tmp_path}/disk.sock",
+    ]
+    assert "--export-name" not in node_command(top.nodes["files"], top, run, False)
+    services = compose_dict(top)["services"]
+    assert upstreams(services["a"]["command"]) == ["nbd://files:10809/a.img"]
+    assert upstreams(services["b"]["command"]) == ["nbd://files:10809/my%20disk%232.img"]
+    assert list(services["m"]["depends_on"]) == ["files", "disk"]
+    assert "--export-name" not in services["files"]["command"]
+    assert services["files"]["command"][2] == "dir=/mnt/nbdfabric/0/disks"
+    (pod,) = k8s.manifests(top)
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    assert upstreams(containers["a"]["args"]) == [
+        "nbd+unix:///a.img?socket=/run/nbdfabric/files.sock"
+    ]
+    assert "--export-name" not in containers["files"]["args"]
+    assert containers["a"]["args"][-4:-2] == ["--export-name", "va"]
+    with pytest.raises(ValueError, match="export 'dir' serves a directory, one export per file"):
+        k8s.import_job(top, "dir", "pvc")
+
+
 def test_topology_schema_has_every_kind_and_flexible_sizes() -> None:
     from nodes import registry
 
