@@ -33,8 +33,8 @@ def text_tree(topology: Topology) -> str:
         shared = " (shared)" if users > 1 else ""
         lines.append(f"{prefix}{branch}{_label(node, up)}{shared}")
         child_prefix = prefix + ("    " if last else "│   ")
-        for i, up in enumerate(node.upstreams):
-            walk(up, child_prefix, i == len(node.upstreams) - 1, (*seen, name))
+        for i, child in enumerate(node.upstreams):
+            walk(child, child_prefix, i == len(node.upstreams) - 1, (*seen, name))
 
     for title, node in roots:
         lines.append(title)

@@ -636,6 +636,7 @@ class _Validator:
             if spec.tls != "off" and not (spec.tls_certificates or spec.tls_psk):
                 self.problem((*path, "tls"), "tls on/require needs 'tls-certificates' or 'tls-psk'")
                 ok = False
+            target = nodes.get(spec.node)  # None when invalid itself (then reported)
             if ok:
                 out[str(export_name)] = Export(
                     name=str(export_name),
@@ -646,7 +647,7 @@ class _Validator:
                     tls=spec.tls,
                     tls_certificates=spec.tls_certificates,
                     tls_psk=spec.tls_psk,
-                    multi_export=node.multi_export if (node := nodes.get(spec.node)) else None,
+                    multi_export=target.multi_export if target else None,
                 )
         return out
 
