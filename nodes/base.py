@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from .params import Params as ParamsModel
 from .params import update_params
@@ -27,6 +27,8 @@ Holes = list[tuple[int, int]] | None
 Extents = list[tuple[int, int]]
 #: A piece of a lent read: a view of the backend's own bytes, or a hole of that many zero bytes.
 Piece = memoryview | int
+#: What a node that serves several exports, chosen by name, serves (see Backend.multi_export).
+MultiExport = Literal["directory"]
 
 
 class Support(IntEnum):
@@ -151,6 +153,15 @@ class Backend:
         """The plugin `nbdfabric node KIND PARAMS` serves: an instance of this class, unless
         the kind has modes served by different classes (file: one file, or dir=)."""
         return cls(params)
+
+    @classmethod
+    def multi_export(cls, params: ParamsModel) -> MultiExport | None:
+        """None for a node of these params that serves one export; for one that serves several,
+        chosen by the client's export name, what they are ("directory": one per file, file
+        dir=). Known from the params, before start (exports() agrees once started), so that
+        the orchestrator can route an upstream to one of them (`NODE/EXPORT`) and give the node
+        no --export-name."""
+        return None
 
     # Lifecycle ----------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 from .topology import Export, Node
 
@@ -16,6 +17,12 @@ PathMap = Callable[[str], str]
 
 def _same(path: str) -> str:
     return path
+
+
+def uri_path(export: str) -> str:
+    """An export name as the path of an NBD URI (`nbd://HOST:PORT/PATH`): percent-encoded,
+    as libnbd and qemu decode it (a file name may have spaces, '?' or '#')."""
+    return quote(export, safe="")
 
 
 def param_text(value: Any) -> str:
@@ -58,8 +65,11 @@ def export_words(
     map_dir: PathMap = _same,
     map_secret: PathMap = _same,
 ) -> list[str]:
-    """Export name, description, read-only and (with `tls`) the TLS flags of an exported node."""
-    words = ["--export-name", export.name]
+    """Export name, description, read-only and (with `tls`) the TLS flags of an exported node.
+
+    A node that serves several exports (file dir=) gets no name: it refuses one, and serves
+    them all on the export's addresses."""
+    words = ["--export-name", export.name] if export.served_name else []
     if export.description:
         words += ["--description", export.description]
     if export.read_only:

@@ -128,10 +128,22 @@ def _rpc_error(exc: grpc.RpcError) -> str:
 # -- up -------------------------------------------------------------------------------------------
 
 
-def _print_exports(exports: Sequence[Any]) -> None:
+#: What a FabricExport's `exports` marker adds after each of its URIs (they name no export).
+_EXPORTS_NOTE = {"directory": "  (directory: one export per file, nbdinfo --list)"}
+
+
+def _export_lines(exports: Sequence[Any], prefix: str = "  ") -> list[str]:
+    """`PREFIX NAME: URI` for each URI of each export (FabricExport messages)."""
+    lines = []
     for e in exports:
-        for uri in e.uris:
-            print(f"  {e.name}: {uri}")
+        note = _EXPORTS_NOTE.get(e.exports, f"  ({e.exports})" if e.exports else "")
+        lines += [f"{prefix}{e.name}: {uri}{note}" for uri in e.uris]
+    return lines
+
+
+def _print_exports(exports: Sequence[Any]) -> None:
+    for line in _export_lines(exports):
+        print(line, flush=True)
 
 
 def _apply(client: Client, topology: Topology, path: Path) -> Any:
@@ -321,7 +333,7 @@ def _foreground(
 ) -> int:
     import logging
 
-    from .service import AlreadyRunning, hosted
+    from .service import AlreadyRunning, export_messages, hosted
     from .supervisor import ApplyError
 
     logging.basicConfig(level=logging.WARNING)
@@ -352,9 +364,7 @@ def _foreground(
                 return 1
             print(f"fabric {topology.name}: {len(topology.nodes)} nodes up; Ctrl-C stops it",
                   flush=True)  # fmt: skip
-            for e in sup.exports():
-                for uri in e["uris"]:
-                    print(f"  {e['name']}: {uri}", flush=True)
+            _print_exports(export_messages(sup))
             await sup.finished.wait()
             await asyncio.sleep(0)
             printing.cancel()
@@ -494,9 +504,8 @@ def cmd_status(argv: Sequence[str]) -> int:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    for e in reply.exports:
-        for uri in e.uris:
-            print(f"export {e.name}: {uri}")
+    for line in _export_lines(reply.exports, "export "):
+        print(line)
     from nodes.control.cli import trust_hint
 
     for n in reply.nodes:

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from .argv import export_words, option_words, param_words
-from .topology import Node, Topology, is_uri, load_or_report
+from .argv import export_words, option_words, param_words, uri_path
+from .topology import Node, Topology, is_uri, load_or_report, node_ref
 
 #: The image every node container runs; `${NBDFABRIC_IMAGE}` overrides it when compose runs.
 DEFAULT_IMAGE = "nbdfabric:latest"
@@ -66,12 +66,15 @@ class ContainerLayout:
 
     def export_name(self, node: str) -> str:
         export = self.topology.export_of(node)
-        return export.name if export else ""
+        return export.served_name if export else ""
 
     def upstream_uri(self, up: str) -> str:
+        """`NODE`: the node's export (named as in `exports:`); `NODE/EXPORT`: that one."""
         if is_uri(up):
             return up
-        return f"nbd://{self.hosts[up]}:{NBD_PORT}/{self.export_name(up)}"
+        ref = node_ref(up)
+        export = self.export_name(ref.node) if ref.export is None else ref.export
+        return f"nbd://{self.hosts[ref.node]}:{NBD_PORT}/{uri_path(export)}"
 
     def command(self, node: Node, mounts: Mounts) -> list[str]:
         """The arguments after the image's entrypoint (`nbdfabric`)."""

@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from .argv import export_words, option_words, param_words
+from .argv import export_words, option_words, param_words, uri_path
 from .compose import DEFAULT_IMAGE, LABEL_PREFIX
-from .topology import Node, Topology, is_uri, load_or_report
+from .topology import Node, Topology, is_uri, load_or_report, node_ref
 
 RUN_DIR = "/run/nbdfabric"
 DATA_ROOT = "/mnt/nbdfabric"
@@ -44,9 +44,16 @@ def _ctl(node: str) -> str:
     return f"unix:{RUN_DIR}/{node}.ctl"
 
 
-def _uri(topology: Topology, node: str) -> str:
-    export = topology.export_of(node)
-    return f"nbd+unix:///{export.name if export else ''}?socket={_sock(node)}"
+def _uri(topology: Topology, node: str, name: str | None = None) -> str:
+    """Export `name` of `node` on its socket; None: the node's own (as `exports:` names it)."""
+    if name is None:
+        export = topology.export_of(node)
+        name = export.served_name if export else ""
+    return f"nbd+unix:///{uri_path(name)}?socket={_sock(node)}"
+
+
+def _upstream_uri(topology: Topology, upstream: str) -> str:
+    return upstream if is_uri(upstream) else _uri(topology, *node_ref(upstream))
 
 
 def _tcp_ports(topology: Topology, node: str) -> list[int]:
@@ -80,7 +87,7 @@ def node_container(topology: Topology, node: Node, image: str, volumes: _Volumes
     for port in _tcp_ports(topology, node.name):
         args += ["--listen", f"0.0.0.0:{port}"]
     for up in node.upstreams:
-        args += ["--upstream", up if is_uri(up) else _uri(topology, up)]
+        args += ["--upstream", _upstream_uri(topology, up)]
     export = topology.export_of(node.name)
     if export is not None:
         args += export_words(export, tls=False)  # TLS files are not mapped into pods yet
@@ -166,6 +173,11 @@ def import_job(
     """A Job copying `export` onto the PVC `claim` (as `disk.img`), CDI importer style."""
     if export not in topology.exports:
         raise ValueError(f"no export {export!r} (exports: {', '.join(topology.exports)})")
+    if topology.exports[export].multi_export:
+        raise ValueError(
+            f"export {export!r} serves a directory, one export per file: to import one file, "
+            "export a filter over it (upstream: NODE/FILE) and import that"
+        )
     spec, containers = pod_spec(topology, image)
     for c in containers:
         c["restartPolicy"] = "Always"  # native sidecar: started in order, stopped after the job

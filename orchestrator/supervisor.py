@@ -363,6 +363,7 @@ class NodeRunner:
             "last_error": self.last_error,
             "export_uris": self.export_uris(),
             "members": list(self.members) if alive else [],
+            "exports": self.node.multi_export or "",
         }
 
     def export_uris(self) -> list[str]:
@@ -570,7 +571,14 @@ class Supervisor:
         for export in self.topology.exports.values():
             runner = self.runners.get(export.node)
             uris = runner.export_uris() if runner else []
-            out.append({"name": export.name, "node": export.node, "uris": uris})
+            out.append(
+                {
+                    "name": export.name,
+                    "node": export.node,
+                    "uris": uris,
+                    "exports": export.multi_export or "",
+                }
+            )
         return out
 
     def save_state(self) -> None:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol, Union
+from typing import Annotated, Any, Literal, NamedTuple, Protocol, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
@@ -34,6 +34,10 @@ class KindInfo(Protocol):
     magic: str | None
     min_members: int
     shareable: bool  #: several processes can serve it (`nbdfabric node --workers`)
+
+    def multi_export(self, params: Any) -> str | None:
+        """None, or what a node of these params serves several exports of ("directory")."""
+        ...
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -72,7 +76,8 @@ class Node:
     params: Params
     #: The params as written (strings for the node's command line), without defaults.
     raw_params: dict[str, Any]
-    #: Names of other nodes, or external NBD URIs (anything with `://`), in order.
+    #: As written, in order: other nodes (`NODE`, or `NODE/EXPORT` for one export of a node
+    #: that serves several), or external NBD URIs (anything with `://`). See `node_ref`.
     upstreams: tuple[str, ...] = ()
     restart: str = "always"
     max_restarts: int = 5
@@ -80,6 +85,9 @@ class Node:
     poll_max_us: int = 0
     #: `nbdfabric node --workers`: processes serving the node together (1: the node alone).
     workers: int = 1
+    #: None, or what the node serves several exports of, chosen by name ("directory": file
+    #: dir=, one per file); its upstream references then name one (`NODE/EXPORT`).
+    multi_export: str | None = None
     line: int | None = None
 
     def normalized_params(self) -> dict[str, Any]:
@@ -87,7 +95,9 @@ class Node:
         return dict(self.params.model_dump(mode="json", by_alias=True))
 
     def node_upstreams(self) -> tuple[str, ...]:
-        return tuple(u for u in self.upstreams if not is_uri(u))
+        """The nodes this one reads from (each once, even when it reads several of a node's
+        exports): what it waits for, depends on and is watched with."""
+        return tuple(dict.fromkeys(node_ref(u).node for u in self.upstreams if not is_uri(u)))
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,14 @@ class Export:
     tls: str = "off"
     tls_certificates: str | None = None
     tls_psk: str | None = None
+    #: The node's Node.multi_export: it then serves all its exports here, and no `name`.
+    multi_export: str | None = None
+
+    @property
+    def served_name(self) -> str:
+        """The export name its URIs carry: its own, or none for a node that serves several
+        (clients pick one of those by name; the default export "" is refused)."""
+        return "" if self.multi_export else self.name
 
 
 @dataclass(frozen=True)
@@ -120,11 +138,30 @@ class Topology:
         return None
 
     def dependents(self, node: str) -> list[str]:
-        return [n.name for n in self.nodes.values() if node in n.upstreams]
+        return [n.name for n in self.nodes.values() if node in n.node_upstreams()]
 
 
 def is_uri(text: str) -> bool:
     return "://" in text
+
+
+class Ref(NamedTuple):
+    """An upstream that names a node of the topology."""
+
+    node: str
+    #: `NODE/EXPORT`: that export of a node that serves several; None: the node's one export.
+    export: str | None = None
+
+
+def node_ref(upstream: str) -> Ref:
+    """`files/a.img` -> Ref("files", "a.img"), `disk` -> Ref("disk"); not for URIs (is_uri).
+    Node names have no "/", so the first one ends the node; the export may have more."""
+    node, slash, export = upstream.partition("/")
+    return Ref(node, export if slash else None)
+
+
+#: Node.multi_export -> (what the node serves, what an upstream names of it), for messages.
+_MULTI_TEXT = {"directory": ("a directory (one export per file)", "one of its files")}
 
 
 # -- structural schema (per node / per export) -------------------------------------------------
@@ -146,6 +183,10 @@ _WORKERS_HELP = (
     "than 1 (see `nbdfabric kinds`)"
 )
 _ONE_WORKER_HELP = "this kind keeps its state in one process: one worker only"
+_UPSTREAM_HELP = (
+    "what a filter reads from: a node, NODE/EXPORT for one export of a node that serves several "
+    "(file with dir=: NODE/FILE), or an NBD URI"
+)
 
 
 class NodeDef(_Strict):
@@ -153,8 +194,10 @@ class NodeDef(_Strict):
 
     kind: str = Field(description="node kind (see `nbdfabric kinds`)")
     params: dict[str, Any] = Field(default_factory=dict, description="the kind's params")
-    upstream: str | None = Field(None, description="the node (or NBD URI) a filter reads from")
-    upstreams: list[str] | None = Field(None, description="a fan's members, in order")
+    upstream: str | None = Field(None, description=_UPSTREAM_HELP)
+    upstreams: list[str] | None = Field(
+        None, description="a fan's members, in order (each as `upstream`)"
+    )
     restart: Literal["always", "on-failure", "never"] = Field(
         "always", description="restart policy when the node exits or stops serving"
     )
@@ -367,7 +410,7 @@ class _Validator:
             if node is not None:
                 nodes[node.name] = node
         self.check_links(raw_nodes, nodes)
-        exports = self.exports(raw_exports, raw_nodes)
+        exports = self.exports(raw_exports, raw_nodes, nodes)
         self.fail_if_problems()
         return Topology(str(name), self.source, nodes, exports, base_dir)
 
@@ -440,6 +483,7 @@ class _Validator:
             max_restarts=spec.max_restarts,
             poll_max_us=spec.poll_max_us,
             workers=spec.workers,
+            multi_export=cls.multi_export(params),
             line=self.lines.line(path),
         )
 
@@ -471,16 +515,10 @@ class _Validator:
         names = [str(n) for n in raw]
         for node in nodes.values():
             for i, up in enumerate(node.upstreams):
-                if is_uri(up) or up in names:
-                    if up == node.name:
-                        self.problem(
-                            self.upstream_path(node, i), "a node cannot be its own upstream"
-                        )
-                    continue
-                self.problem(
-                    self.upstream_path(node, i),
-                    f"no node named {up!r} (nodes: {', '.join(names)})",
-                )
+                if not is_uri(up):
+                    message = self.link_problem(node, up, names, nodes)
+                    if message:
+                        self.problem(self.upstream_path(node, i), message)
         # Cycles, reported once each, from the node where the walk found them.
         state: dict[str, int] = {}  # 1 = on the stack, 2 = done
         stack: list[str] = []
@@ -489,7 +527,8 @@ class _Validator:
             state[name] = 1
             stack.append(name)
             node = nodes[name]
-            for i, up in enumerate(node.upstreams):
+            for i, text in enumerate(node.upstreams):
+                up = "" if is_uri(text) else node_ref(text).node
                 if up not in nodes or up == name:
                     continue
                 if state.get(up) == 1:
@@ -504,6 +543,30 @@ class _Validator:
             if name not in state:
                 visit(name)
 
+    def link_problem(
+        self, node: Node, up: str, names: list[str], nodes: dict[str, Node]
+    ) -> str | None:
+        """What is wrong with upstream `up` (a node reference) of `node`, if anything."""
+        ref = node_ref(up)
+        if ref.node not in names:
+            return f"no node named {ref.node!r} (nodes: {', '.join(names)})"
+        if ref.node == node.name:
+            return "a node cannot be its own upstream"
+        if ref.export == "":
+            return f"{up!r} names no export after '/': write '{ref.node}/NAME'"
+        target = nodes.get(ref.node)
+        if target is None:  # invalid itself, and reported
+            return None
+        if target.multi_export and ref.export is None:
+            what, which = _MULTI_TEXT.get(target.multi_export, ("several exports", "one"))
+            return f"node {ref.node!r} serves {what}: name {which}, '{ref.node}/NAME'"
+        if not target.multi_export and ref.export is not None:
+            return (
+                f"node {ref.node!r} serves one export: write {ref.node!r} ('NODE/EXPORT' names "
+                "one export of a node that serves several, as file with dir= does)"
+            )
+        return None
+
     def upstream_path(self, node: Node, index: int) -> tuple[Any, ...]:
         if (("nodes", node.name, "upstream")) in self.lines.lines:
             return ("nodes", node.name, "upstream")
@@ -511,7 +574,9 @@ class _Validator:
 
     # exports --------------------------------------------------------------------------------
 
-    def exports(self, raw: dict[Any, Any], raw_nodes: dict[Any, Any]) -> dict[str, Export]:
+    def exports(
+        self, raw: dict[Any, Any], raw_nodes: dict[Any, Any], nodes: dict[str, Node]
+    ) -> dict[str, Export]:
         from nodes.server.addresses import AddressError, parse_address
 
         out: dict[str, Export] = {}
@@ -530,8 +595,12 @@ class _Validator:
                 continue
             ok = True
             if spec.node not in names:
+                hint = ""
+                if "/" in spec.node:
+                    hint = f"; to export {spec.node!r} alone, put a filter over it"
                 self.problem(
-                    (*path, "node"), f"no node named {spec.node!r} (nodes: {', '.join(names)})"
+                    (*path, "node"),
+                    f"no node named {spec.node!r} (nodes: {', '.join(names)}){hint}",
                 )
                 ok = False
             elif spec.node in exported:
@@ -567,6 +636,7 @@ class _Validator:
             if spec.tls != "off" and not (spec.tls_certificates or spec.tls_psk):
                 self.problem((*path, "tls"), "tls on/require needs 'tls-certificates' or 'tls-psk'")
                 ok = False
+            target = nodes.get(spec.node)  # None when invalid itself (then reported)
             if ok:
                 out[str(export_name)] = Export(
                     name=str(export_name),
@@ -577,6 +647,7 @@ class _Validator:
                     tls=spec.tls,
                     tls_certificates=spec.tls_certificates,
                     tls_psk=spec.tls_psk,
+                    multi_export=target.multi_export if target else None,
                 )
         return out
 
@@ -638,11 +709,14 @@ def json_schema(kinds: Mapping[str, KindInfo] | None = None) -> dict[str, Any]:
         if not cls.shareable:  # validate refuses more than one worker for it
             fields["workers"] = (int, Field(1, ge=1, le=1, description=_ONE_WORKER_HELP))
         if cls.role == "filter":
-            fields["upstream"] = (str, Field(description="upstream node name or NBD URI"))
+            fields["upstream"] = (str, Field(description=_UPSTREAM_HELP))
         elif cls.role == "fan":
             fields["upstreams"] = (
                 list[str],
-                Field(min_length=cls.min_members, description="members, in order"),
+                Field(
+                    min_length=cls.min_members,
+                    description="members, in order: nodes, NODE/EXPORT or NBD URIs",
+                ),
             )
         variants.append(
             create_model(  # type: ignore[call-overload]

@@ -111,3 +111,25 @@ def test_k8s_import_job_runs_nodes_as_sidecars(capsys) -> None:
     assert "nbd+unix:///disk?socket=/run/nbdfabric/retries.sock" in importer["args"]
     assert {"name": "target", "persistentVolumeClaim": {"claimName": "vm-disk"}} in spec["volumes"]
     assert spec["restartPolicy"] == "Never"
+
+
+def test_compose_cli_wires_a_filter_to_one_file_of_a_directory_node(tmp_path: Path, capsys) -> None:
+    """`nbdfabric compose`: `upstream: files/a.img` is `nbd://files:10809/a.img`, the directory
+    is mounted, and the exported directory node is not given an export name it would refuse."""
+    (tmp_path / "disks").mkdir()
+    f = tmp_path / "fabric.yaml"
+    f.write_text(
+        "name: d\nnodes:\n  files: {kind: file, params: {dir: disks}}\n"
+        "  cow: {kind: cow, upstream: files/a.img}\n"
+        "exports:\n  all: {node: files, listen: ['127.0.0.1:10900']}\n"
+        "  vm: {node: cow, listen: ['127.0.0.1:10901']}\n"
+    )
+    assert compose.main([str(f)]) == 0
+    services = yaml.safe_load(capsys.readouterr().out)["services"]
+    cow, files = services["cow"], services["files"]
+    assert cow["command"][cow["command"].index("--upstream") + 1] == "nbd://files:10809/a.img"
+    assert cow["depends_on"] == {"files": {"condition": "service_healthy"}}
+    assert "--export-name" not in files["command"]
+    assert "dir=/mnt/nbdfabric/0/disks" in files["command"]
+    assert files["volumes"] == [f"{tmp_path}:/mnt/nbdfabric/0"]
+    assert files["ports"] == ["127.0.0.1:10900:10809"]

@@ -637,3 +637,87 @@ def test_orchestrator_fan_restarted_after_a_crash_remembers_its_faulty_member(
     finally:
         fab.cli("down")
     assert not (tmp_path / "r" / "f" / "fan.state").exists()
+
+
+DIRECTORY = """\
+name: f
+nodes:
+  files: {kind: file, params: {dir: "${SOCKDIR}/disks"}}
+  cow: {kind: cow, upstream: files/a.img}
+  proxy: {kind: nbd, upstream: files/b.img}
+exports:
+  va: {node: cow, listen: ["unix:${SOCKDIR}/va.sock"]}
+  vb: {node: proxy, listen: ["unix:${SOCKDIR}/vb.sock"]}
+"""
+
+
+def disks(tmp_path: Path) -> dict[str, bytes]:
+    """`SOCKDIR/disks/` with two images of different random contents (and sizes)."""
+    images = {"a.img": os.urandom(2 << 20), "b.img": os.urandom(3 << 20)}
+    (tmp_path / "disks").mkdir()
+    for name, data in images.items():
+        (tmp_path / "disks" / name).write_bytes(data)
+    return images
+
+
+def test_orchestrator_filters_over_files_of_a_directory_node(tmp_path: Path) -> None:
+    """`upstream: files/a.img`: each filter reads its own file of the one directory node; a
+    write through the cow stays in its overlay, one through the nbd proxy reaches b.img."""
+    from conftest import nbd_connect
+
+    images = disks(tmp_path)
+    fab = Fabric(tmp_path, DIRECTORY)
+    try:
+        fab.up()
+        nodes = fab.status()
+        for n in nodes.values():
+            assert (n["state"], n["health"], n["restarts"]) == ("running", "SERVING", 0), n
+        assert nodes["cow"]["upstreams"] == ["files/a.img"]
+        assert (nodes["files"]["exports"], nodes["cow"]["exports"]) == ("directory", "")
+        va, vb = fab.uri("va"), fab.uri("vb")
+        assert read_sha(tmp_path, va, 2 << 20) == sha(images["a.img"])
+        assert read_sha(tmp_path, vb, 3 << 20) == sha(images["b.img"])
+        write_read(tmp_path, va, 1 << 20)  # through the cow: back as written...
+        assert (tmp_path / "disks" / "a.img").read_bytes() == images["a.img"]  # ...a.img as was
+        h = nbd_connect(vb)
+        h.pwrite(b"proxied!" * 512, 4096)
+        h.flush()
+        h.shutdown()
+        b_img = tmp_path / "disks" / "b.img"
+        b = b_img.read_bytes()
+        assert b[4096:8192] == b"proxied!" * 512 and b[:4096] == images["b.img"][:4096]
+        run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(b_img), vb])
+        pids = set(fab.pids)
+    finally:
+        fab.cli("down", check=False)
+    for pid in pids:
+        wait_for(lambda pid=pid: not alive(pid), 30, f"pid {pid} to exit")
+    assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
+
+
+def test_orchestrator_exports_a_directory_node_with_every_file(tmp_path: Path) -> None:
+    """A directory node in `exports:` serves each file on the export's addresses under the
+    file's name; `up` and `status` print the addresses' URIs (no export name) with a note."""
+    images = disks(tmp_path)
+    fab = Fabric(
+        tmp_path,
+        'name: f\nnodes:\n  files: {kind: file, params: {dir: "${SOCKDIR}/disks"}}\n'
+        'exports:\n  all: {node: files, listen: ["unix:${SOCKDIR}/all.sock", "127.0.0.1:0"]}\n',
+    )
+    try:
+        out = fab.up()
+        note = "  (directory: one export per file, nbdinfo --list)"
+        assert f"  all: nbd+unix:///?socket={tmp_path}/all.sock{note}\n" in out
+        files = fab.status()["files"]
+        assert (files["export_name"], files["exports"]) == ("all", "directory")
+        tcp = fab.uri("all", "nbd://")
+        assert tcp.startswith("nbd://127.0.0.1:") and tcp.endswith("/")
+        assert f"export all: {tcp}{note}" in fab.cli("status").stdout.splitlines()
+        for uri in (fab.uri("all"), tcp):
+            listing = json.loads(run(["nbdinfo", "--list", "--json", uri]).stdout)
+            sizes = {e["export-name"]: e["export-size"] for e in listing["exports"]}
+            assert sizes == {name: len(data) for name, data in images.items()}
+        assert read_sha(tmp_path, tcp + "b.img", 3 << 20) == sha(images["b.img"])
+        assert run(["nbdinfo", "--size", tcp], check=False).returncode != 0  # "" is refused
+    finally:
+        fab.cli("down", check=False)

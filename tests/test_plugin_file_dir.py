@@ -411,6 +411,25 @@ def test_dir_param_is_shown_by_kinds() -> None:
 # The backend in-process ---------------------------------------------------------------------
 
 
+def test_dir_is_declared_as_several_exports_before_start(directory: Path, tmp_path: Path) -> None:
+    """What the orchestrator reads from the params alone (File.multi_export) is what the
+    started backend serves: several exports (exports() lists them) or one (None)."""
+
+    async def scenario() -> None:
+        (tmp_path / "one.img").write_bytes(b"x" * 4096)
+        for params, declared in (
+            (FileParams(dir=str(directory)), "directory"),
+            (FileParams(file=str(tmp_path / "one.img")), None),
+        ):
+            assert File.multi_export(params) == declared
+            backend = File.create(params)
+            await backend.start()
+            assert (backend.exports() is not None) == (declared is not None)
+            await backend.stop()
+
+    asyncio.run(scenario())
+
+
 def test_dir_backend_shares_flushes_and_closes_files(
     directory: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import graph, plan
-from orchestrator.topology import TopologyError, json_schema, load, load_text
+from orchestrator.argv import export_words
+from orchestrator.topology import Ref, TopologyError, json_schema, load, load_text, node_ref
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -195,6 +196,41 @@ INVALID = [
         "by several workers (kinds that can: ",
     ),
     (
+        "a directory node named without one of its files",
+        "nodes:\n  files: {kind: file, params: {dir: /srv}}\n  c: {kind: cow, upstream: files}\n",
+        "f.yaml:3: nodes.c.upstream: node 'files' serves a directory (one export per file): name "
+        "one of its files, 'files/NAME'",
+    ),
+    (
+        "an export of a node that serves one",
+        "nodes:\n  disk: {kind: memory, params: {size: 1M}}\n  m:\n    kind: mirror\n"
+        "    upstreams:\n      - disk\n      - disk/x\n",
+        "f.yaml:7: nodes.m.upstreams[1]: node 'disk' serves one export: write 'disk' "
+        "('NODE/EXPORT' names one export of a node that serves several, as file with dir= does)",
+    ),
+    (
+        "nothing after the slash",
+        "nodes:\n  files: {kind: file, params: {dir: /srv}}\n  c: {kind: cow, upstream: files/}\n",
+        "f.yaml:3: nodes.c.upstream: 'files/' names no export after '/': write 'files/NAME'",
+    ),
+    (
+        "an export of an unknown node",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}}\n  c: {kind: cow, upstream: x/a.img}\n",
+        "f.yaml:3: nodes.c.upstream: no node named 'x' (nodes: a, c)",
+    ),
+    (
+        "an export of itself",
+        "nodes:\n  c: {kind: cow, upstream: c/a.img}\n",
+        "f.yaml:2: nodes.c.upstream: a node cannot be its own upstream",
+    ),
+    (
+        "one file of a directory node exported",
+        "nodes:\n  files: {kind: file, params: {dir: /srv}}\n"
+        "exports:\n  x: {node: files/a.img, listen: [':0']}\n",
+        "f.yaml:4: exports.x.node: no node named 'files/a.img' (nodes: files); to export "
+        "'files/a.img' alone, put a filter over it",
+    ),
+    (
         "unset variable",
         "nodes:\n  a: {kind: memory, params: {size: '${DISK_SIZE}'}}\n",
         "f.yaml:2: variable DISK_SIZE is not set",
@@ -223,6 +259,49 @@ def test_topology_loads_chain_with_typed_params() -> None:
     assert top.nodes["slow"].role == "filter"
     assert top.exports["vm1"].node == "slow"
     assert top.export_of("slow") is top.exports["vm1"]
+
+
+DIRECTORY = """\
+name: t
+nodes:
+  files: {kind: file, params: {dir: /srv/disks}}
+  disk: {kind: file, params: {file: /srv/disk.img}}
+  a: {kind: cow, upstream: files/a.img}
+  b: {kind: nbd, upstream: files/b.img}
+  m: {kind: mirror, upstreams: [files/c.img, files/d/e, disk]}
+exports:
+  dir: {node: files, listen: ["unix:/run/d.sock"]}
+  va: {node: a, listen: ["unix:/run/a.sock"]}
+"""
+
+
+def test_node_ref_splits_at_the_first_slash() -> None:
+    assert node_ref("disk") == Ref("disk", None)
+    assert node_ref("files/a.img") == Ref("files", "a.img")
+    assert node_ref("files/d/e") == Ref("files", "d/e")  # the node decides what names it serves
+    assert node_ref("files/") == Ref("files", "")
+
+
+def test_topology_directory_references_are_links_to_the_node() -> None:
+    top = load_text(DIRECTORY, "f.yaml")
+    files, disk = top.nodes["files"], top.nodes["disk"]
+    assert (files.multi_export, disk.multi_export) == ("directory", None)
+    assert top.nodes["a"].upstreams == ("files/a.img",)
+    assert top.nodes["m"].node_upstreams() == ("files", "disk")  # each node once
+    assert plan.levels(top) == [["files", "disk"], ["a", "b", "m"]]
+    assert top.dependents("files") == ["a", "b", "m"]
+    # Exported, the directory node serves every file under no name of its own.
+    exported = top.exports["dir"]
+    assert (exported.multi_export, exported.served_name) == ("directory", "")
+    assert "--export-name" not in export_words(exported)
+    assert export_words(top.exports["va"])[:2] == ["--export-name", "va"]
+    assert top.exports["va"].served_name == "va"
+
+
+def test_topology_directory_plan_rewires_on_another_file() -> None:
+    acts = _actions(DIRECTORY, DIRECTORY.replace("files/b.img", "files/z.img"))
+    assert acts["b"] == ("restart", "upstreams changed")
+    assert acts["files"] == acts["a"] == ("unchanged", "")
 
 
 def test_topology_expands_variables_with_defaults() -> None:
@@ -344,6 +423,47 @@ def test_workers_reach_every_way_of_running_the_node(tmp_path: Path) -> None:
     assert (cow["minimum"], cow["maximum"]) == (1, 1)  # what validate refuses, editors do too
 
 
+def test_directory_references_reach_every_way_of_running_the_node(tmp_path: Path) -> None:
+    """Each filter's upstream URI names its file (percent-encoded), on every backend; the
+    exported directory node gets no --export-name; compose waits for the node once."""
+    from orchestrator import k8s
+    from orchestrator.backends.process import RunDir, node_command
+    from orchestrator.compose import compose_dict
+
+    top = load_text(DIRECTORY.replace("files/b.img", "files/my disk#2.img"), "f.yaml")
+    run = RunDir(tmp_path)
+
+    def upstreams(words: list[str]) -> list[str]:
+        return [words[i + 1] for i, w in enumerate(words) if w == "--upstream"]
+
+    assert upstreams(node_command(top.nodes["a"], top, run, False)) == [
+        f"nbd+unix:///a.img?socket={tmp_path}/files.sock"
+    ]
+    assert upstreams(node_command(top.nodes["b"], top, run, False)) == [
+        f"nbd+unix:///my%20disk%232.img?socket={tmp_path}/files.sock"
+    ]
+    assert upstreams(node_command(top.nodes["m"], top, run, False))[1:] == [
+        f"nbd+unix:///d%2Fe?socket={tmp_path}/files.sock",
+        f"nbd+unix:///?socket={tmp_path}/disk.sock",
+    ]
+    assert "--export-name" not in node_command(top.nodes["files"], top, run, False)
+    services = compose_dict(top)["services"]
+    assert upstreams(services["a"]["command"]) == ["nbd://files:10809/a.img"]
+    assert upstreams(services["b"]["command"]) == ["nbd://files:10809/my%20disk%232.img"]
+    assert list(services["m"]["depends_on"]) == ["files", "disk"]
+    assert "--export-name" not in services["files"]["command"]
+    assert services["files"]["command"][2] == "dir=/mnt/nbdfabric/0/disks"
+    (pod,) = k8s.manifests(top)
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    assert upstreams(containers["a"]["args"]) == [
+        "nbd+unix:///a.img?socket=/run/nbdfabric/files.sock"
+    ]
+    assert "--export-name" not in containers["files"]["args"]
+    assert containers["a"]["args"][-4:-2] == ["--export-name", "va"]
+    with pytest.raises(ValueError, match="export 'dir' serves a directory, one export per file"):
+        k8s.import_job(top, "dir", "pvc")
+
+
 def test_topology_schema_has_every_kind_and_flexible_sizes() -> None:
     from nodes import registry
 
@@ -366,6 +486,23 @@ def test_graph_text_and_dot() -> None:
     dot = graph.dot(top)
     assert '"slow" -> "disk";' in dot
     assert '"export:vm1" -> "slow";' in dot
+
+
+def test_graph_shows_the_export_each_upstream_reads() -> None:
+    top = load_text(DIRECTORY, "f.yaml")
+    tree = graph.text_tree(top).splitlines()
+    assert tree[1:6] == [
+        "export dir [unix:/run/d.sock]",
+        "└── files (file, dir=/srv/disks) (shared)",
+        "export va [unix:/run/a.sock]",
+        "└── a (cow)",
+        "    └── files/a.img (file, dir=/srv/disks) (shared)",
+    ]
+    assert tree[tree.index("└── b (nbd)") - 1] == "(not exported)"
+    dot = graph.dot(top)
+    assert '"a" -> "files" [label="a.img"];' in dot
+    assert '"m" -> "files" [label="0: c.img"];' in dot
+    assert '"m" -> "disk" [label=2];' in dot
 
 
 def test_cli_validate_exit_status_and_message(tmp_path: Path) -> None:

@@ -67,6 +67,7 @@ from ..base import (
     Capabilities,
     Extents,
     Holes,
+    MultiExport,
     Plugin,
     Support,
     fua_requested,
@@ -167,6 +168,11 @@ class File(Plugin):
     def create(cls, params: ParamsModel) -> Backend:
         assert isinstance(params, FileParams)
         return FileDirectory(params) if params.dir is not None else cls(params)
+
+    @classmethod
+    def multi_export(cls, params: ParamsModel) -> MultiExport | None:
+        assert isinstance(params, FileParams)
+        return "directory" if params.dir is not None else None
 
     def __init__(self, params: FileParams) -> None:
         super().__init__(params)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..argv import uri_path
 from ..compose import (
     CONTROL_PORT,
     DEFAULT_IMAGE,
@@ -240,10 +241,10 @@ class DockerNode:
         uris = []
         for addr in export.listen:
             if addr.startswith("unix:"):
-                uris.append(f"nbd+unix:///{export.name}?socket={addr[5:]}")
+                uris.append(f"nbd+unix:///{uri_path(export.served_name)}?socket={addr[5:]}")
         for host, port in published(container, NBD_PORT):
             host = f"[{host}]" if ":" in host else host
-            uris.append(f"nbd://{host}:{port}/{export.name}")
+            uris.append(f"nbd://{host}:{port}/{uri_path(export.served_name)}")
         return uris
 
     async def wait_exit(self, limit: float) -> None:
@@ -439,7 +440,7 @@ class DockerFabric:
             if st is not None and st.published:
                 host, _, port = st.published.rpartition(":")
                 host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-                uris[export.name] = f"nbd://{host}:{port}/{export.name}"
+                uris[export.name] = f"nbd://{host}:{port}/{uri_path(export.served_name)}"
         return uris
 
     def down(self, fabric: str, topology: Topology | None = None, grace: int = 10) -> None:

@@ -28,8 +28,8 @@ from typing import Any
 
 from nodes import registry
 
-from ..argv import export_words, option_words, param_words
-from ..topology import Node, Topology, is_uri
+from ..argv import export_words, option_words, param_words, uri_path
+from ..topology import Node, Topology, is_uri, node_ref
 
 #: Longest unix socket path the kernel takes (sun_path is 108 bytes with its NUL).
 MAX_SOCKET_PATH = 107
@@ -91,8 +91,16 @@ class RunDir:
     def state(self) -> Path:
         return self.path / "state.json"
 
-    def internal_uri(self, node: str) -> str:
-        return f"nbd+unix:///?socket={self.sock(node)}"
+    def internal_uri(self, node: str, export: str = "") -> str:
+        """Export `export` of `node` on its socket; "" is the default (a node's only export)."""
+        return f"nbd+unix:///{uri_path(export)}?socket={self.sock(node)}"
+
+    def upstream_uri(self, upstream: str) -> str:
+        """What `nbdfabric node --upstream` gets for an upstream as the topology writes it."""
+        if is_uri(upstream):
+            return upstream
+        ref = node_ref(upstream)
+        return self.internal_uri(ref.node, ref.export or "")
 
     def check_paths(self, topology: Topology) -> list[str]:
         """Socket paths too long for the kernel (then pick a shorter run dir)."""
@@ -125,7 +133,7 @@ def node_command(node: Node, topology: Topology, run: RunDir, control: bool) -> 
     cmd += ["--name", node.name, "--listen", f"unix:{run.sock(node.name)}"]
     cmd += ["--ready-file", str(run.ready(node.name))]
     for up in node.upstreams:
-        cmd += ["--upstream", up if is_uri(up) else run.internal_uri(up)]
+        cmd += ["--upstream", run.upstream_uri(up)]
     export = topology.export_of(node.name)
     if export is not None:
         for addr in export.listen:

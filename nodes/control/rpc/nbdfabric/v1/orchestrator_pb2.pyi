@@ -37,21 +37,23 @@ class ApplyResponse(_message.Message):
     def __init__(self, actions: _Optional[_Iterable[_Union[PlannedAction, _Mapping]]] = ..., exports: _Optional[_Iterable[_Union[FabricExport, _Mapping]]] = ...) -> None: ...
 
 class FabricExport(_message.Message):
-    __slots__ = ("name", "node", "uris")
+    __slots__ = ("name", "node", "uris", "exports")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     URIS_FIELD_NUMBER: _ClassVar[int]
+    EXPORTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     node: str
     uris: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., uris: _Optional[_Iterable[str]] = ...) -> None: ...
+    exports: str
+    def __init__(self, name: _Optional[str] = ..., node: _Optional[str] = ..., uris: _Optional[_Iterable[str]] = ..., exports: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "kind", "role", "state", "health", "pid", "restarts", "uptime_seconds", "uri", "control", "upstreams", "export_name", "log_path", "last_error", "export_uris", "container_id", "members")
+    __slots__ = ("name", "kind", "role", "state", "health", "pid", "restarts", "uptime_seconds", "uri", "control", "upstreams", "export_name", "log_path", "last_error", "export_uris", "container_id", "members", "exports")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +71,7 @@ class NodeStatus(_message.Message):
     EXPORT_URIS_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    EXPORTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     role: str
@@ -86,7 +89,8 @@ class NodeStatus(_message.Message):
     export_uris: _containers.RepeatedScalarFieldContainer[str]
     container_id: str
     members: _containers.RepeatedCompositeFieldContainer[_node_pb2.Member]
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., health: _Optional[str] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., uri: _Optional[str] = ..., control: _Optional[str] = ..., upstreams: _Optional[_Iterable[str]] = ..., export_name: _Optional[str] = ..., log_path: _Optional[str] = ..., last_error: _Optional[str] = ..., export_uris: _Optional[_Iterable[str]] = ..., container_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[_node_pb2.Member, _Mapping]]] = ...) -> None: ...
+    exports: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., health: _Optional[str] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., uri: _Optional[str] = ..., control: _Optional[str] = ..., upstreams: _Optional[_Iterable[str]] = ..., export_name: _Optional[str] = ..., log_path: _Optional[str] = ..., last_error: _Optional[str] = ..., export_uris: _Optional[_Iterable[str]] = ..., container_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[_node_pb2.Member, _Mapping]]] = ..., exports: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("fabric", "nodes", "exports", "supervisor_pid", "run_dir", "source", "backend")
