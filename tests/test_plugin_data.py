@@ -46,6 +46,13 @@ def ours(text: str) -> bytes | None:
 
 
 CASES = [
+    # A group is laid down whole: where it has no bytes it writes zeros over what was there
+    # (found by the random test below: `@50 be16:0x1 @51 ( @1 )`).
+    "@50 be16:0x1 @51 ( @1 )",
+    "1 2 3 @0 ( @+1 @-1 )",
+    "1 2 3 4 5 6 @0 ( 9 @+2 ) * 2",
+    "1 2 3 4 5 6 @1 ( 9 @+3 )[1:3]",
+    "1 2 3 4 5 6 @0 ( ( 7 @+1 ) * 2 @1 )",
     "0 1 2 3 @0x1fe 0x55 0xaa",
     "0 1 2 3 @^0x200 @-2 le16:0xaa55",
     "@0x100",

@@ -62,11 +62,23 @@ class Image:
     def spelled(self) -> int:
         return self._spelled
 
+    def dense(self) -> bool:
+        """One piece that fills the whole image (a byte, a string, a file, a run)."""
+        if len(self.chunks) != 1 or self.chunks[0][0] != 0:
+            return False
+        data = self.chunks[0][1]
+        return (data.count if isinstance(data, Run) else len(data)) == self.size
+
     def placed(self, at: int) -> list[Chunk]:
         return [(at + off, d) for off, d in self.chunks]
 
     def lay(self, item: Image, at: int) -> None:
         """Lay `item` down at offset `at` (over whatever is there)."""
+        overlap = min(item.size, self.size - at)
+        if overlap > 0 and not item.dense():
+            # As nbdkit: an expression is laid down whole, so where it has no bytes of its own
+            # (`1 2 3 @1 ( @1 )`) it writes zeros over what was there.
+            self.chunks.append((at, Run(0, overlap)))
         self.chunks += item.placed(at)
         self._spelled += item._spelled
         self.size = max(self.size, at + item.size)
