@@ -175,6 +175,14 @@ class Upstream(Backend):
                 await asyncio.sleep(min(delay, left))
                 delay = min(delay * 2, BACKOFF_CAP)
 
+    def start_in_background(self) -> None:
+        """After start() gave up: keep trying, with back-off, without holding the node up (a
+        mirror serves without this member meanwhile and takes it in when it connects)."""
+        self._loop = asyncio.get_running_loop()
+        self.state = "down"
+        if self._reconnect_task is None or self._reconnect_task.done():
+            self._reconnect_task = self._loop.create_task(self._reconnect())
+
     async def stop(self) -> None:
         self._stopping = True
         if self._reconnect_task is not None:

@@ -662,3 +662,38 @@ def test_mirror_process_ctl_replace_rebuilds_fully(start_node: Any) -> None:
     assert members[1]["uri"] == c.uri
     run(["qemu-io", "-f", "raw", c.uri, "-c", "read -P 0x3c 0 5M", "-c", "read -P 0 5M 3M"])
     qemu_compare(a.uri, c.uri)
+
+
+def test_mirror_process_starts_without_an_unreachable_member_and_takes_it_in(
+    start_node: Any, tmp_path: Path
+) -> None:
+    """As `mdadm --run`: a mirror whose member 1 cannot be reached at start serves from member
+    0, and rebuilds member 1 fully once its node appears; one too small is kept out, named."""
+    a = start_node("memory", "8M")
+    late = tmp_path / "late.sock"
+    small = tmp_path / "small.sock"
+    uris = [a.uri, f"nbd+unix:///?socket={late}", f"nbd+unix:///?socket={small}"]
+    m = start_node("mirror", "check-interval=0.05", upstreams=uris, control=True,
+                   extra=("--upstream-timeout", "1"))  # fmt: skip
+    assert member_states(m.control) == ["in_sync", "faulty", "faulty"]
+    assert "member 1 (nbd+unix:" in m.stderr() and "starting without it" in m.stderr()
+    run(["qemu-io", "-f", "raw", m.uri, "-c", "write -P 0x6b 1M 3M", "-c", "flush"])
+    b = start_node("memory", "8M", listen=f"unix:{late}")
+    start_node("memory", "4M", listen=f"unix:{small}")
+    wait_for(lambda: member_states(m.control)[:2] == ["in_sync", "in_sync"], 60, "the rebuild")
+    qemu_compare(a.uri, b.uri)
+
+    def kept_out() -> str:
+        return str(ctl_members(m.control)["members"][2]["detail"]["last_error"])
+
+    wait_for(lambda: "it has 4194304 bytes" in kept_out(), 30, "the small member to be named")
+    assert kept_out() == ("cannot be a member: it has 4194304 bytes, the mirror needs 8388608 "
+                          "(ctl replace it)")  # fmt: skip
+    assert member_states(m.control)[2] == "faulty"
+    run(["qemu-io", "-f", "raw", m.uri, "-c", "read -P 0x6b 1M 3M", "-c", "read -P 0 4M 4M"])
+
+
+def test_mirror_process_without_any_member_does_not_start(start_node: Any, tmp_path: Path) -> None:
+    uris = [f"nbd+unix:///?socket={tmp_path}/{n}.sock" for n in "ab"]
+    with pytest.raises(RuntimeError, match=r"exited 1: .*member 0 .* did not start: .*within 1s"):
+        start_node("mirror", upstreams=uris, extra=("--upstream-timeout", "1"))

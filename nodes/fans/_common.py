@@ -93,22 +93,48 @@ class FanBase(Fan):
         self.emit: EmitHook = _no_emit
         self.member_caps: list[Capabilities] = []
         self.caps = Capabilities(size=0)
+        #: Members that could not be reached at start and join when they connect (see
+        #: missing_allowed); their member_caps are the fan's own until then.
+        self.missing: set[int] = set()
+
+    def missing_allowed(self) -> int:
+        """How many members the fan may start without: none, unless it can serve without
+        them and take them in later (a mirror)."""
+        return 0
 
     async def start(self) -> None:
         results = await asyncio.gather(*(m.start() for m in self.members), return_exceptions=True)
-        for i, res in enumerate(results):
-            if isinstance(res, BaseException):
-                await self._stop_started(results)
-                raise OSError(
-                    errno.EIO, f"{self.kind}: member {i} ({member_name(self.members[i], i)}) "
-                    f"did not start: {res}"
-                ) from res  # fmt: skip
-        self.member_caps = [m.capabilities().normalized() for m in self.members]
+        failed = [i for i, res in enumerate(results) if isinstance(res, BaseException)]
+        late = len(failed) <= self.missing_allowed() and all(
+            isinstance(res, OSError) and hasattr(self.members[i], "start_in_background")
+            for i, res in enumerate(results)
+            if i in failed
+        )
+        if failed and not late:
+            i = failed[0]
+            exc = results[i]
+            assert isinstance(exc, BaseException)
+            await self._stop_started(results)
+            raise OSError(
+                errno.EIO, f"{self.kind}: member {i} ({member_name(self.members[i], i)}) "
+                f"did not start: {exc}"
+            ) from exc  # fmt: skip
+        present = [m.capabilities().normalized() for i, m in enumerate(self.members)
+                   if i not in failed]  # fmt: skip
         try:
-            self.caps = self.compute_caps(self.member_caps)
+            self.caps = self.compute_caps(present)
         except ValueError:
             await self._stop_started(results)
             raise
+        self.member_caps = [
+            self.caps if i in failed else m.capabilities().normalized()
+            for i, m in enumerate(self.members)
+        ]
+        for i in failed:
+            log.warning("%s: member %d (%s) is not reachable: starting without it (%s)",
+                        self.kind, i, member_name(self.members[i], i), results[i])  # fmt: skip
+            self.members[i].start_in_background()  # type: ignore[attr-defined]
+        self.missing = set(failed)
 
     async def _stop_started(self, results: Sequence[object]) -> None:
         for member, res in zip(self.members, results, strict=True):

@@ -31,6 +31,11 @@ the last in-sync member's link, costs clients a delay, not an error. When the fa
 by itself (only one member is back), the operator can: `trust_member` (ctl trust INDEX, mdadm's
 `--assemble --force`) makes a failed mirror serve from that member and rebuild the rest from it.
 
+A member that cannot be reached when the mirror starts (within --upstream-timeout) does not
+keep it from serving from the others, as `mdadm --run`: it is faulty, and is rebuilt fully
+once it connects (or kept out, with the reason, if it is too small or read-only). Only a
+mirror with no member at all refuses to start.
+
 `replace_member` (ctl replace) and `rebuild_member` always rebuild fully. While rebuilding,
 the member receives every client write, but is never read; each region is copied under a lock
 that waits for overlapping client writes in flight and holds new ones back, so a copy never
@@ -139,6 +144,8 @@ class Slot:
         self.failures = 0  #: consecutive, for the retry back-off
         self.retry_at = 0.0
         self.held = False  #: failed by the operator: stays out until rebuilt or replaced
+        #: Not reachable when the fan started: its capabilities are not known yet.
+        self.late = False
         self.demoted = False  #: a spare took its place: it becomes a spare when it returns
         self.resync_bytes = 0  #: bytes copied to it by rebuilds, in total
         self.rebuild: RebuildRun | None = None
@@ -244,8 +251,28 @@ class Mirror(FanBase):
         ]
         if self._bitmap is not None:
             self._load_bitmap()
+        for i in sorted(self.missing):
+            self._start_without(self.slots[i])
         self._persist()
         self._monitor_task = asyncio.get_running_loop().create_task(self._monitor())
+
+    def missing_allowed(self) -> int:
+        return len(self.members) - 1  # one member to serve from is enough (as mdadm --run)
+
+    def _start_without(self, slot: Slot) -> None:
+        """A member unreachable at start: the mirror serves without it and, once it connects,
+        rebuilds it fully (nothing says what it holds)."""
+        slot.late = True
+        if slot.state == SPARE:
+            return
+        slot.state = FAULTY
+        slot.left_at = None
+        slot.last_error = "not reachable when the mirror started"
+        slot.dirty.mark_all()
+        self.emit("member", f"member {slot.index} faulty: not reachable when the mirror started",
+                  index=slot.index, state=FAULTY)  # fmt: skip
+        if not self.healthy():
+            self.emit("member", "no in-sync member left: the mirror has failed", state="failed")
 
     async def stop(self) -> None:
         tasks = [t for t in (self._monitor_task, *self._tasks) if t is not None]
@@ -420,6 +447,8 @@ class Mirror(FanBase):
     # Resync and rebuild --------------------------------------------------------------------
 
     async def _resync(self, slot: Slot) -> None:
+        if slot.late and not self._joins(slot):
+            return
         generation = slot.generation
         try:
             mode = await self._resync_mode(slot)
@@ -813,6 +842,31 @@ class Mirror(FanBase):
 
         return Upstream(uri, name=f"{self.kind}/upstream{index}")
 
+    def _unfit(self, caps: Capabilities) -> str | None:
+        """Why a member with these capabilities cannot hold this mirror's data, if it cannot."""
+        if caps.size < self.size:
+            return f"it has {caps.size} bytes, the mirror needs {self.size}"
+        if self.caps.writable and not caps.writable:
+            return "it is read-only"
+        if caps.block_min and self.chunk % caps.block_min:
+            return f"its minimum block size {caps.block_min} does not divide bitmap-chunk"
+        return None
+
+    def _joins(self, slot: Slot) -> bool:
+        """A member that was not there at start has connected: take its capabilities if it
+        can hold the mirror's data, else keep it out (held) with the reason."""
+        caps = slot.backend.capabilities().normalized()
+        problem = self._unfit(caps)
+        if problem is not None:
+            slot.held = True
+            slot.last_error = f"cannot be a member: {problem} (ctl replace it)"
+            self._persist()
+            self.emit("member", f"member {slot.index} {slot.last_error}", index=slot.index)
+            return False
+        slot.caps = self.member_caps[slot.index] = caps
+        slot.late = False
+        return True
+
     async def replace_member(self, index: int, uri: str | Backend) -> None:
         """Swap member INDEX for a new one (a URI, or a ready Backend) and rebuild it fully."""
         slot = self._slot(index)
@@ -823,13 +877,7 @@ class Mirror(FanBase):
         new = self.make_member(uri, index) if isinstance(uri, str) else uri
         await new.start()
         caps = new.capabilities().normalized()
-        problem = None
-        if caps.size < self.size:
-            problem = f"it has {caps.size} bytes, the mirror needs {self.size}"
-        elif self.caps.writable and not caps.writable:
-            problem = "it is read-only"
-        elif caps.block_min and self.chunk % caps.block_min:
-            problem = f"its minimum block size {caps.block_min} does not divide bitmap-chunk"
+        problem = self._unfit(caps)
         if problem:
             with contextlib.suppress(Exception):
                 await new.stop()
@@ -846,7 +894,7 @@ class Mirror(FanBase):
         slot.caps = caps
         self.members[index] = new
         self.member_caps[index] = caps
-        slot.held = slot.demoted = False
+        slot.held = slot.demoted = slot.late = False
         slot.failures = 0
         slot.dirty.mark_all()
         self.emit(
