@@ -322,3 +322,47 @@ def test_mirror_member_restarted_empty_between_health_checks_is_not_trusted(
     finally:
         h.shutdown()
     assert states(fan.control)[1] != "in_sync"
+
+
+def test_parity_starts_without_one_unreachable_member_and_rebuilds_it(
+    start_node: Any, tmp_path: Any
+) -> None:
+    """A parity array whose member 2 cannot be reached at start serves degraded (member 2's
+    chunks from the XOR of the others) and rebuilds it fully once its node appears; a second
+    unreachable member keeps it from starting."""
+    up = [start_node("memory", "4M") for _ in range(3)]
+    late = tmp_path / "late.sock"
+    uris = [up[0].uri, up[1].uri, f"nbd+unix:///?socket={late}", up[2].uri]
+    fan = start_node("parity", "chunk-size=16K", "check-interval=0.05", "retry-delay=0.1",
+                     upstreams=uris, control=True, extra=("--upstream-timeout", "1"))  # fmt: skip
+    assert states(fan.control) == ["in_sync", "in_sync", "faulty", "in_sync"]
+    size = nbd_connect(fan.uri).get_size()
+    data = random.Random(3).randbytes(size)
+    h = nbd_connect(fan.uri)
+    h.pwrite(data, 0)
+    h.flush()
+    assert h.pread(size, 0) == data
+    member = start_node("memory", "4M", listen=f"unix:{late}")
+    wait_for(lambda: states(fan.control) == ["in_sync"] * 4, 60, "member 2 rebuilt")
+    up[0].kill()  # member 2 must now hold its share: lose another and read degraded
+    assert read_all(fan.uri, size) == data
+    assert member.proc.poll() is None
+    # A member that turns up too small is kept out, and says why.
+    small = tmp_path / "small.sock"
+    other = [start_node("memory", "4M") for _ in range(2)]
+    fan2 = start_node("parity", "check-interval=0.05", "retry-delay=0.1", control=True,
+                      upstreams=[o.uri for o in other] + [f"nbd+unix:///?socket={small}"],
+                      extra=("--upstream-timeout", "1"))  # fmt: skip
+    start_node("memory", "1M", listen=f"unix:{small}")
+
+    def kept_out() -> str:
+        return str(ctl_members(fan2.control)[2]["detail"].get("last_error"))
+
+    wait_for(lambda: "1048576 bytes" in kept_out(), 30, "the small member to be named")
+    assert kept_out() == ("cannot be a member: it has 1048576 bytes, each member needs "
+                          "4194304 (ctl replace it)")  # fmt: skip
+    assert states(fan2.control)[2] == "faulty"
+    two_missing = [f"nbd+unix:///?socket={tmp_path}/{n}.sock" for n in "xy"]
+    with pytest.raises(RuntimeError, match=r"exited 1: .*did not start"):
+        start_node("parity", upstreams=[*two_missing, up[1].uri, up[2].uri],
+                   extra=("--upstream-timeout", "1"))  # fmt: skip

@@ -20,6 +20,10 @@ bitmap here), stripe by stripe in the background; stripes already rebuilt are wr
 as usual. Trim is not offered (it would break parity); zeroing is done by
 writing zeros. Size: (smallest member, in whole chunks) * (N-1).
 
+One member that cannot be reached at start (within --upstream-timeout) does not keep the array
+from serving, degraded; it is rebuilt fully once it connects (or kept out, with the reason, if
+it is too small or read-only).
+
 With `state-file=PATH` (the orchestrator gives one in its run dir) the fan keeps which members
 are in sync in a small JSON file, written before a change is acted on, so a fan restarted after
 a crash does not read a member that missed writes as a good one.
@@ -108,6 +112,9 @@ class Parity(FanBase):
         self.left_at: list[int | None] = [None] * self.n
         self._state = BitmapFile(params.state_file) if params.state_file else None
         self._saved: dict[str, Any] | None = None  #: what the state file holds now
+        #: Members not reachable at start, until they connect and fit; why one is kept out.
+        self.late: set[int] = set()
+        self.kept_out: dict[int, str] = {}
 
     def compute_caps(self, caps: list[Capabilities]) -> Capabilities:
         smallest = min(c.size for c in caps)
@@ -125,8 +132,33 @@ class Parity(FanBase):
         await super().start()
         if self._state is not None:
             self._load_state()
+        for i in sorted(self.missing):
+            self.late.add(i)
+            self.states[i] = FAULTY
+            self.left_at[i] = None
+            self.emit("member", f"member {i} faulty: not reachable when the array started",
+                      index=i, state=FAULTY)  # fmt: skip
         self._persist()
         self._monitor_task = asyncio.get_running_loop().create_task(self._monitor())
+
+    def missing_allowed(self) -> int:
+        return 1  # served degraded from the others, rebuilt fully once it connects
+
+    def _joins(self, member: int) -> bool:
+        """A member that was not there at start has connected: it must hold a whole share."""
+        caps = self.members[member].capabilities().normalized()
+        need = self.stripes * self.chunk
+        problem = (f"it has {caps.size} bytes, each member needs {need}" if caps.size < need
+                   else "it is read-only" if self.caps.writable and not caps.writable
+                   else None)  # fmt: skip
+        if problem is not None:
+            self.kept_out[member] = f"cannot be a member: {problem} (ctl replace it)"
+            self.retry_at[member] = float("inf")
+            self.emit("member", f"member {member} {self.kept_out[member]}", index=member)
+            return False
+        self.member_caps[member] = caps
+        self.late.discard(member)
+        return True
 
     def _load_state(self) -> None:
         """Members that were not in sync when the fan stopped (or crashed) stay out: a new
@@ -260,6 +292,8 @@ class Parity(FanBase):
                 # It left the in-sync set last: it missed no acknowledged write.
                 "complete": self.states[i] != IN_SYNC and self.left_at[i] == self.acked,
             }  # fmt: skip
+            if i in self.kept_out:
+                info["last_error"] = self.kept_out[i]
             out.append(info)
         return out
 
@@ -295,6 +329,7 @@ class Parity(FanBase):
                     and up
                     and self.healthy_others(i)
                     and time.monotonic() >= self.retry_at[i]
+                    and (i not in self.late or self._joins(i))
                 ):
                     self._begin_rebuild(i)
             if not self.healthy():
@@ -482,6 +517,9 @@ class Parity(FanBase):
         old = self.members[index]
         self.states[index] = FAULTY
         self.left_at[index] = None  # a new disk: it holds nothing yet
+        self.late.discard(index)
+        self.kept_out.pop(index, None)
+        self.retry_at[index] = 0.0
         self._persist()
         self.members[index] = new
         self.seen[index] = getattr(new, "reconnects", 0)
