@@ -50,6 +50,15 @@ def param_words(node: Node, map_file: PathMap = _same) -> list[str]:
     return words
 
 
+def state_words(node: Node, path: str) -> list[str]:
+    """`KEY=PATH` for a kind that keeps state across restarts (Backend.state_param: a
+    mirror's bitmap-file, parity's state-file) when the topology names no file itself."""
+    from nodes import registry
+
+    state = registry.get(node.kind).state_param
+    return [f"{state}={path}"] if state and state not in node.raw_params else []
+
+
 def option_words(node: Node) -> list[str]:
     """The node's own flags from the topology (only those set)."""
     words = ["--poll-max-us", str(node.poll_max_us)] if node.poll_max_us else []

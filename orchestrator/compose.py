@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .argv import export_words, option_words, param_words, uri_path
+from .argv import export_words, option_words, param_words, state_words, uri_path
 from .topology import Node, Topology, is_uri, load_or_report, node_ref
 
 #: The image every node container runs; `${NBDFABRIC_IMAGE}` overrides it when compose runs.
@@ -63,6 +63,9 @@ class ContainerLayout:
     #: How a node reaches another node's container (service name or container name).
     hosts: dict[str, str]
     control: bool = True
+    #: Where a node that keeps state across restarts (a mirror, parity) keeps it, in a volume
+    #: of its own (the docker backend); None: nowhere (the compose file).
+    state_dir: str | None = None
 
     def export_name(self, node: str) -> str:
         export = self.topology.export_of(node)
@@ -79,6 +82,8 @@ class ContainerLayout:
     def command(self, node: Node, mounts: Mounts) -> list[str]:
         """The arguments after the image's entrypoint (`nbdfabric`)."""
         cmd = ["node", node.kind, *param_words(node, mounts.map_file), *option_words(node)]
+        if self.state_dir:
+            cmd += state_words(node, f"{self.state_dir}/{node.name}.state")
         cmd += ["--name", node.name, "--listen", f"0.0.0.0:{NBD_PORT}"]
         for up in node.upstreams:
             cmd += ["--upstream", self.upstream_uri(up)]

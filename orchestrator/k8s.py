@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .argv import export_words, option_words, param_words, uri_path
+from .argv import export_words, option_words, param_words, state_words, uri_path
 from .compose import DEFAULT_IMAGE, LABEL_PREFIX
 from .topology import Node, Topology, is_uri, load_or_report, node_ref
 
@@ -83,6 +83,8 @@ class _Volumes:
 
 def node_container(topology: Topology, node: Node, image: str, volumes: _Volumes) -> dict[str, Any]:
     args = ["node", node.kind, *param_words(node, volumes.map_file), *option_words(node)]
+    # In the pod's emptyDir: it outlives a restart of the container, not the pod.
+    args += state_words(node, f"{RUN_DIR}/{node.name}.state")
     args += ["--name", node.name, "--listen", f"unix:{_sock(node.name)}"]
     for port in _tcp_ports(topology, node.name):
         args += ["--listen", f"0.0.0.0:{port}"]

@@ -380,7 +380,8 @@ class CliFabric:
         label = f"io.nbdfabric.fabric={self.name}"
         containers = self.engine.containers.list(all=True, filters={"label": label})
         networks = self.engine.networks.list(filters={"label": label})
-        return [c.name for c in containers] + [n.name for n in networks]
+        volumes = self.engine.volumes.list(filters={"label": label})
+        return [c.name for c in containers] + [n.name for n in networks] + [v.name for v in volumes]
 
     def member_sha256(self, node: str) -> str:
         mirror = self.engine.containers.get(self.status()["mirror"]["container_id"])
@@ -503,6 +504,45 @@ def test_docker_backend_cli_supervises_mirror_through_docker_kill(
     assert res.returncode == 0, res.stderr
     assert fab.leftovers() == []
     assert fab.cli("status", check=False).returncode == 3
+
+
+def test_docker_backend_mirror_container_killed_keeps_its_faulty_member(
+    engine: Any, image: str, tmp_path: Path
+) -> None:
+    """The mirror's container keeps its bitmap-file on a volume of its own, so the new container
+    the supervisor starts after a `docker kill` still knows member 0 missed writes."""
+    name = f"dk{uuid.uuid4().hex[:8]}"
+    fab = CliFabric(engine, tmp_path, DOCKER_MIRROR.format(name=name), name)
+    try:
+        out = fab.cli("up", "--detach", "--backend", "docker", "--image", image).stdout
+        uri = next(w for w in out.split() if w.startswith("nbd://127.0.0.1:"))
+        assert f"{name}-mirror-state" in fab.leftovers()
+        control = fab.status()["mirror"]["control"]
+        new = os.urandom(4 * MiB)
+        run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x11 0 4M", "-c", "flush"])
+        fab.cli("ctl", control, "faulty", "0")
+        h = nbd_connect(uri)
+        h.pwrite(new, 0)
+        h.flush()
+        h.shutdown()
+        victim = fab.status()["mirror"]["container_id"]
+        engine.containers.get(victim).kill()
+
+        def back() -> bool:
+            m = fab.status()["mirror"]
+            return m["restarts"] == 1 and m["health"] == "SERVING" and m["container_id"] != victim
+
+        wait_for(back, 120, "the supervisor to restart the mirror's container")
+        mirror = fab.status()["mirror"]
+        assert [m["state"] for m in mirror["members"]] == ["faulty", "in_sync"]
+        h = nbd_connect(mirror["export_uris"][0])  # a new container: a new ephemeral port
+        for _ in range(4):  # whichever member a read policy picks, only member 1 may answer
+            assert h.pread(4 * MiB, 0) == new
+        h.shutdown()
+    finally:
+        res = fab.cli("down", check=False)
+    assert res.returncode == 0, res.stderr
+    assert fab.leftovers() == []
 
 
 def test_docker_backend_down_after_the_supervisor_died(

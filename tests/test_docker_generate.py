@@ -90,6 +90,9 @@ def test_k8s_pod_shares_sockets_and_probes_health() -> None:
     assert {"name": "run", "emptyDir": {"medium": "Memory"}} in pod["spec"]["volumes"]
     mirror = containers["mirror"]
     assert "nbd+unix:///?socket=/run/nbdfabric/disk-a.sock" in mirror["args"]
+    # Its member states outlive a restart of its container, in the pod's emptyDir.
+    assert "bitmap-file=/run/nbdfabric/mirror.state" in mirror["args"]
+    assert not any("-file=" in a for a in containers["slow"]["args"])
     assert mirror["readinessProbe"]["exec"]["command"] == [
         "nbdfabric", "health", "-q", "unix:/run/nbdfabric/mirror.ctl"
     ]  # fmt: skip

@@ -9,7 +9,8 @@ Two ways to use it:
   container publishes its gRPC control port on 127.0.0.1 (an ephemeral port) and the supervisor
   watches health through it; containers get docker restart policy `no`, the supervisor restarts
   them per the node's policy with back-off (a restart is a new container: memory nodes come back
-  empty and fans rebuild them). Container output is copied to RUN/NODE.log.
+  empty and fans rebuild them; a mirror or parity fan keeps its member states on a volume of its
+  own, `FABRIC-NODE-state`, removed at down). Container output is copied to RUN/NODE.log.
 - `DockerFabric`: a one-shot `up`/`status`/`down` without a supervisor (docker's restart policy
   from the topology does the restarting).
 """
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..argv import uri_path
+from ..argv import state_words, uri_path
 from ..compose import (
     CONTROL_PORT,
     DEFAULT_IMAGE,
@@ -68,9 +69,18 @@ def network_name(fabric: str) -> str:
     return f"nbdfabric-{fabric}"
 
 
+#: In the image: the nbdfabric user's home. A node that keeps state (a mirror's bitmap-file)
+#: keeps it here, on a volume of its own that outlives its container (see state_volume).
+STATE_DIR = "/var/lib/nbdfabric"
+
+
+def state_volume(fabric: str, node: str) -> str:
+    return f"{container_name(fabric, node)}-state"
+
+
 def make_layout(topology: Topology) -> ContainerLayout:
     hosts = {n: container_name(topology.name, n) for n in topology.nodes}
-    return ContainerLayout(topology, hosts, control=True)
+    return ContainerLayout(topology, hosts, control=True, state_dir=STATE_DIR)
 
 
 def run_container(
@@ -97,6 +107,20 @@ def run_container(
             )
     if publish_control:
         ports[f"{CONTROL_PORT}/tcp"] = ("127.0.0.1", None)
+    volumes = {
+        str(d): {"bind": inside, "mode": "ro" if mounts.read_only[d] else "rw"}
+        for d, inside in mounts.dirs.items()
+    }
+    if layout.state_dir and state_words(node, ""):
+        # A new volume takes the image's directory with its owner (the nbdfabric user).
+        import docker.errors
+
+        volume = state_volume(topology.name, name)
+        try:
+            client.volumes.get(volume)
+        except docker.errors.NotFound:
+            client.volumes.create(volume, labels=labels(topology, node))
+        volumes[volume] = {"bind": layout.state_dir, "mode": "rw"}
     return client.containers.run(
         image,
         command,
@@ -108,10 +132,7 @@ def run_container(
         ports=ports,
         restart_policy=restart,
         environment={"NBDFABRIC_CONTROL": f"127.0.0.1:{CONTROL_PORT}"},
-        volumes={
-            str(d): {"bind": inside, "mode": "ro" if mounts.read_only[d] else "rw"}
-            for d, inside in mounts.dirs.items()
-        },
+        volumes=volumes,
         healthcheck={
             "test": layout.healthcheck(),
             "interval": 1_000_000_000,
@@ -305,6 +326,7 @@ class DockerBackend:
         self.client = client
         self.run = run
         self.image = image or os.environ.get("NBDFABRIC_IMAGE") or DEFAULT_IMAGE
+        self._fabric = ""  #: set by prepare()
 
     def new_node(self, node: Node, topology: Topology) -> DockerNode:
         return DockerNode(self, node, topology)
@@ -313,11 +335,20 @@ class DockerBackend:
         return make_layout(topology).upstream_uri(node)
 
     def forget_state(self, node: str) -> None:
-        """Containers keep no state file (a mirror in a container starts afresh)."""
+        """The node's state volume goes (with the stopped container that holds it)."""
+        import docker.errors
+
+        fabric = self._fabric
+        with contextlib.suppress(docker.errors.NotFound):
+            self.client.containers.get(container_name(fabric, node)).remove(force=True)
+        with contextlib.suppress(docker.errors.NotFound):
+            self.client.volumes.get(state_volume(fabric, node)).remove(force=True)
 
     async def prepare(self, topology: Topology) -> None:
         """The image must be here (no registry is asked) and the network exists."""
         import docker.errors
+
+        self._fabric = topology.name
 
         def work() -> None:
             try:
@@ -458,3 +489,5 @@ class DockerFabric:
                 c.remove(force=True)
         for net in self.client.networks.list(filters={"label": f"{FABRIC_LABEL}={fabric}"}):
             net.remove()
+        for volume in self.client.volumes.list(filters={"label": f"{FABRIC_LABEL}={fabric}"}):
+            volume.remove(force=True)

@@ -26,9 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nodes import registry
-
-from ..argv import export_words, option_words, param_words, uri_path
+from ..argv import export_words, option_words, param_words, state_words, uri_path
 from ..topology import Node, Topology, is_uri, node_ref
 
 #: Longest unix socket path the kernel takes (sun_path is 108 bytes with its NUL).
@@ -127,9 +125,7 @@ def nbdfabric_command() -> list[str]:
 def node_command(node: Node, topology: Topology, run: RunDir, control: bool) -> list[str]:
     cmd = [*nbdfabric_command(), "node", node.kind]
     cmd += param_words(node) + option_words(node)
-    state = registry.get(node.kind).state_param
-    if state and state not in node.raw_params:
-        cmd.append(f"{state}={run.node_state(node.name)}")
+    cmd += state_words(node, str(run.node_state(node.name)))
     cmd += ["--name", node.name, "--listen", f"unix:{run.sock(node.name)}"]
     cmd += ["--ready-file", str(run.ready(node.name))]
     for up in node.upstreams:
