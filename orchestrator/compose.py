@@ -27,6 +27,10 @@ from .topology import Node, Topology, is_uri, load_or_report, node_ref
 DEFAULT_IMAGE = "nbdfabric:latest"
 NBD_PORT = 10809
 CONTROL_PORT = 10810
+#: In the image: the nbdfabric user's home, where a node that keeps state across restarts (a
+#: mirror's bitmap-file) keeps it. In a compose service, in the container itself: docker's
+#: restart policy restarts the same container, and a recreated one is another array's.
+STATE_DIR = "/var/lib/nbdfabric"
 #: Where bind-mounted host directories appear inside a container.
 MOUNT_ROOT = "/mnt/nbdfabric"
 LABEL_PREFIX = "io.nbdfabric"
@@ -63,8 +67,8 @@ class ContainerLayout:
     #: How a node reaches another node's container (service name or container name).
     hosts: dict[str, str]
     control: bool = True
-    #: Where a node that keeps state across restarts (a mirror, parity) keeps it, in a volume
-    #: of its own (the docker backend); None: nowhere (the compose file).
+    #: Where a node that keeps state across restarts (a mirror, parity) keeps it (STATE_DIR;
+    #: the docker backend puts a volume of its own there); None: nowhere.
     state_dir: str | None = None
 
     def export_name(self, node: str) -> str:
@@ -147,7 +151,7 @@ def compose_dict(
 ) -> dict[str, Any]:
     """The compose file as a mapping. Host paths are written relative to `relative_to` (the
     compose file's directory, from which compose resolves them) when they are below it."""
-    layout = ContainerLayout(topology, {n: n for n in topology.nodes}, control)
+    layout = ContainerLayout(topology, {n: n for n in topology.nodes}, control, STATE_DIR)
     services: dict[str, Any] = {}
     for node in topology.nodes.values():
         mounts = Mounts(Path(topology.base_dir))

@@ -38,6 +38,9 @@ def test_compose_services_upstreams_and_health() -> None:
     assert mirror["healthcheck"]["test"][:3] == ["CMD", "nbdfabric", "health"]
     assert mirror["restart"] == "unless-stopped"
     assert mirror["labels"]["io.nbdfabric.fabric"] == "example"
+    # Kept in the container: docker's restart policy restarts the same one.
+    assert "bitmap-file=/var/lib/nbdfabric/mirror.state" in mirror["command"]
+    assert not any("-file=" in a for a in data["services"]["slow"]["command"])
 
 
 def test_compose_ports_default_to_loopback_and_files_become_volumes(tmp_path: Path) -> None:

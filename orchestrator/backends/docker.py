@@ -32,6 +32,7 @@ from ..compose import (
     DEFAULT_IMAGE,
     LABEL_PREFIX,
     NBD_PORT,
+    STATE_DIR,
     ContainerLayout,
     Mounts,
     labels,
@@ -67,11 +68,6 @@ def container_name(fabric: str, node: str) -> str:
 
 def network_name(fabric: str) -> str:
     return f"nbdfabric-{fabric}"
-
-
-#: In the image: the nbdfabric user's home. A node that keeps state (a mirror's bitmap-file)
-#: keeps it here, on a volume of its own that outlives its container (see state_volume).
-STATE_DIR = "/var/lib/nbdfabric"
 
 
 def state_volume(fabric: str, node: str) -> str:
