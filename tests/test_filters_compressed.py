@@ -17,6 +17,7 @@ import random
 import re
 import resource
 import shutil
+import socket
 import struct
 import subprocess
 import zlib
@@ -847,3 +848,45 @@ def test_xz_decode_block_refuses_corrupt_and_lying_blocks(small: Path) -> None:
     for lie, bytes_, message in lies:
         with pytest.raises(BlockError, match=re.escape(message)):
             decode_block(lie, bytes_)
+
+
+def test_xz_burst_of_reads_beyond_the_socket_buffer_arrive_in_one_piece(
+    start_node, image, tmp_path
+) -> None:
+    """Found by the parallel suite: `nbd_poll: invalid reply magic` in the aio test above. A
+    client that sends bursts of big reads and reads the replies slowly, over TCP with a small
+    receive window: some reads are served at once from a cached block (and gathered), others
+    wait for a decode; with the socket full, a reply that waited could overtake the rest of a
+    gathered batch half sent. Every reply must arrive whole."""
+    from test_server_raw import Raw
+
+    source = start_node("file", str(compressed(image, "xz")))
+    ours = start_node("xz", "xz-max-depth=1", upstreams=[source.uri], listen="127.0.0.1:0")
+    host, port = ours.uri.removeprefix("nbd://").split("/")[0].rsplit(":", 1)
+    original = image.read_bytes()
+    rng = random.Random("burst")
+    for attempt in range(6):
+        raw = Raw.__new__(Raw)
+        raw.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.sock.settimeout(30)
+        raw.sock.connect((host, int(port)))
+        try:
+            raw.handshake()
+            expected: dict[int, bytes] = {}
+            burst = []
+            for cookie in range(1, 61):
+                length = rng.choice([4096, 65536, 1 << 20])
+                offset = rng.randrange(SIZE - length)
+                if cookie % 2 == 0:
+                    offset = rng.randrange((1 << 20) - length + 1)  # in the block just read
+                burst.append(struct.pack(">IHHQQI", 0x25609513, 0, 0, cookie, offset, length))
+                expected[cookie] = original[offset : offset + length]
+            raw.sock.sendall(b"".join(burst))  # one send: 60 small ones could fill the socket
+            got = {}
+            for _ in expected:
+                cookie, _, data = raw.reply()
+                got[cookie] = data
+            assert got == expected, f"attempt {attempt}"
+        finally:
+            raw.close()

@@ -113,8 +113,11 @@ class Session:
         self.waiting: set[Resumed] = set()
         self._drainers: list[asyncio.Future[None]] = []  #: drain() calls waiting for them
         self.closed = False
-        self._send_lock = asyncio.Lock()
-        self._senders = 0  #: replies holding or waiting for the send lock
+        self._senders = 0  #: replies partly sent or waiting for their turn to be
+        #: Done when the last reply that queued (see _send_now) has left: the next one waits
+        #: for it. Turns are taken when a reply is ready, not when its sender first runs (a
+        #: task started later must not overtake a reply queued before it).
+        self._last_turn: asyncio.Future[None] | None = None
         #: Backpressure: reading stops at MAX_IN_FLIGHT requests or MAX_BYTES_IN_FLIGHT until
         #: a reply makes room (plain counters: this runs per request).
         self._busy = 0
@@ -493,15 +496,18 @@ class Session:
                 self._flush_cork()
             return None
         held_list = [held] if held is not None else []
-        sent = self._send_now(parts, held_list)
-        if sent is None:
+        queued = self._send_now(parts, held_list)
+        if queued is None:
             return None
-        return self._send_rest(parts, sent, held_list)
+        return self._send_rest(parts, held_list, *queued)
 
-    def _send_now(self, parts: list[Buffer], held: list[bytearray]) -> int | None:
+    def _send_now(
+        self, parts: list[Buffer], held: list[bytearray]
+    ) -> tuple[int, asyncio.Future[None] | None, asyncio.Future[None]] | None:
         """Send what the socket takes now, unless another reply is on its way out. None when
         nothing is left to do (all sent, or the client is gone; `held` went back to the pool);
-        else the bytes sent, and the caller, now counted in `_senders`, must `_send_rest`."""
+        else (the bytes sent, the turn to wait for, its own turn): the caller, now counted in
+        `_senders`, must `_send_rest` with them."""
         sent = 0
         if not self.closed and not self._senders:
             # The common case: nobody else is mid-reply and the socket takes the whole reply
@@ -516,18 +522,33 @@ class Session:
                 self.node.pool.put(buf)
             return None
         self._senders += 1
-        return sent
+        before, mine = self._last_turn, self._loop.create_future()
+        self._last_turn = mine
+        return sent, before, mine
 
-    async def _send_rest(self, parts: list[Buffer], sent: int, held: list[bytearray]) -> None:
-        """The rest of replies the socket did not take at once (the caller counted itself in
-        `_senders`); then the buffers they show go back to the pool."""
+    async def _send_rest(
+        self,
+        parts: list[Buffer],
+        held: list[bytearray],
+        sent: int,
+        before: asyncio.Future[None] | None,
+        mine: asyncio.Future[None],
+    ) -> None:
+        """The rest of a reply the socket did not take at once, after the replies queued
+        before it; then the buffers it shows go back to the pool."""
         try:
-            async with self._send_lock:
+            if before is not None and not before.done():
+                await asyncio.wait((before,))  # not `await before`: a cancel must not pass on
+            if not self.closed:
                 await self.stream.send(parts, sent)
         except OSError:
             self._lost()
         finally:
             self._senders -= 1
+            if not mine.done():
+                mine.set_result(None)
+            if self._last_turn is mine:
+                self._last_turn = None
             for buf in held:
                 self.node.pool.put(buf)
 
@@ -540,9 +561,9 @@ class Session:
         """Send the corked replies in one go (the rest, if the socket is full, from a task)."""
         parts, held = self._corked, self._cork_buffers
         self._corked, self._cork_buffers, self._cork_bytes = [], [], 0
-        sent = self._send_now(parts, held) if parts else None
-        if sent is not None:
-            task = self._loop.create_task(self._send_rest(parts, sent, held))
+        queued = self._send_now(parts, held) if parts else None
+        if queued is not None:
+            task = self._loop.create_task(self._send_rest(parts, held, *queued))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
