@@ -58,13 +58,20 @@ class Proc:
         return self.log.read_text() if self.log and self.log.exists() else ""
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 20, what: str = "condition"):
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float = 20,
+    what: str = "condition",
+    interval: float = 0.02,
+):
+    """Poll `predicate` until it is true (returned) or `timeout` passes (TimeoutError). A
+    predicate that runs a CLI process costs a core for a while: give it a longer interval."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.02)
+        time.sleep(interval)
     raise TimeoutError(f"timed out waiting for {what}")
 
 

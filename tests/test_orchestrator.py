@@ -557,7 +557,7 @@ def test_orchestrator_leaves_a_failed_mirror_to_the_operator(
             res = fab.cli("events", "--no-follow")
             return any(" fan: failed: " in line for line in res.stdout.splitlines())
 
-        wait_for(said_failed, NOT_SERVING_GRACE + 30, "the supervisor to give up on the fan")
+        wait_for(said_failed, NOT_SERVING_GRACE + 30, "the supervisor to give up on the fan", 0.5)
         nodes = fab.status()
         assert nodes["fan"]["restarts"] == 0 and nodes["fan"]["health"] == "NOT_SERVING"
         res = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, timeout=60)
