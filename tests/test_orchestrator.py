@@ -83,6 +83,13 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def assert_all_gone(tmp_path: Path, pids: set[int]) -> None:
+    """After `down`: every process of the fabric exits, and no socket is left under tmp_path."""
+    for pid in pids:
+        wait_for(lambda pid=pid: not alive(pid), 30, f"pid {pid} to exit")
+    assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
+
+
 @pytest.fixture
 def fabric(tmp_path: Path) -> Iterator[Fabric]:
     fab = Fabric(tmp_path)
@@ -136,9 +143,7 @@ def test_orchestrator_up_serves_every_export_and_down_leaves_nothing(
     pids = set(fabric.pids)
     assert len(pids) == 6  # five nodes and the supervisor
     fabric.cli("down")
-    for pid in pids:
-        wait_for(lambda pid=pid: not alive(pid), 30, f"pid {pid} to exit")
-    assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
+    assert_all_gone(tmp_path, pids)
     assert fabric.cli("status", check=False).returncode == 3
 
 
@@ -229,9 +234,7 @@ def test_orchestrator_runs_nodes_with_workers(tmp_path: Path) -> None:
         pids = set(fabric.pids) | set(workers)
     finally:
         fabric.cli("down", check=False)
-    for pid in pids:
-        wait_for(lambda pid=pid: not alive(pid), 30, f"pid {pid} to exit")
-    assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
+    assert_all_gone(tmp_path, pids)
 
 
 def test_orchestrator_cdi_style_import_from_http(tmp_path: Path) -> None:
@@ -690,9 +693,7 @@ def test_orchestrator_filters_over_files_of_a_directory_node(tmp_path: Path) -> 
         pids = set(fab.pids)
     finally:
         fab.cli("down", check=False)
-    for pid in pids:
-        wait_for(lambda pid=pid: not alive(pid), 30, f"pid {pid} to exit")
-    assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
+    assert_all_gone(tmp_path, pids)
 
 
 def test_orchestrator_exports_a_directory_node_with_every_file(tmp_path: Path) -> None:

@@ -106,9 +106,8 @@ class FanBase(Fan):
         results = await asyncio.gather(*(m.start() for m in self.members), return_exceptions=True)
         failed = [i for i, res in enumerate(results) if isinstance(res, BaseException)]
         late = len(failed) <= self.missing_allowed() and all(
-            isinstance(res, OSError) and hasattr(self.members[i], "start_in_background")
-            for i, res in enumerate(results)
-            if i in failed
+            isinstance(results[i], OSError) and hasattr(self.members[i], "start_in_background")
+            for i in failed
         )
         if failed and not late:
             i = failed[0]
@@ -119,17 +118,14 @@ class FanBase(Fan):
                 errno.EIO, f"{self.kind}: member {i} ({member_name(self.members[i], i)}) "
                 f"did not start: {exc}"
             ) from exc  # fmt: skip
-        present = [m.capabilities().normalized() for i, m in enumerate(self.members)
-                   if i not in failed]  # fmt: skip
+        present = {i: m.capabilities().normalized() for i, m in enumerate(self.members)
+                   if i not in failed}  # fmt: skip
         try:
-            self.caps = self.compute_caps(present)
+            self.caps = self.compute_caps(list(present.values()))
         except ValueError:
             await self._stop_started(results)
             raise
-        self.member_caps = [
-            self.caps if i in failed else m.capabilities().normalized()
-            for i, m in enumerate(self.members)
-        ]
+        self.member_caps = [present.get(i, self.caps) for i in range(len(self.members))]
         for i in failed:
             log.warning("%s: member %d (%s) is not reachable: starting without it (%s)",
                         self.kind, i, member_name(self.members[i], i), results[i])  # fmt: skip

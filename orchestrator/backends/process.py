@@ -26,11 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nodes.server.addresses import UNIX_PATH_MAX
+
 from ..argv import export_words, option_words, param_words, state_words, uri_path
 from ..topology import Node, Topology, is_uri, node_ref
-
-#: Longest unix socket path the kernel takes (sun_path is 108 bytes with its NUL).
-MAX_SOCKET_PATH = 107
 
 
 class StartError(RuntimeError):
@@ -103,7 +102,7 @@ class RunDir:
     def check_paths(self, topology: Topology) -> list[str]:
         """Socket paths too long for the kernel (then pick a shorter run dir)."""
         paths = [self.api] + [p for n in topology.nodes for p in (self.sock(n), self.ctl(n))]
-        return [str(p) for p in paths if len(os.fsencode(str(p))) > MAX_SOCKET_PATH]
+        return [str(p) for p in paths if len(os.fsencode(str(p))) > UNIX_PATH_MAX]
 
     def remove_node_files(self, node: str, topology: Topology | None = None) -> None:
         for p in (self.sock(node), self.ctl(node), self.ready(node)):
