@@ -10,6 +10,7 @@ directly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import hashlib
 import threading
@@ -103,6 +104,17 @@ class Flaky(Backend):
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
         await self._check()
         return await self.inner.extents(count, offset, flags)
+
+
+class Shaped(Flaky):
+    """A member whose capabilities differ from its memory's (read-only, a block size, ...)."""
+
+    def __init__(self, inner: Memory, **caps: Any) -> None:
+        super().__init__(inner)
+        self.caps = caps
+
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(self.inner.capabilities(), **self.caps)
 
 
 class Harness:

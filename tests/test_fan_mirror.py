@@ -24,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from test_fan_common import (
     Flaky,
     Harness,
+    Shaped,
     assert_reads_fail,
     digest,
     lose_every_member,
@@ -31,6 +32,7 @@ from test_fan_common import (
     wait_state,
 )
 
+from nodes.base import Support
 from nodes.fans.mirror import Mirror, MirrorParams
 
 SIZE = 8 << 20
@@ -395,6 +397,18 @@ def test_mirror_refuses_to_replace_the_last_in_sync_member(harness: Harness) -> 
     small, _ = harness.memory(SIZE // 2)
     with pytest.raises(ValueError, match="needs"):
         harness.run(fan.replace_member(1, Flaky(small)))
+    # Nor one that would refuse what the mirror already offers its clients.
+    other, _ = harness.memory(SIZE)
+    refusals: list[tuple[dict[str, Any], str]] = [
+        ({"writable": False}, "it is read-only"),
+        ({"fua": Support.EMULATE}, "it has no native FUA"),
+        ({"trim": False}, "it cannot trim"),
+        ({"block_min": 512}, "its minimum block size 512 does not divide"),
+    ]
+    for caps, why in refusals:
+        with pytest.raises(ValueError, match=f"as member 1: {why}"):
+            harness.run(fan.replace_member(1, Shaped(other, **caps)))
+    assert [m["state"] for m in harness.call(fan.members_info)] == ["in_sync", "faulty"]
 
 
 def test_mirror_spare_takes_over(harness: Harness) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import nbd
 import pytest
 from conftest import nbd_connect, run, wait_for
-from test_fan_common import Flaky, Harness, assert_reads_fail, lose_every_member
+from test_fan_common import Flaky, Harness, Shaped, assert_reads_fail, lose_every_member
 
 from nodes.fans.quorum import Quorum, QuorumParams
 from nodes.fans.verify import Verify, VerifyParams
@@ -329,6 +329,39 @@ def test_parity_member_lost_under_load_degraded_reads_and_rebuild(harness: Harne
     assert harness.call(fan.rebuild_progress)["bytes_done"] == 1 << 20
     flakies[0].down = True  # now lose another one: member 2 must hold its share again
     assert h.pread(size, 0) == model
+    h.shutdown()
+
+
+def test_parity_replace_refuses_a_member_that_cannot_hold_a_share(harness: Harness) -> None:
+    """`ctl replace` checks what a late member is checked for: size, writable, block size; the
+    member that passes is rebuilt, and the fan reads its capabilities (extents), not the old."""
+    fan, flakies, uri = make_parity(harness)
+    model = fill_random(uri, 5)
+    flakies[1].down = True
+    wait_for(lambda: harness.call(fan.status)["members"][1]["state"] == "faulty", 10, "the loss")
+    small, _ = harness.memory(512 << 10)
+    ro, _ = harness.memory(1 << 20)
+    coarse, _ = harness.memory(1 << 20)
+    for new, why in [
+        (Flaky(small), "it has 524288 bytes, each member needs 1048576"),
+        (Shaped(ro, writable=False), "it is read-only"),
+        (
+            Shaped(coarse, block_min=4096),
+            "its minimum block size 4096 does not divide the array's 1",
+        ),
+        (Shaped(coarse, block_max=65536), "its maximum block size 65536 is below the array's"),
+        (Shaped(coarse, trim=True, flush=False), "it cannot flush"),
+    ]:
+        with pytest.raises(ValueError, match=f"cannot use .* as member 1: {why}"):
+            harness.run(fan.replace_member(1, new))
+    assert harness.call(fan.status)["members"][1]["state"] == "faulty"
+    good, _ = harness.memory(1 << 20)
+    harness.run(fan.replace_member(1, Shaped(good, extents=False)))
+    wait_for(lambda: harness.call(fan.status)["degraded"] is False, 60, "the rebuild")
+    assert harness.call(lambda: fan.member_caps[1].extents) is False
+    flakies[0].down = True  # member 1's share must now be right: read through it
+    h = nbd_connect(uri)
+    assert h.pread(len(model), 0) == model
     h.shutdown()
 
 

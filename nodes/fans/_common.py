@@ -132,6 +132,27 @@ class FanBase(Fan):
             self.members[i].start_in_background()  # type: ignore[attr-defined]
         self.missing = set(failed)
 
+    def shortfall(self, caps: Capabilities) -> str | None:
+        """What a member joining later (late at start, or a replacement) lacks of what this
+        array already advertises to its clients, if anything: clients send what the array
+        offered, and a member that refuses it would be failed by the first such request."""
+        have = self.caps
+        if have.writable and not caps.writable:
+            return "it is read-only"
+        if have.flush and not caps.flush:
+            return "it cannot flush"
+        if have.fua is Support.NATIVE and caps.fua is not Support.NATIVE:
+            return "it has no native FUA"
+        if have.trim and not caps.trim:
+            return "it cannot trim"
+        if caps.block_min > 1 and (have.block_min or 1) % caps.block_min:
+            return (f"its minimum block size {caps.block_min} does not divide the array's "
+                    f"{have.block_min or 1}")  # fmt: skip
+        if caps.block_max and (not have.block_max or caps.block_max < have.block_max):
+            return (f"its maximum block size {caps.block_max} is below the array's "
+                    f"{have.block_max or 'unlimited'}")  # fmt: skip
+        return None
+
     async def _stop_started(self, results: Sequence[object]) -> None:
         for member, res in zip(self.members, results, strict=True):
             if not isinstance(res, BaseException):

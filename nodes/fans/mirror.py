@@ -33,7 +33,8 @@ by itself (only one member is back), the operator can: `trust_member` (ctl trust
 
 A member that cannot be reached when the mirror starts (within --upstream-timeout) does not
 keep it from serving from the others, as `mdadm --run`: it is faulty, and is rebuilt fully
-once it connects (or kept out, with the reason, if it is too small or read-only). Only a
+once it connects (or kept out, with the reason, if it is too small or lacks what the mirror
+offers its clients, as `ctl replace` refuses such a member). Only a
 mirror with no member at all refuses to start.
 
 `replace_member` (ctl replace) and `rebuild_member` always rebuild fully. While rebuilding,
@@ -846,11 +847,7 @@ class Mirror(FanBase):
         """Why a member with these capabilities cannot hold this mirror's data, if it cannot."""
         if caps.size < self.size:
             return f"it has {caps.size} bytes, the mirror needs {self.size}"
-        if self.caps.writable and not caps.writable:
-            return "it is read-only"
-        if caps.block_min and self.chunk % caps.block_min:
-            return f"its minimum block size {caps.block_min} does not divide bitmap-chunk"
-        return None
+        return self.shortfall(caps)
 
     def _joins(self, slot: Slot) -> bool:
         """A member that was not there at start has connected: take its capabilities if it

@@ -22,7 +22,7 @@ writing zeros. Size: (smallest member, in whole chunks) * (N-1).
 
 One member that cannot be reached at start (within --upstream-timeout) does not keep the array
 from serving, degraded; it is rebuilt fully once it connects (or kept out, with the reason, if
-it is too small or read-only).
+it is too small, or lacks what the array offers its clients: see `FanBase.shortfall`).
 
 With `state-file=PATH` (the orchestrator gives one in its run dir) the fan keeps which members
 are in sync in a small JSON file, written before a change is acted on, so a fan restarted after
@@ -37,6 +37,7 @@ Example: `nbdfabric node parity chunk-size=64K --upstream A --upstream B --upstr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import time
@@ -144,13 +145,17 @@ class Parity(FanBase):
     def missing_allowed(self) -> int:
         return 1  # served degraded from the others, rebuilt fully once it connects
 
+    def _unfit(self, caps: Capabilities) -> str | None:
+        """Why a member with these capabilities cannot hold a share of this array, if it cannot."""
+        need = self.stripes * self.chunk
+        if caps.size < need:
+            return f"it has {caps.size} bytes, each member needs {need}"
+        return self.shortfall(caps)
+
     def _joins(self, member: int) -> bool:
         """A member that was not there at start has connected: it must hold a whole share."""
         caps = self.members[member].capabilities().normalized()
-        need = self.stripes * self.chunk
-        problem = (f"it has {caps.size} bytes, each member needs {need}" if caps.size < need
-                   else "it is read-only" if self.caps.writable and not caps.writable
-                   else None)  # fmt: skip
+        problem = self._unfit(caps)
         if problem is not None:
             self.kept_out[member] = f"cannot be a member: {problem} (ctl replace it)"
             self.retry_at[member] = float("inf")
@@ -511,9 +516,13 @@ class Parity(FanBase):
         else:
             new = uri
         await new.start()
-        if new.capabilities().size < self.stripes * self.chunk:
-            await new.stop()
-            raise ValueError(f"parity: the new member {index} is too small")
+        caps = new.capabilities().normalized()
+        problem = self._unfit(caps)
+        if problem:
+            with contextlib.suppress(Exception):
+                await new.stop()
+            raise ValueError(f"parity: cannot use {member_name(new, index)} as member {index}: "
+                             f"{problem}")  # fmt: skip
         old = self.members[index]
         self.states[index] = FAULTY
         self.left_at[index] = None  # a new disk: it holds nothing yet
@@ -522,6 +531,7 @@ class Parity(FanBase):
         self.retry_at[index] = 0.0
         self._persist()
         self.members[index] = new
+        self.member_caps[index] = caps
         self.seen[index] = getattr(new, "reconnects", 0)
         self.emit("member", f"member {index} replaced by {member_name(new, index)}", index=index)
         self._begin_rebuild(index)
