@@ -34,8 +34,8 @@ by itself (only one member is back), the operator can: `trust_member` (ctl trust
 A member that cannot be reached when the mirror starts (within --upstream-timeout) does not
 keep it from serving from the others, as `mdadm --run`: it is faulty, and is rebuilt fully
 once it connects (or kept out, with the reason, if it is too small or lacks what the mirror
-offers its clients, as `ctl replace` refuses such a member). Only a
-mirror with no member at all refuses to start.
+offers its clients, as `ctl replace` refuses such a member). Only a mirror with no member at
+all refuses to start.
 
 `replace_member` (ctl replace) and `rebuild_member` always rebuild fully. While rebuilding,
 the member receives every client write, but is never read; each region is copied under a lock
