@@ -6,10 +6,13 @@ its own socket so that qemu-img compares the members themselves.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import hashlib
 import json
 import random
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -446,6 +449,56 @@ def test_mirror_bitmap_file_survives_a_fan_restart(harness: Harness, tmp_path: P
     qemu_compare(uris[0], uris[1])
 
 
+class Stalled(Flaky):
+    """A member whose writes wait while `hold`, then fail if `drop` (they never land)."""
+
+    hold = False
+    drop = False
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        while self.hold:  # noqa: ASYNC110 (set from the test thread)
+            await asyncio.sleep(0.005)
+        if self.drop:
+            raise OSError(errno.EIO, "dropped")
+        await super().pwrite(buf, offset, flags)
+
+
+def test_mirror_fan_crash_mid_write_resyncs_the_regions_in_flight(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A write that reached one member when the fan died: the bitmap file marked its region
+    before it went out, and the next fan resyncs that region (only) from one member to the
+    other, so both read the same again."""
+    a, ua = harness.memory(SIZE)
+    b, ub = harness.memory(SIZE)
+    params = {"check-interval": 0.02, "retry-delay": 0.05, "read-policy": "round-robin",
+              "intent-region": "256K", "intent-linger": 0.2}  # fmt: skip
+    bitmap = tmp_path / "m.bitmap"
+    stalled = Stalled(b)
+    fan = Mirror(MirrorParams.model_validate({**params, "bitmap-file": str(bitmap)}),
+                 [Flaky(a), stalled])  # fmt: skip
+    uri = harness.serve(fan, "mirror")
+    run(["qemu-io", "-f", "raw", uri, "-c", f"write -P 0x01 0 {SIZE}"])
+    wait_for(lambda: json.loads(bitmap.read_text())["intents"] == [], 10, "the regions to settle")
+    stalled.hold = True
+    h = nbd_connect(uri)
+    h.aio_pwrite(b"\x02" * CHUNK, (1 << 20) + CHUNK)  # in the 5th region: chunks 16-19
+    wait_for(lambda: read_all(ua, SIZE)[(1 << 20) + CHUNK] == 2, 10, "member 0 to have it")
+    crash = bitmap.read_text()  # what the fan leaves behind if it is killed now
+    assert json.loads(crash)["intents"] == [[16, 19]]
+    stalled.drop, stalled.hold = True, False  # the write never reaches member 1
+    after_crash = tmp_path / "m2.bitmap"
+    after_crash.write_text(crash)
+    fan2 = Mirror(MirrorParams.model_validate({**params, "bitmap-file": str(after_crash)}),
+                  [Flaky(a), Flaky(b)])  # fmt: skip
+    harness.serve(fan2, "mirror")
+    wait_state(harness, fan2, 1, "in_sync")
+    assert harness.call(fan2.status)["resync_bytes"] == 256 * 1024
+    assert any("writes were in flight when the fan stopped" in e[1] for e in harness.events)
+    qemu_compare(ua, ub)
+    h.shutdown()
+
+
 def test_mirror_bitmap_file_of_another_array_is_refused(harness: Harness, tmp_path: Path) -> None:
     bitmap = tmp_path / "m.bitmap"
     bitmap.write_text(json.dumps({"version": 1, "size": 1, "chunk": CHUNK, "members": []}))
@@ -662,6 +715,34 @@ def test_mirror_process_ctl_trust_after_every_member_was_killed(
     start_node("file", str(disks[1]), listen=f"unix:{b.socket}")
     wait_for(lambda: member_states(m.control) == ["in_sync", "in_sync"], 60, "rebuild")
     assert disks[0].read_bytes() == disks[1].read_bytes()
+
+
+def test_mirror_process_killed_mid_write_resyncs_what_was_in_flight(
+    start_node: Any, tmp_path: Path
+) -> None:
+    """kill -9 of the fan while a write has reached member 0 and not member 1 (held in a delay
+    node, killed too): the restarted fan finds the region marked in its bitmap file and copies
+    it from one member to the other before reading from both again."""
+    a = start_node("memory", "8M")
+    b = start_node("memory", "8M")
+    slow = start_node("delay", "delay-write=30s", upstreams=[b.uri])
+    args = ("check-interval=0.05", "retry-delay=0.1", f"bitmap-file={tmp_path / 'm.bitmap'}",
+            "intent-region=1M")  # fmt: skip
+    m = start_node("mirror", *args, upstreams=[a.uri, slow.uri], control=True)
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", m.uri, "-c", "write -P 0x77 2M 64K"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: read_all(a.uri, 8 << 20)[2 << 20] == 0x77, 30, "member 0 to have it")
+        m.kill()
+        slow.kill()  # the write dies in it: member 1 never gets it
+    finally:
+        writer.kill()
+        writer.wait()
+    start_node("delay", upstreams=[b.uri], listen=f"unix:{slow.socket}")
+    m2 = start_node("mirror", *args, upstreams=[a.uri, slow.uri], control=True)
+    wait_for(lambda: member_states(m2.control) == ["in_sync", "in_sync"], 60, "the resync")
+    assert ctl_members(m2.control)["members"][1]["detail"]["resync_bytes"] == 1 << 20
+    qemu_compare(a.uri, b.uri)
 
 
 def test_mirror_process_ctl_replace_rebuilds_fully(start_node: Any) -> None:

@@ -49,8 +49,12 @@ Member states: in_sync, faulty, rebuilding, spare. Capabilities: writable, flush
 FUA (native), multi-conn only as far as every member has them; fast zero is never offered (a
 member failing fast while another zeroed would split the mirror). Size: the smallest member.
 
-Not covered: a crash of the fan in the middle of a write may leave in-sync members differing in
-that region (md marks in-flight writes in the bitmap for this; we only mark for absent members).
+A crash of the fan in the middle of a write may leave the in-sync members differing where it
+was going (one has it, another not). With `bitmap-file`, as md's write-intent bitmap, the fan
+marks each `intent-region` in the file before the first write into it goes out, and unmarks it
+once it has had no write in flight, none unflushed, for `intent-linger`. A fan that starts
+with regions marked resyncs them from one in-sync member to the others (they are faulty until
+then), so every read of those bytes gives the same answer again: the old data or the new.
 
 Example: `nbdfabric node mirror bitmap-file=/var/lib/m.bitmap --upstream URI_A --upstream URI_B`.
 """
@@ -90,6 +94,15 @@ class MirrorParams(Params):
     bitmap_chunk: Size = param(64 * 1024, description="granularity of the write-intent bitmap")
     bitmap_file: str | None = param(
         None, description="persist the write-intent bitmap and member states in this file"
+    )
+    intent_region: Size = param(
+        64 << 20,
+        gt=0,
+        description="with bitmap-file: the unit marked in the file while written to (rounded "
+        "up to whole bitmap chunks), all of it resynced after a crash of the fan",
+    )
+    intent_linger: Duration = param(
+        5.0, description="with bitmap-file: how long a region stays marked after its last write"
     )
     resync: Literal["auto", "bitmap", "full"] = live(
         "auto", description="how a member that returns after a failure is brought back in sync"
@@ -221,6 +234,11 @@ class Mirror(FanBase):
         self._running.set()
         self._monitor_task: asyncio.Task[None] | None = None
         self._bitmap = BitmapFile(params.bitmap_file) if params.bitmap_file else None
+        #: Write intents (with a bitmap file): chunks per region, each region marked in the
+        #: file -> when it was last written, and writes in flight per region.
+        self._per_region = max(1, -(-params.intent_region // self.chunk))
+        self._intents: dict[int, float] = {}
+        self._writing: dict[int, int] = {}
         self._last_run: RebuildRun | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._recovery = Recovery(self._recover, self._seen, self._tasks)
@@ -280,6 +298,7 @@ class Mirror(FanBase):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._settle_intents(linger=-1)  # the server drained and flushed: nothing in flight
         self._persist()
         await super().stop()
 
@@ -313,6 +332,7 @@ class Mirror(FanBase):
                 slot.state = SPARE
             elif slot.dirty.count():
                 slot.state = FAULTY
+        self._resync_intents(data.get("intents", []))
 
     def _persist(self) -> None:
         if self._bitmap is None or not self.slots:
@@ -328,12 +348,87 @@ class Mirror(FanBase):
             }
             for s in self.slots
         ]
-        data = {"version": 1, "size": self.size, "chunk": self.chunk, "members": members}
+        data = {
+            "version": 1,
+            "size": self.size,
+            "chunk": self.chunk,
+            "members": members,
+            "intents": self._intent_runs(),
+        }
         try:
             self._bitmap.save(data)
         except OSError as exc:
             log.error("mirror: cannot write the bitmap file: %s", exc)
             self.emit("error", f"cannot write the bitmap file: {exc}")
+
+    # Write intents ------------------------------------------------------------------------
+
+    def _intend(self, regions: range) -> bool:
+        """Count a write in flight in REGIONS; True if one was not marked in the file yet (the
+        caller persists before the write goes out)."""
+        new = False
+        for r in regions:
+            self._writing[r] = self._writing.get(r, 0) + 1
+            if r not in self._intents:
+                self._intents[r] = 0.0
+                new = True
+        return new
+
+    def _written(self, regions: range) -> None:
+        now = time.monotonic()
+        for r in regions:
+            left = self._writing[r] - 1
+            if left:
+                self._writing[r] = left
+            else:
+                del self._writing[r]
+            self._intents[r] = now
+
+    def _settle_intents(self, linger: float | None = None) -> None:
+        """Unmark regions with no write in flight or unflushed for `linger` (intent-linger;
+        from the monitor, so the file is rewritten at most once per check)."""
+        if not self._intents:
+            return
+        horizon = time.monotonic() - (self.params.intent_linger if linger is None else linger)
+        unflushed = {c // self._per_region for c in self._unflushed}
+        quiet = [r for r, t in self._intents.items()
+                 if t < horizon and r not in self._writing and r not in unflushed]  # fmt: skip
+        if quiet:
+            for r in quiet:
+                del self._intents[r]
+            self._persist()
+
+    def _intent_runs(self) -> list[list[int]]:
+        """The marked regions as runs of chunks, so the file does not depend on intent-region."""
+        runs: list[list[int]] = []
+        for r in sorted(self._intents):
+            first, last = r * self._per_region, min((r + 1) * self._per_region, self.nchunks) - 1
+            if runs and runs[-1][1] == first - 1:
+                runs[-1][1] = last
+            else:
+                runs.append([first, last])
+        return runs
+
+    def _resync_intents(self, runs: list[list[int]]) -> None:
+        """The fan stopped with writes in flight in RUNS (chunks): the members may differ
+        there. One in-sync member is the reference; every other member copies those chunks
+        from it (and is faulty until then). With none in sync, every member gets them marked,
+        and the one the recovery (or the operator) trusts becomes the reference."""
+        source = next((s for s in self.slots if s.state == IN_SYNC), None)
+        where = sum(last - first + 1 for first, last in runs) * self.chunk
+        for slot in self.slots:
+            if slot is source or slot.state == SPARE:
+                continue
+            for first, last in runs:
+                slot.dirty.mark(int(first), min(int(last), self.nchunks - 1))
+            if slot.state == IN_SYNC:
+                assert source is not None
+                slot.state = FAULTY
+                slot.left_at = self.acked  # it misses no acknowledged write
+                slot.last_error = (f"writes were in flight when the fan stopped: resyncing "
+                                   f"{where} bytes from member {source.index}")  # fmt: skip
+                self.emit("member", f"member {slot.index} faulty: {slot.last_error}",
+                          index=slot.index, state=FAULTY)  # fmt: skip
 
     # State --------------------------------------------------------------------------------
 
@@ -399,6 +494,7 @@ class Mirror(FanBase):
             await asyncio.sleep(self.params.check_interval)
             try:
                 self._check_members()
+                self._settle_intents()
             except Exception:
                 log.exception("mirror: member check failed")
 
@@ -983,18 +1079,26 @@ class Mirror(FanBase):
             self._reconnected(s)
             if s.state == FAULTY and not s.demoted:
                 changed |= s.dirty.mark(first, last)
+        regions = None
+        if self._bitmap is not None:
+            regions = range(first // self._per_region, last // self._per_region + 1)
+            changed |= self._intend(regions)
         if changed:
             self._persist()
-        if not self.healthy():
-            await self._recovery.wait()
-        token = await self._guard.enter(offset, offset + count)
         try:
-            targets = [s for s in self.slots if s.state in (IN_SYNC, REBUILDING)]
-            results = await asyncio.gather(
-                *(self._member_call(s, op) for s in targets), return_exceptions=True
-            )
+            if not self.healthy():
+                await self._recovery.wait()
+            token = await self._guard.enter(offset, offset + count)
+            try:
+                targets = [s for s in self.slots if s.state in (IN_SYNC, REBUILDING)]
+                results = await asyncio.gather(
+                    *(self._member_call(s, op) for s in targets), return_exceptions=True
+                )
+            finally:
+                self._guard.leave(token)
         finally:
-            self._guard.leave(token)
+            if regions is not None:
+                self._written(regions)
         ok = False
         for slot, res in zip(targets, results, strict=True):
             if isinstance(res, OSError):
