@@ -270,6 +270,11 @@ class Mirror(FanBase):
         ]
         if self._bitmap is not None:
             self._load_bitmap()
+        else:
+            log.warning(
+                "mirror: no bitmap-file: a restart of this node takes every member as in sync, "
+                "including one that missed writes or had writes in flight"
+            )
         for i in sorted(self.missing):
             self._start_without(self.slots[i])
         self._persist()
