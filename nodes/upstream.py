@@ -46,7 +46,9 @@ BACKOFF_CAP = 2.0
 
 # Plain ints: `int & IntFlag` runs Python code in enum.py (about 1 µs), on every request.
 _FUA, _DF = int(CmdFlag.FUA), int(CmdFlag.DF)
-_READ_FLAGS = _FUA | _DF
+# FUA is valid on a read (the spec has servers accept it on any command once advertised) but
+# means nothing there, and libnbd refuses it on pread with EINVAL: only DF goes upstream.
+_READ_FLAGS = _DF
 _WRITE_FLAGS = _FUA
 _ZERO_FLAGS = int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO)
 _STATUS_FLAGS = int(CmdFlag.REQ_ONE)
@@ -252,10 +254,8 @@ class Upstream(Backend):
                 except OSError:
                     break  # a smaller pool still works
         self._caps = self._read_caps(first)
-        # The read flags the upstream may be sent: DF only if it has it, FUA only if native.
-        self._read_flags = _READ_FLAGS if first.can_df() else _READ_FLAGS & ~_DF
-        if self._caps.fua is not Support.NATIVE:
-            self._read_flags &= ~_FUA
+        # The read flags the upstream may be sent: DF only if it has it.
+        self._read_flags = _READ_FLAGS if first.can_df() else 0
         maximum = first.get_block_size(nbd.SIZE_MAXIMUM)
         self._max_request = min(maximum or DEFAULT_MAX_REQUEST, DEFAULT_MAX_REQUEST * 2)
         minimum = first.get_block_size(nbd.SIZE_MINIMUM) or 1

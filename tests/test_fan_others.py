@@ -152,6 +152,20 @@ def test_parity_layout_rotates_and_parity_is_the_xor(harness: Harness) -> None:
         assert chunks[d0] == model[stripe * 8192 : stripe * 8192 + 4096]
 
 
+def test_parity_cache_it_advertises_succeeds(harness: Harness) -> None:
+    """CACHE is advertised (the members have it), so a valid one must succeed (it reached the
+    Backend default and failed with EINVAL)."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    mems = [harness.memory(256 * 1024)[0] for _ in range(3)]
+    fan = Parity(ParityParams.model_validate({"chunk-size": "4K"}), mems)
+    h = nbd_connect(harness.serve(fan, "parity"))
+    assert h.can_cache()
+    h.cache(4096, 0)
+    h.cache(100000, 12345)
+    h.shutdown()
+
+
 async def _read_mem(mem: Memory, n: int) -> bytes:
     buf = bytearray(n)
     view = memoryview(buf)

@@ -132,6 +132,30 @@ def test_cache_modes(start_node, mode):
     assert upstream.pread(100, 50) == b"\x55" * 100
 
 
+def test_cache_failed_zero_keeps_the_writes_it_holds(start_node, start_nbdkit):
+    """A zero the upstream refuses (a fast zero it cannot do) must not drop the dirty blocks
+    the writeback cache holds: the acknowledged write was lost, and older bytes showed."""
+    up = start_nbdkit(
+        "--filter=nozero", "memory", "size=1M", "zeromode=notrim", "fastzeromode=slow"
+    )
+    cache = start_node("cache", "cache=writeback", upstreams=[up.uri])
+    h = nbd_connect(cache.uri)
+    assert h.can_fast_zero()
+    h.pwrite(b"\x11" * 65536, 0)
+    h.flush()  # the upstream holds 0x11
+    h.pwrite(b"\x77" * 65536, 0)  # held dirty in the cache
+    with pytest.raises(nbd.Error) as exc:
+        h.zero(65536, 0, nbd.CMD_FLAG_FAST_ZERO)
+    assert exc.value.errno == "ENOTSUP"
+    assert h.pread(65536, 0) == b"\x77" * 65536
+    h.flush()
+    h.shutdown()
+    direct = nbd_connect(up.uri)
+    assert direct.pread(65536, 0) == b"\x77" * 65536
+    direct.shutdown()
+    cache.stop()  # nbdkit waits for its clients on SIGTERM: close ours first
+
+
 def test_cache_max_size_reclaims_dirty_blocks(start_node, tmp_path):
     data = bytes(range(256)) * (16 * MiB // 256)
     src = tmp_path / "src.img"

@@ -86,6 +86,20 @@ def test_upstream_flags_pass_through(start_node, start_nbdkit, tmp_path):
     assert any("Zero" in ln and "fast=1" in ln for ln in text.splitlines())
 
 
+def test_upstream_fua_on_a_read_is_accepted(start_node):
+    """FUA is allowed on any command once advertised (spec); on a read it means nothing, and
+    libnbd refuses it on pread, so a filter must not pass it on (it answered EINVAL)."""
+    mem = start_node("memory", "1M")
+    proxy = start_node("nbd", upstreams=[mem.uri])
+    h = nbd_connect(proxy.uri, strict=False)
+    assert h.can_fua()
+    h.pwrite(b"r" * 4096, 0)
+    assert h.pread(4096, 0, nbd.CMD_FLAG_FUA) == b"r" * 4096
+    h.cache(4096, 0, nbd.CMD_FLAG_FUA)
+    h.block_status(4096, 0, lambda *args: 1, nbd.CMD_FLAG_FUA)
+    h.shutdown()
+
+
 def test_upstream_errno_preserved(start_node, start_nbdkit):
     # The upstream's own errno (ENOSPC from nbdkit's error filter) comes through unchanged.
     up = start_nbdkit(

@@ -1,8 +1,10 @@
 """mirror: RAID1 over N members, degraded serving, write-intent bitmap and background rebuild.
 
 Writes, zeroes, trims and flushes go to every member that is in sync or rebuilding and are
-acknowledged once all of them have it. Reads go to one in-sync member (`read-policy`); a read
-that fails is retried on another, so the client sees no error while one in-sync member remains.
+acknowledged once all of them have it. Overlapping writes in flight at once are sent one after
+the other, so that every member applies them in the same order. Reads go to one in-sync member
+(`read-policy`); a read that fails is retried on another, so the client sees no error while one
+in-sync member remains.
 
 A member that fails (an I/O error, or its upstream reporting `healthy()` False) becomes
 *faulty*: the fan keeps serving degraded, emits an event, and records every region written
@@ -172,30 +174,42 @@ class Slot:
 
 
 class RegionGuard:
-    """Client writes in flight vs the one region a rebuild is copying."""
+    """Client writes in flight vs each other and vs the one region a rebuild is copying."""
 
     def __init__(self) -> None:
-        self._writes: dict[int, tuple[int, int]] = {}
+        #: token -> (start, end, done when it leaves)
+        self._writes: dict[int, tuple[int, int, asyncio.Future[None]]] = {}
         self._next = 0
         self._copy: tuple[int, int] | None = None
         self._copy_done = asyncio.Event()
         self._copy_done.set()
 
     async def enter(self, start: int, end: int) -> int:
-        while self._copy is not None and start < self._copy[1] and self._copy[0] < end:
-            await self._copy_done.wait()
+        while True:
+            if self._copy is not None and start < self._copy[1] and self._copy[0] < end:
+                await self._copy_done.wait()
+                continue
+            # Overlapping writes go one after the other: sent together, each member could
+            # apply them in another order (each has its own connections and scheduling) and
+            # the members would differ, so reads would depend on the member that serves them.
+            ahead = next((d for s, e, d in self._writes.values() if s < end and start < e), None)
+            if ahead is None:
+                break
+            await asyncio.wait((ahead,))  # not `await ahead`: a cancel must not pass on
         self._next += 1
-        self._writes[self._next] = (start, end)
+        self._writes[self._next] = (start, end, asyncio.get_running_loop().create_future())
         return self._next
 
     def leave(self, token: int) -> None:
-        self._writes.pop(token, None)
+        entry = self._writes.pop(token, None)
+        if entry is not None:
+            entry[2].set_result(None)
 
     async def begin_copy(self, start: int, end: int) -> None:
         self._copy = (start, end)
         self._copy_done.clear()
         # Writes in flight are a few round trips long: poll rather than wire events to each.
-        while any(s < end and start < e for s, e in self._writes.values()):  # noqa: ASYNC110
+        while any(s < end and start < e for s, e, _ in self._writes.values()):  # noqa: ASYNC110
             await asyncio.sleep(0.0005)
 
     def end_copy(self) -> None:

@@ -127,7 +127,12 @@ class Parity(FanBase):
             raise ValueError(f"parity: chunk-size is not a multiple of {combined.block_min}")
         from dataclasses import replace
 
-        return replace(combined, trim=False, zero=Support.EMULATE, extents=False).normalized()
+        # No native CACHE (a member's chunks are not the export's bytes): the session reads
+        # instead, which warms the members too; NATIVE from the members reached Backend.cache
+        # and failed every CACHE with EINVAL.
+        return replace(
+            combined, trim=False, zero=Support.EMULATE, cache=Support.EMULATE, extents=False
+        ).normalized()
 
     async def start(self) -> None:
         await super().start()

@@ -250,11 +250,17 @@ class Cache(Filter):
         await self._drop_and_forward(count, offset, flags, zero=False)
 
     async def _drop_and_forward(self, count: int, offset: int, flags: int, zero: bool) -> None:
-        """Blocks wholly inside the range leave the cache; cached edge blocks get zeros (for
-        zero) so they stay equal to the upstream; then the upstream does the operation."""
+        """The upstream does the operation; then blocks wholly inside the range leave the
+        cache and cached edge blocks get zeros (for zero) so they stay equal to the upstream.
+        In that order: if the upstream refuses (a fast zero it cannot do), the dirty blocks,
+        which may hold acknowledged writes the upstream has not seen, must still be here."""
         bs = self.bs
         first, last = offset // bs, (offset + count - 1) // bs
         async with self.locks.hold(range(first, last + 1)):
+            if zero:
+                await self.next.zero(count, offset, flags)
+            else:
+                await self.next.trim(count, offset, flags)
             pos = 0
             while pos < count:
                 b, inb = divmod(offset + pos, bs)
@@ -266,10 +272,6 @@ class Cache(Filter):
                     elif zero:
                         entry.data[inb : inb + n] = bytes(n)
                 pos += n
-            if zero:
-                await self.next.zero(count, offset, flags)
-            else:
-                await self.next.trim(count, offset, flags)
 
     async def flush(self, flags: int) -> None:
         if self.params.cache == "unsafe":

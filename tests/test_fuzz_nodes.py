@@ -1,0 +1,1430 @@
+"""A bounded adversarial-client fuzz run against live nodes of many shapes (plugins, filters,
+fans), over raw sockets: every parsable reply is checked against the spec and against a model
+of the export, and after every batch a well-behaved libnbd client must still be served and read
+back exactly what the model says the export holds.
+
+Bounded and reproducible: `NBDFABRIC_FUZZ_SECONDS` (default 10) per node shape,
+`NBDFABRIC_FUZZ_SEED` to replay a run (the seed is printed; a failure shows it). The client
+sequences follow from the seed; the interleaving of concurrent clients follows the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import re
+import struct
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Proc, nbd_connect
+
+pytestmark = pytest.mark.slow
+
+FUZZ_SECONDS = float(os.environ.get("NBDFABRIC_FUZZ_SECONDS") or 10)
+SEED = int(os.environ.get("NBDFABRIC_FUZZ_SEED") or random.SystemRandom().randrange(1 << 32))
+#: A reply, or the end of a connection the server should close, must come within this.
+REPLY_TIMEOUT = 15.0
+
+KiB, MiB = 1024, 1024 * 1024
+SIZE = MiB
+
+# Wire constants, spelled out here (not imported from nodes/): the test judges the node.
+NBDMAGIC, IHAVEOPT = 0x4E42444D41474943, 0x49484156454F5054
+OPT_REPLY_MAGIC = 0x3E889045565A9
+REQUEST_MAGIC, SIMPLE_MAGIC, CHUNK_MAGIC = 0x25609513, 0x67446698, 0x668E33EF
+OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 5, 6, 7
+OPT_SR, OPT_LIST_META, OPT_SET_META = 8, 9, 10
+REP_ACK, REP_SERVER, REP_INFO, REP_META = 1, 2, 3, 4
+REP_ERR = 1 << 31
+ERR_UNSUP, ERR_INVALID, ERR_UNKNOWN = REP_ERR | 1, REP_ERR | 3, REP_ERR | 6
+INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE = 0, 1, 2, 3
+READ, WRITE, DISC, FLUSH, TRIM, CACHE, ZERO, BS = range(8)
+CMD_NAMES = ["read", "write", "disc", "flush", "trim", "cache", "zero", "status"]
+FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO = 1, 2, 4, 8, 16
+VALID_FLAGS = {
+    READ: FUA | DF,
+    WRITE: FUA,
+    FLUSH: FUA,
+    TRIM: FUA,
+    CACHE: FUA,
+    ZERO: FUA | NO_HOLE | FAST_ZERO,
+    BS: FUA | REQ_ONE,
+}
+T_HAS_FLAGS, T_READ_ONLY, T_FLUSH, T_FUA = 1, 2, 4, 8
+T_TRIM, T_ZERO, T_DF, T_CACHE, T_FAST_ZERO = 32, 64, 128, 1024, 2048
+ADVERTISED = {FLUSH: T_FLUSH, TRIM: T_TRIM, ZERO: T_ZERO, CACHE: T_CACHE}
+EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP = 1, 5, 12, 22, 28, 75, 95
+C_NONE, C_DATA, C_HOLE, C_STATUS, C_ERROR, C_ERROR_OFFSET = 0, 1, 2, 5, 32769, 32770
+REQUEST = struct.Struct(">IHHQQI")
+#: Bytes put in an upstream outside the window a view serves: they must never be read.
+MARKER = b"\xa5OUTSIDE-WINDOW\x5a"
+SEEDS = sorted(Path("/work/shared/corpus/nbdkit-fuzz-seeds").glob("*"))
+BAD_LOG_LINES = ("Traceback", "Task exception was never retrieved", "Exception in callback")
+
+
+class FuzzFailure(AssertionError):
+    pass
+
+
+def check(cond: object, message: str) -> None:
+    if not cond:
+        raise FuzzFailure(message)
+
+
+# The model ------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Op:
+    """One request in flight, as the model sees it."""
+
+    cmd: int
+    start: int
+    end: int  #: clipped to the export
+    mutates: bool  #: a write that may succeed: others overlapping it cannot be judged
+    #: (start, end, is a trim) of writes in flight at some time during this one
+    conflicts: list[tuple[int, int, bool]] = field(default_factory=list)
+
+
+_NOT = bytes([1, 0]) + bytes(254)  #: bytes.translate table: 0 <-> 1
+
+
+def differ(a: bytes, b: bytes, ignore: bytearray) -> int | None:
+    """The first offset where `a` and `b` differ, outside the bytes `ignore` marks."""
+    if a == b:
+        return None
+    for blk in range(0, len(a), 4096):
+        if a[blk : blk + 4096] != b[blk : blk + 4096]:
+            for i in range(blk, min(blk + 4096, len(a))):
+                if a[i] != b[i] and not ignore[i]:
+                    return i
+    return None
+
+
+class Model:
+    """What the export holds: bytes and which of them are known. A write whose reply was never
+    seen or writes racing each other make bytes unknown; unknown bytes are learnt back from a
+    libnbd read at the end of each batch. Trimmed bytes stay unknown until they are written
+    again (spec: a client MUST NOT assume anything about them until then; they need not even
+    read the same twice)."""
+
+    def __init__(self, initial: bytes) -> None:
+        self.data = bytearray(initial)
+        self.known = bytearray(b"\x01") * len(initial)
+        self.trimmed = bytearray(len(initial))
+        self.active: set[Op] = set()
+        self.orphans: set[Op] = set()  #: writes cut off with their connection, maybe still landing
+        #: This batch's events (who, what, op, payload), to explain a mismatch.
+        self.history: list[tuple[str, str, Op, bytes | None]] = []
+
+    def log(self, who: str, what: str, op: Op, payload: bytes | None = None) -> None:
+        if len(self.history) < 20000:
+            self.history.append((who, what, op, payload))
+
+    def about(self, offset: int) -> str:
+        """This batch's events on `offset`, for a failure message."""
+        lines = []
+        for who, what, op, payload in self.history:
+            if op.start <= offset < op.end:
+                value = f" byte={payload[offset - op.start]:#x}" if payload is not None else ""
+                name = CMD_NAMES[op.cmd] if op.cmd < len(CMD_NAMES) else str(op.cmd)
+                lines.append(f"{who}: {what} {name} [{op.start}, {op.end}){value}")
+        return "\n    ".join(["events on this byte in the batch:", *lines[-25:]])
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def begin(self, op: Op) -> None:
+        for other in self.active:
+            if other.mutates:
+                op.conflicts.append((other.start, other.end, other.cmd == TRIM))
+            if op.mutates:
+                other.conflicts.append((op.start, op.end, op.cmd == TRIM))
+        self.active.add(op)
+
+    def end(self, op: Op) -> None:
+        self.active.discard(op)
+
+    def orphan(self, op: Op) -> None:
+        """No reply will come: the write may land at any time until the batch ends."""
+        if op.mutates:
+            self.unknown(op.start, op.end, trimmed=op.cmd == TRIM)
+            self.orphans.add(op)
+        else:
+            self.active.discard(op)
+
+    def unknown(self, start: int, end: int, trimmed: bool = False) -> None:
+        if end > start:
+            self.known[start:end] = bytes(end - start)
+            if trimmed:
+                self.trimmed[start:end] = b"\x01" * (end - start)
+
+    def apply(self, op: Op, data: bytes | None) -> None:
+        """`op` succeeded: `data` (None: contents undefined) is now at op.start."""
+        if data is None:
+            self.unknown(op.start, op.end, trimmed=True)
+        else:
+            self.data[op.start : op.end] = data
+            self.known[op.start : op.end] = b"\x01" * (op.end - op.start)
+            self.trimmed[op.start : op.end] = bytes(op.end - op.start)
+        for a, b, trim in op.conflicts:
+            self.unknown(max(a, op.start), min(b, op.end), trimmed=trim)
+
+    def mismatch(self, op: Op, got: bytes, zero_only: bool = False) -> int | None:
+        """Offset of the first byte of `got` (read at op.start) that the model says is wrong."""
+        start, end = op.start, op.start + len(got)
+        want = bytes(end - start) if zero_only else self.data[start:end]
+        if got == want:
+            return None
+        judged = bytearray(self.known[start:end])
+        for a, b, _ in op.conflicts:
+            lo, hi = max(a, start), min(b, end)
+            if hi > lo:
+                judged[lo - start : hi - start] = bytes(hi - lo)
+        for i in range(len(got)):
+            if got[i] != want[i] and judged[i]:
+                return start + i
+        return None
+
+    def settle(self, actual: bytes) -> None:
+        """Batch over, nothing in flight: learn the unknown bytes."""
+        self.history.clear()
+        self.active.clear()
+        self.orphans.clear()
+        self.data = bytearray(actual)
+        self.known = self.trimmed.translate(_NOT)
+
+
+# The node shapes ------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """A node under fuzz, its chain, and what the model starts from."""
+
+    name: str
+    node: Proc
+    procs: list[Proc]  #: every process of the shape, the node under test first
+    initial: bytes
+    read_only: bool = False
+    #: Run after a final flush with the export's contents: checks on what lies below.
+    #: ... and the bytes trimmed since they were last written (they may differ below).
+    check_below: Callable[[bytes, bytearray], None] | None = None
+    block_min: int = 1
+    block_max: int = 32 * MiB
+
+    @property
+    def size(self) -> int:
+        return len(self.initial)
+
+
+def under_test(
+    start_node: Any,
+    kind: str,
+    *args: str,
+    upstreams: Sequence[str] = (),
+    extra: tuple[str, ...] = (),
+) -> Proc:
+    """The node the fuzz clients talk to: with metrics, to tell when its sessions are over."""
+    return start_node(kind, *args, upstreams=upstreams, extra=(*extra, "--metrics", "127.0.0.1:0"))
+
+
+def sessions_open(node: Proc) -> int:
+    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    match = re.search(r"^nbdfabric_connections_open\{[^}]*\} ([0-9.]+)$", text, re.M)
+    assert match, "no nbdfabric_connections_open metric"
+    return int(float(match.group(1)))
+
+
+def fill(uri: str, data: bytes, offset: int = 0) -> None:
+    h = nbd_connect(uri)
+    try:
+        for pos in range(0, len(data), 4 * MiB):
+            h.pwrite(data[pos : pos + 4 * MiB], offset + pos)
+        h.flush()
+    finally:
+        h.shutdown()
+
+
+def read_all(uri: str, flush: bool = False) -> bytes:
+    h = nbd_connect(uri)
+    try:
+        if flush and not h.is_read_only():
+            h.flush()
+        size = h.get_size()
+        return b"".join(
+            bytes(h.pread(min(4 * MiB, size - pos), pos)) for pos in range(0, size, 4 * MiB)
+        )
+    finally:
+        h.shutdown()
+
+
+def marked(size: int) -> bytearray:
+    return bytearray((MARKER * (size // len(MARKER) + 1))[:size])
+
+
+def window_shape(
+    name: str,
+    start_node: Any,
+    kind: str,
+    args: list[str],
+    upstream_size: int,
+    window: tuple[int, int],
+    table: bytes = b"",
+) -> Target:
+    """A view of [window) of a memory upstream whose every other byte is MARKER (and `table` at
+    the front): those must never show, nor change."""
+    lo, hi = window
+    up = start_node("memory", str(upstream_size))
+    rng = random.Random(f"{SEED}:{name}:initial")
+    outside = marked(upstream_size)
+    outside[: len(table)] = table
+    inside = rng.randbytes(hi - lo)
+    image = bytes(outside[:lo]) + inside + bytes(outside[hi:])
+    fill(up.uri, image)
+    node = under_test(start_node, kind, *args, upstreams=[up.uri])
+
+    def below(export: bytes, trimmed: bytearray) -> None:
+        now = read_all(up.uri)
+        check(now[:lo] == image[:lo] and now[hi:] == image[hi:], "bytes outside the window changed")
+        bad = differ(now[lo:hi], export, trimmed)
+        check(bad is None, f"the upstream's window differs from the export at {bad}")
+
+    return Target(name, node, [node, up], inside, check_below=below)
+
+
+def mbr(first_lba: int, sectors: int) -> bytes:
+    entry = struct.pack("<B3sB3sII", 0, b"\0\0\0", 0x83, b"\0\0\0", first_lba, sectors)
+    return bytes(446) + entry.ljust(64, b"\0") + b"\x55\xaa"
+
+
+def build_target(shape: str, start_node: Any, tmp_path: Path) -> Target:
+    rng = random.Random(f"{SEED}:{shape}:initial")
+    if shape == "memory":
+        node = under_test(start_node, "memory", str(SIZE))
+        return Target(shape, node, [node], bytes(SIZE))
+    if shape in ("file", "read-only"):
+        path = tmp_path / f"{shape}.img"
+        image = rng.randbytes(SIZE)
+        path.write_bytes(image)
+        ro = shape == "read-only"
+        node = under_test(start_node, "file", str(path), extra=("--read-only",) if ro else ())
+
+        def file_below(export: bytes, trimmed: bytearray) -> None:
+            bad = differ(path.read_bytes(), export, trimmed)
+            check(bad is None, f"the file differs from what the export serves at {bad}")
+
+        return Target(shape, node, [node], image, read_only=ro, check_below=file_below)
+    if shape in ("cow", "cache", "blocksize"):
+        up = start_node("memory", str(SIZE))
+        image = rng.randbytes(SIZE)
+        fill(up.uri, image)
+        args = {
+            "cow": ["cow-block-size=4K"],
+            "cache": ["cache=writeback", "cache-max-size=256K", "cache-min-block-size=4K"],
+            "blocksize": ["minblock=4K", "maxdata=64K", "maxlen=128K"],
+        }[shape]
+        node = under_test(start_node, shape, *args, upstreams=[up.uri])
+
+        def below(export: bytes, trimmed: bytearray) -> None:
+            now = read_all(up.uri)
+            if shape == "cow":
+                check(now == image, "cow wrote to its upstream")
+            else:
+                bad = differ(now, export, trimmed)
+                check(bad is None, f"{shape}: after a flush the upstream differs at {bad}")
+
+        return Target(shape, node, [node, up], image, check_below=below)
+    if shape == "offset":
+        return window_shape(
+            shape,
+            start_node,
+            "offset",
+            ["offset=256K", "range=1M"],
+            2 * MiB,
+            (256 * KiB, 256 * KiB + MiB),
+        )
+    if shape == "truncate":
+        # An odd size: the last "sector" is one byte long.
+        return window_shape(shape, start_node, "truncate", ["truncate=800001"], MiB, (0, 800001))
+    if shape == "partition":
+        lo = 1024 * 512
+        return window_shape(
+            shape,
+            start_node,
+            "partition",
+            ["partition=1"],
+            2 * MiB,
+            (lo, lo + MiB),
+            table=mbr(1024, 2048),
+        )
+    if shape == "mirror":
+        members = [start_node("memory", str(SIZE)) for _ in range(2)]
+        node = under_test(start_node, "mirror", upstreams=[m.uri for m in members])
+
+        def mirror_below(export: bytes, trimmed: bytearray) -> None:
+            for i, m in enumerate(members):
+                bad = differ(read_all(m.uri), export, trimmed)
+                check(bad is None, f"mirror member {i} differs from the export at {bad}")
+
+        return Target(shape, node, [node, *members], bytes(SIZE), check_below=mirror_below)
+    if shape == "parity":
+        members = [start_node("memory", str(SIZE // 2)) for _ in range(3)]
+        node = under_test(
+            start_node, "parity", "chunk-size=64K", upstreams=[m.uri for m in members]
+        )
+
+        def parity_below(export: bytes, trimmed: bytearray) -> None:
+            chunks = [read_all(m.uri) for m in members]
+            for pos in range(0, SIZE // 2, 64 * KiB):
+                xor = bytes(64 * KiB)
+                for c in chunks:
+                    xor = bytes(a ^ b for a, b in zip(xor, c[pos : pos + 64 * KiB], strict=True))
+                check(xor == bytes(64 * KiB), f"parity of the stripe at {pos} does not check out")
+
+        return Target(shape, node, [node, *members], bytes(SIZE), check_below=parity_below)
+    raise ValueError(shape)
+
+
+# One adversarial client -----------------------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    connections: int = 0
+    requests: int = 0
+    replies: int = 0
+    errors: dict[int, int] = field(default_factory=dict)
+    endings: dict[str, int] = field(default_factory=dict)
+    batches: int = 0
+
+    def count(self, table: dict[Any, int], key: Any) -> None:
+        table[key] = table.get(key, 0) + 1
+
+
+@dataclass
+class Pending:
+    cookie: int
+    cmd: int
+    flags: int
+    offset: int
+    length: int
+    allowed: frozenset[int]
+    op: Op
+    payload: bytes | None = None
+    #: Structured reply state: data chunks (offset, bytes), holes, error, status chunks.
+    pieces: list[tuple[int, bytes]] = field(default_factory=list)
+    error: int = 0
+    statuses: list[tuple[int, list[tuple[int, int]]]] = field(default_factory=list)
+
+
+@dataclass
+class Session:
+    """What the handshake settled."""
+
+    size: int = 0
+    tflags: int = 0
+    structured: bool = False
+    meta_ids: tuple[int, ...] = ()
+    block_min: int = 1
+    block_max: int = 32 * MiB
+    block_max_advertised: bool = False
+
+
+class Closed(Exception):
+    """The server closed the connection."""
+
+
+class Client:
+    """A raw-socket NBD client that mixes valid and invalid traffic and judges every reply."""
+
+    def __init__(
+        self, target: Target, model: Model, rng: random.Random, stats: Stats, tag: str
+    ) -> None:
+        self.t = target
+        self.model = model
+        self.rng = rng
+        self.stats = stats
+        self.tag = tag
+        self.s = Session()
+        self.pending: dict[int, Pending] = {}
+        self.cookie = rng.randrange(1 << 64)
+        self.fatal = ""  #: what we sent that allows the server to hang up on us
+        self.disc = False
+        self.half_closed = False
+        self.closing = False  #: we are hanging up: the end of the stream is ours
+        self.eof = asyncio.Event()
+        self.reader: asyncio.StreamReader
+        self.writer: asyncio.StreamWriter
+        self.trace: list[str] = []
+
+    def fail(self, message: str) -> FuzzFailure:
+        marks = [t for t in self.trace if t.startswith(("transmission", "finish"))]
+        recent = "\n  ".join([*marks, "...", *self.trace[-12:]])
+        return FuzzFailure(f"[{self.t.name} {self.tag}] {message}\n  recent:\n  {recent}")
+
+    def expect(self, cond: object, message: str) -> None:
+        if not cond:
+            raise self.fail(message)
+
+    async def run(self) -> None:
+        self.reader, self.writer = await asyncio.open_unix_connection(
+            self.t.node.socket, limit=1 << 26
+        )
+        self.stats.connections += 1
+        try:
+            await self._run()
+        except Closed:
+            raise self.fail("the server closed the connection unexpectedly") from None
+        except ConnectionError as exc:
+            if not self.fatal:
+                raise self.fail(f"connection error: {exc!r}") from None
+        finally:
+            self.writer.transport.abort()
+            for p in self.pending.values():
+                self.model.log(self.tag, f"orphaned {p.cookie:#x}", p.op, p.payload)
+                self.model.orphan(p.op)
+            self.pending.clear()
+
+    async def recv(self, n: int) -> bytes:
+        try:
+            return await asyncio.wait_for(self.reader.readexactly(n), REPLY_TIMEOUT)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial and not self.closing:
+                raise self.fail(
+                    f"server closed mid-message ({len(exc.partial)} of {n} bytes)"
+                ) from None
+            self.trace.append("closed: end of stream")
+            raise Closed() from None
+        except ConnectionError as exc:
+            self.trace.append(f"closed: {exc!r}")
+            raise Closed() from None
+        except TimeoutError:
+            raise self.fail(f"no data from the server for {REPLY_TIMEOUT} s (a hang)") from None
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await asyncio.wait_for(self.writer.drain(), REPLY_TIMEOUT)
+
+    async def expect_close(self, why: str) -> None:
+        """The server must end the connection after `why` (not hang)."""
+        while True:
+            try:
+                data = await asyncio.wait_for(self.reader.read(1 << 16), REPLY_TIMEOUT)
+            except ConnectionError:
+                return
+            except TimeoutError:
+                raise self.fail(f"the server did not close the connection after {why}") from None
+            if not data:
+                return
+
+    # Handshake ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        rng = self.rng
+        magic, ihaveopt, hflags = struct.unpack(">QQH", await self.recv(18))
+        self.expect((magic, ihaveopt) == (NBDMAGIC, IHAVEOPT), "bad greeting")
+        self.expect(hflags & 1 and not hflags & ~3, f"handshake flags {hflags:#x}")
+        roll = rng.random()
+        if roll < 0.04:
+            self.trace.append("bad client flags")
+            await self.send(struct.pack(">I", rng.choice([4, 1 << 31, 0xFFFFFFFF])))
+            await self.expect_close("unknown client flags")
+            self.stats.count(self.stats.endings, "bad-client-flags")
+            return
+        if roll < 0.10 and SEEDS:
+            await self.replay_seed()
+            return
+        if roll < 0.15:
+            cflags = rng.choice([0, 2])  # not fixed newstyle: only EXPORT_NAME
+            await self.send(struct.pack(">I", cflags))
+            if not await self.export_name(cflags):
+                return
+        else:
+            cflags = rng.choice([1, 3, 3, 3])
+            await self.send(struct.pack(">I", cflags))
+            if not await self.negotiate(cflags):
+                return
+        await self.transmission()
+
+    async def replay_seed(self) -> None:
+        data = bytearray(self.rng.choice(SEEDS).read_bytes())
+        for _ in range(self.rng.randint(0, 4)):
+            i = self.rng.randrange(len(data))
+            data[i] ^= 1 << self.rng.randrange(8)
+        data = data[: self.rng.randint(1, len(data))]
+        self.trace.append(f"replay mutated seed {bytes(data).hex()}")
+        try:
+            await self.send(bytes(data))
+            self.writer.write_eof()
+        except ConnectionError:
+            pass
+        await self.expect_close("seed replay ended")
+        self.stats.count(self.stats.endings, "seed-replay")
+
+    async def option(self, option: int, data: bytes) -> None:
+        self.trace.append(f"option {option} {data[:40].hex()}")
+        await self.send(struct.pack(">QII", IHAVEOPT, option, len(data)) + data)
+
+    async def opt_replies(self, option: int) -> list[tuple[int, bytes]]:
+        replies = []
+        while True:
+            magic, opt, rep, length = struct.unpack(">QIII", await self.recv(20))
+            self.expect(magic == OPT_REPLY_MAGIC, f"option reply magic {magic:#x}")
+            self.expect(opt == option, f"reply to option {opt}, expected {option}")
+            self.expect(length <= 64 * KiB, f"option reply of {length} bytes")
+            body = await self.recv(length)
+            replies.append((rep, body))
+            if rep == REP_ACK or rep & REP_ERR:
+                if rep & REP_ERR:
+                    self.expect(len(body) <= 4096, "error message over 4096 bytes")
+                return replies
+            self.expect(rep in (REP_SERVER, REP_INFO, REP_META), f"reply type {rep:#x}")
+
+    def info_data(self, name: bytes, infos: list[int]) -> bytes:
+        return (
+            struct.pack(">I", len(name))
+            + name
+            + struct.pack(f">H{len(infos)}H", len(infos), *infos)
+        )
+
+    def meta_data(self, name: bytes, queries: list[bytes]) -> bytes:
+        body = struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+        return body + b"".join(struct.pack(">I", len(q)) + q for q in queries)
+
+    def check_info(self, replies: list[tuple[int, bytes]], structured: bool) -> Session | None:
+        """The INFO replies of a successful INFO or GO: returns what they say."""
+        s = Session(structured=structured)
+        seen_export = False
+        for rep, body in replies[:-1]:
+            self.expect(rep == REP_INFO, f"reply {rep:#x} in INFO/GO")
+            self.expect(len(body) >= 2, "short INFO reply")
+            (kind,) = struct.unpack(">H", body[:2])
+            if kind == INFO_EXPORT:
+                self.expect(len(body) == 12, "INFO_EXPORT length")
+                s.size, s.tflags = struct.unpack(">QH", body[2:])
+                seen_export = True
+            elif kind == INFO_BLOCK_SIZE:
+                self.expect(len(body) == 14, "INFO_BLOCK_SIZE length")
+                lo, pref, hi = struct.unpack(">III", body[2:])
+                self.expect(lo and lo & (lo - 1) == 0 and lo <= 64 * KiB, f"min block {lo}")
+                self.expect(pref >= lo and pref & (pref - 1) == 0, f"preferred block {pref}")
+                self.expect(hi == 0xFFFFFFFF or (hi >= pref and hi % lo == 0), f"max {hi}")
+                s.block_min, s.block_max, s.block_max_advertised = lo, hi, True
+        if replies[-1][0] != REP_ACK:
+            return None
+        self.expect(seen_export, "INFO/GO succeeded without INFO_EXPORT")
+        self.check_export(s.size, s.tflags, structured)
+        return s
+
+    def check_export(self, size: int, tflags: int, structured: bool) -> None:
+        self.expect(size == self.t.size, f"export size {size}, expected {self.t.size}")
+        self.expect(tflags & T_HAS_FLAGS, "HAS_FLAGS clear")
+        self.expect(bool(tflags & T_READ_ONLY) == self.t.read_only, f"tflags {tflags:#x}: RO")
+        self.expect(structured or not tflags & T_DF, "SEND_DF without structured replies")
+        self.expect(not tflags & T_FAST_ZERO or tflags & T_ZERO, "FAST_ZERO without ZERO")
+        self.expect(not tflags & ~0x0DFF, f"unknown transmission flags {tflags:#x}")
+
+    async def export_name(self, cflags: int, name: bytes = b"") -> bool:
+        await self.option(OPT_EXPORT_NAME, name)
+        size, tflags = struct.unpack(">QH", await self.recv(10))
+        if not cflags & 2:
+            self.expect(await self.recv(124) == bytes(124), "padding is not zeros")
+        self.check_export(size, tflags, self.s.structured)
+        self.s.size, self.s.tflags = size, tflags
+        self.s.block_min, self.s.block_max = self.t.block_min, self.t.block_max
+        return True
+
+    async def negotiate(self, cflags: int) -> bool:
+        rng = self.rng
+        structured = False
+        meta: tuple[bytes, tuple[int, ...]] | None = None  # (name, ids) of the last SET
+        info: Session | None = None  #: what an INFO right before GO said
+        for _ in range(rng.randint(0, 6)):
+            info = None
+            choice = rng.random()
+            if choice < 0.25:
+                await self.option(OPT_SR, b"")
+                reps = await self.opt_replies(OPT_SR)
+                if structured:
+                    self.expect(reps[-1][0] in (REP_ACK, ERR_INVALID), "second SR")
+                else:
+                    self.expect(reps == [(REP_ACK, b"")], f"SR: {reps}")
+                structured = True
+            elif choice < 0.45:
+                queries = [b"base:allocation"] if rng.random() < 0.8 else []
+                if rng.random() < 0.3:
+                    queries.append(rng.choice([b"qemu:dirty-bitmap:x", b"nope:", b"base:"]))
+                rng.shuffle(queries)
+                name = b"" if rng.random() < 0.9 else b"other"
+                await self.option(OPT_SET_META, self.meta_data(name, queries))
+                reps = await self.opt_replies(OPT_SET_META)
+                ids = self.check_meta(reps, structured, set_=True)
+                if structured:
+                    self.expect(reps[-1][0] == REP_ACK, f"SET_META failed: {reps[-1]}")
+                    want = 1 if b"base:allocation" in queries else 0
+                    self.expect(len(ids) == want, f"SET_META selected {ids} for {queries}")
+                meta = (name, ids) if reps[-1][0] == REP_ACK else None
+            elif choice < 0.55:
+                await self.option(OPT_LIST_META, self.meta_data(b"", [b"base:"]))
+                reps = await self.opt_replies(OPT_LIST_META)
+                self.check_meta(reps, structured, set_=False)
+            elif choice < 0.65:
+                infos = rng.sample([0, 1, 2, 3, 999], rng.randint(0, 3))
+                await self.option(OPT_INFO, self.info_data(b"", infos))
+                reps = await self.opt_replies(OPT_INFO)
+                self.expect(reps[-1][0] == REP_ACK, f"INFO failed: {reps[-1]}")
+                info = self.check_info(reps, structured)
+            elif choice < 0.72:
+                await self.option(OPT_LIST, b"")
+                reps = await self.opt_replies(OPT_LIST)
+                self.expect(
+                    reps[-1][0] == REP_ACK and all(r == REP_SERVER for r, _ in reps[:-1]),
+                    f"LIST: {reps}",
+                )
+            elif choice < 0.80:
+                option = rng.choice([4, 11, 12, 99, 0x7FFFFFFF, 0xFFFFFFFF])
+                await self.option(option, rng.randbytes(rng.randint(0, 64)))
+                reps = await self.opt_replies(option)
+                self.expect(
+                    reps == [(reps[0][0], reps[0][1])] and reps[0][0] & REP_ERR,
+                    f"unknown option {option}: {reps}",
+                )
+            else:
+                outcome = await self.corrupted_option(structured, meta)
+                if outcome == "closed":
+                    return False
+                if isinstance(outcome, tuple):
+                    structured, meta = outcome
+        end = rng.random()
+        if end < 0.05:
+            await self.option(OPT_ABORT, b"")
+            try:
+                reps = await self.opt_replies(OPT_ABORT)
+                self.expect(reps == [(REP_ACK, b"")], f"ABORT: {reps}")
+            except Closed:
+                pass  # the client must tolerate the server just closing
+            await self.expect_close("abort")
+            self.stats.count(self.stats.endings, "abort")
+            return False
+        if end < 0.08:
+            self.stats.count(self.stats.endings, "close-in-handshake")
+            return False
+        self.s.structured = structured
+        if end < 0.20:
+            self.s.meta_ids = meta[1] if meta and meta[0] == b"" else ()
+            return await self.export_name(cflags)
+        infos = rng.sample([1, 2, 3], rng.randint(0, 3))
+        await self.option(OPT_GO, self.info_data(b"", infos))
+        reps = await self.opt_replies(OPT_GO)
+        self.expect(reps[-1][0] == REP_ACK, f"GO failed: {reps[-1]}")
+        s = self.check_info(reps, structured)
+        assert s is not None
+        if info is not None:
+            self.expect((info.size, info.tflags) == (s.size, s.tflags), "INFO and GO disagree")
+        s.meta_ids = meta[1] if meta and meta[0] == b"" else ()
+        if not s.block_max_advertised:
+            s.block_min, s.block_max = self.t.block_min, self.t.block_max
+        self.s = s
+        return True
+
+    def check_meta(
+        self, reps: list[tuple[int, bytes]], structured: bool, set_: bool
+    ) -> tuple[int, ...]:
+        if not structured:
+            self.expect(reps[-1][0] == ERR_INVALID, f"meta context before SR: {reps}")
+            return ()
+        ids = []
+        for rep, body in reps[:-1]:
+            self.expect(rep == REP_META and len(body) >= 4, f"meta reply {rep:#x}")
+            (cid,) = struct.unpack(">I", body[:4])
+            self.expect(body[4:] == b"base:allocation", f"context {body[4:]!r}")
+            if set_:
+                ids.append(cid)
+        return tuple(ids)
+
+    async def corrupted_option(
+        self, structured: bool, meta: tuple[bytes, tuple[int, ...]] | None
+    ) -> str | tuple[bool, tuple[bytes, tuple[int, ...]] | None] | None:
+        """An option from the corpus (or one we know), mutated but framed right: a well-formed
+        answer must come back, and the handshake goes on."""
+        rng = self.rng
+        base = rng.choice(
+            [
+                (OPT_INFO, self.info_data(b"", [3])),
+                (OPT_SET_META, self.meta_data(b"", [b"base:allocation"])),
+                (OPT_LIST_META, self.meta_data(b"", [b"base:"])),
+                (OPT_GO, bytes(6)),  # as in the corpus seeds
+                (OPT_LIST, b""),
+                (OPT_SR, b""),
+                (OPT_STARTTLS, b""),
+            ]
+        )
+        option, data = base[0], bytearray(base[1])
+        kind = rng.choice(["flip", "cut", "grow", "lengths"])
+        if kind == "flip" and data:
+            for _ in range(rng.randint(1, 3)):
+                i = rng.randrange(len(data))
+                data[i] ^= 1 << rng.randrange(8)
+        elif kind == "cut" and data:
+            data = data[: rng.randrange(len(data))]
+        elif kind == "grow":
+            data += rng.randbytes(rng.randint(1, 16))
+        elif kind == "lengths" and len(data) >= 4:
+            struct.pack_into(">I", data, 0, rng.choice([1, 7, 4097, 0xFFFFFFFF]))
+        option_go_as_info = option == OPT_GO and rng.random() < 0.5
+        if option_go_as_info:
+            option = OPT_INFO
+        await self.option(option, bytes(data))
+        reps = await self.opt_replies(option)
+        final = reps[-1][0]
+        self.expect(final == REP_ACK or final & REP_ERR, "no final reply")
+        if option == OPT_SR:
+            self.expect(
+                final != REP_ACK or (not data and not structured),
+                f"SR with data {bytes(data).hex()} accepted",
+            )
+            return (structured or final == REP_ACK), meta
+        if option == OPT_STARTTLS:
+            self.expect(final & REP_ERR, "STARTTLS accepted on a server without TLS")
+            return None
+        if option == OPT_SET_META:
+            ids = self.check_meta(reps, structured, set_=True) if final == REP_ACK else ()
+            parsed = parse_meta(bytes(data))
+            if final == REP_ACK:
+                self.expect(parsed is not None, f"malformed SET_META accepted: {data.hex()}")
+                assert parsed is not None
+                return structured, (parsed[0], ids)
+            return structured, None
+        if option == OPT_GO and final == REP_ACK:
+            name = parse_info(bytes(data))
+            self.expect(name is not None, f"malformed GO accepted: {bytes(data).hex()}")
+            s = self.check_info(reps, structured)
+            assert s is not None
+            s.meta_ids = meta[1] if meta and meta[0] == name else ()
+            if not s.block_max_advertised:
+                s.block_min, s.block_max = self.t.block_min, self.t.block_max
+            self.s = s
+            await self.transmission()
+            return "closed"
+        if option == OPT_INFO and final == REP_ACK:
+            self.expect(
+                parse_info(bytes(data)) is not None, f"malformed INFO accepted: {bytes(data).hex()}"
+            )
+            self.check_info(reps, structured)
+        return None
+
+    # Transmission ---------------------------------------------------------------------------
+
+    def next_cookie(self) -> int:
+        if self.rng.random() < 0.02:
+            edge = self.rng.choice([0, (1 << 64) - 1, 1 << 63])
+            if edge not in self.pending:
+                return edge
+        self.cookie = (self.cookie + 1) % (1 << 64)
+        while self.cookie in self.pending:
+            self.cookie = (self.cookie + 1) % (1 << 64)
+        return self.cookie
+
+    def allowed(self, cmd: int, flags: int, offset: int, length: int) -> frozenset[int]:
+        """The replies the spec (and NBD-NOTES) allows for this request on this session."""
+        s = self.s
+        if cmd not in VALID_FLAGS:
+            return frozenset({EINVAL})
+        errs: set[int] = set()
+        ok = True
+        if flags & ~VALID_FLAGS[cmd]:
+            errs.add(EINVAL)
+            ok = False
+        unadvertised = 0
+        if not s.tflags & T_FUA:
+            unadvertised |= FUA
+        if not s.tflags & T_FAST_ZERO:
+            unadvertised |= FAST_ZERO
+        if not (s.tflags & T_DF and s.structured):
+            unadvertised |= DF
+        if flags & unadvertised:
+            errs.add(EINVAL)
+            ok = False
+        if s.tflags & T_READ_ONLY and cmd in (WRITE, TRIM, ZERO):
+            errs.add(EPERM)
+            ok = False
+        if cmd in ADVERTISED and not s.tflags & ADVERTISED[cmd]:
+            errs.add(EINVAL)
+            ok = False
+        if cmd == BS and not (s.structured and s.meta_ids):
+            errs.add(EINVAL)
+            ok = False
+        if cmd == FLUSH:
+            if offset or length:
+                errs.add(EINVAL)
+        else:
+            if offset + length > s.size:
+                errs.add(ENOSPC if cmd in (WRITE, ZERO) else EINVAL)
+                # Spec: SHOULD; a read may be answered EINVAL either way.
+                errs.add(EINVAL)
+                ok = False
+            elif length == 0:
+                errs.add(EINVAL)
+            if s.block_min > 1 and (offset % s.block_min or length % s.block_min):
+                errs.add(EINVAL)
+            if cmd in (READ, WRITE) and length > s.block_max:
+                errs |= {EINVAL, ENOMEM} | ({EOVERFLOW} if flags & DF else set())
+                ok = ok and not s.block_max_advertised
+        if ok:
+            errs.add(0)
+            if cmd == ZERO and flags & FAST_ZERO:
+                errs.add(ENOTSUP)
+        return frozenset(errs)
+
+    def random_request(self) -> tuple[int, int, int, int]:
+        """(cmd, flags, offset, length): mostly valid, often not."""
+        rng, size = self.rng, self.s.size
+        cmd = rng.choices(
+            [READ, WRITE, FLUSH, TRIM, CACHE, ZERO, BS, -1], [30, 30, 4, 5, 3, 8, 8, 3]
+        )[0]
+        if cmd == -1:
+            cmd = rng.choice([8, 9, 12, 0x7FFF, 0xFFFF])
+        flags = 0
+        if rng.random() < 0.3:
+            flags = rng.choice([FUA, FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO, FAST_ZERO | NO_HOLE])
+        if rng.random() < 0.04:
+            flags = rng.choice([1 << 5, 1 << 15, 0xFFFF, rng.randrange(1 << 16)])
+        length = rng.choice(
+            [
+                1,
+                512,
+                4096,
+                rng.randint(1, 4096),
+                rng.randint(1, 64 * KiB),
+                rng.randint(1, 256 * KiB),
+            ]
+        )
+        if cmd in (READ, WRITE) and rng.random() < 0.02:
+            length = rng.randint(256 * KiB, SIZE)
+        offset = rng.randrange(size) if size else 0
+        if rng.random() < 0.5:
+            offset -= offset % 4096
+        if offset + length > size and rng.random() < 0.9:
+            offset = max(0, size - length)
+        # Bad ranges
+        r = rng.random()
+        if r < 0.03:
+            length = 0
+        elif r < 0.06:
+            offset = size - rng.randint(0, 512)
+        elif r < 0.08:
+            offset = rng.choice(
+                [
+                    size,
+                    size + 1,
+                    (1 << 63) - 1,
+                    1 << 63,
+                    (1 << 64) - 1,
+                    (1 << 64) - length,
+                    (1 << 64) - 512,
+                ]
+            )
+        elif r < 0.10 and cmd != WRITE:
+            length = rng.choice([0xFFFFFFFF, 0x80000000, 64 * MiB + 1, 32 * MiB + 1])
+        if cmd == FLUSH and rng.random() < 0.9:
+            offset = length = 0
+        return cmd, flags, offset % (1 << 64), length
+
+    async def request(
+        self,
+        cmd: int,
+        flags: int,
+        offset: int,
+        length: int,
+        payload: bytes | None = None,
+        cut: int | None = None,
+    ) -> None:
+        """Send one request (a WRITE's payload cut after `cut` bytes, if given)."""
+        cookie = self.next_cookie()
+        allowed = self.allowed(cmd, flags, offset, length)
+        start = min(offset, self.model.size)
+        end = min(offset + length, self.model.size)
+        mutating = cmd in (WRITE, ZERO, TRIM) and 0 in allowed and cut is None
+        op = Op(cmd, start, end, mutating)
+        header = REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+        self.trace.append(
+            f"{CMD_NAMES[cmd] if cmd < 8 else cmd} flags={flags:#x} "
+            f"off={offset} len={length} cookie={cookie:#x}"
+        )
+        self.stats.requests += 1
+        if cut is not None:
+            assert payload is not None
+            self.model.log(self.tag, f"cut after {cut} bytes, {cookie:#x}", op, payload)
+            await self.send(header + payload[:cut])
+            return  # never complete: it must not be applied, nor answered
+        self.pending[cookie] = Pending(cookie, cmd, flags, offset, length, allowed, op, payload)
+        self.model.begin(op)
+        self.model.log(self.tag, f"sent {cookie:#x} flags={flags:#x}", op, payload)
+        await self.send(header + (payload or b""))
+
+    def payload_for(self, length: int) -> bytes:
+        rng = self.rng
+        if rng.random() < 0.1:
+            # Data that looks like requests (a DISC among them): it is only data.
+            fake = REQUEST.pack(REQUEST_MAGIC, 0, rng.choice([DISC, WRITE, READ]), 7, 0, 0)
+            return (fake * (length // len(fake) + 1))[:length]
+        if rng.random() < 0.1:
+            return bytes(length)
+        return rng.randbytes(length)
+
+    async def transmission(self) -> None:
+        rng = self.rng
+        self.trace.append(f"transmission {self.s}")
+        receiver = asyncio.ensure_future(self.receive())
+        try:
+            for _ in range(rng.randint(1, 8)):
+                burst = rng.choice([1, 2, 4, 16, 64, rng.randint(1, 200)])
+                for _ in range(burst):
+                    cmd, flags, offset, length = self.random_request()
+                    payload = self.payload_for(length) if cmd == WRITE else None
+                    await self.request(cmd, flags, offset, length, payload)
+                if rng.random() < 0.6:
+                    await self.wait_replies(receiver)
+            await self.finish(receiver)
+        finally:
+            if not receiver.done():
+                # We hang up: the receiver stops at the end of what it has. (Cancelling it
+                # alone is not enough on 3.11: wait_for may swallow a cancel.)
+                self.closing = True
+                self.writer.transport.abort()
+                receiver.cancel()
+                try:
+                    await receiver
+                except (asyncio.CancelledError, Closed):
+                    pass
+
+    async def wait_replies(self, receiver: asyncio.Future[None]) -> None:
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while self.pending:
+            if receiver.done():
+                receiver.result()  # raises the receiver's failure
+                raise self.fail(f"connection closed with {len(self.pending)} replies missing")
+            if time.monotonic() > deadline:
+                missing = ", ".join(f"{p.cookie:#x}" for p in list(self.pending.values())[:5])
+                raise self.fail(f"no reply within {REPLY_TIMEOUT} s to {missing} (a hang)")
+            await asyncio.sleep(0.005)
+
+    async def finish(self, receiver: asyncio.Future[None]) -> None:
+        """End the session in one of the ways a client can (or must not)."""
+        rng = self.rng
+        how = rng.choice(
+            [
+                "disc",
+                "disc",
+                "disc-then-more",
+                "half-close",
+                "close",
+                "abort-read",
+                "bad-magic",
+                "cut-payload",
+                "long-payload",
+                "cut-header",
+                "huge-write",
+            ]
+        )
+        self.stats.count(self.stats.endings, how)
+        self.trace.append(f"finish: {how}")
+        size = self.s.size
+        if how in ("disc", "disc-then-more", "half-close"):
+            disc = REQUEST.pack(REQUEST_MAGIC, 0, DISC, self.next_cookie(), 0, 0)
+            if how == "disc":
+                await self.send(disc)
+                self.disc = True
+            elif how == "disc-then-more":
+                # Nothing after DISC may be served: these writes must not land, nor be
+                # answered. (Replies are awaited first: the server closes with our extra bytes
+                # unread, and a write that then fails makes asyncio drop what it had read.)
+                await self.wait_replies(receiver)
+                more = []
+                for _ in range(rng.randint(1, 4)):
+                    off = rng.randrange(max(1, size - 4096))
+                    self.stats.requests += 1
+                    self.trace.append(f"after DISC: write off={off}")
+                    more.append(REQUEST.pack(REQUEST_MAGIC, 0, WRITE, 1 << 40, off, 4096))
+                    more.append(rng.randbytes(4096))
+                self.disc = True
+                with contextlib.suppress(ConnectionError, TimeoutError):
+                    await self.send(disc + b"".join(more))
+            if how == "half-close":
+                self.half_closed = True
+                self.writer.write_eof()
+            # Every request before the end must be answered, then the server closes.
+            await self.wait_replies(receiver)
+            try:
+                await asyncio.wait_for(receiver, REPLY_TIMEOUT)
+            except TimeoutError:
+                raise self.fail("the server did not close after DISC / end of stream") from None
+            return
+        if how == "close":
+            return  # replies still due are lost with the connection
+        if how == "abort-read":
+            # Ask for big replies, then vanish while they are being sent.
+            for _ in range(rng.randint(1, 6)):
+                await self.request(READ, 0, 0, min(size, rng.choice([256 * KiB, MiB])))
+            await asyncio.sleep(rng.choice([0, 0.001, 0.01]))
+            return
+        self.fatal = how
+        if how == "bad-magic":
+            await self.send(
+                REQUEST.pack(
+                    rng.choice([0x12560953, 0, 0x25609514, 0xFFFFFFFF]), 0, READ, 1, 0, 512
+                )
+            )
+        elif how == "cut-payload":
+            length = rng.choice([512, 4096, 65536])
+            off = rng.randrange(max(1, size - length))
+            await self.request(
+                WRITE, 0, off, length, self.payload_for(length), cut=rng.randrange(length)
+            )
+            self.writer.write_eof()
+        elif how == "long-payload":
+            # Extra bytes after the payload are read as the next request header: garbage.
+            length = 4096
+            off = rng.randrange(max(1, size - length))
+            await self.request(WRITE, 0, off, length, self.payload_for(length))
+            await self.send(b"\x00GARBAGE" * rng.randint(1, 8))
+            self.writer.write_eof()
+        elif how == "cut-header":
+            await self.send(REQUEST.pack(REQUEST_MAGIC, 0, READ, 1, 0, 512)[: rng.randint(1, 27)])
+            self.writer.write_eof()
+        elif how == "huge-write":
+            length = rng.choice([0xFFFFFFFF, 64 * MiB + 1])
+            await self.request(WRITE, 0, 0, length, rng.randbytes(rng.randint(0, 8192)), cut=8192)
+            self.writer.write_eof()
+        try:
+            await asyncio.wait_for(asyncio.shield(receiver), REPLY_TIMEOUT)
+        except TimeoutError:
+            raise self.fail(f"the server did not close the connection after {how}") from None
+        if how in ("cut-payload", "cut-header"):
+            # The server saw the end of the stream: what it had whole must still be answered.
+            self.expect(not self.pending, f"{len(self.pending)} replies missing after {how}")
+
+    # Replies --------------------------------------------------------------------------------
+
+    async def receive(self) -> None:
+        """Read and judge replies until the server closes (then return)."""
+        try:
+            while True:
+                (magic,) = struct.unpack(">I", await self.recv(4))
+                if magic == SIMPLE_MAGIC:
+                    await self.simple_reply()
+                elif magic == CHUNK_MAGIC:
+                    await self.chunk()
+                else:
+                    raise self.fail(f"reply magic {magic:#x}")
+        except Closed:
+            if not (self.fatal or self.disc or self.half_closed or self.closing):
+                raise self.fail("the server hung up on a well-framed session") from None
+
+    def take(self, cookie: int) -> Pending:
+        p = self.pending.get(cookie)
+        self.expect(p is not None, f"reply for cookie {cookie:#x}, not in flight")
+        assert p is not None
+        return p
+
+    async def simple_reply(self) -> None:
+        error, cookie = struct.unpack(">IQ", await self.recv(12))
+        p = self.take(cookie)
+        data = b""
+        if p.cmd == READ and error == 0:
+            self.expect(not self.s.structured, "simple reply to READ under structured replies")
+            data = await self.recv(p.length)
+        elif self.s.structured:
+            self.expect(p.cmd != BS or error, "simple success reply to BLOCK_STATUS")
+            self.expect(p.cmd != READ, "simple (error) reply to READ under structured replies")
+        self.complete(p, error, data)
+
+    async def chunk(self) -> None:
+        flags, kind, cookie, length = struct.unpack(">HHQI", await self.recv(16))
+        self.expect(self.s.structured, "structured chunk without structured replies")
+        p = self.take(cookie)
+        self.expect(not flags & ~1, f"chunk flags {flags:#x}")
+        self.expect(length <= 64 * MiB, f"chunk of {length} bytes")
+        body = await self.recv(length)
+        lo, hi = p.offset, p.offset + p.length
+        if kind == C_NONE:
+            self.expect(
+                length == 0 and flags & 1 and not p.pieces and not p.statuses,
+                "NONE chunk not alone",
+            )
+        elif kind == C_DATA:
+            self.expect(p.cmd == READ and length > 8, f"OFFSET_DATA for {p.cmd}, len {length}")
+            (off,) = struct.unpack(">Q", body[:8])
+            self.expect(lo <= off and off + length - 8 <= hi, f"data chunk at {off} outside")
+            p.pieces.append((off, body[8:]))
+        elif kind == C_HOLE:
+            self.expect(p.cmd == READ and length == 12, "bad OFFSET_HOLE")
+            off, n = struct.unpack(">QI", body)
+            self.expect(n and lo <= off and off + n <= hi, f"hole chunk at {off}+{n} outside")
+            p.pieces.append((off, bytes(n)))
+        elif kind == C_STATUS:
+            self.expect(p.cmd == BS and length >= 12 and (length - 4) % 8 == 0, "bad BS chunk")
+            (cid,) = struct.unpack(">I", body[:4])
+            self.expect(cid in self.s.meta_ids, f"status for context {cid}")
+            extents = [struct.unpack(">II", body[i : i + 8]) for i in range(4, length, 8)]
+            p.statuses.append((cid, extents))
+        elif kind in (C_ERROR, C_ERROR_OFFSET):
+            self.expect(length >= 6, "short error chunk")
+            err, mlen = struct.unpack(">IH", body[:6])
+            extra = 8 if kind == C_ERROR_OFFSET else 0
+            self.expect(err and 6 + mlen + extra == length, f"error chunk err={err} mlen={mlen}")
+            if kind == C_ERROR_OFFSET:
+                (off,) = struct.unpack(">Q", body[-8:])
+                self.expect(p.cmd == READ and lo <= off < hi, "ERROR_OFFSET outside the read")
+            p.error = p.error or err
+        else:
+            raise self.fail(f"unknown chunk type {kind}")
+        if not flags & 1:
+            return
+        if p.error:
+            self.complete(p, p.error, b"")
+            return
+        data = b""
+        if p.cmd == READ:
+            pieces = sorted(p.pieces)
+            pos = lo
+            for off, piece in pieces:
+                self.expect(off == pos, f"read chunks leave a gap or overlap at {pos}")
+                pos += len(piece)
+            self.expect(pos == hi, f"read chunks cover {pos - lo} of {p.length} bytes")
+            data = b"".join(piece for _, piece in pieces)
+        elif p.cmd == BS:
+            ids = sorted(cid for cid, _ in p.statuses)
+            self.expect(ids == sorted(self.s.meta_ids), f"status chunks for {ids}")
+        else:
+            self.expect(not p.pieces and not p.statuses, "data for a command without any")
+        self.complete(p, 0, data)
+
+    def complete(self, p: Pending, error: int, data: bytes) -> None:
+        del self.pending[p.cookie]
+        self.model.end(p.op)
+        self.model.log(self.tag, f"reply {p.cookie:#x} error={error}", p.op, data or None)
+        self.stats.replies += 1
+        self.stats.count(self.stats.errors, error)
+        what = (
+            f"{CMD_NAMES[p.cmd] if p.cmd < 8 else p.cmd} flags={p.flags:#x} off={p.offset} "
+            f"len={p.length}"
+        )
+        self.trace.append(f"reply {p.cookie:#x}: {error}")
+        self.expect(error in p.allowed, f"{what}: error {error}, allowed {sorted(p.allowed)}")
+        if error:
+            return
+        op = p.op
+        if p.cmd == WRITE:
+            assert p.payload is not None
+            self.model.apply(op, p.payload)
+        elif p.cmd == ZERO:
+            self.model.apply(op, bytes(op.end - op.start))
+        elif p.cmd == TRIM:
+            self.model.apply(op, None)
+        elif p.cmd == READ:
+            self.expect(len(data) == p.length, f"{what}: {len(data)} bytes read")
+            bad = self.model.mismatch(op, data)
+            if bad is not None:
+                raise self.fail(
+                    f"{what}: byte at {bad} reads {data[bad - op.start]:#x}, the model says "
+                    f"{self.model.data[bad]:#x}\n    {self.model.about(bad)}"
+                )
+            self.expect(MARKER[:8] not in data, f"{what}: bytes from outside the export")
+        elif p.cmd == BS:
+            self.check_extents(p, op)
+
+    def check_extents(self, p: Pending, op: Op) -> None:
+        for _, extents in p.statuses:
+            self.expect(extents, "a status chunk without descriptors")
+            self.expect(not p.flags & REQ_ONE or len(extents) == 1, "REQ_ONE gave several")
+            pos = p.offset
+            for n, flags in extents:
+                self.expect(n > 0, "zero-length extent")
+                self.expect(not flags & ~3, f"extent flags {flags:#x}")
+                end = min(pos + n, self.s.size)
+                if flags & 2 and end > pos:  # ZERO: must read as zeros
+                    sub = Op(READ, pos, end, False, op.conflicts)
+                    bad = self.model.mismatch(sub, bytes(end - pos), zero_only=False)
+                    self.expect(bad is None, f"extent {pos}+{n} says zero; byte {bad} is not")
+                pos += n
+            # Only the last extent may run past the request; none past the export.
+            last = extents[-1][0]
+            self.expect(pos - last < p.offset + p.length, "extents past the request")
+            self.expect(pos <= self.s.size, f"extents run to {pos}, past the export end")
+
+
+def parse_meta(data: bytes) -> tuple[bytes, list[bytes]] | None:
+    try:
+        (n,) = struct.unpack_from(">I", data)
+        name, pos = data[4 : 4 + n], 4 + n
+        if len(name) != n:
+            return None
+        (count,) = struct.unpack_from(">I", data, pos)
+        pos += 4
+        queries = []
+        for _ in range(count):
+            (q,) = struct.unpack_from(">I", data, pos)
+            queries.append(data[pos + 4 : pos + 4 + q])
+            if len(queries[-1]) != q:
+                return None
+            pos += 4 + q
+        if pos != len(data):
+            return None
+        name.decode()
+        return name, queries
+    except (struct.error, UnicodeDecodeError):
+        return None
+
+
+def parse_info(data: bytes) -> bytes | None:
+    try:
+        (n,) = struct.unpack_from(">I", data)
+        name = data[4 : 4 + n]
+        (count,) = struct.unpack_from(">H", data, 4 + n)
+        if len(name) != n or len(data) != 6 + n + 2 * count:
+            return None
+        name.decode()
+        return name
+    except (struct.error, UnicodeDecodeError):
+        return None
+
+
+# The run --------------------------------------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmRSS:\s+(\d+) kB", status)
+    return int(match.group(1)) if match else 0
+
+
+def assert_healthy(target: Target) -> None:
+    for p in target.procs:
+        check(p.proc.poll() is None, f"{p.info.get('uri')}: the node died: {p.stderr()[-3000:]}")
+        log = p.stderr()
+        for bad in BAD_LOG_LINES:
+            check(bad not in log, f"a node's stderr has {bad!r}:\n{log[-4000:]}")
+
+
+def verify(target: Target, model: Model) -> None:
+    """A well-behaved client is served and reads exactly what the model knows."""
+    # Requests of connections the clients cut off may still be running: wait until every
+    # session has ended (it must: a session that never ends is a hang).
+    deadline = time.monotonic() + REPLY_TIMEOUT
+    while sessions_open(target.node):
+        check(time.monotonic() < deadline, f"[{target.name}] sessions still open after the batch")
+        time.sleep(0.02)
+    first = read_all(target.node.uri)
+    check(len(first) == model.size, "export size changed")
+    if first != model.data:
+        for blk in range(0, model.size, 4096):
+            got, want = first[blk : blk + 4096], model.data[blk : blk + 4096]
+            if got == want:
+                continue
+            known = model.known[blk : blk + 4096]
+            for i in range(len(got)):
+                if known[i] and got[i] != want[i]:
+                    raise FuzzFailure(
+                        f"[{target.name}] byte {blk + i} reads {got[i]:#x}, the model says "
+                        f"{want[i]:#x} (seed {SEED})\n    {model.about(blk + i)}"
+                    )
+    check(MARKER[:8] not in first, f"[{target.name}] a libnbd read shows bytes outside the window")
+    model.settle(first)
+
+
+async def run_batch(target: Target, model: Model, batch: int, stats: Stats) -> None:
+    rng = random.Random(f"{SEED}:{target.name}:{batch}")
+    clients = [
+        Client(
+            target,
+            model,
+            random.Random(f"{SEED}:{target.name}:{batch}:{i}"),
+            stats,
+            f"batch {batch} client {i}",
+        )
+        for i in range(rng.randint(1, 6))
+    ]
+    results = await asyncio.gather(*(c.run() for c in clients), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
+SHAPES = [
+    "memory",
+    "file",
+    "cow",
+    "cache",
+    "blocksize",
+    "offset",
+    "truncate",
+    "partition",
+    "mirror",
+    "parity",
+    "read-only",
+]
+
+
+@pytest.fixture
+def fuzz_target(
+    request: pytest.FixtureRequest, start_node: Any, tmp_path: Path
+) -> Iterator[Target]:
+    target = build_target(request.param, start_node, tmp_path)
+    import nbd
+
+    h = nbd_connect(target.node.uri)
+    target.block_min = h.get_block_size(nbd.SIZE_MINIMUM) or 1
+    target.block_max = h.get_block_size(nbd.SIZE_MAXIMUM) or 32 * MiB
+    h.shutdown()
+    yield target
+
+
+@pytest.mark.parametrize("fuzz_target", SHAPES, indirect=True)
+def test_fuzz_node(fuzz_target: Target) -> None:
+    target = fuzz_target
+    print(f"fuzz {target.name}: seed {SEED} (replay: NBDFABRIC_FUZZ_SEED={SEED}), {FUZZ_SECONDS} s")
+    model = Model(target.initial)
+    stats = Stats()
+    verify(target, model)
+    deadline = time.monotonic() + FUZZ_SECONDS
+    rss_start: dict[int, int] = {}
+    while time.monotonic() < deadline or stats.batches < 2:
+        try:
+            asyncio.run(run_batch(target, model, stats.batches, stats))
+        except FuzzFailure as exc:
+            raise FuzzFailure(f"seed {SEED}: {exc}") from None
+        verify(target, model)
+        assert_healthy(target)
+        stats.batches += 1
+        if stats.batches == 1:
+            rss_start = {p.pid: rss_kib(p.pid) for p in target.procs}
+    print(f"fuzz {target.name}: {stats}")
+    if target.check_below is not None:
+        target.check_below(read_all(target.node.uri, flush=True), model.trimmed)
+    for p in target.procs:
+        grown = rss_kib(p.pid) - rss_start[p.pid]
+        # Buffer pools (64 MiB at most) and the data (a few MiB) are bounded; more is a leak.
+        check(grown < 100 * 1024, f"RSS of {p.pid} grew by {grown} KiB during the run")
+    assert_healthy(target)
+    for p in target.procs:  # top first: a node shuts down cleanly after all that
+        check(p.stop() == 0, f"{p.pid} exited {p.proc.returncode}: {p.stderr()[-2000:]}")
+    assert_healthy_logs(target)
+
+
+def assert_healthy_logs(target: Target) -> None:
+    for p in target.procs:
+        log = p.stderr()
+        for bad in BAD_LOG_LINES:
+            check(bad not in log, f"a node's stderr has {bad!r}:\n{log[-4000:]}")
