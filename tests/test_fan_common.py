@@ -117,6 +117,19 @@ class Shaped(Flaky):
         return dataclasses.replace(self.inner.capabilities(), **self.caps)
 
 
+class SlowFor(Flaky):
+    """A member that takes its time over writes of one byte value (members are not in step)."""
+
+    def __init__(self, inner: Memory, slow: int) -> None:
+        super().__init__(inner)
+        self.slow = slow
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        if buf[0] == self.slow:
+            await asyncio.sleep(0.05)
+        await super().pwrite(buf, offset, flags)
+
+
 class Harness:
     """One event loop in a thread serving backends on unix sockets."""
 

@@ -28,6 +28,7 @@ from test_fan_common import (
     Flaky,
     Harness,
     Shaped,
+    SlowFor,
     assert_reads_fail,
     digest,
     lose_every_member,
@@ -108,19 +109,6 @@ def test_mirror_writes_reach_every_member(harness: Harness) -> None:
         assert digest(member, SIZE) == expected
         qemu_compare(uri, member)
     qemu_compare(uris[0], uris[2])
-
-
-class SlowFor(Flaky):
-    """A member that takes its time over writes of one byte value (members are not in step)."""
-
-    def __init__(self, inner: Any, slow: int) -> None:
-        super().__init__(inner)
-        self.slow = slow
-
-    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        if buf[0] == self.slow:
-            await asyncio.sleep(0.05)
-        await super().pwrite(buf, offset, flags)
 
 
 def test_mirror_overlapping_writes_in_flight_leave_the_members_identical(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -12,7 +13,7 @@ from typing import Any
 import nbd
 import pytest
 from conftest import nbd_connect, run, wait_for
-from test_fan_common import Flaky, Harness, Shaped, assert_reads_fail, lose_every_member
+from test_fan_common import Flaky, Harness, Shaped, SlowFor, assert_reads_fail, lose_every_member
 
 from nodes.fans.quorum import Quorum, QuorumParams
 from nodes.fans.verify import Verify, VerifyParams
@@ -96,6 +97,48 @@ def test_quorum_without_agreement_fails_the_read(harness: Harness) -> None:
     assert "error" in (res.stdout + res.stderr).lower()
     # Agreement elsewhere still reads fine.
     run(["qemu-io", "-f", "raw", uri, "-c", "read -P 0 4K 4K"])
+
+
+def test_quorum_overlapping_writes_in_flight_leave_the_members_identical(
+    harness: Harness,
+) -> None:
+    """As the mirror: members apply overlapping writes in one order, or they differ."""
+    mems = [harness.memory(SIZE) for _ in range(3)]
+    fan = Quorum(QuorumParams(), [SlowFor(mems[0][0], 1), SlowFor(mems[1][0], 2),
+                                  SlowFor(mems[2][0], 2)])  # fmt: skip
+    harness.serve(fan, "quorum")
+
+    async def both() -> None:
+        await asyncio.gather(
+            fan.pwrite(memoryview(b"\1" * 4096), 0, 0), fan.pwrite(memoryview(b"\2" * 4096), 0, 0)
+        )
+
+    harness.run(both())
+    answers = {bytes(nbd_connect(u).pread(4096, 0)) for _, u in mems}
+    assert len(answers) == 1
+
+
+def test_quorum_read_beside_a_write_neither_reports_nor_rewrites_a_difference(
+    harness: Harness,
+) -> None:
+    """A read that finds the members half way through a write (member 0 has it, 1 and 2 not
+    yet) would vote for the old data and, with rewrite-corrupted, write it back over member 0's
+    new data: reads wait for overlapping writes instead."""
+    mems = [harness.memory(SIZE) for _ in range(3)]
+    fan = Quorum(QuorumParams.model_validate({"rewrite-corrupted": True}),
+                 [Flaky(mems[0][0]), SlowFor(mems[1][0], 2), SlowFor(mems[2][0], 2)])  # fmt: skip
+    harness.serve(fan, "quorum")
+
+    async def write_and_read() -> None:
+        write = asyncio.ensure_future(fan.pwrite(memoryview(b"\2" * 4096), 0, 0))
+        await asyncio.sleep(0.01)  # member 0 has it, members 1 and 2 take 50 ms
+        await fan.pread(memoryview(bytearray(4096)), 0, 0)
+        await write
+
+    harness.run(write_and_read())
+    for _, u in mems:
+        assert nbd_connect(u).pread(4096, 0) == b"\2" * 4096
+    assert [m["mismatches"] for m in harness.call(fan.members_info)] == [0, 0, 0]
 
 
 def test_verify_reports_the_first_mismatch_offset(harness: Harness) -> None:

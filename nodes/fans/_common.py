@@ -67,6 +67,46 @@ class Recovery:
                 await asyncio.wait_for(asyncio.shield(task), self.WAIT)
 
 
+class RangeLock:
+    """Requests in flight by byte range, so that members see conflicting ones in one order.
+
+    Sent together, two overlapping writes could land in one order on one member and in the
+    other on another (each member has its own connections and scheduling): the members would
+    then differ, and what a read returns would depend on who serves it. An exclusive entry (a
+    write) waits for every overlapping entry that came before it; a shared one (a read that
+    compares members) only for the exclusive ones. Entries are registered when they arrive,
+    so conflicting requests go in arrival order and a stream of reads cannot starve a write.
+    """
+
+    def __init__(self) -> None:
+        #: token -> (start, end, exclusive, done when released)
+        self._held: dict[int, tuple[int, int, bool, asyncio.Future[None]]] = {}
+        self._next = 0
+
+    async def acquire(self, start: int, end: int, exclusive: bool = True) -> int:
+        before = [d for s, e, x, d in self._held.values()
+                  if s < end and start < e and (exclusive or x)]  # fmt: skip
+        self._next += 1
+        token = self._next
+        self._held[token] = (start, end, exclusive, asyncio.get_running_loop().create_future())
+        if before:
+            try:
+                await asyncio.wait(before)  # not `await`: a cancel of one must not pass on
+            except BaseException:
+                self.release(token)
+                raise
+        return token
+
+    def release(self, token: int) -> None:
+        entry = self._held.pop(token, None)
+        if entry is not None:
+            entry[3].set_result(None)
+
+    def busy(self, start: int, end: int) -> bool:
+        """True while an entry overlapping [start, end) is held or waiting."""
+        return any(s < end and start < e for s, e, _, _ in self._held.values())
+
+
 class EmitHook(Protocol):
     def __call__(self, kind: str, message: str, **detail: Any) -> None: ...
 

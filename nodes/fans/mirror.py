@@ -77,7 +77,15 @@ from ..params import Duration, Params, Size, live, param
 from ..protocol.constants import CmdFlag, Extent
 from ..registry import register
 from ._bitmap import BitmapFile, DirtyMap
-from ._common import IO_CHUNK, FanBase, Recovery, combine_caps, member_name, write_zeroes
+from ._common import (
+    IO_CHUNK,
+    FanBase,
+    RangeLock,
+    Recovery,
+    combine_caps,
+    member_name,
+    write_zeroes,
+)
 
 # Plain ints: `int & IntFlag` runs Python code in enum.py (about 1 µs), per request.
 _FUA, _FAST_ZERO = int(CmdFlag.FUA), int(CmdFlag.FAST_ZERO)
@@ -174,42 +182,28 @@ class Slot:
 
 
 class RegionGuard:
-    """Client writes in flight vs each other and vs the one region a rebuild is copying."""
+    """Client writes in flight vs each other (a RangeLock) and vs the one region a rebuild is
+    copying, which new writes there wait for and which waits for those already in flight."""
 
     def __init__(self) -> None:
-        #: token -> (start, end, done when it leaves)
-        self._writes: dict[int, tuple[int, int, asyncio.Future[None]]] = {}
-        self._next = 0
+        self._writes = RangeLock()
         self._copy: tuple[int, int] | None = None
         self._copy_done = asyncio.Event()
         self._copy_done.set()
 
     async def enter(self, start: int, end: int) -> int:
-        while True:
-            if self._copy is not None and start < self._copy[1] and self._copy[0] < end:
-                await self._copy_done.wait()
-                continue
-            # Overlapping writes go one after the other: sent together, each member could
-            # apply them in another order (each has its own connections and scheduling) and
-            # the members would differ, so reads would depend on the member that serves them.
-            ahead = next((d for s, e, d in self._writes.values() if s < end and start < e), None)
-            if ahead is None:
-                break
-            await asyncio.wait((ahead,))  # not `await ahead`: a cancel must not pass on
-        self._next += 1
-        self._writes[self._next] = (start, end, asyncio.get_running_loop().create_future())
-        return self._next
+        while self._copy is not None and start < self._copy[1] and self._copy[0] < end:
+            await self._copy_done.wait()
+        return await self._writes.acquire(start, end)
 
     def leave(self, token: int) -> None:
-        entry = self._writes.pop(token, None)
-        if entry is not None:
-            entry[2].set_result(None)
+        self._writes.release(token)
 
     async def begin_copy(self, start: int, end: int) -> None:
         self._copy = (start, end)
         self._copy_done.clear()
         # Writes in flight are a few round trips long: poll rather than wire events to each.
-        while any(s < end and start < e for s, e, _ in self._writes.values()):  # noqa: ASYNC110
+        while self._writes.busy(start, end):  # noqa: ASYNC110
             await asyncio.sleep(0.0005)
 
     def end_copy(self) -> None:

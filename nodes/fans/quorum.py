@@ -7,6 +7,11 @@ answered differently (or failed) are reported (an event, and counts in `status()
 flushes go to every member and succeed when at least `vote-threshold` members succeed (as
 qemu's quorum driver does). Size: the smallest member.
 
+Overlapping requests in flight at once are ordered (`RangeLock`): writes one after the other,
+so that every member applies them in the same order, and reads not beside a write, which
+would find the members half way through it and report (or, with rewrite-corrupted, "repair")
+a difference that is only the write in progress. A rewrite votes again with writes held back.
+
 Params: `vote-threshold` (default: a majority of the members), `rewrite-corrupted` (live,
 default false).
 
@@ -19,12 +24,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..base import Capabilities, Holes, fill_holes
+from ..base import Backend, Capabilities, Holes, fill_holes
 from ..params import Params, live, param
 from ..registry import register
-from ._common import FanBase, combine_caps
+from ._common import FanBase, RangeLock, combine_caps
 
 log = logging.getLogger("nbdfabric.quorum")
 
@@ -51,6 +57,7 @@ class Quorum(FanBase):
         self.errors = [0] * len(self.members)
         self.rewrites = [0] * len(self.members)
         self.last_mismatch: dict[str, Any] | None = None
+        self._order = RangeLock()
 
     @property
     def threshold(self) -> int:
@@ -82,6 +89,23 @@ class Quorum(FanBase):
 
     async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
         n = len(buf)
+        token = await self._order.acquire(offset, offset + n, exclusive=False)
+        try:
+            winner, losers, bufs = await self._vote(n, offset, flags)
+        finally:
+            self._order.release(token)
+        buf[:] = winner
+        if losers:
+            self._report(losers, winner, bufs, offset)
+            if self.params.rewrite_corrupted:
+                await self._rewrite(n, offset)
+        return None
+
+    async def _vote(
+        self, n: int, offset: int, flags: int
+    ) -> tuple[bytes, list[int], list[bytearray]]:
+        """Read N bytes at OFFSET from every member: the answer enough of them agree on, the
+        members that answered otherwise, and every member's answer."""
         bufs = [bytearray(n) for _ in self.members]
 
         async def one(i: int) -> None:
@@ -105,15 +129,10 @@ class Quorum(FanBase):
         if len(voters) < self.threshold:
             self.emit("quorum", f"no quorum for {n} bytes at {offset}", offset=offset, length=n)
             raise OSError(errno.EIO, f"quorum: no {self.threshold} members agree at {offset}")
-        buf[:] = winner
         losers = [i for i in range(len(self.members)) if i not in voters and i not in failed]
-        if losers:
-            await self._report(losers, winner, bufs, offset)
-        return None
+        return winner, losers, bufs
 
-    async def _report(
-        self, losers: list[int], winner: bytes, bufs: list[bytearray], offset: int
-    ) -> None:
+    def _report(self, losers: list[int], winner: bytes, bufs: list[bytearray], offset: int) -> None:
         first = min(_first_difference(winner, bufs[i]) for i in losers)
         self.last_mismatch = {"offset": offset + first, "members": losers}
         for i in losers:
@@ -125,7 +144,17 @@ class Quorum(FanBase):
             offset=offset + first,
             members=losers,
         )
-        if self.params.rewrite_corrupted:
+
+    async def _rewrite(self, n: int, offset: int) -> None:
+        """Write the winning data back to the members that disagree, voting again with writes
+        held back (the first vote's winner may be older than a write since acknowledged)."""
+        token = await self._order.acquire(offset, offset + n)
+        try:
+            try:
+                winner, losers, _ = await self._vote(n, offset, 0)
+            except OSError as exc:
+                log.warning("quorum: not rewriting %d bytes at %d: %s", n, offset, exc)
+                return
             for i in losers:
                 try:
                     await self.members[i].pwrite(memoryview(winner), offset, 0)
@@ -133,6 +162,8 @@ class Quorum(FanBase):
                 except OSError as exc:
                     self.errors[i] += 1
                     log.warning("quorum: rewriting member %d failed: %s", i, exc)
+        finally:
+            self._order.release(token)
 
     async def _all(self, what: str, calls: list[Any]) -> None:
         results = await asyncio.gather(*calls, return_exceptions=True)
@@ -148,17 +179,26 @@ class Quorum(FanBase):
         if ok < self.threshold:
             raise OSError(errno.EIO, f"quorum: the {what} succeeded on {ok} members only")
 
+    async def _write_all(
+        self, what: str, offset: int, count: int, op: Callable[[Backend], Awaitable[None]]
+    ) -> None:
+        token = await self._order.acquire(offset, offset + count)
+        try:
+            await self._all(what, [op(m) for m in self.members])
+        finally:
+            self._order.release(token)
+
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        await self._all("write", [m.pwrite(buf, offset, flags) for m in self.members])
+        await self._write_all("write", offset, len(buf), lambda m: m.pwrite(buf, offset, flags))
 
     async def flush(self, flags: int) -> None:
         await self._all("flush", [m.flush(flags) for m in self.members])
 
     async def trim(self, count: int, offset: int, flags: int) -> None:
-        await self._all("trim", [m.trim(count, offset, flags) for m in self.members])
+        await self._write_all("trim", offset, count, lambda m: m.trim(count, offset, flags))
 
     async def zero(self, count: int, offset: int, flags: int) -> None:
-        await self._all("zero", [m.zero(count, offset, flags) for m in self.members])
+        await self._write_all("zero", offset, count, lambda m: m.zero(count, offset, flags))
 
     async def cache(self, count: int, offset: int, flags: int) -> None:
         await self._all("cache", [m.cache(count, offset, flags) for m in self.members])
