@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 
@@ -142,3 +143,79 @@ class BitmapFile:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+class WriteIntents:
+    """Regions of an array with writes in flight, as md's write-intent bitmap: a region is
+    marked (and the caller saves the mark) before the first write into it goes out, and stays
+    marked until it has had no write in flight, and none unflushed, for a while. After a crash
+    of the fan the marked regions are the only places where members may disagree (one has a
+    write, another not), so they are all a restarted fan must bring back in step.
+
+    Positions are in the array's units (a mirror's bitmap chunks, a parity array's stripes);
+    a region is `per_region` of them.
+    """
+
+    def __init__(self, per_region: int, units: int) -> None:
+        self.per_region = per_region
+        self.units = units
+        self._marked: dict[int, float] = {}  #: region -> when its last write ended
+        self._writing: dict[int, int] = {}  #: region -> writes in flight
+
+    def begin(self, first: int, last: int) -> tuple[range, bool]:
+        """A write into units first..last is about to go out: its regions (for `end`), and
+        whether one was not marked yet (then save the marks before sending it)."""
+        regions = range(first // self.per_region, last // self.per_region + 1)
+        new = False
+        for r in regions:
+            self._writing[r] = self._writing.get(r, 0) + 1
+            if r not in self._marked:
+                self._marked[r] = 0.0
+                new = True
+        return regions, new
+
+    def end(self, regions: range) -> None:
+        now = time.monotonic()
+        for r in regions:
+            left = self._writing[r] - 1
+            if left:
+                self._writing[r] = left
+            else:
+                del self._writing[r]
+            self._marked[r] = now
+
+    def settle(self, linger: float, unflushed: Iterable[int] = ()) -> bool:
+        """Unmark regions quiet for LINGER seconds with no write in flight and none of the
+        UNFLUSHED units; True if any was (save then)."""
+        if not self._marked:
+            return False
+        horizon = time.monotonic() - linger
+        busy = {u // self.per_region for u in unflushed}
+        quiet = [r for r, t in self._marked.items()
+                 if t < horizon and r not in self._writing and r not in busy]  # fmt: skip
+        for r in quiet:
+            del self._marked[r]
+        return bool(quiet)
+
+    def runs(self) -> list[list[int]]:
+        """The marked regions as [first, last] runs of units, so that a saved file does not
+        depend on the region size."""
+        out: list[list[int]] = []
+        for r in sorted(self._marked):
+            first = r * self.per_region
+            last = min(first + self.per_region, self.units) - 1
+            if out and out[-1][1] == first - 1:
+                out[-1][1] = last
+            else:
+                out.append([first, last])
+        return out
+
+
+def load_runs(value: Any, units: int) -> list[tuple[int, int]]:
+    """[first, last] runs read back from a state file, clipped to the array."""
+    runs = []
+    for first, last in value or []:
+        first, last = int(first), min(int(last), units - 1)
+        if 0 <= first <= last:
+            runs.append((first, last))
+    return runs

@@ -76,7 +76,7 @@ from ..base import Backend, Capabilities, Extents, Holes, Support, fill_holes, r
 from ..params import Duration, Params, Size, live, param
 from ..protocol.constants import CmdFlag, Extent
 from ..registry import register
-from ._bitmap import BitmapFile, DirtyMap
+from ._bitmap import BitmapFile, DirtyMap, WriteIntents, load_runs
 from ._common import (
     IO_CHUNK,
     FanBase,
@@ -242,11 +242,7 @@ class Mirror(FanBase):
         self._running.set()
         self._monitor_task: asyncio.Task[None] | None = None
         self._bitmap = BitmapFile(params.bitmap_file) if params.bitmap_file else None
-        #: Write intents (with a bitmap file): chunks per region, each region marked in the
-        #: file -> when it was last written, and writes in flight per region.
-        self._per_region = max(1, -(-params.intent_region // self.chunk))
-        self._intents: dict[int, float] = {}
-        self._writing: dict[int, int] = {}
+        self._intents: WriteIntents | None = None  #: with a bitmap file, from start()
         self._last_run: RebuildRun | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._recovery = Recovery(self._recover, self._seen, self._tasks)
@@ -277,6 +273,8 @@ class Mirror(FanBase):
             for i, (m, c) in enumerate(zip(self.members, self.member_caps, strict=True))
         ]
         if self._bitmap is not None:
+            per_region = max(1, -(-self.params.intent_region // self.chunk))
+            self._intents = WriteIntents(per_region, self.nchunks)
             self._load_bitmap()
         else:
             log.warning(
@@ -311,7 +309,8 @@ class Mirror(FanBase):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._settle_intents(linger=-1)  # the server drained and flushed: nothing in flight
+        if self._intents is not None:  # the server drained and flushed: nothing in flight
+            self._intents.settle(linger=-1, unflushed=self._unflushed)
         self._persist()
         await super().stop()
 
@@ -345,7 +344,7 @@ class Mirror(FanBase):
                 slot.state = SPARE
             elif slot.dirty.count():
                 slot.state = FAULTY
-        self._resync_intents(data.get("intents", []))
+        self._resync_intents(load_runs(data.get("intents"), self.nchunks))
 
     def _persist(self) -> None:
         if self._bitmap is None or not self.slots:
@@ -366,7 +365,7 @@ class Mirror(FanBase):
             "size": self.size,
             "chunk": self.chunk,
             "members": members,
-            "intents": self._intent_runs(),
+            "intents": self._intents.runs() if self._intents is not None else [],
         }
         try:
             self._bitmap.save(data)
@@ -376,53 +375,7 @@ class Mirror(FanBase):
 
     # Write intents ------------------------------------------------------------------------
 
-    def _intend(self, regions: range) -> bool:
-        """Count a write in flight in REGIONS; True if one was not marked in the file yet (the
-        caller persists before the write goes out)."""
-        new = False
-        for r in regions:
-            self._writing[r] = self._writing.get(r, 0) + 1
-            if r not in self._intents:
-                self._intents[r] = 0.0
-                new = True
-        return new
-
-    def _written(self, regions: range) -> None:
-        now = time.monotonic()
-        for r in regions:
-            left = self._writing[r] - 1
-            if left:
-                self._writing[r] = left
-            else:
-                del self._writing[r]
-            self._intents[r] = now
-
-    def _settle_intents(self, linger: float | None = None) -> None:
-        """Unmark regions with no write in flight or unflushed for `linger` (intent-linger;
-        from the monitor, so the file is rewritten at most once per check)."""
-        if not self._intents:
-            return
-        horizon = time.monotonic() - (self.params.intent_linger if linger is None else linger)
-        unflushed = {c // self._per_region for c in self._unflushed}
-        quiet = [r for r, t in self._intents.items()
-                 if t < horizon and r not in self._writing and r not in unflushed]  # fmt: skip
-        if quiet:
-            for r in quiet:
-                del self._intents[r]
-            self._persist()
-
-    def _intent_runs(self) -> list[list[int]]:
-        """The marked regions as runs of chunks, so the file does not depend on intent-region."""
-        runs: list[list[int]] = []
-        for r in sorted(self._intents):
-            first, last = r * self._per_region, min((r + 1) * self._per_region, self.nchunks) - 1
-            if runs and runs[-1][1] == first - 1:
-                runs[-1][1] = last
-            else:
-                runs.append([first, last])
-        return runs
-
-    def _resync_intents(self, runs: list[list[int]]) -> None:
+    def _resync_intents(self, runs: list[tuple[int, int]]) -> None:
         """The fan stopped with writes in flight in RUNS (chunks): the members may differ
         there. One in-sync member is the reference; every other member copies those chunks
         from it (and is faulty until then). With none in sync, every member gets them marked,
@@ -433,7 +386,7 @@ class Mirror(FanBase):
             if slot is source or slot.state == SPARE:
                 continue
             for first, last in runs:
-                slot.dirty.mark(int(first), min(int(last), self.nchunks - 1))
+                slot.dirty.mark(first, last)
             if slot.state == IN_SYNC:
                 assert source is not None
                 slot.state = FAULTY
@@ -507,7 +460,10 @@ class Mirror(FanBase):
             await asyncio.sleep(self.params.check_interval)
             try:
                 self._check_members()
-                self._settle_intents()
+                if self._intents is not None and self._intents.settle(
+                    self.params.intent_linger, self._unflushed
+                ):
+                    self._persist()
             except Exception:
                 log.exception("mirror: member check failed")
 
@@ -1092,10 +1048,10 @@ class Mirror(FanBase):
             self._reconnected(s)
             if s.state == FAULTY and not s.demoted:
                 changed |= s.dirty.mark(first, last)
-        regions = None
-        if self._bitmap is not None:
-            regions = range(first // self._per_region, last // self._per_region + 1)
-            changed |= self._intend(regions)
+        intents, regions = self._intents, range(0)
+        if intents is not None:
+            regions, new = intents.begin(first, last)
+            changed |= new
         if changed:
             self._persist()
         try:
@@ -1110,8 +1066,8 @@ class Mirror(FanBase):
             finally:
                 self._guard.leave(token)
         finally:
-            if regions is not None:
-                self._written(regions)
+            if intents is not None:
+                intents.end(regions)
         ok = False
         for slot, res in zip(targets, results, strict=True):
             if isinstance(res, OSError):
