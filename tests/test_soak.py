@@ -296,7 +296,7 @@ class Scenario:
     fan: str  #: mirror | parity
     members: int
     member_size: int
-    middle: str = ""  #: a filter between retry and the fan, killed too
+    middle: bool = False  #: a writethrough cache between retry and the fan, killed too
     params: str = ""
 
     def topology(self) -> str:
@@ -309,9 +309,9 @@ class Scenario:
                      f"params: {{{self.params}}}, max-restarts: 1000}}")  # fmt: skip
         below = "fan"
         if self.middle:
-            lines.append("  mid: {kind: cache, upstream: fan, params: {cache: writethrough}, "
+            lines.append("  cache: {kind: cache, upstream: fan, params: {cache: writethrough}, "
                          "max-restarts: 1000}")  # fmt: skip
-            below = "mid"
+            below = "cache"
         # Long enough for a fan restarted by the supervisor: 0.2 + 0.4 + ... + 25.6 s.
         lines.append(f"  front: {{kind: retry, upstream: {below}, "
                      "params: {retries: 8, retry-delay: 200ms}}")  # fmt: skip
@@ -328,7 +328,7 @@ class Scenario:
 SCENARIOS = [
     Scenario("retry-mirror3", "mirror", 3, 16 << 20),
     Scenario("retry-parity4", "parity", 4, 8 << 20),
-    Scenario("retry-cache-mirror2", "mirror", 2, 16 << 20, middle="cache"),
+    Scenario("retry-cache-mirror2", "mirror", 2, 16 << 20, middle=True),
 ]
 
 
@@ -359,7 +359,7 @@ class Killer(threading.Thread):
         if roll < 0.15:
             return ["fan"]
         if roll < 0.25 and self.sc.middle:
-            return ["mid"]
+            return ["cache"]
         if roll < 0.35:
             return [self.rng.choice(members), "fan"]  # the fan dies before the rebuild ends
         if roll < 0.5 and self.sc.fan == "mirror" and self.sc.members >= 3:
@@ -380,8 +380,9 @@ class Killer(threading.Thread):
                 time.sleep(self.rng.uniform(0, 0.5))
             os.kill(pids[v], signal.SIGKILL)
         self.kills.append("+".join(victims))
+        print(f"{time.strftime('%H:%M:%S')} killed {self.kills[-1]}", flush=True)
         self._wait(lambda: self._restarted(pids), "the victims to be restarted")
-        gone = [v for v in victims if v.startswith("m")]
+        gone = [v for v in victims if v not in ("fan", "cache")]
         if gone and "fan" not in victims:
             self._wait(lambda: self._fan_saw(fan.control, gone[0], errors), "the fan to see it")
         self._wait(lambda: self._in_sync(), "every member in sync")
@@ -502,6 +503,9 @@ def test_soak(sc: Scenario, tmp_path: Path, fabric: Callable[[str], Fabric]) -> 
             data, bad = parity_decode(images, sc.member_size // CHUNK)
             assert bad == [], f"stripes whose parity does not match: {bad[:10]} ({len(bad)})"
             assert sha(data) == sha(model.data), "the member files do not decode to the model"
+    except BaseException:
+        print(fab.cli("logs", "--events", check=False).stdout[-6000:])
+        raise
     finally:
         stop.set()
         writer.close()
