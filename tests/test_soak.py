@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -326,9 +327,10 @@ class Scenario:
 
 
 SCENARIOS = [
-    Scenario("retry-mirror3", "mirror", 3, 16 << 20),
-    Scenario("retry-parity4", "parity", 4, 8 << 20),
-    Scenario("retry-cache-mirror2", "mirror", 2, 16 << 20, middle=True),
+    # Rebuilds throttled to a few seconds, so that kills land in them too.
+    Scenario("retry-mirror3", "mirror", 3, 16 << 20, params="rebuild-rate: 8M"),
+    Scenario("retry-parity4", "parity", 4, 8 << 20, params="rebuild-rate: 4M"),
+    Scenario("retry-cache-mirror2", "mirror", 2, 16 << 20, True, "rebuild-rate: 8M"),
 ]
 
 
@@ -353,39 +355,61 @@ class Killer(threading.Thread):
         finally:
             self.api.close()
 
-    def choose(self) -> list[str]:
+    def choose(self) -> list[tuple[str, str]]:
+        """The victims of one event, each with when it dies: `now`, once the fan has `seen`
+        the member before it go, or once that member is `rebuilding`."""
         members = [f"m{i}" for i in range(self.sc.members)]
+        m = self.rng.choice(members)
         roll = self.rng.random()
-        if roll < 0.15:
-            return ["fan"]
-        if roll < 0.25 and self.sc.middle:
-            return ["cache"]
-        if roll < 0.35:
-            return [self.rng.choice(members), "fan"]  # the fan dies before the rebuild ends
-        if roll < 0.5 and self.sc.fan == "mirror" and self.sc.members >= 3:
-            return self.rng.sample(members, self.sc.members - 1)  # one in-sync member left
-        return [self.rng.choice(members)]
+        if roll < 0.12:
+            return [("fan", "now")]
+        if roll < 0.2 and self.sc.middle:
+            return [("cache", "now")]
+        if roll < 0.3:
+            return [(m, "now"), ("fan", "seen")]  # the fan dies before it rebuilt the member
+        if roll < 0.4:
+            return [(m, "now"), ("fan", "rebuilding")]
+        if roll < 0.55:
+            return [(m, "now"), (m, "rebuilding")]  # the member dies again while rebuilt
+        if roll < 0.7 and self.sc.fan == "mirror" and self.sc.members >= 3:
+            # One in-sync member left: both at once, or the second while the first is rebuilt.
+            other = self.rng.choice([x for x in members if x != m])
+            return [(m, "now"), (other, self.rng.choice(["now", "rebuilding"]))]
+        return [(m, "now")]
 
     def once(self) -> None:
         victims = self.choose()
         nodes = self.api.nodes()
-        fan = nodes["fan"]
-        before = self.api.members(fan.control)
+        control = nodes["fan"].control
+        before = self.api.members(control)
         assert before is not None and all(m["state"] == "in_sync" for m in before), before
         errors = [m.get("errors", 0) for m in before]
-        pids = {v: nodes[v].pid for v in victims}
-        for i, v in enumerate(victims):
-            if i:  # the fan after a member: once the fan has seen the member go
-                self._wait(lambda: self._fan_saw(fan.control, victims[0], errors), "fan saw it")
-                time.sleep(self.rng.uniform(0, 0.5))
-            os.kill(pids[v], signal.SIGKILL)
-        self.kills.append("+".join(victims))
+        killed: dict[str, int] = {}  #: the last pid killed of each victim
+        for i, (v, when) in enumerate(victims):
+            if i:
+                first = int(victims[0][0][1:])
+                self._wait(partial(self._fan_saw, control, first, errors), "the fan to see it")
+                if when == "rebuilding":
+                    self._wait(partial(self._rebuilding, control, first), "a rebuild to start")
+                time.sleep(self.rng.uniform(0, 0.3))
+            if v in killed:  # again: its restarted process
+                self._wait(partial(self._restarted, {v: killed[v]}), f"{v} to be restarted")
+            pid = self.api.nodes()[v].pid
+            assert pid > 0, f"{v} has no process to kill"  # os.kill(0) is our process group
+            os.kill(pid, signal.SIGKILL)
+            killed[v] = pid
+        self.kills.append("+".join(f"{v}" if w == "now" else f"{v}@{w}" for v, w in victims))
         print(f"{time.strftime('%H:%M:%S')} killed {self.kills[-1]}", flush=True)
-        self._wait(lambda: self._restarted(pids), "the victims to be restarted")
-        gone = [v for v in victims if v not in ("fan", "cache")]
-        if gone and "fan" not in victims:
-            self._wait(lambda: self._fan_saw(fan.control, gone[0], errors), "the fan to see it")
+        self._wait(lambda: self._restarted(killed), "the victims to be restarted")
+        for v in killed:  # a restarted fan counts errors from 0: its state file says it
+            if v.startswith("m") and "fan" not in killed:
+                self._wait(partial(self._fan_saw, control, int(v[1:]), errors), "the fan saw it")
         self._wait(lambda: self._in_sync(), "every member in sync")
+
+    def _rebuilding(self, control: str, i: int) -> bool:
+        """Member i is being rebuilt (or already was: rebuilds of a small disk are quick)."""
+        got = self.api.members(control)
+        return got is not None and got[i]["state"] in ("rebuilding", "in_sync")
 
     def _wait(self, predicate: Callable[[], object], what: str) -> None:
         deadline = time.monotonic() + RECOVERY_TIMEOUT
@@ -400,9 +424,8 @@ class Killer(threading.Thread):
             nodes[v].pid not in (0, pid) and nodes[v].health == "SERVING" for v, pid in pids.items()
         )
 
-    def _fan_saw(self, control: str, member: str, errors: list[int]) -> bool:
+    def _fan_saw(self, control: str, i: int, errors: list[int]) -> bool:
         got = self.api.members(control)
-        i = int(member[1:])
         return got is not None and got[i].get("errors", 0) > errors[i]
 
     def _in_sync(self) -> bool:
