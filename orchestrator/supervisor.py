@@ -87,6 +87,10 @@ async def check_health(channel: grpc.aio.Channel) -> str:
         reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=CHECK_TIMEOUT)
     except grpc.aio.AioRpcError:
         return "UNREACHABLE"
+    except asyncio.CancelledError:
+        if _cancelled():
+            raise
+        return "UNREACHABLE"
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
@@ -114,7 +118,21 @@ async def list_members(channel: grpc.aio.Channel) -> list[Any] | None:
         reply = await stub.ListMembers(node_pb2.ListMembersRequest(), timeout=CHECK_TIMEOUT)
     except grpc.aio.AioRpcError:
         return None
+    except asyncio.CancelledError:
+        if _cancelled():
+            raise
+        return None
     return list(reply.members)
+
+
+def _cancelled() -> bool:
+    """Whether a CancelledError from a call on a node's channel is our task being cancelled.
+    grpc.aio raises it too when the channel is closed under the call: `Status` asking a fan for
+    its members while the fan's runner restarts it (NodeRunner.start closes the old channel).
+    That is the node not answering; letting it through killed the Status RPC without a reply
+    (the client waited for its deadline)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class NodeRunner:

@@ -722,3 +722,54 @@ def test_orchestrator_exports_a_directory_node_with_every_file(tmp_path: Path) -
         assert run(["nbdinfo", "--size", tcp], check=False).returncode != 0  # "" is refused
     finally:
         fab.cli("down", check=False)
+
+
+def test_orchestrator_member_and_health_calls_on_a_channel_closed_under_them_do_not_cancel(
+    tmp_path: Path,
+) -> None:
+    """A fan's runner closes its channel when it restarts the fan; a `Status` asking that fan
+    for its members at that moment got grpc.aio's CancelledError, which killed the Status RPC
+    without a reply (found by the soak: `nbdfabric status` hung until its deadline). The calls
+    answer 'not answering' instead; a caller that is itself cancelled still is."""
+    import asyncio
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from nodes.control.rpc.nbdfabric.v1 import node_pb2, node_pb2_grpc
+    from orchestrator.supervisor import check_health, list_members
+
+    class Slow(node_pb2_grpc.NodeServiceServicer, health_pb2_grpc.HealthServicer):
+        async def ListMembers(self, request: Any, context: Any) -> Any:
+            await asyncio.sleep(30)
+            return node_pb2.ListMembersResponse()
+
+        async def Check(self, request: Any, context: Any) -> Any:
+            await asyncio.sleep(30)
+            return health_pb2.HealthCheckResponse()
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        node_pb2_grpc.add_NodeServiceServicer_to_server(Slow(), server)
+        health_pb2_grpc.add_HealthServicer_to_server(Slow(), server)
+        address = f"unix:{tmp_path}/slow.sock"
+        server.add_insecure_port(address)
+        await server.start()
+        try:
+            channel = grpc.aio.insecure_channel(address)
+            calls = [asyncio.create_task(list_members(channel)),
+                     asyncio.create_task(check_health(channel))]  # fmt: skip
+            await asyncio.sleep(0.3)
+            await channel.close()
+            assert await asyncio.gather(*calls) == [None, "UNREACHABLE"]
+            channel = grpc.aio.insecure_channel(address)
+            call = asyncio.create_task(list_members(channel))
+            await asyncio.sleep(0.3)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await channel.close()
+        finally:
+            await server.stop(None)
+
+    asyncio.run(main())
