@@ -29,11 +29,13 @@ proto-check: setup
 compose-check: setup
 	@bash compose/gen.sh --check
 
-# The fuzz run (tests/test_fuzz_nodes.py, marked slow) takes this many seconds per node shape
-# (11 shapes); `make test NBDFABRIC_FUZZ_SECONDS=120` for a longer one, NBDFABRIC_FUZZ_SEED=N
-# to replay the seed a failure printed.
+# The bounded slow runs: the fuzz run (tests/test_fuzz_nodes.py) takes this many seconds per
+# node shape (11 shapes), the chaos soak (tests/test_soak.py) per fabric (3);
+# `make test NBDFABRIC_FUZZ_SECONDS=120` for a longer one, NBDFABRIC_FUZZ_SEED=N or
+# NBDFABRIC_SOAK_SEED=N to replay the seed a failure printed.
 NBDFABRIC_FUZZ_SECONDS ?= 10
-export NBDFABRIC_FUZZ_SECONDS
+NBDFABRIC_SOAK_SECONDS ?= 45
+export NBDFABRIC_FUZZ_SECONDS NBDFABRIC_SOAK_SECONDS
 
 # One pytest worker per core (at most 4), a test file per worker at a time: most of the suite
 # waits on node processes starting, and a file's tests share its module fixtures (the image).
