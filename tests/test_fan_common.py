@@ -130,6 +130,20 @@ class SlowFor(Flaky):
         await super().pwrite(buf, offset, flags)
 
 
+class Stalled(Flaky):
+    """A member whose writes wait while `hold`, then fail if `drop` (they never land)."""
+
+    hold = False
+    drop = False
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        while self.hold:  # noqa: ASYNC110 (set from the test thread)
+            await asyncio.sleep(0.005)
+        if self.drop:
+            raise OSError(errno.EIO, "dropped")
+        await super().pwrite(buf, offset, flags)
+
+
 class Harness:
     """One event loop in a thread serving backends on unix sockets."""
 

@@ -7,7 +7,6 @@ its own socket so that qemu-img compares the members themselves.
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import json
 import random
@@ -29,6 +28,7 @@ from test_fan_common import (
     Harness,
     Shaped,
     SlowFor,
+    Stalled,
     assert_reads_fail,
     digest,
     lose_every_member,
@@ -466,20 +466,6 @@ def test_mirror_bitmap_file_survives_a_fan_restart(harness: Harness, tmp_path: P
     st = harness.call(fan2.status)
     assert st["rebuild"]["kind"] == "bitmap" and st["resync_bytes"] == 128 * 1024
     qemu_compare(uris[0], uris[1])
-
-
-class Stalled(Flaky):
-    """A member whose writes wait while `hold`, then fail if `drop` (they never land)."""
-
-    hold = False
-    drop = False
-
-    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        while self.hold:  # noqa: ASYNC110 (set from the test thread)
-            await asyncio.sleep(0.005)
-        if self.drop:
-            raise OSError(errno.EIO, "dropped")
-        await super().pwrite(buf, offset, flags)
 
 
 def test_mirror_fan_crash_mid_write_resyncs_the_regions_in_flight(

@@ -13,7 +13,15 @@ from typing import Any
 import nbd
 import pytest
 from conftest import nbd_connect, run, wait_for
-from test_fan_common import Flaky, Harness, Shaped, SlowFor, assert_reads_fail, lose_every_member
+from test_fan_common import (
+    Flaky,
+    Harness,
+    Shaped,
+    SlowFor,
+    Stalled,
+    assert_reads_fail,
+    lose_every_member,
+)
 
 from nodes.fans.quorum import Quorum, QuorumParams
 from nodes.fans.verify import Verify, VerifyParams
@@ -419,6 +427,49 @@ def test_parity_replace_refuses_a_member_that_cannot_hold_a_share(harness: Harne
     flakies[0].down = True  # member 1's share must now be right: read through it
     h = nbd_connect(uri)
     assert h.pread(len(model), 0) == model
+    h.shutdown()
+
+
+def test_parity_fan_crash_mid_write_recomputes_the_parity_of_the_regions_in_flight(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The RAID5 write hole: a write's data chunk landed, its parity did not, the fan died.
+    Losing another member later would rebuild that member's chunk of the stripe, data nobody
+    wrote, from the stale parity. The state file marked the region before the write went out,
+    and the next fan recomputes its parity before anything else."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    mems = [harness.memory(1 << 20) for _ in range(3)]
+    params = {"chunk-size": "16K", "check-interval": 0.02, "retry-delay": 0.05,
+              "intent-region": "256K", "intent-linger": 0.2}  # fmt: skip
+    state = tmp_path / "parity.state"
+    stalled = Stalled(mems[2][0])  # stripe 0: parity on member 2, data on members 0 and 1
+    fan = Parity(ParityParams.model_validate({**params, "state-file": str(state)}),
+                 [Flaky(mems[0][0]), Flaky(mems[1][0]), stalled])  # fmt: skip
+    uri = harness.serve(fan, "parity")
+    assert harness.call(fan.parity_member, 0) == 2
+    model = fill_random(uri, 11)
+    wait_for(lambda: json.loads(state.read_text())["intents"] == [], 10, "the regions to settle")
+    stalled.hold = True
+    h = nbd_connect(uri)
+    h.aio_pwrite(b"\xee" * 4096, 0)  # data chunk 0 of stripe 0, on member 0
+    wait_for(lambda: nbd_connect(mems[0][1]).pread(1, 0) == b"\xee", 10, "member 0 to have it")
+    crash = state.read_text()  # what the fan leaves behind if it is killed now
+    assert json.loads(crash)["intents"] == [[0, 15]]  # 256K of 16K chunks: 16 stripes
+    stalled.drop, stalled.hold = True, False  # the parity never reaches member 2
+    after_crash = tmp_path / "after.state"
+    after_crash.write_text(crash)
+    flakies = [Flaky(m) for m, _ in mems]
+    fan2 = Parity(ParityParams.model_validate({**params, "state-file": str(after_crash)}),
+                  flakies)  # fmt: skip
+    uri2 = harness.serve(fan2, "parity")
+    wait_for(lambda: any("parity recomputed where writes were in flight" in e[1]
+                         for e in harness.events), 10, "the parity to be recomputed")  # fmt: skip
+    assert json.loads(after_crash.read_text())["intents"] == []
+    flakies[1].down = True  # member 1's chunk of stripe 0 now comes from member 0 and parity
+    h2 = nbd_connect(uri2)
+    assert h2.pread(16384, 16384) == model[16384:32768]
+    h2.shutdown()
     h.shutdown()
 
 

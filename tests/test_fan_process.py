@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import random
+import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -366,3 +367,38 @@ def test_parity_starts_without_one_unreachable_member_and_rebuilds_it(
     with pytest.raises(RuntimeError, match=r"exited 1: .*did not start"):
         start_node("parity", upstreams=[*two_missing, up[1].uri, up[2].uri],
                    extra=("--upstream-timeout", "1"))  # fmt: skip
+
+
+def test_parity_killed_mid_write_recomputes_the_parity_it_left_stale(
+    start_node: Any, tmp_path: Any
+) -> None:
+    """kill -9 of the fan when a write's data chunk has landed on member 0 and its parity is
+    held in a delay node in front of member 2 (killed too): the restarted fan recomputes the
+    parity of the region its state file marked, so member 1's chunk of that stripe, rebuilt
+    from member 0 and the parity once member 1 is lost, is still what was written to it."""
+    members = [start_node("memory", "1M") for _ in range(3)]
+    slow = start_node("delay", upstreams=[members[2].uri], control=True)
+    uris = [members[0].uri, members[1].uri, slow.uri]
+    args = ("chunk-size=16K", "check-interval=0.05", "retry-delay=0.1", "intent-region=256K",
+            f"state-file={tmp_path / 'parity.state'}")  # fmt: skip
+    fan = start_node("parity", *args, upstreams=uris, control=True)
+    run(["qemu-io", "-f", "raw", fan.uri, "-c", "write -P 0x11 0 2M"])
+    assert slow.control is not None
+    run([*NBDFABRIC, "ctl", slow.control, "set", "delay-write=30s"])
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", fan.uri, "-c", "write -P 0xee 0 4K"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: read_all(members[0].uri, 4096)[0] == 0xEE, 30, "member 0 to have it")
+        fan.kill()
+        slow.kill()  # the parity dies in it: member 2 never gets it
+    finally:
+        writer.kill()
+        writer.wait()
+    start_node("delay", upstreams=[members[2].uri], listen=f"unix:{slow.socket}")
+    fan2 = start_node("parity", *args, upstreams=uris, control=True)
+    state = tmp_path / "parity.state"
+    wait_for(lambda: json.loads(state.read_text())["intents"] == [], 30, "the recomputation")
+    members[1].kill()
+    h = nbd_connect(fan2.uri)
+    assert h.pread(16384, 16384) == b"\x11" * 16384  # stripe 0's chunk on member 1
+    h.shutdown()
