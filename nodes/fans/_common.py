@@ -79,19 +79,24 @@ class RangeLock:
     """
 
     def __init__(self) -> None:
-        #: token -> (start, end, exclusive, done when released)
-        self._held: dict[int, tuple[int, int, bool, asyncio.Future[None]]] = {}
+        #: token -> [start, end, exclusive, done when released: made only if one waits]
+        self._held: dict[int, list[Any]] = {}
         self._next = 0
 
     async def acquire(self, start: int, end: int, exclusive: bool = True) -> int:
-        before = [d for s, e, x, d in self._held.values()
-                  if s < end and start < e and (exclusive or x)]  # fmt: skip
+        before = [h for h in self._held.values()
+                  if h[0] < end and start < h[1] and (exclusive or h[2])]  # fmt: skip
         self._next += 1
         token = self._next
-        self._held[token] = (start, end, exclusive, asyncio.get_running_loop().create_future())
+        self._held[token] = [start, end, exclusive, None]
         if before:
+            loop = asyncio.get_running_loop()
+            for h in before:
+                if h[3] is None:
+                    h[3] = loop.create_future()
             try:
-                await asyncio.wait(before)  # not `await`: a cancel of one must not pass on
+                # Not `await` each: a cancel of one must not pass on to the others.
+                await asyncio.wait([h[3] for h in before])
             except BaseException:
                 self.release(token)
                 raise
@@ -99,12 +104,12 @@ class RangeLock:
 
     def release(self, token: int) -> None:
         entry = self._held.pop(token, None)
-        if entry is not None:
+        if entry is not None and entry[3] is not None:
             entry[3].set_result(None)
 
     def busy(self, start: int, end: int) -> bool:
         """True while an entry overlapping [start, end) is held or waiting."""
-        return any(s < end and start < e for s, e, _, _ in self._held.values())
+        return any(h[0] < end and start < h[1] for h in self._held.values())
 
 
 class EmitHook(Protocol):
