@@ -241,6 +241,9 @@ class Target:
     fast_zero_fails: bool = False
     #: Block status must report everything as plain data (noextents).
     all_data: bool = False
+    #: Byte ranges [start, end) whose bytes a write, trim or zero must not change (protect):
+    #: such a request fails with EPERM, unless it leaves them as they are.
+    protected: list[tuple[int, int]] = field(default_factory=list)
     #: Several exports (name -> initial contents) instead of the default one.
     exports: dict[bytes, bytes] | None = None
     #: Per export name, as check_below (several exports).
@@ -547,6 +550,29 @@ def build_more(shape: str, start_node: Any, tmp_path: Path) -> Target:
         writes = {"null": "discard", "full": "full"}.get(shape, "store")
         ro = shape in ("pattern", "zero")
         return Target(shape, node, [node], image, read_only=ro, writes=writes)
+    if shape == "empty":
+        node = under_test(start_node, "zero")  # size 0: every request is out of range
+        return Target(shape, node, [node], b"", read_only=True)
+    if shape == "protect":
+        # A random range at the front, one of zeros (trim and zero may go there), the tail.
+        protected = [(0, 4096), (256 * KiB, 320 * KiB), (SIZE - 512, SIZE)]
+        image = bytearray(rng.randbytes(SIZE))
+        image[256 * KiB : 320 * KiB] = bytes(64 * KiB)
+        image = bytes(image)
+        up = memory_with(start_node, image)
+        spec = ",".join(f"{lo}-{hi - 1}" for lo, hi in protected)
+        node = under_test(start_node, "protect", f"protect={spec}", upstreams=[up.uri])
+
+        def protect_below(export: bytes, trimmed: bytearray) -> None:
+            now = read_all(up.uri)
+            for lo, hi in protected:
+                check(now[lo:hi] == image[lo:hi], f"protected bytes {lo}-{hi - 1} changed")
+            bad = differ(now, export, trimmed)
+            check(bad is None, f"protect: after a flush the upstream differs at {bad}")
+
+        return Target(
+            shape, node, [node, up], image, check_below=protect_below, protected=protected
+        )
     if shape in ("random", "sparse-random"):
         args = ["percent=30", "runlength=64K"] if shape == "sparse-random" else []
         node = under_test(start_node, shape, str(SIZE), f"seed={seed}", *args)
@@ -613,6 +639,7 @@ def build_more(shape: str, start_node: Any, tmp_path: Path) -> Target:
         "blocksize-64k": ["minblock=64K", "maxdata=128K", "maxlen=256K"],
         "error": [],
         "retry": ["retries=4", "retry-delay=1ms", "retry-exponential=no"],
+        "nbd": [],
     }[shape]
     kind = shape.split("-")[0] if shape != "cow-on-read" else "cow"
     node = under_test(start_node, kind, *args, upstreams=[upstream])
@@ -1123,6 +1150,22 @@ class Client:
 
     # Transmission ---------------------------------------------------------------------------
 
+    def keeps_protected(self, cmd: int, offset: int, length: int, payload: bytes | None) -> bool:
+        """Whether the request leaves the protected bytes as they are. They never change, so
+        they are judged against the initial image (a read of a changed one fails the run)."""
+        for lo, hi in self.t.protected:
+            a, b = max(lo, offset), min(hi, offset + length)
+            if a >= b:
+                continue
+            held = self.t.initial[a:b]
+            if cmd == WRITE:
+                assert payload is not None
+                if payload[a - offset : b - offset] != held:
+                    return False
+            elif any(held):
+                return False
+        return True
+
     def next_cookie(self) -> int:
         if self.rng.random() < 0.02:
             edge = self.rng.choice([0, (1 << 64) - 1, 1 << 63])
@@ -1205,6 +1248,12 @@ class Client:
             out = {0} if holes else {EIO}
         else:
             out = {EIO}
+        if (
+            t.protected
+            and cmd in (WRITE, TRIM, ZERO)
+            and not self.keeps_protected(cmd, offset, length, payload)
+        ):
+            out = {EPERM, ENOTSUP} if fast else {EPERM}
         if length == 0:
             out.add(0)  # unspecified (NBD-NOTES): the server may answer it as a no-op
         if t.injects:
@@ -1301,6 +1350,7 @@ class Client:
     def payload_for(self, length: int, offset: int) -> bytes:
         rng = self.rng
         same = 0.5 if self.t.writes in ("match", "sparse-match") else 0.05
+        same = 0.3 if self.t.protected else same
         if offset + length <= self.model.size and rng.random() < same:
             # What the model says is there (all of it known, for kinds that check writes).
             return bytes(self.model.data[offset : offset + length])
@@ -1749,6 +1799,9 @@ MORE_SHAPES = [
     "xz-whole",
     "gzip",
     "dir",
+    "protect",
+    "nbd",
+    "empty",
 ]
 
 
