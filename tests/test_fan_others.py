@@ -171,6 +171,42 @@ def test_verify_reports_the_first_mismatch_offset(harness: Harness) -> None:
     assert st["first_mismatch"]["offset"] == 300001 and st["mismatches"] == 2
 
 
+def test_verify_read_beside_a_write_is_no_mismatch(harness: Harness) -> None:
+    """Found by the fuzz run: a read that finds the two members half way through a write
+    (member 0 has it, member 1 not yet) is no mismatch: reads wait for overlapping writes."""
+    (a, _), (b, _) = harness.memory(SIZE), harness.memory(SIZE)
+    fan = Verify(VerifyParams(), [SlowFor(a, 0), SlowFor(b, 2)])
+    harness.serve(fan, "verify")
+
+    async def write_and_read() -> bytes:
+        write = asyncio.ensure_future(fan.pwrite(memoryview(b"\2" * 4096), 0, 0))
+        await asyncio.sleep(0.01)  # member 0 has it, member 1 takes 50 ms
+        buf = bytearray(4096)
+        await fan.pread(memoryview(buf), 0, 0)
+        await write
+        return bytes(buf)
+
+    assert harness.run(write_and_read()) == b"\2" * 4096
+    assert harness.call(fan.status)["mismatches"] == 0
+
+
+def test_verify_overlapping_writes_in_flight_leave_the_members_identical(
+    harness: Harness,
+) -> None:
+    """Two overlapping writes in flight at once land in one order on both members."""
+    (a, ua), (b, ub) = harness.memory(SIZE), harness.memory(SIZE)
+    fan = Verify(VerifyParams(), [SlowFor(a, 1), SlowFor(b, 2)])
+    harness.serve(fan, "verify")
+
+    async def both() -> None:
+        await asyncio.gather(
+            fan.pwrite(memoryview(b"\1" * 4096), 0, 0), fan.pwrite(memoryview(b"\2" * 4096), 0, 0)
+        )
+
+    harness.run(both())
+    assert nbd_connect(ua).pread(4096, 0) == nbd_connect(ub).pread(4096, 0)
+
+
 # parity (RAID5) ---------------------------------------------------------------------------------
 
 

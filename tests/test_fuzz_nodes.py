@@ -3,7 +3,8 @@ fans), over raw sockets: every parsable reply is checked against the spec and ag
 of the export, and after every batch a well-behaved libnbd client must still be served and read
 back exactly what the model says the export holds.
 
-Bounded and reproducible: `NBDFABRIC_FUZZ_SECONDS` (default 10) per node shape,
+Bounded and reproducible: `NBDFABRIC_FUZZ_SECONDS` per node shape (default 10 for the first
+eleven shapes, 2 for the others, so the whole file stays within a few minutes),
 `NBDFABRIC_FUZZ_SEED` to replay a run (the seed is printed; a failure shows it). The client
 sequences follow from the seed; the interleaving of concurrent clients follows the scheduler.
 """
@@ -11,12 +12,16 @@ sequences follow from the seed; the interleaving of concurrent clients follows t
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import os
 import random
 import re
 import struct
+import subprocess
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +34,8 @@ from conftest import Proc, nbd_connect
 pytestmark = pytest.mark.slow
 
 FUZZ_SECONDS = float(os.environ.get("NBDFABRIC_FUZZ_SECONDS") or 10)
+#: The shapes added later (plugins, most filters and fans) get less time each by default.
+FUZZ_SECONDS_MORE = float(os.environ.get("NBDFABRIC_FUZZ_SECONDS") or 2)
 SEED = int(os.environ.get("NBDFABRIC_FUZZ_SEED") or random.SystemRandom().randrange(1 << 32))
 #: A reply, or the end of a connection the server should close, must come within this.
 REPLY_TIMEOUT = 15.0
@@ -221,10 +228,48 @@ class Target:
     check_below: Callable[[bytes, bytearray], None] | None = None
     block_min: int = 1
     block_max: int = 32 * MiB
+    #: What the export does with write-side requests that pass the protocol's checks:
+    #: "store" (a disk), "discard" (null: accepted, reads stay zero), "full" (every write,
+    #: trim and zero fails ENOSPC, a fast zero ENOTSUP), "match" (random: a write succeeds iff
+    #: it writes what is there, else EIO; trim and zero always EIO), "sparse-match"
+    #: (sparse-random: as "match", and trim and zero succeed iff the range is all holes).
+    writes: str = "store"
+    #: Any request that would succeed may instead fail with EIO (an error filter); a write that
+    #: fails leaves its range unknown.
+    injects: bool = False
+    #: Every fast zero fails with ENOTSUP (nozero's emulate mode).
+    fast_zero_fails: bool = False
+    #: Block status must report everything as plain data (noextents).
+    all_data: bool = False
+    #: Byte ranges [start, end) whose bytes a write, trim or zero must not change (protect):
+    #: such a request fails with EPERM, unless it leaves them as they are.
+    protected: list[tuple[int, int]] = field(default_factory=list)
+    #: Several exports (name -> initial contents) instead of the default one.
+    exports: dict[bytes, bytes] | None = None
+    #: Per export name, as check_below (several exports).
+    check_named: Callable[[bytes, bytes, bytearray], None] | None = None
+    #: Run around each batch (e.g. to arm an error filter's trigger file only during it).
+    before_batch: Callable[[], None] | None = None
+    after_batch: Callable[[], None] | None = None
+    #: Run after every process stopped: checks on what the node left behind (logs, stats).
+    after_stop: Callable[[], None] | None = None
+    seconds: float = FUZZ_SECONDS
 
     @property
     def size(self) -> int:
         return len(self.initial)
+
+    @property
+    def names(self) -> list[bytes]:
+        return sorted(self.exports) if self.exports is not None else [b""]
+
+    def initial_of(self, name: bytes) -> bytes:
+        return self.exports[name] if self.exports is not None else self.initial
+
+    def uri(self, name: bytes = b"") -> str:
+        if not name:
+            return self.node.uri
+        return f"nbd+unix:///{urllib.parse.quote(name)}?socket={self.node.socket}"
 
 
 def under_test(
@@ -396,6 +441,243 @@ def build_target(shape: str, start_node: Any, tmp_path: Path) -> Target:
     raise ValueError(shape)
 
 
+def memory_with(start_node: Any, image: bytes) -> Proc:
+    up = start_node("memory", str(len(image)))
+    fill(up.uri, image)
+    return up
+
+
+def same_below(shape: str, uri: str) -> Callable[[bytes, bytearray], None]:
+    """After a flush, what `uri` (the upstream) holds is the export."""
+
+    def below(export: bytes, trimmed: bytearray) -> None:
+        bad = differ(read_all(uri), export, trimmed)
+        check(bad is None, f"{shape}: after a flush the upstream differs at {bad}")
+
+    return below
+
+
+def members_below(shape: str, members: list[Proc]) -> Callable[[bytes, bytearray], None]:
+    """Every member holds the export (mirror-like fans)."""
+
+    def below(export: bytes, trimmed: bytearray) -> None:
+        for i, m in enumerate(members):
+            bad = differ(read_all(m.uri), export, trimmed)
+            check(bad is None, f"{shape} member {i} differs from the export at {bad}")
+
+    return below
+
+
+def lumpy(rng: random.Random, size: int) -> bytes:
+    """An image of random runs, zero runs and runs of one byte (compressible, with holes)."""
+    out = bytearray()
+    while len(out) < size:
+        n = rng.choice([512, 4096, 3000, 64 * KiB])
+        out += rng.choice([rng.randbytes(n), bytes(n), bytes([rng.randrange(256)]) * n])
+    return bytes(out[:size])
+
+
+def trigger(path: Path) -> tuple[Callable[[], None], Callable[[], None]]:
+    """An error filter's trigger file, there only while a batch runs (libnbd checks read
+    with no errors injected)."""
+    return path.touch, lambda: path.unlink(missing_ok=True)
+
+
+def build_more(shape: str, start_node: Any, tmp_path: Path) -> Target:
+    """The shapes added after the first eleven."""
+    rng = random.Random(f"{SEED}:{shape}:initial")
+    seed = str(rng.randrange(1 << 31))
+    if shape == "concat":
+        sizes = [256 * KiB, 512 * KiB, 256 * KiB]
+        images = [rng.randbytes(n) for n in sizes]
+        members = [memory_with(start_node, im) for im in images]
+        node = under_test(start_node, "concat", upstreams=[m.uri for m in members])
+
+        def concat_below(export: bytes, trimmed: bytearray) -> None:
+            now = b"".join(read_all(m.uri) for m in members)
+            bad = differ(now, export, trimmed)
+            check(bad is None, f"the members laid end to end differ from the export at {bad}")
+
+        image = b"".join(images)
+        return Target(shape, node, [node, *members], image, check_below=concat_below)
+    if shape == "stripe":
+        chunk, n = 64 * KiB, 4
+        members = [start_node("memory", str(SIZE // n)) for _ in range(n)]
+        node = under_test(
+            start_node, "stripe", f"chunk-size={chunk}", upstreams=[m.uri for m in members]
+        )
+        image = rng.randbytes(SIZE)
+        fill(node.uri, image)
+
+        def stripe_below(export: bytes, trimmed: bytearray) -> None:
+            held = [read_all(m.uri) for m in members]
+            now = b"".join(
+                held[k % n][(k // n) * chunk : (k // n + 1) * chunk] for k in range(SIZE // chunk)
+            )
+            bad = differ(now, export, trimmed)
+            check(bad is None, f"the members' chunks differ from the export at {bad}")
+
+        return Target(shape, node, [node, *members], image, check_below=stripe_below)
+    if shape in ("quorum", "verify"):
+        image = rng.randbytes(SIZE)
+        members = [memory_with(start_node, image) for _ in range(3 if shape == "quorum" else 2)]
+        node = under_test(start_node, shape, upstreams=[m.uri for m in members])
+        below = members_below(shape, members)
+        return Target(shape, node, [node, *members], image, check_below=below)
+    if shape == "dir":
+        folder = tmp_path / "disks"
+        folder.mkdir()
+        (folder / "sub").mkdir()  # left out of the list, and refused as a name
+        exports = {
+            b"a.img": rng.randbytes(SIZE),
+            b"b.img": lumpy(rng, 256 * KiB + 4096),
+            b"c d.img": bytes(64 * KiB),
+        }
+        for name, image in exports.items():
+            (folder / name.decode()).write_bytes(image)
+        node = under_test(start_node, "file", f"dir={folder}")
+
+        def dir_below(name: bytes, export: bytes, trimmed: bytearray) -> None:
+            bad = differ((folder / name.decode()).read_bytes(), export, trimmed)
+            check(bad is None, f"file {name!r} differs from its export at {bad}")
+
+        return Target(shape, node, [node], b"", exports=exports, check_named=dir_below)
+    if shape in ("pattern", "zero", "null", "full"):
+        node = under_test(start_node, shape, str(SIZE))
+        image = bytes(SIZE)
+        if shape == "pattern":
+            image = b"".join(struct.pack(">Q", o) for o in range(0, SIZE, 8))
+        writes = {"null": "discard", "full": "full"}.get(shape, "store")
+        ro = shape in ("pattern", "zero")
+        return Target(shape, node, [node], image, read_only=ro, writes=writes)
+    if shape == "empty":
+        node = under_test(start_node, "zero")  # size 0: every request is out of range
+        return Target(shape, node, [node], b"", read_only=True)
+    if shape == "protect":
+        # A random range at the front, one of zeros (trim and zero may go there), the tail.
+        protected = [(0, 4096), (256 * KiB, 320 * KiB), (SIZE - 512, SIZE)]
+        image = bytearray(rng.randbytes(SIZE))
+        image[256 * KiB : 320 * KiB] = bytes(64 * KiB)
+        image = bytes(image)
+        up = memory_with(start_node, image)
+        spec = ",".join(f"{lo}-{hi - 1}" for lo, hi in protected)
+        node = under_test(start_node, "protect", f"protect={spec}", upstreams=[up.uri])
+
+        def protect_below(export: bytes, trimmed: bytearray) -> None:
+            now = read_all(up.uri)
+            for lo, hi in protected:
+                check(now[lo:hi] == image[lo:hi], f"protected bytes {lo}-{hi - 1} changed")
+            bad = differ(now, export, trimmed)
+            check(bad is None, f"protect: after a flush the upstream differs at {bad}")
+
+        return Target(
+            shape, node, [node, up], image, check_below=protect_below, protected=protected
+        )
+    if shape in ("random", "sparse-random"):
+        args = ["percent=30", "runlength=64K"] if shape == "sparse-random" else []
+        node = under_test(start_node, shape, str(SIZE), f"seed={seed}", *args)
+        # The content is the node's own (its generator); the model holds it to that forever.
+        image = read_all(node.uri)
+        if shape == "sparse-random":
+            check(any(image) and not all(image), "sparse-random without both data and holes")
+        writes = "match" if shape == "random" else "sparse-match"
+        return Target(shape, node, [node], image, writes=writes)
+    if shape == "data":
+        head = lumpy(rng, 48 * KiB)
+        node = under_test(
+            start_node, "data", f"base64={base64.b64encode(head).decode()}", "size=1M"
+        )
+        return Target(shape, node, [node], head + bytes(SIZE - len(head)))
+    if shape in ("xz", "xz-whole", "gzip"):
+        image = lumpy(rng, SIZE)
+        raw = tmp_path / "image.raw"
+        raw.write_bytes(image)
+        if shape == "gzip":
+            cmd = ["gzip", "-k", "-6", str(raw)]
+        else:
+            cmd = ["xz", "-k", "-3", "--check=crc64", "--block-size=64KiB", str(raw)]
+        subprocess.run(cmd, check=True)
+        packed = tmp_path / ("image.raw.gz" if shape == "gzip" else "image.raw.xz")
+        up = start_node("file", str(packed), extra=("--read-only",))
+        args = ["xz-max-block=16K"] if shape == "xz-whole" else []  # whole mode: decoded at start
+        kind = "gzip" if shape == "gzip" else "xz"
+        node = under_test(start_node, kind, *args, upstreams=[up.uri])
+        return Target(shape, node, [node, up], image, read_only=True)
+    # Filters over a memory disk of random data.
+    image = rng.randbytes(SIZE)
+    up = memory_with(start_node, image)
+    extras: dict[str, Any] = {}
+    procs = [up]
+    upstream = up.uri
+    if shape in ("error", "retry"):
+        before, after = trigger(tmp_path / f"{shape}.trigger")
+        extras.update(injects=True, before_batch=before, after_batch=after)
+        rate = "5%" if shape == "error" else "20%"
+        err = start_node(
+            "error",
+            f"error-rate={rate}",
+            f"error-file={tmp_path / f'{shape}.trigger'}",
+            f"seed={seed}",
+            upstreams=[up.uri],
+        )
+        procs.insert(0, err)
+        upstream = err.uri
+    args: list[str] = {
+        "readahead": ["readahead-min=4K", "readahead-max=128K"],
+        "delay": ["delay-read=1ms", "wdelay=1ms", "delay-extents=1ms", "delay-flush=2ms"],
+        "rate": ["rate=96M", "connection-rate=48M", "burstiness=0.5"],
+        "log": [f"logfile={tmp_path / 'log.jsonl'}"],
+        "stats": [f"statsfile={tmp_path / 'stats.json'}", "statsformat=json"],
+        "nocache": ["cachemode=emulate"],
+        "nocache-none": [],
+        "noextents": [],
+        "nozero": ["zeromode=emulate"],
+        "nozero-none": [],
+        "fua": ["fuamode=emulate"],
+        "cow-on-read": ["cow-block-size=4K", "cow-on-read=true"],
+        "blocksize-512": ["minblock=512", "maxdata=1K", "maxlen=4K"],
+        "blocksize-64k": ["minblock=64K", "maxdata=128K", "maxlen=256K"],
+        "error": [],
+        "retry": ["retries=4", "retry-delay=1ms", "retry-exponential=no"],
+        "nbd": [],
+    }[shape]
+    kind = shape.split("-")[0] if shape != "cow-on-read" else "cow"
+    node = under_test(start_node, kind, *args, upstreams=[upstream])
+    below = same_below(shape, up.uri)
+    if shape == "cow-on-read":
+
+        def cow_below(export: bytes, trimmed: bytearray) -> None:
+            check(read_all(up.uri) == image, "cow wrote to its upstream")
+
+        below = cow_below
+    if shape == "nozero":
+        extras["fast_zero_fails"] = True
+    if shape == "noextents":
+        extras["all_data"] = True
+    if shape == "log":
+        extras["after_stop"] = lambda: check_log(tmp_path / "log.jsonl")
+    if shape == "stats":
+        extras["after_stop"] = lambda: check_stats(tmp_path / "stats.json")
+    return Target(shape, node, [node, *procs], image, check_below=below, **extras)
+
+
+def check_log(path: Path) -> None:
+    """Every line of the log filter's file is a JSON object; requests were logged, and every
+    connection opened was closed."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    events = [line["event"] for line in lines]
+    check(events.count("request") > 0, "no request logged")
+    check(events.count("open") == events.count("close"), "log: opens and closes differ")
+    check(events[-1] == "stop", f"log ends with {events[-1]}")
+
+
+def check_stats(path: Path) -> None:
+    """The stats filter wrote its report at stop, and it counted reads."""
+    report = json.loads(path.read_text())
+    check(report, "empty stats report")
+    check("read" in json.dumps(report), "stats report without reads")
+
+
 # One adversarial client -----------------------------------------------------------------------
 
 
@@ -449,10 +731,18 @@ class Client:
     """A raw-socket NBD client that mixes valid and invalid traffic and judges every reply."""
 
     def __init__(
-        self, target: Target, model: Model, rng: random.Random, stats: Stats, tag: str
+        self,
+        target: Target,
+        models: dict[bytes, Model],
+        rng: random.Random,
+        stats: Stats,
+        tag: str,
     ) -> None:
         self.t = target
-        self.model = model
+        self.models = models
+        #: The export this client asks for, and its model.
+        self.name = rng.choice(sorted(models)) if len(models) > 1 else b""
+        self.model = models[self.name]
         self.rng = rng
         self.stats = stats
         self.tag = tag
@@ -628,15 +918,16 @@ class Client:
         return s
 
     def check_export(self, size: int, tflags: int, structured: bool) -> None:
-        self.expect(size == self.t.size, f"export size {size}, expected {self.t.size}")
+        want = self.model.size
+        self.expect(size == want, f"export {self.name!r}: size {size}, expected {want}")
         self.expect(tflags & T_HAS_FLAGS, "HAS_FLAGS clear")
         self.expect(bool(tflags & T_READ_ONLY) == self.t.read_only, f"tflags {tflags:#x}: RO")
         self.expect(structured or not tflags & T_DF, "SEND_DF without structured replies")
         self.expect(not tflags & T_FAST_ZERO or tflags & T_ZERO, "FAST_ZERO without ZERO")
         self.expect(not tflags & ~0x0DFF, f"unknown transmission flags {tflags:#x}")
 
-    async def export_name(self, cflags: int, name: bytes = b"") -> bool:
-        await self.option(OPT_EXPORT_NAME, name)
+    async def export_name(self, cflags: int) -> bool:
+        await self.option(OPT_EXPORT_NAME, self.name)
         size, tflags = struct.unpack(">QH", await self.recv(10))
         if not cflags & 2:
             self.expect(await self.recv(124) == bytes(124), "padding is not zeros")
@@ -666,9 +957,12 @@ class Client:
                 if rng.random() < 0.3:
                     queries.append(rng.choice([b"qemu:dirty-bitmap:x", b"nope:", b"base:"]))
                 rng.shuffle(queries)
-                name = b"" if rng.random() < 0.9 else b"other"
+                name = self.name if rng.random() < 0.9 else b"other"
                 await self.option(OPT_SET_META, self.meta_data(name, queries))
                 reps = await self.opt_replies(OPT_SET_META)
+                if structured and name not in self.models and reps[-1][0] == ERR_UNKNOWN:
+                    meta = None  # several exports: an unknown name may be refused
+                    continue
                 ids = self.check_meta(reps, structured, set_=True)
                 if structured:
                     self.expect(reps[-1][0] == REP_ACK, f"SET_META failed: {reps[-1]}")
@@ -676,12 +970,20 @@ class Client:
                     self.expect(len(ids) == want, f"SET_META selected {ids} for {queries}")
                 meta = (name, ids) if reps[-1][0] == REP_ACK else None
             elif choice < 0.55:
-                await self.option(OPT_LIST_META, self.meta_data(b"", [b"base:"]))
+                await self.option(OPT_LIST_META, self.meta_data(self.name, [b"base:"]))
                 reps = await self.opt_replies(OPT_LIST_META)
                 self.check_meta(reps, structured, set_=False)
             elif choice < 0.65:
                 infos = rng.sample([0, 1, 2, 3, 999], rng.randint(0, 3))
-                await self.option(OPT_INFO, self.info_data(b"", infos))
+                if self.t.exports is not None and rng.random() < 0.3:
+                    # Several exports: a name that is none of them (nor leads out of the
+                    # directory) is refused, and the handshake goes on.
+                    bad = rng.choice([b"", b".", b"..", b"../x", b"sub", b"sub/x", b"nope"])
+                    await self.option(OPT_INFO, self.info_data(bad, infos))
+                    reps = await self.opt_replies(OPT_INFO)
+                    self.expect(reps == [(ERR_UNKNOWN, reps[0][1])], f"INFO {bad!r}: {reps}")
+                    continue
+                await self.option(OPT_INFO, self.info_data(self.name, infos))
                 reps = await self.opt_replies(OPT_INFO)
                 self.expect(reps[-1][0] == REP_ACK, f"INFO failed: {reps[-1]}")
                 info = self.check_info(reps, structured)
@@ -692,6 +994,9 @@ class Client:
                     reps[-1][0] == REP_ACK and all(r == REP_SERVER for r, _ in reps[:-1]),
                     f"LIST: {reps}",
                 )
+                if self.t.exports is not None:
+                    listed = sorted(self.listed_name(body) for _, body in reps[:-1])
+                    self.expect(listed == sorted(self.models), f"LIST gave {listed}")
             elif choice < 0.80:
                 option = rng.choice([4, 11, 12, 99, 0x7FFFFFFF, 0xFFFFFFFF])
                 await self.option(option, rng.randbytes(rng.randint(0, 64)))
@@ -722,21 +1027,35 @@ class Client:
             return False
         self.s.structured = structured
         if end < 0.20:
-            self.s.meta_ids = meta[1] if meta and meta[0] == b"" else ()
+            self.s.meta_ids = meta[1] if meta and meta[0] == self.name else ()
             return await self.export_name(cflags)
         infos = rng.sample([1, 2, 3], rng.randint(0, 3))
-        await self.option(OPT_GO, self.info_data(b"", infos))
+        await self.option(OPT_GO, self.info_data(self.name, infos))
         reps = await self.opt_replies(OPT_GO)
         self.expect(reps[-1][0] == REP_ACK, f"GO failed: {reps[-1]}")
         s = self.check_info(reps, structured)
         assert s is not None
         if info is not None:
             self.expect((info.size, info.tflags) == (s.size, s.tflags), "INFO and GO disagree")
-        s.meta_ids = meta[1] if meta and meta[0] == b"" else ()
+        s.meta_ids = meta[1] if meta and meta[0] == self.name else ()
         if not s.block_max_advertised:
             s.block_min, s.block_max = self.t.block_min, self.t.block_max
         self.s = s
         return True
+
+    def bind(self, name: bytes) -> None:
+        """A (mutated) name the server accepted: with several exports, it must be one of them
+        (and then its model is the one that judges)."""
+        if self.t.exports is None:
+            return
+        self.expect(name in self.models, f"export {name!r} accepted, not one of the exports")
+        self.name, self.model = name, self.models[name]
+
+    def listed_name(self, body: bytes) -> bytes:
+        self.expect(len(body) >= 4, "short REP_SERVER")
+        (n,) = struct.unpack(">I", body[:4])
+        self.expect(4 + n <= len(body), "REP_SERVER name past its reply")
+        return body[4 : 4 + n]
 
     def check_meta(
         self, reps: list[tuple[int, bytes]], structured: bool, set_: bool
@@ -761,10 +1080,10 @@ class Client:
         rng = self.rng
         base = rng.choice(
             [
-                (OPT_INFO, self.info_data(b"", [3])),
-                (OPT_SET_META, self.meta_data(b"", [b"base:allocation"])),
-                (OPT_LIST_META, self.meta_data(b"", [b"base:"])),
-                (OPT_GO, bytes(6)),  # as in the corpus seeds
+                (OPT_INFO, self.info_data(self.name, [3])),
+                (OPT_SET_META, self.meta_data(self.name, [b"base:allocation"])),
+                (OPT_LIST_META, self.meta_data(self.name, [b"base:"])),
+                (OPT_GO, self.info_data(self.name, [])),  # b"" as in the corpus seeds
                 (OPT_LIST, b""),
                 (OPT_SR, b""),
                 (OPT_STARTTLS, b""),
@@ -809,6 +1128,8 @@ class Client:
         if option == OPT_GO and final == REP_ACK:
             name = parse_info(bytes(data))
             self.expect(name is not None, f"malformed GO accepted: {bytes(data).hex()}")
+            assert name is not None
+            self.bind(name)
             s = self.check_info(reps, structured)
             assert s is not None
             s.meta_ids = meta[1] if meta and meta[0] == name else ()
@@ -818,13 +1139,32 @@ class Client:
             await self.transmission()
             return "closed"
         if option == OPT_INFO and final == REP_ACK:
-            self.expect(
-                parse_info(bytes(data)) is not None, f"malformed INFO accepted: {bytes(data).hex()}"
-            )
+            name = parse_info(bytes(data))
+            self.expect(name is not None, f"malformed INFO accepted: {bytes(data).hex()}")
+            assert name is not None
+            mine = self.name
+            self.bind(name)  # only to judge the size: the GO to come names ours
             self.check_info(reps, structured)
+            self.bind(mine)
         return None
 
     # Transmission ---------------------------------------------------------------------------
+
+    def keeps_protected(self, cmd: int, offset: int, length: int, payload: bytes | None) -> bool:
+        """Whether the request leaves the protected bytes as they are. They never change, so
+        they are judged against the initial image (a read of a changed one fails the run)."""
+        for lo, hi in self.t.protected:
+            a, b = max(lo, offset), min(hi, offset + length)
+            if a >= b:
+                continue
+            held = self.t.initial[a:b]
+            if cmd == WRITE:
+                assert payload is not None
+                if payload[a - offset : b - offset] != held:
+                    return False
+            elif any(held):
+                return False
+        return True
 
     def next_cookie(self) -> int:
         if self.rng.random() < 0.02:
@@ -836,8 +1176,11 @@ class Client:
             self.cookie = (self.cookie + 1) % (1 << 64)
         return self.cookie
 
-    def allowed(self, cmd: int, flags: int, offset: int, length: int) -> frozenset[int]:
-        """The replies the spec (and NBD-NOTES) allows for this request on this session."""
+    def allowed(
+        self, cmd: int, flags: int, offset: int, length: int, payload: bytes | None = None
+    ) -> frozenset[int]:
+        """The replies the spec (and NBD-NOTES) allows for this request on this session, and
+        then the export's kind for one that passes the protocol's checks."""
         s = self.s
         if cmd not in VALID_FLAGS:
             return frozenset({EINVAL})
@@ -882,10 +1225,40 @@ class Client:
                 errs |= {EINVAL, ENOMEM} | ({EOVERFLOW} if flags & DF else set())
                 ok = ok and not s.block_max_advertised
         if ok:
-            errs.add(0)
-            if cmd == ZERO and flags & FAST_ZERO:
-                errs.add(ENOTSUP)
+            errs |= self.outcomes(cmd, flags, offset, length, payload)
         return frozenset(errs)
+
+    def outcomes(
+        self, cmd: int, flags: int, offset: int, length: int, payload: bytes | None
+    ) -> set[int]:
+        """What a well-formed request may get from this kind of export."""
+        t, fast = self.t, cmd == ZERO and bool(flags & FAST_ZERO)
+        if fast and t.fast_zero_fails:
+            out = {ENOTSUP}
+        elif cmd not in (WRITE, TRIM, ZERO) or t.writes in ("store", "discard"):
+            out = {0, ENOTSUP} if fast else {0}
+        elif t.writes == "full":
+            out = {ENOTSUP} if fast else {ENOSPC}
+        elif cmd == WRITE:  # "match", "sparse-match": the bytes must be what is there
+            assert payload is not None
+            out = {0} if payload == self.model.data[offset : offset + length] else {EIO}
+        elif t.writes == "sparse-match":
+            # Data bytes are never zero there: a range of zeros is a range of holes.
+            holes = not any(self.model.data[offset : offset + length])
+            out = {0} if holes else {EIO}
+        else:
+            out = {EIO}
+        if (
+            t.protected
+            and cmd in (WRITE, TRIM, ZERO)
+            and not self.keeps_protected(cmd, offset, length, payload)
+        ):
+            out = {EPERM, ENOTSUP} if fast else {EPERM}
+        if length == 0:
+            out.add(0)  # unspecified (NBD-NOTES): the server may answer it as a no-op
+        if t.injects:
+            out.add(EIO)
+        return out
 
     def random_request(self) -> tuple[int, int, int, int]:
         """(cmd, flags, offset, length): mostly valid, often not."""
@@ -952,10 +1325,11 @@ class Client:
     ) -> None:
         """Send one request (a WRITE's payload cut after `cut` bytes, if given)."""
         cookie = self.next_cookie()
-        allowed = self.allowed(cmd, flags, offset, length)
+        allowed = self.allowed(cmd, flags, offset, length, payload)
         start = min(offset, self.model.size)
         end = min(offset + length, self.model.size)
-        mutating = cmd in (WRITE, ZERO, TRIM) and 0 in allowed and cut is None
+        stores = self.t.writes == "store"  # other kinds: a write that succeeds changes nothing
+        mutating = cmd in (WRITE, ZERO, TRIM) and 0 in allowed and cut is None and stores
         op = Op(cmd, start, end, mutating)
         header = REQUEST.pack(REQUEST_MAGIC, flags, cmd, cookie, offset, length)
         self.trace.append(
@@ -973,8 +1347,13 @@ class Client:
         self.model.log(self.tag, f"sent {cookie:#x} flags={flags:#x}", op, payload)
         await self.send(header + (payload or b""))
 
-    def payload_for(self, length: int) -> bytes:
+    def payload_for(self, length: int, offset: int) -> bytes:
         rng = self.rng
+        same = 0.5 if self.t.writes in ("match", "sparse-match") else 0.05
+        same = 0.3 if self.t.protected else same
+        if offset + length <= self.model.size and rng.random() < same:
+            # What the model says is there (all of it known, for kinds that check writes).
+            return bytes(self.model.data[offset : offset + length])
         if rng.random() < 0.1:
             # Data that looks like requests (a DISC among them): it is only data.
             fake = REQUEST.pack(REQUEST_MAGIC, 0, rng.choice([DISC, WRITE, READ]), 7, 0, 0)
@@ -992,7 +1371,7 @@ class Client:
                 burst = rng.choice([1, 2, 4, 16, 64, rng.randint(1, 200)])
                 for _ in range(burst):
                     cmd, flags, offset, length = self.random_request()
-                    payload = self.payload_for(length) if cmd == WRITE else None
+                    payload = self.payload_for(length, offset) if cmd == WRITE else None
                     await self.request(cmd, flags, offset, length, payload)
                 if rng.random() < 0.6:
                     await self.wait_replies(receiver)
@@ -1090,14 +1469,14 @@ class Client:
             length = rng.choice([512, 4096, 65536])
             off = rng.randrange(max(1, size - length))
             await self.request(
-                WRITE, 0, off, length, self.payload_for(length), cut=rng.randrange(length)
+                WRITE, 0, off, length, self.payload_for(length, off), cut=rng.randrange(length)
             )
             self.writer.write_eof()
         elif how == "long-payload":
             # Extra bytes after the payload are read as the next request header: garbage.
             length = 4096
             off = rng.randrange(max(1, size - length))
-            await self.request(WRITE, 0, off, length, self.payload_for(length))
+            await self.request(WRITE, 0, off, length, self.payload_for(length, off))
             await self.send(b"\x00GARBAGE" * rng.randint(1, 8))
             self.writer.write_eof()
         elif how == "cut-header":
@@ -1223,17 +1602,23 @@ class Client:
         )
         self.trace.append(f"reply {p.cookie:#x}: {error}")
         self.expect(error in p.allowed, f"{what}: error {error}, allowed {sorted(p.allowed)}")
-        if error:
-            return
         op = p.op
-        if p.cmd == WRITE:
+        if error:
+            if op.mutates and self.t.injects and error == EIO:
+                # Under an error filter: the brief allows a failed write to have done anything
+                # to its range (an injected one never began, a retried one may have landed).
+                self.model.unknown(op.start, op.end, trimmed=p.cmd == TRIM)
+            return
+        if not op.mutates:
+            pass  # a write-side request that changes nothing, or a read
+        elif p.cmd == WRITE:
             assert p.payload is not None
             self.model.apply(op, p.payload)
         elif p.cmd == ZERO:
             self.model.apply(op, bytes(op.end - op.start))
         elif p.cmd == TRIM:
             self.model.apply(op, None)
-        elif p.cmd == READ:
+        if p.cmd == READ:
             self.expect(len(data) == p.length, f"{what}: {len(data)} bytes read")
             bad = self.model.mismatch(op, data)
             if bad is not None:
@@ -1253,6 +1638,7 @@ class Client:
             for n, flags in extents:
                 self.expect(n > 0, "zero-length extent")
                 self.expect(not flags & ~3, f"extent flags {flags:#x}")
+                self.expect(not (flags and self.t.all_data), f"extent {pos}+{n} flags {flags}")
                 end = min(pos + n, self.s.size)
                 if flags & 2 and end > pos:  # ZERO: must read as zeros
                     sub = Op(READ, pos, end, False, op.conflicts)
@@ -1318,16 +1704,21 @@ def assert_healthy(target: Target) -> None:
             check(bad not in log, f"a node's stderr has {bad!r}:\n{log[-4000:]}")
 
 
-def verify(target: Target, model: Model) -> None:
-    """A well-behaved client is served and reads exactly what the model knows."""
+def verify(target: Target, models: dict[bytes, Model]) -> None:
+    """A well-behaved client is served and reads exactly what the models know."""
     # Requests of connections the clients cut off may still be running: wait until every
     # session has ended (it must: a session that never ends is a hang).
     deadline = time.monotonic() + REPLY_TIMEOUT
     while sessions_open(target.node):
         check(time.monotonic() < deadline, f"[{target.name}] sessions still open after the batch")
         time.sleep(0.02)
-    first = read_all(target.node.uri)
-    check(len(first) == model.size, "export size changed")
+    for name, model in models.items():
+        verify_export(target, name, model)
+
+
+def verify_export(target: Target, name: bytes, model: Model) -> None:
+    first = read_all(target.uri(name))
+    check(len(first) == model.size, f"export {name!r}: size changed")
     if first != model.data:
         for blk in range(0, model.size, 4096):
             got, want = first[blk : blk + 4096], model.data[blk : blk + 4096]
@@ -1337,19 +1728,19 @@ def verify(target: Target, model: Model) -> None:
             for i in range(len(got)):
                 if known[i] and got[i] != want[i]:
                     raise FuzzFailure(
-                        f"[{target.name}] byte {blk + i} reads {got[i]:#x}, the model says "
+                        f"[{target.name} {name!r}] byte {blk + i} reads {got[i]:#x}, model: "
                         f"{want[i]:#x} (seed {SEED})\n    {model.about(blk + i)}"
                     )
     check(MARKER[:8] not in first, f"[{target.name}] a libnbd read shows bytes outside the window")
     model.settle(first)
 
 
-async def run_batch(target: Target, model: Model, batch: int, stats: Stats) -> None:
+async def run_batch(target: Target, models: dict[bytes, Model], batch: int, stats: Stats) -> None:
     rng = random.Random(f"{SEED}:{target.name}:{batch}")
     clients = [
         Client(
             target,
-            model,
+            models,
             random.Random(f"{SEED}:{target.name}:{batch}:{i}"),
             stats,
             f"batch {batch} client {i}",
@@ -1375,44 +1766,94 @@ SHAPES = [
     "parity",
     "read-only",
 ]
+#: Shapes added later, FUZZ_SECONDS_MORE each.
+MORE_SHAPES = [
+    "concat",
+    "stripe",
+    "quorum",
+    "verify",
+    "readahead",
+    "retry",
+    "delay",
+    "error",
+    "rate",
+    "log",
+    "stats",
+    "nocache",
+    "nocache-none",
+    "noextents",
+    "nozero",
+    "nozero-none",
+    "fua",
+    "cow-on-read",
+    "blocksize-512",
+    "blocksize-64k",
+    "pattern",
+    "null",
+    "zero",
+    "full",
+    "random",
+    "sparse-random",
+    "data",
+    "xz",
+    "xz-whole",
+    "gzip",
+    "dir",
+    "protect",
+    "nbd",
+    "empty",
+]
 
 
 @pytest.fixture
 def fuzz_target(
     request: pytest.FixtureRequest, start_node: Any, tmp_path: Path
 ) -> Iterator[Target]:
-    target = build_target(request.param, start_node, tmp_path)
+    if request.param in MORE_SHAPES:
+        target = build_more(request.param, start_node, tmp_path)
+        target.seconds = FUZZ_SECONDS_MORE
+    else:
+        target = build_target(request.param, start_node, tmp_path)
     import nbd
 
-    h = nbd_connect(target.node.uri)
+    h = nbd_connect(target.uri(target.names[0]))
     target.block_min = h.get_block_size(nbd.SIZE_MINIMUM) or 1
     target.block_max = h.get_block_size(nbd.SIZE_MAXIMUM) or 32 * MiB
     h.shutdown()
     yield target
 
 
-@pytest.mark.parametrize("fuzz_target", SHAPES, indirect=True)
+@pytest.mark.parametrize("fuzz_target", SHAPES + MORE_SHAPES, indirect=True)
 def test_fuzz_node(fuzz_target: Target) -> None:
     target = fuzz_target
-    print(f"fuzz {target.name}: seed {SEED} (replay: NBDFABRIC_FUZZ_SEED={SEED}), {FUZZ_SECONDS} s")
-    model = Model(target.initial)
+    seconds = target.seconds
+    print(f"fuzz {target.name}: seed {SEED} (replay: NBDFABRIC_FUZZ_SEED={SEED}), {seconds} s")
+    models = {name: Model(target.initial_of(name)) for name in target.names}
     stats = Stats()
-    verify(target, model)
-    deadline = time.monotonic() + FUZZ_SECONDS
+    verify(target, models)
+    deadline = time.monotonic() + seconds
     rss_start: dict[int, int] = {}
     while time.monotonic() < deadline or stats.batches < 2:
+        if target.before_batch is not None:
+            target.before_batch()
         try:
-            asyncio.run(run_batch(target, model, stats.batches, stats))
+            asyncio.run(run_batch(target, models, stats.batches, stats))
         except FuzzFailure as exc:
             raise FuzzFailure(f"seed {SEED}: {exc}") from None
-        verify(target, model)
+        finally:
+            if target.after_batch is not None:
+                target.after_batch()
+        verify(target, models)
         assert_healthy(target)
         stats.batches += 1
         if stats.batches == 1:
             rss_start = {p.pid: rss_kib(p.pid) for p in target.procs}
     print(f"fuzz {target.name}: {stats}")
     if target.check_below is not None:
-        target.check_below(read_all(target.node.uri, flush=True), model.trimmed)
+        target.check_below(read_all(target.node.uri, flush=True), models[b""].trimmed)
+    if target.check_named is not None:
+        for name, model in models.items():
+            target.check_named(name, read_all(target.uri(name), flush=True), model.trimmed)
     for p in target.procs:
         grown = rss_kib(p.pid) - rss_start[p.pid]
         # Buffer pools (64 MiB at most) and the data (a few MiB) are bounded; more is a leak.
@@ -1421,6 +1862,8 @@ def test_fuzz_node(fuzz_target: Target) -> None:
     for p in target.procs:  # top first: a node shuts down cleanly after all that
         check(p.stop() == 0, f"{p.pid} exited {p.proc.returncode}: {p.stderr()[-2000:]}")
     assert_healthy_logs(target)
+    if target.after_stop is not None:
+        target.after_stop()
 
 
 def assert_healthy_logs(target: Target) -> None:

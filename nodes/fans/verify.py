@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from ..base import Capabilities, Extents, Holes, fill_holes
+from ..base import Backend, Capabilities, Extents, Holes, fill_holes
 from ..params import Params, live
 from ..registry import register
-from ._common import FanBase, combine_caps
+from ._common import FanBase, RangeLock, combine_caps
 from .quorum import _first_difference
 
 log = logging.getLogger("nbdfabric.verify")
@@ -48,6 +49,10 @@ class Verify(FanBase):
             raise ValueError(f"verify: needs exactly 2 members, got {len(self.members)}")
         self.first_mismatch: dict[str, Any] | None = None
         self.mismatches = 0
+        #: Overlapping requests in order (as quorum): a read beside a write would find the
+        #: members half way through it and report a mismatch that is only the write in
+        #: progress, and two overlapping writes could land in opposite orders on the members.
+        self._order = RangeLock()
 
     def compute_caps(self, caps: list[Capabilities]) -> Capabilities:
         if caps[0].size != caps[1].size:
@@ -68,7 +73,11 @@ class Verify(FanBase):
         async def one(i: int, view: memoryview) -> None:
             fill_holes(view, await self.members[i].pread(view, offset, flags))
 
-        await asyncio.gather(one(0, buf), one(1, memoryview(other)))
+        token = await self._order.acquire(offset, offset + len(buf), exclusive=False)
+        try:
+            await asyncio.gather(one(0, buf), one(1, memoryview(other)))
+        finally:
+            self._order.release(token)
         if buf != other:
             at = offset + _first_difference(bytes(buf), other)
             self.mismatches += 1
@@ -80,17 +89,26 @@ class Verify(FanBase):
                 raise OSError(errno.EIO, f"verify: members differ at offset {at}")
         return None
 
+    async def _both(
+        self, offset: int, count: int, op: Callable[[Backend], Awaitable[None]]
+    ) -> None:
+        token = await self._order.acquire(offset, offset + count)
+        try:
+            await asyncio.gather(*(op(m) for m in self.members))
+        finally:
+            self._order.release(token)
+
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        await asyncio.gather(*(m.pwrite(buf, offset, flags) for m in self.members))
+        await self._both(offset, len(buf), lambda m: m.pwrite(buf, offset, flags))
 
     async def flush(self, flags: int) -> None:
         await asyncio.gather(*(m.flush(flags) for m in self.members))
 
     async def trim(self, count: int, offset: int, flags: int) -> None:
-        await asyncio.gather(*(m.trim(count, offset, flags) for m in self.members))
+        await self._both(offset, count, lambda m: m.trim(count, offset, flags))
 
     async def zero(self, count: int, offset: int, flags: int) -> None:
-        await asyncio.gather(*(m.zero(count, offset, flags) for m in self.members))
+        await self._both(offset, count, lambda m: m.zero(count, offset, flags))
 
     async def cache(self, count: int, offset: int, flags: int) -> None:
         await asyncio.gather(*(m.cache(count, offset, flags) for m in self.members))
