@@ -8,6 +8,7 @@ Spellings follow nbdkit: sizes `1G`/`512K`, durations `10ms`/`2s`, rates `10%`, 
 from __future__ import annotations
 
 import errno as _errno
+import math
 import re
 from typing import Annotated, Any
 
@@ -20,6 +21,7 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
 )
+from pydantic_core import PydanticCustomError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?b)?\s*$", re.IGNORECASE)
 _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
@@ -66,12 +68,19 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration like 10ms, 2s or a number of seconds")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # YAML `delay-read: 1000...0` (400 digits): an int past a float
+            seconds = math.inf
     else:
         m = _DURATION_RE.match(str(value))
         if not m:
             raise ValueError("expected a duration like 10ms, 2s or a number of seconds")
         seconds = float(m.group(1)) * _DURATION_UNIT[(m.group(2) or "s").lower()]
+    # YAML's .inf/.nan, or more digits than a float holds: a wait that never ends (or compares
+    # false with everything) is no duration; asyncio.sleep(nan) raises deep in a request.
+    if not math.isfinite(seconds):
+        raise ValueError("expected a finite duration like 10ms, 2s or a number of seconds")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -97,7 +106,11 @@ def parse_fraction(value: Any) -> float:
 
 def parse_errno(value: Any) -> int:
     """An errno by name (`EIO`, `enospc`) or number."""
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
+        # A number (YAML `error: 5`) must be an errno this system has: -1 or 2**70 would be
+        # raised by a filter as OSError and reach the NBD error mapping as nonsense.
+        if value not in _errno.errorcode:
+            raise ValueError("expected an errno name such as EIO, ENOSPC, EPERM, EINVAL")
         return value
     name = str(value).strip().upper()
     code = getattr(_errno, name, None)
@@ -227,6 +240,55 @@ def _accepts(model: type[Params], key: str) -> str:
     return "?"
 
 
+#: Longest rendering of a bad value in an error message (a 5000-digit size is not echoed whole).
+MAX_SHOWN = 80
+
+
+def shown_input(value: Any) -> str:
+    """A bad value as an error message shows it: repr'd (so odd unicode is visible, and text
+    that is not UTF-8 prints), shortened to MAX_SHOWN characters."""
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN else f"{text[: MAX_SHOWN - 5]}...{text[-2:]}"
+
+
+def _not_utf8(value: Any) -> bool:
+    """Text with lone surrogates (argv bytes that are not UTF-8, YAML's "\\udcff")."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, list | tuple):
+        return any(_not_utf8(v) for v in value)
+    if isinstance(value, dict):
+        return any(_not_utf8(k) or _not_utf8(v) for k, v in value.items())
+    return False
+
+
+def validate_model(model: type[Params], values: dict[str, Any]) -> Params:
+    """`model.model_validate(values)` for every caller (command line, topology, Configure).
+
+    pydantic-core cannot carry an error message holding text that is not UTF-8: a validator
+    that quotes such a value (ip's `allow=`) made model_validate raise UnicodeEncodeError
+    instead of a ValidationError. Such values are refused first, by key, as ValidationErrors.
+    """
+    bad = [k for k, v in values.items() if _not_utf8(v)]
+    if bad:
+        raise ValidationError.from_exception_data(
+            model.__name__,
+            [
+                {
+                    "type": PydanticCustomError("not_utf8", "the value is not valid UTF-8 text"),
+                    "loc": (k,),
+                    "input": values[k],
+                }
+                for k in bad
+            ],
+        )
+    return model.model_validate(values)
+
+
 def format_error(kind: str, model: type[Params], exc: ValidationError) -> str:
     lines = []
     names = ", ".join(e["name"] for e in field_info(model)) or "(none)"
@@ -242,7 +304,7 @@ def format_error(kind: str, model: type[Params], exc: ValidationError) -> str:
         else:
             msg = str(err["msg"]).removeprefix("Value error, ")
             lines.append(
-                f"{kind}: bad value {err.get('input')!r} for '{key}' "
+                f"{kind}: bad value {shown_input(err.get('input'))} for '{key}' "
                 f"(accepts {_accepts(model, key)}): {msg}"
             )
     return "\n".join(lines)
@@ -274,7 +336,7 @@ def parse_params(
                 raise ParamError(f"{kind}: parameter '{key}' given twice")
             values[key] = value
     try:
-        return model.model_validate(values)
+        return validate_model(model, values)
     except ValidationError as exc:
         raise ParamError(format_error(kind, model, exc)) from None
 

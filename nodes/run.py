@@ -5,6 +5,7 @@ stop (signal, gRPC shutdown, or the end of a `--run` command), then exit cleanly
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -90,9 +91,14 @@ def build_backend(spec: NodeSpec) -> Backend:
 
 def write_ready_file(path: str, info: dict[str, Any]) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(info, f)
-    os.replace(tmp, path)  # readers never see half a file
+    try:
+        with open(tmp, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, path)  # readers never see half a file
+    except OSError as exc:  # the message named the temporary file, not the option
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise OSError(exc.errno, f"--ready-file {path}: {exc.strerror}") from None
 
 
 async def serve(
@@ -113,36 +119,48 @@ async def serve(
         await runtime.start(sockets, [])
         return await _serve_as_worker(spec, runtime, ready_fd)
     found = systemd_sockets()
-    await runtime.start(found, listen_addresses(spec, found))
-
     control_addr = metrics_addr = None
     control_server = None
-    if spec.control:
-        from .control.server import start_control
+    try:
+        await runtime.start(found, listen_addresses(spec, found))
 
-        control_server, control_addr = await start_control(
-            runtime, spec.control, reflection=spec.reflection
-        )
-    if spec.metrics:
-        from .control.metrics import start_metrics
+        if spec.control:
+            from .control.server import start_control
 
-        metrics_addr = start_metrics(runtime, spec.metrics, node_name=spec.name or spec.kind)
+            control_server, control_addr = await start_control(
+                runtime, spec.control, reflection=spec.reflection
+            )
+        if spec.metrics:
+            from .control.metrics import start_metrics
 
-    uris = runtime.uris()
-    if spec.print_uri:
-        print(uris[0], flush=True)
-    if spec.ready_file:
-        write_ready_file(
-            spec.ready_file,
-            {
-                "uri": uris[0],
-                "uris": uris,
-                "control": control_addr,
-                "metrics": metrics_addr,
-                "pid": os.getpid(),
-                "kind": spec.kind,
-            },
-        )
+            metrics_addr = start_metrics(runtime, spec.metrics, node_name=spec.name or spec.kind)
+
+        uris = runtime.uris()
+        if spec.print_uri:
+            print(uris[0], flush=True)
+        if spec.ready_file:
+            write_ready_file(
+                spec.ready_file,
+                {
+                    "uri": uris[0],
+                    "uris": uris,
+                    "control": control_addr,
+                    "metrics": metrics_addr,
+                    "pid": os.getpid(),
+                    "kind": spec.kind,
+                },
+            )
+    except Exception:
+        # Failing after the listeners were bound (a second --listen, --control, --metrics,
+        # --ready-file) left their unix socket files behind, and upstream connections open.
+        if control_server is not None:
+            await control_server.stop(grace=0)
+        if metrics_addr is not None:
+            from .control.metrics import stop_metrics
+
+            stop_metrics()
+        await runtime.shutdown()
+        raise
     log.info("%s serving on %s", spec.kind, ", ".join(uris))
 
     _shutdown_on_signals(runtime)

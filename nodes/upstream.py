@@ -28,6 +28,7 @@ import nbd
 from .base import Backend, Capabilities, Extents, Holes, Support, add_range
 from .params import Params
 from .protocol.constants import CmdFlag
+from .server.addresses import check_nbd_uri
 from .server.poll import POLLER
 
 log = logging.getLogger("nbdfabric.upstream")
@@ -131,6 +132,7 @@ class Upstream(Backend):
         pool_size: int = MULTI_CONN_POOL,
     ) -> None:
         super().__init__(Params())
+        check_nbd_uri(uri)  # `--upstream disk.img`, ReplaceMember with `http://`: say so now
         self.uri = uri
         self.name = name or uri
         self.tls_certificates = tls_certificates
@@ -592,3 +594,19 @@ async def _gather(aws: list[Any]) -> list[Any]:
         if isinstance(r, BaseException):
             raise r
     return results
+
+
+def replacement(old: Backend, uri: str, name: str) -> Upstream:
+    """The new member of a fan's ReplaceMember, connected as the member it replaces was: with
+    the node's --upstream-timeout and --upstream-tls-certificates. With the defaults instead, a
+    replace onto an unreachable address held the RPC for 30 s, past `ctl`'s 10 s deadline
+    (reported as "cannot reach the node"), and an nbds:// member had no certificates."""
+    if isinstance(old, Upstream):
+        return Upstream(
+            uri,
+            name=name,
+            tls_certificates=old.tls_certificates,
+            tls_verify=old.tls_verify,
+            connect_timeout=old.connect_timeout,
+        )
+    return Upstream(uri, name=name)

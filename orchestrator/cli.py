@@ -600,13 +600,13 @@ def cmd_set(argv: Sequence[str]) -> int:
     p.add_argument("node")
     p.add_argument("changes", nargs="+", metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    changes = {}
-    for word in args.changes:
-        key, sep, value = word.partition("=")
-        if not sep or not key:
-            _err("set", f"expected KEY=VALUE, got {word!r}")
-            return 1
-        changes[key] = value
+    from nodes.control.cli import parse_changes
+
+    try:
+        changes = parse_changes(args.changes)
+    except ValueError as exc:
+        _err("set", str(exc))
+        return 1
     found = _find_fabric("set", args)
     if found is None:
         return 1

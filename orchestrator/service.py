@@ -20,7 +20,7 @@ from nodes.control.rpc.nbdfabric.v1 import orchestrator_pb2 as pb
 from nodes.control.rpc.nbdfabric.v1 import orchestrator_pb2_grpc as pb_grpc
 
 from .backends.process import RunDir
-from .supervisor import ApplyError, ConfigureError, Supervisor
+from .supervisor import ApplyError, ConfigureError, Supervisor, UnknownNode
 from .topology import TopologyError, load_text
 
 SERVICE = pb.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
@@ -99,7 +99,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             await self.sup.configure(request.node, dict(request.changes))
         except ConfigureError as exc:
             code = (
-                grpc.StatusCode.FAILED_PRECONDITION
+                grpc.StatusCode.NOT_FOUND
+                if isinstance(exc, UnknownNode)
+                else grpc.StatusCode.FAILED_PRECONDITION
                 if exc.precondition
                 else grpc.StatusCode.INVALID_ARGUMENT
             )

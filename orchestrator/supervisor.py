@@ -67,6 +67,10 @@ class ConfigureError(ValueError):
         self.precondition = precondition
 
 
+class UnknownNode(ConfigureError):
+    """`set NODE` for a node the fabric does not have (NOT_FOUND, not a bad argument value)."""
+
+
 @dataclass(frozen=True)
 class Event:
     time: float
@@ -514,7 +518,7 @@ class Supervisor:
             runner = self.runners.get(name)
             if runner is None or self.topology is None:
                 known = ", ".join(self.runners) or "(none)"
-                raise ConfigureError(f"no node named {name!r} (nodes: {known})")
+                raise UnknownNode(f"no node named {name!r} (nodes: {known})")
             node = runner.node
             model = type(node.params)
             live = live_names(model)

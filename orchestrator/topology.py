@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, NamedTuple, Protocol, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from nodes.params import Params, field_info
+from nodes.params import Params, field_info, shown_input, validate_model
 
 RESTART_POLICIES = ("always", "on-failure", "never")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -258,6 +258,51 @@ class _Lines:
         return self.lines.get(path)
 
 
+#: Most YAML nodes a topology may expand to, an alias counted each time it is used. A fabric
+#: has hundreds; "billion laughs" (aliases of lists of aliases) has billions, and every walk of
+#: the document (line numbers, validation, messages) would take that long: `validate` and the
+#: supervisor's Apply hung. Go's yaml.v3, which docker compose uses, refuses those too.
+MAX_YAML_NODES = 100_000
+
+
+def _graph_problem(root: yaml.Node | None) -> tuple[int, str] | None:
+    """(line, message) if the composed document cannot be walked as a tree: an alias inside the
+    node it names (`&a [*a]`: endless, _Lines recursed until RecursionError) or too many nodes
+    once aliases are expanded. Iterative, so that depth costs no stack."""
+    if root is None:
+        return None
+    count = 0
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(node))
+            continue
+        count += 1
+        if count > MAX_YAML_NODES:
+            return (
+                node.start_mark.line + 1,
+                f"the document expands to more than {MAX_YAML_NODES} YAML nodes "
+                "(aliases of aliases?); a topology is far smaller",
+            )
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            if id(node) in on_path:
+                return (
+                    node.start_mark.line + 1,
+                    "a YAML alias is used inside the node it names (a recursive structure)",
+                )
+            on_path.add(id(node))
+            stack.append((node, True))
+            children: list[yaml.Node] = (
+                [part for pair in node.value for part in pair]
+                if isinstance(node, yaml.MappingNode)
+                else list(node.value)
+            )
+            stack.extend((child, False) for child in reversed(children))
+    return None
+
+
 def _dotted(path: tuple[Any, ...]) -> str:
     out = ""
     for part in path:
@@ -280,6 +325,19 @@ def load(path: str | Path, kinds: Mapping[str, KindInfo] | None = None) -> Topol
         text = p.read_text()
     except OSError as exc:
         raise TopologyError([Problem(str(p), None, "", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:  # a binary file, or another encoding: YAML is UTF-8 here
+        line = p.read_bytes()[: exc.start].count(b"\n") + 1
+        raise TopologyError(
+            [
+                Problem(
+                    str(p),
+                    line,
+                    "",
+                    f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                    f"at offset {exc.start}): a topology file is YAML in UTF-8",
+                )
+            ]
+        ) from None
     topology = load_text(text, str(p), kinds, base_dir=str(p.resolve().parent))
     return dataclasses.replace(topology, text=expand_env(text, str(p), os.environ))
 
@@ -372,6 +430,9 @@ class _Validator:
     def run(self, text: str, base_dir: str) -> Topology:
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
+            graph = _graph_problem(root)
+            if graph is not None:
+                raise TopologyError([Problem(self.source, graph[0], "", graph[1])])
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
@@ -379,6 +440,14 @@ class _Validator:
             msg = " ".join(str(getattr(exc, "problem", "") or exc).split())
             raise TopologyError(
                 [Problem(self.source, line, "", f"YAML syntax error: {msg}")]
+            ) from None
+        except ValueError as exc:  # PyYAML's int(): an integer of more than 4300 digits
+            raise TopologyError(
+                [Problem(self.source, None, "", f"YAML value error: {exc}")]
+            ) from None
+        except RecursionError:  # PyYAML's composer recurses once per level of nesting
+            raise TopologyError(
+                [Problem(self.source, None, "", "YAML nested too deeply (thousands of levels)")]
             ) from None
         self.lines = _Lines(root)
         for path, line in self.lines.duplicates:
@@ -491,7 +560,7 @@ class _Validator:
         self, path: tuple[Any, ...], kind: str, cls: KindInfo, values: dict[str, Any]
     ) -> Params | None:
         try:
-            return cls.Params.model_validate({str(k): v for k, v in values.items()})
+            return validate_model(cls.Params, {str(k): v for k, v in values.items()})
         except ValidationError as exc:
             errors = exc.errors()
         info = {e["name"]: e for e in field_info(cls.Params)}
@@ -507,18 +576,28 @@ class _Validator:
                 accepts = info.get(key, {}).get("type", "?")
                 msg = str(err["msg"]).removeprefix("Value error, ")
                 self.problem(
-                    where, f"bad value {err.get('input')!r} for {kind} (accepts {accepts}): {msg}"
+                    where,
+                    f"bad value {shown_input(err.get('input'))} for {kind} (accepts {accepts}): "
+                    f"{msg}",
                 )
         return None
 
     def check_links(self, raw: dict[Any, Any], nodes: dict[str, Node]) -> None:
         names = [str(n) for n in raw]
+        from nodes.server.addresses import AddressError, check_nbd_uri
+
         for node in nodes.values():
             for i, up in enumerate(node.upstreams):
-                if not is_uri(up):
-                    message = self.link_problem(node, up, names, nodes)
-                    if message:
-                        self.problem(self.upstream_path(node, i), message)
+                if is_uri(up):
+                    # `http://x` passed here and failed at every (re)start of the node
+                    try:
+                        check_nbd_uri(up)
+                    except AddressError as exc:
+                        self.problem(self.upstream_path(node, i), str(exc))
+                    continue
+                message = self.link_problem(node, up, names, nodes)
+                if message:
+                    self.problem(self.upstream_path(node, i), message)
         # Cycles, reported once each, from the node where the walk found them.
         state: dict[str, int] = {}  # 1 = on the stack, 2 = done
         stack: list[str] = []
@@ -663,7 +742,7 @@ class _Validator:
                 self.problem(where, "required field is missing")
             else:
                 msg = str(err["msg"]).removeprefix("Value error, ")
-                self.problem(where, f"bad value {err.get('input')!r}: {msg}")
+                self.problem(where, f"bad value {shown_input(err.get('input'))}: {msg}")
 
 
 def _address_keys(addr: Any) -> tuple[list[Any], list[Any]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -298,7 +299,7 @@ def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                    help="machine-readable output")  # fmt: skip
-    p.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS",
+    p.add_argument("--timeout", type=_seconds_arg, default=argparse.SUPPRESS, metavar="SECONDS",
                    help="give up after this long (default 10; streams: never)")  # fmt: skip
     return p
 
@@ -327,23 +328,67 @@ def ctl_parser() -> argparse.ArgumentParser:
     cmd("resume", "release held requests")
     cmd("flush", "make written data durable")
     sh = cmd("shutdown", "drain, flush and exit")
-    sh.add_argument("--grace", type=float, default=0.0, metavar="SECONDS",
+    sh.add_argument("--grace", type=_grace_arg, default=0.0, metavar="SECONDS",
                     help="how long in-flight requests may take (default: the node's)")  # fmt: skip
     ev = cmd("events", "follow state, config and error events")
     ev.add_argument("--count", type=int, default=0, metavar="N", help="stop after N events")
     ev.add_argument("--current", action="store_true", help="start with the current state")
     cmd("members", "a fan's members and their state")
     r = cmd("replace", "swap member INDEX for a new upstream and rebuild it")
-    r.add_argument("index", type=int)
+    r.add_argument("index", type=_index_arg)
     r.add_argument("uri")
     f = cmd("faulty", "stop using member INDEX")
-    f.add_argument("index", type=int)
+    f.add_argument("index", type=_index_arg)
     t = cmd("trust", "take member INDEX of a failed mirror or parity array as holding its data")
-    t.add_argument("index", type=int)
+    t.add_argument("index", type=_index_arg)
     rb = cmd("rebuild", "show, start, stop or throttle a fan's rebuild")
     rb.add_argument("action", nargs="?", choices=("start", "stop", "watch"))
     rb.add_argument("--throttle", metavar="SIZE", help="bytes per second (e.g. 50M; 0: off)")
     return p
+
+
+def _index_arg(text: str) -> int:
+    """A member index as the request carries it (uint32): 99999999999 raised ValueError from
+    protobuf, a traceback, and -1 is no index."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"INDEX is a whole number, not {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"INDEX is 0-based and cannot be {value}")
+    return value
+
+
+def _seconds_arg(text: str) -> float:
+    """--timeout: finite and above 0 (`nan` gave a misleading "cannot reach the node")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
+    return value
+
+
+def _grace_arg(text: str) -> float:
+    """--grace: finite and 0 or more (0: the node's own)."""
+    if text.strip() in ("0", "0.0"):
+        return 0.0
+    return _seconds_arg(text)
+
+
+def parse_changes(words: Sequence[str]) -> dict[str, str]:
+    """`KEY=VALUE` words for Configure (`ctl set`, `nbdfabric set`). A key given twice is an
+    error, as on the node's command line (the last one silently won)."""
+    changes: dict[str, str] = {}
+    for item in words:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {item!r}")
+        if key in changes:
+            raise ValueError(f"parameter '{key}' given twice")
+        changes[key] = value
+    return changes
 
 
 class Failed(Exception):
@@ -384,12 +429,10 @@ def run_ctl(args: argparse.Namespace, channel: grpc.Channel) -> int:
         result = stub.GetStats(pb.GetStatsRequest(), timeout=unary)
         show = show_stats
     elif c == "set":
-        changes = {}
-        for item in args.changes:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise Failed(f"expected KEY=VALUE, got {item!r}", EXIT_USAGE)
-            changes[key] = value
+        try:
+            changes = parse_changes(args.changes)
+        except ValueError as exc:
+            raise Failed(str(exc), EXIT_USAGE) from None
         result = stub.Configure(pb.ConfigureRequest(changes=changes), timeout=unary)
         show = lambda r: print(  # noqa: E731
             ", ".join(f"{p.name}={p.value}" for p in r.params if p.name in changes)
@@ -413,8 +456,6 @@ def run_ctl(args: argparse.Namespace, channel: grpc.Channel) -> int:
         show = lambda r: show_members(r.members, r.rebuild, args.addr)  # noqa: E731
 
     elif c in ("replace", "faulty", "trust"):
-        if args.index < 0:
-            raise Failed("INDEX is 0-based and cannot be negative", EXIT_USAGE)
         if c == "replace":
             req_r = pb.ReplaceMemberRequest(index=args.index, uri=args.uri)
             result = stub.ReplaceMember(req_r, timeout=unary)
@@ -520,7 +561,7 @@ def health_main(argv: Sequence[str]) -> int:
     )
     p.add_argument("addr", metavar="ADDR", help="the node's --control address")
     p.add_argument("--service", default="", help="service name (default: the whole node)")
-    p.add_argument("--timeout", type=float, default=2.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=_seconds_arg, default=2.0, metavar="SECONDS")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing, only exit")
     args = p.parse_args(argv)

@@ -11,6 +11,7 @@ import functools
 import inspect
 import json
 import logging
+import math
 import os
 import stat
 import time
@@ -333,8 +334,11 @@ class NodeServicer(pb_grpc.NodeServiceServicer):  # type: ignore[misc]
     @rpc
     async def Shutdown(self, request: pb.ShutdownRequest, context: Any) -> pb.ShutdownResponse:
         rt = self.runtime
-        if request.grace_seconds < 0:
-            raise ValueError("grace_seconds cannot be negative")
+        # nan compared false with both tests; inf waited forever for requests in flight
+        if not math.isfinite(request.grace_seconds) or request.grace_seconds < 0:
+            raise ValueError(
+                f"grace_seconds must be 0 or more seconds, not {request.grace_seconds}"
+            )
         if request.grace_seconds > 0:
             rt.options.shutdown_grace = request.grace_seconds
         await self.health.enter_graceful_shutdown()
@@ -405,7 +409,13 @@ class NodeServicer(pb_grpc.NodeServiceServicer):  # type: ignore[misc]
         if not request.uri:
             raise ValueError("give the NBD URI of the new member")
         await self._check_index(context, request.index)
-        await _maybe_await(replace(request.index, request.uri))
+        try:
+            await _maybe_await(replace(request.index, request.uri))
+        except OSError as exc:
+            # The new member cannot be reached: the request cannot be carried out as things
+            # are (INTERNAL said the node broke; UNAVAILABLE would read as "node unreachable").
+            raise RuntimeError(f"cannot use {request.uri} as member {request.index}: "
+                               f"{exc.strerror or exc}") from None  # fmt: skip
         return pb.ReplaceMemberResponse(members=await self._members(context))
 
     async def _on_member(self, context: Any, method: str, index: int) -> list[pb.Member]:

@@ -101,7 +101,9 @@ class MirrorParams(Params):
     read_policy: Literal["round-robin", "least-outstanding", "first"] = live(
         "least-outstanding", description="which in-sync member serves a read"
     )
-    bitmap_chunk: Size = param(64 * 1024, description="granularity of the write-intent bitmap")
+    bitmap_chunk: Size = param(  # 0 divided by zero at start
+        64 * 1024, description="granularity of the write-intent bitmap", gt=0
+    )
     bitmap_file: str | None = param(
         None, description="persist the write-intent bitmap and member states in this file"
     )
@@ -904,9 +906,9 @@ class Mirror(FanBase):
         self._check_members()  # start the others' rebuilds now, not at the next check
 
     def make_member(self, uri: str, index: int) -> Backend:
-        from ..upstream import Upstream
+        from ..upstream import replacement
 
-        return Upstream(uri, name=f"{self.kind}/upstream{index}")
+        return replacement(self.members[index], uri, f"{self.kind}/upstream{index}")
 
     def _unfit(self, caps: Capabilities) -> str | None:
         """Why a member with these capabilities cannot hold this mirror's data, if it cannot."""

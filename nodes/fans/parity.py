@@ -569,9 +569,9 @@ class Parity(FanBase):
         if not self.healthy_others(index):
             raise ValueError("parity: another member is not in sync; replacing would lose data")
         if isinstance(uri, str):
-            from ..upstream import Upstream
+            from ..upstream import replacement
 
-            new: Backend = Upstream(uri, name=f"{self.kind}/upstream{index}")
+            new: Backend = replacement(self.members[index], uri, f"{self.kind}/upstream{index}")
         else:
             new = uri
         await new.start()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import re
 import time
@@ -53,8 +54,13 @@ def parse_rate(value: Any) -> int:
     """Bytes per second from `2M`, `2MiB/s`, `1048576`, or bits from `16Mbps`, `8Mbit`."""
     if isinstance(value, bool):
         raise ValueError("expected a rate like 2M (bytes/s) or 16Mbps")
-    if isinstance(value, int | float):
-        return int(value)
+    if isinstance(value, float):
+        # YAML's .inf made int() raise OverflowError out of validation, -0.5 became 0 (off)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError("a rate must be a finite number of bytes/s, 0 or more")
+        value = int(value)
+    if isinstance(value, int):
+        return parse_size(value)  # the range check of every size: negative rates are refused
     text = str(value)
     bits = _BITS_RE.match(text)
     if bits:

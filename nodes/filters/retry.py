@@ -38,7 +38,12 @@ T = TypeVar("T")
 
 
 def _parse_errnos(value: Any) -> tuple[int, ...]:
-    items = value.split(",") if isinstance(value, str) else list(value)
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    else:  # YAML `retry-on: 5`: list(5) raised TypeError out of validation
+        raise ValueError("expected errno names separated by commas, e.g. EIO,ECONNRESET")
     codes = tuple(parse_errno(item) for item in items if str(item).strip())
     if not codes:
         raise ValueError("expected errno names separated by commas, e.g. EIO,ECONNRESET")

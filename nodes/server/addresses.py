@@ -78,7 +78,11 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
 
 def open_listener(addr: Address, backlog: int = 128) -> socket.socket:
     if addr.kind == "fd":
-        sock = socket.socket(fileno=addr.fd)
+        try:
+            sock = socket.socket(fileno=addr.fd)
+        except (OSError, ValueError) as exc:  # not open, not a socket, negative
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise AddressError(f"cannot listen on {addr}: {why}") from None
     elif addr.kind == "unix":
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.stat(addr.path).st_mode):
@@ -94,7 +98,10 @@ def open_listener(addr: Address, backlog: int = 128) -> socket.socket:
         try:
             infos = socket.getaddrinfo(addr.host, addr.port, family, socket.SOCK_STREAM)
         except socket.gaierror:
-            infos = socket.getaddrinfo(addr.host, addr.port, 0, socket.SOCK_STREAM)
+            try:
+                infos = socket.getaddrinfo(addr.host, addr.port, 0, socket.SOCK_STREAM)
+            except socket.gaierror as exc:  # the bare "Name or service not known" said not which
+                raise AddressError(f"cannot listen on {addr}: {exc.strerror}") from None
         fam, _, _, _, sockaddr = infos[0]
         sock = socket.socket(fam, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -143,6 +150,25 @@ def bound_address(sock: socket.socket) -> Address:
         return Address("unix", path=name if isinstance(name, str) else name.decode())
     host, port = sock.getsockname()[:2]
     return Address("tcp", host=host, port=port)
+
+
+#: The schemes of the NBD URI standard that libnbd reads.
+NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock", "nbd+ssh",
+               "nbds+ssh")  # fmt: skip
+
+
+def check_nbd_uri(uri: str) -> None:
+    """Raise AddressError unless `uri` could be an NBD URI (its scheme, and a unix one's
+    socket=). libnbd parses the rest when it connects; this catches what no retry can fix
+    (`disk.img`, `http://...`) before a node or a fan waits its connect timeout on it."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme.lower() not in NBD_SCHEMES:
+        raise AddressError(
+            f"{uri!r} is not an NBD URI (nbd://HOST:PORT/EXPORT, "
+            "nbd+unix:///EXPORT?socket=PATH, nbds:// or nbds+unix:// for TLS)"
+        )
+    if scheme.lower().endswith("+unix") and "socket=" not in rest:
+        raise AddressError(f"{uri!r}: an nbd+unix URI needs ?socket=PATH")
 
 
 def nbd_uri(addr: Address, export: str = "", tls: bool = False) -> str:
