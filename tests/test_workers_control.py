@@ -249,3 +249,20 @@ def test_run_captive_mode_gets_the_control_address(tmp_path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["SERVING", str(4 << 20)]
     assert not (tmp_path / "s").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_worker_replaced_slowly_keeps_what_the_old_one_counted() -> None:
+    """A replacement that took longer than the old worker had lived answers with a larger
+    uptime than the old one's last answer: it is another process all the same (its pid), and
+    the node's counters must not go back."""
+    from nodes.control.fanin import FanIn, Workers
+
+    def answer(pid: int, uptime: float, written: int) -> pb.GetStatsResponse:
+        ops = [pb.OpStats(op="write", count=1, bytes=written)]
+        return pb.GetStatsResponse(pid=pid, uptime_seconds=uptime, ops=ops)
+
+    fanin = FanIn(Workers([]), node_pid=1, started=0.0)
+    assert op(fanin._count([answer(100, 0.5, 65536)]), "write").bytes == 65536
+    after = fanin._count([answer(101, 3.0, 4096)])
+    assert op(after, "write").bytes == 65536 + 4096
+    assert after.pid == 1

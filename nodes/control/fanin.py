@@ -231,13 +231,15 @@ class FanIn:
                 if before is not None:  # gone, not yet replaced: what it counted still counts
                     counted.append(_counters_only(before))
                 continue
-            if before is not None and answer.uptime_seconds < before.uptime_seconds:
-                # A new worker in this slot: the old one's counts stay.
+            # A new worker in this slot (another process; its uptime alone may already have
+            # passed the old one's when the replacement took long): the old one's counts stay.
+            if before is not None and answer.pid != before.pid:
                 self.retired = merge_stats([self.retired, _counters_only(before)])
             self.last[slot] = answer
             counted.append(answer)
         merged = merge_stats([self.retired, *counted])
         merged.uptime_seconds = time.time() - self.started
+        merged.pid = self.node_pid
         return merged
 
     async def serving(self) -> bool:

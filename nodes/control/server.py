@@ -285,6 +285,7 @@ class NodeServicer(pb_grpc.NodeServiceServicer):  # type: ignore[misc]
     async def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.GetStatsResponse:
         s = self.runtime.stats
         return pb.GetStatsResponse(
+            pid=os.getpid(),
             ops=[
                 pb.OpStats(
                     op=name,

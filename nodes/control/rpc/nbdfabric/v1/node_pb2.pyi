@@ -198,7 +198,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("ops", "connections_total", "connections_open", "in_flight", "protocol_errors", "uptime_seconds", "latency_bounds_seconds")
+    __slots__ = ("ops", "connections_total", "connections_open", "in_flight", "protocol_errors", "uptime_seconds", "latency_bounds_seconds", "pid")
     OPS_FIELD_NUMBER: _ClassVar[int]
     CONNECTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     CONNECTIONS_OPEN_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +206,7 @@ class GetStatsResponse(_message.Message):
     PROTOCOL_ERRORS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_BOUNDS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     ops: _containers.RepeatedCompositeFieldContainer[OpStats]
     connections_total: int
     connections_open: int
@@ -213,7 +214,8 @@ class GetStatsResponse(_message.Message):
     protocol_errors: int
     uptime_seconds: float
     latency_bounds_seconds: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, ops: _Optional[_Iterable[_Union[OpStats, _Mapping]]] = ..., connections_total: _Optional[int] = ..., connections_open: _Optional[int] = ..., in_flight: _Optional[int] = ..., protocol_errors: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., latency_bounds_seconds: _Optional[_Iterable[float]] = ...) -> None: ...
+    pid: int
+    def __init__(self, ops: _Optional[_Iterable[_Union[OpStats, _Mapping]]] = ..., connections_total: _Optional[int] = ..., connections_open: _Optional[int] = ..., in_flight: _Optional[int] = ..., protocol_errors: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., latency_bounds_seconds: _Optional[_Iterable[float]] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class ConfigureRequest(_message.Message):
     __slots__ = ("changes",)
