@@ -177,6 +177,32 @@ class FanBase(Fan):
             self.members[i].start_in_background()  # type: ignore[attr-defined]
         self.missing = set(failed)
 
+    def make_member(self, uri: str, index: int) -> Backend:
+        """The backend for a new member INDEX at URI (`ctl replace`)."""
+        from ..upstream import replacement
+
+        return replacement(self.members[index], uri, f"{self.kind}/upstream{index}")
+
+    def unfit(self, caps: Capabilities) -> str | None:
+        """Why a member with these capabilities cannot join this array, if it cannot."""
+        return self.shortfall(caps)
+
+    async def start_replacement(
+        self, index: int, uri: str | Backend
+    ) -> tuple[Backend, Capabilities]:
+        """A new member INDEX (a URI, or a ready Backend), started and checked as a member that
+        joins late is: refused (stopped again, ValueError) if it cannot join."""
+        new = self.make_member(uri, index) if isinstance(uri, str) else uri
+        await new.start()
+        caps = new.capabilities().normalized()
+        problem = self.unfit(caps)
+        if problem:
+            with contextlib.suppress(Exception):
+                await new.stop()
+            raise ValueError(f"{self.kind}: cannot use {member_name(new, index)} as member "
+                             f"{index}: {problem}")  # fmt: skip
+        return new, caps
+
     def shortfall(self, caps: Capabilities) -> str | None:
         """What a member joining later (late at start, or a replacement) lacks of what this
         array already advertises to its clients, if anything: clients send what the array

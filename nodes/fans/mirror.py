@@ -64,7 +64,6 @@ Example: `nbdfabric node mirror bitmap-file=/var/lib/m.bitmap --upstream URI_A -
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import time
@@ -905,12 +904,7 @@ class Mirror(FanBase):
         )
         self._check_members()  # start the others' rebuilds now, not at the next check
 
-    def make_member(self, uri: str, index: int) -> Backend:
-        from ..upstream import replacement
-
-        return replacement(self.members[index], uri, f"{self.kind}/upstream{index}")
-
-    def _unfit(self, caps: Capabilities) -> str | None:
+    def unfit(self, caps: Capabilities) -> str | None:
         """Why a member with these capabilities cannot hold this mirror's data, if it cannot."""
         if caps.size < self.size:
             return f"it has {caps.size} bytes, the mirror needs {self.size}"
@@ -920,7 +914,7 @@ class Mirror(FanBase):
         """A member that was not there at start has connected: take its capabilities if it
         can hold the mirror's data, else keep it out (held) with the reason."""
         caps = slot.backend.capabilities().normalized()
-        problem = self._unfit(caps)
+        problem = self.unfit(caps)
         if problem is not None:
             slot.held = True
             slot.last_error = f"cannot be a member: {problem} (ctl replace it)"
@@ -938,15 +932,7 @@ class Mirror(FanBase):
             s.state == IN_SYNC for s in self.slots if s is not slot
         ):
             raise ValueError(f"mirror: member {index} is the last in-sync member; add one first")
-        new = self.make_member(uri, index) if isinstance(uri, str) else uri
-        await new.start()
-        caps = new.capabilities().normalized()
-        problem = self._unfit(caps)
-        if problem:
-            with contextlib.suppress(Exception):
-                await new.stop()
-            raise ValueError(f"mirror: cannot use {member_name(new, index)} as member {index}: "
-                             f"{problem}")  # fmt: skip
+        new, caps = await self.start_replacement(index, uri)
         old = slot.backend
         slot.generation += 1
         was = slot.state

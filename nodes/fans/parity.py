@@ -45,7 +45,6 @@ Example: `nbdfabric node parity chunk-size=64K --upstream A --upstream B --upstr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import time
@@ -184,7 +183,7 @@ class Parity(FanBase):
     def missing_allowed(self) -> int:
         return 1  # served degraded from the others, rebuilt fully once it connects
 
-    def _unfit(self, caps: Capabilities) -> str | None:
+    def unfit(self, caps: Capabilities) -> str | None:
         """Why a member with these capabilities cannot hold a share of this array, if it cannot."""
         need = self.stripes * self.chunk
         if caps.size < need:
@@ -194,7 +193,7 @@ class Parity(FanBase):
     def _joins(self, member: int) -> bool:
         """A member that was not there at start has connected: it must hold a whole share."""
         caps = self.members[member].capabilities().normalized()
-        problem = self._unfit(caps)
+        problem = self.unfit(caps)
         if problem is not None:
             self.kept_out[member] = f"cannot be a member: {problem} (ctl replace it)"
             self.retry_at[member] = float("inf")
@@ -568,20 +567,7 @@ class Parity(FanBase):
             raise IndexError(f"parity: no member {index}")
         if not self.healthy_others(index):
             raise ValueError("parity: another member is not in sync; replacing would lose data")
-        if isinstance(uri, str):
-            from ..upstream import replacement
-
-            new: Backend = replacement(self.members[index], uri, f"{self.kind}/upstream{index}")
-        else:
-            new = uri
-        await new.start()
-        caps = new.capabilities().normalized()
-        problem = self._unfit(caps)
-        if problem:
-            with contextlib.suppress(Exception):
-                await new.stop()
-            raise ValueError(f"parity: cannot use {member_name(new, index)} as member {index}: "
-                             f"{problem}")  # fmt: skip
+        new, caps = await self.start_replacement(index, uri)
         old = self.members[index]
         self.states[index] = FAULTY
         self.left_at[index] = None  # a new disk: it holds nothing yet
