@@ -105,7 +105,9 @@ def parse_fraction(value: Any) -> float:
 
 
 def parse_errno(value: Any) -> int:
-    """An errno by name (`EIO`, `enospc`) or number."""
+    """An errno by name (`EIO`, `enospc`) or number (`5`, or YAML `5`)."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = int(value)  # the command line's `error=5`, as the docstring always said
     if isinstance(value, int) and not isinstance(value, bool):
         # A number (YAML `error: 5`) must be an errno this system has: -1 or 2**70 would be
         # raised by a filter as OSError and reach the NBD error mapping as nonsense.

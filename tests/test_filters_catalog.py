@@ -8,6 +8,7 @@ filter, ours is compared with it over the same content.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import itertools
 import json
@@ -207,6 +208,7 @@ _OPS = {
     ("words", "expect"),
     [
         (["error-rate=100%", "error=ENOSPC"], dict.fromkeys(_OPS, "ENOSPC")),
+        (["error-rate=100%", f"error={errno.EPERM}"], dict.fromkeys(_OPS, "EPERM")),  # a number
         (["error-rate=1"], dict.fromkeys(_OPS, "EIO")),
         (
             ["error=ENOSPC", "error-pwrite-rate=100%", "error-zero-rate=100%"],
