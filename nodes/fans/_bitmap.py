@@ -152,12 +152,12 @@ class WriteIntents:
     of the fan the marked regions are the only places where members may disagree (one has a
     write, another not), so they are all a restarted fan must bring back in step.
 
-    Positions are in the array's units (a mirror's bitmap chunks, a parity array's stripes);
-    a region is `per_region` of them.
+    Positions are in the array's units (a mirror's bitmap chunks, a parity array's stripes,
+    `unit` bytes on a member); a region is `region` bytes, rounded up to whole units.
     """
 
-    def __init__(self, per_region: int, units: int) -> None:
-        self.per_region = per_region
+    def __init__(self, region: int, unit: int, units: int) -> None:
+        self.per_region = max(1, -(-region // unit))
         self.units = units
         self._marked: dict[int, float] = {}  #: region -> when its last write ended
         self._writing: dict[int, int] = {}  #: region -> writes in flight

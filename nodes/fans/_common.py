@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import errno
 import logging
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from ..base import Backend, Capabilities, Extents, Fan, Holes, Support, add_range
@@ -106,6 +106,15 @@ class RangeLock:
         entry = self._held.pop(token, None)
         if entry is not None and entry[3] is not None:
             entry[3].set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, start: int, end: int, exclusive: bool = True) -> AsyncIterator[None]:
+        """`acquire` and `release` around a block."""
+        token = await self.acquire(start, end, exclusive)
+        try:
+            yield
+        finally:
+            self.release(token)
 
     def busy(self, start: int, end: int) -> bool:
         """True while an entry overlapping [start, end) is held or waiting."""

@@ -274,8 +274,7 @@ class Mirror(FanBase):
             for i, (m, c) in enumerate(zip(self.members, self.member_caps, strict=True))
         ]
         if self._bitmap is not None:
-            per_region = max(1, -(-self.params.intent_region // self.chunk))
-            self._intents = WriteIntents(per_region, self.nchunks)
+            self._intents = WriteIntents(self.params.intent_region, self.chunk, self.nchunks)
             self._load_bitmap()
         else:
             log.warning(

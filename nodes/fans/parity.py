@@ -157,8 +157,7 @@ class Parity(FanBase):
     async def start(self) -> None:
         await super().start()
         if self._state is not None:
-            per_region = max(1, -(-self.params.intent_region // self.chunk))
-            self._intents = WriteIntents(per_region, self.stripes)
+            self._intents = WriteIntents(self.params.intent_region, self.chunk, self.stripes)
             self._load_state()
         for i in sorted(self.missing):
             self.late.add(i)

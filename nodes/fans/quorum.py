@@ -89,11 +89,8 @@ class Quorum(FanBase):
 
     async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
         n = len(buf)
-        token = await self._order.acquire(offset, offset + n, exclusive=False)
-        try:
+        async with self._order.hold(offset, offset + n, exclusive=False):
             winner, losers, bufs = await self._vote(n, offset, flags)
-        finally:
-            self._order.release(token)
         buf[:] = winner
         if losers:
             self._report(losers, winner, bufs, offset)
@@ -148,8 +145,7 @@ class Quorum(FanBase):
     async def _rewrite(self, n: int, offset: int) -> None:
         """Write the winning data back to the members that disagree, voting again with writes
         held back (the first vote's winner may be older than a write since acknowledged)."""
-        token = await self._order.acquire(offset, offset + n)
-        try:
+        async with self._order.hold(offset, offset + n):
             try:
                 winner, losers, _ = await self._vote(n, offset, 0)
             except OSError as exc:
@@ -162,8 +158,6 @@ class Quorum(FanBase):
                 except OSError as exc:
                     self.errors[i] += 1
                     log.warning("quorum: rewriting member %d failed: %s", i, exc)
-        finally:
-            self._order.release(token)
 
     async def _all(self, what: str, calls: list[Any]) -> None:
         results = await asyncio.gather(*calls, return_exceptions=True)
@@ -182,11 +176,8 @@ class Quorum(FanBase):
     async def _write_all(
         self, what: str, offset: int, count: int, op: Callable[[Backend], Awaitable[None]]
     ) -> None:
-        token = await self._order.acquire(offset, offset + count)
-        try:
+        async with self._order.hold(offset, offset + count):
             await self._all(what, [op(m) for m in self.members])
-        finally:
-            self._order.release(token)
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         await self._write_all("write", offset, len(buf), lambda m: m.pwrite(buf, offset, flags))

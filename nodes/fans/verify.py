@@ -73,11 +73,8 @@ class Verify(FanBase):
         async def one(i: int, view: memoryview) -> None:
             fill_holes(view, await self.members[i].pread(view, offset, flags))
 
-        token = await self._order.acquire(offset, offset + len(buf), exclusive=False)
-        try:
+        async with self._order.hold(offset, offset + len(buf), exclusive=False):
             await asyncio.gather(one(0, buf), one(1, memoryview(other)))
-        finally:
-            self._order.release(token)
         if buf != other:
             at = offset + _first_difference(bytes(buf), other)
             self.mismatches += 1
@@ -92,11 +89,8 @@ class Verify(FanBase):
     async def _both(
         self, offset: int, count: int, op: Callable[[Backend], Awaitable[None]]
     ) -> None:
-        token = await self._order.acquire(offset, offset + count)
-        try:
+        async with self._order.hold(offset, offset + count):
             await asyncio.gather(*(op(m) for m in self.members))
-        finally:
-            self._order.release(token)
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         await self._both(offset, len(buf), lambda m: m.pwrite(buf, offset, flags))
