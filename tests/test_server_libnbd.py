@@ -403,3 +403,30 @@ def test_libnbd_client_vanishes_mid_request(start_node: Any) -> None:
     assert fresh.pread(4096, 0) == b"\x5a" * 4096
     fresh.shutdown()
     other.shutdown()
+
+
+def test_libnbd_a_connection_that_fails_its_set_up_is_dropped_not_the_listener(
+    in_process: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket option can fail on a connection whose peer reset at once (ECONNRESET, EINVAL):
+    that connection is closed, and the node goes on accepting the next ones."""
+    from nodes.server import node as node_module
+
+    failures = [OSError(22, "Invalid argument"), OSError(104, "Connection reset by peer")]
+
+    def flaky_keepalive(*args: Any) -> None:
+        if failures:
+            raise failures.pop()
+
+    monkeypatch.setattr(node_module, "set_keepalive", flaky_keepalive)
+    node = in_process(Memory(MemoryParams(size=MiB)))
+    path = node.uri.partition("socket=")[2]
+    for expect in (b"", b"", b"NBDMAGIC"):  # the first two are dropped during their set-up
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)  # a listener that stopped accepting leaves this waiting
+            s.connect(path)
+            assert s.recv(8) == expect
+    h = nbd_connect(node.uri)
+    h.pwrite(b"\x42" * 4096, 0)
+    assert h.pread(4096, 0) == b"\x42" * 4096
+    h.shutdown()

@@ -169,15 +169,24 @@ class NodeRuntime:
             if self.draining or (limit and len(self.sessions) >= limit):
                 conn.close()
                 continue
-            o = self.options
-            set_keepalive(conn, o.keepalive_idle, o.keepalive_interval, o.keepalive_count)
-            self._next_id += 1
-            address = _peer_text(peer, lsock)
-            client = ClientInfo(address=address, connection_id=self._next_id)
-            session = Session(self, SocketStream(conn), client)
+            try:
+                session = self._new_session(conn, peer, lsock)
+            except OSError as exc:
+                # A peer that reset at once can make a socket option fail: that connection
+                # is lost, never the listener.
+                log.warning("connection dropped while setting it up: %s", exc)
+                conn.close()
+                continue
             task = loop.create_task(self._run_session(session))
             self._session_tasks.add(task)
             task.add_done_callback(self._session_tasks.discard)
+
+    def _new_session(self, conn: socket.socket, peer: Any, lsock: socket.socket) -> Session:
+        o = self.options
+        set_keepalive(conn, o.keepalive_idle, o.keepalive_interval, o.keepalive_count)
+        self._next_id += 1
+        client = ClientInfo(address=_peer_text(peer, lsock), connection_id=self._next_id)
+        return Session(self, SocketStream(conn), client)
 
     async def _run_session(self, session: Session) -> None:
         self.sessions.add(session)
