@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import registry
-from .params import ParamError, field_info, parse_duration, parse_params
+from .argtypes import seconds, whole
+from .params import ParamError, field_info, parse_params
 from .server.addresses import AddressError, parse_address
 from .server.node import NodeOptions
 
@@ -49,7 +50,7 @@ def _node_parser() -> argparse.ArgumentParser:
         "request order; serial: one request at a time",
     )
     # -1 was taken: every client was then turned away, as if the limit were reached
-    p.add_argument("--max-connections", type=_non_negative, default=0, metavar="N")
+    p.add_argument("--max-connections", type=whole(0), default=0, metavar="N")
     p.add_argument("--no-sr", action="store_true", help="refuse structured replies (testing)")
     p.add_argument(
         "--eof-tolerant",
@@ -61,7 +62,7 @@ def _node_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-psk", metavar="FILE")
     p.add_argument("--tls-verify-peer", action="store_true")
     p.add_argument("--upstream-tls-certificates", metavar="DIR")
-    p.add_argument("--upstream-timeout", type=_timeout, default=30.0, metavar="SECONDS")
+    p.add_argument("--upstream-timeout", type=seconds(), default=30.0, metavar="SECONDS")
     # The kernel refuses 0 or less (and more than 32767) with EINVAL at setsockopt, which ran
     # in the accept loop: the first client ended it, and the node never accepted again.
     p.add_argument("--keepalive-idle", type=_keepalive, metavar="SECONDS")
@@ -69,7 +70,7 @@ def _node_parser() -> argparse.ArgumentParser:
     p.add_argument("--keepalive-count", type=_keepalive_count, metavar="N")
     p.add_argument(
         "--workers",
-        type=_positive,
+        type=whole(1),
         default=1,
         metavar="N",
         help="serve with N worker processes sharing the listening sockets and the data, for "
@@ -79,7 +80,7 @@ def _node_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--poll-max-us",
-        type=_non_negative,
+        type=whole(0),
         default=0,
         metavar="N",
         help="before sleeping, poll the sockets for up to N µs, adapting as QEMU's poll-max-ns: "
@@ -88,45 +89,9 @@ def _node_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _whole(text: str, low: int, high: int | None = None) -> int:
-    """An option's whole number in [low, high]; argparse turns the error into a usage message
-    (a ValueError would read `invalid _positive value`)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f"{low} or more"
-        raise argparse.ArgumentTypeError(f"must be {bound}, not {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    return _whole(text, 1)
-
-
-def _non_negative(text: str) -> int:
-    return _whole(text, 0)
-
-
-def _keepalive(text: str) -> int:
-    return _whole(text, 1, 32767)  # TCP_KEEPIDLE / TCP_KEEPINTVL: Linux's MAX_TCP_KEEPIDLE
-
-
-def _keepalive_count(text: str) -> int:
-    return _whole(text, 1, 127)  # TCP_KEEPCNT: MAX_TCP_KEEPCNT
-
-
-def _timeout(text: str) -> float:
-    """Seconds (or `500ms`, `2s`) above 0: `nan` reached int() inside libnbd's wait and
-    crashed the node; 0 or less gave up before the first attempt."""
-    try:
-        value = parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text!r}")
-    return value
+#: The kernel's bounds for TCP_KEEPIDLE / TCP_KEEPINTVL (MAX_TCP_KEEPIDLE) and TCP_KEEPCNT.
+_keepalive = whole(1, 32767)
+_keepalive_count = whole(1, 127)
 
 
 #: NBD's limit on export names (and nbdkit's on -e): a client cannot ask for a longer one.

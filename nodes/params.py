@@ -8,8 +8,10 @@ Spellings follow nbdkit: sizes `1G`/`512K`, durations `10ms`/`2s`, rates `10%`, 
 from __future__ import annotations
 
 import errno as _errno
+import functools
 import math
 import re
+import typing
 from typing import Annotated, Any
 
 from pydantic import (
@@ -19,13 +21,16 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
 )
 from pydantic_core import PydanticCustomError
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?b)?\s*$", re.IGNORECASE)
+# re.ASCII: `\d` would take any script's digits (`٣K`, the fullwidth ones) as a number.
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?b)?\s*$", re.IGNORECASE | re.ASCII)
 _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h)?\s*$", re.IGNORECASE)
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h)?\s*$", re.IGNORECASE | re.ASCII)
 _DURATION_UNIT = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 MAX_SIZE = 2**63 - 1
@@ -86,17 +91,36 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+_WHOLE = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+_DECIMAL = re.compile(r"\s*[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\s*", re.ASCII)
+
+
+def whole_number(text: str) -> int:
+    """A decimal whole number in ASCII digits. Python's int() also takes `1_0`, other
+    scripts' digits (`٣`) and fullwidth ones: none is how anyone writes a count."""
+    if not _WHOLE.fullmatch(text):
+        raise ValueError(f"expected a whole number, not {shown_input(text)}")
+    return int(text)
+
+
+def _decimal(text: str) -> float:
+    """As whole_number, for float(): which also takes `inf`, `nan` and `1_0`."""
+    if not _DECIMAL.fullmatch(text):
+        raise ValueError(f"expected a number, not {shown_input(text)}")
+    return float(text)
+
+
 def parse_fraction(value: Any) -> float:
     """`10%`, `0.1` or `1/10` as a probability in [0, 1] (nbdkit's error-rate spelling)."""
     text = str(value).strip()
     try:
         if text.endswith("%"):
-            frac = float(text[:-1]) / 100
+            frac = _decimal(text[:-1]) / 100
         elif "/" in text:
             num, den = text.split("/", 1)
-            frac = float(num) / float(den)
+            frac = _decimal(num) / _decimal(den)
         else:
-            frac = float(text)
+            frac = _decimal(text)
     except (ValueError, ZeroDivisionError) as exc:
         raise ValueError("expected a rate like 10%, 0.1 or 1/10") from exc
     if not 0.0 <= frac <= 1.0:
@@ -183,6 +207,13 @@ class Params(BaseModel):
         frozen=False,
     )
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _ascii_whole_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and info.field_name in _plain_ints(cls):
+            return whole_number(value)  # pydantic's int() would take `1_0` or `٣`
+        return value
+
     def shown(self) -> dict[str, Any]:
         """The values as JSON data for people to see: secret params masked."""
         values = self.model_dump(by_alias=True, mode="json")
@@ -190,6 +221,18 @@ class Params(BaseModel):
             if entry["secret"] and values.get(entry["name"]) is not None:
                 values[entry["name"]] = "***"
         return values
+
+
+@functools.cache
+def _plain_ints(model: type[Params]) -> frozenset[str]:
+    """The fields typed `int` (or `int | None`) with no parser of their own (Size, Errno)."""
+    names = set()
+    for name, f in model.model_fields.items():
+        types = set(typing.get_args(f.annotation)) - {type(None)} or {f.annotation}
+        parsed = any(isinstance(m, BeforeValidator) for m in f.metadata)
+        if types == {int} and not parsed:
+            names.add(name)
+    return frozenset(names)
 
 
 class ParamError(ValueError):

@@ -11,6 +11,7 @@ live nodes and the orchestrator get bad Configure/member/shutdown requests and m
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import math
 import os
@@ -52,11 +53,26 @@ PARAM_IDS = [f"{kind}.{entry['name']}" for kind, entry in PARAMS]
 
 #: Values no param of the type takes (command-line spelling).
 BAD_BY_TYPE: dict[str, list[str]] = {
-    "size": ["-1", "1Q", "", "1 G B", "99999999999E", "9" * 5000, "nan", "1.5.5", "0x", "½"],
-    "duration": ["-1s", "1fortnight", "", "nan", "inf", "9" * 400, "1e3", "--1"],
-    "rate": ["nan", "-1%", "101%", "1/0", "x", "2", "", "inf%"],
-    "errno": ["EFOO", "", "E", "5x", "errno"],
-    "integer": ["1.5", "", "x", "1e3", "0x"],
+    # Python's int() and float() take `1_0`, other scripts' digits and fullwidth ones.
+    "size": [
+        "-1",
+        "1Q",
+        "",
+        "1 G B",
+        "99999999999E",
+        "9" * 5000,
+        "nan",
+        "1.5.5",
+        "0x",
+        "½",
+        "1_0",
+        "\u0663K",
+        "\uff11\uff12",
+    ],
+    "duration": ["-1s", "1fortnight", "", "nan", "inf", "9" * 400, "1e3", "--1", "1_0", "\u0663ms"],
+    "rate": ["nan", "-1%", "101%", "1/0", "x", "2", "", "inf%", "1_0%", "\u0663%", "0.1_0"],
+    "errno": ["EFOO", "", "E", "5x", "errno", "\u0665"],
+    "integer": ["1.5", "", "x", "1e3", "0x", "1_0", "\u0663", "\uff11"],
     "number": ["x", "", "1,5"],
     "boolean": ["maybe", "", "2", "oui"],
 }
@@ -315,6 +331,8 @@ OPTION_CASES = [
     (["memory", "1M", "--keepalive-interval", "0"], (2,), "keepalive-interval"),
     (["memory", "1M", "--keepalive-count", "1000"], (2,), "keepalive-count"),
     (["memory", "1M", "--workers", "abc"], (2,), "whole number"),
+    (["memory", "1M", "--workers", "1_0"], (2,), "whole number"),
+    (["memory", "1M", "--max-connections", "\u0663"], (2,), "whole number"),
     (["memory", "1M", "--workers", "0"], (2,), "workers"),
     (["memory", "1M", "--poll-max-us", "-5"], (2,), "poll-max-us"),
     (["memory", "1M", "--ordering", "random"], (2,), "ordering"),
@@ -401,7 +419,7 @@ WRONG = st.sampled_from(
         "http://x/y",
         "a" * 300,
     ]
-)
+).map(copy.deepcopy)  # a fresh [] or {} per draw: the mutations add keys into what they set
 
 
 def _paths(data: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
@@ -921,6 +939,8 @@ CTL_CASES = [
     ("m", ["replace", "99999999999", "nbd://x"], 2, "INDEX"),
     ("m", ["replace", "x", "nbd://x"], 2, "INDEX"),
     ("m", ["faulty", "-1"], 2, "INDEX"),
+    ("m", ["faulty", "\u0661"], 2, "INDEX"),
+    ("d", ["--timeout", "1_0", "info"], 2, "timeout"),
     ("m", ["faulty", "7"], 1, "out of range"),
     ("m", ["replace", "1", "notauri"], 1, "not an NBD URI"),
     ("m", ["set", "bitmap-chunk=1K"], 1, "cannot change"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ..argtypes import seconds, whole
 from ..params import parse_size
 from .rpc.nbdfabric.v1 import node_pb2 as pb
 from .rpc.nbdfabric.v1 import node_pb2_grpc as pb_grpc
@@ -299,7 +299,7 @@ def _common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                    help="machine-readable output")  # fmt: skip
-    p.add_argument("--timeout", type=_seconds_arg, default=argparse.SUPPRESS, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds(), default=argparse.SUPPRESS, metavar="SECONDS",
                    help="give up after this long (default 10; streams: never)")  # fmt: skip
     return p
 
@@ -328,7 +328,7 @@ def ctl_parser() -> argparse.ArgumentParser:
     cmd("resume", "release held requests")
     cmd("flush", "make written data durable")
     sh = cmd("shutdown", "drain, flush and exit")
-    sh.add_argument("--grace", type=_grace_arg, default=0.0, metavar="SECONDS",
+    sh.add_argument("--grace", type=seconds(zero=True), default=0.0, metavar="SECONDS",
                     help="how long in-flight requests may take (default: the node's)")  # fmt: skip
     ev = cmd("events", "follow state, config and error events")
     ev.add_argument("--count", type=int, default=0, metavar="N", help="stop after N events")
@@ -347,34 +347,9 @@ def ctl_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _index_arg(text: str) -> int:
-    """A member index as the request carries it (uint32): 99999999999 raised ValueError from
-    protobuf, a traceback, and -1 is no index."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"INDEX is a whole number, not {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"INDEX is 0-based and cannot be {value}")
-    return value
-
-
-def _seconds_arg(text: str) -> float:
-    """--timeout: finite and above 0 (`nan` gave a misleading "cannot reach the node")."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, not {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
-    return value
-
-
-def _grace_arg(text: str) -> float:
-    """--grace: finite and 0 or more (0: the node's own)."""
-    if text.strip() in ("0", "0.0"):
-        return 0.0
-    return _seconds_arg(text)
+#: A member index as the request carries it (uint32): 99999999999 raised ValueError from
+#: protobuf, a traceback, and -1 is no index.
+_index_arg = whole(0, 2**32 - 1, name="INDEX")
 
 
 def parse_changes(words: Sequence[str]) -> dict[str, str]:
@@ -561,7 +536,7 @@ def health_main(argv: Sequence[str]) -> int:
     )
     p.add_argument("addr", metavar="ADDR", help="the node's --control address")
     p.add_argument("--service", default="", help="service name (default: the whole node)")
-    p.add_argument("--timeout", type=_seconds_arg, default=2.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=seconds(), default=2.0, metavar="SECONDS")
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing, only exit")
     args = p.parse_args(argv)
