@@ -598,7 +598,7 @@ class Parity(FanBase):
         if lost:
             why += (f"; not for stripes {sorted(lost)} (two members out): their missing chunks "
                     f"may be rebuilt wrong")  # fmt: skip
-            log.warning("parity: %s", why)
+        log.warning("parity: %s", why)  # the fan died while degraded: worth the operator's eye
         self.emit("member", why, replayed=replayed, lost=len(lost))
 
     async def _replay_entry(self, entry: Entry, pm: int, others: list[int]) -> None:
