@@ -545,13 +545,14 @@ JOURNAL_PARAMS = {"chunk-size": "16K", "check-interval": 0.02, "retry-delay": 0.
 
 
 def crash_mid_write(
-    harness: Harness, tmp_path: Path, degraded: bool
+    harness: Harness, tmp_path: Path, lost: str = "never"
 ) -> tuple[list[tuple[Memory, str]], bytes, Path]:
-    """A fan over 3 members (stripe 0: parity on member 2, data on 0 and 1), filled, with member
-    1 out first if DEGRADED, writes 4K into data chunk 0 of stripe 0 and 'crashes' once member
-    0 has it and the parity is held: what it leaves (state file and journal) is copied to
-    `crash.state` and `crash.state.journal`, and the parity write is dropped. The members, the
-    data before the write, and the copied state file."""
+    """A fan over 3 members (stripe 0: parity on member 2, data on 0 and 1), filled, writes 4K
+    into data chunk 0 of stripe 0 and 'crashes' once member 0 has it and the parity is held:
+    what it leaves (state file and journal) is copied to `crash.state` and
+    `crash.state.journal`, and the parity write is dropped. Member 1 is LOST "before" the write,
+    "during" it (before the crash), or "never". The members, the data before the write, and the
+    copied state file."""
     from nodes.fans.parity import Parity, ParityParams
 
     mems = [harness.memory(1 << 20) for _ in range(3)]
@@ -565,7 +566,7 @@ def crash_mid_write(
     assert harness.call(fan.data_member, 0, 1) == 1
     model = fill_random(uri, 21)
     wait_for(lambda: json.loads(state.read_text())["intents"] == [], 10, "the regions to settle")
-    if degraded:
+    if lost == "before":
         flakies[1].down = True
         wait_for(lambda: harness.call(fan.status)["members"][1]["state"] == "faulty", 10,
                  "member 1 to be out")  # fmt: skip
@@ -573,6 +574,8 @@ def crash_mid_write(
     h = nbd_connect(uri)
     h.aio_pwrite(b"\xee" * 4096, 0)  # data chunk 0 of stripe 0, on member 0
     wait_for(lambda: nbd_connect(mems[0][1]).pread(1, 0) == b"\xee", 10, "member 0 to have it")
+    if lost == "during":
+        harness.run(fan.mark_faulty(1))
     crash = tmp_path / "crash.state"
     crash.write_bytes(state.read_bytes())
     Path(f"{crash}.journal").write_bytes(Path(f"{state}.journal").read_bytes())
@@ -616,7 +619,7 @@ def test_parity_degraded_fan_crash_mid_write_replays_the_journal_so_the_missing_
     and the fan died: member 1's chunk, which nobody wrote, would read back as garbage. The
     journal kept member 1's bytes over that range before the write went out, and the next fan
     recomputes the parity from them before it serves."""
-    mems, model, crash = crash_mid_write(harness, tmp_path, degraded=True)
+    mems, model, crash = crash_mid_write(harness, tmp_path, lost="before")
     saved = json.loads(crash.read_text())
     assert saved["states"][1] == "faulty" and saved["intents"] and not saved["unjournaled"]
     events = len(harness.events)
@@ -640,13 +643,29 @@ def test_parity_fan_crashed_in_sync_and_started_degraded_warns_of_the_write_hole
 ) -> None:
     """What the journal cannot cover: the fan crashed with every member in sync (no journal
     entries) and starts with member 1 out: md's 'dirty degraded' array. An event says so."""
-    mems, _, crash = crash_mid_write(harness, tmp_path, degraded=False)
+    mems, _, crash = crash_mid_write(harness, tmp_path)
     assert json.loads(crash.read_text())["states"] == ["in_sync"] * 3
     events = len(harness.events)
     start_on(harness, mems, crash, out=1)
     assert any("writes were in flight in 16 stripes when the fan stopped with every member in "
                "sync, and member(s) [1] are out now" in e[1]
                for e in harness.events[events:])  # fmt: skip
+
+
+def test_parity_member_lost_while_an_unjournaled_write_is_in_flight_still_warns(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A write that went out in sync, with no journal entry, is in flight when member 1 is lost
+    and then the fan dies: the state file says member 1 is out, yet its chunks in that stripe
+    are not covered. The state file says so too ('unjournaled', until the write ends), so the
+    next fan still warns."""
+    mems, _, crash = crash_mid_write(harness, tmp_path, lost="during")
+    saved = json.loads(crash.read_text())
+    assert saved["states"][1] == "faulty" and saved["unjournaled"]
+    assert not json.loads((tmp_path / "parity.state").read_text())["unjournaled"]  # it ended
+    events = len(harness.events)
+    start_on(harness, mems, crash, out=1)
+    assert any("write hole" in e[1] for e in harness.events[events:])
 
 
 def test_parity_journal_full_makes_writers_wait_and_loses_nothing(

@@ -238,7 +238,8 @@ class Journal:
         """The member writes of SLOT's piece are done: it is free. Cleared in the page cache
         only (see the module docstring for why that is safe, with `settle`)."""
         try:
-            os.pwrite(self._fd, _ZERO_HEADER, self.geometry.slot_offset(slot))
+            if self._fd >= 0:  # else closed: the fan stopped (the thread of a cancelled put)
+                os.pwrite(self._fd, _ZERO_HEADER, self.geometry.slot_offset(slot))
         finally:
             self._cleared += 1
             self._pending[stripe] = self._cleared

@@ -570,10 +570,12 @@ class Parity(FanBase):
         replayed, lost, written = 0, set(), set()
         for entry in sorted(entries, key=lambda e: e.seq):  # oldest first: a later one wins
             pm = self.parity_member(entry.stripe)
-            if self.states[entry.member] == IN_SYNC or entry.member == pm:
+            if self.states[entry.member] == IN_SYNC:
                 # In sync again (rebuilt or trusted before the fan stopped): its chunk is on
                 # it, not implied by the parity, and the state file's regions cover the rest.
                 continue
+            if entry.member == pm:
+                continue  # not an entry this array writes (the CRC held: written elsewhere?)
             others = [self.data_member(entry.stripe, j) for j in range(self.n - 1)]
             others.remove(entry.member)
             if any(self.states[i] != IN_SYNC for i in (pm, *others)):
@@ -592,7 +594,10 @@ class Parity(FanBase):
             written.add(pm)
         for i in sorted(written):
             if self.member_caps[i].flush:
-                await self.members[i].flush(0)
+                try:
+                    await self.members[i].flush(0)
+                except OSError as exc:
+                    self._fail(i, f"flush failed: {exc}")  # a second member out: see above
         self._journal.clear()
         why = f"journal: parity recomputed for {replayed} pieces written while a member was out"
         if lost:
@@ -933,7 +938,8 @@ class Parity(FanBase):
             return await self._write_all(stripe, writes, flags)
         if implied is None or missing is None:
             await journal.settle(stripe)
-            bare = len(writes) > 1  # data and parity with every member in sync
+            # Data and parity with every member in sync: exposed if one is lost meanwhile.
+            bare = len(writes) > 1 and all(s == IN_SYNC for s in self.states)
             self._bare += bare
             try:
                 return await self._write_all(stripe, writes, flags)
