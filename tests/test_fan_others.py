@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -534,3 +536,280 @@ def test_parity_state_file_says_who_is_out_before_it_matters(harness: Harness, t
     other = Parity(ParityParams.model_validate({**params, "chunk-size": "32K"}), flakies)
     with pytest.raises(ValueError, match=r"belongs to another array.*remove it"):
         harness.run(other.start())
+
+
+# parity: the journal of degraded partial writes ------------------------------------------------
+
+JOURNAL_PARAMS = {"chunk-size": "16K", "check-interval": 0.02, "retry-delay": 0.05,
+                  "intent-region": "256K", "intent-linger": 0.2}  # fmt: skip
+
+
+def crash_mid_write(
+    harness: Harness, tmp_path: Path, lost: str = "never"
+) -> tuple[list[tuple[Memory, str]], bytes, Path]:
+    """A fan over 3 members (stripe 0: parity on member 2, data on 0 and 1), filled, writes 4K
+    into data chunk 0 of stripe 0 and 'crashes' once member 0 has it and the parity is held:
+    what it leaves (state file and journal) is copied to `crash.state` and
+    `crash.state.journal`, and the parity write is dropped. Member 1 is LOST "before" the write,
+    "during" it (before the crash), or "never". The members, the data before the write, and the
+    copied state file."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    mems = [harness.memory(1 << 20) for _ in range(3)]
+    state = tmp_path / "parity.state"
+    stalled = Stalled(mems[2][0])
+    flakies = [Flaky(mems[0][0]), Flaky(mems[1][0]), stalled]
+    fan = Parity(ParityParams.model_validate({**JOURNAL_PARAMS, "state-file": str(state)}),
+                 flakies)  # fmt: skip
+    uri = harness.serve(fan, "parity")
+    assert harness.call(fan.parity_member, 0) == 2
+    assert harness.call(fan.data_member, 0, 1) == 1
+    model = fill_random(uri, 21)
+    wait_for(lambda: json.loads(state.read_text())["intents"] == [], 10, "the regions to settle")
+    if lost == "before":
+        flakies[1].down = True
+        wait_for(lambda: harness.call(fan.status)["members"][1]["state"] == "faulty", 10,
+                 "member 1 to be out")  # fmt: skip
+    stalled.hold = True
+    h = nbd_connect(uri)
+    h.aio_pwrite(b"\xee" * 4096, 0)  # data chunk 0 of stripe 0, on member 0
+    wait_for(lambda: nbd_connect(mems[0][1]).pread(1, 0) == b"\xee", 10, "member 0 to have it")
+    if lost == "during":
+        harness.run(fan.mark_faulty(1))
+    crash = tmp_path / "crash.state"
+    crash.write_bytes(state.read_bytes())
+    Path(f"{crash}.journal").write_bytes(Path(f"{state}.journal").read_bytes())
+    stalled.drop, stalled.hold = True, False  # the parity never reaches member 2
+    while h.aio_in_flight():
+        h.poll(-1)
+    h.shutdown()
+    return mems, model, crash
+
+
+class Unreachable(Flaky):
+    """A member whose node cannot be reached when the fan starts (it never comes)."""
+
+    def __init__(self, inner: Memory) -> None:
+        super().__init__(inner)
+        self.down = True
+
+    async def start(self) -> None:
+        raise OSError(errno.ECONNREFUSED, "not reachable")
+
+    def start_in_background(self) -> None:
+        """As nodes/upstream.py's: the fan takes it in once it connects (never, here)."""
+
+
+def start_on(harness: Harness, mems: list[tuple[Memory, str]], state: Path,
+             out: int) -> str:  # fmt: skip
+    """A new fan on the members and a crash image, with member OUT unreachable at start."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    flakies = [Unreachable(m) if i == out else Flaky(m) for i, (m, _) in enumerate(mems)]
+    fan = Parity(ParityParams.model_validate({**JOURNAL_PARAMS, "state-file": str(state)}),
+                 flakies)  # fmt: skip
+    return harness.serve(fan, "parity")
+
+
+def test_parity_degraded_fan_crash_mid_write_replays_the_journal_so_the_missing_chunk_survives(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The write hole of a degraded array: member 1 is out, so its chunk of stripe 0 exists only
+    as parity ^ member 0's chunk. A write into member 0's chunk landed and its parity did not,
+    and the fan died: member 1's chunk, which nobody wrote, would read back as garbage. The
+    journal kept member 1's bytes over that range before the write went out, and the next fan
+    recomputes the parity from them before it serves."""
+    mems, model, crash = crash_mid_write(harness, tmp_path, lost="before")
+    saved = json.loads(crash.read_text())
+    assert saved["states"][1] == "faulty" and saved["intents"] and not saved["unjournaled"]
+    events = len(harness.events)
+    uri2 = start_on(harness, mems, crash, out=1)
+    h2 = nbd_connect(uri2)
+    assert h2.pread(16384, 16384) == model[16384:32768]  # member 1's chunk, from 0 and parity
+    assert h2.pread(4096, 0) == b"\xee" * 4096
+    assert h2.pread(12288, 4096) == model[4096:16384]
+    h2.shutdown()
+    messages = [e[1] for e in harness.events[events:]]
+    assert "journal: parity recomputed for 1 pieces written while a member was out" in messages
+    assert not any("write hole" in m for m in messages)  # the journal covered these stripes
+    from nodes.fans._journal import Geometry, Journal
+
+    left, _ = Journal(f"{crash}.journal", Geometry(3, 16384, 64)).open(fresh=False)
+    assert left == []  # cleared once the parity was flushed
+
+
+def test_parity_fan_crashed_in_sync_and_started_degraded_warns_of_the_write_hole(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """What the journal cannot cover: the fan crashed with every member in sync (no journal
+    entries) and starts with member 1 out: md's 'dirty degraded' array. An event says so."""
+    mems, _, crash = crash_mid_write(harness, tmp_path)
+    assert json.loads(crash.read_text())["states"] == ["in_sync"] * 3
+    events = len(harness.events)
+    start_on(harness, mems, crash, out=1)
+    assert any("writes were in flight in 16 stripes when the fan stopped with every member in "
+               "sync, and member(s) [1] are out now" in e[1]
+               for e in harness.events[events:])  # fmt: skip
+
+
+def test_parity_member_lost_while_an_unjournaled_write_is_in_flight_still_warns(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A write that went out in sync, with no journal entry, is in flight when member 1 is lost
+    and then the fan dies: the state file says member 1 is out, yet its chunks in that stripe
+    are not covered. The state file says so too ('unjournaled', until the write ends), so the
+    next fan still warns."""
+    mems, _, crash = crash_mid_write(harness, tmp_path, lost="during")
+    saved = json.loads(crash.read_text())
+    assert saved["states"][1] == "faulty" and saved["unjournaled"]
+    assert not json.loads((tmp_path / "parity.state").read_text())["unjournaled"]  # it ended
+    events = len(harness.events)
+    start_on(harness, mems, crash, out=1)
+    assert any("write hole" in e[1] for e in harness.events[events:])
+
+
+def test_parity_journal_full_makes_writers_wait_and_loses_nothing(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """More degraded partial writes in flight than the journal has slots: the ones without a
+    slot wait (before any of their member writes goes out), and every one lands right."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    class Counted(Stalled):
+        sent = 0  #: writes the fan sent to this member (held or not)
+
+        async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+            self.sent += 1
+            await super().pwrite(buf, offset, flags)
+
+    mems = [harness.memory(1 << 20) for _ in range(3)]
+    stalled = [Counted(m) for m, _ in mems]
+    params = {**JOURNAL_PARAMS, "chunk-size": "4K", "state-file": str(tmp_path / "p.state")}
+    fan = Parity(ParityParams.model_validate(params), stalled)
+    uri = harness.serve(fan, "parity")
+    model = bytearray(fill_random(uri, 22))
+    stalled[1].down = True
+    wait_for(lambda: harness.call(fan.status)["members"][1]["state"] == "faulty", 10, "the loss")
+    # 80 stripes where member 1 holds data and the write goes to the other data member.
+    targets = []
+    for stripe in range(256):
+        pm = harness.call(fan.parity_member, stripe)
+        if pm != 1:
+            j = next(j for j in range(2) if harness.call(fan.data_member, stripe, j) != 1)
+            targets.append((stripe * 2 + j) * 4096 + 1024)
+    targets = targets[:80]
+    for s in stalled:
+        s.hold, s.sent = True, 0
+    handles = [nbd_connect(uri), nbd_connect(uri)]  # 64 requests in flight per connection
+    for k, off in enumerate(targets):
+        data = bytes([k + 1]) * 2048
+        handles[k % 2].aio_pwrite(data, off)
+        model[off : off + 2048] = data
+    wait_for(lambda: harness.call(fan._journal.busy) == 64, 10, "every slot to be taken")
+    time.sleep(0.2)
+    assert harness.call(fan._journal.busy) == 64
+    assert sum(s.sent for s in stalled) == 2 * 64  # the other 16 sent nothing: they wait
+    for s in stalled:
+        s.hold = False
+    for h in handles:
+        while h.aio_in_flight():
+            h.poll(-1)
+    assert harness.call(fan._journal.busy) == 0
+    assert sum(s.sent for s in stalled) == 2 * 80
+    h = handles[0]
+    assert h.pread(len(model), 0) == model  # member 1's chunks from the parity: all right
+    for h in handles:
+        h.shutdown()
+
+
+def test_parity_journal_slot_crc_rejects_a_torn_slot(tmp_path: Path) -> None:
+    """A slot whose data was torn (one byte flipped) or cut off (a truncated file) is no entry;
+    the others are read back as written, and the file is whole again."""
+    from nodes.fans._journal import Entry, Geometry, Journal
+
+    path = str(tmp_path / "j")
+    geometry = Geometry(members=3, chunk=4096, stripes=100, slots=4)
+
+    async def write() -> None:
+        j = Journal(path, geometry)
+        j.open(fresh=True)
+        for stripe in (7, 8, 9):  # slots 0, 1, 2; never released: a crash
+            await j.put(stripe, 1, 512, bytes([stripe]) * 1024)
+        j.close()
+
+    asyncio.run(write())
+    with open(path, "r+b") as f:
+        f.seek(geometry.slot_offset(1) + 4096 + 100)
+        f.write(b"\xff")  # slot 1's data, torn
+        f.truncate(geometry.slot_offset(2) + 4096 + 512)  # slot 2's data, half gone
+    entries, existed = Journal(path, geometry).open(fresh=False)
+    assert existed
+    assert entries == [Entry(1, 7, 1, 512, b"\x07" * 1024)]
+    assert Path(path).stat().st_size == geometry.file_size
+
+
+def test_parity_journal_of_another_array_or_not_a_journal_is_refused(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A journal of another geometry (another chunk size) or a file that is no journal at all
+    stops the fan at start, with what to do; one left without its state file is a new array's."""
+    from nodes.fans._journal import Geometry, Journal
+    from nodes.fans.parity import Parity, ParityParams
+
+    flakies, _ = harness.flaky_members(3, 1 << 20)
+    state = tmp_path / "p.state"
+    journal = Path(f"{state}.journal")
+    params = {"chunk-size": "16K", "state-file": str(state)}
+    harness.serve(Parity(ParityParams.model_validate(params), flakies), "parity")
+    harness.stop()
+    assert Journal(str(journal), Geometry(3, 16384, 64)).open(fresh=False) == ([], True)
+    other = tmp_path / "other.journal"
+    Journal(str(other), Geometry(3, 32768, 32)).open(fresh=True)
+    journal.write_bytes(other.read_bytes())  # the journal of another array, same state file
+    with pytest.raises(ValueError, match=r"journal .*p.state.journal belongs to another array "
+                       r"\(.*'chunk': 32768.*this one is .*'chunk': 16384.*remove it"):  # fmt: skip
+        harness.run(Parity(ParityParams.model_validate(params), flakies).start())
+    journal.write_bytes(b"garbage" * 1000)
+    with pytest.raises(ValueError, match=r"is not a parity journal .*remove it"):
+        harness.run(Parity(ParityParams.model_validate(params), flakies).start())
+    state.unlink()  # a new array (the orchestrator forgot the old one's state): starts afresh
+    harness.serve(Parity(ParityParams.model_validate(params), flakies), "parity")
+    assert Journal(str(journal), Geometry(3, 16384, 64)).open(fresh=False) == ([], True)
+
+
+def test_parity_journal_clear_is_on_disk_before_an_unjournaled_write_can_undo_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A released slot is cleared in the page cache only; a crash may bring it back, and its
+    replay would then write an old chunk over a later unjournaled write into the stripe (into
+    the missing member's chunk, a full stripe). So `settle` syncs a stripe's clear before such
+    a write, unless an fdatasync since (a later slot's) carried it; `sync_now` syncs them all."""
+    import nodes.fans._journal as jmod
+
+    syncs: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(jmod.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    j = jmod.Journal(str(tmp_path / "j"), jmod.Geometry(3, 4096, 100, slots=4))
+    j.open(fresh=True)
+
+    async def scenario() -> list[int]:
+        counts = []
+        j.release(await j.put(5, 1, 0, b"x"), 5)  # put: 1 fdatasync (the slot)
+        counts.append(len(syncs))
+        await j.settle(6)  # another stripe: nothing to carry
+        counts.append(len(syncs))
+        await j.settle(5)  # stripe 5's clear: synced now
+        await j.settle(5)  # ... once
+        counts.append(len(syncs))
+        j.release(await j.put(7, 1, 0, b"x"), 7)
+        j.release(await j.put(8, 1, 0, b"x"), 8)  # its fdatasync carried stripe 7's clear
+        await j.settle(7)
+        counts.append(len(syncs))
+        j.sync_now()  # stripe 8's clear
+        j.sync_now()
+        counts.append(len(syncs))
+        return counts
+
+    syncs.clear()
+    assert asyncio.run(scenario()) == [1, 1, 2, 4, 5]
+    j.close()

@@ -402,3 +402,44 @@ def test_parity_killed_mid_write_recomputes_the_parity_it_left_stale(
     h = nbd_connect(fan2.uri)
     assert h.pread(16384, 16384) == b"\x11" * 16384  # stripe 0's chunk on member 1
     h.shutdown()
+
+
+def test_parity_degraded_killed_mid_write_replays_its_journal(
+    start_node: Any, tmp_path: Any
+) -> None:
+    """The degraded twin of the test above: member 1 is killed first, so its chunk of stripe 0
+    exists only as member 0's chunk ^ the parity. kill -9 of the fan when a write's data has
+    landed on member 0 and its parity is held in the delay node in front of member 2 (killed
+    too): the restarted fan, still without member 1, recomputes the parity from what its
+    journal kept before it serves, and member 1's chunk reads back as it was."""
+    members = [start_node("memory", "1M") for _ in range(3)]
+    slow = start_node("delay", upstreams=[members[2].uri], control=True)
+    uris = [members[0].uri, members[1].uri, slow.uri]
+    state = tmp_path / "parity.state"
+    args = ("chunk-size=16K", "check-interval=0.05", "retry-delay=0.1", "intent-region=256K",
+            f"state-file={state}")  # fmt: skip
+    fan = start_node("parity", *args, upstreams=uris, control=True,
+                     extra=("--upstream-timeout", "1"))  # fmt: skip
+    run(["qemu-io", "-f", "raw", fan.uri, "-c", "write -P 0x11 0 2M"])
+    members[1].kill()
+    wait_for(lambda: states(fan.control)[1] == "faulty", 30, "member 1 out", interval=0.2)
+    assert slow.control is not None
+    run([*NBDFABRIC, "ctl", slow.control, "set", "delay-write=30s"])
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", fan.uri, "-c", "write -P 0xee 0 4K"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: read_all(members[0].uri, 4096)[0] == 0xEE, 30, "member 0 to have it")
+        fan.kill()
+        slow.kill()  # the parity dies in it: member 2 never gets it
+    finally:
+        writer.kill()
+        writer.wait()
+    assert json.loads(state.read_text())["states"][1] == "faulty"
+    start_node("delay", upstreams=[members[2].uri], listen=f"unix:{slow.socket}")
+    fan2 = start_node("parity", *args, upstreams=uris, control=True,
+                      extra=("--upstream-timeout", "1"))  # fmt: skip
+    assert "journal: parity recomputed for 1 pieces" in fan2.stderr()
+    h = nbd_connect(fan2.uri)
+    assert h.pread(16384, 16384) == b"\x11" * 16384  # stripe 0's chunk on member 1
+    assert h.pread(4096, 0) == b"\xee" * 4096
+    h.shutdown()

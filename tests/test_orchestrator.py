@@ -642,6 +642,19 @@ def test_orchestrator_fan_restarted_after_a_crash_remembers_its_faulty_member(
     assert not (tmp_path / "r" / "f" / "fan.state").exists()
 
 
+def test_orchestrator_forgets_a_parity_fans_journal_with_its_state(tmp_path: Path) -> None:
+    """A node whose members or shape changed loses its state file, and a parity fan's journal
+    beside it (a journal of the old array would be refused, or replayed into the new one)."""
+    from orchestrator.backends.process import ProcessBackend, RunDir
+
+    backend = ProcessBackend(RunDir(tmp_path), control=False)
+    for name in ("fan.state", "fan.state.journal", "other.state.journal"):
+        (tmp_path / name).write_text("x")
+    backend.forget_state("fan")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.state.journal"]
+    backend.forget_state("fan")  # nothing left to forget: no error
+
+
 DIRECTORY = """\
 name: f
 nodes:

@@ -33,8 +33,21 @@ later would rebuild that member's chunk of the stripe, data nobody wrote, as gar
 write-intent bitmap, each `intent-region` (bytes on each member, in whole stripes) is marked
 in the file before the first write into it goes out and unmarked after `intent-linger`
 without writes; a fan that starts with regions marked recomputes their parity first (and so
-does a full parity recheck after every member was lost, until it is done). If a member is
-out at that start, nothing can tell its chunks in those stripes: an event says so.
+does a full parity recheck after every member was lost, until it is done).
+
+While a member is out, that recomputation is impossible: its chunk of a stripe exists only as
+the XOR of the parity and the other data chunks, and a partial write that lands on its data
+member and not on the parity (or the other way round) garbles it. So, as md's partial parity
+log, the fan keeps a journal beside the state file, `PATH.journal`: before a partial write into
+a stripe whose other data member is out goes out, that member's bytes over the written range
+are saved in a slot (64 slots of a header with a CRC32 and up to one chunk; see
+nodes/fans/_journal.py), fdatasynced. A fan that starts with entries there recomputes the parity
+of their ranges from them before it serves, and an event says how many. Full-stripe writes and
+writes into the missing member's own chunk need no entry: the only bytes they can garble are
+the ones they write, which an unacknowledged write may leave in any state. What is left is a
+fan that crashed with every member in sync and starts with one out (md refuses to start such a
+"dirty degraded" array): nothing can tell that member's chunks in the regions marked then, and
+an event says so.
 
 Params: `chunk-size` (default 64K), `rebuild-rate` (live, bytes/s of rebuilt member data),
 `state-file`, `intent-region` (default 64M), `intent-linger` (default 5 s).
@@ -59,6 +72,7 @@ from ..protocol.constants import Extent
 from ..registry import register
 from ._bitmap import BitmapFile, WriteIntents, load_runs
 from ._common import FanBase, Recovery, combine_caps, member_name
+from ._journal import Entry, Geometry, Journal
 
 log = logging.getLogger("nbdfabric.parity")
 
@@ -71,7 +85,9 @@ class ParityParams(Params):
     check_interval: Duration = param(0.2, description="how often member health is polled")
     retry_delay: Duration = param(1.0, description="wait before rebuilding a returning member")
     state_file: str | None = param(
-        None, description="JSON file keeping which members are in sync across restarts of the fan"
+        None,
+        description="JSON file keeping which members are in sync across restarts of the fan; "
+        "beside it, PATH.journal keeps what a write while a member is out could garble",
     )
     intent_region: Size = param(
         64 << 20,
@@ -89,6 +105,11 @@ class ParityParams(Params):
         if v < 512 or v & (v - 1):
             raise ValueError("the chunk size must be a power of two, at least 512")
         return v
+
+
+class _ReadAgain(Exception):
+    """A read-modify-write read failed and the member that failed it is faulty now: the piece
+    is written again, the way the new states call for."""
 
 
 def _xor_into(acc: bytearray, data: bytes | bytearray | memoryview) -> None:
@@ -136,6 +157,13 @@ class Parity(FanBase):
         #: Stripes whose parity may be wrong until recomputed: kept in the state file (with
         #: the intents) until then, so a crash meanwhile does not forget them.
         self._recheck: list[tuple[int, int]] = []
+        self._journal: Journal | None = None  #: with a state file, from start()
+        #: Partial writes in flight with no journal entry: they went out with every member in
+        #: sync, and a member lost before they end leaves their stripes to the write hole.
+        self._bare = 0
+        #: The state file the fan started from may hold such writes in its regions (it was
+        #: saved with every member in sync, or with bare writes in flight, or before journals).
+        self._exposed = False
 
     def compute_caps(self, caps: list[Capabilities]) -> Capabilities:
         smallest = min(c.size for c in caps)
@@ -156,28 +184,37 @@ class Parity(FanBase):
 
     async def start(self) -> None:
         await super().start()
+        entries: list[Entry] = []
         if self._state is not None:
             self._intents = WriteIntents(self.params.intent_region, self.chunk, self.stripes)
-            self._load_state()
+            found = self._load_state()
+            self._journal = Journal(f"{self._state.path}.journal",
+                                    Geometry(self.n, self.chunk, self.stripes))  # fmt: skip
+            entries, existed = self._journal.open(fresh=not found)
+            self._exposed |= found and not existed  # a state file from before the journal
         for i in sorted(self.missing):
             self.late.add(i)
             self.states[i] = FAULTY
             self.left_at[i] = None
             self.emit("member", f"member {i} faulty: not reachable when the array started",
                       index=i, state=FAULTY)  # fmt: skip
+        if entries:
+            await self._replay_journal(entries)
         self._persist()
         self._monitor_task = asyncio.get_running_loop().create_task(self._monitor())
         if self._recheck:
             out = [i for i, s in enumerate(self.states) if s != IN_SYNC]
-            if out:
+            if not out:
+                self._spawn(self._resync_parity(self._recheck))
+            elif self._exposed:
                 stripes = sum(last - first + 1 for first, last in self._recheck)
-                why = (f"writes were in flight in {stripes} stripes when the fan stopped and "
-                       f"member(s) {out} are out: their chunks in those stripes may be rebuilt "
-                       f"wrong (the RAID5 write hole)")  # fmt: skip
+                why = (f"writes were in flight in {stripes} stripes when the fan stopped with "
+                       f"every member in sync, and member(s) {out} are out now: their chunks "
+                       f"in those stripes may be rebuilt wrong (the RAID5 write hole)")  # fmt: skip
                 log.warning("parity: %s", why)
                 self.emit("member", why, stripes=stripes)
-            else:
-                self._spawn(self._resync_parity(self._recheck))
+            # Else the fan was degraded already when it stopped: every write that could garble
+            # the missing chunks was journaled, and the replay above mended their stripes.
 
     def missing_allowed(self) -> int:
         return 1  # served degraded from the others, rebuilt fully once it connects
@@ -202,13 +239,14 @@ class Parity(FanBase):
         self.late.discard(member)
         return True
 
-    def _load_state(self) -> None:
+    def _load_state(self) -> bool:
         """Members that were not in sync when the fan stopped (or crashed) stay out: a new
-        process would otherwise read a stale member's chunks as good ones."""
+        process would otherwise read a stale member's chunks as good ones. False if there
+        was no state file (a new array)."""
         assert self._state is not None
         data = self._state.load()
         if data is None:
-            return
+            return False
         expect = {"members": self.n, "chunk": self.chunk, "stripes": self.stripes}
         got = {k: data.get(k) for k in expect}
         if got != expect:
@@ -224,6 +262,8 @@ class Parity(FanBase):
                 self.retry_at[i] = time.monotonic() + self.params.retry_delay
                 log.warning("parity: member %d was not in sync before the fan restarted", i)
         self._recheck = load_runs(data.get("intents"), self.stripes)
+        self._exposed = all(s == IN_SYNC for s in data["states"]) or bool(data.get("unjournaled"))
+        return True
 
     def _persist(self) -> None:
         """Save which members are in sync, and which of the others missed no acknowledged
@@ -239,8 +279,11 @@ class Parity(FanBase):
                          for i, s in enumerate(self.states)],
             "intents": [*map(list, self._recheck),
                         *(self._intents.runs() if self._intents is not None else [])],
+            "unjournaled": self._bare > 0 and any(s != IN_SYNC for s in self.states),
         }  # fmt: skip
         if data != self._saved:
+            if self._journal is not None:
+                self._journal.sync_now()  # no cleared slot may come back to the new states
             self._state.save(data)
             self._saved = data
 
@@ -262,6 +305,8 @@ class Parity(FanBase):
         if self._intents is not None:  # the server drained: nothing in flight
             self._intents.settle(linger=-1)
             self._persist()
+        if self._journal is not None:
+            self._journal.close()
         await super().stop()
 
     # Layout ---------------------------------------------------------------------------------
@@ -514,6 +559,65 @@ class Parity(FanBase):
         self.emit("rebuild", f"parity recomputed{where}: {fixed} stripes were inconsistent",
                   fixed=fixed)  # fmt: skip
 
+    async def _replay_journal(self, entries: list[Entry]) -> None:
+        """The fan stopped with partial writes into degraded stripes journaled (in flight, or
+        done and their slots not yet cleared on disk): recompute the parity over each range
+        from the missing member's bytes the journal kept, so that they read back as they were,
+        whatever part of the write landed. Idempotent: a write that had landed whole gives the
+        parity it wrote. Before the fan serves; the slots are cleared once the parity is
+        flushed (a crash meanwhile replays them again)."""
+        assert self._journal is not None
+        replayed, lost, written = 0, set(), set()
+        for entry in sorted(entries, key=lambda e: e.seq):  # oldest first: a later one wins
+            pm = self.parity_member(entry.stripe)
+            if self.states[entry.member] == IN_SYNC:
+                # In sync again (rebuilt or trusted before the fan stopped): its chunk is on
+                # it, not implied by the parity, and the state file's regions cover the rest.
+                continue
+            if entry.member == pm:
+                continue  # not an entry this array writes (the CRC held: written elsewhere?)
+            others = [self.data_member(entry.stripe, j) for j in range(self.n - 1)]
+            others.remove(entry.member)
+            if any(self.states[i] != IN_SYNC for i in (pm, *others)):
+                # A second member out: no parity to mend, or not all the data to mend it from;
+                # the stripe has lost two members until one comes back.
+                lost.add(entry.stripe)
+                continue
+            try:
+                await self._replay_entry(entry, pm, others)
+            except OSError as exc:
+                log.warning("parity: replaying the journal for stripe %d failed: %s",
+                            entry.stripe, exc)  # fmt: skip
+                lost.add(entry.stripe)
+                continue
+            replayed += 1
+            written.add(pm)
+        for i in sorted(written):
+            if self.member_caps[i].flush:
+                try:
+                    await self.members[i].flush(0)
+                except OSError as exc:
+                    self._fail(i, f"flush failed: {exc}")  # a second member out: see above
+        self._journal.clear()
+        why = f"journal: parity recomputed for {replayed} pieces written while a member was out"
+        if lost:
+            why += (f"; not for stripes {sorted(lost)} (two members out): their missing chunks "
+                    f"may be rebuilt wrong")  # fmt: skip
+        log.warning("parity: %s", why)  # the fan died while degraded: worth the operator's eye
+        self.emit("member", why, replayed=replayed, lost=len(lost))
+
+    async def _replay_entry(self, entry: Entry, pm: int, others: list[int]) -> None:
+        """Parity over the entry's range = the missing member's bytes it kept ^ the others'."""
+        moff = entry.stripe * self.chunk + entry.within
+        bufs = [bytearray(len(entry.data)) for _ in others]
+        await asyncio.gather(
+            *(self._read_member(i, memoryview(b), moff) for i, b in zip(others, bufs, strict=True))
+        )
+        parity = bytearray(entry.data)
+        for b in bufs:
+            _xor_into(parity, b)
+        await self.members[pm].pwrite(memoryview(parity), moff, 0)
+
     def healthy_others(self, member: int) -> bool:
         return all(s == IN_SYNC for i, s in enumerate(self.states) if i != member)
 
@@ -703,6 +807,8 @@ class Parity(FanBase):
             if len(pieces) == self.n - 1 and all(
                 w == 0 and n == self.chunk for _, w, _, n in pieces
             ):
+                # No journal entry: the only chunk a torn full-stripe write can garble (a
+                # missing member's, from the parity and the others) is one it writes itself.
                 parity = bytearray(self.chunk)
                 for _, _, p, n in pieces:
                     _xor_into(parity, buf[p : p + n])
@@ -711,6 +817,8 @@ class Parity(FanBase):
                 ]
                 writes.append((pm, memoryview(parity), base))
                 writes = [w for w in writes if self._good(w[0], stripe)]
+                if self._journal is not None:
+                    await self._journal.settle(stripe)
                 await self._write_all(stripe, writes, flags)
                 return
             for j, w, p, n in pieces:
@@ -722,41 +830,131 @@ class Parity(FanBase):
         member = self.data_member(stripe, j)
         pm = self.parity_member(stripe)
         moff = stripe * self.chunk + within
-        n = len(new)
         writes: list[tuple[int, memoryview, int]] = []
         if self._good(member, stripe):
             writes.append((member, new, moff))
+        implied: bytes | None = None
+        missing = self._implied_by_parity(stripe, member)
         if self._good(pm, stripe):
             if self._good(member, stripe):
-                # Read-modify-write: parity ^= old ^ new.
-                old, parity = bytearray(n), bytearray(n)
                 try:
-                    await asyncio.gather(
-                        self._read_member(member, memoryview(old), moff),
-                        self._read_member(pm, memoryview(parity), moff),
-                    )
-                except OSError:
-                    # Who failed is not known here: let the health of each decide, by reading
-                    # again separately (a failed read marks that member faulty), then retry.
-                    await self._probe(stripe, (member, pm), moff, n)
+                    parity, implied = await self._read_modify(stripe, member, missing, moff, new)
+                except _ReadAgain:
                     return await self._write_piece(stripe, j, within, new, flags)
-                _xor_into(parity, old)
-                _xor_into(parity, new)
             else:
-                # The data member is gone: parity = XOR of the other data chunks and the new data.
-                parity = bytearray(new)
-                for i in range(self.n):
-                    if i in (member, pm):
-                        continue
-                    if not self._good(i, stripe):
-                        raise OSError(errno.EIO, f"parity: stripe {stripe} has lost two members")
-                    other = bytearray(n)
-                    await self._read_member(i, memoryview(other), moff)
-                    _xor_into(parity, other)
+                # The data member is gone: parity = XOR of the other data chunks and the new
+                # data. No journal entry: the only chunk this can garble is the one it writes.
+                parity = await self._parity_without(stripe, member, moff, new)
             writes.append((pm, memoryview(parity), moff))
         if not writes:
             raise OSError(errno.EIO, f"parity: stripe {stripe} has lost two members")
-        await self._write_all(stripe, writes, flags)
+        await self._write_journaled(stripe, writes, flags, missing, within, implied)
+
+    def _implied_by_parity(self, stripe: int, member: int) -> int | None:
+        """A data member of STRIPE other than MEMBER that a fan restarted now would rebuild
+        from the parity (one not in sync: after a crash, even its chunks already rebuilt are
+        not trusted), if any. A partial write into MEMBER could garble its chunk."""
+        if self._journal is None:
+            return None
+        for j in range(self.n - 1):
+            m = self.data_member(stripe, j)
+            if m != member and self.states[m] != IN_SYNC:
+                return m
+        return None
+
+    async def _read_modify(
+        self, stripe: int, member: int, missing: int | None, moff: int, new: memoryview
+    ) -> tuple[bytearray, bytes | None]:
+        """Read-modify-write: the new parity (old parity ^ old data ^ new data) and, when a
+        member MISSING is out, its bytes there (what the journal must keep), read in the same
+        round: from it if its chunk is rebuilt already, else as the XOR of parity and data.
+        _ReadAgain when a read failed (and its member, found out, is faulty now)."""
+        pm = self.parity_member(stripe)
+        n = len(new)
+        reads = {member: bytearray(n), pm: bytearray(n)}
+        if missing is not None:
+            if self._good(missing, stripe):
+                reads[missing] = bytearray(n)
+            else:
+                for j in range(self.n - 1):
+                    i = self.data_member(stripe, j)
+                    if i not in (member, missing):
+                        reads[i] = bytearray(n)
+        try:
+            await asyncio.gather(
+                *(self._read_member(i, memoryview(b), moff) for i, b in reads.items())
+            )
+        except OSError:
+            # Who failed is not known here: let the health of each decide, by reading
+            # again separately (a failed read marks that member faulty), then retry.
+            await self._probe(stripe, tuple(reads), moff, n)
+            raise _ReadAgain() from None
+        implied: bytes | None = None
+        if missing is not None:
+            if missing in reads:
+                implied = bytes(reads[missing])
+            else:
+                acc = bytearray(reads[pm])
+                for i, b in reads.items():
+                    if i != pm:
+                        _xor_into(acc, b)
+                implied = bytes(acc)
+        parity = reads[pm]
+        _xor_into(parity, reads[member])
+        _xor_into(parity, new)
+        return parity, implied
+
+    async def _parity_without(
+        self, stripe: int, member: int, moff: int, new: memoryview
+    ) -> bytearray:
+        """The parity for NEW written into MEMBER's chunk while it is out: the XOR of the new
+        data and the other data chunks."""
+        pm = self.parity_member(stripe)
+        n = len(new)
+        parity = bytearray(new)
+        for i in range(self.n):
+            if i in (member, pm):
+                continue
+            if not self._good(i, stripe):
+                raise OSError(errno.EIO, f"parity: stripe {stripe} has lost two members")
+            other = bytearray(n)
+            await self._read_member(i, memoryview(other), moff)
+            _xor_into(parity, other)
+        return parity
+
+    async def _write_journaled(
+        self,
+        stripe: int,
+        writes: list[tuple[int, memoryview, int]],
+        flags: int,
+        missing: int | None,
+        within: int,
+        implied: bytes | None,
+    ) -> None:
+        """Send WRITES, with MISSING's IMPLIED bytes at WITHIN saved in the journal first (when
+        given), and cleared once the writes are done, landed or not."""
+        journal = self._journal
+        if journal is None:
+            return await self._write_all(stripe, writes, flags)
+        if implied is None or missing is None:
+            await journal.settle(stripe)
+            # Data and parity with every member in sync: exposed if one is lost meanwhile.
+            bare = len(writes) > 1 and all(s == IN_SYNC for s in self.states)
+            self._bare += bare
+            try:
+                return await self._write_all(stripe, writes, flags)
+            finally:
+                self._bare -= bare
+                if bare and not self._bare and self._saved and self._saved["unjournaled"]:
+                    self._persist()  # the member lost meanwhile no longer exposes a stripe
+        try:
+            slot = await journal.put(stripe, missing, within, implied)
+        except OSError as exc:
+            raise OSError(exc.errno or errno.EIO, f"parity: journal write failed: {exc}") from exc
+        try:
+            await self._write_all(stripe, writes, flags)
+        finally:
+            journal.release(slot, stripe)
 
     async def _probe(self, stripe: int, members: tuple[int, ...], moff: int, n: int) -> None:
         for i in members:

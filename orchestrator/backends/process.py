@@ -7,7 +7,7 @@ Run directory (one per fabric, `RUN` below):
 Per node: `RUN/NODE.sock` (internal NBD link), `RUN/NODE.ctl` (gRPC control + health),
 `RUN/NODE.json` (ready file), `RUN/NODE.log` (stderr, appended across restarts), and for kinds
 with a `state_param` the user left unset, `RUN/NODE.state` (a mirror's bitmap-file: which members
-are in sync survives a restart of the fan).
+are in sync survives a restart of the fan), and beside it a parity fan's `RUN/NODE.state.journal`.
 Supervisor: `RUN/orchestrator.sock` (gRPC), `.pid`, `.lock`, `.log`, and `RUN/state.json`.
 """
 
@@ -265,8 +265,10 @@ class ProcessBackend:
         return self.run.internal_uri(node)
 
     def forget_state(self, node: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.run.node_state(node).unlink()
+        state = self.run.node_state(node)
+        for path in (state, state.with_name(f"{state.name}.journal")):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     async def prepare(self, topology: Topology) -> None:
         """Nothing to set up before the first node starts."""
