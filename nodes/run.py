@@ -136,8 +136,6 @@ async def serve(
             metrics_addr = start_metrics(runtime, spec.metrics, node_name=spec.name or spec.kind)
 
         uris = runtime.uris()
-        if spec.print_uri:
-            print(uris[0], flush=True)
         if spec.ready_file:
             write_ready_file(
                 spec.ready_file,
@@ -150,6 +148,8 @@ async def serve(
                     "kind": spec.kind,
                 },
             )
+        if spec.print_uri:  # last: a URI printed is one that serves (a wrapper reads it so)
+            print(uris[0], flush=True)
     except Exception:
         # Failing after the listeners were bound (a second --listen, --control, --metrics,
         # --ready-file) left their unix socket files behind, and upstream connections open.

@@ -59,9 +59,18 @@ class Problem:
         )
 
 
+#: Problems a TopologyError's message lists; `problems` keeps them all.
+MAX_SHOWN_PROBLEMS = 50
+
+
 class TopologyError(ValueError):
     def __init__(self, problems: list[Problem]) -> None:
-        super().__init__("\n".join(str(p) for p in problems))
+        # A generated file with 20,000 bad nodes said so 20,000 times: the first ones tell
+        # what is wrong, and how many more there are says how widespread it is.
+        lines = [str(p) for p in problems[:MAX_SHOWN_PROBLEMS]]
+        if len(problems) > MAX_SHOWN_PROBLEMS:
+            lines.append(f"... and {len(problems) - MAX_SHOWN_PROBLEMS} more problems")
+        super().__init__("\n".join(lines))
         self.problems = problems
 
 

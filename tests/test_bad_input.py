@@ -359,6 +359,15 @@ def test_bad_node_options(args: list[str], codes: tuple[int, ...], frag: str, tm
     assert not list(tmp_path.iterdir()), "left files behind"
 
 
+def test_no_uri_printed_for_a_node_that_then_fails(tmp_path: Path):
+    """--print-uri is what a wrapper waits for: it must not come before a failure that stops
+    the node (a --ready-file that cannot be written)."""
+    res = _node("memory", "1M", "--listen", f"unix:{tmp_path}/n.sock", "--print-uri",
+                "--ready-file", str(tmp_path / "no/such/dir/r.json"), "--run", "true")  # fmt: skip
+    _assert_refused(res, (1,), "--ready-file")
+    assert res.stdout == ""
+
+
 # -- 2. topology files ---------------------------------------------------------------------------
 
 ARCH_EXAMPLE = """\
@@ -647,6 +656,10 @@ def test_huge_file(tmp_path: Path):
         load(huge)
     assert time.monotonic() - start < 60
     assert "nodes.n0.kind: unknown kind 'nul'" in str(exc.value)
+    problems = exc.value.problems
+    assert len(problems) >= 20000  # every one found, the first 50 shown
+    lines = str(exc.value).splitlines()
+    assert len(lines) == 51 and lines[-1] == f"... and {len(problems) - 50} more problems"
 
 
 def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60):
