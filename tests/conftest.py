@@ -180,3 +180,14 @@ def nbd_connect(uri: str, strict: bool = True, structured: bool = True):
     h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
     h.connect_uri(uri)
     return h
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Any]:
+    """In-process fans over in-process members on one event loop (test_fan_common.Harness),
+    for the fan test files."""
+    from test_fan_common import Harness
+
+    h = Harness(tmp_path)
+    yield h
+    h.close()

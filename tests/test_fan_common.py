@@ -14,7 +14,7 @@ import dataclasses
 import errno
 import hashlib
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -210,13 +210,6 @@ class Harness:
                 print("shutdown failed:", exc)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(tmp_path)
-    yield h
-    h.close()
 
 
 def digest(uri: str, size: int, step: int = 1 << 20) -> str:

@@ -43,13 +43,6 @@ SIZE = 8 << 20
 CHUNK = 64 * 1024
 
 
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(tmp_path)
-    yield h
-    h.close()
-
-
 def make_mirror(h: Harness, n: int = 2, size: int = SIZE, **params: Any):
     flakies, uris = h.flaky_members(n, size)
     fan = Mirror(MirrorParams.model_validate({"check-interval": 0.02, "retry-delay": 0.05,

@@ -8,7 +8,6 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,6 @@ from nodes.fans.verify import Verify, VerifyParams
 from nodes.plugins.memory import Memory
 
 SIZE = 4 << 20
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(tmp_path)
-    yield h
-    h.close()
 
 
 def three(h: Harness) -> tuple[list[Memory], list[str]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,6 @@ from nodes.params import ParamError, parse_params
 from nodes.plugins.memory import Memory
 
 K = 1024
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(tmp_path)
-    yield h
-    h.close()
 
 
 def members(h: Harness, *sizes: int) -> tuple[list[Memory], list[str]]:
