@@ -26,7 +26,7 @@ from test_fan_common import (
 
 from nodes.fans.quorum import Quorum, QuorumParams
 from nodes.fans.verify import Verify, VerifyParams
-from nodes.plugins.memory import Memory
+from nodes.plugins.memory import Memory, MemoryParams
 
 SIZE = 4 << 20
 
@@ -141,6 +141,56 @@ def test_quorum_read_beside_a_write_neither_reports_nor_rewrites_a_difference(
     for _, u in mems:
         assert nbd_connect(u).pread(4096, 0) == b"\2" * 4096
     assert [m["mismatches"] for m in harness.call(fan.members_info)] == [0, 0, 0]
+
+
+class KeepsTrimmed(Memory):
+    """A member that ignores trims (as the spec allows: a trim is advisory), so a trimmed
+    range still reads back what was written there."""
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        return None
+
+
+def test_quorum_and_verify_trim_is_no_disagreement(harness: Harness) -> None:
+    """What a trimmed range reads back is each member's choice: after a trim, a member that
+    kept the data and one that reads zeros are both right. The fans trim by writing zeroes,
+    so their members agree on what they compare."""
+    quorum_mems = [harness.memory(SIZE)[0], harness.memory(SIZE)[0],
+                   KeepsTrimmed(MemoryParams(size=SIZE))]  # fmt: skip
+    quorum = Quorum(QuorumParams.model_validate({"rewrite-corrupted": True}), quorum_mems)
+    verify = Verify(
+        VerifyParams(), [harness.memory(SIZE)[0], KeepsTrimmed(MemoryParams(size=SIZE))]
+    )
+    for fan in (quorum, verify):
+        uri = harness.serve(fan, fan.kind)
+        h = nbd_connect(uri)
+        assert h.can_trim()
+        h.pwrite(b"\x61" * 65536, 0)
+        h.trim(65536, 0)
+        assert h.pread(65536, 0) == bytes(65536)
+        h.shutdown()
+    assert [m["mismatches"] for m in harness.call(quorum.members_info)] == [0, 0, 0]
+    assert [m["rewrites"] for m in harness.call(quorum.members_info)] == [0, 0, 0]
+    assert harness.call(verify.status)["mismatches"] == 0
+
+
+def test_quorum_rewrite_counts_a_failed_read_once(harness: Harness) -> None:
+    """A read with one member failing and one disagreeing: the rewrite votes again, and the
+    failing member's one failed read stays one error."""
+    flakies, uris = harness.flaky_members(4, SIZE)
+    fan = Quorum(QuorumParams.model_validate({"rewrite-corrupted": True, "vote-threshold": 2}),
+                 flakies)  # fmt: skip
+    uri = harness.serve(fan, "quorum")
+    h = nbd_connect(uri)
+    h.pwrite(b"\x61" * 4096, 0)
+    nbd_connect(uris[1]).pwrite(b"\x66" * 4096, 0)  # member 1 corrupted behind the fan
+    flakies[3].fail_reads = True
+    assert h.pread(4096, 0) == b"\x61" * 4096  # 0 and 2 outvote 1, which is rewritten
+    info = harness.call(fan.members_info)
+    assert [m["errors"] for m in info] == [0, 0, 0, 1]
+    assert [m["rewrites"] for m in info] == [0, 1, 0, 0]
+    assert nbd_connect(uris[1]).pread(4096, 0) == b"\x61" * 4096
+    h.shutdown()
 
 
 def test_verify_reports_the_first_mismatch_offset(harness: Harness) -> None:

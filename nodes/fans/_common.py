@@ -9,6 +9,7 @@ import contextlib
 import errno
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from dataclasses import replace
 from typing import Any, NamedTuple, Protocol
 
 from ..base import Backend, Capabilities, Extents, Fan, Holes, Support, add_range
@@ -441,3 +442,12 @@ async def write_zeroes(member: Backend, caps: Capabilities, count: int, offset: 
 
 def align_down(value: int, unit: int) -> int:
     return value - value % unit if unit > 1 else value
+
+
+def trim_as_zero(caps: Capabilities) -> Capabilities:
+    """For fans that compare their members' data (quorum, verify): trim offered only where it
+    can be done as a write of zeroes, natively. A trimmed range reads back as whatever each
+    member likes (the spec leaves it undefined; a member may ignore trims), so two good members
+    can differ there; zeroes read back the same from both. Never by writing zeros: a trim of a
+    whole disk must not become gigabytes of writes."""
+    return replace(caps, trim=caps.writable and caps.zero is Support.NATIVE).normalized()

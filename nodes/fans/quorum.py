@@ -5,7 +5,9 @@ answers wins if it has at least `vote-threshold` members (default: a majority). 
 answered differently (or failed) are reported (an event, and counts in `status()`); with
 `rewrite-corrupted=true` the winning data is written back to them. Writes, zeroes, trims and
 flushes go to every member and succeed when at least `vote-threshold` members succeed (as
-qemu's quorum driver does). Size: the smallest member.
+qemu's quorum driver does). A trim is done as a write of zeroes (offered only when every member
+zeroes natively): what a trimmed range reads back is each member's own choice, and a vote on it
+would count (and rewrite) good members as corrupted. Size: the smallest member.
 
 Overlapping requests in flight at once are ordered (`RangeLock`): writes one after the other,
 so that every member applies them in the same order, and reads not beside a write, which
@@ -29,10 +31,13 @@ from typing import Any
 
 from ..base import Backend, Capabilities, Holes, fill_holes
 from ..params import Params, live, param
+from ..protocol.constants import CmdFlag
 from ..registry import register
-from ._common import FanBase, RangeLock, combine_caps
+from ._common import FanBase, RangeLock, combine_caps, trim_as_zero
 
 log = logging.getLogger("nbdfabric.quorum")
+
+_FUA = int(CmdFlag.FUA)
 
 
 class QuorumParams(Params):
@@ -68,7 +73,8 @@ class Quorum(FanBase):
             raise ValueError(
                 f"quorum: vote-threshold {self.threshold} is more than the {len(caps)} members"
             )
-        return combine_caps(caps, min(c.size for c in caps), fast_zero=False, extents=False)
+        caps_ = combine_caps(caps, min(c.size for c in caps), fast_zero=False, extents=False)
+        return trim_as_zero(caps_)
 
     def members_info(self) -> list[dict[str, Any]]:
         info = super().members_info()
@@ -99,10 +105,11 @@ class Quorum(FanBase):
         return None
 
     async def _vote(
-        self, n: int, offset: int, flags: int
+        self, n: int, offset: int, flags: int, again: bool = False
     ) -> tuple[bytes, list[int], list[bytearray]]:
         """Read N bytes at OFFSET from every member: the answer enough of them agree on, the
-        members that answered otherwise, and every member's answer."""
+        members that answered otherwise, and every member's answer. AGAIN: the vote of a
+        rewrite, on a read whose member errors are counted already."""
         bufs = [bytearray(n) for _ in self.members]
 
         async def one(i: int) -> None:
@@ -116,7 +123,7 @@ class Quorum(FanBase):
         failed = []
         for i, res in enumerate(results):
             if isinstance(res, OSError):
-                self.errors[i] += 1
+                self.errors[i] += not again
                 failed.append(i)
             elif isinstance(res, BaseException):
                 raise res
@@ -147,7 +154,7 @@ class Quorum(FanBase):
         held back (the first vote's winner may be older than a write since acknowledged)."""
         async with self._order.hold(offset, offset + n):
             try:
-                winner, losers, _ = await self._vote(n, offset, 0)
+                winner, losers, _ = await self._vote(n, offset, 0, again=True)
             except OSError as exc:
                 log.warning("quorum: not rewriting %d bytes at %d: %s", n, offset, exc)
                 return
@@ -186,7 +193,7 @@ class Quorum(FanBase):
         await self._all("flush", [m.flush(flags) for m in self.members])
 
     async def trim(self, count: int, offset: int, flags: int) -> None:
-        await self._write_all("trim", offset, count, lambda m: m.trim(count, offset, flags))
+        await self.zero(count, offset, flags & _FUA)  # see trim_as_zero
 
     async def zero(self, count: int, offset: int, flags: int) -> None:
         await self._write_all("zero", offset, count, lambda m: m.zero(count, offset, flags))

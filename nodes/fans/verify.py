@@ -1,6 +1,9 @@
 """verify: two members that must hold the same data; every read is compared (qemu blkverify).
 
-Writes, zeroes, trims and flushes go to both and must succeed on both. Every read is served by
+Writes, zeroes, trims and flushes go to both and must succeed on both. A trim is done as a write
+of zeroes (offered only when both members zero natively): what a trimmed range reads back is
+each member's own choice, so two good members may differ there, and a comparison of it would
+report a mismatch that is none. Every read is served by
 both; the first byte that differs is reported with its export offset (an event and
 `status()["first_mismatch"]`). With `on-mismatch=error` (default) the read fails with EIO, as
 blkverify aborts; with `on-mismatch=log` the first member's data is returned.
@@ -21,11 +24,14 @@ from typing import Any, Literal
 
 from ..base import Backend, Capabilities, Extents, Holes, fill_holes
 from ..params import Params, live
+from ..protocol.constants import CmdFlag
 from ..registry import register
-from ._common import FanBase, RangeLock, combine_caps
+from ._common import FanBase, RangeLock, combine_caps, trim_as_zero
 from .quorum import _first_difference
 
 log = logging.getLogger("nbdfabric.verify")
+
+_FUA = int(CmdFlag.FUA)
 
 
 class VerifyParams(Params):
@@ -59,7 +65,7 @@ class Verify(FanBase):
             raise ValueError(
                 f"verify: the members differ in size ({caps[0].size} and {caps[1].size})"
             )
-        return combine_caps(caps, caps[0].size, fast_zero=False)
+        return trim_as_zero(combine_caps(caps, caps[0].size, fast_zero=False))
 
     def status(self) -> dict[str, Any]:
         out = super().status()
@@ -99,7 +105,7 @@ class Verify(FanBase):
         await asyncio.gather(*(m.flush(flags) for m in self.members))
 
     async def trim(self, count: int, offset: int, flags: int) -> None:
-        await self._both(offset, count, lambda m: m.trim(count, offset, flags))
+        await self.zero(count, offset, flags & _FUA)  # see trim_as_zero
 
     async def zero(self, count: int, offset: int, flags: int) -> None:
         await self._both(offset, count, lambda m: m.zero(count, offset, flags))
