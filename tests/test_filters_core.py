@@ -156,6 +156,23 @@ def test_cache_failed_zero_keeps_the_writes_it_holds(start_node, start_nbdkit):
     cache.stop()  # nbdkit waits for its clients on SIGTERM: close ours first
 
 
+def test_cache_partial_trim_of_a_clean_block_answers_as_the_upstream(start_node):
+    """A trim of part of a cached clean block: the upstream now reads zeros there, and the
+    cache must not go on answering with its old copy (until evicted, then with zeros)."""
+    mem = start_node("memory", "1M")
+    cache = start_node("cache", "cache=writethrough", "cache-on-read=true",
+                       "cache-min-block-size=64K", upstreams=[mem.uri])  # fmt: skip
+    h = nbd_connect(cache.uri)
+    h.pwrite(b"\x61" * 65536, 0)  # written through
+    assert h.pread(65536, 0) == b"\x61" * 65536  # and now a clean copy in the cache
+    h.trim(4096, 8192)
+    upstream = nbd_connect(mem.uri)
+    assert upstream.pread(4096, 8192) == bytes(4096)  # the memory node reads trims as zeros
+    assert h.pread(65536, 0) == upstream.pread(65536, 0)
+    h.shutdown()
+    upstream.shutdown()
+
+
 def test_cache_max_size_reclaims_dirty_blocks(start_node, tmp_path):
     data = bytes(range(256)) * (16 * MiB // 256)
     src = tmp_path / "src.img"

@@ -252,6 +252,10 @@ class Cache(Filter):
     async def _drop_and_forward(self, count: int, offset: int, flags: int, zero: bool) -> None:
         """The upstream does the operation; then blocks wholly inside the range leave the
         cache and cached edge blocks get zeros (for zero) so they stay equal to the upstream.
+        A clean edge block of a trim leaves too: the upstream's trimmed part may now read as
+        zeros, and a copy kept here would answer with the old data until evicted, then the
+        new. A dirty one stays (it holds writes the upstream has not seen) and will write its
+        old bytes over the trimmed part: as a trim allows, and what it has answered meanwhile.
         In that order: if the upstream refuses (a fast zero it cannot do), the dirty blocks,
         which may hold acknowledged writes the upstream has not seen, must still be here."""
         bs = self.bs
@@ -267,7 +271,7 @@ class Cache(Filter):
                 n = min(bs - inb, count - pos)
                 entry = self.store.get(b)
                 if entry is not None:
-                    if inb == 0 and n >= self._valid(b):
+                    if (inb == 0 and n >= self._valid(b)) or not (zero or entry.dirty):
                         del self.store[b]
                     elif zero:
                         entry.data[inb : inb + n] = bytes(n)
