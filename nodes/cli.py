@@ -69,6 +69,14 @@ def _node_parser() -> argparse.ArgumentParser:
     p.add_argument("--keepalive-interval", type=_keepalive, metavar="SECONDS")
     p.add_argument("--keepalive-count", type=_keepalive_count, metavar="N")
     p.add_argument(
+        "--handshake-limit",
+        type=seconds(zero=True),
+        default=10.0,
+        metavar="SECONDS",
+        help="disconnect a client that has not finished negotiating within this time, as "
+        "qemu-nbd does (default 10; 0: no limit)",
+    )
+    p.add_argument(
         "--workers",
         type=whole(1),
         default=1,
@@ -132,6 +140,7 @@ def cmd_node(argv: Sequence[str]) -> int:
         keepalive_interval=args.keepalive_interval,
         keepalive_count=args.keepalive_count,
         poll_max_us=args.poll_max_us,
+        handshake_limit=args.handshake_limit,
     )
     spec = NodeSpec(
         kind=args.kind,

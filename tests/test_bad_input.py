@@ -335,6 +335,8 @@ OPTION_CASES = [
     (["memory", "1M", "--max-connections", "\u0663"], (2,), "whole number"),
     (["memory", "1M", "--workers", "0"], (2,), "workers"),
     (["memory", "1M", "--poll-max-us", "-5"], (2,), "poll-max-us"),
+    (["memory", "1M", "--handshake-limit", "nan"], (2,), "handshake-limit"),
+    (["memory", "1M", "--handshake-limit", "-1"], (2,), "handshake-limit"),
     (["memory", "1M", "--ordering", "random"], (2,), "ordering"),
     (["memory", "1M", "--tls", "on"], (1,), "--tls-certificates"),
     (["memory", "1M", "--tls", "maybe"], (2,), "--tls"),

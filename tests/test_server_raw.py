@@ -398,3 +398,29 @@ def test_raw_fuzz_seed_replay(node: Node, seed: Path) -> None:
 
 def test_raw_fuzz_seeds_exist() -> None:
     assert len(SEEDS) >= 5
+
+
+@pytest.mark.parametrize("limit", ["1", "0"])
+def test_raw_handshake_limit(start_node, limit: str) -> None:
+    """--handshake-limit (qemu-nbd's, default 10 s): a client that never finishes negotiating
+    is dropped after it, so it cannot hold a connection (and a --max-connections slot) forever;
+    one in transmission is never dropped for being idle. 0: no limit."""
+    node = start_node("memory", "1M", extra=("--handshake-limit", limit))
+    silent, haggling, serving = Raw(node.socket), Raw(node.socket), Raw(node.socket)
+    haggling.greeting()
+    haggling.sock.sendall(struct.pack(">I", 3))
+    haggling.option(OPT_LIST)
+    assert haggling.opt_replies()
+    serving.handshake()
+    time.sleep(3)  # three times the limit of 1 s
+    for r in (silent, haggling, serving):
+        r.sock.settimeout(2)
+    if limit == "1":
+        assert silent.is_closed() and haggling.is_closed()
+    else:
+        assert not silent.is_closed() and not haggling.is_closed()
+    assert not serving.is_closed()
+    serving.request(0, 0, 4096)  # READ
+    assert serving.reply()[:2] == (1, 0)  # cookie 1, no error (the data: a hole)
+    for r in (silent, haggling, serving):
+        r.close()

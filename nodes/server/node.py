@@ -52,6 +52,8 @@ class NodeOptions:
     shutdown_grace: float = 30.0
     #: Poll the sockets for up to this long before the loop sleeps (poll.py); 0: off.
     poll_max_us: int = 0
+    #: Seconds a client has to finish negotiating (qemu-nbd's --handshake-limit); 0: no limit.
+    handshake_limit: float = 10.0
 
 
 def export_uris(addresses: Sequence[Address], options: NodeOptions) -> list[str]:

@@ -147,7 +147,7 @@ class Session:
         try:
             if not await self._preconnect():
                 return
-            ready = await self._handshake()
+            ready = await self._handshake_in_time()
             if ready is not None:
                 export = ready.export.handle
                 assert isinstance(export, Export), "the node's lookup sets the handle"
@@ -221,6 +221,22 @@ class Session:
             log.info("%s: refused: %s", self.client.address, exc.strerror or exc)
             return False
         return True
+
+    async def _handshake_in_time(self) -> Ready | None:
+        """The handshake, within --handshake-limit: a client that connects and never finishes
+        negotiating (slow, stuck, or holding connections open on purpose) must not keep a
+        connection, and a --max-connections slot, forever (qemu-nbd's limit, default 10 s)."""
+        limit = self.node.options.handshake_limit
+        if not limit:
+            return await self._handshake()
+        try:
+            async with asyncio.timeout(limit):
+                return await self._handshake()
+        except TimeoutError:
+            self.node.stats.protocol_errors += 1
+            log.info("%s: handshake not finished within %gs: disconnecting",
+                     self.client.address, limit)  # fmt: skip
+            return None
 
     async def _handshake(self) -> Ready | None:
         hs = self.handshake = ServerHandshake(self.node.handshake_policy())
