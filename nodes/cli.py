@@ -41,6 +41,18 @@ def _node_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-uri", action="store_true")
     p.add_argument("--ready-file", metavar="PATH")
     p.add_argument("--run", metavar="CMD")
+    p.add_argument(
+        "-s",
+        "--single",
+        action="store_true",
+        help="serve the one client connected on stdin/stdout (a socket: libnbd's "
+        "connect_command), then exit, as nbdkit -s",
+    )
+    p.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="exit when the parent process dies (Linux), as nbdkit's option",
+    )
     p.add_argument("--name", default="", help="node name for logs and metrics")
     p.add_argument(
         "--ordering",
@@ -121,6 +133,13 @@ def cmd_node(argv: Sequence[str]) -> int:
         print(f"nbdfabric node: --export-name is longer than NBD's {MAX_EXPORT_NAME} bytes",
               file=sys.stderr)  # fmt: skip
         return 1
+    clash = [o for o, given in (("--listen", args.listen), ("--print-uri", args.print_uri),
+                                ("--run", args.run), ("--workers", args.workers > 1))
+             if given]  # fmt: skip
+    if args.single and clash:
+        print(f"nbdfabric node: -s serves the client on stdin/stdout: it cannot go with "
+              f"{', '.join(clash)}", file=sys.stderr)  # fmt: skip
+        return 1
     if args.tls != "off" and not (args.tls_certificates or args.tls_psk):
         print("nbdfabric node: --tls=on/require needs --tls-certificates DIR", file=sys.stderr)
         return 1
@@ -160,6 +179,8 @@ def cmd_node(argv: Sequence[str]) -> int:
         run=args.run,
         name=args.name,
         workers=args.workers,
+        single=args.single,
+        exit_with_parent=os.getppid() if args.exit_with_parent else 0,
     )
     try:
         return run_node(spec)

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,11 @@ class NodeSpec:
     run: str | None = None
     name: str = ""
     workers: int = 1  #: processes serving the export (workers.py)
+    #: -s: serve the one client connected on stdin/stdout (a socket), then exit (nbdkit -s).
+    single: bool = False
+    #: The parent's pid (as seen at start): exit (SIGTERM) when it dies (nbdkit's
+    #: --exit-with-parent; Linux); 0: no.
+    exit_with_parent: int = 0
 
 
 class SpecError(ValueError):
@@ -118,11 +124,12 @@ async def serve(
         runtime.owns_paths = False  # the supervisor removes unix sockets at the end
         await runtime.start(sockets, [])
         return await _serve_as_worker(spec, runtime, ready_fd)
-    found = systemd_sockets()
+    single = take_stdin_socket() if spec.single else None
+    found = [] if single is not None else systemd_sockets()
     control_addr = metrics_addr = None
     control_server = None
     try:
-        await runtime.start(found, listen_addresses(spec, found))
+        await runtime.start(found, [] if single is not None else listen_addresses(spec, found))
 
         if spec.control:
             from .control.server import start_control
@@ -135,7 +142,7 @@ async def serve(
 
             metrics_addr = start_metrics(runtime, spec.metrics, node_name=spec.name or spec.kind)
 
-        uris = runtime.uris()
+        uris = runtime.uris() if single is None else ["nbd+unix:///?socket=/dev/stdin"]
         if spec.ready_file:
             write_ready_file(
                 spec.ready_file,
@@ -164,6 +171,8 @@ async def serve(
     log.info("%s serving on %s", spec.kind, ", ".join(uris))
 
     _shutdown_on_signals(runtime)
+    if single is not None:
+        asyncio.get_running_loop().create_task(runtime.serve_single(single))
 
     status = 0
     if spec.run:
@@ -217,6 +226,36 @@ def _shutdown_on_signals(runtime: NodeRuntime) -> None:
         loop.add_signal_handler(sig, lambda: loop.create_task(runtime.shutdown()))
 
 
+def take_stdin_socket() -> socket.socket:
+    """-s: the client's socket, which libnbd's connect_command (and nbdkit -s users) give as
+    stdin and stdout. Both fds are pointed at /dev/null once it is taken: a stray print to
+    stdout must not land in the middle of the protocol, and the socket closes with ours."""
+    if not stat.S_ISSOCK(os.fstat(0).st_mode):
+        raise SpecError("-s serves the client connected on stdin, which must be a socket "
+                        "(as libnbd's connect_command gives)")  # fmt: skip
+    sock = socket.socket(fileno=os.dup(0))
+    sys.stdout.flush()
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    return sock
+
+
+def die_with(parent: int) -> bool:
+    """Be sent SIGTERM when process `parent` dies (prctl PR_SET_PDEATHSIG, Linux); False if
+    it has died already (before the call took effect: we were handed to another parent)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    return os.getppid() == parent
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def listen_addresses(spec: NodeSpec, found: list[socket.socket]) -> list[Address]:
     """Where to listen: the --listen addresses; with none (and no socket-activated sockets
     `found`), nbdkit's default, 127.0.0.1:10809."""
@@ -234,6 +273,8 @@ def run_node(spec: NodeSpec) -> int:
         stream=sys.stderr,
     )
     try:
+        if spec.exit_with_parent and not die_with(spec.exit_with_parent):
+            return 1  # the parent is gone already: as if it had died a moment later
         if spec.workers > 1:
             from .workers import run_workers
 

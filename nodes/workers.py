@@ -28,7 +28,6 @@ and each runs its own event loop.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
@@ -48,6 +47,7 @@ from .run import (
     NodeSpec,
     SpecError,
     build_backend,
+    die_with,
     event_loop_runner,
     listen_addresses,
     serve,
@@ -64,7 +64,6 @@ from .server.node import export_uris
 
 log = logging.getLogger("nbdfabric.node")
 
-_PR_SET_PDEATHSIG = 1
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 #: A worker that dies this many times within RESTART_WINDOW seconds is not replaced again.
 MAX_RESTARTS = 5
@@ -352,7 +351,5 @@ def _wait_ready(fd: int) -> None:
 
 
 def _die_with(parent: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    if not die_with(parent):  # the parent died before prctl took effect
         os._exit(1)

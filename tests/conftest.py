@@ -182,6 +182,15 @@ def nbd_connect(uri: str, strict: bool = True, structured: bool = True):
     return h
 
 
+def alive(pid: int) -> bool:
+    """The process exists and has not exited (a zombie waiting for its parent has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 @pytest.fixture
 def harness(tmp_path: Path) -> Iterator[Any]:
     """In-process fans over in-process members on one event loop (test_fan_common.Harness),

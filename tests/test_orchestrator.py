@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, run, wait_for
+from conftest import ROOT, alive, run, wait_for
 
 from bench.http_server import HttpServer
 
@@ -73,14 +73,6 @@ class Fabric:
     def uri(self, export: str, prefix: str = "nbd+unix") -> str:
         node = next(n for n in self.status().values() if n["export_name"] == export)
         return next(u for u in node["export_uris"] if u.startswith(prefix))
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def assert_all_gone(tmp_path: Path, pids: set[int]) -> None:

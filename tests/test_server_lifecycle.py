@@ -14,13 +14,14 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, ROOT, nbd_connect, run, wait_for
+from conftest import NBDFABRIC, ROOT, alive, nbd_connect, run, wait_for
 
 MiB = 1 << 20
 IHAVEOPT = 0x49484156454F5054
@@ -402,3 +403,58 @@ def test_lifecycle_tls_on_allows_both(procs: list[Any], tmp_path: Path, certs: P
     secure.pwrite(big, 0)
     assert secure.pread(4 * MiB, 0) == big
     secure.shutdown()
+
+
+# Run by another program ----------------------------------------------------------------------
+
+
+def test_lifecycle_single_client_on_stdin(tmp_path: Path) -> None:
+    """-s, as nbdkit -s: libnbd's connect_command runs the node with the client's socket as
+    stdin and stdout; it serves that client and exits when the client is done."""
+    pidfile = tmp_path / "pid"
+    h = nbd.NBD()
+    h.connect_command(["sh", "-c", f'echo $$ > {pidfile}; exec "$@"', "sh",
+                       *node_cmd("-s", "memory", "1M")])  # fmt: skip
+    pid = int(pidfile.read_text())
+    assert h.get_size() == MiB and h.can_trim()
+    h.pwrite(b"\x42" * 65536, 4096)
+    assert h.pread(65536, 4096) == b"\x42" * 65536
+    h.shutdown()
+    wait_for(lambda: not alive(pid), 15, "the node to exit after its client")
+
+
+def test_lifecycle_single_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    res = run(node_cmd("-s", "memory", "1M", "--listen", f"unix:{tmp_path}/n.sock"), check=False)
+    assert res.returncode == 1 and "--listen" in res.stderr and "Traceback" not in res.stderr
+    res = subprocess.run(node_cmd("-s", "memory", "1M"), cwd=ROOT, stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert res.returncode == 1 and "must be a socket" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("option", [True, False], ids=["exit-with-parent", "without"])
+def test_lifecycle_exit_with_parent(tmp_path: Path, option: bool) -> None:
+    """--exit-with-parent: a parent killed with -9 takes the node with it (a clean exit: the
+    socket file goes too); without the option, the node outlives it."""
+    sock = tmp_path / "n.sock"
+    cmd = node_cmd(*(["--exit-with-parent"] if option else []), "memory", "1M",
+                   "--listen", f"unix:{sock}")  # fmt: skip
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys, time\n"
+         "p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); time.sleep(3600)",
+         *cmd], cwd=ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert parent.stdout is not None
+    pid = int(parent.stdout.readline())
+    try:
+        wait_for(sock.exists, 30, "the node to listen")
+        parent.kill()
+        parent.wait()
+        if option:
+            wait_for(lambda: not alive(pid), 15, "the node to exit with its parent")
+            assert not sock.exists()
+        else:
+            time.sleep(2)
+            assert alive(pid)
+            nbd_connect(f"nbd+unix:///?socket={sock}").shutdown()
+    finally:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)

@@ -34,8 +34,8 @@ from typing import Any
 import grpc
 import nbd
 import pytest
-from conftest import nbd_connect
-from test_orchestrator import Fabric, alive, assert_all_gone
+from conftest import alive, nbd_connect
+from test_orchestrator import Fabric, assert_all_gone
 
 pytestmark = pytest.mark.slow
 

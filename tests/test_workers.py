@@ -17,16 +17,9 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, ROOT, nbd_connect, wait_for
+from conftest import NBDFABRIC, ROOT, alive, nbd_connect, wait_for
 
-from bench.__main__ import children_of, stat_fields
-
-
-def alive(pid: int) -> bool:
-    try:
-        return stat_fields(pid)[0] != "Z"
-    except OSError:
-        return False
+from bench.__main__ import children_of
 
 
 def test_workers_serve_one_disk_from_every_process(start_node) -> None:

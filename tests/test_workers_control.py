@@ -24,11 +24,10 @@ from pathlib import Path
 import grpc
 import nbd
 import pytest
-from conftest import NBDFABRIC, ROOT, Proc, nbd_connect, wait_for
+from conftest import NBDFABRIC, ROOT, Proc, alive, nbd_connect, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from test_control import op
-from test_workers import alive
 
 from bench.__main__ import children_of
 from nodes.control.rpc.nbdfabric.v1 import node_pb2 as pb

@@ -190,6 +190,18 @@ class NodeRuntime:
         client = ClientInfo(address=_peer_text(peer, lsock), connection_id=self._next_id)
         return Session(self, SocketStream(conn), client)
 
+    async def serve_single(self, conn: socket.socket) -> None:
+        """Serve the one client on `conn` (`nbdfabric node -s`: stdin, a socket libnbd's
+        connect_command made), then shut the node down."""
+        try:
+            session = self._new_session(conn, conn.getpeername(), conn)
+        except OSError as exc:
+            log.warning("the client on stdin is gone: %s", exc)
+            conn.close()
+        else:
+            await self._run_session(session)
+        await self.shutdown()
+
     async def _run_session(self, session: Session) -> None:
         self.sessions.add(session)
         self.stats.connections_total += 1
