@@ -7,6 +7,8 @@ Bounded and reproducible: `NBDFABRIC_FUZZ_SECONDS` per node shape (default 10 fo
 eleven shapes, 2 for the others, so the whole file stays within a few minutes),
 `NBDFABRIC_FUZZ_SEED` to replay a run (the seed is printed; a failure shows it). The client
 sequences follow from the seed; the interleaving of concurrent clients follows the scheduler.
+A node that stops answering fails the run within about REPLY_TIMEOUT, naming the shape and the
+seed, wherever the harness waits for it (raw clients, its metrics, libnbd).
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import json
 import os
 import random
 import re
+import signal
 import struct
 import subprocess
+import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Proc, nbd_connect
+from conftest import Proc
 
 pytestmark = pytest.mark.slow
 
@@ -283,35 +288,75 @@ def under_test(
     return start_node(kind, *args, upstreams=upstreams, extra=(*extra, "--metrics", "127.0.0.1:0"))
 
 
-def sessions_open(node: Proc) -> int:
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=10) as r:
-        text = r.read().decode()
+def sessions_open(node: Proc, timeout: float) -> int:
+    try:
+        with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=timeout) as r:
+            text = r.read().decode()
+    except OSError as exc:  # a timeout too
+        raise FuzzFailure(
+            f"the node's metrics did not answer within {timeout:.1f} s: {exc}"
+        ) from None
     match = re.search(r"^nbdfabric_connections_open\{[^}]*\} ([0-9.]+)$", text, re.M)
     assert match, "no nbdfabric_connections_open metric"
     return int(float(match.group(1)))
 
 
+# libnbd with bounded waits: its blocking calls wait forever for a node that stopped answering,
+# and pytest-timeout's alarm cannot end them (libnbd polls again after the signal). So the
+# harness drives libnbd's state machine itself and gives up after REPLY_TIMEOUT.
+
+
+def run_until(h: Any, done: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + REPLY_TIMEOUT
+    while not done():
+        left = deadline - time.monotonic()
+        check(left > 0, f"libnbd: no answer to {what} within {REPLY_TIMEOUT} s (a hang)")
+        h.poll(max(1, int(min(left, 1.0) * 1000)))
+
+
+def command(h: Any, cookie: int, what: str) -> None:
+    """Wait for the command `cookie` (its failure raises nbd.Error, as a blocking call would)."""
+    run_until(h, lambda: h.aio_command_completed(cookie), what)
+
+
+@contextlib.contextmanager
+def libnbd(uri: str) -> Iterator[Any]:
+    """A handle connected as conftest's nbd_connect connects, for aio_* calls and command()."""
+    import nbd
+
+    h = nbd.NBD()
+    h.set_request_structured_replies(True)
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.aio_connect_uri(uri)
+    run_until(h, lambda: not h.aio_is_connecting(), f"the handshake with {uri}")
+    check(h.aio_is_ready(), f"libnbd could not connect to {uri}")
+    yield h
+    h.aio_disconnect(0)
+    run_until(h, lambda: h.aio_is_closed() or h.aio_is_dead(), f"the disconnect from {uri}")
+
+
 def fill(uri: str, data: bytes, offset: int = 0) -> None:
-    h = nbd_connect(uri)
-    try:
+    import nbd
+
+    with libnbd(uri) as h:
         for pos in range(0, len(data), 4 * MiB):
-            h.pwrite(data[pos : pos + 4 * MiB], offset + pos)
-        h.flush()
-    finally:
-        h.shutdown()
+            chunk = nbd.Buffer.from_bytearray(bytearray(data[pos : pos + 4 * MiB]))
+            command(h, h.aio_pwrite(chunk, offset + pos), f"a write to {uri}")
+        command(h, h.aio_flush(), f"a flush of {uri}")
 
 
 def read_all(uri: str, flush: bool = False) -> bytes:
-    h = nbd_connect(uri)
-    try:
+    import nbd
+
+    with libnbd(uri) as h:
         if flush and not h.is_read_only():
-            h.flush()
-        size = h.get_size()
-        return b"".join(
-            bytes(h.pread(min(4 * MiB, size - pos), pos)) for pos in range(0, size, 4 * MiB)
-        )
-    finally:
-        h.shutdown()
+            command(h, h.aio_flush(), f"a flush of {uri}")
+        size, out = h.get_size(), bytearray()
+        for pos in range(0, size, 4 * MiB):
+            buf = nbd.Buffer(min(4 * MiB, size - pos))
+            command(h, h.aio_pread(buf, pos), f"a read of {uri} at {pos}")
+            out += buf.to_bytearray()
+        return bytes(out)
 
 
 def marked(size: int) -> bytearray:
@@ -768,9 +813,12 @@ class Client:
             raise self.fail(message)
 
     async def run(self) -> None:
-        self.reader, self.writer = await asyncio.open_unix_connection(
-            self.t.node.socket, limit=1 << 26
-        )
+        try:
+            self.reader, self.writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.t.node.socket, limit=1 << 26), REPLY_TIMEOUT
+            )
+        except TimeoutError:
+            raise self.fail(f"connecting took over {REPLY_TIMEOUT} s (a hang)") from None
         self.stats.connections += 1
         try:
             await self._run()
@@ -804,7 +852,10 @@ class Client:
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
-        await asyncio.wait_for(self.writer.drain(), REPLY_TIMEOUT)
+        try:
+            await asyncio.wait_for(self.writer.drain(), REPLY_TIMEOUT)
+        except TimeoutError:
+            raise self.fail(f"the server took no data for {REPLY_TIMEOUT} s (a hang)") from None
 
     async def expect_close(self, why: str) -> None:
         """The server must end the connection after `why` (not hang)."""
@@ -1438,8 +1489,11 @@ class Client:
                     more.append(REQUEST.pack(REQUEST_MAGIC, 0, WRITE, 1 << 40, off, 4096))
                     more.append(rng.randbytes(4096))
                 self.disc = True
+                # The server need not read them: a full socket is no hang (its close is
+                # awaited below).
                 with contextlib.suppress(ConnectionError, TimeoutError):
-                    await self.send(disc + b"".join(more))
+                    self.writer.write(disc + b"".join(more))
+                    await asyncio.wait_for(self.writer.drain(), REPLY_TIMEOUT)
             if how == "half-close":
                 self.half_closed = True
                 self.writer.write_eof()
@@ -1709,7 +1763,7 @@ def verify(target: Target, models: dict[bytes, Model]) -> None:
     # Requests of connections the clients cut off may still be running: wait until every
     # session has ended (it must: a session that never ends is a hang).
     deadline = time.monotonic() + REPLY_TIMEOUT
-    while sessions_open(target.node):
+    while sessions_open(target.node, max(0.1, deadline - time.monotonic())):
         check(time.monotonic() < deadline, f"[{target.name}] sessions still open after the batch")
         time.sleep(0.02)
     for name, model in models.items():
@@ -1816,30 +1870,35 @@ def fuzz_target(
         target = build_target(request.param, start_node, tmp_path)
     import nbd
 
-    h = nbd_connect(target.uri(target.names[0]))
-    target.block_min = h.get_block_size(nbd.SIZE_MINIMUM) or 1
-    target.block_max = h.get_block_size(nbd.SIZE_MAXIMUM) or 32 * MiB
-    h.shutdown()
+    with libnbd(target.uri(target.names[0])) as h:
+        target.block_min = h.get_block_size(nbd.SIZE_MINIMUM) or 1
+        target.block_max = h.get_block_size(nbd.SIZE_MAXIMUM) or 32 * MiB
     yield target
 
 
 @pytest.mark.parametrize("fuzz_target", SHAPES + MORE_SHAPES, indirect=True)
 def test_fuzz_node(fuzz_target: Target) -> None:
     target = fuzz_target
-    seconds = target.seconds
-    print(f"fuzz {target.name}: seed {SEED} (replay: NBDFABRIC_FUZZ_SEED={SEED}), {seconds} s")
+    print(
+        f"fuzz {target.name}: seed {SEED} (replay: NBDFABRIC_FUZZ_SEED={SEED}), {target.seconds} s"
+    )
+    try:
+        fuzz(target)
+    except FuzzFailure as exc:
+        raise FuzzFailure(f"{target.name}, seed {SEED}: {exc}") from None
+
+
+def fuzz(target: Target) -> None:
     models = {name: Model(target.initial_of(name)) for name in target.names}
     stats = Stats()
     verify(target, models)
-    deadline = time.monotonic() + seconds
+    deadline = time.monotonic() + target.seconds
     rss_start: dict[int, int] = {}
     while time.monotonic() < deadline or stats.batches < 2:
         if target.before_batch is not None:
             target.before_batch()
         try:
             asyncio.run(run_batch(target, models, stats.batches, stats))
-        except FuzzFailure as exc:
-            raise FuzzFailure(f"seed {SEED}: {exc}") from None
         finally:
             if target.after_batch is not None:
                 target.after_batch()
@@ -1871,3 +1930,47 @@ def assert_healthy_logs(target: Target) -> None:
         log = p.stderr()
         for bad in BAD_LOG_LINES:
             check(bad not in log, f"a node's stderr has {bad!r}:\n{log[-4000:]}")
+
+
+def test_fuzz_harness_gives_up_on_a_hung_node(start_node: Any, monkeypatch: Any) -> None:
+    """A node that stops answering fails the run within about REPLY_TIMEOUT, wherever the
+    harness waits: a libnbd read (reads delayed for an hour), the raw clients' handshake, the
+    metrics and a libnbd handshake (a SIGSTOPped node). Not a pytest timeout: a blocking libnbd
+    call outlives pytest-timeout's alarm, so this test's own watchdog ends a hang by killing the
+    node."""
+    monkeypatch.setattr(sys.modules[__name__], "REPLY_TIMEOUT", 1.0)
+    memory = under_test(start_node, "memory", str(SIZE))
+    delayed = under_test(start_node, "delay", "delay-read=1h", upstreams=[memory.uri])
+    watchdog = threading.Timer(30, lambda: (delayed.kill(), memory.kill()))
+    watchdog.start()
+
+    def gives_up(run: Callable[[], object], why: str) -> None:
+        start = time.monotonic()
+        with pytest.raises(FuzzFailure, match=why):
+            run()
+        check(time.monotonic() - start < 3, f"gave up after {time.monotonic() - start:.1f} s")
+
+    try:
+        stalled = Target("delay-1h", delayed, [delayed, memory], bytes(SIZE), seconds=0)
+        gives_up(lambda: fuzz(stalled), "libnbd: no answer to a read")
+        stopped = Target("stopped", memory, [memory], bytes(SIZE), seconds=0)
+        os.kill(memory.pid, signal.SIGSTOP)
+        models = {b"": Model(bytes(SIZE))}
+        gives_up(lambda: asyncio.run(run_batch(stopped, models, 0, Stats())), "no data from")
+        gives_up(lambda: asyncio.run(flood(stopped, models)), "took no data")
+        gives_up(lambda: verify(stopped, models), "metrics did not answer")
+        gives_up(lambda: read_all(memory.uri), "libnbd: no answer to the handshake")
+    finally:
+        watchdog.cancel()
+        os.kill(memory.pid, signal.SIGCONT)
+        delayed.kill()  # its read sleeps on: a clean stop would wait for it
+
+
+async def flood(target: Target, models: dict[bytes, Model]) -> None:
+    """Send more than the socket holds to a node that reads nothing."""
+    client = Client(target, models, random.Random(0), Stats(), "flood")
+    client.reader, client.writer = await asyncio.open_unix_connection(target.node.socket)
+    try:
+        await client.send(bytes(16 * MiB))
+    finally:
+        client.writer.transport.abort()
