@@ -36,6 +36,8 @@ from typing import Any
 import pytest
 from conftest import Proc
 
+from bench.http_server import HttpServer
+
 pytestmark = pytest.mark.slow
 
 FUZZ_SECONDS = float(os.environ.get("NBDFABRIC_FUZZ_SECONDS") or 10)
@@ -528,10 +530,23 @@ def trigger(path: Path) -> tuple[Callable[[], None], Callable[[], None]]:
     return path.touch, lambda: path.unlink(missing_ok=True)
 
 
-def build_more(shape: str, start_node: Any, tmp_path: Path) -> Target:
+def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> Target:
     """The shapes added after the first eleven."""
     rng = random.Random(f"{SEED}:{shape}:initial")
     seed = str(rng.randrange(1 << 31))
+    if shape in ("http", "http-cow"):
+        image = rng.randbytes(SIZE - 1000)  # a tail that is not whole sectors
+        url = start_http(image)
+        if shape == "http":
+            node = under_test(start_node, "http", url)
+            return Target(shape, node, [node], image, read_only=True)
+        http = start_node("http", url)
+        node = under_test(start_node, "cow", "cow-block-size=4K", upstreams=[http.uri])
+
+        def http_below(export: bytes, trimmed: bytearray) -> None:
+            check(read_all(http.uri) == image, "the http node no longer serves the image")
+
+        return Target(shape, node, [node, http], image, check_below=http_below)
     if shape == "concat":
         sizes = [256 * KiB, 512 * KiB, 256 * KiB]
         images = [rng.randbytes(n) for n in sizes]
@@ -1856,15 +1871,34 @@ MORE_SHAPES = [
     "protect",
     "nbd",
     "empty",
+    "http",
+    "http-cow",
 ]
 
 
 @pytest.fixture
+def start_http(tmp_path: Path) -> Iterator[Callable[[bytes], str]]:
+    """Serve an image over HTTP on loopback (bench's aiohttp server): returns its URL."""
+    servers: list[HttpServer] = []
+
+    def start(image: bytes) -> str:
+        root = tmp_path / f"www{len(servers)}"
+        root.mkdir()
+        (root / "disk.img").write_bytes(image)
+        servers.append(HttpServer(root))
+        return servers[-1].url("files")
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
 def fuzz_target(
-    request: pytest.FixtureRequest, start_node: Any, tmp_path: Path
+    request: pytest.FixtureRequest, start_node: Any, start_http: Any, tmp_path: Path
 ) -> Iterator[Target]:
     if request.param in MORE_SHAPES:
-        target = build_more(request.param, start_node, tmp_path)
+        target = build_more(request.param, start_node, tmp_path, start_http)
         target.seconds = FUZZ_SECONDS_MORE
     else:
         target = build_target(request.param, start_node, tmp_path)
