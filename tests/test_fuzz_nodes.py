@@ -700,6 +700,8 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         "error": [],
         "retry": ["retries=4", "retry-delay=1ms", "retry-exponential=no"],
         "nbd": [],
+        # The fuzz clients and libnbd connect over a unix socket, as this process's user.
+        "ip": [f"allow=uid:{os.getuid()}", "deny=all"],
     }[shape]
     kind = shape.split("-")[0] if shape != "cow-on-read" else "cow"
     node = under_test(start_node, kind, *args, upstreams=[upstream])
@@ -1873,6 +1875,7 @@ MORE_SHAPES = [
     "empty",
     "http",
     "http-cow",
+    "ip",
 ]
 
 
@@ -1964,6 +1967,80 @@ def assert_healthy_logs(target: Target) -> None:
         log = p.stderr()
         for bad in BAD_LOG_LINES:
             check(bad not in log, f"a node's stderr has {bad!r}:\n{log[-4000:]}")
+
+
+def test_fuzz_ip_refuses_every_client(start_node: Any) -> None:
+    """An ip node that refuses the fuzz clients (its unix socket; it admits 127.0.0.1 on TCP):
+    every attempt, whatever it sends, sees the connection closed without a byte (no greeting,
+    so never data), and the node stays healthy: its sessions end, it serves TCP clients on and
+    stops cleanly."""
+    rng = random.Random(f"{SEED}:ip-deny")
+    image = rng.randbytes(SIZE)
+    up = memory_with(start_node, image)
+    node = under_test(
+        start_node,
+        "ip",
+        "allow=127.0.0.1",
+        "deny=all",
+        upstreams=[up.uri],
+        extra=("--listen", "127.0.0.1:0"),
+    )
+    (tcp,) = [uri for uri in node.info["uris"] if uri.startswith("nbd://")]
+    target = Target("ip-deny", node, [node, up], image)
+    print(f"fuzz ip-deny: seed {SEED} (replay: NBDFABRIC_FUZZ_SEED={SEED})")
+    tried: dict[str, int] = {}
+
+    async def batch() -> None:
+        clients = [random.Random(rng.random()) for _ in range(rng.randint(1, 6))]
+        for how in await asyncio.gather(*(refused(node.socket, r) for r in clients)):
+            tried[how] = tried.get(how, 0) + 1
+
+    try:
+        deadline = time.monotonic() + FUZZ_SECONDS_MORE
+        while time.monotonic() < deadline:
+            asyncio.run(batch())
+            assert_healthy(target)
+        verify(target, {})  # every refused session has ended
+        check(read_all(tcp) == image, "the admitted TCP client does not read the disk")
+        assert_healthy(target)
+    except FuzzFailure as exc:
+        raise FuzzFailure(f"ip-deny, seed {SEED}: {exc}") from None
+    print(f"fuzz ip-deny: {tried}")
+    for p in target.procs:
+        check(p.stop() == 0, f"{p.pid} exited {p.proc.returncode}: {p.stderr()[-2000:]}")
+    assert_healthy_logs(target)
+
+
+async def refused(path: str, rng: random.Random) -> str:
+    """One client the node must refuse: it sends some or all of a handshake (or hangs up) and
+    must get nothing back but the end of the connection. Returns what it did."""
+    how = rng.choice(["nothing", "flags", "go", "garbage", "seed", "hang-up"])
+    data = {
+        "nothing": b"",
+        "flags": struct.pack(">I", 3),
+        "go": struct.pack(">IQII", 3, IHAVEOPT, OPT_GO, 6) + bytes(6),
+        "garbage": rng.randbytes(rng.randint(1, 600)),
+        "seed": rng.choice(SEEDS).read_bytes() if SEEDS else b"",
+        "hang-up": b"",
+    }[how]
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), REPLY_TIMEOUT)
+    except TimeoutError:
+        raise FuzzFailure(f"[ip-deny] connecting took over {REPLY_TIMEOUT} s") from None
+    try:
+        if how == "hang-up":
+            return how
+        writer.write(data)
+        await asyncio.wait_for(writer.drain(), REPLY_TIMEOUT)
+        got = await asyncio.wait_for(reader.read(1 << 16), REPLY_TIMEOUT)
+    except ConnectionError:
+        got = b""  # reset before or while we sent: refused all the same
+    except TimeoutError:
+        raise FuzzFailure(f"[ip-deny] {how}: not closed within {REPLY_TIMEOUT} s") from None
+    finally:
+        writer.transport.abort()
+    check(got == b"", f"[ip-deny] {how}: a refused client was sent {got[:40].hex()}")
+    return how
 
 
 def test_fuzz_harness_gives_up_on_a_hung_node(start_node: Any, monkeypatch: Any) -> None:
