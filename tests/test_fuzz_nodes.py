@@ -255,6 +255,13 @@ class Target:
     exports: dict[bytes, bytes] | None = None
     #: Per export name, as check_below (several exports).
     check_named: Callable[[bytes, bytes, bytearray], None] | None = None
+    #: Every name leads to an export (info): what it holds for a name, None for a name the
+    #: node must refuse. `exports` are then the names libnbd reads back after each batch.
+    export_of: Callable[[bytes], bytes | None] | None = None
+    #: The contents change from read to read (info's clocks): never learnt, but each read is
+    #: judged by this: (offset, bytes, monotonic time before the reader connected) -> what is
+    #: wrong with them, or None.
+    volatile: Callable[[int, bytes, float], str | None] | None = None
     #: Run around each batch (e.g. to arm an error filter's trigger file only during it).
     before_batch: Callable[[], None] | None = None
     after_batch: Callable[[], None] | None = None
@@ -272,6 +279,12 @@ class Target:
 
     def initial_of(self, name: bytes) -> bytes:
         return self.exports[name] if self.exports is not None else self.initial
+
+    def model(self, initial: bytes) -> Model:
+        model = Model(initial)
+        if self.volatile is not None:
+            model.unknown(0, model.size, trimmed=True)  # "need not read the same twice"
+        return model
 
     def uri(self, name: bytes = b"") -> str:
         if not name:
@@ -534,6 +547,8 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
     """The shapes added after the first eleven."""
     rng = random.Random(f"{SEED}:{shape}:initial")
     seed = str(rng.randrange(1 << 31))
+    if shape.startswith("info"):
+        return info_shape(shape, start_node, rng)
     if shape in ("http", "http-cow"):
         image = rng.randbytes(SIZE - 1000)  # a tail that is not whole sectors
         url = start_http(image)
@@ -723,6 +738,89 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
     return Target(shape, node, [node, *procs], image, check_below=below, **extras)
 
 
+def info_shape(shape: str, start_node: Any, rng: random.Random) -> Target:
+    """The info plugin: a read-only disk about the client. Its name, an address or a clock,
+    so every name the client asks for leads to an export (some refused in base64 mode)."""
+    mode = shape.partition("-")[2] or "exportname"
+    spawned = time.monotonic()
+    node = under_test(start_node, "info", f"mode={mode}")
+    ready = time.monotonic()
+    names = [b"", b"hello", "ünïcode name".encode(), rng.randbytes(1500).hex().encode()]
+    export_of: Callable[[bytes], bytes | None] = utf8_name
+    volatile = None
+    if mode == "base64exportname":
+        names = [b""] + [base64.b64encode(rng.randbytes(n)) for n in (1, 5, 2000)]
+        export_of = base64_name
+    elif mode == "address":
+        export_of = unix_address
+    elif mode != "exportname":
+        export_of = a_clock
+        volatile = clock(mode, spawned, ready, time.time())
+    exports = {name: export_of(name) or b"" for name in names[: 1 if volatile else None]}
+    return Target(
+        shape,
+        node,
+        [node],
+        b"",
+        read_only=True,
+        exports=exports,
+        export_of=export_of,
+        volatile=volatile,
+    )
+
+
+def utf8_name(name: bytes) -> bytes | None:
+    try:
+        name.decode()
+    except UnicodeDecodeError:
+        return None
+    return name
+
+
+def unix_address(name: bytes) -> bytes:
+    """What info mode=address shows a unix-socket client, whatever the name (not the path)."""
+    return b"unix"
+
+
+def a_clock(name: bytes) -> bytes:
+    """The size of info's clocks, whatever the name (the bytes are judged by clock())."""
+    return bytes(12)
+
+
+def base64_name(name: bytes) -> bytes | None:
+    try:
+        return base64.b64decode(name, validate=True)
+    except ValueError:  # binascii.Error too
+        return None
+
+
+def clock(
+    mode: str, spawned: float, ready: float, wall: float
+) -> Callable[[int, bytes, float], str | None]:
+    """Judges a read of an info clock: `mode` time (wall clock, from `wall` on), uptime (the
+    node was spawned at `spawned` and ready at `ready`) or conntime. Only whole values (all 12
+    bytes read at once) can be judged; of a part of one, only its length."""
+
+    def judge(offset: int, data: bytes, connected_at: float) -> str | None:
+        if (offset, len(data)) != (0, 12):
+            return None
+        seconds, micros = struct.unpack(">QI", data)
+        if micros >= 1_000_000:
+            return f"{micros} microseconds"
+        value, now = seconds + micros / 1e6, time.monotonic()
+        if mode == "time":
+            low, high = wall - 1, time.time() + 1  # the same clock, give or take a step
+        elif mode == "uptime":
+            low, high = connected_at - ready, now - spawned
+        else:  # conntime: counted from the handshake, which came after the connect
+            low, high = 0, now - connected_at
+        if not low - 0.001 <= value <= high + 0.001:
+            return f"{mode} reads {value:.6f} s, not within [{low:.6f}, {high:.6f}]"
+        return None
+
+    return judge
+
+
 def check_log(path: Path) -> None:
     """Every line of the log filter's file is a JSON object; requests were logged, and every
     connection opened was closed."""
@@ -830,6 +928,7 @@ class Client:
             raise self.fail(message)
 
     async def run(self) -> None:
+        self.connected_at = time.monotonic()
         try:
             self.reader, self.writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(self.t.node.socket, limit=1 << 26), REPLY_TIMEOUT
@@ -1044,12 +1143,7 @@ class Client:
             elif choice < 0.65:
                 infos = rng.sample([0, 1, 2, 3, 999], rng.randint(0, 3))
                 if self.t.exports is not None and rng.random() < 0.3:
-                    # Several exports: a name that is none of them (nor leads out of the
-                    # directory) is refused, and the handshake goes on.
-                    bad = rng.choice([b"", b".", b"..", b"../x", b"sub", b"sub/x", b"nope"])
-                    await self.option(OPT_INFO, self.info_data(bad, infos))
-                    reps = await self.opt_replies(OPT_INFO)
-                    self.expect(reps == [(ERR_UNKNOWN, reps[0][1])], f"INFO {bad!r}: {reps}")
+                    await self.other_name(infos, structured)
                     continue
                 await self.option(OPT_INFO, self.info_data(self.name, infos))
                 reps = await self.opt_replies(OPT_INFO)
@@ -1064,7 +1158,11 @@ class Client:
                 )
                 if self.t.exports is not None:
                     listed = sorted(self.listed_name(body) for _, body in reps[:-1])
-                    self.expect(listed == sorted(self.models), f"LIST gave {listed}")
+                    if self.t.export_of is not None:
+                        bad = [n for n in listed if self.t.export_of(n) is None]
+                        self.expect(not bad, f"LIST gave names it refuses: {bad}")
+                    else:
+                        self.expect(listed == sorted(self.models), f"LIST gave {listed}")
             elif choice < 0.80:
                 option = rng.choice([4, 11, 12, 99, 0x7FFFFFFF, 0xFFFFFFFF])
                 await self.option(option, rng.randbytes(rng.randint(0, 64)))
@@ -1116,8 +1214,35 @@ class Client:
         (and then its model is the one that judges)."""
         if self.t.exports is None:
             return
+        if self.t.export_of is not None:
+            content = self.t.export_of(name)
+            self.expect(content is not None, f"export {name!r} accepted, it must be refused")
+            assert content is not None
+            # A name of its own (not read back by libnbd): read-only, so its model stays right.
+            model = self.models.get(name) or self.t.model(content)
+            self.name, self.model = name, model
+            return
         self.expect(name in self.models, f"export {name!r} accepted, not one of the exports")
         self.name, self.model = name, self.models[name]
+
+    async def other_name(self, infos: list[int], structured: bool) -> None:
+        """INFO for a name that is none of the exports: refused (nor may it lead out of a
+        directory), and the handshake goes on; where every name leads somewhere (info), it
+        must describe what that name leads to."""
+        names = [b"", b".", b"..", b"../x", b"sub", b"sub/x", b"nope"]
+        if self.t.export_of is not None:
+            names += [b"Zm9vYg==", b"Zm9", b"not base64!", "\u00e9t\u00e9".encode(), b"x" * 4000]
+        name = self.rng.choice(names)
+        await self.option(OPT_INFO, self.info_data(name, infos))
+        reps = await self.opt_replies(OPT_INFO)
+        if self.t.export_of is None or self.t.export_of(name) is None:
+            self.expect(reps == [(ERR_UNKNOWN, reps[0][1])], f"INFO {name!r}: {reps}")
+            return
+        self.expect(reps[-1][0] == REP_ACK, f"INFO {name!r} refused: {reps[-1]}")
+        mine = self.name
+        self.bind(name)  # only to judge the size
+        self.check_info(reps, structured)
+        self.bind(mine)
 
     def listed_name(self, body: bytes) -> bytes:
         self.expect(len(body) >= 4, "short REP_SERVER")
@@ -1193,6 +1318,12 @@ class Client:
                 assert parsed is not None
                 return structured, (parsed[0], ids)
             return structured, None
+        if option in (OPT_GO, OPT_INFO) and final != REP_ACK and self.t.export_of is not None:
+            name = parse_info(bytes(data))
+            self.expect(
+                name is None or self.t.export_of(name) is None,
+                f"well-formed {option} for {name!r} refused: {reps[-1]}",
+            )
         if option == OPT_GO and final == REP_ACK:
             name = parse_info(bytes(data))
             self.expect(name is not None, f"malformed GO accepted: {bytes(data).hex()}")
@@ -1358,6 +1489,10 @@ class Client:
             offset -= offset % 4096
         if offset + length > size and rng.random() < 0.9:
             offset = max(0, size - length)
+        if 0 < size <= 4096 and rng.random() < 0.4:
+            # A tiny export (info's): the whole of it, or a range inside it.
+            offset = 0 if rng.random() < 0.5 else rng.randrange(size)
+            length = size - offset if rng.random() < 0.5 else rng.randint(1, size - offset)
         # Bad ranges
         r = rng.random()
         if r < 0.03:
@@ -1698,6 +1833,9 @@ class Client:
                     f"{self.model.data[bad]:#x}\n    {self.model.about(bad)}"
                 )
             self.expect(MARKER[:8] not in data, f"{what}: bytes from outside the export")
+            if self.t.volatile is not None:
+                wrong = self.t.volatile(p.offset, data, self.connected_at)
+                self.expect(wrong is None, f"{what}: {wrong}")
         elif p.cmd == BS:
             self.check_extents(p, op)
 
@@ -1788,7 +1926,11 @@ def verify(target: Target, models: dict[bytes, Model]) -> None:
 
 
 def verify_export(target: Target, name: bytes, model: Model) -> None:
+    connected_at = time.monotonic()
     first = read_all(target.uri(name))
+    if target.volatile is not None:
+        wrong = target.volatile(0, first, connected_at)
+        check(wrong is None, f"[{target.name} {name!r}] a libnbd read: {wrong}")
     check(len(first) == model.size, f"export {name!r}: size changed")
     if first != model.data:
         for blk in range(0, model.size, 4096):
@@ -1876,6 +2018,12 @@ MORE_SHAPES = [
     "http",
     "http-cow",
     "ip",
+    "info",
+    "info-base64exportname",
+    "info-address",
+    "info-time",
+    "info-uptime",
+    "info-conntime",
 ]
 
 
@@ -1926,7 +2074,7 @@ def test_fuzz_node(fuzz_target: Target) -> None:
 
 
 def fuzz(target: Target) -> None:
-    models = {name: Model(target.initial_of(name)) for name in target.names}
+    models = {name: target.model(target.initial_of(name)) for name in target.names}
     stats = Stats()
     verify(target, models)
     deadline = time.monotonic() + target.seconds
