@@ -7,6 +7,8 @@ Bounded and reproducible: `NBDFABRIC_FUZZ_SECONDS` per node shape (default 10 fo
 eleven shapes, 2 for the others, so the whole file stays within a few minutes),
 `NBDFABRIC_FUZZ_SEED` to replay a run (the seed is printed; a failure shows it). The client
 sequences follow from the seed; the interleaving of concurrent clients follows the scheduler.
+A node that stops answering fails the run within about REPLY_TIMEOUT, naming the shape and the
+seed, wherever the harness waits for it (raw clients, its metrics, libnbd).
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import json
 import os
 import random
 import re
+import signal
 import struct
 import subprocess
+import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -29,7 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Proc, nbd_connect
+from conftest import Proc
+
+from bench.http_server import HttpServer
 
 pytestmark = pytest.mark.slow
 
@@ -248,6 +255,13 @@ class Target:
     exports: dict[bytes, bytes] | None = None
     #: Per export name, as check_below (several exports).
     check_named: Callable[[bytes, bytes, bytearray], None] | None = None
+    #: Every name leads to an export (info): what it holds for a name, None for a name the
+    #: node must refuse. `exports` are then the names libnbd reads back after each batch.
+    export_of: Callable[[bytes], bytes | None] | None = None
+    #: The contents change from read to read (info's clocks): never learnt, but each read is
+    #: judged by this: (offset, bytes, monotonic time before the reader connected) -> what is
+    #: wrong with them, or None.
+    volatile: Callable[[int, bytes, float], str | None] | None = None
     #: Run around each batch (e.g. to arm an error filter's trigger file only during it).
     before_batch: Callable[[], None] | None = None
     after_batch: Callable[[], None] | None = None
@@ -266,6 +280,12 @@ class Target:
     def initial_of(self, name: bytes) -> bytes:
         return self.exports[name] if self.exports is not None else self.initial
 
+    def model(self, initial: bytes) -> Model:
+        model = Model(initial)
+        if self.volatile is not None:
+            model.unknown(0, model.size, trimmed=True)  # "need not read the same twice"
+        return model
+
     def uri(self, name: bytes = b"") -> str:
         if not name:
             return self.node.uri
@@ -283,35 +303,75 @@ def under_test(
     return start_node(kind, *args, upstreams=upstreams, extra=(*extra, "--metrics", "127.0.0.1:0"))
 
 
-def sessions_open(node: Proc) -> int:
-    with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=10) as r:
-        text = r.read().decode()
+def sessions_open(node: Proc, timeout: float) -> int:
+    try:
+        with urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=timeout) as r:
+            text = r.read().decode()
+    except OSError as exc:  # a timeout too
+        raise FuzzFailure(
+            f"the node's metrics did not answer within {timeout:.1f} s: {exc}"
+        ) from None
     match = re.search(r"^nbdfabric_connections_open\{[^}]*\} ([0-9.]+)$", text, re.M)
     assert match, "no nbdfabric_connections_open metric"
     return int(float(match.group(1)))
 
 
+# libnbd with bounded waits: its blocking calls wait forever for a node that stopped answering,
+# and pytest-timeout's alarm cannot end them (libnbd polls again after the signal). So the
+# harness drives libnbd's state machine itself and gives up after REPLY_TIMEOUT.
+
+
+def run_until(h: Any, done: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + REPLY_TIMEOUT
+    while not done():
+        left = deadline - time.monotonic()
+        check(left > 0, f"libnbd: no answer to {what} within {REPLY_TIMEOUT} s (a hang)")
+        h.poll(max(1, int(min(left, 1.0) * 1000)))
+
+
+def command(h: Any, cookie: int, what: str) -> None:
+    """Wait for the command `cookie` (its failure raises nbd.Error, as a blocking call would)."""
+    run_until(h, lambda: h.aio_command_completed(cookie), what)
+
+
+@contextlib.contextmanager
+def libnbd(uri: str) -> Iterator[Any]:
+    """A handle connected as conftest's nbd_connect connects, for aio_* calls and command()."""
+    import nbd
+
+    h = nbd.NBD()
+    h.set_request_structured_replies(True)
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.aio_connect_uri(uri)
+    run_until(h, lambda: not h.aio_is_connecting(), f"the handshake with {uri}")
+    check(h.aio_is_ready(), f"libnbd could not connect to {uri}")
+    yield h
+    h.aio_disconnect(0)
+    run_until(h, lambda: h.aio_is_closed() or h.aio_is_dead(), f"the disconnect from {uri}")
+
+
 def fill(uri: str, data: bytes, offset: int = 0) -> None:
-    h = nbd_connect(uri)
-    try:
+    import nbd
+
+    with libnbd(uri) as h:
         for pos in range(0, len(data), 4 * MiB):
-            h.pwrite(data[pos : pos + 4 * MiB], offset + pos)
-        h.flush()
-    finally:
-        h.shutdown()
+            chunk = nbd.Buffer.from_bytearray(bytearray(data[pos : pos + 4 * MiB]))
+            command(h, h.aio_pwrite(chunk, offset + pos), f"a write to {uri}")
+        command(h, h.aio_flush(), f"a flush of {uri}")
 
 
 def read_all(uri: str, flush: bool = False) -> bytes:
-    h = nbd_connect(uri)
-    try:
+    import nbd
+
+    with libnbd(uri) as h:
         if flush and not h.is_read_only():
-            h.flush()
-        size = h.get_size()
-        return b"".join(
-            bytes(h.pread(min(4 * MiB, size - pos), pos)) for pos in range(0, size, 4 * MiB)
-        )
-    finally:
-        h.shutdown()
+            command(h, h.aio_flush(), f"a flush of {uri}")
+        size, out = h.get_size(), bytearray()
+        for pos in range(0, size, 4 * MiB):
+            buf = nbd.Buffer(min(4 * MiB, size - pos))
+            command(h, h.aio_pread(buf, pos), f"a read of {uri} at {pos}")
+            out += buf.to_bytearray()
+        return bytes(out)
 
 
 def marked(size: int) -> bytearray:
@@ -483,10 +543,25 @@ def trigger(path: Path) -> tuple[Callable[[], None], Callable[[], None]]:
     return path.touch, lambda: path.unlink(missing_ok=True)
 
 
-def build_more(shape: str, start_node: Any, tmp_path: Path) -> Target:
+def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> Target:
     """The shapes added after the first eleven."""
     rng = random.Random(f"{SEED}:{shape}:initial")
     seed = str(rng.randrange(1 << 31))
+    if shape.startswith("info"):
+        return info_shape(shape, start_node, rng)
+    if shape in ("http", "http-cow"):
+        image = rng.randbytes(SIZE - 1000)  # a tail that is not whole sectors
+        url = start_http(image)
+        if shape == "http":
+            node = under_test(start_node, "http", url)
+            return Target(shape, node, [node], image, read_only=True)
+        http = start_node("http", url)
+        node = under_test(start_node, "cow", "cow-block-size=4K", upstreams=[http.uri])
+
+        def http_below(export: bytes, trimmed: bytearray) -> None:
+            check(read_all(http.uri) == image, "the http node no longer serves the image")
+
+        return Target(shape, node, [node, http], image, check_below=http_below)
     if shape == "concat":
         sizes = [256 * KiB, 512 * KiB, 256 * KiB]
         images = [rng.randbytes(n) for n in sizes]
@@ -640,6 +715,8 @@ def build_more(shape: str, start_node: Any, tmp_path: Path) -> Target:
         "error": [],
         "retry": ["retries=4", "retry-delay=1ms", "retry-exponential=no"],
         "nbd": [],
+        # The fuzz clients and libnbd connect over a unix socket, as this process's user.
+        "ip": [f"allow=uid:{os.getuid()}", "deny=all"],
     }[shape]
     kind = shape.split("-")[0] if shape != "cow-on-read" else "cow"
     node = under_test(start_node, kind, *args, upstreams=[upstream])
@@ -659,6 +736,89 @@ def build_more(shape: str, start_node: Any, tmp_path: Path) -> Target:
     if shape == "stats":
         extras["after_stop"] = lambda: check_stats(tmp_path / "stats.json")
     return Target(shape, node, [node, *procs], image, check_below=below, **extras)
+
+
+def info_shape(shape: str, start_node: Any, rng: random.Random) -> Target:
+    """The info plugin: a read-only disk about the client. Its name, an address or a clock,
+    so every name the client asks for leads to an export (some refused in base64 mode)."""
+    mode = shape.partition("-")[2] or "exportname"
+    spawned = time.monotonic()
+    node = under_test(start_node, "info", f"mode={mode}")
+    ready = time.monotonic()
+    names = [b"", b"hello", "ünïcode name".encode(), rng.randbytes(1500).hex().encode()]
+    export_of: Callable[[bytes], bytes | None] = utf8_name
+    volatile = None
+    if mode == "base64exportname":
+        names = [b""] + [base64.b64encode(rng.randbytes(n)) for n in (1, 5, 2000)]
+        export_of = base64_name
+    elif mode == "address":
+        export_of = unix_address
+    elif mode != "exportname":
+        export_of = a_clock
+        volatile = clock(mode, spawned, ready, time.time())
+    exports = {name: export_of(name) or b"" for name in names[: 1 if volatile else None]}
+    return Target(
+        shape,
+        node,
+        [node],
+        b"",
+        read_only=True,
+        exports=exports,
+        export_of=export_of,
+        volatile=volatile,
+    )
+
+
+def utf8_name(name: bytes) -> bytes | None:
+    try:
+        name.decode()
+    except UnicodeDecodeError:
+        return None
+    return name
+
+
+def unix_address(name: bytes) -> bytes:
+    """What info mode=address shows a unix-socket client, whatever the name (not the path)."""
+    return b"unix"
+
+
+def a_clock(name: bytes) -> bytes:
+    """The size of info's clocks, whatever the name (the bytes are judged by clock())."""
+    return bytes(12)
+
+
+def base64_name(name: bytes) -> bytes | None:
+    try:
+        return base64.b64decode(name, validate=True)
+    except ValueError:  # binascii.Error too
+        return None
+
+
+def clock(
+    mode: str, spawned: float, ready: float, wall: float
+) -> Callable[[int, bytes, float], str | None]:
+    """Judges a read of an info clock: `mode` time (wall clock, from `wall` on), uptime (the
+    node was spawned at `spawned` and ready at `ready`) or conntime. Only whole values (all 12
+    bytes read at once) can be judged; of a part of one, only its length."""
+
+    def judge(offset: int, data: bytes, connected_at: float) -> str | None:
+        if (offset, len(data)) != (0, 12):
+            return None
+        seconds, micros = struct.unpack(">QI", data)
+        if micros >= 1_000_000:
+            return f"{micros} microseconds"
+        value, now = seconds + micros / 1e6, time.monotonic()
+        if mode == "time":
+            low, high = wall - 1, time.time() + 1  # the same clock, give or take a step
+        elif mode == "uptime":
+            low, high = connected_at - ready, now - spawned
+        else:  # conntime: counted from the handshake, which came after the connect
+            low, high = 0, now - connected_at
+        if not low - 0.001 <= value <= high + 0.001:
+            return f"{mode} reads {value:.6f} s, not within [{low:.6f}, {high:.6f}]"
+        return None
+
+    return judge
 
 
 def check_log(path: Path) -> None:
@@ -768,9 +928,13 @@ class Client:
             raise self.fail(message)
 
     async def run(self) -> None:
-        self.reader, self.writer = await asyncio.open_unix_connection(
-            self.t.node.socket, limit=1 << 26
-        )
+        self.connected_at = time.monotonic()
+        try:
+            self.reader, self.writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(self.t.node.socket, limit=1 << 26), REPLY_TIMEOUT
+            )
+        except TimeoutError:
+            raise self.fail(f"connecting took over {REPLY_TIMEOUT} s (a hang)") from None
         self.stats.connections += 1
         try:
             await self._run()
@@ -804,7 +968,10 @@ class Client:
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
-        await asyncio.wait_for(self.writer.drain(), REPLY_TIMEOUT)
+        try:
+            await asyncio.wait_for(self.writer.drain(), REPLY_TIMEOUT)
+        except TimeoutError:
+            raise self.fail(f"the server took no data for {REPLY_TIMEOUT} s (a hang)") from None
 
     async def expect_close(self, why: str) -> None:
         """The server must end the connection after `why` (not hang)."""
@@ -976,12 +1143,7 @@ class Client:
             elif choice < 0.65:
                 infos = rng.sample([0, 1, 2, 3, 999], rng.randint(0, 3))
                 if self.t.exports is not None and rng.random() < 0.3:
-                    # Several exports: a name that is none of them (nor leads out of the
-                    # directory) is refused, and the handshake goes on.
-                    bad = rng.choice([b"", b".", b"..", b"../x", b"sub", b"sub/x", b"nope"])
-                    await self.option(OPT_INFO, self.info_data(bad, infos))
-                    reps = await self.opt_replies(OPT_INFO)
-                    self.expect(reps == [(ERR_UNKNOWN, reps[0][1])], f"INFO {bad!r}: {reps}")
+                    await self.other_name(infos, structured)
                     continue
                 await self.option(OPT_INFO, self.info_data(self.name, infos))
                 reps = await self.opt_replies(OPT_INFO)
@@ -996,7 +1158,11 @@ class Client:
                 )
                 if self.t.exports is not None:
                     listed = sorted(self.listed_name(body) for _, body in reps[:-1])
-                    self.expect(listed == sorted(self.models), f"LIST gave {listed}")
+                    if self.t.export_of is not None:
+                        bad = [n for n in listed if self.t.export_of(n) is None]
+                        self.expect(not bad, f"LIST gave names it refuses: {bad}")
+                    else:
+                        self.expect(listed == sorted(self.models), f"LIST gave {listed}")
             elif choice < 0.80:
                 option = rng.choice([4, 11, 12, 99, 0x7FFFFFFF, 0xFFFFFFFF])
                 await self.option(option, rng.randbytes(rng.randint(0, 64)))
@@ -1048,8 +1214,35 @@ class Client:
         (and then its model is the one that judges)."""
         if self.t.exports is None:
             return
+        if self.t.export_of is not None:
+            content = self.t.export_of(name)
+            self.expect(content is not None, f"export {name!r} accepted, it must be refused")
+            assert content is not None
+            # A name of its own (not read back by libnbd): read-only, so its model stays right.
+            model = self.models.get(name) or self.t.model(content)
+            self.name, self.model = name, model
+            return
         self.expect(name in self.models, f"export {name!r} accepted, not one of the exports")
         self.name, self.model = name, self.models[name]
+
+    async def other_name(self, infos: list[int], structured: bool) -> None:
+        """INFO for a name that is none of the exports: refused (nor may it lead out of a
+        directory), and the handshake goes on; where every name leads somewhere (info), it
+        must describe what that name leads to."""
+        names = [b"", b".", b"..", b"../x", b"sub", b"sub/x", b"nope"]
+        if self.t.export_of is not None:
+            names += [b"Zm9vYg==", b"Zm9", b"not base64!", "\u00e9t\u00e9".encode(), b"x" * 4000]
+        name = self.rng.choice(names)
+        await self.option(OPT_INFO, self.info_data(name, infos))
+        reps = await self.opt_replies(OPT_INFO)
+        if self.t.export_of is None or self.t.export_of(name) is None:
+            self.expect(reps == [(ERR_UNKNOWN, reps[0][1])], f"INFO {name!r}: {reps}")
+            return
+        self.expect(reps[-1][0] == REP_ACK, f"INFO {name!r} refused: {reps[-1]}")
+        mine = self.name
+        self.bind(name)  # only to judge the size
+        self.check_info(reps, structured)
+        self.bind(mine)
 
     def listed_name(self, body: bytes) -> bytes:
         self.expect(len(body) >= 4, "short REP_SERVER")
@@ -1125,6 +1318,12 @@ class Client:
                 assert parsed is not None
                 return structured, (parsed[0], ids)
             return structured, None
+        if option in (OPT_GO, OPT_INFO) and final != REP_ACK and self.t.export_of is not None:
+            name = parse_info(bytes(data))
+            self.expect(
+                name is None or self.t.export_of(name) is None,
+                f"well-formed {option} for {name!r} refused: {reps[-1]}",
+            )
         if option == OPT_GO and final == REP_ACK:
             name = parse_info(bytes(data))
             self.expect(name is not None, f"malformed GO accepted: {bytes(data).hex()}")
@@ -1290,6 +1489,10 @@ class Client:
             offset -= offset % 4096
         if offset + length > size and rng.random() < 0.9:
             offset = max(0, size - length)
+        if 0 < size <= 4096 and rng.random() < 0.4:
+            # A tiny export (info's): the whole of it, or a range inside it.
+            offset = 0 if rng.random() < 0.5 else rng.randrange(size)
+            length = size - offset if rng.random() < 0.5 else rng.randint(1, size - offset)
         # Bad ranges
         r = rng.random()
         if r < 0.03:
@@ -1438,8 +1641,11 @@ class Client:
                     more.append(REQUEST.pack(REQUEST_MAGIC, 0, WRITE, 1 << 40, off, 4096))
                     more.append(rng.randbytes(4096))
                 self.disc = True
+                # The server need not read them: a full socket is no hang (its close is
+                # awaited below).
                 with contextlib.suppress(ConnectionError, TimeoutError):
-                    await self.send(disc + b"".join(more))
+                    self.writer.write(disc + b"".join(more))
+                    await asyncio.wait_for(self.writer.drain(), REPLY_TIMEOUT)
             if how == "half-close":
                 self.half_closed = True
                 self.writer.write_eof()
@@ -1627,6 +1833,9 @@ class Client:
                     f"{self.model.data[bad]:#x}\n    {self.model.about(bad)}"
                 )
             self.expect(MARKER[:8] not in data, f"{what}: bytes from outside the export")
+            if self.t.volatile is not None:
+                wrong = self.t.volatile(p.offset, data, self.connected_at)
+                self.expect(wrong is None, f"{what}: {wrong}")
         elif p.cmd == BS:
             self.check_extents(p, op)
 
@@ -1709,7 +1918,7 @@ def verify(target: Target, models: dict[bytes, Model]) -> None:
     # Requests of connections the clients cut off may still be running: wait until every
     # session has ended (it must: a session that never ends is a hang).
     deadline = time.monotonic() + REPLY_TIMEOUT
-    while sessions_open(target.node):
+    while sessions_open(target.node, max(0.1, deadline - time.monotonic())):
         check(time.monotonic() < deadline, f"[{target.name}] sessions still open after the batch")
         time.sleep(0.02)
     for name, model in models.items():
@@ -1717,7 +1926,11 @@ def verify(target: Target, models: dict[bytes, Model]) -> None:
 
 
 def verify_export(target: Target, name: bytes, model: Model) -> None:
+    connected_at = time.monotonic()
     first = read_all(target.uri(name))
+    if target.volatile is not None:
+        wrong = target.volatile(0, first, connected_at)
+        check(wrong is None, f"[{target.name} {name!r}] a libnbd read: {wrong}")
     check(len(first) == model.size, f"export {name!r}: size changed")
     if first != model.data:
         for blk in range(0, model.size, 4096):
@@ -1802,44 +2015,75 @@ MORE_SHAPES = [
     "protect",
     "nbd",
     "empty",
+    "http",
+    "http-cow",
+    "ip",
+    "info",
+    "info-base64exportname",
+    "info-address",
+    "info-time",
+    "info-uptime",
+    "info-conntime",
 ]
 
 
 @pytest.fixture
+def start_http(tmp_path: Path) -> Iterator[Callable[[bytes], str]]:
+    """Serve an image over HTTP on loopback (bench's aiohttp server): returns its URL."""
+    servers: list[HttpServer] = []
+
+    def start(image: bytes) -> str:
+        root = tmp_path / f"www{len(servers)}"
+        root.mkdir()
+        (root / "disk.img").write_bytes(image)
+        servers.append(HttpServer(root))
+        return servers[-1].url("files")
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
 def fuzz_target(
-    request: pytest.FixtureRequest, start_node: Any, tmp_path: Path
+    request: pytest.FixtureRequest, start_node: Any, start_http: Any, tmp_path: Path
 ) -> Iterator[Target]:
     if request.param in MORE_SHAPES:
-        target = build_more(request.param, start_node, tmp_path)
+        target = build_more(request.param, start_node, tmp_path, start_http)
         target.seconds = FUZZ_SECONDS_MORE
     else:
         target = build_target(request.param, start_node, tmp_path)
     import nbd
 
-    h = nbd_connect(target.uri(target.names[0]))
-    target.block_min = h.get_block_size(nbd.SIZE_MINIMUM) or 1
-    target.block_max = h.get_block_size(nbd.SIZE_MAXIMUM) or 32 * MiB
-    h.shutdown()
+    with libnbd(target.uri(target.names[0])) as h:
+        target.block_min = h.get_block_size(nbd.SIZE_MINIMUM) or 1
+        target.block_max = h.get_block_size(nbd.SIZE_MAXIMUM) or 32 * MiB
     yield target
 
 
 @pytest.mark.parametrize("fuzz_target", SHAPES + MORE_SHAPES, indirect=True)
 def test_fuzz_node(fuzz_target: Target) -> None:
     target = fuzz_target
-    seconds = target.seconds
-    print(f"fuzz {target.name}: seed {SEED} (replay: NBDFABRIC_FUZZ_SEED={SEED}), {seconds} s")
-    models = {name: Model(target.initial_of(name)) for name in target.names}
+    print(
+        f"fuzz {target.name}: seed {SEED} (replay: NBDFABRIC_FUZZ_SEED={SEED}), {target.seconds} s"
+    )
+    try:
+        fuzz(target)
+    except FuzzFailure as exc:
+        raise FuzzFailure(f"{target.name}, seed {SEED}: {exc}") from None
+
+
+def fuzz(target: Target) -> None:
+    models = {name: target.model(target.initial_of(name)) for name in target.names}
     stats = Stats()
     verify(target, models)
-    deadline = time.monotonic() + seconds
+    deadline = time.monotonic() + target.seconds
     rss_start: dict[int, int] = {}
     while time.monotonic() < deadline or stats.batches < 2:
         if target.before_batch is not None:
             target.before_batch()
         try:
             asyncio.run(run_batch(target, models, stats.batches, stats))
-        except FuzzFailure as exc:
-            raise FuzzFailure(f"seed {SEED}: {exc}") from None
         finally:
             if target.after_batch is not None:
                 target.after_batch()
@@ -1871,3 +2115,121 @@ def assert_healthy_logs(target: Target) -> None:
         log = p.stderr()
         for bad in BAD_LOG_LINES:
             check(bad not in log, f"a node's stderr has {bad!r}:\n{log[-4000:]}")
+
+
+def test_fuzz_ip_refuses_every_client(start_node: Any) -> None:
+    """An ip node that refuses the fuzz clients (its unix socket; it admits 127.0.0.1 on TCP):
+    every attempt, whatever it sends, sees the connection closed without a byte (no greeting,
+    so never data), and the node stays healthy: its sessions end, it serves TCP clients on and
+    stops cleanly."""
+    rng = random.Random(f"{SEED}:ip-deny")
+    image = rng.randbytes(SIZE)
+    up = memory_with(start_node, image)
+    node = under_test(
+        start_node,
+        "ip",
+        "allow=127.0.0.1",
+        "deny=all",
+        upstreams=[up.uri],
+        extra=("--listen", "127.0.0.1:0"),
+    )
+    (tcp,) = [uri for uri in node.info["uris"] if uri.startswith("nbd://")]
+    target = Target("ip-deny", node, [node, up], image)
+    print(f"fuzz ip-deny: seed {SEED} (replay: NBDFABRIC_FUZZ_SEED={SEED})")
+    tried: dict[str, int] = {}
+
+    async def batch() -> None:
+        clients = [random.Random(rng.random()) for _ in range(rng.randint(1, 6))]
+        for how in await asyncio.gather(*(refused(node.socket, r) for r in clients)):
+            tried[how] = tried.get(how, 0) + 1
+
+    try:
+        deadline = time.monotonic() + FUZZ_SECONDS_MORE
+        while time.monotonic() < deadline:
+            asyncio.run(batch())
+            assert_healthy(target)
+        verify(target, {})  # every refused session has ended
+        check(read_all(tcp) == image, "the admitted TCP client does not read the disk")
+        assert_healthy(target)
+    except FuzzFailure as exc:
+        raise FuzzFailure(f"ip-deny, seed {SEED}: {exc}") from None
+    print(f"fuzz ip-deny: {tried}")
+    for p in target.procs:
+        check(p.stop() == 0, f"{p.pid} exited {p.proc.returncode}: {p.stderr()[-2000:]}")
+    assert_healthy_logs(target)
+
+
+async def refused(path: str, rng: random.Random) -> str:
+    """One client the node must refuse: it sends some or all of a handshake (or hangs up) and
+    must get nothing back but the end of the connection. Returns what it did."""
+    how = rng.choice(["nothing", "flags", "go", "garbage", "seed", "hang-up"])
+    data = {
+        "nothing": b"",
+        "flags": struct.pack(">I", 3),
+        "go": struct.pack(">IQII", 3, IHAVEOPT, OPT_GO, 6) + bytes(6),
+        "garbage": rng.randbytes(rng.randint(1, 600)),
+        "seed": rng.choice(SEEDS).read_bytes() if SEEDS else b"",
+        "hang-up": b"",
+    }[how]
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), REPLY_TIMEOUT)
+    except TimeoutError:
+        raise FuzzFailure(f"[ip-deny] connecting took over {REPLY_TIMEOUT} s") from None
+    try:
+        if how == "hang-up":
+            return how
+        writer.write(data)
+        await asyncio.wait_for(writer.drain(), REPLY_TIMEOUT)
+        got = await asyncio.wait_for(reader.read(1 << 16), REPLY_TIMEOUT)
+    except ConnectionError:
+        got = b""  # reset before or while we sent: refused all the same
+    except TimeoutError:
+        raise FuzzFailure(f"[ip-deny] {how}: not closed within {REPLY_TIMEOUT} s") from None
+    finally:
+        writer.transport.abort()
+    check(got == b"", f"[ip-deny] {how}: a refused client was sent {got[:40].hex()}")
+    return how
+
+
+def test_fuzz_harness_gives_up_on_a_hung_node(start_node: Any, monkeypatch: Any) -> None:
+    """A node that stops answering fails the run within about REPLY_TIMEOUT, wherever the
+    harness waits: a libnbd read (reads delayed for an hour), the raw clients' handshake, the
+    metrics and a libnbd handshake (a SIGSTOPped node). Not a pytest timeout: a blocking libnbd
+    call outlives pytest-timeout's alarm, so this test's own watchdog ends a hang by killing the
+    node."""
+    monkeypatch.setattr(sys.modules[__name__], "REPLY_TIMEOUT", 1.0)
+    memory = under_test(start_node, "memory", str(SIZE))
+    delayed = under_test(start_node, "delay", "delay-read=1h", upstreams=[memory.uri])
+    watchdog = threading.Timer(30, lambda: (delayed.kill(), memory.kill()))
+    watchdog.start()
+
+    def gives_up(run: Callable[[], object], why: str) -> None:
+        start = time.monotonic()
+        with pytest.raises(FuzzFailure, match=why):
+            run()
+        check(time.monotonic() - start < 3, f"gave up after {time.monotonic() - start:.1f} s")
+
+    try:
+        stalled = Target("delay-1h", delayed, [delayed, memory], bytes(SIZE), seconds=0)
+        gives_up(lambda: fuzz(stalled), "libnbd: no answer to a read")
+        stopped = Target("stopped", memory, [memory], bytes(SIZE), seconds=0)
+        os.kill(memory.pid, signal.SIGSTOP)
+        models = {b"": Model(bytes(SIZE))}
+        gives_up(lambda: asyncio.run(run_batch(stopped, models, 0, Stats())), "no data from")
+        gives_up(lambda: asyncio.run(flood(stopped, models)), "took no data")
+        gives_up(lambda: verify(stopped, models), "metrics did not answer")
+        gives_up(lambda: read_all(memory.uri), "libnbd: no answer to the handshake")
+    finally:
+        watchdog.cancel()
+        os.kill(memory.pid, signal.SIGCONT)
+        delayed.kill()  # its read sleeps on: a clean stop would wait for it
+
+
+async def flood(target: Target, models: dict[bytes, Model]) -> None:
+    """Send more than the socket holds to a node that reads nothing."""
+    client = Client(target, models, random.Random(0), Stats(), "flood")
+    client.reader, client.writer = await asyncio.open_unix_connection(target.node.socket)
+    try:
+        await client.send(bytes(16 * MiB))
+    finally:
+        client.writer.transport.abort()
