@@ -369,6 +369,23 @@ def test_parity_starts_without_one_unreachable_member_and_rebuilds_it(
                    extra=("--upstream-timeout", "1"))  # fmt: skip
 
 
+def crash_mid_write(fan: Proc, slow: Proc, first: Proc) -> None:
+    """kill -9 of a parity fan whose 4K write at 0 has landed on member FIRST (data chunk 0 of
+    stripe 0) while its parity is held in SLOW, a delay node in front of the parity member,
+    killed too: the parity never lands."""
+    assert slow.control is not None
+    run([*NBDFABRIC, "ctl", slow.control, "set", "delay-write=30s"])
+    writer = subprocess.Popen(["qemu-io", "-f", "raw", fan.uri, "-c", "write -P 0xee 0 4K"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: read_all(first.uri, 4096)[0] == 0xEE, 30, "member 0 to have it")
+        fan.kill()
+        slow.kill()
+    finally:
+        writer.kill()
+        writer.wait()
+
+
 def test_parity_killed_mid_write_recomputes_the_parity_it_left_stale(
     start_node: Any, tmp_path: Any
 ) -> None:
@@ -383,17 +400,7 @@ def test_parity_killed_mid_write_recomputes_the_parity_it_left_stale(
             f"state-file={tmp_path / 'parity.state'}")  # fmt: skip
     fan = start_node("parity", *args, upstreams=uris, control=True)
     run(["qemu-io", "-f", "raw", fan.uri, "-c", "write -P 0x11 0 2M"])
-    assert slow.control is not None
-    run([*NBDFABRIC, "ctl", slow.control, "set", "delay-write=30s"])
-    writer = subprocess.Popen(["qemu-io", "-f", "raw", fan.uri, "-c", "write -P 0xee 0 4K"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        wait_for(lambda: read_all(members[0].uri, 4096)[0] == 0xEE, 30, "member 0 to have it")
-        fan.kill()
-        slow.kill()  # the parity dies in it: member 2 never gets it
-    finally:
-        writer.kill()
-        writer.wait()
+    crash_mid_write(fan, slow, members[0])
     start_node("delay", upstreams=[members[2].uri], listen=f"unix:{slow.socket}")
     fan2 = start_node("parity", *args, upstreams=uris, control=True)
     state = tmp_path / "parity.state"
@@ -423,17 +430,7 @@ def test_parity_degraded_killed_mid_write_replays_its_journal(
     run(["qemu-io", "-f", "raw", fan.uri, "-c", "write -P 0x11 0 2M"])
     members[1].kill()
     wait_for(lambda: states(fan.control)[1] == "faulty", 30, "member 1 out", interval=0.2)
-    assert slow.control is not None
-    run([*NBDFABRIC, "ctl", slow.control, "set", "delay-write=30s"])
-    writer = subprocess.Popen(["qemu-io", "-f", "raw", fan.uri, "-c", "write -P 0xee 0 4K"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        wait_for(lambda: read_all(members[0].uri, 4096)[0] == 0xEE, 30, "member 0 to have it")
-        fan.kill()
-        slow.kill()  # the parity dies in it: member 2 never gets it
-    finally:
-        writer.kill()
-        writer.wait()
+    crash_mid_write(fan, slow, members[0])
     assert json.loads(state.read_text())["states"][1] == "faulty"
     start_node("delay", upstreams=[members[2].uri], listen=f"unix:{slow.socket}")
     fan2 = start_node("parity", *args, upstreams=uris, control=True,
