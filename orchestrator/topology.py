@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple, Protocol, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from nodes.params import Params, field_info, shown_input, validate_model
+from nodes.params import Params, field_info, shown_input, validate_model, whole_number
 
 RESTART_POLICIES = ("always", "on-failure", "never")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -215,6 +215,11 @@ class NodeDef(_Strict):
     )
     poll_max_us: int = Field(0, ge=0, description=_POLL_HELP)
     workers: int = Field(1, ge=1, description=_WORKERS_HELP)
+
+    @field_validator("max_restarts", "poll_max_us", "workers", mode="before")
+    @classmethod
+    def _ascii_whole_number(cls, value: Any) -> Any:
+        return whole_number(value) if isinstance(value, str) else value  # not `1_0`, `٣`
 
 
 class ExportDef(_Strict):

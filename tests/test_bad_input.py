@@ -620,6 +620,8 @@ TOPOLOGY_CASES = [
     ),
     (_bomb(), "expands to more than"),
     ("nodes: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ("nodes: {a: {kind: memory, params: {size: 1M}, workers: '1_0'}}\n", "nodes.a.workers"),
+    ("nodes: {a: {kind: null, max-restarts: '\u0663'}}\n", "nodes.a.max-restarts"),
 ]
 
 

@@ -177,8 +177,7 @@ INVALID = [
     (
         "workers not a number",
         "nodes:\n  a: {kind: memory, params: {size: 1M}, workers: two}\n",
-        "f.yaml:2: nodes.a.workers: bad value 'two': Input should be a valid integer, unable to "
-        "parse string as an integer",
+        "f.yaml:2: nodes.a.workers: bad value 'two': expected a whole number, not 'two'",
     ),
     (
         "workers on a kind that keeps its state in one process",
