@@ -98,8 +98,10 @@ def round_up(n: int) -> int:
 
 
 def show(name: bytes) -> str:
-    """A member name for a message: quoted, bytes that are not UTF-8 as escapes."""
-    return repr(name.decode("utf-8", "backslashreplace"))
+    """A member name for a message: quoted, as it reads; bytes that are not UTF-8 and
+    characters that do not print (a newline) as escapes."""
+    text = name.decode("utf-8", "backslashreplace")
+    return "'" + "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) + "'"
 
 
 # Parsing (pure functions over bytes) -------------------------------------------------------
@@ -265,7 +267,9 @@ def _header(block: bytes, pos: int, names: list[bytes]) -> Header:
         return parse_header(block)
     except BadHeader as exc:
         if pos == 0:
-            raise TarError(f"the upstream is not a tar archive: its first block {exc}") from None
+            raise TarError(
+                f"the upstream is not a tar archive: its first block is no tar header ({exc})"
+            ) from None
         raise TarError(
             f"the archive is corrupt: the header block at offset {pos}{_after(names)}: {exc}"
         ) from None
