@@ -433,13 +433,24 @@ def test_tar_filter_reads_headers_not_data() -> None:
     assert filt.status()["format"] == "gnu"
 
 
+def test_tar_filter_reads_nothing_past_tar_limit() -> None:
+    """tar-limit bounds the upstream's bytes read, read-ahead included (a remote archive)."""
+    files = {"a": bytes(200_000), "b": bytes(200_000), "c": b"c"}  # b's header: at 200704
+    below = Recording(mem(tar_bytes("gnu", files)))
+    filt = Tar(TarParams(tar_entry="c", tar_limit=250 * KiB), below)
+    with pytest.raises(TarError, match=r"in the first 256000 bytes \(tar-limit\)"):
+        asyncio.run(filt.start())
+    assert max(o + n for o, n in below.reads) == 250 * KiB
+
+
 def test_tar_filter_reads_within_the_upstream_block_sizes() -> None:
     """An upstream that takes 4 KiB-aligned reads of at most 8 KiB (blocksize filters, some
-    servers): the header reads are aligned and split; the entry's data starts at 8 KiB."""
-    archive = tar_bytes("gnu", {"pad": bytes(8192 - 2 * BLOCK), "disk.img": b"d" * 5000})
-    filt, below = tar_filter(archive, "disk.img", block_min=4096, block_max=8192)
-    assert (filt.start_at, filt.length) == (8192, 5000)
-    assert below.reads and all(n <= 8192 for _, n in below.reads)
+    servers): the header reads are aligned and split (Recording checks each). The second
+    header lies past the first read-ahead, at 70656; the entry's data starts at 72 KiB."""
+    files = {"a": bytes(70_000), "b": bytes(2048), "disk.img": b"d" * 5000}
+    filt, below = tar_filter(tar_bytes("gnu", files), "disk.img", block_min=4096, block_max=8192)
+    assert (filt.start_at, filt.length) == (72 * KiB, 5000)
+    assert len(below.reads) > READ_AHEAD // 8192  # the first read-ahead took several reads
 
 
 def test_tar_params_nbdkit_spellings() -> None:

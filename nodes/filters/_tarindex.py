@@ -339,11 +339,7 @@ def _check_servable(name: bytes, header: Header, ext: _Extended) -> None:
             "it is not one byte range of the archive; unpack it, or make the archive without "
             "--sparse"
         )
-    if (
-        header.type == DIRECTORY
-        or header.type == DUMPDIR
-        or (header.type in REGULAR[:2] and name.endswith(b"/"))
-    ):
+    if header.type in (DIRECTORY, DUMPDIR) or (header.type in REGULAR and name.endswith(b"/")):
         raise TarError(f"{what} is a directory, not a file")
     if header.type == HARD_LINK:
         raise TarError(f"{what} is a hard link to {target}: name that entry instead")

@@ -20,15 +20,16 @@ Differences from nbdkit 1.32's filter, which runs GNU tar over the archive on th
 client's connection: a missing or unservable entry stops this node at start (nbdkit starts
 and fails every client's handshake); an entry with a GNU long name is served from its data
 (nbdkit serves the ././@LongLink block holding the name); directories and links are refused
-(nbdkit serves 0 bytes); sparse members are refused (nbdkit serves a window past the archive's
-end and aborts on block status); a member whose data runs past the upstream's end is refused
-(nbdkit serves it and fails there). As nbdkit, the first member of that name is served when
-an archive holds several.
+(nbdkit serves 0 bytes); sparse members, and members whose data runs past the upstream's end,
+are refused (nbdkit serves a window past the archive's end and aborts on the first block
+status there); names are matched exactly (GNU tar also matches "d" to the member "d/x", which
+nbdkit then serves). As nbdkit, the first member of a name is served when there are several.
 
 Params:
 - `tar-entry` (required; also the first bare word): the member's name, as `tar tf` lists it.
 - `tar-limit` (size, default 0: no limit): read headers only in the first SIZE bytes of the
-  archive; an entry whose header lies further is not found (nbdkit >= 1.34's name).
+  archive (read-ahead included); an entry whose header lies further is not found. nbdkit
+  1.36 has a param of this name; 1.32, the one compared with here, has none.
 - `tar`: nbdkit's GNU tar program; accepted so nbdkit command lines work, and unused (this
   node reads the headers itself).
 
