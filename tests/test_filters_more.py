@@ -1,4 +1,4 @@
-"""The checkwrite and swab filters (more to come), in real node processes driven by real clients
+"""The checkwrite, swab and cacheextents filters, in real node processes driven by real clients
 (libnbd, nbdinfo, nbdcopy, qemu-io, qemu-img), each checked against nbdkit 1.32's filter of the
 same name over the same data: the same bytes, errors (errno), extents and capabilities.
 
@@ -25,7 +25,8 @@ import nbd
 import pytest
 from conftest import NBDFABRIC, ROOT, Proc, export_info, nbd_connect, run
 
-from nodes.base import Backend, Capabilities, Support
+from nodes.base import Backend, Capabilities, Extents, Filter, Support
+from nodes.filters.cacheextents import CacheExtents, CacheExtentsParams
 from nodes.filters.checkwrite import CheckWrite
 from nodes.filters.swab import SwabParams, swap_words, word_extents, word_holes
 from nodes.params import Params, parse_params
@@ -522,3 +523,246 @@ def test_swab_bad_bits_exit_1_naming_the_param(tmp_path: Path, value: str) -> No
         cwd=ROOT, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert res.returncode == 1 and "swab-bits" in res.stderr and "8|16|32|64" in res.stderr
+
+
+# cacheextents --------------------------------------------------------------------------------
+
+
+def upstream_block_status(control: str | None) -> int:
+    """How many BLOCK_STATUS requests a node with --control has answered."""
+    assert control is not None
+    got = run([*NBDFABRIC, "ctl", control, "stats", "--json"]).stdout
+    return next(o["count"] for o in json.loads(got)["ops"] if o["op"] == "block_status")
+
+
+def fragmented(start_node: StartNode, **kw: Any) -> Proc:
+    """A 1M memory node whose every other 32K page holds data: 32 extents."""
+    content = bytearray(MiB)
+    for page in range(0, MiB, 64 * KiB):
+        content[page : page + 4096] = b"\x07" * 4096
+    return memory_with(start_node, bytes(content), **kw)
+
+
+def walk_one_at_a_time(uri: str) -> list[tuple[int, int]]:
+    """As qemu does: REQ_ONE from where the last answer ended, to the end."""
+    h = nbd_connect(uri)
+    size, offset, seen = h.get_size(), 0, []
+    while offset < size:
+        (length, flags), *_ = block_status(h, size - offset, offset, nbd.CMD_FLAG_REQ_ONE)
+        seen.append((length, flags))
+        offset += length
+    h.shutdown()
+    return seen
+
+
+def test_cacheextents_capabilities_match_nbdkit(
+    start_node: StartNode, start_nbdkit: StartNbdkit
+) -> None:
+    up = start_node("memory", "1M")
+    ours = start_node("cacheextents", upstreams=[up.uri])
+    theirs = start_nbdkit("--filter=cacheextents", "memory", "1M")
+    assert caps(ours.uri) == caps(theirs.uri) == caps(up.uri)
+
+
+def test_cacheextents_map_matches_nbdkit(
+    tmp_path: Path, start_node: StartNode, start_nbdkit: StartNbdkit
+) -> None:
+    """Over one image: the whole map, and a REQ_ONE walk (as qemu asks), as nbdkit's."""
+    img = tmp_path / "disk.img"
+    make_image(img)
+    up = start_node("file", str(img))
+    ours = start_node("cacheextents", upstreams=[up.uri])
+    theirs = start_nbdkit("--filter=cacheextents", "file", str(img))
+    assert nbd_map(ours.uri) == nbd_map(theirs.uri) == nbd_map(up.uri)
+    assert walk_one_at_a_time(ours.uri) == walk_one_at_a_time(theirs.uri)
+    assert len(walk_one_at_a_time(ours.uri)) == 6
+
+
+def test_cacheextents_answers_a_req_one_walk_with_one_upstream_request(
+    start_node: StartNode,
+) -> None:
+    up = fragmented(start_node, control=True)
+    node = start_node("cacheextents", upstreams=[up.uri])
+    direct_before = upstream_block_status(up.control)
+    direct = walk_one_at_a_time(up.uri)
+    asked_direct = upstream_block_status(up.control) - direct_before
+    assert len(direct) == asked_direct == 32
+    assert walk_one_at_a_time(node.uri) == direct
+    assert upstream_block_status(up.control) - direct_before - asked_direct == 1
+    # qemu-img map walks the same way: still nothing new to ask.
+    mapped = json.loads(run(["qemu-img", "map", "--output=json", "-f", "raw", node.uri]).stdout)
+    assert len(mapped) == 32
+    assert upstream_block_status(up.control) - direct_before - asked_direct == 1
+
+
+def test_cacheextents_write_zero_trim_are_seen_at_once(start_node: StartNode) -> None:
+    """After each write-like request the map is the upstream's again (and is asked for)."""
+    up = fragmented(start_node, control=True)
+    node = start_node("cacheextents", upstreams=[up.uri])
+    h = nbd_connect(node.uri)
+    checks = [
+        lambda: h.pwrite(b"\x09" * 4096, 32 * KiB),  # into the first hole
+        lambda: h.zero(64 * KiB, 0),  # punch the first two pages out
+        lambda: h.trim(32 * KiB, 128 * KiB),
+        lambda: h.zero(32 * KiB, 192 * KiB, nbd.CMD_FLAG_NO_HOLE),
+    ]
+    walk_one_at_a_time(node.uri)
+    for change in checks:
+        change()
+        asked = upstream_block_status(up.control)
+        seen = walk_one_at_a_time(node.uri)
+        assert upstream_block_status(up.control) - asked == 1  # asked again, once
+        assert seen == walk_one_at_a_time(up.uri)
+    h.shutdown()
+    # pages 0-1 zeroed, 2 data, 3 hole, 4 trimmed, 5 hole, 6 zeroed without a hole: data
+    assert walk_one_at_a_time(node.uri)[:3] == [(64 * KiB, HOLE), (32 * KiB, 0), (96 * KiB, HOLE)]
+
+
+def test_cacheextents_window_0_asks_what_the_client_asked_as_nbdkit(
+    tmp_path: Path, start_node: StartNode
+) -> None:
+    log = tmp_path / "up.jsonl"
+    up = fragmented(start_node)
+    logged = start_node("log", f"logfile={log}", upstreams=[up.uri])
+    node = start_node("cacheextents", "cacheextents-window=0", upstreams=[logged.uri])
+    h = nbd_connect(node.uri)
+    block_status(h, 8 * KiB, 0, nbd.CMD_FLAG_REQ_ONE)
+    block_status(h, 8 * KiB, 4 * KiB, nbd.CMD_FLAG_REQ_ONE)  # inside the answer: no request
+    block_status(h, 8 * KiB, 40 * KiB)
+    h.shutdown()
+    asked = [json.loads(line) for line in log.read_text().splitlines()]
+    asked = [(r["offset"], r["count"], r["flags"]) for r in asked if r.get("op") == "extents"]
+    assert asked == [(0, 8 * KiB, []), (40 * KiB, 8 * KiB, [])]  # REQ_ONE dropped
+
+
+# cacheextents in-process: exact counts, and the race nbdkit loses ------------------------------
+
+
+class Counting(Filter):
+    kind = "counting-test"
+
+    def __init__(self, next: Backend) -> None:
+        super().__init__(Params(), next)
+        self.asked: list[tuple[int, int]] = []
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        self.asked.append((offset, count))
+        return await self.next.extents(count, offset, flags)
+
+
+def fragmented_memory() -> Memory:
+    memory = Memory(MemoryParams(size=MiB))
+    for page in range(0, MiB, 64 * KiB):
+        memory.store.write(memoryview(b"\x07" * 4096), page)
+    return memory
+
+
+def cacheextents(next: Backend, *words: str) -> CacheExtents:
+    return CacheExtents(parse_params("cacheextents", CacheExtentsParams, list(words)), next)
+
+
+def test_cacheextents_small_questions_cost_one_upstream_call_per_window() -> None:
+    up = Counting(fragmented_memory())
+    node = cacheextents(up, "cacheextents-window=256K")
+
+    async def ask_in_4k_steps() -> None:
+        for offset in range(0, MiB, 4 * KiB):
+            await node.extents(4 * KiB, offset, 0)
+
+    asyncio.run(ask_in_4k_steps())
+    assert up.asked == [(o, 256 * KiB) for o in range(0, MiB, 256 * KiB)]
+    assert (node.hits, node.misses) == (256 - 4, 4)
+
+
+@pytest.mark.parametrize(("ranges", "calls"), [("16", 2), ("1", 32)])
+def test_cacheextents_keeps_answers_for_two_walkers_unless_ranges_1(
+    ranges: str, calls: int
+) -> None:
+    """Two clients walking the two halves in turn: nbdkit's single answer (ranges=1) is
+    replaced on every turn; kept answers serve both."""
+    up = Counting(fragmented_memory())
+    node = cacheextents(up, "cacheextents-window=512K", f"cacheextents-ranges={ranges}")
+
+    async def walkers() -> None:
+        for step in range(0, 512 * KiB, 32 * KiB):
+            await node.extents(32 * KiB, step, 0)
+            await node.extents(32 * KiB, 512 * KiB + step, 0)
+
+    asyncio.run(walkers())
+    assert len(up.asked) == calls
+
+
+class Gated(Backend):
+    """An upstream whose answers arrive when the test opens a gate: a block-status answer
+    describes the data as it was when the question arrived; a write lands when it returns."""
+
+    def __init__(self) -> None:
+        super().__init__(Params())
+        self.data = False
+        self.answer_gate = asyncio.Event()
+        self.write_gate = asyncio.Event()
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(size=MiB, writable=True, extents=True, zero=Support.NATIVE)
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        answer = [(count, 0 if self.data else HOLE)]
+        await self.answer_gate.wait()
+        return answer
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        await self.write_gate.wait()
+        self.data = True
+
+
+def test_cacheextents_keeps_no_answer_that_a_write_overtook() -> None:
+    """A question in flight when a write completes: its (old) answer is not kept."""
+    up = Gated()
+    node = cacheextents(up)
+    up.write_gate.set()
+
+    async def race() -> tuple[Extents, Extents]:
+        in_flight = asyncio.ensure_future(node.extents(4096, 0, 0))
+        await asyncio.sleep(0)  # the upstream has taken the question
+        await node.pwrite(memoryview(b"x" * 4096), 0, 0)  # and the write completes
+        up.answer_gate.set()
+        old = await in_flight
+        return old, await node.extents(4096, 0, 0)
+
+    old, after = asyncio.run(race())
+    assert old == [(4096, HOLE)]  # overlapping the write: either answer is right
+    assert after == [(4096, 0)]  # after it: only the new one
+
+
+def test_cacheextents_drops_answers_given_while_a_write_was_on_its_way() -> None:
+    """nbdkit 1.32's race: the cache is dropped as the write starts, a question comes and is
+    answered before the write lands, the write completes, and the old answer stays for good.
+    Here it is dropped again when the write has finished."""
+    up = Gated()
+    node = cacheextents(up)
+    up.answer_gate.set()
+
+    async def race() -> tuple[Extents, Extents]:
+        write = asyncio.ensure_future(node.pwrite(memoryview(b"x" * 4096), 0, 0))
+        await asyncio.sleep(0)  # the write is on its way
+        during = await node.extents(4096, 0, 0)
+        up.write_gate.set()
+        await write
+        return during, await node.extents(4096, 0, 0)
+
+    during, after = asyncio.run(race())
+    assert during == [(4096, HOLE)]
+    assert after == [(4096, 0)]
+
+
+def test_cacheextents_status_counts_hits_and_misses() -> None:
+    node = cacheextents(fragmented_memory())
+
+    async def two() -> None:
+        await node.extents(4096, 0, 0)
+        await node.extents(4096, 4096, 0)
+
+    asyncio.run(two())
+    status = node.status()["cacheextents"]
+    assert (status["hits"], status["misses"], status["ranges"]) == (1, 1, 1)
+    assert status["extents"] == 32
