@@ -693,14 +693,18 @@ def _processes_mentioning(text: str) -> list[int]:
 CLI_TOPOLOGIES = [0, 5, 9, 10, 17, 21, 23, 33, 41]
 
 
-@pytest.mark.parametrize("command", ["validate", "graph", "compose", "k8s", "up"])
+@pytest.mark.parametrize("command", ["validate", "graph", "compose", "k8s", "up", "up-docker"])
 def test_topology_commands_refuse_bad_files_and_leave_nothing(command: str, tmp_path: Path):
     run_dir = tmp_path / "run"
+    docker = command == "up-docker"
+    before = _fabric_containers() if docker else []
     for n in CLI_TOPOLOGIES:
         text, frag = TOPOLOGY_CASES[n]
         f = tmp_path / "fabric.yaml"
         f.write_text(text)
         args = [command, str(f)] + (["--detach"] if command == "up" else [])
+        if docker:  # refused before any container, network or volume is made
+            args = ["up", "--backend", "docker", str(f), "--detach"]
         res = _cli(*args, cwd=tmp_path, env={"NBDFABRIC_RUN_DIR": str(run_dir)})
         assert res.returncode == 1, f"{command} case {n}: exit {res.returncode}: {res.stderr}"
         assert "Traceback" not in res.stderr, res.stderr
@@ -708,6 +712,19 @@ def test_topology_commands_refuse_bad_files_and_leave_nothing(command: str, tmp_
         assert not res.stdout.strip(), res.stdout
     assert not run_dir.exists() or not any(run_dir.rglob("*")), list(run_dir.rglob("*"))
     assert not _processes_mentioning(str(tmp_path))
+    if docker:
+        assert _fabric_containers() == before
+
+
+def _fabric_containers() -> list[str]:
+    """Every docker container, network and volume an nbdfabric fabric made (by label)."""
+    out = []
+    for what in ("ps -a", "network ls", "volume ls"):
+        res = subprocess.run(["docker", *what.split(), "-q", "--filter",
+                              "label=io.nbdfabric.fabric"], capture_output=True, text=True,
+                             timeout=60, check=True)  # fmt: skip
+        out += sorted(res.stdout.split())
+    return out
 
 
 def test_up_with_a_node_that_cannot_start_leaves_nothing(tmp_path: Path):
