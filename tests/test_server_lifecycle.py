@@ -5,8 +5,6 @@ systemd socket activation and fd:N, keepalive, --max-connections, SIGTERM with r
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import signal
@@ -21,7 +19,7 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, ROOT, alive, nbd_connect, run, wait_for
+from conftest import NBDFABRIC, ROOT, alive, make_certificates, nbd_connect, run, wait_for
 
 MiB = 1 << 20
 IHAVEOPT = 0x49484156454F5054
@@ -283,66 +281,6 @@ def test_lifecycle_sigterm_drains_in_flight(procs: list[Any], tmp_path: Path) ->
 
 
 # TLS -----------------------------------------------------------------------------------------
-
-
-def make_certificates(directory: Path) -> None:
-    """A CA and a server certificate in nbdkit's --tls-certificates layout."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def key() -> rsa.RSAPrivateKey:
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-    def pem_key(k: rsa.RSAPrivateKey) -> bytes:
-        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                               serialization.NoEncryption())  # fmt: skip
-
-    usage = dict(content_commitment=False, data_encipherment=False, key_agreement=False,
-                 encipher_only=False, decipher_only=False)  # fmt: skip
-    ca_key = key()
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("nbdfabric test CA"))
-        .issuer_name(name("nbdfabric test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, key_encipherment=False,
-                                     key_cert_sign=True, crl_sign=True, **usage), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
-    server_key = key()
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(name("localhost"))
-        .issuer_name(ca.subject)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True,
-                                     key_cert_sign=False, crl_sign=False, **usage), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
-    directory.mkdir(exist_ok=True)
-    (directory / "ca-cert.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (directory / "server-cert.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    (directory / "server-key.pem").write_bytes(pem_key(server_key))
-    os.chmod(directory / "server-key.pem", 0o600)
 
 
 @pytest.fixture(scope="module")
