@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -341,6 +342,71 @@ def test_lifecycle_tls_on_allows_both(procs: list[Any], tmp_path: Path, certs: P
     secure.pwrite(big, 0)
     assert secure.pread(4 * MiB, 0) == big
     secure.shutdown()
+
+
+def starttls_with(sock: str, behind: bytes) -> socket.socket:
+    """A raw client that sent STARTTLS with `behind` in the same write, and read the ACK."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(20)
+    s.connect(sock)
+    s.recv(18, socket.MSG_WAITALL)
+    s.sendall(struct.pack(">IQII", 3, IHAVEOPT, 5, 0) + behind)
+    assert struct.unpack(">QIII", s.recv(20, socket.MSG_WAITALL))[1:3] == (5, 1), "STARTTLS ACK"
+    return s
+
+
+def test_lifecycle_tls_plaintext_behind_starttls_is_never_served(
+    procs: list[Any], tmp_path: Path, certs: Path
+) -> None:
+    """An option injected in plaintext right behind STARTTLS (a man in the middle) must not be
+    answered as if the client had sent it over TLS (found by test_fuzz_nodes[tls-require],
+    NBDFABRIC_FUZZ_SEED=1: the node parsed it out of its handshake buffer after TLS began)."""
+    sock, _ = tls_node(procs, tmp_path, certs, "require")
+    context = ssl.create_default_context(cafile=str(certs / "ca-cert.pem"))
+    with starttls_with(sock, struct.pack(">QII", IHAVEOPT, 8, 0)) as raw:  # STRUCTURED_REPLY
+        try:
+            secure = context.wrap_socket(raw, server_hostname="localhost")
+        except OSError:
+            return  # the TLS handshake failed on those bytes: nothing was served
+        secure.sendall(struct.pack(">QII", IHAVEOPT, 3, 0))  # LIST
+        reply = b""
+        while len(reply) < 20:
+            reply += secure.recv(20 - len(reply))
+        assert struct.unpack(">QIII", reply)[1] == 3, "a reply to the injected option"
+
+
+def test_lifecycle_tls_hello_behind_starttls_is_read_as_tls(
+    procs: list[Any], tmp_path: Path, certs: Path
+) -> None:
+    """A ClientHello sent right behind STARTTLS, before the ACK came, starts the TLS stream."""
+    sock, _ = tls_node(procs, tmp_path, certs, "require")
+    context = ssl.create_default_context(cafile=str(certs / "ca-cert.pem"))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    with starttls_with(sock, outgoing.read()) as raw:
+
+        def pump() -> None:
+            raw.sendall(outgoing.read())
+            data = raw.recv(65536)
+            assert data, "the node closed the connection"
+            incoming.write(data)
+
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pump()
+        tls.write(struct.pack(">QII", IHAVEOPT, 3, 0))  # LIST, over TLS
+        reply = b""
+        while len(reply) < 20:
+            try:
+                reply += tls.read(20 - len(reply))
+            except ssl.SSLWantReadError:
+                pump()
+        assert struct.unpack(">QIII", reply)[1] == 3
 
 
 # Run by another program ----------------------------------------------------------------------
