@@ -2,10 +2,13 @@
 
 `start_node("memory", "64M")` runs a real `nbdfabric node` process and waits for its ready file;
 `start_nbdkit("memory", "64M")` runs a real nbdkit beside it. Both are stopped at teardown.
+`make_certificates(DIR)` writes a test CA and a server certificate for `--tls-certificates`.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import itertools
 import json
 import os
@@ -189,6 +192,66 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def make_certificates(directory: Path) -> None:
+    """A CA and a server certificate in nbdkit's --tls-certificates layout."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def key() -> rsa.RSAPrivateKey:
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def pem_key(k: rsa.RSAPrivateKey) -> bytes:
+        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption())  # fmt: skip
+
+    usage = dict(content_commitment=False, data_encipherment=False, key_agreement=False,
+                 encipher_only=False, decipher_only=False)  # fmt: skip
+    ca_key = key()
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("nbdfabric test CA"))
+        .issuer_name(name("nbdfabric test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, key_encipherment=False,
+                                     key_cert_sign=True, crl_sign=True, **usage), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    server_key = key()
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(name("localhost"))
+        .issuer_name(ca.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True,
+                                     key_cert_sign=False, crl_sign=False, **usage), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    directory.mkdir(exist_ok=True)
+    (directory / "ca-cert.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (directory / "server-cert.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (directory / "server-key.pem").write_bytes(pem_key(server_key))
+    os.chmod(directory / "server-key.pem", 0o600)
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run
-from test_server_lifecycle import make_certificates
+from conftest import make_certificates, run
 
 
 @pytest.fixture(scope="module")

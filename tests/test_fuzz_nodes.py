@@ -9,6 +9,11 @@ eleven shapes, 2 for the others, so the whole file stays within a few minutes),
 sequences follow from the seed; the interleaving of concurrent clients follows the scheduler.
 A node that stops answering fails the run within about REPLY_TIMEOUT, naming the shape and the
 seed, wherever the harness waits for it (raw clients, its metrics, libnbd).
+
+The tls-* shapes serve their clients over TLS (STARTTLS, then a TLS handshake the client drives
+itself, so it can also get it wrong: options before TLS, STARTTLS twice or with data, plaintext
+injected behind STARTTLS, garbage or a cut ClientHello, a handshake that never ends, a corrupt
+record, close_notify while replies are on their way); libnbd reads them back over TLS too.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import random
 import re
 import signal
+import ssl
 import struct
 import subprocess
 import sys
@@ -34,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Proc
+from conftest import Proc, make_certificates
 
 from bench.http_server import HttpServer
 
@@ -46,6 +52,9 @@ FUZZ_SECONDS_MORE = float(os.environ.get("NBDFABRIC_FUZZ_SECONDS") or 2)
 SEED = int(os.environ.get("NBDFABRIC_FUZZ_SEED") or random.SystemRandom().randrange(1 << 32))
 #: A reply, or the end of a connection the server should close, must come within this.
 REPLY_TIMEOUT = 15.0
+#: The TLS nodes' --handshake-limit: a client stuck in the (TLS) handshake is closed after
+#: this, well within REPLY_TIMEOUT.
+HANDSHAKE_LIMIT = 3.0
 
 KiB, MiB = 1024, 1024 * 1024
 SIZE = MiB
@@ -59,6 +68,7 @@ OPT_SR, OPT_LIST_META, OPT_SET_META = 8, 9, 10
 REP_ACK, REP_SERVER, REP_INFO, REP_META = 1, 2, 3, 4
 REP_ERR = 1 << 31
 ERR_UNSUP, ERR_INVALID, ERR_UNKNOWN = REP_ERR | 1, REP_ERR | 3, REP_ERR | 6
+ERR_TLS_REQD = REP_ERR | 5
 INFO_EXPORT, INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE = 0, 1, 2, 3
 READ, WRITE, DISC, FLUSH, TRIM, CACHE, ZERO, BS = range(8)
 CMD_NAMES = ["read", "write", "disc", "flush", "trim", "cache", "zero", "status"]
@@ -268,6 +278,11 @@ class Target:
     #: Run after every process stopped: checks on what the node left behind (logs, stats).
     after_stop: Callable[[], None] | None = None
     seconds: float = FUZZ_SECONDS
+    #: The node's --tls for its clients (off, on, require), the test CA's directory its
+    #: clients and libnbd trust, and the contexts the fuzz clients pick from.
+    tls: str = "off"
+    pki: Path | None = None
+    tls_contexts: list[ssl.SSLContext] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -287,9 +302,13 @@ class Target:
         return model
 
     def uri(self, name: bytes = b"") -> str:
-        if not name:
+        if self.tls != "off":
+            scheme, pki = "nbds+unix", f"&tls-certificates={urllib.parse.quote(str(self.pki))}"
+        elif not name:
             return self.node.uri
-        return f"nbd+unix:///{urllib.parse.quote(name)}?socket={self.node.socket}"
+        else:
+            scheme, pki = "nbd+unix", ""
+        return f"{scheme}:///{urllib.parse.quote(name)}?socket={self.node.socket}{pki}"
 
 
 def under_test(
@@ -342,6 +361,7 @@ def libnbd(uri: str) -> Iterator[Any]:
     h = nbd.NBD()
     h.set_request_structured_replies(True)
     h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.set_uri_allow_local_file(True)  # a TLS URI's tls-certificates= (as nbdinfo allows it)
     h.aio_connect_uri(uri)
     run_until(h, lambda: not h.aio_is_connecting(), f"the handshake with {uri}")
     check(h.aio_is_ready(), f"libnbd could not connect to {uri}")
@@ -838,6 +858,219 @@ def check_stats(path: Path) -> None:
     check("read" in json.dumps(report), "stats report without reads")
 
 
+# TLS ------------------------------------------------------------------------------------------
+
+
+def tls_shape(shape: str, start_node: Any, pki: Path) -> Target:
+    """A memory node that serves its clients over TLS (tls-require: only; tls-on: TLS or
+    plaintext, and polling before it sleeps, the TLS reader's other path), or a plaintext nbd
+    filter whose upstream hop is TLS (tls-chain: the upstream side's TLS under load)."""
+    rng = random.Random(f"{SEED}:{shape}:initial")
+    image = rng.randbytes(SIZE)
+    tls = ("--tls-certificates", str(pki), "--handshake-limit", str(HANDSHAKE_LIMIT))
+    if shape == "tls-chain":
+        up = start_node("memory", str(SIZE), extra=("--tls=require", *tls))
+        secure = f"{up.uri}&tls-certificates={urllib.parse.quote(str(pki))}"
+        fill(secure, image)
+        node = under_test(
+            start_node, "nbd", upstreams=[up.uri], extra=("--upstream-tls-certificates", str(pki))
+        )
+        return Target(shape, node, [node, up], image, check_below=same_below(shape, secure))
+    mode = shape.removeprefix("tls-")
+    polling = ("--poll-max-us", "50") if mode == "on" else ()
+    node = under_test(start_node, "memory", str(SIZE), extra=(f"--tls={mode}", *tls, *polling))
+    target = Target(
+        shape, node, [node], image, tls=mode, pki=pki, tls_contexts=client_contexts(pki)
+    )
+    fill(target.uri(), image)
+    return target
+
+
+def client_contexts(pki: Path) -> list[ssl.SSLContext]:
+    """What the fuzz clients connect with: the test CA, and TLS 1.3 (the default) or at most
+    TLS 1.2 (the node's other handshake)."""
+    contexts = []
+    for top in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+        context = ssl.create_default_context(cafile=str(pki / "ca-cert.pem"))
+        context.maximum_version = top
+        contexts.append(context)
+    return contexts
+
+
+def client_hello(context: ssl.SSLContext) -> bytes:
+    """The first flight of a TLS handshake with `context` (a ClientHello), to be mangled."""
+    outgoing = ssl.MemoryBIO()
+    obj = context.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+#: How the clients of a TLS node begin (weights); ONLY_WITH: ways for one --tls mode.
+TLS_WAYS = {
+    "starttls": 50,
+    "refused-first": 10,
+    "plain-first": 10,
+    "export-name-first": 3,
+    "abort-first": 2,
+    "starttls-payload": 5,
+    "starttls-twice": 5,
+    "inject": 5,
+    "bad-hello": 8,
+    "stall": 4,
+    "hang-up": 3,
+}
+ONLY_WITH = {"refused-first": "require", "export-name-first": "require", "plain-first": "on"}
+
+
+def flipped(data: bytes, rng: random.Random) -> bytes:
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 3)):
+        out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+    return bytes(out)
+
+
+class TLSLink:
+    """The client's end of TLS on its connection: an ssl.SSLObject over memory BIOs, driven by
+    hand (asyncio's own TLS transport cannot half-close, nor send a corrupt record). It has the
+    parts of StreamReader and StreamWriter the client uses: once the handshake is done it
+    stands in for both, over the raw reader and writer."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        context: ssl.SSLContext,
+        rng: random.Random,
+    ) -> None:
+        self.raw_reader, self.raw_writer = reader, writer
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
+        self.plain = bytearray()  #: decrypted, not yet read
+        self.rng = rng
+
+    @property
+    def transport(self) -> asyncio.WriteTransport:
+        return self.raw_writer.transport
+
+    async def handshake(self) -> None:
+        """The TLS handshake; a TLS error (the node's alert too) is a ConnectionError."""
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._pump_in():
+                    raise ConnectionResetError("the server closed in the TLS handshake") from None
+            except ssl.SSLError as exc:
+                raise ConnectionResetError(f"TLS handshake: {exc}") from None
+        await self._flush()
+
+    @property
+    def version(self) -> str:
+        return self.obj.version() or ""
+
+    async def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.raw_writer.write(data)
+            await self.raw_writer.drain()
+
+    async def _pump_in(self) -> bool:
+        data = await self.raw_reader.read(1 << 16)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+        return bool(data)
+
+    async def _more(self) -> bool:
+        """Decrypt more into `plain`; False at the end of the server's stream (its close_notify,
+        or the socket's end without one)."""
+        while True:
+            try:
+                data = self.obj.read(1 << 17)
+            except ssl.SSLWantReadError:
+                await self._pump_in()
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return False
+            except ssl.SSLError as exc:  # a record that does not decrypt, an alert
+                raise ConnectionResetError(f"TLS: {exc}") from None
+            if not data:
+                return False
+            self.plain += data
+            return True
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self.plain) < n:
+            if not await self._more():
+                partial = bytes(self.plain)
+                self.plain.clear()
+                raise asyncio.IncompleteReadError(partial, n)
+        data = bytes(self.plain[:n])
+        del self.plain[:n]
+        return data
+
+    async def read(self, n: int) -> bytes:
+        if not self.plain and not await self._more():
+            return b""
+        data = bytes(self.plain[:n])
+        del self.plain[:n]
+        return data
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.obj.write(data)
+        except ssl.SSLError as exc:
+            raise ConnectionResetError(f"TLS: {exc}") from None
+        self.raw_writer.write(self.outgoing.read())
+
+    async def drain(self) -> None:
+        await self.raw_writer.drain()
+
+    def write_eof(self) -> None:
+        """The end of what we send. TLS 1.3: close_notify, which closes only our side (RFC 8446
+        6.1), maybe with the socket's end too, or the socket's end alone (a truncated stream).
+        Over TLS 1.2 a close_notify lets the node drop what it still had to send (RFC 5246
+        7.2.1): there only the socket's end, after which replies still due must come, as in
+        plaintext."""
+        how = self.rng.choice(["close_notify", "both", "ragged"])
+        if self.version != "TLSv1.3":
+            how = "ragged"
+        if how != "ragged":
+            self._decrypt_pending()
+            try:
+                self.obj.unwrap()
+            except ssl.SSLWantReadError:
+                pass  # the server's close_notify comes later
+            except ssl.SSLError as exc:
+                raise ConnectionResetError(f"TLS: {exc}") from None
+            self.raw_writer.write(self.outgoing.read())
+        if how != "close_notify":
+            self.raw_writer.write_eof()
+
+    def _decrypt_pending(self) -> None:
+        """Decrypt what has come in: unwrap() reads on after sending close_notify, and its
+        OpenSSL fails the session on application data it finds there (replies still coming)."""
+        while self.incoming.pending:
+            try:
+                self.plain += self.obj.read(1 << 17)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return
+            except ssl.SSLError as exc:
+                raise ConnectionResetError(f"TLS: {exc}") from None
+
+    def write_corrupt(self, data: bytes) -> None:
+        """`data` in a record that does not decrypt: one byte of its ciphertext flipped (not
+        of its header: a longer length would only make the node wait for more)."""
+        self.obj.write(data)
+        record = bytearray(self.outgoing.read())
+        record[self.rng.randrange(5, len(record))] ^= 1 << self.rng.randrange(8)
+        self.raw_writer.write(bytes(record))
+
+
 # One adversarial client -----------------------------------------------------------------------
 
 
@@ -848,6 +1081,7 @@ class Stats:
     replies: int = 0
     errors: dict[int, int] = field(default_factory=dict)
     endings: dict[str, int] = field(default_factory=dict)
+    tls: dict[str, int] = field(default_factory=dict)  #: how the clients of a TLS node began
     batches: int = 0
 
     def count(self, table: dict[Any, int], key: Any) -> None:
@@ -913,9 +1147,11 @@ class Client:
         self.disc = False
         self.half_closed = False
         self.closing = False  #: we are hanging up: the end of the stream is ours
+        self.secured = False  #: the session runs over TLS
         self.eof = asyncio.Event()
-        self.reader: asyncio.StreamReader
-        self.writer: asyncio.StreamWriter
+        #: The raw stream, or once TLS is up, the TLSLink over it (it stands in for both).
+        self.reader: asyncio.StreamReader | TLSLink
+        self.writer: asyncio.StreamWriter | TLSLink
         self.trace: list[str] = []
 
     def fail(self, message: str) -> FuzzFailure:
@@ -973,8 +1209,8 @@ class Client:
         except TimeoutError:
             raise self.fail(f"the server took no data for {REPLY_TIMEOUT} s (a hang)") from None
 
-    async def expect_close(self, why: str) -> None:
-        """The server must end the connection after `why` (not hang)."""
+    async def expect_close(self, why: str, quiet: bool = False) -> None:
+        """The server must end the connection after `why` (not hang); `quiet`: without a word."""
         while True:
             try:
                 data = await asyncio.wait_for(self.reader.read(1 << 16), REPLY_TIMEOUT)
@@ -984,6 +1220,7 @@ class Client:
                 raise self.fail(f"the server did not close the connection after {why}") from None
             if not data:
                 return
+            self.expect(not quiet, f"the server answered {why}: {data[:40].hex()}")
 
     # Handshake ------------------------------------------------------------------------------
 
@@ -1005,11 +1242,16 @@ class Client:
         if roll < 0.15:
             cflags = rng.choice([0, 2])  # not fixed newstyle: only EXPORT_NAME
             await self.send(struct.pack(">I", cflags))
+            if self.t.tls == "require":
+                await self.export_name_before_tls()
+                return
             if not await self.export_name(cflags):
                 return
         else:
             cflags = rng.choice([1, 3, 3, 3])
             await self.send(struct.pack(">I", cflags))
+            if self.t.tls != "off" and not await self.secure():
+                return
             if not await self.negotiate(cflags):
                 return
         await self.transmission()
@@ -1028,6 +1270,171 @@ class Client:
             pass
         await self.expect_close("seed replay ended")
         self.stats.count(self.stats.endings, "seed-replay")
+
+    # TLS ------------------------------------------------------------------------------------
+
+    async def secure(self) -> bool:
+        """On a TLS node, before negotiating: STARTTLS and a TLS handshake (the session goes on
+        over TLS), a plaintext session (--tls=on), or one of the ways to get TLS wrong. False:
+        the session has ended."""
+        rng = self.rng
+        if self.t.tls == "on" and rng.random() < 0.4:
+            self.stats.count(self.stats.tls, "plaintext")
+            return True
+        ways = {k: w for k, w in TLS_WAYS.items() if ONLY_WITH.get(k, self.t.tls) == self.t.tls}
+        how = rng.choices(list(ways), list(ways.values()))[0]
+        self.stats.count(self.stats.tls, how)
+        self.trace.append(f"tls: {how}")
+        if how == "export-name-first":
+            await self.export_name_before_tls()
+            return False
+        if how == "abort-first":
+            await self.abort()
+            return False
+        if how == "inject":
+            return await self.injected_starttls()
+        if how == "refused-first":
+            await self.refused_before_tls()
+        elif how == "plain-first":
+            await self.negotiated_before_tls()
+        elif how == "starttls-payload":
+            await self.option(OPT_STARTTLS, rng.randbytes(rng.randint(1, 64)))
+            reps = await self.opt_replies(OPT_STARTTLS)
+            self.expect(reps == [(ERR_INVALID, reps[0][1])], f"STARTTLS with data: {reps}")
+        await self.option(OPT_STARTTLS, b"")
+        reps = await self.opt_replies(OPT_STARTTLS)
+        self.expect(reps == [(REP_ACK, b"")], f"STARTTLS: {reps}")
+        if how in ("bad-hello", "stall", "hang-up"):
+            await self.no_tls(how)
+            return False
+        await self.tls_handshake()
+        if how == "starttls-twice":
+            await self.option(OPT_STARTTLS, b"")
+            reps = await self.opt_replies(OPT_STARTTLS)
+            self.expect(reps == [(ERR_INVALID, reps[0][1])], f"STARTTLS over TLS: {reps}")
+        return True
+
+    async def tls_handshake(self) -> None:
+        """After the STARTTLS ACK: the TLS handshake, then the session goes on over TLS."""
+        link = TLSLink(self.reader, self.writer, self.rng.choice(self.t.tls_contexts), self.rng)
+        try:
+            await asyncio.wait_for(link.handshake(), REPLY_TIMEOUT)
+        except TimeoutError:
+            raise self.fail(f"the TLS handshake took over {REPLY_TIMEOUT} s (a hang)") from None
+        self.reader = self.writer = link
+        self.secured = True
+        self.trace.append(f"TLS up: {link.version}")
+        self.stats.count(self.stats.tls, link.version)
+
+    async def export_name_before_tls(self) -> None:
+        """EXPORT_NAME on a TLS-only node before TLS: it has no error reply, so the node must
+        hang up without a word (spec)."""
+        await self.option(OPT_EXPORT_NAME, self.name)
+        await self.expect_close("EXPORT_NAME before TLS", quiet=True)
+        self.stats.count(self.stats.endings, "export-name-before-tls")
+
+    async def refused_before_tls(self) -> None:
+        """Options before TLS on a TLS-only node: each gets ERR_TLS_REQD, and the session goes
+        on (the node must not hang up)."""
+        rng = self.rng
+        for _ in range(rng.randint(1, 4)):
+            option, data = rng.choice(
+                [
+                    (OPT_LIST, b""),
+                    (OPT_INFO, self.info_data(self.name, [3])),
+                    (OPT_GO, self.info_data(self.name, [])),
+                    (OPT_SR, b""),
+                    (OPT_SET_META, self.meta_data(self.name, [b"base:allocation"])),
+                    (OPT_LIST_META, self.meta_data(self.name, [])),
+                    (rng.choice([4, 11, 12, 99, 0xFFFFFFFF]), rng.randbytes(rng.randint(0, 64))),
+                ]
+            )
+            await self.option(option, data)
+            reps = await self.opt_replies(option)
+            self.expect(reps == [(ERR_TLS_REQD, reps[0][1])], f"option {option} before TLS: {reps}")
+
+    async def negotiated_before_tls(self) -> None:
+        """Structured replies and a meta context negotiated in plaintext (--tls=on), then
+        STARTTLS: TLS must wipe them (spec; nbdkit's CVE-2021-3716). The session over TLS
+        starts from nothing, which is what the harness then assumes."""
+        await self.option(OPT_SR, b"")
+        reps = await self.opt_replies(OPT_SR)
+        self.expect(reps == [(REP_ACK, b"")], f"SR: {reps}")
+        await self.option(OPT_SET_META, self.meta_data(self.name, [b"base:allocation"]))
+        reps = await self.opt_replies(OPT_SET_META)
+        self.expect(reps[-1][0] == REP_ACK, f"SET_META: {reps}")
+
+    async def injected_starttls(self) -> bool:
+        """STARTTLS with a plaintext option right behind it in the same write, as a man in the
+        middle would inject one: it came before TLS, so it must never count as sent over TLS
+        (the TLS handshake fails on it, or it is dropped). False: the session has ended."""
+        rng = self.rng
+        option, data = rng.choice(
+            [(OPT_SR, b""), (OPT_LIST, b""), (OPT_INFO, self.info_data(self.name, [])), (99, b"")]
+        )
+        self.trace.append(f"option {OPT_STARTTLS} and in plaintext behind it option {option}")
+        starttls = struct.pack(">QII", IHAVEOPT, OPT_STARTTLS, 0)
+        await self.send(starttls + struct.pack(">QII", IHAVEOPT, option, len(data)) + data)
+        self.fatal = "injected plaintext"  # the node may refuse the TLS that follows
+        try:
+            reps = await self.opt_replies(OPT_STARTTLS)
+        except Closed:
+            return False  # refused outright: fine
+        self.expect(reps == [(REP_ACK, b"")], f"STARTTLS: {reps}")
+        try:
+            await self.tls_handshake()
+        except ConnectionError:
+            return False
+        self.fatal = ""
+        await self.option(OPT_LIST, b"")
+        _, opt, rep, length = struct.unpack(">QIII", await self.recv(20))
+        self.expect(
+            opt == OPT_LIST,
+            f"over TLS the node answered option {opt}, sent in plaintext before the handshake",
+        )
+        await self.recv(length)
+        if rep == REP_SERVER:
+            rep = (await self.opt_replies(OPT_LIST))[-1][0]
+        self.expect(rep == REP_ACK, f"LIST: {rep:#x}")
+        return True
+
+    async def no_tls(self, how: str) -> None:
+        """After the STARTTLS ACK, anything but a TLS handshake that ends: the node must close
+        the connection (a TLS error, the end of the stream, or its handshake limit), never
+        serve it. A hang-up does not wait for that."""
+        rng = self.rng
+        self.fatal = how
+        context = rng.choice(self.t.tls_contexts)
+        hello = client_hello(context)
+        kind = how
+        if how == "bad-hello":
+            kind = rng.choice(["garbage", "flipped", "cut", "plain-option", "not-a-hello"])
+            data = {
+                "garbage": rng.randbytes(rng.randint(1, 600)),
+                "flipped": flipped(hello, rng),
+                "cut": hello[: rng.randrange(1, len(hello))],
+                "plain-option": struct.pack(">QII", IHAVEOPT, OPT_GO, 6) + bytes(6),
+                # An application-data record before any handshake.
+                "not-a-hello": b"\x17\x03\x03\x00\x20" + rng.randbytes(32),
+            }[kind]
+        elif how == "stall":
+            kind = rng.choice(["nothing", "part-hello", "silent-over-tls"])
+            data = hello[: rng.randrange(1, len(hello))] if kind == "part-hello" else b""
+        else:  # a hang-up in the middle of the ClientHello
+            data = hello[: rng.randrange(len(hello))]
+        self.trace.append(f"no TLS: {kind} {data[:40].hex()}")
+        if kind == "silent-over-tls":
+            await self.tls_handshake()  # and then not a word
+        elif data:
+            await self.send(data)
+        if how == "hang-up" or (how == "stall" and rng.random() < 0.6):
+            await asyncio.sleep(rng.choice([0, 0.001, 0.05]))
+            return  # run() hangs up
+        if how == "bad-hello" and rng.random() < 0.5:
+            self.writer.write_eof()
+        # A stalled client is closed at the node's handshake limit.
+        await self.expect_close(f"the STARTTLS ACK ({kind})")
+        self.stats.count(self.stats.endings, f"tls-{kind}")
 
     async def option(self, option: int, data: bytes) -> None:
         self.trace.append(f"option {option} {data[:40].hex()}")
@@ -1179,14 +1586,7 @@ class Client:
                     structured, meta = outcome
         end = rng.random()
         if end < 0.05:
-            await self.option(OPT_ABORT, b"")
-            try:
-                reps = await self.opt_replies(OPT_ABORT)
-                self.expect(reps == [(REP_ACK, b"")], f"ABORT: {reps}")
-            except Closed:
-                pass  # the client must tolerate the server just closing
-            await self.expect_close("abort")
-            self.stats.count(self.stats.endings, "abort")
+            await self.abort()
             return False
         if end < 0.08:
             self.stats.count(self.stats.endings, "close-in-handshake")
@@ -1208,6 +1608,16 @@ class Client:
             s.block_min, s.block_max = self.t.block_min, self.t.block_max
         self.s = s
         return True
+
+    async def abort(self) -> None:
+        await self.option(OPT_ABORT, b"")
+        try:
+            reps = await self.opt_replies(OPT_ABORT)
+            self.expect(reps == [(REP_ACK, b"")], f"ABORT: {reps}")
+        except Closed:
+            pass  # the client must tolerate the server just closing
+        await self.expect_close("abort")
+        self.stats.count(self.stats.endings, "abort")
 
     def bind(self, name: bytes) -> None:
         """A (mutated) name the server accepted: with several exports, it must be one of them
@@ -1308,8 +1718,13 @@ class Client:
             )
             return (structured or final == REP_ACK), meta
         if option == OPT_STARTTLS:
-            self.expect(final & REP_ERR, "STARTTLS accepted on a server without TLS")
-            return None
+            may = not data and self.t.tls != "off" and not self.secured
+            self.expect(final & REP_ERR or may, f"STARTTLS {bytes(data).hex()} accepted")
+            if final & REP_ERR:
+                return None
+            self.stats.count(self.stats.tls, "starttls-in-negotiation")
+            await self.tls_handshake()
+            return False, None  # TLS wipes what was negotiated before it (spec)
         if option == OPT_SET_META:
             ids = self.check_meta(reps, structured, set_=True) if final == REP_ACK else ()
             parsed = parse_meta(bytes(data))
@@ -1618,6 +2033,7 @@ class Client:
                 "long-payload",
                 "cut-header",
                 "huge-write",
+                *(["tls-garbage"] if self.secured else []),
             ]
         )
         self.stats.count(self.stats.endings, how)
@@ -1692,6 +2108,13 @@ class Client:
             length = rng.choice([0xFFFFFFFF, 64 * MiB + 1])
             await self.request(WRITE, 0, 0, length, rng.randbytes(rng.randint(0, 8192)), cut=8192)
             self.writer.write_eof()
+        elif how == "tls-garbage":
+            # A request in a record that does not decrypt: the node must hang up. Replies still
+            # due may be lost, even cut off (the TLS session is broken); those that come whole
+            # are judged.
+            assert isinstance(self.writer, TLSLink)
+            self.closing = True
+            self.writer.write_corrupt(REQUEST.pack(REQUEST_MAGIC, 0, READ, 1, 0, 512))
         try:
             await asyncio.wait_for(asyncio.shield(receiver), REPLY_TIMEOUT)
         except TimeoutError:
@@ -2024,6 +2447,9 @@ MORE_SHAPES = [
     "info-time",
     "info-uptime",
     "info-conntime",
+    "tls-require",
+    "tls-on",
+    "tls-chain",
 ]
 
 
@@ -2044,11 +2470,22 @@ def start_http(tmp_path: Path) -> Iterator[Callable[[bytes], str]]:
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test CA and the server certificate of the TLS shapes."""
+    directory = tmp_path_factory.mktemp("fuzz-tls") / "pki"
+    make_certificates(directory)
+    return directory
+
+
 @pytest.fixture
 def fuzz_target(
     request: pytest.FixtureRequest, start_node: Any, start_http: Any, tmp_path: Path
 ) -> Iterator[Target]:
-    if request.param in MORE_SHAPES:
+    if request.param.startswith("tls-"):
+        target = tls_shape(request.param, start_node, request.getfixturevalue("pki"))
+        target.seconds = FUZZ_SECONDS_MORE
+    elif request.param in MORE_SHAPES:
         target = build_more(request.param, start_node, tmp_path, start_http)
         target.seconds = FUZZ_SECONDS_MORE
     else:
@@ -2094,7 +2531,7 @@ def fuzz(target: Target) -> None:
             rss_start = {p.pid: rss_kib(p.pid) for p in target.procs}
     print(f"fuzz {target.name}: {stats}")
     if target.check_below is not None:
-        target.check_below(read_all(target.node.uri, flush=True), models[b""].trimmed)
+        target.check_below(read_all(target.uri(), flush=True), models[b""].trimmed)
     if target.check_named is not None:
         for name, model in models.items():
             target.check_named(name, read_all(target.uri(name), flush=True), model.trimmed)

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, ROOT, nbd_connect, run, wait_for
-from test_server_lifecycle import make_certificates
+from conftest import NBDFABRIC, ROOT, make_certificates, nbd_connect, run, wait_for
 
 from bench.http_server import HttpServer
 

@@ -144,7 +144,7 @@ def test_a_polling_chain_serves_every_byte(tmp_path, start_node, poll: int) -> N
 def test_a_tls_session_polls_too(tmp_path, start_node) -> None:
     """TLS sessions are read by their own coroutine, not the loop's transport: they poll as well,
     and only once nothing already read waits to be decrypted."""
-    from test_server_lifecycle import make_certificates
+    from conftest import make_certificates
 
     pki = tmp_path / "pki"
     pki.mkdir()

@@ -147,6 +147,7 @@ def drive(hs: ServerHandshake, pieces: list[bytes]) -> list[Event]:
             events.append(event)
             if isinstance(event, StartTLS):
                 hs.tls_started()
+                hs.receive_data(event.leftover)  # a TLS layer that decrypts to the same bytes
                 continue
             if isinstance(event, Ready | Closed):
                 return events
@@ -435,6 +436,18 @@ def test_handshake_starttls_twice_is_invalid_and_wipes_state() -> None:
     assert not c.hs.structured, "STARTTLS must forget structured replies"
     _, replies = c.send(opt(Opt.STARTTLS))
     assert [r.rep for r in replies] == [Rep.ERR_INVALID]
+
+
+def test_handshake_starttls_leaves_what_follows_it_to_tls() -> None:
+    """Bytes behind STARTTLS came before TLS: they go to the TLS layer (as a ClientHello would),
+    never answered as options (plaintext injected there would count as sent over TLS)."""
+    c = Client(policy(tls="require"))
+    event, replies = c.send(opt(Opt.STARTTLS) + opt(Opt.STRUCTURED_REPLY))
+    assert isinstance(event, StartTLS) and [r.rep for r in replies] == [Rep.ACK]
+    assert event.leftover == opt(Opt.STRUCTURED_REPLY)
+    c.hs.tls_started()
+    assert c.hs.next_event() is NEED_DATA and c.hs.data_to_send() == b""
+    assert not c.hs.structured
 
 
 def test_handshake_shutdown_answers_err_shutdown() -> None:

@@ -5,12 +5,11 @@ systemd socket activation and fd:N, keepalive, --max-connections, SIGTERM with r
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, ROOT, alive, nbd_connect, run, wait_for
+from conftest import NBDFABRIC, ROOT, alive, make_certificates, nbd_connect, run, wait_for
 
 MiB = 1 << 20
 IHAVEOPT = 0x49484156454F5054
@@ -285,66 +284,6 @@ def test_lifecycle_sigterm_drains_in_flight(procs: list[Any], tmp_path: Path) ->
 # TLS -----------------------------------------------------------------------------------------
 
 
-def make_certificates(directory: Path) -> None:
-    """A CA and a server certificate in nbdkit's --tls-certificates layout."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def key() -> rsa.RSAPrivateKey:
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-    def pem_key(k: rsa.RSAPrivateKey) -> bytes:
-        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                               serialization.NoEncryption())  # fmt: skip
-
-    usage = dict(content_commitment=False, data_encipherment=False, key_agreement=False,
-                 encipher_only=False, decipher_only=False)  # fmt: skip
-    ca_key = key()
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("nbdfabric test CA"))
-        .issuer_name(name("nbdfabric test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, key_encipherment=False,
-                                     key_cert_sign=True, crl_sign=True, **usage), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
-    server_key = key()
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(name("localhost"))
-        .issuer_name(ca.subject)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True,
-                                     key_cert_sign=False, crl_sign=False, **usage), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
-    directory.mkdir(exist_ok=True)
-    (directory / "ca-cert.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (directory / "server-cert.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    (directory / "server-key.pem").write_bytes(pem_key(server_key))
-    os.chmod(directory / "server-key.pem", 0o600)
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("tls") / "pki"
@@ -403,6 +342,71 @@ def test_lifecycle_tls_on_allows_both(procs: list[Any], tmp_path: Path, certs: P
     secure.pwrite(big, 0)
     assert secure.pread(4 * MiB, 0) == big
     secure.shutdown()
+
+
+def starttls_with(sock: str, behind: bytes) -> socket.socket:
+    """A raw client that sent STARTTLS with `behind` in the same write, and read the ACK."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(20)
+    s.connect(sock)
+    s.recv(18, socket.MSG_WAITALL)
+    s.sendall(struct.pack(">IQII", 3, IHAVEOPT, 5, 0) + behind)
+    assert struct.unpack(">QIII", s.recv(20, socket.MSG_WAITALL))[1:3] == (5, 1), "STARTTLS ACK"
+    return s
+
+
+def test_lifecycle_tls_plaintext_behind_starttls_is_never_served(
+    procs: list[Any], tmp_path: Path, certs: Path
+) -> None:
+    """An option injected in plaintext right behind STARTTLS (a man in the middle) must not be
+    answered as if the client had sent it over TLS (found by test_fuzz_nodes[tls-require],
+    NBDFABRIC_FUZZ_SEED=1: the node parsed it out of its handshake buffer after TLS began)."""
+    sock, _ = tls_node(procs, tmp_path, certs, "require")
+    context = ssl.create_default_context(cafile=str(certs / "ca-cert.pem"))
+    with starttls_with(sock, struct.pack(">QII", IHAVEOPT, 8, 0)) as raw:  # STRUCTURED_REPLY
+        try:
+            secure = context.wrap_socket(raw, server_hostname="localhost")
+        except OSError:
+            return  # the TLS handshake failed on those bytes: nothing was served
+        secure.sendall(struct.pack(">QII", IHAVEOPT, 3, 0))  # LIST
+        reply = b""
+        while len(reply) < 20:
+            reply += secure.recv(20 - len(reply))
+        assert struct.unpack(">QIII", reply)[1] == 3, "a reply to the injected option"
+
+
+def test_lifecycle_tls_hello_behind_starttls_is_read_as_tls(
+    procs: list[Any], tmp_path: Path, certs: Path
+) -> None:
+    """A ClientHello sent right behind STARTTLS, before the ACK came, starts the TLS stream."""
+    sock, _ = tls_node(procs, tmp_path, certs, "require")
+    context = ssl.create_default_context(cafile=str(certs / "ca-cert.pem"))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    with starttls_with(sock, outgoing.read()) as raw:
+
+        def pump() -> None:
+            raw.sendall(outgoing.read())
+            data = raw.recv(65536)
+            assert data, "the node closed the connection"
+            incoming.write(data)
+
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pump()
+        tls.write(struct.pack(">QII", IHAVEOPT, 3, 0))  # LIST, over TLS
+        reply = b""
+        while len(reply) < 20:
+            try:
+                reply += tls.read(20 - len(reply))
+            except ssl.SSLWantReadError:
+                pump()
+        assert struct.unpack(">QIII", reply)[1] == 3
 
 
 # Run by another program ----------------------------------------------------------------------

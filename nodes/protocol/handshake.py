@@ -75,7 +75,13 @@ class HandshakePolicy:
 
 @dataclass(frozen=True)
 class StartTLS:
-    """The ACK is queued: send it, then run the TLS handshake on the stream and call tls_started."""
+    """The ACK is queued: send it, then run the TLS handshake on the stream (`leftover` is the
+    first of what it reads) and call tls_started."""
+
+    #: What the client sent after STARTTLS, before TLS: it belongs to the TLS layer (a
+    #: ClientHello sent without waiting for the ACK), never to this handshake, which would
+    #: take plaintext injected there as if it had come over TLS.
+    leftover: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -275,7 +281,9 @@ class ServerHandshake:
             self._error(Opt.STARTTLS, Rep.ERR_INVALID, "TLS is already active")
         else:
             self._reply(Opt.STARTTLS, Rep.ACK)
-            return StartTLS()
+            leftover = bytes(self._buf)
+            self._buf.clear()
+            return StartTLS(leftover)
         return None
 
     def _list(self, data: bytes) -> None:

@@ -255,7 +255,7 @@ class Session:
                     return None
                 hs.receive_data(bytes(view[:n]))
             elif isinstance(event, StartTLS):
-                await self._start_tls(hs)
+                await self._start_tls(hs, event.leftover)
             elif isinstance(event, Ready):
                 return event
             elif isinstance(event, Closed):
@@ -263,10 +263,10 @@ class Session:
                     log.info("%s: handshake ended: %s", self.client.address, event.reason)
                 return None
 
-    async def _start_tls(self, hs: ServerHandshake) -> None:
+    async def _start_tls(self, hs: ServerHandshake, leftover: bytes) -> None:
         context = self.node.tls_context
         assert context is not None and hasattr(self.stream, "sock")
-        tls = TLSStream(self.stream, context)  # type: ignore[arg-type]
+        tls = TLSStream(self.stream, context, leftover)  # type: ignore[arg-type]
         await tls.handshake()
         self.stream = tls
         self.client.tls = True

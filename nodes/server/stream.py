@@ -141,10 +141,12 @@ def _wake(future: asyncio.Future[None]) -> None:
 class TLSStream(Stream):
     """TLS through an `ssl.SSLObject` and memory BIOs, on top of a SocketStream."""
 
-    def __init__(self, raw: SocketStream, context: ssl.SSLContext) -> None:
+    def __init__(self, raw: SocketStream, context: ssl.SSLContext, received: bytes = b"") -> None:
         self.raw = raw
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
+        # Bytes read from the socket before TLS began (behind STARTTLS): TLS records, or not.
+        self.incoming.write(received)
         self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self._rbuf = bytearray(65536)
         # The reader pumps out too (handshake and post-handshake records): without this lock
