@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import json
 import os
 import random
@@ -30,6 +31,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.parse
@@ -119,6 +121,15 @@ class Op:
 
 
 _NOT = bytes([1, 0]) + bytes(254)  #: bytes.translate table: 0 <-> 1
+
+
+def swap_words(data: bytes, bits: int) -> bytes:
+    """`data` with the bytes of each word of `bits` bits reversed (swab's model)."""
+    w = bits // 8
+    out = bytearray(len(data))
+    for i in range(w):
+        out[i::w] = data[w - 1 - i :: w]
+    return bytes(out)
 
 
 def differ(a: bytes, b: bytes, ignore: bytearray) -> int | None:
@@ -698,6 +709,57 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         kind = "gzip" if shape == "gzip" else "xz"
         node = under_test(start_node, kind, *args, upstreams=[up.uri])
         return Target(shape, node, [node, up], image, read_only=True)
+    if shape == "tar":  # the image at 1536 (not 4K-aligned) between two members, served in place
+        image, buf = rng.randbytes(SIZE), io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
+            for name, data in (("vm.ovf", b"<Envelope/>"), ("disk.img", image), ("vm.mf", b"m")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+        archive, path, at = buf.getvalue(), tmp_path / "vm.tar", 3 * 512
+        path.write_bytes(archive)
+        up = start_node("file", str(path))
+        node = under_test(start_node, "tar", "tar-entry=disk.img", upstreams=[up.uri])
+
+        def tar_below(export: bytes, trimmed: bytearray) -> None:
+            now = path.read_bytes()
+            check(now[:at] + now[at + SIZE :] == archive[:at] + archive[at + SIZE :],
+                  "tar: the archive changed outside the entry's data")  # fmt: skip
+            bad = differ(now[at : at + SIZE], export, trimmed)
+            check(bad is None, f"tar: the entry in the archive differs from the export at {bad}")
+
+        return Target(shape, node, [node, up], image, check_below=tar_below)
+    if shape == "checkwrite":
+        # Random runs and zero runs: writes of what is there pass, other writes fail (EIO);
+        # trims and zeroes pass where the bytes are zeros. The upstream never changes.
+        image = lumpy(rng, SIZE)
+        up = memory_with(start_node, image)
+        node = under_test(start_node, "checkwrite", upstreams=[up.uri])
+        below = same_below(shape, up.uri)
+        return Target(shape, node, [node, up], image, writes="check", check_below=below)
+    if shape == "cacheextents":
+        # Holes to begin with (only the 4K blocks that are not zeros are written): an answer
+        # kept past a write would say "zero" where data now is.
+        image = lumpy(rng, SIZE)
+        up = start_node("memory", str(SIZE))
+        for pos in range(0, SIZE, 4 * KiB):
+            if any(image[pos : pos + 4 * KiB]):
+                fill(up.uri, image[pos : pos + 4 * KiB], pos)
+        args: list[str] = []  # the default window covers the whole disk: every later ask hits
+        node = under_test(start_node, "cacheextents", *args, upstreams=[up.uri])
+        return Target(shape, node, [node, up], image, check_below=same_below(shape, up.uri))
+    if shape in ("swab-16", "swab-64"):
+        bits = int(shape.split("-")[1])
+        image = rng.randbytes(SIZE)
+        up = memory_with(start_node, image)
+        node = under_test(start_node, "swab", f"swab-bits={bits}", upstreams=[up.uri])
+
+        def swab_below(export: bytes, trimmed: bytearray) -> None:
+            # Trims are whole words (block_min), so `trimmed` needs no swapping.
+            bad = differ(swap_words(read_all(up.uri), bits), export, trimmed)
+            check(bad is None, f"{shape}: the upstream, swapped, differs at {bad}")
+
+        return Target(shape, node, [node, up], swap_words(image, bits), check_below=swab_below)
     # Filters over a memory disk of random data.
     image = rng.randbytes(SIZE)
     up = memory_with(start_node, image)
@@ -1856,7 +1918,10 @@ class Client:
         elif cmd == WRITE:  # "match", "sparse-match": the bytes must be what is there
             assert payload is not None
             out = {0} if payload == self.model.data[offset : offset + length] else {EIO}
-        elif t.writes == "sparse-match":
+        elif t.writes == "check" and fast:
+            # checkwrite: a fast zero never reads; it passes only where extents say zero.
+            out = {0, ENOTSUP} if not any(self.model.data[offset : offset + length]) else {ENOTSUP}
+        elif t.writes in ("sparse-match", "check"):
             # Data bytes are never zero there: a range of zeros is a range of holes.
             holes = not any(self.model.data[offset : offset + length])
             out = {0} if holes else {EIO}
@@ -1967,7 +2032,7 @@ class Client:
 
     def payload_for(self, length: int, offset: int) -> bytes:
         rng = self.rng
-        same = 0.5 if self.t.writes in ("match", "sparse-match") else 0.05
+        same = 0.5 if self.t.writes in ("match", "sparse-match", "check") else 0.05
         same = 0.3 if self.t.protected else same
         if offset + length <= self.model.size and rng.random() < same:
             # What the model says is there (all of it known, for kinds that check writes).
@@ -2450,6 +2515,11 @@ MORE_SHAPES = [
     "tls-require",
     "tls-on",
     "tls-chain",
+    "checkwrite",
+    "swab-16",
+    "swab-64",
+    "cacheextents",
+    "tar",
 ]
 
 
