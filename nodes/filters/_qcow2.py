@@ -122,7 +122,9 @@ KNOWN_NAMES = {
 }
 #: The bits this reader handles: dirty is served (see Image.dirty), compression type is
 #: checked against the types it decodes.
-HANDLED = Incompatible.DIRTY | Incompatible.COMPRESSION_TYPE | Incompatible.EXTENDED_L2
+#: A plain int: `~` of an IntFlag keeps only the bits the class names, so it would hide
+#: the unknown ones.
+HANDLED = int(Incompatible.DIRTY | Incompatible.COMPRESSION_TYPE | Incompatible.EXTENDED_L2)
 
 
 class Qcow2Error(ValueError):
