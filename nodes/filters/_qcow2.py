@@ -261,7 +261,7 @@ def open_image(file_size: int) -> Generator[Read, bytes, Image]:
     cluster_size = 1 << cluster_bits
     if backing_at:
         name = yield from _backing_name(backing_at, backing_len, file_size)
-        raise Qcow2Error(_backing_message(name, head, header_length, cluster_size))
+        raise Qcow2Error(_backing_message(name, head, header_length))
     if crypt:
         method = CRYPT_METHODS.get(crypt, f"method {crypt}")
         raise Qcow2Error(
@@ -329,7 +329,7 @@ def _backing_name(offset: int, length: int, file_size: int) -> Generator[Read, b
     return name.decode("utf-8", "backslashreplace")
 
 
-def _backing_message(name: str, head: bytes, header_length: int, cluster_size: int) -> str:
+def _backing_message(name: str, head: bytes, header_length: int) -> str:
     fmt = ""
     try:  # the format is only for the message: a bad extension area does not hide the backing
         raw = parse_extensions(head, header_length, len(head)).get(Extension.BACKING_FORMAT)

@@ -17,8 +17,8 @@ Versions 2 and 3 are read, clusters of 512 bytes to 2 MiB, and extended L2 entri
 (subclusters, `qemu-img create -o extended_l2=on`). CACHE is served by reading.
 
 Refused at start, each with a message naming the problem: not qcow2 or a truncated header; a
-backing file (its name is given: a node has one upstream, and a backing chain is not put
-together here: flatten the image with qemu-img convert, or serve the chain with qemu-nbd);
+backing file (its name is given: a node has one upstream, and nbdfabric leaves backing
+chains out: flatten the image with qemu-img convert first, or serve the chain with qemu-nbd);
 encryption (AES, LUKS); an external data file; the corrupt bit; an incompatible feature bit
 this node does not know (named from the image's feature name table); zstd compression (the
 zstandard module is not a dependency: recompress with `-o compression_type=zlib`); an L1
@@ -27,9 +27,10 @@ served: it says only that refcounts may be stale, and refcounts are not read (qe
 opens such an image read-only without repairing it).
 
 Damage found by a read (an L2 table or a cluster past the end of the file, an unaligned
-entry, a compressed cluster that does not inflate to a whole cluster) fails that read with
-EIO and a warning naming the guest and file offsets; other reads are served, and nothing
-outside the file is ever served. A block status request describes the disk up to the damage.
+entry, a zero flag in a version 2 image, a compressed cluster that does not inflate to a whole
+cluster) fails that read with EIO (as qemu does) and a warning naming the guest and file
+offsets; other reads are served, and nothing outside the file is ever served. A block status
+request describes the disk up to the damage.
 
 Params:
 - `qcow2dec-l2-cache` (size, default 32M): L2 tables kept in memory, in bytes (at least one
