@@ -694,6 +694,38 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
             start_node, "data", f"base64={base64.b64encode(head).decode()}", "size=1M"
         )
         return Target(shape, node, [node], head + bytes(SIZE - len(head)))
+    if shape == "qcow2dec":  # compressed, standard, zero and unallocated (sub)clusters side by side
+        raw = tmp_path / "image.raw"
+        raw.write_bytes(lumpy(rng, SIZE))
+        packed = tmp_path / "image.qcow2"
+        subprocess.run(
+            [
+                "qemu-img",
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-c",
+                "-o",
+                "cluster_size=16K,extended_l2=on",
+                str(raw),
+                str(packed),
+            ],
+            check=True,
+        )
+        ops = ["write -z 64K 40K", "write -P 0x5a 300001 5000", "discard 512K 32K"]
+        subprocess.run(
+            ["qemu-io", "-f", "qcow2", *(a for op in ops for a in ("-c", op)), str(packed)],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(packed), str(raw)], check=True
+        )  # the model: what qemu reads in the image
+        up = start_node("file", str(packed), extra=("--read-only",))
+        node = under_test(start_node, "qcow2dec", upstreams=[up.uri])
+        return Target(shape, node, [node, up], raw.read_bytes(), read_only=True)
     if shape in ("xz", "xz-whole", "gzip"):
         image = lumpy(rng, SIZE)
         raw = tmp_path / "image.raw"
@@ -2520,6 +2552,7 @@ MORE_SHAPES = [
     "swab-64",
     "cacheextents",
     "tar",
+    "qcow2dec",
 ]
 
 
