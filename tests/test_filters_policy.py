@@ -25,7 +25,7 @@ import grpc
 import nbd
 import pytest
 from conftest import NBDFABRIC, ROOT, Proc, nbd_connect, run, wait_for
-from test_filters_more import caps, errno_of, memory_with, nbdkit_memory_with, read_all, sha
+from test_filters_more import caps, memory_with, read_all, sha
 
 from nodes.control.rpc.nbdfabric.v1 import node_pb2 as pb
 from nodes.control.rpc.nbdfabric.v1 import node_pb2_grpc as pb_grpc
@@ -172,61 +172,59 @@ def test_scan_reads_an_upstream_that_cannot_cache(
     h.shutdown()
 
 
+@pytest.mark.parametrize("clock", ["true", "false"])
 def test_scan_stops_when_the_client_leaves_and_resumes_for_the_next(
-    tmp_path: Path, start_node: StartNode, control: Callable[[Proc], Control]
+    tmp_path: Path, start_node: StartNode, control: Callable[[Proc], Control], clock: str
 ) -> None:
     """scan-clock (default): the scan stops with the last client and the next one's resumes
     where it stopped; with scan-clock=false it starts again at 0. A log node below sees the
     CACHE requests (the log filter writes a request once it is answered)."""
     size, step = 8 * MiB, 256 * KiB
+    log = tmp_path / "below.jsonl"
     mem = start_node("memory", str(size))
     slow = start_node("delay", "delay-cache=30ms", upstreams=[mem.uri])
-    for clock in ("true", "false"):
-        log = tmp_path / f"clock-{clock}.jsonl"
-        logged = start_node("log", f"logfile={log}", upstreams=[slow.uri])
-        scan = start_node(
-            "scan", f"scan-size={step}", f"scan-clock={clock}", upstreams=[logged.uri],
-            control=True,
-        )  # fmt: skip
-        ctl = control(scan)
-        h = nbd_connect(scan.uri)
-        wait_for(lambda: len(scan_log(log)) >= 6, 10, "the scan to start")
-        h.shutdown()
-        wait_for(lambda: not ctl.status()["scan"]["running"], 5, "the scan to stop")
-        stopped = ctl.status()["scan"]["position"]
-        seen = len(scan_log(log))
-        time.sleep(0.3)  # ten steps' time: nothing more is asked
-        assert len(scan_log(log)) == seen
-        assert 0 < stopped < size
-        h = nbd_connect(scan.uri)
-        wait_for(lambda: len(scan_log(log)) > seen, 5, "the scan to resume")
-        h.shutdown()
-        resumed_at = min(offset for _, offset, _ in scan_log(log)[seen:])
-        assert resumed_at == (stopped if clock == "true" else 0)
+    logged = start_node("log", f"logfile={log}", upstreams=[slow.uri])
+    scan = start_node(
+        "scan", f"scan-size={step}", f"scan-clock={clock}", upstreams=[logged.uri], control=True
+    )
+    ctl = control(scan)
+    h = nbd_connect(scan.uri)
+    wait_for(lambda: len(scan_log(log)) >= 6, 10, "the scan to start")
+    h.shutdown()
+    wait_for(lambda: not ctl.status()["scan"]["running"], 5, "the scan to stop")
+    stopped = ctl.status()["scan"]["position"]
+    seen = len(scan_log(log))
+    time.sleep(0.3)  # ten steps' time: nothing more is asked
+    assert len(scan_log(log)) == seen
+    assert 0 < stopped < size
+    h = nbd_connect(scan.uri)
+    wait_for(lambda: len(scan_log(log)) > seen, 5, "the scan to resume")
+    h.shutdown()
+    resumed_at = min(offset for _, offset, _ in scan_log(log)[seen:])
+    assert resumed_at == (stopped if clock == "true" else 0)
 
 
+@pytest.mark.parametrize("ahead", ["true", "false"])
 def test_scan_ahead_skips_what_a_client_read_passed(
-    start_node: StartNode, control: Callable[[Proc], Control]
+    start_node: StartNode, control: Callable[[Proc], Control], ahead: str
 ) -> None:
     size, step = 8 * MiB, 256 * KiB
     mem = start_node("memory", str(size))
     slow = start_node("delay", "delay-cache=30ms", upstreams=[mem.uri])
-    for ahead in ("true", "false"):
-        scan = start_node(
-            "scan", f"scan-size={step}", f"scan-ahead={ahead}", upstreams=[slow.uri],
-            control=True,
-        )  # fmt: skip
-        ctl = control(scan)
-        h = nbd_connect(scan.uri)
-        h.pread(4096, 6 * MiB)  # far ahead of a scan that has just begun
-        wait_for(lambda: not ctl.status()["scan"]["running"], 10, "the scan")
-        status = ctl.status()["scan"]
-        h.shutdown()
-        if ahead == "true":
-            assert status["skipped_bytes"] >= 5 * MiB
-            assert status["bytes"] <= 3 * MiB
-        else:
-            assert (status["skipped_bytes"], status["bytes"]) == (0, size)
+    scan = start_node(
+        "scan", f"scan-size={step}", f"scan-ahead={ahead}", upstreams=[slow.uri], control=True
+    )
+    ctl = control(scan)
+    h = nbd_connect(scan.uri)
+    h.pread(4096, 6 * MiB)  # far ahead of a scan that has just begun
+    wait_for(lambda: not ctl.status()["scan"]["running"], 10, "the scan")
+    status = ctl.status()["scan"]
+    h.shutdown()
+    if ahead == "true":
+        assert status["skipped_bytes"] >= 5 * MiB
+        assert status["bytes"] <= 3 * MiB
+    else:
+        assert (status["skipped_bytes"], status["bytes"]) == (0, size)
 
 
 def test_scan_forever_starts_again(start_node: StartNode, control: Callable[[Proc], Control]):
@@ -261,3 +259,348 @@ def test_scan_size_must_be_a_power_of_two_from_512_to_32m(value: str) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert res.returncode == 1 and "scan-size" in res.stderr
+
+
+# exportname ----------------------------------------------------------------------------------
+
+
+def probe(uri: str, names: list[str]) -> dict[str, Any]:
+    """What a client learns without transmission: NBD_OPT_LIST (sorted, or the errno of its
+    refusal) and, for each name, NBD_OPT_INFO's canonical name, size and description (or the
+    errno of the refusal)."""
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.set_full_info(True)
+    h.connect_uri(uri)
+    out: dict[str, Any] = {}
+    listed: list[tuple[str, str]] = []
+    try:
+        h.opt_list(lambda name, description: listed.append((name, description)) or 0)
+        out["list"] = sorted(listed)
+    except nbd.Error as exc:
+        out["list"] = errno.errorcode.get(exc.errnum or 0)
+    for name in names:
+        h.set_export_name(name)
+        try:
+            h.opt_info()
+        except nbd.Error as exc:
+            out[name] = errno.errorcode.get(exc.errnum or 0)
+            continue
+        try:
+            description = h.get_export_description()
+        except nbd.Error:
+            description = None
+        out[name] = (h.get_canonical_export_name(), h.get_size(), description)
+    h.opt_abort()
+    return out
+
+
+@pytest.fixture
+def disks(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """A directory of three files (one with a space in its name) and a subdirectory."""
+    folder = tmp_path / "disks"
+    folder.mkdir()
+    (folder / "sub").mkdir()
+    files = {"a": patterned(MiB, 1), "b": patterned(2 * MiB, 2), "c d": patterned(512 * KiB, 3)}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder, files
+
+
+NAMES = ["", "a", "b", "c d", "zz", "sub"]
+
+#: Param sets run on both servers, over a directory of files.
+EXPORTNAME_CASES: list[list[str]] = [
+    [],
+    ["default-export=b"],
+    ["exportname-list=empty"],
+    ["exportname-list=defaultonly"],
+    ["exportname-list=default-only", "default-export=b"],
+    ["exportname-list=explicit", "exportname=a", "exportname=zz"],
+    ["exportname-strict=true", "exportname=a", "exportname=c d"],
+    ["exportname-strict=true", "exportname=", "exportname=b", "default-export=b"],
+    ["exportname-strict=true", "exportname=", "default-export=b"],  # b is not let through
+    ["exportname-list=explicit", "exportname-strict=true", "exportname=a", "exportdesc=none"],
+    ["exportdesc=fixed:a disk"],
+    ["exportdesc=script:echo \"<$name>\"; echo more", "exportname-list=explicit",
+     "exportname=b", "exportname=c d"],
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("params", EXPORTNAME_CASES, ids=" ".join)
+def test_exportname_lists_and_names_match_nbdkit_over_a_directory(
+    start_node: StartNode,
+    start_nbdkit: StartNbdkit,
+    disks: tuple[Path, dict[str, bytes]],
+    params: list[str],
+) -> None:
+    folder, _ = disks
+    files = start_node("file", f"dir={folder}")
+    ours = start_node("exportname", *params, upstreams=[files.uri])
+    theirs = start_nbdkit("--filter=exportname", "file", f"dir={folder}", *params)
+    assert probe(ours.uri, NAMES) == probe(theirs.uri, NAMES)
+
+
+def list_reply(sock_path: str) -> tuple[int, bytes]:
+    """The reply type and data a server gives NBD_OPT_LIST, over a raw socket."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(sock_path)
+        reader = s.makefile("rb")
+        reader.read(18)  # greeting: magic, IHAVEOPT, handshake flags
+        s.sendall(struct.pack(">I", 3))  # fixed newstyle, no zeroes
+        s.sendall(struct.pack(">QII", 0x49484156454F5054, 3, 0))  # NBD_OPT_LIST
+        _, _, rep, length = struct.unpack(">QIII", reader.read(20))
+        data = reader.read(length)
+        s.sendall(struct.pack(">QII", 0x49484156454F5054, 2, 0))  # NBD_OPT_ABORT
+        return rep, data
+
+
+def test_exportname_list_error_is_refused_as_the_spec_says(
+    start_node: StartNode, start_nbdkit: StartNbdkit
+) -> None:
+    """exportname-list=error: we answer NBD_REP_ERR_POLICY, the spec's error for a list the
+    server will not give; nbdkit answers NBD_REP_ERR_PLATFORM ("not currently used"). libnbd
+    reports ENOTSUP for both; every name still works as in nbdkit."""
+    mem = start_node("memory", "1M")
+    ours = start_node("exportname", "exportname-list=error", upstreams=[mem.uri])
+    theirs = start_nbdkit("--filter=exportname", "memory", "1M", "exportname-list=error")
+    assert probe(ours.uri, ["", "x"]) == probe(theirs.uri, ["", "x"])
+    assert probe(ours.uri, [])["list"] == "ENOTSUP"
+    rep, message = list_reply(ours.socket)
+    assert (rep, message) == (0x80000002, b"export list restricted by policy")
+    assert list_reply(theirs.socket)[0] == 0x80000004
+    res = run(["nbdinfo", "--list", ours.uri], check=False)
+    assert res.returncode != 0 and "list request" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "params",
+    [[], ["default-export=zz"], ["exportname-list=defaultonly", "default-export=zz"],
+     ["exportname-list=defaultonly"], ["exportname-strict=true", "exportname=foo"]],
+    ids=" ".join,
+)  # fmt: skip
+def test_exportname_over_a_single_export_matches_nbdkit(
+    start_node: StartNode, start_nbdkit: StartNbdkit, params: list[str]
+) -> None:
+    """Over memory, which serves its one disk under any name: the name a client gives (or
+    default-export) goes to it and comes back as the canonical name."""
+    ours = start_node("exportname", *params, upstreams=[start_node("memory", "1M").uri])
+    theirs = start_nbdkit("--filter=exportname", "memory", "1M", *params)
+    names = ["", "foo", "zz"]
+    assert probe(ours.uri, names) == probe(theirs.uri, names)
+
+
+def test_exportname_keeps_the_upstream_descriptions(start_node: StartNode) -> None:
+    mem = start_node("memory", "1M", extra=("--description", "the disk"))
+    keep = start_node("exportname", upstreams=[mem.uri])
+    fixed = start_node("exportname", "exportdesc=fixed:mine", upstreams=[mem.uri])
+    none = start_node("exportname", "exportdesc=none", upstreams=[mem.uri])
+    assert probe(keep.uri, [""]) == {"list": [("", "the disk")], "": ("", MiB, "the disk")}
+    assert probe(fixed.uri, [""]) == {"list": [("", "mine")], "": ("", MiB, "mine")}
+    assert probe(none.uri, [""]) == {"list": [("", "")], "": ("", MiB, None)}
+
+
+def test_exportname_serves_each_file_of_a_directory(
+    start_node: StartNode, disks: tuple[Path, dict[str, bytes]]
+) -> None:
+    """Every export a client names is the file of that name, read with nbdcopy, qemu-io and
+    libnbd, written through; "" is default-export's file."""
+    folder, files = disks
+    node = start_node(
+        "exportname", "default-export=c d", upstreams=[start_node("file", f"dir={folder}").uri]
+    )
+    for name, data in files.items():
+        uri = node.uri.replace("/?", f"/{name.replace(' ', '%20')}?")
+        copied = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, check=True)
+        assert sha(copied.stdout) == sha(data)
+    assert read_all(node.uri) == files["c d"]  # the default export
+    listed = json.loads(run(["nbdinfo", "--list", "--json", node.uri]).stdout)["exports"]
+    assert {(e["export-name"], e["export-size"]) for e in listed} == {
+        (n, len(d)) for n, d in files.items()
+    }
+    h = nbd_connect(node.uri.replace("/?", "/a?"))
+    h.pwrite(b"written through", 4096)
+    h.flush()
+    h.shutdown()
+    assert (folder / "a").read_bytes()[4096:4111] == b"written through"
+    b_uri = node.uri.replace("/?", "/b?")
+    fill = files["b"][MiB + 512]  # past the page's header: its fill byte
+    read = f"read -P {fill} {MiB + 512} 512"
+    assert "read 512/512" in run(["qemu-io", "-f", "raw", "-c", read, b_uri]).stdout
+
+
+def test_exportname_refuses_an_export_name_of_its_own(
+    tmp_path: Path, start_node: StartNode
+) -> None:
+    mem = start_node("memory", "1M")
+    res = subprocess.run(
+        [*NBDFABRIC, "node", "exportname", "--upstream", mem.uri, "--export-name", "x",
+         "--listen", f"unix:{tmp_path}/x.sock"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 1 and "several exports" in res.stderr
+
+
+def test_exportname_bad_params_exit_1_naming_them(tmp_path: Path) -> None:
+    for word, key in (
+        ("exportname-list=all", "exportname-list"),
+        ("exportdesc=fixed", "exportdesc"),
+        ("exportname-strict=maybe", "exportname-strict"),
+    ):
+        res = subprocess.run(
+            [*NBDFABRIC, "node", "exportname", word, "--upstream", "nbd://h/"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert res.returncode == 1 and key in res.stderr, res.stderr
+
+
+def test_exportname_reopens_an_export_closed_while_its_client_was_connecting(
+    monkeypatch: pytest.MonkeyPatch, start_node: StartNode, disks: tuple[Path, dict[str, bytes]]
+) -> None:
+    """Exports no client uses are closed beyond MAX_IDLE; one looked up by a client that has
+    not yet started (its handshake replies were on their way) is opened again for it, and if
+    another client had it opened again meanwhile, both copies serve until their last user."""
+    from nodes.filters import exportname
+    from nodes.params import parse_params
+    from nodes.upstream import Upstream
+
+    monkeypatch.setattr(exportname, "MAX_IDLE", 1)
+    folder, files = disks
+    dir_node = start_node("file", f"dir={folder}")
+
+    async def scenario() -> None:
+        params = parse_params("exportname", exportname.ExportnameParams, [])
+        node = exportname.ExportName(params, Upstream(dir_node.uri))  # type: ignore[arg-type]
+        await node.start()
+        await node.prepare_export("a")
+        early = node.for_export("a")
+        assert isinstance(early, exportname._Export)
+        await node.prepare_export("b")
+        await node.prepare_export("c d")  # two idle beyond the one kept: a and b closed
+        assert early.closed and list(node.open) == ["c d"]
+        await early.open_connection()  # the client that looked a up starts: a is back
+        assert not early.closed and node.for_export("a") is early
+        buf = bytearray(4096)
+        await early.pread(memoryview(buf), 8192, 0)
+        assert bytes(buf) == files["a"][8192 : 8192 + 4096]
+        assert node.status()["exportname"]["open"]["a"] == {"connections": 1}
+        await early.close_connection()
+        # Closed before its client started, and opened again for another client meanwhile.
+        await node.prepare_export("b")
+        stale = node.for_export("b")
+        assert isinstance(stale, exportname._Export)
+        await node.prepare_export("a")
+        await node.prepare_export("c d")
+        assert stale.closed
+        await node.prepare_export("b")
+        fresh = node.for_export("b")
+        assert fresh is not stale and fresh is not None
+        await stale.open_connection()
+        assert stale.orphan and node.for_export("b") is fresh
+        await stale.pread(memoryview(buf), 0, 0)
+        assert bytes(buf) == files["b"][:4096]
+        await stale.close_connection()  # its last user: the orphan closes
+        assert stale.closed and not fresh.closed
+        await node.stop()
+        assert fresh.closed and not node.open
+
+    asyncio.run(scenario())
+
+
+def test_exportname_opens_one_connection_for_clients_asking_at_once(
+    start_node: StartNode, control: Callable[[Proc], Control], disks: tuple[Path, dict[str, bytes]]
+) -> None:
+    folder, files = disks
+    node = start_node(
+        "exportname", upstreams=[start_node("file", f"dir={folder}").uri], control=True
+    )
+    uri = node.uri.replace("/?", "/b?")
+    results: list[bytes] = []
+
+    def client() -> None:
+        results.append(read_all(uri))
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [files["b"]] * 6
+    status = control(node).status()
+    assert status["exportname"]["opened"] == 1
+    assert [u["uri"].split("?")[0] for u in status["upstreams"]] == ["nbd+unix:///b"]
+
+
+def test_handshake_announces_each_lookup_and_listing_with_prepare() -> None:
+    """With policy.prepare, an option that looks an export up (INFO, GO, EXPORT_NAME, the meta
+    context ones) or lists them stops at a Prepare event; the server gets ready, and the next
+    next_event() answers it. The lookups here work only for the name prepared last."""
+    from test_protocol_core import EXPORT, Client, info_data, meta_data, opt
+
+    from nodes.protocol.constants import Opt, Rep
+    from nodes.protocol.handshake import NEED_DATA, HandshakePolicy, ListRefused, Prepare, Ready
+
+    prepared: list[str | None] = []
+
+    def lookup(name: str) -> Any:
+        return EXPORT if prepared and prepared[-1] == name and name in ("", "disk") else None
+
+    def listing() -> list[Any]:
+        if prepared[-1:] != [None]:
+            raise ListRefused("listed without being prepared")
+        return [EXPORT]
+
+    c = Client(HandshakePolicy(lookup=lookup, listing=listing, prepare=True))
+
+    def answer(frame: bytes, name: str | None) -> tuple[Any, list[Any]]:
+        event, replies = c.send(frame)
+        assert event == Prepare(name) and replies == []
+        prepared.append(name)
+        return c.send(b"")
+
+    event, replies = answer(opt(Opt.LIST), None)
+    assert event is NEED_DATA and [r.rep for r in replies] == [Rep.SERVER, Rep.ACK]
+    event, replies = answer(opt(Opt.INFO, info_data("disk")), "disk")
+    assert event is NEED_DATA and replies[-1].rep == Rep.ACK
+    assert c.send(opt(Opt.STRUCTURED_REPLY))[1][0].rep == Rep.ACK  # no lookup: no Prepare
+    event, replies = answer(opt(Opt.SET_META_CONTEXT, meta_data("disk", ["base:allocation"])),
+                            "disk")  # fmt: skip
+    assert [r.rep for r in replies] == [Rep.META_CONTEXT, Rep.ACK]
+    event, replies = answer(opt(Opt.INFO, info_data("nope")), "nope")
+    assert replies[-1].rep == Rep.ERR_UNKNOWN
+    prepared.append("elsewhere")
+    event, replies = answer(opt(Opt.GO, info_data("disk")), "disk")  # prepared anew
+    assert isinstance(event, Ready) and event.meta_contexts
+
+    c = Client(HandshakePolicy(lookup=lookup, listing=listing, prepare=True))
+    event, _ = c.send(opt(Opt.LIST))
+    prepared.append("disk")  # what was prepared is not the list
+    event, replies = c.send(b"")
+    assert replies[0].rep == Rep.ERR_POLICY and b"without being prepared" in replies[0].data
+    event, _ = c.send(opt(Opt.EXPORT_NAME, b""))
+    assert event == Prepare("")
+    prepared.append("")
+    event, _ = c.send(b"")
+    assert isinstance(event, Ready) and event.export is EXPORT
+
+
+def test_topology_names_an_exportname_node_bare_or_by_export() -> None:
+    from orchestrator.topology import load_text
+
+    top = load_text(
+        """
+nodes:
+  files: {kind: file, params: {dir: /srv/disks}}
+  names: {kind: exportname, upstream: files/a.img, params: {default-export: b.img}}
+  whole: {kind: scan, upstream: names}
+  one: {kind: readahead, upstream: names/c.img}
+exports:
+  all: {node: names, listen: ["unix:/run/n.sock"]}
+""",
+        "f.yaml",
+    )
+    assert top.nodes["names"].multi_export == "names"
+    assert top.exports["all"].served_name == ""
+    assert top.nodes["whole"].upstreams == ("names",)
+    assert top.nodes["one"].upstreams == ("names/c.img",)

@@ -28,7 +28,7 @@ from ..protocol.constants import (
     Err,
 )
 from ..protocol.errors import ProtocolError, to_wire
-from ..protocol.handshake import NEED_DATA, Closed, Ready, ServerHandshake, StartTLS
+from ..protocol.handshake import NEED_DATA, Closed, Prepare, Ready, ServerHandshake, StartTLS
 from .eager import Resumed, start_eager
 from .framing import RequestFramer
 from .poll import POLLER
@@ -256,6 +256,8 @@ class Session:
                 hs.receive_data(bytes(view[:n]))
             elif isinstance(event, StartTLS):
                 await self._start_tls(hs)
+            elif isinstance(event, Prepare):
+                await self.node.prepare_export(event.name)
             elif isinstance(event, Ready):
                 return event
             elif isinstance(event, Closed):
