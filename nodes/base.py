@@ -57,6 +57,12 @@ class Capabilities:
     block_min: int = 0  #: 0: no constraints advertised
     block_preferred: int = 0
     block_max: int = 0
+    #: The session refuses (EINVAL) requests that break block_min or block_max before the
+    #: backend sees them. False lets them through (blocksize-policy's error-policy=allow).
+    enforce_block_size: bool = True
+    #: A WRITE longer than this disconnects the client before its payload is read (0: never;
+    #: blocksize-policy's blocksize-write-disconnect).
+    write_disconnect: int = 0
 
     def normalized(self) -> Capabilities:
         """Write-derived capabilities are off when writing is (nbdkit's backend.c rule)."""

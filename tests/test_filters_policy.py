@@ -25,7 +25,7 @@ import grpc
 import nbd
 import pytest
 from conftest import NBDFABRIC, ROOT, Proc, nbd_connect, run, wait_for
-from test_filters_more import caps, memory_with, read_all, sha
+from test_filters_more import caps, errno_of, memory_with, nbdkit_memory_with, read_all, sha
 
 from nodes.control.rpc.nbdfabric.v1 import node_pb2 as pb
 from nodes.control.rpc.nbdfabric.v1 import node_pb2_grpc as pb_grpc
@@ -604,3 +604,244 @@ exports:
     assert top.exports["all"].served_name == ""
     assert top.nodes["whole"].upstreams == ("names",)
     assert top.nodes["one"].upstreams == ("names/c.img",)
+
+
+# blocksize-policy ----------------------------------------------------------------------------
+
+
+def read_in(uri: str, piece: int) -> bytes:
+    """The whole export, read `piece` bytes at a time."""
+    h = nbd_connect(uri)
+    size = h.get_size()
+    data = b"".join(bytes(h.pread(piece, offset)) for offset in range(0, size, piece))
+    h.shutdown()
+    return data
+
+
+def block_sizes(uri: str) -> tuple[int, int, int] | None:
+    info = json.loads(run(["nbdinfo", "--json", uri]).stdout)["exports"][0]
+    if "block_size_minimum" not in info:
+        return None
+    return info["block_size_minimum"], info["block_size_preferred"], info["block_size_maximum"]
+
+
+#: Param sets, and the sizes both servers advertise over an upstream that advertises none.
+BLOCKSIZE_CASES: list[tuple[list[str], tuple[int, int, int]]] = [
+    (["blocksize-preferred=64K"], (1, 64 * KiB, 0xFFFFFFFF)),
+    (["blocksize-minimum=4K"], (4 * KiB, 4 * KiB, 0xFFFFFFFF)),
+    (["blocksize-minimum=512", "blocksize-maximum=1M"], (512, 4 * KiB, MiB)),
+    (["blocksize-minimum=4K", "blocksize-preferred=16K", "blocksize-maximum=64K"],
+     (4 * KiB, 16 * KiB, 64 * KiB)),
+    (["blocksize-maximum=4294967295"], (1, 4 * KiB, 0xFFFFFFFF)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("params", "want"), BLOCKSIZE_CASES, ids=lambda v: str(v))
+def test_blocksize_policy_advertises_what_nbdkit_does(
+    start_node: StartNode, start_nbdkit: StartNbdkit, params: list[str], want: Any
+) -> None:
+    """Over an upstream that advertises no block sizes (nbdkit's memory, our upstream too),
+    and over one that does (our memory node: 1, 4K, 32M; nbdkit reaches it with its nbd
+    plugin): the same sizes from both."""
+    bare = start_nbdkit("memory", "1M")
+    ours = start_node("blocksize-policy", *params, upstreams=[bare.uri])
+    theirs = start_nbdkit("--filter=blocksize-policy", "memory", "1M", *params)
+    assert block_sizes(ours.uri) == block_sizes(theirs.uri) == want
+    mem = start_node("memory", "1M")
+    ours = start_node("blocksize-policy", *params, upstreams=[mem.uri])
+    theirs = start_nbdkit("--filter=blocksize-policy", "nbd", f"socket={mem.socket}", *params)
+    assert block_sizes(ours.uri) == block_sizes(theirs.uri)
+    assert caps(ours.uri) == caps(theirs.uri)
+
+
+#: (what, call on a libnbd handle with strict mode off): requests around minimum 4K and
+#: maximum 64K, over a 1M disk.
+POLICY_REQUESTS: list[tuple[str, Callable[[Any], object]]] = [
+    ("read aligned", lambda h: h.pread(4096, 0)),
+    ("read short", lambda h: h.pread(512, 0)),
+    ("read unaligned offset", lambda h: h.pread(4096, 1)),
+    ("read at the maximum", lambda h: h.pread(64 * KiB, 0)),
+    ("read over the maximum", lambda h: h.pread(128 * KiB, 0)),
+    ("write aligned", lambda h: h.pwrite(b"w" * 8192, 4096)),
+    ("write short", lambda h: h.pwrite(b"w" * 100, 4096)),
+    ("write unaligned", lambda h: h.pwrite(b"w" * 4096, 100)),
+    ("write over the maximum", lambda h: h.pwrite(b"w" * 128 * KiB, 0)),
+    ("zero aligned, over the maximum", lambda h: h.zero(128 * KiB, 0)),
+    ("zero short", lambda h: h.zero(1, 0)),
+    ("trim unaligned", lambda h: h.trim(4096, 2048)),
+    ("trim aligned", lambda h: h.trim(8192, 8192)),
+    ("cache short", lambda h: h.cache(1, 0)),
+    ("cache aligned, over the maximum", lambda h: h.cache(128 * KiB, 0)),
+    ("block status short", lambda h: h.block_status(100, 0, lambda *a: 0)),
+    ("block status aligned", lambda h: h.block_status(8192, 0, lambda *a: 0)),
+    ("flush", lambda h: h.flush()),
+    ("read of nothing", lambda h: h.pread(0, 4096)),
+    ("trim of nothing", lambda h: h.trim(0, 4096)),
+]
+
+
+@pytest.mark.parametrize("policy", ["allow", "error"])
+def test_blocksize_policy_requests_get_the_errors_nbdkit_gives(
+    start_node: StartNode, start_nbdkit: StartNbdkit, policy: str
+) -> None:
+    """error: whatever breaks the constraints fails with EINVAL before the upstream sees it;
+    allow: everything reaches the upstream (memory, which takes any request), as in nbdkit."""
+    params = ["blocksize-minimum=4K", "blocksize-maximum=64K", f"blocksize-error-policy={policy}"]
+    image = patterned(MiB)
+    ours = start_node("blocksize-policy", *params, upstreams=[memory_with(start_node, image).uri])
+    below = nbdkit_memory_with(start_nbdkit, image)
+    theirs = start_nbdkit("--filter=blocksize-policy", "nbd", f"socket={below.socket}", *params)
+    seen: dict[str, list[str | None]] = {}
+    for uri in (ours.uri, theirs.uri):
+        h = nbd_connect(uri, strict=False)  # what breaks the constraints reaches the server
+        for what, call in POLICY_REQUESTS:
+            seen.setdefault(what, []).append(errno_of(call, h))
+        h.shutdown()
+    # Not the filter's doing: our server takes requests of no length as no-ops (qemu-nbd
+    # does too); nbdkit's refuses them, with or without this filter.
+    for nothing in ("read of nothing", "trim of nothing"):
+        assert seen.pop(nothing) == [None, "EINVAL"]
+    differ = {what: got for what, got in seen.items() if got[0] != got[1]}
+    assert not differ, differ
+    refused = {what for what, got in seen.items() if got[0]}
+    if policy == "error":
+        assert refused == {
+            "read short", "read unaligned offset", "read over the maximum", "write short",
+            "write unaligned", "write over the maximum", "zero short", "trim unaligned",
+            "cache short", "block status short",
+        }  # fmt: skip
+        assert {got[0] for what, got in seen.items() if got[0]} == {"EINVAL"}
+    else:
+        assert refused == set()
+    assert read_in(ours.uri, 64 * KiB) == read_in(theirs.uri, 64 * KiB)
+
+
+def test_blocksize_policy_allow_lets_a_blocksize_node_align_what_clients_send(
+    start_node: StartNode, control: Callable[[Proc], Control]
+) -> None:
+    """nbdkit's example: advertise 64K blocks, let misbehaving clients through to a blocksize
+    node that read-modify-writes them into 64K blocks: the disk only ever sees 64K blocks."""
+    image = patterned(MiB)
+    mem = memory_with(start_node, image)
+    logged_path = Path(mem.socket).with_suffix(".jsonl")
+    logged = start_node("log", f"logfile={logged_path}", upstreams=[mem.uri])
+    aligner = start_node("blocksize", "minblock=64K", upstreams=[logged.uri])
+    node = start_node(
+        "blocksize-policy", "blocksize-minimum=64K", "blocksize-error-policy=allow",
+        upstreams=[aligner.uri],
+    )  # fmt: skip
+    assert block_sizes(node.uri) == (64 * KiB, 64 * KiB, 64 * MiB)  # blocksize's maximum
+    h = nbd_connect(node.uri, strict=False)
+    h.pwrite(b"unaligned write", 70000)
+    assert (
+        bytes(h.pread(100, 69990)) == image[69990:70000] + b"unaligned write" + image[70015:70090]
+    )
+    h.shutdown()
+    for _, offset, count in scan_log(logged_path):
+        assert offset % (64 * KiB) == 0 and count % (64 * KiB) == 0
+    want = bytearray(image)
+    want[70000:70015] = b"unaligned write"
+    assert read_all(mem.uri) == bytes(want)
+
+
+def write_header(length: int, offset: int = 0) -> bytes:
+    return struct.pack(">IHHQQI", 0x25609513, 0, 1, 1, offset, length)  # NBD_CMD_WRITE
+
+
+def handshake_raw(sock_path: str) -> socket.socket:
+    """A raw client through NBD_OPT_EXPORT_NAME "" (no structured replies), ready to send."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(sock_path)
+    reader = s.makefile("rb")
+    reader.read(18)
+    s.sendall(struct.pack(">I", 3))
+    s.sendall(struct.pack(">QII", 0x49484156454F5054, 1, 0))  # NBD_OPT_EXPORT_NAME ""
+    reader.read(10)  # size and flags; no zeroes
+    return s
+
+
+def test_blocksize_policy_write_disconnect_drops_the_client_before_the_payload(
+    start_node: StartNode,
+) -> None:
+    """blocksize-write-disconnect=64K: a write of 64K is done; one of 1M ends the connection
+    as soon as its header arrives (the payload is never sent here, and not waited for)."""
+    mem = start_node("memory", "4M")
+    node = start_node("blocksize-policy", "blocksize-write-disconnect=64K", upstreams=[mem.uri])
+    assert block_sizes(node.uri) == (1, 4 * KiB, 32 * MiB)  # the upstream's: it says some
+    h = nbd_connect(node.uri)
+    h.pwrite(b"x" * 64 * KiB, 0)
+    with pytest.raises(nbd.Error):
+        h.pwrite(b"y" * (64 * KiB + 1), 0)
+    with pytest.raises(nbd.Error):
+        h.pread(512, 0)  # that connection is gone
+    assert read_all(node.uri)[: 64 * KiB + 1] == b"x" * 64 * KiB + b"\0"
+    s = handshake_raw(node.socket)
+    started = time.monotonic()
+    s.sendall(write_header(MiB))
+    assert s.recv(16) == b""  # closed, with no reply and no payload read
+    assert time.monotonic() - started < 5
+    s.close()
+    plain = start_node("blocksize-policy", upstreams=[mem.uri])
+    s = handshake_raw(plain.socket)
+    s.sendall(write_header(MiB))
+    s.settimeout(0.5)
+    with pytest.raises(TimeoutError):  # without it: the server waits for the payload
+        s.recv(16)
+    s.close()
+
+
+def test_blocksize_policy_over_an_upstream_saying_nothing_derives_the_maximum(
+    start_node: StartNode, start_nbdkit: StartNbdkit
+) -> None:
+    """With the upstream saying nothing and no maximum given, blocksize-write-disconnect
+    (rounded down to the minimum) is the maximum advertised, as nbdkit 1.34 does."""
+    bare = start_nbdkit("memory", "1M")
+    node = start_node(
+        "blocksize-policy", "blocksize-minimum=4K", "blocksize-write-disconnect=100000",
+        upstreams=[bare.uri],
+    )  # fmt: skip
+    assert block_sizes(node.uri) == (4 * KiB, 4 * KiB, 98304)
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        (["blocksize-minimum=3K"], "power of two"),
+        (["blocksize-minimum=128K"], "power of two up to 64K"),
+        (["blocksize-preferred=256"], "512 to 32M"),
+        (["blocksize-minimum=4K", "blocksize-maximum=6K"], "multiple of blocksize-minimum"),
+        (["blocksize-minimum=8K", "blocksize-preferred=4K"], "minimum must be <="),
+        (["blocksize-preferred=64K", "blocksize-maximum=32K"], "preferred must be <="),
+        (["blocksize-minimum=4K", "blocksize-write-disconnect=4K"], "larger than"),
+        (["blocksize-maximum=4G"], "at most 4G-1"),
+        (["blocksize-error-policy=strict"], "blocksize-error-policy"),
+    ],
+)
+def test_blocksize_policy_bad_params_exit_1(words: list[str], message: str) -> None:
+    """nbdkit 1.32 starts with a maximum that is no multiple of the minimum (its check
+    compares the maximum with itself) and then advertises nothing: we refuse it."""
+    res = subprocess.run(
+        [*NBDFABRIC, "node", "blocksize-policy", *words, "--upstream", "nbd://h/"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 1 and message in res.stderr, res.stderr
+
+
+def test_transmission_lifted_block_checks_still_cap_reads_and_writes() -> None:
+    from nodes.protocol.constants import Cmd, TFlag
+    from nodes.protocol.transmission import MAX_DATA, Err, Request, Transmission, validate
+
+    def verdict(t: Transmission, cmd: Cmd, offset: int, length: int) -> Err:
+        return validate(Request(0, int(cmd), 1, offset, length), t)
+
+    common = dict(size=1 << 40, tflags=TFlag.HAS_FLAGS, structured=True, meta_contexts=())
+    strict = Transmission(**common, block_min=4096, block_max=0xFFFFFFFF)  # type: ignore[arg-type]
+    lifted = Transmission(**common, block_min=4096, block_max=64 * KiB,  # type: ignore[arg-type]
+                          enforce_block_size=False)  # fmt: skip
+    assert verdict(strict, Cmd.READ, 1, 4096) is Err.EINVAL
+    assert verdict(lifted, Cmd.READ, 1, 4096) is Err.OK
+    assert verdict(lifted, Cmd.WRITE, 0, 128 * KiB) is Err.OK  # over the advertised 64K
+    for t in (strict, lifted):  # an advertised 4G-1 is no licence for a 4G buffer
+        assert verdict(t, Cmd.READ, 0, MAX_DATA) is Err.OK
+        assert verdict(t, Cmd.READ, 0, MAX_DATA + 4096) is Err.EINVAL
