@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import re
 import socket
@@ -845,3 +846,247 @@ def test_transmission_lifted_block_checks_still_cap_reads_and_writes() -> None:
     for t in (strict, lifted):  # an advertised 4G-1 is no licence for a 4G buffer
         assert verdict(t, Cmd.READ, 0, MAX_DATA) is Err.OK
         assert verdict(t, Cmd.READ, 0, MAX_DATA + 4096) is Err.EINVAL
+
+
+# retry-request -------------------------------------------------------------------------------
+
+
+class Background:
+    """A call running in a thread: its result or its nbd.Error's errno, once joined."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self.result: Any = None
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._run, args=(call,))
+        self.thread.start()
+
+    def _run(self, call: Callable[[], Any]) -> None:
+        try:
+            self.result = call()
+        except nbd.Error as exc:
+            self.error = errno.errorcode.get(exc.errnum or 0, str(exc))
+
+    def join(self, timeout: float = 30) -> Background:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive()
+        return self
+
+
+def test_retry_request_hides_an_upstream_that_fails_twice_then_works(
+    tmp_path: Path, start_node: StartNode, control: Callable[[Proc], Control]
+) -> None:
+    """Reads fail while a trigger file exists; it goes after the second failure: the client's
+    read succeeds, the same request sent three times on the one upstream connection."""
+    image = patterned(MiB)
+    trigger = tmp_path / "failing"
+    trigger.touch()
+    err = start_node(
+        "error", "error-rate=100%", f"error-file={trigger}", control=True,
+        upstreams=[memory_with(start_node, image).uri],
+    )  # fmt: skip
+    node = start_node(
+        "retry-request", "retry-request-retries=5", "retry-request-delay=300ms",
+        upstreams=[err.uri], control=True,
+    )  # fmt: skip
+    err_ctl, node_ctl = control(err), control(node)
+    h = nbd_connect(node.uri)
+    read = Background(lambda: bytes(h.pread(4096, 8192)))
+    wait_for(lambda: err_ctl.status()["injected"]["pread"] >= 2, 10, "two failures")
+    trigger.unlink()
+    assert read.join().error is None and read.result == image[8192 : 8192 + 4096]
+    failures = err_ctl.status()["injected"]["pread"]
+    assert failures in (2, 3)  # the third try may come before the file is gone
+    status = node_ctl.status()
+    assert (status["retried"], status["gave_up"]) == (failures, 0)
+    assert status["upstreams"][0]["reconnects"] == 0  # nothing was reopened
+    h.shutdown()
+
+
+def test_retry_request_hides_a_failure_as_nbdkit_does(
+    tmp_path: Path, start_node: StartNode, start_nbdkit: StartNbdkit
+) -> None:
+    """The trigger file goes while the filter waits before its retry: in both servers the
+    client's write, zero and read succeed."""
+    ours_trigger, theirs_trigger = tmp_path / "ours", tmp_path / "theirs"
+    err = start_node(
+        "error", "error-rate=100%", f"error-file={ours_trigger}",
+        upstreams=[start_node("memory", "1M").uri],
+    )  # fmt: skip
+    ours = start_node("retry-request", "retry-request-delay=1", upstreams=[err.uri])
+    theirs = start_nbdkit(
+        "--filter=retry-request", "--filter=error", "memory", "1M", "error-rate=100%",
+        f"error-file={theirs_trigger}", "retry-request-delay=1",
+    )  # fmt: skip
+    calls: list[Callable[[Any], Any]] = [
+        lambda h: h.pwrite(b"z" * 4096, 0),
+        lambda h: h.zero(4096, 4096),
+        lambda h: bytes(h.pread(8192, 0)),
+    ]
+    for uri, trigger in ((ours.uri, ours_trigger), (theirs.uri, theirs_trigger)):
+        h = nbd_connect(uri)
+        for call in calls:
+            trigger.touch()
+            running = Background(functools.partial(call, h))
+            time.sleep(0.3)  # the first try has failed; the retry comes at 1s
+            trigger.unlink()
+            assert running.join().error is None
+        assert running.result == b"z" * 4096 + bytes(4096)
+        h.shutdown()
+
+
+def test_retry_request_gives_up_with_the_errno_nbdkit_gives(
+    start_node: StartNode, start_nbdkit: StartNbdkit, control: Callable[[Proc], Control]
+) -> None:
+    """Every try fails: after retry-request-retries retries the client gets the upstream's
+    errno, as from nbdkit; the upstream saw 1 + retries tries of each request."""
+    inject = ["error-pread=EPERM", "error-pread-rate=100%", "error-pwrite=ENOSPC",
+              "error-pwrite-rate=100%", "error-trim-rate=100%"]  # fmt: skip
+    err = start_node("error", *inject, upstreams=[start_node("memory", "1M").uri], control=True)
+    ours = start_node(
+        "retry-request", "retry-request-retries=1", "retry-request-delay=100ms",
+        upstreams=[err.uri], control=True,
+    )  # fmt: skip
+    theirs = start_nbdkit(
+        "--filter=retry-request", "--filter=error", "memory", "1M", *inject,
+        "retry-request-retries=1", "retry-request-delay=1",
+    )  # fmt: skip
+    requests = [
+        ("read", lambda h: h.pread(512, 0)),
+        ("write", lambda h: h.pwrite(b"x" * 512, 0)),
+        ("trim", lambda h: h.trim(4096, 0)),
+        ("zero", lambda h: h.zero(4096, 0)),
+    ]
+    seen = {}
+    for uri in (ours.uri, theirs.uri):
+        h = nbd_connect(uri)
+        for what, call in requests:
+            seen.setdefault(what, []).append(errno_of(call, h))
+        h.shutdown()
+    assert seen == {
+        "read": ["EPERM", "EPERM"],
+        "write": ["ENOSPC", "ENOSPC"],
+        "trim": ["EIO", "EIO"],
+        "zero": [None, None],
+    }
+    assert control(err).status()["injected"] == {
+        "pread": 2, "pwrite": 2, "trim": 2, "zero": 0, "extents": 0, "cache": 0, "flush": 0
+    }  # fmt: skip
+    assert (control(ours).status()["gave_up"], control(ours).status()["retried"]) == (3, 3)
+
+
+#: An nbdkit sh plugin whose zero always fails with ENOTSUP (nbdkit's error filter cannot
+#: inject ENOTSUP).
+NO_ZERO_SH = """#!/bin/sh
+case "$1" in
+  get_size) echo 1M ;;
+  can_write|can_zero|can_fast_zero) exit 0 ;;
+  pread) head -c "$3" /dev/zero ;;
+  pwrite) cat >/dev/null ;;
+  zero) echo "ENOTSUP cannot zero" >&2; exit 1 ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+def test_retry_request_answers_a_fast_zero_at_once(
+    tmp_path: Path, start_node: StartNode, start_nbdkit: StartNbdkit
+) -> None:
+    """ENOTSUP to a fast zero is the answer ("not fast here"), not a failure: ours gives it
+    at once, where nbdkit retries it, and the client waits two retries (2 x 1s) for it."""
+    script = tmp_path / "nozero.sh"
+    script.write_text(NO_ZERO_SH)
+    script.chmod(0o755)
+    refusing = start_node(
+        "error", "error-zero=ENOTSUP", "error-zero-rate=100%",
+        upstreams=[start_node("memory", "1M").uri],
+    )  # fmt: skip
+    ours = start_node("retry-request", "retry-request-delay=1", upstreams=[refusing.uri])
+    theirs = start_nbdkit("--filter=retry-request", "sh", str(script), "retry-request-delay=1")
+    took = {}
+    for name, uri in (("ours", ours.uri), ("theirs", theirs.uri)):
+        h = nbd_connect(uri)
+        assert h.can_fast_zero()
+        started = time.monotonic()
+        assert errno_of(h.zero, 4096, 0, nbd.CMD_FLAG_FAST_ZERO) == "ENOTSUP"
+        took[name] = time.monotonic() - started
+        assert errno_of(h.zero, 4096, 0) is None  # written as zeros, below or by the server
+        h.shutdown()
+    assert took["ours"] < 0.5 and took["theirs"] >= 2, took
+
+
+def test_retry_request_readonly_refuses_writes_after_a_failure(
+    tmp_path: Path, start_node: StartNode
+) -> None:
+    trigger = tmp_path / "failing"
+    err = start_node(
+        "error", "error-pread-rate=100%", f"error-file={trigger}",
+        upstreams=[start_node("memory", "1M").uri],
+    )  # fmt: skip
+    node = start_node(
+        "retry-request", "retry-request-readonly=true", "retry-request-delay=300ms",
+        upstreams=[err.uri],
+    )  # fmt: skip
+    h = nbd_connect(node.uri)
+    assert errno_of(h.pwrite, b"ok" * 256, 0) is None
+    trigger.touch()
+    read = Background(lambda: h.pread(512, 0))
+    time.sleep(0.1)
+    trigger.unlink()
+    assert read.join().error is None  # the read was retried and worked...
+    # ...and writes are refused now (EROFS, which NBD carries as EPERM).
+    assert errno_of(h.pwrite, b"no" * 256, 0) == "EPERM"
+    assert errno_of(h.zero, 512, 0) == "EPERM"
+    h.shutdown()
+    h = nbd_connect(node.uri)  # a new connection writes
+    assert errno_of(h.pwrite, b"ok" * 256, 512) is None
+    h.shutdown()
+
+
+def test_retry_request_open_waits_for_an_upstream_that_comes_back(
+    tmp_path: Path, start_node: StartNode, control: Callable[[Proc], Control]
+) -> None:
+    """The upstream is down when a client connects: with retry-request-open (default) the
+    client waits, and starts once the upstream is back; if it stays down past the retries,
+    the client is disconnected."""
+    sock = tmp_path / "disk.sock"
+    mem = start_node("memory", "1M", listen=f"unix:{sock}")
+    node = start_node(
+        "retry-request", "retry-request-retries=20", "retry-request-delay=200ms",
+        upstreams=[mem.uri], control=True,
+    )  # fmt: skip
+    mem.stop()
+    ctl = control(node)
+    wait_for(lambda: ctl.status()["upstreams"][0]["state"] != "up", 10, "the upstream down")
+    client = Background(lambda: bytes(nbd_connect(node.uri).pread(512, 0)))
+    wait_for(lambda: ctl.status()["open_waits"] >= 2, 10, "the client to wait")
+    start_node("memory", "1M", listen=f"unix:{sock}")
+    assert client.join().error is None and client.result == bytes(512)
+
+    gone = start_node("memory", "1M")
+    short = start_node(
+        "retry-request", "retry-request-retries=2", "retry-request-delay=100ms",
+        upstreams=[gone.uri], control=True,
+    )  # fmt: skip
+    gone.stop()
+    wait_for(lambda: control(short).status()["upstreams"][0]["state"] != "up", 10, "down")
+    h = nbd_connect(short.uri)  # the handshake is the node's own...
+    with pytest.raises(nbd.Error):
+        h.pread(512, 0)  # ...but this connection is closed once the waits are over
+    assert control(short).status()["open_waits"] == 2
+
+
+@pytest.mark.parametrize(
+    ("word", "message"),
+    [
+        ("retry-request-delay=0", "cannot be 0"),
+        ("retry-request-retries=1001", "retry-request-retries"),
+        ("retry-request-retries=-1", "retry-request-retries"),
+        ("retry-request-open=sometimes", "retry-request-open"),
+    ],
+)
+def test_retry_request_bad_params_exit_1(word: str, message: str) -> None:
+    res = subprocess.run(
+        [*NBDFABRIC, "node", "retry-request", word, "--upstream", "nbd://h/"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 1 and message in res.stderr, res.stderr
