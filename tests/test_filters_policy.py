@@ -639,11 +639,12 @@ BLOCKSIZE_CASES: list[tuple[list[str], tuple[int, int, int]]] = [
 
 @pytest.mark.parametrize(("params", "want"), BLOCKSIZE_CASES, ids=lambda v: str(v))
 def test_blocksize_policy_advertises_what_nbdkit_does(
-    start_node: StartNode, start_nbdkit: StartNbdkit, params: list[str], want: Any
+    start_nbdkit: StartNbdkit, start_node: StartNode, params: list[str], want: Any
 ) -> None:
     """Over an upstream that advertises no block sizes (nbdkit's memory, our upstream too),
     and over one that does (our memory node: 1, 4K, 32M; nbdkit reaches it with its nbd
-    plugin): the same sizes from both."""
+    plugin): the same sizes from both. (start_nbdkit comes first: our nodes, its clients,
+    are stopped before it, which waits for its clients to leave.)"""
     bare = start_nbdkit("memory", "1M")
     ours = start_node("blocksize-policy", *params, upstreams=[bare.uri])
     theirs = start_nbdkit("--filter=blocksize-policy", "memory", "1M", *params)
@@ -793,7 +794,7 @@ def test_blocksize_policy_write_disconnect_drops_the_client_before_the_payload(
 
 
 def test_blocksize_policy_over_an_upstream_saying_nothing_derives_the_maximum(
-    start_node: StartNode, start_nbdkit: StartNbdkit
+    start_nbdkit: StartNbdkit, start_node: StartNode
 ) -> None:
     """With the upstream saying nothing and no maximum given, blocksize-write-disconnect
     (rounded down to the minimum) is the maximum advertised, as nbdkit 1.34 does."""
