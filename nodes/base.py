@@ -27,8 +27,10 @@ Holes = list[tuple[int, int]] | None
 Extents = list[tuple[int, int]]
 #: A piece of a lent read: a view of the backend's own bytes, or a hole of that many zero bytes.
 Piece = memoryview | int
-#: What a node that serves several exports, chosen by name, serves (see Backend.multi_export).
-MultiExport = Literal["directory"]
+#: What a node that serves several exports, chosen by name, serves (see Backend.multi_export):
+#: "directory" (file dir=, one export per file), "names" (exportname: the names it maps onto
+#: its upstream's exports; "" among them).
+MultiExport = Literal["directory", "names"]
 
 
 class Support(IntEnum):
@@ -55,6 +57,12 @@ class Capabilities:
     block_min: int = 0  #: 0: no constraints advertised
     block_preferred: int = 0
     block_max: int = 0
+    #: The session refuses (EINVAL) requests that break block_min or block_max before the
+    #: backend sees them. False lets them through (blocksize-policy's error-policy=allow).
+    enforce_block_size: bool = True
+    #: A WRITE longer than this disconnects the client before its payload is read (0: never;
+    #: blocksize-policy's blocksize-write-disconnect).
+    write_disconnect: int = 0
 
     def normalized(self) -> Capabilities:
         """Write-derived capabilities are off when writing is (nbdkit's backend.c rule)."""
@@ -138,6 +146,9 @@ class Backend:
     state_param: ClassVar[str | None] = None
     #: The params that file depends on: when one changes (or the upstreams do), it is stale.
     state_keys: ClassVar[tuple[str, ...]] = ()
+    #: A multi-export backend whose exports must be listed or opened by waiting (on an
+    #: upstream): the handshake awaits prepare_export() before each exports()/for_export().
+    prepares_exports: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -182,7 +193,8 @@ class Backend:
         """None for a backend that serves one export (all kinds but file dir=; asked once,
         after start). A backend that serves several, chosen by the client's export name,
         returns the (name, description) of each it serves now: NBD_OPT_LIST shows them, and
-        for_export() gives the backend that serves one."""
+        for_export() gives the backend that serves one. Raising OSError refuses the list (the
+        client gets NBD_REP_ERR_POLICY): exportname's exportname-list=error."""
         return None
 
     def for_export(self, name: str) -> Backend | None:
@@ -192,6 +204,20 @@ class Backend:
         capabilities(), export_size(), open/close_connection() and every request; the node's
         own backend keeps start/stop, flush at shutdown, status() and the control plane."""
         return self
+
+    async def prepare_export(self, name: str | None) -> None:
+        """Of a multi-export backend with `prepares_exports`: do now what the synchronous call
+        that follows needs waited for, so that it answers at once: before for_export(name),
+        open what serves `name` (exportname: a connection to the upstream export it maps to);
+        before exports() (`name` None), fetch the list. The handshake awaits it, within
+        --handshake-limit; a failure is remembered for the call that follows (for_export:
+        None), never raised."""
+
+    def export_identity(self, requested: str) -> tuple[str, str]:
+        """Of a backend for_export() returned: the canonical name and the description a client
+        that asked for `requested` is told (NBD_INFO_NAME, NBD_INFO_DESCRIPTION; "" for none:
+        the node's --description)."""
+        return requested, ""
 
     def export_size(self, export_name: str, size: int) -> int | None:
         """The size a client asking for `export_name` sees (`size`: capabilities().size), or

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, unquote
 
 import nbd
 
@@ -54,6 +55,37 @@ _WRITE_FLAGS = _FUA
 _ZERO_FLAGS = int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO)
 _STATUS_FLAGS = int(CmdFlag.REQ_ONE)
 _DIR_READ, _DIR_WRITE = nbd.AIO_DIRECTION_READ, nbd.AIO_DIRECTION_WRITE
+
+
+def export_of(uri: str) -> str:
+    """The export name an NBD URI names: its path without the first "/", percent-decoded."""
+    _, _, rest = uri.partition("://")
+    path = rest[_path_start(rest) :].split("?", 1)[0].split("#", 1)[0]
+    return unquote(path[1:])
+
+
+def with_export(uri: str, name: str) -> str:
+    """`uri` naming export `name` instead (same server, scheme, socket and query)."""
+    scheme, sep, rest = uri.partition("://")
+    start = _path_start(rest)
+    tail = rest[start:]
+    cut = min((i for i in (tail.find("?"), tail.find("#")) if i >= 0), default=len(tail))
+    return f"{scheme}{sep}{rest[:start]}/{quote(name, safe='')}{tail[cut:]}"
+
+
+def _path_start(rest: str) -> int:
+    """Where the path starts in what follows `scheme://`: after the authority."""
+    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
+    return min(ends, default=len(rest))
+
+
+@dataclass
+class Catalog:
+    """What an upstream says about its exports without opening one (see Upstream.catalog)."""
+
+    exports: list[tuple[str, str]]  #: NBD_OPT_LIST: (name, description)
+    list_error: str  #: why the list was refused ("" if it was not)
+    default_name: str  #: the canonical name of the export the URI names
 
 
 class UpstreamDown(OSError):
@@ -130,6 +162,7 @@ class Upstream(Backend):
         tls_verify: bool = True,
         connect_timeout: float = 30.0,
         pool_size: int = MULTI_CONN_POOL,
+        full_info: bool = False,
     ) -> None:
         super().__init__(Params())
         check_nbd_uri(uri)  # `--upstream disk.img`, ReplaceMember with `http://`: say so now
@@ -139,6 +172,10 @@ class Upstream(Backend):
         self.tls_verify = tls_verify
         self.connect_timeout = connect_timeout
         self.pool_size = max(1, pool_size)
+        #: Ask for the export's canonical name and description (NBD_INFO_NAME, _DESCRIPTION).
+        self.full_info = full_info
+        self.canonical_name = export_of(uri)  #: as the upstream names it, once connected
+        self.description = ""
         self.state = "connecting"  #: up | down | connecting
         self.reconnects = 0
         self.last_error = ""
@@ -157,10 +194,13 @@ class Upstream(Backend):
 
     # Lifecycle ----------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    def _bind_loop(self) -> None:
         self._loop = asyncio.get_running_loop()
         if POLLER.enabled:
             self._on_event = self._on_ready_polled
+
+    async def start(self) -> None:
+        self._bind_loop()
         deadline = time.monotonic() + self.connect_timeout
         delay = BACKOFF_FIRST
         while True:
@@ -178,6 +218,65 @@ class Upstream(Backend):
                     ) from None
                 await asyncio.sleep(min(delay, left))
                 delay = min(delay * 2, BACKOFF_CAP)
+
+    async def connect_once(self) -> None:
+        """Connect now, without retrying: for an export opened while a client waits for it
+        (exportname), where a refusal is the answer to give, not a reason to wait."""
+        self._bind_loop()
+        try:
+            await self._connect()
+        except OSError as exc:
+            self.state, self.last_error = "down", str(exc)
+            raise
+
+    def sibling(self, export: str) -> Upstream:
+        """An upstream for export `export` of the same server, connected as this one is."""
+        return Upstream(
+            with_export(self.uri, export),
+            name=f"{self.name}/{export}" if export else self.name,
+            tls_certificates=self.tls_certificates,
+            tls_verify=self.tls_verify,
+            connect_timeout=self.connect_timeout,
+            pool_size=self.pool_size,
+            full_info=True,
+        )
+
+    async def catalog(self) -> Catalog:
+        """The server's export list and the canonical name of the URI's export, asked in one
+        short negotiation (libnbd's option mode) that opens no export."""
+        h = self._new_handle()
+        h.set_opt_mode(True)
+        h.set_full_info(True)
+        default = export_of(self.uri)
+
+        def ask() -> Catalog:
+            h.connect_uri(self.uri)
+            listed: list[tuple[str, str]] = []
+            refused = ""
+
+            def found(name: str, description: str) -> int:
+                listed.append((name, description))
+                return 0
+
+            try:
+                h.opt_list(found)
+            except nbd.Error as exc:
+                refused = exc.string
+            canonical = default
+            with contextlib.suppress(nbd.Error):  # a server may refuse its default export
+                h.opt_info()
+                canonical = h.get_canonical_export_name()
+            with contextlib.suppress(nbd.Error):
+                h.opt_abort()
+            return Catalog(listed, refused, canonical)
+
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(loop.run_in_executor(None, ask), self.connect_timeout)
+        except nbd.Error as exc:
+            raise OSError(exc.errnum or errno.ECONNREFUSED, exc.string) from None
+        except TimeoutError:
+            raise OSError(errno.ETIMEDOUT, f"{self.uri}: no answer to NBD_OPT_LIST") from None
 
     def start_in_background(self) -> None:
         """After start() gave up: keep trying, with back-off, without holding the node up (a
@@ -228,6 +327,7 @@ class Upstream(Backend):
         if self.tls_certificates:
             h.set_tls_certificates(self.tls_certificates)
         h.set_tls_verify_peer(self.tls_verify)
+        h.set_full_info(self.full_info)
         return h
 
     async def _open_one(self) -> nbd.NBD:
@@ -256,6 +356,8 @@ class Upstream(Backend):
                 except OSError:
                     break  # a smaller pool still works
         self._caps = self._read_caps(first)
+        if self.full_info:
+            self._read_identity(first)
         # The read flags the upstream may be sent: DF only if it has it.
         self._read_flags = _READ_FLAGS if first.can_df() else 0
         maximum = first.get_block_size(nbd.SIZE_MAXIMUM)
@@ -271,6 +373,15 @@ class Upstream(Backend):
         self.state = "up"
         self.last_error = ""
         log.info("%s: connected to %s (%d handle(s))", self.name, self.uri, len(handles))
+
+    def _read_identity(self, h: nbd.NBD) -> None:
+        """The export's canonical name and description, where the server sent them."""
+        with contextlib.suppress(nbd.Error):
+            self.canonical_name = h.get_canonical_export_name()
+        try:
+            self.description = h.get_export_description()
+        except nbd.Error:
+            self.description = ""
 
     @staticmethod
     def _read_caps(h: nbd.NBD) -> Capabilities:

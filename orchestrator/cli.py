@@ -129,7 +129,10 @@ def _rpc_error(exc: grpc.RpcError) -> str:
 
 
 #: What a FabricExport's `exports` marker adds after each of its URIs (they name no export).
-_EXPORTS_NOTE = {"directory": "  (directory: one export per file, nbdinfo --list)"}
+_EXPORTS_NOTE = {
+    "directory": "  (directory: one export per file, nbdinfo --list)",
+    "names": "  (exportname: the upstream's exports by name, nbdinfo --list)",
+}
 
 
 def _export_lines(exports: Sequence[Any], prefix: str = "  ") -> list[str]:

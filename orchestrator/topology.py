@@ -95,7 +95,8 @@ class Node:
     #: `nbdfabric node --workers`: processes serving the node together (1: the node alone).
     workers: int = 1
     #: None, or what the node serves several exports of, chosen by name ("directory": file
-    #: dir=, one per file); its upstream references then name one (`NODE/EXPORT`).
+    #: dir=, one per file; "names": exportname); its upstream references then name one
+    #: (`NODE/EXPORT`; of "names", a bare `NODE` is its default export).
     multi_export: str | None = None
     line: int | None = None
 
@@ -170,7 +171,10 @@ def node_ref(upstream: str) -> Ref:
 
 
 #: Node.multi_export -> (what the node serves, what an upstream names of it), for messages.
-_MULTI_TEXT = {"directory": ("a directory (one export per file)", "one of its files")}
+_MULTI_TEXT = {
+    "directory": ("a directory (one export per file)", "one of its files"),
+    "names": ("the exports its upstream serves", "one of them"),
+}
 
 
 # -- structural schema (per node / per export) -------------------------------------------------
@@ -650,7 +654,8 @@ class _Validator:
         target = nodes.get(ref.node)
         if target is None:  # invalid itself, and reported
             return None
-        if target.multi_export and ref.export is None:
+        # An exportname node has a default export (""), which a bare reference names.
+        if target.multi_export and target.multi_export != "names" and ref.export is None:
             what, which = _MULTI_TEXT.get(target.multi_export, ("several exports", "one"))
             return f"node {ref.node!r} serves {what}: name {which}, '{ref.node}/NAME'"
         if not target.multi_export and ref.export is not None:

@@ -20,21 +20,16 @@ Example: `nbdfabric node retry retries=10 retry-delay=100ms --upstream nbd://fla
 
 from __future__ import annotations
 
-import asyncio
 import errno
-import logging
 import re
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, PlainSerializer
 
-from ..base import Backend, Extents, Filter, Holes, current_client
+from ..base import Backend
 from ..params import Duration, Params, live, parse_errno
 from ..registry import register
-
-log = logging.getLogger("nbdfabric.retry")
-T = TypeVar("T")
+from ._retrying import RetryingFilter, log
 
 
 def _parse_errnos(value: Any) -> tuple[int, ...]:
@@ -79,11 +74,8 @@ class RetryParams(Params):
     retry_pattern: Pattern | None = live(None, "R = retry, O = let through, per failure, repeating")
 
 
-_WRITES = ("pwrite", "trim", "zero")
-
-
 @register
-class Retry(Filter):
+class Retry(RetryingFilter):
     """Retries failed requests, reopening the upstream in between."""
 
     kind = "retry"
@@ -93,24 +85,16 @@ class Retry(Filter):
     def __init__(self, params: RetryParams, next: Backend) -> None:
         super().__init__(params, next)
         self.failures = 0  #: failures seen (the position in retry-pattern)
-        self.retried = 0
-        self.gave_up = 0
         self.reopened = 0
-        self._readonly: set[int] = set()  #: connections degraded by retry-readonly
 
     def status(self) -> dict[str, Any]:
-        return {
-            **self.next.status(),
-            "retried": self.retried,
-            "gave_up": self.gave_up,
-            "reopened": self.reopened,
-        }
+        return {**super().status(), "reopened": self.reopened}
 
-    async def close_connection(self) -> None:
-        self._readonly.discard(current_client.get().connection_id)
-        await self.next.close_connection()
+    def _policy(self) -> tuple[int, float, bool, bool]:
+        p = self.params
+        return p.retries, p.retry_delay, p.retry_exponential, p.retry_readonly
 
-    def _should_retry(self, exc: OSError) -> bool:
+    def _should_retry(self, op: str, flags: int, exc: OSError) -> bool:
         p = self.params
         index = self.failures
         self.failures += 1
@@ -119,6 +103,9 @@ class Retry(Filter):
         if p.retry_pattern:
             return p.retry_pattern[index % len(p.retry_pattern)] == "R"
         return True
+
+    async def _between_attempts(self) -> None:
+        await self._reopen()
 
     async def _reopen(self) -> None:
         reconnect = getattr(self.next, "reconnect", None)
@@ -129,54 +116,3 @@ class Retry(Filter):
             self.reopened += 1
         except OSError as exc:  # the next attempt fails too and counts as a retry
             log.info("retry: reopening the upstream failed: %s", exc)
-
-    async def _run(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
-        conn = current_client.get().connection_id
-        if op in _WRITES and conn in self._readonly:
-            raise OSError(errno.EROFS, "retry: connection is read-only after a failure")
-        delay = self.params.retry_delay
-        attempt = 0
-        while True:
-            try:
-                return await call()
-            except OSError as exc:
-                if not self._should_retry(exc):
-                    raise
-                p = self.params
-                if attempt >= p.retries:
-                    self.gave_up += 1
-                    log.info("retry: %s failed %d times, giving up: %s", op, attempt + 1, exc)
-                    raise
-                attempt += 1
-                self.retried += 1
-                log.info("retry: %s failed (%s), retry %d in %.3fs", op, exc, attempt, delay)
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if p.retry_exponential:
-                    delay *= 2
-                await self._reopen()
-                if p.retry_readonly:
-                    self._readonly.add(conn)
-                    if op in _WRITES:
-                        raise OSError(errno.EROFS, "retry: read-only after a failure") from exc
-
-    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
-        return await self._run("pread", lambda: self.next.pread(buf, offset, flags))
-
-    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        await self._run("pwrite", lambda: self.next.pwrite(buf, offset, flags))
-
-    async def trim(self, count: int, offset: int, flags: int) -> None:
-        await self._run("trim", lambda: self.next.trim(count, offset, flags))
-
-    async def zero(self, count: int, offset: int, flags: int) -> None:
-        await self._run("zero", lambda: self.next.zero(count, offset, flags))
-
-    async def extents(self, count: int, offset: int, flags: int) -> Extents:
-        return await self._run("extents", lambda: self.next.extents(count, offset, flags))
-
-    async def cache(self, count: int, offset: int, flags: int) -> None:
-        await self._run("cache", lambda: self.next.cache(count, offset, flags))
-
-    async def flush(self, flags: int) -> None:
-        await self._run("flush", lambda: self.next.flush(flags))

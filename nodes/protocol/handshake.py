@@ -1,8 +1,10 @@
 """Sans-IO server side of the fixed newstyle handshake: bytes in, replies and events out.
 
 The server feeds whatever it reads to `receive_data`, sends `data_to_send()`, and reacts to the
-events `next_event()` returns: `StartTLS` (send the ACK, then upgrade the stream), `Ready`
-(transmission begins) or `Closed` (drop the connection). All option answers are made here.
+events `next_event()` returns: `StartTLS` (send the ACK, then upgrade the stream), `Prepare`
+(wait until the export, or the list, can be looked up at once, then ask for the next event),
+`Ready` (transmission begins) or `Closed` (drop the connection). All option answers are made
+here.
 """
 
 from __future__ import annotations
@@ -65,9 +67,17 @@ class HandshakePolicy:
     tls: str = "off"  #: off | on | require
     structured_replies: bool = True  #: False behaves like nbdkit --no-sr
     no_zeroes: bool = True
-    #: Advertise exports in NBD_OPT_LIST.
+    #: The export a name leads to (None: unknown). `listing` is what NBD_OPT_LIST shows;
+    #: it raises ListRefused to answer NBD_REP_ERR_POLICY instead.
     lookup: Callable[[str], ExportInfo | None] = field(default=lambda name: None)
     listing: Callable[[], Sequence[ExportInfo]] = field(default=lambda: ())
+    #: Announce each lookup and listing with a `Prepare` event first (exports that are opened
+    #: or listed by waiting on something: exportname's upstream).
+    prepare: bool = False
+
+
+class ListRefused(Exception):
+    """The server will not list its exports (policy): NBD_OPT_LIST gets NBD_REP_ERR_POLICY."""
 
 
 # Events --------------------------------------------------------------------------------------
@@ -82,6 +92,14 @@ class StartTLS:
     #: ClientHello sent without waiting for the ACK), never to this handshake, which would
     #: take plaintext injected there as if it had come over TLS.
     leftover: bytes = b""
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Before the option that is being answered looks up export `name` (None: lists the
+    exports): the server gets ready for that, then calls next_event() again."""
+
+    name: str | None
 
 
 @dataclass(frozen=True)
@@ -105,7 +123,7 @@ class NeedData(Enum):
 
 
 NEED_DATA = NeedData.NEED_DATA
-Event = StartTLS | Ready | Closed | NeedData
+Event = StartTLS | Prepare | Ready | Closed | NeedData
 
 
 class _State(Enum):
@@ -117,6 +135,13 @@ class _State(Enum):
 
 class _Malformed(Exception):
     """Option data that does not parse: answered with ERR_INVALID."""
+
+
+class _Unprepared(Exception):
+    """The option needs a lookup the server has not prepared yet (see Prepare)."""
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
 
 
 class ServerHandshake:
@@ -139,6 +164,9 @@ class ServerHandshake:
         self.structured = False
         self._meta_export: str | None = None
         self._meta_ids: tuple[int, ...] = ()
+        #: The option waiting for its Prepare to be done, and what was prepared for it.
+        self._held: tuple[int, bytes] | None = None
+        self._prepared: tuple[str | None] | None = None
         flags = HandshakeFlag.FIXED_NEWSTYLE
         if policy.no_zeroes:
             flags |= HandshakeFlag.NO_ZEROES
@@ -163,6 +191,13 @@ class ServerHandshake:
         self._meta_ids = ()
 
     def next_event(self) -> Event:
+        if self._held is not None:  # its Prepare is done: answer it now
+            (option, data), self._held = self._held, None
+            event = self._answer(option, data)
+            if self._held is None:
+                self._prepared = None  # each option's lookup is prepared anew
+            if event is not None:
+                return event
         while True:
             if self._state is _State.DONE:
                 return Closed("handshake already finished")
@@ -196,11 +231,19 @@ class ServerHandshake:
             data = bytes(self._buf[: self._option_len])
             del self._buf[: self._option_len]
             self._state = _State.OPTION_HEADER
-            event = self._handle_option(self._option, data)
+            event = self._answer(self._option, data)
             if event is not None:
                 return event
 
     # Options ---------------------------------------------------------------------------------
+
+    def _answer(self, option: int, data: bytes) -> Event | None:
+        """Answer one option, or hold it back behind a Prepare event."""
+        try:
+            return self._handle_option(option, data)
+        except _Unprepared as wait:
+            self._held, self._prepared = (option, data), (wait.name,)
+            return Prepare(wait.name)
 
     def _close(self, reason: str, soft: bool = False) -> Closed:
         self._state = _State.DONE
@@ -212,6 +255,16 @@ class ServerHandshake:
 
     def _error(self, option: int, rep: Rep, message: str) -> None:
         self._reply(option, rep, message.encode()[:MAX_STRING])
+
+    def _lookup(self, name: str) -> ExportInfo | None:
+        self._await_prepared(name)
+        return self.policy.lookup(name)
+
+    def _await_prepared(self, name: str | None) -> None:
+        """With `policy.prepare`, the first time an option looks `name` up: stop, so that the
+        server prepares it (the option is answered at the next next_event())."""
+        if self.policy.prepare and self._prepared != (name,):
+            raise _Unprepared(name)
 
     def _handle_option(self, option: int, data: bytes) -> Event | None:
         fixed = bool(self.client_flags & ClientFlag.FIXED_NEWSTYLE)
@@ -257,7 +310,7 @@ class ServerHandshake:
             name = _decode(data)
         except _Malformed as exc:
             return self._close(str(exc))
-        export = self.policy.lookup(name)
+        export = self._lookup(name)
         if export is None:
             return self._close(f"unknown export {name!r}")
         self._out += EXPORT_NAME_REPLY.pack(export.size, export.flags_for(self.structured))
@@ -289,7 +342,12 @@ class ServerHandshake:
     def _list(self, data: bytes) -> None:
         if data:
             raise _Malformed("LIST takes no data")
-        listing = self.policy.listing()
+        self._await_prepared(None)
+        try:
+            listing = self.policy.listing()
+        except ListRefused as exc:
+            self._error(Opt.LIST, Rep.ERR_POLICY, str(exc) or "listing exports is not allowed")
+            return
         if not self._listed:
             # A client that lists the exports may then ask about each one (nbdinfo --list
             # sends LIST_META_CONTEXT and INFO per export): the budget grows once, by two
@@ -307,7 +365,7 @@ class ServerHandshake:
         name = reader.string(reader.u32())
         requests = [reader.u16() for _ in range(reader.u16())]
         reader.end()
-        export = self.policy.lookup(name)
+        export = self._lookup(name)
         if export is None:
             self._error(option, Rep.ERR_UNKNOWN, f"no export named {name!r}")
             return None
@@ -352,7 +410,7 @@ class ServerHandshake:
         reader.end()
         if not self.structured:
             raise _Malformed("meta contexts need structured replies first")
-        if self.policy.lookup(name) is None:
+        if self._lookup(name) is None:
             self._error(option, Rep.ERR_UNKNOWN, f"no export named {name!r}")
             return
         matched = False

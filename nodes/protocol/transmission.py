@@ -79,6 +79,11 @@ _SUPPORTED_BY = {
 }
 
 
+#: The largest read or write taken whatever a backend advertises (nbdkit's limit, and libnbd's
+#: for what it sends): a payload is one buffer in memory.
+MAX_DATA = 64 * 1024 * 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Transmission:
     """What validation needs to know about the negotiated session."""
@@ -89,7 +94,13 @@ class Transmission:
     meta_contexts: tuple[int, ...]
     block_min: int = 1
     block_max: int = 32 * 1024 * 1024
+    #: Refuse requests that break block_min or block_max (EINVAL). False (blocksize-policy's
+    #: allow): the backend gets them, reads and writes up to MAX_DATA.
+    enforce_block_size: bool = True
     rules: dict[int, _Rule] = field(init=False, repr=False, compare=False)
+    #: The alignment and the largest read or write that validate() holds requests to.
+    check_min: int = field(init=False, repr=False, compare=False)
+    check_max: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # The flag and capability checks depend only on the command and the session, so they
@@ -119,6 +130,12 @@ class Transmission:
                 past_end=Err.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL,
             )
         object.__setattr__(self, "rules", rules)
+        if self.enforce_block_size:
+            object.__setattr__(self, "check_min", self.block_min)
+            object.__setattr__(self, "check_max", min(self.block_max, MAX_DATA))
+        else:
+            object.__setattr__(self, "check_min", 1)
+            object.__setattr__(self, "check_max", MAX_DATA)
 
 
 _OK, _EINVAL, _EOVERFLOW = Err.OK, Err.EINVAL, Err.EOVERFLOW
@@ -154,10 +171,10 @@ def validate(req: Request, t: Transmission) -> Err:
         # Zero-length requests are no-ops (qemu-nbd), except block status, which must
         # describe at least one extent.
         return _EINVAL if cmd == _BLOCK_STATUS else _OK
-    block_min = t.block_min
+    block_min = t.check_min
     if block_min > 1 and (offset % block_min or length % block_min):
         return _EINVAL
-    if length > t.block_max and cmd in (_READ, _WRITE):
+    if length > t.check_max and cmd in (_READ, _WRITE):
         return _EOVERFLOW if flags & _DF else _EINVAL
     return _OK
 

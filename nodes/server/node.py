@@ -17,7 +17,8 @@ from typing import Any
 from ..base import Backend, Capabilities, ClientInfo
 from ..params import field_info, live_names
 from ..protocol.constants import DEFAULT_MAX_PAYLOAD, TFlag
-from ..protocol.handshake import ExportInfo, HandshakePolicy
+from ..protocol.handshake import ExportInfo, HandshakePolicy, ListRefused
+from ..protocol.transmission import MAX_DATA
 from ..stats import NodeStats
 from .addresses import (
     Address,
@@ -121,7 +122,10 @@ class NodeRuntime:
         self, sockets: list[socket.socket] | None = None, listen: Sequence[Address] = ()
     ) -> None:
         await self.backend.start()
-        self.multi_export = self.backend.exports() is not None
+        try:
+            self.multi_export = self.backend.exports() is not None
+        except OSError:  # it lists its exports to nobody (exportname-list=error)
+            self.multi_export = True
         if self.multi_export and self.options.export_name:
             await self.backend.stop()
             raise ValueError(
@@ -266,14 +270,17 @@ class NodeRuntime:
 
     def _info(self, name: str, size: int, export: Export) -> ExportInfo:
         caps = export.caps
+        # Never more than the session takes (MAX_DATA): an upstream that says 4G-1 (nbdkit's
+        # default) would otherwise have us advertise what we then refuse.
+        block_max = min(caps.block_max or self.default_block_max, MAX_DATA)
         return ExportInfo(
             name=name,
             size=size,
             tflags=caps.tflags(),
             description=self.options.description,
             block_min=caps.block_min or 1,
-            block_preferred=caps.block_preferred or 4096,
-            block_max=caps.block_max or self.default_block_max,
+            block_preferred=min(caps.block_preferred or 4096, block_max),
+            block_max=block_max,
             handle=export,
         )
 
@@ -284,6 +291,7 @@ class NodeRuntime:
                 structured_replies=self.options.structured_replies,
                 lookup=self._lookup_export,
                 listing=self._list_exports,
+                prepare=self.backend.prepares_exports,
             )
         name = self.options.export_name
         info = self.export_info()
@@ -317,13 +325,27 @@ class NodeRuntime:
         size = backend.export_size(name, caps.size)
         if size is None:
             return None
-        return self._info(name, size, Export(backend, caps))
+        canonical, description = backend.export_identity(name)
+        info = self._info(canonical, size, Export(backend, caps))
+        return replace(info, description=description) if description else info
+
+    async def prepare_export(self, name: str | None) -> None:
+        """Before the handshake looks up export `name` (None: lists them), for a backend whose
+        exports are opened or listed by waiting (Backend.prepare_export)."""
+        try:
+            await self.backend.prepare_export(name)
+        except OSError as exc:  # the lookup that follows finds nothing: the client is told so
+            log.warning("export %r: %s", name, exc)
 
     def _list_exports(self) -> list[ExportInfo]:
         # NBD_OPT_LIST carries names and descriptions only: no file is opened for it.
+        try:
+            exports = self.backend.exports() or ()
+        except OSError as exc:
+            raise ListRefused(exc.strerror or str(exc)) from None
         return [
             ExportInfo(name, 0, TFlag(0), description or self.options.description)
-            for name, description in self.backend.exports() or ()
+            for name, description in exports
         ]
 
     # Control -------------------------------------------------------------------------------

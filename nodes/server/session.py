@@ -28,7 +28,7 @@ from ..protocol.constants import (
     Err,
 )
 from ..protocol.errors import ProtocolError, to_wire
-from ..protocol.handshake import NEED_DATA, Closed, Ready, ServerHandshake, StartTLS
+from ..protocol.handshake import NEED_DATA, Closed, Prepare, Ready, ServerHandshake, StartTLS
 from .eager import Resumed, start_eager
 from .framing import RequestFramer
 from .poll import POLLER
@@ -55,6 +55,7 @@ _FLUSH, _TRIM, _CACHE = int(Cmd.FLUSH), int(Cmd.TRIM), int(Cmd.CACHE)
 _ZERO, _STATUS = int(Cmd.WRITE_ZEROES), int(Cmd.BLOCK_STATUS)
 _FUA, _DF, _FAST_ZERO = int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.FAST_ZERO)
 _REQ_ONE = int(CmdFlag.REQ_ONE)
+_NO_LIMIT = 1 << 64  #: longer than any request (the length is 32 bits on the wire)
 
 _OP_NAMES = {
     Cmd.READ: "read",
@@ -256,6 +257,8 @@ class Session:
                 hs.receive_data(bytes(view[:n]))
             elif isinstance(event, StartTLS):
                 await self._start_tls(hs, event.leftover)
+            elif isinstance(event, Prepare):
+                await self.node.prepare_export(event.name)
             elif isinstance(event, Ready):
                 return event
             elif isinstance(event, Closed):
@@ -284,7 +287,10 @@ class Session:
             meta_contexts=ready.meta_contexts,
             block_min=caps.block_min or 1,
             block_max=caps.block_max or node.default_block_max,
+            enforce_block_size=caps.enforce_block_size,
         )
+        #: A WRITE longer than this ends the connection before its payload is read.
+        self._write_disconnect = caps.write_disconnect or _NO_LIMIT
         self._op_stats = {int(cmd): node.stats.ops[name] for cmd, name in _OP_NAMES.items()}
         self.client.export_name = ready.export.name
         self._ordering = node.options.ordering
@@ -386,6 +392,12 @@ class Session:
         self._room.set()
 
     def _validate(self, req: tx.Request) -> Err:
+        if req.length > self._write_disconnect and req.cmd == _WRITE:
+            # Before the payload: reading megabytes only to refuse them is what this avoids.
+            raise ProtocolError(
+                f"WRITE of {req.length} bytes is over the {self._write_disconnect} this "
+                "export takes: disconnecting"
+            )
         err = tx.validate(req, self.t)
         if err is Err.EINVAL and self._tolerated_tail(req):
             return Err.OK
@@ -412,7 +424,7 @@ class Session:
         t = self.t
         if not (self.node.options.eof_tolerant and t.structured and req.cmd == _READ):
             return False
-        if req.flags & ~_FUA or req.length > t.block_max:
+        if req.flags & ~_FUA or req.length > t.check_max:
             return False
         trial = tx.Request(req.flags, req.cmd, req.cookie, req.offset, t.size - req.offset)
         return req.offset < t.size < req.offset + req.length and tx.validate(trial, t) is Err.OK
