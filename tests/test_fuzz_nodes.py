@@ -798,7 +798,7 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
     extras: dict[str, Any] = {}
     procs = [up]
     upstream = up.uri
-    if shape in ("error", "retry"):
+    if shape in ("error", "retry", "retry-request"):
         before, after = trigger(tmp_path / f"{shape}.trigger")
         extras.update(injects=True, before_batch=before, after_batch=after)
         rate = "5%" if shape == "error" else "20%"
@@ -828,11 +828,23 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         "blocksize-64k": ["minblock=64K", "maxdata=128K", "maxlen=256K"],
         "error": [],
         "retry": ["retries=4", "retry-delay=1ms", "retry-exponential=no"],
+        "retry-request": ["retry-request-retries=4", "retry-request-delay=1ms"],
+        "scan": ["scan-size=64K", "scan-forever=true"],
+        # The maximum at least the 4M pieces fill() and read_all() use.
+        "blocksize-policy-error": [
+            "blocksize-minimum=512",
+            "blocksize-maximum=4M",
+            "blocksize-error-policy=error",
+        ],
+        "blocksize-policy-allow": ["blocksize-minimum=512", "blocksize-preferred=64K"],
         "nbd": [],
         # The fuzz clients and libnbd connect over a unix socket, as this process's user.
         "ip": [f"allow=uid:{os.getuid()}", "deny=all"],
     }[shape]
-    kind = shape.split("-")[0] if shape != "cow-on-read" else "cow"
+    kinds = {"cow-on-read": "cow", "retry-request": "retry-request",
+             "blocksize-policy-error": "blocksize-policy",
+             "blocksize-policy-allow": "blocksize-policy"}  # fmt: skip
+    kind = kinds.get(shape, shape.split("-")[0])
     node = under_test(start_node, kind, *args, upstreams=[upstream])
     below = same_below(shape, up.uri)
     if shape == "cow-on-read":
@@ -2553,6 +2565,10 @@ MORE_SHAPES = [
     "cacheextents",
     "tar",
     "qcow2dec",
+    "scan",
+    "retry-request",
+    "blocksize-policy-error",
+    "blocksize-policy-allow",
 ]
 
 
