@@ -302,7 +302,10 @@ class Session:
         self._loop = loop = asyncio.get_running_loop()
         done = self._done = loop.create_future()
         framer = self._framer = RequestFramer(
-            self._validate, self._dispatch, node.pool, ready.leftover
+            self._validate_write_size if caps.write_disconnect else self._validate,
+            self._dispatch,
+            node.pool,
+            ready.leftover,
         )
         self._feed()  # requests that came in with the end of the handshake
         stream = self.stream
@@ -391,13 +394,18 @@ class Session:
                 done.set_exception(exc)
         self._room.set()
 
-    def _validate(self, req: tx.Request) -> Err:
+    def _validate_write_size(self, req: tx.Request) -> Err:
+        """_validate, on an export with a write-disconnect size (only there: this costs every
+        request a test)."""
         if req.length > self._write_disconnect and req.cmd == _WRITE:
             # Before the payload: reading megabytes only to refuse them is what this avoids.
             raise ProtocolError(
                 f"WRITE of {req.length} bytes is over the {self._write_disconnect} this "
                 "export takes: disconnecting"
             )
+        return self._validate(req)
+
+    def _validate(self, req: tx.Request) -> Err:
         err = tx.validate(req, self.t)
         if err is Err.EINVAL and self._tolerated_tail(req):
             return Err.OK
