@@ -398,6 +398,19 @@ def test_retry_gives_up_after_retries(tmp_path: Path) -> None:
         h.shutdown()
 
 
+def test_retry_answers_a_fast_zero_at_once(tmp_path: Path) -> None:
+    """ENOTSUP to a fast zero is the answer ("not fast here"), not a failure to retry: qemu-img
+    probes with one before a copy, and waited out every retry and reopen for it."""
+    retry, flaky = retry_chain(["retries=3", "retry-delay=10ms"],
+                               ["error-zero=ENOTSUP", "error-zero-rate=100%"])  # fmt: skip
+    with serve(retry, tmp_path) as s:
+        h = nbd_connect(s.uri)
+        assert h.can_fast_zero()
+        assert errno_of(h.zero, 4096, 0, nbd.CMD_FLAG_FAST_ZERO) == "ENOTSUP"
+        h.shutdown()
+    assert (retry.retried, retry.gave_up, flaky.reconnects) == (0, 0, 0)
+
+
 def test_retry_only_on_chosen_errors(tmp_path: Path) -> None:
     retry, _ = retry_chain(
         ["retry-on=EIO,ECONNRESET", "retry-delay=10ms"], ["error-rate=100%", "error=ENOSPC"]

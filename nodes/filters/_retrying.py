@@ -22,6 +22,10 @@ T = TypeVar("T")
 
 #: The operations that write: refused with EROFS on a connection made read-only.
 WRITES = ("pwrite", "trim", "zero")
+#: What a zero answers to say how, not that something failed (a fast zero the upstream cannot
+#: do fast): the client's answer, at once. Retried, it made qemu-img's fast-zero probe through
+#: retry wait out every retry and reopen (a minute with retry's defaults).
+ZERO_UNSUPPORTED = (errno.ENOTSUP, errno.EOPNOTSUPP)
 
 
 class RetryingFilter(Filter):
@@ -65,6 +69,8 @@ class RetryingFilter(Filter):
             try:
                 return await call()
             except OSError as exc:
+                if op == "zero" and exc.errno in ZERO_UNSUPPORTED:
+                    raise
                 if not self._should_retry(op, flags, exc):
                     raise
                 retries, _, exponential, readonly = self._policy()  # live: as they are now

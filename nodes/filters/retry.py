@@ -9,6 +9,8 @@ Which failures are retried:
 - `retry-on=EIO,ECONNRESET`: only these errnos (default: every error).
 - `retry-pattern=RRRORRRRRO`: a script, one letter per failure seen by this node, repeating:
   `R` retries it, `O` lets it through to the client. Handy to test clients against a flaky chain.
+- Never a zero's ENOTSUP: that is the answer to a fast zero the upstream cannot do fast, due at
+  once (qemu-img probes with one before a copy), not a failure.
 
 Params (all live): `retries` (default 5), `retry-delay` (default 2s; `100ms` allowed),
 `retry-exponential` (yes|no, default yes), `retry-readonly` (yes|no, default no: after a failure,

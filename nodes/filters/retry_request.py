@@ -42,9 +42,6 @@ from ..params import Duration, Params, live
 from ..registry import register
 from ._retrying import RetryingFilter, log
 
-#: The errors a zero answers that say how, not that something failed (never retried).
-_ZERO_UNSUPPORTED = (errno.ENOTSUP, errno.EOPNOTSUPP)
-
 
 class RetryRequestParams(Params):
     retry_request_retries: int = live(2, "times one request is retried (0-1000)", ge=0, le=1000)
@@ -78,9 +75,6 @@ class RetryRequest(RetryingFilter):
     def _policy(self) -> tuple[int, float, bool, bool]:
         p = self.params
         return p.retry_request_retries, p.retry_request_delay, False, p.retry_request_readonly
-
-    def _should_retry(self, op: str, flags: int, exc: OSError) -> bool:
-        return not (op == "zero" and exc.errno in _ZERO_UNSUPPORTED)
 
     async def open_connection(self) -> None:
         p = self.params
