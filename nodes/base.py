@@ -410,3 +410,17 @@ def fua_requested(flags: int) -> bool:
 def may_trim(flags: int) -> bool:
     """WRITE_ZEROES may punch a hole unless the client said NO_HOLE."""
     return not flags & _NO_HOLE
+
+
+def first_difference(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> int:
+    """The index of the first byte where two equal-length buffers differ; len(a) if none."""
+    if a == b:
+        return len(a)
+    lo, hi = 0, len(a)
+    while hi - lo > 64:  # halve on memcmp-sized slices, then look byte by byte
+        mid = (lo + hi) // 2
+        if a[lo:mid] != b[lo:mid]:
+            hi = mid
+        else:
+            lo = mid
+    return next(i for i in range(lo, hi) if a[i] != b[i])

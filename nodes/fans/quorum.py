@@ -29,7 +29,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ..base import Backend, Capabilities, Holes, fill_holes
+from ..base import Backend, Capabilities, Holes, fill_holes, first_difference
 from ..params import Params, live, param
 from ..protocol.constants import CmdFlag
 from ..registry import register
@@ -137,7 +137,7 @@ class Quorum(FanBase):
         return winner, losers, bufs
 
     def _report(self, losers: list[int], winner: bytes, bufs: list[bytearray], offset: int) -> None:
-        first = min(_first_difference(winner, bufs[i]) for i in losers)
+        first = min(first_difference(winner, bufs[i]) for i in losers)
         self.last_mismatch = {"offset": offset + first, "members": losers}
         for i in losers:
             self.mismatches[i] += 1
@@ -200,16 +200,3 @@ class Quorum(FanBase):
 
     async def cache(self, count: int, offset: int, flags: int) -> None:
         await self._all("cache", [m.cache(count, offset, flags) for m in self.members])
-
-
-def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
-    if a == b:
-        return len(a)
-    lo, hi = 0, len(a)
-    while hi - lo > 64:  # bisect on slices: C-speed compares
-        mid = (lo + hi) // 2
-        if a[lo:mid] != b[lo:mid]:
-            hi = mid
-        else:
-            lo = mid
-    return next(i for i in range(lo, hi) if a[i] != b[i])

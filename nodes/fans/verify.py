@@ -22,12 +22,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from ..base import Backend, Capabilities, Extents, Holes, fill_holes
+from ..base import Backend, Capabilities, Extents, Holes, fill_holes, first_difference
 from ..params import Params, live
 from ..protocol.constants import CmdFlag
 from ..registry import register
 from ._common import FanBase, RangeLock, combine_caps, trim_as_zero
-from .quorum import _first_difference
 
 log = logging.getLogger("nbdfabric.verify")
 
@@ -82,7 +81,7 @@ class Verify(FanBase):
         async with self._order.hold(offset, offset + len(buf), exclusive=False):
             await asyncio.gather(one(0, buf), one(1, memoryview(other)))
         if buf != other:
-            at = offset + _first_difference(bytes(buf), other)
+            at = offset + first_difference(bytes(buf), other)
             self.mismatches += 1
             if self.first_mismatch is None:
                 self.first_mismatch = {"offset": at, "read_offset": offset, "length": len(buf)}

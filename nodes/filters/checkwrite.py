@@ -26,7 +26,7 @@ from __future__ import annotations
 import errno
 from dataclasses import replace
 
-from ..base import Capabilities, Filter, Support, fill_holes
+from ..base import Capabilities, Filter, Support, fill_holes, first_difference
 from ..protocol.constants import CmdFlag, Extent
 from ..registry import register
 from ._blocks import exact_extents, read_aligned
@@ -35,18 +35,6 @@ from ._blocks import exact_extents, read_aligned
 CHECK_CHUNK = 4 * 1024 * 1024
 
 _FAST_ZERO, _ZERO = int(CmdFlag.FAST_ZERO), int(Extent.ZERO)
-
-
-def first_difference(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> int:
-    """The index of the first byte where two equal-length buffers differ (they do)."""
-    lo, hi = 0, len(a)
-    while hi - lo > 64:  # halve on memcmp-sized slices, then look byte by byte
-        mid = (lo + hi) // 2
-        if a[lo:mid] != b[lo:mid]:
-            hi = mid
-        else:
-            lo = mid
-    return next(i for i in range(lo, hi) if a[i] != b[i])
 
 
 def mismatch(offset: int) -> OSError:
