@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import itertools
 import json
@@ -19,11 +20,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import nbd
 import pytest
+
+from nodes.base import Backend, Capabilities, Filter, Holes
+from nodes.plugins.memory import Memory, MemoryParams
 
 ROOT = Path(__file__).resolve().parent.parent
 NBDFABRIC = [sys.executable, "-m", "nodes.cli"]
@@ -263,3 +268,59 @@ def harness(tmp_path: Path) -> Iterator[Any]:
     h = Harness(tmp_path)
     yield h
     h.close()
+
+
+# Helpers for tests of filters over in-process or live nodes ----------------------------------
+
+
+def sha(data: bytes | bytearray) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def errno_of(call: Callable[..., object], *args: Any) -> str | None:
+    """The errno name of the nbd.Error `call(*args)` raises; None if it succeeds."""
+    try:
+        call(*args)
+    except nbd.Error as exc:
+        return str(exc.errno)
+    return None
+
+
+def read_all(uri: str) -> bytes:
+    """The whole export, read in 1 MiB pieces."""
+    h = nbd_connect(uri)
+    try:
+        size = h.get_size()
+        piece = 1 << 20
+        return b"".join(bytes(h.pread(min(piece, size - o), o)) for o in range(0, size, piece))
+    finally:
+        h.shutdown()
+
+
+def mem(content: bytes) -> Memory:
+    """An in-process memory backend holding `content`."""
+    m = Memory(MemoryParams(size=len(content)))
+    m.store.write(memoryview(content), 0)
+    return m
+
+
+class Recording(Filter):
+    """Passes reads on, noting each (offset, length); may claim block size limits (and
+    checks that the reads it gets keep them)."""
+
+    def __init__(self, next: Backend, block_min: int = 0, block_max: int = 0) -> None:
+        super().__init__(next.params, next)
+        self.reads: list[tuple[int, int]] = []
+        self.block_min, self.block_max = block_min, block_max
+
+    def capabilities(self) -> Capabilities:
+        caps = self.next.capabilities()
+        return replace(caps, block_min=self.block_min, block_max=self.block_max)
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
+        if self.block_min:
+            assert offset % self.block_min == 0 and len(buf) % self.block_min == 0
+        if self.block_max:
+            assert len(buf) <= self.block_max
+        self.reads.append((offset, len(buf)))
+        return await self.next.pread(buf, offset, flags)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import json
 import random
 import shutil
@@ -23,7 +22,7 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, ROOT, Proc, export_info, nbd_connect, run
+from conftest import NBDFABRIC, ROOT, Proc, errno_of, export_info, nbd_connect, read_all, run, sha
 
 from nodes.base import Backend, Capabilities, Extents, Filter, Support
 from nodes.filters.cacheextents import CacheExtents, CacheExtentsParams
@@ -62,27 +61,6 @@ def caps(uri: str) -> dict[str, Any]:
     # Our nodes always send block sizes; a minimum of 1 says what sending none says.
     got["block_size_minimum"] = got["block_size_minimum"] or 1
     return got
-
-
-def errno_of(call: Callable[..., object], *args: Any) -> str | None:
-    try:
-        call(*args)
-    except nbd.Error as exc:
-        return errno.errorcode.get(exc.errno or 0, str(exc.errno))
-    return None
-
-
-def sha(data: bytes | bytearray) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def read_all(uri: str) -> bytes:
-    h = nbd_connect(uri)
-    try:
-        size = h.get_size()
-        return b"".join(bytes(h.pread(min(MiB, size - o), o)) for o in range(0, size, MiB))
-    finally:
-        h.shutdown()
 
 
 def nbd_map(uri: str) -> list[tuple[int, int, int]]:

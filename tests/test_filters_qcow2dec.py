@@ -12,26 +12,24 @@ the reads that need the damaged part while the node serves the rest.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
 import struct
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nbd
 import pytest
-from conftest import export_info, nbd_connect, run
+from conftest import Recording, export_info, mem, nbd_connect, run, sha
 
 from bench.http_server import HttpServer
-from nodes.base import Backend, Capabilities, Filter, Holes, read_flat
+from nodes.base import read_flat
 from nodes.filters import _qcow2
 from nodes.filters._qcow2 import Image, Qcow2Error, compressed_extent, open_image
 from nodes.filters.qcow2dec import Qcow2dec, Qcow2decParams
 from nodes.params import ParamError, parse_params
-from nodes.plugins.memory import Memory, MemoryParams
 from nodes.protocol.constants import CmdFlag
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -129,10 +127,6 @@ def raw_of(path: Path) -> bytes:
     out = path.with_suffix(".raw")
     run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(path), str(out)])
     return out.read_bytes()
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def serve(start_node: Any, path: Path, *args: str) -> Any:
@@ -292,34 +286,6 @@ def test_qcow2dec_serves_a_dirty_image(
 
 
 # What the node reads from its upstream (in this process) --------------------------------------
-
-
-class Recording(Filter):
-    """Passes reads on, noting each (offset, length); may claim block size limits (and
-    checks them)."""
-
-    def __init__(self, next: Backend, block_min: int = 0, block_max: int = 0) -> None:
-        super().__init__(next.params, next)
-        self.reads: list[tuple[int, int]] = []
-        self.block_min, self.block_max = block_min, block_max
-
-    def capabilities(self) -> Capabilities:
-        caps = self.next.capabilities()
-        return replace(caps, block_min=self.block_min, block_max=self.block_max)
-
-    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
-        if self.block_min:
-            assert offset % self.block_min == 0 and len(buf) % self.block_min == 0
-        if self.block_max:
-            assert len(buf) <= self.block_max
-        self.reads.append((offset, len(buf)))
-        return await self.next.pread(buf, offset, flags)
-
-
-def mem(content: bytes) -> Memory:
-    m = Memory(MemoryParams(size=len(content)))
-    m.store.write(memoryview(content), 0)
-    return m
 
 
 def in_process(

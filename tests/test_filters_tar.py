@@ -10,7 +10,6 @@ with a message; an OVA is converted with qemu-img through http -> tar.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
 import os
@@ -18,21 +17,17 @@ import random
 import shutil
 import tarfile
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import nbd
 import pytest
-from conftest import export_info, nbd_connect, run
+from conftest import Recording, errno_of, export_info, mem, nbd_connect, read_all, run, sha
 
 from bench.http_server import HttpServer
-from nodes.base import Backend, Capabilities, Filter, Holes
 from nodes.filters import _tarindex
 from nodes.filters._tarindex import BLOCK, Entry, TarError, find_entry
 from nodes.filters.tar import READ_AHEAD, Tar, TarParams
 from nodes.params import ParamError, parse_params
-from nodes.plugins.memory import Memory, MemoryParams
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -107,27 +102,6 @@ def refusal(archive: bytes, name: str, limit: int = 0) -> str:
     with pytest.raises(TarError) as caught:
         walk_bytes(archive, name, limit)
     return str(caught.value)
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def errno_of(call: Callable[..., object], *args: Any) -> str | None:
-    try:
-        call(*args)
-    except nbd.Error as exc:
-        return str(exc.errno)
-    return None
-
-
-def read_all(uri: str) -> bytes:
-    h = nbd_connect(uri)
-    try:
-        size = h.get_size()
-        return b"".join(bytes(h.pread(min(MiB, size - o), o)) for o in range(0, size, MiB))
-    finally:
-        h.shutdown()
 
 
 # The header walk, over archives made by tarfile and GNU tar ----------------------------------
@@ -386,33 +360,6 @@ def test_tar_walk_refuses_sparse_members(fmt: str, tmp_path: Path) -> None:
 
 
 # The filter in this process ---------------------------------------------------------------------
-
-
-class Recording(Filter):
-    """Passes reads on, noting each (offset, length); may claim block size limits."""
-
-    def __init__(self, next: Backend, block_min: int = 0, block_max: int = 0) -> None:
-        super().__init__(next.params, next)
-        self.reads: list[tuple[int, int]] = []
-        self.block_min, self.block_max = block_min, block_max
-
-    def capabilities(self) -> Capabilities:
-        caps = self.next.capabilities()
-        return replace(caps, block_min=self.block_min, block_max=self.block_max)
-
-    async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
-        if self.block_min:
-            assert offset % self.block_min == 0 and len(buf) % self.block_min == 0
-        if self.block_max:
-            assert len(buf) <= self.block_max
-        self.reads.append((offset, len(buf)))
-        return await self.next.pread(buf, offset, flags)
-
-
-def mem(content: bytes) -> Memory:
-    m = Memory(MemoryParams(size=len(content)))
-    m.store.write(memoryview(content), 0)
-    return m
 
 
 def tar_filter(archive: bytes, *words: str, **limits: int) -> tuple[Tar, Recording]:
