@@ -199,8 +199,12 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def make_certificates(directory: Path) -> None:
-    """A CA and a server certificate in nbdkit's --tls-certificates layout."""
+def make_certificates(
+    directory: Path, client: bool = False, ca_name: str = "nbdfabric test CA"
+) -> None:
+    """A CA and a server certificate in nbdkit's --tls-certificates layout; with `client`, a
+    client certificate too (client-cert.pem, client-key.pem: the layout libnbd's and qemu's
+    x509 clients read from the same directory)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -223,8 +227,8 @@ def make_certificates(directory: Path) -> None:
     ca_key = key()
     ca = (
         x509.CertificateBuilder()
-        .subject_name(name("nbdfabric test CA"))
-        .issuer_name(name("nbdfabric test CA"))
+        .subject_name(name(ca_name))
+        .issuer_name(name(ca_name))
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
@@ -234,29 +238,36 @@ def make_certificates(directory: Path) -> None:
                                      key_cert_sign=True, crl_sign=True, **usage), critical=True)
         .sign(ca_key, hashes.SHA256())
     )  # fmt: skip
-    server_key = key()
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(name("localhost"))
-        .issuer_name(ca.subject)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True,
-                                     key_cert_sign=False, crl_sign=False, **usage), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
+
+    def leaf(role: str, cn: str, purpose: x509.ObjectIdentifier) -> None:
+        leaf_key = key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca.subject)
+            .public_key(leaf_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True,
+                                         key_cert_sign=False, crl_sign=False, **usage),
+                           critical=True)
+            .add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )  # fmt: skip
+        (directory / f"{role}-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (directory / f"{role}-key.pem").write_bytes(pem_key(leaf_key))
+        os.chmod(directory / f"{role}-key.pem", 0o600)
+
     directory.mkdir(exist_ok=True)
     (directory / "ca-cert.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (directory / "server-cert.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    (directory / "server-key.pem").write_bytes(pem_key(server_key))
-    os.chmod(directory / "server-key.pem", 0o600)
+    leaf("server", "localhost", ExtendedKeyUsageOID.SERVER_AUTH)
+    if client:
+        leaf("client", "nbdfabric test client", ExtendedKeyUsageOID.CLIENT_AUTH)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -407,6 +408,63 @@ def test_lifecycle_tls_hello_behind_starttls_is_read_as_tls(
             except ssl.SSLWantReadError:
                 pump()
         assert struct.unpack(">QIII", reply)[1] == 3
+
+
+@pytest.fixture(scope="module")
+def peer_certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """For --tls-verify-peer: the node's directory (with a client certificate of its CA), one
+    with the CA alone (no client certificate), and one with a client certificate of another
+    CA; each in the layout libnbd and qemu read (ca-cert.pem, client-cert.pem, client-key.pem)."""
+    root = tmp_path_factory.mktemp("peer")
+    make_certificates(root / "pki", client=True)
+    make_certificates(root / "other", client=True, ca_name="another CA")
+    dirs = {"good": root / "pki", "none": root / "none", "foreign": root / "foreign"}
+    for d in (dirs["none"], dirs["foreign"]):
+        d.mkdir()
+        shutil.copy(root / "pki" / "ca-cert.pem", d)
+    for name in ("client-cert.pem", "client-key.pem"):
+        shutil.copy(root / "other" / name, dirs["foreign"])
+    return dirs
+
+
+def test_lifecycle_tls_verify_peer(
+    procs: list[Any], tmp_path: Path, peer_certs: dict[str, Path]
+) -> None:
+    """--tls-verify-peer serves clients whose certificate its CA signed, and refuses the
+    others with the TLS alert that says why (certificate required, unknown CA): the client
+    reports that, not a connection cut short, and the node logs it."""
+    sock, ready = tmp_path / "peer.sock", tmp_path / "ready.json"
+    p = spawn(procs, node_cmd("memory", "4M", "--listen", f"unix:{sock}", "--tls=require",
+                              "--tls-certificates", str(peer_certs["good"]), "--tls-verify-peer",
+                              "--ready-file", str(ready)))  # fmt: skip
+    wait_ready(p, ready)
+    good = peer_certs["good"]
+    obj = f"tls-creds-x509,id=tls0,dir={good},endpoint=client"
+    opts = f"driver=nbd,server.type=unix,server.path={sock},tls-creds=tls0,tls-hostname=localhost"
+    run(["qemu-io", "--object", obj, "--image-opts", opts, "-c", "write -P 0x3c 0 64K",
+         "-c", "read -P 0x3c 0 64K"])  # fmt: skip
+    for name in ("none", "foreign"):
+        res = run(["nbdinfo", "--size", f"nbds+unix:///?socket={sock}&tls-certificates="
+                   f"{peer_certs[name]}"], check=False)  # fmt: skip
+        assert res.returncode != 0 and "alert" in res.stderr, (name, res.stderr)
+    context = ssl.create_default_context(cafile=str(good / "ca-cert.pem"))
+    foreign = ssl.create_default_context(cafile=str(good / "ca-cert.pem"))
+    foreign.load_cert_chain(peer_certs["foreign"] / "client-cert.pem",
+                            peer_certs["foreign"] / "client-key.pem")  # fmt: skip
+    for ctx, alert in ((context, "CERTIFICATE_REQUIRED"), (foreign, "UNKNOWN_CA")):
+        with starttls_with(str(sock), b"") as raw, pytest.raises(ssl.SSLError, match=alert):
+            # TLS 1.3: the client's side of the handshake ends before the node has seen
+            # its certificate; the alert comes with the first read.
+            with ctx.wrap_socket(raw, server_hostname="localhost") as secure:
+                secure.sendall(struct.pack(">QII", IHAVEOPT, 3, 0))  # LIST
+                secure.recv(20)
+    assert run(["nbdinfo", "--size", f"nbds+unix:///?socket={sock}&tls-certificates={good}"]
+               ).stdout.strip() == str(4 * MiB)  # fmt: skip
+    p.terminate()
+    assert p.wait(20) == 0
+    assert p.stderr is not None
+    log = p.stderr.read().decode()
+    assert log.count("TLS handshake failed") == 4, log
 
 
 # Run by another program ----------------------------------------------------------------------

@@ -14,6 +14,7 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Coroutine
@@ -270,7 +271,12 @@ class Session:
         context = self.node.tls_context
         assert context is not None and hasattr(self.stream, "sock")
         tls = TLSStream(self.stream, context, leftover)  # type: ignore[arg-type]
-        await tls.handshake()
+        try:
+            await tls.handshake()
+        except ssl.SSLError as exc:
+            # As nbdkit logs it: an operator needs to see why a client was refused.
+            log.warning("%s: TLS handshake failed: %s", self.client.address, exc)
+            raise
         self.stream = tls
         self.client.tls = True
         hs.tls_started()

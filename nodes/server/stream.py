@@ -7,6 +7,7 @@ header and a payload view. The event loop is only involved when the kernel says 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -17,6 +18,8 @@ Buffer = bytes | bytearray | memoryview
 #: Buffers per sendmsg: the kernel refuses more (EMSGSIZE). A 32 MiB read lent from 32 KiB
 #: memory pages is 1024 views plus its header.
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+#: How long a failed TLS handshake may take to hand its alert to a client that does not read.
+ALERT_TIMEOUT = 2.0
 
 
 class Stream:
@@ -176,7 +179,23 @@ class TLSStream(Stream):
                 await self._pump_out()
                 if not await self._pump_in():
                     raise ConnectionResetError("peer closed during the TLS handshake") from None
+            except ssl.SSLError:
+                # OpenSSL has written the alert that says why (certificate required, unknown
+                # CA, protocol version, ...): send it, so the client reports that reason and
+                # not a connection cut short.
+                with contextlib.suppress(OSError, asyncio.TimeoutError):
+                    await asyncio.wait_for(self._send_alert(), ALERT_TIMEOUT)
+                raise
         await self._pump_out()
+
+    async def _send_alert(self) -> None:
+        """Send what OpenSSL wrote, then read the client out until it closes: a TLS 1.3
+        client already sends its first record when the server rejects its certificate, and
+        closing on unread bytes would cut the connection (EPIPE, RST) before it reads why."""
+        await self._pump_out()
+        self.raw.sock.shutdown(socket.SHUT_WR)
+        while await self.raw.recv_into(memoryview(self._rbuf)):
+            pass
 
     def buffered(self) -> bool:
         """Bytes already read from the socket and not yet handed out (decrypted or not)."""
