@@ -175,7 +175,8 @@ def import_job(
     """A Job copying `export` onto the PVC `claim` (as `disk.img`), CDI importer style."""
     if export not in topology.exports:
         raise ValueError(f"no export {export!r} (exports: {', '.join(topology.exports)})")
-    if topology.exports[export].multi_export:
+    # An exportname node's default export ("") is one disk; a directory has none to import.
+    if topology.exports[export].multi_export == "directory":
         raise ValueError(
             f"export {export!r} serves a directory, one export per file: to import one file, "
             "export a filter over it (upstream: NODE/FILE) and import that"

@@ -605,6 +605,12 @@ exports:
     assert top.exports["all"].served_name == ""
     assert top.nodes["whole"].upstreams == ("names",)
     assert top.nodes["one"].upstreams == ("names/c.img",)
+    # A CDI-style import of the export copies its default export (b.img), as qemu-img reads it.
+    from orchestrator import k8s
+
+    job = k8s.import_job(top, "all", "pvc")
+    (importer,) = job["spec"]["template"]["spec"]["containers"]
+    assert "nbd+unix:///?socket=/run/nbdfabric/names.sock" in importer["args"]
 
 
 # blocksize-policy ----------------------------------------------------------------------------

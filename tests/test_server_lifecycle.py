@@ -452,12 +452,15 @@ def test_lifecycle_tls_verify_peer(
     foreign.load_cert_chain(peer_certs["foreign"] / "client-cert.pem",
                             peer_certs["foreign"] / "client-key.pem")  # fmt: skip
     for ctx, alert in ((context, "CERTIFICATE_REQUIRED"), (foreign, "UNKNOWN_CA")):
-        with starttls_with(str(sock), b"") as raw, pytest.raises(ssl.SSLError, match=alert):
-            # TLS 1.3: the client's side of the handshake ends before the node has seen
-            # its certificate; the alert comes with the first read.
-            with ctx.wrap_socket(raw, server_hostname="localhost") as secure:
-                secure.sendall(struct.pack(">QII", IHAVEOPT, 3, 0))  # LIST
-                secure.recv(20)
+        # TLS 1.3: the client's side of the handshake ends before the node has seen its
+        # certificate; the alert comes with the first read.
+        with (
+            starttls_with(str(sock), b"") as raw,
+            pytest.raises(ssl.SSLError, match=alert),
+            ctx.wrap_socket(raw, server_hostname="localhost") as secure,
+        ):
+            secure.sendall(struct.pack(">QII", IHAVEOPT, 3, 0))  # LIST
+            secure.recv(20)
     assert run(["nbdinfo", "--size", f"nbds+unix:///?socket={sock}&tls-certificates={good}"]
                ).stdout.strip() == str(4 * MiB)  # fmt: skip
     p.terminate()
