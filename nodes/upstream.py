@@ -403,6 +403,10 @@ class Upstream(Backend):
             trim=bool(h.can_trim()),
             zero=zero,
             fast_zero=bool(h.can_zero() and h.can_fast_zero()),
+            # An upstream without CACHE still gets its hint, as a read (the session's
+            # emulation): that warms every cache-on-read filter and page cache below, so a
+            # scan or a client's CACHE works through any chain. nbdkit's nbd plugin says
+            # can_cache=none here; a chain that must not be read ahead has no scan in it.
             cache=Support.NATIVE if h.can_cache() else Support.EMULATE,
             extents=bool(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)),
             multi_conn=bool(h.can_multi_conn()),
