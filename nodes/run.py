@@ -281,8 +281,15 @@ def run_node(spec: NodeSpec) -> int:
             return run_workers(spec)
         return event_loop_runner()(serve(spec))
     except (SpecError, OSError, ValueError) as exc:
-        print(f"nbdfabric node {spec.kind}: {exc}", file=sys.stderr)
+        print(f"nbdfabric node {spec.kind}: {describe(exc)}", file=sys.stderr)
         return 1
+
+
+def describe(exc: Exception) -> str:
+    """An error as a person reads it: `/x: No such file or directory`, not `[Errno 2] ...`."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)
 
 
 def event_loop_runner() -> Any:

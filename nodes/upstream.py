@@ -216,6 +216,9 @@ class Upstream(Backend):
                         f"cannot connect to upstream {self.uri} within "
                         f"{self.connect_timeout:g}s: {exc.strerror or exc}",
                     ) from None
+                if delay == BACKOFF_FIRST:  # once: the node is not hung, it is waiting
+                    log.warning("%s: cannot connect to upstream %s yet (%s); trying for %.0f s "
+                                "more", self.name, self.uri, exc.strerror or exc, left)  # fmt: skip
                 await asyncio.sleep(min(delay, left))
                 delay = min(delay * 2, BACKOFF_CAP)
 

@@ -269,6 +269,7 @@ def _node(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
 def _assert_refused(res: subprocess.CompletedProcess[str], codes: tuple[int, ...], *frags: str):
     assert res.returncode in codes, f"exit {res.returncode}: {res.stdout}{res.stderr}"
     assert "Traceback" not in res.stderr, res.stderr
+    assert "[Errno" not in res.stderr, res.stderr  # errors as people read them (run.describe)
     for frag in frags:
         assert frag in res.stderr, f"{frag!r} not in {res.stderr!r}"
 
@@ -345,6 +346,12 @@ OPTION_CASES = [
     (["memory", "1M", "--control", "127.0.0.1:99999"], (1,), "out of range"),
     (["memory", "1M", "--metrics", "no-such-host.invalid:0"], (1,), "no-such-host.invalid"),
     (["memory", "1M", "--ready-file", "/nonexistent/d/r.json"], (1,), "--ready-file"),
+    (["file", "/nonexistent/disk.img"], (1,), "/nonexistent/disk.img: No such file"),
+    (
+        ["nbd", "--upstream", "nbd+unix:///?socket=/nonexistent", "--upstream-timeout", "0.2"],
+        (1,),
+        "cannot connect to upstream",
+    ),  # fmt: skip
     (["no-such-kind"], (1,), "unknown node kind"),
     ([], (2,), "kind"),
 ]
