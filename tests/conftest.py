@@ -286,21 +286,23 @@ def errno_of(call: Callable[..., object], *args: Any) -> str | None:
     return None
 
 
-def read_all(uri: str) -> bytes:
-    """The whole export, read in 1 MiB pieces."""
+def read_all(uri: str, size: int | None = None) -> bytes:
+    """The export's first `size` bytes (default: all of it), read in 1 MiB pieces."""
     h = nbd_connect(uri)
     try:
-        size = h.get_size()
+        size = h.get_size() if size is None else size
         piece = 1 << 20
         return b"".join(bytes(h.pread(min(piece, size - o), o)) for o in range(0, size, piece))
     finally:
         h.shutdown()
 
 
-def mem(content: bytes) -> Memory:
-    """An in-process memory backend holding `content`."""
-    m = Memory(MemoryParams(size=len(content)))
-    m.store.write(memoryview(content), 0)
+def mem(content: bytes = b"", size: int | None = None) -> Memory:
+    """An in-process memory backend of `size` bytes (default: len(content)) that begins with
+    `content`."""
+    m = Memory(MemoryParams(size=len(content) if size is None else size))
+    if content:
+        m.store.write(memoryview(content), 0)
     return m
 
 

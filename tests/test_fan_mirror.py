@@ -19,7 +19,7 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, export_info, nbd_connect, run, wait_for
+from conftest import NBDFABRIC, export_info, nbd_connect, read_all, run, wait_for
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -74,14 +74,6 @@ def write_batches(
             for c in cookies:
                 assert h.aio_command_completed(c)
         h.flush()
-    finally:
-        h.shutdown()
-
-
-def read_all(uri: str, size: int) -> bytes:
-    h = nbd_connect(uri)
-    try:
-        return b"".join(h.pread(min(1 << 20, size - o), o) for o in range(0, size, 1 << 20))
     finally:
         h.shutdown()
 

@@ -5,7 +5,6 @@ restarts after kill -9, re-apply diffs (pids compared), `set`, and that `down` l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, alive, run, wait_for
+from conftest import ROOT, alive, run, sha, wait_for
 
 from bench.http_server import HttpServer
 
@@ -87,10 +86,6 @@ def fabric(tmp_path: Path) -> Iterator[Fabric]:
     fab = Fabric(tmp_path)
     yield fab
     fab.cli("down", check=False)
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def write_read(tmp_path: Path, uri: str, size: int, read_uri: str | None = None) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import Proc, export_info, nbd_connect, run
+from conftest import Proc, export_info, nbd_connect, read_all, run
 
 #: nbdinfo --json keys that must agree with nbdkit (block sizes and content guesses excluded).
 CAP_KEYS = (
@@ -87,12 +87,6 @@ def error_profile(uri: str, offset: int = 0) -> dict[str, str]:
 
 def same_content(a: str, b: str) -> None:
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b])
-
-
-def read_all(uri: str) -> bytes:
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    return _read_and_close(h)
 
 
 def read_export(server: Proc, export: str) -> bytes:
