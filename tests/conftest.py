@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -175,6 +175,28 @@ def export_info(uri: str) -> dict[str, Any]:
     """`nbdinfo --json` for the (first) export at `uri`."""
     info: dict[str, Any] = json.loads(run(["nbdinfo", "--json", uri]).stdout)
     return info["exports"][0]
+
+
+#: nbdinfo --json's fields for what the client may do and the size (no block sizes, no content
+#: guesses): what a node and its peer or proxy must agree on.
+CAPABILITIES = (
+    "export-size",
+    "is_read_only",
+    "can_flush",
+    "can_fua",
+    "can_trim",
+    "can_zero",
+    "can_fast_zero",
+    "can_cache",
+    "can_multi_conn",
+    "can_df",
+)
+
+
+def capabilities(uri: str, keys: Iterable[str] = CAPABILITIES) -> dict[str, Any]:
+    """Those `keys` of export_info(uri) (None where nbdinfo gives none)."""
+    info = export_info(uri)
+    return {key: info.get(key) for key in keys}
 
 
 def nbd_connect(uri: str, strict: bool = True, structured: bool = True):
