@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,28 @@ def export_info(uri: str) -> dict[str, Any]:
     return info["exports"][0]
 
 
+#: nbdinfo --json's fields for what the client may do and the size (no block sizes, no content
+#: guesses): what a node and its peer or proxy must agree on.
+CAPABILITIES = (
+    "export-size",
+    "is_read_only",
+    "can_flush",
+    "can_fua",
+    "can_trim",
+    "can_zero",
+    "can_fast_zero",
+    "can_cache",
+    "can_multi_conn",
+    "can_df",
+)
+
+
+def capabilities(uri: str, keys: Iterable[str] = CAPABILITIES) -> dict[str, Any]:
+    """Those `keys` of export_info(uri) (None where nbdinfo gives none)."""
+    info = export_info(uri)
+    return {key: info.get(key) for key in keys}
+
+
 def nbd_connect(uri: str, strict: bool = True, structured: bool = True):
     """A libnbd handle connected to `uri` (strict mode off to probe server-side checks)."""
     import nbd
@@ -297,21 +319,23 @@ def errno_of(call: Callable[..., object], *args: Any) -> str | None:
     return None
 
 
-def read_all(uri: str) -> bytes:
-    """The whole export, read in 1 MiB pieces."""
+def read_all(uri: str, size: int | None = None) -> bytes:
+    """The export's first `size` bytes (default: all of it), read in 1 MiB pieces."""
     h = nbd_connect(uri)
     try:
-        size = h.get_size()
+        size = h.get_size() if size is None else size
         piece = 1 << 20
         return b"".join(bytes(h.pread(min(piece, size - o), o)) for o in range(0, size, piece))
     finally:
         h.shutdown()
 
 
-def mem(content: bytes) -> Memory:
-    """An in-process memory backend holding `content`."""
-    m = Memory(MemoryParams(size=len(content)))
-    m.store.write(memoryview(content), 0)
+def mem(content: bytes = b"", size: int | None = None) -> Memory:
+    """An in-process memory backend of `size` bytes (default: len(content)) that begins with
+    `content`."""
+    m = Memory(MemoryParams(size=len(content) if size is None else size))
+    if content:
+        m.store.write(memoryview(content), 0)
     return m
 
 

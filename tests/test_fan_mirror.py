@@ -19,7 +19,7 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, export_info, nbd_connect, run, wait_for
+from conftest import NBDFABRIC, export_info, nbd_connect, read_all, run, wait_for
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -78,12 +78,13 @@ def write_batches(
         h.shutdown()
 
 
-def read_all(uri: str, size: int) -> bytes:
-    h = nbd_connect(uri)
-    try:
-        return b"".join(h.pread(min(1 << 20, size - o), o) for o in range(0, size, 1 << 20))
-    finally:
-        h.shutdown()
+def written(uri: str, seed: int, batches: int, size: int = SIZE) -> tuple[bytearray, random.Random]:
+    """`batches` batches of write_batches, seeded, to the fresh (all zero) export at `uri`: the
+    model of what it holds, and the random source to go on writing with."""
+    rng = random.Random(seed)
+    model = bytearray(size)
+    write_batches(uri, model, batches, rng)
+    return model, rng
 
 
 def state(h: Harness, fan: Mirror) -> dict[str, Any]:
@@ -136,14 +137,12 @@ def test_mirror_capabilities_come_from_members(harness: Harness) -> None:
 
 def test_mirror_member_lost_under_load_then_restarted_empty(harness: Harness) -> None:
     fan, flakies, uris, uri = make_mirror(harness, 2)
-    rng = random.Random(1)
-    model = bytearray(SIZE)
+    model, rng = written(uri, 1, 10)  # data the member holds (flushed) before it is lost
 
     def lose_member(i: int) -> None:
         if i == 5:
             flakies[1].down = True  # while 16 writes are in flight
 
-    write_batches(uri, model, 10, rng)  # data the member holds (flushed) before it is lost
     write_batches(uri, model, 20, rng, lose_member)
     st = state(harness, fan)
     assert st["degraded"] and st["members"][1]["state"] == "faulty"
@@ -165,9 +164,7 @@ def test_mirror_member_lost_under_load_then_restarted_empty(harness: Harness) ->
 
 def test_mirror_transient_outage_resyncs_only_dirty_regions(harness: Harness) -> None:
     fan, flakies, uris, uri = make_mirror(harness, 2)
-    rng = random.Random(2)
-    model = bytearray(SIZE)
-    write_batches(uri, model, 8, rng)
+    model, rng = written(uri, 2, 8)
     flakies[0].down = True
     wait_state(harness, fan, 0, "faulty")
     h = nbd_connect(uri)
@@ -216,9 +213,7 @@ def test_mirror_that_lost_every_member_at_once_serves_again_when_they_return(
     harness: Harness,
 ) -> None:
     fan, flakies, uris, uri = make_mirror(harness, 3)
-    rng = random.Random(4)
-    model = bytearray(SIZE)
-    write_batches(uri, model, 8, rng)
+    model, _ = written(uri, 4, 8)
     lose_every_member(harness, fan, flakies, uri)  # every link lost at once: no write since
     flakies[0].wipe()  # ... and member 0's node came back empty: it must not be the reference
     for f in flakies:
@@ -237,9 +232,7 @@ def test_mirror_request_that_finds_every_link_reopened_waits_instead_of_failing(
 ) -> None:
     # Health checks rarely: the request is the first to see the reopened links.
     fan, flakies, uris, uri = make_mirror(harness, 2, **{"check-interval": 1})
-    rng = random.Random(7)
-    model = bytearray(SIZE)
-    write_batches(uri, model, 4, rng)
+    model, _ = written(uri, 7, 4)
     for f in flakies:
         f.down = True  # both links lost and back at once, unseen by any request
         f.down = False
@@ -260,9 +253,7 @@ def test_mirror_never_trusts_a_stale_or_emptied_member_after_failing(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     fan, flakies, _, uri = make_mirror(harness, 2)
-    rng = random.Random(5)
-    model = bytearray(SIZE)
-    write_batches(uri, model, 4, rng)
+    model, rng = written(uri, 5, 4)
     flakies[1].down = True
     wait_state(harness, fan, 1, "faulty")
     write_batches(uri, model, 4, rng)  # acknowledged by member 0 alone: member 1 is stale
@@ -288,9 +279,7 @@ def test_mirror_that_lost_its_last_member_trusts_it_when_it_returns_intact(
     harness: Harness,
 ) -> None:
     fan, flakies, uris, uri = make_mirror(harness, 2)
-    rng = random.Random(6)
-    model = bytearray(SIZE)
-    write_batches(uri, model, 4, rng)
+    model, rng = written(uri, 6, 4)
     flakies[1].down = True
     wait_state(harness, fan, 1, "faulty")
     write_batches(uri, model, 4, rng)
@@ -305,9 +294,7 @@ def test_mirror_that_lost_its_last_member_trusts_it_when_it_returns_intact(
 
 def test_mirror_operator_trusts_the_one_member_that_came_back(harness: Harness) -> None:
     fan, flakies, uris, uri = make_mirror(harness, 2)
-    rng = random.Random(8)
-    model = bytearray(SIZE)
-    write_batches(uri, model, 6, rng)
+    model, _ = written(uri, 8, 6)
     with pytest.raises(RuntimeError, match="has not failed"):
         harness.run(fan.trust_member(0))  # nothing to force while a member is in sync
     lose_every_member(harness, fan, flakies, uri)
@@ -331,9 +318,7 @@ def test_mirror_trusted_member_wins_over_one_that_differs(harness: Harness) -> N
     # mdadm --assemble --force semantics: the operator's member is the reference, and a member
     # that holds other data is overwritten from it, not merged.
     fan, flakies, uris, uri = make_mirror(harness, 2)
-    rng = random.Random(9)
-    model = bytearray(SIZE)
-    write_batches(uri, model, 4, rng)
+    model, _ = written(uri, 9, 4)
     lose_every_member(harness, fan, flakies, uri)
     flakies[1].wipe()  # member 1 came back empty
     flakies[0].down = False
@@ -347,9 +332,7 @@ def test_mirror_trusted_member_wins_over_one_that_differs(harness: Harness) -> N
 
 def test_mirror_rebuild_under_writes_is_throttled_and_never_stale(harness: Harness) -> None:
     fan, _flakies, uris, uri = make_mirror(harness, 2, **{"rebuild-rate": "2M"})
-    rng = random.Random(3)
-    model = bytearray(SIZE)
-    write_batches(uri, model, 10, rng)
+    model, rng = written(uri, 3, 10)
     new_mem, new_uri = harness.memory(SIZE)
     harness.run(fan.replace_member(1, Flaky(new_mem)))
     progress: list[dict[str, Any]] = []
@@ -373,9 +356,7 @@ def test_mirror_rebuild_copy_never_overwrites_a_newer_write(harness: Harness) ->
     # Slow reads on the source widen the window between a region's copy read and its write:
     # client writes landing in it must win (they wait for the copy, which waits for them).
     fan, flakies, uris, uri = make_mirror(harness, 2, **{"read-policy": "first"})
-    rng = random.Random(4)
-    model = bytearray(SIZE)
-    write_batches(uri, model, 10, rng)
+    model, rng = written(uri, 4, 10)
     flakies[0].read_delay = 0.02
     new_mem, new_uri = harness.memory(SIZE)
     harness.run(fan.replace_member(1, Flaky(new_mem)))
@@ -663,9 +644,7 @@ def test_mirror_process_member_killed_under_load_then_rebuilt(start_node: Any) -
     b = start_node("memory", "8M")
     m = start_node("mirror", "check-interval=0.05", "retry-delay=0.1",
                    upstreams=[a.uri, b.uri], control=True)  # fmt: skip
-    rng = random.Random(5)
-    model = bytearray(size)
-    write_batches(m.uri, model, 10, rng)
+    model, rng = written(m.uri, 5, 10, size)
 
     def kill_b(i: int) -> None:
         if i == 3:

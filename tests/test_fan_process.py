@@ -15,7 +15,7 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, Proc, nbd_connect, run, wait_for
+from conftest import NBDFABRIC, Proc, nbd_connect, read_all, run, wait_for
 
 MEMBER = "4M"
 MEMBER_SIZE = 4 << 20
@@ -39,14 +39,6 @@ def health(control: str | None) -> str:
     assert control is not None
     res = run([*NBDFABRIC, "ctl", control, "health"], check=False)
     return res.stdout.strip()
-
-
-def read_all(uri: str, size: int) -> bytes:
-    h = nbd_connect(uri)
-    try:
-        return b"".join(h.pread(min(1 << 20, size - o), o) for o in range(0, size, 1 << 20))
-    finally:
-        h.shutdown()
 
 
 def read_error(h: nbd.NBD, length: int, offset: int) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import hashlib
 import itertools
 import json
 import os
@@ -26,7 +25,7 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import export_info, nbd_connect, run, wait_for
+from conftest import errno_of, export_info, mem, nbd_connect, read_all, run, sha, wait_for
 
 from nodes.base import Backend, Filter
 from nodes.filters.delay import Delay, DelayParams
@@ -39,19 +38,11 @@ from nodes.filters.retry import Retry, RetryParams
 from nodes.filters.stats import Stats, StatsParams
 from nodes.filters.truncate import Truncate, TruncateParams
 from nodes.params import Params, parse_params
-from nodes.plugins.memory import Memory, MemoryParams
 from nodes.server.addresses import parse_address
 from nodes.server.node import NodeOptions, NodeRuntime
 
 MiB = 1 << 20
 _sockets = itertools.count()
-
-
-def mem(size: int, content: bytes = b"") -> Memory:
-    m = Memory(MemoryParams(size=size))
-    if content:
-        m.store.write(memoryview(content), 0)
-    return m
 
 
 def params(model: type[Params], *words: str) -> Any:
@@ -100,27 +91,6 @@ def serve(backend: Backend, tmp_path: Path, **options: Any) -> Iterator[Served]:
         loop.close()
 
 
-def errno_of(fn: Any, *args: Any) -> str | None:
-    try:
-        fn(*args)
-    except nbd.Error as exc:
-        return str(exc.errno)
-    return None
-
-
-def sha(data: bytes | bytearray) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def read_all(uri: str) -> bytes:
-    h = nbd_connect(uri)
-    try:
-        size = h.get_size()
-        return b"".join(bytes(h.pread(min(MiB, size - off), off)) for off in range(0, size, MiB))
-    finally:
-        h.shutdown()
-
-
 def random_bytes(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
@@ -149,7 +119,7 @@ def test_delay_params_nbdkit_spellings() -> None:
     ],
 )
 def test_delay_each_operation_waits(tmp_path: Path, param: str, op: Any) -> None:
-    backend = Delay(params(DelayParams, f"{param}=200ms"), mem(MiB))
+    backend = Delay(params(DelayParams, f"{param}=200ms"), mem(size=MiB))
     with serve(backend, tmp_path) as s:
         h = nbd_connect(s.uri)
         t0 = time.monotonic()
@@ -159,7 +129,7 @@ def test_delay_each_operation_waits(tmp_path: Path, param: str, op: Any) -> None
 
 
 def test_delay_live_change_applies_to_next_request(tmp_path: Path) -> None:
-    backend = Delay(params(DelayParams), mem(MiB, b"\x5a" * 4096))
+    backend = Delay(params(DelayParams), mem(b"\x5a" * 4096, size=MiB))
     with serve(backend, tmp_path) as s:
         h = nbd_connect(s.uri)
         s.configure(**{"delay-read": "300ms"})
@@ -170,7 +140,7 @@ def test_delay_live_change_applies_to_next_request(tmp_path: Path) -> None:
 
 
 def test_delay_open_and_close(tmp_path: Path) -> None:
-    backend = Delay(params(DelayParams, "delay-open=300ms", "delay-close=300ms"), mem(MiB))
+    backend = Delay(params(DelayParams, "delay-open=300ms", "delay-close=300ms"), mem(size=MiB))
     with serve(backend, tmp_path) as s:
         t0 = time.monotonic()
         h = nbd_connect(s.uri)
@@ -183,7 +153,7 @@ def test_delay_open_and_close(tmp_path: Path) -> None:
 
 
 def test_delay_fast_zero_refused_at_once(tmp_path: Path) -> None:
-    backend = Delay(params(DelayParams, "delay-zero=5s", "delay-fast-zero=no"), mem(MiB))
+    backend = Delay(params(DelayParams, "delay-zero=5s", "delay-fast-zero=no"), mem(size=MiB))
     with serve(backend, tmp_path) as s:
         h = nbd_connect(s.uri)
         assert h.can_fast_zero()
@@ -224,7 +194,7 @@ _OPS = {
 def test_error_injects_the_chosen_errno(
     tmp_path: Path, words: list[str], expect: dict[str, str | None]
 ) -> None:
-    with serve(Error(params(ErrorParams, *words), mem(MiB)), tmp_path) as s:
+    with serve(Error(params(ErrorParams, *words), mem(size=MiB)), tmp_path) as s:
         h = nbd_connect(s.uri)
         seen = {op: errno_of(fn, h) for op, fn in _OPS.items()}
         h.shutdown()
@@ -233,7 +203,7 @@ def test_error_injects_the_chosen_errno(
 
 def test_error_file_triggers_and_clears(tmp_path: Path) -> None:
     trigger = tmp_path / "inject"
-    filt = Error(params(ErrorParams, "error-rate=100%", f"error-file={trigger}"), mem(MiB))
+    filt = Error(params(ErrorParams, "error-rate=100%", f"error-file={trigger}"), mem(size=MiB))
     with serve(filt, tmp_path) as s:
         h = nbd_connect(s.uri)
         assert errno_of(h.pread, 512, 0) is None
@@ -247,7 +217,7 @@ def test_error_file_triggers_and_clears(tmp_path: Path) -> None:
 
 def test_error_seed_makes_failures_replayable(tmp_path: Path) -> None:
     def pattern() -> list[bool]:
-        filt = Error(params(ErrorParams, "error-rate=50%", "seed=42"), mem(MiB))
+        filt = Error(params(ErrorParams, "error-rate=50%", "seed=42"), mem(size=MiB))
         with serve(filt, tmp_path) as s:
             h = nbd_connect(s.uri)
             out = [errno_of(h.pread, 512, 0) is not None for _ in range(60)]
@@ -261,7 +231,7 @@ def test_error_seed_makes_failures_replayable(tmp_path: Path) -> None:
 
 def test_error_matches_nbdkit(tmp_path: Path, start_nbdkit: Any) -> None:
     theirs = start_nbdkit("--filter=error", "memory", "1M", "error-rate=100%", "error=ENOSPC")
-    ours = Error(params(ErrorParams, "error-rate=100%", "error=ENOSPC"), mem(MiB))
+    ours = Error(params(ErrorParams, "error-rate=100%", "error=ENOSPC"), mem(size=MiB))
     compared = ["pread", "pwrite", "zero", "trim", "cache", "extents"]
     with serve(ours, tmp_path) as s:
         results = []
@@ -292,7 +262,7 @@ def test_rate_parse(text: str, value: int) -> None:
 
 def test_rate_limits_a_large_read(tmp_path: Path) -> None:
     data = random_bytes(4 * MiB, 1)
-    with serve(Rate(params(RateParams, "rate=2M"), mem(4 * MiB, data)), tmp_path) as s:
+    with serve(Rate(params(RateParams, "rate=2M"), mem(data)), tmp_path) as s:
         h = nbd_connect(s.uri)
         t0 = time.monotonic()
         assert sha(h.pread(4 * MiB, 0)) == sha(data)
@@ -302,7 +272,7 @@ def test_rate_limits_a_large_read(tmp_path: Path) -> None:
 
 def test_rate_splits_large_requests_into_slices(tmp_path: Path) -> None:
     logfile = tmp_path / "below.jsonl"
-    below = Log(params(LogParams, f"logfile={logfile}"), mem(4 * MiB))
+    below = Log(params(LogParams, f"logfile={logfile}"), mem(size=4 * MiB))
     with serve(Rate(params(RateParams, "rate=4M"), below), tmp_path) as s:
         h = nbd_connect(s.uri)
         h.pwrite(b"\x11" * MiB, 0)
@@ -316,7 +286,7 @@ def test_rate_splits_large_requests_into_slices(tmp_path: Path) -> None:
 
 def test_rate_client_rate_is_shared_by_connections_from_one_client(tmp_path: Path) -> None:
     data = random_bytes(MiB, 2)
-    with serve(Rate(params(RateParams, "client-rate=1M"), mem(MiB, data)), tmp_path) as s:
+    with serve(Rate(params(RateParams, "client-rate=1M"), mem(data)), tmp_path) as s:
         handles = [nbd_connect(s.uri) for _ in range(2)]
         out: list[bytes] = []
         t0 = time.monotonic()
@@ -336,7 +306,7 @@ def test_rate_client_rate_is_shared_by_connections_from_one_client(tmp_path: Pat
 
 def test_rate_file_and_live_change(tmp_path: Path) -> None:
     rate_file = tmp_path / "rate"
-    filt = Rate(params(RateParams, "rate=1M", f"rate-file={rate_file}"), mem(MiB))
+    filt = Rate(params(RateParams, "rate=1M", f"rate-file={rate_file}"), mem(size=MiB))
     assert filt.status()["rates"]["rate"] == MiB
     rate_file.write_text("3M\n")
     time.sleep(0.06)
@@ -362,7 +332,7 @@ class Reconnectable(Filter):
 
 
 def retry_chain(retry_words: list[str], error_words: list[str]) -> tuple[Retry, Reconnectable]:
-    flaky = Reconnectable(Error(params(ErrorParams, *error_words), mem(MiB, b"\x77" * MiB)))
+    flaky = Reconnectable(Error(params(ErrorParams, *error_words), mem(b"\x77" * MiB)))
     return Retry(params(RetryParams, *retry_words), flaky), flaky
 
 
@@ -474,7 +444,7 @@ def test_offset_matches_nbdkit(
 ) -> None:
     path, data = disk4m
     theirs = start_nbdkit("--filter=offset", "file", str(path), *words)
-    with serve(Offset(params(OffsetParams, *words), mem(len(data), data)), tmp_path) as s:
+    with serve(Offset(params(OffsetParams, *words), mem(data)), tmp_path) as s:
         h1, h2 = nbd_connect(s.uri), nbd_connect(theirs.uri)
         assert h1.get_size() == h2.get_size()
         h1.shutdown()
@@ -485,7 +455,7 @@ def test_offset_matches_nbdkit(
 
 
 def test_offset_writes_land_shifted_and_extents_follow(tmp_path: Path) -> None:
-    below = mem(4 * MiB)
+    below = mem(size=4 * MiB)
     with serve(Offset(params(OffsetParams, "offset=1M", "range=2M"), below), tmp_path) as s:
         h = nbd_connect(s.uri)
         h.pwrite(b"\xee" * 65536, 65536)
@@ -503,7 +473,9 @@ def test_offset_writes_land_shifted_and_extents_follow(tmp_path: Path) -> None:
 
 def test_offset_past_the_end_is_refused() -> None:
     with pytest.raises(ValueError, match="past the end"):
-        asyncio.run(Offset(params(OffsetParams, "offset=1M", "range=4M"), mem(4 * MiB)).start())
+        asyncio.run(
+            Offset(params(OffsetParams, "offset=1M", "range=4M"), mem(size=4 * MiB)).start()
+        )
 
 
 # truncate ------------------------------------------------------------------------------------
@@ -524,7 +496,7 @@ def test_truncate_matches_nbdkit(
 ) -> None:
     path, data = disk4m
     theirs = start_nbdkit("--filter=truncate", "file", str(path), *words)
-    with serve(Truncate(params(TruncateParams, *words), mem(len(data), data)), tmp_path) as s:
+    with serve(Truncate(params(TruncateParams, *words), mem(data)), tmp_path) as s:
         assert sha(read_all(s.uri)) == sha(read_all(theirs.uri))
         errs = []
         for uri in (s.uri, theirs.uri):
@@ -547,14 +519,14 @@ def test_truncate_matches_nbdkit(
     [(["round-up=3M"], 6 * MiB), (["round-down=3M"], 3 * MiB), (["truncate=1"], 1)],
 )
 def test_truncate_rounds_to_any_multiple(words: list[str], size: int) -> None:
-    filt = Truncate(params(TruncateParams, *words), mem(4 * MiB))  # nbdkit: powers of 2 only
+    filt = Truncate(params(TruncateParams, *words), mem(size=4 * MiB))  # nbdkit: powers of 2 only
     asyncio.run(filt.start())
     assert filt.capabilities().size == size
 
 
 def test_truncate_grown_tail_reads_zero_and_is_a_hole(tmp_path: Path) -> None:
     data = b"\x42" * MiB
-    with serve(Truncate(params(TruncateParams, "truncate=3M"), mem(MiB, data)), tmp_path) as s:
+    with serve(Truncate(params(TruncateParams, "truncate=3M"), mem(data)), tmp_path) as s:
         h = nbd_connect(s.uri)
         assert h.get_size() == 3 * MiB
         buf = bytes(h.pread(2 * MiB, MiB - 4096))
@@ -653,7 +625,7 @@ def test_partition_matches_nbdkit(
     first, count = parts[number]
     expected = disk[first * SECTOR : (first + count) * SECTOR]
     theirs = start_nbdkit("--filter=partition", "file", str(path), f"partition={number}")
-    filt = Partition(params(PartitionParams, f"partition={number}"), mem(len(disk), disk))
+    filt = Partition(params(PartitionParams, f"partition={number}"), mem(disk))
     with serve(filt, tmp_path) as s:
         assert sha(read_all(s.uri)) == sha(expected) == sha(read_all(theirs.uri))
         run(["qemu-img", "compare", "-f", "raw", "-F", "raw", s.uri, theirs.uri])
@@ -675,7 +647,7 @@ def test_partition_matches_nbdkit(
 )
 def test_partition_missing_gives_a_clear_error(make: Any, number: int, message: str) -> None:
     disk, _ = make()
-    filt = Partition(params(PartitionParams, f"partition={number}"), mem(len(disk), disk))
+    filt = Partition(params(PartitionParams, f"partition={number}"), mem(disk))
     with pytest.raises(PartitionError, match=message):
         asyncio.run(filt.start())
 
@@ -686,7 +658,9 @@ def test_partition_missing_gives_a_clear_error(make: Any, number: int, message: 
 def test_log_writes_one_json_line_per_request(tmp_path: Path) -> None:
     logfile = tmp_path / "requests.jsonl"
     trigger = tmp_path / "inject"
-    below = Error(params(ErrorParams, "error-pread-rate=100%", f"error-file={trigger}"), mem(MiB))
+    below = Error(
+        params(ErrorParams, "error-pread-rate=100%", f"error-file={trigger}"), mem(size=MiB)
+    )
     with serve(Log(params(LogParams, f"logfile={logfile}"), below), tmp_path) as s:
         h = nbd_connect(s.uri)
         for i in range(3):
@@ -722,7 +696,7 @@ def test_stats_live_in_file_and_status(tmp_path: Path) -> None:
     statsfile = tmp_path / "stats.json"
     filt = Stats(
         params(StatsParams, f"statsfile={statsfile}", "statsformat=json", "statsinterval=50ms"),
-        mem(MiB),
+        mem(size=MiB),
     )
     with serve(filt, tmp_path) as s:
         h = nbd_connect(s.uri)
@@ -754,7 +728,7 @@ def test_stats_live_in_file_and_status(tmp_path: Path) -> None:
 
 def test_stats_text_report_at_stop(tmp_path: Path) -> None:
     statsfile = tmp_path / "stats.txt"
-    with serve(Stats(params(StatsParams, f"statsfile={statsfile}"), mem(MiB)), tmp_path) as s:
+    with serve(Stats(params(StatsParams, f"statsfile={statsfile}"), mem(size=MiB)), tmp_path) as s:
         h = nbd_connect(s.uri)
         h.pread(4096, 8192)
         h.shutdown()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import gzip as gzip_module
-import hashlib
 import json
 import os
 import random
@@ -27,7 +26,7 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, ROOT, export_info, nbd_connect, run
+from conftest import NBDFABRIC, ROOT, export_info, nbd_connect, read_all, run, sha
 
 from bench.http_server import HttpServer
 from nodes.filters._decompress import PIECE, StreamError
@@ -87,19 +86,6 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def compressed(image: Path, kind: str) -> Path:
     return image.with_name(image.name + (".gz" if kind == "gzip" else ".xz"))
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def read_all(uri: str) -> bytes:
-    h = nbd_connect(uri)
-    try:
-        size = h.get_size()
-        return b"".join(h.pread(min(1 << 20, size - p), p) for p in range(0, size, 1 << 20))
-    finally:
-        h.shutdown()
 
 
 def node_fails(

@@ -22,7 +22,18 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, ROOT, Proc, errno_of, export_info, nbd_connect, read_all, run, sha
+from conftest import (
+    NBDFABRIC,
+    ROOT,
+    Proc,
+    capabilities,
+    errno_of,
+    export_info,
+    nbd_connect,
+    read_all,
+    run,
+    sha,
+)
 
 from nodes.base import Backend, Capabilities, Extents, Filter, Support
 from nodes.filters.cacheextents import CacheExtents, CacheExtentsParams
@@ -56,8 +67,7 @@ CAN = (
 
 
 def caps(uri: str) -> dict[str, Any]:
-    info = export_info(uri)
-    got = {key: info.get(key) for key in CAN}
+    got = capabilities(uri, CAN)
     # Our nodes always send block sizes; a minimum of 1 says what sending none says.
     got["block_size_minimum"] = got["block_size_minimum"] or 1
     return got
@@ -110,16 +120,20 @@ def make_image(path: Path, size: int = MiB, seed: int = 1) -> bytes:
     return bytes(content)
 
 
-def memory_with(start_node: StartNode, content: bytes, **kw: Any) -> Proc:
-    """A memory node holding `content`, written 4K at a time where it is not zeros (so the
-    rest stays holes)."""
-    node = start_node("memory", str(len(content)), **kw)
-    h = nbd_connect(node.uri)
+def write_where_not_zero(uri: str, content: bytes) -> None:
+    """Write `content` 4K at a time where it is not zeros (so the rest stays holes)."""
+    h = nbd_connect(uri)
     for offset in range(0, len(content), 4 * KiB):
         piece = content[offset : offset + 4 * KiB]
         if any(piece):
             h.pwrite(piece, offset)
     h.shutdown()
+
+
+def memory_with(start_node: StartNode, content: bytes, **kw: Any) -> Proc:
+    """A memory node holding `content` (its zeros left holes)."""
+    node = start_node("memory", str(len(content)), **kw)
+    write_where_not_zero(node.uri, content)
     return node
 
 
@@ -129,12 +143,7 @@ def memory_with(start_node: StartNode, content: bytes, **kw: Any) -> Proc:
 def nbdkit_memory_with(start_nbdkit: StartNbdkit, content: bytes) -> Proc:
     """`nbdkit memory` holding `content`, written as memory_with writes ours."""
     node = start_nbdkit("memory", str(len(content)))
-    h = nbd_connect(node.uri)
-    for offset in range(0, len(content), 4 * KiB):
-        piece = content[offset : offset + 4 * KiB]
-        if any(piece):
-            h.pwrite(piece, offset)
-    h.shutdown()
+    write_where_not_zero(node.uri, content)
     return node
 
 

@@ -25,8 +25,8 @@ from typing import Any
 import grpc
 import nbd
 import pytest
-from conftest import NBDFABRIC, ROOT, Proc, nbd_connect, run, wait_for
-from test_filters_more import caps, errno_of, memory_with, nbdkit_memory_with, read_all, sha
+from conftest import NBDFABRIC, ROOT, Proc, errno_of, nbd_connect, read_all, run, sha, wait_for
+from test_filters_more import caps, memory_with, nbdkit_memory_with
 
 from nodes.control.rpc.nbdfabric.v1 import node_pb2 as pb
 from nodes.control.rpc.nbdfabric.v1 import node_pb2_grpc as pb_grpc
@@ -42,6 +42,17 @@ def patterned(size: int, seed: int = 7) -> bytes:
         struct.pack(">QQ", seed, page).ljust(4096, bytes([1 + (page + seed) % 250]))
         for page in range(size // 4096)
     )
+
+
+def refusal(kind: str, *words: str) -> str:
+    """Start node `kind` with `words` over an upstream that does not exist: its stderr. It must
+    exit 1, as it does for the upstream too: the message says which it refused."""
+    res = subprocess.run(
+        [*NBDFABRIC, "node", kind, *words, "--upstream", "nbd://h/"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    return res.stderr
 
 
 class Control:
@@ -255,11 +266,7 @@ def test_scan_data_and_capabilities_match_nbdkit(
 
 @pytest.mark.parametrize("value", ["0", "256", "3M", "64M", "1G"])
 def test_scan_size_must_be_a_power_of_two_from_512_to_32m(value: str) -> None:
-    res = subprocess.run(
-        [*NBDFABRIC, "node", "scan", f"scan-size={value}", "--upstream", "nbd://h/"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert res.returncode == 1 and "scan-size" in res.stderr
+    assert "scan-size" in refusal("scan", f"scan-size={value}")
 
 
 # exportname ----------------------------------------------------------------------------------
@@ -449,11 +456,8 @@ def test_exportname_bad_params_exit_1_naming_them(tmp_path: Path) -> None:
         ("exportdesc=fixed", "exportdesc"),
         ("exportname-strict=maybe", "exportname-strict"),
     ):
-        res = subprocess.run(
-            [*NBDFABRIC, "node", "exportname", word, "--upstream", "nbd://h/"],
-            cwd=ROOT, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert res.returncode == 1 and key in res.stderr, res.stderr
+        stderr = refusal("exportname", word)
+        assert key in stderr, stderr
 
 
 def test_exportname_reopens_an_export_closed_while_its_client_was_connecting(
@@ -836,11 +840,8 @@ def test_blocksize_policy_over_an_upstream_saying_nothing_derives_the_maximum(
 def test_blocksize_policy_bad_params_exit_1(words: list[str], message: str) -> None:
     """nbdkit 1.32 starts with a maximum that is no multiple of the minimum (its check
     compares the maximum with itself) and then advertises nothing: we refuse it."""
-    res = subprocess.run(
-        [*NBDFABRIC, "node", "blocksize-policy", *words, "--upstream", "nbd://h/"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert res.returncode == 1 and message in res.stderr, res.stderr
+    stderr = refusal("blocksize-policy", *words)
+    assert message in stderr, stderr
 
 
 def test_transmission_lifted_block_checks_still_cap_reads_and_writes() -> None:
@@ -1100,11 +1101,8 @@ def test_retry_request_open_waits_for_an_upstream_that_comes_back(
     ],
 )
 def test_retry_request_bad_params_exit_1(word: str, message: str) -> None:
-    res = subprocess.run(
-        [*NBDFABRIC, "node", "retry-request", word, "--upstream", "nbd://h/"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert res.returncode == 1 and message in res.stderr, res.stderr
+    stderr = refusal("retry-request", word)
+    assert message in stderr, stderr
 
 
 def test_a_proxy_advertises_no_more_than_it_takes(

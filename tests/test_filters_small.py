@@ -7,7 +7,6 @@ What reaches the upstream is read from the `log` node's JSON lines between filte
 
 from __future__ import annotations
 
-import errno
 import json
 import subprocess
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, ROOT, Proc, export_info, nbd_connect, run
+from conftest import NBDFABRIC, ROOT, Proc, errno_of, export_info, nbd_connect, run
 
 MiB = 1 << 20
 #: The nbdinfo --json fields these filters can change.
@@ -41,14 +40,6 @@ StartNode = Callable[..., Proc]
 def caps(uri: str) -> dict[str, Any]:
     info = export_info(uri)
     return {key: info.get(key) for key in CAPS}
-
-
-def errno_of(call: Callable[..., object], *args: Any) -> str | None:
-    try:
-        call(*args)
-    except nbd.Error as exc:
-        return errno.errorcode.get(exc.errno or 0, str(exc.errno))
-    return None
 
 
 def chain(start_node: StartNode, kind: str, *words: str, log: Path | None = None) -> Proc:

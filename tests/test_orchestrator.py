@@ -5,7 +5,6 @@ restarts after kill -9, re-apply diffs (pids compared), `set`, and that `down` l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, alive, run, wait_for
+from conftest import ROOT, alive, nbd_connect, run, sha, wait_for
 
 from bench.http_server import HttpServer
 
@@ -87,10 +86,6 @@ def fabric(tmp_path: Path) -> Iterator[Fabric]:
     fab = Fabric(tmp_path)
     yield fab
     fab.cli("down", check=False)
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def write_read(tmp_path: Path, uri: str, size: int, read_uri: str | None = None) -> str:
@@ -370,8 +365,6 @@ def ctl_members(fabric: Fabric, control: str) -> list[dict[str, Any]]:
 def test_orchestrator_restarts_dead_mirror_member_and_the_mirror_rebuilds_it(
     tmp_path: Path,
 ) -> None:
-    from conftest import nbd_connect
-
     fab = Fabric(tmp_path, MIRROR)
     events = None
     try:
@@ -456,6 +449,14 @@ def file_fan(kind: str, names: list[str]) -> str:
             'exports:\n  vm: {node: fan, listen: ["unix:${SOCKDIR}/vm.sock"]}\n')  # fmt: skip
 
 
+def uri_fan(kind: str, uris: list[str], params: str) -> str:
+    """A fan of `kind` over member nodes outside the fabric (at `uris`), exported as vm."""
+    return ("name: f\nnodes:\n"
+            f"  fan: {{kind: {kind}, upstreams: [{', '.join(repr(u) for u in uris)}],\n"
+            f"        params: {params}}}\n"
+            'exports:\n  vm: {node: fan, listen: ["unix:${SOCKDIR}/vm.sock"]}\n')  # fmt: skip
+
+
 @pytest.mark.parametrize(("kind", "members"), [("mirror", 2), ("parity", 3)])
 def test_orchestrator_fan_that_lost_every_member_at_once_serves_again(
     tmp_path: Path, kind: str, members: int
@@ -463,8 +464,6 @@ def test_orchestrator_fan_that_lost_every_member_at_once_serves_again(
     """Every member node killed together: the fan has too few members left and fails; the
     supervisor restarts them over their files, and the fan trusts them again by itself (it
     checks them first: a member that came back empty would not be)."""
-    from conftest import nbd_connect
-
     names = [f"m{i}" for i in range(members)]
     for m in names:
         (tmp_path / f"{m}.img").write_bytes(bytes(4 << 20))
@@ -518,8 +517,6 @@ def test_orchestrator_leaves_a_failed_mirror_to_the_operator(
     0 left first and missed writes member 1 acknowledged; member 1 is back only later. The
     mirror keeps failing reads (never stale data), `status` says what a trust would cost, and
     the mirror serves the new data again by itself once member 1 is back."""
-    from conftest import nbd_connect
-
     from orchestrator.supervisor import NOT_SERVING_GRACE
 
     size = 4 << 20
@@ -527,12 +524,9 @@ def test_orchestrator_leaves_a_failed_mirror_to_the_operator(
     for disk in disks:
         disk.write_bytes(bytes(size))
     a, b = (start_node("file", str(d)) for d in disks)
-    fab = Fabric(tmp_path, (
-        "name: f\nnodes:\n"
-        f"  fan: {{kind: mirror, upstreams: ['{a.uri}', '{b.uri}'],\n"
-        "        params: {check-interval: 0.05, retry-delay: 0.1}}\n"
-        'exports:\n  vm: {node: fan, listen: ["unix:${SOCKDIR}/vm.sock"]}\n'
-    ))  # fmt: skip
+    fab = Fabric(
+        tmp_path, uri_fan("mirror", [a.uri, b.uri], "{check-interval: 0.05, retry-delay: 0.1}")
+    )
     old, new = os.urandom(size), os.urandom(size)
     try:
         fab.up()
@@ -588,16 +582,9 @@ def test_orchestrator_fan_restarted_after_a_crash_remembers_its_faulty_member(
     """The supervisor gives a mirror or parity fan a state file in the run dir (bitmap-file,
     state-file), so a fan killed with -9 and restarted still knows member 0 missed writes: it
     serves the new data, not member 0's stale share of it."""
-    from conftest import nbd_connect
-
     size = 4 << 20
     nodes = [start_node("memory", "4M") for _ in range(members)]
-    fab = Fabric(tmp_path, (
-        "name: f\nnodes:\n"
-        f"  fan: {{kind: {kind}, upstreams: [{', '.join(repr(n.uri) for n in nodes)}],\n"
-        f"        params: {params}}}\n"
-        'exports:\n  vm: {node: fan, listen: ["unix:${SOCKDIR}/vm.sock"]}\n'
-    ))  # fmt: skip
+    fab = Fabric(tmp_path, uri_fan(kind, [n.uri for n in nodes], params))
     size = size if kind == "mirror" else size * (members - 1)
     old, new = os.urandom(size), os.urandom(size)
     try:
@@ -671,8 +658,6 @@ def disks(tmp_path: Path) -> dict[str, bytes]:
 def test_orchestrator_filters_over_files_of_a_directory_node(tmp_path: Path) -> None:
     """`upstream: files/a.img`: each filter reads its own file of the one directory node; a
     write through the cow stays in its overlay, one through the nbd proxy reaches b.img."""
-    from conftest import nbd_connect
-
     images = disks(tmp_path)
     fab = Fabric(tmp_path, DIRECTORY)
     try:

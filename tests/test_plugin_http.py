@@ -4,7 +4,6 @@ and against nbdkit's curl plugin over the same URL: same size, same bytes, same 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, ROOT, make_certificates, nbd_connect, run, wait_for
+from conftest import NBDFABRIC, ROOT, make_certificates, nbd_connect, run, sha, wait_for
 
 from bench.http_server import HttpServer
 
@@ -38,10 +37,6 @@ def server(image: Path) -> Iterator[HttpServer]:
     srv = HttpServer(image.parent)
     yield srv
     srv.stop()
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def node_fails(*args: str) -> str:

@@ -17,35 +17,17 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any
 
 import nbd
 import pytest
-from conftest import Proc, export_info, nbd_connect, run
+from conftest import CAPABILITIES, Proc, capabilities, nbd_connect, read_all, run
 
-#: nbdinfo --json keys that must agree with nbdkit (block sizes and content guesses excluded).
-CAP_KEYS = (
-    "export-size",
-    "is_read_only",
-    "can_flush",
-    "can_fua",
-    "can_trim",
-    "can_zero",
-    "can_fast_zero",
-    "can_cache",
-    "can_multi_conn",
-    "can_df",
-    "contexts",
-)
+#: nbdinfo --json keys that must agree with nbdkit.
+CAP_KEYS = (*CAPABILITIES, "contexts")
 
 
 #: A write with a flag a read-only export does not advertise (see the test using it).
 READ_ONLY_FLAG_PROBES = ("write-same-fua",)
-
-
-def export_caps(uri: str) -> dict[str, Any]:
-    info = export_info(uri)
-    return {key: info.get(key) for key in CAP_KEYS}
 
 
 def extent_map(uri: str) -> list[tuple[int, int, int]]:
@@ -89,12 +71,6 @@ def same_content(a: str, b: str) -> None:
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b])
 
 
-def read_all(uri: str) -> bytes:
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    return _read_and_close(h)
-
-
 def read_export(server: Proc, export: str) -> bytes:
     """The whole of `export` (any name: no URI quoting) from a server on a unix socket."""
     h = nbd.NBD()
@@ -128,9 +104,9 @@ def test_plugin_caps_and_errors_match_nbdkit(
     kind: str, args: tuple[str, ...], start_node: Callable[..., Proc], start_nbdkit: Callable
 ) -> None:
     ours, theirs = start_node(kind, *args), start_nbdkit(kind, *args)
-    assert export_caps(ours.uri) == export_caps(theirs.uri)
+    assert capabilities(ours.uri, CAP_KEYS) == capabilities(theirs.uri, CAP_KEYS)
     mine, reference = error_profile(ours.uri), error_profile(theirs.uri)
-    for probe in READ_ONLY_FLAG_PROBES if export_caps(ours.uri)["is_read_only"] else ():
+    for probe in READ_ONLY_FLAG_PROBES if capabilities(ours.uri)["is_read_only"] else ():
         # Known core difference (nodes/protocol/transmission.py validate): an unadvertised
         # FUA flag is refused with EINVAL before the read-only EPERM; nbdkit checks read-only
         # first. Both refuse; only the errno differs.
@@ -166,7 +142,7 @@ def test_full_write_fails_with_enospc(start_node: Callable[..., Proc]) -> None:
 
 def test_zero_with_size_is_a_read_only_hole(start_node: Callable[..., Proc]) -> None:
     node = start_node("zero", "size=64K")
-    caps = export_caps(node.uri)
+    caps = capabilities(node.uri)
     assert caps["export-size"] == 65536 and caps["is_read_only"]
     assert extent_map(node.uri) == [(0, 65536, 3)]
     assert read_all(node.uri) == bytes(65536)
@@ -257,7 +233,7 @@ def test_sparse_random_shape_matches_nbdkit(
     ours, theirs = start_node("sparse-random", *args), start_nbdkit("sparse-random", *args)
     assert sparse_shape_errors(ours.uri) == []
     assert sparse_shape_errors(theirs.uri) == []
-    assert export_caps(ours.uri) == export_caps(theirs.uri)
+    assert capabilities(ours.uri, CAP_KEYS) == capabilities(theirs.uri, CAP_KEYS)
     for want_hole in (True, False):
         assert error_profile(ours.uri, first_extent(ours.uri, want_hole)) == error_profile(
             theirs.uri, first_extent(theirs.uri, want_hole)

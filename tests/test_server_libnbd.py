@@ -6,7 +6,6 @@ requests in flight, reply ordering and clients that vanish mid-request.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import socket
 import struct
@@ -17,7 +16,7 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import nbd_connect
+from conftest import errno_of, nbd_connect, sha
 
 from nodes.base import Capabilities, Holes
 from nodes.plugins.memory import Memory, MemoryParams
@@ -25,16 +24,6 @@ from nodes.server.addresses import Address
 from nodes.server.node import NodeOptions, NodeRuntime
 
 MiB = 1 << 20
-
-
-def sha(data: bytes | bytearray) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def errno_of(call: Callable[[], object]) -> str:
-    with pytest.raises(nbd.Error) as info:
-        call()
-    return str(info.value.errno)
 
 
 # An in-process node for backends no registered kind provides ---------------------------------

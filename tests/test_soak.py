@@ -18,7 +18,6 @@ NBDFABRIC_SOAK_SEED replays it (the kill moments still depend on timing).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
@@ -34,7 +33,7 @@ from typing import Any
 import grpc
 import nbd
 import pytest
-from conftest import alive, nbd_connect
+from conftest import alive, nbd_connect, sha
 from test_orchestrator import Fabric, assert_all_gone
 
 pytestmark = pytest.mark.slow
@@ -438,10 +437,6 @@ class Killer(threading.Thread):
 
 
 # The checks at the end ----------------------------------------------------------------------
-
-
-def sha(data: bytes | bytearray) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
 
 
 def parity_decode(images: list[bytes], stripes: int) -> tuple[bytes, list[int]]:

@@ -13,7 +13,15 @@ import pytest
 
 from orchestrator import graph, plan
 from orchestrator.argv import export_words
-from orchestrator.topology import Ref, TopologyError, json_schema, load, load_text, node_ref
+from orchestrator.topology import (
+    Ref,
+    Topology,
+    TopologyError,
+    json_schema,
+    load,
+    load_text,
+    node_ref,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -378,37 +386,40 @@ def test_plan_diff_export_change_restarts_exported_node() -> None:
     assert acts["disk"] == ("unchanged", "")
 
 
-def test_poll_max_us_reaches_every_way_of_running_the_node(tmp_path: Path) -> None:
+def assert_option_reaches_every_way(
+    top: Topology, tmp_path: Path, option: str, value: str, on: str, off: str
+) -> None:
+    """`option value` is on node `on`'s command line, not on node `off`'s, and in the compose
+    file and the Kubernetes manifests (the three ways of running a node)."""
     from orchestrator.backends.process import RunDir, node_command
     from orchestrator.compose import compose_dict
     from orchestrator.k8s import manifests
 
+    cmd = node_command(top.nodes[on], top, RunDir(tmp_path / "run"), control=True)
+    assert cmd[cmd.index(option) + 1] == value
+    assert option not in node_command(top.nodes[off], top, RunDir(tmp_path), False)
+    assert f"'{option}', '{value}'" in str(compose_dict(top))
+    assert f"'{option}', '{value}'" in str(manifests(top))
+
+
+def test_poll_max_us_reaches_every_way_of_running_the_node(tmp_path: Path) -> None:
     polled = CHAIN.replace("delay-read: 1ms}", "delay-read: 1ms}, poll-max-us: 50")
     top = load_text(polled, "f.yaml")
     assert (top.nodes["slow"].poll_max_us, top.nodes["disk"].poll_max_us) == (50, 0)
-    cmd = node_command(top.nodes["slow"], top, RunDir(tmp_path / "run"), control=True)
-    assert cmd[cmd.index("--poll-max-us") + 1] == "50"
-    assert "--poll-max-us" not in node_command(top.nodes["disk"], top, RunDir(tmp_path), False)
-    assert "'--poll-max-us', '50'" in str(compose_dict(top))
-    assert "'--poll-max-us', '50'" in str(manifests(top))
+    assert_option_reaches_every_way(top, tmp_path, "--poll-max-us", "50", on="slow", off="disk")
     assert _actions(CHAIN, polled)["slow"] == ("restart", "poll-max-us 0 -> 50")
     schema = json.dumps(json_schema())
     assert '"poll_max_us"' in schema or '"poll-max-us"' in schema
 
 
 def test_workers_reach_every_way_of_running_the_node(tmp_path: Path) -> None:
-    from orchestrator.backends.process import RunDir, node_command
     from orchestrator.compose import compose_dict
     from orchestrator.k8s import manifests
 
     shared = CHAIN.replace("params: {size: 1M}}", "params: {size: 1M}, workers: 2}")
     top = load_text(shared, "f.yaml")
     assert (top.nodes["disk"].workers, top.nodes["slow"].workers) == (2, 1)
-    cmd = node_command(top.nodes["disk"], top, RunDir(tmp_path / "run"), control=True)
-    assert cmd[cmd.index("--workers") + 1] == "2"
-    assert "--workers" not in node_command(top.nodes["slow"], top, RunDir(tmp_path), False)
-    assert "'--workers', '2'" in str(compose_dict(top))
-    assert "'--workers', '2'" in str(manifests(top))
+    assert_option_reaches_every_way(top, tmp_path, "--workers", "2", on="disk", off="slow")
     one = CHAIN.replace("delay-read: 1ms}", "delay-read: 1ms}, workers: 1")  # any kind takes 1
     single = load_text(one, "f.yaml")
     assert "'--workers'" not in str(compose_dict(single)) + str(manifests(single))

@@ -15,38 +15,20 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import export_info, nbd_connect, run, wait_for
+from conftest import capabilities, nbd_connect, run, wait_for
 
 from nodes.upstream import Upstream
-
-CAP_KEYS = [
-    "export-size",
-    "is_read_only",
-    "can_flush",
-    "can_fua",
-    "can_trim",
-    "can_zero",
-    "can_fast_zero",
-    "can_cache",
-    "can_multi_conn",
-    "can_df",
-]
-
-
-def caps_of(uri: str) -> dict:
-    j = export_info(uri)
-    return {k: j.get(k) for k in CAP_KEYS}
 
 
 def test_upstream_proxy_same_capabilities(start_node):
     mem = start_node("memory", "16M")
     proxy = start_node("nbd", upstreams=[mem.uri])
-    assert caps_of(proxy.uri) == caps_of(mem.uri)
+    assert capabilities(proxy.uri) == capabilities(mem.uri)
     ro = start_node("memory", "16M", extra=("--read-only",))
     proxy_ro = start_node("nbd", upstreams=[ro.uri])
-    got = caps_of(proxy_ro.uri)
+    got = capabilities(proxy_ro.uri)
     assert got["is_read_only"] is True
-    assert got == caps_of(ro.uri)
+    assert got == capabilities(ro.uri)
 
 
 def test_upstream_sparse_read_stays_sparse(start_node):
