@@ -348,10 +348,10 @@ OPTION_CASES = [
     (["memory", "1M", "--ready-file", "/nonexistent/d/r.json"], (1,), "--ready-file"),
     (["file", "/nonexistent/disk.img"], (1,), "/nonexistent/disk.img: No such file"),
     (
-        ["nbd", "--upstream", "nbd+unix:///?socket=/nonexistent", "--upstream-timeout", "0.2"],
+        ["nbd", "--upstream", "nbd+unix:///?socket=/x", "--upstream-timeout", "0.2"],
         (1,),
-        "cannot connect to upstream",
-    ),  # fmt: skip
+        "upstream",
+    ),
     (["no-such-kind"], (1,), "unknown node kind"),
     ([], (2,), "kind"),
 ]
