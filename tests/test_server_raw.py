@@ -360,6 +360,47 @@ def test_raw_replies_beyond_the_socket_buffer_arrive_whole(raw: Raw) -> None:
     assert {c: d for c, (_, d) in got.items()} == expected
 
 
+def rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def test_raw_a_client_that_never_reads_cannot_swell_the_node(node: Node) -> None:
+    """28 bytes of request ask for 1 MiB of reply: a client that pipelines thousands of big
+    reads and never reads a byte must not make the node hold gigabytes of replies (reading
+    stops at the per-connection byte budget), nor keep other clients from being served.
+    (Before the budget counted corked replies the socket had not taken, 20,000 such requests
+    grew the node by 220 MiB.)"""
+    hog = Raw(node.sock)
+    try:
+        hog.handshake()
+        hog.request(1, 0, SIZE, cookie=1, payload=random.randbytes(SIZE))
+        assert hog.reply()[:2] == (1, 0)
+        before = rss_mib(node.proc.pid)
+        burst = b"".join(
+            struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 0, cookie, 0, SIZE)
+            for cookie in range(2, 20002)
+        )  # 20 GiB asked for
+        hog.sock.setblocking(False)
+        sent, deadline = 0, time.monotonic() + 3
+        while sent < len(burst) and time.monotonic() < deadline:
+            try:
+                sent += hog.sock.send(burst[sent:])
+            except BlockingIOError:
+                time.sleep(0.05)
+        # Until the node has taken in all it is going to (its RSS stops moving).
+        now, last, settle = rss_mib(node.proc.pid), -1.0, time.monotonic() + 10
+        while now != last and time.monotonic() < settle:
+            time.sleep(0.5)
+            now, last = rss_mib(node.proc.pid), now
+        grown = now - before
+        assert grown < 48, f"the node's RSS grew by {grown:.0f} MiB for {sent // 28} requests"
+        assert_served(node)
+    finally:
+        hog.close()
+    assert_served(node)
+
+
 # nbdkit's fuzz seeds -------------------------------------------------------------------------
 
 

@@ -605,9 +605,31 @@ class Session:
         self._corked, self._cork_buffers, self._cork_bytes = [], [], 0
         queued = self._send_now(parts, held) if parts else None
         if queued is not None:
-            task = self._loop.create_task(self._send_rest(parts, held, *queued))
+            # Their requests are done and no longer count against the byte budget; what the
+            # socket has not taken of their replies does, until it has left (now: the feed
+            # that corked them goes on). Else a client that asks for big reads and never
+            # reads a reply has the node queue replies without end, a MiB per 28 bytes.
+            unsent = sum(map(len, parts)) - queued[0]
+            self._busy_bytes += unsent
+            task = self._loop.create_task(self._send_corked_rest(parts, held, unsent, *queued))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+
+    async def _send_corked_rest(
+        self,
+        parts: list[Buffer],
+        held: list[bytearray],
+        unsent: int,
+        sent: int,
+        before: asyncio.Future[None] | None,
+        mine: asyncio.Future[None],
+    ) -> None:
+        try:
+            await self._send_rest(parts, held, sent, before, mine)
+        finally:
+            self._busy_bytes -= unsent
+            if self._reading_paused:
+                self._made_room()
 
     def _error_reply(self, req: tx.Request, err: int, message: str) -> bytes:
         if self.t.structured:
