@@ -83,6 +83,48 @@ def random_file(path: Path, size: int, seed: int) -> Path:
     return path
 
 
+class Writer:
+    """While in its `with`: a thread writing 256 KiB chunks of known data through `h` round the
+    first `span` bytes, each noted in `model`; it counts the writes after `killed` is set, and
+    stops at the first error (kept in `errors`: a client must see none while a member dies)."""
+
+    chunk = 256 * 1024
+
+    def __init__(self, h: Any, model: bytearray, span: int, join_timeout: float) -> None:
+        self.h, self.model, self.span, self.join_timeout = h, model, span, join_timeout
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+        self.killed = threading.Event()
+        self.after_kill = 0
+        self.thread = threading.Thread(target=self.load)
+
+    def __enter__(self) -> Writer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(self.join_timeout)
+
+    def load(self) -> None:
+        i = 0
+        try:
+            while not self.stop.is_set():
+                off = (i * self.chunk * 7) % self.span
+                data = hashlib.shake_256(i.to_bytes(8, "big")).digest(self.chunk)
+                self.h.pwrite(data, off)
+                self.model[off : off + self.chunk] = data
+                if self.killed.is_set():
+                    self.after_kill += 1
+                i += 1
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def wait_after_kill(self, writes: int, timeout: float) -> None:
+        """Until `writes` writes have succeeded since the kill, or one failed."""
+        wait_for(lambda: self.after_kill >= writes or self.errors, timeout, "writes after the kill")
+
+
 def host_port(container: Any, port: int = 10809) -> int:
     container.reload()
     binding = container.attrs["NetworkSettings"]["Ports"][f"{port}/tcp"][0]
@@ -264,40 +306,15 @@ def test_compose_mirror_survives_docker_kill_and_rebuilds(stack: Stack) -> None:
     h = nbd_connect(f"nbd://127.0.0.1:{port}/vm1")
     size = 16 * MiB
     model = bytearray(size)
-    chunk = 256 * 1024
-    errors: list[BaseException] = []
-    stop = threading.Event()
-    writes_after_kill = [0]
-    killed = threading.Event()
-
-    def load() -> None:
-        i = 0
-        try:
-            while not stop.is_set():
-                off = (i * chunk * 7) % size
-                data = hashlib.shake_256(i.to_bytes(8, "big")).digest(chunk)
-                h.pwrite(data, off)
-                model[off : off + chunk] = data
-                if killed.is_set():
-                    writes_after_kill[0] += 1
-                i += 1
-        except BaseException as exc:
-            errors.append(exc)
-
-    writer = threading.Thread(target=load)
-    writer.start()
-    try:
+    with Writer(h, model, size, join_timeout=30) as writer:
         time.sleep(0.5)
         stack.container("disk-b").kill()
-        killed.set()
-        wait_for(lambda: writes_after_kill[0] >= 40 or errors, 30, "writes after the kill")
+        writer.killed.set()
+        writer.wait_after_kill(40, 30)
         states = {m["uri"]: m["state"] for m in stack.members()}
         assert states["nbd://disk-b:10809/"] == "faulty"
         assert states["nbd://disk-a:10809/"] == "in_sync"
-    finally:
-        stop.set()
-        writer.join(30)
-    assert not errors, f"client saw an error: {errors[0]!r}"
+    assert not writer.errors, f"client saw an error: {writer.errors[0]!r}"
     h.flush()
     assert h.pread(size, 0) == model
 
@@ -465,38 +482,13 @@ def test_docker_backend_cli_supervises_mirror_through_docker_kill(
         assert sha256_file(back) == hashlib.sha256(model).hexdigest()
 
         h = nbd_connect(uri)
-        chunk = 256 * 1024
-        errors: list[BaseException] = []
-        stop = threading.Event()
-        killed = threading.Event()
-        after_kill = [0]
-
-        def load() -> None:
-            i = 0
-            try:
-                while not stop.is_set():
-                    off = (i * chunk * 7) % (32 * MiB)
-                    data = hashlib.shake_256(i.to_bytes(8, "big")).digest(chunk)
-                    h.pwrite(data, off)
-                    model[off : off + chunk] = data
-                    if killed.is_set():
-                        after_kill[0] += 1
-                    i += 1
-            except BaseException as exc:
-                errors.append(exc)
-
-        writer = threading.Thread(target=load)
-        writer.start()
         victim = nodes["m1"]["container_id"]
-        try:
+        with Writer(h, model, 32 * MiB, join_timeout=60) as writer:
             time.sleep(0.5)
             engine.containers.get(victim).kill()
-            killed.set()
-            wait_for(lambda: after_kill[0] >= 40 or errors, 60, "writes after the kill")
-        finally:
-            stop.set()
-            writer.join(60)
-        assert not errors, f"client saw an error: {errors[0]!r}"
+            writer.killed.set()
+            writer.wait_after_kill(40, 60)
+        assert not writer.errors, f"client saw an error: {writer.errors[0]!r}"
 
         def restarted() -> bool:
             m1 = fab.status()["m1"]
