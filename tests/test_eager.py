@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -232,3 +234,63 @@ def test_a_yield_that_is_not_a_future_is_thrown_back_into_the_coroutine():
 
     log = run(scenario)
     assert len(log) == 1 and "yielded 'not a future'" in log[0]
+
+
+def test_requests_that_raise_keep_nothing_alive():
+    """A request that raised before waiting raises from start_eager; one that raised later is
+    reported; the requests after them run, and nothing keeps a request's exception, frame or
+    buffers alive once it is over (they could be megabytes)."""
+
+    class Payload:
+        pass
+
+    async def scenario() -> list[weakref.ref[Payload]]:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, _context: None)
+        refs: list[weakref.ref[Payload]] = []
+        done: list[Resumed] = []
+
+        async def request(fail: str, wait: bool) -> None:
+            payload = Payload()
+            refs.append(weakref.ref(payload))
+            if wait:
+                await asyncio.sleep(0)
+            if fail:
+                raise ValueError(fail)
+
+        with pytest.raises(ValueError, match="at once"):
+            start_eager(loop, request("at once", wait=False), _unexpected)
+        assert start_eager(loop, request("", wait=False), _unexpected) is None
+        for fail in ("later", ""):
+            assert start_eager(loop, request(fail, wait=True), done.append) is not None
+        await asyncio.sleep(0.01)
+        assert len(done) == 2
+        return refs
+
+    refs = run(scenario)
+    gc.collect()
+    assert len(refs) == 4 and all(ref() is None for ref in refs)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_driven_request_dropped_while_it_waits_is_closed():
+    """A session torn down under a waiting request drops its driver: the coroutine is closed
+    (its finally runs), as a garbage-collected Task's would be, without a warning."""
+    log: list[str] = []
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def request() -> None:
+            try:
+                await loop.create_future()  # never done
+            finally:
+                log.append("closed")
+
+        driver = start_eager(loop, request(), _unexpected)
+        assert driver is not None
+        del driver
+
+    run(scenario)
+    gc.collect()
+    assert log == ["closed"]
