@@ -212,6 +212,14 @@ def nbd_connect(uri: str, strict: bool = True, structured: bool = True):
     return h
 
 
+def rss_kib(pid: int) -> int:
+    """The resident memory of process `pid`, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
 def alive(pid: int) -> bool:
     """The process exists and has not exited (a zombie waiting for its parent has)."""
     try:

@@ -178,6 +178,11 @@ class Session:
                 self.stream.close()
                 if self._transport is not None:
                     self._transport.abort()
+                # The framer refers back to this session (its validate and dispatch): in that
+                # cycle the session and the framer's 256 KiB read buffer would wait for a full
+                # collection of the cyclic GC, long after a long-lived session (an upstream's
+                # pooled connection) ended. Nothing reads into it any more.
+                self._framer = None
 
     async def drain(self) -> None:
         """Let requests in flight finish and their replies leave, including the rest of corked
