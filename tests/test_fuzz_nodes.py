@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Proc, make_certificates
+from conftest import Proc, make_certificates, rss_kib
 
 from bench.http_server import HttpServer
 
@@ -2628,12 +2628,6 @@ def parse_info(data: bytes) -> bytes | None:
 
 
 # The run --------------------------------------------------------------------------------------
-
-
-def rss_kib(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"VmRSS:\s+(\d+) kB", status)
-    return int(match.group(1)) if match else 0
 
 
 def assert_healthy(target: Target) -> None:

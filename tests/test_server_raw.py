@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, nbd_connect, run, wait_for
+from conftest import ROOT, nbd_connect, rss_kib, run, wait_for
 
 IHAVEOPT = 0x49484156454F5054
 NBDMAGIC = 0x4E42444D41474943
@@ -360,11 +360,6 @@ def test_raw_replies_beyond_the_socket_buffer_arrive_whole(raw: Raw) -> None:
     assert {c: d for c, (_, d) in got.items()} == expected
 
 
-def rss_mib(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(status.split("VmRSS:")[1].split()[0]) / 1024
-
-
 def test_raw_a_client_that_never_reads_cannot_swell_the_node(node: Node) -> None:
     """28 bytes of request ask for 1 MiB of reply: a client that pipelines thousands of big
     reads and never reads a byte must not make the node hold gigabytes of replies (reading
@@ -376,7 +371,7 @@ def test_raw_a_client_that_never_reads_cannot_swell_the_node(node: Node) -> None
         hog.handshake()
         hog.request(1, 0, SIZE, cookie=1, payload=random.randbytes(SIZE))
         assert hog.reply()[:2] == (1, 0)
-        before = rss_mib(node.proc.pid)
+        before = rss_kib(node.proc.pid) / 1024
         burst = b"".join(
             struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 0, cookie, 0, SIZE)
             for cookie in range(2, 20002)
@@ -389,10 +384,10 @@ def test_raw_a_client_that_never_reads_cannot_swell_the_node(node: Node) -> None
             except BlockingIOError:
                 time.sleep(0.05)
         # Until the node has taken in all it is going to (its RSS stops moving).
-        now, last, settle = rss_mib(node.proc.pid), -1.0, time.monotonic() + 10
+        now, last, settle = rss_kib(node.proc.pid) / 1024, -1.0, time.monotonic() + 10
         while now != last and time.monotonic() < settle:
             time.sleep(0.5)
-            now, last = rss_mib(node.proc.pid), now
+            now, last = rss_kib(node.proc.pid) / 1024, now
         grown = now - before
         assert grown < 48, f"the node's RSS grew by {grown:.0f} MiB for {sent // 28} requests"
         assert_served(node)

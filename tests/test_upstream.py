@@ -11,11 +11,10 @@ import errno
 import hashlib
 import os
 import subprocess
-from pathlib import Path
 
 import nbd
 import pytest
-from conftest import capabilities, nbd_connect, run, wait_for
+from conftest import capabilities, nbd_connect, rss_kib, run, wait_for
 
 from nodes.upstream import Upstream
 
@@ -241,13 +240,6 @@ def test_upstream_nbdcopy_checksums(start_node, tmp_path):
     assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
 
 
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def test_upstream_proxy_does_not_leak(start_node, start_nbdkit):
     """~2 GiB of writes and reads through a proxy: its RSS stops growing after warm-up."""
     size = "256M"
@@ -261,10 +253,10 @@ def test_upstream_proxy_does_not_leak(start_node, start_nbdkit):
         run([*copy, proxy.uri, "null:"], timeout=300)
 
     round_trip()
-    early = _rss_kib(proxy.pid)
+    early = rss_kib(proxy.pid)
     for _ in range(3):
         round_trip()
-    late = _rss_kib(proxy.pid)
+    late = rss_kib(proxy.pid)
     print(f"proxy RSS after 0.5 GiB: {early} KiB, after 2 GiB: {late} KiB")
     assert late - early < 16 * 1024, f"RSS grew from {early} to {late} KiB"
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", src.uri, proxy.uri])
