@@ -5,6 +5,7 @@ nbds+unix with `--upstream-tls-certificates`, and refusing to start without the 
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -72,3 +73,36 @@ def test_chain_tls_upstream_checks_the_certificate(
     assert "certificate" in proxy.stderr().lower()
     good = start_node("nbd", upstreams=[disk.uri], extra=("--upstream-tls-certificates", str(pki)))
     run(["qemu-io", "-f", "raw", good.uri, "-c", "write -P 0x3c 0 64k", "-c", "read -P 0x3c 0 64k"])
+
+
+def test_chain_tls_both_ways_client_certificates(
+    start_node: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Mutual TLS between nodes: a node that verifies its peers (--tls-verify-peer) serves a
+    proxy whose --upstream-tls-certificates directory holds a client certificate of its CA,
+    and refuses one without, which exits naming the TLS alert it was sent."""
+    pki = tmp_path_factory.mktemp("mutual") / "pki"
+    make_certificates(pki, client=True)
+    bare = pki.parent / "bare"
+    bare.mkdir()
+    shutil.copy(pki / "ca-cert.pem", bare)
+    disk = start_node(
+        "memory", "8M", listen="127.0.0.1:0",
+        extra=("--tls=require", "--tls-certificates", str(pki), "--tls-verify-peer"),
+    )  # fmt: skip
+    proxy = start_node("nbd", upstreams=[disk.uri], extra=("--upstream-tls-certificates", str(pki)))
+    run(
+        ["qemu-io", "-f", "raw", proxy.uri, "-c", "write -P 0x7e 0 64k", "-c", "read -P 0x7e 0 64k"]
+    )
+    refused = start_node(
+        "nbd",
+        upstreams=[disk.uri],
+        extra=("--upstream-tls-certificates", str(bare), "--upstream-timeout", "1"),
+        wait=False,
+    )
+    try:
+        code = refused.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a proxy without a client certificate was let in")
+    assert code == 1
+    assert "alert" in refused.stderr().lower(), refused.stderr()
