@@ -24,6 +24,7 @@ from typing import Any
 import nbd
 import pytest
 from conftest import NBDFABRIC, ROOT, Proc, alive, capabilities, nbd_connect, run, wait_for
+from test_filters_policy import Control
 
 from nodes.filters.exitwhen import ExitwhenParams
 from nodes.filters.multi_conn import MultiConnParams
@@ -64,8 +65,8 @@ def both_exit_within(procs: list[Proc], seconds: float) -> list[int | None]:
 
 def limit_pair(start_node: StartNode, start_nbdkit: StartNbdkit, *params: str) -> list[Proc]:
     mem = start_node("memory", "1M")
-    return [start_node("limit", *params, upstreams=[mem.uri]), start_nbdkit(
-        "--filter=limit", "memory", "1M", *params)]  # fmt: skip
+    ours = start_node("limit", *params, upstreams=[mem.uri])
+    return [ours, start_nbdkit("--filter=limit", "memory", "1M", *params)]
 
 
 @pytest.mark.parametrize("limit", [1, 2])
@@ -147,8 +148,8 @@ def test_limit_is_live(start_node: StartNode) -> None:
 
 def exitlast_pair(start_node: StartNode, start_nbdkit: StartNbdkit) -> list[Proc]:
     mem = start_node("memory", "1M")
-    return [start_node("exitlast", upstreams=[mem.uri]),
-            start_nbdkit("--filter=exitlast", "memory", "1M")]  # fmt: skip
+    ours = start_node("exitlast", upstreams=[mem.uri])
+    return [ours, start_nbdkit("--filter=exitlast", "memory", "1M")]
 
 
 def test_exitlast_exits_when_the_last_client_leaves_as_nbdkit(
@@ -208,7 +209,7 @@ def test_exitwhen_exits_at_once_if_the_event_happened_before_it_started(
     word = f"exit-when-file-created={stop}"
     ours = subprocess.run(
         [*NBDFABRIC, "node", "exitwhen", word, "--upstream", "nbd+unix:///?socket=/nonexistent",
-         "--listen", f"unix:{tmp_path}/ours.sock", "--print-uri"],
+         "--upstream-timeout", "2", "--listen", f"unix:{tmp_path}/ours.sock", "--print-uri"],
         cwd=ROOT, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     # Status 0, no URI printed, nothing listening, and the upstream never asked for.
@@ -478,7 +479,7 @@ class McPair:
         disk = mem if plain else start_node("multi-conn", "multi-conn-mode=disable",
                                             upstreams=[mem.uri])  # fmt: skip
         logged = start_node("log", f"logfile={self.ours_log}", upstreams=[disk.uri])
-        self.ours = start_node("multi-conn", *params, upstreams=[logged.uri])
+        self.ours = start_node("multi-conn", *params, upstreams=[logged.uri], control=True)
         log = f"logfile={self.theirs_log}"
         filters = ["--filter=multi-conn", "--filter=log"]
         if plain:
@@ -524,7 +525,7 @@ def test_multi_conn_emulate_needs_an_upstream_that_can_flush(
     assert connect_error(auto.uri) is None
 
 
-#: (connection, operation) in turn, on two connections.
+#: (connection, operation) in turn, on three connections.
 STEPS = [
     ("A", "flush"),  # nothing written: skipped, unless track-dirty=off
     ("A", "write"),
@@ -541,7 +542,13 @@ STEPS = [
     ("B", "read"),
     ("A", "flush"),
     ("B", "flush"),
+    ("C", "write"),
+    ("B", "read"),
+    ("C", "leave"),  # dirty, and gone without a flush
+    ("A", "flush"),  # emulate: only B (which read since) is left to need it
 ]
+#: The step after which nbdkit flushes more than one connection in emulate mode.
+BOTH_DIRTY = 10
 
 
 def run_step(h: Any, op: str) -> None:
@@ -555,8 +562,10 @@ def run_step(h: Any, op: str) -> None:
         h.pwrite(b"f" * 512, 512, nbd.CMD_FLAG_FUA)
     elif op == "zero":
         h.zero(4096, 4096)
-    else:
+    elif op == "trim":
         h.trim(4096, 8192)
+    else:
+        h.shutdown()
 
 
 @pytest.mark.parametrize(
@@ -574,13 +583,17 @@ def test_multi_conn_passes_on_the_flushes_nbdkit_passes_on(
 ) -> None:  # fmt: skip
     params = (f"multi-conn-mode={mode}", f"multi-conn-track-dirty={track}")
     pair = McPair(tmp_path, start_node, start_nbdkit, plain, *params)
+    ours_control = Control(pair.ours)
     emulated = mode == "emulate" or (mode == "auto" and not plain)
-    sides = [{name: nbd_connect(s.uri) for name in "AB"} for s in (pair.ours, pair.theirs)]
+    sides = [{name: nbd_connect(s.uri) for name in "ABC"} for s in (pair.ours, pair.theirs)]
     before = pair.flushes()
     got: list[tuple[int, int]] = []
     for who, op in STEPS:
         for handles in sides:
             run_step(handles[who], op)
+        if op == "leave":  # the next step comes once both servers have seen it go
+            wait_for(lambda: ours_control.status()["multi_conn"]["connections"] == 2, 5)
+            wait_for(lambda: "Disconnect" in pair.theirs_log.read_text(), 5)
         now = pair.flushes()
         got.append((now[0] - before[0], now[1] - before[1]))
         before = now
@@ -589,11 +602,13 @@ def test_multi_conn_passes_on_the_flushes_nbdkit_passes_on(
     # Emulated, nbdkit flushes each connection that needs it; we flush the shared upstream once.
     assert ours == ([min(t, 1) for t in theirs] if emulated else theirs), got
     assert (theirs[0] > 0) == (track == "off"), "nbdkit skips a flush with nothing written"
+    assert theirs[-1] >= 1, "a flush after a writer left without one"
     if emulated:
-        assert theirs[10] == 2, "nbdkit flushes both connections' plugin connection"
+        assert theirs[BOTH_DIRTY] >= 2, "nbdkit flushes both connections' plugin connection"
     for handles in sides:
-        for h in handles.values():
-            h.shutdown()
+        for name in "AB":
+            handles[name].shutdown()
+    ours_control.channel.close()
 
 
 def test_multi_conn_flush_on_one_connection_is_seen_by_another(
