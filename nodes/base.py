@@ -10,7 +10,7 @@ that a backend may wait on I/O; a backend that never waits simply does not await
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
@@ -120,6 +120,11 @@ current_client: ContextVar[ClientInfo] = ContextVar(
 )
 
 
+class StopNode(Exception):
+    """Raised by a backend's start(): the node exits at once with status 0, having served
+    nobody (exitwhen, when its event happened before the node started: nbdkit exits so)."""
+
+
 def unsupported(what: str) -> OSError:
     return OSError(errno.EINVAL, f"{what} is not supported by this node")
 
@@ -149,6 +154,10 @@ class Backend:
     #: A multi-export backend whose exports must be listed or opened by waiting (on an
     #: upstream): the handshake awaits prepare_export() before each exports()/for_export().
     prepares_exports: ClassVar[bool] = False
+    #: Set on its backend by the node runtime that serves it: calling it shuts the node down as
+    #: SIGTERM does (no new clients, requests in flight finish, flush, exit 0). For kinds that
+    #: end their node (exitlast, exitwhen); None where no node serves the backend (a test's).
+    stop_node: Callable[[], None] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -248,6 +257,12 @@ class Backend:
     async def close_connection(self) -> None:
         """A client's connection ended, after its last request (its `current_client` still set)."""
 
+    async def connection_ended(self) -> None:
+        """A client that preconnect() let in is gone, whether or not it finished the handshake
+        (after close_connection() if it did). Of the node's own backend, as preconnect(): what
+        preconnect() took for a client (noparallel's one-client-at-a-time turn) is given back
+        here, where close_connection() would miss a client that never finished negotiating."""
+
     # Data operations ----------------------------------------------------------------------
 
     async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
@@ -332,6 +347,9 @@ class Filter(Backend):
 
     async def close_connection(self) -> None:
         await self.next.close_connection()
+
+    async def connection_ended(self) -> None:
+        await self.next.connection_ended()
 
     async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
         return await self.next.pread(buf, offset, flags)

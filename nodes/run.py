@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import registry
-from .base import Backend
+from .base import Backend, StopNode
 from .params import Params
 from .server.addresses import Address, systemd_sockets
 from .server.node import NodeOptions, NodeRuntime
@@ -280,6 +280,9 @@ def run_node(spec: NodeSpec) -> int:
 
             return run_workers(spec)
         return event_loop_runner()(serve(spec))
+    except StopNode as exc:
+        log.info("%s", exc)
+        return 0
     except (SpecError, OSError, ValueError) as exc:
         print(f"nbdfabric node {spec.kind}: {describe(exc)}", file=sys.stderr)
         return 1

@@ -90,7 +90,8 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
 
     def start(kind: str, *args: str, listen: str | None = None, control: bool = False,
               upstreams: tuple[str, ...] | list[str] = (), extra: tuple[str, ...] = (),
-              wait: bool = True, env: dict[str, str] | None = None) -> Proc:  # fmt: skip
+              wait: bool = True, env: dict[str, str] | None = None,
+              pass_fds: tuple[int, ...] = ()) -> Proc:  # fmt: skip
         n = next(_counter)
         sock = str(tmp_path / f"node{n}.sock")
         ready = tmp_path / f"node{n}.json"
@@ -108,6 +109,7 @@ def start_node(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
             stdout=subprocess.DEVNULL,
             stderr=log.open("wb"),
             env={**os.environ, **(env or {})},
+            pass_fds=pass_fds,
         )
         p = Proc(proc, uri="", socket=sock, log=log)
         procs.append(p)
@@ -136,12 +138,15 @@ def start_nbdkit(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         pytest.fail("nbdkit is not installed: run `make setup`")
     procs: list[Proc] = []
 
-    def start(*args: str) -> Proc:
+    def start(*args: str, pass_fds: tuple[int, ...] = ()) -> Proc:
         n = next(_counter)
         sock = str(tmp_path / f"nbdkit{n}.sock")
         log = tmp_path / f"nbdkit{n}.log"
         proc = subprocess.Popen(
-            ["nbdkit", "-f", "-U", sock, *args], stdout=subprocess.DEVNULL, stderr=log.open("wb")
+            ["nbdkit", "-f", "-U", sock, *args],
+            stdout=subprocess.DEVNULL,
+            stderr=log.open("wb"),
+            pass_fds=pass_fds,
         )
         p = Proc(proc, uri=f"nbd+unix:///?socket={sock}", socket=sock, log=log)
         procs.append(p)

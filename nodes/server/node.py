@@ -106,6 +106,8 @@ class NodeRuntime:
         self.caps = Capabilities(size=0)
         #: The backend serves several exports, chosen by name (file dir=; see Backend.exports).
         self.multi_export = False
+        self._stop_task: asyncio.Task[None] | None = None
+        backend.stop_node = self._stop_soon
         previous = getattr(backend, "emit", None)
         if previous is not None:
             # Fans report member and rebuild events through the node (and still to their own
@@ -215,6 +217,11 @@ class NodeRuntime:
         finally:
             self.sessions.discard(session)
             self.stats.connections_open -= 1
+
+    def _stop_soon(self) -> None:
+        """The backend asked for the node to stop (exitlast, exitwhen): as on SIGTERM."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.get_running_loop().create_task(self.shutdown())
 
     async def shutdown(self) -> None:
         """Stop accepting, let requests in flight finish (later ones get ESHUTDOWN), flush,

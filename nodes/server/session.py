@@ -145,10 +145,11 @@ class Session:
 
     async def run(self) -> None:
         current_client.set(self.client)
-        opened = False
+        admitted = opened = False
         try:
             if not await self._preconnect():
                 return
+            admitted = True
             ready = await self._handshake_in_time()
             if ready is not None:
                 export = ready.export.handle
@@ -168,10 +169,8 @@ class Session:
             if self._framer is not None:
                 self._framer.release()
             try:
-                if opened:  # before the socket closes: a delayed close is seen by the client
-                    await self.backend.close_connection()
-            except Exception as exc:
-                log.warning("%s: closing the connection failed: %s", self.client.address, exc)
+                # Before the socket closes: a delayed close is seen by the client.
+                await self._tell_backends_gone(opened, admitted)
             finally:
                 if self._polled is not None:
                     POLLER.unwatch(self._polled)
@@ -183,6 +182,19 @@ class Session:
                 # collection of the cyclic GC, long after a long-lived session (an upstream's
                 # pooled connection) ended. Nothing reads into it any more.
                 self._framer = None
+
+    async def _tell_backends_gone(self, opened: bool, admitted: bool) -> None:
+        """close_connection() to the export's backend if the client opened it, then
+        connection_ended() to the node's if preconnect() let the client in: each is called
+        even if the other fails."""
+        calls = [self.backend.close_connection] if opened else []
+        if admitted:
+            calls.append(self.node.backend.connection_ended)
+        for call in calls:
+            try:
+                await call()
+            except Exception as exc:
+                log.warning("%s: closing the connection failed: %s", self.client.address, exc)
 
     async def drain(self) -> None:
         """Let requests in flight finish and their replies leave, including the rest of corked
