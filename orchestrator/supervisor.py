@@ -450,7 +450,7 @@ class Supervisor:
     async def apply(self, topology: Topology, dry_run: bool = False) -> list[plan.Action]:
         async with self.lock:
             old = self.topology
-            actions = plan.diff(old, topology)
+            actions = [self._unless_down(a) for a in plan.diff(old, topology)]
             if dry_run:
                 return actions
             by_node = {a.node: a for a in actions}
@@ -483,6 +483,20 @@ class Supervisor:
             if failures:
                 raise ApplyError("\n".join(failures))
             return list(by_node.values())
+
+    def _unless_down(self, action: plan.Action) -> plan.Action:
+        """A node the file leaves as it is but that does not run (an earlier apply failed or
+        was interrupted before it, or supervision gave up on it) is started again: `up`
+        brings the fabric to what the file says, as docker compose does."""
+        if action.action not in (plan.UNCHANGED, plan.CONFIGURE):
+            return action
+        runner = self.runners.get(action.node)
+        if runner is None:
+            return plan.Action(action.node, plan.ADD, "not started yet")
+        alive = runner.process is not None and runner.process.alive()  # a container has no pid
+        if alive or (runner.task is not None and not runner.task.done()):
+            return action  # running, or being restarted by its supervision
+        return plan.Action(action.node, plan.RESTART, f"not running: {runner.state}")
 
     async def _start(self, node: Node, action: str) -> None:
         runner = self.runners.get(node.name)

@@ -179,6 +179,29 @@ def test_orchestrator_reapply_restarts_only_the_changed_node(
     write_read(tmp_path, fabric.uri("vm2"), 2 << 20)
 
 
+def test_orchestrator_reapply_starts_what_an_earlier_apply_failed_to(
+    fabric: Fabric, tmp_path: Path
+) -> None:
+    """An edit that adds a node which cannot start (its file is missing) fails, and the node
+    over it is never started; once the file is there, `up` again starts both. It said
+    `unchanged` for the failed one and died on the other (`Unexpected <class 'KeyError'>`)."""
+    fabric.up()
+    disk = tmp_path / "late.img"
+    fabric.file.write_text(
+        CHAIN.replace("exports:", f"  late: {{kind: file, params: {{file: {disk}}}, "
+                      "restart: never}\n  over: {kind: cow, upstream: late}\nexports:")
+    )  # fmt: skip
+    res = fabric.cli("up", "--detach", str(fabric.file), check=False)
+    assert res.returncode == 1 and "node 'late' exited" in res.stderr, res.stderr
+    disk.write_bytes(bytes(1 << 20))
+    out = fabric.cli("up", "--detach", str(fabric.file)).stdout
+    assert "late: restart (not running: failed)" in out and "over: add" in out, out
+    nodes = fabric.status()
+    for name in ("late", "over", "disk"):
+        assert (nodes[name]["state"], nodes[name]["health"]) == ("running", "SERVING")
+    assert "unchanged" in fabric.cli("up", "--dry-run", str(fabric.file)).stdout
+
+
 WORKERS = """\
 name: f
 nodes:
