@@ -274,6 +274,10 @@ def _reapply(client: Client, topology: Topology, path: Path, dry_run: bool) -> i
     except grpc.RpcError as exc:
         _err("up", _rpc_error(exc))
         return 1
+    except KeyboardInterrupt:
+        _err("up", "interrupted: the fabric runs on without the nodes that had not started "
+             "yet (`nbdfabric status`); `nbdfabric up` again starts them")  # fmt: skip
+        return 128 + signal.SIGINT
     finally:
         client.close()
     for a in reply.actions:
@@ -301,17 +305,15 @@ def _detach(
             cwd="/",
             env={**os.environ, "PYTHONPATH": _import_root()},
         )
-    client = None
-    while client is None:
-        if daemon.poll() is not None:
-            _err("up", f"the supervisor exited ({daemon.returncode}):\n"
-                 + log_tail(run.supervisor_log))  # fmt: skip
-            return 1
-        client = connect(run)
-        if client is None:
-            time.sleep(0.05)
     try:
+        client = _wait_for_supervisor(daemon, run)
+        if client is None:
+            return 1
         reply = _apply(client, topology, path)
+    except KeyboardInterrupt:  # Ctrl-C before the fabric was up: no half-started fabric left
+        print("stopping...", file=sys.stderr, flush=True)
+        _down(run, connect(run))
+        return 128 + signal.SIGINT
     except grpc.RpcError as exc:
         _err("up", _rpc_error(exc))
         _down(run, client)
@@ -322,6 +324,19 @@ def _detach(
     _print_exports(reply.exports)
     client.close()
     return 0
+
+
+def _wait_for_supervisor(daemon: subprocess.Popen[bytes], run: RunDir) -> Client | None:
+    """A client of the supervisor just started, or None after saying why it exited."""
+    while True:
+        if daemon.poll() is not None:
+            _err("up", f"the supervisor exited ({daemon.returncode}):\n"
+                 + log_tail(run.supervisor_log))  # fmt: skip
+            return None
+        client = connect(run)
+        if client is not None:
+            return client
+        time.sleep(0.05)
 
 
 def _import_root() -> str:
@@ -345,13 +360,15 @@ def _foreground(
         async with hosted(run, backend, image) as sup:
             loop = asyncio.get_running_loop()
             pending: set[asyncio.Future[Any]] = set()
+            received: list[int] = []
 
-            def down() -> None:
+            def down(sig: int) -> None:
                 print("stopping...", flush=True)
-                pending.add(asyncio.ensure_future(sup.down()))
+                received.append(sig)
+                pending.add(asyncio.ensure_future(sup.down()))  # ends a start under way too
 
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, down)
+                loop.add_signal_handler(sig, down, sig)
 
             async def printer() -> None:
                 async for event in sup.watch(replay=True):
@@ -361,10 +378,11 @@ def _foreground(
             try:
                 await sup.apply(topology)
             except ApplyError as exc:
-                _err("up", str(exc))
+                if not received:  # else Ctrl-C (or SIGTERM) came before every node started
+                    _err("up", str(exc))
                 await sup.down()
                 printing.cancel()
-                return 1
+                return 128 + received[0] if received else 1
             print(f"fabric {topology.name}: {len(topology.nodes)} nodes up; Ctrl-C stops it",
                   flush=True)  # fmt: skip
             _print_exports(export_messages(sup))

@@ -199,6 +199,10 @@ class NodeRunner:
             self.state = "failed"
             self.last_error = str(exc).splitlines()[0]
             raise
+        except asyncio.CancelledError:  # an apply cut short (Ctrl-C, its client went away)
+            await proc.kill()
+            self.state = "stopped"
+            raise
         self.state = "running"
         self.sup.save_state()
 
@@ -422,6 +426,8 @@ class Supervisor:
         self.subscribers: list[asyncio.Queue[Event]] = []
         self.lock = asyncio.Lock()
         self.finished = asyncio.Event()
+        #: The apply under way, which `down` cancels.
+        self.applying: asyncio.Future[list[plan.Action]] | None = None
 
     # events ---------------------------------------------------------------------------------
 
@@ -448,41 +454,54 @@ class Supervisor:
     # apply ----------------------------------------------------------------------------------
 
     async def apply(self, topology: Topology, dry_run: bool = False) -> list[plan.Action]:
+        """Bring the fabric to `topology`; ApplyError names the nodes that did not start, or
+        says that `down` cut the apply short."""
         async with self.lock:
-            old = self.topology
-            actions = [self._unless_down(a) for a in plan.diff(old, topology)]
-            if dry_run:
-                return actions
-            by_node = {a.node: a for a in actions}
-            for a in actions:
-                if a.action == plan.REMOVE:
-                    await self.runners.pop(a.node).stop()
-            self.topology = topology
-            for a in actions:
-                if a.action in (plan.UNCHANGED, plan.CONFIGURE):
-                    self.runners[a.node].node = topology.nodes[a.node]
-            for a in actions:
-                if a.action == plan.CONFIGURE and not await self._configure_live(a):
-                    by_node[a.node] = plan.Action(a.node, plan.RESTART, a.reason + " (restart)")
-            self.emit("", "apply", ", ".join(f"{a.node}:{a.action}" for a in by_node.values()))
+            work = self.applying = asyncio.ensure_future(self._apply(topology, dry_run))
             try:
-                await self.backend.prepare(topology)
-            except Exception as exc:  # the engine refused: name it, start nothing
-                raise ApplyError(f"{self.backend.name} backend: {exc}") from exc
-            failures: list[str] = []
-            for group in plan.levels(topology):
-                todo = [n for n in group if by_node[n].action in (plan.ADD, plan.RESTART)]
-                results = await asyncio.gather(
-                    *(self._start(topology.nodes[n], by_node[n].action) for n in todo),
-                    return_exceptions=True,
-                )
-                failures += [str(r) for r in results if isinstance(r, BaseException)]
-                if failures:
-                    break
-            self.save_state()
+                return await work
+            except asyncio.CancelledError:
+                if not work.cancelled() or _cancelled():
+                    raise
+                raise ApplyError("stopped by `down` before every node had started") from None
+            finally:
+                self.applying = None
+
+    async def _apply(self, topology: Topology, dry_run: bool) -> list[plan.Action]:
+        old = self.topology
+        actions = [self._unless_down(a) for a in plan.diff(old, topology)]
+        if dry_run:
+            return actions
+        by_node = {a.node: a for a in actions}
+        for a in actions:
+            if a.action == plan.REMOVE:
+                await self.runners.pop(a.node).stop()
+        self.topology = topology
+        for a in actions:
+            if a.action in (plan.UNCHANGED, plan.CONFIGURE):
+                self.runners[a.node].node = topology.nodes[a.node]
+        for a in actions:
+            if a.action == plan.CONFIGURE and not await self._configure_live(a):
+                by_node[a.node] = plan.Action(a.node, plan.RESTART, a.reason + " (restart)")
+        self.emit("", "apply", ", ".join(f"{a.node}:{a.action}" for a in by_node.values()))
+        try:
+            await self.backend.prepare(topology)
+        except Exception as exc:  # the engine refused: name it, start nothing
+            raise ApplyError(f"{self.backend.name} backend: {exc}") from exc
+        failures: list[str] = []
+        for group in plan.levels(topology):
+            todo = [n for n in group if by_node[n].action in (plan.ADD, plan.RESTART)]
+            results = await asyncio.gather(
+                *(self._start(topology.nodes[n], by_node[n].action) for n in todo),
+                return_exceptions=True,
+            )
+            failures += [str(r) for r in results if isinstance(r, BaseException)]
             if failures:
-                raise ApplyError("\n".join(failures))
-            return list(by_node.values())
+                break
+        self.save_state()
+        if failures:
+            raise ApplyError("\n".join(failures))
+        return list(by_node.values())
 
     def _unless_down(self, action: plan.Action) -> plan.Action:
         """A node the file leaves as it is but that does not run (an earlier apply failed or
@@ -563,6 +582,10 @@ class Supervisor:
     # down -----------------------------------------------------------------------------------
 
     async def down(self) -> list[str]:
+        if self.applying is not None:
+            # A start under way (a node waiting for its upstream for --upstream-timeout) ends
+            # now rather than holding the lock, and Ctrl-C or `down` with it, until it is over.
+            self.applying.cancel()
         async with self.lock:
             stopped: list[str] = []
             if self.topology is not None:

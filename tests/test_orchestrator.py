@@ -347,6 +347,52 @@ def test_orchestrator_foreground_up_stops_in_order_on_sigint(tmp_path: Path) -> 
     assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
 
 
+#: A node that takes --upstream-timeout (30 s) to fail: its upstream refuses connections.
+SLOW_START = """\
+name: f
+nodes:
+  disk: {kind: memory, params: {size: 1M}}
+  waits: {kind: cow, upstream: "nbd://127.0.0.1:1/"}
+  over: {kind: cow, upstream: disk}
+"""
+
+
+def starting(fab: Fabric, node: str) -> bool:
+    """Whether the fabric (up, or still coming up) is starting `node`."""
+    if fab.cli("status", check=False).returncode != 0:
+        return False
+    return fab.status().get(node, {}).get("state") == "starting"
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["foreground", "detached"])
+def test_orchestrator_ctrl_c_during_up_stops_the_fabric_at_once(
+    tmp_path: Path, detach: bool
+) -> None:
+    """Ctrl-C while a node is still starting: `up` stops what it started within seconds and
+    exits 130. The foreground one waited for the start to fail (30 s), and a detached one
+    exited but left its supervisor bringing the fabric up."""
+    fab = Fabric(tmp_path, SLOW_START)
+    args = ["up", *(["--detach"] if detach else []), str(fab.file)]
+    command = [sys.executable, "-m", "nodes.cli", *args]
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=fab.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        wait_for(lambda: starting(fab, "waits"), 30, "node waits to be starting")
+        pids = set(fab.pids)
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=15)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        fab.cli("down", check=False)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "stopping..." in out, out
+    assert fab.cli("status", check=False).returncode == 3
+    for pid in pids:
+        wait_for(lambda pid=pid: not alive(pid), 10, f"pid {pid} to exit")
+
+
 def test_orchestrator_restart_never_and_down_after_supervisor_died(tmp_path: Path) -> None:
     fab = Fabric(
         tmp_path,
