@@ -987,6 +987,9 @@ CTL_CASES = [
     ("m", ["set", "bitmap-chunk=1K"], 1, "cannot change"),
     ("m", ["rebuild", "--throttle", "-5"], 2, "--throttle"),
     ("m", ["bogus-command"], 2, "invalid choice"),
+    # A node that is there but slow to answer is not "cannot reach" (exit 3): the replace
+    # waits for its new member (--upstream-timeout 1 s here).
+    ("m", ["--timeout", "0.3", "replace", "1", "nbd://127.0.0.1:1/"], 1, "did not answer in time"),
 ]
 
 

@@ -288,6 +288,9 @@ def test_control_health_command_exit_codes(node, tmp_path):
     assert unknown.returncode == 1 and "nope" not in ok.stderr
     absent = ctl("health", f"unix:{tmp_path}/absent.sock", "--timeout", "1")
     assert absent.returncode == 3 and "cannot reach" in absent.stderr
+    # The OS's reason, not gRPC's wrapping of it ("failed to connect to all addresses; ...").
+    assert absent.stderr.count("No such file or directory") == 1, absent.stderr
+    assert "failed to connect" not in absent.stderr and "FAILED_PRECONDITION" not in absent.stderr
     p.stop()
     assert ctl("health", p.control, "--timeout", "1").returncode == 3
 
