@@ -270,6 +270,7 @@ def _assert_refused(res: subprocess.CompletedProcess[str], codes: tuple[int, ...
     assert res.returncode in codes, f"exit {res.returncode}: {res.stdout}{res.stderr}"
     assert "Traceback" not in res.stderr, res.stderr
     assert "[Errno" not in res.stderr, res.stderr  # errors as people read them (run.describe)
+    assert "GRPC_VERBOSITY" not in res.stderr and ".cc:" not in res.stderr, res.stderr  # gRPC's
     for frag in frags:
         assert frag in res.stderr, f"{frag!r} not in {res.stderr!r}"
 
@@ -345,6 +346,16 @@ OPTION_CASES = [
     (["memory", "1M", "--export-name", "e" * 5000], (1,), "--export-name"),
     (["memory", "1M", "--control", "127.0.0.1:99999"], (1,), "out of range"),
     (["memory", "1M", "--metrics", "no-such-host.invalid:0"], (1,), "no-such-host.invalid"),
+    # Said as for --listen, naming the option (gRPC said "Failed to bind ...; set
+    # GRPC_VERBOSITY=debug ...", after a C-core log line; metrics did not say it was metrics).
+    (
+        ["memory", "1M", "--control", "unix:/nonexistent/d/c.sock"],
+        (1,),
+        "--control: cannot listen on unix:/nonexistent/d/c.sock: No such file or directory",
+    ),
+    (["memory", "1M", "--control", "unix:/tmp"], (1,), "--control: cannot listen on unix:/tmp:"),
+    (["memory", "1M", "--control", "no-such-host.invalid:0"], (1,), "no-such-host.invalid"),
+    (["memory", "1M", "--metrics", "unix:/tmp"], (1,), "--metrics: cannot listen on unix:/tmp:"),
     (["memory", "1M", "--ready-file", "/nonexistent/d/r.json"], (1,), "--ready-file"),
     (["file", "/nonexistent/disk.img"], (1,), "/nonexistent/disk.img: No such file"),
     (
