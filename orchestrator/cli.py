@@ -424,6 +424,12 @@ def _down(run: RunDir, client: Client | None) -> int:
     return stopped
 
 
+def _left_running(run: RunDir) -> bool:
+    """Whether the run dir holds more than the logs a `down` keeps (the files of a fabric whose
+    supervisor died, say): then there may be processes to kill and files to remove."""
+    return run.path.is_dir() and any(p.suffix != ".log" for p in run.path.iterdir())
+
+
 def cmd_down(argv: Sequence[str]) -> int:
     args = _parser("down", "Stop every node of a fabric and its supervisor.").parse_args(argv)
     found = _find_fabric("down", args)
@@ -431,7 +437,7 @@ def cmd_down(argv: Sequence[str]) -> int:
         return 1
     name, run = found
     client = connect(run)
-    if client is None and not run.path.exists():
+    if client is None and not _left_running(run):
         print(f"fabric {name} is not running")
         return 0
     n = _down(run, client)

@@ -132,6 +132,8 @@ def test_orchestrator_up_serves_every_export_and_down_leaves_nothing(
     fabric.cli("down")
     assert_all_gone(tmp_path, pids)
     assert fabric.cli("status", check=False).returncode == 3
+    # The logs stay in the run dir; that is no fabric ("down (0 processes stopped)").
+    assert fabric.cli("down").stdout == "fabric f is not running\n"
 
 
 def test_orchestrator_restarts_killed_node_and_export_serves_again(
