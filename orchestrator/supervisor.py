@@ -34,6 +34,7 @@ from .backends.process import (
     ProcessBackend,
     RunDir,
     StartError,
+    exit_text,
 )
 from .topology import Node, Topology
 
@@ -214,7 +215,7 @@ class NodeRunner:
                 self._set_health(health)
                 return
             if not proc.alive():
-                raise StartError(proc.failure(f"exited with status {proc.returncode}"))
+                raise StartError(proc.failure(exit_text(proc.returncode)))
             if time.monotonic() > deadline:
                 raise StartError(proc.failure(f"not SERVING after {START_TIMEOUT:.0f}s ({health})"))
             await proc.wait_exit(0.05)
@@ -275,7 +276,7 @@ class NodeRunner:
             if proc.returncode is not None:
                 self.health = "UNKNOWN"
                 self.healthy_since = 0.0
-                return f"exited with status {proc.returncode}", proc.returncode
+                return exit_text(proc.returncode), proc.returncode
             health = await self.check()
             if proc.returncode is not None:
                 continue

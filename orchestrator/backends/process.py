@@ -139,6 +139,17 @@ def node_command(node: Node, topology: Topology, run: RunDir, control: bool) -> 
     return cmd
 
 
+def exit_text(status: int | None) -> str:
+    """How a process ended, as people read it: `killed by SIGKILL`, not `exited with status -9`
+    (asyncio's returncode for a death by signal)."""
+    if status is not None and status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exited with status {status}"
+
+
 def log_tail(path: Path, lines: int = 15) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -211,7 +222,7 @@ class NodeProcess:
         deadline = time.monotonic() + limit
         while True:
             if self.proc.returncode is not None:
-                raise StartError(self.failure(f"exited with status {self.proc.returncode}"))
+                raise StartError(self.failure(exit_text(self.proc.returncode)))
             if ready.exists():
                 with contextlib.suppress(ValueError, OSError):
                     info = json.loads(ready.read_text())
