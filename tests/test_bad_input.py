@@ -757,10 +757,13 @@ def test_up_with_a_node_that_cannot_start_leaves_nothing(tmp_path: Path):
         + "/e.sock']}\n"
     )
     env = {"NBDFABRIC_RUN_DIR": str(run_dir)}
-    res = _cli("up", "--detach", str(f), cwd=tmp_path, env=env)
     try:
-        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
-        assert "node 'disk' exited" in res.stderr and "/nonexistent/disk.img" in res.stderr
+        for _ in range(2):
+            res = _cli("up", "--detach", str(f), cwd=tmp_path, env=env)
+            assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+            assert "node 'disk' exited" in res.stderr and "/nonexistent/disk.img" in res.stderr
+        # The log keeps both runs; the message quotes the one that just failed.
+        assert res.stderr.count("--- nbdfabric: starting disk") == 1, res.stderr
     finally:
         _cli("down", "-f", str(f), cwd=tmp_path, env=env)
     assert not _processes_mentioning(str(tmp_path))

@@ -139,6 +139,10 @@ def node_command(node: Node, topology: Topology, run: RunDir, control: bool) -> 
     return cmd
 
 
+#: How a log line that the supervisor writes before each start of a node begins.
+START_MARK = "--- nbdfabric: "
+
+
 def exit_text(status: int | None) -> str:
     """How a process ended, as people read it: `killed by SIGKILL`, not `exited with status -9`
     (asyncio's returncode for a death by signal)."""
@@ -151,10 +155,13 @@ def exit_text(status: int | None) -> str:
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a log, from its last `--- nbdfabric:` start line on: a node's log
+    keeps every run, and a failure quoted the runs before it too."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return ""
+    text = text[text.rfind("\n" + START_MARK) + 1 :]
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
@@ -202,7 +209,7 @@ class NodeProcess:
         cmd = node_command(self.node, self.topology, self.run, self.control_on)
         log = self.run.log(name)
         with log.open("ab") as f:
-            f.write(f"--- nbdfabric: starting {name}: {' '.join(cmd)}\n".encode())
+            f.write(f"{START_MARK}starting {name}: {' '.join(cmd)}\n".encode())
             # A session of its own: Ctrl-C on a foreground `up` reaches the supervisor only,
             # which then stops the nodes in order.
             self.proc = await asyncio.create_subprocess_exec(
