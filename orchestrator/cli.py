@@ -27,6 +27,7 @@ from typing import Any
 import grpc
 
 from .backends.process import (
+    START_MARK,
     RunDir,
     clean_run_dir,
     kill_leftovers,
@@ -539,7 +540,17 @@ def cmd_status(argv: Sequence[str]) -> int:
         hint = trust_hint(n.members, n.control) if n.role == "fan" and n.control else None
         if hint:
             print(f"{n.name}: {hint}")
+        if n.state == "failed":
+            print(_failed_text(n))
     return 0
+
+
+def _failed_text(n: Any) -> str:
+    """Why a node is down for good (the supervisor gave up, or its policy says not to restart
+    it): how it ended and the last thing it logged, which is most often the reason."""
+    last = log_tail(Path(n.log_path), 1) if n.log_path else ""
+    said = f": {last}" if last and not last.startswith(START_MARK) else ""
+    return f"{n.name}: failed ({n.last_error or 'not running'}){said}; `nbdfabric logs {n.name}`"
 
 
 def cmd_logs(argv: Sequence[str]) -> int:

@@ -198,7 +198,8 @@ class NodeRunner:
         except StartError as exc:
             await proc.kill()
             self.state = "failed"
-            self.last_error = str(exc).splitlines()[0]
+            # "exited with status 1", not "node 'x' exited with status 1; /run/x.log:"
+            self.last_error = str(exc).split("; ", 1)[0].removeprefix(f"node {self.name!r} ")
             raise
         except asyncio.CancelledError:  # an apply cut short (Ctrl-C, its client went away)
             await proc.kill()

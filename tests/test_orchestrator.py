@@ -195,6 +195,9 @@ def test_orchestrator_reapply_starts_what_an_earlier_apply_failed_to(
     )  # fmt: skip
     res = fabric.cli("up", "--detach", str(fabric.file), check=False)
     assert res.returncode == 1 and "node 'late' exited" in res.stderr, res.stderr
+    # `status` says why, with the node's last words.
+    assert (f"late: failed (exited with status 1): nbdfabric node file: {disk}: No such file "
+            "or directory; `nbdfabric logs late`") in fabric.cli("status").stdout  # fmt: skip
     disk.write_bytes(bytes(1 << 20))
     out = fabric.cli("up", "--detach", str(fabric.file)).stdout
     assert "late: restart (not running: failed)" in out and "over: add" in out, out
@@ -407,6 +410,7 @@ def test_orchestrator_restart_never_and_down_after_supervisor_died(tmp_path: Pat
         os.kill(nodes["n"]["pid"], signal.SIGKILL)
         wait_for(lambda: fab.status()["n"]["state"] == "failed", 30, "n to be failed")
         assert (fab.status()["n"]["pid"], fab.status()["n"]["restarts"]) == (0, 0)
+        assert "n: failed (killed by SIGKILL); `nbdfabric logs n`" in fab.cli("status").stdout
         supervisor = int((tmp_path / "r" / "f" / "orchestrator.pid").read_text())
         os.kill(supervisor, signal.SIGKILL)
         wait_for(lambda: not alive(supervisor), 30, "the supervisor to die")
