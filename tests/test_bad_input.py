@@ -15,6 +15,8 @@ import copy
 import json
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -127,6 +129,39 @@ def test_bad_param_values_are_refused_naming_key_and_type(kind: str, entry: dict
         with pytest.raises(ParamError) as exc:
             _parse(kind, {**base, key: yaml_value})
         _assert_names(str(exc.value), kind, key)
+
+
+#: What a kind needs besides BASE when its other params are given (a check of them together).
+NEEDS = {"file": ["file=disk.img"], "tar": ["tar-entry=disk.img"]}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_kinds_shows_defaults_the_command_line_takes_back(kind: str, capsys: Any):
+    """`nbdfabric kinds KIND`: each default, given back as KEY=VALUE, is the default (it said
+    `default None` for params that have none, `default 5` for EIO and `default 5.0`)."""
+    from nodes.cli import cmd_kinds
+
+    assert cmd_kinds([kind]) == 0
+    shown = re.findall(r"^  ([a-z0-9-]+)=\S+  \((.*)\)$", capsys.readouterr().out, re.M)
+    entries = {e["name"]: e for e in field_info(KINDS[kind].Params)}
+    assert [name for name, _ in shown] == list(entries)
+    for name, flags in shown:
+        default = entries[name]["default"]
+        if "optional" in flags.split(", "):
+            assert default is None, (name, flags)
+        said = re.match(r"default (.*?)(, live|, magic)*$", flags)
+        if said is None:
+            continue
+        (text,) = shlex.split(said.group(1))
+        needed = [w for w in NEEDS.get(kind, []) if not w.startswith(f"{name}=")]
+        got = getattr(_parse(kind, [*needed, *_words(kind, name, text)]), _field(kind, name))
+        assert got == default or str(got) == default, (name, text, got, default)
+
+
+def _field(kind: str, name: str) -> str:
+    """The attribute of a kind's params that holds param `name` (its alias)."""
+    fields = KINDS[kind].Params.model_fields.items()
+    return next(attr for attr, f in fields if (f.alias or attr) == name)
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
