@@ -207,6 +207,24 @@ def test_orchestrator_reapply_starts_what_an_earlier_apply_failed_to(
     assert "unchanged" in fabric.cli("up", "--dry-run", str(fabric.file)).stdout
 
 
+def test_orchestrator_relative_unix_listen_is_beside_the_file(tmp_path: Path) -> None:
+    """`listen: [unix:vm.sock]` is a socket beside the topology file, and `up` and `status`
+    print its URI with the full path: it said `socket=vm.sock`, which a client run from
+    anywhere but the file's directory could not use (up -f sub/fabric.yaml)."""
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    fab = Fabric(sub, "name: f\nnodes:\n  disk: {kind: memory, params: {size: 1M}}\n"
+                 "exports:\n  vm: {node: disk, listen: ['unix:vm.sock']}\n")  # fmt: skip
+    fab.dir = tmp_path  # the operator's directory
+    uri = f"nbd+unix:///vm?socket={sub}/vm.sock"
+    try:
+        assert f"vm: {uri}" in fab.cli("up", "--detach", str(fab.file)).stdout
+        assert f"export vm: {uri}" in fab.cli("status", "-f", str(fab.file)).stdout
+        assert run(["nbdinfo", "--size", uri]).stdout.strip() == str(1 << 20)
+    finally:
+        fab.cli("down", "-f", str(fab.file), check=False)
+
+
 WORKERS = """\
 name: f
 nodes:

@@ -132,7 +132,7 @@ def node_command(node: Node, topology: Topology, run: RunDir, control: bool) -> 
     export = topology.export_of(node.name)
     if export is not None:
         for addr in export.listen:
-            cmd += ["--listen", addr]
+            cmd += ["--listen", _from_base(addr, topology.base_dir)]
         cmd += export_words(export)
     if control:
         cmd += ["--control", f"unix:{run.ctl(node.name)}"]
@@ -152,6 +152,15 @@ def exit_text(status: int | None) -> str:
         except ValueError:
             return f"killed by signal {-status}"
     return f"exited with status {status}"
+
+
+def _from_base(addr: str, base_dir: str) -> str:
+    """A relative `unix:PATH` is beside the topology file, where the node runs; given absolute,
+    the URIs `up` and `status` print work from any directory (they said `socket=vm1.sock`)."""
+    path = addr.removeprefix("unix:")
+    if path == addr or os.path.isabs(path):
+        return addr
+    return f"unix:{os.path.join(base_dir, path)}"
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
