@@ -128,7 +128,8 @@ def cmd_node(argv: Sequence[str]) -> int:
         params = parse_params(args.kind, cls.Params, list(args.params), cls.magic)
         listen = [parse_address(a) for a in args.listen]
     except (ParamError, AddressError, KeyError) as exc:
-        print(f"nbdfabric node: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # one per problem: each says whose it is
+            print(f"nbdfabric node: {line}", file=sys.stderr)
         return 1
     if len(args.export_name.encode(errors="surrogateescape")) > MAX_EXPORT_NAME:
         print(f"nbdfabric node: --export-name is longer than NBD's {MAX_EXPORT_NAME} bytes",

@@ -324,6 +324,7 @@ PROCESS_SAMPLE = [
     ("null", ["nope=1"]),
     ("stripe", ["chunk-size=-1"]),
     ("offset", ["offset=1", "stray"]),
+    ("memory", ["szie=1M"]),  # two problems: a missing param and an unknown one
 ]
 
 
@@ -334,7 +335,8 @@ def test_real_cli_refuses_params_as_in_process(kind: str, words: list[str], tmp_
     sock = tmp_path / "n.sock"
     env_words = [os.fsencode(w).decode("utf-8", "surrogateescape") for w in words]
     res = _node(kind, *env_words, "--listen", f"unix:{sock}")
-    _assert_refused(res, (1,), str(exc.value).splitlines()[0])
+    _assert_refused(res, (1,), *str(exc.value).splitlines())
+    assert all(line.startswith("nbdfabric node: ") for line in res.stderr.splitlines()), res.stderr
     assert not sock.exists()
 
 
