@@ -29,19 +29,53 @@ def _node_parser() -> argparse.ArgumentParser:
         prog="nbdfabric node",
         description="Serve one node kind over NBD (see `nbdfabric kinds`).",
     )
-    p.add_argument("kind")
-    p.add_argument("params", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--upstream", action="append", default=[], metavar="URI")
-    p.add_argument("--listen", action="append", default=[], metavar="ADDR")
+    p.add_argument("kind", help="the node's kind (`nbdfabric kinds` lists them)")
+    p.add_argument(
+        "params",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="the kind's params (`nbdfabric kinds KIND`); a first bare word sets its magic "
+        "param: memory 1G, file disk.img",
+    )
+    p.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="NBD URI the node reads through (nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?"
+        "socket=PATH, nbds:// and nbds+unix:// for TLS): one for a filter, one per member, "
+        "in order, for a fan",
+    )
+    p.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="serve NBD on HOST:PORT, [IPV6]:PORT, unix:PATH or fd:N (port 0 picks a free "
+        "one); repeatable; default 127.0.0.1:10809",
+    )
     p.add_argument("--control", metavar="ADDR", help="serve gRPC control + health here")
     p.add_argument("--no-reflection", action="store_true", help="turn gRPC reflection off")
     p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics here")
-    p.add_argument("--export-name", default="", metavar="NAME")
-    p.add_argument("--description", default="", metavar="TEXT")
-    p.add_argument("-r", "--read-only", action="store_true")
-    p.add_argument("--print-uri", action="store_true")
-    p.add_argument("--ready-file", metavar="PATH")
-    p.add_argument("--run", metavar="CMD")
+    p.add_argument("--export-name", default="", metavar="NAME", help="the export's name")
+    p.add_argument("--description", default="", metavar="TEXT", help="the export's description")
+    p.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
+    p.add_argument(
+        "--print-uri",
+        action="store_true",
+        help="print the node's NBD URI once it serves (the real port when 0 was asked)",
+    )
+    p.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help='once it serves, write {"uri": ..., "control": ...} here as JSON',
+    )
+    p.add_argument(
+        "--run",
+        metavar="CMD",
+        help="captive mode: serve, run CMD through the shell with $uri (and $control) set, "
+        "then stop and exit with its status",
+    )
     p.add_argument(
         "-s",
         "--single",
@@ -63,24 +97,56 @@ def _node_parser() -> argparse.ArgumentParser:
         "request order; serial: one request at a time",
     )
     # -1 was taken: every client was then turned away, as if the limit were reached
-    p.add_argument("--max-connections", type=whole(0), default=0, metavar="N")
+    p.add_argument(
+        "--max-connections",
+        type=whole(0),
+        default=0,
+        metavar="N",
+        help="turn away clients beyond N at once (default 0: no limit)",
+    )
     p.add_argument("--no-sr", action="store_true", help="refuse structured replies (testing)")
     p.add_argument(
         "--eof-tolerant",
         action="store_true",
         help="a read running past the end returns the valid part, then an error for the tail",
     )
-    p.add_argument("--tls", choices=("off", "on", "require"), default="off")
-    p.add_argument("--tls-certificates", metavar="DIR")
-    p.add_argument("--tls-psk", metavar="FILE")
-    p.add_argument("--tls-verify-peer", action="store_true")
-    p.add_argument("--upstream-tls-certificates", metavar="DIR")
-    p.add_argument("--upstream-timeout", type=seconds(), default=30.0, metavar="SECONDS")
+    p.add_argument(
+        "--tls",
+        choices=("off", "on", "require"),
+        default="off",
+        help="off (default), on: offered to clients, require: refuse clients without it",
+    )
+    p.add_argument(
+        "--tls-certificates",
+        metavar="DIR",
+        help="ca-cert.pem, server-cert.pem and server-key.pem, as nbdkit's",
+    )
+    p.add_argument("--tls-psk", metavar="FILE", help="not supported yet: use --tls-certificates")
+    p.add_argument(
+        "--tls-verify-peer",
+        action="store_true",
+        help="only clients with a certificate of the CA in --tls-certificates",
+    )
+    p.add_argument(
+        "--upstream-tls-certificates",
+        metavar="DIR",
+        help="for nbds:// upstreams: ca-cert.pem (and client-cert.pem, client-key.pem)",
+    )
+    p.add_argument(
+        "--upstream-timeout",
+        type=seconds(),
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait at start for upstreams to accept connections (default 30)",
+    )
     # The kernel refuses 0 or less (and more than 32767) with EINVAL at setsockopt, which ran
     # in the accept loop: the first client ended it, and the node never accepted again.
-    p.add_argument("--keepalive-idle", type=_keepalive, metavar="SECONDS")
-    p.add_argument("--keepalive-interval", type=_keepalive, metavar="SECONDS")
-    p.add_argument("--keepalive-count", type=_keepalive_count, metavar="N")
+    p.add_argument("--keepalive-idle", type=_keepalive, metavar="SECONDS",
+                   help="TCP keepalive: idle time before the first probe")  # fmt: skip
+    p.add_argument("--keepalive-interval", type=_keepalive, metavar="SECONDS",
+                   help="TCP keepalive: time between probes")  # fmt: skip
+    p.add_argument("--keepalive-count", type=_keepalive_count, metavar="N",
+                   help="TCP keepalive: unanswered probes before the client is gone")  # fmt: skip
     p.add_argument(
         "--handshake-limit",
         type=seconds(zero=True),
