@@ -33,6 +33,7 @@ def _node_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "params",
         nargs="*",
+        default=[],  # else parse_intermixed_args said "required: kind, KEY=VALUE" without a kind
         metavar="KEY=VALUE",
         help="the kind's params (`nbdfabric kinds KIND`); a first bare word sets its magic "
         "param: memory 1G, file disk.img",

@@ -401,7 +401,7 @@ OPTION_CASES = [
         "upstream",
     ),
     (["no-such-kind"], (1,), "unknown node kind"),
-    ([], (2,), "kind"),
+    ([], (2,), "the following arguments are required: kind\n"),  # not "kind, KEY=VALUE"
 ]
 
 
