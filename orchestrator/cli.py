@@ -26,6 +26,8 @@ from typing import Any
 
 import grpc
 
+from nodes.argtypes import whole
+
 from .backends.process import (
     START_MARK,
     RunDir,
@@ -557,7 +559,7 @@ def cmd_logs(argv: Sequence[str]) -> int:
     p = _parser("logs", "Show a node's log (stderr), or the supervisor's without NODE.")
     p.add_argument("node", nargs="?")
     p.add_argument("--follow", "-F", action="store_true", help="keep printing what is appended")
-    p.add_argument("--tail", "-n", type=int, metavar="N", help="only the last N lines")
+    p.add_argument("--tail", "-n", type=whole(0), metavar="N", help="only the last N lines")
     p.add_argument("--events", action="store_true", help="stream supervisor events (gRPC)")
     args = p.parse_args(argv)
     found = _find_fabric("logs", args)
@@ -572,8 +574,9 @@ def cmd_logs(argv: Sequence[str]) -> int:
         return 1
     with path.open("r", errors="replace") as f:
         text = f.read()
-        if args.tail is not None:
-            text = "\n".join(text.rstrip("\n").splitlines()[-args.tail :]) + "\n"
+        if args.tail is not None:  # [-0:] would be every line
+            lines = text.splitlines(keepends=True)
+            text = "".join(lines[len(lines) - min(args.tail, len(lines)) :])
         sys.stdout.write(text)
         sys.stdout.flush()
         while args.follow:
@@ -642,9 +645,9 @@ def cmd_set(argv: Sequence[str]) -> int:
 
     try:
         changes = parse_changes(args.changes)
-    except ValueError as exc:
+    except ValueError as exc:  # usage, as for `ctl ADDR set`
         _err("set", str(exc))
-        return 1
+        return 2
     found = _find_fabric("set", args)
     if found is None:
         return 1

@@ -1149,13 +1149,13 @@ def test_orchestrator_refuses_bad_apply_and_configure(tmp_path: Path):
                 stub.ConfigureNode, opb.ConfigureNodeRequest(node=node, changes=changes)
             )
             assert code == want and frag in detail, (node, changes, code, detail)
-        for args, frag in (
-            (["set", "nope", "a=1"], "no node named"),
-            (["set", "slow", "delay-read=x"], "delay-read"),
-            (["set", "slow", "delay-read=1ms", "delay-read=2ms"], "given twice"),
+        for args, rc, frag in (
+            (["set", "nope", "a=1"], 1, "no node named"),
+            (["set", "slow", "delay-read=x"], 1, "delay-read"),
+            (["set", "slow", "delay-read=1ms", "delay-read=2ms"], 2, "given twice"),  # usage
         ):
             res = _cli(*args, "-f", str(f), cwd=tmp_path, env=env)
-            assert res.returncode == 1 and frag in res.stderr, res.stderr
+            assert res.returncode == rc and frag in res.stderr, res.stderr
             assert "Traceback" not in res.stderr
         bad = tmp_path / "bad.yaml"
         bad.write_text(FABRIC.replace("delay", "dleay").replace("SOCK", str(sock)))

@@ -429,6 +429,7 @@ def test_orchestrator_restart_never_and_down_after_supervisor_died(tmp_path: Pat
         wait_for(lambda: fab.status()["n"]["state"] == "failed", 30, "n to be failed")
         assert (fab.status()["n"]["pid"], fab.status()["n"]["restarts"]) == (0, 0)
         assert "n: failed (killed by SIGKILL); `nbdfabric logs n`" in fab.cli("status").stdout
+        assert fab.cli("set", "a", "size", check=False).returncode == 2  # usage, as ctl set
         supervisor = int((tmp_path / "r" / "f" / "orchestrator.pid").read_text())
         os.kill(supervisor, signal.SIGKILL)
         wait_for(lambda: not alive(supervisor), 30, "the supervisor to die")
@@ -437,6 +438,10 @@ def test_orchestrator_restart_never_and_down_after_supervisor_died(tmp_path: Pat
         fab.cli("down")
     wait_for(lambda: not alive(nodes["a"]["pid"]), 30, "the orphan to be killed")
     assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
+    # The logs stay: -n N is the last N lines (-n 0 printed all of them, -n -1 all but one).
+    assert fab.cli("logs", "a", "-n", "1").stdout.startswith("--- nbdfabric: starting a")
+    assert fab.cli("logs", "a", "-n", "0").stdout == ""
+    assert fab.cli("logs", "a", "-n", "-1", check=False).returncode == 2
 
 
 MIRROR = """\
