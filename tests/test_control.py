@@ -340,3 +340,20 @@ def test_control_ctl_human_output(node):
     assert "memory" in info.stdout and "16M" in info.stdout and p.uri in info.stdout
     stats = ctl("ctl", p.control, "stats")
     assert stats.returncode == 0 and "block_status" in stats.stdout
+
+
+@pytest.mark.parametrize(
+    ("running", "done", "said"),
+    [(True, 1 << 29, "running 50.0%"), (False, 1 << 30, "done 100.0%"),
+     (False, 1 << 29, "stopped 50.0%")],
+)  # fmt: skip
+def test_control_rebuild_progress_says_a_finished_rebuild_is_done(
+    running: bool, done: int, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ctl ADDR rebuild` / `members`: a rebuild that copied everything said 'stopped 100.0%',
+    which reads as one cut short."""
+    from nodes.control.cli import show_progress
+
+    show_progress(pb.RebuildProgress(running=running, member_index=1, done_bytes=done,
+                                     total_bytes=1 << 30))  # fmt: skip
+    assert capsys.readouterr().out.startswith(f"rebuild member 1: {said} (")

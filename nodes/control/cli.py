@@ -276,8 +276,9 @@ def show_progress(p: pb.RebuildProgress) -> None:
         if p.throttle_bytes_per_second
         else ""
     )
+    state = "running" if p.running else "done" if p.done_bytes >= p.total_bytes else "stopped"
     print(
-        f"rebuild{who}: {'running' if p.running else 'stopped'} {pct:.1f}% "
+        f"rebuild{who}: {state} {pct:.1f}% "
         f"({human_size(p.done_bytes)} of {human_size(p.total_bytes)}, "
         f"{human_size(p.rate_bytes_per_second)}/s{throttle})"
     )
