@@ -351,6 +351,7 @@ health ADDR                 exit 0 only if the node at ADDR is SERVING
 up FILE | down | status | validate FILE | graph | set NODE K=V | logs NODE
 compose FILE | k8s FILE | schema | events
                             run and inspect fabrics from a topology file
+--version                   print the version
 """
 
 
@@ -366,9 +367,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: list[str]) -> int:
-    if not args or args[0] in ("-h", "--help", "help"):
+    if not args:  # a usage error: on stderr, as argparse's
+        print(USAGE, file=sys.stderr)
+        return 2
+    if args[0] in ("-h", "--help", "help"):
         print(USAGE)
-        return 0 if args else 2
+        return 0
+    if args[0] in ("-V", "--version"):
+        from .control.server import version
+
+        print(f"nbdfabric {version()}")
+        return 0
     command, rest = args[0], args[1:]
     if command == "node":
         return cmd_node(rest)
