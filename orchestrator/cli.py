@@ -251,7 +251,9 @@ def cmd_up(argv: Sequence[str]) -> int:
             print(f"  {n}: add")
         return 0
     if run.state.exists():  # a supervisor that died: clear what it left
-        _leftovers(run)
+        if stopped := _leftovers(run):
+            _err("up", f"fabric {topology.name}: its supervisor had died; stopped the "
+                 f"{stopped} processes it left")  # fmt: skip
         clean_run_dir(run)
     backend = args.backend or "process"
     if backend == "docker":
@@ -427,6 +429,18 @@ def _down(run: RunDir, client: Client | None) -> int:
     return stopped
 
 
+def _orphans(run: RunDir) -> list[str]:
+    """The nodes of a fabric whose supervisor died that still run (state.json's pids)."""
+    nodes = _state(run).get("nodes") or {}
+    return [
+        name
+        for name, entry in nodes.items()
+        if isinstance(entry, dict)
+        and int(entry.get("pid") or 0)
+        and pid_matches(int(entry["pid"]), str(run.ready(name)))
+    ]
+
+
 def _left_running(run: RunDir) -> bool:
     """Whether the run dir holds more than the logs a `down` keeps (the files of a fabric whose
     supervisor died, say): then there may be processes to kill and files to remove."""
@@ -490,8 +504,13 @@ def cmd_status(argv: Sequence[str]) -> int:
     name, run = found
     client = connect(run)
     if client is None:
+        orphans = _orphans(run)
         if args.json:
             print("[]")
+        elif orphans:
+            print(f"fabric {name} is not running: its supervisor is gone, but nodes "
+                  f"{', '.join(orphans)} still run (`nbdfabric down` stops them; "
+                  "`nbdfabric up` starts the fabric anew)", file=sys.stderr)  # fmt: skip
         else:
             print(f"fabric {name} is not running", file=sys.stderr)
         return NOT_RUNNING

@@ -434,6 +434,10 @@ def test_orchestrator_restart_never_and_down_after_supervisor_died(tmp_path: Pat
         os.kill(supervisor, signal.SIGKILL)
         wait_for(lambda: not alive(supervisor), 30, "the supervisor to die")
         assert alive(nodes["a"]["pid"])  # orphaned: `down` must still find it
+        # ... and `status` says so, rather than a bare "not running" while `a` serves.
+        res = fab.cli("status", check=False)
+        assert res.returncode == 3, res
+        assert "its supervisor is gone, but nodes a still run (`nbdfabric down`" in res.stderr
     finally:
         fab.cli("down")
     wait_for(lambda: not alive(nodes["a"]["pid"]), 30, "the orphan to be killed")
