@@ -357,3 +357,24 @@ def test_control_rebuild_progress_says_a_finished_rebuild_is_done(
     show_progress(pb.RebuildProgress(running=running, member_index=1, done_bytes=done,
                                      total_bytes=1 << 30))  # fmt: skip
     assert capsys.readouterr().out.startswith(f"rebuild member 1: {said} (")
+
+
+def test_control_members_say_how_to_take_back_a_member_marked_faulty(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`ctl faulty INDEX` keeps a mirror member out, healthy or not, until `ctl replace`; the
+    members table showed a healthy 'faulty' member and no way back (`rebuild start` said
+    'idle')."""
+    from nodes.control.cli import show_members
+
+    uri = "nbd+unix:///?socket=/run/b.sock"
+    held = pb.Member(index=1, uri=uri, state="faulty", healthy=True,
+                     detail_json=json.dumps({"held": True}))  # fmt: skip
+    show_members([pb.Member(index=0, uri="nbd://a/", state="in_sync", healthy=True), held],
+                 None, "unix:/run/m.ctl")  # fmt: skip
+    out = capsys.readouterr().out
+    assert (
+        f"member 1 stays out until taken back: nbdfabric ctl unix:/run/m.ctl replace 1 '{uri}'"
+        in out
+    )
+    assert "member 0" not in out

@@ -239,6 +239,8 @@ def show_members(
     hint = trust_hint(members, addr)
     if hint:
         print(hint)
+    for line in held_hints(members, addr):
+        print(line)
     if rebuild is not None:
         show_progress(rebuild)
 
@@ -263,6 +265,17 @@ def trust_hint(members: Sequence[pb.Member], addr: str) -> str | None:
         f"{', '.join(map(str, trustable))} reachable. To serve from member {best} ({why}): "
         f"nbdfabric ctl {addr} trust {best}"
     )
+
+
+def held_hints(members: Sequence[pb.Member], addr: str) -> list[str]:
+    """How to take back a member the operator marked faulty (`ctl faulty`): it stays out, even
+    healthy, until replaced, by itself if need be; nothing else said so."""
+    return [
+        f"member {m.index} stays out until taken back: nbdfabric ctl {addr} replace "
+        f"{m.index} '{m.uri}' (rebuilt in full)"
+        for m in members
+        if json.loads(m.detail_json or "{}").get("held")
+    ]
 
 
 def show_progress(p: pb.RebuildProgress) -> None:
@@ -342,7 +355,7 @@ def ctl_parser() -> argparse.ArgumentParser:
     r = cmd("replace", "swap member INDEX for a new upstream and rebuild it")
     r.add_argument("index", type=_index_arg)
     r.add_argument("uri")
-    f = cmd("faulty", "stop using member INDEX")
+    f = cmd("faulty", "stop using member INDEX (until `replace INDEX URI` takes it back)")
     f.add_argument("index", type=_index_arg)
     t = cmd("trust", "take member INDEX of a failed mirror or parity array as holding its data")
     t.add_argument("index", type=_index_arg)
