@@ -401,6 +401,8 @@ OPTION_CASES = [
         "upstream",
     ),
     (["no-such-kind"], (1,), "unknown node kind"),
+    (["memroy", "1M"], (1,), "unknown node kind 'memroy', did you mean 'memory'?"),
+    (["memory", "szie=1M"], (1,), "unknown parameter 'szie', did you mean 'size'?"),
     ([], (2,), "the following arguments are required: kind\n"),  # not "kind, KEY=VALUE"
 ]
 
@@ -1035,6 +1037,7 @@ def _ctl(addr: str, *args: str) -> subprocess.CompletedProcess[str]:
 CTL_CASES = [
     ("d", ["set", "delay-read=bogus"], 1, "delay-read"),
     ("d", ["set", "no-such=1"], 1, "no-such"),
+    ("d", ["set", "delay-reed=1ms"], 1, "'delay-reed', did you mean 'delay-read'?"),
     ("d", ["set", "delay-read=1ms", "delay-read=2ms"], 2, "given twice"),
     ("d", ["set", "=1"], 2, "KEY=VALUE"),
     ("d", ["trust", "0"], 1, "not a fan"),
