@@ -354,6 +354,12 @@ OPTION_CASES = [
     (["cow"], (1,), "exactly one --upstream"),
     (["cow", "--upstream", UPSTREAM, "--upstream", UPSTREAM], (1,), "exactly one"),
     (["mirror", "--upstream", UPSTREAM], (1,), "at least 2"),
+    # A fan whose member cannot start says why without "[Errno 113]" in the middle.
+    (
+        ["stripe", "--upstream", UPSTREAM, "--upstream", UPSTREAM, "--upstream-timeout", "0.2"],
+        (1,),
+        "did not start: cannot connect to upstream",
+    ),
     (["cow", "--upstream", "disk.img"], (1,), "not an NBD URI"),
     (["cow", "--upstream", "http://example.com/x"], (1,), "not an NBD URI"),
     (["cow", "--upstream", "nbd+unix:///"], (1,), "socket="),
