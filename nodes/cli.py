@@ -5,6 +5,7 @@ fabric commands (`up`, `down`, `status`, ...) from the orchestrator, loaded only
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -28,19 +29,54 @@ def _node_parser() -> argparse.ArgumentParser:
         prog="nbdfabric node",
         description="Serve one node kind over NBD (see `nbdfabric kinds`).",
     )
-    p.add_argument("kind")
-    p.add_argument("params", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--upstream", action="append", default=[], metavar="URI")
-    p.add_argument("--listen", action="append", default=[], metavar="ADDR")
+    p.add_argument("kind", help="the node's kind (`nbdfabric kinds` lists them)")
+    p.add_argument(
+        "params",
+        nargs="*",
+        default=[],  # else parse_intermixed_args said "required: kind, KEY=VALUE" without a kind
+        metavar="KEY=VALUE",
+        help="the kind's params (`nbdfabric kinds KIND`); a first bare word sets its magic "
+        "param: memory 1G, file disk.img",
+    )
+    p.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="URI",
+        help="NBD URI the node reads through (nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?"
+        "socket=PATH, nbds:// and nbds+unix:// for TLS): one for a filter, one per member, "
+        "in order, for a fan",
+    )
+    p.add_argument(
+        "--listen",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="serve NBD on HOST:PORT, [IPV6]:PORT, unix:PATH or fd:N (port 0 picks a free "
+        "one); repeatable; default 127.0.0.1:10809",
+    )
     p.add_argument("--control", metavar="ADDR", help="serve gRPC control + health here")
     p.add_argument("--no-reflection", action="store_true", help="turn gRPC reflection off")
     p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics here")
-    p.add_argument("--export-name", default="", metavar="NAME")
-    p.add_argument("--description", default="", metavar="TEXT")
-    p.add_argument("-r", "--read-only", action="store_true")
-    p.add_argument("--print-uri", action="store_true")
-    p.add_argument("--ready-file", metavar="PATH")
-    p.add_argument("--run", metavar="CMD")
+    p.add_argument("--export-name", default="", metavar="NAME", help="the export's name")
+    p.add_argument("--description", default="", metavar="TEXT", help="the export's description")
+    p.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
+    p.add_argument(
+        "--print-uri",
+        action="store_true",
+        help="print the node's NBD URI once it serves (the real port when 0 was asked)",
+    )
+    p.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help='once it serves, write {"uri": ..., "control": ...} here as JSON',
+    )
+    p.add_argument(
+        "--run",
+        metavar="CMD",
+        help="captive mode: serve, run CMD through the shell with $uri (and $control) set, "
+        "then stop and exit with its status",
+    )
     p.add_argument(
         "-s",
         "--single",
@@ -62,24 +98,56 @@ def _node_parser() -> argparse.ArgumentParser:
         "request order; serial: one request at a time",
     )
     # -1 was taken: every client was then turned away, as if the limit were reached
-    p.add_argument("--max-connections", type=whole(0), default=0, metavar="N")
+    p.add_argument(
+        "--max-connections",
+        type=whole(0),
+        default=0,
+        metavar="N",
+        help="turn away clients beyond N at once (default 0: no limit)",
+    )
     p.add_argument("--no-sr", action="store_true", help="refuse structured replies (testing)")
     p.add_argument(
         "--eof-tolerant",
         action="store_true",
         help="a read running past the end returns the valid part, then an error for the tail",
     )
-    p.add_argument("--tls", choices=("off", "on", "require"), default="off")
-    p.add_argument("--tls-certificates", metavar="DIR")
-    p.add_argument("--tls-psk", metavar="FILE")
-    p.add_argument("--tls-verify-peer", action="store_true")
-    p.add_argument("--upstream-tls-certificates", metavar="DIR")
-    p.add_argument("--upstream-timeout", type=seconds(), default=30.0, metavar="SECONDS")
+    p.add_argument(
+        "--tls",
+        choices=("off", "on", "require"),
+        default="off",
+        help="off (default), on: offered to clients, require: refuse clients without it",
+    )
+    p.add_argument(
+        "--tls-certificates",
+        metavar="DIR",
+        help="ca-cert.pem, server-cert.pem and server-key.pem, as nbdkit's",
+    )
+    p.add_argument("--tls-psk", metavar="FILE", help="not supported yet: use --tls-certificates")
+    p.add_argument(
+        "--tls-verify-peer",
+        action="store_true",
+        help="only clients with a certificate of the CA in --tls-certificates",
+    )
+    p.add_argument(
+        "--upstream-tls-certificates",
+        metavar="DIR",
+        help="for nbds:// upstreams: ca-cert.pem (and client-cert.pem, client-key.pem)",
+    )
+    p.add_argument(
+        "--upstream-timeout",
+        type=seconds(),
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait at start for upstreams to accept connections (default 30)",
+    )
     # The kernel refuses 0 or less (and more than 32767) with EINVAL at setsockopt, which ran
     # in the accept loop: the first client ended it, and the node never accepted again.
-    p.add_argument("--keepalive-idle", type=_keepalive, metavar="SECONDS")
-    p.add_argument("--keepalive-interval", type=_keepalive, metavar="SECONDS")
-    p.add_argument("--keepalive-count", type=_keepalive_count, metavar="N")
+    p.add_argument("--keepalive-idle", type=_keepalive, metavar="SECONDS",
+                   help="TCP keepalive: idle time before the first probe")  # fmt: skip
+    p.add_argument("--keepalive-interval", type=_keepalive, metavar="SECONDS",
+                   help="TCP keepalive: time between probes")  # fmt: skip
+    p.add_argument("--keepalive-count", type=_keepalive_count, metavar="N",
+                   help="TCP keepalive: unanswered probes before the client is gone")  # fmt: skip
     p.add_argument(
         "--handshake-limit",
         type=seconds(zero=True),
@@ -127,7 +195,8 @@ def cmd_node(argv: Sequence[str]) -> int:
         params = parse_params(args.kind, cls.Params, list(args.params), cls.magic)
         listen = [parse_address(a) for a in args.listen]
     except (ParamError, AddressError, KeyError) as exc:
-        print(f"nbdfabric node: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # one per problem: each says whose it is
+            print(f"nbdfabric node: {line}", file=sys.stderr)
         return 1
     if len(args.export_name.encode(errors="surrogateescape")) > MAX_EXPORT_NAME:
         print(f"nbdfabric node: --export-name is longer than NBD's {MAX_EXPORT_NAME} bytes",
@@ -224,8 +293,10 @@ def cmd_kinds(argv: Sequence[str]) -> int:
                 flags.append("required")
             elif prm["repeat"]:
                 flags.append("may be repeated")
+            elif prm["default"] is None:
+                flags.append("optional")
             else:
-                flags.append(f"default {prm['default']}")
+                flags.append(f"default {default_text(prm['type'], prm['default'])}")
             if prm["live"]:
                 flags.append("live")
             if prm["name"] == cls.magic:
@@ -249,6 +320,28 @@ def cmd_kinds(argv: Sequence[str]) -> int:
     return 0
 
 
+_SIZE_UNITS = ("E", "P", "T", "G", "M", "K")
+
+
+def default_text(kind: str, value: Any) -> str:
+    """A param's default as the command line takes it back: `5s`, `64M`, `EIO`, `true`, ''
+    (Python's 5.0, 67108864, 5, True and an empty string said less, or other things)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value == "":
+        return "''"
+    if kind == "errno" and isinstance(value, int):
+        return errno.errorcode.get(value, str(value))
+    if kind == "size" and isinstance(value, int) and value > 0:
+        for i, unit in enumerate(_SIZE_UNITS):
+            scale = 1 << (10 * (len(_SIZE_UNITS) - i))
+            if value % scale == 0:
+                return f"{value // scale}{unit}"
+    if isinstance(value, float):
+        return f"{value:g}" + ("s" if kind == "duration" else "")
+    return str(value)
+
+
 USAGE = """usage: nbdfabric COMMAND ...
 
 node KIND [KEY=VALUE ...]   serve one node (plugin, filter or fan) over NBD
@@ -258,6 +351,7 @@ health ADDR                 exit 0 only if the node at ADDR is SERVING
 up FILE | down | status | validate FILE | graph | set NODE K=V | logs NODE
 compose FILE | k8s FILE | schema | events
                             run and inspect fabrics from a topology file
+--version                   print the version
 """
 
 
@@ -273,9 +367,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: list[str]) -> int:
-    if not args or args[0] in ("-h", "--help", "help"):
+    if not args:  # a usage error: on stderr, as argparse's
+        print(USAGE, file=sys.stderr)
+        return 2
+    if args[0] in ("-h", "--help", "help"):
         print(USAGE)
-        return 0 if args else 2
+        return 0
+    if args[0] in ("-V", "--version"):
+        from .control.server import version
+
+        print(f"nbdfabric {version()}")
+        return 0
     command, rest = args[0], args[1:]
     if command == "node":
         return cmd_node(rest)

@@ -7,11 +7,13 @@ Spellings follow nbdkit: sizes `1G`/`512K`, durations `10ms`/`2s`, rates `10%`, 
 
 from __future__ import annotations
 
+import difflib
 import errno as _errno
 import functools
 import math
 import re
 import typing
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 from pydantic import (
@@ -334,6 +336,12 @@ def validate_model(model: type[Params], values: dict[str, Any]) -> Params:
     return model.model_validate(values)
 
 
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`, did you mean 'size'?` for a near miss of one of `choices` (a typo), else ''."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.75)
+    return f", did you mean '{close[0]}'?" if close else ""
+
+
 def format_error(kind: str, model: type[Params], exc: ValidationError) -> str:
     lines = []
     names = ", ".join(e["name"] for e in field_info(model)) or "(none)"
@@ -343,7 +351,8 @@ def format_error(kind: str, model: type[Params], exc: ValidationError) -> str:
             msg = str(err["msg"]).removeprefix("Value error, ")
             lines.append(f"{kind}: {msg}")
         elif err["type"] == "extra_forbidden":
-            lines.append(f"{kind}: unknown parameter '{key}' (accepts: {names})")
+            hint = did_you_mean(key, (e["name"] for e in field_info(model)))
+            lines.append(f"{kind}: unknown parameter '{key}'{hint} (accepts: {names})")
         elif err["type"] == "missing":
             lines.append(f"{kind}: parameter '{key}' is required")
         else:

@@ -45,7 +45,10 @@ def kinds() -> dict[str, type[Backend]]:
 
 class UnknownKind(KeyError):
     def __str__(self) -> str:
-        return f"unknown node kind {self.args[0]!r} (see `nbdfabric kinds`)"
+        from .params import did_you_mean
+
+        hint = did_you_mean(str(self.args[0]), _KINDS)
+        return f"unknown node kind {self.args[0]!r}{hint} (see `nbdfabric kinds`)"
 
 
 def get(kind: str) -> type[Backend]:

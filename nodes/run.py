@@ -288,7 +288,7 @@ def run_node(spec: NodeSpec) -> int:
         return 1
 
 
-def describe(exc: Exception) -> str:
+def describe(exc: BaseException) -> str:
     """An error as a person reads it: `/x: No such file or directory`, not `[Errno 2] ...`."""
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror

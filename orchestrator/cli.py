@@ -26,7 +26,10 @@ from typing import Any
 
 import grpc
 
+from nodes.argtypes import whole
+
 from .backends.process import (
+    START_MARK,
     RunDir,
     clean_run_dir,
     kill_leftovers,
@@ -248,7 +251,9 @@ def cmd_up(argv: Sequence[str]) -> int:
             print(f"  {n}: add")
         return 0
     if run.state.exists():  # a supervisor that died: clear what it left
-        _leftovers(run)
+        if stopped := _leftovers(run):
+            _err("up", f"fabric {topology.name}: its supervisor had died; stopped the "
+                 f"{stopped} processes it left")  # fmt: skip
         clean_run_dir(run)
     backend = args.backend or "process"
     if backend == "docker":
@@ -274,6 +279,10 @@ def _reapply(client: Client, topology: Topology, path: Path, dry_run: bool) -> i
     except grpc.RpcError as exc:
         _err("up", _rpc_error(exc))
         return 1
+    except KeyboardInterrupt:
+        _err("up", "interrupted: the fabric runs on without the nodes that had not started "
+             "yet (`nbdfabric status`); `nbdfabric up` again starts them")  # fmt: skip
+        return 128 + signal.SIGINT
     finally:
         client.close()
     for a in reply.actions:
@@ -301,17 +310,15 @@ def _detach(
             cwd="/",
             env={**os.environ, "PYTHONPATH": _import_root()},
         )
-    client = None
-    while client is None:
-        if daemon.poll() is not None:
-            _err("up", f"the supervisor exited ({daemon.returncode}):\n"
-                 + log_tail(run.supervisor_log))  # fmt: skip
-            return 1
-        client = connect(run)
-        if client is None:
-            time.sleep(0.05)
     try:
+        client = _wait_for_supervisor(daemon, run)
+        if client is None:
+            return 1
         reply = _apply(client, topology, path)
+    except KeyboardInterrupt:  # Ctrl-C before the fabric was up: no half-started fabric left
+        print("stopping...", file=sys.stderr, flush=True)
+        _down(run, connect(run))
+        return 128 + signal.SIGINT
     except grpc.RpcError as exc:
         _err("up", _rpc_error(exc))
         _down(run, client)
@@ -322,6 +329,19 @@ def _detach(
     _print_exports(reply.exports)
     client.close()
     return 0
+
+
+def _wait_for_supervisor(daemon: subprocess.Popen[bytes], run: RunDir) -> Client | None:
+    """A client of the supervisor just started, or None after saying why it exited."""
+    while True:
+        if daemon.poll() is not None:
+            _err("up", f"the supervisor exited ({daemon.returncode}):\n"
+                 + log_tail(run.supervisor_log))  # fmt: skip
+            return None
+        client = connect(run)
+        if client is not None:
+            return client
+        time.sleep(0.05)
 
 
 def _import_root() -> str:
@@ -345,13 +365,15 @@ def _foreground(
         async with hosted(run, backend, image) as sup:
             loop = asyncio.get_running_loop()
             pending: set[asyncio.Future[Any]] = set()
+            received: list[int] = []
 
-            def down() -> None:
+            def down(sig: int) -> None:
                 print("stopping...", flush=True)
-                pending.add(asyncio.ensure_future(sup.down()))
+                received.append(sig)
+                pending.add(asyncio.ensure_future(sup.down()))  # ends a start under way too
 
             for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, down)
+                loop.add_signal_handler(sig, down, sig)
 
             async def printer() -> None:
                 async for event in sup.watch(replay=True):
@@ -361,10 +383,11 @@ def _foreground(
             try:
                 await sup.apply(topology)
             except ApplyError as exc:
-                _err("up", str(exc))
+                if not received:  # else Ctrl-C (or SIGTERM) came before every node started
+                    _err("up", str(exc))
                 await sup.down()
                 printing.cancel()
-                return 1
+                return 128 + received[0] if received else 1
             print(f"fabric {topology.name}: {len(topology.nodes)} nodes up; Ctrl-C stops it",
                   flush=True)  # fmt: skip
             _print_exports(export_messages(sup))
@@ -406,6 +429,24 @@ def _down(run: RunDir, client: Client | None) -> int:
     return stopped
 
 
+def _orphans(run: RunDir) -> list[str]:
+    """The nodes of a fabric whose supervisor died that still run (state.json's pids)."""
+    nodes = _state(run).get("nodes") or {}
+    return [
+        name
+        for name, entry in nodes.items()
+        if isinstance(entry, dict)
+        and int(entry.get("pid") or 0)
+        and pid_matches(int(entry["pid"]), str(run.ready(name)))
+    ]
+
+
+def _left_running(run: RunDir) -> bool:
+    """Whether the run dir holds more than the logs a `down` keeps (the files of a fabric whose
+    supervisor died, say): then there may be processes to kill and files to remove."""
+    return run.path.is_dir() and any(p.suffix != ".log" for p in run.path.iterdir())
+
+
 def cmd_down(argv: Sequence[str]) -> int:
     args = _parser("down", "Stop every node of a fabric and its supervisor.").parse_args(argv)
     found = _find_fabric("down", args)
@@ -413,7 +454,7 @@ def cmd_down(argv: Sequence[str]) -> int:
         return 1
     name, run = found
     client = connect(run)
-    if client is None and not run.path.exists():
+    if client is None and not _left_running(run):
         print(f"fabric {name} is not running")
         return 0
     n = _down(run, client)
@@ -463,8 +504,13 @@ def cmd_status(argv: Sequence[str]) -> int:
     name, run = found
     client = connect(run)
     if client is None:
+        orphans = _orphans(run)
         if args.json:
             print("[]")
+        elif orphans:
+            print(f"fabric {name} is not running: its supervisor is gone, but nodes "
+                  f"{', '.join(orphans)} still run (`nbdfabric down` stops them; "
+                  "`nbdfabric up` starts the fabric anew)", file=sys.stderr)  # fmt: skip
         else:
             print(f"fabric {name} is not running", file=sys.stderr)
         return NOT_RUNNING
@@ -515,14 +561,24 @@ def cmd_status(argv: Sequence[str]) -> int:
         hint = trust_hint(n.members, n.control) if n.role == "fan" and n.control else None
         if hint:
             print(f"{n.name}: {hint}")
+        if n.state == "failed":
+            print(_failed_text(n))
     return 0
+
+
+def _failed_text(n: Any) -> str:
+    """Why a node is down for good (the supervisor gave up, or its policy says not to restart
+    it): how it ended and the last thing it logged, which is most often the reason."""
+    last = log_tail(Path(n.log_path), 1) if n.log_path else ""
+    said = f": {last}" if last and not last.startswith(START_MARK) else ""
+    return f"{n.name}: failed ({n.last_error or 'not running'}){said}; `nbdfabric logs {n.name}`"
 
 
 def cmd_logs(argv: Sequence[str]) -> int:
     p = _parser("logs", "Show a node's log (stderr), or the supervisor's without NODE.")
     p.add_argument("node", nargs="?")
     p.add_argument("--follow", "-F", action="store_true", help="keep printing what is appended")
-    p.add_argument("--tail", "-n", type=int, metavar="N", help="only the last N lines")
+    p.add_argument("--tail", "-n", type=whole(0), metavar="N", help="only the last N lines")
     p.add_argument("--events", action="store_true", help="stream supervisor events (gRPC)")
     args = p.parse_args(argv)
     found = _find_fabric("logs", args)
@@ -537,8 +593,9 @@ def cmd_logs(argv: Sequence[str]) -> int:
         return 1
     with path.open("r", errors="replace") as f:
         text = f.read()
-        if args.tail is not None:
-            text = "\n".join(text.rstrip("\n").splitlines()[-args.tail :]) + "\n"
+        if args.tail is not None:  # [-0:] would be every line
+            lines = text.splitlines(keepends=True)
+            text = "".join(lines[len(lines) - min(args.tail, len(lines)) :])
         sys.stdout.write(text)
         sys.stdout.flush()
         while args.follow:
@@ -607,9 +664,9 @@ def cmd_set(argv: Sequence[str]) -> int:
 
     try:
         changes = parse_changes(args.changes)
-    except ValueError as exc:
+    except ValueError as exc:  # usage, as for `ctl ADDR set`
         _err("set", str(exc))
-        return 1
+        return 2
     found = _find_fabric("set", args)
     if found is None:
         return 1

@@ -34,6 +34,7 @@ from .backends.process import (
     ProcessBackend,
     RunDir,
     StartError,
+    exit_text,
 )
 from .topology import Node, Topology
 
@@ -197,7 +198,12 @@ class NodeRunner:
         except StartError as exc:
             await proc.kill()
             self.state = "failed"
-            self.last_error = str(exc).splitlines()[0]
+            # "exited with status 1", not "node 'x' exited with status 1; /run/x.log:"
+            self.last_error = str(exc).split("; ", 1)[0].removeprefix(f"node {self.name!r} ")
+            raise
+        except asyncio.CancelledError:  # an apply cut short (Ctrl-C, its client went away)
+            await proc.kill()
+            self.state = "stopped"
             raise
         self.state = "running"
         self.sup.save_state()
@@ -210,7 +216,7 @@ class NodeRunner:
                 self._set_health(health)
                 return
             if not proc.alive():
-                raise StartError(proc.failure(f"exited with status {proc.returncode}"))
+                raise StartError(proc.failure(exit_text(proc.returncode)))
             if time.monotonic() > deadline:
                 raise StartError(proc.failure(f"not SERVING after {START_TIMEOUT:.0f}s ({health})"))
             await proc.wait_exit(0.05)
@@ -271,7 +277,7 @@ class NodeRunner:
             if proc.returncode is not None:
                 self.health = "UNKNOWN"
                 self.healthy_since = 0.0
-                return f"exited with status {proc.returncode}", proc.returncode
+                return exit_text(proc.returncode), proc.returncode
             health = await self.check()
             if proc.returncode is not None:
                 continue
@@ -422,6 +428,8 @@ class Supervisor:
         self.subscribers: list[asyncio.Queue[Event]] = []
         self.lock = asyncio.Lock()
         self.finished = asyncio.Event()
+        #: The apply under way, which `down` cancels.
+        self.applying: asyncio.Future[list[plan.Action]] | None = None
 
     # events ---------------------------------------------------------------------------------
 
@@ -448,41 +456,68 @@ class Supervisor:
     # apply ----------------------------------------------------------------------------------
 
     async def apply(self, topology: Topology, dry_run: bool = False) -> list[plan.Action]:
+        """Bring the fabric to `topology`; ApplyError names the nodes that did not start, or
+        says that `down` cut the apply short."""
         async with self.lock:
-            old = self.topology
-            actions = plan.diff(old, topology)
-            if dry_run:
-                return actions
-            by_node = {a.node: a for a in actions}
-            for a in actions:
-                if a.action == plan.REMOVE:
-                    await self.runners.pop(a.node).stop()
-            self.topology = topology
-            for a in actions:
-                if a.action in (plan.UNCHANGED, plan.CONFIGURE):
-                    self.runners[a.node].node = topology.nodes[a.node]
-            for a in actions:
-                if a.action == plan.CONFIGURE and not await self._configure_live(a):
-                    by_node[a.node] = plan.Action(a.node, plan.RESTART, a.reason + " (restart)")
-            self.emit("", "apply", ", ".join(f"{a.node}:{a.action}" for a in by_node.values()))
+            work = self.applying = asyncio.ensure_future(self._apply(topology, dry_run))
             try:
-                await self.backend.prepare(topology)
-            except Exception as exc:  # the engine refused: name it, start nothing
-                raise ApplyError(f"{self.backend.name} backend: {exc}") from exc
-            failures: list[str] = []
-            for group in plan.levels(topology):
-                todo = [n for n in group if by_node[n].action in (plan.ADD, plan.RESTART)]
-                results = await asyncio.gather(
-                    *(self._start(topology.nodes[n], by_node[n].action) for n in todo),
-                    return_exceptions=True,
-                )
-                failures += [str(r) for r in results if isinstance(r, BaseException)]
-                if failures:
-                    break
-            self.save_state()
+                return await work
+            except asyncio.CancelledError:
+                if not work.cancelled() or _cancelled():
+                    raise
+                raise ApplyError("stopped by `down` before every node had started") from None
+            finally:
+                self.applying = None
+
+    async def _apply(self, topology: Topology, dry_run: bool) -> list[plan.Action]:
+        old = self.topology
+        actions = [self._unless_down(a) for a in plan.diff(old, topology)]
+        if dry_run:
+            return actions
+        by_node = {a.node: a for a in actions}
+        for a in actions:
+            if a.action == plan.REMOVE:
+                await self.runners.pop(a.node).stop()
+        self.topology = topology
+        for a in actions:
+            if a.action in (plan.UNCHANGED, plan.CONFIGURE):
+                self.runners[a.node].node = topology.nodes[a.node]
+        for a in actions:
+            if a.action == plan.CONFIGURE and not await self._configure_live(a):
+                by_node[a.node] = plan.Action(a.node, plan.RESTART, a.reason + " (restart)")
+        self.emit("", "apply", ", ".join(f"{a.node}:{a.action}" for a in by_node.values()))
+        try:
+            await self.backend.prepare(topology)
+        except Exception as exc:  # the engine refused: name it, start nothing
+            raise ApplyError(f"{self.backend.name} backend: {exc}") from exc
+        failures: list[str] = []
+        for group in plan.levels(topology):
+            todo = [n for n in group if by_node[n].action in (plan.ADD, plan.RESTART)]
+            results = await asyncio.gather(
+                *(self._start(topology.nodes[n], by_node[n].action) for n in todo),
+                return_exceptions=True,
+            )
+            failures += [str(r) for r in results if isinstance(r, BaseException)]
             if failures:
-                raise ApplyError("\n".join(failures))
-            return list(by_node.values())
+                break
+        self.save_state()
+        if failures:
+            raise ApplyError("\n".join(failures))
+        return list(by_node.values())
+
+    def _unless_down(self, action: plan.Action) -> plan.Action:
+        """A node the file leaves as it is but that does not run (an earlier apply failed or
+        was interrupted before it, or supervision gave up on it) is started again: `up`
+        brings the fabric to what the file says, as docker compose does."""
+        if action.action not in (plan.UNCHANGED, plan.CONFIGURE):
+            return action
+        runner = self.runners.get(action.node)
+        if runner is None:
+            return plan.Action(action.node, plan.ADD, "not started yet")
+        alive = runner.process is not None and runner.process.alive()  # a container has no pid
+        if alive or (runner.task is not None and not runner.task.done()):
+            return action  # running, or being restarted by its supervision
+        return plan.Action(action.node, plan.RESTART, f"not running: {runner.state}")
 
     async def _start(self, node: Node, action: str) -> None:
         runner = self.runners.get(node.name)
@@ -549,6 +584,10 @@ class Supervisor:
     # down -----------------------------------------------------------------------------------
 
     async def down(self) -> list[str]:
+        if self.applying is not None:
+            # A start under way (a node waiting for its upstream for --upstream-timeout) ends
+            # now rather than holding the lock, and Ctrl-C or `down` with it, until it is over.
+            self.applying.cancel()
         async with self.lock:
             stopped: list[str] = []
             if self.topology is not None:

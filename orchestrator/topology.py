@@ -18,7 +18,14 @@ from typing import Annotated, Any, Literal, NamedTuple, Protocol, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from nodes.params import Params, field_info, shown_input, validate_model, whole_number
+from nodes.params import (
+    Params,
+    did_you_mean,
+    field_info,
+    shown_input,
+    validate_model,
+    whole_number,
+)
 
 RESTART_POLICIES = ("always", "on-failure", "never")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -521,7 +528,8 @@ class _Validator:
         cls = self.kinds.get(spec.kind)
         if cls is None:
             known = ", ".join(sorted(self.kinds)) or "(none)"
-            self.problem((*path, "kind"), f"unknown kind {spec.kind!r} (known: {known})")
+            hint = did_you_mean(spec.kind, self.kinds)
+            self.problem((*path, "kind"), f"unknown kind {spec.kind!r}{hint} (known: {known})")
             return None
         if spec.upstream is not None and spec.upstreams is not None:
             self.problem(path, "give either 'upstream' or 'upstreams', not both")
@@ -587,7 +595,8 @@ class _Validator:
             key = ".".join(str(p) for p in err["loc"])
             where = (*path, "params", key)
             if err["type"] == "extra_forbidden":
-                self.problem(where, f"unknown parameter of {kind} (accepts: {names})")
+                hint = did_you_mean(key, info)
+                self.problem(where, f"unknown parameter of {kind}{hint} (accepts: {names})")
             elif err["type"] == "missing":
                 self.problem((*path, "params"), f"{kind} needs parameter '{key}'")
             else:
@@ -756,7 +765,8 @@ class _Validator:
         for err in exc.errors():
             where = (*path, *err["loc"])
             if err["type"] == "extra_forbidden":
-                self.problem(where, f"unknown field (accepts: {accepts})")
+                hint = did_you_mean(str(err["loc"][-1]), accepts.split(", "))
+                self.problem(where, f"unknown field{hint} (accepts: {accepts})")
             elif err["type"] == "missing":
                 self.problem(where, "required field is missing")
             else:

@@ -288,6 +288,9 @@ def test_control_health_command_exit_codes(node, tmp_path):
     assert unknown.returncode == 1 and "nope" not in ok.stderr
     absent = ctl("health", f"unix:{tmp_path}/absent.sock", "--timeout", "1")
     assert absent.returncode == 3 and "cannot reach" in absent.stderr
+    # The OS's reason, not gRPC's wrapping of it ("failed to connect to all addresses; ...").
+    assert absent.stderr.count("No such file or directory") == 1, absent.stderr
+    assert "failed to connect" not in absent.stderr and "FAILED_PRECONDITION" not in absent.stderr
     p.stop()
     assert ctl("health", p.control, "--timeout", "1").returncode == 3
 
@@ -337,3 +340,41 @@ def test_control_ctl_human_output(node):
     assert "memory" in info.stdout and "16M" in info.stdout and p.uri in info.stdout
     stats = ctl("ctl", p.control, "stats")
     assert stats.returncode == 0 and "block_status" in stats.stdout
+
+
+@pytest.mark.parametrize(
+    ("running", "done", "said"),
+    [(True, 1 << 29, "running 50.0%"), (False, 1 << 30, "done 100.0%"),
+     (False, 1 << 29, "stopped 50.0%")],
+)  # fmt: skip
+def test_control_rebuild_progress_says_a_finished_rebuild_is_done(
+    running: bool, done: int, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ctl ADDR rebuild` / `members`: a rebuild that copied everything said 'stopped 100.0%',
+    which reads as one cut short."""
+    from nodes.control.cli import show_progress
+
+    show_progress(pb.RebuildProgress(running=running, member_index=1, done_bytes=done,
+                                     total_bytes=1 << 30))  # fmt: skip
+    assert capsys.readouterr().out.startswith(f"rebuild member 1: {said} (")
+
+
+def test_control_members_say_how_to_take_back_a_member_marked_faulty(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`ctl faulty INDEX` keeps a mirror member out, healthy or not, until `ctl replace`; the
+    members table showed a healthy 'faulty' member and no way back (`rebuild start` said
+    'idle')."""
+    from nodes.control.cli import show_members
+
+    uri = "nbd+unix:///?socket=/run/b.sock"
+    held = pb.Member(index=1, uri=uri, state="faulty", healthy=True,
+                     detail_json=json.dumps({"held": True}))  # fmt: skip
+    show_members([pb.Member(index=0, uri="nbd://a/", state="in_sync", healthy=True), held],
+                 None, "unix:/run/m.ctl")  # fmt: skip
+    out = capsys.readouterr().out
+    assert (
+        f"member 1 stays out until taken back: nbdfabric ctl unix:/run/m.ctl replace 1 '{uri}'"
+        in out
+    )
+    assert "member 0" not in out

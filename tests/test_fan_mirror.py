@@ -767,5 +767,7 @@ def test_mirror_process_starts_without_an_unreachable_member_and_takes_it_in(
 
 def test_mirror_process_without_any_member_does_not_start(start_node: Any, tmp_path: Path) -> None:
     uris = [f"nbd+unix:///?socket={tmp_path}/{n}.sock" for n in "ab"]
-    with pytest.raises(RuntimeError, match=r"exited 1: .*member 0 .* did not start: .*within 1s"):
+    with pytest.raises(
+        RuntimeError, match=r"(?s)exited 1: .*member 0 .* did not start: .*within 1s"
+    ):
         start_node("mirror", upstreams=uris, extra=("--upstream-timeout", "1"))

@@ -132,6 +132,8 @@ def test_orchestrator_up_serves_every_export_and_down_leaves_nothing(
     fabric.cli("down")
     assert_all_gone(tmp_path, pids)
     assert fabric.cli("status", check=False).returncode == 3
+    # The logs stay in the run dir; that is no fabric ("down (0 processes stopped)").
+    assert fabric.cli("down").stdout == "fabric f is not running\n"
 
 
 def test_orchestrator_restarts_killed_node_and_export_serves_again(
@@ -152,7 +154,7 @@ def test_orchestrator_restarts_killed_node_and_export_serves_again(
     # The data lives in `disk`: the restarted filter serves it again, over TCP too.
     assert read_sha(tmp_path, fabric.uri("vm1", "nbd://"), 1 << 20) == digest
     events = fabric.cli("logs", "--events").stdout
-    assert "slow: exited: exited with status -9" in events
+    assert "slow: exited: killed by SIGKILL" in events  # not "exited with status -9"
     assert "slow: restarted: pid" in events
 
 
@@ -177,6 +179,50 @@ def test_orchestrator_reapply_restarts_only_the_changed_node(
     assert {n: final[n]["pid"] for n in final} == {n: after[n]["pid"] for n in after}
     assert param_value(final["slow"]["control"], "delay-read") in ("0.003", "3ms")
     write_read(tmp_path, fabric.uri("vm2"), 2 << 20)
+
+
+def test_orchestrator_reapply_starts_what_an_earlier_apply_failed_to(
+    fabric: Fabric, tmp_path: Path
+) -> None:
+    """An edit that adds a node which cannot start (its file is missing) fails, and the node
+    over it is never started; once the file is there, `up` again starts both. It said
+    `unchanged` for the failed one and died on the other (`Unexpected <class 'KeyError'>`)."""
+    fabric.up()
+    disk = tmp_path / "late.img"
+    fabric.file.write_text(
+        CHAIN.replace("exports:", f"  late: {{kind: file, params: {{file: {disk}}}, "
+                      "restart: never}\n  over: {kind: cow, upstream: late}\nexports:")
+    )  # fmt: skip
+    res = fabric.cli("up", "--detach", str(fabric.file), check=False)
+    assert res.returncode == 1 and "node 'late' exited" in res.stderr, res.stderr
+    # `status` says why, with the node's last words.
+    assert (f"late: failed (exited with status 1): nbdfabric node file: {disk}: No such file "
+            "or directory; `nbdfabric logs late`") in fabric.cli("status").stdout  # fmt: skip
+    disk.write_bytes(bytes(1 << 20))
+    out = fabric.cli("up", "--detach", str(fabric.file)).stdout
+    assert "late: restart (not running: failed)" in out and "over: add" in out, out
+    nodes = fabric.status()
+    for name in ("late", "over", "disk"):
+        assert (nodes[name]["state"], nodes[name]["health"]) == ("running", "SERVING")
+    assert "unchanged" in fabric.cli("up", "--dry-run", str(fabric.file)).stdout
+
+
+def test_orchestrator_relative_unix_listen_is_beside_the_file(tmp_path: Path) -> None:
+    """`listen: [unix:vm.sock]` is a socket beside the topology file, and `up` and `status`
+    print its URI with the full path: it said `socket=vm.sock`, which a client run from
+    anywhere but the file's directory could not use (up -f sub/fabric.yaml)."""
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    fab = Fabric(sub, "name: f\nnodes:\n  disk: {kind: memory, params: {size: 1M}}\n"
+                 "exports:\n  vm: {node: disk, listen: ['unix:vm.sock']}\n")  # fmt: skip
+    fab.dir = tmp_path  # the operator's directory
+    uri = f"nbd+unix:///vm?socket={sub}/vm.sock"
+    try:
+        assert f"vm: {uri}" in fab.cli("up", "--detach", str(fab.file)).stdout
+        assert f"export vm: {uri}" in fab.cli("status", "-f", str(fab.file)).stdout
+        assert run(["nbdinfo", "--size", uri]).stdout.strip() == str(1 << 20)
+    finally:
+        fab.cli("down", "-f", str(fab.file), check=False)
 
 
 WORKERS = """\
@@ -324,6 +370,52 @@ def test_orchestrator_foreground_up_stops_in_order_on_sigint(tmp_path: Path) -> 
     assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
 
 
+#: A node that takes --upstream-timeout (30 s) to fail: its upstream refuses connections.
+SLOW_START = """\
+name: f
+nodes:
+  disk: {kind: memory, params: {size: 1M}}
+  waits: {kind: cow, upstream: "nbd://127.0.0.1:1/"}
+  over: {kind: cow, upstream: disk}
+"""
+
+
+def starting(fab: Fabric, node: str) -> bool:
+    """Whether the fabric (up, or still coming up) is starting `node`."""
+    if fab.cli("status", check=False).returncode != 0:
+        return False
+    return fab.status().get(node, {}).get("state") == "starting"
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["foreground", "detached"])
+def test_orchestrator_ctrl_c_during_up_stops_the_fabric_at_once(
+    tmp_path: Path, detach: bool
+) -> None:
+    """Ctrl-C while a node is still starting: `up` stops what it started within seconds and
+    exits 130. The foreground one waited for the start to fail (30 s), and a detached one
+    exited but left its supervisor bringing the fabric up."""
+    fab = Fabric(tmp_path, SLOW_START)
+    args = ["up", *(["--detach"] if detach else []), str(fab.file)]
+    command = [sys.executable, "-m", "nodes.cli", *args]
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=fab.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        wait_for(lambda: starting(fab, "waits"), 30, "node waits to be starting")
+        pids = set(fab.pids)
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=15)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        fab.cli("down", check=False)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "stopping..." in out, out
+    assert fab.cli("status", check=False).returncode == 3
+    for pid in pids:
+        wait_for(lambda pid=pid: not alive(pid), 10, f"pid {pid} to exit")
+
+
 def test_orchestrator_restart_never_and_down_after_supervisor_died(tmp_path: Path) -> None:
     fab = Fabric(
         tmp_path,
@@ -336,14 +428,24 @@ def test_orchestrator_restart_never_and_down_after_supervisor_died(tmp_path: Pat
         os.kill(nodes["n"]["pid"], signal.SIGKILL)
         wait_for(lambda: fab.status()["n"]["state"] == "failed", 30, "n to be failed")
         assert (fab.status()["n"]["pid"], fab.status()["n"]["restarts"]) == (0, 0)
+        assert "n: failed (killed by SIGKILL); `nbdfabric logs n`" in fab.cli("status").stdout
+        assert fab.cli("set", "a", "size", check=False).returncode == 2  # usage, as ctl set
         supervisor = int((tmp_path / "r" / "f" / "orchestrator.pid").read_text())
         os.kill(supervisor, signal.SIGKILL)
         wait_for(lambda: not alive(supervisor), 30, "the supervisor to die")
         assert alive(nodes["a"]["pid"])  # orphaned: `down` must still find it
+        # ... and `status` says so, rather than a bare "not running" while `a` serves.
+        res = fab.cli("status", check=False)
+        assert res.returncode == 3, res
+        assert "its supervisor is gone, but nodes a still run (`nbdfabric down`" in res.stderr
     finally:
         fab.cli("down")
     wait_for(lambda: not alive(nodes["a"]["pid"]), 30, "the orphan to be killed")
     assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
+    # The logs stay: -n N is the last N lines (-n 0 printed all of them, -n -1 all but one).
+    assert fab.cli("logs", "a", "-n", "1").stdout.startswith("--- nbdfabric: starting a")
+    assert fab.cli("logs", "a", "-n", "0").stdout == ""
+    assert fab.cli("logs", "a", "-n", "-1", check=False).returncode == 2
 
 
 MIRROR = """\

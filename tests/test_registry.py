@@ -95,3 +95,13 @@ def test_params_checked_together_say_what_is_wrong_without_a_key() -> None:
         parse_params("readahead", ReadaheadParams, args)
     # Not "bad value {...whole dict...} for '?'": the model's own message.
     assert str(caught.value) == "readahead: need 0 < readahead-min <= readahead-max"
+
+
+def test_bare_command_is_a_usage_error_and_version_is_known() -> None:
+    """`nbdfabric` alone: the usage on stderr, exit 2 (it went to stdout); `--version` says
+    the version (it was 'unknown command')."""
+    bare = subprocess.run(NBDFABRIC, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert (bare.returncode, bare.stdout) == (2, "") and "usage:" in bare.stderr
+    res = subprocess.run([*NBDFABRIC, "--version"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=60)  # fmt: skip
+    assert res.returncode == 0 and re.fullmatch(r"nbdfabric \S+\n", res.stdout), res

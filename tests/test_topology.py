@@ -45,12 +45,13 @@ INVALID = [
     (
         "unknown kind",
         "nodes:\n  a: {kind: memroy}\n",
-        "f.yaml:2: nodes.a.kind: unknown kind 'memroy' (known: ",
+        "f.yaml:2: nodes.a.kind: unknown kind 'memroy', did you mean 'memory'? (known: ",
     ),
     (
         "unknown param",
         "nodes:\n  a:\n    kind: memory\n    params: {size: 1M, sise: 2}\n",
-        "f.yaml:4: nodes.a.params.sise: unknown parameter of memory (accepts: size)",
+        "f.yaml:4: nodes.a.params.sise: unknown parameter of memory, did you mean 'size'? "
+        "(accepts: size)",
     ),
     (
         "bad value",
@@ -131,8 +132,8 @@ INVALID = [
     (
         "unknown node field",
         "nodes:\n  a: {kind: memory, params: {size: 1M}, restrat: never}\n",
-        "f.yaml:2: nodes.a.restrat: unknown field (accepts: kind, params, upstream, upstreams, "
-        "restart, max-restarts, poll-max-us, workers)",
+        "f.yaml:2: nodes.a.restrat: unknown field, did you mean 'restart'? (accepts: kind, "
+        "params, upstream, upstreams, restart, max-restarts, poll-max-us, workers)",
     ),
     (
         "bad restart policy",
@@ -525,4 +526,6 @@ def test_cli_validate_exit_status_and_message(tmp_path: Path) -> None:
     assert "ok: fabric t, 2 nodes, 1 export" in ok.stdout
     ko = subprocess.run([*cmd, str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert ko.returncode == 1
-    assert ko.stderr.startswith(f"{bad}:4: nodes.slow.kind: unknown kind 'dely' (known: ")
+    assert ko.stderr.startswith(
+        f"{bad}:4: nodes.slow.kind: unknown kind 'dely', did you mean 'delay'? (known: "
+    )

@@ -25,6 +25,9 @@ from .rpc.nbdfabric.v1 import node_pb2 as pb
 from .rpc.nbdfabric.v1 import node_pb2_grpc as pb_grpc
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+#: `ctl replace` waits for the new member to connect (up to the fan's --upstream-timeout, 30 s
+#: by default) and checks it before answering: the default 10 s gave up on replaces that worked.
+REPLACE_TIMEOUT = 60.0
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -236,6 +239,8 @@ def show_members(
     hint = trust_hint(members, addr)
     if hint:
         print(hint)
+    for line in held_hints(members, addr):
+        print(line)
     if rebuild is not None:
         show_progress(rebuild)
 
@@ -262,6 +267,17 @@ def trust_hint(members: Sequence[pb.Member], addr: str) -> str | None:
     )
 
 
+def held_hints(members: Sequence[pb.Member], addr: str) -> list[str]:
+    """How to take back a member the operator marked faulty (`ctl faulty`): it stays out, even
+    healthy, until replaced, by itself if need be; nothing else said so."""
+    return [
+        f"member {m.index} stays out until taken back: nbdfabric ctl {addr} replace "
+        f"{m.index} '{m.uri}' (rebuilt in full)"
+        for m in members
+        if json.loads(m.detail_json or "{}").get("held")
+    ]
+
+
 def show_progress(p: pb.RebuildProgress) -> None:
     if not p.running and not p.total_bytes:
         print("rebuild: idle")
@@ -273,8 +289,9 @@ def show_progress(p: pb.RebuildProgress) -> None:
         if p.throttle_bytes_per_second
         else ""
     )
+    state = "running" if p.running else "done" if p.done_bytes >= p.total_bytes else "stopped"
     print(
-        f"rebuild{who}: {'running' if p.running else 'stopped'} {pct:.1f}% "
+        f"rebuild{who}: {state} {pct:.1f}% "
         f"({human_size(p.done_bytes)} of {human_size(p.total_bytes)}, "
         f"{human_size(p.rate_bytes_per_second)}/s{throttle})"
     )
@@ -300,7 +317,8 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                    help="machine-readable output")  # fmt: skip
     p.add_argument("--timeout", type=seconds(), default=argparse.SUPPRESS, metavar="SECONDS",
-                   help="give up after this long (default 10; streams: never)")  # fmt: skip
+                   help="give up after this long (default 10, replace 60; streams: "
+                   "never)")  # fmt: skip
     return p
 
 
@@ -337,7 +355,7 @@ def ctl_parser() -> argparse.ArgumentParser:
     r = cmd("replace", "swap member INDEX for a new upstream and rebuild it")
     r.add_argument("index", type=_index_arg)
     r.add_argument("uri")
-    f = cmd("faulty", "stop using member INDEX")
+    f = cmd("faulty", "stop using member INDEX (until `replace INDEX URI` takes it back)")
     f.add_argument("index", type=_index_arg)
     t = cmd("trust", "take member INDEX of a failed mirror or parity array as holding its data")
     t.add_argument("index", type=_index_arg)
@@ -380,7 +398,8 @@ def run_ctl(args: argparse.Namespace, channel: grpc.Channel) -> int:
     stub = pb_grpc.NodeServiceStub(channel)
     as_json = getattr(args, "json", False)
     timeout = getattr(args, "timeout", None)
-    unary = timeout if timeout is not None else 10.0
+    default = REPLACE_TIMEOUT if args.command == "replace" else 10.0
+    unary = timeout if timeout is not None else default
     c = args.command
 
     if c == "health":
@@ -502,11 +521,17 @@ def run_health(channel: grpc.Channel, service: str, timeout: float, as_json: boo
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else EXIT_FAILED
 
 
-def _describe(exc: grpc.RpcError, addr: str) -> tuple[str, int]:
+def _describe(exc: grpc.RpcError, addr: str, channel: grpc.Channel) -> tuple[str, int]:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and _connected(channel):
+        return (
+            f"the node at {addr} did not answer in time: it may still be at it (a replace "
+            "waits for the new member's upstream); --timeout SECONDS waits longer",
+            EXIT_FAILED,
+        )
     if code in _UNREACHABLE:
-        why = "timed out" if code == grpc.StatusCode.DEADLINE_EXCEEDED else details
+        why = "timed out" if code == grpc.StatusCode.DEADLINE_EXCEEDED else _cause(details)
         return (
             f"cannot reach the node at {addr}: {why} (is it running with `--control ADDR`?)",
             EXIT_UNREACHABLE,
@@ -516,12 +541,30 @@ def _describe(exc: grpc.RpcError, addr: str) -> tuple[str, int]:
     return f"{code.name if code else 'error'}: {details}", EXIT_FAILED
 
 
+def _connected(channel: grpc.Channel) -> bool:
+    """Whether the node at the other end is there (a call timed out on a live node)."""
+    try:
+        grpc.channel_ready_future(channel).result(timeout=1)
+    except grpc.FutureTimeoutError:
+        return False
+    return True
+
+
+def _cause(details: str) -> str:
+    """The OS's reason in gRPC's connect failure, without its wrapping: "failed to connect to
+    all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Failed to connect to remote host:
+    Connection refused" is "Connection refused"."""
+    if details.startswith("failed to connect to all addresses") and ": " in details:
+        return details.rsplit(": ", 1)[1]
+    return details
+
+
 def _with_channel(addr: str, prog: str, body: Any) -> int:
     with grpc.insecure_channel(channel_target(addr)) as channel:
         try:
             return int(body(channel))
         except grpc.RpcError as exc:
-            message, status = _describe(exc, addr)
+            message, status = _describe(exc, addr, channel)
         except Failed as exc:
             message, status = str(exc), exc.status
     print(f"{prog}: {message}", file=sys.stderr)

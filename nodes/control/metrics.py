@@ -26,6 +26,7 @@ from prometheus_client.utils import floatToGoString
 
 from ..server.addresses import (
     Address,
+    AddressError,
     bound_address,
     open_listener,
     parse_address,
@@ -172,7 +173,10 @@ def start_metrics(
     returns the bound address (`HOST:PORT` or `unix:PATH`). `runtime` is the node, or a view
     that `refresh` brings up to date before each request."""
     address = parse_address(addr, default_port=0)
-    sock = open_listener(address)
+    try:
+        sock = open_listener(address)
+    except AddressError as exc:  # say which of the node's addresses it is
+        raise AddressError(f"--metrics: {exc}") from None
     registry = registry_for(runtime, node_name)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

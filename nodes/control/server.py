@@ -23,7 +23,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
-from ..server.addresses import parse_address
+from ..server.addresses import AddressError, open_listener, parse_address, remove_socket_file
 from ..server.node import ConfigError, Event, NodeRuntime
 from ..server.poll import POLLER
 from ..stats import LATENCY_BUCKETS
@@ -579,6 +579,19 @@ def bind_target(addr: str) -> tuple[str, str | None]:
     return (f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"), None
 
 
+def _try_bind(addr: str) -> None:
+    """Bind `addr` once ourselves and let go, so that an address in use, a missing directory or
+    an unknown host is said as for --listen. gRPC's own failure is a C-core log line on stderr
+    and 'Failed to bind to address ...; set GRPC_VERBOSITY=debug ...', without the reason."""
+    address = parse_address(addr, default_port=0)
+    try:
+        sock = open_listener(address)
+    except AddressError as exc:
+        raise OSError(errno.EADDRNOTAVAIL, f"--control: {exc}") from None
+    sock.close()
+    remove_socket_file(address)
+
+
 def health_services(export_name: str) -> list[str]:
     """The names grpc.health.v1 answers for: "", the export's name, and the NodeService."""
     return ["", *([export_name] if export_name else []), NODE_SERVICE]
@@ -601,6 +614,7 @@ async def serve_node_service(
         grpc_reflection.enable_server_reflection(
             [NODE_SERVICE, HEALTH_SERVICE, grpc_reflection.SERVICE_NAME], server
         )
+    _try_bind(addr)
     try:
         port = server.add_insecure_port(target)
     except RuntimeError as exc:

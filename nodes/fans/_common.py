@@ -169,9 +169,11 @@ class FanBase(Fan):
             exc = results[i]
             assert isinstance(exc, BaseException)
             await self._stop_started(results)
+            from ..run import describe  # the reason as people read it, not "[Errno 113] ..."
+
             raise OSError(
                 errno.EIO, f"{self.kind}: member {i} ({member_name(self.members[i], i)}) "
-                f"did not start: {exc}"
+                f"did not start: {describe(exc)}"
             ) from exc  # fmt: skip
         present = {i: m.capabilities().normalized() for i, m in enumerate(self.members)
                    if i not in failed}  # fmt: skip

@@ -420,7 +420,7 @@ class NodeRuntime:
 
     def configure(self, changes: dict[str, Any]) -> dict[str, Any]:
         """Apply live param changes atomically; ConfigError names the offending param."""
-        from ..params import ParamError
+        from ..params import ParamError, did_you_mean
 
         model = type(self.backend.params)
         known = {e["name"] for e in field_info(model)}
@@ -428,7 +428,7 @@ class NodeRuntime:
         for key in changes:
             if key not in known:
                 raise ConfigError(
-                    f"{self.backend.kind}: unknown parameter '{key}' "
+                    f"{self.backend.kind}: unknown parameter '{key}'{did_you_mean(key, known)} "
                     f"(live ones: {', '.join(sorted(live)) or 'none'})"
                 )
             if key not in live:

@@ -39,7 +39,7 @@ from ..compose import (
 )
 from ..plan import start_order, stop_order
 from ..topology import Node, Topology
-from .process import RunDir
+from .process import START_MARK, RunDir
 from .process import StartError as ProcessStartError
 
 FABRIC_LABEL = f"{LABEL_PREFIX}.fabric"
@@ -212,7 +212,7 @@ class DockerNode:
         path = self.backend.run.log(self.node.name)
         try:
             with path.open("ab") as f:
-                f.write(f"--- nbdfabric: container {container.name} {container.id[:12]}\n".encode())
+                f.write(f"{START_MARK}container {container.name} {container.id[:12]}\n".encode())
                 f.flush()
                 for chunk in container.logs(stream=True, follow=True):
                     f.write(chunk)

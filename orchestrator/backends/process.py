@@ -132,18 +132,45 @@ def node_command(node: Node, topology: Topology, run: RunDir, control: bool) -> 
     export = topology.export_of(node.name)
     if export is not None:
         for addr in export.listen:
-            cmd += ["--listen", addr]
+            cmd += ["--listen", _from_base(addr, topology.base_dir)]
         cmd += export_words(export)
     if control:
         cmd += ["--control", f"unix:{run.ctl(node.name)}"]
     return cmd
 
 
+#: How a log line that the supervisor writes before each start of a node begins.
+START_MARK = "--- nbdfabric: "
+
+
+def exit_text(status: int | None) -> str:
+    """How a process ended, as people read it: `killed by SIGKILL`, not `exited with status -9`
+    (asyncio's returncode for a death by signal)."""
+    if status is not None and status < 0:
+        try:
+            return f"killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"killed by signal {-status}"
+    return f"exited with status {status}"
+
+
+def _from_base(addr: str, base_dir: str) -> str:
+    """A relative `unix:PATH` is beside the topology file, where the node runs; given absolute,
+    the URIs `up` and `status` print work from any directory (they said `socket=vm1.sock`)."""
+    path = addr.removeprefix("unix:")
+    if path == addr or os.path.isabs(path):
+        return addr
+    return f"unix:{os.path.join(base_dir, path)}"
+
+
 def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a log, from its last `--- nbdfabric:` start line on: a node's log
+    keeps every run, and a failure quoted the runs before it too."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         return ""
+    text = text[text.rfind("\n" + START_MARK) + 1 :]
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
@@ -191,7 +218,7 @@ class NodeProcess:
         cmd = node_command(self.node, self.topology, self.run, self.control_on)
         log = self.run.log(name)
         with log.open("ab") as f:
-            f.write(f"--- nbdfabric: starting {name}: {' '.join(cmd)}\n".encode())
+            f.write(f"{START_MARK}starting {name}: {' '.join(cmd)}\n".encode())
             # A session of its own: Ctrl-C on a foreground `up` reaches the supervisor only,
             # which then stops the nodes in order.
             self.proc = await asyncio.create_subprocess_exec(
@@ -211,7 +238,7 @@ class NodeProcess:
         deadline = time.monotonic() + limit
         while True:
             if self.proc.returncode is not None:
-                raise StartError(self.failure(f"exited with status {self.proc.returncode}"))
+                raise StartError(self.failure(exit_text(self.proc.returncode)))
             if ready.exists():
                 with contextlib.suppress(ValueError, OSError):
                     info = json.loads(ready.read_text())
