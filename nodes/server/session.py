@@ -49,6 +49,9 @@ MAX_IN_FLIGHT = 64
 MAX_BYTES_IN_FLIGHT = 8 * 1024 * 1024
 #: Reply bytes gathered during one feed before they go out anyway.
 MAX_CORK = 256 * 1024
+#: What a hold adds to the requests in flight: enough for _blocked(), so that neither the
+#: feed (no test of its own per request) nor a request that finishes meanwhile reads on.
+_HOLD = MAX_IN_FLIGHT
 
 # Plain ints for the hot path: arithmetic on IntFlag members runs Python code in enum.py.
 _READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
@@ -126,6 +129,7 @@ class Session:
         self._busy_bytes = 0
         self._serial = False
         self._reading_paused = False  #: reading stopped for backpressure
+        self._held = False  #: reading stopped until the loop has run the others (see _hold)
         self._room = asyncio.Event()  #: set while reading may go on (the TLS reader waits on it)
         self._room.set()
         self._feeding = False
@@ -354,7 +358,7 @@ class Session:
             return  # re-entered by a request that finished inline: the running feed goes on
         self._feeding = True
         try:
-            self._framer.feed(self._blocked)
+            more = self._framer.feed(self._blocked)
         except ProtocolError as exc:
             self._finish(exc)
             return
@@ -364,11 +368,32 @@ class Session:
                 self._flush_cork()
         if self._framer.disconnected:
             self._finish()
+        elif more:  # MAX_FEED requests were dispatched: the others' turn
+            self._hold()
         elif self._blocked():
+            self._pause_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
             self._reading_paused = True
             self._room.clear()
             if self._transport is not None:
                 self._transport.pause_reading()
+
+    def _hold(self) -> None:
+        """Stop reading until the event loop has run once more (the other connections' events
+        with it), then go on with what is buffered."""
+        if not self._held:
+            self._held = True
+            self._busy += _HOLD
+            self._loop.call_soon(self._release)
+        self._pause_reading()
+
+    def _release(self) -> None:
+        self._held = False
+        self._busy -= _HOLD
+        if self._reading_paused:
+            self._made_room()
 
     def _blocked(self) -> bool:
         return (
