@@ -49,6 +49,10 @@ MAX_IN_FLIGHT = 64
 MAX_BYTES_IN_FLIGHT = 8 * 1024 * 1024
 #: Reply bytes gathered during one feed before they go out anyway.
 MAX_CORK = 256 * 1024
+#: Seconds of work the costly commands (block status, trim, zero, cache: a few bytes to ask
+#: for gigabytes to walk) of one connection may do inline, in the feeds that read them, before
+#: that connection stops reading for a turn of the event loop: the other clients' turn.
+MAX_INLINE_WORK = 0.02
 #: What a hold adds to the requests in flight: enough for _blocked(), so that neither the
 #: feed (no test of its own per request) nor a request that finishes meanwhile reads on.
 _HOLD = MAX_IN_FLIGHT
@@ -130,6 +134,7 @@ class Session:
         self._serial = False
         self._reading_paused = False  #: reading stopped for backpressure
         self._held = False  #: reading stopped until the loop has run the others (see _hold)
+        self._inline_work = 0.0  #: seconds of costly commands run inline since the last hold
         self._room = asyncio.Event()  #: set while reading may go on (the TLS reader waits on it)
         self._room.set()
         self._feeding = False
@@ -383,6 +388,7 @@ class Session:
     def _hold(self) -> None:
         """Stop reading until the event loop has run once more (the other connections' events
         with it), then go on with what is buffered."""
+        self._inline_work = 0.0
         if not self._held:
             self._held = True
             self._busy += _HOLD
@@ -394,6 +400,14 @@ class Session:
         self._busy -= _HOLD
         if self._reading_paused:
             self._made_room()
+
+    def _charge(self, started: float) -> None:
+        """A costly command is done: if it ran inline (the feed that read it is still going),
+        the loop served no one else meanwhile. Hold reading once that adds up."""
+        if self._feeding:
+            self._inline_work += time.perf_counter() - started
+            if self._inline_work >= MAX_INLINE_WORK:
+                self._hold()
 
     def _blocked(self) -> bool:
         return (
@@ -671,6 +685,7 @@ class Session:
         if emulate_fua:
             flags &= ~_FUA
         if cmd == _STATUS:
+            started = time.perf_counter()
             count = min(length, self.t.size - offset)
             if caps.extents:
                 extents = await backend.extents(count, offset, flags)
@@ -680,7 +695,9 @@ class Session:
             if not clipped:
                 raise OSError(errno.EIO, "the backend returned no extents")
             context = self.t.meta_contexts[0]
-            return [tx.block_status_chunk(req.cookie, context, clipped)]
+            chunk = tx.block_status_chunk(req.cookie, context, clipped)
+            self._charge(started)
+            return [chunk]
         if cmd == _FLUSH:
             await backend.flush(flags)
         elif length == 0:
@@ -688,12 +705,15 @@ class Session:
         elif cmd == _WRITE:
             assert payload is not None
             await backend.pwrite(payload, offset, flags)
-        elif cmd == _TRIM:
-            await backend.trim(length, offset, flags)
-        elif cmd == _ZERO:
-            await self._zero(length, offset, flags)
-        elif cmd == _CACHE:
-            await self._cache(length, offset, flags)
+        else:
+            started = time.perf_counter()
+            if cmd == _TRIM:
+                await backend.trim(length, offset, flags)
+            elif cmd == _ZERO:
+                await self._zero(length, offset, flags)
+            elif cmd == _CACHE:
+                await self._cache(length, offset, flags)
+            self._charge(started)
         if emulate_fua and length:
             await backend.flush(0)
         return [tx.simple_reply(req.cookie)]
