@@ -480,6 +480,26 @@ def test_raw_a_deep_pipeline_on_tcp_does_not_stall_other_clients(start_node) -> 
     assert took < 1.5, f"a second client waited {took:.1f}s for a 4K read"
 
 
+def test_raw_emulated_cache_counts_its_scratch_buffer_against_the_byte_budget(start_node) -> None:
+    """Where CACHE is emulated, each request reads its range through a 1 MiB scratch buffer: 28
+    bytes that make the node hold a MiB for as long as the read takes. Up to MAX_IN_FLIGHT of
+    them per connection held 64 MiB (200 pipelined CACHEs of 64 MiB: +64 MiB at the peak); the
+    buffer now counts against the connection's byte budget, as a READ's reply does."""
+    disk = start_node("memory", "1G")
+    node = start_node("nocache", "cachemode=emulate", upstreams=[disk.uri])
+    hog = Raw(node.socket)
+    hog.handshake()
+    before = rss_mib(node.pid)
+    reader, errors = pipelined(hog, 5, 64 << 20, 200)  # CACHE
+    peak = before
+    while reader.is_alive():
+        peak = max(peak, rss_mib(node.pid))
+        reader.join(0.02)
+    hog.close()
+    assert errors == [0] * 200
+    assert peak - before < 32, f"the node's RSS grew by {peak - before:.0f} MiB"
+
+
 # nbdkit's fuzz seeds -------------------------------------------------------------------------
 
 

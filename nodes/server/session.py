@@ -741,7 +741,10 @@ class Session:
         if self.caps.cache is Support.NATIVE:
             await backend.cache(length, offset, flags)
             return
+        # Read through a scratch buffer, which counts against the byte budget as a READ's
+        # reply would: else each connection could hold MAX_IN_FLIGHT of them, 28 bytes each.
         scratch = self.node.pool.get(min(length, ZERO_CHUNK))
+        self._busy_bytes += len(scratch)
         try:
             pos = 0
             while pos < length:
@@ -749,6 +752,7 @@ class Session:
                 await backend.pread(memoryview(scratch)[:n], offset + pos, 0)
                 pos += n
         finally:
+            self._busy_bytes -= len(scratch)
             self.node.pool.put(scratch)
 
 
