@@ -49,6 +49,10 @@ MAX_IN_FLIGHT = 64
 MAX_BYTES_IN_FLIGHT = 8 * 1024 * 1024
 #: Reply bytes gathered during one feed before they go out anyway.
 MAX_CORK = 256 * 1024
+#: Memory a reply's part holds beyond its bytes, counted against the byte budget while the
+#: socket has not taken it: a header's bytes object, or a view of the backend's memory and its
+#: buffer object, and its list slot (a 1-byte read's reply: 29 bytes, some 400 in objects).
+_PART_COST = 256
 #: Seconds of work the costly commands (block status, trim, zero, cache: a few bytes to ask
 #: for gigabytes to walk) of one connection may do inline, in the feeds that read them, before
 #: that connection stops reading for a turn of the event loop: the other clients' turn.
@@ -647,8 +651,9 @@ class Session:
             # Their requests are done and no longer count against the byte budget; what the
             # socket has not taken of their replies does, until it has left (now: the feed
             # that corked them goes on). Else a client that asks for big reads and never
-            # reads a reply has the node queue replies without end, a MiB per 28 bytes.
-            unsent = sum(map(len, parts)) - queued[0]
+            # reads a reply has the node queue replies without end, a MiB per 28 bytes. Each
+            # part counts what holds it too: a tiny reply costs more in objects than in bytes.
+            unsent = sum(map(len, parts)) - queued[0] + _PART_COST * len(parts)
             self._busy_bytes += unsent
             task = self._loop.create_task(self._send_corked_rest(parts, held, unsent, *queued))
             self.tasks.add(task)
