@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ..base import Backend, Capabilities, ClientInfo, Support, current_client
 from ..protocol import transmission as tx
 from ..protocol.constants import (
+    REPLY_EXTENTS,
     Cmd,
     CmdFlag,
     Err,
@@ -696,7 +697,9 @@ class Session:
                 extents = await backend.extents(count, offset, flags)
             else:
                 extents = [(count, 0)]
-            clipped = tx.clip_extents(extents, count, bool(flags & _REQ_ONE), self.t.block_min)
+            clipped = tx.clip_extents(
+                extents, count, bool(flags & _REQ_ONE), self.t.block_min, REPLY_EXTENTS
+            )
             if not clipped:
                 raise OSError(errno.EIO, "the backend returned no extents")
             context = self.t.meta_contexts[0]
