@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from nodes.protocol import transmission as tx
 from nodes.protocol.constants import REQUEST, REQUEST_MAGIC, Cmd, Err
 from nodes.protocol.errors import ProtocolError
-from nodes.server.framing import MAX_SKIP, RECV_BUFFER, RequestFramer
+from nodes.server.framing import MAX_FEED, MAX_SKIP, RECV_BUFFER, RequestFramer
 from nodes.server.session import BufferPool
 
 Seen = tuple[int, int, Err, bytes | None]  # cmd, cookie, verdict, payload
@@ -52,7 +52,9 @@ class Harness:
 
     def push(self, stream: bytes, cuts: list[int]) -> None:
         """Deliver `stream` in reads of the sizes in `cuts` (cycled), each no bigger than the
-        buffer the framer offers, feeding after each read as the protocol callback does."""
+        buffer the framer offers, feeding after each read as the protocol callback does (and
+        again while a feed stops at MAX_FEED requests, as the session does after a turn of the
+        event loop)."""
         pos, i = 0, 0
         while pos < len(stream) and not self.framer.disconnected:
             buf = self.framer.get_buffer()
@@ -61,7 +63,8 @@ class Harness:
             i += 1
             buf[:n] = stream[pos : pos + n]
             self.framer.buffer_updated(n)
-            self.framer.feed(lambda: self.blocked)
+            while self.framer.feed(lambda: self.blocked):
+                pass
             pos += n
 
 
@@ -127,6 +130,21 @@ def test_backpressure_stops_dispatching_and_the_rest_follows_when_released():
     assert h.seen == []
     h.blocked = False
     h.framer.feed(lambda: h.blocked)
+    assert h.seen == expected
+
+
+def test_one_feed_dispatches_at_most_max_feed_requests_and_the_next_goes_on():
+    """A read full of requests is dispatched MAX_FEED at a time: the session lets the event
+    loop serve the other connections between two feeds."""
+    specs = [(Cmd.READ, 512, False)] * (2 * MAX_FEED + 10)
+    stream, expected = build(specs)  # type: ignore[arg-type]
+    h = Harness()
+    h.framer.get_buffer()[: len(stream)] = stream
+    h.framer.buffer_updated(len(stream))
+    assert h.framer.feed(lambda: False) is True
+    assert h.seen == expected[:MAX_FEED]
+    assert h.framer.feed(lambda: False) is True
+    assert h.framer.feed(lambda: False) is False
     assert h.seen == expected
 
 

@@ -63,6 +63,23 @@ def test_shared_store_behaves_like_the_page_dict(ops: list, probe: tuple[int, in
         assert shared.read(memoryview(buf_a), offset) == sparse.read(memoryview(buf_b), offset)
 
 
+def test_both_stores_describe_the_same_first_extents_and_no_more(monkeypatch) -> None:
+    """Over pages written and not in turn, an answer stops after MAX_EXTENTS extents (whole
+    ones; the client asks again from where it ends), in both stores alike."""
+    import nodes.plugins.memory as memory
+
+    sparse, shared = SparseStore(), SharedStore(SIZE)
+    for index in range(0, 16, 2):
+        sparse.write(memoryview(b"x"), index * PAGE)
+        shared.write(memoryview(b"x"), index * PAGE)
+    everything, few = sparse.extents(SIZE - 100, 100), sparse.extents(3 * PAGE, 100)
+    assert (len(everything), len(few)) == (16, 4)
+    monkeypatch.setattr(memory, "MAX_EXTENTS", 5)
+    for store in (sparse, shared):
+        assert store.extents(SIZE - 100, 100) == everything[:5]
+        assert store.extents(3 * PAGE, 100) == few
+
+
 def test_shared_store_is_shared_with_a_forked_process() -> None:
     store = SharedStore(4 * PAGE)
     pid = os.fork()

@@ -756,9 +756,10 @@ def test_chunk_not_done() -> None:
                      max_size=10),
     length=st.integers(1, 2**33),
     req_one=st.booleans(),
+    limit=st.integers(1, 12),
 )  # fmt: skip
 def test_clip_extents_properties(
-    extents: list[tuple[int, int]], length: int, req_one: bool
+    extents: list[tuple[int, int]], length: int, req_one: bool, limit: int
 ) -> None:
     out = clip_extents(extents, length, req_one)
     assert sum(n for n, _ in out) <= length
@@ -767,3 +768,5 @@ def test_clip_extents_properties(
         assert len(out) <= 1
     if any(n > 0 for n, _ in extents):
         assert out, "at least one descriptor when the backend described anything"
+    # A reply of at most `limit` descriptors: the first ones of the whole answer, unchanged.
+    assert clip_extents(extents, length, req_one, limit=limit) == out[:limit]

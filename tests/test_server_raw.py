@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,12 +70,13 @@ def assert_served(node: Node) -> None:
 
 
 class Raw:
-    """A hand-driven NBD client on a plain socket."""
+    """A hand-driven NBD client on a plain socket: a unix socket's path, or (host, port)."""
 
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def __init__(self, address: str | tuple[str, int]) -> None:
+        family = socket.AF_INET if isinstance(address, tuple) else socket.AF_UNIX
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(20)
-        self.sock.connect(path)
+        self.sock.connect(address)
 
     def recv_exact(self, n: int) -> bytes:
         out = bytearray()
@@ -360,12 +362,19 @@ def test_raw_replies_beyond_the_socket_buffer_arrive_whole(raw: Raw) -> None:
     assert {c: d for c, (_, d) in got.items()} == expected
 
 
-def test_raw_a_client_that_never_reads_cannot_swell_the_node(node: Node) -> None:
+@pytest.mark.parametrize(
+    "length, count", [(SIZE, 20000), (1, 400000)], ids=["1MiB-reads", "1-byte-reads"]
+)
+def test_raw_a_client_that_never_reads_cannot_swell_the_node(
+    node: Node, length: int, count: int
+) -> None:
     """28 bytes of request ask for 1 MiB of reply: a client that pipelines thousands of big
     reads and never reads a byte must not make the node hold gigabytes of replies (reading
     stops at the per-connection byte budget), nor keep other clients from being served.
     (Before the budget counted corked replies the socket had not taken, 20,000 such requests
-    grew the node by 220 MiB.)"""
+    grew the node by 220 MiB.) Nor may tiny replies: a 1-byte read's reply is 29 bytes, held
+    in a header and a view of the page, some 400 bytes of objects; counted by their bytes
+    alone, 300,000 of them grew the node by 113 MiB."""
     hog = Raw(node.sock)
     try:
         hog.handshake()
@@ -373,9 +382,9 @@ def test_raw_a_client_that_never_reads_cannot_swell_the_node(node: Node) -> None
         assert hog.reply()[:2] == (1, 0)
         before = rss_kib(node.proc.pid) / 1024
         burst = b"".join(
-            struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 0, cookie, 0, SIZE)
-            for cookie in range(2, 20002)
-        )  # 20 GiB asked for
+            struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 0, cookie, 0, length)
+            for cookie in range(2, count + 2)
+        )
         hog.sock.setblocking(False)
         sent, deadline = 0, time.monotonic() + 3
         while sent < len(burst) and time.monotonic() < deadline:
@@ -394,6 +403,103 @@ def test_raw_a_client_that_never_reads_cannot_swell_the_node(node: Node) -> None
     finally:
         hog.close()
     assert_served(node)
+
+
+# One client's burst must not starve the others ------------------------------------------------
+
+
+def tcp_address(uri: str) -> tuple[str, int]:
+    host, port = uri.split("//")[1].split("/")[0].rsplit(":", 1)
+    return host, int(port)
+
+
+def seconds_to_be_served(address: str | tuple[str, int], limit: float) -> float:
+    """How long a second client takes to connect, negotiate and read 4K: five round trips, each
+    of which waits while the node's event loop is busy with someone else."""
+    started = time.monotonic()
+    other = Raw(address)
+    other.sock.settimeout(limit)
+    try:
+        other.handshake()
+        other.request(0, 4096, 4096, cookie=1)
+        assert other.reply()[:2] == (1, 0)
+    finally:
+        other.close()
+    return time.monotonic() - started
+
+
+def pipelined(hog: Raw, cmd: int, length: int, count: int) -> tuple[threading.Thread, list[int]]:
+    """Send `count` requests at once; a thread reads their replies and lists their errors."""
+    burst = b"".join(
+        struct.pack(">IHHQQI", REQUEST_MAGIC, 0, cmd, cookie, 0, length) for cookie in range(count)
+    )
+    errors: list[int] = []
+
+    def read_replies() -> None:
+        for _ in range(count):
+            errors.append(hog.reply()[1])
+
+    reader = threading.Thread(target=read_replies, daemon=True)
+    reader.start()
+    hog.sock.sendall(burst)
+    return reader, errors
+
+
+def test_raw_a_burst_of_costly_commands_does_not_stall_other_clients(start_node) -> None:
+    """A TRIM of 4 GiB is 28 bytes to send and, on a memory node, milliseconds of work done
+    inline (a look at each of its 131072 pages). Requests that run inline run back to back in
+    the feed that read them: 250 pipelined kept the event loop, and so every other client,
+    waiting about 4 s here (2000: half a minute). Now a connection whose inline commands have
+    taken MAX_INLINE_WORK stops reading for a turn of the loop."""
+    node = start_node("memory", "1T")
+    hog = Raw(node.socket)
+    hog.handshake()
+    reader, errors = pipelined(hog, 4, (4 << 30) - 4096, 250)  # TRIM
+    time.sleep(0.3)
+    took = seconds_to_be_served(node.socket, 30)
+    reader.join(60)
+    hog.close()
+    assert errors == [0] * 250, "every TRIM got its reply"
+    assert took < 1.5, f"a second client waited {took:.1f}s for a 4K read"
+
+
+def test_raw_a_deep_pipeline_on_tcp_does_not_stall_other_clients(start_node) -> None:
+    """A TCP socket holds megabytes of requests, and the event loop reads a full socket up to 32
+    times in one go: a client that pipelined 30,000 READs of 32 MiB of holes (each some 0.15 ms
+    of work, its reply a 32-byte hole chunk) had them all served before any other client, about
+    4 s here (200,000: half a minute). Now one feed dispatches at most MAX_FEED requests before
+    the loop runs the others."""
+    node = start_node("memory", "1G", listen="127.0.0.1:0")
+    address = tcp_address(node.uri)
+    hog = Raw(address)
+    hog.handshake()
+    reader, errors = pipelined(hog, 0, 32 << 20, 30000)  # READ
+    time.sleep(0.3)
+    took = seconds_to_be_served(address, 30)
+    reader.join(60)
+    hog.close()
+    assert errors == [0] * 30000, "every READ got its reply"
+    assert took < 1.5, f"a second client waited {took:.1f}s for a 4K read"
+
+
+def test_raw_emulated_cache_counts_its_scratch_buffer_against_the_byte_budget(start_node) -> None:
+    """Where CACHE is emulated, each request reads its range through a 1 MiB scratch buffer: 28
+    bytes that make the node hold a MiB for as long as the read takes. Up to MAX_IN_FLIGHT of
+    them per connection held 64 MiB (200 pipelined CACHEs of 64 MiB: +64 MiB at the peak); the
+    buffer now counts against the connection's byte budget, as a READ's reply does."""
+    disk = start_node("memory", "1G")
+    node = start_node("nocache", "cachemode=emulate", upstreams=[disk.uri])
+    hog = Raw(node.socket)
+    hog.handshake()
+    before = rss_kib(node.pid) / 1024
+    reader, errors = pipelined(hog, 5, 64 << 20, 200)  # CACHE
+    peak = before
+    while reader.is_alive():
+        peak = max(peak, rss_kib(node.pid) / 1024)
+        reader.join(0.02)
+    hog.close()
+    assert errors == [0] * 200
+    assert peak - before < 32, f"the node's RSS grew by {peak - before:.0f} MiB"
 
 
 # nbdkit's fuzz seeds -------------------------------------------------------------------------

@@ -48,6 +48,10 @@ MAX_OPTION_LENGTH = 64 * 1024 * 1024
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 #: Descriptor cap per block-status chunk (spec SHOULD).
 MAX_EXTENTS = 1 << 20
+#: Descriptors we send in one block-status reply at most, far fewer: each costs the server work
+#: and the reply 8 bytes, and 28 bytes of request must not buy a megabyte of reply. The spec
+#: lets the answer describe less than asked; the client asks again from where it ends.
+REPLY_EXTENTS = 4096
 
 
 class HandshakeFlag(IntFlag):

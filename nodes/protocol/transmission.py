@@ -15,6 +15,7 @@ from .constants import (
     ERROR_HEAD,
     EXTENT,
     FLAGS_VALID_FOR,
+    MAX_EXTENTS,
     OFFSET_HOLE,
     REQUEST,
     REQUEST_MAGIC,
@@ -222,14 +223,19 @@ def block_status_chunk(cookie: int, context: int, extents: Iterable[tuple[int, i
 
 
 def clip_extents(
-    extents: Iterable[tuple[int, int]], length: int, req_one: bool, align: int = 1
+    extents: Iterable[tuple[int, int]],
+    length: int,
+    req_one: bool,
+    align: int = 1,
+    limit: int = MAX_EXTENTS,
 ) -> list[tuple[int, int]]:
     """Merge neighbours with equal flags, cut at the request's end, fit u32 lengths.
 
     Backends may describe more than was asked; the client gets at most `length` bytes' worth
-    (and exactly one descriptor with REQ_ONE). Lengths stay multiples of `align`.
+    in at most `limit` descriptors (exactly one with REQ_ONE). Lengths stay multiples of
+    `align`.
     """
-    limit = (0xFFFFFFFF // align) * align
+    longest = (0xFFFFFFFF // align) * align
     out: list[tuple[int, int]] = []
     left = length
     for ext_len, flags in extents:
@@ -239,10 +245,12 @@ def clip_extents(
             continue
         ext_len = min(ext_len, left)
         left -= ext_len
-        if out and out[-1][1] == flags and out[-1][0] + ext_len <= limit:
+        if out and out[-1][1] == flags and out[-1][0] + ext_len <= longest:
             out[-1] = (out[-1][0] + ext_len, flags)
+        elif len(out) < limit:
+            out.append((min(ext_len, longest), flags))
         else:
-            out.append((min(ext_len, limit), flags))
+            break
         if req_one:
             break
     if req_one:

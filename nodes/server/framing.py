@@ -25,6 +25,12 @@ RECV_BUFFER = 256 * 1024
 MIN_ROOM = 64 * 1024
 #: A rejected WRITE payload larger than this is not skipped: the client is disconnected.
 MAX_SKIP = 64 * 1024 * 1024
+#: Requests one feed() dispatches at most. The rest waits for the next call, which the caller
+#: makes after a turn of the event loop: one client's deep pipeline (a TCP socket holds
+#: megabytes of requests, and the loop may read a full socket many times over in one go) must
+#: not keep the loop, and so every other client, waiting.
+MAX_FEED = 256
+_FEED = range(MAX_FEED)
 _HEADER = REQUEST.size
 _WRITE, _DISC = int(Cmd.WRITE), int(Cmd.DISC)
 
@@ -82,30 +88,34 @@ class RequestFramer:
         else:
             self._end += n
 
-    def feed(self, blocked: Callable[[], bool]) -> None:
-        """Dispatch every complete request buffered, until the buffer runs dry, `blocked()`
-        says to wait (backpressure), or DISC. Raises ProtocolError for a stream that cannot be
-        followed (bad magic, a rejected payload too big to skip)."""
-        while not self.disconnected and not blocked():
+    def feed(self, blocked: Callable[[], bool]) -> bool:
+        """Dispatch the complete requests buffered, until the buffer runs dry, `blocked()` says
+        to wait (backpressure), DISC, or MAX_FEED of them: then True (more may be buffered;
+        call again after the event loop has run). Raises ProtocolError for a stream that cannot
+        be followed (bad magic, a rejected payload too big to skip)."""
+        for _ in _FEED:  # a bound at the cost of one step of a range iterator per request
+            if self.disconnected or blocked():
+                return False
             if self._req is not None:
                 if not self._collect():
-                    return
+                    return False
                 req, err, payload = self._req, self._err, self._target
                 self._req = self._payload = self._target = None
                 self._dispatch(req, err, payload)
                 continue
             if self._end - self._start < _HEADER:
-                return
+                return False
             req = tx.parse_request(self._buf[self._start : self._start + _HEADER])
             self._start += _HEADER
             err = self._validate(req)
             if req.cmd == _DISC:
                 self.disconnected = True
-                return
+                return False
             if req.cmd == _WRITE and req.length:
                 self._begin_payload(req, err)
                 continue
             self._dispatch(req, err, None)
+        return True
 
     def _begin_payload(self, req: tx.Request, err: Err) -> None:
         self._req, self._err, self._filled = req, err, 0

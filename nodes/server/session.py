@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ..base import Backend, Capabilities, ClientInfo, Support, current_client
 from ..protocol import transmission as tx
 from ..protocol.constants import (
+    REPLY_EXTENTS,
     Cmd,
     CmdFlag,
     Err,
@@ -49,6 +50,17 @@ MAX_IN_FLIGHT = 64
 MAX_BYTES_IN_FLIGHT = 8 * 1024 * 1024
 #: Reply bytes gathered during one feed before they go out anyway.
 MAX_CORK = 256 * 1024
+#: Memory a reply's part holds beyond its bytes, counted against the byte budget while the
+#: socket has not taken it: a header's bytes object, or a view of the backend's memory and its
+#: buffer object, and its list slot (a 1-byte read's reply: 29 bytes, some 400 in objects).
+_PART_COST = 256
+#: Seconds of work the costly commands (block status, trim, zero, cache: a few bytes to ask
+#: for gigabytes to walk) of one connection may do inline, in the feeds that read them, before
+#: that connection stops reading for a turn of the event loop: the other clients' turn.
+MAX_INLINE_WORK = 0.02
+#: What a hold adds to the requests in flight: enough for _blocked(), so that neither the
+#: feed (no test of its own per request) nor a request that finishes meanwhile reads on.
+_HOLD = MAX_IN_FLIGHT
 
 # Plain ints for the hot path: arithmetic on IntFlag members runs Python code in enum.py.
 _READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
@@ -126,6 +138,8 @@ class Session:
         self._busy_bytes = 0
         self._serial = False
         self._reading_paused = False  #: reading stopped for backpressure
+        self._held = False  #: reading stopped until the loop has run the others (see _hold)
+        self._inline_work = 0.0  #: seconds of costly commands run inline since the last hold
         self._room = asyncio.Event()  #: set while reading may go on (the TLS reader waits on it)
         self._room.set()
         self._feeding = False
@@ -371,7 +385,7 @@ class Session:
             return  # re-entered by a request that finished inline: the running feed goes on
         self._feeding = True
         try:
-            self._framer.feed(self._blocked)
+            more = self._framer.feed(self._blocked)
         except ProtocolError as exc:
             self._finish(exc)
             return
@@ -381,11 +395,41 @@ class Session:
                 self._flush_cork()
         if self._framer.disconnected:
             self._finish()
+        elif more:  # MAX_FEED requests were dispatched: the others' turn
+            self._hold()
         elif self._blocked():
+            self._pause_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused:
             self._reading_paused = True
             self._room.clear()
             if self._transport is not None:
                 self._transport.pause_reading()
+
+    def _hold(self) -> None:
+        """Stop reading until the event loop has run once more (the other connections' events
+        with it), then go on with what is buffered."""
+        self._inline_work = 0.0
+        if not self._held:
+            self._held = True
+            self._busy += _HOLD
+            self._loop.call_soon(self._release)
+        self._pause_reading()
+
+    def _release(self) -> None:
+        self._held = False
+        self._busy -= _HOLD
+        if self._reading_paused:
+            self._made_room()
+
+    def _charge(self, started: float) -> None:
+        """A costly command is done: if it ran inline (the feed that read it is still going),
+        the loop served no one else meanwhile. Hold reading once that adds up."""
+        if self._feeding:
+            self._inline_work += time.perf_counter() - started
+            if self._inline_work >= MAX_INLINE_WORK:
+                self._hold()
 
     def _blocked(self) -> bool:
         return (
@@ -625,8 +669,9 @@ class Session:
             # Their requests are done and no longer count against the byte budget; what the
             # socket has not taken of their replies does, until it has left (now: the feed
             # that corked them goes on). Else a client that asks for big reads and never
-            # reads a reply has the node queue replies without end, a MiB per 28 bytes.
-            unsent = sum(map(len, parts)) - queued[0]
+            # reads a reply has the node queue replies without end, a MiB per 28 bytes. Each
+            # part counts what holds it too: a tiny reply costs more in objects than in bytes.
+            unsent = sum(map(len, parts)) - queued[0] + _PART_COST * len(parts)
             self._busy_bytes += unsent
             task = self._loop.create_task(self._send_corked_rest(parts, held, unsent, *queued))
             self.tasks.add(task)
@@ -663,16 +708,21 @@ class Session:
         if emulate_fua:
             flags &= ~_FUA
         if cmd == _STATUS:
+            started = time.perf_counter()
             count = min(length, self.t.size - offset)
             if caps.extents:
                 extents = await backend.extents(count, offset, flags)
             else:
                 extents = [(count, 0)]
-            clipped = tx.clip_extents(extents, count, bool(flags & _REQ_ONE), self.t.block_min)
+            clipped = tx.clip_extents(
+                extents, count, bool(flags & _REQ_ONE), self.t.block_min, REPLY_EXTENTS
+            )
             if not clipped:
                 raise OSError(errno.EIO, "the backend returned no extents")
             context = self.t.meta_contexts[0]
-            return [tx.block_status_chunk(req.cookie, context, clipped)]
+            chunk = tx.block_status_chunk(req.cookie, context, clipped)
+            self._charge(started)
+            return [chunk]
         if cmd == _FLUSH:
             await backend.flush(flags)
         elif length == 0:
@@ -680,12 +730,15 @@ class Session:
         elif cmd == _WRITE:
             assert payload is not None
             await backend.pwrite(payload, offset, flags)
-        elif cmd == _TRIM:
-            await backend.trim(length, offset, flags)
-        elif cmd == _ZERO:
-            await self._zero(length, offset, flags)
-        elif cmd == _CACHE:
-            await self._cache(length, offset, flags)
+        else:
+            started = time.perf_counter()
+            if cmd == _TRIM:
+                await backend.trim(length, offset, flags)
+            elif cmd == _ZERO:
+                await self._zero(length, offset, flags)
+            elif cmd == _CACHE:
+                await self._cache(length, offset, flags)
+            self._charge(started)
         if emulate_fua and length:
             await backend.flush(0)
         return [tx.simple_reply(req.cookie)]
@@ -713,7 +766,10 @@ class Session:
         if self.caps.cache is Support.NATIVE:
             await backend.cache(length, offset, flags)
             return
+        # Read through a scratch buffer, which counts against the byte budget as a READ's
+        # reply would: else each connection could hold MAX_IN_FLIGHT of them, 28 bytes each.
         scratch = self.node.pool.get(min(length, ZERO_CHUNK))
+        self._busy_bytes += len(scratch)
         try:
             pos = 0
             while pos < length:
@@ -721,6 +777,7 @@ class Session:
                 await backend.pread(memoryview(scratch)[:n], offset + pos, 0)
                 pos += n
         finally:
+            self._busy_bytes -= len(scratch)
             self.node.pool.put(scratch)
 
 
