@@ -9,6 +9,7 @@ import json
 import re
 import struct
 import threading
+from pathlib import Path
 
 import nbd
 import pytest
@@ -113,6 +114,34 @@ def test_cow_on_read_serves_from_overlay(start_node):
     qemu_io(cow.uri, "read -P 0x42 0 2M")
     qemu_io(mem.uri, "write -P 0x00 0 2M")  # the overlay already holds every block
     qemu_io(cow.uri, "read -P 0x42 0 2M")
+
+
+def test_cow_on_read_cache_of_a_sparse_upstream_keeps_holes_as_holes(start_node):
+    """A CACHE on cow-on-read copies its range into the overlay. It went through one scratch
+    buffer of the whole range (up to 4 GiB for 28 bytes of request) and kept the upstream's
+    holes as blocks of zeros: a CACHE of 256 MiB of holes grew the node by 256 MiB (768 at the
+    peak). Now it goes a MiB at a time, and a hole stays a hole (an entry, not a block)."""
+
+    def rss_mib(pid: int) -> float:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+    mem = start_node("memory", "1T")
+    cow = start_node("cow", "cow-on-read=true", upstreams=[mem.uri])
+    upstream, h = nbd_connect(mem.uri), nbd_connect(cow.uri)
+    upstream.pwrite(b"\x42" * 100, (100 << 20) + 5)
+    before = peak = rss_mib(cow.pid)
+    caching = threading.Thread(target=h.cache, args=(256 << 20, 0))
+    caching.start()
+    while caching.is_alive():
+        peak = max(peak, rss_mib(cow.pid))
+        caching.join(0.02)
+    assert peak - before < 64, f"the node grew by {peak - before:.0f} MiB"
+    upstream.pwrite(bytes(100), (100 << 20) + 5)  # the overlay holds the data now
+    assert h.pread(110, (100 << 20)) == bytes(5) + b"\x42" * 100 + bytes(5)
+    entries: list[int] = []
+    h.block_status(256 << 20, 0, lambda meta, off, e, err: entries.extend(e) or 0)
+    assert entries[:2] == [100 << 20, 3], "the holes before the data are holes still"
 
 
 @pytest.mark.parametrize("mode", ["writeback", "writethrough", "unsafe"])

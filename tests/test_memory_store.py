@@ -4,6 +4,7 @@ shared mapping `--workers` uses (same reads, holes, lent pieces, extents, alloca
 from __future__ import annotations
 
 import os
+import time
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,9 +16,12 @@ SIZE = 16 * PAGE + 1000  # a last page that is only partly inside the disk
 span = st.integers(0, SIZE - 1).flatmap(
     lambda offset: st.tuples(st.just(offset), st.integers(1, min(SIZE - offset, 3 * PAGE)))
 )
+wide_span = st.integers(0, SIZE - 1).flatmap(
+    lambda offset: st.tuples(st.just(offset), st.integers(1, SIZE - offset))
+)  # zeroing far more than is written visits the written pages only
 op = st.one_of(
     st.tuples(st.just("write"), span, st.integers(0, 255)),
-    st.tuples(st.just("zero"), span, st.booleans()),
+    st.tuples(st.just("zero"), st.one_of(span, wide_span), st.booleans()),
 )
 
 
@@ -61,6 +65,23 @@ def test_shared_store_behaves_like_the_page_dict(ops: list, probe: tuple[int, in
         assert shared.extents(length, offset) == sparse.extents(length, offset)
         buf_a, buf_b = bytearray(length), bytearray(length)
         assert shared.read(memoryview(buf_a), offset) == sparse.read(memoryview(buf_b), offset)
+
+
+def test_zeroing_a_huge_range_visits_the_pages_written_not_the_range() -> None:
+    """A TRIM or WRITE_ZEROES of 4 GiB is 28 bytes to ask. It looked at each of the range's
+    131,072 pages (15 ms on the node, 50 times nbdkit's 0.3 ms; 1000 pipelined: 15 s of the
+    node's loop); now at the pages written in it only."""
+    for store in (SparseStore(), SharedStore(8 << 30)):
+        for index in (3, 70000, 130000):
+            store.write(memoryview(b"x" * 10), index * PAGE + 5)
+        started = time.process_time()
+        for _ in range(100):
+            store.zero(4 << 30, 0, punch=False)  # the pages stay: each pass finds them again
+        assert time.process_time() - started < 0.5
+        assert store.allocated_pages() == 3
+        assert data(store.lend_read(20, 70000 * PAGE)) == bytes(20)
+        store.zero(4 << 30, 0, punch=True)
+        assert store.allocated_pages() == 0
 
 
 def test_both_stores_describe_the_same_first_extents_and_no_more(monkeypatch) -> None:

@@ -27,7 +27,17 @@ from typing import Any
 
 from pydantic import field_validator
 
-from ..base import Capabilities, Extents, Filter, Holes, Support, add_range, may_trim, read_flat
+from ..base import (
+    Capabilities,
+    Extents,
+    Filter,
+    Holes,
+    Support,
+    add_range,
+    fill_holes,
+    may_trim,
+    read_flat,
+)
 from ..params import Params, Size, param
 from ..protocol.constants import Extent
 from ..registry import register
@@ -38,6 +48,22 @@ ZERO_DATA = int(Extent.ZERO)  #: a block zeroed with NO_HOLE: allocated, reads a
 
 #: An overlay block: its bytes, or the extent flags of a block that reads as zeros.
 Block = bytearray | int
+#: What a cow-on-read CACHE reads at a time.
+_CACHE_CHUNK = 1024 * 1024
+
+
+def _whole_blocks(holes: Holes, bs: int, length: int) -> set[int]:
+    """The blocks (counted from the start of a block-aligned read of `length` bytes) that lie
+    wholly in its holes; the last block may be short (the end of the disk)."""
+    runs: list[tuple[int, int]] = []
+    for start, n in sorted(holes or ()):  # neighbours joined: a block may span two
+        add_range(runs, start, n)
+    out: set[int] = set()
+    for start, n in runs:
+        end = start + n
+        stop = end // bs if end < length else -(-end // bs)
+        out.update(range(-(-start // bs), stop))
+    return out
 
 
 class CowParams(Params):
@@ -140,14 +166,20 @@ class Cow(Filter):
         return holes
 
     async def _read_and_keep(self, buf: memoryview, offset: int) -> None:
-        """cow-on-read: read whole blocks, keep the ones nobody wrote meanwhile."""
+        """cow-on-read: read whole blocks, keep the ones nobody wrote meanwhile (a block that
+        is all hole upstream as a hole: an entry, not a block of zeros)."""
         bs, size = self.bs, self._size()
         first, last = offset // bs, (offset + len(buf) - 1) // bs
         start, stop = first * bs, min((last + 1) * bs, size)
         scratch = bytearray(stop - start)
-        await read_flat(self.next, memoryview(scratch), start)
+        holes = await self.next.pread(memoryview(scratch), start, 0)
+        fill_holes(memoryview(scratch), holes)
+        hollow = _whole_blocks(holes, bs, stop - start)
         for b in range(first, last + 1):
             if b not in self.overlay:
+                if b - first in hollow:
+                    self.overlay[b] = ZERO_HOLE
+                    continue
                 block = bytearray(bs)
                 chunk = scratch[(b - first) * bs : (b - first + 1) * bs]
                 block[: len(chunk)] = chunk
@@ -208,8 +240,11 @@ class Cow(Filter):
 
     async def cache(self, count: int, offset: int, flags: int) -> None:
         if self.params.cow_on_read:
-            scratch = bytearray(count)
-            await self._read_and_keep(memoryview(scratch), offset)
+            # A MiB at a time: 28 bytes of request may ask for 4 GiB.
+            scratch = memoryview(bytearray(max(1, min(count, _CACHE_CHUNK))))
+            for pos in range(0, count, len(scratch)):
+                n = min(len(scratch), count - pos)
+                await self._read_and_keep(scratch[:n], offset + pos)
         elif self.next.capabilities().cache is Support.NATIVE:
             await self.next.cache(count, offset, 0)
 

@@ -93,20 +93,25 @@ class SparseStore:
             pos += n
 
     def zero(self, count: int, offset: int, punch: bool) -> None:
-        pos, pages = offset, self.pages
         end = offset + count
-        while pos < end:
-            index, in_page = divmod(pos, PAGE)
-            n = min(PAGE - in_page, end - pos)
-            page = pages.get(index)
-            if page is not None:
-                if n == PAGE and punch:
+        first, last = offset // PAGE, (end - 1) // PAGE
+        pages = self.pages
+        if last - first > 4 * len(pages):
+            # A huge range over few pages (a TRIM of 4 GiB is 28 bytes to ask): visit the
+            # allocated pages, not every page.
+            written = [i for i in pages if first <= i <= last]
+        else:
+            written = [i for i in range(first, last + 1) if i in pages]
+        for index in written:
+            start = max(index * PAGE, offset)
+            n = min((index + 1) * PAGE, end) - start
+            if n == PAGE and punch:
+                del pages[index]
+            else:
+                page, in_page = pages[index], start - index * PAGE
+                page[in_page : in_page + n] = _ZERO_PAGE[:n]
+                if punch and page == _ZERO_PAGE:
                     del pages[index]
-                else:
-                    page[in_page : in_page + n] = _ZERO_PAGE[:n]
-                    if punch and page == _ZERO_PAGE:
-                        del pages[index]
-            pos += n
 
     def extents(self, count: int, offset: int) -> Extents:
         """The first MAX_EXTENTS extents of the range (all of them, if fewer)."""
@@ -191,15 +196,20 @@ class SharedStore:
         allocated, view = self._allocated, self._view
         while pos < end:
             index, in_page = divmod(pos, PAGE)
+            if not allocated[index]:  # on to the next page with data, past the run without
+                after = allocated.find(b"\x01", index + 1, (end - 1) // PAGE + 1)
+                if after < 0:
+                    return
+                pos = after * PAGE
+                continue
             n = min(PAGE - in_page, end - pos)
-            if allocated[index]:
-                start = index * PAGE
-                if n == PAGE and punch:
+            start = index * PAGE
+            if n == PAGE and punch:
+                self._free(index)
+            else:
+                view[pos : pos + n] = _ZERO_PAGE[:n]
+                if punch and view[start : start + PAGE] == _ZERO_PAGE:
                     self._free(index)
-                else:
-                    view[pos : pos + n] = _ZERO_PAGE[:n]
-                    if punch and view[start : start + PAGE] == _ZERO_PAGE:
-                        self._free(index)
             pos += n
 
     def _free(self, index: int) -> None:
