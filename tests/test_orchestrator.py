@@ -404,7 +404,9 @@ def test_orchestrator_ctrl_c_during_up_stops_the_fabric_at_once(
         wait_for(lambda: starting(fab, "waits"), 30, "node waits to be starting")
         pids = set(fab.pids)
         proc.send_signal(signal.SIGINT)
-        out = proc.communicate(timeout=15)[0]
+        # Under 25 s: the node's start would have held it 30 s (--upstream-timeout). Not
+        # less: on a loaded 2-core machine (make test) 15 s was once too short.
+        out = proc.communicate(timeout=25)[0]
     finally:
         if proc.poll() is None:
             proc.kill()
