@@ -398,7 +398,15 @@ def test_orchestrator_ctrl_c_during_up_stops_the_fabric_at_once(
     args = ["up", *(["--detach"] if detach else []), str(fab.file)]
     command = [sys.executable, "-m", "nodes.cli", *args]
     proc = subprocess.Popen(
-        command, cwd=ROOT, env=fab.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command,
+        cwd=ROOT,
+        env=fab.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # As from a terminal: run from a shell's background job (`make test &`), the tests
+        # inherit SIGINT ignored, and so would `up` (Python then raises no KeyboardInterrupt).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         wait_for(lambda: starting(fab, "waits"), 30, "node waits to be starting")
