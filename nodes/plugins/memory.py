@@ -13,7 +13,7 @@ Example: `nbdfabric node memory 1G --listen unix:/tmp/m.sock` then
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterable
+from collections.abc import Iterator
 
 from ..base import (
     Capabilities,
@@ -92,17 +92,19 @@ class SparseStore:
             page[in_page : in_page + n] = buf[pos : pos + n]
             pos += n
 
-    def zero(self, count: int, offset: int, punch: bool) -> None:
-        end = offset + count
-        first, last = offset // PAGE, (end - 1) // PAGE
+    def _written(self, first: int, last: int) -> Iterator[int]:
+        """The written pages from index `first` to `last`, in order, found as far as the
+        caller goes. A huge range over few pages (a TRIM or BLOCK_STATUS of 4 GiB is 28 bytes
+        to ask) visits the allocated pages, not every page of the range."""
         pages = self.pages
         if last - first > 4 * len(pages):
-            # A huge range over few pages (a TRIM of 4 GiB is 28 bytes to ask): visit the
-            # allocated pages, not every page.
-            written = [i for i in pages if first <= i <= last]
-        else:
-            written = [i for i in range(first, last + 1) if i in pages]
-        for index in written:
+            return iter(sorted(i for i in pages if first <= i <= last))
+        return (i for i in range(first, last + 1) if i in pages)
+
+    def zero(self, count: int, offset: int, punch: bool) -> None:
+        end = offset + count
+        pages = self.pages
+        for index in list(self._written(offset // PAGE, (end - 1) // PAGE)):
             start = max(index * PAGE, offset)
             n = min((index + 1) * PAGE, end) - start
             if n == PAGE and punch:
@@ -116,14 +118,7 @@ class SparseStore:
     def extents(self, count: int, offset: int) -> Extents:
         """The first MAX_EXTENTS extents of the range (all of them, if fewer)."""
         end = offset + count
-        first, last = offset // PAGE, (end - 1) // PAGE
-        pages = self.pages
-        allocated: Iterable[int]
-        if last - first > 4 * len(pages):
-            # A huge range over few pages: visit the allocated pages, not every page.
-            allocated = sorted(i for i in pages if first <= i <= last)
-        else:
-            allocated = (i for i in range(first, last + 1) if i in pages)  # as far as needed
+        allocated = self._written(offset // PAGE, (end - 1) // PAGE)
         out: list[tuple[int, int]] = []
         pos = offset
         hole = Extent.HOLE | Extent.ZERO
