@@ -59,7 +59,9 @@ NBD_OPT_SET_META_CONTEXT too (nbdkit refuses only the NBD_OPT_GO/INFO).
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
@@ -208,23 +210,19 @@ class MultiConn(Filter):
         return await self.next.extents(count, offset, flags)
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        conn = self._connection()
-        flags, flush_after = self._before_write(conn, flags)
-        await self.next.pwrite(buf, offset, flags)
-        if flush_after:
-            await self._flush(conn, 0)
+        await self._write(functools.partial(self.next.pwrite, buf, offset), flags)
 
     async def zero(self, count: int, offset: int, flags: int) -> None:
-        conn = self._connection()
-        flags, flush_after = self._before_write(conn, flags)
-        await self.next.zero(count, offset, flags)
-        if flush_after:
-            await self._flush(conn, 0)
+        await self._write(functools.partial(self.next.zero, count, offset), flags)
 
     async def trim(self, count: int, offset: int, flags: int) -> None:
+        await self._write(functools.partial(self.next.trim, count, offset), flags)
+
+    async def _write(self, op: Callable[[int], Awaitable[None]], flags: int) -> None:
+        """A write-side operation, given its flags, then the flush its connection owes."""
         conn = self._connection()
         flags, flush_after = self._before_write(conn, flags)
-        await self.next.trim(count, offset, flags)
+        await op(flags)
         if flush_after:
             await self._flush(conn, 0)
 
