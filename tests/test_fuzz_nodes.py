@@ -1491,6 +1491,7 @@ class Client:
             data[i] ^= 1 << self.rng.randrange(8)
         data = data[: self.rng.randint(1, len(data))]
         self.trace.append(f"replay mutated seed {bytes(data).hex()}")
+        self.replayed_writes(bytes(data))
         try:
             await self.send(bytes(data))
             self.writer.write_eof()
@@ -1498,6 +1499,27 @@ class Client:
             pass
         await self.expect_close("seed replay ended")
         self.stats.count(self.stats.endings, "seed-replay")
+
+    def replayed_writes(self, data: bytes) -> None:
+        """A replayed seed is not framed by us: where the node's handshake ends in it, and so
+        which of its bytes are requests, is the node's to decide. A bit flip may well make a
+        READ of the seed a TRIM, or a payload byte a header. Every request the node can act on
+        starts with the request magic, so each header found anywhere in `data` that could
+        change the export makes its range unknown, as a write cut off with its connection."""
+        if self.t.writes != "store":
+            return
+        magic = REQUEST_MAGIC.to_bytes(4, "big")
+        at = data.find(magic)
+        while 0 <= at <= len(data) - REQUEST.size:
+            _, _, cmd, _, offset, length = REQUEST.unpack_from(data, at)
+            if cmd in (WRITE, TRIM, ZERO):
+                for model in set(self.models.values()):
+                    start, end = min(offset, model.size), min(offset + length, model.size)
+                    op = Op(cmd, start, end, mutates=True)
+                    model.begin(op)
+                    model.log(self.tag, "replayed", op)
+                    model.orphan(op)
+            at = data.find(magic, at + 1)
 
     # TLS ------------------------------------------------------------------------------------
 
