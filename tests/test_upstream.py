@@ -299,6 +299,33 @@ def test_upstream_cancel_keeps_buffer_lent_until_done_and_queue_beyond_limit(sta
     asyncio.run(scenario())
 
 
+def test_upstream_block_status_bursts_take_few_places_on_the_shared_handles(start_nbdkit):
+    """The handles are shared by every client of the node: a burst of BLOCK_STATUS (each may
+    cost the upstream milliseconds) waits in the node, a few in flight per handle, so the
+    other clients' requests do not queue behind all of it upstream."""
+    from nodes import upstream as upstream_mod
+
+    slow = start_nbdkit("--filter=delay", "memory", "4M", "delay-extents=200ms")
+
+    async def scenario() -> None:
+        up = Upstream(slow.uri, connect_timeout=5)
+        await up.start()
+        handles = up.status()["upstreams"][0]["connections"]
+        assert handles == 4  # nbdkit memory advertises multi-conn: a pool
+        burst = [asyncio.ensure_future(up.extents(1 << 20, i % 4 << 20, 0)) for i in range(20)]
+        await asyncio.sleep(0.05)
+        in_flight = up.status()["upstreams"][0]["in_flight"]
+        assert in_flight == handles * upstream_mod.STATUS_IN_FLIGHT < len(burst)
+        back = bytearray(4096)
+        assert await up.pread(memoryview(back), 0, 0) in (None, [])  # not behind the burst
+        assert not all(t.done() for t in burst)
+        for extents in await asyncio.gather(*burst):
+            assert extents == [(1 << 20, 3)]
+        await up.stop()
+
+    asyncio.run(scenario())
+
+
 def test_upstream_splits_reads_and_writes_beyond_the_upstream_maximum(tmp_path):
     """A read or write larger than the upstream's maximum block size (qemu-nbd: 32 MiB) goes as
     several requests in flight; the holes of each part come back at their place in the whole
