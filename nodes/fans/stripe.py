@@ -70,3 +70,25 @@ class Stripe(LayoutFan):
             out.append(Piece(member, stripe * chunk + within, pos, length))
             pos += length
         return out
+
+    def member_ranges(self, offset: int, count: int) -> list[Piece]:
+        # A member's chunks in the range are every N-th chunk of the export and consecutive
+        # chunks on the member, whole but for the first and last chunk of the range: its
+        # pieces join into one range, from its first chunk in the range to its last.
+        if count <= 0:
+            return []
+        chunk, n = self.params.chunk_size, len(self.members)
+        end = offset + count
+        k0, k1 = offset // chunk, (end - 1) // chunk
+        out: list[Piece] = []
+        for member in range(n):
+            first = k0 + (member - k0) % n
+            if first > k1:
+                continue
+            last = k1 - (k1 - member) % n
+            start = offset if first == k0 else first * chunk  # in the export
+            stop = end if last == k1 else (last + 1) * chunk
+            moffset = first // n * chunk + start - first * chunk
+            mstop = last // n * chunk + stop - last * chunk
+            out.append(Piece(member, moffset, start - offset, mstop - moffset))
+        return out
