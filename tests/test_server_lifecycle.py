@@ -1,6 +1,7 @@
 """A node process from start to exit: --print-uri, --ready-file, several listen addresses, --run,
 systemd socket activation and fd:N, keepalive, --max-connections, SIGTERM with requests in flight
-(ESHUTDOWN / ERR_SHUTDOWN, exit 0), and TLS with nbdinfo and qemu.
+(ESHUTDOWN / ERR_SHUTDOWN, exit 0), the other signals that stop it as SIGTERM does, and TLS with
+nbdinfo and qemu.
 """
 
 from __future__ import annotations
@@ -280,6 +281,42 @@ def test_lifecycle_sigterm_drains_in_flight(procs: list[Any], tmp_path: Path) ->
     assert errors == [0] * 5
     assert all(buf == b"\x42" * 4096 for buf in bufs)
     assert p.wait(20) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM],
+                         ids=lambda s: signal.Signals(s).name)  # fmt: skip
+def test_lifecycle_stop_signals_shut_down_cleanly(
+    start_node: Any, start_nbdkit: Any, tmp_path: Path, sig: int
+) -> None:
+    """nbdkit exits cleanly on SIGHUP, SIGINT, SIGQUIT and SIGTERM (qemu-nbd on HUP, INT and
+    TERM); a node does too, with a client connected: the writes its writeback cache holds reach
+    the disk, the socket file goes, status 0. SIGHUP and SIGQUIT killed it on the spot."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(MiB))
+    node = start_node("cache", "cache=writeback", upstreams=[start_nbdkit("file", str(disk)).uri])
+    h = nbd_connect(node.uri)
+    h.pwrite(b"\x5a" * 65536, 4096)
+    assert disk.read_bytes()[4096 : 4096 + 65536] == bytes(65536), "held in the cache"
+    assert node.stop(sig) == 0, node.stderr()
+    assert not Path(node.socket).exists()
+    assert disk.read_bytes()[4096 : 4096 + 65536] == b"\x5a" * 65536, "written back at exit"
+    with pytest.raises(nbd.Error):
+        h.pread(512, 0)
+
+
+def test_lifecycle_sighup_ignored_under_nohup(procs: list[Any], tmp_path: Path) -> None:
+    """`nohup nbdfabric node ...` outlives the terminal: a SIGHUP ignored when the node starts
+    stays ignored (nbdkit's handler would end it there)."""
+    sock = tmp_path / "n.sock"
+    p = spawn(procs, ["nohup", *node_cmd("memory", "1M", "--listen", f"unix:{sock}")],
+              stdout=subprocess.DEVNULL)  # fmt: skip
+    wait_for(sock.exists, 30, "the node to listen")
+    p.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert p.poll() is None
+    nbd_connect(f"nbd+unix:///?socket={sock}").shutdown()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(15) == 0
 
 
 # TLS -----------------------------------------------------------------------------------------
