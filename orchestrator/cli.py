@@ -372,8 +372,11 @@ def _foreground(
                 received.append(sig)
                 pending.add(asyncio.ensure_future(sup.down()))  # ends a start under way too
 
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, down, sig)
+            # SIGHUP too (a closed terminal), as the daemon: the nodes run in sessions of their
+            # own and outlived a supervisor it killed. Unless ignored already (nohup).
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN:
+                    loop.add_signal_handler(sig, down, sig)
 
             async def printer() -> None:
                 async for event in sup.watch(replay=True):

@@ -335,7 +335,10 @@ def test_orchestrator_invalid_topology_starts_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "r").exists()
 
 
-def test_orchestrator_foreground_up_stops_in_order_on_sigint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_orchestrator_foreground_up_stops_in_order_on_signal(tmp_path: Path, sig: int) -> None:
+    """Ctrl-C, or the terminal closing (SIGHUP: the nodes, in sessions of their own, outlived
+    the `up` it killed)."""
     fab = Fabric(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "nodes.cli", "up", str(fab.file)],
@@ -355,13 +358,13 @@ def test_orchestrator_foreground_up_stops_in_order_on_sigint(tmp_path: Path) -> 
         assert any("Ctrl-C" in x for x in lines), "".join(lines)
         pids = {n["pid"] for n in fab.status().values()}
         assert len(pids) == 5
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rest = proc.stdout.read()
         assert proc.wait() == 0, rest
     finally:
         if proc.poll() is None:
             proc.kill()
-            fab.cli("down", check=False)
+        fab.cli("down", check=False)  # what an `up` killed by the signal left
     stops = [line.split()[1] for line in rest.splitlines() if line.endswith(": stopped")]
     assert stops.index("slow:") < stops.index("disk:")  # dependents first
     assert stops.index("raid:") < stops.index("m0:")
