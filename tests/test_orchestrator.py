@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -156,6 +157,88 @@ def test_orchestrator_restarts_killed_node_and_export_serves_again(
     events = fabric.cli("logs", "--events").stdout
     assert "slow: exited: killed by SIGKILL" in events  # not "exited with status -9"
     assert "slow: restarted: pid" in events
+
+
+#: Two nodes, each exported on a port picked at their first start.
+PORT0 = """\
+name: f
+nodes:
+  disk: {kind: file, params: {file: disk.img}, max_restarts: 20}
+  top: {kind: delay, upstream: disk, params: {delay-read: 1ms}, max_restarts: 20}
+exports:
+  low: {node: disk, listen: ["127.0.0.1:0"]}
+  high: {node: top, listen: ["127.0.0.1:0"]}
+"""
+
+
+def restarted(fab: Fabric, node: str, pid: int) -> bool:
+    """Whether `node`, which ran as `pid`, serves again as another process."""
+    n = fab.status()[node]
+    return n["health"] == "SERVING" and n["pid"] not in (0, pid)
+
+
+def test_orchestrator_restart_keeps_the_port_0_gave(tmp_path: Path) -> None:
+    """A node exported on port 0 is restarted on the port its first start was given: clients
+    (and the URIs `up` printed) keep working. Each restart picked another port."""
+    (tmp_path / "disk.img").write_bytes(bytes(2 << 20))
+    fab = Fabric(tmp_path, PORT0)
+    try:
+        out = fab.up()
+        uris = {e: fab.uri(e, "nbd://") for e in ("low", "high")}
+        assert all(f"{e}: {uri}" in out for e, uri in uris.items()), out
+        digest = write_read(tmp_path, uris["high"], 2 << 20)
+        for node in ("disk", "top"):  # the upstream under a filter, then the filter
+            pid = fab.status()[node]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda node=node, pid=pid: restarted(fab, node, pid), 60, f"{node} back")
+            wait_for(lambda: fab.status()["top"]["health"] == "SERVING", 30, "top to serve")
+            assert {e: fab.uri(e, "nbd://") for e in uris} == uris, f"after {node} restarted"
+            assert read_sha(tmp_path, uris["high"], 2 << 20) == digest, f"after {node} restarted"
+            assert read_sha(tmp_path, uris["low"], 2 << 20) == digest
+        assert {n["name"]: n["restarts"] for n in fab.status().values()} == {"disk": 1, "top": 1}
+    finally:
+        fab.cli("down", check=False)
+
+
+def take_port(port: int) -> socket.socket:
+    """A socket listening on 127.0.0.1:`port`, bound as soon as the port is free."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    def bound() -> bool:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+    wait_for(bound, 10, f"port {port} to be free", interval=0.001)
+    sock.listen()
+    return sock
+
+
+def test_orchestrator_restart_says_when_its_port_is_taken(tmp_path: Path) -> None:
+    """Another program took the port while the node was down: the restart says so, naming the
+    port and why it wants that one, and retries; once the port is free, the node serves there."""
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+    fab = Fabric(tmp_path, PORT0)
+    try:
+        fab.up()
+        uri = fab.uri("high", "nbd://")
+        port = int(uri.rsplit(":", 1)[1].split("/")[0])
+        pid = fab.status()["top"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        with take_port(port):  # before the restart (0.1 s later) does
+            said = (f"top: start-failed: node 'top' cannot listen on 127.0.0.1:{port}: "
+                    "Address already in use (its export asked for 127.0.0.1:0 and was given "
+                    "this port at its first start")  # fmt: skip
+            wait_for(lambda: said in fab.cli("logs", "--events").stdout, 30, "start-failed",
+                     interval=0.3)  # fmt: skip
+        wait_for(lambda: restarted(fab, "top", pid), 60, "top to serve again")
+        assert fab.uri("high", "nbd://") == uri
+        assert run(["nbdinfo", "--size", uri]).stdout.strip() == str(1 << 20)
+    finally:
+        fab.cli("down", check=False)
 
 
 def test_orchestrator_reapply_restarts_only_the_changed_node(
