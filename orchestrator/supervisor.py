@@ -207,6 +207,7 @@ class NodeRunner:
             raise
         proc = self.process = self.sup.backend.new_node(self.node, pinned)
         try:
+            self.emit("starting")
             await proc.spawn()
             await proc.wait_ready(START_TIMEOUT)
             self.emit("started", self.who)
@@ -227,6 +228,7 @@ class NodeRunner:
         self.state = "failed"
         # "exited with status 1", not "node 'x' exited with status 1; /run/x.log:"
         self.last_error = str(exc).split("; ", 1)[0].removeprefix(f"node {self.name!r} ")
+        self.emit("start-failed", str(exc))
 
     def _pinned(self, topology: Topology) -> Topology:
         """`topology` with the node's port-0 addresses at the ports of its first start."""
@@ -402,9 +404,8 @@ class NodeRunner:
             self.restarts += 1
             try:
                 await self.start()
-            except StartError as exc:
+            except StartError as exc:  # start() said why (start-failed)
                 taken = isinstance(exc, PortTaken)
-                self.emit("start-failed", str(exc))
                 continue
             taken = False
             self.emit("restarted", f"{self.who} (restart {self.restarts})")
@@ -555,6 +556,7 @@ class Supervisor:
         try:
             await self.backend.prepare(topology)
         except Exception as exc:  # the engine refused: name it, start nothing
+            self.emit("", "apply-failed", f"{self.backend.name} backend")
             raise ApplyError(f"{self.backend.name} backend: {exc}") from exc
         failures: list[str] = []
         for group in plan.levels(topology):
@@ -567,8 +569,11 @@ class Supervisor:
             if failures:
                 break
         self.save_state()
+        # The last event of an apply: `up` prints the ones before it as progress.
         if failures:
+            self.emit("", "apply-failed", f"{len(failures)} nodes did not start")
             raise ApplyError("\n".join(failures))
+        self.emit("", "applied")
         return list(by_node.values())
 
     def _unless_down(self, action: plan.Action) -> plan.Action:

@@ -137,6 +137,38 @@ def test_orchestrator_up_serves_every_export_and_down_leaves_nothing(
     assert fabric.cli("down").stdout == "fabric f is not running\n"
 
 
+def test_orchestrator_up_detach_shows_progress_on_stderr(fabric: Fabric) -> None:
+    """`up -d` says on stderr what it waits for, a line per node as it starts, runs and
+    serves (docker compose's plain progress), upstreams before their dependents; a re-apply
+    too. It was silent for the seconds the nodes took; stdout is as before."""
+    res = fabric.cli("up", "--detach", str(fabric.file))
+    assert res.stdout.startswith("fabric f: 5 nodes up (supervisor pid "), res.stdout
+    assert "\r" not in res.stderr and "\x1b" not in res.stderr, "no redrawing"
+    lines = res.stderr.splitlines()
+    pids = {n: s["pid"] for n, s in fabric.status().items()}
+
+    def at(node: str, word: str) -> int:
+        return lines.index(f" Node {node:<4}  {word}")
+
+    for node, pid in pids.items():
+        assert at(node, "Starting") < at(node, f"Started (pid {pid})") < at(node, "Healthy")
+    for upstream, node in (("disk", "slow"), ("m0", "raid"), ("m1", "raid")):
+        assert at(upstream, "Healthy") < at(node, "Starting")
+    assert len(lines) == 15, res.stderr
+
+    fabric.file.write_text(CHAIN.replace("delay-read: 1ms", "delay-read: 3ms")
+                           .replace("size: 4M}}\n  raid", "size: 6M}}\n  raid"))  # fmt: skip
+    res = fabric.cli("up", "--detach", str(fabric.file))
+    assert "m1: restart (params changed: size)" in res.stdout
+    m1 = fabric.status()["m1"]["pid"]
+    lines = res.stderr.splitlines()
+    assert [x for x in lines if x.startswith(" Node m1 ")] == [
+        " Node m1    Stopped", " Node m1    Starting", f" Node m1    Started (pid {m1})",
+        " Node m1    Healthy"], res.stderr  # fmt: skip
+    assert [x for x in lines if not x.startswith(" Node m1 ")] == [
+        " Node slow  Configured (delay-read=3ms)"], res.stderr  # fmt: skip
+
+
 def test_orchestrator_restarts_killed_node_and_export_serves_again(
     fabric: Fabric, tmp_path: Path
 ) -> None:
