@@ -179,7 +179,9 @@ async def serve(
         env = dict(os.environ, uri=uris[0])
         if control_addr:
             env["control"] = control_addr
-        proc = await asyncio.create_subprocess_shell(spec.run, env=env)
+        from .spawn import shell
+
+        proc = await shell(spec.run, env=env)
         waiter = asyncio.ensure_future(proc.wait())
         stopper = asyncio.ensure_future(runtime.stopped.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -6,8 +6,11 @@ nbdinfo and qemu.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -115,6 +118,55 @@ def test_lifecycle_run_captive(tmp_path: Path, status: int) -> None:
     )  # fmt: skip
     assert res.returncode == status, res.stderr
     assert res.stdout.strip() == f"nbd+unix:///?socket={tmp_path}/r.sock"
+
+
+#: What gRPC logs when a process serving it forks (its fork handlers, skipped).
+GRPC_FORK_LOG = "fork_posix"
+
+
+def test_lifecycle_run_with_control_starts_the_command_quietly(tmp_path: Path) -> None:
+    """--run with --control: the command, started with vfork (nodes/spawn.py), gets $uri and
+    $control and gives its status, and gRPC says nothing on stderr. uvloop forked it, and with
+    the control server up gRPC logged `fork_posix.cc:71] Other threads are currently calling
+    into gRPC, skipping fork() handlers` at each command."""
+    script = f'nbdinfo --size "$uri" && {shlex.join(NBDFABRIC)} health "$control" && exit 5'
+    res = subprocess.run(
+        node_cmd("memory", "1M", "--listen", f"unix:{tmp_path}/r.sock", "--control",
+                 f"unix:{tmp_path}/r.ctl", "--run", script),
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (res.returncode, res.stdout) == (5, f"{MiB}\nSERVING\n"), res.stderr
+    assert GRPC_FORK_LOG not in res.stderr and "gRPC" not in res.stderr, res.stderr
+
+
+def no_pidfd(pid: int) -> int:
+    raise OSError(errno.ENOSYS, "pidfd_open: not implemented")
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "thread"])
+def test_lifecycle_spawned_commands_are_awaited(
+    monkeypatch: pytest.MonkeyPatch, pidfd: bool
+) -> None:
+    """nodes/spawn.py in the node's event loop: the status of a command, one killed, and its
+    output; on a pidfd, or (Linux before 5.3) a thread."""
+    from nodes import spawn
+    from nodes.run import event_loop_runner
+
+    if not pidfd:
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+
+    async def commands() -> tuple[int, bytes, int]:
+        done = await spawn.shell("exit 3")
+        talker = await spawn.shell("echo hi; exec sleep 60", stdout=spawn.PIPE)
+        assert talker.stdout is not None
+        line = await talker.stdout.readline()
+        talker.kill()
+        return await done.wait(), line, await talker.wait()
+
+    async def main() -> tuple[int, bytes, int]:  # pytest-timeout cannot stop a uvloop loop
+        return await asyncio.wait_for(commands(), 30)
+
+    assert event_loop_runner()(main()) == (3, b"hi\n", -signal.SIGKILL)
 
 
 def test_lifecycle_run_failing_command(tmp_path: Path) -> None:
