@@ -5,7 +5,6 @@ fabric commands (`up`, `down`, `status`, ...) from the orchestrator, loaded only
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ from typing import Any
 
 from . import registry
 from .argtypes import seconds, whole
-from .params import ParamError, field_info, parse_params
+from .params import ParamError, field_info, parse_params, value_text
 from .server.addresses import AddressError, parse_address
 from .server.node import NodeOptions
 
@@ -296,7 +295,7 @@ def cmd_kinds(argv: Sequence[str]) -> int:
             elif prm["default"] is None:
                 flags.append("optional")
             else:
-                flags.append(f"default {default_text(prm['type'], prm['default'])}")
+                flags.append(f"default {value_text(prm['type'], prm['default'])}")
             if prm["live"]:
                 flags.append("live")
             if prm["name"] == cls.magic:
@@ -318,28 +317,6 @@ def cmd_kinds(argv: Sequence[str]) -> int:
         for row in table:
             print(f"{row['kind']:<{width}}  {row['role']:<6}  {row['summary']}")
     return 0
-
-
-_SIZE_UNITS = ("E", "P", "T", "G", "M", "K")
-
-
-def default_text(kind: str, value: Any) -> str:
-    """A param's default as the command line takes it back: `5s`, `64M`, `EIO`, `true`, ''
-    (Python's 5.0, 67108864, 5, True and an empty string said less, or other things)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value == "":
-        return "''"
-    if kind == "errno" and isinstance(value, int):
-        return errno.errorcode.get(value, str(value))
-    if kind == "size" and isinstance(value, int) and value > 0:
-        for i, unit in enumerate(_SIZE_UNITS):
-            scale = 1 << (10 * (len(_SIZE_UNITS) - i))
-            if value % scale == 0:
-                return f"{value // scale}{unit}"
-    if isinstance(value, float):
-        return f"{value:g}" + ("s" if kind == "duration" else "")
-    return str(value)
 
 
 USAGE = """usage: nbdfabric COMMAND ...

@@ -7,6 +7,7 @@ Spellings follow nbdkit: sizes `1G`/`512K`, durations `10ms`/`2s`, rates `10%`, 
 
 from __future__ import annotations
 
+import decimal
 import difflib
 import errno as _errno
 import functools
@@ -149,6 +150,67 @@ def parse_errno(value: Any) -> int:
 
 def _errno_name(code: int) -> str:
     return _errno.errorcode.get(code, str(code))
+
+
+_SIZE_UNITS = ("E", "P", "T", "G", "M", "K")
+#: Units a duration is shown in, largest first: the first its value reaches.
+_SHOWN_DURATION_UNITS = ("s", "ms", "us", "ns")
+
+
+def value_text(kind: str, value: Any) -> str:
+    """A param's value as the command line takes it back: `5s`, `1ms`, `64M`, `EIO`, `true`,
+    '' (Python's 5.0, 0.001, 67108864, 5, True and an empty string said less, or other
+    things). `kind` is its type as field_info names it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value == "":
+        return "''"
+    if kind == "errno" and isinstance(value, int):
+        return _errno.errorcode.get(value, str(value))
+    if kind == "size" and isinstance(value, int) and value > 0:
+        for i, unit in enumerate(_SIZE_UNITS):
+            scale = 1 << (10 * (len(_SIZE_UNITS) - i))
+            if value % scale == 0:
+                return f"{value // scale}{unit}"
+    if kind == "duration" and isinstance(value, int | float):
+        return _duration_text(float(value))
+    if isinstance(value, float):
+        return _plain(value)
+    return str(value)
+
+
+def _duration_text(seconds: float, within: float = 0.0) -> str:
+    """In the largest unit the value reaches, with the fewest digits that read back as it (to
+    `within` seconds; 0.00025 / 1e-6 is 250.00000000000003); else in seconds."""
+    if seconds == 0:
+        return "0s"
+    unit = next(u for u in _SHOWN_DURATION_UNITS if seconds >= _DURATION_UNIT[u] or u == "ns")
+    value = seconds / _DURATION_UNIT[unit]
+    for digits in range(1, 18):
+        text = _plain(float(f"{value:.{digits}g}")) + unit
+        if abs(parse_duration(text) - seconds) <= within:
+            return text
+    return _plain(seconds) + "s"
+
+
+def _plain(number: float) -> str:
+    """The shortest decimal that reads back as `number`, without an exponent (params take
+    none): 1.0 is `1`, 1e-05 `0.00001`."""
+    text = format(decimal.Decimal(repr(number)), "f")
+    return text.removesuffix(".0")
+
+
+def wire_value_text(kind: str, text: str) -> str:
+    """value_text of a value as the control plane sends it (gRPC Param.value: sizes in bytes,
+    durations in seconds to 9 decimals, so `300ns` comes as 0.0000003, not 300 * 1e-9)."""
+    try:
+        if kind in ("size", "errno") and text.isdigit():
+            return value_text(kind, int(text))
+        if kind == "duration" and text:
+            return _duration_text(parse_duration(text), within=0.5e-9)
+    except ValueError:
+        pass
+    return text
 
 
 Size = Annotated[int, BeforeValidator(parse_size), Field(json_schema_extra={"format": "size"})]

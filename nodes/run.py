@@ -179,7 +179,9 @@ async def serve(
         env = dict(os.environ, uri=uris[0])
         if control_addr:
             env["control"] = control_addr
-        proc = await asyncio.create_subprocess_shell(spec.run, env=env)
+        from .spawn import shell
+
+        proc = await shell(spec.run, env=env)
         waiter = asyncio.ensure_future(proc.wait())
         stopper = asyncio.ensure_future(runtime.stopped.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -220,9 +222,25 @@ async def _serve_as_worker(spec: NodeSpec, runtime: NodeRuntime, ready_fd: int |
     return 0
 
 
+#: The signals that shut a node down cleanly (as SIGTERM: no new clients, requests in flight
+#: finish, flush, sockets removed, exit 0): nbdkit's (it catches these four) and qemu-nbd's
+#: (HUP, INT, TERM). Their default action ended the process on the spot.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+
+
+def stop_signals() -> list[signal.Signals]:
+    """STOP_SIGNALS but SIGHUP when it is ignored already: `nohup nbdfabric node ...` asks to
+    outlive the terminal, and nbdkit's handler, which overrides that, ended the node there."""
+    return [
+        sig
+        for sig in STOP_SIGNALS
+        if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN
+    ]
+
+
 def _shutdown_on_signals(runtime: NodeRuntime) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals():
         loop.add_signal_handler(sig, lambda: loop.create_task(runtime.shutdown()))
 
 

@@ -12,10 +12,10 @@ and each runs its own event loop.
   memory, null, zero, full, pattern and file plugins, the nbd proxy): a cow overlay or a cache in
   one process's memory cannot be split.
 - The supervisor writes the ready file and prints the URI once every worker serves, runs --run,
-  passes SIGTERM/SIGINT on, and exits after the workers with the first non-zero status. A
-  worker that dies while the node serves is replaced (its connections are lost; a memory node's
-  data is not: it lives in the shared mapping). A worker dies with its supervisor
-  (PR_SET_PDEATHSIG), so none outlives a kill -9.
+  passes the stop signals (run.STOP_SIGNALS) on, and exits after the workers with the first
+  non-zero status. A worker that dies while the node serves is replaced (its connections are
+  lost; a memory node's data is not: it lives in the shared mapping). A worker dies with its
+  supervisor (PR_SET_PDEATHSIG), so none outlives a kill -9.
 - With --control or --metrics, each worker serves its own NodeService on a private unix socket,
   and one more child, the control process, serves the node's addresses and answers for all the
   workers together (control/fanin.py). It starts once the workers serve, is replaced if it dies,
@@ -51,6 +51,7 @@ from .run import (
     event_loop_runner,
     listen_addresses,
     serve,
+    stop_signals,
     write_ready_file,
 )
 from .server.addresses import (
@@ -64,7 +65,6 @@ from .server.node import export_uris
 
 log = logging.getLogger("nbdfabric.node")
 
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 #: A worker that dies this many times within RESTART_WINDOW seconds is not replaced again.
 MAX_RESTARTS = 5
 RESTART_WINDOW = 10.0
@@ -105,9 +105,11 @@ class Supervisor:
         self.control_dir = _private_dir(spec.workers) if spec.control or spec.metrics else None
         self.control_pid: int | None = None
         self.bound: dict[str, str | None] = {"control": spec.control, "metrics": spec.metrics}
+        #: What stops the node, passed on to the workers (run.STOP_SIGNALS).
+        self.signals = set(stop_signals())
 
     def run(self) -> int:
-        for sig in _STOP_SIGNALS:
+        for sig in self.signals:
             signal.signal(sig, self._on_signal)
         try:
             ready = [self._spawn(slot) for slot in range(self.spec.workers)]
@@ -163,11 +165,11 @@ class Supervisor:
         ready_r, ready_w = os.pipe()
         parent = os.getpid()
         # No signal between fork and the child's own handlers: ours would act on its copy.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
         try:
             pid = os.fork()
         except OSError:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
             os.close(ready_r)
             os.close(ready_w)
             raise
@@ -175,9 +177,9 @@ class Supervisor:
             os.close(ready_r)
             code = 1
             try:
-                for sig in _STOP_SIGNALS:
+                for sig in self.signals:
                     signal.signal(sig, signal.SIG_DFL)  # the worker's loop installs its own
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
                 _die_with(parent)
                 code = main(ready_w)
             except BaseException as exc:  # whatever happens, the child ends here
@@ -189,7 +191,7 @@ class Supervisor:
             self.control_pid = pid
         else:
             self.workers[pid] = slot
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
         os.close(ready_w)
         return ready_r
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -152,6 +154,64 @@ def _print_exports(exports: Sequence[Any]) -> None:
         print(line, flush=True)
 
 
+#: How `up` shows an apply's events while it waits (docker compose's plain progress says
+#: ` Container NAME  Started`), and the events that end an apply.
+_PROGRESS = {"starting": "Starting", "started": "Started", "healthy": "Healthy",
+             "start-failed": "Failed", "configured": "Configured",
+             "configure-failed": "Not configured", "stopped": "Stopped"}  # fmt: skip
+_APPLY_END = ("applied", "apply-failed")
+
+
+class Progress:
+    """`up`'s progress on stderr while the supervisor applies: a line per node as it starts,
+    serves, fails or stops (from its events; stdout keeps what `up` printed before). Plain
+    lines, without docker compose's redrawing on a terminal: the same in a log or a pipe."""
+
+    def __init__(self, client: Client, names: Sequence[str]) -> None:
+        self.since = time.time()  # the supervisor replays what it remembers: not older events
+        self.width = max(map(len, names), default=0)
+        self.stream = client.stub.WatchFabricEvents(
+            client.pb.WatchFabricEventsRequest(replay=True, follow=True)
+        )
+        self.thread = threading.Thread(target=self._show, name="progress", daemon=True)
+        self.thread.start()
+
+    def _show(self) -> None:
+        try:
+            for ev in self.stream:
+                if ev.time < self.since:
+                    continue
+                if ev.kind in _APPLY_END:
+                    return
+                if ev.node and ev.kind in _PROGRESS:
+                    print(f" Node {ev.node:<{self.width}}  {_PROGRESS[ev.kind]}"
+                          f"{_progress_detail(ev)}", file=sys.stderr, flush=True)  # fmt: skip
+        except grpc.RpcError:
+            pass  # cancelled by close(), or the supervisor went away (`up` says why)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        # The apply's last events may arrive after its reply: wait for its end, unless it did
+        # not run (Ctrl-C, a request refused).
+        ran = exc is None or (isinstance(exc, grpc.RpcError)
+                              and exc.code() == grpc.StatusCode.ABORTED)  # type: ignore[attr-defined]  # fmt: skip
+        self.thread.join(5.0 if ran else 0.0)
+        self.stream.cancel()
+        self.thread.join(1.0)
+
+
+def _progress_detail(ev: Any) -> str:
+    if ev.kind in ("started", "configured"):
+        return f" ({ev.message})"
+    if ev.kind in ("start-failed", "configure-failed"):
+        # "node 'x' exited with status 1; RUN/x.log:\n...": `up` prints it all at the end
+        first = ev.message.split("\n", 1)[0].split("; ", 1)[0]
+        return f": {first.removeprefix(f'node {ev.node!r} ')}"
+    return ""
+
+
 def _apply(client: Client, topology: Topology, path: Path) -> Any:
     return client.stub.Apply(
         client.pb.ApplyRequest(
@@ -267,15 +327,15 @@ def cmd_up(argv: Sequence[str]) -> int:
 
 
 def _reapply(client: Client, topology: Topology, path: Path, dry_run: bool) -> int:
+    request = client.pb.ApplyRequest(
+        topology_yaml=topology.text, source=str(path), base_dir=topology.base_dir, dry_run=dry_run
+    )
     try:
-        reply = client.stub.Apply(
-            client.pb.ApplyRequest(
-                topology_yaml=topology.text,
-                source=str(path),
-                base_dir=topology.base_dir,
-                dry_run=dry_run,
-            )
-        )
+        if dry_run:
+            reply = client.stub.Apply(request)
+        else:
+            with Progress(client, list(topology.nodes)):
+                reply = client.stub.Apply(request)
     except grpc.RpcError as exc:
         _err("up", _rpc_error(exc))
         return 1
@@ -314,7 +374,8 @@ def _detach(
         client = _wait_for_supervisor(daemon, run)
         if client is None:
             return 1
-        reply = _apply(client, topology, path)
+        with Progress(client, list(topology.nodes)):
+            reply = _apply(client, topology, path)
     except KeyboardInterrupt:  # Ctrl-C before the fabric was up: no half-started fabric left
         print("stopping...", file=sys.stderr, flush=True)
         _down(run, connect(run))
@@ -372,11 +433,19 @@ def _foreground(
                 received.append(sig)
                 pending.add(asyncio.ensure_future(sup.down()))  # ends a start under way too
 
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, down, sig)
+            # SIGHUP too (a closed terminal), as the daemon: the nodes run in sessions of their
+            # own and outlived a supervisor it killed. Unless ignored already (nohup).
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN:
+                    loop.add_signal_handler(sig, down, sig)
 
             async def printer() -> None:
+                applying = True
                 async for event in sup.watch(replay=True):
+                    applying = applying and event.kind not in _APPLY_END
+                    if applying and event.kind == "start-failed":  # the error below has it all
+                        first = event.message.split("\n", 1)[0].split("; ", 1)[0]
+                        event = dataclasses.replace(event, message=first)
                     print(event, flush=True)
 
             printing = asyncio.ensure_future(printer())

@@ -20,12 +20,14 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nodes import registry
 from nodes.params import ParamError, live_names, update_params
+from nodes.server.addresses import AddressError, open_listener, parse_address
 
 from . import plan
 from .argv import param_text
@@ -60,6 +62,10 @@ STOP_GRACE = 10.0
 
 class ApplyError(RuntimeError):
     """A node could not be started while applying a topology."""
+
+
+class PortTaken(StartError):
+    """A restart cannot listen on the port its export was first given: it is taken."""
 
 
 class ConfigureError(ValueError):
@@ -157,6 +163,10 @@ class NodeRunner:
         self.channel: grpc.aio.Channel | None = None
         #: A fan's members as it last reported them (node_pb2.Member messages).
         self.members: list[Any] = []
+        #: Its export's TCP addresses that asked for port 0, as (place in `listen`, address
+        #: as written) -> the address with the port the first start was given: a restart
+        #: listens there again, so clients (and `up`'s URIs) keep working.
+        self.pinned: dict[tuple[int, str], str] = {}
 
     @property
     def name(self) -> str:
@@ -189,17 +199,23 @@ class NodeRunner:
         self.state = "starting"
         self.health = "UNKNOWN"
         self.healthy_since = 0.0
-        proc = self.process = self.sup.backend.new_node(self.node, topology)
+        pinned = self._pinned(topology)
         try:
+            self._check_pinned_ports()
+        except PortTaken as exc:
+            self._failed(exc)
+            raise
+        proc = self.process = self.sup.backend.new_node(self.node, pinned)
+        try:
+            self.emit("starting")
             await proc.spawn()
             await proc.wait_ready(START_TIMEOUT)
             self.emit("started", self.who)
+            self._pin(topology, proc.info.get("uris", []))
             await self._wait_serving(proc)
         except StartError as exc:
             await proc.kill()
-            self.state = "failed"
-            # "exited with status 1", not "node 'x' exited with status 1; /run/x.log:"
-            self.last_error = str(exc).split("; ", 1)[0].removeprefix(f"node {self.name!r} ")
+            self._failed(exc)
             raise
         except asyncio.CancelledError:  # an apply cut short (Ctrl-C, its client went away)
             await proc.kill()
@@ -207,6 +223,52 @@ class NodeRunner:
             raise
         self.state = "running"
         self.sup.save_state()
+
+    def _failed(self, exc: StartError) -> None:
+        self.state = "failed"
+        # "exited with status 1", not "node 'x' exited with status 1; /run/x.log:"
+        self.last_error = str(exc).split("; ", 1)[0].removeprefix(f"node {self.name!r} ")
+        self.emit("start-failed", str(exc))
+
+    def _pinned(self, topology: Topology) -> Topology:
+        """`topology` with the node's port-0 addresses at the ports of its first start."""
+        export = topology.export_of(self.name)
+        written = set(enumerate(export.listen)) if export is not None else set()
+        self.pinned = {k: v for k, v in self.pinned.items() if k in written}  # edited away
+        if export is None or not self.pinned:
+            return topology
+        listen = tuple(self.pinned.get((i, a), a) for i, a in enumerate(export.listen))
+        exports = {**topology.exports, export.name: dataclasses.replace(export, listen=listen)}
+        return dataclasses.replace(topology, exports=exports)
+
+    def _pin(self, topology: Topology, uris: list[str]) -> None:
+        """Learn the ports the node was given for port 0 from the URIs it serves: its TCP ones
+        come in the order of its TCP addresses (`topology` has them as written)."""
+        export = topology.export_of(self.name)
+        if export is None:
+            return
+        tcp = [(i, a) for i, a in enumerate(export.listen) if not a.startswith(("unix:", "fd:"))]
+        ports = [urlsplit(u).port for u in uris if urlsplit(u).scheme in ("nbd", "nbds")]
+        if len(ports) != len(tcp):
+            log.warning("%s: cannot tell which of %s serves which of %s", self.name, uris, tcp)
+            return
+        for (i, addr), port in zip(tcp, ports, strict=True):
+            host, _, asked = addr.rpartition(":")
+            if asked == "0" and port and (i, addr) not in self.pinned:
+                self.pinned[(i, addr)] = f"{host}:{port}"
+
+    def _check_pinned_ports(self) -> None:
+        """PortTaken if a port the node keeps is taken (the node would only say `Address
+        already in use`, not why it wants that port)."""
+        for (_, asked), addr in self.pinned.items():
+            try:
+                open_listener(parse_address(addr)).close()
+            except AddressError as exc:
+                raise PortTaken(
+                    f"node {self.name!r} {exc} (its export asked for {asked} and was given "
+                    "this port at its first start: restarts keep it for the clients that use "
+                    "it); free the port, or `nbdfabric down` and `up` for a new one"
+                ) from None
 
     async def _wait_serving(self, proc: NodeProcess) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -310,14 +372,18 @@ class NodeRunner:
 
     async def _supervise(self) -> None:
         failures = 0
+        taken = False  #: the last restart found its port taken: no process ran to watch
         while True:
-            why, status = await self._watch()
+            if taken:
+                why, status = self.last_error, None
+            else:
+                why, status = await self._watch()
+                self.last_error = why
+                self.emit("exited" if status is not None else "unhealthy", why)
             proc = self.process
             assert proc is not None
             if self.healthy_since and time.time() - self.healthy_since >= STABLE_AFTER:
                 failures = 0
-            self.last_error = why
-            self.emit("exited" if status is not None else "unhealthy", why)
             policy = self.node.restart
             if policy == "never" or (policy == "on-failure" and status == 0):
                 await proc.kill()
@@ -338,9 +404,10 @@ class NodeRunner:
             self.restarts += 1
             try:
                 await self.start()
-            except StartError as exc:
-                self.emit("start-failed", str(exc))
+            except StartError as exc:  # start() said why (start-failed)
+                taken = isinstance(exc, PortTaken)
                 continue
+            taken = False
             self.emit("restarted", f"{self.who} (restart {self.restarts})")
 
     # stop ---------------------------------------------------------------------------------
@@ -489,6 +556,7 @@ class Supervisor:
         try:
             await self.backend.prepare(topology)
         except Exception as exc:  # the engine refused: name it, start nothing
+            self.emit("", "apply-failed", f"{self.backend.name} backend")
             raise ApplyError(f"{self.backend.name} backend: {exc}") from exc
         failures: list[str] = []
         for group in plan.levels(topology):
@@ -501,8 +569,11 @@ class Supervisor:
             if failures:
                 break
         self.save_state()
+        # The last event of an apply: `up` prints the ones before it as progress.
         if failures:
+            self.emit("", "apply-failed", f"{len(failures)} nodes did not start")
             raise ApplyError("\n".join(failures))
+        self.emit("", "applied")
         return list(by_node.values())
 
     def _unless_down(self, action: plan.Action) -> plan.Action:

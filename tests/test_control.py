@@ -5,6 +5,7 @@ Prometheus metrics, and the `nbdfabric ctl` / `nbdfabric health` commands.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import urllib.request
@@ -340,6 +341,38 @@ def test_control_ctl_human_output(node):
     assert "memory" in info.stdout and "16M" in info.stdout and p.uri in info.stdout
     stats = ctl("ctl", p.control, "stats")
     assert stats.returncode == 0 and "block_status" in stats.stdout
+
+
+def test_control_ctl_set_echoes_values_as_the_command_line_spells_them(start_node):
+    """`ctl ADDR set` and `ctl ADDR info` show values as `kinds` and the command line spell
+    them (`250ms`, `64M`); they said `0.25` and `67108864`, gRPC's seconds and bytes, which
+    `--json` keeps."""
+    disk = start_node("memory", "1M")
+    p = start_node("rate", upstreams=[disk.uri], control=True)
+    res = ctl("ctl", p.control, "set", "rate=64M", "burstiness=250ms")
+    assert (res.returncode, res.stdout) == (0, "rate=64M, burstiness=250ms\n"), res.stderr
+    assert ctl("ctl", p.control, "set", "burstiness=0.001").stdout == "burstiness=1ms\n"
+    info = ctl("ctl", p.control, "info").stdout
+    assert re.search(r"rate\s+│ 64M\s+│ size", info) and re.search(r"burstiness\s+│ 1ms ", info)
+    params = json.loads(ctl("ctl", p.control, "info", "--json").stdout)["params"]
+    assert {q["name"]: q["value"] for q in params}["rate"] == "67108864"
+
+
+@pytest.mark.parametrize(("kind", "wire", "shown"), [
+    ("duration", "0.001", "1ms"), ("duration", "0.0025", "2.5ms"), ("duration", "0", "0s"),
+    ("duration", "0.0000003", "300ns"), ("duration", "0.00025", "250us"),
+    ("duration", "90", "90s"), ("duration", "1.5", "1.5s"), ("size", "67108864", "64M"),
+    ("size", "1048577", "1048577"), ("size", "0", "0"), ("errno", "EIO", "EIO"),
+    ("boolean", "true", "true"), ("rate", "0.1", "0.1"), ("string", "", ""),
+])  # fmt: skip
+def test_control_wire_values_shown_as_the_command_line_takes_them(
+    kind: str, wire: str, shown: str
+) -> None:
+    from nodes.params import parse_duration, wire_value_text
+
+    assert wire_value_text(kind, wire) == shown
+    if kind == "duration":  # and it reads back as what was sent
+        assert abs(parse_duration(shown) - float(wire)) < 1e-12
 
 
 @pytest.mark.parametrize(

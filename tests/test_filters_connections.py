@@ -235,6 +235,21 @@ def test_exitwhen_exits_at_once_if_the_event_happened_before_it_started(
     assert theirs.returncode == 0, theirs.stderr
 
 
+def test_exitwhen_script_under_control_logs_nothing_about_fork(
+    tmp_path: Path, start_node: StartNode
+) -> None:
+    """exit-when-script in a node with --control: the scripts (one per poll) start without
+    fork(), so gRPC logs no `skipping fork() handlers` line for each (nodes/spawn.py)."""
+    runs, flag = tmp_path / "runs", tmp_path / "flag"
+    mem = start_node("memory", "1M")
+    node = start_node("exitwhen", f"exit-when-script=echo >> {runs}; test -e {flag} && exit 88",
+                      "exit-when-poll=50ms", upstreams=[mem.uri], control=True)  # fmt: skip
+    wait_for(lambda: runs.exists() and len(runs.read_text()) >= 5, 30, "five polls")
+    flag.touch()
+    assert node.proc.wait(30) == 0
+    assert "fork" not in node.stderr() and "gRPC" not in node.stderr(), node.stderr()
+
+
 class Trigger:
     """One exitwhen event, its params, and how the test makes it happen."""
 

@@ -410,6 +410,19 @@ def test_exportname_over_a_single_export_matches_nbdkit(
     assert probe(ours.uri, names) == probe(theirs.uri, names)
 
 
+def test_exportname_script_under_control_logs_nothing_about_fork(start_node: StartNode) -> None:
+    """exportdesc=script: in a node with --control: each description's script starts without
+    fork(), so gRPC logs no `skipping fork() handlers` line for it (nodes/spawn.py); the
+    script still reads $name and its output is the description."""
+    mem = start_node("memory", "1M")
+    ours = start_node("exportname", "exportname-list=explicit", "exportname=a", "exportname=b",
+                      'exportdesc=script:echo "<$name>"', upstreams=[mem.uri],
+                      control=True)  # fmt: skip
+    listed = json.loads(run(["nbdinfo", "--list", "--json", ours.uri]).stdout)["exports"]
+    assert {e["export-name"]: e.get("description") for e in listed} == {"a": "<a>", "b": "<b>"}
+    assert "fork" not in ours.stderr() and "gRPC" not in ours.stderr(), ours.stderr()
+
+
 def test_exportname_keeps_the_upstream_descriptions(start_node: StartNode) -> None:
     mem = start_node("memory", "1M", extra=("--description", "the disk"))
     keep = start_node("exportname", upstreams=[mem.uri])

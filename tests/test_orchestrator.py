@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -136,6 +137,38 @@ def test_orchestrator_up_serves_every_export_and_down_leaves_nothing(
     assert fabric.cli("down").stdout == "fabric f is not running\n"
 
 
+def test_orchestrator_up_detach_shows_progress_on_stderr(fabric: Fabric) -> None:
+    """`up -d` says on stderr what it waits for, a line per node as it starts, runs and
+    serves (docker compose's plain progress), upstreams before their dependents; a re-apply
+    too. It was silent for the seconds the nodes took; stdout is as before."""
+    res = fabric.cli("up", "--detach", str(fabric.file))
+    assert res.stdout.startswith("fabric f: 5 nodes up (supervisor pid "), res.stdout
+    assert "\r" not in res.stderr and "\x1b" not in res.stderr, "no redrawing"
+    lines = res.stderr.splitlines()
+    pids = {n: s["pid"] for n, s in fabric.status().items()}
+
+    def at(node: str, word: str) -> int:
+        return lines.index(f" Node {node:<4}  {word}")
+
+    for node, pid in pids.items():
+        assert at(node, "Starting") < at(node, f"Started (pid {pid})") < at(node, "Healthy")
+    for upstream, node in (("disk", "slow"), ("m0", "raid"), ("m1", "raid")):
+        assert at(upstream, "Healthy") < at(node, "Starting")
+    assert len(lines) == 15, res.stderr
+
+    fabric.file.write_text(CHAIN.replace("delay-read: 1ms", "delay-read: 3ms")
+                           .replace("size: 4M}}\n  raid", "size: 6M}}\n  raid"))  # fmt: skip
+    res = fabric.cli("up", "--detach", str(fabric.file))
+    assert "m1: restart (params changed: size)" in res.stdout
+    m1 = fabric.status()["m1"]["pid"]
+    lines = res.stderr.splitlines()
+    assert [x for x in lines if x.startswith(" Node m1 ")] == [
+        " Node m1    Stopped", " Node m1    Starting", f" Node m1    Started (pid {m1})",
+        " Node m1    Healthy"], res.stderr  # fmt: skip
+    assert [x for x in lines if not x.startswith(" Node m1 ")] == [
+        " Node slow  Configured (delay-read=3ms)"], res.stderr  # fmt: skip
+
+
 def test_orchestrator_restarts_killed_node_and_export_serves_again(
     fabric: Fabric, tmp_path: Path
 ) -> None:
@@ -156,6 +189,88 @@ def test_orchestrator_restarts_killed_node_and_export_serves_again(
     events = fabric.cli("logs", "--events").stdout
     assert "slow: exited: killed by SIGKILL" in events  # not "exited with status -9"
     assert "slow: restarted: pid" in events
+
+
+#: Two nodes, each exported on a port picked at their first start.
+PORT0 = """\
+name: f
+nodes:
+  disk: {kind: file, params: {file: disk.img}, max_restarts: 20}
+  top: {kind: delay, upstream: disk, params: {delay-read: 1ms}, max_restarts: 20}
+exports:
+  low: {node: disk, listen: ["127.0.0.1:0"]}
+  high: {node: top, listen: ["127.0.0.1:0"]}
+"""
+
+
+def restarted(fab: Fabric, node: str, pid: int) -> bool:
+    """Whether `node`, which ran as `pid`, serves again as another process."""
+    n = fab.status()[node]
+    return n["health"] == "SERVING" and n["pid"] not in (0, pid)
+
+
+def test_orchestrator_restart_keeps_the_port_0_gave(tmp_path: Path) -> None:
+    """A node exported on port 0 is restarted on the port its first start was given: clients
+    (and the URIs `up` printed) keep working. Each restart picked another port."""
+    (tmp_path / "disk.img").write_bytes(bytes(2 << 20))
+    fab = Fabric(tmp_path, PORT0)
+    try:
+        out = fab.up()
+        uris = {e: fab.uri(e, "nbd://") for e in ("low", "high")}
+        assert all(f"{e}: {uri}" in out for e, uri in uris.items()), out
+        digest = write_read(tmp_path, uris["high"], 2 << 20)
+        for node in ("disk", "top"):  # the upstream under a filter, then the filter
+            pid = fab.status()[node]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda node=node, pid=pid: restarted(fab, node, pid), 60, f"{node} back")
+            wait_for(lambda: fab.status()["top"]["health"] == "SERVING", 30, "top to serve")
+            assert {e: fab.uri(e, "nbd://") for e in uris} == uris, f"after {node} restarted"
+            assert read_sha(tmp_path, uris["high"], 2 << 20) == digest, f"after {node} restarted"
+            assert read_sha(tmp_path, uris["low"], 2 << 20) == digest
+        assert {n["name"]: n["restarts"] for n in fab.status().values()} == {"disk": 1, "top": 1}
+    finally:
+        fab.cli("down", check=False)
+
+
+def take_port(port: int) -> socket.socket:
+    """A socket listening on 127.0.0.1:`port`, bound as soon as the port is free."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    def bound() -> bool:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+    wait_for(bound, 10, f"port {port} to be free", interval=0.001)
+    sock.listen()
+    return sock
+
+
+def test_orchestrator_restart_says_when_its_port_is_taken(tmp_path: Path) -> None:
+    """Another program took the port while the node was down: the restart says so, naming the
+    port and why it wants that one, and retries; once the port is free, the node serves there."""
+    (tmp_path / "disk.img").write_bytes(bytes(1 << 20))
+    fab = Fabric(tmp_path, PORT0)
+    try:
+        fab.up()
+        uri = fab.uri("high", "nbd://")
+        port = int(uri.rsplit(":", 1)[1].split("/")[0])
+        pid = fab.status()["top"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        with take_port(port):  # before the restart (0.1 s later) does
+            said = (f"top: start-failed: node 'top' cannot listen on 127.0.0.1:{port}: "
+                    "Address already in use (its export asked for 127.0.0.1:0 and was given "
+                    "this port at its first start")  # fmt: skip
+            wait_for(lambda: said in fab.cli("logs", "--events").stdout, 30, "start-failed",
+                     interval=0.3)  # fmt: skip
+        wait_for(lambda: restarted(fab, "top", pid), 60, "top to serve again")
+        assert fab.uri("high", "nbd://") == uri
+        assert run(["nbdinfo", "--size", uri]).stdout.strip() == str(1 << 20)
+    finally:
+        fab.cli("down", check=False)
 
 
 def test_orchestrator_reapply_restarts_only_the_changed_node(
@@ -335,7 +450,10 @@ def test_orchestrator_invalid_topology_starts_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "r").exists()
 
 
-def test_orchestrator_foreground_up_stops_in_order_on_sigint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_orchestrator_foreground_up_stops_in_order_on_signal(tmp_path: Path, sig: int) -> None:
+    """Ctrl-C, or the terminal closing (SIGHUP: the nodes, in sessions of their own, outlived
+    the `up` it killed)."""
     fab = Fabric(tmp_path)
     proc = subprocess.Popen(
         [sys.executable, "-m", "nodes.cli", "up", str(fab.file)],
@@ -355,13 +473,13 @@ def test_orchestrator_foreground_up_stops_in_order_on_sigint(tmp_path: Path) -> 
         assert any("Ctrl-C" in x for x in lines), "".join(lines)
         pids = {n["pid"] for n in fab.status().values()}
         assert len(pids) == 5
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         rest = proc.stdout.read()
         assert proc.wait() == 0, rest
     finally:
         if proc.poll() is None:
             proc.kill()
-            fab.cli("down", check=False)
+        fab.cli("down", check=False)  # what an `up` killed by the signal left
     stops = [line.split()[1] for line in rest.splitlines() if line.endswith(": stopped")]
     assert stops.index("slow:") < stops.index("disk:")  # dependents first
     assert stops.index("raid:") < stops.index("m0:")

@@ -1,12 +1,16 @@
 """A node process from start to exit: --print-uri, --ready-file, several listen addresses, --run,
 systemd socket activation and fd:N, keepalive, --max-connections, SIGTERM with requests in flight
-(ESHUTDOWN / ERR_SHUTDOWN, exit 0), and TLS with nbdinfo and qemu.
+(ESHUTDOWN / ERR_SHUTDOWN, exit 0), the other signals that stop it as SIGTERM does, and TLS with
+nbdinfo and qemu.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -114,6 +118,55 @@ def test_lifecycle_run_captive(tmp_path: Path, status: int) -> None:
     )  # fmt: skip
     assert res.returncode == status, res.stderr
     assert res.stdout.strip() == f"nbd+unix:///?socket={tmp_path}/r.sock"
+
+
+#: What gRPC logs when a process serving it forks (its fork handlers, skipped).
+GRPC_FORK_LOG = "fork_posix"
+
+
+def test_lifecycle_run_with_control_starts_the_command_quietly(tmp_path: Path) -> None:
+    """--run with --control: the command, started with vfork (nodes/spawn.py), gets $uri and
+    $control and gives its status, and gRPC says nothing on stderr. uvloop forked it, and with
+    the control server up gRPC logged `fork_posix.cc:71] Other threads are currently calling
+    into gRPC, skipping fork() handlers` at each command."""
+    script = f'nbdinfo --size "$uri" && {shlex.join(NBDFABRIC)} health "$control" && exit 5'
+    res = subprocess.run(
+        node_cmd("memory", "1M", "--listen", f"unix:{tmp_path}/r.sock", "--control",
+                 f"unix:{tmp_path}/r.ctl", "--run", script),
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (res.returncode, res.stdout) == (5, f"{MiB}\nSERVING\n"), res.stderr
+    assert GRPC_FORK_LOG not in res.stderr and "gRPC" not in res.stderr, res.stderr
+
+
+def no_pidfd(pid: int) -> int:
+    raise OSError(errno.ENOSYS, "pidfd_open: not implemented")
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "thread"])
+def test_lifecycle_spawned_commands_are_awaited(
+    monkeypatch: pytest.MonkeyPatch, pidfd: bool
+) -> None:
+    """nodes/spawn.py in the node's event loop: the status of a command, one killed, and its
+    output; on a pidfd, or (Linux before 5.3) a thread."""
+    from nodes import spawn
+    from nodes.run import event_loop_runner
+
+    if not pidfd:
+        monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+
+    async def commands() -> tuple[int, bytes, int]:
+        done = await spawn.shell("exit 3")
+        talker = await spawn.shell("echo hi; exec sleep 60", stdout=spawn.PIPE)
+        assert talker.stdout is not None
+        line = await talker.stdout.readline()
+        talker.kill()
+        return await done.wait(), line, await talker.wait()
+
+    async def main() -> tuple[int, bytes, int]:  # pytest-timeout cannot stop a uvloop loop
+        return await asyncio.wait_for(commands(), 30)
+
+    assert event_loop_runner()(main()) == (3, b"hi\n", -signal.SIGKILL)
 
 
 def test_lifecycle_run_failing_command(tmp_path: Path) -> None:
@@ -280,6 +333,42 @@ def test_lifecycle_sigterm_drains_in_flight(procs: list[Any], tmp_path: Path) ->
     assert errors == [0] * 5
     assert all(buf == b"\x42" * 4096 for buf in bufs)
     assert p.wait(20) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGQUIT, signal.SIGINT, signal.SIGTERM],
+                         ids=lambda s: signal.Signals(s).name)  # fmt: skip
+def test_lifecycle_stop_signals_shut_down_cleanly(
+    start_node: Any, start_nbdkit: Any, tmp_path: Path, sig: int
+) -> None:
+    """nbdkit exits cleanly on SIGHUP, SIGINT, SIGQUIT and SIGTERM (qemu-nbd on HUP, INT and
+    TERM); a node does too, with a client connected: the writes its writeback cache holds reach
+    the disk, the socket file goes, status 0. SIGHUP and SIGQUIT killed it on the spot."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(MiB))
+    node = start_node("cache", "cache=writeback", upstreams=[start_nbdkit("file", str(disk)).uri])
+    h = nbd_connect(node.uri)
+    h.pwrite(b"\x5a" * 65536, 4096)
+    assert disk.read_bytes()[4096 : 4096 + 65536] == bytes(65536), "held in the cache"
+    assert node.stop(sig) == 0, node.stderr()
+    assert not Path(node.socket).exists()
+    assert disk.read_bytes()[4096 : 4096 + 65536] == b"\x5a" * 65536, "written back at exit"
+    with pytest.raises(nbd.Error):
+        h.pread(512, 0)
+
+
+def test_lifecycle_sighup_ignored_under_nohup(procs: list[Any], tmp_path: Path) -> None:
+    """`nohup nbdfabric node ...` outlives the terminal: a SIGHUP ignored when the node starts
+    stays ignored (nbdkit's handler would end it there)."""
+    sock = tmp_path / "n.sock"
+    p = spawn(procs, ["nohup", *node_cmd("memory", "1M", "--listen", f"unix:{sock}")],
+              stdout=subprocess.DEVNULL)  # fmt: skip
+    wait_for(sock.exists, 30, "the node to listen")
+    p.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert p.poll() is None
+    nbd_connect(f"nbd+unix:///?socket={sock}").shutdown()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(15) == 0
 
 
 # TLS -----------------------------------------------------------------------------------------

@@ -80,14 +80,15 @@ def test_workers_of_an_nbd_proxy(start_node, tmp_path: Path) -> None:
     assert (tmp_path / "b.img").read_bytes() == src.read_bytes()
 
 
-def test_sigterm_stops_every_worker_and_removes_the_socket(start_node) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_stop_signal_stops_every_worker_and_removes_the_socket(start_node, sig) -> None:
     node = start_node("memory", "8M", extra=("--workers", "3"))
     workers = children_of(node.pid)
     assert len(workers) == 3
     h = nbd_connect(node.uri)
     h.pwrite(b"x" * 4096, 0)
     h.shutdown()
-    assert node.stop() == 0
+    assert node.stop(sig) == 0
     wait_for(lambda: not any(alive(pid) for pid in workers), 10, "the workers to exit")
     assert not os.path.exists(node.socket)
 

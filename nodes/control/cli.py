@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ..argtypes import seconds, whole
-from ..params import parse_size
+from ..params import parse_size, wire_value_text
 from .rpc.nbdfabric.v1 import node_pb2 as pb
 from .rpc.nbdfabric.v1 import node_pb2_grpc as pb_grpc
 
@@ -121,6 +121,12 @@ def _seconds(s: float) -> str:
     return f"{s * 1e6:.0f}us"
 
 
+def shown(param: pb.Param) -> str:
+    """A param's value as the command line spells it (`1ms`, `64M`), not as gRPC carries it
+    (seconds, bytes: `delay-read=1ms` was echoed as `0.001`)."""
+    return wire_value_text(param.type, param.value)
+
+
 def show_info(info: pb.GetInfoResponse) -> None:
     d = to_data(info)
     con = _console()
@@ -151,7 +157,12 @@ def show_info(info: pb.GetInfoResponse) -> None:
                 "params",
                 ("name", "value", "type", "live"),
                 [
-                    (p["name"], p["value"], p["type"], "live" if p["live"] else "")
+                    (
+                        p["name"],
+                        wire_value_text(p["type"], p["value"]),
+                        p["type"],
+                        "live" if p["live"] else "",
+                    )
                     for p in d["params"]
                 ],
             )
@@ -429,7 +440,7 @@ def run_ctl(args: argparse.Namespace, channel: grpc.Channel) -> int:
             raise Failed(str(exc), EXIT_USAGE) from None
         result = stub.Configure(pb.ConfigureRequest(changes=changes), timeout=unary)
         show = lambda r: print(  # noqa: E731
-            ", ".join(f"{p.name}={p.value}" for p in r.params if p.name in changes)
+            ", ".join(f"{p.name}={shown(p)}" for p in r.params if p.name in changes)
         )
 
     elif c in ("pause", "resume", "flush", "shutdown"):

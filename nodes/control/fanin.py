@@ -488,7 +488,7 @@ async def serve_fanin(
     ready_fd: int,
 ) -> int:
     """The control process: serve until SIGTERM (sent once the workers are gone)."""
-    import signal
+    from ..run import stop_signals
 
     fanin = FanIn(Workers(worker_paths), node_pid, started)
     server = health = None
@@ -510,7 +510,7 @@ async def serve_fanin(
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals():  # a hangup reaches the whole process group, this one too
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     fanin.stopping = True

@@ -54,6 +54,7 @@ from pydantic import AfterValidator, field_validator, model_validator
 from ..base import Backend, Filter, StopNode, current_client
 from ..params import Duration, Many, Params, c_integer, param, repeated
 from ..registry import register
+from ..spawn import DEVNULL, shell
 
 log = logging.getLogger("nbdfabric.exitwhen")
 
@@ -213,9 +214,7 @@ class _Script(_Event):
 
     async def happened(self) -> bool:
         try:
-            proc = await asyncio.create_subprocess_shell(
-                self.script, stdin=asyncio.subprocess.DEVNULL, stdout=2
-            )
+            proc = await shell(self.script, stdin=DEVNULL, stdout=2)
             status = await proc.wait()
         except OSError as exc:
             log.error("exit-when-script: %s: %s", self.script, exc.strerror or exc)

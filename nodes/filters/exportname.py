@@ -54,6 +54,7 @@ from ..base import Backend, Capabilities, Filter, MultiExport
 from ..params import Many, Params, param, repeated
 from ..params import Params as ParamsModel
 from ..registry import register
+from ..spawn import DEVNULL, PIPE, shell
 from ..upstream import Catalog, Upstream, export_of
 
 log = logging.getLogger("nbdfabric.exportname")
@@ -352,12 +353,7 @@ class ExportName(Filter):
 
 async def run_description_script(script: str, name: str) -> str:
     """The output of `script` run by the shell with $name set, cut to a description."""
-    proc = await asyncio.create_subprocess_shell(
-        script,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "name": name},
-    )
+    proc = await shell(script, stdin=DEVNULL, stdout=PIPE, env={**os.environ, "name": name})
     assert proc.stdout is not None
     out, ended = b"", False
     try:
