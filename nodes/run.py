@@ -13,6 +13,7 @@ import signal
 import socket
 import stat
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -176,7 +177,7 @@ async def serve(
 
     status = 0
     if spec.run:
-        env = dict(os.environ, uri=uris[0])
+        env = dict(os.environ, **captive_env(uris[0], spec.options))
         if control_addr:
             env["control"] = control_addr
         from .spawn import shell
@@ -236,6 +237,24 @@ def stop_signals() -> list[signal.Signals]:
         for sig in STOP_SIGNALS
         if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN
     ]
+
+
+def captive_env(uri: str, options: NodeOptions) -> dict[str, str]:
+    """What nbdkit's captive mode sets for the command: `$uri` (and `$nbd`, its old name), the
+    listening `$port` or `$unixsocket` (the other one empty), `$exportname`, and `$tls` (1 for
+    on, 2 for require; unset when off)."""
+    parts = urllib.parse.urlsplit(uri)
+    query = urllib.parse.parse_qs(parts.query)
+    env = {
+        "uri": uri,
+        "nbd": uri,
+        "port": "" if parts.port is None else str(parts.port),
+        "unixsocket": query.get("socket", [""])[0],
+        "exportname": options.export_name,
+    }
+    if options.tls != "off":
+        env["tls"] = "2" if options.tls == "require" else "1"
+    return env
 
 
 def _shutdown_on_signals(runtime: NodeRuntime) -> None:

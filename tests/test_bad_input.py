@@ -347,6 +347,7 @@ OPTION_CASES = [
     (["memory", "1M", "--listen", "fd:999"], (1,), "fd:999"),
     (["memory", "1M", "--listen", "fd:-1"], (1,), "fd:-1"),
     (["memory", "1M", "--listen", "[::1"], (1,), "unclosed"),
+    (["memory", "1M", "--listen", "tcp:127.0.0.1:0"], (1,), "HOST:PORT, without a prefix"),
     (["memory", "1M", "--listen", "unix:"], (1,), "needs a path"),
     (["memory", "1M", "--listen", "unix:/nonexistent/d/x.sock"], (1,), "cannot listen"),
     (["memory", "1M", "--listen", "1:2:3"], (1,), "IPv6"),

@@ -120,6 +120,24 @@ def test_lifecycle_run_captive(tmp_path: Path, status: int) -> None:
     assert res.stdout.strip() == f"nbd+unix:///?socket={tmp_path}/r.sock"
 
 
+@pytest.mark.parametrize("listen", ["unix", "tcp"])
+def test_lifecycle_run_sets_nbdkits_captive_variables(tmp_path: Path, listen: str) -> None:
+    """$nbd, $port, $unixsocket, $exportname and $tls, as nbdkit's --run sets them."""
+    address = f"unix:{tmp_path}/r.sock" if listen == "unix" else "127.0.0.1:0"
+    script = 'echo "$uri|$nbd|$port|$unixsocket|$exportname|${tls-unset}"'
+    res = subprocess.run(
+        node_cmd("memory", "1M", "--listen", address, "--export-name", "vm 1", "--run", script),
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    uri, nbd, port, unixsocket, exportname, tls = res.stdout.strip().split("|")
+    assert nbd == uri and exportname == "vm 1" and tls == "unset"
+    if listen == "unix":
+        assert (port, unixsocket) == ("", f"{tmp_path}/r.sock")
+    else:
+        assert unixsocket == "" and int(port) > 0 and uri.startswith(f"nbd://127.0.0.1:{port}/")
+
+
 #: What gRPC logs when a process serving it forks (its fork handlers, skipped).
 GRPC_FORK_LOG = "fork_posix"
 

@@ -63,6 +63,8 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> Address:
             raise AddressError(f"{text!r}: expected [IPV6]:PORT")
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
+    elif text.startswith(("tcp:", "tcp4:", "tcp6:")):
+        raise AddressError(f"{text!r}: write TCP addresses as HOST:PORT, without a prefix")
     elif ":" in text:
         raise AddressError(f"{text!r}: write IPv6 addresses as [ADDR]:PORT")
     else:
