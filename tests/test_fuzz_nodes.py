@@ -1491,6 +1491,7 @@ class Client:
             data[i] ^= 1 << self.rng.randrange(8)
         data = data[: self.rng.randint(1, len(data))]
         self.trace.append(f"replay mutated seed {bytes(data).hex()}")
+        self.seed_writes(bytes(data))
         try:
             await self.send(bytes(data))
             self.writer.write_eof()
@@ -1498,6 +1499,24 @@ class Client:
             pass
         await self.expect_close("seed replay ended")
         self.stats.count(self.stats.endings, "seed-replay")
+
+    def seed_writes(self, data: bytes) -> None:
+        """A replayed seed may write: one does (16 bytes at 0), and a flipped bit can make one
+        of its reads a write. Where any well-framed write-side request in it could land is
+        unknown until the batch ends, in whichever export it names (the replay does not follow
+        the session)."""
+        if self.t.writes != "store" or self.t.read_only:
+            return
+        magic = struct.pack(">I", REQUEST_MAGIC)
+        at = data.find(magic)
+        while at != -1 and at + REQUEST.size <= len(data):
+            _, _, cmd, _, offset, length = REQUEST.unpack_from(data, at)
+            for model in {id(m): m for m in self.models.values()}.values():
+                if cmd in (WRITE, TRIM, ZERO) and offset < model.size:
+                    op = Op(cmd, offset, min(offset + length, model.size), True)
+                    model.log(self.tag, "replayed seed", op)
+                    model.orphan(op)
+            at = data.find(magic, at + 1)
 
     # TLS ------------------------------------------------------------------------------------
 
