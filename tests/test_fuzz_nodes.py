@@ -10,6 +10,12 @@ sequences follow from the seed; the interleaving of concurrent clients follows t
 A node that stops answering fails the run within about REPLY_TIMEOUT, naming the shape and the
 seed, wherever the harness waits for it (raw clients, its metrics, libnbd).
 
+The connection shapes (CONNECTION_SHAPES) are judged on what their filter does with clients too:
+a limit node never serves more than its limit side by side and its refusals are the allowed
+outcome, noparallel's connections mode serves one client at a time, the filters' own counts of
+clients are back to nothing between batches, exitlast and exitwhen exit by themselves (status
+0) once told after the run, and multi-conn over a writeback cache skips no flush that is owed.
+
 The tls-* shapes serve their clients over TLS (STARTTLS, then a TLS handshake the client drives
 itself, so it can also get it wrong: options before TLS, STARTTLS twice or with data, plaintext
 injected behind STARTTLS, garbage or a cut ClientHello, a handshake that never ends, a corrupt
@@ -43,6 +49,7 @@ from typing import Any
 
 import pytest
 from conftest import Proc, make_certificates, rss_kib
+from test_filters_policy import Control
 
 from bench.http_server import HttpServer
 
@@ -67,6 +74,8 @@ OPT_REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC, SIMPLE_MAGIC, CHUNK_MAGIC = 0x25609513, 0x67446698, 0x668E33EF
 OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 2, 3, 5, 6, 7
 OPT_SR, OPT_LIST_META, OPT_SET_META = 8, 9, 10
+#: The options that look the export up (a full limit node refuses them).
+LOOKUPS = (OPT_INFO, OPT_GO, OPT_LIST_META, OPT_SET_META)
 REP_ACK, REP_SERVER, REP_INFO, REP_META = 1, 2, 3, 4
 REP_ERR = 1 << 31
 ERR_UNSUP, ERR_INVALID, ERR_UNKNOWN = REP_ERR | 1, REP_ERR | 3, REP_ERR | 6
@@ -85,7 +94,7 @@ VALID_FLAGS = {
     BS: FUA | REQ_ONE,
 }
 T_HAS_FLAGS, T_READ_ONLY, T_FLUSH, T_FUA = 1, 2, 4, 8
-T_TRIM, T_ZERO, T_DF, T_CACHE, T_FAST_ZERO = 32, 64, 128, 1024, 2048
+T_TRIM, T_ZERO, T_DF, T_MULTI_CONN, T_CACHE, T_FAST_ZERO = 32, 64, 128, 256, 1024, 2048
 ADVERTISED = {FLUSH: T_FLUSH, TRIM: T_TRIM, ZERO: T_ZERO, CACHE: T_CACHE}
 EPERM, EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP = 1, 5, 12, 22, 28, 75, 95
 C_NONE, C_DATA, C_HOLE, C_STATUS, C_ERROR, C_ERROR_OFFSET = 0, 1, 2, 5, 32769, 32770
@@ -306,6 +315,27 @@ class Target:
     tls: str = "off"
     pki: Path | None = None
     tls_contexts: list[ssl.SSLContext] = field(default_factory=list)
+    #: The node serves at most this many clients at once (limit, noparallel's connections):
+    #: no more get replies side by side (0: not judged).
+    limit: int = 0
+    #: ... and a client may be turned away while it is full (a limit below a batch's clients):
+    #: closed before the greeting, its INFO, GO or meta context option refused ERR_UNKNOWN, its
+    #: EXPORT_NAME answered by the end of the connection, or closed after its handshake before
+    #: any reply (nbdkit-limit-filter's ways, and the race its manual tells of).
+    refuses: bool = False
+    #: Whether the node advertises multi-conn (None: not judged).
+    multi_conn: bool | None = None
+    #: Connections the harness keeps open through the whole run (exitlast: so the node never
+    #: sees its last client leave): a batch's sessions have ended when only these are open.
+    held: int = 0
+    #: Run after each batch once only `held` sessions are open: what the node's status must
+    #: say then (a filter counts no client that has gone).
+    when_idle: Callable[[], None] | None = None
+    #: Instead of SIGTERM at the end: makes the node under test exit by itself (exitlast,
+    #: exitwhen) and checks that it did, with status 0.
+    ends_itself: Callable[[], None] | None = None
+    #: Run when the shape is torn down, whether the run passed or not (a held connection).
+    cleanups: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -340,9 +370,11 @@ def under_test(
     *args: str,
     upstreams: Sequence[str] = (),
     extra: tuple[str, ...] = (),
+    control: bool = False,
 ) -> Proc:
     """The node the fuzz clients talk to: with metrics, to tell when its sessions are over."""
-    return start_node(kind, *args, upstreams=upstreams, extra=(*extra, "--metrics", "127.0.0.1:0"))
+    extra = (*extra, "--metrics", "127.0.0.1:0")
+    return start_node(kind, *args, upstreams=upstreams, extra=extra, control=control)
 
 
 def sessions_open(node: Proc, timeout: float) -> int:
@@ -586,10 +618,99 @@ def trigger(path: Path) -> tuple[Callable[[], None], Callable[[], None]]:
     return path.touch, lambda: path.unlink(missing_ok=True)
 
 
+#: The filters about connections and the node's lifetime: shape -> (kind, params). A batch has
+#: up to 6 clients at once.
+CONNECTION_SHAPES = {
+    "multi-conn-emulate": ("multi-conn", ["multi-conn-mode=emulate"]),
+    "multi-conn-fast": ("multi-conn", ["multi-conn-mode=plugin", "multi-conn-track-dirty=fast"]),
+    "multi-conn-disable": ("multi-conn", ["multi-conn-mode=disable", "multi-conn-track-dirty=off"]),
+    "noparallel": ("noparallel", ["serialize=requests"]),
+    "noparallel-all": ("noparallel", ["serialize=all-requests"]),
+    "noparallel-connections": ("noparallel", ["serialize=connections"]),
+    "limit": ("limit", ["limit=6"]),  # as many as a batch's clients: none is refused
+    "limit-2": ("limit", ["limit=2"]),
+    "exitlast": ("exitlast", []),
+    "exitwhen": ("exitwhen", ["exit-when-file-created={stop}", "exit-when-poll=1"]),
+    "exitwhen-script": (
+        "exitwhen",
+        ["exit-when-script=test ! -e {stop} || exit 88", "exit-when-poll=1"],
+    ),
+}
+#: What each kind's status counts, as it must be with no client connected (those held aside).
+IDLE_STATUS = {
+    "multi-conn": ("multi_conn", {"connections": 0}),
+    "limit": ("limit", {"connected": 0}),
+    "exitlast": ("exitlast", {"connected": 1}),  # the held connection
+    "exitwhen": ("exitwhen", {"connected": 0, "exiting": False}),
+}
+
+
+def connection_shape(shape: str, start_node: Any, tmp_path: Path, rng: random.Random) -> Target:
+    """A filter about connections over a memory disk of random data (multi-conn: a writeback
+    cache in between): the data as any filter's, and what the filter does with clients
+    (refuses them, serializes them, counts them, exits when told) as the batches come and go."""
+    image = rng.randbytes(SIZE)
+    up = memory_with(start_node, image)
+    stop = tmp_path / "stop"  # exitwhen's event: only made at the very end
+    kind, params = CONNECTION_SHAPES[shape]
+    args = [a.format(stop=stop) for a in params]
+    idle = IDLE_STATUS.get(kind)
+    below = [up]
+    if kind == "multi-conn":
+        # Writes wait in a writeback cache for a flush: one skipped that was owed leaves the
+        # disk behind what the export served, after the final flush (check_below).
+        below.insert(0, start_node("cache", "cache=writeback", upstreams=[up.uri]))
+    node = under_test(start_node, kind, *args, upstreams=[below[0].uri], control=bool(idle))
+    t = Target(shape, node, [node, *below], image, check_below=same_below(shape, up.uri))
+    # memory advertises multi-conn: emulate and plugin keep it, serialized clients do not.
+    t.multi_conn = shape not in ("multi-conn-disable", "noparallel-connections")
+    if kind == "limit":
+        t.limit = int(args[0].removeprefix("limit="))
+        t.refuses = t.limit < 6
+    if shape == "noparallel-connections":
+        # One client at a time: the others wait, accepted but not greeted, for their turn (a
+        # batch's clients take turns, each within REPLY_TIMEOUT of connecting).
+        t.limit = 1
+    if kind == "exitlast":
+        held = contextlib.ExitStack()  # opened first: no client before it can be the last
+        held.enter_context(libnbd(node.uri))
+        t.held = 1
+        t.cleanups.append(held.close)
+        t.ends_itself = lambda: exits_alone(node, held.close, "its last client left")
+    if kind == "exitwhen":
+        t.ends_itself = lambda: exits_alone(node, stop.touch, f"{stop} was created")
+    if idle is not None:
+        control = Control(node)
+        t.cleanups.append(control.channel.close)
+        key, want = idle
+
+        def when_idle() -> None:
+            state = control.status().get(key, {})
+            got = {k: state.get(k) for k in want}
+            check(got == want, f"[{shape}] no client is connected, yet its status says {state}")
+
+        t.when_idle = when_idle
+    return t
+
+
+def exits_alone(node: Proc, act: Callable[[], None], what: str) -> None:
+    """After `act` the node must exit by itself, with status 0 (within REPLY_TIMEOUT: a bound
+    on a hang, not a speed)."""
+    check(node.proc.poll() is None, f"the node exited before {what}: {node.stderr()[-2000:]}")
+    act()
+    try:
+        status = node.proc.wait(REPLY_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise FuzzFailure(f"the node did not exit within {REPLY_TIMEOUT} s after {what}") from None
+    check(status == 0, f"the node exited {status} after {what}: {node.stderr()[-2000:]}")
+
+
 def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> Target:
     """The shapes added after the first eleven."""
     rng = random.Random(f"{SEED}:{shape}:initial")
     seed = str(rng.randrange(1 << 31))
+    if shape in CONNECTION_SHAPES:
+        return connection_shape(shape, start_node, tmp_path, rng)
     if shape.startswith("info"):
         return info_shape(shape, start_node, rng)
     if shape.startswith("exportname"):
@@ -1311,6 +1432,9 @@ class Stats:
     #: Lookups of other names (several exports): refused ones per option, INFOs of served ones.
     names: dict[str, int] = field(default_factory=dict)
     batches: int = 0
+    #: Clients being served now, and the most at once (see Client.served).
+    serving: int = 0
+    most_served: int = 0
 
     def count(self, table: dict[Any, int], key: Any) -> None:
         table[key] = table.get(key, 0) + 1
@@ -1349,6 +1473,10 @@ class Closed(Exception):
     """The server closed the connection."""
 
 
+class Refused(Exception):
+    """A full node (limit) turned the client away."""
+
+
 class Client:
     """A raw-socket NBD client that mixes valid and invalid traffic and judges every reply."""
 
@@ -1376,6 +1504,13 @@ class Client:
         self.half_closed = False
         self.closing = False  #: we are hanging up: the end of the stream is ours
         self.secured = False  #: the session runs over TLS
+        #: A full node may end the session now (limit): before the greeting, and from the
+        #: end of the handshake until the first reply.
+        self.refusable = target.refuses
+        #: Served: from the first reply until we begin to end the session. The node counts the
+        #: client at least that long (from before its first reply until it sees the end).
+        self.served = False
+        self.ending = False
         self.eof = asyncio.Event()
         #: The raw stream, or once TLS is up, the TLSLink over it (it stands in for both).
         self.reader: asyncio.StreamReader | TLSLink
@@ -1402,12 +1537,19 @@ class Client:
         self.stats.connections += 1
         try:
             await self._run()
+        except Refused:
+            self.stats.count(self.stats.endings, "refused")
         except Closed:
-            raise self.fail("the server closed the connection unexpectedly") from None
+            if not self.refusable:
+                raise self.fail("the server closed the connection unexpectedly") from None
+            self.stats.count(self.stats.endings, "refused")
         except ConnectionError as exc:
-            if not self.fatal:
+            if self.refusable:
+                self.stats.count(self.stats.endings, "refused")
+            elif not self.fatal:
                 raise self.fail(f"connection error: {exc!r}") from None
         finally:
+            self.unserved()
             self.writer.transport.abort()
             for p in self.pending.values():
                 self.model.log(self.tag, f"orphaned {p.cookie:#x}", p.op, p.payload)
@@ -1455,6 +1597,7 @@ class Client:
     async def _run(self) -> None:
         rng = self.rng
         magic, ihaveopt, hflags = struct.unpack(">QQH", await self.recv(18))
+        self.refusable = False  # admitted: until it asks for the export
         self.expect((magic, ihaveopt) == (NBDMAGIC, IHAVEOPT), "bad greeting")
         self.expect(hflags & 1 and not hflags & ~3, f"handshake flags {hflags:#x}")
         roll = rng.random()
@@ -1699,6 +1842,9 @@ class Client:
             self.expect(length <= 64 * KiB, f"option reply of {length} bytes")
             body = await self.recv(length)
             replies.append((rep, body))
+            if rep == ERR_UNKNOWN and self.t.refuses and option in LOOKUPS:
+                self.trace.append(f"refused: option {option}")
+                raise Refused()  # the export, while the node is full
             if rep == REP_ACK or rep & REP_ERR:
                 if rep & REP_ERR:
                     self.expect(len(body) <= 4096, "error message over 4096 bytes")
@@ -1768,6 +1914,9 @@ class Client:
         self.expect(structured or not tflags & T_DF, "SEND_DF without structured replies")
         self.expect(not tflags & T_FAST_ZERO or tflags & T_ZERO, "FAST_ZERO without ZERO")
         self.expect(not tflags & ~0x0DFF, f"unknown transmission flags {tflags:#x}")
+        if self.t.multi_conn is not None:
+            multi_conn = bool(tflags & T_MULTI_CONN)
+            self.expect(multi_conn == self.t.multi_conn, f"tflags {tflags:#x}: CAN_MULTI_CONN")
 
     async def export_name(self, cflags: int) -> bool:
         if self.t.refused and self.rng.random() < 0.3:
@@ -1779,6 +1928,7 @@ class Client:
             self.stats.count(self.stats.names, "export-name")
             return False
         await self.option(OPT_EXPORT_NAME, self.name)
+        self.refusable = self.t.refuses  # no error reply: a full node hangs up
         size, tflags = struct.unpack(">QH", await self.recv(10))
         if not cflags & 2:
             self.expect(await self.recv(124) == bytes(124), "padding is not zeros")
@@ -2313,6 +2463,8 @@ class Client:
     async def transmission(self) -> None:
         rng = self.rng
         self.trace.append(f"transmission {self.s}")
+        # A full node may still close a session whose handshake won the race (limit's manual).
+        self.refusable = self.t.refuses
         receiver = asyncio.ensure_future(self.receive())
         try:
             for _ in range(rng.randint(1, 8)):
@@ -2368,6 +2520,8 @@ class Client:
         )
         self.stats.count(self.stats.endings, how)
         self.trace.append(f"finish: {how}")
+        self.ending = True  # from now on the node may end the session at any time
+        self.unserved()
         size = self.s.size
         if how in ("disc", "disc-then-more", "half-close"):
             disc = REQUEST.pack(REQUEST_MAGIC, 0, DISC, self.next_cookie(), 0, 0)
@@ -2467,6 +2621,8 @@ class Client:
                 else:
                     raise self.fail(f"reply magic {magic:#x}")
         except Closed:
+            if self.refusable and not self.closing:
+                raise Refused() from None
             if not (self.fatal or self.disc or self.half_closed or self.closing):
                 raise self.fail("the server hung up on a well-framed session") from None
 
@@ -2549,7 +2705,25 @@ class Client:
             self.expect(not p.pieces and not p.statuses, "data for a command without any")
         self.complete(p, 0, data)
 
+    def being_served(self) -> None:
+        """A reply came: the node serves this client, and never more than its limit at once."""
+        self.refusable = False
+        if self.served or self.ending:
+            return
+        self.served = True
+        st = self.stats
+        st.serving += 1
+        st.most_served = max(st.most_served, st.serving)
+        limit = self.t.limit
+        self.expect(not limit or st.serving <= limit, f"{st.serving} clients served, limit {limit}")
+
+    def unserved(self) -> None:
+        if self.served:
+            self.served = False
+            self.stats.serving -= 1
+
     def complete(self, p: Pending, error: int, data: bytes) -> None:
+        self.being_served()
         del self.pending[p.cookie]
         self.model.end(p.op)
         self.model.log(self.tag, f"reply {p.cookie:#x} error={error}", p.op, data or None)
@@ -2665,9 +2839,11 @@ def verify(target: Target, models: dict[bytes, Model]) -> None:
     # Requests of connections the clients cut off may still be running: wait until every
     # session has ended (it must: a session that never ends is a hang).
     deadline = time.monotonic() + REPLY_TIMEOUT
-    while sessions_open(target.node, max(0.1, deadline - time.monotonic())):
+    while sessions_open(target.node, max(0.1, deadline - time.monotonic())) > target.held:
         check(time.monotonic() < deadline, f"[{target.name}] sessions still open after the batch")
         time.sleep(0.02)
+    if target.when_idle is not None:
+        target.when_idle()
     for name, model in models.items():
         verify_export(target, name, model)
 
@@ -2787,6 +2963,7 @@ MORE_SHAPES = [
     "retry-request",
     "blocksize-policy-error",
     "blocksize-policy-allow",
+    *CONNECTION_SHAPES,
 ]
 
 
@@ -2829,10 +3006,15 @@ def fuzz_target(
         target = build_target(request.param, start_node, tmp_path)
     import nbd
 
-    with libnbd(target.uri(target.names[0])) as h:
-        target.block_min = h.get_block_size(nbd.SIZE_MINIMUM) or 1
-        target.block_max = h.get_block_size(nbd.SIZE_MAXIMUM) or 32 * MiB
-    yield target
+    try:
+        with libnbd(target.uri(target.names[0])) as h:
+            target.block_min = h.get_block_size(nbd.SIZE_MINIMUM) or 1
+            target.block_max = h.get_block_size(nbd.SIZE_MAXIMUM) or 32 * MiB
+        yield target
+    finally:
+        for cleanup in target.cleanups:
+            with contextlib.suppress(Exception):  # after a failure the node may be gone
+                cleanup()
 
 
 @pytest.mark.parametrize("fuzz_target", SHAPES + MORE_SHAPES, indirect=True)
@@ -2855,7 +3037,15 @@ def fuzz(target: Target) -> None:
     verify(target, models)
     deadline = time.monotonic() + target.seconds
     rss_start: dict[int, int] = {}
-    while time.monotonic() < deadline or stats.batches < 2:
+
+    def refused() -> int:
+        return stats.endings.get("refused", 0)
+
+    while (
+        time.monotonic() < deadline
+        or stats.batches < 2
+        or (target.refuses and not refused() and stats.batches < 20)  # until it was full once
+    ):
         if target.before_batch is not None:
             target.before_batch()
         try:
@@ -2869,6 +3059,7 @@ def fuzz(target: Target) -> None:
         if stats.batches == 1:
             rss_start = {p.pid: rss_kib(p.pid) for p in target.procs}
     print(f"fuzz {target.name}: {stats}")
+    check(not target.refuses or refused(), "no client was refused: the node was never full")
     if target.check_below is not None:
         target.check_below(read_all(target.uri(), flush=True), models[b""].trimmed)
     if target.check_named is not None:
@@ -2879,6 +3070,8 @@ def fuzz(target: Target) -> None:
         # Buffer pools (64 MiB at most) and the data (a few MiB) are bounded; more is a leak.
         check(grown < 100 * 1024, f"RSS of {p.pid} grew by {grown} KiB during the run")
     assert_healthy(target)
+    if target.ends_itself is not None:
+        target.ends_itself()  # then stop() below finds it gone, and gives its status
     for p in target.procs:  # top first: a node shuts down cleanly after all that
         check(p.stop() == 0, f"{p.pid} exited {p.proc.returncode}: {p.stderr()[-2000:]}")
     assert_healthy_logs(target)

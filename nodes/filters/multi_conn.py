@@ -34,7 +34,8 @@ client gets. What the modes decide is what the node advertises, and what is pass
     `connection` (default; alias `conn`): a connection is dirty after it wrote, zeroed or
         trimmed, or read since another connection's flush; a flush that no connection needs
         (in `emulate`: no dirty connection; else: nothing written since the last flush) is
-        answered at once without going upstream.
+        answered at once without going upstream (a connection that wrote since and has gone
+        leaves its writes to the next flush, whoever sends it).
     `fast`: one dirty bit for all connections: any write makes it dirty, any flush clean.
         Fewer flushes; in `plugin` mode over an upstream without multi-conn it may skip a flush
         a client needs to see another's writes (nbdkit's warning, which holds here only when
@@ -52,9 +53,15 @@ not advertise multi-conn; `multi-conn-mode=plugin multi-conn-track-dirty=fast` s
 expensive upstream the flushes of a client that flushes every connection.
 
 Differences from nbdkit 1.32: in `emulate` a flush goes upstream at most once (nbdkit: once
-per connection that needs it, all to the same data here). The flush-capability check runs in
-each client's handshake, as nbdkit's; a client refused so is refused its
-NBD_OPT_SET_META_CONTEXT too (nbdkit refuses only the NBD_OPT_GO/INFO).
+per connection that needs it, all to the same data here). A flush is never skipped that a
+write already replied to still needs (NBD_CMD_FLUSH covers them all), where nbdkit skips it:
+after the connection that wrote left without flushing (nbdkit forgets its writes with it;
+here the next flush of any connection goes upstream), after a write that was under way or
+done while an earlier flush ran (nbdkit marks a write dirty when it starts and clears the
+marks when the flush ends; here a write is marked when done, a flush clears before it starts
+and leaves the next one owed if it fails). The flush-capability check runs in each client's
+handshake, as nbdkit's; a client refused so is refused its NBD_OPT_SET_META_CONTEXT too
+(nbdkit refuses only the NBD_OPT_GO/INFO).
 """
 
 from __future__ import annotations
@@ -135,6 +142,9 @@ class MultiConn(Filter):
         self.groups: dict[str, _Group] = {}
         self.connections: dict[int, _Connection] = {}  #: by connection id
         self.flushes_skipped = 0
+        #: Writes of a group whose connections have all gone, no flush has covered yet: the
+        #: next flush of any connection goes upstream (one upstream covers every group).
+        self.owed = False
 
     def mode(self) -> Mode:
         """The mode, auto resolved by what the upstream advertises now."""
@@ -178,6 +188,7 @@ class MultiConn(Filter):
             group.connections.remove(conn)
             if not group.connections:
                 del self.groups[group.name]
+                self.owed = self.owed or group.dirty
         await self.next.close_connection()
 
     def _connection(self) -> _Connection:
@@ -189,7 +200,7 @@ class MultiConn(Filter):
         return conn
 
     def _mark_dirty(self, conn: _Connection, write: bool) -> None:
-        # No lock, as nbdkit: a client that needs a flush's effect waits for its reply first.
+        # No lock: a flush reads and clears the marks in one step, with no await between.
         track = self.params.multi_conn_track_dirty
         if track == "connection":
             conn.dirty |= WRITE if write else READ
@@ -219,26 +230,24 @@ class MultiConn(Filter):
         await self._write(functools.partial(self.next.trim, count, offset), flags)
 
     async def _write(self, op: Callable[[int], Awaitable[None]], flags: int) -> None:
-        """A write-side operation, given its flags, then the flush its connection owes."""
+        """A write-side operation, given its flags, then the flush its connection owes
+        (nbdkit's rule: a FUA write is durable by itself, so it leaves the connection clean,
+        unless this filter emulates its FUA: then FUA comes off and the flush of every
+        connection follows). The session emulates FUA in `emulate` mode (capabilities() says
+        so), so that case arrives only from an in-process caller; the flush is the same
+        either way. The connection is marked dirty once the write is done, not before (as
+        nbdkit does): a flush that runs meanwhile does not cover it, and must not clear the
+        mark."""
         conn = self._connection()
-        flags, flush_after = self._before_write(conn, flags)
-        await op(flags)
-        if flush_after:
+        fua = flags & _FUA
+        emulated = bool(fua) and conn.mode == "emulate"
+        try:
+            await op(flags & ~_FUA if emulated else flags)
+        finally:  # failed too: it may have written some of it
+            if not fua or emulated:
+                self._mark_dirty(conn, True)
+        if emulated:
             await self._flush(conn, 0)
-
-    def _before_write(self, conn: _Connection, flags: int) -> tuple[int, bool]:
-        """The flags to pass on, and whether a flush must follow (nbdkit's rule: a FUA write
-        is durable by itself, so it leaves the connection clean, unless this filter emulates
-        its FUA: then FUA comes off and the flush of every connection follows). The session
-        emulates FUA in `emulate` mode (capabilities() says so), so that case arrives only
-        from an in-process caller; the flush is the same either way."""
-        if not flags & _FUA:
-            self._mark_dirty(conn, True)
-            return flags, False
-        if conn.mode == "emulate":
-            self._mark_dirty(conn, True)
-            return flags & ~_FUA, True
-        return flags, False
 
     async def flush(self, flags: int) -> None:
         await self._flush(self._connection(), flags)
@@ -260,20 +269,20 @@ class MultiConn(Filter):
             or (group.dirty and (track == "fast" or c.dirty & READ))
             or c.dirty & WRITE
         ]
-        if needing:
-            await self.next.flush(flags)
-        else:
+        # group.dirty with no connection needing it: the ones that wrote have gone.
+        if not (needing or group.dirty or self.owed):
             self.flushes_skipped += 1
+            return
         for c in needing:
             c.dirty = 0
         group.dirty = False
+        await self._flush_upstream(flags)
 
     async def _flush_passed_on(self, conn: _Connection, flags: int) -> None:
         track, group = self.params.multi_conn_track_dirty, conn.group
-        if track != "off" and not group.dirty:
+        if track != "off" and not group.dirty and not self.owed:
             self.flushes_skipped += 1
             return  # nothing written since the last flush
-        await self.next.flush(flags)
         if track == "connection":
             if self.next.capabilities().multi_conn:
                 for c in group.connections:
@@ -283,6 +292,18 @@ class MultiConn(Filter):
                 conn.dirty = 0
         elif track == "fast":
             group.dirty = False
+        await self._flush_upstream(flags)
+
+    async def _flush_upstream(self, flags: int) -> None:
+        """The flush, once the caller has marked clean what it covers: before, not after (as
+        nbdkit does), so that a write done while it runs keeps its mark: this flush need not
+        cover it, the next must."""
+        self.owed = False
+        try:
+            await self.next.flush(flags)
+        except BaseException:
+            self.owed = True  # not flushed: the next flush, whoever sends it, goes upstream
+            raise
 
     def status(self) -> dict[str, Any]:
         state = {
