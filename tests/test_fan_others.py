@@ -14,6 +14,8 @@ from typing import Any
 import nbd
 import pytest
 from conftest import nbd_connect, run, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_fan_common import (
     Flaky,
     Harness,
@@ -24,6 +26,7 @@ from test_fan_common import (
     lose_every_member,
 )
 
+from nodes.base import Support
 from nodes.fans.quorum import Quorum, QuorumParams
 from nodes.fans.verify import Verify, VerifyParams
 from nodes.plugins.memory import Memory, MemoryParams
@@ -855,3 +858,388 @@ def test_parity_journal_clear_is_on_disk_before_an_unjournaled_write_can_undo_it
     syncs.clear()
     assert asyncio.run(scenario()) == [1, 1, 2, 4, 5]
     j.close()
+
+
+def test_parity_journal_settle_of_a_run_syncs_a_clear_inside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zero of whole stripes is unjournaled too: first the clear of any stripe in its run
+    goes to disk, and only when there is one."""
+    import nodes.fans._journal as jmod
+
+    syncs: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(jmod.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    j = jmod.Journal(str(tmp_path / "j"), jmod.Geometry(3, 4096, 100, slots=4))
+    j.open(fresh=True)
+
+    async def scenario() -> list[int]:
+        counts = []
+        j.release(await j.put(5, 1, 0, b"x"), 5)  # put: 1 fdatasync (the slot)
+        await j.settle(6, 99)
+        await j.settle(0, 4)
+        counts.append(len(syncs))  # stripe 5 is in neither run
+        await j.settle(3, 9)
+        await j.settle(3, 9)
+        counts.append(len(syncs))  # synced once
+        return counts
+
+    syncs.clear()
+    assert asyncio.run(scenario()) == [1, 2]
+    j.close()
+
+
+# parity: zero, trim and cache ------------------------------------------------------------------
+
+
+class SlowWrites(Flaky):
+    """A member whose writes take `delay` seconds before they land."""
+
+    delay = 0.0
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        await asyncio.sleep(self.delay)
+        await super().pwrite(buf, offset, flags)
+
+
+ZERO_FLAGS = [0, nbd.CMD_FLAG_NO_HOLE, nbd.CMD_FLAG_FAST_ZERO,
+              nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE]  # fmt: skip
+
+
+def check_parity(harness: Harness, mems: list[Memory], stripes: int, chunk: int) -> None:
+    """Every stripe's chunks, parity included, XOR to zero, read from the members directly."""
+    raw = [harness.run(_read_mem(m, stripes * chunk)) for m in mems]
+    for stripe in range(stripes):
+        acc = 0
+        for r in raw:
+            acc ^= int.from_bytes(r[stripe * chunk : (stripe + 1) * chunk], "little")
+        assert acc == 0, f"stripe {stripe}: its chunks do not XOR to zero"
+
+
+def inner(members: list[Any]) -> list[Memory]:
+    return [m.inner if isinstance(m, Flaky) else m for m in members]
+
+
+class RefusesFast(Flaky):
+    """A member that advertises fast zero (as its memory does) and refuses every one (as a
+    file on a filesystem that cannot punch holes there may)."""
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        if flags & nbd.CMD_FLAG_FAST_ZERO:
+            raise OSError(errno.ENOTSUP, "not fast here")
+        await super().zero(count, offset, flags)
+
+
+def test_parity_zero_trim_and_writes_match_a_model_and_keep_the_parity(harness: Harness) -> None:
+    """Random writes, zeros (whole stripes natively, partial ones by read-modify-write; with
+    NO_HOLE, FAST_ZERO) and trims (whole stripes zeroed, the edges kept: a trim may round
+    inward), read back against a model; every stripe's parity checks out on the members."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    chunk, stripes, n = 4096, 64, 4
+    mems = [harness.memory(stripes * chunk)[0] for _ in range(n)]
+    fan = Parity(ParityParams.model_validate({"chunk-size": "4K"}), mems)
+    h = nbd_connect(harness.serve(fan, "parity"))
+    assert h.can_zero() and h.can_fast_zero() and h.can_trim()
+    width = chunk * (n - 1)
+    size = h.get_size()
+    assert size == stripes * width
+    rng = random.Random(31)
+    model = bytearray(rng.randbytes(size))
+    h.pwrite(bytes(model), 0)
+    for step in range(400):
+        off = rng.randrange(size)
+        count = min(rng.choice([1, 512, 4096, 9000, width, 3 * width + 700, 20 * width]),
+                    size - off)  # fmt: skip
+        if rng.random() < 0.3:
+            off -= off % width  # whole stripes from the start
+        what = rng.choice(["write", "zero", "zero", "trim"])
+        if what == "write":
+            data = rng.randbytes(count)
+            h.pwrite(data, off)
+            model[off : off + count] = data
+        elif what == "zero":
+            h.zero(count, off, rng.choice(ZERO_FLAGS))
+            model[off : off + count] = bytes(count)
+        else:
+            h.trim(count, off)
+            lo, hi = -(-off // width) * width, (off + count) // width * width
+            if hi > lo:
+                model[lo:hi] = bytes(hi - lo)
+        if step % 50 == 0:
+            assert h.pread(size, 0) == model, f"after step {step}"
+    assert h.pread(size, 0) == model
+    h.shutdown()
+    check_parity(harness, mems, stripes, chunk)
+
+
+def test_parity_sends_one_zero_trim_and_cache_per_member(harness: Harness) -> None:
+    """A 4 GiB zero was a million member writes of zeros (26 s through the session); now
+    the whole stripes are one WRITE_ZEROES per member, its flags passed on; the partial
+    stripes at the edges are written. Trim is the same zero, without NO_HOLE; CACHE is one
+    per member over its share of the range (over every member's chunks of the stripes while
+    one is out)."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    K = 1024
+    mems = [Memory(MemoryParams(size=1 << 40)) for _ in range(3)]
+    calls: list[tuple[str, int, int, int, int]] = []
+
+    def counting(name: str, i: int, real: Any) -> Any:
+        async def counted(count: int, offset: int, flags: int) -> None:
+            calls.append((name, i, offset, count, flags))
+            await real(count, offset, flags)
+
+        return counted
+
+    for i, m in enumerate(mems):
+        for name in ("trim", "zero", "cache"):
+            setattr(m, name, counting(name, i, getattr(m, name)))
+    fan = Parity(ParityParams.model_validate({"chunk-size": "4K", "retry-delay": 600}), mems)
+    uri = harness.serve(fan, "parity")
+    for can in ("zero", "fast-zero", "trim", "cache"):
+        assert run(["nbdinfo", f"--can={can}", uri], check=False).returncode == 0, can
+    h = nbd_connect(uri)
+    h.pwrite(b"\xaa" * (64 * K), 0)
+    count = (1 << 32) - 4 * K  # from 2K: stripe 0 and stripe 524287 (8K each) are partial
+    h.trim(count, 2 * K)
+    assert h.pread(64 * K, 0) == b"\xaa" * (8 * K) + bytes(56 * K)  # stripe 0 kept
+    h.zero(count, 2 * K, nbd.CMD_FLAG_NO_HOLE)
+    assert h.pread(64 * K, 0) == b"\xaa" * (2 * K) + bytes(62 * K)
+    h.zero(count, 2 * K, nbd.CMD_FLAG_FAST_ZERO)
+    h.cache(count, 2 * K)
+    harness.run(fan.mark_faulty(2))
+    h.cache(count, 2 * K)  # degraded: a read of member 2's chunks needs every other chunk
+    h.shutdown()
+    whole = [(i, 4 * K, 524286 * 4 * K) for i in range(3)]  # stripes 1..524286 on each
+    assert sorted(c[1:4] for c in calls if c[0] == "zero") == sorted(whole * 3)
+    assert [c[4] for c in calls if c[0] == "zero"] == [0] * 3 + [nbd.CMD_FLAG_NO_HOLE] * 3 + [
+        nbd.CMD_FLAG_FAST_ZERO
+    ] * 3
+    assert not [c for c in calls if c[0] == "trim"]  # a member's trim would break the parity
+    # Member 0 holds data chunk 0 (from 2K) and the last (to its middle); member 2 starts
+    # with stripe 1 and ends with stripe 524287's first chunk.
+    cached = [c[1:4] for c in calls if c[0] == "cache"]
+    assert sorted(cached[:3]) == [
+        (0, 2 * K, 524287 * 4 * K),
+        (1, 0, 524287 * 4 * K),
+        (2, 4 * K, 524287 * 4 * K),
+    ]
+    assert sorted(cached[3:]) == [(0, 0, 2 << 30), (1, 0, 2 << 30)]  # stripes 0..524287
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(3, 6),
+    chunk_log=st.integers(9, 12),
+    offset=st.integers(0, 1 << 20),
+    count=st.integers(1, 1 << 17),
+)
+def test_parity_cache_spans_hull_each_members_pieces(
+    n: int, chunk_log: int, offset: int, count: int
+) -> None:
+    """CACHE goes to each member as one range: from its first piece of the request to its
+    last."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    chunk = 1 << chunk_log
+    fan = Parity(ParityParams(chunk_size=chunk), [Memory(MemoryParams(size=1 << 30))] * n)
+    want: dict[int, tuple[int, int]] = {}
+    for s, j, w, _, length in fan._pieces(offset, count):
+        member, moff = fan.data_member(s, j), s * chunk + w
+        lo, hi = want.get(member, (moff, moff))
+        want[member] = (min(lo, moff), max(hi, moff + length))
+    assert fan._data_spans(offset, count) == want
+
+
+def test_parity_zero_while_degraded_and_rebuilding_leaves_every_member_right(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """Zeros (whole and partial stripes, journaled when degraded) while member 2 is out, then
+    while it is rebuilt, across its rebuild cursor: zeroed below it (rebuilt already), left
+    to the rebuild above. Every byte reads back right, every stripe's parity checks out, and
+    member 2's share is right (another member lost after)."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    flakies, _ = harness.flaky_members(4, 1 << 20)
+    slow = flakies[2] = SlowWrites(flakies[2].inner)
+    state = tmp_path / "parity.state"
+    fan = Parity(ParityParams.model_validate({**JOURNAL_PARAMS, "state-file": str(state)}),
+                 flakies)  # fmt: skip
+    uri = harness.serve(fan, "parity")
+    chunk, width = 16384, 3 * 16384
+    model = bytearray(fill_random(uri, 41))
+    h = nbd_connect(uri)
+    slow.down = True
+    wait_for(lambda: harness.call(fan.status)["members"][2]["state"] == "faulty", 10, "faulty")
+
+    def zero(off: int, count: int, flags: int = 0) -> None:
+        h.zero(count, off, flags)
+        model[off : off + count] = bytes(count)
+
+    zero(5 * width + 1000, 10 * width + 7000)  # partial, 10 whole, partial
+    assert json.loads(state.read_text())["complete"][2] is False  # it missed the zero
+    zero(20 * width, 3 * width, nbd.CMD_FLAG_NO_HOLE)
+    zero(30 * width + 5, 100)  # inside one stripe
+    h.trim(2 * width, 40 * width)
+    model[40 * width : 42 * width] = bytes(2 * width)
+    assert h.pread(len(model), 0) == model  # degraded: member 2's share from the parity
+    slow.wipe()
+    slow.delay = 0.03  # the rebuild is mostly its writes to member 2: a zero comes in there
+    slow.down = False
+    wait_for(lambda: harness.call(lambda: fan.cursor[2]) >= 24, 30, "the rebuild to go on")
+    zero(12 * width + 300, 40 * width)  # across the cursor
+    zero(2 * width, width, nbd.CMD_FLAG_FAST_ZERO)  # below it
+    slow.delay = 0
+    wait_for(lambda: harness.call(fan.status)["degraded"] is False, 60, "the rebuild")
+    assert h.pread(len(model), 0) == model
+    check_parity(harness, inner(flakies), 64, chunk)
+    flakies[0].down = True  # member 2's share now serves member 0's
+    assert h.pread(len(model), 0) == model
+    h.shutdown()
+
+
+def test_parity_zero_that_loses_a_second_member_fails(harness: Harness) -> None:
+    """Member 0 is out and member 1 fails the zero (lost unseen by the health checks): the
+    stripes have lost two members, and the zero fails with EIO instead of claiming zeros."""
+    fan, flakies, uri = make_parity(harness, check=30)
+    harness.run(fan.mark_faulty(0))
+    flakies[1].down = True
+    h = nbd_connect(uri)
+    with pytest.raises(nbd.Error, match=r"EIO|Input/output"):
+        h.zero(48 * 16384, 0)
+    assert harness.call(fan.status)["members"][1]["state"] == "faulty"
+    h.shutdown()
+
+
+def test_parity_zero_of_whole_stripes_syncs_a_journal_clear_in_them_first(
+    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zero of whole stripes is not journaled (as a full-stripe write): a cleared slot of a
+    stripe it zeroes must be on disk first, or a crash could bring the slot back and its replay
+    write old data over the zeros."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    syncs: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    flakies, _ = harness.flaky_members(3, 1 << 20)
+    params = {**JOURNAL_PARAMS, "intent-linger": 600, "state-file": str(tmp_path / "p.state")}
+    fan = Parity(ParityParams.model_validate(params), flakies)
+    uri = harness.serve(fan, "parity")
+    width = 2 * 16384
+    h = nbd_connect(uri)
+    harness.run(fan.mark_faulty(1))
+    assert harness.call(fan.data_member, 3, 1) == 1
+    h.pwrite(b"x" * 4096, 3 * width)  # into member 0's chunk: member 1's is journaled
+    before = len(syncs)
+    h.zero(2 * width, 5 * width)  # stripes 5 and 6: no clear to sync
+    assert len(syncs) == before
+    h.zero(2 * width, 2 * width)  # stripes 2 and 3: stripe 3's clear first
+    assert len(syncs) == before + 1
+    assert h.pread(5 * width, 2 * width) == bytes(5 * width)
+    h.shutdown()
+
+
+@pytest.mark.parametrize(
+    "caps",
+    [{"fast_zero": False}, {"zero": Support.EMULATE, "fast_zero": False, "trim": False}],
+    ids=["no-fast-zero", "no-zero-no-trim"],
+)
+def test_parity_replacement_without_fast_zero_or_zero_is_taken_and_never_half_zeroed(
+    harness: Harness, caps: dict[str, Any]
+) -> None:
+    """The array offers fast zero and trim (every member had them at start). A replacement
+    without fast zero, or without zero and trim of its own, is taken (the array's trim is a
+    zero): a fast zero is then refused (ENOTSUP) before any member writes a byte, a zero is
+    written as zeros where the member cannot zero, and a trim, which must not become writes,
+    does nothing where it would."""
+    fan, flakies, uri = make_parity(harness)
+    model = bytearray(fill_random(uri, 42))
+    width = 3 * 16384
+    flakies[1].down = True
+    wait_for(lambda: harness.call(fan.status)["members"][1]["state"] == "faulty", 10, "faulty")
+    new, _ = harness.memory(1 << 20)
+    harness.run(fan.replace_member(1, Shaped(new, **caps)))
+    wait_for(lambda: harness.call(fan.status)["degraded"] is False, 60, "the rebuild")
+    written = [f.bytes_in for f in harness.call(lambda: fan.members)]
+    h = nbd_connect(uri)
+    assert h.can_fast_zero() and h.can_trim()
+    with pytest.raises(nbd.Error, match=r"ENOTSUP|not supported"):
+        h.zero(1 << 20, 0, nbd.CMD_FLAG_FAST_ZERO)
+    assert [f.bytes_in for f in harness.call(lambda: fan.members)] == written
+    assert h.pread(len(model), 0) == model
+    h.trim(4 * width, 2 * width)
+    if "zero" not in caps:
+        model[2 * width : 6 * width] = bytes(4 * width)
+    assert h.pread(len(model), 0) == model
+    h.zero(1 << 20, 1000)
+    model[1000 : 1000 + (1 << 20)] = bytes(1 << 20)
+    assert h.pread(len(model), 0) == model
+    flakies[0].down = True  # the replacement's share now serves member 0's
+    assert h.pread(len(model), 0) == model
+    h.shutdown()
+
+
+def test_parity_fast_zero_a_member_refuses_is_completed_there_and_refused(
+    harness: Harness,
+) -> None:
+    """A member refuses a fast zero that the others did: its chunks of those stripes are
+    zeroed after all (without FAST_ZERO), so that the parity holds, and the client is told
+    ENOTSUP (it will write the zeros itself)."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    mems = [harness.memory(1 << 20)[0] for _ in range(3)]
+    members = [Flaky(mems[0]), RefusesFast(mems[1]), Flaky(mems[2])]
+    fan = Parity(ParityParams.model_validate({"chunk-size": "16K"}), members)
+    uri = harness.serve(fan, "parity")
+    model = fill_random(uri, 43)
+    h = nbd_connect(uri)
+    assert h.can_fast_zero()
+    with pytest.raises(nbd.Error, match=r"ENOTSUP|not supported"):
+        h.zero(4 * 32768, 32768, nbd.CMD_FLAG_FAST_ZERO)
+    check_parity(harness, mems, 64, 16384)
+    assert h.pread(len(model), 0) == model[:32768] + bytes(4 * 32768) + model[5 * 32768 :]
+    assert harness.call(fan.healthy) and not harness.call(fan.status)["degraded"]
+    h.shutdown()
+
+
+def test_parity_qemu_img_convert_of_a_sparse_image_zeroes_the_holes_natively(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """`qemu-img convert -n` onto a parity array full of old data: qemu (10) writes the data
+    and zeroes each hole, now with the members' own zeros; the holes read back as zeros
+    (`qemu-img compare`). Then a fast zero of it all from qemu (`write -z -n`, as a pre-zeroing
+    qemu-img did): passed on to the members."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    mems = [harness.memory(4 << 20)[0] for _ in range(3)]
+    flags: list[int] = []
+    for m in mems:
+        real = m.zero
+
+        async def counted(count: int, offset: int, f: int, real: Any = real) -> None:
+            flags.append(f)
+            await real(count, offset, f)
+
+        m.zero = counted  # type: ignore[method-assign]
+    uri = harness.serve(Parity(ParityParams.model_validate({"chunk-size": "64K"}), mems), "parity")
+    fill_random(uri, 44)  # old data everywhere: the holes must become zeros
+    src = tmp_path / "sparse.img"
+    with src.open("wb") as f:
+        f.truncate(8 << 20)
+        for off, n in [(3 << 10, 100_000), (5 << 20, 65536), ((8 << 20) - 512, 512)]:
+            f.seek(off)
+            f.write(random.Random(off).randbytes(n))
+    run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uri])
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), uri])
+    assert flags and not any(f & nbd.CMD_FLAG_FAST_ZERO for f in flags)  # the holes
+    check_parity(harness, mems, 64, 65536)
+    flags.clear()
+    run(["qemu-io", "-f", "raw", "-c", f"write -z -n 0 {8 << 20}", uri])
+    # qemu's flags (FUA: write -z writes through), passed on: one request per member.
+    assert flags == [nbd.CMD_FLAG_FUA | nbd.CMD_FLAG_NO_HOLE | nbd.CMD_FLAG_FAST_ZERO] * 3
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    os.truncate(empty, 8 << 20)
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(empty), uri])

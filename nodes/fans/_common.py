@@ -17,7 +17,7 @@ from ..params import Params
 from ..protocol.constants import CmdFlag
 
 # Plain ints: `int & IntFlag` runs Python code in enum.py (about 1 µs), per request.
-_REQ_ONE = int(CmdFlag.REQ_ONE)
+_REQ_ONE, _FUA = int(CmdFlag.REQ_ONE), int(CmdFlag.FUA)
 
 log = logging.getLogger("nbdfabric.fan")
 
@@ -437,15 +437,18 @@ class LayoutFan(FanBase):
         return out
 
 
-async def write_zeroes(member: Backend, caps: Capabilities, count: int, offset: int) -> None:
-    """Zero a member's range, with WRITE_ZEROES when it has it, else by writing zeros."""
+async def write_zeroes(
+    member: Backend, caps: Capabilities, count: int, offset: int, flags: int = 0
+) -> None:
+    """Zero a member's range, with WRITE_ZEROES when it has it, else by writing zeros (FLAGS:
+    the zero's; the writes keep only FUA)."""
     if caps.zero is Support.NATIVE:
-        await member.zero(count, offset, 0)
+        await member.zero(count, offset, flags)
         return
     pos = 0
     while pos < count:
         n = min(IO_CHUNK, count - pos)
-        await member.pwrite(memoryview(_ZEROES)[:n], offset + pos, 0)
+        await member.pwrite(memoryview(_ZEROES)[:n], offset + pos, flags & _FUA)
         pos += n
 
 

@@ -246,10 +246,15 @@ class Journal:
             self._free.append(slot)
             self._slots.release()
 
-    async def settle(self, stripe: int) -> None:
-        """Before an unjournaled write into STRIPE: the stripe's cleared slot on disk, if it is
-        not yet, so that a crash cannot bring it back to undo this write."""
-        if stripe in self._pending:  # `_carried` keeps only clears not yet synced
+    async def settle(self, stripe: int, last: int | None = None) -> None:
+        """Before an unjournaled write into STRIPE (to LAST, when given): the stripes' cleared
+        slots on disk, if they are not yet, so that a crash cannot bring one back to undo this
+        write."""
+        if last is None:
+            pending = stripe in self._pending  # `_carried` keeps only clears not yet synced
+        else:  # a few stripes (writes since the last fdatasync), whatever the run
+            pending = any(stripe <= s <= last for s in self._pending)
+        if pending:
             carried = self._cleared
             await asyncio.to_thread(os.fdatasync, self._fd)
             self._carried(carried)

@@ -17,8 +17,13 @@ them by itself, the operator can (`trust_member`, ctl trust INDEX, mdadm's `--as
 once N-1 members are trusted the array serves, degraded, and rebuilds the last one from them.
 A member that returns, or one swapped in by `replace_member`, is rebuilt fully (there is no
 bitmap here), stripe by stripe in the background; stripes already rebuilt are written and read
-as usual. Trim is not offered (it would break parity); zeroing is done by
-writing zeros. Size: (smallest member, in whole chunks) * (N-1).
+as usual. Size: (smallest member, in whole chunks) * (N-1).
+
+WRITE_ZEROES of whole stripes is the members' own, one range per member (all-zero data has
+all-zero parity), FAST_ZERO and NO_HOLE passed on; the partial stripes at the edges are written
+as zeros. Trim is such a zero of the whole stripes in its range (members' own trims leave data
+that no longer XORs to the parity), offered when every member zeroes natively; CACHE is one
+range per member.
 
 One member that cannot be reached at start (within --upstream-timeout) does not keep the array
 from serving, degraded; it is rebuilt fully once it connects (or kept out, with the reason, if
@@ -58,23 +63,30 @@ Example: `nbdfabric node parity chunk-size=64K --upstream A --upstream B --upstr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from pydantic import field_validator
 
 from ..base import Backend, Capabilities, Holes, Support, fill_holes
 from ..params import Duration, Params, Size, live, param
-from ..protocol.constants import Extent
+from ..protocol.constants import CmdFlag, Extent
 from ..registry import register
 from ._bitmap import BitmapFile, WriteIntents, load_runs
-from ._common import FanBase, Recovery, combine_caps, member_name
+from ._common import FanBase, Recovery, combine_caps, member_name, write_zeroes
 from ._journal import Entry, Geometry, Journal
 
 log = logging.getLogger("nbdfabric.parity")
+
+# Plain ints: `int & IntFlag` runs Python code in enum.py, per request.
+_FUA, _FAST_ZERO = int(CmdFlag.FUA), int(CmdFlag.FAST_ZERO)
+_ZERO_FLAGS = int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO)
+#: What a member answers a fast zero it cannot do fast with.
+_REFUSED = (errno.ENOTSUP, errno.EOPNOTSUPP)
 
 IN_SYNC, FAULTY, REBUILDING = "in_sync", "faulty", "rebuilding"
 
@@ -112,6 +124,66 @@ class _ReadAgain(Exception):
     is written again, the way the new states call for."""
 
 
+class StripeLocks:
+    """Stripes in use: one at a time (a write into it, a reconstruction, the rebuild) or a run
+    of them at once (a zero of whole stripes), each waiting for every earlier holder or waiter
+    that overlaps it, so conflicting requests go in arrival order (as `RangeLock`). Only
+    stripes in use take memory: a lock kept per stripe ever touched grew to one per stripe of
+    the array over a rebuild, and a zero of a whole disk would take millions of them at once."""
+
+    def __init__(self) -> None:
+        #: stripe -> its single-stripe entries; entries over runs of stripes. An entry is
+        #: [first, last, done when released: made only if one waits].
+        self._one: dict[int, list[list[Any]]] = {}
+        self._runs: list[list[Any]] = []
+
+    async def _acquire(self, first: int, last: int) -> list[Any]:
+        before = [r for r in self._runs if r[0] <= last and first <= r[1]]
+        entry: list[Any] = [first, last, None]
+        if first == last:
+            mine = self._one.setdefault(first, [])
+            before += mine
+            mine.append(entry)
+        else:
+            for stripe, held in self._one.items():
+                if first <= stripe <= last:
+                    before += held
+            self._runs.append(entry)
+        if before:
+            loop = asyncio.get_running_loop()
+            for h in before:
+                if h[2] is None:
+                    h[2] = loop.create_future()
+            try:
+                # Not `await` each: a cancel of one must not pass on to the others.
+                await asyncio.wait([h[2] for h in before])
+            except BaseException:
+                self._release(entry)
+                raise
+        return entry
+
+    def _release(self, entry: list[Any]) -> None:
+        first, last, done = entry
+        if first == last:
+            held = self._one[first]
+            held.remove(entry)
+            if not held:
+                del self._one[first]
+        else:
+            self._runs.remove(entry)
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, first: int, last: int) -> AsyncIterator[None]:
+        """Stripes first..last (inclusive) for the block."""
+        entry = await self._acquire(first, last)
+        try:
+            yield
+        finally:
+            self._release(entry)
+
+
 def _xor_into(acc: bytearray, data: bytes | bytearray | memoryview) -> None:
     n = len(acc)
     x = int.from_bytes(acc, "little") ^ int.from_bytes(data, "little")
@@ -140,7 +212,7 @@ class Parity(FanBase):
         #: each member's reconnect count when last trusted (see `_returned`)
         self.seen = [getattr(m, "reconnects", 0) for m in self.members]
         self.stripes = 0
-        self._locks: dict[int, asyncio.Lock] = {}
+        self._locks = StripeLocks()
         self._tasks: set[asyncio.Task[None]] = set()
         self._recovery = Recovery(self._recover, self._seen, self._tasks)
         self._monitor_task: asyncio.Task[None] | None = None
@@ -170,17 +242,14 @@ class Parity(FanBase):
         self.stripes = smallest // self.chunk
         if self.stripes == 0:
             raise ValueError(f"parity: the smallest member ({smallest} bytes) holds no chunk")
-        combined = combine_caps(caps, self.stripes * self.chunk * (self.n - 1), fast_zero=False)
+        combined = combine_caps(caps, self.stripes * self.chunk * (self.n - 1))
         if combined.block_min and self.chunk % combined.block_min:
             raise ValueError(f"parity: chunk-size is not a multiple of {combined.block_min}")
         from dataclasses import replace
 
-        # No native CACHE (a member's chunks are not the export's bytes): the session reads
-        # instead, which warms the members too; NATIVE from the members reached Backend.cache
-        # and failed every CACHE with EINVAL.
-        return replace(
-            combined, trim=False, zero=Support.EMULATE, cache=Support.EMULATE, extents=False
-        ).normalized()
+        # Zero, fast zero and cache: native when every member has them (see zero, cache).
+        # Trim: done as a zero of whole stripes (see trim), so only where that is native.
+        return replace(combined, trim=combined.zero is Support.NATIVE, extents=False).normalized()
 
     async def start(self) -> None:
         await super().start()
@@ -225,6 +294,12 @@ class Parity(FanBase):
         if caps.size < need:
             return f"it has {caps.size} bytes, each member needs {need}"
         return self.shortfall(caps)
+
+    def shortfall(self, caps: Capabilities) -> str | None:
+        # The array's trim is a zero (see trim): a member needs no trim of its own for it.
+        from dataclasses import replace
+
+        return super().shortfall(replace(caps, trim=True))
 
     def _joins(self, member: int) -> bool:
         """A member that was not there at start has connected: it must hold a whole share."""
@@ -335,11 +410,11 @@ class Parity(FanBase):
         state = self.states[member]
         return state == IN_SYNC or (state == REBUILDING and stripe < self.cursor[member])
 
-    def _lock(self, stripe: int) -> asyncio.Lock:
-        lock = self._locks.get(stripe)
-        if lock is None:
-            lock = self._locks[stripe] = asyncio.Lock()
-        return lock
+    def _lock(
+        self, stripe: int, last: int | None = None
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """STRIPE (to LAST, when given) for an `async with` block."""
+        return self._locks.hold(stripe, stripe if last is None else last)
 
     # State ----------------------------------------------------------------------------------
 
@@ -782,21 +857,188 @@ class Parity(FanBase):
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         await self._serving()
-        by_stripe: dict[int, list[tuple[int, int, int, int]]] = {}
-        for s, j, w, p, n in self._pieces(offset, len(buf)):
-            by_stripe.setdefault(s, []).append((j, w, p, n))
+        await self._changing(offset, len(buf), lambda: self._write_range(buf, offset, flags))
+
+    async def _changing(self, offset: int, count: int, work: Callable[[], Awaitable[None]]) -> None:
+        """Run WORK, a write, zero or trim of COUNT bytes at OFFSET, with what every change of
+        the array's data goes with: its stripes marked in the write intents (and the state
+        file) before it goes out, and the count of acknowledged writes after."""
         intents, regions, marked = self._intents, range(0), False
-        if intents is not None and by_stripe:
-            regions, marked = intents.begin(min(by_stripe), max(by_stripe))
+        if intents is not None and count > 0:
+            width = self.chunk * (self.n - 1)
+            regions, marked = intents.begin(offset // width, (offset + count - 1) // width)
         try:
             self._before_write(marked)
-            await asyncio.gather(
-                *(self._write_stripe(s, pieces, buf, flags) for s, pieces in by_stripe.items())
-            )
+            await work()
         finally:
             if intents is not None and regions:
                 intents.end(regions)
         self.acked += 1
+
+    async def _write_range(self, buf: memoryview, offset: int, flags: int) -> None:
+        by_stripe: dict[int, list[tuple[int, int, int, int]]] = {}
+        for s, j, w, p, n in self._pieces(offset, len(buf)):
+            by_stripe.setdefault(s, []).append((j, w, p, n))
+        await asyncio.gather(
+            *(self._write_stripe(s, pieces, buf, flags) for s, pieces in by_stripe.items())
+        )
+
+    def _whole_stripes(self, offset: int, count: int) -> tuple[int, int]:
+        """The first and last stripe that [offset, offset + count) covers whole (first > last:
+        none)."""
+        width = self.chunk * (self.n - 1)
+        return -(-offset // width), (offset + count) // width - 1
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        """Whole stripes with the members' own WRITE_ZEROES, one range per member (zero data
+        has zero parity); the partial stripes at the edges by read-modify-write, as writes of
+        zeros, after the whole ones, so that a fast zero a member refuses has written nothing
+        of its own."""
+        await self._serving()
+        first, last = self._whole_stripes(offset, count)
+        end = offset + count
+
+        async def work() -> None:
+            if first > last:
+                await self._write_zeros(offset, count, flags)
+                return
+            await self._zero_stripes(first, last, flags & _ZERO_FLAGS)
+            width = self.chunk * (self.n - 1)
+            head, tail = first * width, (last + 1) * width
+            await asyncio.gather(
+                self._write_zeros(offset, head - offset, flags),
+                self._write_zeros(tail, end - tail, flags),
+            )
+
+        await self._changing(offset, count, work)
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        """As a zero of the whole stripes inside the range, which may punch holes: the
+        members' own trims would leave data that reads back as each likes, no longer XORing
+        to the parity. A trim may round inward: the partial stripes at the edges keep their
+        data."""
+        await self._serving()
+        first, last = self._whole_stripes(offset, count)
+        if first > last:
+            return
+        width = self.chunk * (self.n - 1)
+        await self._changing(
+            first * width,
+            (last + 1 - first) * width,
+            lambda: self._zero_stripes(first, last, flags & _FUA, trim=True),
+        )
+
+    async def cache(self, count: int, offset: int, flags: int) -> None:
+        """One CACHE per member over the range its chunks of the request span (every chunk
+        of the stripes, on each member still there, while one is out: a degraded read needs
+        them all). A hint: a member's failure to cache is not the array's."""
+        await self._serving()
+        degraded = any(s != IN_SYNC for s in self.states)
+        spans = self._stripe_spans(offset, count) if degraded else self._data_spans(offset, count)
+
+        async def one(i: int, lo: int, hi: int) -> None:
+            try:
+                await self.members[i].cache(hi - lo, lo, 0)
+            except OSError as exc:
+                log.debug("parity: member %d could not cache: %s", i, exc)
+
+        await asyncio.gather(
+            *(one(i, lo, hi) for i, (lo, hi) in spans.items() if self.states[i] != FAULTY)
+        )
+
+    def _data_spans(self, offset: int, count: int) -> dict[int, tuple[int, int]]:
+        """Per member, [start, end) on it from its first piece of the request to its last:
+        data chunk k (in export order) is on member k mod N (the parity member of each stripe
+        is the one before its first data member), at k div (N-1) chunks on it."""
+        if count <= 0:
+            return {}
+        n, width, chunk, end = self.n, self.n - 1, self.chunk, offset + count
+        k0, k1 = offset // chunk, (end - 1) // chunk
+        spans = {}
+        for member in range(n):
+            first = k0 + (member - k0) % n
+            if first > k1:
+                continue
+            last = k1 - (k1 - member) % n
+            lo = first // width * chunk + (offset - k0 * chunk if first == k0 else 0)
+            hi = last // width * chunk + (end - k1 * chunk if last == k1 else chunk)
+            spans[member] = (lo, hi)
+        return spans
+
+    def _stripe_spans(self, offset: int, count: int) -> dict[int, tuple[int, int]]:
+        """Per member, the whole of its chunks of the stripes [offset, offset + count) touches."""
+        if count <= 0:
+            return {}
+        width = self.chunk * (self.n - 1)
+        lo, hi = offset // width * self.chunk, ((offset + count - 1) // width + 1) * self.chunk
+        return dict.fromkeys(range(self.n), (lo, hi))
+
+    async def _write_zeros(self, offset: int, count: int, flags: int) -> None:
+        """Zeros written over COUNT bytes at OFFSET, through the write path (partial stripes)."""
+        if count > 0:
+            await self._write_range(memoryview(bytes(count)), offset, flags & _FUA)
+
+    async def _zero_stripes(self, first: int, last: int, flags: int, trim: bool = False) -> None:
+        """Zero stripes first..last, data and parity alike, with one request per member
+        (stripe s is at s * chunk on each), as a full-stripe write goes: under the stripes'
+        lock, to the members good there (a member out keeps its share implied, now zero; a
+        rebuilding one is zeroed below its cursor, the rebuild computes the rest), with no
+        journal entry (a torn zero can garble only the chunks it zeroes).
+
+        A fast zero is refused (ENOTSUP) before anything is sent unless every member it needs
+        offers fast zero. One that a member refuses all the same, after others did theirs, is
+        completed there without FAST_ZERO (the parity must hold) and then refused. A TRIM
+        does nothing unless every member zeroes natively (it must not become writes)."""
+        fast = bool(flags & _FAST_ZERO)
+        async with self._lock(first, last):
+            if self._journal is not None:
+                await self._journal.settle(first, last)
+            jobs: list[tuple[int, int, int]] = []  # member, offset on it, length
+            for i in range(self.n):
+                self._returned(i)
+                state = self.states[i]
+                stop = last + 1
+                if state == REBUILDING:
+                    stop = min(stop, self.cursor[i])
+                elif state != IN_SYNC:
+                    continue
+                if stop > first:
+                    jobs.append((i, first * self.chunk, (stop - first) * self.chunk))
+            native = [self.member_caps[i].zero is Support.NATIVE for i, _, _ in jobs]
+            if trim and not all(native):
+                return
+            if fast and not all(ok and self.member_caps[i].fast_zero
+                                for (i, _, _), ok in zip(jobs, native, strict=True)):  # fmt: skip
+                raise OSError(errno.ENOTSUP, "parity: a member cannot zero fast")
+            results = await self._zero_members(jobs, flags)
+            refused = []
+            for job, res in zip(jobs, results, strict=True):
+                if fast and isinstance(res, OSError) and res.errno in _REFUSED:
+                    refused.append(job)
+                elif isinstance(res, OSError):
+                    self._fail(job[0], f"zero failed: {res}")
+            if refused and any(res is None for res in results):
+                again = await self._zero_members(refused, flags & ~_FAST_ZERO)
+                for (i, _, _), res in zip(refused, again, strict=True):
+                    if isinstance(res, OSError):
+                        self._fail(i, f"zero failed: {res}")
+            if sum(not self._good(i, last) for i in range(self.n)) > 1:
+                raise OSError(errno.EIO, f"parity: stripes {first}..{last} have lost two members")
+            if refused:
+                raise OSError(errno.ENOTSUP, "parity: a member refused to zero fast")
+
+    async def _zero_members(
+        self, jobs: list[tuple[int, int, int]], flags: int
+    ) -> list[BaseException | None]:
+        results = await asyncio.gather(
+            *(write_zeroes(self.members[i], self.member_caps[i], n, moff, flags)
+              for i, moff, n in jobs),
+            return_exceptions=True,
+        )  # fmt: skip
+        for res in results:
+            if isinstance(res, BaseException) and not isinstance(res, OSError):
+                raise res
+        return results
 
     async def _write_stripe(
         self, stripe: int, pieces: list[tuple[int, int, int, int]], buf: memoryview, flags: int
