@@ -5,10 +5,14 @@ locks, a readers-writer lock, and extent-list arithmetic.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from itertools import islice
 
 from ..base import Backend, Extents, Holes
+from ..protocol.constants import REPLY_EXTENTS
+from ._runs import RunMap
 
 
 class BlockLocks:
@@ -191,3 +195,74 @@ async def overlay_extents(
         for n, f in await exact_extents(next, end - pos, pos):
             add_extent(out, n, f)
     return out
+
+
+class _UpstreamExtents:
+    """`next`'s extents from a position to `end`, asked for as the caller goes: one request
+    for the rest of the range usually answers for every gap between an overlay's runs (one
+    request per gap would be thousands of round trips for a range of scattered blocks)."""
+
+    def __init__(self, next: Backend, end: int) -> None:
+        self.next, self.end = next, end
+        self.at = 0  # where self.got starts
+        self.got: deque[tuple[int, int]] = deque()
+
+    async def add(self, start: int, stop: int, out: list[tuple[int, int]]) -> None:
+        """Append the extents of [start, stop) to `out` (less once it holds more than
+        REPLY_EXTENTS: the answer ends there)."""
+        if not self.next.capabilities().extents:
+            add_extent(out, stop - start, 0)  # a backend that cannot tell says "data"
+            return
+        while start < stop and len(out) <= REPLY_EXTENTS:
+            while self.got and self.at + self.got[0][0] <= start:
+                self.at += self.got.popleft()[0]
+            if not self.got:
+                rest = self.end - start
+                got = clip_extents(await self.next.extents(rest, start, 0), rest)
+                self.at, self.got = start, deque(got or [(rest, 0)])
+            n, flags = self.got[0]
+            piece = min(self.at + n, stop) - start
+            add_extent(out, piece, flags)
+            start += piece
+
+
+#: Overlay runs looked at between awaits: the map may change while the upstream answers.
+_RUN_BATCH = 1024
+
+
+async def run_extents(
+    next: Backend,
+    count: int,
+    offset: int,
+    bs: int,
+    runs: RunMap,
+    flags_of: Callable[[int], int | None] | None = None,
+) -> Extents:
+    """Extents where an overlay's runs of blocks replace `next`'s map: a run's value is its
+    extent flags (or `flags_of(value)`; None leaves the run to `next`). Costs the runs inside
+    the range, and ends after REPLY_EXTENTS extents (the client asks again from there)."""
+    end = offset + count
+    upstream = _UpstreamExtents(next, end)
+    out: list[tuple[int, int]] = []
+    pos, lo, hi = offset, offset // bs, (end - 1) // bs + 1
+    while True:
+        batch = list(islice(runs.runs(lo, hi), _RUN_BATCH))
+        for first, stop, value in batch:
+            flags = value if flags_of is None else flags_of(value)
+            if flags is None:
+                continue
+            start = max(first * bs, offset)
+            if start > pos:
+                await upstream.add(pos, start, out)
+                if len(out) > REPLY_EXTENTS:  # it stopped before `start`
+                    return out[:REPLY_EXTENTS]
+            add_extent(out, min(stop * bs, end) - start, flags)
+            pos = min(stop * bs, end)
+            if len(out) > REPLY_EXTENTS:
+                return out[:REPLY_EXTENTS]
+        if len(batch) < _RUN_BATCH:
+            break
+        lo = batch[-1][1]
+    if pos < end:
+        await upstream.add(pos, end, out)
+    return out[:REPLY_EXTENTS]
