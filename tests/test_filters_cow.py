@@ -22,7 +22,7 @@ from nodes.filters._runs import RunMap
 from nodes.filters.cow import DATA, ZERO_DATA, ZERO_HOLE, Cow, CowParams
 from nodes.params import parse_params
 from nodes.plugins.memory import PAGE
-from nodes.protocol.constants import Extent
+from nodes.protocol.constants import REPLY_EXTENTS, Extent
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 HOLE = int(Extent.HOLE | Extent.ZERO)
@@ -311,6 +311,38 @@ def test_cow_extents_ask_the_upstream_once_for_all_the_gaps() -> None:
     assert calls == 1
 
 
+class Striped(Counting):
+    """An upstream whose map alternates data and hole every 512 bytes, answering at most
+    1000 extents a request (a client must ask again)."""
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        self.extents_calls += 1
+        out, pos = [], offset
+        while pos < offset + count and len(out) < 1000:
+            n = min(512 - pos % 512, offset + count - pos)
+            out.append((n, 0 if pos // 512 % 2 == 0 else HOLE))
+            pos += n
+        return out
+
+
+def test_cow_extents_end_after_a_full_reply() -> None:
+    """A gap over a fragmented upstream is asked for until the answer holds REPLY_EXTENTS
+    extents, not to its end (8 MiB of 512-byte extents is 16 upstream requests more)."""
+
+    async def scenario() -> tuple[Extents, int]:
+        upstream = Striped(mem(size=64 * MiB))
+        node = cow("cow-block-size=4K", upstream=upstream)
+        await node.pwrite(memoryview(b"x" * BS), 8 * MiB + 100, 0)
+        return await node.extents(16 * MiB, 100, 0), upstream.extents_calls
+
+    got, calls = asyncio.run(scenario())
+    assert len(got) == REPLY_EXTENTS
+    assert got[0] == (412, 0) and got[1:] == [(512, HOLE), (512, 0)] * (REPLY_EXTENTS // 2 - 1) + [
+        (512, HOLE)
+    ]
+    assert calls == 5
+
+
 def test_cow_on_read_cache_reads_only_what_the_overlay_lacks() -> None:
     """A CACHE of a range already in the overlay read it all from the upstream again (and
     threw it away): a loop of CACHE requests kept the upstream busy for nothing."""
@@ -335,7 +367,8 @@ def test_cow_on_read_cache_reads_only_what_the_overlay_lacks() -> None:
 def test_cow_block_status_of_a_small_range_looks_at_that_range() -> None:
     """Each BLOCK_STATUS made a dict of every overlay entry (a trim of 4 GiB at 4K blocks:
     a million), a walk of the whole overlay for 28 bytes of request; now it looks at the runs
-    inside the range. Process time with a margin of a hundredfold: the old walk took 20 s."""
+    inside the range. Its process time here: 22 s before, 1 ms now (the bound is far from
+    both)."""
 
     async def scenario() -> float:
         node = cow("cow-block-size=4K", upstream=mem(size=1 << 40))

@@ -254,8 +254,6 @@ async def run_extents(
             start = max(first * bs, offset)
             if start > pos:
                 await upstream.add(pos, start, out)
-                if len(out) > REPLY_EXTENTS:  # it stopped before `start`
-                    return out[:REPLY_EXTENTS]
             add_extent(out, min(stop * bs, end) - start, flags)
             pos = min(stop * bs, end)
             if len(out) > REPLY_EXTENTS:
