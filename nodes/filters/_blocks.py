@@ -1,4 +1,4 @@
-"""Helpers shared by the block-structured filters (cow, cache, blocksize, readahead): per-block
+"""Helpers shared by the block-structured filters (cow, cache, blocksize, readahead): range
 locks, a readers-writer lock, and extent-list arithmetic.
 """
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from itertools import islice
 
@@ -15,40 +15,59 @@ from ..protocol.constants import REPLY_EXTENTS
 from ._runs import RunMap
 
 
-class BlockLocks:
-    """One asyncio.Lock per block index, created on demand and dropped when nobody holds or
-    waits for it. Several blocks are always taken in ascending order (no deadlock)."""
+class _Hold:
+    __slots__ = ("hi", "lo", "released")
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.released = asyncio.Event()
+
+
+class RangeLocks:
+    """Exclusive holds on ranges of blocks [lo, hi), granted in the order asked: a hold waits
+    for the holds asked before it that overlap it (so none waits for a later one: no deadlock,
+    and a long range is not starved by short ones). A short hold is found through each of its
+    blocks; a long one (a trim of 4 GiB is a million 4K blocks) is one entry in a list that
+    every hold looks through, as few are ever in flight."""
+
+    SHORT = 64  #: blocks: a hold of at most this many is indexed by block
 
     def __init__(self) -> None:
-        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+        self._by_block: dict[int, list[_Hold]] = {}
+        self._short: set[_Hold] = set()
+        self._long: list[_Hold] = []
 
     @asynccontextmanager
-    async def hold(self, blocks: Iterable[int]) -> AsyncIterator[None]:
-        taken: list[int] = []
-        acquired: set[int] = set()
+    async def hold(self, lo: int, hi: int) -> AsyncIterator[None]:
+        me = _Hold(lo, hi)
+        earlier = [h for h in self._long if h.lo < hi and lo < h.hi]
+        if hi - lo <= self.SHORT:
+            for b in range(lo, hi):
+                earlier += self._by_block.get(b, ())
+                self._by_block.setdefault(b, []).append(me)
+            self._short.add(me)
+        else:
+            earlier += [h for h in self._short if h.lo < hi and lo < h.hi]
+            self._long.append(me)
         try:
-            for b in sorted(set(blocks)):
-                lock, users = self._locks.get(b) or (asyncio.Lock(), 0)
-                self._locks[b] = (lock, users + 1)
-                taken.append(b)
-                await lock.acquire()
-                acquired.add(b)
+            for h in earlier:
+                await h.released.wait()
             yield
         finally:
-            for b in taken:
-                lock, users = self._locks[b]
-                if b in acquired:
-                    lock.release()
-                if users <= 1:
-                    del self._locks[b]
-                else:
-                    self._locks[b] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
+            if me in self._short:
+                self._short.remove(me)
+                for b in range(lo, hi):
+                    holds = self._by_block[b]
+                    holds.remove(me)
+                    if not holds:
+                        del self._by_block[b]
+            else:
+                self._long.remove(me)
+            me.released.set()
 
     def busy(self, block: int) -> bool:
-        return block in self._locks
+        """Someone holds or waits for a range with `block` in it."""
+        return block in self._by_block or any(h.lo <= block < h.hi for h in self._long)
 
 
 class RWLock:
@@ -172,28 +191,6 @@ async def exact_extents(next: Backend, count: int, offset: int) -> Extents:
         for n, f in got:
             add_extent(out, n, f)
         done += sum(n for n, _ in got)
-    return out
-
-
-async def overlay_extents(
-    next: Backend, count: int, offset: int, bs: int, blocks: dict[int, int]
-) -> Extents:
-    """Extents where the blocks in `blocks` (index -> flags) replace `next`'s map."""
-    end = offset + count
-    first, last = offset // bs, (end - 1) // bs
-    mine = sorted(b for b in blocks if first <= b <= last) if blocks else []
-    out: list[tuple[int, int]] = []
-    pos = offset
-    for b in mine:
-        start, stop = max(b * bs, offset), min((b + 1) * bs, end)
-        if start > pos:
-            for n, f in await exact_extents(next, start - pos, pos):
-                add_extent(out, n, f)
-        add_extent(out, stop - start, blocks[b])
-        pos = stop
-    if pos < end:
-        for n, f in await exact_extents(next, end - pos, pos):
-            add_extent(out, n, f)
     return out
 
 
