@@ -18,7 +18,9 @@ the throughput figures, not instead of them. Setups:
 - `hop`: our `nbd` node over our memory node vs `nbdkit nbd` over `nbdkit memory` (only the
   proxy is counted);
 - `cow`: our `cow` node over our memory node vs `nbdkit --filter=cow memory` (the prefill goes
-  through it, so the requests are served from the overlay; only the cow is counted).
+  through it, so the requests are served from the overlay; only the cow is counted);
+- `cache`: our `cache` node (writeback) over our memory node vs `nbdkit --filter=cache memory`
+  (likewise served from the cache; only the cache is counted).
 """
 
 from __future__ import annotations
@@ -153,6 +155,11 @@ def count(setup: str, ours: bool, requests: int, depth: int, op: str) -> int:
                 uri = run.node("cow", "--upstream", upstream, counted=True)
             elif setup == "cow":
                 uri = run.nbdkit("--filter=cow", "memory", "64M", counted=True)
+            elif setup == "cache" and ours:
+                upstream = run.node("memory", "64M")
+                uri = run.node("cache", "--upstream", upstream, counted=True)
+            elif setup == "cache":
+                uri = run.nbdkit("--filter=cache", "memory", "64M", counted=True)
             elif ours:
                 upstream = run.node("memory", "64M")
                 uri = run.node("nbd", "--upstream", upstream, counted=True)
