@@ -16,7 +16,11 @@ the throughput figures, not instead of them. Setups:
 
 - `memory`: our memory node vs `nbdkit memory`;
 - `hop`: our `nbd` node over our memory node vs `nbdkit nbd` over `nbdkit memory` (only the
-  proxy is counted).
+  proxy is counted);
+- `cow`: our `cow` node over our memory node vs `nbdkit --filter=cow memory` (the prefill goes
+  through it, so the requests are served from the overlay; only the cow is counted);
+- `cache`: our `cache` node (writeback) over our memory node vs `nbdkit --filter=cache memory`
+  (likewise served from the cache; only the cache is counted).
 """
 
 from __future__ import annotations
@@ -146,6 +150,16 @@ def count(setup: str, ours: bool, requests: int, depth: int, op: str) -> int:
                 uri = run.node("memory", "64M", counted=True)
             elif setup == "memory":
                 uri = run.nbdkit("memory", "64M", counted=True)
+            elif setup == "cow" and ours:
+                upstream = run.node("memory", "64M")
+                uri = run.node("cow", "--upstream", upstream, counted=True)
+            elif setup == "cow":
+                uri = run.nbdkit("--filter=cow", "memory", "64M", counted=True)
+            elif setup == "cache" and ours:
+                upstream = run.node("memory", "64M")
+                uri = run.node("cache", "--upstream", upstream, counted=True)
+            elif setup == "cache":
+                uri = run.nbdkit("--filter=cache", "memory", "64M", counted=True)
             elif ours:
                 upstream = run.node("memory", "64M")
                 uri = run.node("nbd", "--upstream", upstream, counted=True)

@@ -1,50 +1,73 @@
-"""Helpers shared by the block-structured filters (cow, cache, blocksize, readahead): per-block
+"""Helpers shared by the block-structured filters (cow, cache, blocksize, readahead): range
 locks, a readers-writer lock, and extent-list arithmetic.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from itertools import islice
 
 from ..base import Backend, Extents, Holes
+from ..protocol.constants import REPLY_EXTENTS
+from ._runs import RunMap
 
 
-class BlockLocks:
-    """One asyncio.Lock per block index, created on demand and dropped when nobody holds or
-    waits for it. Several blocks are always taken in ascending order (no deadlock)."""
+class _Hold:
+    __slots__ = ("hi", "lo", "released")
+
+    def __init__(self, lo: int, hi: int) -> None:
+        self.lo, self.hi = lo, hi
+        self.released = asyncio.Event()
+
+
+class RangeLocks:
+    """Exclusive holds on ranges of blocks [lo, hi), granted in the order asked: a hold waits
+    for the holds asked before it that overlap it (so none waits for a later one: no deadlock,
+    and a long range is not starved by short ones). A short hold is found through each of its
+    blocks; a long one (a trim of 4 GiB is a million 4K blocks) is one entry in a list that
+    every hold looks through, as few are ever in flight."""
+
+    SHORT = 64  #: blocks: a hold of at most this many is indexed by block
 
     def __init__(self) -> None:
-        self._locks: dict[int, tuple[asyncio.Lock, int]] = {}
+        self._by_block: dict[int, list[_Hold]] = {}
+        self._short: set[_Hold] = set()
+        self._long: list[_Hold] = []
 
     @asynccontextmanager
-    async def hold(self, blocks: Iterable[int]) -> AsyncIterator[None]:
-        taken: list[int] = []
-        acquired: set[int] = set()
+    async def hold(self, lo: int, hi: int) -> AsyncIterator[None]:
+        me = _Hold(lo, hi)
+        earlier = [h for h in self._long if h.lo < hi and lo < h.hi]
+        if hi - lo <= self.SHORT:
+            for b in range(lo, hi):
+                earlier += self._by_block.get(b, ())
+                self._by_block.setdefault(b, []).append(me)
+            self._short.add(me)
+        else:
+            earlier += [h for h in self._short if h.lo < hi and lo < h.hi]
+            self._long.append(me)
         try:
-            for b in sorted(set(blocks)):
-                lock, users = self._locks.get(b) or (asyncio.Lock(), 0)
-                self._locks[b] = (lock, users + 1)
-                taken.append(b)
-                await lock.acquire()
-                acquired.add(b)
+            for h in earlier:
+                await h.released.wait()
             yield
         finally:
-            for b in taken:
-                lock, users = self._locks[b]
-                if b in acquired:
-                    lock.release()
-                if users <= 1:
-                    del self._locks[b]
-                else:
-                    self._locks[b] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
+            if me in self._short:
+                self._short.remove(me)
+                for b in range(lo, hi):
+                    holds = self._by_block[b]
+                    holds.remove(me)
+                    if not holds:
+                        del self._by_block[b]
+            else:
+                self._long.remove(me)
+            me.released.set()
 
     def busy(self, block: int) -> bool:
-        return block in self._locks
+        """Someone holds or waits for a range with `block` in it."""
+        return block in self._by_block or any(h.lo <= block < h.hi for h in self._long)
 
 
 class RWLock:
@@ -171,23 +194,70 @@ async def exact_extents(next: Backend, count: int, offset: int) -> Extents:
     return out
 
 
-async def overlay_extents(
-    next: Backend, count: int, offset: int, bs: int, blocks: dict[int, int]
+class _UpstreamExtents:
+    """`next`'s extents from a position to `end`, asked for as the caller goes: one request
+    for the rest of the range usually answers for every gap between an overlay's runs (one
+    request per gap would be thousands of round trips for a range of scattered blocks)."""
+
+    def __init__(self, next: Backend, end: int) -> None:
+        self.next, self.end = next, end
+        self.at = 0  # where self.got starts
+        self.got: deque[tuple[int, int]] = deque()
+
+    async def add(self, start: int, stop: int, out: list[tuple[int, int]]) -> None:
+        """Append the extents of [start, stop) to `out` (less once it holds more than
+        REPLY_EXTENTS: the answer ends there)."""
+        if not self.next.capabilities().extents:
+            add_extent(out, stop - start, 0)  # a backend that cannot tell says "data"
+            return
+        while start < stop and len(out) <= REPLY_EXTENTS:
+            while self.got and self.at + self.got[0][0] <= start:
+                self.at += self.got.popleft()[0]
+            if not self.got:
+                rest = self.end - start
+                got = clip_extents(await self.next.extents(rest, start, 0), rest)
+                self.at, self.got = start, deque(got or [(rest, 0)])
+            n, flags = self.got[0]
+            piece = min(self.at + n, stop) - start
+            add_extent(out, piece, flags)
+            start += piece
+
+
+#: Overlay runs looked at between awaits: the map may change while the upstream answers.
+_RUN_BATCH = 1024
+
+
+async def run_extents(
+    next: Backend,
+    count: int,
+    offset: int,
+    bs: int,
+    runs: RunMap,
+    flags_of: Callable[[int], int | None] | None = None,
 ) -> Extents:
-    """Extents where the blocks in `blocks` (index -> flags) replace `next`'s map."""
+    """Extents where an overlay's runs of blocks replace `next`'s map: a run's value is its
+    extent flags (or `flags_of(value)`; None leaves the run to `next`). Costs the runs inside
+    the range, and ends after REPLY_EXTENTS extents (the client asks again from there)."""
     end = offset + count
-    first, last = offset // bs, (end - 1) // bs
-    mine = sorted(b for b in blocks if first <= b <= last) if blocks else []
+    upstream = _UpstreamExtents(next, end)
     out: list[tuple[int, int]] = []
-    pos = offset
-    for b in mine:
-        start, stop = max(b * bs, offset), min((b + 1) * bs, end)
-        if start > pos:
-            for n, f in await exact_extents(next, start - pos, pos):
-                add_extent(out, n, f)
-        add_extent(out, stop - start, blocks[b])
-        pos = stop
+    pos, lo, hi = offset, offset // bs, (end - 1) // bs + 1
+    while True:
+        batch = list(islice(runs.runs(lo, hi), _RUN_BATCH))
+        for first, stop, value in batch:
+            flags = value if flags_of is None else flags_of(value)
+            if flags is None:
+                continue
+            start = max(first * bs, offset)
+            if start > pos:
+                await upstream.add(pos, start, out)
+            add_extent(out, min(stop * bs, end) - start, flags)
+            pos = min(stop * bs, end)
+            if len(out) > REPLY_EXTENTS:
+                return out[:REPLY_EXTENTS]
+        if len(batch) < _RUN_BATCH:
+            break
+        lo = batch[-1][1]
     if pos < end:
-        for n, f in await exact_extents(next, end - pos, pos):
-            add_extent(out, n, f)
-    return out
+        await upstream.add(pos, end, out)
+    return out[:REPLY_EXTENTS]

@@ -4,9 +4,11 @@
 Writes, zeroes and trims land in an in-memory overlay of `cow-block-size` blocks; the upstream is
 only ever read (it may be read-only). Reads take overlay blocks from memory and the rest from the
 upstream, keeping upstream holes as holes. A write that covers part of a block first copies the
-block from the upstream (read-modify-write); every change to a block holds that block's lock, so
-concurrent requests on one block cannot lose each other's bytes. The overlay is discarded when
-the node stops.
+block from the upstream (read-modify-write). A request makes all its changes to the overlay in one
+step, after its upstream reads, so concurrent requests on one block cannot lose each other's
+bytes. The overlay holds the blocks that were written, and runs of blocks that read as zeros: a
+trim or zero of any length is one run, so memory and time go with the data written, not with the
+size of the ranges a client names. The overlay is discarded when the node stops.
 
 Better than nbdkit's cow: zero, fast zero and trim are done in the overlay, so they are offered
 even over a read-only upstream (nbdkit 1.32 reports can_zero=false there); extents merge the
@@ -23,6 +25,7 @@ throw-away writable disk on top of a golden image.
 
 from __future__ import annotations
 
+from itertools import groupby
 from typing import Any
 
 from pydantic import field_validator
@@ -41,13 +44,13 @@ from ..base import (
 from ..params import Params, Size, param
 from ..protocol.constants import Extent
 from ..registry import register
-from ._blocks import BlockLocks, overlay_extents, read_aligned, shift_holes
+from ._blocks import read_aligned, run_extents, shift_holes
+from ._runs import RunMap
 
-ZERO_HOLE = int(Extent.HOLE | Extent.ZERO)  #: a trimmed (or zeroed, may-trim) block
-ZERO_DATA = int(Extent.ZERO)  #: a block zeroed with NO_HOLE: allocated, reads as zeros
-
-#: An overlay block: its bytes, or the extent flags of a block that reads as zeros.
-Block = bytearray | int
+# What a run of overlay blocks is: its extent flags.
+DATA = 0  #: written blocks: their bytes are in Cow.blocks
+ZERO_HOLE = int(Extent.HOLE | Extent.ZERO)  #: trimmed (or zeroed, may-trim) blocks
+ZERO_DATA = int(Extent.ZERO)  #: blocks zeroed with NO_HOLE: allocated, read as zeros
 #: What a cow-on-read CACHE reads at a time.
 _CACHE_CHUNK = 1024 * 1024
 
@@ -89,8 +92,10 @@ class Cow(Filter):
     def __init__(self, params: CowParams, next: Any) -> None:
         super().__init__(params, next)
         self.bs = params.cow_block_size
-        self.overlay: dict[int, Block] = {}
-        self.locks = BlockLocks()
+        #: Every block in the overlay, as runs of blocks -> DATA, ZERO_HOLE or ZERO_DATA.
+        self.runs = RunMap()
+        #: The bytes of the DATA blocks (exactly those).
+        self.blocks: dict[int, bytearray] = {}
 
     def capabilities(self) -> Capabilities:
         up = self.next.capabilities()
@@ -112,13 +117,13 @@ class Cow(Filter):
         )
 
     def status(self) -> dict[str, Any]:
-        data = sum(1 for v in self.overlay.values() if not isinstance(v, int))
         return {
             **self.next.status(),
             "cow": {
                 "block_size": self.bs,
-                "blocks": len(self.overlay),
-                "bytes_in_memory": data * self.bs,
+                "blocks": len(self.blocks),
+                "runs": len(self.runs),
+                "bytes_in_memory": len(self.blocks) * self.bs,
             },
         }
 
@@ -141,22 +146,30 @@ class Cow(Filter):
     # Data operations ----------------------------------------------------------------------
 
     async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
-        bs, overlay = self.bs, self.overlay
+        bs, blocks, total = self.bs, self.blocks, len(buf)
+        b, inb = divmod(offset, bs)
+        if inb + total <= bs and (block := blocks.get(b)) is not None:  # most small reads
+            buf[:] = memoryview(block)[inb : inb + total]
+            return []
         holes: list[tuple[int, int]] = []
-        runs: list[tuple[int, int]] = []  # (pos, length) to read from the upstream
-        pos, total = 0, len(buf)
-        while pos < total:
-            b, inb = divmod(offset + pos, bs)
-            n = min(bs - inb, total - pos)
-            v = overlay.get(b)
-            if v is None:
-                add_range(runs, pos, n)
-            elif isinstance(v, int):
-                shift_holes([(0, n)], pos, holes)
-            else:
-                buf[pos : pos + n] = memoryview(v)[inb : inb + n]
-            pos += n
-        for pos, n in runs:
+        upstream: list[tuple[int, int]] = []  # (pos, length) to read from the upstream
+        pos, end = 0, offset + total
+        for lo, hi, what in self.runs.runs(b, (end - 1) // bs + 1):
+            start, stop = max(lo * bs, offset) - offset, min(hi * bs, end) - offset
+            if start > pos:
+                add_range(upstream, pos, start - pos)
+            pos = stop
+            if what != DATA:
+                shift_holes([(0, stop - start)], start, holes)
+                continue
+            while start < stop:
+                b, inb = divmod(offset + start, bs)
+                n = min(bs - inb, stop - start)
+                buf[start : start + n] = memoryview(blocks[b])[inb : inb + n]
+                start += n
+        if pos < total:
+            add_range(upstream, pos, total - pos)
+        for pos, n in upstream:
             if self.params.cow_on_read:
                 await self._read_and_keep(buf[pos : pos + n], offset + pos)
             else:
@@ -167,7 +180,7 @@ class Cow(Filter):
 
     async def _read_and_keep(self, buf: memoryview, offset: int) -> None:
         """cow-on-read: read whole blocks, keep the ones nobody wrote meanwhile (a block that
-        is all hole upstream as a hole: an entry, not a block of zeros)."""
+        is all hole upstream as a hole: a run, not a block of zeros)."""
         bs, size = self.bs, self._size()
         first, last = offset // bs, (offset + len(buf) - 1) // bs
         start, stop = first * bs, min((last + 1) * bs, size)
@@ -175,18 +188,22 @@ class Cow(Filter):
         holes = await self.next.pread(memoryview(scratch), start, 0)
         fill_holes(memoryview(scratch), holes)
         hollow = _whole_blocks(holes, bs, stop - start)
-        for b in range(first, last + 1):
-            if b not in self.overlay:
-                if b - first in hollow:
-                    self.overlay[b] = ZERO_HOLE
-                    continue
-                block = bytearray(bs)
-                chunk = scratch[(b - first) * bs : (b - first + 1) * bs]
-                block[: len(chunk)] = chunk
-                self.overlay[b] = block
+        for lo, hi in list(self.runs.gaps(first, last + 1)):
+            for is_hole, group in groupby(range(lo, hi), lambda b: b - first in hollow):
+                run = list(group)
+                for b in () if is_hole else run:
+                    block = bytearray(bs)
+                    chunk = scratch[(b - first) * bs : (b - first + 1) * bs]
+                    block[: len(chunk)] = chunk
+                    self.blocks[b] = block
+                self.runs.assign(run[0], run[-1] + 1, ZERO_HOLE if is_hole else DATA)
         buf[:] = memoryview(scratch)[offset - start : offset - start + len(buf)]
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        b, inb = divmod(offset, self.bs)
+        if inb + len(buf) <= self.bs and (block := self.blocks.get(b)) is not None:
+            block[inb : inb + len(buf)] = buf  # most small writes
+            return
         await self._modify(offset, len(buf), buf)
 
     async def zero(self, count: int, offset: int, flags: int) -> None:
@@ -195,60 +212,85 @@ class Cow(Filter):
     async def trim(self, count: int, offset: int, flags: int) -> None:
         # Trimmed bytes are undefined: whole blocks become holes, partial blocks stay as they are.
         bs = self.bs
-        first = -(-offset // bs)
         end = offset + count
-        last = end // bs if end != self._size() else -(-end // bs)
-        if first >= last:
-            return
-        async with self.locks.hold(range(first, last)):
-            for b in range(first, last):
-                self.overlay[b] = ZERO_HOLE
+        lo = -(-offset // bs)
+        hi = end // bs if end != self._size() else -(-end // bs)
+        if lo < hi:
+            self._read_as_zeros(lo, hi, ZERO_HOLE)
+
+    def _read_as_zeros(self, lo: int, hi: int, flags: int) -> None:
+        """Blocks [lo, hi) become one run that reads as zeros; their bytes are dropped."""
+        for first, stop, what in self.runs.assign(lo, hi, flags):
+            if what == DATA:
+                for b in range(first, stop):
+                    del self.blocks[b]
 
     async def _modify(
         self, offset: int, count: int, data: memoryview | None, zero_flags: int = ZERO_DATA
     ) -> None:
-        """Write `data` (or zeros) over [offset, offset+count) in the overlay, block by block."""
-        bs, overlay, size = self.bs, self.overlay, self._size()
-        first, last = offset // bs, (offset + count - 1) // bs
-        async with self.locks.hold(range(first, last + 1)):
-            pos = 0
-            while pos < count:
-                b, inb = divmod(offset + pos, bs)
-                n = min(bs - inb, count - pos)
-                whole = inb == 0 and (n == bs or offset + pos + n == size)
-                cur = overlay.get(b)
-                if data is None and whole:
-                    overlay[b] = zero_flags
-                    pos += n
-                    continue
-                if data is None and isinstance(cur, int):
-                    pos += n  # already reads as zeros
-                    continue
-                if isinstance(cur, int):
-                    cur = bytearray(bs)
-                elif cur is None:
-                    cur = bytearray(bs) if whole else await self._fetch(b)
-                if data is None:
-                    cur[inb : inb + n] = bytes(n)
+        """Write `data` (or zeros) over [offset, offset+count) in the overlay. The partial
+        blocks at the ends that the overlay lacks are read from the upstream first; then every
+        change is made with no await between, so no other request comes in between: a block
+        another request wrote meanwhile is changed as it is now, not as read."""
+        bs, blocks, runs = self.bs, self.blocks, self.runs
+        end = offset + count
+        first, last = offset // bs, (end - 1) // bs
+        lo = -(-offset // bs)  # the whole blocks: [lo, hi); the last one may be short
+        hi = end // bs if end != self._size() else last + 1
+        edges = [b for b in dict.fromkeys((first, last)) if not lo <= b < hi]
+        fetched: dict[int, bytearray] = {}
+        while missing := [
+            b for b in edges if b not in fetched and b not in blocks and runs.get(b) is None
+        ]:
+            for b in missing:
+                fetched[b] = await self._fetch(b)
+        for b in edges:
+            start, stop = max(b * bs, offset), min((b + 1) * bs, end)
+            block = blocks.get(b)
+            if block is None:
+                if runs.get(b) is not None:  # a run that reads as zeros
+                    if data is None:
+                        continue
+                    block = bytearray(bs)
                 else:
-                    cur[inb : inb + n] = data[pos : pos + n]
-                overlay[b] = cur
-                pos += n
+                    block = fetched[b]
+                blocks[b] = block
+                runs.assign(b, b + 1, DATA)
+            at = start - b * bs
+            if data is None:
+                block[at : at + stop - start] = bytes(stop - start)
+            else:
+                block[at : at + stop - start] = data[start - offset : stop - offset]
+        if lo >= hi:
+            return
+        if data is None:
+            self._read_as_zeros(lo, hi, zero_flags)
+            return
+        for b in range(lo, hi):
+            at = b * bs - offset
+            n = min(bs, count - at)
+            block = blocks.get(b)
+            if block is None:
+                block = blocks[b] = bytearray(bs)
+            block[:n] = data[at : at + n]
+        runs.assign(lo, hi, DATA)
 
     async def flush(self, flags: int) -> None:
         pass  # the overlay is memory: nothing to make persistent
 
     async def cache(self, count: int, offset: int, flags: int) -> None:
         if self.params.cow_on_read:
-            # A MiB at a time: 28 bytes of request may ask for 4 GiB.
+            # Only what the overlay lacks, a MiB at a time: 28 bytes of request may ask for
+            # 4 GiB.
+            bs, end = self.bs, offset + count
             scratch = memoryview(bytearray(max(1, min(count, _CACHE_CHUNK))))
-            for pos in range(0, count, len(scratch)):
-                n = min(len(scratch), count - pos)
-                await self._read_and_keep(scratch[:n], offset + pos)
+            for lo, hi in list(self.runs.gaps(offset // bs, (end - 1) // bs + 1)):
+                start, stop = max(lo * bs, offset), min(hi * bs, end)
+                for pos in range(start, stop, len(scratch)):
+                    n = min(len(scratch), stop - pos)
+                    await self._read_and_keep(scratch[:n], pos)
         elif self.next.capabilities().cache is Support.NATIVE:
             await self.next.cache(count, offset, 0)
 
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
-        overlay = self.overlay
-        flags_of = {b: (v if isinstance(v, int) else 0) for b, v in overlay.items()}
-        return await overlay_extents(self.next, count, offset, self.bs, flags_of)
+        return await run_extents(self.next, count, offset, self.bs, self.runs)
