@@ -67,12 +67,13 @@ import contextlib
 import errno
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from pydantic import field_validator
 
 from ..base import Backend, Capabilities, Holes, Support, fill_holes
+from ..filters._blocks import RangeLocks
 from ..params import Duration, Params, Size, live, param
 from ..protocol.constants import CmdFlag, Extent
 from ..registry import register
@@ -124,66 +125,6 @@ class _ReadAgain(Exception):
     is written again, the way the new states call for."""
 
 
-class StripeLocks:
-    """Stripes in use: one at a time (a write into it, a reconstruction, the rebuild) or a run
-    of them at once (a zero of whole stripes), each waiting for every earlier holder or waiter
-    that overlaps it, so conflicting requests go in arrival order (as `RangeLock`). Only
-    stripes in use take memory: a lock kept per stripe ever touched grew to one per stripe of
-    the array over a rebuild, and a zero of a whole disk would take millions of them at once."""
-
-    def __init__(self) -> None:
-        #: stripe -> its single-stripe entries; entries over runs of stripes. An entry is
-        #: [first, last, done when released: made only if one waits].
-        self._one: dict[int, list[list[Any]]] = {}
-        self._runs: list[list[Any]] = []
-
-    async def _acquire(self, first: int, last: int) -> list[Any]:
-        before = [r for r in self._runs if r[0] <= last and first <= r[1]]
-        entry: list[Any] = [first, last, None]
-        if first == last:
-            mine = self._one.setdefault(first, [])
-            before += mine
-            mine.append(entry)
-        else:
-            for stripe, held in self._one.items():
-                if first <= stripe <= last:
-                    before += held
-            self._runs.append(entry)
-        if before:
-            loop = asyncio.get_running_loop()
-            for h in before:
-                if h[2] is None:
-                    h[2] = loop.create_future()
-            try:
-                # Not `await` each: a cancel of one must not pass on to the others.
-                await asyncio.wait([h[2] for h in before])
-            except BaseException:
-                self._release(entry)
-                raise
-        return entry
-
-    def _release(self, entry: list[Any]) -> None:
-        first, last, done = entry
-        if first == last:
-            held = self._one[first]
-            held.remove(entry)
-            if not held:
-                del self._one[first]
-        else:
-            self._runs.remove(entry)
-        if done is not None and not done.done():
-            done.set_result(None)
-
-    @contextlib.asynccontextmanager
-    async def hold(self, first: int, last: int) -> AsyncIterator[None]:
-        """Stripes first..last (inclusive) for the block."""
-        entry = await self._acquire(first, last)
-        try:
-            yield
-        finally:
-            self._release(entry)
-
-
 def _xor_into(acc: bytearray, data: bytes | bytearray | memoryview) -> None:
     n = len(acc)
     x = int.from_bytes(acc, "little") ^ int.from_bytes(data, "little")
@@ -212,7 +153,9 @@ class Parity(FanBase):
         #: each member's reconnect count when last trusted (see `_returned`)
         self.seen = [getattr(m, "reconnects", 0) for m in self.members]
         self.stripes = 0
-        self._locks = StripeLocks()
+        #: Stripes in use (one, or a run of them for a zero of whole stripes), granted in
+        #: arrival order; only stripes in use take memory.
+        self._locks = RangeLocks()
         self._tasks: set[asyncio.Task[None]] = set()
         self._recovery = Recovery(self._recover, self._seen, self._tasks)
         self._monitor_task: asyncio.Task[None] | None = None
@@ -414,7 +357,7 @@ class Parity(FanBase):
         self, stripe: int, last: int | None = None
     ) -> contextlib.AbstractAsyncContextManager[None]:
         """STRIPE (to LAST, when given) for an `async with` block."""
-        return self._locks.hold(stripe, stripe if last is None else last)
+        return self._locks.hold(stripe, (stripe if last is None else last) + 1)
 
     # State ----------------------------------------------------------------------------------
 

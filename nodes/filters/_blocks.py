@@ -1,5 +1,5 @@
 """Helpers shared by the block-structured filters (cow, cache, blocksize, readahead): range
-locks, a readers-writer lock, and extent-list arithmetic.
+locks (the parity fan's stripe locks too), a readers-writer lock, and extent-list arithmetic.
 """
 
 from __future__ import annotations
