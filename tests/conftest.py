@@ -27,7 +27,7 @@ from typing import Any
 import nbd
 import pytest
 
-from nodes.base import Backend, Capabilities, Filter, Holes
+from nodes.base import Backend, Capabilities, Extents, Filter, Holes
 from nodes.plugins.memory import Memory, MemoryParams
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -353,12 +353,13 @@ def mem(content: bytes = b"", size: int | None = None) -> Memory:
 
 
 class Recording(Filter):
-    """Passes reads on, noting each (offset, length); may claim block size limits (and
-    checks that the reads it gets keep them)."""
+    """Passes reads on, noting each (offset, length), and counts BLOCK_STATUS requests; may
+    claim block size limits (and checks that the reads it gets keep them)."""
 
     def __init__(self, next: Backend, block_min: int = 0, block_max: int = 0) -> None:
         super().__init__(next.params, next)
         self.reads: list[tuple[int, int]] = []
+        self.extents_calls = 0
         self.block_min, self.block_max = block_min, block_max
 
     def capabilities(self) -> Capabilities:
@@ -372,3 +373,7 @@ class Recording(Filter):
             assert len(buf) <= self.block_max
         self.reads.append((offset, len(buf)))
         return await self.next.pread(buf, offset, flags)
+
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        self.extents_calls += 1
+        return await self.next.extents(count, offset, flags)

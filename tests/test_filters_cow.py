@@ -283,24 +283,12 @@ def test_cow_concurrent_requests_on_one_block_keep_every_change() -> None:
 # What a request costs ---------------------------------------------------------------------
 
 
-class Counting(Recording):
-    """Counts the upstream's BLOCK_STATUS requests too."""
-
-    def __init__(self, next: Backend) -> None:
-        super().__init__(next)
-        self.extents_calls = 0
-
-    async def extents(self, count: int, offset: int, flags: int) -> Extents:
-        self.extents_calls += 1
-        return await self.next.extents(count, offset, flags)
-
-
 def test_cow_extents_ask_the_upstream_once_for_all_the_gaps() -> None:
     """Between 500 written blocks lie 500 gaps the upstream answers for: one request each was
     500 upstream round trips for one BLOCK_STATUS."""
 
     async def scenario() -> tuple[Extents, int]:
-        upstream = Counting(mem(size=64 * MiB))
+        upstream = Recording(mem(size=64 * MiB))
         node = cow("cow-block-size=4K", upstream=upstream)
         for b in range(0, 1000, 2):
             await node.pwrite(memoryview(b"x" * BS), b * BS, 0)
@@ -311,7 +299,7 @@ def test_cow_extents_ask_the_upstream_once_for_all_the_gaps() -> None:
     assert calls == 1
 
 
-class Striped(Counting):
+class Striped(Recording):
     """An upstream whose map alternates data and hole every 512 bytes, answering at most
     1000 extents a request (a client must ask again)."""
 
@@ -348,7 +336,7 @@ def test_cow_on_read_cache_reads_only_what_the_overlay_lacks() -> None:
     threw it away): a loop of CACHE requests kept the upstream busy for nothing."""
 
     async def scenario() -> list[list[tuple[int, int]]]:
-        upstream = Counting(mem(b"\x42" * (8 * MiB)))
+        upstream = Recording(mem(b"\x42" * (8 * MiB)))
         node = cow("cow-on-read=true", upstream=upstream)
         reads = []
         for offset, count in ((0, 8 * MiB), (0, 8 * MiB), (MiB, MiB), (0, 8 * MiB)):
