@@ -822,13 +822,8 @@ def test_parity_journal_of_another_array_or_not_a_journal_is_refused(
     assert Journal(str(journal), Geometry(3, 16384, 64)).open(fresh=False) == ([], True)
 
 
-def test_parity_journal_clear_is_on_disk_before_an_unjournaled_write_can_undo_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A released slot is cleared in the page cache only; a crash may bring it back, and its
-    replay would then write an old chunk over a later unjournaled write into the stripe (into
-    the missing member's chunk, a full stripe). So `settle` syncs a stripe's clear before such
-    a write, unless an fdatasync since (a later slot's) carried it; `sync_now` syncs them all."""
+def counted_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[int]]:
+    """A fresh 4-slot journal, and the list of the fdatasync calls it makes from now on."""
     import nodes.fans._journal as jmod
 
     syncs: list[int] = []
@@ -836,6 +831,17 @@ def test_parity_journal_clear_is_on_disk_before_an_unjournaled_write_can_undo_it
     monkeypatch.setattr(jmod.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
     j = jmod.Journal(str(tmp_path / "j"), jmod.Geometry(3, 4096, 100, slots=4))
     j.open(fresh=True)
+    return j, syncs
+
+
+def test_parity_journal_clear_is_on_disk_before_an_unjournaled_write_can_undo_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A released slot is cleared in the page cache only; a crash may bring it back, and its
+    replay would then write an old chunk over a later unjournaled write into the stripe (into
+    the missing member's chunk, a full stripe). So `settle` syncs a stripe's clear before such
+    a write, unless an fdatasync since (a later slot's) carried it; `sync_now` syncs them all."""
+    j, syncs = counted_journal(tmp_path, monkeypatch)
 
     async def scenario() -> list[int]:
         counts = []
@@ -865,13 +871,7 @@ def test_parity_journal_settle_of_a_run_syncs_a_clear_inside_it(
 ) -> None:
     """A zero of whole stripes is unjournaled too: first the clear of any stripe in its run
     goes to disk, and only when there is one."""
-    import nodes.fans._journal as jmod
-
-    syncs: list[int] = []
-    real = os.fdatasync
-    monkeypatch.setattr(jmod.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
-    j = jmod.Journal(str(tmp_path / "j"), jmod.Geometry(3, 4096, 100, slots=4))
-    j.open(fresh=True)
+    j, syncs = counted_journal(tmp_path, monkeypatch)
 
     async def scenario() -> list[int]:
         counts = []
