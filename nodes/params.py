@@ -166,7 +166,7 @@ def value_text(kind: str, value: Any) -> str:
     if value == "":
         return "''"
     if kind == "errno" and isinstance(value, int):
-        return _errno.errorcode.get(value, str(value))
+        return _errno_name(value)
     if kind == "size" and isinstance(value, int) and value > 0:
         for i, unit in enumerate(_SIZE_UNITS):
             scale = 1 << (10 * (len(_SIZE_UNITS) - i))
