@@ -41,7 +41,7 @@ export NBDFABRIC_FUZZ_SECONDS NBDFABRIC_SOAK_SECONDS
 # One pytest worker per core (at most 4), a test file per worker at a time: most of the suite
 # waits on node processes starting, and a file's tests share its module fixtures (the image).
 test: setup lint typecheck proto-check compose-check
-	$(PY) -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile \
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder \
 		--durations=25 tests
 
 bench: setup

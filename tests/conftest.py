@@ -34,6 +34,34 @@ ROOT = Path(__file__).resolve().parent.parent
 NBDFABRIC = [sys.executable, "-m", "nodes.cli"]
 _counter = itertools.count()
 
+#: The files that take longest, longest first (minutes each: the bounded fuzz and soak runs,
+#: the docker tests with their image build, the orchestrator's restarts). `make test` hands
+#: whole files to its workers in collection order (`--dist loadfile --no-loadscope-reorder`):
+#: started first, they run beside the many short files instead of alone at the end.
+LONG_FILES = (
+    "test_fuzz_nodes.py",
+    "test_docker.py",
+    "test_orchestrator.py",
+    "test_soak.py",
+    "test_fan_process.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long files first (LONG_FILES), then the others by their number of tests, most first;
+    the order within a file is kept."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.path.name] = counts.get(item.path.name, 0) + 1
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        name = item.path.name
+        if name in LONG_FILES:
+            return LONG_FILES.index(name), 0
+        return len(LONG_FILES), -counts[name]
+
+    items.sort(key=rank)  # stable: a file's tests stay in their order
+
 
 @dataclass
 class Proc:
