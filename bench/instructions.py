@@ -1,14 +1,14 @@
 """Instructions per request, counted by valgrind's callgrind, ours beside nbdkit's.
 
-    python -m bench.instructions [--requests 1000,6000] [--depth 16] [--json FILE]
+    python -m bench.instructions [--requests 1000,6000] [--depth 16] [--block 4K] [--json FILE]
 
 Throughput on a small shared machine swings by ±15 % from run to run (bench/RESULTS.md), too much
 to see a change of a few per cent on the hot path. An instruction count hardly swings (about 1 %
 between runs of our nodes): it does not depend on what else the machine is doing. So this runs the
 one server process being measured under `valgrind --tool=callgrind`, drives it with libnbd for N1
-and then N2 requests of 4 KiB at the given queue depth (offsets spread over a prefilled 16 MiB),
-and reports (count(N2) - count(N1)) / (N2 - N1): the cost of one request, start-up and shutdown
-cancelled out.
+and then N2 requests of 4 KiB (or `--block`) at the given queue depth (offsets spread over a
+prefilled 16 MiB), and reports (count(N2) - count(N1)) / (N2 - N1): the cost of one request,
+start-up and shutdown cancelled out.
 
 It counts user-space instructions of every thread of that process; not the kernel, and not the
 cost of a wake-up or a cache miss. Read it as "how much work our code does per request", next to
@@ -39,18 +39,21 @@ from pathlib import Path
 
 import nbd
 
+from nodes.params import parse_size
+
 ROOT = Path(__file__).resolve().parent.parent
 NODE = [sys.executable, "-m", "nodes.cli", "node"]
 SIZE = 16 << 20
 BLOCK = 4096
 
 
-def drive(uri: str, requests: int, depth: int, op: str) -> None:
-    """`requests` 4K reads or writes, `depth` in flight, over the export's first SIZE bytes."""
+def drive(uri: str, requests: int, depth: int, op: str, block: int = BLOCK) -> None:
+    """`requests` reads or writes of `block` bytes, `depth` in flight, over the export's first
+    SIZE bytes."""
     h = nbd.NBD()
     h.connect_uri(uri)
-    blocks = SIZE // BLOCK
-    bufs = [nbd.Buffer(BLOCK) for _ in range(depth)]
+    blocks = SIZE // block
+    bufs = [nbd.Buffer(block) for _ in range(depth)]
     issue = h.aio_pread if op == "read" else h.aio_pwrite
     free = list(range(depth))
     in_flight: dict[int, int] = {}
@@ -58,7 +61,7 @@ def drive(uri: str, requests: int, depth: int, op: str) -> None:
     while done < requests:
         while free and issued < requests:
             b = free.pop()
-            offset = (issued * 7919 % blocks) * BLOCK  # a stride prime to the block count
+            offset = (issued * 7919 % blocks) * block  # a stride prime to the block count
             in_flight[issue(bufs[b], offset)] = b
             issued += 1
         h.poll(-1)
@@ -142,7 +145,7 @@ def _accepts(path: Path) -> bool:
         return probe.connect_ex(str(path)) == 0
 
 
-def count(setup: str, ours: bool, requests: int, depth: int, op: str) -> int:
+def count(setup: str, ours: bool, requests: int, depth: int, op: str, block: int = BLOCK) -> int:
     with tempfile.TemporaryDirectory(prefix="nbdfabric-instr-") as tmp:
         run = Run(Path(tmp))
         try:
@@ -167,7 +170,7 @@ def count(setup: str, ours: bool, requests: int, depth: int, op: str) -> int:
                 upstream = run.nbdkit("memory", "64M")
                 uri = run.nbdkit("nbd", f"uri={upstream}", counted=True)
             prefill(uri)
-            drive(uri, requests, depth, op)
+            drive(uri, requests, depth, op, block)
         finally:
             total = run.stop()
         return total
@@ -179,24 +182,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", default="read,write")
     p.add_argument("--requests", default="1000,6000", help="N1,N2 (the difference is counted)")
     p.add_argument("--depth", type=int, default=16)
+    p.add_argument("--block", default="4K", help="request size: 4K, 256K, 1M (at most 16M)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 1
     n1, n2 = (int(x) for x in args.requests.split(","))
+    block = parse_size(args.block)
+    if not 0 < block <= SIZE:
+        p.error(f"--block {args.block}: from 1 byte to {SIZE >> 20}M")
     rows = []
     for setup in args.setups.split(","):
         for op in args.ops.split(","):
             per = {}
             for side, ours in (("ours", True), ("nbdkit", False)):
-                low = count(setup, ours, n1, args.depth, op)
-                high = count(setup, ours, n2, args.depth, op)
+                low = count(setup, ours, n1, args.depth, op, block)
+                high = count(setup, ours, n2, args.depth, op, block)
                 per[side] = (high - low) / (n2 - n1)
             ratio = per["ours"] / per["nbdkit"]
-            rows.append({"setup": setup, "op": op, "depth": args.depth, **per, "ratio": ratio})
+            rows.append(
+                {"setup": setup, "op": op, "block": block, "depth": args.depth, **per,
+                 "ratio": ratio}
+            )  # fmt: skip
             print(
-                f"{setup:7} 4K {op:5} QD{args.depth:<3} ours {per['ours']:>9,.0f}  "
+                f"{setup:7} {args.block} {op:5} QD{args.depth:<3} ours {per['ours']:>9,.0f}  "
                 f"nbdkit {per['nbdkit']:>7,.0f} instructions/request  ours/nbdkit {ratio:5.1f}",
                 flush=True,
             )

@@ -31,6 +31,7 @@ from ..registry import register
 
 PAGE = 32 * 1024
 _ZERO_PAGE = bytes(PAGE)
+_ZERO_VIEW = memoryview(_ZERO_PAGE)
 #: Extents one answer describes at most: no more than a reply carries (the client asks again
 #: from where it ends). A range of pages written and not, in turn, would else cost a walk of
 #: every page of up to 4 GiB for 28 bytes of request.
@@ -42,10 +43,14 @@ class MemoryParams(Params):
 
 
 class SparseStore:
-    """Pages of PAGE bytes in a dict; absent pages read as zeros."""
+    """Pages of PAGE bytes in a dict; absent pages read as zeros.
+
+    A page is kept as a memoryview of its bytearray: `page[a:b] = data` into a memoryview is
+    one copy, into the bytearray itself two (CPython copies any source that is not a bytearray
+    into a new one first), and reads lend slices of it as they are."""
 
     def __init__(self) -> None:
-        self.pages: dict[int, bytearray] = {}
+        self.pages: dict[int, memoryview] = {}
 
     def allocated_pages(self) -> int:
         return len(self.pages)
@@ -55,7 +60,7 @@ class SparseStore:
         index, in_page = divmod(offset, PAGE)
         if 0 < count <= PAGE - in_page:  # within one page: most small reads
             page = self.pages.get(index)
-            return [count] if page is None else [memoryview(page)[in_page : in_page + count]]
+            return [count] if page is None else [page[in_page : in_page + count]]
         pieces: list[Piece] = []
         pos, end, pages = offset, offset + count, self.pages
         while pos < end:
@@ -63,7 +68,7 @@ class SparseStore:
             n = min(PAGE - in_page, end - pos)
             page = pages.get(index)
             if page is not None:
-                pieces.append(memoryview(page)[in_page : in_page + n])
+                pieces.append(page[in_page : in_page + n])
             elif pieces and type(pieces[-1]) is int:
                 pieces[-1] += n
             else:
@@ -79,7 +84,7 @@ class SparseStore:
         if 0 < len(buf) <= PAGE - in_page:  # within one page: most small writes
             page = self.pages.get(index)
             if page is None:
-                page = self.pages[index] = bytearray(PAGE)
+                page = self.pages[index] = memoryview(bytearray(PAGE))
             page[in_page : in_page + len(buf)] = buf
             return
         pos, end, pages = 0, len(buf), self.pages
@@ -88,7 +93,7 @@ class SparseStore:
             n = min(PAGE - in_page, end - pos)
             page = pages.get(index)
             if page is None:
-                page = pages[index] = bytearray(PAGE)
+                page = pages[index] = memoryview(bytearray(PAGE))
             page[in_page : in_page + n] = buf[pos : pos + n]
             pos += n
 
@@ -111,8 +116,8 @@ class SparseStore:
                 del pages[index]
             else:
                 page, in_page = pages[index], start - index * PAGE
-                page[in_page : in_page + n] = _ZERO_PAGE[:n]
-                if punch and page == _ZERO_PAGE:
+                page[in_page : in_page + n] = _ZERO_VIEW[:n]
+                if punch and page.obj == _ZERO_PAGE:  # the bytearray: a memoryview compares slowly
                     del pages[index]
 
     def extents(self, count: int, offset: int) -> Extents:
@@ -202,8 +207,9 @@ class SharedStore:
             if n == PAGE and punch:
                 self._free(index)
             else:
-                view[pos : pos + n] = _ZERO_PAGE[:n]
-                if punch and view[start : start + PAGE] == _ZERO_PAGE:
+                view[pos : pos + n] = _ZERO_VIEW[:n]
+                # A copy of the page compares in a microsecond, the memoryview in a hundred.
+                if punch and self._data[start : start + PAGE] == _ZERO_PAGE:
                     self._free(index)
             pos += n
 
