@@ -25,6 +25,12 @@ RECV_BUFFER = 256 * 1024
 MIN_ROOM = 64 * 1024
 #: A rejected WRITE payload larger than this is not skipped: the client is disconnected.
 MAX_SKIP = 64 * 1024 * 1024
+#: After a WRITE payload of at least this many bytes, the next read takes one request header
+#: only: if that is another big WRITE, its payload lands straight in its own buffer instead of
+#: filling the read buffer behind the header, to be copied out of it (a copy of up to
+#: RECV_BUFFER bytes, against one more read of the socket; callgrind: 256K writes cost 30 %
+#: fewer instructions per request). Small requests keep sharing one read.
+BIG_WRITE = 64 * 1024
 #: Requests one feed() dispatches at most. The rest waits for the next call, which the caller
 #: makes after a turn of the event loop: one client's deep pipeline (a TCP socket holds
 #: megabytes of requests, and the loop may read a full socket many times over in one go) must
@@ -62,6 +68,7 @@ class RequestFramer:
         self._target: memoryview | None = None
         self._filled = 0  #: payload bytes collected (or skipped, when rejected)
         self._into_payload = False  #: the last get_buffer() handed out the payload itself
+        self._header_next = False  #: read only a header next (a big WRITE came last)
         #: NBD_CMD_DISC arrived: nothing after it is read.
         self.disconnected = False
 
@@ -74,6 +81,9 @@ class RequestFramer:
         self._into_payload = False
         if self._start == self._end:
             self._start = self._end = 0
+            if self._header_next:
+                self._header_next = False
+                return self._buf[:_HEADER]
         elif self._start and len(self._buf) - self._end < MIN_ROOM:
             # Move the unparsed tail to the front: usually part of one header, since feed()
             # consumes all it can, and reading pauses while it may not.
@@ -119,6 +129,7 @@ class RequestFramer:
 
     def _begin_payload(self, req: tx.Request, err: Err) -> None:
         self._req, self._err, self._filled = req, err, 0
+        self._header_next = req.length >= BIG_WRITE
         if err is Err.OK:
             self._payload = self._pool.get(req.length)
             self._target = memoryview(self._payload)[: req.length]
