@@ -17,7 +17,9 @@ from ..params import Params
 from ..protocol.constants import CmdFlag
 
 # Plain ints: `int & IntFlag` runs Python code in enum.py (about 1 µs), per request.
-_REQ_ONE, _FUA = int(CmdFlag.REQ_ONE), int(CmdFlag.FUA)
+_REQ_ONE, _FUA, _FAST_ZERO = int(CmdFlag.REQ_ONE), int(CmdFlag.FUA), int(CmdFlag.FAST_ZERO)
+#: What a member answers a fast zero it cannot do fast.
+REFUSED = (errno.ENOTSUP, errno.EOPNOTSUPP)
 
 log = logging.getLogger("nbdfabric.fan")
 
@@ -435,6 +437,44 @@ class LayoutFan(FanBase):
             if left > 0:  # the member answered short: stop at the gap
                 break
         return out
+
+
+def zeroes_fast(caps: Capabilities) -> bool:
+    """A fast zero may be sent to a member with these capabilities."""
+    return caps.zero is Support.NATIVE and caps.fast_zero
+
+
+async def to_each(
+    calls: Sequence[Callable[[int], Awaitable[None]]], caps: Sequence[Capabilities], flags: int
+) -> tuple[list[BaseException | None], bool]:
+    """Run each of CALLS (one per member, whose capabilities are CAPS) with FLAGS, together:
+    each one's outcome (None, or what it raised), and whether a fast zero was refused.
+
+    A fast zero (FAST_ZERO in FLAGS) fails with ENOTSUP before anything is sent unless every
+    member offers fast zero (it must fail quickly: the client then writes zeros), and so it
+    does when every member refuses it (nothing was written). When only some refuse it, the
+    others have zeroed (or failed, which the caller handles as for any request): those that
+    refused zero without FAST_ZERO, so the members keep the same data; the caller books it as
+    any zero, then fails it with ENOTSUP (True)."""
+
+    async def run(todo: Sequence[Callable[[int], Awaitable[None]]], f: int) -> list[Any]:
+        return await asyncio.gather(*(call(f) for call in todo), return_exceptions=True)
+
+    if not flags & _FAST_ZERO:
+        return await run(calls, flags), False
+    if not all(zeroes_fast(c) for c in caps):
+        raise OSError(errno.ENOTSUP, "a member cannot zero fast")
+    results = await run(calls, flags)
+    refused = [i for i, res in enumerate(results)
+               if isinstance(res, OSError) and res.errno in REFUSED]  # fmt: skip
+    if not refused:
+        return results, False
+    if len(refused) == len(calls):
+        raise OSError(errno.ENOTSUP, "no member can zero fast here")
+    again = await run([calls[i] for i in refused], flags & ~_FAST_ZERO)
+    for i, res in zip(refused, again, strict=True):
+        results[i] = res
+    return results, True
 
 
 async def write_zeroes(
