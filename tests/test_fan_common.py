@@ -312,6 +312,36 @@ def test_fan_offers_fast_zero_only_where_every_member_zeroes_fast(
         assert answer == (0 if offered else 2), last
 
 
+NO_FAST = "it has no fast zero, which the array offers"
+NO_ZERO = "it cannot zero natively, and the array trims by zeroing its members"
+
+
+@pytest.mark.parametrize("kind", ["mirror", "parity", "quorum", "verify"])
+def test_fan_new_member_needs_what_the_arrays_operations_are_made_of(
+    harness: Harness, kind: str
+) -> None:
+    """A member that joins later (`start_replacement`, as `ctl replace` and a late member do)
+    over an array that offers trim and fast zero must offer fast zero, and for the array's
+    trim: its own trim (mirror) or, where the array trims by zeroing, a native zero."""
+    n = 3 if kind in ("parity", "quorum") else 2
+    fan = copying_fan(kind, [Flaky(harness.memory(1 << 20)[0]) for _ in range(n)])
+    uri = harness.serve(fan, kind)
+    assert run(["nbdinfo", "--can", "trim", uri], check=False).returncode == 0
+    by_zeroing = kind != "mirror"
+    for shape, why in [
+        ({}, None),
+        ({"fast_zero": False}, NO_FAST),
+        ({"trim": False}, None if by_zeroing else "it cannot trim"),
+        ({"zero": Support.EMULATE, "fast_zero": False}, NO_ZERO if by_zeroing else NO_FAST),
+    ]:
+        new = Shaped(harness.memory(1 << 20)[0], **shape)
+        if why is None:
+            harness.run(fan.start_replacement(1, new))
+        else:
+            with pytest.raises(ValueError, match=f"cannot use .* as member 1: {why}$"):
+                harness.run(fan.start_replacement(1, new))
+
+
 def test_fan_fast_zero_is_sent_only_if_every_member_zeroes_fast() -> None:
     """`to_each` refuses a fast zero (ENOTSUP) before any member gets it when one of them
     cannot zero fast: the others would zero, and that one then not."""

@@ -144,6 +144,9 @@ def member_name(member: Backend, index: int) -> str:
 class FanBase(Fan):
     """A fan with an event hook (`emit`, replaced by the node runtime) and combined caps."""
 
+    #: The array's trim is a native zero on its members (see trim_as_zero), not their trims.
+    trims_by_zeroing = False
+
     def __init__(self, params: Params, members: Sequence[Backend]) -> None:
         super().__init__(params, members)
         #: NodeRuntime sets `backend.emit = runtime.emit`; until then events are only logged.
@@ -220,7 +223,9 @@ class FanBase(Fan):
     def shortfall(self, caps: Capabilities) -> str | None:
         """What a member joining later (late at start, or a replacement) lacks of what this
         array already advertises to its clients, if anything: clients send what the array
-        offered, and a member that refuses it would be failed by the first such request."""
+        offered, and a member that refuses it would be failed by the first such request, or
+        would leave the array doing less than it offers (every fast zero refused, trims that
+        do nothing where the array trims by zeroing)."""
         have = self.caps
         if have.writable and not caps.writable:
             return "it is read-only"
@@ -228,8 +233,12 @@ class FanBase(Fan):
             return "it cannot flush"
         if have.fua is Support.NATIVE and caps.fua is not Support.NATIVE:
             return "it has no native FUA"
-        if have.trim and not caps.trim:
+        if have.trim and self.trims_by_zeroing and caps.zero is not Support.NATIVE:
+            return "it cannot zero natively, and the array trims by zeroing its members"
+        if have.trim and not self.trims_by_zeroing and not caps.trim:
             return "it cannot trim"
+        if have.fast_zero and not zeroes_fast(caps):
+            return "it has no fast zero, which the array offers"
         if caps.block_min > 1 and (have.block_min or 1) % caps.block_min:
             return (f"its minimum block size {caps.block_min} does not divide the array's "
                     f"{have.block_min or 1}")  # fmt: skip

@@ -139,6 +139,7 @@ class Parity(FanBase):
     Params = ParityParams
     params: ParityParams
     min_members = 3
+    trims_by_zeroing = True  # see trim
     state_param = "state-file"
     state_keys = ("chunk-size",)
 
@@ -237,12 +238,6 @@ class Parity(FanBase):
         if caps.size < need:
             return f"it has {caps.size} bytes, each member needs {need}"
         return self.shortfall(caps)
-
-    def shortfall(self, caps: Capabilities) -> str | None:
-        # The array's trim is a zero (see trim): a member needs no trim of its own for it.
-        from dataclasses import replace
-
-        return super().shortfall(replace(caps, trim=True))
 
     def _joins(self, member: int) -> bool:
         """A member that was not there at start has connected: it must hold a whole share."""

@@ -59,6 +59,7 @@ class Quorum(FanBase):
     Params = QuorumParams
     params: QuorumParams
     min_members = 2
+    trims_by_zeroing = True
 
     def __init__(self, params: QuorumParams, members: Any) -> None:
         super().__init__(params, members)

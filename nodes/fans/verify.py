@@ -50,6 +50,7 @@ class Verify(FanBase):
     Params = VerifyParams
     params: VerifyParams
     min_members = 2
+    trims_by_zeroing = True
 
     def __init__(self, params: VerifyParams, members: Any) -> None:
         super().__init__(params, members)
