@@ -465,25 +465,28 @@ async def to_each(
     others have zeroed (or failed, which the caller handles as for any request): those that
     refused zero without FAST_ZERO, so the members keep the same data; the caller books it as
     any zero, then fails it with ENOTSUP (True)."""
-
-    async def run(todo: Sequence[Callable[[int], Awaitable[None]]], f: int) -> list[Any]:
-        return await asyncio.gather(*(call(f) for call in todo), return_exceptions=True)
-
     if not flags & _FAST_ZERO:
-        return await run(calls, flags), False
+        return await _each(calls, flags), False
     if not all(zeroes_fast(c) for c in caps):
         raise OSError(errno.ENOTSUP, "a member cannot zero fast")
-    results = await run(calls, flags)
+    results = await _each(calls, flags)
     refused = [i for i, res in enumerate(results)
                if isinstance(res, OSError) and res.errno in REFUSED]  # fmt: skip
     if not refused:
         return results, False
     if len(refused) == len(calls):
         raise OSError(errno.ENOTSUP, "no member can zero fast here")
-    again = await run([calls[i] for i in refused], flags & ~_FAST_ZERO)
+    again = await _each([calls[i] for i in refused], flags & ~_FAST_ZERO)
     for i, res in zip(refused, again, strict=True):
         results[i] = res
     return results, True
+
+
+def _each(
+    calls: Sequence[Callable[[int], Awaitable[None]]], flags: int
+) -> asyncio.Future[list[Any]]:
+    """CALLS run together with FLAGS (a plain function: no coroutine of its own per request)."""
+    return asyncio.gather(*(call(flags) for call in calls), return_exceptions=True)
 
 
 async def write_zeroes(
