@@ -481,9 +481,8 @@ def test_parity_member_lost_under_load_degraded_reads_and_rebuild(harness: Harne
 
 
 def test_parity_replace_refuses_a_member_that_cannot_hold_a_share(harness: Harness) -> None:
-    """`ctl replace` checks what a late member is checked for: size, writable, block size,
-    what the array's operations are made of (fast zero, native zero for its trim); the member
-    that passes is rebuilt, and the fan reads its capabilities (extents), not the old."""
+    """`ctl replace` checks what a late member is checked for: size, writable, block size; the
+    member that passes is rebuilt, and the fan reads its capabilities (extents), not the old."""
     fan, flakies, uri = make_parity(harness)
     model = fill_random(uri, 5)
     flakies[1].down = True
@@ -500,11 +499,6 @@ def test_parity_replace_refuses_a_member_that_cannot_hold_a_share(harness: Harne
         ),
         (Shaped(coarse, block_max=65536), "its maximum block size 65536 is below the array's"),
         (Shaped(coarse, trim=True, flush=False), "it cannot flush"),
-        (Shaped(coarse, fast_zero=False), "it has no fast zero, which the array offers"),
-        (
-            Shaped(coarse, zero=Support.EMULATE, fast_zero=False, trim=False),
-            "it cannot zero natively, and the array trims by zeroing its members",
-        ),
     ]:
         with pytest.raises(ValueError, match=f"cannot use .* as member 1: {why}"):
             harness.run(fan.replace_member(1, new))
@@ -1144,6 +1138,46 @@ def test_parity_zero_of_whole_stripes_syncs_a_journal_clear_in_them_first(
     h.zero(2 * width, 2 * width)  # stripes 2 and 3: stripe 3's clear first
     assert len(syncs) == before + 1
     assert h.pread(5 * width, 2 * width) == bytes(5 * width)
+    h.shutdown()
+
+
+@pytest.mark.parametrize(
+    "caps",
+    [{"fast_zero": False}, {"zero": Support.EMULATE, "fast_zero": False, "trim": False}],
+    ids=["no-fast-zero", "no-zero-no-trim"],
+)
+def test_parity_replacement_without_fast_zero_or_zero_is_taken_and_never_half_zeroed(
+    harness: Harness, caps: dict[str, Any]
+) -> None:
+    """The array offers fast zero and trim (every member had them at start). A replacement
+    without fast zero, or without zero and trim of its own, is taken (the array's trim is a
+    zero): a fast zero is then refused (ENOTSUP) before any member writes a byte, a zero is
+    written as zeros where the member cannot zero, and a trim, which must not become writes,
+    does nothing where it would."""
+    fan, flakies, uri = make_parity(harness)
+    model = bytearray(fill_random(uri, 42))
+    width = 3 * 16384
+    flakies[1].down = True
+    wait_for(lambda: harness.call(fan.status)["members"][1]["state"] == "faulty", 10, "faulty")
+    new, _ = harness.memory(1 << 20)
+    harness.run(fan.replace_member(1, Shaped(new, **caps)))
+    wait_for(lambda: harness.call(fan.status)["degraded"] is False, 60, "the rebuild")
+    written = [f.bytes_in for f in harness.call(lambda: fan.members)]
+    h = nbd_connect(uri)
+    assert h.can_fast_zero() and h.can_trim()
+    with pytest.raises(nbd.Error, match=r"ENOTSUP|not supported"):
+        h.zero(1 << 20, 0, nbd.CMD_FLAG_FAST_ZERO)
+    assert [f.bytes_in for f in harness.call(lambda: fan.members)] == written
+    assert h.pread(len(model), 0) == model
+    h.trim(4 * width, 2 * width)
+    if "zero" not in caps:
+        model[2 * width : 6 * width] = bytes(4 * width)
+    assert h.pread(len(model), 0) == model
+    h.zero(1 << 20, 1000)
+    model[1000 : 1000 + (1 << 20)] = bytes(1 << 20)
+    assert h.pread(len(model), 0) == model
+    flakies[0].down = True  # the replacement's share now serves member 0's
+    assert h.pread(len(model), 0) == model
     h.shutdown()
 
 

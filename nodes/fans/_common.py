@@ -223,9 +223,13 @@ class FanBase(Fan):
     def shortfall(self, caps: Capabilities) -> str | None:
         """What a member joining later (late at start, or a replacement) lacks of what this
         array already advertises to its clients, if anything: clients send what the array
-        offered, and a member that refuses it would be failed by the first such request, or
-        would leave the array doing less than it offers (every fast zero refused, trims that
-        do nothing where the array trims by zeroing)."""
+        offered, and a member that refuses it would be failed by the first such request.
+
+        Not asked of it: fast zero, and a native zero where the array trims by zeroing. Without
+        them the array refuses fast zeros (ENOTSUP, which the spec allows at any time; nothing
+        is sent, see to_each) and its trims do nothing (a trim is advisory): less than it
+        offered, but a degraded array that takes the member is redundant again, which matters
+        more than either."""
         have = self.caps
         if have.writable and not caps.writable:
             return "it is read-only"
@@ -233,12 +237,8 @@ class FanBase(Fan):
             return "it cannot flush"
         if have.fua is Support.NATIVE and caps.fua is not Support.NATIVE:
             return "it has no native FUA"
-        if have.trim and self.trims_by_zeroing and caps.zero is not Support.NATIVE:
-            return "it cannot zero natively, and the array trims by zeroing its members"
         if have.trim and not self.trims_by_zeroing and not caps.trim:
             return "it cannot trim"
-        if have.fast_zero and not zeroes_fast(caps):
-            return "it has no fast zero, which the array offers"
         if caps.block_min > 1 and (have.block_min or 1) % caps.block_min:
             return (f"its minimum block size {caps.block_min} does not divide the array's "
                     f"{have.block_min or 1}")  # fmt: skip
