@@ -15,16 +15,17 @@ import errno
 import hashlib
 import threading
 from collections.abc import Callable, Coroutine
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import nbd
 import pytest
-from conftest import nbd_connect, run, wait_for
+from conftest import mem, nbd_connect, run, wait_for
 
-from nodes.base import Backend, Capabilities, Extents, Holes, Support
+from nodes.base import Backend, Capabilities, Extents, Holes, Support, read_flat
 from nodes.fans._bitmap import DirtyMap
-from nodes.fans._common import combine_caps
+from nodes.fans._common import combine_caps, to_each
 from nodes.plugins.memory import Memory, MemoryParams, SparseStore
 from nodes.server.addresses import parse_address
 from nodes.server.node import NodeOptions, NodeRuntime
@@ -277,6 +278,91 @@ def test_fan_combine_caps_rejects_disjoint_block_sizes() -> None:
     b = Capabilities(size=1, writable=True, block_min=512, block_max=4096)
     with pytest.raises(ValueError, match="block sizes"):
         combine_caps([a, b], 1)
+
+
+def copying_fan(kind: str, members: list[Backend]) -> Backend:
+    """A fan of KIND (one that keeps copies of the data, or parity) over MEMBERS."""
+    from nodes.fans.mirror import Mirror, MirrorParams
+    from nodes.fans.parity import Parity, ParityParams
+    from nodes.fans.quorum import Quorum, QuorumParams
+    from nodes.fans.verify import Verify, VerifyParams
+
+    fans: dict[str, Callable[[], Backend]] = {
+        "mirror": lambda: Mirror(MirrorParams(), members),
+        "parity": lambda: Parity(ParityParams.model_validate({"chunk-size": "16K"}), members),
+        "quorum": lambda: Quorum(QuorumParams(), members),
+        "verify": lambda: Verify(VerifyParams(), members),
+    }
+    return fans[kind]()
+
+
+@pytest.mark.parametrize("kind", ["mirror", "parity", "quorum", "verify"])
+def test_fan_offers_fast_zero_only_where_every_member_zeroes_fast(
+    harness: Harness, kind: str
+) -> None:
+    """`nbdinfo --can fast-zero` says yes only while every member zeroes natively and offers
+    fast zero."""
+    n = 3 if kind in ("parity", "quorum") else 2
+    for last, offered in [({}, True), ({"fast_zero": False}, False),
+                          ({"zero": Support.EMULATE}, False)]:  # fmt: skip
+        members: list[Backend] = [Flaky(harness.memory(1 << 20)[0]) for _ in range(n - 1)]
+        members.append(Shaped(harness.memory(1 << 20)[0], **last))
+        uri = harness.serve(copying_fan(kind, members), kind)
+        answer = run(["nbdinfo", "--can", "fast-zero", uri], check=False).returncode
+        assert answer == (0 if offered else 2), last
+
+
+@pytest.mark.parametrize("kind", ["mirror", "parity", "quorum", "verify"])
+def test_fan_new_member_needs_trim_only_where_the_array_passes_trims_on(
+    harness: Harness, kind: str
+) -> None:
+    """A member that joins later (`start_replacement`, as `ctl replace` and a late member do)
+    over an array that offers trim and fast zero needs its own trim only where the array's trim
+    is the members' trims (mirror); where the array trims by zeroing, not even a native zero.
+    Fast zero is never asked of it: the array then refuses fast zeros before sending any (and
+    trims by zeroing do nothing), rather than stay without the member."""
+    n = 3 if kind in ("parity", "quorum") else 2
+    fan = copying_fan(kind, [Flaky(harness.memory(1 << 20)[0]) for _ in range(n)])
+    uri = harness.serve(fan, kind)
+    assert run(["nbdinfo", "--can", "trim", uri], check=False).returncode == 0
+    assert run(["nbdinfo", "--can", "fast-zero", uri], check=False).returncode == 0
+    by_zeroing = kind != "mirror"
+    for shape, why in [
+        ({}, None),
+        ({"fast_zero": False}, None),
+        ({"trim": False}, None if by_zeroing else "it cannot trim"),
+        ({"zero": Support.EMULATE, "fast_zero": False}, None),
+        ({"zero": Support.EMULATE, "fast_zero": False, "trim": False},
+         None if by_zeroing else "it cannot trim"),
+    ]:  # fmt: skip
+        new = Shaped(harness.memory(1 << 20)[0], **shape)
+        if why is None:
+            harness.run(fan.start_replacement(1, new))
+        else:
+            with pytest.raises(ValueError, match=f"cannot use .* as member 1: {why}$"):
+                harness.run(fan.start_replacement(1, new))
+
+
+def test_fan_fast_zero_is_sent_only_if_every_member_zeroes_fast() -> None:
+    """`to_each` refuses a fast zero (ENOTSUP) before any member gets it when one of them
+    cannot zero fast: the others would zero, and that one then not."""
+    members = [mem(b"\1" * 4096) for _ in range(2)]
+    caps = [members[0].capabilities(),
+            dataclasses.replace(members[1].capabilities(), fast_zero=False)]  # fmt: skip
+    calls = [partial(m.zero, 4096, 0) for m in members]
+
+    def held() -> list[bytes]:
+        bufs = [bytearray(4096) for _ in members]
+        for m, buf in zip(members, bufs, strict=True):
+            asyncio.run(read_flat(m, memoryview(buf), 0))
+        return [bytes(buf) for buf in bufs]
+
+    with pytest.raises(OSError) as refused:
+        asyncio.run(to_each(calls, caps, nbd.CMD_FLAG_FAST_ZERO))
+    assert refused.value.errno == errno.ENOTSUP
+    assert held() == [b"\1" * 4096] * 2
+    assert asyncio.run(to_each(calls, caps, 0)) == ([None, None], False)
+    assert held() == [bytes(4096)] * 2
 
 
 def test_fan_dirty_map_counts_runs_and_cursor() -> None:

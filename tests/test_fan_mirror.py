@@ -132,7 +132,7 @@ def test_mirror_capabilities_come_from_members(harness: Harness) -> None:
     assert info["is_read_only"] is False
     assert info["can_fua"] and info["can_flush"] and info["can_trim"] and info["can_zero"]
     assert info["can_multi_conn"] is True
-    assert info["can_fast_zero"] is False
+    assert info["can_fast_zero"] is True
 
 
 def test_mirror_member_lost_under_load_then_restarted_empty(harness: Harness) -> None:
@@ -771,3 +771,59 @@ def test_mirror_process_without_any_member_does_not_start(start_node: Any, tmp_p
         RuntimeError, match=r"(?s)exited 1: .*member 0 .* did not start: .*within 1s"
     ):
         start_node("mirror", upstreams=uris, extra=("--upstream-timeout", "1"))
+
+
+def test_mirror_process_qemu_convert_and_fast_zero_leave_the_members_identical(
+    start_node: Any, tmp_path: Path
+) -> None:
+    """`qemu-img convert -n` of a sparse image onto a mirror full of old data, one of whose
+    members refuses every fast zero (a nozero node that offers it): the mirror reads back as
+    the image, the members alike (qemu 10 zeroes the holes without FAST_ZERO). A fast zero
+    of it all from qemu (`write -z -n`, as a pre-zeroing qemu-img did) is refused, after the
+    other member zeroed: it is done there too, and both read as zeros."""
+    a = start_node("memory", "8M")
+    b = start_node("memory", "8M")
+    slow = start_node("nozero", "zeromode=plugin", "fastzeromode=slow", upstreams=[b.uri])
+    m = start_node("mirror", upstreams=[a.uri, slow.uri], control=True)
+    run(["qemu-io", "-f", "raw", m.uri, "-c", "write -P 0x55 0 8M"])  # old data everywhere
+    src = tmp_path / "sparse.img"
+    with src.open("wb") as f:
+        f.truncate(8 << 20)
+        for off, n in [(3 << 10, 100_000), (5 << 20, 65536), ((8 << 20) - 512, 512)]:
+            f.seek(off)
+            f.write(random.Random(off).randbytes(n))
+    run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), m.uri])
+    qemu_compare(str(src), m.uri)
+    qemu_compare(a.uri, b.uri)
+    fast = run(["qemu-io", "-f", "raw", m.uri, "-c", "write -z -n 0 8M"], check=False)
+    assert "Operation not supported" in fast.stdout + fast.stderr
+    qemu_compare(a.uri, b.uri)
+    assert read_all(a.uri) == bytes(8 << 20)
+    assert member_states(m.control) == ["in_sync", "in_sync"]
+
+
+def test_mirror_process_takes_a_member_without_fast_zero_and_then_refuses_fast_zeros(
+    start_node: Any, tmp_path: Path
+) -> None:
+    """A mirror that offers fast zero (its members at start do) takes a late member that does
+    not (a nozero node with fast zero off): being redundant again matters more. From then on a
+    fast zero is refused (ENOTSUP) before either member zeroes a byte, and the plain zero a
+    client falls back to reaches both."""
+    a = start_node("memory", "8M")
+    late = tmp_path / "late.sock"
+    m = start_node("mirror", "check-interval=0.05", upstreams=[a.uri, f"nbd+unix:///?socket={late}"],
+                   control=True, extra=("--upstream-timeout", "1"))  # fmt: skip
+    assert run(["nbdinfo", "--can", "fast-zero", m.uri], check=False).returncode == 0
+    run(["qemu-io", "-f", "raw", m.uri, "-c", "write -P 0x55 0 8M"])
+    b = start_node("memory", "8M")
+    start_node("nozero", "zeromode=plugin", "fastzeromode=none", upstreams=[b.uri],
+               listen=f"unix:{late}")  # fmt: skip
+    wait_for(lambda: member_states(m.control) == ["in_sync", "in_sync"], 60, "the late member")
+    fast = run(["qemu-io", "-f", "raw", m.uri, "-c", "write -z -n 0 4M"], check=False)
+    assert "Operation not supported" in fast.stdout + fast.stderr
+    assert read_all(a.uri) == b"\x55" * (8 << 20), "a member zeroed for a refused fast zero"
+    qemu_compare(a.uri, b.uri)
+    run(["qemu-io", "-f", "raw", m.uri, "-c", "write -z 0 4M"])
+    assert read_all(a.uri) == bytes(4 << 20) + b"\x55" * (4 << 20)
+    qemu_compare(a.uri, b.uri)
+    assert member_states(m.control) == ["in_sync", "in_sync"]

@@ -432,3 +432,50 @@ def test_parity_degraded_killed_mid_write_replays_its_journal(
     assert h.pread(16384, 16384) == b"\x11" * 16384  # stripe 0's chunk on member 1
     assert h.pread(4096, 0) == b"\xee" * 4096
     h.shutdown()
+
+
+# 4. fast zero on the copying fans: members that refuse it -------------------------------------
+
+#: Members of each fan that keeps copies of the data.
+COPIES = {"mirror": 2, "quorum": 3, "verify": 2}
+
+
+def copying_fan(start_node: Any, kind: str, refusing: list[int]) -> tuple[Proc, list[Proc]]:
+    """A KIND fan over memory nodes, and those nodes. Members in REFUSING are behind a nozero
+    node that offers fast zero and refuses every one (a disk that cannot zero fast there)."""
+    mems = [start_node("memory", MEMBER) for _ in range(COPIES[kind])]
+    uris = [start_node("nozero", "zeromode=plugin", "fastzeromode=slow", upstreams=[m.uri]).uri
+            if i in refusing else m.uri for i, m in enumerate(mems)]  # fmt: skip
+    return start_node(kind, upstreams=uris, control=True), mems
+
+
+@pytest.mark.parametrize("kind", sorted(COPIES))
+@pytest.mark.parametrize("every", [False, True], ids=["one-refuses", "all-refuse"])
+def test_fast_zero_refused_by_members_leaves_the_copies_identical(
+    start_node: Any, kind: str, every: bool
+) -> None:
+    """A fast zero that one member refuses after the others zeroed is done there without
+    FAST_ZERO, so the copies stay the same, and the client is told ENOTSUP (it then writes
+    the zeros itself); one that every member refuses changes nothing. Neither is a member
+    failure."""
+    n = COPIES[kind]
+    fan, mems = copying_fan(start_node, kind, list(range(n)) if every else [n - 1])
+    data = random.Random(7).randbytes(MEMBER_SIZE)
+    h = nbd_connect(fan.uri)
+    try:
+        assert h.can_fast_zero()
+        h.pwrite(data, 0)
+        h.flush()
+        with pytest.raises(nbd.Error) as refused:
+            h.zero(1 << 20, 1 << 20, nbd.CMD_FLAG_FAST_ZERO)
+        assert refused.value.errnum == errno.ENOTSUP
+        expected = data if every else data[: 1 << 20] + bytes(1 << 20) + data[2 << 20 :]
+        for m in mems:
+            assert read_all(m.uri) == expected
+        assert h.pread(MEMBER_SIZE, 0) == expected
+        assert states(fan.control) == ["in_sync"] * n
+        assert [m["detail"].get("errors", 0) for m in ctl_members(fan.control)] == [0] * n
+        h.zero(1 << 20, 1 << 20)  # the client's fallback
+        assert h.pread(1 << 20, 1 << 20) == bytes(1 << 20)
+    finally:
+        h.shutdown()

@@ -17,7 +17,9 @@ from ..params import Params
 from ..protocol.constants import CmdFlag
 
 # Plain ints: `int & IntFlag` runs Python code in enum.py (about 1 µs), per request.
-_REQ_ONE, _FUA = int(CmdFlag.REQ_ONE), int(CmdFlag.FUA)
+_REQ_ONE, _FUA, _FAST_ZERO = int(CmdFlag.REQ_ONE), int(CmdFlag.FUA), int(CmdFlag.FAST_ZERO)
+#: What a member answers a fast zero it cannot do fast.
+REFUSED = (errno.ENOTSUP, errno.EOPNOTSUPP)
 
 log = logging.getLogger("nbdfabric.fan")
 
@@ -142,6 +144,9 @@ def member_name(member: Backend, index: int) -> str:
 class FanBase(Fan):
     """A fan with an event hook (`emit`, replaced by the node runtime) and combined caps."""
 
+    #: The array's trim is a native zero on its members (see trim_as_zero), not their trims.
+    trims_by_zeroing = False
+
     def __init__(self, params: Params, members: Sequence[Backend]) -> None:
         super().__init__(params, members)
         #: NodeRuntime sets `backend.emit = runtime.emit`; until then events are only logged.
@@ -218,7 +223,13 @@ class FanBase(Fan):
     def shortfall(self, caps: Capabilities) -> str | None:
         """What a member joining later (late at start, or a replacement) lacks of what this
         array already advertises to its clients, if anything: clients send what the array
-        offered, and a member that refuses it would be failed by the first such request."""
+        offered, and a member that refuses it would be failed by the first such request.
+
+        Not asked of it: fast zero, and a native zero where the array trims by zeroing. Without
+        them the array refuses fast zeros (ENOTSUP, which the spec allows at any time; nothing
+        is sent, see to_each) and its trims do nothing (a trim is advisory): less than it
+        offered, but a degraded array that takes the member is redundant again, which matters
+        more than either."""
         have = self.caps
         if have.writable and not caps.writable:
             return "it is read-only"
@@ -226,7 +237,7 @@ class FanBase(Fan):
             return "it cannot flush"
         if have.fua is Support.NATIVE and caps.fua is not Support.NATIVE:
             return "it has no native FUA"
-        if have.trim and not caps.trim:
+        if have.trim and not self.trims_by_zeroing and not caps.trim:
             return "it cannot trim"
         if caps.block_min > 1 and (have.block_min or 1) % caps.block_min:
             return (f"its minimum block size {caps.block_min} does not divide the array's "
@@ -435,6 +446,47 @@ class LayoutFan(FanBase):
             if left > 0:  # the member answered short: stop at the gap
                 break
         return out
+
+
+def zeroes_fast(caps: Capabilities) -> bool:
+    """A fast zero may be sent to a member with these capabilities."""
+    return caps.zero is Support.NATIVE and caps.fast_zero
+
+
+async def to_each(
+    calls: Sequence[Callable[[int], Awaitable[None]]], caps: Sequence[Capabilities], flags: int
+) -> tuple[list[BaseException | None], bool]:
+    """Run each of CALLS (one per member, whose capabilities are CAPS) with FLAGS, together:
+    each one's outcome (None, or what it raised), and whether a fast zero was refused.
+
+    A fast zero (FAST_ZERO in FLAGS) fails with ENOTSUP before anything is sent unless every
+    member offers fast zero (it must fail quickly: the client then writes zeros), and so it
+    does when every member refuses it (nothing was written). When only some refuse it, the
+    others have zeroed (or failed, which the caller handles as for any request): those that
+    refused zero without FAST_ZERO, so the members keep the same data; the caller books it as
+    any zero, then fails it with ENOTSUP (True)."""
+    if not flags & _FAST_ZERO:
+        return await _each(calls, flags), False
+    if not all(zeroes_fast(c) for c in caps):
+        raise OSError(errno.ENOTSUP, "a member cannot zero fast")
+    results = await _each(calls, flags)
+    refused = [i for i, res in enumerate(results)
+               if isinstance(res, OSError) and res.errno in REFUSED]  # fmt: skip
+    if not refused:
+        return results, False
+    if len(refused) == len(calls):
+        raise OSError(errno.ENOTSUP, "no member can zero fast here")
+    again = await _each([calls[i] for i in refused], flags & ~_FAST_ZERO)
+    for i, res in zip(refused, again, strict=True):
+        results[i] = res
+    return results, True
+
+
+def _each(
+    calls: Sequence[Callable[[int], Awaitable[None]]], flags: int
+) -> asyncio.Future[list[Any]]:
+    """CALLS run together with FLAGS (a plain function: no coroutine of its own per request)."""
+    return asyncio.gather(*(call(flags) for call in calls), return_exceptions=True)
 
 
 async def write_zeroes(

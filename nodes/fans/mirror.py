@@ -48,8 +48,10 @@ spare takes over (full rebuild) as soon as a member fails; the failed one become
 returns.
 
 Member states: in_sync, faulty, rebuilding, spare. Capabilities: writable, flush, trim, zero,
-FUA (native), multi-conn only as far as every member has them; fast zero is never offered (a
-member failing fast while another zeroed would split the mirror). Size: the smallest member.
+FUA (native), fast zero, multi-conn only as far as every member has them. Size: the smallest
+member. A fast zero is refused (ENOTSUP) before anything is sent unless every member it goes to
+offers it; one that some members refuse after others zeroed is done there without FAST_ZERO (the
+copies must stay the same), booked as any zero, and then refused: the client writes the zeros.
 
 A crash of the fan in the middle of a write may leave the in-sync members differing where it
 was going (one has it, another not). With `bitmap-file`, as md's write-intent bitmap, the fan
@@ -69,9 +71,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
-from ..base import Backend, Capabilities, Extents, Holes, Support, fill_holes, read_flat
+from ..base import Backend, Capabilities, Extents, Holes, fill_holes, read_flat
 from ..params import Duration, Params, Size, live, param
 from ..protocol.constants import CmdFlag, Extent
 from ..registry import register
@@ -83,11 +86,12 @@ from ._common import (
     Recovery,
     combine_caps,
     member_name,
+    to_each,
     write_zeroes,
 )
 
 # Plain ints: `int & IntFlag` runs Python code in enum.py (about 1 µs), per request.
-_FUA, _FAST_ZERO = int(CmdFlag.FUA), int(CmdFlag.FAST_ZERO)
+_FUA = int(CmdFlag.FUA)
 
 log = logging.getLogger("nbdfabric.mirror")
 
@@ -254,7 +258,7 @@ class Mirror(FanBase):
         if self.params.spares >= len(caps):
             raise ValueError(f"mirror: spares={self.params.spares} leaves no active member")
         size = min(c.size for c in caps)
-        combined = combine_caps(caps, size, fast_zero=False)
+        combined = combine_caps(caps, size)
         if combined.block_min and self.chunk % combined.block_min:
             raise ValueError(
                 f"mirror: bitmap-chunk {self.chunk} is not a multiple of the members' minimum "
@@ -1027,8 +1031,11 @@ class Mirror(FanBase):
         offset: int,
         count: int,
         flags: int,
-        op: Callable[[Slot], Awaitable[None]],
+        op: Callable[[Slot, int], Awaitable[None]],
     ) -> None:
+        """OP (a member, the flags) on every member in sync or rebuilding, booked as a write.
+        A fast zero goes as `to_each` says: one that some members refused and did plainly is
+        booked as any zero before it fails with ENOTSUP."""
         first, last = self._chunks(offset, count)
         changed = False
         for s in self.slots:
@@ -1047,8 +1054,10 @@ class Mirror(FanBase):
             token = await self._guard.enter(offset, offset + count)
             try:
                 targets = [s for s in self.slots if s.state in (IN_SYNC, REBUILDING)]
-                results = await asyncio.gather(
-                    *(self._member_call(s, op) for s in targets), return_exceptions=True
+                results, refused = await to_each(
+                    [partial(self._member_call, s, op) for s in targets],
+                    [s.caps for s in targets],
+                    flags,
                 )
             finally:
                 self._guard.leave(token)
@@ -1068,34 +1077,33 @@ class Mirror(FanBase):
         self.acked += 1
         if not flags & _FUA:
             self._unflushed.update(range(first, last + 1))
+        if refused:
+            raise OSError(errno.ENOTSUP, "mirror: a member refused to zero fast")
 
-    async def _member_call(self, slot: Slot, op: Callable[[Slot], Awaitable[None]]) -> None:
+    async def _member_call(
+        self, slot: Slot, op: Callable[[Slot, int], Awaitable[None]], flags: int
+    ) -> None:
         slot.outstanding += 1
         try:
-            await op(slot)
+            await op(slot, flags)
         finally:
             slot.outstanding -= 1
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         await self._write_op(
-            "write", offset, len(buf), flags, lambda s: s.backend.pwrite(buf, offset, flags)
+            "write", offset, len(buf), flags, lambda s, f: s.backend.pwrite(buf, offset, f)
         )
 
     async def trim(self, count: int, offset: int, flags: int) -> None:
         await self._write_op(
-            "trim", offset, count, flags, lambda s: s.backend.trim(count, offset, flags)
+            "trim", offset, count, flags, lambda s, f: s.backend.trim(count, offset, f)
         )
 
     async def zero(self, count: int, offset: int, flags: int) -> None:
-        flags &= ~_FAST_ZERO
-
-        async def op(s: Slot) -> None:
-            if s.caps.zero is Support.NATIVE:
-                await s.backend.zero(count, offset, flags)
-            else:
-                await write_zeroes(s.backend, s.caps, count, offset)
-
-        await self._write_op("zero", offset, count, flags, op)
+        await self._write_op(
+            "zero", offset, count, flags,
+            lambda s, f: write_zeroes(s.backend, s.caps, count, offset, f),
+        )  # fmt: skip
 
     async def flush(self, flags: int) -> None:
         if not self.healthy():
@@ -1103,7 +1111,7 @@ class Mirror(FanBase):
         pending, self._unflushed = self._unflushed, set()
         targets = [s for s in self.slots if s.state in (IN_SYNC, REBUILDING)]
         results = await asyncio.gather(
-            *(self._member_call(s, lambda t: t.backend.flush(flags)) for s in targets),
+            *(self._member_call(s, lambda t, f: t.backend.flush(f), flags) for s in targets),
             return_exceptions=True,
         )
         ok = False

@@ -68,6 +68,7 @@ import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 from pydantic import field_validator
@@ -78,16 +79,14 @@ from ..params import Duration, Params, Size, live, param
 from ..protocol.constants import CmdFlag, Extent
 from ..registry import register
 from ._bitmap import BitmapFile, WriteIntents, load_runs
-from ._common import FanBase, Recovery, combine_caps, member_name, write_zeroes
+from ._common import FanBase, Recovery, combine_caps, member_name, to_each, write_zeroes
 from ._journal import Entry, Geometry, Journal
 
 log = logging.getLogger("nbdfabric.parity")
 
 # Plain ints: `int & IntFlag` runs Python code in enum.py, per request.
-_FUA, _FAST_ZERO = int(CmdFlag.FUA), int(CmdFlag.FAST_ZERO)
+_FUA = int(CmdFlag.FUA)
 _ZERO_FLAGS = int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO)
-#: What a member answers a fast zero it cannot do fast with.
-_REFUSED = (errno.ENOTSUP, errno.EOPNOTSUPP)
 
 IN_SYNC, FAULTY, REBUILDING = "in_sync", "faulty", "rebuilding"
 
@@ -139,6 +138,7 @@ class Parity(FanBase):
     Params = ParityParams
     params: ParityParams
     min_members = 3
+    trims_by_zeroing = True  # see trim
     state_param = "state-file"
     state_keys = ("chunk-size",)
 
@@ -237,12 +237,6 @@ class Parity(FanBase):
         if caps.size < need:
             return f"it has {caps.size} bytes, each member needs {need}"
         return self.shortfall(caps)
-
-    def shortfall(self, caps: Capabilities) -> str | None:
-        # The array's trim is a zero (see trim): a member needs no trim of its own for it.
-        from dataclasses import replace
-
-        return super().shortfall(replace(caps, trim=True))
 
     def _joins(self, member: int) -> bool:
         """A member that was not there at start has connected: it must hold a whole share."""
@@ -928,11 +922,11 @@ class Parity(FanBase):
         rebuilding one is zeroed below its cursor, the rebuild computes the rest), with no
         journal entry (a torn zero can garble only the chunks it zeroes).
 
-        A fast zero is refused (ENOTSUP) before anything is sent unless every member it needs
-        offers fast zero. One that a member refuses all the same, after others did theirs, is
-        completed there without FAST_ZERO (the parity must hold) and then refused. A TRIM
-        does nothing unless every member zeroes natively (it must not become writes)."""
-        fast = bool(flags & _FAST_ZERO)
+        A fast zero goes as `to_each` says: refused (ENOTSUP) before anything is sent unless
+        every member it needs offers fast zero; one that a member refuses all the same, after
+        others did theirs, is completed there without FAST_ZERO (the parity must hold) and
+        then refused. A TRIM does nothing unless every member zeroes natively (it must not
+        become writes)."""
         async with self._lock(first, last):
             if self._journal is not None:
                 await self._journal.settle(first, last)
@@ -947,41 +941,21 @@ class Parity(FanBase):
                     continue
                 if stop > first:
                     jobs.append((i, first * self.chunk, (stop - first) * self.chunk))
-            native = [self.member_caps[i].zero is Support.NATIVE for i, _, _ in jobs]
-            if trim and not all(native):
+            caps = [self.member_caps[i] for i, _, _ in jobs]
+            if trim and not all(c.zero is Support.NATIVE for c in caps):
                 return
-            if fast and not all(ok and self.member_caps[i].fast_zero
-                                for (i, _, _), ok in zip(jobs, native, strict=True)):  # fmt: skip
-                raise OSError(errno.ENOTSUP, "parity: a member cannot zero fast")
-            results = await self._zero_members(jobs, flags)
-            refused = []
-            for job, res in zip(jobs, results, strict=True):
-                if fast and isinstance(res, OSError) and res.errno in _REFUSED:
-                    refused.append(job)
-                elif isinstance(res, OSError):
-                    self._fail(job[0], f"zero failed: {res}")
-            if refused and any(res is None for res in results):
-                again = await self._zero_members(refused, flags & ~_FAST_ZERO)
-                for (i, _, _), res in zip(refused, again, strict=True):
-                    if isinstance(res, OSError):
-                        self._fail(i, f"zero failed: {res}")
+            calls = [partial(write_zeroes, self.members[i], c, n, moff)
+                     for (i, moff, n), c in zip(jobs, caps, strict=True)]  # fmt: skip
+            results, refused = await to_each(calls, caps, flags)
+            for (i, _, _), res in zip(jobs, results, strict=True):
+                if isinstance(res, OSError):
+                    self._fail(i, f"zero failed: {res}")
+                elif isinstance(res, BaseException):
+                    raise res
             if sum(not self._good(i, last) for i in range(self.n)) > 1:
                 raise OSError(errno.EIO, f"parity: stripes {first}..{last} have lost two members")
             if refused:
                 raise OSError(errno.ENOTSUP, "parity: a member refused to zero fast")
-
-    async def _zero_members(
-        self, jobs: list[tuple[int, int, int]], flags: int
-    ) -> list[BaseException | None]:
-        results = await asyncio.gather(
-            *(write_zeroes(self.members[i], self.member_caps[i], n, moff, flags)
-              for i, moff, n in jobs),
-            return_exceptions=True,
-        )  # fmt: skip
-        for res in results:
-            if isinstance(res, BaseException) and not isinstance(res, OSError):
-                raise res
-        return results
 
     async def _write_stripe(
         self, stripe: int, pieces: list[tuple[int, int, int, int]], buf: memoryview, flags: int

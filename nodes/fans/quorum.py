@@ -7,7 +7,10 @@ answered differently (or failed) are reported (an event, and counts in `status()
 flushes go to every member and succeed when at least `vote-threshold` members succeed (as
 qemu's quorum driver does). A trim is done as a write of zeroes (offered only when every member
 zeroes natively): what a trimmed range reads back is each member's own choice, and a vote on it
-would count (and rewrite) good members as corrupted. Size: the smallest member.
+would count (and rewrite) good members as corrupted. Fast zero is offered when every member
+offers it; one that some members refuse after others zeroed is done there without FAST_ZERO (so
+that they still agree), then refused with ENOTSUP: the client writes the zeros. Size: the
+smallest member.
 
 Overlapping requests in flight at once are ordered (`RangeLock`): writes one after the other,
 so that every member applies them in the same order, and reads not beside a write, which
@@ -27,13 +30,14 @@ import asyncio
 import errno
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from ..base import Backend, Capabilities, Holes, fill_holes, first_difference
 from ..params import Params, live, param
 from ..protocol.constants import CmdFlag
 from ..registry import register
-from ._common import FanBase, RangeLock, combine_caps, trim_as_zero
+from ._common import FanBase, RangeLock, combine_caps, to_each, trim_as_zero
 
 log = logging.getLogger("nbdfabric.quorum")
 
@@ -55,6 +59,7 @@ class Quorum(FanBase):
     Params = QuorumParams
     params: QuorumParams
     min_members = 2
+    trims_by_zeroing = True
 
     def __init__(self, params: QuorumParams, members: Any) -> None:
         super().__init__(params, members)
@@ -73,8 +78,7 @@ class Quorum(FanBase):
             raise ValueError(
                 f"quorum: vote-threshold {self.threshold} is more than the {len(caps)} members"
             )
-        caps_ = combine_caps(caps, min(c.size for c in caps), fast_zero=False, extents=False)
-        return trim_as_zero(caps_)
+        return trim_as_zero(combine_caps(caps, min(c.size for c in caps), extents=False))
 
     def members_info(self) -> list[dict[str, Any]]:
         info = super().members_info()
@@ -167,7 +171,10 @@ class Quorum(FanBase):
                     log.warning("quorum: rewriting member %d failed: %s", i, exc)
 
     async def _all(self, what: str, calls: list[Any]) -> None:
-        results = await asyncio.gather(*calls, return_exceptions=True)
+        self._tally(what, await asyncio.gather(*calls, return_exceptions=True))
+
+    def _tally(self, what: str, results: list[BaseException | None]) -> None:
+        """Count each member's failure; fail unless enough members succeeded."""
         ok = 0
         for i, res in enumerate(results):
             if isinstance(res, OSError):
@@ -181,13 +188,21 @@ class Quorum(FanBase):
             raise OSError(errno.EIO, f"quorum: the {what} succeeded on {ok} members only")
 
     async def _write_all(
-        self, what: str, offset: int, count: int, op: Callable[[Backend], Awaitable[None]]
-    ) -> None:
+        self, what: str, offset: int, count: int, flags: int,
+        op: Callable[[Backend, int], Awaitable[None]],
+    ) -> None:  # fmt: skip
+        """OP (a member, the flags) on every member; a fast zero as `to_each` says."""
         async with self._order.hold(offset, offset + count):
-            await self._all(what, [op(m) for m in self.members])
+            calls = [partial(op, m) for m in self.members]
+            results, refused = await to_each(calls, self.member_caps, flags)
+            self._tally(what, results)
+        if refused:
+            raise OSError(errno.ENOTSUP, "quorum: a member refused to zero fast")
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        await self._write_all("write", offset, len(buf), lambda m: m.pwrite(buf, offset, flags))
+        await self._write_all(
+            "write", offset, len(buf), flags, lambda m, f: m.pwrite(buf, offset, f)
+        )
 
     async def flush(self, flags: int) -> None:
         await self._all("flush", [m.flush(flags) for m in self.members])
@@ -196,7 +211,7 @@ class Quorum(FanBase):
         await self.zero(count, offset, flags & _FUA)  # see trim_as_zero
 
     async def zero(self, count: int, offset: int, flags: int) -> None:
-        await self._write_all("zero", offset, count, lambda m: m.zero(count, offset, flags))
+        await self._write_all("zero", offset, count, flags, lambda m, f: m.zero(count, offset, f))
 
     async def cache(self, count: int, offset: int, flags: int) -> None:
         await self._all("cache", [m.cache(count, offset, flags) for m in self.members])

@@ -3,10 +3,12 @@
 Writes, zeroes, trims and flushes go to both and must succeed on both. A trim is done as a write
 of zeroes (offered only when both members zero natively): what a trimmed range reads back is
 each member's own choice, so two good members may differ there, and a comparison of it would
-report a mismatch that is none. Every read is served by
-both; the first byte that differs is reported with its export offset (an event and
-`status()["first_mismatch"]`). With `on-mismatch=error` (default) the read fails with EIO, as
-blkverify aborts; with `on-mismatch=log` the first member's data is returned.
+report a mismatch that is none. Fast zero is offered when both offer it; one that one member
+refuses after the other zeroed is done there without FAST_ZERO, then refused with ENOTSUP (the
+client writes the zeros). Every read is served by both; the first byte that differs is reported
+with its export offset (an event and `status()["first_mismatch"]`). With `on-mismatch=error`
+(default) the read fails with EIO, as blkverify aborts; with `on-mismatch=log` the first
+member's data is returned.
 
 Params: `on-mismatch` (error|log, live).
 
@@ -20,13 +22,14 @@ import asyncio
 import errno
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, Literal
 
 from ..base import Backend, Capabilities, Extents, Holes, fill_holes, first_difference
 from ..params import Params, live
 from ..protocol.constants import CmdFlag
 from ..registry import register
-from ._common import FanBase, RangeLock, combine_caps, trim_as_zero
+from ._common import FanBase, RangeLock, combine_caps, to_each, trim_as_zero
 
 log = logging.getLogger("nbdfabric.verify")
 
@@ -47,6 +50,7 @@ class Verify(FanBase):
     Params = VerifyParams
     params: VerifyParams
     min_members = 2
+    trims_by_zeroing = True
 
     def __init__(self, params: VerifyParams, members: Any) -> None:
         super().__init__(params, members)
@@ -64,7 +68,7 @@ class Verify(FanBase):
             raise ValueError(
                 f"verify: the members differ in size ({caps[0].size} and {caps[1].size})"
             )
-        return trim_as_zero(combine_caps(caps, caps[0].size, fast_zero=False))
+        return trim_as_zero(combine_caps(caps, caps[0].size))
 
     def status(self) -> dict[str, Any]:
         out = super().status()
@@ -92,13 +96,20 @@ class Verify(FanBase):
         return None
 
     async def _both(
-        self, offset: int, count: int, op: Callable[[Backend], Awaitable[None]]
+        self, offset: int, count: int, flags: int, op: Callable[[Backend, int], Awaitable[None]]
     ) -> None:
+        """OP (a member, the flags) on both members; a fast zero as `to_each` says."""
         async with self._order.hold(offset, offset + count):
-            await asyncio.gather(*(op(m) for m in self.members))
+            calls = [partial(op, m) for m in self.members]
+            results, refused = await to_each(calls, self.member_caps, flags)
+        for res in results:
+            if res is not None:
+                raise res
+        if refused:
+            raise OSError(errno.ENOTSUP, "verify: a member refused to zero fast")
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        await self._both(offset, len(buf), lambda m: m.pwrite(buf, offset, flags))
+        await self._both(offset, len(buf), flags, lambda m, f: m.pwrite(buf, offset, f))
 
     async def flush(self, flags: int) -> None:
         await asyncio.gather(*(m.flush(flags) for m in self.members))
@@ -107,7 +118,7 @@ class Verify(FanBase):
         await self.zero(count, offset, flags & _FUA)  # see trim_as_zero
 
     async def zero(self, count: int, offset: int, flags: int) -> None:
-        await self._both(offset, count, lambda m: m.zero(count, offset, flags))
+        await self._both(offset, count, flags, lambda m, f: m.zero(count, offset, f))
 
     async def cache(self, count: int, offset: int, flags: int) -> None:
         await asyncio.gather(*(m.cache(count, offset, flags) for m in self.members))
