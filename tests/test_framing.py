@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from nodes.protocol import transmission as tx
 from nodes.protocol.constants import REQUEST, REQUEST_MAGIC, Cmd, Err
 from nodes.protocol.errors import ProtocolError
-from nodes.server.framing import MAX_FEED, MAX_SKIP, RECV_BUFFER, RequestFramer
+from nodes.server.framing import BIG_WRITE, MAX_FEED, MAX_SKIP, RECV_BUFFER, RequestFramer
 from nodes.server.session import BufferPool
 
 Seen = tuple[int, int, Err, bytes | None]  # cmd, cookie, verdict, payload
@@ -166,6 +166,27 @@ def test_a_payload_is_read_straight_into_its_buffer_once_the_read_buffer_is_empt
     assert len(target) == len(data)  # the payload's own buffer, not the read buffer
     h.push(data, [RECV_BUFFER // 3])
     assert h.seen == [(int(Cmd.WRITE), 2, Err.OK, data)]
+
+
+def test_after_a_big_write_only_the_next_header_is_read_so_its_payload_is_not_copied():
+    """A big WRITE's payload that came in the read buffer behind its header is copied out of
+    it; after one big WRITE the framer reads just the next header, so a second one's payload
+    goes straight into its own buffer. After a small request, reads are whole again."""
+    h = Harness()
+    first, second = os.urandom(BIG_WRITE), os.urandom(BIG_WRITE)
+    h.push(header(Cmd.WRITE, 2, BIG_WRITE) + first, [RECV_BUFFER])
+    assert len(h.framer.get_buffer()) == REQUEST.size
+    h.push(header(Cmd.WRITE, 4, BIG_WRITE), [RECV_BUFFER])
+    assert len(h.framer.get_buffer()) == BIG_WRITE  # the payload's own buffer
+    h.push(second, [RECV_BUFFER])
+    assert len(h.framer.get_buffer()) == REQUEST.size
+    h.push(header(Cmd.FLUSH, 6, 0), [RECV_BUFFER])
+    assert len(h.framer.get_buffer()) == RECV_BUFFER
+    h.push(header(Cmd.WRITE, 8, BIG_WRITE - 1) + first[1:], [RECV_BUFFER])
+    assert len(h.framer.get_buffer()) == RECV_BUFFER  # not big: small requests share reads
+    assert h.seen == [(int(Cmd.WRITE), 2, Err.OK, first), (int(Cmd.WRITE), 4, Err.OK, second),
+                      (int(Cmd.FLUSH), 6, Err.OK, None),
+                      (int(Cmd.WRITE), 8, Err.OK, first[1:])]  # fmt: skip
 
 
 @pytest.mark.parametrize(
