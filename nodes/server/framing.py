@@ -16,10 +16,13 @@ from typing import TYPE_CHECKING
 from ..protocol import transmission as tx
 from ..protocol.constants import REQUEST, Cmd, Err
 from ..protocol.errors import ProtocolError
+from .pages import lazy_buffer
 
 if TYPE_CHECKING:
     from .session import BufferPool
 
+#: The read buffer's size: one read takes up to this much. Its pages are backed only once a read
+#: reaches them (pages.py): an idle connection costs none of it.
 RECV_BUFFER = 256 * 1024
 #: Free space below which the read buffer is compacted before the next read.
 MIN_ROOM = 64 * 1024
@@ -51,7 +54,7 @@ class RequestFramer:
         self._validate = validate
         self._dispatch = dispatch
         self._pool = pool
-        self._buf = memoryview(bytearray(RECV_BUFFER))
+        self._buf = memoryview(lazy_buffer(RECV_BUFFER))
         self._start = 0
         self._end = len(leftover)
         self._buf[: self._end] = leftover
