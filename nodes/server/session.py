@@ -238,6 +238,11 @@ class Session:
                 if not idle.done():
                     idle.set_result(None)
 
+    def drop_idle_pages(self) -> None:
+        """Let the kernel have the read buffer's pages back if nothing waits in it."""
+        if self._framer is not None:
+            self._framer.drop_idle_pages()
+
     def begin_shutdown(self) -> None:
         if self.handshake is not None:
             self.handshake.shutting_down = True
