@@ -3,12 +3,15 @@
 However the byte stream is cut into reads, the same requests come out in order, each WRITE with
 its payload whole; a rejected WRITE's payload is skipped and the stream stays in step; DISC ends
 the stream; backpressure stops dispatching and loses nothing; a bad magic or a rejected payload
-too big to skip is a ProtocolError.
+too big to skip is a ProtocolError. The read buffer holds memory only where reads reached, and
+gives it back when it holds nothing unparsed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import struct
 from collections.abc import Callable
 
 import pytest
@@ -209,3 +212,56 @@ def test_release_gives_a_half_filled_payload_buffer_back():
     before = pooled()
     h.framer.release()
     assert pooled() == before + 8192
+
+
+# Memory -------------------------------------------------------------------------------------
+
+
+def resident_pages(view: memoryview) -> int:
+    """Pages under `view` the kernel backs with memory (the present bit of /proc/self/pagemap)."""
+    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    page = os.sysconf("SC_PAGE_SIZE")
+    first, last = address // page, (address + len(view) - 1) // page
+    count = last - first + 1
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = struct.unpack(f"{count}Q", pagemap.read(count * 8))
+    return sum(entry >> 63 for entry in entries)
+
+
+def whole_read_buffer(h: Harness) -> memoryview:
+    """The read buffer from its start (get_buffer() rewinds an empty one)."""
+    view = h.framer.get_buffer()
+    assert len(view) == RECV_BUFFER
+    return view
+
+
+def test_the_read_buffer_holds_memory_only_where_reads_reached():
+    """An idle connection's 256 KiB read buffer costs nothing (a zero-filled bytearray cost all
+    of it); 100 small requests in one read, one page."""
+    h = Harness()
+    assert resident_pages(whole_read_buffer(h)) == 0
+    h.push(header(Cmd.READ, 2, 512) * 100, [RECV_BUFFER])
+    assert resident_pages(whole_read_buffer(h)) == 1
+
+
+def test_dropping_idle_pages_gives_back_what_reads_reached_and_framing_goes_on():
+    specs = [(Cmd.READ, 512, False)] * 4000  # 112,000 bytes in one read: 28 pages
+    stream, expected = build(specs)  # type: ignore[arg-type]
+    h = Harness()
+    h.push(stream, [len(stream)])
+    assert resident_pages(whole_read_buffer(h)) >= len(stream) // 4096
+    h.framer.drop_idle_pages()
+    assert resident_pages(whole_read_buffer(h)) == 0
+    h.push(stream, [len(stream)])
+    assert h.seen == expected + expected
+
+
+def test_dropping_idle_pages_keeps_a_header_not_yet_parsed():
+    """Half a header waits in the buffer for its other half: its pages stay as they are."""
+    stream = header(Cmd.READ, 2, 512) + header(Cmd.READ, 4, 512)
+    h = Harness()
+    h.push(stream[:40], [40])
+    h.framer.drop_idle_pages()
+    h.push(stream[40:], [16])
+    assert h.seen == [(int(Cmd.READ), 2, Err.OK, None), (int(Cmd.READ), 4, Err.OK, None)]

@@ -10,16 +10,21 @@ the stream stays in step.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..protocol import transmission as tx
 from ..protocol.constants import REQUEST, Cmd, Err
 from ..protocol.errors import ProtocolError
+from .pages import lazy_buffer
 
 if TYPE_CHECKING:
     from .session import BufferPool
 
+#: The read buffer's size: one read takes up to this much. Its pages are backed only once a read
+#: reaches them (pages.py), and given back once the connection idles (drop_idle_pages): an idle
+#: connection costs none of it.
 RECV_BUFFER = 256 * 1024
 #: Free space below which the read buffer is compacted before the next read.
 MIN_ROOM = 64 * 1024
@@ -57,7 +62,8 @@ class RequestFramer:
         self._validate = validate
         self._dispatch = dispatch
         self._pool = pool
-        self._buf = memoryview(bytearray(RECV_BUFFER))
+        self._pages = lazy_buffer(RECV_BUFFER)
+        self._buf = memoryview(self._pages)
         self._start = 0
         self._end = len(leftover)
         self._buf[: self._end] = leftover
@@ -151,6 +157,15 @@ class RequestFramer:
             self._start += n
             self._filled += n
         return self._filled == self._req.length
+
+    def drop_idle_pages(self) -> None:
+        """Give the read buffer's pages back to the kernel if it holds nothing unparsed: a
+        connection that went idle keeps none of what its busy spells touched (the next reads
+        fault them in again, zero-filled). Only between reads: on the event loop, never while
+        a read into the buffer is under way."""
+        if self._start == self._end:
+            self._start = self._end = 0
+            self._pages.madvise(mmap.MADV_DONTNEED)
 
     def release(self) -> None:
         """Give back a payload buffer still being filled (the connection ended)."""

@@ -33,6 +33,7 @@ from ..protocol.errors import ProtocolError, to_wire
 from ..protocol.handshake import NEED_DATA, Closed, Prepare, Ready, ServerHandshake, StartTLS
 from .eager import Resumed, start_eager
 from .framing import RequestFramer
+from .pages import lazy_buffer
 from .poll import POLLER
 from .replies import ZERO_CHUNK, ZERO_VIEW, pieces_of, read_reply
 from .stream import Buffer, SocketStream, Stream, TLSStream
@@ -192,9 +193,10 @@ class Session:
                 if self._transport is not None:
                     self._transport.abort()
                 # The framer refers back to this session (its validate and dispatch): in that
-                # cycle the session and the framer's 256 KiB read buffer would wait for a full
-                # collection of the cyclic GC, long after a long-lived session (an upstream's
-                # pooled connection) ended. Nothing reads into it any more.
+                # cycle the session and the framer's read buffer (256 KiB of address space,
+                # as much RSS as reads reached) would wait for a full collection of the cyclic
+                # GC, long after a long-lived session (an upstream's pooled connection) ended.
+                # Nothing reads into it any more.
                 self._framer = None
 
     async def _tell_backends_gone(self, opened: bool, admitted: bool) -> None:
@@ -236,6 +238,11 @@ class Session:
                 if not idle.done():
                     idle.set_result(None)
 
+    def drop_idle_pages(self) -> None:
+        """Let the kernel have the read buffer's pages back if nothing waits in it."""
+        if self._framer is not None:
+            self._framer.drop_idle_pages()
+
     def begin_shutdown(self) -> None:
         if self.handshake is not None:
             self.handshake.shutting_down = True
@@ -275,8 +282,8 @@ class Session:
         hs = self.handshake = ServerHandshake(self.node.handshake_policy())
         if self.node.draining:
             hs.shutting_down = True
-        buf = bytearray(65536)
-        view = memoryview(buf)
+        # Lazy: a client that connects and then says nothing holds this until --handshake-limit.
+        view = memoryview(lazy_buffer(65536))
         while True:
             event = hs.next_event()
             out = hs.data_to_send()

@@ -13,6 +13,8 @@ import socket
 import ssl
 from collections.abc import Sequence
 
+from .pages import lazy_buffer
+
 Buffer = bytes | bytearray | memoryview
 
 #: Buffers per sendmsg: the kernel refuses more (EMSGSIZE). A 32 MiB read lent from 32 KiB
@@ -151,7 +153,7 @@ class TLSStream(Stream):
         # Bytes read from the socket before TLS began (behind STARTTLS): TLS records, or not.
         self.incoming.write(received)
         self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
-        self._rbuf = bytearray(65536)
+        self._rbuf = lazy_buffer(65536)
         # The reader pumps out too (handshake and post-handshake records): without this lock
         # its bytes could land in the middle of a reply still being written by a sender.
         self._out_lock = asyncio.Lock()
