@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import errno
 import hashlib
+import random
 import threading
 from collections.abc import Callable, Coroutine
 from functools import partial
@@ -227,6 +228,17 @@ def digest(uri: str, size: int, step: int = 1 << 20) -> str:
 
 def qemu_compare(a: str, b: str) -> None:
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", a, b])
+
+
+def sparse_image(path: Path) -> Path:
+    """An 8 MiB raw image, mostly holes, with random data in three places (the last 512
+    bytes among them): what `qemu-img convert -n` zeroes around."""
+    with path.open("wb") as f:
+        f.truncate(8 << 20)
+        for off, n in [(3 << 10, 100_000), (5 << 20, 65536), ((8 << 20) - 512, 512)]:
+            f.seek(off)
+            f.write(random.Random(off).randbytes(n))
+    return path
 
 
 def wait_state(h: Harness, fan: Any, index: int, state: str, timeout: float = 120) -> None:

@@ -33,6 +33,7 @@ from test_fan_common import (
     digest,
     lose_every_member,
     qemu_compare,
+    sparse_image,
     wait_state,
 )
 
@@ -786,12 +787,7 @@ def test_mirror_process_qemu_convert_and_fast_zero_leave_the_members_identical(
     slow = start_node("nozero", "zeromode=plugin", "fastzeromode=slow", upstreams=[b.uri])
     m = start_node("mirror", upstreams=[a.uri, slow.uri], control=True)
     run(["qemu-io", "-f", "raw", m.uri, "-c", "write -P 0x55 0 8M"])  # old data everywhere
-    src = tmp_path / "sparse.img"
-    with src.open("wb") as f:
-        f.truncate(8 << 20)
-        for off, n in [(3 << 10, 100_000), (5 << 20, 65536), ((8 << 20) - 512, 512)]:
-            f.seek(off)
-            f.write(random.Random(off).randbytes(n))
+    src = sparse_image(tmp_path / "sparse.img")
     run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), m.uri])
     qemu_compare(str(src), m.uri)
     qemu_compare(a.uri, b.uri)

@@ -24,6 +24,7 @@ from test_fan_common import (
     Stalled,
     assert_reads_fail,
     lose_every_member,
+    sparse_image,
 )
 
 from nodes.base import Support
@@ -1225,12 +1226,7 @@ def test_parity_qemu_img_convert_of_a_sparse_image_zeroes_the_holes_natively(
         m.zero = counted  # type: ignore[method-assign]
     uri = harness.serve(Parity(ParityParams.model_validate({"chunk-size": "64K"}), mems), "parity")
     fill_random(uri, 44)  # old data everywhere: the holes must become zeros
-    src = tmp_path / "sparse.img"
-    with src.open("wb") as f:
-        f.truncate(8 << 20)
-        for off, n in [(3 << 10, 100_000), (5 << 20, 65536), ((8 << 20) - 512, 512)]:
-            f.seek(off)
-            f.write(random.Random(off).randbytes(n))
+    src = sparse_image(tmp_path / "sparse.img")
     run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(src), uri])
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), uri])
     assert flags and not any(f & nbd.CMD_FLAG_FAST_ZERO for f in flags)  # the holes
