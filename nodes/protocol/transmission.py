@@ -7,6 +7,7 @@ The server's hot path reads headers and payloads itself (straight into pooled bu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -57,7 +58,7 @@ def parse_request(header: bytes | bytearray | memoryview) -> Request:
 
 @dataclass(frozen=True, slots=True)
 class _Rule:
-    """What one command may carry on this session, worked out once per session."""
+    """What one command may carry on a session, worked out once per way of negotiating."""
 
     valid: int  #: flags the protocol allows with this command
     allowed: int  #: of those, the ones the export advertised (FUA, DF, FAST_ZERO)
@@ -104,32 +105,7 @@ class Transmission:
     check_max: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # The flag and capability checks depend only on the command and the session, so they
-        # are folded into one small table here and not redone (with slow enum arithmetic) for
-        # every request.
-        tf = self.tflags
-        unadvertised = 0
-        for flag, tflag in _ADVERTISED_BY:
-            if not tf & tflag:
-                unadvertised |= flag
-        if not self.structured:
-            unadvertised |= CmdFlag.DF  # DF needs structured replies
-        rules = {}
-        for cmd in Cmd:
-            valid = int(FLAGS_VALID_FOR[cmd])
-            if cmd == Cmd.BLOCK_STATUS:
-                supported = bool(self.structured and self.meta_contexts)
-            elif cmd in _SUPPORTED_BY:
-                supported = bool(tf & _SUPPORTED_BY[cmd])
-            else:
-                supported = True
-            rules[int(cmd)] = _Rule(
-                valid=valid,
-                allowed=valid & ~unadvertised,
-                gate=Err.EPERM if cmd in _WRITES and tf & TFlag.READ_ONLY else Err.OK,
-                supported=supported,
-                past_end=Err.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL,
-            )
+        rules = _rules(self.tflags, self.structured, bool(self.structured and self.meta_contexts))
         object.__setattr__(self, "rules", rules)
         if self.enforce_block_size:
             object.__setattr__(self, "check_min", self.block_min)
@@ -137,6 +113,36 @@ class Transmission:
         else:
             object.__setattr__(self, "check_min", 1)
             object.__setattr__(self, "check_max", MAX_DATA)
+
+
+@functools.lru_cache(maxsize=128)
+def _rules(tf: TFlag, structured: bool, status: bool) -> dict[int, _Rule]:
+    """The flag and capability checks of each command, folded into one small table so they are
+    not redone (with slow enum arithmetic) for every request. They depend only on what was
+    negotiated, so sessions that negotiated alike share one table (never changed)."""
+    unadvertised = 0
+    for flag, tflag in _ADVERTISED_BY:
+        if not tf & tflag:
+            unadvertised |= flag
+    if not structured:
+        unadvertised |= CmdFlag.DF  # DF needs structured replies
+    rules = {}
+    for cmd in Cmd:
+        valid = int(FLAGS_VALID_FOR[cmd])
+        if cmd == Cmd.BLOCK_STATUS:
+            supported = status
+        elif cmd in _SUPPORTED_BY:
+            supported = bool(tf & _SUPPORTED_BY[cmd])
+        else:
+            supported = True
+        rules[int(cmd)] = _Rule(
+            valid=valid,
+            allowed=valid & ~unadvertised,
+            gate=Err.EPERM if cmd in _WRITES and tf & TFlag.READ_ONLY else Err.OK,
+            supported=supported,
+            past_end=Err.ENOSPC if cmd in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Err.EINVAL,
+        )
+    return rules
 
 
 _OK, _EINVAL, _EOVERFLOW = Err.OK, Err.EINVAL, Err.EOVERFLOW
