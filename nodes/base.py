@@ -406,10 +406,25 @@ def add_range(ranges: list[tuple[int, int]], start: int, length: int) -> None:
         ranges.append((start, length))
 
 
+#: Zeros to copy from: a slice of a view is free, where `bytes(n)` allocates n zeroed bytes.
+_ZEROS = memoryview(bytes(64 * 1024))
+
+
+def zero_range(view: memoryview) -> None:
+    """Fill `view` with zeros, 64K at a time from one shared zero buffer (no allocation)."""
+    step, n = len(_ZEROS), len(view)
+    if n <= step:
+        view[:] = _ZEROS[:n]
+        return
+    for pos in range(0, n, step):
+        m = min(step, n - pos)
+        view[pos : pos + m] = _ZEROS[:m]
+
+
 def fill_holes(buf: memoryview, holes: Holes) -> None:
     """Zero the hole ranges of a read so the buffer holds the plain data."""
     for start, length in holes or ():
-        buf[start : start + length] = bytes(length)
+        zero_range(buf[start : start + length])
 
 
 async def read_flat(backend: Backend, buf: memoryview, offset: int, flags: int = 0) -> None:

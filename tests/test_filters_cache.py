@@ -8,12 +8,13 @@ from __future__ import annotations
 import asyncio
 import time
 import tracemalloc
+from typing import Any
 
 from conftest import Recording, mem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nodes.base import Backend
+from nodes.base import Backend, Filter
 from nodes.filters._blocks import RangeLocks
 from nodes.filters.cache import CLEAN, DIRTY, Cache, CacheParams
 from nodes.params import parse_params
@@ -176,6 +177,37 @@ def test_cache_in_process_matches_a_model(
             assert buf == served
 
     asyncio.run(scenario())
+
+
+class SlowReads(Filter):
+    """Reads that take a while, so a request can be made to wait for another's block lock."""
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Any:
+        await asyncio.sleep(0.05)
+        return await self.next.pread(buf, offset, flags)
+
+
+def test_cache_on_read_serves_a_write_that_held_the_block_meanwhile() -> None:
+    """A partial write into an uncached block holds its lock while it fetches the block; a
+    cache-on-read read of that block and the next, asked meanwhile, loads them after it: the
+    block the write cached (dirty) is newer than the upstream, and the read must return it."""
+    image = bytes([0xAA]) * (4 * BS)
+
+    async def scenario() -> bytes:
+        below = mem(image)
+        node = cache("cache-on-read=true", upstream=SlowReads(below.params, below))
+        write = asyncio.create_task(node.pwrite(memoryview(b"\x01" * 100), BS + 10, 0))
+        await asyncio.sleep(0.01)  # the write holds block 1 and waits for the upstream
+        assert node.locks.busy(1) and node.store.get(1) is None
+        buf = bytearray(2 * BS)
+        holes = await node.pread(memoryview(buf), BS, 0)
+        await write
+        assert not holes and node.store[1].dirty and not node.store[2].dirty
+        return bytes(buf)
+
+    want = bytearray(image[BS : 3 * BS])
+    want[10:110] = b"\x01" * 100
+    assert asyncio.run(scenario()) == want
 
 
 # What a request costs ---------------------------------------------------------------------

@@ -280,6 +280,36 @@ def test_cow_concurrent_requests_on_one_block_keep_every_change() -> None:
     assert asyncio.run(scenario()) in outcomes
 
 
+def test_cow_big_blocks_zero_and_write_inside_them_byte_for_byte() -> None:
+    """With 256K blocks, a 200K zero inside a written block (zeroed 64K at a time from one
+    shared buffer), a write into a block still upstream (fetched first), a whole block written
+    fresh, and the short last block: every byte as a bytearray model says."""
+    bs = 256 * KiB
+    size = 3 * bs + 5000
+    image = bytes((i * 13 + 7) % 251 + 1 for i in range(size))
+
+    async def scenario() -> bytes:
+        node = cow("cow-block-size=256K", upstream=mem(image))
+        await node.pwrite(memoryview(b"\x11" * (bs - 100)), 50, 0)  # block 0, fetched first
+        await node.zero(200 * KiB, 10_000, 0)  # inside block 0, now in the overlay
+        await node.pwrite(memoryview(b"\x22" * bs), bs, 0)  # block 1 whole: never fetched
+        await node.zero(70 * KiB, 2 * bs + 1000, int(nbd.CMD_FLAG_NO_HOLE))  # block 2 upstream
+        await node.pwrite(memoryview(b"\x33" * 3000), 3 * bs + 1000, 0)  # the short last block
+        buf = bytearray(size)
+        for start, length in await node.pread(memoryview(buf), 0, 0):
+            buf[start : start + length] = bytes(length)
+        assert sorted(node.blocks) == [0, 1, 2, 3]
+        return bytes(buf)
+
+    model = bytearray(image)
+    model[50 : 50 + bs - 100] = b"\x11" * (bs - 100)
+    model[10_000 : 10_000 + 200 * KiB] = bytes(200 * KiB)
+    model[bs : 2 * bs] = b"\x22" * bs
+    model[2 * bs + 1000 : 2 * bs + 1000 + 70 * KiB] = bytes(70 * KiB)
+    model[3 * bs + 1000 : 3 * bs + 4000] = b"\x33" * 3000
+    assert asyncio.run(scenario()) == model
+
+
 # What a request costs ---------------------------------------------------------------------
 
 

@@ -190,6 +190,29 @@ def test_random_copy_onto_itself_checks_every_write(start_node: Callable[..., Pr
     assert run(["nbdcopy", other.uri, a.uri], check=False).returncode != 0
 
 
+def write_outcomes(uri: str, offset: int, length: int, flips: list[int]) -> list[str]:
+    """Write back what [offset, offset+length) reads (unaligned), then the same with one byte
+    changed at each of `flips`: 'ok' or the errno name of each write."""
+    h = nbd_connect(uri)
+    data = bytearray(h.pread(length, offset))
+    outcomes = [outcome(lambda: h.pwrite(bytes(data), offset))]
+    for at in flips:
+        changed = bytearray(data)
+        changed[at] ^= 0x40
+        outcomes.append(outcome(lambda c=changed: h.pwrite(bytes(c), offset)))
+    h.shutdown()
+    return outcomes
+
+
+def test_random_checks_unaligned_writes_to_the_last_byte(start_node: Callable[..., Proc]) -> None:
+    """Writes across 64K chunk edges at odd offsets: the same bytes are taken, one byte off
+    anywhere (the first, inside, the last) gives EIO, as nbdkit's random plugin."""
+    node = start_node("random", "1M", "seed=3")
+    length = 200_001
+    got = write_outcomes(node.uri, 70_001, length, [0, 65_535 - 70_001 % 65_536, length - 1])
+    assert got == ["ok", "EIO", "EIO", "EIO"]
+
+
 def test_random_without_seed_is_still_readable(start_node: Callable[..., Proc]) -> None:
     node = start_node("random", "64K")
     assert len(read_all(node.uri)) == 65536
@@ -257,6 +280,20 @@ def test_sparse_random_same_seed_same_disk_and_self_copy(start_node: Callable[..
     run(["nbdcopy", a.uri, a.uri])
     other = start_node("sparse-random", "8M", "seed=5", "runlength=64K")
     assert run(["nbdcopy", other.uri, a.uri], check=False).returncode != 0
+
+
+def test_sparse_random_checks_unaligned_writes_over_data_and_holes(
+    start_node: Callable[..., Proc],
+) -> None:
+    """A write from inside a data run to 100K into the hole after it: the bytes read are
+    taken; one byte off in the data, in the hole's first 64K or in its short tail gives EIO."""
+    node = start_node("sparse-random", "8M", "seed=4", "runlength=64K", "random-content=true")
+    runs = extent_map(node.uri)
+    hole = next(o for o, n, kind in runs[1:] if kind & 1 and n > 100_000)
+    offset, length = hole - 3001, 3001 + 100_000
+    assert next(k for o, n, k in runs if o <= offset < o + n) == 0  # it starts in data
+    got = write_outcomes(node.uri, offset, length, [10, 3001 + 5, length - 1])
+    assert got == ["ok", "EIO", "EIO", "EIO"]
 
 
 def test_sparse_random_extremes(start_node: Callable[..., Proc]) -> None:

@@ -67,7 +67,7 @@ import contextlib
 import errno
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -124,10 +124,13 @@ class _ReadAgain(Exception):
     is written again, the way the new states call for."""
 
 
-def _xor_into(acc: bytearray, data: bytes | bytearray | memoryview) -> None:
-    n = len(acc)
-    x = int.from_bytes(acc, "little") ^ int.from_bytes(data, "little")
-    acc[:] = x.to_bytes(n, "little")
+def _xor(bufs: Iterable[bytes | bytearray | memoryview], n: int) -> bytes:
+    """The XOR of equal-length buffers of N bytes, each turned into an int once: a conversion
+    costs about 100 us per 64K either way, the XOR of two ints of 64K about 10."""
+    x = 0
+    for b in bufs:
+        x ^= int.from_bytes(b, "little")
+    return x.to_bytes(n, "little")
 
 
 @register
@@ -519,10 +522,7 @@ class Parity(FanBase):
         evidence = False
         for stripe in sorted(stripes):
             bufs = await self._read_stripe(stripe)
-            acc = bytearray(bufs[0])
-            for b in bufs[1:]:
-                _xor_into(acc, b)
-            if acc.count(0) != self.chunk:
+            if _xor(bufs, self.chunk).count(0) != self.chunk:
                 log.warning("parity: stripe %d is inconsistent: a member lost data", stripe)
                 return False
             evidence |= any(b.count(0) != self.chunk for b in bufs)
@@ -553,11 +553,8 @@ class Parity(FanBase):
                 pm = self.parity_member(stripe)
                 try:
                     bufs = await self._read_stripe(stripe)
-                    parity = bytearray(self.chunk)
-                    for i, b in enumerate(bufs):
-                        if i != pm:
-                            _xor_into(parity, b)
-                    if parity != bufs[pm]:
+                    parity = _xor((b for i, b in enumerate(bufs) if i != pm), self.chunk)
+                    if bufs[pm] != parity:
                         await self.members[pm].pwrite(memoryview(parity), stripe * self.chunk, 0)
                         fixed += 1
                 except OSError as exc:
@@ -625,9 +622,7 @@ class Parity(FanBase):
         await asyncio.gather(
             *(self._read_member(i, memoryview(b), moff) for i, b in zip(others, bufs, strict=True))
         )
-        parity = bytearray(entry.data)
-        for b in bufs:
-            _xor_into(parity, b)
+        parity = _xor([entry.data, *bufs], len(entry.data))
         await self.members[pm].pwrite(memoryview(parity), moff, 0)
 
     def healthy_others(self, member: int) -> bool:
@@ -747,7 +742,7 @@ class Parity(FanBase):
     async def _read_member(self, member: int, buf: memoryview, offset: int) -> None:
         fill_holes(buf, await self.members[member].pread(buf, offset, 0))
 
-    async def _reconstruct(self, stripe: int, missing: int, within: int, length: int) -> bytearray:
+    async def _reconstruct(self, stripe: int, missing: int, within: int, length: int) -> bytes:
         """The missing member's bytes, as the XOR of every other member's."""
         others = [i for i in range(self.n) if i != missing]
         for i in others:
@@ -765,10 +760,7 @@ class Parity(FanBase):
                 raise OSError(errno.EIO, f"parity: stripe {stripe} has lost two members")
             if isinstance(res, BaseException):
                 raise res
-        acc = bufs[0]
-        for b in bufs[1:]:
-            _xor_into(acc, b)
-        return acc
+        return _xor(bufs, length)
 
     async def _read_piece(self, stripe: int, j: int, within: int, view: memoryview) -> None:
         member = self.data_member(stripe, j)
@@ -968,9 +960,7 @@ class Parity(FanBase):
             ):
                 # No journal entry: the only chunk a torn full-stripe write can garble (a
                 # missing member's, from the parity and the others) is one it writes itself.
-                parity = bytearray(self.chunk)
-                for _, _, p, n in pieces:
-                    _xor_into(parity, buf[p : p + n])
+                parity = _xor((buf[p : p + n] for _, _, p, n in pieces), self.chunk)
                 writes = [
                     (self.data_member(stripe, j), buf[p : p + n], base) for j, _, p, n in pieces
                 ]
@@ -1023,7 +1013,7 @@ class Parity(FanBase):
 
     async def _read_modify(
         self, stripe: int, member: int, missing: int | None, moff: int, new: memoryview
-    ) -> tuple[bytearray, bytes | None]:
+    ) -> tuple[bytes, bytes | None]:
         """Read-modify-write: the new parity (old parity ^ old data ^ new data) and, when a
         member MISSING is out, its bytes there (what the journal must keep), read in the same
         round: from it if its chunk is rebuilt already, else as the XOR of parity and data.
@@ -1049,28 +1039,16 @@ class Parity(FanBase):
             await self._probe(stripe, tuple(reads), moff, n)
             raise _ReadAgain() from None
         implied: bytes | None = None
-        if missing is not None:
-            if missing in reads:
-                implied = bytes(reads[missing])
-            else:
-                acc = bytearray(reads[pm])
-                for i, b in reads.items():
-                    if i != pm:
-                        _xor_into(acc, b)
-                implied = bytes(acc)
-        parity = reads[pm]
-        _xor_into(parity, reads[member])
-        _xor_into(parity, new)
-        return parity, implied
+        if missing is not None:  # read from it, or the XOR of the parity and the other data
+            implied = bytes(reads[missing]) if missing in reads else _xor(reads.values(), n)
+        return _xor((reads[pm], reads[member], new), n), implied
 
-    async def _parity_without(
-        self, stripe: int, member: int, moff: int, new: memoryview
-    ) -> bytearray:
+    async def _parity_without(self, stripe: int, member: int, moff: int, new: memoryview) -> bytes:
         """The parity for NEW written into MEMBER's chunk while it is out: the XOR of the new
         data and the other data chunks."""
         pm = self.parity_member(stripe)
         n = len(new)
-        parity = bytearray(new)
+        others: list[bytes | bytearray | memoryview] = [new]
         for i in range(self.n):
             if i in (member, pm):
                 continue
@@ -1078,8 +1056,8 @@ class Parity(FanBase):
                 raise OSError(errno.EIO, f"parity: stripe {stripe} has lost two members")
             other = bytearray(n)
             await self._read_member(i, memoryview(other), moff)
-            _xor_into(parity, other)
-        return parity
+            others.append(other)
+        return _xor(others, n)
 
     async def _write_journaled(
         self,

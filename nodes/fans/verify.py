@@ -84,8 +84,8 @@ class Verify(FanBase):
 
         async with self._order.hold(offset, offset + len(buf), exclusive=False):
             await asyncio.gather(one(0, buf), one(1, memoryview(other)))
-        if buf != other:
-            at = offset + first_difference(bytes(buf), other)
+        if other != buf:  # a bytearray on the left: one memcmp (a memoryview compares by item)
+            at = offset + first_difference(other, bytes(buf))
             self.mismatches += 1
             if self.first_mismatch is None:
                 self.first_mismatch = {"offset": at, "read_offset": offset, "length": len(buf)}

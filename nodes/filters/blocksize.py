@@ -24,7 +24,7 @@ from typing import Any
 
 from pydantic import model_validator
 
-from ..base import Capabilities, Extents, Filter, Holes, Support, fill_holes
+from ..base import Capabilities, Extents, Filter, Holes, Support, fill_holes, zero_range
 from ..params import Params, Size, param
 from ..protocol.constants import CmdFlag
 from ..registry import register
@@ -131,10 +131,10 @@ class Blocksize(Filter):
             shift_holes(await self.next.pread(buf[pos : pos + n], offset + pos, flags), pos, holes)
         return holes
 
-    async def _read_block(self, lo: int, hi: int) -> bytearray:
-        block = bytearray(hi - lo)
-        view = memoryview(block)
-        fill_holes(view, await self._read_split(view, lo, 0))
+    async def _read_block(self, lo: int, hi: int) -> memoryview:
+        # A view: `view[a:b] = data` is one copy, `bytearray[a:b] = data` two.
+        block = memoryview(bytearray(hi - lo))
+        fill_holes(block, await self._read_split(block, lo, 0))
         return block
 
     async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
@@ -149,12 +149,12 @@ class Blocksize(Filter):
         if a >= b:  # inside one block or straddling one boundary: bounce all of it
             lo, hi = _down(offset, mn), min(_up(end, mn), size)
             block = await self._read_block(lo, hi)
-            buf[:] = memoryview(block)[offset - lo : end - lo]
+            buf[:] = block[offset - lo : end - lo]
             return holes
         if a > offset:
             lo = a - mn
             block = await self._read_block(lo, a)
-            buf[: a - offset] = memoryview(block)[offset - lo :]
+            buf[: a - offset] = block[offset - lo :]
         if b > a:
             shift_holes(
                 await self._read_split(buf[a - offset : b - offset], a, flags), a - offset, holes
@@ -162,7 +162,7 @@ class Blocksize(Filter):
         if b < end:
             hi = min(b + mn, size)
             block = await self._read_block(b, hi)
-            buf[b - offset :] = memoryview(block)[: end - b]
+            buf[b - offset :] = block[: end - b]
         return holes
 
     # Writes -------------------------------------------------------------------------------
@@ -185,10 +185,10 @@ class Blocksize(Filter):
         lo, hi = _down(offset, mn), min(_up(offset + count, mn), self._size())
         block = await self._read_block(lo, hi)
         if data is None:
-            block[offset - lo : offset - lo + count] = bytes(count)
+            zero_range(block[offset - lo : offset - lo + count])
         else:
             block[offset - lo : offset - lo + count] = data
-        await self._write_split(memoryview(block), lo, flags)
+        await self._write_split(block, lo, flags)
         self.rmw_count += 1
 
     def _aligned_span(self, offset: int, count: int) -> tuple[int, int]:

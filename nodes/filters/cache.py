@@ -30,7 +30,16 @@ from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
-from ..base import Capabilities, Extents, Filter, Holes, Support, add_range, read_flat
+from ..base import (
+    Capabilities,
+    Extents,
+    Filter,
+    Holes,
+    Support,
+    add_range,
+    read_flat,
+    zero_range,
+)
 from ..params import Params, Size, param
 from ..protocol.constants import CmdFlag
 from ..registry import register
@@ -74,10 +83,22 @@ class CacheParams(Params):
         return max(v, 4096)
 
 
+def _block_of(data: memoryview, bs: int) -> memoryview:
+    """A new cache block holding `data` (zeros after it, when short): one copy."""
+    if len(data) == bs:
+        return memoryview(bytearray(data))
+    block = memoryview(bytearray(bs))
+    block[: len(data)] = data
+    return block
+
+
 class _Entry:
+    """A cached block: its bytes as a view of a bytearray (`view[a:b] = data` is one copy,
+    `bytearray[a:b] = data` two: CPython copies a source that is not a bytearray first)."""
+
     __slots__ = ("data", "dirty")
 
-    def __init__(self, data: bytearray, dirty: bool) -> None:
+    def __init__(self, data: memoryview, dirty: bool) -> None:
         self.data = data
         self.dirty = dirty
 
@@ -175,7 +196,7 @@ class Cache(Filter):
                 add_range(runs, pos, n)
             else:
                 store.move_to_end(b)
-                buf[pos : pos + n] = memoryview(entry.data)[inb : inb + n]
+                buf[pos : pos + n] = entry.data[inb : inb + n]
             pos += n
         for pos, n in runs:
             if self.params.cache_on_read:
@@ -197,22 +218,18 @@ class Cache(Filter):
         first, last = offset // bs, (offset + count - 1) // bs
         async with self.locks.hold(first, last + 1):
             start, stop = first * bs, min((last + 1) * bs, self._size())
-            scratch = bytearray(stop - start)
-            await read_flat(self.next, memoryview(scratch), start)
+            scratch = memoryview(bytearray(stop - start))
+            await read_flat(self.next, scratch, start)
             for b in range(first, last + 1):
-                entry = self.store.get(b)
+                at, entry = (b - first) * bs, self.store.get(b)
                 if entry is None:
-                    block = bytearray(bs)
-                    chunk = memoryview(scratch)[(b - first) * bs : (b - first + 1) * bs]
-                    block[: len(chunk)] = chunk
-                    self.store[b] = _Entry(block, False)
+                    self.store[b] = _Entry(_block_of(scratch[at : at + bs], bs), False)
                     self.index.assign(b, b + 1, CLEAN)
                 else:  # cached meanwhile (possibly dirty): the cache is newer
-                    scratch[(b - first) * bs : (b - first) * bs + self._valid(b)] = entry.data[
-                        : self._valid(b)
-                    ]
+                    valid = self._valid(b)
+                    scratch[at : at + valid] = entry.data[:valid]
             if buf is not None:
-                buf[:] = memoryview(scratch)[offset - start : offset - start + count]
+                buf[:] = scratch[offset - start : offset - start + count]
 
     async def cache(self, count: int, offset: int, flags: int) -> None:
         # What is not cached yet, a MiB at a time: 28 bytes of request may ask for 4 GiB, and
@@ -245,9 +262,12 @@ class Cache(Filter):
                     if mode == "writethrough":
                         pos += n
                         continue  # not cached: the upstream has it now
-                    whole = inb == 0 and n >= self._valid(b)
-                    entry = _Entry(bytearray(bs) if whole else await self._fetch(b), False)
-                    store[b] = entry
+                    if inb == 0 and n >= self._valid(b):  # the whole block: no fetch
+                        store[b] = _Entry(_block_of(buf[pos : pos + n], bs), True)
+                        dirtied = True
+                        pos += n
+                        continue
+                    entry = store[b] = _Entry(await self._fetch(b), False)
                 entry.data[inb : inb + n] = buf[pos : pos + n]
                 if not entry.dirty and mode != "writethrough":
                     entry.dirty = dirtied = True
@@ -259,9 +279,9 @@ class Cache(Filter):
                 await self._write_back_locked(range(first, last + 1), fua=True)
         await self._reclaim()
 
-    async def _fetch(self, b: int) -> bytearray:
-        block = bytearray(self.bs)
-        await read_flat(self.next, memoryview(block)[: self._valid(b)], b * self.bs)
+    async def _fetch(self, b: int) -> memoryview:
+        block = memoryview(bytearray(self.bs))
+        await read_flat(self.next, block[: self._valid(b)], b * self.bs)
         return block
 
     def _fua_mask(self) -> int:
@@ -303,7 +323,7 @@ class Cache(Filter):
                     if (inb == 0 and n >= self._valid(b)) or not (zero or entry.dirty):
                         self._forget(b)
                     elif zero:
-                        entry.data[inb : inb + n] = bytes(n)
+                        zero_range(entry.data[inb : inb + n])
 
     async def flush(self, flags: int) -> None:
         if self.params.cache == "unsafe":
@@ -337,12 +357,15 @@ class Cache(Filter):
                 j += 1
             first, last = run[i], run[j]
             length = (last - first) * self.bs + self._valid(last)
-            data = bytearray(length)
-            for b in range(first, last + 1):
-                at = (b - first) * self.bs
-                data[at : at + self._valid(b)] = self.store[b].data[: self._valid(b)]
+            if first == last:  # its locks are held: nobody changes it while it is written
+                data = self.store[first].data[:length]
+            else:
+                data = memoryview(bytearray(length))
+                for b in range(first, last + 1):
+                    at = (b - first) * self.bs
+                    data[at : at + self._valid(b)] = self.store[b].data[: self._valid(b)]
             flags = _FUA & self._fua_mask() if fua else 0
-            await self.next.pwrite(memoryview(data), first * self.bs, flags)
+            await self.next.pwrite(data, first * self.bs, flags)
             for b in range(first, last + 1):
                 self.store[b].dirty = False  # all there: the caller holds their locks
             self.index.assign(first, last + 1, CLEAN)

@@ -40,6 +40,7 @@ from ..base import (
     fill_holes,
     may_trim,
     read_flat,
+    zero_range,
 )
 from ..params import Params, Size, param
 from ..protocol.constants import Extent
@@ -69,6 +70,15 @@ def _whole_blocks(holes: Holes, bs: int, length: int) -> set[int]:
     return out
 
 
+def _block_of(data: memoryview, bs: int) -> memoryview:
+    """A new overlay block holding `data` (zeros after it, when short): one copy."""
+    if len(data) == bs:
+        return memoryview(bytearray(data))
+    block = memoryview(bytearray(bs))
+    block[: len(data)] = data
+    return block
+
+
 class CowParams(Params):
     cow_block_size: Size = param(64 * 1024, "overlay block size (power of two, 4K..64M)")
     cow_on_read: bool = param(False, "copy blocks into the overlay when they are read")
@@ -94,8 +104,10 @@ class Cow(Filter):
         self.bs = params.cow_block_size
         #: Every block in the overlay, as runs of blocks -> DATA, ZERO_HOLE or ZERO_DATA.
         self.runs = RunMap()
-        #: The bytes of the DATA blocks (exactly those).
-        self.blocks: dict[int, bytearray] = {}
+        #: The bytes of the DATA blocks (exactly those), each a view of its bytearray:
+        #: `view[a:b] = data` is one copy, `bytearray[a:b] = data` two (CPython copies a
+        #: source that is not a bytearray into a new one first).
+        self.blocks: dict[int, memoryview] = {}
 
     def capabilities(self) -> Capabilities:
         up = self.next.capabilities()
@@ -136,11 +148,11 @@ class Cow(Filter):
         # In whole cow blocks when unaligned, so an upstream's minimum block size is respected.
         return await read_aligned(self.next, buf, offset, self.bs, self._size())
 
-    async def _fetch(self, b: int) -> bytearray:
+    async def _fetch(self, b: int) -> memoryview:
         """Block `b`'s upstream bytes as a fresh overlay block."""
-        block = bytearray(self.bs)
+        block = memoryview(bytearray(self.bs))
         n = min(self.bs, self._size() - b * self.bs)
-        await read_flat(self.next, memoryview(block)[:n], b * self.bs)
+        await read_flat(self.next, block[:n], b * self.bs)
         return block
 
     # Data operations ----------------------------------------------------------------------
@@ -149,7 +161,7 @@ class Cow(Filter):
         bs, blocks, total = self.bs, self.blocks, len(buf)
         b, inb = divmod(offset, bs)
         if inb + total <= bs and (block := blocks.get(b)) is not None:  # most small reads
-            buf[:] = memoryview(block)[inb : inb + total]
+            buf[:] = block[inb : inb + total]
             return []
         holes: list[tuple[int, int]] = []
         upstream: list[tuple[int, int]] = []  # (pos, length) to read from the upstream
@@ -165,7 +177,7 @@ class Cow(Filter):
             while start < stop:
                 b, inb = divmod(offset + start, bs)
                 n = min(bs - inb, stop - start)
-                buf[start : start + n] = memoryview(blocks[b])[inb : inb + n]
+                buf[start : start + n] = blocks[b][inb : inb + n]
                 start += n
         if pos < total:
             add_range(upstream, pos, total - pos)
@@ -184,20 +196,17 @@ class Cow(Filter):
         bs, size = self.bs, self._size()
         first, last = offset // bs, (offset + len(buf) - 1) // bs
         start, stop = first * bs, min((last + 1) * bs, size)
-        scratch = bytearray(stop - start)
-        holes = await self.next.pread(memoryview(scratch), start, 0)
-        fill_holes(memoryview(scratch), holes)
+        scratch = memoryview(bytearray(stop - start))
+        holes = await self.next.pread(scratch, start, 0)
+        fill_holes(scratch, holes)
         hollow = _whole_blocks(holes, bs, stop - start)
         for lo, hi in list(self.runs.gaps(first, last + 1)):
             for is_hole, group in groupby(range(lo, hi), lambda b: b - first in hollow):
                 run = list(group)
                 for b in () if is_hole else run:
-                    block = bytearray(bs)
-                    chunk = scratch[(b - first) * bs : (b - first + 1) * bs]
-                    block[: len(chunk)] = chunk
-                    self.blocks[b] = block
+                    self.blocks[b] = _block_of(scratch[(b - first) * bs : (b - first + 1) * bs], bs)
                 self.runs.assign(run[0], run[-1] + 1, ZERO_HOLE if is_hole else DATA)
-        buf[:] = memoryview(scratch)[offset - start : offset - start + len(buf)]
+        buf[:] = scratch[offset - start : offset - start + len(buf)]
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         b, inb = divmod(offset, self.bs)
@@ -238,7 +247,7 @@ class Cow(Filter):
         lo = -(-offset // bs)  # the whole blocks: [lo, hi); the last one may be short
         hi = end // bs if end != self._size() else last + 1
         edges = [b for b in dict.fromkeys((first, last)) if not lo <= b < hi]
-        fetched: dict[int, bytearray] = {}
+        fetched: dict[int, memoryview] = {}
         while missing := [
             b for b in edges if b not in fetched and b not in blocks and runs.get(b) is None
         ]:
@@ -251,14 +260,14 @@ class Cow(Filter):
                 if runs.get(b) is not None:  # a run that reads as zeros
                     if data is None:
                         continue
-                    block = bytearray(bs)
+                    block = memoryview(bytearray(bs))
                 else:
                     block = fetched[b]
                 blocks[b] = block
                 runs.assign(b, b + 1, DATA)
             at = start - b * bs
             if data is None:
-                block[at : at + stop - start] = bytes(stop - start)
+                zero_range(block[at : at + stop - start])
             else:
                 block[at : at + stop - start] = data[start - offset : stop - offset]
         if lo >= hi:
@@ -271,8 +280,9 @@ class Cow(Filter):
             n = min(bs, count - at)
             block = blocks.get(b)
             if block is None:
-                block = blocks[b] = bytearray(bs)
-            block[:n] = data[at : at + n]
+                blocks[b] = _block_of(data[at : at + n], bs)
+            else:
+                block[:n] = data[at : at + n]
         runs.assign(lo, hi, DATA)
 
     async def flush(self, flags: int) -> None:

@@ -37,7 +37,8 @@ BLOCK = 4096
 #: Stop describing a huge range after this many extents (the spec lets us return less).
 MAX_EXTENTS = 4096
 _MASK64 = (1 << 64) - 1
-_ZEROS = bytes(64 * 1024)
+_ZEROS = bytearray(64 * 1024)  # a bytearray on the left of == is one memcmp
+_ZEROS_VIEW = memoryview(_ZEROS)
 
 
 class SparseRandomParams(Params):
@@ -110,9 +111,13 @@ def _random_block(seed: int, block: int) -> bytes:
 
 
 def _is_zero(view: memoryview) -> bool:
+    # Compared with a bytearray on the left: a memoryview compares item by item (100x slower).
     for pos in range(0, len(view), len(_ZEROS)):
         piece = view[pos : pos + len(_ZEROS)]
-        if piece != _ZEROS[: len(piece)]:
+        if len(piece) == len(_ZEROS):
+            if _ZEROS != piece:  # noqa: SIM300 (the bytearray must be on the left)
+                return False
+        elif bytearray(piece) != _ZEROS_VIEW[: len(piece)]:
             return False
     return True
 
@@ -165,7 +170,7 @@ class SparseRandom(Plugin):
         for start, stop, skip, content in self._blocks(offset, len(buf)):
             if start > filled:
                 holes.append((filled, start - filled))
-            buf[start:stop] = content[skip : skip + stop - start]
+            buf[start:stop] = memoryview(content)[skip : skip + stop - start]
             filled = stop
         if filled < len(buf):
             holes.append((filled, len(buf) - filled))
@@ -176,7 +181,7 @@ class SparseRandom(Plugin):
         for start, stop, skip, content in self._blocks(offset, len(buf)):
             if (
                 not _is_zero(buf[checked:start])
-                or buf[start:stop] != content[skip : skip + stop - start]
+                or bytearray(buf[start:stop]) != memoryview(content)[skip : skip + stop - start]
             ):
                 raise _mismatch()
             checked = stop
