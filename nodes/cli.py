@@ -23,7 +23,9 @@ FABRIC_COMMANDS = ("up", "down", "status", "validate", "graph", "set", "compose"
                    "events", "schema")  # fmt: skip
 
 
-def _node_parser() -> argparse.ArgumentParser:
+def _node_parser(full_help: bool = True) -> argparse.ArgumentParser:
+    """The `node` parser; without `full_help`, help that would load every kind is left short
+    (a node imports only its own kind's module: see registry.get)."""
     p = argparse.ArgumentParser(
         prog="nbdfabric node",
         description="Serve one node kind over NBD (see `nbdfabric kinds`).",
@@ -162,7 +164,11 @@ def _node_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="serve with N worker processes sharing the listening sockets and the data, for "
         "clients with several connections (kinds that can: "
-        + ", ".join(sorted(k for k, c in registry.kinds().items() if c.shareable))
+        + (
+            ", ".join(sorted(k for k, c in registry.kinds().items() if c.shareable))
+            if full_help
+            else "see --help"
+        )
         + ")",
     )
     p.add_argument(
@@ -188,7 +194,7 @@ MAX_EXPORT_NAME = 4096
 def cmd_node(argv: Sequence[str]) -> int:
     from .run import NodeSpec, SpecError, UpstreamOptions, run_node
 
-    args = _node_parser().parse_intermixed_args(argv)
+    args = _node_parser(full_help=bool({"-h", "--help"} & set(argv))).parse_intermixed_args(argv)
     try:
         cls = registry.get(args.kind)
         params = parse_params(args.kind, cls.Params, list(args.params), cls.magic)

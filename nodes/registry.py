@@ -51,8 +51,27 @@ class UnknownKind(KeyError):
         return f"unknown node kind {self.args[0]!r}{hint} (see `nbdfabric kinds`)"
 
 
+def _load_one(kind: str) -> None:
+    """Import the module of `kind` alone (every kind lives in the module named after it): a
+    node starts without building the params models of some fifty kinds it will not serve."""
+    module = kind.replace("-", "_")
+    if not module.isidentifier() or module.startswith("_"):
+        return
+    for package_name in _PACKAGES:
+        try:
+            importlib.import_module(f"{package_name}.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{package_name}.{module}":
+                raise  # the module exists and lacks something: say so, not "unknown kind"
+            continue
+        return
+
+
 def get(kind: str) -> type[Backend]:
-    _load_all()
+    if kind not in _KINDS:
+        _load_one(kind)
+    if kind not in _KINDS:
+        _load_all()  # a kind in a module of another name, or none: the hint needs them all
     try:
         return _KINDS[kind]
     except KeyError:

@@ -105,3 +105,21 @@ def test_bare_command_is_a_usage_error_and_version_is_known() -> None:
     res = subprocess.run([*NBDFABRIC, "--version"], capture_output=True, text=True, cwd=ROOT,
                          timeout=60)  # fmt: skip
     assert res.returncode == 0 and re.fullmatch(r"nbdfabric \S+\n", res.stdout), res
+
+
+def test_a_node_imports_only_its_own_kinds_module() -> None:
+    """registry.get() imports the module named after the kind, not all fifty (their params
+    models took 0.1 s of every node's start); an unknown kind still gets its hint, from all."""
+    probe = (
+        "import sys; from nodes import registry\n"
+        "registry.get('sparse-random'); registry.get('nbd'); registry.get('mirror')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('nodes.plugins.', "
+        "'nodes.filters.', 'nodes.fans.')) and not m.rsplit('.', 1)[1].startswith('_')))\n"
+        "try:\n    registry.get('sparse_random')\nexcept KeyError as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout.splitlines()  # fmt: skip
+    assert out[0] == "['nodes.fans.mirror', 'nodes.filters.nbd', 'nodes.plugins.sparse_random']"
+    assert out[1] == (
+        "unknown node kind 'sparse_random', did you mean 'sparse-random'? (see `nbdfabric kinds`)"
+    )
