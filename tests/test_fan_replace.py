@@ -8,6 +8,7 @@ against member nodes killed with kill -9.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import random
@@ -83,24 +84,25 @@ def resume(h: Harness, fan: Any, index: int) -> None:
 
 
 def test_quorum_rebuild_under_writes_lands_every_write_on_every_member(harness: Harness) -> None:
-    """Writes while the new member is copied onto (throttled, with slow reads on the others,
-    so that writes land on the chunk being copied): those behind the cursor must reach it,
-    those into the chunk in copy must not be overwritten by the copy's older data. After
-    the rebuild every member is the model."""
-    fan, flakies, uris, uri = make_fan(harness, "quorum", **{"rebuild-rate": "4M"})
+    """Writes all along the copy onto the new member, with slow reads on the others (each
+    chunk's vote takes a while, so writes land on the chunk being copied): those behind the
+    cursor must reach it, and the copy's older data must not overwrite those into its chunk.
+    After the rebuild every member is the model."""
+    fan, flakies, uris, uri = make_fan(harness, "quorum")
     model, rng = written(uri, 11, 4, SIZE)
     for f in flakies:
-        f.read_delay = 0.01
+        f.read_delay = 0.03
     new_mem, new_uri = harness.memory(SIZE)
     harness.run(fan.replace_member(1, Flaky(new_mem)))
     seen: list[dict[str, Any]] = []
-    write_batches(uri, model, 12, rng, lambda i: seen.append(harness.call(fan.rebuild_progress)))
+    while states(harness, fan)[1] == "rebuilding":
+        write_batches(uri, model, 1, rng)
+        seen.append(harness.call(fan.rebuild_progress))
     running = [p for p in seen if p["running"]]
-    assert len(running) >= 6, "the writes did not overlap the rebuild"
+    assert len(running) >= 3, "the writes did not overlap the rebuild"
     assert running[0]["member"] == 1 and running[0]["bytes_total"] == SIZE
     assert 0 < running[-1]["bytes_done"] < SIZE
-    harness.call(fan.set_rebuild, None, 0)  # live: lift the throttle
-    wait_for(lambda: states(harness, fan) == ["in_sync"] * 3, 30, "the rebuild")
+    assert states(harness, fan) == ["in_sync"] * 3
     for f in flakies:
         f.read_delay = 0
     assert read_all(new_uri, SIZE) == model
@@ -113,6 +115,66 @@ def test_quorum_rebuild_under_writes_lands_every_write_on_every_member(harness: 
     assert ("rebuild", "rebuilding") in kinds and ("rebuild", "in_sync") in kinds
 
 
+class HoldsRead(Flaky):
+    """A member that, having read the AT chunk (the rebuild's read of it), holds the answer
+    back until `release` is set: the copy of that chunk is half way."""
+
+    def __init__(self, inner: Memory, at: int) -> None:
+        super().__init__(inner)
+        self.at = at
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def pread(self, buf: memoryview, offset: int, flags: int) -> Any:
+        holes = await super().pread(buf, offset, flags)
+        if offset == self.at and len(buf) == MiB:
+            self.reached.set()
+            await self.release.wait()
+        return holes
+
+
+def test_quorum_rebuild_copy_never_overwrites_a_write_into_its_chunk(harness: Harness) -> None:
+    """A client write into the chunk being copied, sent after the copy read the old data:
+    it waits for the copy, then lands on every member; sent at once, the copy would write
+    the old data over it on the new member."""
+    mems = [harness.memory(SIZE)[0] for _ in range(3)]
+    held = HoldsRead(mems[0], 2 * MiB)
+    fan = Quorum(QuorumParams(), [held, Flaky(mems[1]), Flaky(mems[2])])
+    uri = harness.serve(fan, "quorum")
+    model, _ = written(uri, 18, 2, SIZE)
+    new_mem, new_uri = harness.memory(SIZE)
+    data = b"\x99" * 4096
+    model[2 * MiB + 4096 : 2 * MiB + 8192] = data
+
+    async def write_into_the_copy() -> None:
+        await fan.replace_member(1, Flaky(new_mem))
+        await held.reached.wait()
+        write = asyncio.ensure_future(fan.pwrite(memoryview(data), 2 * MiB + 4096, 0))
+        await asyncio.sleep(0.05)
+        assert not write.done(), "the write did not wait for the chunk's copy"
+        held.release.set()
+        await write
+
+    harness.run(write_into_the_copy())
+    wait_for(lambda: states(harness, fan) == ["in_sync"] * 3, 10, "the rebuild")
+    assert read_all(new_uri, SIZE) == model
+    assert read_all(uri, SIZE) == model
+
+
+def test_quorum_rebuild_rate_throttles_and_lifts_live(harness: Harness) -> None:
+    fan, _, _, uri = make_fan(harness, "quorum", **{"rebuild-rate": "2M"})
+    model, _ = written(uri, 17, 2, SIZE)
+    new_mem, new_uri = harness.memory(SIZE)
+    harness.run(fan.replace_member(2, Flaky(new_mem)))
+    wait_for(lambda: harness.call(fan.rebuild_progress)["bytes_done"] >= 2 * MiB, 10, "2 MiB")
+    progress = harness.call(fan.rebuild_progress)
+    assert progress["running"] and progress["bytes_done"] < 4 * MiB  # 1 s at 2 MiB/s
+    assert progress["eta_seconds"] is not None
+    harness.call(fan.set_rebuild, None, 0)  # ctl rebuild --throttle 0
+    wait_for(lambda: states(harness, fan)[2] == "in_sync", 5, "the rest at full speed")
+    assert read_all(new_uri, SIZE) == model
+
+
 def test_quorum_member_rebuilding_takes_no_part_in_votes_ahead_of_its_cursor(
     harness: Harness,
 ) -> None:
@@ -123,6 +185,8 @@ def test_quorum_member_rebuilding_takes_no_part_in_votes_ahead_of_its_cursor(
     model, _ = written(uri, 12, 4, SIZE)
     new_uri = replace_paused(harness, fan, 1)
     assert read_all(uri, SIZE) == model
+    straddling = nbd_connect(uri).pread(MiB, MiB // 2)  # the cursor (1M) inside it
+    assert straddling == model[MiB // 2 : MiB + MiB // 2]
     info = harness.call(fan.members_info)
     assert [m["mismatches"] for m in info] == [0, 0, 0]
     assert [m["rewrites"] for m in info] == [0, 0, 0]
@@ -156,6 +220,76 @@ def test_quorum_write_during_a_rebuild_needs_vote_threshold_members_in_sync(
     # The write reached the new member (behind its cursor) all the same: it stays current.
     assert nbd_connect(new_uri).pread(4096, 0) == b"\x55" * 4096
     h.shutdown()
+
+
+def test_quorum_write_the_new_member_fails_fails_its_rebuild(harness: Harness) -> None:
+    """A rebuilding member that misses a write behind its cursor no longer holds the array's
+    data there: its rebuild fails (the member is out), and the write, done on every member
+    in sync, succeeds."""
+    fan, _, _, uri = make_fan(harness, "quorum")
+    written(uri, 19, 1, SIZE)
+    replace_paused(harness, fan, 1)
+    new = harness.call(lambda: fan.members[1])
+    new.down = True
+    h = nbd_connect(uri)
+    h.pwrite(b"\x44" * 4096, 0)
+    assert states(harness, fan) == ["in_sync", "faulty", "in_sync"]
+    assert harness.call(fan.members_info)[1]["last_error"].startswith(
+        "rebuild failed: write failed: "
+    )
+    new.down = False
+    harness.call(fan.set_rebuild, True)
+    assert h.pread(4096, 0) == b"\x44" * 4096
+    h.shutdown()
+    assert harness.call(lambda: fan.cursor[1]) == MiB  # its copy stopped there
+    assert states(harness, fan)[1] == "faulty"
+
+
+class NoZero(Shaped):
+    """A member without WRITE_ZEROES (as it says in its capabilities)."""
+
+    def __init__(self, inner: Memory) -> None:
+        super().__init__(inner, zero=Support.EMULATE, fast_zero=False)
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "no write zeroes")
+
+
+def test_quorum_new_member_without_native_zero_takes_zeroes_as_writes_and_trims_do_nothing(
+    harness: Harness,
+) -> None:
+    fan, _, uris, uri = make_fan(harness, "quorum")
+    run(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x3a 0 4M"])
+    new_mem, new_uri = harness.memory(SIZE)
+    new = NoZero(new_mem)
+    harness.run(fan.replace_member(2, new))
+    wait_for(lambda: states(harness, fan) == ["in_sync"] * 3, 10, "the rebuild")
+    run(["qemu-io", "-f", "raw", uri, "-c", "write -z 1M 1M"])
+    before = new.bytes_in
+    run(["qemu-io", "-f", "raw", uri, "-c", "discard 2M 1M"])  # advisory: nothing done
+    assert new.bytes_in == before
+    for u in (uris[0], uris[1], new_uri):
+        run(["qemu-io", "-f", "raw", u, "-c", "read -P 0x3a 0 1M", "-c", "read -P 0 1M 1M",
+             "-c", "read -P 0x3a 2M 2M"])  # fmt: skip
+    assert [m["errors"] for m in harness.call(fan.members_info)] == [0, 0, 0]
+
+
+def test_quorum_replace_during_a_rebuild_stops_that_copy_and_starts_over(harness: Harness) -> None:
+    fan, _, uris, uri = make_fan(harness, "quorum")
+    model, rng = written(uri, 20, 4, SIZE)
+    replace_paused(harness, fan, 1)
+    first = harness.call(lambda: fan.members[1])
+    mem, new_uri = harness.memory(SIZE)
+    harness.run(fan.replace_member(1, Flaky(mem)))
+    replaced = [e for e in harness.events if e[1].startswith("member 1 replaced by")]
+    assert replaced[-1][2] == {"index": 1, "previous": "rebuilding"}
+    copied = first.bytes_in
+    harness.call(fan.set_rebuild, True)
+    write_batches(uri, model, 2, rng)
+    wait_for(lambda: states(harness, fan) == ["in_sync"] * 3, 10, "the rebuild")
+    assert first.bytes_in == copied  # neither its copy nor the writes go on there
+    assert read_all(new_uri, SIZE) == model
+    qemu_compare(uris[0], new_uri)
 
 
 def test_quorum_rebuild_fails_where_the_others_disagree_and_the_member_stays_out(
@@ -229,6 +363,8 @@ def test_verify_read_during_a_rebuild_compares_only_behind_the_cursor(harness: H
     model, _ = written(uri, 15, 4, SIZE)
     new_uri = replace_paused(harness, fan, 0)
     assert read_all(uri, SIZE) == model
+    straddling = nbd_connect(uri).pread(MiB, MiB // 2)  # the cursor (1M) inside it
+    assert straddling == model[MiB // 2 : MiB + MiB // 2]
     assert harness.call(fan.status)["mismatches"] == 0
     nbd_connect(new_uri).pwrite(b"\x66", 1000)  # behind the cursor: compared
     h = nbd_connect(uri)
