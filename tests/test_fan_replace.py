@@ -234,15 +234,33 @@ def test_quorum_write_the_new_member_fails_fails_its_rebuild(harness: Harness) -
     h = nbd_connect(uri)
     h.pwrite(b"\x44" * 4096, 0)
     assert states(harness, fan) == ["in_sync", "faulty", "in_sync"]
-    assert harness.call(fan.members_info)[1]["last_error"].startswith(
-        "rebuild failed: write failed: "
-    )
+    info = harness.call(fan.members_info)[1]
+    assert info["last_error"].startswith("rebuild failed: write failed: ")
+    assert "rebuild" not in info and not harness.call(fan.rebuild_progress)["running"]
     new.down = False
     harness.call(fan.set_rebuild, True)
     assert h.pread(4096, 0) == b"\x44" * 4096
     h.shutdown()
     assert harness.call(lambda: fan.cursor[1]) == MiB  # its copy stopped there
     assert states(harness, fan)[1] == "faulty"
+
+
+def test_quorum_mark_faulty_stops_a_rebuild_and_keeps_the_member_out(harness: Harness) -> None:
+    fan, _, _, uri = make_fan(harness, "quorum")
+    written(uri, 24, 1, SIZE)
+    replace_paused(harness, fan, 1)
+    harness.run(fan.mark_faulty(1))
+    info = harness.call(fan.members_info)[1]
+    assert (info["state"], info["held"], info["last_error"]) == (
+        "faulty",
+        True,
+        "marked faulty by the operator",
+    )
+    assert "rebuild" not in info and not harness.call(fan.rebuild_progress)["running"]
+    harness.call(fan.set_rebuild, True)
+    nbd_connect(uri).pwrite(b"\x12" * 4096, 0)
+    assert harness.call(lambda: fan.cursor[1]) == MiB
+    assert states(harness, fan) == ["in_sync", "faulty", "in_sync"]
 
 
 class NoZero(Shaped):

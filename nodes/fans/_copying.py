@@ -27,6 +27,7 @@ rebuild runs stops that copy first, and starts over with the new one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -165,7 +166,8 @@ class CopyingFan(FanBase):
             new, caps = await self.start_replacement(index, uri)
             problem = self.cannot_copy_to(index)  # another copy may have failed meanwhile
             if problem:
-                await new.stop()
+                with contextlib.suppress(Exception):
+                    await new.stop()
                 raise ValueError(problem)
             await self._stop_copy(index)
             old, was = self.members[index], self.states[index]
@@ -178,7 +180,8 @@ class CopyingFan(FanBase):
             self.replaced(index)
             self.emit("member", f"member {index} replaced by {member_name(new, index)}",
                       index=index, previous=was)  # fmt: skip
-            task = asyncio.get_running_loop().create_task(self._rebuild(index))
+            copy = self._rebuild(index, new, caps, self._generation[index])
+            task = asyncio.get_running_loop().create_task(copy)
             self._copies[index] = task
         try:
             await old.stop()
@@ -215,18 +218,26 @@ class CopyingFan(FanBase):
         if self.states[index] != REBUILDING:
             return
         self._generation[index] += 1  # its copy stops at the next chunk
+        self._end_run(index)  # now, not when the copy next looks (it may be paused)
         self.states[index] = FAULTY
         self.last_error[index] = f"rebuild failed: {reason}"
         log.warning("%s: member %d rebuild failed: %s", self.kind, index, reason)
         self.emit("rebuild", f"rebuild of member {index} failed: {reason}",
                   index=index, state=FAULTY)  # fmt: skip
 
-    async def _rebuild(self, index: int) -> None:
-        """Copy the array onto member INDEX, chunk by chunk in order, each under the lock."""
-        generation = self._generation[index]
+    def _end_run(self, index: int) -> None:
+        run = self._runs[index]
+        if run is not None:
+            run.finished = time.monotonic()
+            self._runs[index] = None
+
+    async def _rebuild(
+        self, index: int, member: Backend, caps: Capabilities, generation: int
+    ) -> None:
+        """Copy the array onto MEMBER (INDEX), chunk by chunk in order, each under the lock;
+        stop when the member's generation is no longer GENERATION (it failed, or was replaced)."""
         size = self.caps.size
         run = self._runs[index] = self._last_run = RebuildRun(index, "full", size)
-        member, caps = self.members[index], self.member_caps[index]
         self.emit("rebuild", f"rebuilding member {index}", index=index, state=REBUILDING)
         start = 0
         try:
@@ -244,7 +255,7 @@ class CopyingFan(FanBase):
                     else:
                         await member.pwrite(memoryview(data), start, 0)
                     if self._generation[index] != generation:
-                        return  # a client write failed on it meanwhile: it is out
+                        return  # a client request failed on it meanwhile: it is out
                     self.cursor[index] = end
                 run.bytes_done += end - start
                 rate = self.params.rebuild_rate
@@ -252,13 +263,16 @@ class CopyingFan(FanBase):
                     delay = (end - start) / rate - (time.monotonic() - began)
                     if delay > 0:
                         await asyncio.sleep(delay)
-        except OSError as exc:
+        except Exception as exc:
+            if not isinstance(exc, OSError):
+                log.exception("%s: the rebuild of member %d broke", self.kind, index)
             if self._generation[index] == generation:
-                self._copy_failed(index, f"at offset {start}: {exc.strerror or exc}")
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                self._copy_failed(index, f"at offset {start}: {why}")
             return
         finally:
-            run.finished = time.monotonic()
-            self._runs[index] = None
+            if self._runs[index] is run:  # not ended by a failure, nor another copy's
+                self._end_run(index)
         if self._generation[index] != generation:
             return  # failed while the last chunk's throttle delay ran
         self.states[index] = IN_SYNC
