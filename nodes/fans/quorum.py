@@ -120,20 +120,27 @@ class Quorum(CopyingFan):
             return f"it has {caps.size} bytes, the quorum needs {self.caps.size}"
         return self.shortfall(caps)
 
+    def _only(self, members: list[int]) -> str:
+        if not members:
+            return "none is"
+        if len(members) == 1:
+            return f"only member {members[0]} is"
+        return f"only members {', '.join(map(str, members))} are"
+
     def cannot_copy_to(self, index: int) -> str | None:
         good = self._good_others(index)
         if len(good) < self.threshold:
-            return (f"quorum: cannot rebuild member {index}: the copy needs vote-threshold "
-                    f"{self.threshold} other members in sync and reachable to agree, and there "
-                    f"are {len(good)} ({', '.join(map(str, good)) or 'none'})")  # fmt: skip
+            return (f"quorum: cannot rebuild member {index}: its copy needs {self.threshold} "
+                    f"other members (vote-threshold) in sync and reachable to agree, and "
+                    f"{self._only(good)}")  # fmt: skip
         return None
 
     def cannot_leave(self, index: int) -> str | None:
         good = self._good_others(index)
         if len(good) < self.threshold:
-            return (f"quorum: member {index} cannot be taken out: {len(good)} other members in "
-                    f"sync and reachable would be left, fewer than vote-threshold "
-                    f"{self.threshold}, and every read and write would fail")  # fmt: skip
+            return (f"quorum: member {index} cannot be taken out: every read and write needs "
+                    f"{self.threshold} members (vote-threshold) in sync and reachable, and of "
+                    f"the others {self._only(good)}")  # fmt: skip
         return None
 
     async def copy_data(self, index: int, start: int, end: int) -> bytes:
