@@ -8,8 +8,9 @@ import asyncio
 import contextlib
 import errno
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Protocol
 
 from ..base import Backend, Capabilities, Extents, Fan, Holes, Support, add_range
@@ -68,6 +69,34 @@ class Recovery:
         if task is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), self.WAIT)
+
+
+@dataclass
+class RebuildRun:
+    """One rebuild of one member (the mirror's, quorum's and verify's): what `rebuild_progress`
+    and ListMembers show."""
+
+    member: int
+    kind: str  #: full | bitmap
+    bytes_total: int
+    bytes_done: int = 0
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+    def as_dict(self, paused: bool) -> dict[str, Any]:
+        elapsed = (self.finished or time.monotonic()) - self.started
+        rate = self.bytes_done / elapsed if elapsed > 0 else 0.0
+        left = max(self.bytes_total - self.bytes_done, 0)
+        return {
+            "running": self.finished is None,
+            "paused": paused,
+            "member": self.member,
+            "kind": self.kind,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "rate": rate,
+            "eta_seconds": (left / rate) if rate > 0 else None,
+        }
 
 
 class RangeLock:

@@ -70,7 +70,6 @@ import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal
 
@@ -83,6 +82,7 @@ from ._common import (
     IO_CHUNK,
     FanBase,
     RangeLock,
+    RebuildRun,
     Recovery,
     combine_caps,
     member_name,
@@ -128,31 +128,6 @@ class MirrorParams(Params):
         1.0, description="wait before re-adding a failed member (doubles on repeated failures)"
     )
     spares: int = param(0, ge=0, description="the last N members are hot spares")
-
-
-@dataclass
-class RebuildRun:
-    member: int
-    kind: str  #: full | bitmap
-    bytes_total: int
-    bytes_done: int = 0
-    started: float = field(default_factory=time.monotonic)
-    finished: float | None = None
-
-    def as_dict(self, paused: bool) -> dict[str, Any]:
-        elapsed = (self.finished or time.monotonic()) - self.started
-        rate = self.bytes_done / elapsed if elapsed > 0 else 0.0
-        left = max(self.bytes_total - self.bytes_done, 0)
-        return {
-            "running": self.finished is None,
-            "paused": paused,
-            "member": self.member,
-            "kind": self.kind,
-            "bytes_done": self.bytes_done,
-            "bytes_total": self.bytes_total,
-            "rate": rate,
-            "eta_seconds": (left / rate) if rate > 0 else None,
-        }
 
 
 class Slot:

@@ -1,16 +1,26 @@
 """verify: two members that must hold the same data; every read is compared (qemu blkverify).
 
 Writes, zeroes, trims and flushes go to both and must succeed on both. A trim is done as a write
-of zeroes (offered only when both members zero natively): what a trimmed range reads back is
-each member's own choice, so two good members may differ there, and a comparison of it would
-report a mismatch that is none. Fast zero is offered when both offer it; one that one member
-refuses after the other zeroed is done there without FAST_ZERO, then refused with ENOTSUP (the
-client writes the zeros). Every read is served by both; the first byte that differs is reported
-with its export offset (an event and `status()["first_mismatch"]`). With `on-mismatch=error`
-(default) the read fails with EIO, as blkverify aborts; with `on-mismatch=log` the first
-member's data is returned.
+of zeroes (offered only when both members zero natively; nothing, as a trim may be, once a
+member that cannot has been swapped in): what a trimmed range reads back is each member's own
+choice, so two good members may differ there, and a comparison of it would report a mismatch
+that is none. Fast zero is offered when both offer it; one that one member refuses after the
+other zeroed is done there without FAST_ZERO, then refused with ENOTSUP (the client writes the
+zeros). Every read is served by both; the first byte that differs is reported with its export
+offset (an event and `status()["first_mismatch"]`). With `on-mismatch=error` (default) the read
+fails with EIO, as blkverify aborts; with `on-mismatch=log` the first member's data is returned.
 
-Params: `on-mismatch` (error|log, live).
+A member found wrong is swapped for a new one (`nbdfabric ctl ADDR replace INDEX URI`,
+`replace_member`): refused unless the other member is in sync and reachable, and for one of
+another size or lacking what the verify offers (read-only, say); then the new member is
+rebuilt from the other in the background, 1 MiB at a time in order. It takes every write
+meanwhile, and what must succeed is the in-sync member's. Reads are compared only where the
+copy has passed (the whole read behind its cursor); elsewhere the in-sync member alone serves
+them, so a rebuild reports no mismatch. `mark_faulty` (ctl faulty) takes a member out, as one
+whose rebuild failed is, until it is replaced: the other then serves alone, unverified (refused
+if the other is not in sync). States, events, progress and pausing: see nodes/fans/_copying.py.
+
+Params: `on-mismatch` (error|log, live), `rebuild-rate` (live, bytes/s, default 0: unlimited).
 
 Example: `nbdfabric node verify --upstream nbd+unix:///?socket=new.sock --upstream
 nbd+unix:///?socket=reference.sock` to check a new plugin against a trusted one.
@@ -22,35 +32,34 @@ import asyncio
 import errno
 import logging
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any, Literal
 
-from ..base import Backend, Capabilities, Extents, Holes, fill_holes, first_difference
-from ..params import Params, live
+from ..base import Backend, Capabilities, Extents, Holes, fill_holes, first_difference, read_flat
+from ..params import live
 from ..protocol.constants import CmdFlag
 from ..registry import register
-from ._common import FanBase, RangeLock, combine_caps, to_each, trim_as_zero
+from ._common import combine_caps, trim_as_zero, write_zeroes
+from ._copying import IN_SYNC, CopyingFan, CopyingParams, Target
 
 log = logging.getLogger("nbdfabric.verify")
 
 _FUA = int(CmdFlag.FUA)
 
 
-class VerifyParams(Params):
+class VerifyParams(CopyingParams):
     on_mismatch: Literal["error", "log"] = live(
         "error", description="fail the read with EIO (error) or only report it (log)"
     )
 
 
 @register
-class Verify(FanBase):
+class Verify(CopyingFan):
     """Two members, every read compared; the first mismatch reported with its offset."""
 
     kind = "verify"
     Params = VerifyParams
     params: VerifyParams
     min_members = 2
-    trims_by_zeroing = True
 
     def __init__(self, params: VerifyParams, members: Any) -> None:
         super().__init__(params, members)
@@ -58,10 +67,10 @@ class Verify(FanBase):
             raise ValueError(f"verify: needs exactly 2 members, got {len(self.members)}")
         self.first_mismatch: dict[str, Any] | None = None
         self.mismatches = 0
-        #: Overlapping requests in order (as quorum): a read beside a write would find the
-        #: members half way through it and report a mismatch that is only the write in
-        #: progress, and two overlapping writes could land in opposite orders on the members.
-        self._order = RangeLock()
+        # self._order (CopyingFan): overlapping requests in order, as quorum: a read beside a
+        # write would find the members half way through it and report a mismatch that is
+        # only the write in progress, and two overlapping writes could land in opposite
+        # orders on the members.
 
     def compute_caps(self, caps: list[Capabilities]) -> Capabilities:
         if caps[0].size != caps[1].size:
@@ -76,14 +85,63 @@ class Verify(FanBase):
         out["mismatches"] = self.mismatches
         return out
 
+    def healthy(self) -> bool:
+        """Serving: a member in sync, and every member not out reachable."""
+        return bool(self.in_sync()) and all(t.backend.healthy() for t in self.targets())
+
+    # Replacing (see _copying) -----------------------------------------------------------------
+
+    def unfit(self, caps: Capabilities) -> str | None:
+        if caps.size != self.caps.size:
+            return f"it has {caps.size} bytes, and both members of the verify need {self.caps.size}"
+        return self.shortfall(caps)
+
+    def _other_out(self, index: int) -> str | None:
+        """Why the member other than INDEX cannot serve alone, if it cannot."""
+        other = 1 - index
+        if self.states[other] != IN_SYNC:
+            return f"member {other} is {self.states[other]}"
+        if not self.members[other].healthy():
+            return f"member {other} is unreachable"
+        return None
+
+    def cannot_copy_to(self, index: int) -> str | None:
+        why = self._other_out(index)
+        if why:
+            return f"verify: cannot rebuild member {index} from the other: {why}"
+        return None
+
+    def cannot_leave(self, index: int) -> str | None:
+        why = self._other_out(index)
+        if why:
+            return f"verify: member {index} cannot be taken out: {why}, nothing would serve"
+        return None
+
+    async def copy_data(self, index: int, start: int, end: int) -> bytearray:
+        """The other member's bytes (it is in sync: see cannot_copy_to)."""
+        buf = bytearray(end - start)
+        await read_flat(self.members[1 - index], memoryview(buf), start)
+        return buf
+
+    # Data path --------------------------------------------------------------------------------
+
     async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
-        other = bytearray(len(buf))
+        """Both members, compared; where one is not in sync (rebuilding ahead of its cursor,
+        or out), the other alone."""
 
-        async def one(i: int, view: memoryview) -> None:
-            fill_holes(view, await self.members[i].pread(view, offset, flags))
+        async def one(member: Backend, view: memoryview) -> None:
+            fill_holes(view, await member.pread(view, offset, flags))
 
-        async with self._order.hold(offset, offset + len(buf), exclusive=False):
-            await asyncio.gather(one(0, buf), one(1, memoryview(other)))
+        end = offset + len(buf)
+        async with self._order.hold(offset, end, exclusive=False):
+            readers = self.readers(offset, end)
+            if len(readers) < 2:
+                if not readers:
+                    raise OSError(errno.EIO, "verify: no member in sync to read from")
+                await one(readers[0][1], buf)
+                return None
+            other = bytearray(len(buf))
+            await asyncio.gather(one(readers[0][1], buf), one(readers[1][1], memoryview(other)))
         if other != buf:  # a bytearray on the left: one memcmp (a memoryview compares by item)
             at = offset + first_difference(other, bytes(buf))
             self.mismatches += 1
@@ -95,33 +153,49 @@ class Verify(FanBase):
                 raise OSError(errno.EIO, f"verify: members differ at offset {at}")
         return None
 
-    async def _both(
-        self, offset: int, count: int, flags: int, op: Callable[[Backend, int], Awaitable[None]]
-    ) -> None:
-        """OP (a member, the flags) on both members; a fast zero as `to_each` says."""
-        async with self._order.hold(offset, offset + count):
-            calls = [partial(op, m) for m in self.members]
-            results, refused = await to_each(calls, self.member_caps, flags)
-        for res in results:
+    def _check(self, what: str, targets: list[Target], results: list[Any]) -> None:
+        """Every member in sync must have done it (a rebuilding one's failure is its own)."""
+        for _, res in self.outcomes(what, targets, results):
             if res is not None:
                 raise res
+
+    async def _both(
+        self, what: str, offset: int, count: int, flags: int,
+        op: Callable[[Target, int], Awaitable[None]],
+    ) -> None:  # fmt: skip
+        """OP (a member, the flags) on both members; a fast zero as `to_each` says."""
+        async with self._order.hold(offset, offset + count):
+            targets = self.targets()
+            results, refused = await self.to_targets(targets, flags, op)
+        self._check(what, targets, results)
         if refused:
             raise OSError(errno.ENOTSUP, "verify: a member refused to zero fast")
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        await self._both(offset, len(buf), flags, lambda m, f: m.pwrite(buf, offset, f))
+        await self._both(
+            "write", offset, len(buf), flags, lambda t, f: t.backend.pwrite(buf, offset, f)
+        )
 
     async def flush(self, flags: int) -> None:
-        await asyncio.gather(*(m.flush(flags) for m in self.members))
+        targets = self.targets()
+        results = await asyncio.gather(
+            *(t.backend.flush(flags) for t in targets), return_exceptions=True
+        )
+        self._check("flush", targets, results)
 
     async def trim(self, count: int, offset: int, flags: int) -> None:
-        await self.zero(count, offset, flags & _FUA)  # see trim_as_zero
+        if self.trims():  # see trim_as_zero
+            await self.zero(count, offset, flags & _FUA)
 
     async def zero(self, count: int, offset: int, flags: int) -> None:
-        await self._both(offset, count, flags, lambda m, f: m.zero(count, offset, f))
+        await self._both(
+            "zero", offset, count, flags,
+            lambda t, f: write_zeroes(t.backend, t.caps, count, offset, f),
+        )  # fmt: skip
 
     async def cache(self, count: int, offset: int, flags: int) -> None:
-        await asyncio.gather(*(m.cache(count, offset, flags) for m in self.members))
+        await asyncio.gather(*(self.members[i].cache(count, offset, flags) for i in self.in_sync()))
 
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
-        return await self.members[0].extents(count, offset, flags)
+        member = self.members[self.in_sync()[0]] if self.in_sync() else self.members[0]
+        return await member.extents(count, offset, flags)
