@@ -119,12 +119,15 @@ async def serve(
     sockets ready-made, says on `ready_fd` when it serves, and reports nothing else."""
     from .server.poll import POLLER
 
+    # From here a stop signal is held until the node serves, then acted on: its default action
+    # ended a node that had bound its unix sockets, and left their files behind.
+    stop_asked = _hold_stop_signals()
     POLLER.configure(spec.options.poll_max_us)  # before any socket: they register with it
     runtime = NodeRuntime(backend or build_backend(spec), spec.options)
     if sockets is not None:
         runtime.owns_paths = False  # the supervisor removes unix sockets at the end
         await runtime.start(sockets, [])
-        return await _serve_as_worker(spec, runtime, ready_fd)
+        return await _serve_as_worker(spec, runtime, ready_fd, stop_asked)
     single = take_stdin_socket() if spec.single else None
     found = [] if single is not None else systemd_sockets()
     control_addr = metrics_addr = None
@@ -171,7 +174,7 @@ async def serve(
         raise
     log.info("%s serving on %s", spec.kind, ", ".join(uris))
 
-    _shutdown_on_signals(runtime)
+    _shutdown_on_signals(runtime, stop_asked)
     if single is not None:
         asyncio.get_running_loop().create_task(runtime.serve_single(single))
 
@@ -206,7 +209,9 @@ async def serve(
     return status
 
 
-async def _serve_as_worker(spec: NodeSpec, runtime: NodeRuntime, ready_fd: int | None) -> int:
+async def _serve_as_worker(
+    spec: NodeSpec, runtime: NodeRuntime, ready_fd: int | None, stop_asked: asyncio.Event
+) -> int:
     """A --workers worker: its --control is a private socket for the node's control process."""
     control_server = None
     if spec.control:
@@ -216,7 +221,7 @@ async def _serve_as_worker(spec: NodeSpec, runtime: NodeRuntime, ready_fd: int |
     if ready_fd is not None:
         os.write(ready_fd, b"w")
         os.close(ready_fd)
-    _shutdown_on_signals(runtime)
+    _shutdown_on_signals(runtime, stop_asked)
     await runtime.stopped.wait()
     if control_server is not None:
         await control_server.stop(grace=1.0)
@@ -257,10 +262,31 @@ def captive_env(uri: str, options: NodeOptions) -> dict[str, str]:
     return env
 
 
-def _shutdown_on_signals(runtime: NodeRuntime) -> None:
-    loop = asyncio.get_running_loop()
+def _hold_stop_signals() -> asyncio.Event:
+    """While the node starts: a stop signal only sets the event returned."""
+    loop, asked = asyncio.get_running_loop(), asyncio.Event()
     for sig in stop_signals():
-        loop.add_signal_handler(sig, lambda: loop.create_task(runtime.shutdown()))
+        loop.add_signal_handler(sig, asked.set)
+    return asked
+
+
+#: Shutdowns under way (the loop keeps only weak references to its tasks).
+_SHUTDOWNS: set[asyncio.Task[None]] = set()
+
+
+def _shutdown_on_signals(runtime: NodeRuntime, asked: asyncio.Event) -> None:
+    """Stop signals shut the node down from now on (now, if one came while it started)."""
+    loop = asyncio.get_running_loop()
+
+    def shut_down() -> None:
+        task = loop.create_task(runtime.shutdown())
+        _SHUTDOWNS.add(task)
+        task.add_done_callback(_SHUTDOWNS.discard)
+
+    for sig in stop_signals():
+        loop.add_signal_handler(sig, shut_down)
+    if asked.is_set():
+        shut_down()
 
 
 def take_stdin_socket() -> socket.socket:

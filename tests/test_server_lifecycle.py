@@ -603,6 +603,27 @@ def test_lifecycle_single_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     assert res.returncode == 1 and "must be a socket" in res.stderr, res.stderr
 
 
+def test_lifecycle_sigterm_while_starting_still_stops_cleanly(tmp_path: Path) -> None:
+    """A SIGTERM the moment the NBD socket is bound, while the node still starts its gRPC
+    control server: the node finishes starting, then stops as on any SIGTERM (exit 0, socket
+    files removed). The signal's default action used to end it there, leaving the files."""
+    sock, ctl = tmp_path / "n.sock", tmp_path / "c.sock"
+    p = subprocess.Popen(node_cmd("memory", "1M", "--listen", f"unix:{sock}",
+                                  "--control", f"unix:{ctl}"),
+                         cwd=ROOT, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert sock.exists() and not ctl.exists()  # in the window: the control comes later
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0, p.stderr.read() if p.stderr else ""
+        assert not sock.exists() and not ctl.exists()
+    finally:
+        p.kill()
+        p.wait()
+
+
 @pytest.mark.parametrize("option", [True, False], ids=["exit-with-parent", "without"])
 def test_lifecycle_exit_with_parent(tmp_path: Path, option: bool) -> None:
     """--exit-with-parent: a parent killed with -9 takes the node with it (a clean exit: the
