@@ -54,7 +54,8 @@ fan that crashed with every member in sync and starts with one out (md refuses t
 "dirty degraded" array): nothing can tell that member's chunks in the regions marked then, and
 an event says so.
 
-Params: `chunk-size` (default 64K), `rebuild-rate` (live, bytes/s of rebuilt member data),
+Params: `chunk-size` (default 64K), `rebuild-rate` (live, bytes/s of rebuilt member data;
+also `ctl rebuild --throttle`, and `ctl rebuild stop|start` pauses and resumes a rebuild),
 `state-file`, `intent-region` (default 64M), `intent-linger` (default 5 s).
 
 Example: `nbdfabric node parity chunk-size=64K --upstream A --upstream B --upstream C`.
@@ -79,7 +80,15 @@ from ..params import Duration, Params, Size, live, param
 from ..protocol.constants import CmdFlag, Extent
 from ..registry import register
 from ._bitmap import BitmapFile, WriteIntents, load_runs
-from ._common import FanBase, Recovery, combine_caps, member_name, to_each, write_zeroes
+from ._common import (
+    FanBase,
+    RebuildRun,
+    Recovery,
+    combine_caps,
+    member_name,
+    to_each,
+    write_zeroes,
+)
 from ._journal import Entry, Geometry, Journal
 
 log = logging.getLogger("nbdfabric.parity")
@@ -162,7 +171,9 @@ class Parity(FanBase):
         self._tasks: set[asyncio.Task[None]] = set()
         self._recovery = Recovery(self._recover, self._seen, self._tasks)
         self._monitor_task: asyncio.Task[None] | None = None
-        self.rebuild: dict[str, Any] | None = None
+        self.rebuild: RebuildRun | None = None  #: the last rebuild, or the one running
+        self._running = asyncio.Event()  #: cleared: rebuilds pause (ctl rebuild stop)
+        self._running.set()
         self.acked = 0  #: writes and flushes acknowledged to clients
         #: `acked` when each member left the in-sync set (see `_recover`)
         self.left_at: list[int | None] = [None] * self.n
@@ -406,15 +417,11 @@ class Parity(FanBase):
         return out
 
     def rebuild_progress(self) -> dict[str, Any]:
+        paused = not self._running.is_set()
         if self.rebuild is None:
-            return {"running": False, "bytes_done": 0, "bytes_total": 0, "rate": 0.0,
-                    "eta_seconds": None, "member": None}  # fmt: skip
-        r = dict(self.rebuild)
-        elapsed = (r.pop("finished") or time.monotonic()) - r.pop("started")
-        r["rate"] = r["bytes_done"] / elapsed if elapsed > 0 else 0.0
-        left = r["bytes_total"] - r["bytes_done"]
-        r["eta_seconds"] = left / r["rate"] if r["rate"] > 0 else None
-        return r
+            return {"running": False, "paused": paused, "bytes_done": 0, "bytes_total": 0,
+                    "rate": 0.0, "eta_seconds": None, "member": None}  # fmt: skip
+        return self.rebuild.as_dict(paused)
 
     def status(self) -> dict[str, Any]:
         members = self.members_info()
@@ -636,18 +643,11 @@ class Parity(FanBase):
         task.add_done_callback(self._tasks.discard)
 
     async def _rebuild(self, member: int) -> None:
-        total = self.stripes * self.chunk
-        self.rebuild = {
-            "running": True,
-            "member": member,
-            "bytes_done": 0,
-            "bytes_total": total,
-            "started": time.monotonic(),
-            "finished": None,
-        }
+        run = self.rebuild = RebuildRun(member, "full", self.stripes * self.chunk)
         self.emit("rebuild", f"rebuilding member {member}", index=member)
         try:
             for stripe in range(self.stripes):
+                await self._running.wait()  # ctl rebuild stop pauses here, start resumes
                 began = time.monotonic()
                 async with self._lock(stripe):
                     if self._returned(member) or self.states[member] != REBUILDING:
@@ -655,7 +655,7 @@ class Parity(FanBase):
                     data = await self._reconstruct(stripe, member, 0, self.chunk)
                     await self.members[member].pwrite(memoryview(data), stripe * self.chunk, 0)
                     self.cursor[member] = stripe + 1
-                self.rebuild["bytes_done"] += self.chunk
+                run.bytes_done += self.chunk
                 rate = self.params.rebuild_rate
                 if rate:
                     delay = self.chunk / rate - (time.monotonic() - began)
@@ -665,8 +665,7 @@ class Parity(FanBase):
             self._fail(member, f"rebuild failed: {exc}")
             return
         finally:
-            self.rebuild["finished"] = time.monotonic()
-            self.rebuild["running"] = False
+            run.finished = time.monotonic()
         self.states[member] = IN_SYNC
         self._recheck = []  # every stripe was made consistent by computing the member's chunk
         self._persist()
@@ -734,6 +733,10 @@ class Parity(FanBase):
         )
 
     def set_rebuild(self, running: bool | None = None, throttle: int | None = None) -> None:
+        if running is True:
+            self._running.set()
+        elif running is False:
+            self._running.clear()
         if throttle is not None:
             self.configure({"rebuild-rate": throttle})
 

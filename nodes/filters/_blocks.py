@@ -109,6 +109,17 @@ class RWLock:
                 self._cond.notify_all()
 
 
+def new_block(data: memoryview, bs: int) -> memoryview:
+    """A new block of BS bytes holding `data` (zeros after it, when short), as a view of its
+    bytearray: `view[a:b] = x` is one copy where `bytearray[a:b] = x` is two (CPython copies a
+    source that is not a bytearray into a new one first). One copy to make, too."""
+    if len(data) == bs:
+        return memoryview(bytearray(data))
+    block = memoryview(bytearray(bs))
+    block[: len(data)] = data
+    return block
+
+
 def add_extent(out: list[tuple[int, int]], length: int, flags: int) -> None:
     """Append, merging with the previous extent when the flags match."""
     if length <= 0:

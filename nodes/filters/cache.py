@@ -43,7 +43,7 @@ from ..base import (
 from ..params import Params, Size, param
 from ..protocol.constants import CmdFlag
 from ..registry import register
-from ._blocks import RangeLocks, read_aligned, run_extents, shift_holes
+from ._blocks import RangeLocks, new_block, read_aligned, run_extents, shift_holes
 from ._runs import RunMap
 
 # Plain ints: `int & IntFlag` runs Python code in enum.py (about 1 µs), per request.
@@ -81,15 +81,6 @@ class CacheParams(Params):
         if v & (v - 1) or v > 64 * 1024 * 1024:
             raise ValueError("must be a power of two up to 64M")
         return max(v, 4096)
-
-
-def _block_of(data: memoryview, bs: int) -> memoryview:
-    """A new cache block holding `data` (zeros after it, when short): one copy."""
-    if len(data) == bs:
-        return memoryview(bytearray(data))
-    block = memoryview(bytearray(bs))
-    block[: len(data)] = data
-    return block
 
 
 class _Entry:
@@ -223,7 +214,7 @@ class Cache(Filter):
             for b in range(first, last + 1):
                 at, entry = (b - first) * bs, self.store.get(b)
                 if entry is None:
-                    self.store[b] = _Entry(_block_of(scratch[at : at + bs], bs), False)
+                    self.store[b] = _Entry(new_block(scratch[at : at + bs], bs), False)
                     self.index.assign(b, b + 1, CLEAN)
                 else:  # cached meanwhile (possibly dirty): the cache is newer
                     valid = self._valid(b)
@@ -263,7 +254,7 @@ class Cache(Filter):
                         pos += n
                         continue  # not cached: the upstream has it now
                     if inb == 0 and n >= self._valid(b):  # the whole block: no fetch
-                        store[b] = _Entry(_block_of(buf[pos : pos + n], bs), True)
+                        store[b] = _Entry(new_block(buf[pos : pos + n], bs), True)
                         dirtied = True
                         pos += n
                         continue

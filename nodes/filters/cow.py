@@ -45,7 +45,7 @@ from ..base import (
 from ..params import Params, Size, param
 from ..protocol.constants import Extent
 from ..registry import register
-from ._blocks import read_aligned, run_extents, shift_holes
+from ._blocks import new_block, read_aligned, run_extents, shift_holes
 from ._runs import RunMap
 
 # What a run of overlay blocks is: its extent flags.
@@ -68,15 +68,6 @@ def _whole_blocks(holes: Holes, bs: int, length: int) -> set[int]:
         stop = end // bs if end < length else -(-end // bs)
         out.update(range(-(-start // bs), stop))
     return out
-
-
-def _block_of(data: memoryview, bs: int) -> memoryview:
-    """A new overlay block holding `data` (zeros after it, when short): one copy."""
-    if len(data) == bs:
-        return memoryview(bytearray(data))
-    block = memoryview(bytearray(bs))
-    block[: len(data)] = data
-    return block
 
 
 class CowParams(Params):
@@ -204,7 +195,7 @@ class Cow(Filter):
             for is_hole, group in groupby(range(lo, hi), lambda b: b - first in hollow):
                 run = list(group)
                 for b in () if is_hole else run:
-                    self.blocks[b] = _block_of(scratch[(b - first) * bs : (b - first + 1) * bs], bs)
+                    self.blocks[b] = new_block(scratch[(b - first) * bs : (b - first + 1) * bs], bs)
                 self.runs.assign(run[0], run[-1] + 1, ZERO_HOLE if is_hole else DATA)
         buf[:] = scratch[offset - start : offset - start + len(buf)]
 
@@ -280,7 +271,7 @@ class Cow(Filter):
             n = min(bs, count - at)
             block = blocks.get(b)
             if block is None:
-                blocks[b] = _block_of(data[at : at + n], bs)
+                blocks[b] = new_block(data[at : at + n], bs)
             else:
                 block[:n] = data[at : at + n]
         runs.assign(lo, hi, DATA)
