@@ -5,7 +5,9 @@ threads): each handle's fd has a permanent reader, a writer is armed only while 
 to send, and completed commands are retired with `aio_peek_command_completed` +
 `aio_command_completed` (no completion callbacks: in libnbd 1.14 every completion callback leaks
 a few bytes). When the upstream goes away every request in flight fails with EIO, new requests
-fail fast with EIO, and a background task reconnects with exponential back-off.
+fail fast with EIO, and a background task reconnects with exponential back-off. An upstream
+that comes back offering less than it first did (smaller, read-only, a flag gone: see
+`came_back_short`) is not taken back: it stays down, saying why, until it offers that again.
 
 `nbd.Error` becomes `OSError(errno)` here and nowhere else.
 """
@@ -154,6 +156,32 @@ class _Conn:
     dead: bool = False
 
 
+def came_back_short(was: Capabilities, now: Capabilities) -> str:
+    """What an upstream that reconnected lacks of what it offered before ("" if nothing).
+    Clients of this node (and of the nodes downstream) negotiated with the old offer: a
+    smaller export, a larger minimum block size, or a flag gone would fail their requests
+    with EINVAL, or worse, take writes where there is no longer room. nbdkit's retry filter
+    refuses a reopened plugin whose size changed likewise. What this node works round by
+    itself (extents, multi-conn, DF, a smaller maximum block size) may change."""
+    lost = []
+    if now.size < was.size:
+        lost.append(f"{now.size} bytes, was {was.size}")
+    if now.block_min > was.block_min:
+        lost.append(f"minimum block size {now.block_min}, was {was.block_min}")
+    for name, gone in (
+        ("writable", was.writable and not now.writable),
+        ("flush", was.flush and not now.flush),
+        ("FUA", was.fua is Support.NATIVE and now.fua is not Support.NATIVE),
+        ("trim", was.trim and not now.trim),
+        ("zero", was.zero is Support.NATIVE and now.zero is not Support.NATIVE),
+        ("fast zero", was.fast_zero and not now.fast_zero),
+        ("cache", was.cache is Support.NATIVE and now.cache is not Support.NATIVE),
+    ):
+        if gone:
+            lost.append(f"no {name}")
+    return ", ".join(lost)
+
+
 class Upstream(Backend):
     """An NBD server reached through libnbd, presented as a Backend."""
 
@@ -189,6 +217,8 @@ class Upstream(Backend):
         self._conns: list[_Conn] = []
         self._turn = 0
         self._caps = Capabilities(size=0)
+        #: What the first connection offered: what this node may have promised its clients.
+        self._promised: Capabilities | None = None
         self._max_request = DEFAULT_MAX_REQUEST
         self._read_flags = 0  #: what reads may carry upstream (set per connection)
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -367,7 +397,16 @@ class Upstream(Backend):
                     handles.append(await self._open_one())
                 except OSError:
                     break  # a smaller pool still works
-        self._caps = self._read_caps(first)
+        caps = self._read_caps(first)
+        short = came_back_short(self._promised, caps) if self._promised else ""
+        if short:
+            for h in handles:
+                with contextlib.suppress(nbd.Error):
+                    h.aio_disconnect(0)
+            raise OSError(errno.EIO, f"came back with less than it offered ({short}): not "
+                          f"taken back until it offers that again")  # fmt: skip
+        self._caps = caps
+        self._promised = self._promised or caps
         if self.full_info:
             self._read_identity(first)
         # The read flags the upstream may be sent: DF only if it has it.

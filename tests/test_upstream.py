@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import json
 import os
 import subprocess
 
 import nbd
 import pytest
-from conftest import capabilities, nbd_connect, rss_kib, run, wait_for
+from conftest import NBDFABRIC, capabilities, nbd_connect, rss_kib, run, wait_for
 
 from nodes.upstream import Upstream
+
+MiB = 1 << 20
 
 
 def test_upstream_proxy_same_capabilities(start_node):
@@ -136,6 +139,49 @@ def test_upstream_loss_fails_with_eio_then_recovers(start_node, tmp_path, poll):
     wait_for(serves, 20, "the proxy to reconnect")
     h.pwrite(b"s" * 4096, 0)
     assert h.pread(4096, 0) == b"s" * 4096
+
+
+def test_upstream_that_comes_back_with_less_is_not_taken_back(start_node, tmp_path):
+    """An upstream restarted smaller, or read-only, is not used (its clients were promised
+    8M and writes): requests fail with EIO and the status says why; once it offers what it
+    did, the proxy takes it back. (A bigger one is fine: nothing promised is missing.)"""
+    sock = str(tmp_path / "up.sock")
+    mem = start_node("memory", "8M", listen=f"unix:{sock}")
+    proxy = start_node("nbd", upstreams=[mem.uri], control=True)
+    h = nbd_connect(proxy.uri)
+    h.pwrite(b"q" * 4096, 8 * MiB - 4096)
+
+    def status() -> dict:
+        out = run([*NBDFABRIC, "ctl", "--json", proxy.control, "info"]).stdout
+        up = json.loads(out)["upstreams"][0]
+        return {"state": up["state"], "last_error": json.dumps(up)}
+
+    for args, why in [
+        (("4M",), "4194304 bytes, was 8388608"),
+        (("8M", "--read-only"), "no writable"),
+    ]:
+        mem.kill()
+        os.unlink(sock) if os.path.exists(sock) else None
+        mem = start_node("memory", *args, listen=f"unix:{sock}")
+        wait_for(lambda why=why: why in status()["last_error"], 20, f"the proxy to refuse: {why}")
+        assert status()["state"] != "up"
+        with pytest.raises(nbd.Error) as exc:
+            h.pread(4096, 0)
+        assert exc.value.errnum == errno.EIO
+    mem.kill()
+    os.unlink(sock) if os.path.exists(sock) else None
+    start_node("memory", "16M", listen=f"unix:{sock}")
+
+    def serves() -> bool:
+        try:
+            return h.pread(4096, 8 * MiB - 4096) == bytes(4096)  # a fresh memory node
+        except nbd.Error:
+            return False
+
+    wait_for(serves, 20, "the proxy to take the bigger upstream back")
+    h.pwrite(b"s" * 4096, 0)
+    assert h.pread(4096, 0) == b"s" * 4096 and h.get_size() == 8 * MiB
+    h.shutdown()
 
 
 def test_upstream_status_and_backoff_in_process(start_node, tmp_path):
