@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,9 +36,12 @@ from typing import Any, NamedTuple
 
 from ..base import Backend, Capabilities, Support
 from ..params import Params, Size, live
+from ..protocol.constants import CmdFlag
 from ._common import IO_CHUNK, FanBase, RangeLock, RebuildRun, member_name, to_each, write_zeroes
 
 log = logging.getLogger("nbdfabric.fan")
+
+_FUA = int(CmdFlag.FUA)
 
 IN_SYNC, FAULTY, REBUILDING = "in_sync", "faulty", "rebuilding"
 
@@ -97,6 +101,11 @@ class CopyingFan(FanBase):
     def replaced(self, index: int) -> None:
         """Member INDEX is a new one: forget what was counted of the old one."""
 
+    def judge(self, what: str, outcomes: list[tuple[int, BaseException | None]]) -> None:
+        """Raise unless the request succeeded, given each in-sync member's outcome (index,
+        None or its error)."""
+        raise NotImplementedError
+
     # Who takes part ---------------------------------------------------------------------------
 
     def synced(self, index: int, start: int, end: int) -> bool:
@@ -147,6 +156,43 @@ class CopyingFan(FanBase):
         as writes of zeros, a trim of a whole disk would be gigabytes of them, and on some
         members only the copies would differ."""
         return all(t.caps.zero is Support.NATIVE for t in self.targets())
+
+    # Writes: to every member not out, judged by each kind ----------------------------------
+
+    async def _to_all(
+        self, what: str, offset: int, count: int, flags: int,
+        op: Callable[[Target, int], Awaitable[None]],
+    ) -> None:  # fmt: skip
+        """OP (a target, the flags) on every member not out, in order with overlapping
+        requests; a fast zero as `to_each` says."""
+        async with self._order.hold(offset, offset + count):
+            targets = self.targets()
+            results, refused = await self.to_targets(targets, flags, op)
+            self.judge(what, self.outcomes(what, targets, results))
+        if refused:
+            raise OSError(errno.ENOTSUP, f"{self.kind}: a member refused to zero fast")
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        await self._to_all(
+            "write", offset, len(buf), flags, lambda t, f: t.backend.pwrite(buf, offset, f)
+        )
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        await self._to_all(
+            "zero", offset, count, flags,
+            lambda t, f: write_zeroes(t.backend, t.caps, count, offset, f),
+        )  # fmt: skip
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        if self.trims():  # see trim_as_zero
+            await self.zero(count, offset, flags & _FUA)
+
+    async def flush(self, flags: int) -> None:
+        targets = self.targets()
+        results = await asyncio.gather(
+            *(t.backend.flush(flags) for t in targets), return_exceptions=True
+        )
+        self.judge("flush", self.outcomes("flush", targets, results))
 
     # Replacing ------------------------------------------------------------------------------
 

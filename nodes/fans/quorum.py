@@ -43,19 +43,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..base import Backend, Capabilities, Holes, fill_holes, first_difference
 from ..params import live, param
-from ..protocol.constants import CmdFlag
 from ..registry import register
-from ._common import combine_caps, trim_as_zero, write_zeroes
-from ._copying import CopyingFan, CopyingParams, Target
+from ._common import combine_caps, trim_as_zero
+from ._copying import CopyingFan, CopyingParams
 
 log = logging.getLogger("nbdfabric.quorum")
-
-_FUA = int(CmdFlag.FUA)
 
 
 class QuorumParams(CopyingParams):
@@ -235,7 +231,7 @@ class Quorum(CopyingFan):
                     self.errors[i] += 1
                     log.warning("quorum: rewriting member %d failed: %s", i, exc)
 
-    def _tally(self, what: str, outcomes: list[tuple[int, BaseException | None]]) -> None:
+    def judge(self, what: str, outcomes: list[tuple[int, BaseException | None]]) -> None:
         """Count each in-sync member's failure; fail unless enough of them succeeded."""
         ok = 0
         for i, res in outcomes:
@@ -249,44 +245,10 @@ class Quorum(CopyingFan):
         if ok < self.threshold:
             raise OSError(errno.EIO, f"quorum: the {what} succeeded on {ok} members only")
 
-    async def _write_all(
-        self, what: str, offset: int, count: int, flags: int,
-        op: Callable[[Target, int], Awaitable[None]],
-    ) -> None:  # fmt: skip
-        """OP (a member, the flags) on every member not out; a fast zero as `to_each` says."""
-        async with self._order.hold(offset, offset + count):
-            targets = self.targets()
-            results, refused = await self.to_targets(targets, flags, op)
-            self._tally(what, self.outcomes(what, targets, results))
-        if refused:
-            raise OSError(errno.ENOTSUP, "quorum: a member refused to zero fast")
-
-    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        await self._write_all(
-            "write", offset, len(buf), flags, lambda t, f: t.backend.pwrite(buf, offset, f)
-        )
-
-    async def flush(self, flags: int) -> None:
-        targets = self.targets()
-        results = await asyncio.gather(
-            *(t.backend.flush(flags) for t in targets), return_exceptions=True
-        )
-        self._tally("flush", self.outcomes("flush", targets, results))
-
-    async def trim(self, count: int, offset: int, flags: int) -> None:
-        if self.trims():  # see trim_as_zero
-            await self.zero(count, offset, flags & _FUA)
-
-    async def zero(self, count: int, offset: int, flags: int) -> None:
-        await self._write_all(
-            "zero", offset, count, flags,
-            lambda t, f: write_zeroes(t.backend, t.caps, count, offset, f),
-        )  # fmt: skip
-
     async def cache(self, count: int, offset: int, flags: int) -> None:
         members = self.in_sync()
         results = await asyncio.gather(
             *(self.members[i].cache(count, offset, flags) for i in members),
             return_exceptions=True,
         )
-        self._tally("cache", list(zip(members, results, strict=True)))
+        self.judge("cache", list(zip(members, results, strict=True)))

@@ -31,19 +31,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from ..base import Backend, Capabilities, Extents, Holes, fill_holes, first_difference, read_flat
 from ..params import live
-from ..protocol.constants import CmdFlag
 from ..registry import register
-from ._common import combine_caps, trim_as_zero, write_zeroes
-from ._copying import IN_SYNC, CopyingFan, CopyingParams, Target
+from ._common import combine_caps, trim_as_zero
+from ._copying import IN_SYNC, CopyingFan, CopyingParams
 
 log = logging.getLogger("nbdfabric.verify")
-
-_FUA = int(CmdFlag.FUA)
 
 
 class VerifyParams(CopyingParams):
@@ -153,45 +149,11 @@ class Verify(CopyingFan):
                 raise OSError(errno.EIO, f"verify: members differ at offset {at}")
         return None
 
-    def _check(self, what: str, targets: list[Target], results: list[Any]) -> None:
+    def judge(self, what: str, outcomes: list[tuple[int, BaseException | None]]) -> None:
         """Every member in sync must have done it (a rebuilding one's failure is its own)."""
-        for _, res in self.outcomes(what, targets, results):
+        for _, res in outcomes:
             if res is not None:
                 raise res
-
-    async def _both(
-        self, what: str, offset: int, count: int, flags: int,
-        op: Callable[[Target, int], Awaitable[None]],
-    ) -> None:  # fmt: skip
-        """OP (a member, the flags) on both members; a fast zero as `to_each` says."""
-        async with self._order.hold(offset, offset + count):
-            targets = self.targets()
-            results, refused = await self.to_targets(targets, flags, op)
-        self._check(what, targets, results)
-        if refused:
-            raise OSError(errno.ENOTSUP, "verify: a member refused to zero fast")
-
-    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        await self._both(
-            "write", offset, len(buf), flags, lambda t, f: t.backend.pwrite(buf, offset, f)
-        )
-
-    async def flush(self, flags: int) -> None:
-        targets = self.targets()
-        results = await asyncio.gather(
-            *(t.backend.flush(flags) for t in targets), return_exceptions=True
-        )
-        self._check("flush", targets, results)
-
-    async def trim(self, count: int, offset: int, flags: int) -> None:
-        if self.trims():  # see trim_as_zero
-            await self.zero(count, offset, flags & _FUA)
-
-    async def zero(self, count: int, offset: int, flags: int) -> None:
-        await self._both(
-            "zero", offset, count, flags,
-            lambda t, f: write_zeroes(t.backend, t.caps, count, offset, f),
-        )  # fmt: skip
 
     async def cache(self, count: int, offset: int, flags: int) -> None:
         await asyncio.gather(*(self.members[i].cache(count, offset, flags) for i in self.in_sync()))
