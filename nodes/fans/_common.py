@@ -322,6 +322,34 @@ class FanBase(Fan):
         }
 
 
+class RebuildingFan(FanBase):
+    """A fan that rebuilds members (mirror, parity, quorum, verify): `ctl rebuild stop|start`
+    pauses and resumes its rebuilds, which wait on `_running` before each chunk, and `ctl
+    rebuild --throttle` sets its live `rebuild-rate`."""
+
+    def __init__(self, params: Params, members: Sequence[Backend]) -> None:
+        super().__init__(params, members)
+        self._running = asyncio.Event()  #: cleared: rebuilds pause
+        self._running.set()
+
+    def set_rebuild(self, running: bool | None = None, throttle: int | None = None) -> None:
+        if running is True:
+            self._running.set()
+        elif running is False:
+            self._running.clear()
+        if throttle is not None:
+            self.configure({"rebuild-rate": throttle})
+
+    def progress_of(self, run: RebuildRun | None) -> dict[str, Any]:
+        """What `rebuild_progress()` shows of RUN (the one running, else the last), or of
+        none yet."""
+        paused = not self._running.is_set()
+        if run is not None:
+            return run.as_dict(paused)
+        return {"running": False, "paused": paused, "member": None, "bytes_done": 0,
+                "bytes_total": 0, "rate": 0.0, "eta_seconds": None}  # fmt: skip
+
+
 def combine_caps(
     caps: Sequence[Capabilities], size: int, *, fast_zero: bool = True, extents: bool = True
 ) -> Capabilities:

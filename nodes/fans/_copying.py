@@ -37,7 +37,15 @@ from typing import Any, NamedTuple
 from ..base import Backend, Capabilities, Support
 from ..params import Params, Size, live
 from ..protocol.constants import CmdFlag
-from ._common import IO_CHUNK, FanBase, RangeLock, RebuildRun, member_name, to_each, write_zeroes
+from ._common import (
+    IO_CHUNK,
+    RangeLock,
+    RebuildingFan,
+    RebuildRun,
+    member_name,
+    to_each,
+    write_zeroes,
+)
 
 log = logging.getLogger("nbdfabric.fan")
 
@@ -59,7 +67,7 @@ class Target(NamedTuple):
     in_sync: bool  #: False: rebuilding (its outcome is not the request's)
 
 
-class CopyingFan(FanBase):
+class CopyingFan(RebuildingFan):
     """A fan whose members hold copies of the same data, rebuilt by copying (see the module)."""
 
     params: CopyingParams
@@ -77,8 +85,6 @@ class CopyingFan(FanBase):
         self._runs: list[RebuildRun | None] = [None] * n
         self._last_run: RebuildRun | None = None
         self._copies: dict[int, asyncio.Task[None]] = {}
-        self._running = asyncio.Event()
-        self._running.set()
         #: Overlapping requests (and chunk copies) in order: see each kind's module.
         self._order = RangeLock()
         self._admin = asyncio.Lock()  #: one replace or mark_faulty at a time
@@ -355,22 +361,9 @@ class CopyingFan(FanBase):
         return out
 
     def rebuild_progress(self) -> dict[str, Any]:
-        paused = not self._running.is_set()
-        run = next((r for r in self._runs if r is not None), self._last_run)
-        if run is not None:
-            return run.as_dict(paused)
-        return {"running": False, "paused": paused, "member": None, "bytes_done": 0,
-                "bytes_total": 0, "rate": 0.0, "eta_seconds": None}  # fmt: skip
+        return self.progress_of(next((r for r in self._runs if r is not None), self._last_run))
 
     def status(self) -> dict[str, Any]:
         out = super().status()
         out["rebuild"] = self.rebuild_progress()
         return out
-
-    def set_rebuild(self, running: bool | None = None, throttle: int | None = None) -> None:
-        if running is True:
-            self._running.set()
-        elif running is False:
-            self._running.clear()
-        if throttle is not None:
-            self.configure({"rebuild-rate": throttle})

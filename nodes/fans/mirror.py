@@ -80,8 +80,8 @@ from ..registry import register
 from ._bitmap import BitmapFile, DirtyMap, WriteIntents, load_runs
 from ._common import (
     IO_CHUNK,
-    FanBase,
     RangeLock,
+    RebuildingFan,
     RebuildRun,
     Recovery,
     combine_caps,
@@ -196,7 +196,7 @@ class NoSource(OSError):
 
 
 @register
-class Mirror(FanBase):
+class Mirror(RebuildingFan):
     """RAID1: N-way mirror with degraded mode, write-intent bitmap and live rebuild."""
 
     kind = "mirror"
@@ -218,8 +218,6 @@ class Mirror(FanBase):
         self.acked = 0  #: writes, zeroes, trims and flushes acknowledged to clients
         self._guard = RegionGuard()
         self._copy_lock = asyncio.Lock()
-        self._running = asyncio.Event()
-        self._running.set()
         self._monitor_task: asyncio.Task[None] | None = None
         self._bitmap = BitmapFile(params.bitmap_file) if params.bitmap_file else None
         self._intents: WriteIntents | None = None  #: with a bitmap file, from start()
@@ -783,21 +781,8 @@ class Mirror(FanBase):
         return out
 
     def rebuild_progress(self) -> dict[str, Any]:
-        paused = not self._running.is_set()
-        for s in self.slots:
-            if s.rebuild is not None:
-                return s.rebuild.as_dict(paused)
-        if self._last_run is not None:
-            return self._last_run.as_dict(paused)
-        return {
-            "running": False,
-            "paused": paused,
-            "member": None,
-            "bytes_done": 0,
-            "bytes_total": 0,
-            "rate": 0.0,
-            "eta_seconds": None,
-        }
+        running = (s.rebuild for s in self.slots if s.rebuild is not None)
+        return self.progress_of(next(running, self._last_run))
 
     def status(self) -> dict[str, Any]:
         members = self.members_info()
@@ -809,14 +794,6 @@ class Mirror(FanBase):
             "resync_bytes": self.resync_bytes_total,
             "bitmap_chunk": self.chunk,
         }
-
-    def set_rebuild(self, running: bool | None = None, throttle: int | None = None) -> None:
-        if running is True:
-            self._running.set()
-        elif running is False:
-            self._running.clear()
-        if throttle is not None:
-            self.configure({"rebuild-rate": throttle})
 
     async def mark_faulty(self, index: int) -> None:
         slot = self._slot(index)

@@ -81,7 +81,7 @@ from ..protocol.constants import CmdFlag, Extent
 from ..registry import register
 from ._bitmap import BitmapFile, WriteIntents, load_runs
 from ._common import (
-    FanBase,
+    RebuildingFan,
     RebuildRun,
     Recovery,
     combine_caps,
@@ -143,7 +143,7 @@ def _xor(bufs: Iterable[bytes | bytearray | memoryview], n: int) -> bytes:
 
 
 @register
-class Parity(FanBase):
+class Parity(RebuildingFan):
     """RAID5: rotating parity over N >= 3 members, degraded reads and full rebuild."""
 
     kind = "parity"
@@ -172,8 +172,6 @@ class Parity(FanBase):
         self._recovery = Recovery(self._recover, self._seen, self._tasks)
         self._monitor_task: asyncio.Task[None] | None = None
         self.rebuild: RebuildRun | None = None  #: the last rebuild, or the one running
-        self._running = asyncio.Event()  #: cleared: rebuilds pause (ctl rebuild stop)
-        self._running.set()
         self.acked = 0  #: writes and flushes acknowledged to clients
         #: `acked` when each member left the in-sync set (see `_recover`)
         self.left_at: list[int | None] = [None] * self.n
@@ -417,11 +415,7 @@ class Parity(FanBase):
         return out
 
     def rebuild_progress(self) -> dict[str, Any]:
-        paused = not self._running.is_set()
-        if self.rebuild is None:
-            return {"running": False, "paused": paused, "bytes_done": 0, "bytes_total": 0,
-                    "rate": 0.0, "eta_seconds": None, "member": None}  # fmt: skip
-        return self.rebuild.as_dict(paused)
+        return self.progress_of(self.rebuild)
 
     def status(self) -> dict[str, Any]:
         members = self.members_info()
@@ -731,14 +725,6 @@ class Parity(FanBase):
             index=index,
             state=IN_SYNC,
         )
-
-    def set_rebuild(self, running: bool | None = None, throttle: int | None = None) -> None:
-        if running is True:
-            self._running.set()
-        elif running is False:
-            self._running.clear()
-        if throttle is not None:
-            self.configure({"rebuild-rate": throttle})
 
     # Data path ------------------------------------------------------------------------------
 
