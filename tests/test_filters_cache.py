@@ -110,8 +110,9 @@ def test_cache_in_process_matches_a_model(
     mode: str, on_read: bool, max_size: str, ops: list
 ) -> None:
     """Reads after random writes, zeroes, trims, CACHEs and flushes in every mode, with
-    reclaim; the index says of each block what the store does; block status says data for
-    every dirty block; after a flush the upstream holds what the cache serves."""
+    reclaim; the index (and the index of dirty blocks) says of each block what the store
+    does; block status says data for every dirty block; after a flush the upstream holds
+    what the cache serves."""
 
     async def scenario() -> None:
         image = bytes(range(256)) * (SIZE // 256) + bytes(SIZE % 256)
@@ -163,10 +164,11 @@ def test_cache_in_process_matches_a_model(
                 got = await read(off, n)
                 for i in range(n):
                     assert not defined[off + i] or got[i] == model[off + i], off + i
+            entries = [node.store.get(b) for b in range(-(-SIZE // BS))]
             assert [node.index.get(b) for b in range(-(-SIZE // BS))] == [
-                None if e is None else DIRTY if e.dirty else CLEAN
-                for e in (node.store.get(b) for b in range(-(-SIZE // BS)))
+                None if e is None else DIRTY if e.dirty else CLEAN for e in entries
             ]
+            assert node._dirty() == [b for b, e in enumerate(entries) if e and e.dirty]
         served = await read(0, SIZE)
         assert all(g == m for g, m, d in zip(served, model, defined, strict=True) if d)
         await node.flush(0)

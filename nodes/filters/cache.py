@@ -108,6 +108,9 @@ class Cache(Filter):
         self.store: OrderedDict[int, _Entry] = OrderedDict()
         #: The blocks in the store, as runs of DIRTY or CLEAN (as their entries say).
         self.index = RunMap()
+        #: The DIRTY runs alone, so that a flush (or the status) looks at what it writes
+        #: back, not at every run of a large cache of clean blocks.
+        self.dirty = RunMap()
         self.locks = RangeLocks()
         self._reclaiming = asyncio.Lock()
         self.writebacks = 0
@@ -135,7 +138,8 @@ class Cache(Filter):
         ).normalized()
 
     def status(self) -> dict[str, Any]:
-        dirty = len(self._dirty())
+        end = -(-self._size() // self.bs)
+        dirty = sum(hi - lo for lo, hi, _ in self.dirty.runs(0, end))
         return {
             **self.next.status(),
             "cache": {
@@ -165,12 +169,16 @@ class Cache(Filter):
     def _dirty(self) -> list[int]:
         """The dirty blocks, in order."""
         end = -(-self._size() // self.bs)
-        runs = self.index.runs(0, end)
-        return [b for lo, hi, state in runs if state == DIRTY for b in range(lo, hi)]
+        return [b for lo, hi, _ in self.dirty.runs(0, end) for b in range(lo, hi)]
+
+    def _mark(self, lo: int, hi: int, state: int | None) -> None:
+        """Blocks [lo, hi) are now DIRTY, CLEAN or (None) not cached."""
+        self.index.assign(lo, hi, state)
+        self.dirty.assign(lo, hi, DIRTY if state == DIRTY else None)
 
     def _forget(self, b: int) -> None:
         del self.store[b]
-        self.index.assign(b, b + 1, None)
+        self._mark(b, b + 1, None)
 
     # Reads --------------------------------------------------------------------------------
 
@@ -215,7 +223,7 @@ class Cache(Filter):
                 at, entry = (b - first) * bs, self.store.get(b)
                 if entry is None:
                     self.store[b] = _Entry(new_block(scratch[at : at + bs], bs), False)
-                    self.index.assign(b, b + 1, CLEAN)
+                    self._mark(b, b + 1, CLEAN)
                 else:  # cached meanwhile (possibly dirty): the cache is newer
                     valid = self._valid(b)
                     scratch[at : at + valid] = entry.data[:valid]
@@ -265,7 +273,7 @@ class Cache(Filter):
                 store.move_to_end(b)
                 pos += n
             if dirtied:  # (writeback and unsafe: every block of the range is cached now)
-                self.index.assign(first, last + 1, DIRTY)
+                self._mark(first, last + 1, DIRTY)
             if flags & _FUA and mode != "writethrough":
                 await self._write_back_locked(range(first, last + 1), fua=True)
         await self._reclaim()
@@ -359,7 +367,7 @@ class Cache(Filter):
             await self.next.pwrite(data, first * self.bs, flags)
             for b in range(first, last + 1):
                 self.store[b].dirty = False  # all there: the caller holds their locks
-            self.index.assign(first, last + 1, CLEAN)
+            self._mark(first, last + 1, CLEAN)
             self.writebacks += last - first + 1
             i = j + 1
         if fua and run and self._emulate_fua():
