@@ -21,7 +21,7 @@ from typing import Any
 from . import registry
 from .base import Backend, StopNode
 from .params import Params
-from .server.addresses import Address, systemd_sockets
+from .server.addresses import Address, repeated_export, same_export_problem, systemd_sockets
 from .server.node import NodeOptions, NodeRuntime
 
 log = logging.getLogger("nbdfabric.node")
@@ -92,6 +92,12 @@ def build_backend(spec: NodeSpec) -> Backend:
             f"{spec.kind} is a fan: give at least {cls.min_members} --upstream URIs "
             f"(got {len(spec.upstreams)})"
         )
+    # Checked before any connection: the same export twice, a stripe's chunks of two members
+    # would overwrite each other's, a mirror's two copies would be one (mdadm refuses too).
+    twice = repeated_export(spec.upstreams)
+    if twice is not None:
+        i, j = twice
+        raise SpecError(same_export_problem(i, spec.upstreams[i], j, spec.upstreams[j]))
     members = [upstream(u, i) for i, u in enumerate(spec.upstreams)]
     return cls(spec.params, members)  # type: ignore[call-arg]
 

@@ -444,6 +444,7 @@ class _Validator:
         self.kinds = kinds
         self.problems: list[Problem] = []
         self.lines = _Lines(None)
+        self.base_dir = "."  #: where the nodes run (run() sets it): relative sockets start there
 
     def problem(self, path: tuple[Any, ...], message: str) -> None:
         self.problems.append(Problem(self.source, self.lines.line(path), _dotted(path), message))
@@ -453,6 +454,7 @@ class _Validator:
             raise TopologyError(self.problems)
 
     def run(self, text: str, base_dir: str) -> Topology:
+        self.base_dir = base_dir
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
             graph = _graph_problem(root)
@@ -554,9 +556,11 @@ class _Validator:
                 f"{spec.kind} is a fan: it needs at least {cls.min_members} members in "
                 f"'upstreams' (got {len(upstreams)})",
             )
-        for i, u in enumerate(upstreams):
-            if upstreams.index(u) != i:
-                self.problem((*path, "upstreams", i), f"upstream {u!r} is listed twice")
+        for i, j in self.repeated_members(upstreams):
+            from nodes.server.addresses import same_export_problem
+
+            problem = same_export_problem(i, upstreams[i], j, upstreams[j], repr)
+            self.problem((*path, field_name, j), f"{spec.kind} {name!r}: {problem}")
         if spec.workers > 1 and not cls.shareable:
             can = ", ".join(sorted(k for k, c in self.kinds.items() if c.shareable)) or "(none)"
             self.problem(
@@ -581,6 +585,21 @@ class _Validator:
             multi_export=cls.multi_export(params),
             line=self.lines.line(path),
         )
+
+    def repeated_members(self, upstreams: list[str]) -> list[tuple[int, int]]:
+        """(i, j) for each of a node's upstreams J that is the export an earlier one I is:
+        the same node reference (`NODE`, `NODE/EXPORT`), or a URI with the same
+        export_identity (relative unix sockets are where the nodes run: the file's directory)."""
+        from nodes.server.addresses import export_identity
+
+        seen: dict[tuple[Any, ...], int] = {}
+        repeats = []
+        for j, up in enumerate(upstreams):
+            key = export_identity(up, self.base_dir) if is_uri(up) else ("node", *node_ref(up))
+            if key in seen:
+                repeats.append((seen[key], j))
+            seen.setdefault(key, j)
+        return repeats
 
     def params(
         self, path: tuple[Any, ...], kind: str, cls: KindInfo, values: dict[str, Any]

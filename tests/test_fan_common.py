@@ -13,7 +13,9 @@ import asyncio
 import dataclasses
 import errno
 import hashlib
+import os
 import random
+import subprocess
 import threading
 from collections.abc import Callable, Coroutine
 from functools import partial
@@ -22,13 +24,13 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import mem, nbd_connect, run, wait_for
+from conftest import NBDFABRIC, ROOT, mem, nbd_connect, run, wait_for
 
 from nodes.base import Backend, Capabilities, Extents, Holes, Support, read_flat
 from nodes.fans._bitmap import DirtyMap
 from nodes.fans._common import combine_caps, to_each
 from nodes.plugins.memory import Memory, MemoryParams, SparseStore
-from nodes.server.addresses import parse_address
+from nodes.server.addresses import export_identity, parse_address, repeated_export
 from nodes.server.node import NodeOptions, NodeRuntime
 
 
@@ -396,3 +398,97 @@ def test_fan_dirty_map_counts_runs_and_cursor() -> None:
     assert e.count() == 6 and e.is_dirty(50) and e.is_dirty(99) and not e.is_dirty(94)
     e.mark_all()
     assert e.is_full() and e.count() == 100
+
+
+# One export as two members -----------------------------------------------------------------------
+
+
+SAME_EXPORT = [
+    ("nbd+unix:///?socket=./m.sock", "nbd+unix:///?socket=/srv/m.sock"),
+    ("nbd+unix:///?socket=m.sock", "nbd+unix:///?socket=/srv/m.sock"),
+    ("nbd+unix:///?socket=../srv/./m.sock", "nbd+unix:///?socket=//srv/m.sock"),
+    ("nbd+unix:///?socket=%2Fsrv%2Fm.sock", "nbd+unix:///?socket=/srv/m.sock"),
+    ("nbds+unix:///disk?socket=/srv/m.sock&tls-certificates=/c", "nbd+unix:///disk?socket=/srv/m.sock"),
+    ("nbd+unix:///?socket=/x&socket=/srv/m.sock", "nbd+unix:///?socket=/srv/m.sock"),  # last wins
+    ("nbd+unix:///a%20b?socket=/srv/m.sock", "nbd+unix:///a b?socket=/srv/m.sock"),
+    ("nbd://localhost:10809/x", "nbd://localhost/x"),
+    ("nbd://LocalHost/x", "nbds://localhost:10809/x"),
+    ("nbd:///x", "nbd://localhost:10809/x"),  # libnbd's default host
+    ("nbd://user@host:10809/x#frag", "nbd://host/x"),
+    ("nbd://[::1]:10809/", "nbd://[0:0::1]"),
+    ("nbd+vsock:///x", "nbd+vsock://2:10809/x"),
+]  # fmt: skip
+
+DIFFERENT_EXPORTS = [
+    ("nbd+unix:///a?socket=/srv/m.sock", "nbd+unix:///b?socket=/srv/m.sock"),
+    ("nbd+unix:///?socket=/srv/m.sock", "nbd+unix:///?socket=/srv/n.sock"),
+    ("nbd+unix:///?socket=m.sock", "nbd+unix:///?socket=/srv/m.sock"),  # from /srv/sub
+    # Behind a name that may be a symlink, ".." is not ours to take away.
+    ("nbd+unix:///?socket=/srv/link/../m.sock", "nbd+unix:///?socket=/srv/m.sock"),
+    ("nbd+unix:///a+b?socket=/srv/m.sock", "nbd+unix:///a b?socket=/srv/m.sock"),
+    ("nbd://localhost:10810/x", "nbd://localhost/x"),
+    ("nbd://127.0.0.1/x", "nbd://localhost/x"),  # one host, maybe: the text cannot tell
+    ("nbd://host/x", "nbd+unix:///x?socket=/srv/m.sock"),
+    ("nbd+ssh://host/x", "nbd+ssh://host:22/x"),  # not read here: only the same text is one
+]
+
+
+@pytest.mark.parametrize(("one", "other"), SAME_EXPORT)
+def test_fan_export_identity_sees_one_export_spelled_two_ways(one: str, other: str) -> None:
+    assert export_identity(one, "/srv") == export_identity(other, "/srv")
+    assert repeated_export(["nbd://elsewhere/", one, other], "/srv") == (1, 2)
+
+
+@pytest.mark.parametrize(("one", "other"), DIFFERENT_EXPORTS)
+def test_fan_export_identity_keeps_what_may_differ_apart(one: str, other: str) -> None:
+    assert export_identity(one, "/srv/sub") != export_identity(other, "/srv/sub")
+    assert repeated_export([one, other], "/srv/sub") is None
+
+
+def test_fan_export_identity_keys() -> None:
+    assert export_identity("nbd+unix:///d%2Fe?socket=./m.sock", "/run/x") == (
+        "unix", "/run/x/m.sock", "d/e")  # fmt: skip
+    assert export_identity("nbds://Example.COM:10900/vm") == ("tcp", "example.com", 10900, "vm")
+    assert export_identity("nbd://h") == ("tcp", "h", 10809, "")
+    assert export_identity("nbd+unix:///?socket=m.sock") == (
+        "unix", os.path.join(os.getcwd(), "m.sock"), "")  # fmt: skip
+    assert export_identity("disk.img") == ("uri", "disk.img")
+    assert export_identity("nbd://h:port/x") == ("uri", "nbd://h:port/x")
+
+
+#: (fan, upstreams with {a}/{b} for two member nodes' URIs, and {a_rel} for the first one's
+#: socket relative to the fan's directory, members that are one export, as the message shows)
+REPEATS = [
+    ("stripe", ["{a}", "{a_rel}"], "members 0 and 1 are the same export ({a} and {a_rel})"),
+    ("concat", ["{a}", "{b}", "{a_rel}"], "members 0 and 2 are the same export ({a} and {a_rel})"),
+    ("mirror", ["{a}", "{a}"], "members 0 and 1 are the same export ({a} given twice)"),
+    ("parity", ["{b}", "{a}", "{a}"], "members 1 and 2 are the same export ({a} given twice)"),
+    ("quorum", ["{a}", "{b}", "{b}"], "members 1 and 2 are the same export ({b} given twice)"),
+    ("verify", ["{a_rel}", "{a}"], "members 0 and 1 are the same export ({a_rel} and {a})"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "upstreams", "message"), REPEATS, ids=[r[0] for r in REPEATS])
+def test_fan_node_refuses_one_export_as_two_members(
+    start_node: Any, tmp_path: Path, kind: str, upstreams: list[str], message: str
+) -> None:
+    """As mdadm refuses a device given twice: the fan does not start (else it served, and
+    `--run true` ended it with 0), and says which members are one export, however spelled."""
+    a = start_node("memory", "8M", listen=f"unix:{tmp_path}/a.sock")
+    b = start_node("memory", "8M")
+    uris = {"a": a.uri, "b": b.uri, "a_rel": "nbd+unix:///?socket=./a.sock"}
+    args = [arg for u in upstreams for arg in ("--upstream", u.format(**uris))]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    res = subprocess.run(
+        [*NBDFABRIC, "node", kind, *args, "--listen", f"unix:{tmp_path}/fan.sock", "--run", "true"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    assert res.stderr == (
+        f"nbdfabric node {kind}: {message.format(**uris)}: each member must be a different "
+        "export, or the fan would use one as two\n"
+    )
+    assert not (tmp_path / "fan.sock").exists()

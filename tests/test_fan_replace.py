@@ -12,6 +12,7 @@ import asyncio
 import errno
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 import nbd
@@ -500,3 +501,34 @@ def test_verify_process_ctl_replace_under_reads_reports_no_mismatch(start_node: 
     h.shutdown()
     assert mismatches() == 1
     qemu_compare(a.uri, new.uri)
+
+
+@pytest.mark.parametrize("kind", ["mirror", "parity", "quorum"])
+def test_process_ctl_replace_refuses_another_members_export_and_takes_its_own_again(
+    start_node: Any, kind: str
+) -> None:
+    """`ctl replace` onto the export another member is (however spelled) is refused, readably,
+    and changes nothing: the fan would write one export as two. Onto the member's own export
+    (its node killed and made again at the same address) it goes ahead as any replace."""
+    members = [start_node("memory", "8M") for _ in range(3)]
+    fan = start_node(kind, upstreams=[m.uri for m in members], control=True)
+    assert fan.control is not None
+    data = fill(fan.uri, 24)
+    sock0 = Path(members[0].socket)
+    respelled = f"nbd+unix:///?socket={sock0.parent}/./{sock0.name}"
+    for uri, shown in ((members[0].uri, ""), (respelled, f" ({members[0].uri})")):
+        res = run([*NBDFABRIC, "ctl", fan.control, "replace", "1", uri], check=False)
+        assert res.returncode == 1, res.stderr
+        assert (
+            f"{kind}: cannot use {uri} as member 1: it is member 0 already{shown}\n" in res.stderr
+        )
+    assert [m["uri"] for m in ctl_members(fan.control)] == [m.uri for m in members]
+    assert member_states(fan.control) == ["in_sync"] * 3
+    members[1].kill()
+    start_node("memory", "8M", listen=f"unix:{members[1].socket}")
+    run([*NBDFABRIC, "ctl", fan.control, "replace", "1", members[1].uri])
+    wait_for(lambda: member_states(fan.control) == ["in_sync"] * 3, 30, "the rebuild", 0.3)
+    assert [m["uri"] for m in ctl_members(fan.control)] == [m.uri for m in members]
+    assert read_all(fan.uri, SIZE) == data
+    if kind != "parity":  # a parity member holds its share, not the data
+        assert read_all(members[1].uri) == data

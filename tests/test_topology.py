@@ -239,6 +239,29 @@ INVALID = [
         "'files/a.img' alone, put a filter over it",
     ),
     (
+        "one node twice in a fan",
+        "nodes:\n  a: {kind: memory, params: {size: 1M}}\n  b: {kind: memory, params: {size: 1M}}\n"
+        "  m:\n    kind: stripe\n    upstreams:\n      - a\n      - b\n      - a\n",
+        "f.yaml:9: nodes.m.upstreams[2]: stripe 'm': members 0 and 2 are the same export ('a' "
+        "given twice): each member must be a different export, or the fan would use one as two",
+    ),
+    (
+        "one file of a directory node twice in a fan",
+        "nodes:\n  files: {kind: file, params: {dir: /srv}}\n"
+        "  m: {kind: mirror, upstreams: [files/a.img, files/a.img]}\n",
+        "f.yaml:3: nodes.m.upstreams[1]: mirror 'm': members 0 and 1 are the same export "
+        "('files/a.img' given twice): each member must be a different export, or the fan would "
+        "use one as two",
+    ),
+    (
+        "one NBD server twice in a fan, spelled two ways",
+        "nodes:\n  q:\n    kind: quorum\n    upstreams:\n      - nbd://disks:10809/x\n"
+        "      - nbds://Disks/x\n      - nbd://disks/y\n",
+        "f.yaml:6: nodes.q.upstreams[1]: quorum 'q': members 0 and 1 are the same export "
+        "('nbd://disks:10809/x' and 'nbds://Disks/x'): each member must be a different export, "
+        "or the fan would use one as two",
+    ),
+    (
         "unset variable",
         "nodes:\n  a: {kind: memory, params: {size: '${DISK_SIZE}'}}\n",
         "f.yaml:2: variable DISK_SIZE is not set",
@@ -529,3 +552,31 @@ def test_cli_validate_exit_status_and_message(tmp_path: Path) -> None:
     assert ko.stderr.startswith(
         f"{bad}:4: nodes.slow.kind: unknown kind 'dely', did you mean 'delay'? (known: "
     )
+
+
+def test_topology_fan_member_twice_through_a_relative_socket(tmp_path: Path) -> None:
+    """Nodes run in the file's directory: a relative socket there and its absolute path are
+    one export, reported on the second one's line, by `validate` too (exit 1). Another
+    file's sockets, or another export of one socket, are other members."""
+    f = tmp_path / "fabric.yaml"
+    f.write_text(
+        "name: t\nnodes:\n  v:\n    kind: verify\n    upstreams:\n"
+        "      - nbd+unix:///?socket=disks/m.sock\n"
+        f"      - nbd+unix:///?socket={tmp_path}/disks/m.sock\n"
+    )
+    message = (
+        f"{f}:7: nodes.v.upstreams[1]: verify 'v': members 0 and 1 are the same export "
+        f"('nbd+unix:///?socket=disks/m.sock' and 'nbd+unix:///?socket={tmp_path}/disks/m.sock')"
+        ": each member must be a different export, or the fan would use one as two"
+    )
+    with pytest.raises(TopologyError) as info:
+        load(f)
+    assert str(info.value) == message
+    cmd = [sys.executable, "-m", "nodes.cli", "validate", str(f)]
+    ko = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert ko.returncode == 1
+    assert ko.stderr == message + "\n"
+    f.write_text(f.read_text().replace(str(tmp_path), str(tmp_path / "other")))
+    assert len(load(f).nodes["v"].upstreams) == 2
+    f.write_text(f.read_text().replace(f"///?socket={tmp_path}/other", "///b?socket=."))
+    assert len(load(f).nodes["v"].upstreams) == 2

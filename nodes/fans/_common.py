@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Protocol
 from ..base import Backend, Capabilities, Extents, Fan, Holes, Support, add_range
 from ..params import Params
 from ..protocol.constants import CmdFlag
+from ..server.addresses import export_identity
 
 # Plain ints: `int & IntFlag` runs Python code in enum.py (about 1 µs), per request.
 _REQ_ONE, _FUA, _FAST_ZERO = int(CmdFlag.REQ_ONE), int(CmdFlag.FUA), int(CmdFlag.FAST_ZERO)
@@ -237,7 +238,13 @@ class FanBase(Fan):
         self, index: int, uri: str | Backend
     ) -> tuple[Backend, Capabilities]:
         """A new member INDEX (a URI, or a ready Backend), started and checked as a member that
-        joins late is: refused (stopped again, ValueError) if it cannot join."""
+        joins late is: refused (ValueError) if it is another member's export, or if it cannot
+        join (stopped again)."""
+        address = uri if isinstance(uri, str) else getattr(uri, "uri", None)
+        if isinstance(address, str):
+            problem = self.another_member_at(index, address)
+            if problem:
+                raise ValueError(f"{self.kind}: cannot use {address} as member {index}: {problem}")
         new = self.make_member(uri, index) if isinstance(uri, str) else uri
         await new.start()
         caps = new.capabilities().normalized()
@@ -248,6 +255,17 @@ class FanBase(Fan):
             raise ValueError(f"{self.kind}: cannot use {member_name(new, index)} as member "
                              f"{index}: {problem}")  # fmt: skip
         return new, caps
+
+    def another_member_at(self, index: int, uri: str) -> str | None:
+        """Which other member than INDEX is the export at URI already, if one is (see
+        export_identity): one export as two members aliases a layout's chunks and fakes a
+        copy. INDEX's own export is fine: its node was recreated at the same address."""
+        key = export_identity(uri)
+        for j, member in enumerate(self.members):
+            other = getattr(member, "uri", None)
+            if j != index and isinstance(other, str) and export_identity(other) == key:
+                return f"it is member {j} already" + ("" if other == uri else f" ({other})")
+        return None
 
     def shortfall(self, caps: Capabilities) -> str | None:
         """What a member joining later (late at start, or a replacement) lacks of what this

@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import socket
 import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 DEFAULT_PORT = 10809
 SD_LISTEN_FDS_START = 3
@@ -171,6 +173,116 @@ def check_nbd_uri(uri: str) -> None:
         )
     if scheme.lower().endswith("+unix") and "socket=" not in rest:
         raise AddressError(f"{uri!r}: an nbd+unix URI needs ?socket=PATH")
+
+
+def export_identity(uri: str, cwd: str | None = None) -> tuple[str | int, ...]:
+    """Where the bytes of an NBD URI go, as libnbd reads it: two URIs with equal keys reach
+    the same export of the same server (a fan must not have it twice).
+
+    ("unix", socket path made absolute against `cwd` (default: ours), export name),
+    ("tcp", host lowercased, port (10809 when none), export name), ("vsock", cid, port, export
+    name); TLS or not (nbds) does not change where they go. The export name and the socket
+    path are percent-decoded as libnbd does. Any other URI (nbd+ssh, one libnbd would refuse)
+    is only itself: ("uri", uri).
+
+    Conservative: equal keys are one export, but different keys may still be one, in ways the
+    text cannot tell (a host name and its address, two names of a host, a symlink to a socket
+    or a directory, a forwarded port, a server that serves one disk under two names)."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or not scheme.lower().startswith("nbd"):
+        return ("uri", uri)
+    transport = scheme.lower().removeprefix("nbds").removeprefix("nbd")
+    start = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0),
+                default=len(rest))  # fmt: skip
+    authority, tail = rest[:start], rest[start:].split("#", 1)[0]
+    path, _, query = tail.partition("?")
+    export = unquote(path[1:]) if path.startswith("/") else ""
+    if transport == "+unix":
+        socket_path = _query_value(query, "socket")
+        if not socket_path:
+            return ("uri", uri)
+        return ("unix", _absolute(socket_path, os.getcwd() if cwd is None else cwd), export)
+    host, port = _host_port(authority.rpartition("@")[2])
+    if port is None:
+        return ("uri", uri)
+    if transport == "":
+        return ("tcp", host or "localhost", port, export)
+    if transport == "+vsock" and (host or "2").isdigit():
+        return ("vsock", int(host or "2"), port, export)
+    return ("uri", uri)
+
+
+def _query_value(query: str, name: str) -> str | None:
+    """The last value of `name` in a URI query, decoded, as libnbd finds it: a part ends at
+    the first "&", or where there is none at the first ";"."""
+    found = None
+    while query:
+        end = query.find("&")
+        if end < 0:
+            end = query.find(";")
+        if end < 0:
+            end = len(query)
+        key, _, value = query[:end].partition("=")
+        if key and unquote(key) == name:  # ("=value" is skipped, "name" alone is "")
+            found = unquote(value)
+        query = query[end + 1 :]
+    return found
+
+
+def _host_port(hostport: str) -> tuple[str, int | None]:
+    """(host, port) of a URI's authority (without user): the host lowercased, an IPv6 address
+    in its short form, the port 10809 when none (or 0) is given; None: not a port."""
+    if hostport.startswith("["):
+        host, _, after = hostport[1:].partition("]")
+        port_text = after.removeprefix(":")
+    else:
+        host, _, port_text = hostport.partition(":")
+    host = unquote(host).lower()
+    with contextlib.suppress(ValueError):
+        host = str(ipaddress.ip_address(host))
+    if not port_text:
+        return host, DEFAULT_PORT
+    if not port_text.isdigit():
+        return host, None
+    return host, int(port_text) or DEFAULT_PORT
+
+
+def _absolute(path: str, cwd: str) -> str:
+    """`path` from `cwd` (a physical path, as os.getcwd() gives), without "." or empty parts.
+    A ".." is taken away only where it climbs the physical part (cwd, or the root): after a
+    part of the path itself, which may be a symlink, the kernel's answer may differ."""
+    parts = [] if path.startswith("/") else [p for p in cwd.split("/") if p]
+    climbing = True
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == ".." and climbing:
+            if parts:
+                parts.pop()
+            continue
+        climbing = False
+        parts.append(part)
+    return "/" + "/".join(parts)
+
+
+def repeated_export(uris: Sequence[str], cwd: str | None = None) -> tuple[int, int] | None:
+    """The first (i, j), i < j, of `uris` that are one export (export_identity), if any."""
+    seen: dict[tuple[str | int, ...], int] = {}
+    for j, uri in enumerate(uris):
+        key = export_identity(uri, cwd)
+        if key in seen:
+            return seen[key], j
+        seen[key] = j
+    return None
+
+
+def same_export_problem(
+    i: int, first: str, j: int, second: str, show: Callable[[str], str] = str
+) -> str:
+    """What is wrong with a fan whose members I and J are one export (FIRST and SECOND)."""
+    given = f"{show(first)} given twice" if first == second else f"{show(first)} and {show(second)}"
+    return (f"members {i} and {j} are the same export ({given}): each member must be a "
+            "different export, or the fan would use one as two")  # fmt: skip
 
 
 def nbd_uri(addr: Address, export: str = "", tls: bool = False) -> str:
