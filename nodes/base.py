@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 from .params import Params as ParamsModel
 from .params import update_params
@@ -98,6 +98,41 @@ class Capabilities:
         return {
             k: (v.name.lower() if isinstance(v, Support) else v) for k, v in self.__dict__.items()
         }
+
+
+class Shortfall(NamedTuple):
+    """One thing an offer lacks of an earlier one: a number that got worse (`was`, `now`), or,
+    without numbers, a feature gone."""
+
+    what: str
+    was: int | None = None
+    now: int | None = None
+
+
+def shortfalls(was: Capabilities, now: Capabilities) -> list[Shortfall]:
+    """What the offer `now` lacks of the offer `was` (empty if nothing): the one rule for "offers
+    less". Clients that negotiated with `was` would have their requests fail (EINVAL), or worse,
+    write where there is no longer room: a smaller export, a larger minimum block size, or a
+    flag gone. What a node works round by itself (extents, multi-conn, DF, a smaller maximum
+    block size) may change. An upstream that reconnects offering less is not taken back
+    (nodes/upstream.py); the orchestrator restarts the dependents of a node that does."""
+    lost = []
+    if now.size < was.size:
+        lost.append(Shortfall("size", was.size, now.size))
+    if now.block_min > was.block_min:
+        lost.append(Shortfall("minimum block size", was.block_min, now.block_min))
+    for name, gone in (
+        ("writable", was.writable and not now.writable),
+        ("flush", was.flush and not now.flush),
+        ("FUA", was.fua is Support.NATIVE and now.fua is not Support.NATIVE),
+        ("trim", was.trim and not now.trim),
+        ("zero", was.zero is Support.NATIVE and now.zero is not Support.NATIVE),
+        ("fast zero", was.fast_zero and not now.fast_zero),
+        ("cache", was.cache is Support.NATIVE and now.cache is not Support.NATIVE),
+    ):
+        if gone:
+            lost.append(Shortfall(name))
+    return lost
 
 
 @dataclass

@@ -28,7 +28,7 @@ from urllib.parse import quote, unquote
 
 import nbd
 
-from .base import Backend, Capabilities, Extents, Holes, Support, add_range
+from .base import Backend, Capabilities, Extents, Holes, Support, add_range, shortfalls
 from .params import Params
 from .protocol.constants import CmdFlag
 from .server.addresses import check_nbd_uri
@@ -157,28 +157,17 @@ class _Conn:
 
 
 def came_back_short(was: Capabilities, now: Capabilities) -> str:
-    """What an upstream that reconnected lacks of what it offered before ("" if nothing).
-    Clients of this node (and of the nodes downstream) negotiated with the old offer: a
-    smaller export, a larger minimum block size, or a flag gone would fail their requests
-    with EINVAL, or worse, take writes where there is no longer room. nbdkit's retry filter
-    refuses a reopened plugin whose size changed likewise. What this node works round by
-    itself (extents, multi-conn, DF, a smaller maximum block size) may change."""
+    """What an upstream that reconnected lacks of what it offered before ("" if nothing; the
+    rule is `shortfalls`). Clients of this node (and of the nodes downstream) negotiated with
+    the old offer. nbdkit's retry filter refuses a reopened plugin whose size changed likewise."""
     lost = []
-    if now.size < was.size:
-        lost.append(f"{now.size} bytes, was {was.size}")
-    if now.block_min > was.block_min:
-        lost.append(f"minimum block size {now.block_min}, was {was.block_min}")
-    for name, gone in (
-        ("writable", was.writable and not now.writable),
-        ("flush", was.flush and not now.flush),
-        ("FUA", was.fua is Support.NATIVE and now.fua is not Support.NATIVE),
-        ("trim", was.trim and not now.trim),
-        ("zero", was.zero is Support.NATIVE and now.zero is not Support.NATIVE),
-        ("fast zero", was.fast_zero and not now.fast_zero),
-        ("cache", was.cache is Support.NATIVE and now.cache is not Support.NATIVE),
-    ):
-        if gone:
-            lost.append(f"no {name}")
+    for s in shortfalls(was, now):
+        if s.what == "size":
+            lost.append(f"{s.now} bytes, was {s.was}")
+        elif s.was is not None:
+            lost.append(f"{s.what} {s.now}, was {s.was}")
+        else:
+            lost.append(f"no {s.what}")
     return ", ".join(lost)
 
 

@@ -158,7 +158,9 @@ def _print_exports(exports: Sequence[Any]) -> None:
 #: ` Container NAME  Started`), and the events that end an apply.
 _PROGRESS = {"starting": "Starting", "started": "Started", "healthy": "Healthy",
              "start-failed": "Failed", "configured": "Configured",
-             "configure-failed": "Not configured", "stopped": "Stopped"}  # fmt: skip
+             "configure-failed": "Not configured", "stopped": "Stopped",
+             "restart-needed": "Restart needed",
+             "member-offers-less": "Member kept out"}  # fmt: skip
 _APPLY_END = ("applied", "apply-failed")
 
 
@@ -205,6 +207,8 @@ class Progress:
 def _progress_detail(ev: Any) -> str:
     if ev.kind in ("started", "configured"):
         return f" ({ev.message})"
+    if ev.kind in ("restart-needed", "member-offers-less"):
+        return f": {ev.message}"
     if ev.kind in ("start-failed", "configure-failed"):
         # "node 'x' exited with status 1; RUN/x.log:\n...": `up` prints it all at the end
         first = ev.message.split("\n", 1)[0].split("; ", 1)[0]

@@ -4,7 +4,10 @@ It watches each node over grpc.health.v1 (or, for nodes without `--control`, by 
 NBD socket), restarts a node that exits or stops serving, per its restart policy and with
 back-off, and reports what happens as events (logged, kept, and streamed to subscribers).
 Dependents are not restarted with their upstream: they reconnect to the same socket by
-themselves.
+themselves. Unless a re-apply restarted the upstream and it now offers less than before
+(smaller, read-only, a flag gone): a filter does not take such an upstream back, so the apply
+restarts it too (and, if it now offers less in turn, its own dependents); a fan keeps such a
+member out, and is left to the operator.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nodes import registry
+from nodes.base import Capabilities, Support, shortfalls
 from nodes.params import ParamError, live_names, update_params
 from nodes.server.addresses import AddressError, open_listener, parse_address
 
@@ -134,6 +138,48 @@ async def list_members(channel: grpc.aio.Channel) -> list[Any] | None:
             raise
         return None
     return list(reply.members)
+
+
+async def get_offer(channel: grpc.aio.Channel) -> Capabilities | None:
+    """What a node offers its clients (NodeService.GetInfo: size, capabilities, minimum block
+    size), None when it does not answer."""
+    from nodes.control.rpc.nbdfabric.v1 import node_pb2, node_pb2_grpc
+
+    stub = node_pb2_grpc.NodeServiceStub(channel)
+    try:
+        reply = await stub.GetInfo(node_pb2.GetInfoRequest(), timeout=CHECK_TIMEOUT)
+    except grpc.aio.AioRpcError:
+        return None
+    except asyncio.CancelledError:
+        if _cancelled():
+            raise
+        return None
+    caps = reply.capabilities
+
+    def support(level: int) -> Support:  # SUPPORT_LEVEL_NONE = 1, EMULATE, NATIVE; 0 unset
+        return Support(min(max(level - 1, 0), Support.NATIVE))
+
+    return Capabilities(
+        size=reply.size,
+        writable=caps.writable and not reply.read_only,
+        flush=caps.flush,
+        fua=support(caps.fua),
+        trim=caps.trim,
+        zero=support(caps.zero),
+        fast_zero=caps.fast_zero,
+        cache=support(caps.cache),
+        block_min=reply.block_sizes.minimum,
+    )
+
+
+def offers_less(was: Capabilities, now: Capabilities) -> str:
+    """What `now` lacks of `was` for a person ("size 16777216 -> 8388608, no flush"), or ""."""
+    return ", ".join(
+        "read-only" if s.what == "writable"
+        else f"no {s.what}" if s.was is None
+        else f"{s.what} {s.was} -> {s.now}"
+        for s in shortfalls(was, now)
+    )  # fmt: skip
 
 
 def _cancelled() -> bool:
@@ -290,6 +336,14 @@ class NodeRunner:
             return await check_health(self.channel)
         ok = await asyncio.to_thread(self.sup.backend.probe, self.process)
         return "SERVING" if ok else "UNREACHABLE"
+
+    async def offer(self) -> Capabilities | None:
+        """What the running node offers its clients; None if it does not run or answer."""
+        if not self.sup.control or self.process is None or not self.process.alive():
+            return None
+        if self.channel is None:
+            self.channel = grpc.aio.insecure_channel(self.control)
+        return await get_offer(self.channel)
 
     async def refresh_members(self) -> None:
         """Ask a fan for its members; an event when their states changed."""
@@ -562,12 +616,18 @@ class Supervisor:
         for group in plan.levels(topology):
             todo = [n for n in group if by_node[n].action in (plan.ADD, plan.RESTART)]
             results = await asyncio.gather(
-                *(self._start(topology.nodes[n], by_node[n].action) for n in todo),
+                *(
+                    self._start(topology.nodes[n], by_node[n].action, self._kept(n, by_node))
+                    for n in todo
+                ),
                 return_exceptions=True,
             )
             failures += [str(r) for r in results if isinstance(r, BaseException)]
             if failures:
                 break
+            for name, lost in zip(todo, results, strict=True):
+                if lost and isinstance(lost, str):
+                    self._restart_dependents(name, lost, by_node)
         self.save_state()
         # The last event of an apply: `up` prints the ones before it as progress.
         if failures:
@@ -590,9 +650,37 @@ class Supervisor:
             return action  # running, or being restarted by its supervision
         return plan.Action(action.node, plan.RESTART, f"not running: {runner.state}")
 
-    async def _start(self, node: Node, action: str) -> None:
+    def _kept(self, name: str, by_node: dict[str, plan.Action]) -> list[str]:
+        """The nodes over `name` that this apply leaves running (their upstream connections
+        hold on to what `name` offered them)."""
+        assert self.topology is not None
+        return [
+            n
+            for n, node in self.topology.nodes.items()
+            if name in node.node_upstreams() and by_node[n].action not in (plan.ADD, plan.RESTART)
+        ]
+
+    def _restart_dependents(self, name: str, lost: str, by_node: dict[str, plan.Action]) -> None:
+        """`name` was restarted and offers less than before: the filters over it would not take
+        it back (nodes/upstream.py), so they are restarted too, in their level (then offering
+        what it offers now). A fan is not: a new process would forget its members' states."""
+        for dep in self._kept(name, by_node):
+            assert self.topology is not None
+            if self.topology.nodes[dep].role == "fan":
+                self.emit(dep, "member-offers-less", f"member {name} offers less ({lost}): the "
+                          "fan keeps it out; replace the member (`nbdfabric ctl ADDR replace`) "
+                          "or restart the fan")  # fmt: skip
+                continue
+            reason = f"upstream {name} offers less: {lost}"
+            by_node[dep] = plan.Action(dep, plan.RESTART, reason)
+            self.emit(dep, "restart-needed", reason)
+
+    async def _start(self, node: Node, action: str, kept: list[str] | None = None) -> str:
+        """Start or restart `node`. With `kept` (its dependents left running), what it now
+        offers less than it did before ("" if nothing, or if that cannot be told)."""
         runner = self.runners.get(node.name)
         old = runner.node if runner is not None else None
+        before = await runner.offer() if runner is not None and kept else None
         if runner is not None:
             await runner.stop()
             runner.node = node
@@ -604,6 +692,14 @@ class Supervisor:
             self.backend.forget_state(node.name)
         await runner.start()
         runner.supervise()
+        if before is None:
+            return ""
+        after = await runner.offer()
+        if after is None:
+            log.warning("%s: no offer to compare after its restart; %s left as they are",
+                        node.name, ", ".join(kept or ()))  # fmt: skip
+            return ""
+        return offers_less(before, after)
 
     async def _configure_live(self, action: plan.Action) -> bool:
         runner = self.runners[action.node]

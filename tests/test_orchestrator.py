@@ -322,6 +322,115 @@ def test_orchestrator_reapply_starts_what_an_earlier_apply_failed_to(
     assert "unchanged" in fabric.cli("up", "--dry-run", str(fabric.file)).stdout
 
 
+#: A filter over a memory node, exported; the tests below edit the memory's size.
+OVER_MEMORY = """\
+name: f
+nodes:
+  src: {kind: memory, params: {size: 16M}}
+  top: {kind: nbd, upstream: src}
+exports:
+  vm: {node: top, listen: ["unix:${SOCKDIR}/vm.sock"]}
+"""
+
+
+def reapply(fab: Fabric, text: str) -> subprocess.CompletedProcess[str]:
+    fab.file.write_text(text)
+    return fab.cli("up", "--detach", str(fab.file))
+
+
+def test_orchestrator_reapply_restarts_the_filter_over_a_node_that_now_offers_less(
+    tmp_path: Path,
+) -> None:
+    """A re-apply restarts a memory node smaller: the filter over it would not take it back
+    (its clients were promised 16M) and served EIO until restarted by hand. The apply restarts
+    it too, saying why, and the export serves 8M."""
+    fab = Fabric(tmp_path, OVER_MEMORY)
+    try:
+        fab.up()
+        uri = fab.uri("vm")
+        write_read(tmp_path, uri, 1 << 20)
+        before = fab.status()
+        res = reapply(fab, OVER_MEMORY.replace("16M", "8M"))
+        assert "src: restart (params changed: size)" in res.stdout, res.stdout
+        why = "upstream src offers less: size 16777216 -> 8388608"
+        assert f"top: restart ({why})" in res.stdout, res.stdout
+        assert f" Node top  Restart needed: {why}" in res.stderr.splitlines(), res.stderr
+        after = fab.status()
+        assert after["top"]["pid"] != before["top"]["pid"]
+        assert (after["top"]["state"], after["top"]["health"]) == ("running", "SERVING")
+        assert run(["nbdinfo", "--size", uri]).stdout.strip() == str(8 << 20)
+        write_read(tmp_path, uri, 8 << 20)  # all of it, without an error
+        assert f"top: restart-needed: {why}" in fab.cli("logs", "--events").stdout
+    finally:
+        fab.cli("down", check=False)
+
+
+def test_orchestrator_reapply_leaves_the_filter_over_a_node_that_offers_as_much(
+    tmp_path: Path,
+) -> None:
+    """A node restarted bigger, or with the same offer, is taken back by the filter over it:
+    the filter is not restarted (its clients keep their connections)."""
+    fab = Fabric(tmp_path, OVER_MEMORY)
+    try:
+        fab.up()
+        uri = fab.uri("vm")
+        write_read(tmp_path, uri, 1 << 20)
+        pids = {n: s["pid"] for n, s in fab.status().items()}
+        bigger = OVER_MEMORY.replace("16M", "32M")
+        for text in (bigger, bigger.replace("size: 32M}", "size: 32M}, poll_max_us: 10")):
+            res = reapply(fab, text)
+            assert "src: restart" in res.stdout and "top: unchanged" in res.stdout, res.stdout
+            after = fab.status()
+            assert after["src"]["pid"] != pids["src"]
+            assert after["top"]["pid"] == pids["top"]
+            pids = {n: s["pid"] for n, s in after.items()}
+        assert "offers less" not in fab.cli("logs", "--events").stdout
+        write_read(tmp_path, uri, 16 << 20)  # served by the same filter, without an error
+    finally:
+        fab.cli("down", check=False)
+
+
+CASCADE = """\
+name: f
+nodes:
+  src: {kind: memory, params: {size: 16M}}
+  mid: {kind: offset, upstream: src, params: {offset: 1M}}
+  top: {kind: nbd, upstream: mid}
+  spare: {kind: memory, params: {size: 1M}}
+  cat: {kind: concat, upstreams: [src, spare]}
+exports:
+  vm: {node: top, listen: ["unix:${SOCKDIR}/vm.sock"]}
+"""
+
+
+def test_orchestrator_reapply_restarts_filters_down_the_chain_but_not_a_fan(
+    tmp_path: Path,
+) -> None:
+    """memory -> offset -> nbd: the memory shrinks, so the offset restarts and serves less in
+    turn, so the nbd proxy over it restarts too. A fan over the memory is not restarted (a new
+    process would forget its members' states): it keeps the member out, and an event says so."""
+    fab = Fabric(tmp_path, CASCADE)
+    try:
+        fab.up()
+        uri = fab.uri("vm")
+        assert run(["nbdinfo", "--size", uri]).stdout.strip() == str(15 << 20)
+        before = fab.status()
+        res = reapply(fab, CASCADE.replace("16M", "8M"))
+        assert "mid: restart (upstream src offers less: size 16777216 -> 8388608)" in res.stdout
+        assert "top: restart (upstream mid offers less: size 15728640 -> 7340032)" in res.stdout
+        assert "cat: unchanged" in res.stdout and "spare: unchanged" in res.stdout, res.stdout
+        after = fab.status()
+        changed = {n for n in before if before[n]["pid"] != after[n]["pid"]}
+        assert changed == {"src", "mid", "top"}
+        assert run(["nbdinfo", "--size", uri]).stdout.strip() == str(7 << 20)
+        write_read(tmp_path, uri, 7 << 20)
+        said = ("cat: member-offers-less: member src offers less (size 16777216 -> 8388608): "
+                "the fan keeps it out")  # fmt: skip
+        assert said in fab.cli("logs", "--events").stdout
+    finally:
+        fab.cli("down", check=False)
+
+
 def test_orchestrator_relative_unix_listen_is_beside_the_file(tmp_path: Path) -> None:
     """`listen: [unix:vm.sock]` is a socket beside the topology file, and `up` and `status`
     print its URI with the full path: it said `socket=vm.sock`, which a client run from
