@@ -341,6 +341,7 @@ def test_real_cli_refuses_params_as_in_process(kind: str, words: list[str], tmp_
 
 
 UPSTREAM = "nbd+unix:///?socket=/nonexistent/x.sock"
+OTHER = "nbd+unix:///?socket=/nonexistent/y.sock"
 OPTION_CASES = [
     (["memory", "1M", "--listen", "no-such-host.invalid:0"], (1,), "no-such-host.invalid"),
     (["memory", "1M", "--listen", "127.0.0.1:99999"], (1,), "out of range"),
@@ -357,9 +358,15 @@ OPTION_CASES = [
     (["mirror", "--upstream", UPSTREAM], (1,), "at least 2"),
     # A fan whose member cannot start says why without "[Errno 113]" in the middle.
     (
-        ["stripe", "--upstream", UPSTREAM, "--upstream", UPSTREAM, "--upstream-timeout", "0.2"],
+        ["stripe", "--upstream", UPSTREAM, "--upstream", OTHER, "--upstream-timeout", "0.2"],
         (1,),
         "did not start: cannot connect to upstream",
+    ),
+    # The same member twice is refused before any connection.
+    (
+        ["stripe", "--upstream", UPSTREAM, "--upstream", UPSTREAM],
+        (1,),
+        "members 0 and 1 are the same export",
     ),
     (["cow", "--upstream", "disk.img"], (1,), "not an NBD URI"),
     (["cow", "--upstream", "http://example.com/x"], (1,), "not an NBD URI"),
