@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nodes import registry
-from nodes.params import parse_size
+from nodes.values import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE = [sys.executable, "-m", "nodes.cli", "node"]

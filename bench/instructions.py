@@ -39,7 +39,7 @@ from pathlib import Path
 
 import nbd
 
-from nodes.params import parse_size
+from nodes.values import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE = [sys.executable, "-m", "nodes.cli", "node"]

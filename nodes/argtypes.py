@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from .params import parse_duration, whole_number
+from .values import parse_duration, whole_number
 
 
 def whole(low: int, high: int | None = None, name: str = "") -> Callable[[str], int]:

@@ -12,11 +12,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import registry
 from .argtypes import seconds, whole
-from .params import ParamError, field_info, parse_params, value_text
-from .server.addresses import AddressError, parse_address
-from .server.node import NodeOptions
+from .values import value_text
+
+# The kinds, their typed params (pydantic) and the server are imported by the commands that
+# use them: `ctl` and `health` start without them.
 
 #: Sub-commands the orchestrator provides (nodes never import it at module level).
 FABRIC_COMMANDS = ("up", "down", "status", "validate", "graph", "set", "compose", "k8s", "logs",
@@ -26,6 +26,8 @@ FABRIC_COMMANDS = ("up", "down", "status", "validate", "graph", "set", "compose"
 def _node_parser(full_help: bool = True) -> argparse.ArgumentParser:
     """The `node` parser; without `full_help`, help that would load every kind is left short
     (a node imports only its own kind's module: see registry.get)."""
+    from . import registry
+
     p = argparse.ArgumentParser(
         prog="nbdfabric node",
         description="Serve one node kind over NBD (see `nbdfabric kinds`).",
@@ -192,7 +194,11 @@ MAX_EXPORT_NAME = 4096
 
 
 def cmd_node(argv: Sequence[str]) -> int:
+    from . import registry
+    from .params import ParamError, parse_params
     from .run import NodeSpec, SpecError, UpstreamOptions, run_node
+    from .server.addresses import AddressError, parse_address
+    from .server.node import NodeOptions
 
     args = _node_parser(full_help=bool({"-h", "--help"} & set(argv))).parse_intermixed_args(argv)
     try:
@@ -264,6 +270,9 @@ def cmd_node(argv: Sequence[str]) -> int:
 
 
 def cmd_kinds(argv: Sequence[str]) -> int:
+    from . import registry
+    from .params import field_info
+
     p = argparse.ArgumentParser(prog="nbdfabric kinds", description="List node kinds.")
     p.add_argument("kind", nargs="?")
     p.add_argument("--json", action="store_true")

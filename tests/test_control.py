@@ -368,7 +368,7 @@ def test_control_ctl_set_echoes_values_as_the_command_line_spells_them(start_nod
 def test_control_wire_values_shown_as_the_command_line_takes_them(
     kind: str, wire: str, shown: str
 ) -> None:
-    from nodes.params import parse_duration, wire_value_text
+    from nodes.values import parse_duration, wire_value_text
 
     assert wire_value_text(kind, wire) == shown
     if kind == "duration":  # and it reads back as what was sent

@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ..argtypes import seconds, whole
-from ..params import parse_size, wire_value_text
+from ..values import parse_size, wire_value_text
 from .rpc.nbdfabric.v1 import node_pb2 as pb
 from .rpc.nbdfabric.v1 import node_pb2_grpc as pb_grpc
 

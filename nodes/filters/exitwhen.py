@@ -52,9 +52,10 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, field_validator, model_validator
 
 from ..base import Backend, Filter, StopNode, current_client
-from ..params import Duration, Many, Params, c_integer, param, repeated
+from ..params import Duration, Many, Params, param, repeated
 from ..registry import register
 from ..spawn import DEVNULL, shell
+from ..values import c_integer
 
 log = logging.getLogger("nbdfabric.exitwhen")
 

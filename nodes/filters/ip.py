@@ -28,8 +28,9 @@ from typing import Annotated, Any
 from pydantic import AfterValidator
 
 from ..base import Backend, ClientInfo, Filter, current_client
-from ..params import Params, c_integer, live
+from ..params import Params, live
 from ..registry import register
+from ..values import c_integer
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

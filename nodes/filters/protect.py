@@ -25,8 +25,9 @@ from typing import Annotated
 from pydantic import AfterValidator
 
 from ..base import Backend, Filter, read_flat
-from ..params import Params, c_integer, param, parse_size
+from ..params import Params, param
 from ..registry import register
+from ..values import c_integer, parse_size
 
 #: nbdkit's "end of the disk": the largest offset an export can have.
 END_OF_DISK = 2**63 - 1

@@ -36,8 +36,9 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field
 
 from ..base import Backend, Filter, Holes, add_range, current_client
-from ..params import Duration, Params, Size, live, parse_size
+from ..params import Duration, Params, Size, live
 from ..registry import register
+from ..values import parse_size
 
 #: A slice is at most this many seconds' worth of the tightest applicable rate.
 SLICE_SECONDS = 0.1

@@ -29,8 +29,9 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, PlainSerializer
 
 from ..base import Backend
-from ..params import Duration, Params, live, parse_errno
+from ..params import Duration, Params, live
 from ..registry import register
+from ..values import parse_errno
 from ._retrying import RetryingFilter, log
 
 

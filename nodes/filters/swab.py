@@ -35,8 +35,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator
 
 from ..base import Capabilities, Extents, Filter, Holes, fill_holes
-from ..params import Params, c_integer, param
+from ..params import Params, param
 from ..registry import register
+from ..values import c_integer
 from ._blocks import add_extent
 
 #: The array typecode whose items are exactly N bytes wide, per word width.

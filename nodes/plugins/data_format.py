@@ -23,7 +23,7 @@ from collections import ChainMap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..params import c_integer
+from ..values import c_integer
 
 #: The most bytes a `data=` string may spell out (runs of one value are not counted).
 MAX_BYTES = 256 * 1024 * 1024
