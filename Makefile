@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test lint typecheck proto proto-check compose-check bench clean
+.PHONY: setup demo test prebuild-image lint typecheck proto proto-check compose-check bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -42,9 +42,19 @@ export NBDFABRIC_FUZZ_SECONDS NBDFABRIC_SOAK_SECONDS
 # file's tests share its module fixtures (the image), and a worker often waits (on the docker
 # image build, node processes, sleeps), which left about a third of 2 cores idle with 2.
 TEST_WORKERS ?= $(shell n=$$(nproc); [ $$n -ge 4 ] && echo 4 || echo $$((n + 1)))
-test: setup lint typecheck proto-check compose-check
+test: setup lint typecheck proto-check compose-check prebuild-image
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
 		--durations=25 tests
+
+# The docker tests' image (a few minutes on a fresh machine), built beside the first tests
+# instead of in front of the docker tests: they come later in the run (tests/conftest.py) and
+# wait for this build (scripts/build-image.sh takes a lock). Log: $(PREBUILD_LOG).
+PREBUILD_LOG ?= $(or $(TMPDIR),/tmp)/nbdfabric-prebuild-image.log
+prebuild-image: setup
+	@if docker info >/dev/null 2>&1; then \
+		echo "building the docker image in the background (log: $(PREBUILD_LOG))"; \
+		(scripts/build-image.sh >$(PREBUILD_LOG) 2>&1 &); \
+	fi
 
 bench: setup
 	$(PY) -m bench

@@ -26,6 +26,11 @@ done
 PY=.venv/bin/python
 [ -x "$PY" ] || { echo "build-image: run \`make setup\` first" >&2; exit 1; }
 
+# One build at a time on this machine: `make test` starts one in the background and the docker
+# tests ask for the image again; the second waits here, then finds it up to date.
+exec 9>"${TMPDIR:-/tmp}/nbdfabric-build-image.lock"
+flock 9
+
 if [ "$BASE" = "$LOCAL_BASE" ]; then
     compose/build-base.sh "$BASE"
 fi

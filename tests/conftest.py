@@ -40,9 +40,11 @@ _counter = itertools.count()
 #: started first, they run beside the many short files instead of alone at the end.
 LONG_FILES = (
     "test_fuzz_nodes.py",
-    "test_docker.py",
     "test_orchestrator.py",
     "test_soak.py",
+    # Its image is built in the background from the start of `make test` (prebuild-image):
+    # the worker that takes it some minutes in finds it built, instead of waiting for it.
+    "test_docker.py",
     "test_fan_process.py",
     # Few tests but long ones: sorted by their count they came last, and a worker that drew
     # one there kept the run going while the others had nothing left.
