@@ -22,6 +22,8 @@ from test_fan_common import Flaky, Harness, Shaped, qemu_compare
 from test_fan_mirror import write_batches, written
 
 from nodes.base import Support
+from nodes.fans.mirror import Mirror, MirrorParams
+from nodes.fans.parity import Parity, ParityParams
 from nodes.fans.quorum import Quorum, QuorumParams
 from nodes.fans.verify import Verify, VerifyParams
 from nodes.plugins.memory import Memory
@@ -373,6 +375,33 @@ def test_replace_refuses_a_member_that_cannot_hold_the_array(harness: Harness, k
     assert info[1]["uri"] == "flaky#1"  # the old member, still there
     run(["qemu-io", "-f", "raw", uri, "-c", "read -P 0x5c 0 1M"])
     run(["qemu-io", "-f", "raw", uris[1], "-c", "read -P 0x5c 0 1M"])
+
+
+@pytest.mark.parametrize("kind", ["mirror", "parity", "quorum"])
+def test_a_replaced_member_starts_with_no_errors_of_the_old_one(
+    harness: Harness, kind: str
+) -> None:
+    """The counts `ctl members` shows are of the disk in the slot: a new one has none (as
+    md's per-device error count), whatever the member it replaced had."""
+    if kind == "quorum":
+        fan, _, _, _ = make_fan(harness, kind)
+    else:
+        flakies, _ = harness.flaky_members(3, SIZE)
+        fan = (Mirror(MirrorParams(), flakies) if kind == "mirror" else
+               Parity(ParityParams.model_validate({"chunk-size": "16K"}), flakies))  # fmt: skip
+        harness.serve(fan, kind)
+    if kind == "quorum":
+        fan.errors[1] = fan.mismatches[1] = 3  # what failed reads and lost votes count
+    else:
+        harness.run(fan.mark_faulty(1))
+    before = harness.call(fan.members_info)[1]
+    assert before["errors"] > 0
+    mem, _ = harness.memory(SIZE)
+    harness.run(fan.replace_member(1, Flaky(mem)))
+    wait_for(lambda: states(harness, fan) == ["in_sync"] * 3, 30, "the rebuild")
+    after = harness.call(fan.members_info)[1]
+    assert after["errors"] == 0 and after.get("mismatches", 0) == 0, after
+    assert not after.get("last_error"), after
 
 
 # verify ---------------------------------------------------------------------------------------

@@ -900,7 +900,8 @@ class Mirror(RebuildingFan):
         self.members[index] = new
         self.member_caps[index] = caps
         slot.held = slot.demoted = slot.late = False
-        slot.failures = 0
+        slot.failures = slot.errors = 0  # a new disk: the old one's errors are not its own
+        slot.last_error = ""
         slot.dirty.mark_all()
         self.emit(
             "member",

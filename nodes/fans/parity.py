@@ -679,6 +679,7 @@ class Parity(RebuildingFan):
         old = self.members[index]
         self.states[index] = FAULTY
         self.left_at[index] = None  # a new disk: it holds nothing yet
+        self.errors[index] = 0  # nor are the old one's errors its own
         self.late.discard(index)
         self.kept_out.pop(index, None)
         self.retry_at[index] = 0.0
