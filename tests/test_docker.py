@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -63,6 +64,8 @@ def image(engine: Any) -> str:
         text=True,
         timeout=900,
         check=False,
+        # The venv running the tests builds the wheels (a worktree has no .venv of its own).
+        env={**os.environ, "NBDFABRIC_PYTHON": sys.executable},
     )
     assert res.returncode == 0, f"build-image.sh failed:\n{res.stdout}\n{res.stderr}"
     print(f"image {IMAGE}: {time.monotonic() - started:.1f}s\n{res.stdout}")
