@@ -8,6 +8,8 @@
 #     --tag   image to build (default $NBDFABRIC_IMAGE or nbdfabric:latest)
 #     --base  FROM image (default nbdfabric-base:bookworm, made locally; an ordinary Debian
 #             base such as debian:bookworm-slim must already be there or be pullable)
+#   env NBDFABRIC_PYTHON: the project's venv python (default .venv/bin/python; a git worktree
+#             without a .venv of its own names the main one's)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +25,7 @@ while (($#)); do
         *) echo "usage: $0 [--tag TAG] [--base IMAGE] [--force]" >&2; exit 2 ;;
     esac
 done
-PY=.venv/bin/python
+PY=${NBDFABRIC_PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || { echo "build-image: run \`make setup\` first" >&2; exit 1; }
 
 # One build at a time on this machine: `make test` starts one in the background and the docker

@@ -2,8 +2,9 @@
 
 Builds the image with scripts/build-image.sh (quick when unchanged), runs containers with
 ports published on 127.0.0.1 only, checks data with qemu-img/nbdcopy/libnbd and checksums, and
-leaves no container or network behind. Without an engine these tests skip, except under CI
-(env CI set), where they fail.
+leaves no container or network behind. A Kubernetes import Job's pod runs here too, its
+containers started as a kubelet would (KubeletPod). Without an engine these tests skip, except
+under CI (env CI set), where they fail.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -63,6 +65,8 @@ def image(engine: Any) -> str:
         text=True,
         timeout=900,
         check=False,
+        # The venv running the tests builds the wheels (a worktree has no .venv of its own).
+        env={**os.environ, "NBDFABRIC_PYTHON": sys.executable},
     )
     assert res.returncode == 0, f"build-image.sh failed:\n{res.stdout}\n{res.stderr}"
     print(f"image {IMAGE}: {time.monotonic() - started:.1f}s\n{res.stdout}")
@@ -587,3 +591,268 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+# -- `nbdfabric k8s --import-to`: the Job's pod, run as a kubelet would ---------------------------
+
+K8S_IMPORT = ROOT / "compose" / "k8s-import.yaml"
+HTTP_SERVER = ROOT / "bench" / "http_server.py"
+
+
+class KubeletPod:
+    """The pod spec of a manifest on the docker engine, run as a kubelet would run it: one
+    network namespace (a pause container's, with loopback only: nothing leaves the pod), the
+    pod's volumes as host directories (emptyDir world-writable, a claim as a fresh volume's
+    root-owned directory; fsGroup makes both the group's and adds it to every container), each
+    container's command/args/env/mounts/user from the spec. Init containers start in order; a
+    native sidecar (restartPolicy: Always) counts as started once its startupProbe passes, probed
+    every periodSeconds up to failureThreshold times. Every container made carries `labels`."""
+
+    def __init__(self, engine: Any, image: str, spec: dict[str, Any], workdir: Path) -> None:
+        self.engine, self.image, self.spec = engine, image, spec
+        self.name = f"nbdfabric-pod-{uuid.uuid4().hex[:8]}"
+        self.labels = {"io.nbdfabric.test": "1", "io.nbdfabric.test.pod": self.name}
+        self.sidecars: list[Any] = []
+        self.volumes = self._volumes(workdir)
+        self.pause: Any = None
+
+    def start(self) -> None:
+        """The pod's sandbox: its network namespace, with loopback only."""
+        self.pause = self.engine.containers.run(
+            self.image,
+            entrypoint=["sleep", "infinity"],
+            name=f"{self.name}-pause",
+            network_mode="none",
+            labels=self.labels,
+            detach=True,
+        )
+
+    def _volumes(self, workdir: Path) -> dict[str, Path]:
+        fs_group = self.spec.get("securityContext", {}).get("fsGroup")
+        dirs = {}
+        for vol in self.spec.get("volumes", []):
+            host = workdir / vol["name"]
+            host.mkdir(parents=True)
+            if "emptyDir" in vol:
+                mode = 0o777  # as kubelet makes them
+            elif "persistentVolumeClaim" in vol:
+                mode = 0o755  # a fresh filesystem's root, owned by root
+            else:
+                raise AssertionError(f"volume {vol['name']}: only emptyDir and claims here: {vol}")
+            if fs_group is not None:  # kubelet's volume ownership: group rw, setgid
+                os.chown(host, 0, fs_group)
+                mode |= 0o2070
+            host.chmod(mode)
+            dirs[vol["name"]] = host
+        return dirs
+
+    def claim_dir(self, claim: str) -> Path:
+        (vol,) = [
+            v["name"]
+            for v in self.spec["volumes"]
+            if v.get("persistentVolumeClaim", {}).get("claimName") == claim
+        ]
+        return self.volumes[vol]
+
+    def host_path(self, container: dict[str, Any], path: str) -> Path:
+        """Where `path` inside `container` is on the host, through its volume mounts."""
+        for m in container["volumeMounts"]:
+            rel = os.path.relpath(path, m["mountPath"])
+            if not rel.startswith(".."):
+                return self.volumes[m["name"]] / rel
+        raise AssertionError(f"{path} is on no volume of container {container['name']}")
+
+    def _user(self, container: dict[str, Any]) -> tuple[str | None, list[int]]:
+        sc = {**self.spec.get("securityContext", {}), **container.get("securityContext", {})}
+        uid, gid = sc.get("runAsUser"), sc.get("runAsGroup")
+        if sc.get("runAsNonRoot"):
+            if uid is None:  # kubelet checks the image's user, and refuses a non-numeric one
+                user = self.engine.images.get(self.image).attrs["Config"]["User"]
+                assert user.isdigit() and user != "0", (
+                    f"{container['name']}: runAsNonRoot without runAsUser, image user {user!r}: "
+                    "kubelet refuses to start it (CreateContainerConfigError)"
+                )
+            assert uid != 0, f"{container['name']}: runAsNonRoot with runAsUser 0"
+        user = None if uid is None else str(uid) if gid is None else f"{uid}:{gid}"
+        fs_group = sc.get("fsGroup")
+        return user, [] if fs_group is None else [fs_group]
+
+    def run(self, container: dict[str, Any]) -> Any:
+        """Create and start `container` of the spec."""
+        from docker.types import Mount
+
+        for field in ("envFrom", "lifecycle", "livenessProbe", "readinessProbe"):
+            assert field not in container, f"{container['name']}: {field} is not run here"
+        env = {e["name"]: e["value"] for e in container.get("env", [])}  # plain values only
+        mounts = []
+        for m in container.get("volumeMounts", []):
+            assert "subPath" not in m, f"{container['name']}: subPath is not run here"
+            source = str(self.volumes[m["name"]])
+            read_only = bool(m.get("readOnly"))
+            mounts.append(Mount(m["mountPath"], source, type="bind", read_only=read_only))
+        user, groups = self._user(container)
+        # The manifest names the image a cluster would pull (nbdfabric:latest by default); here
+        # it is the image this module built from this tree, under whatever tag it has.
+        return self.engine.containers.run(
+            self.image,
+            entrypoint=container.get("command"),  # as in Kubernetes: command replaces the
+            command=container.get("args"),  # image's ENTRYPOINT, args its CMD
+            environment=env,
+            working_dir=container.get("workingDir"),
+            user=user,
+            group_add=groups,
+            mounts=mounts,
+            network_mode=f"container:{self.pause.id}",
+            name=f"{self.name}-{container['name']}",
+            labels=self.labels,
+            detach=True,
+        )
+
+    def _probe(self, container: Any, command: list[str], timeout: float) -> tuple[bool, str]:
+        """One exec probe, given up after `timeout` (timeoutSeconds) as kubelet does."""
+        import docker
+
+        api = self.engine.api
+        try:
+            exec_id = api.exec_create(container.id, command)["Id"]
+        except docker.errors.APIError as exc:  # it stopped since: the caller says how
+            return False, str(exc)
+        out: list[bytes] = []
+        runner = threading.Thread(target=lambda: out.append(api.exec_start(exec_id)), daemon=True)
+        runner.start()
+        runner.join(timeout)
+        if not out:
+            return False, f"no answer in {timeout} s"
+        code = api.exec_inspect(exec_id)["ExitCode"]
+        return code == 0, f"exit {code}: {out[0].decode(errors='replace').strip()}"
+
+    def exited(self, container: Any) -> str:
+        """How `container` ended and its log; "" while it runs."""
+        container.reload()
+        state = container.attrs["State"]
+        if state["Status"] not in ("exited", "dead"):
+            return ""
+        return f"exited {state['ExitCode']}; its log:\n{container.logs().decode(errors='replace')}"
+
+    def start_sidecar(self, spec: dict[str, Any]) -> None:
+        """Start a native sidecar and wait until its startupProbe passes (started)."""
+        container = self.run(spec)
+        self.sidecars.append(container)
+        probe = spec.get("startupProbe")
+        if probe is None:
+            return  # started once running
+        command = probe["exec"]["command"]
+        period = probe.get("periodSeconds", 10)
+        threshold = probe.get("failureThreshold", 3)
+        time.sleep(probe.get("initialDelaySeconds", 0))
+        for _ in range(threshold):
+            exited = self.exited(container)
+            if exited:
+                raise AssertionError(f"sidecar {spec['name']} (kubelet would restart it) {exited}")
+            passed, answer = self._probe(container, command, probe.get("timeoutSeconds", 1))
+            if passed:
+                return
+            time.sleep(period)
+        raise AssertionError(
+            f"sidecar {spec['name']}: startup probe {command} failed {threshold} times, "
+            f"last {answer} (kubelet would kill and restart it); its log:\n"
+            + container.logs().decode(errors="replace")
+        )
+
+    def run_init_containers(self) -> None:
+        for spec in self.spec.get("initContainers", []):
+            if spec.get("restartPolicy") == "Always":
+                self.start_sidecar(spec)
+            else:  # a plain init container runs to completion before the next starts
+                self.run_to_completion(spec, timeout=60)
+
+    def run_to_completion(self, spec: dict[str, Any], timeout: float) -> str:
+        """Run `spec`'s container until it exits (it must, with 0): its log."""
+        import requests
+
+        container = self.run(spec)
+        try:
+            status = f"exited {container.wait(timeout=timeout)['StatusCode']}"
+        except requests.exceptions.RequestException:  # the engine's answer timed out
+            status = f"still running after {timeout} s"
+        log = container.logs().decode(errors="replace")
+        assert status == "exited 0", f"container {spec['name']} {status}; its log:\n{log}"
+        return log
+
+    def stop_sidecars(self) -> dict[str, int]:
+        """The Job's work done, kubelet stops the sidecars, last started first: exit codes."""
+        codes = {}
+        for container in reversed(self.sidecars):
+            container.stop(timeout=10)
+            container.reload()
+            name = container.name.removeprefix(f"{self.name}-")
+            codes[name] = container.attrs["State"]["ExitCode"]
+        return codes
+
+    def remove(self) -> None:
+        label = f"io.nbdfabric.test.pod={self.name}"
+        found = self.engine.containers.list(all=True, filters={"label": label})
+        for c in sorted(found, key=lambda c: c.name.endswith("-pause")):  # the sandbox last
+            c.remove(force=True)
+
+    def leftovers(self) -> list[str]:
+        label = f"io.nbdfabric.test.pod={self.name}"
+        return [c.name for c in self.engine.containers.list(all=True, filters={"label": label})]
+
+
+def test_k8s_import_job_pod_copies_the_served_image_onto_the_claim(
+    engine: Any, image: str, tmp_path: Path
+) -> None:
+    """compose/k8s-import.yaml with its http source pointed at a server on the pod's loopback:
+    `nbdfabric k8s --import-to` gives a Job whose pod, run as a kubelet would, starts its nodes
+    as sidecars and leaves on the claim exactly the served image."""
+    from orchestrator import k8s
+
+    served = tmp_path / "served"
+    served.mkdir(mode=0o755)
+    src = random_file(served / "fedora-40.raw", 6 * MiB + 512, seed=6)  # not a whole MiB
+    src.chmod(0o644)
+    port = 8080  # in the pod's own network namespace: no other listener there
+    topo = yaml.safe_load(K8S_IMPORT.read_text())
+    topo["nodes"]["source"]["params"]["url"] = f"http://127.0.0.1:{port}/files/{src.name}"
+    (tmp_path / "fabric.yaml").write_text(yaml.safe_dump(topo, sort_keys=False))
+    out = tmp_path / "import-job.yaml"
+    argv = [str(tmp_path / "fabric.yaml"), "--import-to", "vm-disk", "-o", str(out)]
+    assert k8s.main(argv) == 0
+    (job,) = yaml.safe_load_all(out.read_text())
+    spec = job["spec"]["template"]["spec"]
+    (importer,) = spec["containers"]
+
+    pod = KubeletPod(engine, image, spec, tmp_path / "pod")
+    try:
+        pod.start()
+        # The image server is no part of the Job (a cluster's is outside the pod): a container
+        # of our own on the pod's loopback, serving byte ranges (bench/http_server.py, aiohttp).
+        server = engine.containers.run(
+            image,
+            entrypoint=["python", "/srv/http_server.py", "/srv/images", "--port", str(port)],
+            volumes={
+                str(HTTP_SERVER): {"bind": "/srv/http_server.py", "mode": "ro"},
+                str(served): {"bind": "/srv/images", "mode": "ro"},
+            },
+            network_mode=f"container:{pod.pause.id}",
+            name=f"{pod.name}-http",
+            labels=pod.labels,
+            detach=True,
+        )
+        wait_for(lambda: server.logs().strip() or pod.exited(server), 30, "the http server")
+        assert server.logs().strip() == str(port).encode(), server.logs().decode()
+
+        pod.run_init_containers()
+        log = pod.run_to_completion(importer, timeout=60)
+        disk = pod.host_path(importer, importer["args"][-1])
+        assert disk.parent == pod.claim_dir("vm-disk"), f"{disk}: not on the claim\n{log}"
+        assert sha256_file(disk) == sha256_file(src), (
+            f"{disk.name} on the claim ({disk.stat().st_size} bytes) is not the served image "
+            f"({src.stat().st_size} bytes); the importer's log:\n{log}"
+        )
+        # Stopped by SIGTERM through tini, each node exits cleanly.
+        assert pod.stop_sidecars() == {"retries": 0, "throttle": 0, "source": 0}
+    finally:
+        pod.remove()
+    assert pod.leftovers() == []
