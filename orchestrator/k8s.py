@@ -81,12 +81,16 @@ class _Volumes:
         return str(PurePosixPath(DATA_ROOT, self.dirs[host], p.name))
 
 
-def node_container(topology: Topology, node: Node, image: str, volumes: _Volumes) -> dict[str, Any]:
+def node_container(
+    topology: Topology, node: Node, image: str, volumes: _Volumes, tcp: bool = True
+) -> dict[str, Any]:
+    """The container of one node; without `tcp`, its export is on its unix socket only."""
+    ports = _tcp_ports(topology, node.name) if tcp else []
     args = ["node", node.kind, *param_words(node, volumes.map_file), *option_words(node)]
     # In the pod's emptyDir: it outlives a restart of the container, not the pod.
     args += state_words(node, f"{RUN_DIR}/{node.name}.state")
     args += ["--name", node.name, "--listen", f"unix:{_sock(node.name)}"]
-    for port in _tcp_ports(topology, node.name):
+    for port in ports:
         args += ["--listen", f"0.0.0.0:{port}"]
     for up in node.upstreams:
         args += ["--upstream", _upstream_uri(topology, up)]
@@ -112,7 +116,6 @@ def node_container(topology: Topology, node: Node, image: str, volumes: _Volumes
         "readinessProbe": probe,
         "livenessProbe": {**probe, "failureThreshold": 3},
     }
-    ports = _tcp_ports(topology, node.name)
     if ports:
         container["ports"] = [{"name": f"nbd-{i}", "containerPort": p} for i, p in enumerate(ports)]
     return container
@@ -122,14 +125,17 @@ def _labels(topology: Topology) -> dict[str, str]:
     return {f"{LABEL_PREFIX}/fabric": k8s_name(topology.name)}
 
 
-def pod_spec(topology: Topology, image: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(pod spec, node containers); the volumes of every node are gathered on the pod."""
+def pod_spec(
+    topology: Topology, image: str, tcp: bool = True
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(pod spec, node containers); the volumes of every node are gathered on the pod. Without
+    `tcp` the exports listen on their unix sockets in the pod only."""
     containers = []
     all_dirs: dict[str, str] = {}
     for node in topology.nodes.values():
         volumes = _Volumes(topology.base_dir)
         volumes.dirs = all_dirs  # one volume per host directory across the pod
-        containers.append(node_container(topology, node, image, volumes))
+        containers.append(node_container(topology, node, image, volumes, tcp))
     spec: dict[str, Any] = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": USER_ID, "fsGroup": USER_ID},
         "containers": containers,
@@ -181,7 +187,9 @@ def import_job(
             f"export {export!r} serves a directory, one export per file: to import one file, "
             "export a filter over it (upstream: NODE/FILE) and import that"
         )
-    spec, containers = pod_spec(topology, image)
+    # The importer reads the unix socket: the disk is not offered on the pod network, where
+    # any pod of the cluster could read it (or write it) while it is imported.
+    spec, containers = pod_spec(topology, image, tcp=False)
     for c in containers:
         c["restartPolicy"] = "Always"  # native sidecar: started in order, stopped after the job
         c.pop("livenessProbe")

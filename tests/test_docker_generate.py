@@ -115,6 +115,9 @@ def test_k8s_import_job_runs_nodes_as_sidecars(capsys) -> None:
     (importer,) = spec["containers"]
     assert importer["command"] == ["qemu-img"]
     assert "nbd+unix:///disk?socket=/run/nbdfabric/retries.sock" in importer["args"]
+    # The export stays inside the pod: no TCP listener, no port (the topology has one).
+    retries = spec["initContainers"][2]
+    assert [a for a in retries["args"] if a.startswith("0.0.0.0")] == [] and "ports" not in retries
     assert {"name": "target", "persistentVolumeClaim": {"claimName": "vm-disk"}} in spec["volumes"]
     assert spec["restartPolicy"] == "Never"
 
