@@ -116,3 +116,16 @@ def test_bench_source_suite_reads_through_http_against_nbdkit_curl(tmp_path: Pat
                   "fio 4K randread QD16")
     }  # fmt: skip
     assert all(r["ours"] > 0 and r["theirs"] > 0 for r in rows)
+
+
+def test_wakeup_ping_pong_runs_every_way_of_waiting() -> None:
+    """bench.wakeup: each way of waiting serves its client to the end and reports a time."""
+    cmd = [sys.executable, "-m", "bench.wakeup", "--rounds", "200", "--repeat", "1"]
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
+    lines = out.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == [
+        "recv", "peek", "select", "poll", "epoll", "uvloop"
+    ]  # fmt: skip
+    assert all(float(line.split()[1]) > 0 and line.endswith("µs per round trip") for line in lines)
+    bad = subprocess.run([*cmd, "nope"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown: nope" in bad.stderr
