@@ -7,10 +7,11 @@ node command lines from these; each adds its own listen, upstream and control ad
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from .topology import Export, Node
+if TYPE_CHECKING:  # (not at run time: `status` and `down` start without the typed schema)
+    from .topology import Export, Node
 
 PathMap = Callable[[str], str]
 

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -39,7 +39,19 @@ from .backends.process import (
     pid_matches,
     run_base,
 )
-from .topology import Topology, load_or_report, peek_name
+from .names import peek_name
+
+if TYPE_CHECKING:
+    from .topology import Topology
+
+
+def load_or_report(path: Path) -> Topology | None:
+    """The topology in `path`, or None with its problems printed. Imported here, by the commands
+    that read a file: `status`, `down`, `logs` and `events` start without the typed schema."""
+    from .topology import load_or_report as load
+
+    return load(path)
+
 
 DEFAULT_FILE = "fabric.yaml"
 #: `status` exit code when the fabric is not running (as `systemctl status`).

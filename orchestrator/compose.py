@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 
 from .argv import export_words, option_words, param_words, state_words, uri_path
-from .topology import Node, Topology, is_uri, load_or_report, node_ref
+from .names import is_uri, node_ref
+from .topology import Node, Topology, load_or_report
 
 #: The image every node container runs; `${NBDFABRIC_IMAGE}` overrides it when compose runs.
 DEFAULT_IMAGE = "nbdfabric:latest"

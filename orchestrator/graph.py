@@ -4,7 +4,8 @@ and Graphviz DOT. Pure.
 
 from __future__ import annotations
 
-from .topology import Node, Topology, is_uri, node_ref
+from .names import is_uri, node_ref
+from .topology import Node, Topology
 
 
 def _label(node: Node, name: str = "") -> str:

@@ -22,7 +22,8 @@ import yaml
 
 from .argv import export_words, option_words, param_words, state_words, uri_path
 from .compose import DEFAULT_IMAGE, LABEL_PREFIX
-from .topology import Node, Topology, is_uri, load_or_report, node_ref
+from .names import is_uri, node_ref
+from .topology import Node, Topology, load_or_report
 
 RUN_DIR = "/run/nbdfabric"
 DATA_ROOT = "/mnt/nbdfabric"

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, Protocol, Union
+from typing import Annotated, Any, Literal, Protocol, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
@@ -26,6 +26,8 @@ from nodes.params import (
     validate_model,
     whole_number,
 )
+
+from .names import default_name, is_uri, node_ref
 
 RESTART_POLICIES = ("always", "on-failure", "never")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -156,25 +158,6 @@ class Topology:
 
     def dependents(self, node: str) -> list[str]:
         return [n.name for n in self.nodes.values() if node in n.node_upstreams()]
-
-
-def is_uri(text: str) -> bool:
-    return "://" in text
-
-
-class Ref(NamedTuple):
-    """An upstream that names a node of the topology."""
-
-    node: str
-    #: `NODE/EXPORT`: that export of a node that serves several; None: the node's one export.
-    export: str | None = None
-
-
-def node_ref(upstream: str) -> Ref:
-    """`files/a.img` -> Ref("files", "a.img"), `disk` -> Ref("disk"); not for URIs (is_uri).
-    Node names have no "/", so the first one ends the node; the export may have more."""
-    node, slash, export = upstream.partition("/")
-    return Ref(node, export if slash else None)
 
 
 #: Node.multi_export -> (what the node serves, what an upstream names of it), for messages.
@@ -418,24 +401,6 @@ def expand_env(text: str, source: str, env: Mapping[str, str]) -> str:
     if problems:
         raise TopologyError(problems)
     return "".join(out)
-
-
-def peek_name(path: str | Path) -> str | None:
-    """The fabric name of a file, even an invalid one (for `down`/`status` after an edit)."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    if isinstance(data, dict) and isinstance(data.get("name"), str):
-        return data["name"]
-    return default_name(path)
-
-
-def default_name(path: str | Path) -> str:
-    """Like docker compose: without `name:`, the fabric is named after the file's directory."""
-    stem = Path(path).resolve().parent.name or "fabric"
-    name = re.sub(r"[^A-Za-z0-9_.-]", "-", stem).lstrip("-_.")
-    return name or "fabric"
 
 
 class _Validator:

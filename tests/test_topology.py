@@ -13,14 +13,13 @@ import pytest
 
 from orchestrator import graph, plan
 from orchestrator.argv import export_words
+from orchestrator.names import Ref, node_ref
 from orchestrator.topology import (
-    Ref,
     Topology,
     TopologyError,
     json_schema,
     load,
     load_text,
-    node_ref,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -24,12 +24,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nodes.server.addresses import UNIX_PATH_MAX
 
 from ..argv import export_words, option_words, param_words, state_words, uri_path
-from ..topology import Node, Topology, is_uri, node_ref
+from ..names import is_uri, node_ref
+
+if TYPE_CHECKING:  # (not at run time: `status` and `down` start without the typed schema)
+    from ..topology import Node, Topology
 
 
 class StartError(RuntimeError):
