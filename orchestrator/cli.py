@@ -669,9 +669,9 @@ def cmd_logs(argv: Sequence[str]) -> int:
     found = _find_fabric("logs", args)
     if found is None:
         return 1
-    _, run = found
+    name, run = found
     if args.events:
-        return _events(run, args.follow)
+        return _events(name, run, args.follow)
     path = run.log(args.node) if args.node else run.supervisor_log
     if not path.exists():
         _err("logs", f"no log at {path}")
@@ -694,13 +694,18 @@ def cmd_logs(argv: Sequence[str]) -> int:
 
 
 def _events(
-    run: RunDir, follow: bool, replay: bool = True, as_json: bool = False, command: str = "logs"
+    name: str,
+    run: RunDir,
+    follow: bool,
+    replay: bool = True,
+    as_json: bool = False,
+    command: str = "logs",
 ) -> int:
     from .supervisor import Event
 
     client = connect(run)
     if client is None:
-        _err(command, "the fabric is not running")
+        _err(command, f"fabric {name} is not running")
         return NOT_RUNNING
     stream = client.stub.WatchFabricEvents(
         client.pb.WatchFabricEventsRequest(replay=replay, follow=follow)
@@ -736,8 +741,8 @@ def cmd_events(argv: Sequence[str]) -> int:
     found = _find_fabric("events", args)
     if found is None:
         return 1
-    _, run = found
-    return _events(run, not args.no_follow, not args.no_replay, args.json, "events")
+    name, run = found
+    return _events(name, run, not args.no_follow, not args.no_replay, args.json, "events")
 
 
 def cmd_set(argv: Sequence[str]) -> int:

@@ -135,6 +135,9 @@ def test_orchestrator_up_serves_every_export_and_down_leaves_nothing(
     assert fabric.cli("status", check=False).returncode == 3
     # The logs stay in the run dir; that is no fabric ("down (0 processes stopped)").
     assert fabric.cli("down").stdout == "fabric f is not running\n"
+    for command in (["events"], ["logs", "--events"]):  # each names the fabric, as down does
+        res = fabric.cli(*command, check=False)
+        assert (res.returncode, res.stderr.split(": ", 1)[1]) == (3, "fabric f is not running\n")
 
 
 def test_orchestrator_up_detach_shows_progress_on_stderr(fabric: Fabric) -> None:
