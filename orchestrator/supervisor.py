@@ -124,35 +124,32 @@ async def configure_node(control: str, changes: dict[str, str]) -> None:
             raise ConfigureError(exc.details() or str(exc.code()), precondition) from None
 
 
-async def list_members(channel: grpc.aio.Channel) -> list[Any] | None:
-    """A fan's members (NodeService.ListMembers), None when it does not answer."""
+async def _ask(channel: grpc.aio.Channel, method: str) -> Any:
+    """NodeService.METHOD's reply (an empty request), None when the node does not answer."""
     from nodes.control.rpc.nbdfabric.v1 import node_pb2, node_pb2_grpc
 
-    stub = node_pb2_grpc.NodeServiceStub(channel)
+    call = getattr(node_pb2_grpc.NodeServiceStub(channel), method)
     try:
-        reply = await stub.ListMembers(node_pb2.ListMembersRequest(), timeout=CHECK_TIMEOUT)
+        return await call(getattr(node_pb2, f"{method}Request")(), timeout=CHECK_TIMEOUT)
     except grpc.aio.AioRpcError:
         return None
     except asyncio.CancelledError:
         if _cancelled():
             raise
         return None
-    return list(reply.members)
+
+
+async def list_members(channel: grpc.aio.Channel) -> list[Any] | None:
+    """A fan's members (NodeService.ListMembers), None when it does not answer."""
+    reply = await _ask(channel, "ListMembers")
+    return None if reply is None else list(reply.members)
 
 
 async def get_offer(channel: grpc.aio.Channel) -> Capabilities | None:
     """What a node offers its clients (NodeService.GetInfo: size, capabilities, minimum block
     size), None when it does not answer."""
-    from nodes.control.rpc.nbdfabric.v1 import node_pb2, node_pb2_grpc
-
-    stub = node_pb2_grpc.NodeServiceStub(channel)
-    try:
-        reply = await stub.GetInfo(node_pb2.GetInfoRequest(), timeout=CHECK_TIMEOUT)
-    except grpc.aio.AioRpcError:
-        return None
-    except asyncio.CancelledError:
-        if _cancelled():
-            raise
+    reply = await _ask(channel, "GetInfo")
+    if reply is None:
         return None
     caps = reply.capabilities
 
