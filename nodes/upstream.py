@@ -24,14 +24,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, unquote
 
 import nbd
 
 from .base import Backend, Capabilities, Extents, Holes, Support, add_range, shortfalls
 from .params import Params
 from .protocol.constants import CmdFlag
-from .server.addresses import check_nbd_uri
+from .server.addresses import check_nbd_uri, export_name, with_export
 from .server.poll import POLLER
 
 log = logging.getLogger("nbdfabric.upstream")
@@ -64,28 +63,6 @@ _WRITE_FLAGS = _FUA
 _ZERO_FLAGS = int(CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO)
 _STATUS_FLAGS = int(CmdFlag.REQ_ONE)
 _DIR_READ, _DIR_WRITE = nbd.AIO_DIRECTION_READ, nbd.AIO_DIRECTION_WRITE
-
-
-def export_of(uri: str) -> str:
-    """The export name an NBD URI names: its path without the first "/", percent-decoded."""
-    _, _, rest = uri.partition("://")
-    path = rest[_path_start(rest) :].split("?", 1)[0].split("#", 1)[0]
-    return unquote(path[1:])
-
-
-def with_export(uri: str, name: str) -> str:
-    """`uri` naming export `name` instead (same server, scheme, socket and query)."""
-    scheme, sep, rest = uri.partition("://")
-    start = _path_start(rest)
-    tail = rest[start:]
-    cut = min((i for i in (tail.find("?"), tail.find("#")) if i >= 0), default=len(tail))
-    return f"{scheme}{sep}{rest[:start]}/{quote(name, safe='')}{tail[cut:]}"
-
-
-def _path_start(rest: str) -> int:
-    """Where the path starts in what follows `scheme://`: after the authority."""
-    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
-    return min(ends, default=len(rest))
 
 
 @dataclass
@@ -198,7 +175,7 @@ class Upstream(Backend):
         self.pool_size = max(1, pool_size)
         #: Ask for the export's canonical name and description (NBD_INFO_NAME, _DESCRIPTION).
         self.full_info = full_info
-        self.canonical_name = export_of(uri)  #: as the upstream names it, once connected
+        self.canonical_name = export_name(uri)  #: as the upstream names it, once connected
         self.description = ""
         self.state = "connecting"  #: up | down | connecting
         self.reconnects = 0
@@ -278,7 +255,7 @@ class Upstream(Backend):
         h = self._new_handle()
         h.set_opt_mode(True)
         h.set_full_info(True)
-        default = export_of(self.uri)
+        default = export_name(self.uri)
 
         def ask() -> Catalog:
             h.connect_uri(self.uri)

@@ -54,8 +54,9 @@ from ..base import Backend, Capabilities, Filter, MultiExport
 from ..params import Many, Params, param, repeated
 from ..params import Params as ParamsModel
 from ..registry import register
+from ..server.addresses import export_name
 from ..spawn import DEVNULL, PIPE, shell
-from ..upstream import Catalog, Upstream, export_of
+from ..upstream import Catalog, Upstream
 
 log = logging.getLogger("nbdfabric.exportname")
 
@@ -146,7 +147,7 @@ class ExportName(Filter):
         #: Open exports by upstream name, least recently asked for first.
         self.open: collections.OrderedDict[str, _Export] = collections.OrderedDict()
         self._opening: dict[str, asyncio.Future[_Export]] = {}
-        self._catalog = Catalog([], "", export_of(next.uri))
+        self._catalog = Catalog([], "", export_name(next.uri))
         self._catalog_error = ""
         self._scripted: dict[str, str] = {}  #: script:SCRIPT descriptions, by name
         self.opened = 0

@@ -11,6 +11,7 @@ import socket
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import quote, unquote
 
 DEFAULT_PORT = 10809
@@ -175,6 +176,36 @@ def check_nbd_uri(uri: str) -> None:
         raise AddressError(f"{uri!r}: an nbd+unix URI needs ?socket=PATH")
 
 
+class UriParts(NamedTuple):
+    """`scheme://authority/path?query#fragment` cut where libnbd cuts it."""
+
+    scheme: str
+    authority: str  #: host and port, or nothing (nbd+unix)
+    path: str  #: "/" and the export name, percent-encoded; or ""
+    after: str  #: "?query#fragment" as given
+
+
+def uri_parts(uri: str) -> UriParts:
+    scheme, _, rest = uri.partition("://")
+    start = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0),
+                default=len(rest))  # fmt: skip
+    tail = rest[start:]
+    cut = min((i for i in (tail.find("?"), tail.find("#")) if i >= 0), default=len(tail))
+    return UriParts(scheme, rest[:start], tail[:cut], tail[cut:])
+
+
+def export_name(uri: str) -> str:
+    """The export name an NBD URI names: its path without the first "/", percent-decoded."""
+    path = uri_parts(uri).path
+    return unquote(path[1:]) if path.startswith("/") else ""
+
+
+def with_export(uri: str, name: str) -> str:
+    """`uri` naming export `name` instead (same server, scheme, socket and query)."""
+    scheme, authority, _, after = uri_parts(uri)
+    return f"{scheme}://{authority}/{quote(name, safe='')}{after}"
+
+
 def export_identity(uri: str, cwd: str | None = None) -> tuple[str | int, ...]:
     """Where the bytes of an NBD URI go, as libnbd reads it: two URIs with equal keys reach
     the same export of the same server (a fan must not have it twice).
@@ -188,14 +219,11 @@ def export_identity(uri: str, cwd: str | None = None) -> tuple[str | int, ...]:
     Conservative: equal keys are one export, but different keys may still be one, in ways the
     text cannot tell (a host name and its address, two names of a host, a symlink to a socket
     or a directory, a forwarded port, a server that serves one disk under two names)."""
-    scheme, sep, rest = uri.partition("://")
-    if not sep or not scheme.lower().startswith("nbd"):
+    scheme, authority, path, after = uri_parts(uri)
+    if "://" not in uri or not scheme.lower().startswith("nbd"):
         return ("uri", uri)
     transport = scheme.lower().removeprefix("nbds").removeprefix("nbd")
-    start = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0),
-                default=len(rest))  # fmt: skip
-    authority, tail = rest[:start], rest[start:].split("#", 1)[0]
-    path, _, query = tail.partition("?")
+    query = after.split("#", 1)[0].removeprefix("?")
     export = unquote(path[1:]) if path.startswith("/") else ""
     if transport == "+unix":
         socket_path = _query_value(query, "socket")
