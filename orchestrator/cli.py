@@ -701,7 +701,7 @@ def _events(
     as_json: bool = False,
     command: str = "logs",
 ) -> int:
-    from .supervisor import Event
+    from .events import Event
 
     client = connect(run)
     if client is None:

@@ -21,7 +21,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,6 +41,7 @@ from .backends.process import (
     StartError,
     exit_text,
 )
+from .events import Event
 from .topology import Node, Topology
 
 log = logging.getLogger("nbdfabric.orchestrator")
@@ -80,19 +80,6 @@ class ConfigureError(ValueError):
 
 class UnknownNode(ConfigureError):
     """`set NODE` for a node the fabric does not have (NOT_FOUND, not a bad argument value)."""
-
-
-@dataclass(frozen=True)
-class Event:
-    time: float
-    node: str
-    kind: str
-    message: str
-
-    def __str__(self) -> str:
-        stamp = time.strftime("%H:%M:%S", time.localtime(self.time))
-        who = f"{self.node}: " if self.node else ""
-        return f"{stamp} {who}{self.kind}{': ' + self.message if self.message else ''}"
 
 
 async def check_health(channel: grpc.aio.Channel) -> str:

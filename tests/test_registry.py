@@ -131,6 +131,7 @@ def test_a_node_imports_only_its_own_kinds_module() -> None:
     [
         (["ctl", "unix:{tmp}/none.sock", "info"], 3, "cannot reach the node"),  # 3: unreachable
         (["status", "-p", "none-such"], 3, "fabric none-such is not running"),
+        (["events", "-p", "none-such", "--no-follow"], 3, "fabric none-such is not running"),
     ],
 )
 def test_commands_that_only_show_start_without_the_kinds_or_pydantic(
