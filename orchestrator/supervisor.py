@@ -4,10 +4,10 @@ It watches each node over grpc.health.v1 (or, for nodes without `--control`, by 
 NBD socket), restarts a node that exits or stops serving, per its restart policy and with
 back-off, and reports what happens as events (logged, kept, and streamed to subscribers).
 Dependents are not restarted with their upstream: they reconnect to the same socket by
-themselves. Unless a re-apply restarted the upstream and it now offers less than before
-(smaller, read-only, a flag gone): a filter does not take such an upstream back, so the apply
-restarts it too (and, if it now offers less in turn, its own dependents); a fan keeps such a
-member out, and is left to the operator.
+themselves. Unless the upstream comes back (restarted by a re-apply, or after a crash) offering
+less than before (smaller, read-only, a flag gone): a filter does not take such an upstream
+back, so it is restarted too (and, if it then offers less in turn, its own dependents); a fan
+keeps such a member out, and is left to the operator.
 """
 
 from __future__ import annotations
@@ -197,6 +197,9 @@ class NodeRunner:
         #: as written) -> the address with the port the first start was given: a restart
         #: listens there again, so clients (and `up`'s URIs) keep working.
         self.pinned: dict[tuple[int, str], str] = {}
+        #: What it offered its clients at its last start (None: not known): a restart after a
+        #: crash that comes back offering less restarts the filters over it (Supervisor).
+        self.offered: Capabilities | None = None
 
     @property
     def name(self) -> str:
@@ -253,6 +256,8 @@ class NodeRunner:
             raise
         self.state = "running"
         self.sup.save_state()
+        if self.sup.topology is not None and self.sup.topology.dependents(self.name):
+            self.offered = await self.offer()
 
     def _failed(self, exc: StartError) -> None:
         self.state = "failed"
@@ -440,6 +445,7 @@ class NodeRunner:
             await asyncio.sleep(delay)
             await proc.stop(STOP_GRACE)
             self.restarts += 1
+            before = self.offered
             try:
                 await self.start()
             except StartError as exc:  # start() said why (start-failed)
@@ -447,6 +453,10 @@ class NodeRunner:
                 continue
             taken = False
             self.emit("restarted", f"{self.who} (restart {self.restarts})")
+            if before is not None and self.offered is not None:
+                lost = offers_less(before, self.offered)
+                if lost:  # (a file that shrank while the node was down, say)
+                    await self.sup.restart_over(self.name, lost)
 
     # stop ---------------------------------------------------------------------------------
 
@@ -651,13 +661,41 @@ class Supervisor:
         for dep in self._kept(name, by_node):
             assert self.topology is not None
             if self.topology.nodes[dep].role == "fan":
-                self.emit(dep, "member-offers-less", f"member {name} offers less ({lost}): the "
-                          "fan keeps it out; replace the member (`nbdfabric ctl ADDR replace`) "
-                          "or restart the fan")  # fmt: skip
+                self._tell_fan(dep, name, lost)
                 continue
             reason = f"upstream {name} offers less: {lost}"
             by_node[dep] = plan.Action(dep, plan.RESTART, reason)
             self.emit(dep, "restart-needed", reason)
+
+    def _tell_fan(self, fan: str, member: str, lost: str) -> None:
+        self.emit(fan, "member-offers-less", f"member {member} offers less ({lost}): the fan "
+                  "keeps it out; replace the member (`nbdfabric ctl ADDR replace`) or restart "
+                  "the fan")  # fmt: skip
+
+    async def restart_over(self, name: str, lost: str) -> None:
+        """`name` came back from a crash offering less: the filters over it would not take it
+        back, so they are restarted (and theirs, if they then offer less in turn); a fan is
+        told, not restarted, as in an apply."""
+        assert self.topology is not None
+        for dep in self.topology.dependents(name):
+            runner = self.runners.get(dep)
+            if runner is None or runner.state not in ("running", "restarting"):
+                continue
+            if self.topology.nodes[dep].role == "fan":
+                self._tell_fan(dep, name, lost)
+                continue
+            self.emit(dep, "restart-needed", f"upstream {name} offers less: {lost}")
+            before = runner.offered
+            await runner.stop()
+            try:
+                await runner.start()
+            except StartError:
+                continue  # start() said why; its supervision is over, as after an apply's
+            runner.supervise()
+            if before is not None and runner.offered is not None:
+                less = offers_less(before, runner.offered)
+                if less:
+                    await self.restart_over(dep, less)
 
     async def _start(self, node: Node, action: str, kept: list[str] | None = None) -> str:
         """Start or restart `node`. With `kept` (its dependents left running), what it now

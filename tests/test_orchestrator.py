@@ -393,6 +393,34 @@ def test_orchestrator_reapply_leaves_the_filter_over_a_node_that_offers_as_much(
         fab.cli("down", check=False)
 
 
+def test_orchestrator_a_node_back_from_a_crash_offering_less_has_its_filter_restarted(
+    tmp_path: Path,
+) -> None:
+    """A file node whose file shrank while it ran comes back smaller after a crash: the filter
+    over it would not take it back (and served EIO until its own health failed long enough).
+    The supervisor restarts the filter as soon as the node is back, saying why."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(16 << 20))
+    file_node = "{kind: file, params: {file: disk.img}}"
+    fab = Fabric(tmp_path, OVER_MEMORY.replace("{kind: memory, params: {size: 16M}}", file_node))
+    try:
+        fab.up()
+        uri = fab.uri("vm")
+        write_read(tmp_path, uri, 1 << 20)
+        before = fab.status()
+        os.truncate(disk, 8 << 20)  # the running node still serves 16M
+        os.kill(before["src"]["pid"], signal.SIGKILL)
+        wait_for(lambda: restarted(fab, "src", before["src"]["pid"]), 60, "src back")
+        wait_for(lambda: restarted(fab, "top", before["top"]["pid"]), 30, "top restarted")
+        why = "upstream src offers less: size 16777216 -> 8388608"
+        assert f"top: restart-needed: {why}" in fab.cli("logs", "--events").stdout
+        assert run(["nbdinfo", "--size", uri]).stdout.strip() == str(8 << 20)
+        write_read(tmp_path, uri, 8 << 20)  # all of it, without an error
+        assert fab.status()["top"]["restarts"] == 0  # restarted over src, not for a failure
+    finally:
+        fab.cli("down", check=False)
+
+
 CASCADE = """\
 name: f
 nodes:
