@@ -681,7 +681,9 @@ class KubeletPod:
         """Create and start `container` of the spec."""
         from docker.types import Mount
 
-        for field in ("envFrom", "lifecycle", "livenessProbe", "readinessProbe"):
+        # Probes are run by start_sidecar (startup) and start_containers (readiness); liveness
+        # is not: nothing here kills a container that fails it.
+        for field in ("envFrom", "lifecycle"):
             assert field not in container, f"{container['name']}: {field} is not run here"
         env = {e["name"]: e["value"] for e in container.get("env", [])}  # plain values only
         mounts = []
@@ -695,8 +697,10 @@ class KubeletPod:
         # it is the image this module built from this tree, under whatever tag it has.
         return self.engine.containers.run(
             self.image,
-            entrypoint=container.get("command"),  # as in Kubernetes: command replaces the
-            command=container.get("args"),  # image's ENTRYPOINT, args its CMD
+            # As in Kubernetes: command replaces the image's ENTRYPOINT, args its CMD, and a
+            # command without args runs without the image's CMD too.
+            entrypoint=container.get("command"),
+            command=container.get("args", [] if container.get("command") else None),
             environment=env,
             working_dir=container.get("workingDir"),
             user=user,
@@ -759,6 +763,35 @@ class KubeletPod:
             + container.logs().decode(errors="replace")
         )
 
+    def start_containers(self, timeout: float = 60) -> None:
+        """Start the pod's (long-running) containers all at once, as kubelet does, and wait
+        until every one passes its readinessProbe (the pod is Ready)."""
+        started = [(spec, self.run(spec)) for spec in self.spec["containers"]]
+        self.sidecars += [container for _, container in started]
+        deadline = time.monotonic() + timeout
+        for spec, container in started:
+            probe = spec.get("readinessProbe")
+            while probe is not None:
+                exited = self.exited(container)
+                assert not exited, f"container {spec['name']} (kubelet would restart it) {exited}"
+                ready, answer = self._probe(
+                    container, probe["exec"]["command"], probe.get("timeoutSeconds", 1)
+                )
+                if ready:
+                    break
+                assert time.monotonic() < deadline, (
+                    f"container {spec['name']} not ready in {timeout} s, last {answer}; its "
+                    "log:\n" + container.logs().decode(errors="replace")
+                )
+                time.sleep(0.5)
+
+    def client(self, entrypoint: list[str], timeout: float = 60) -> str:
+        """Run a client (our image: qemu-io, nbdinfo, ...) in the pod's network namespace to
+        its end, which must be exit 0: its output."""
+        return self.run_to_completion(
+            {"name": f"client-{uuid.uuid4().hex[:4]}", "command": entrypoint}, timeout
+        )
+
     def run_init_containers(self) -> None:
         for spec in self.spec.get("initContainers", []):
             if spec.get("restartPolicy") == "Always":
@@ -780,7 +813,8 @@ class KubeletPod:
         return log
 
     def stop_sidecars(self) -> dict[str, int]:
-        """The Job's work done, kubelet stops the sidecars, last started first: exit codes."""
+        """The Job's work done (or the pod deleted), kubelet stops the sidecars (and the
+        containers), last started first: exit codes."""
         codes = {}
         for container in reversed(self.sidecars):
             container.stop(timeout=10)
@@ -853,6 +887,43 @@ def test_k8s_import_job_pod_copies_the_served_image_onto_the_claim(
         )
         # Stopped by SIGTERM through tini, each node exits cleanly.
         assert pod.stop_sidecars() == {"retries": 0, "throttle": 0, "source": 0}
+    finally:
+        pod.remove()
+    assert pod.leftovers() == []
+
+
+def test_k8s_pod_serves_the_example_fabric_to_clients_in_the_pod(
+    engine: Any, image: str, tmp_path: Path
+) -> None:
+    """`nbdfabric k8s compose/example.yaml`: its pod, run as a kubelet would (every container
+    at once: nodes wait for their upstreams), becomes Ready, and a client in the pod's network
+    namespace writes and reads the export on its port through delay -> mirror; both members
+    hold what was written (read on their unix sockets in the pod's emptyDir)."""
+    from orchestrator import k8s
+    from orchestrator.topology import load
+
+    pod_doc = k8s.manifests(load(EXAMPLE))[0]
+    assert pod_doc["kind"] == "Pod"
+    spec = pod_doc["spec"]
+    pod = KubeletPod(engine, image, spec, tmp_path / "pod")
+    try:
+        pod.start()
+        pod.start_containers()
+        uri = "nbd://127.0.0.1:10809/vm1"
+        info = pod.client(["nbdinfo", "--no-content", "--json", uri])  # (the image has no file(1))
+        export = json.loads(info)["exports"][0]
+        assert (export["export-size"], export["description"]) == (
+            256 << 20, "nbdfabric example disk"
+        )  # fmt: skip
+        pod.client(["qemu-io", "-f", "raw", uri, "-c", "write -P 0x5a 1M 3M",
+                    "-c", "read -P 0x5a 1M 3M", "-c", "read -P 0 0 1M"])  # fmt: skip
+        run_dir = pod.volumes["run"]  # the emptyDir the nodes' sockets are in
+        for member in ("disk-a", "disk-b"):
+            h = nbd_connect(f"nbd+unix:///?socket={run_dir}/{member}.sock")
+            assert h.pread(3 << 20, 1 << 20) == b"\x5a" * (3 << 20), member
+            h.shutdown()
+        codes = pod.stop_sidecars()
+        assert codes == {c["name"]: 0 for c in spec["containers"]}, codes
     finally:
         pod.remove()
     assert pod.leftovers() == []
