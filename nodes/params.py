@@ -36,7 +36,6 @@ from .values import (
     whole_number,
 )
 
-# re.ASCII: `\d` would take any script's digits (`٣K`, the fullwidth ones) as a number.
 Size = Annotated[int, BeforeValidator(parse_size), Field(json_schema_extra={"format": "size"})]
 Duration = Annotated[
     float, BeforeValidator(parse_duration), Field(json_schema_extra={"format": "duration"})

@@ -12,6 +12,7 @@ import math
 import re
 from typing import Any
 
+# re.ASCII: `\d` would take any script's digits (`٣K`, the fullwidth ones) as a number.
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtpe]?)(i?b)?\s*$", re.IGNORECASE | re.ASCII)
 _SIZE_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|ms|s|m|h)?\s*$", re.IGNORECASE | re.ASCII)

@@ -648,11 +648,8 @@ class Supervisor:
         """The nodes over `name` that this apply leaves running (their upstream connections
         hold on to what `name` offered them)."""
         assert self.topology is not None
-        return [
-            n
-            for n, node in self.topology.nodes.items()
-            if name in node.node_upstreams() and by_node[n].action not in (plan.ADD, plan.RESTART)
-        ]
+        restarted = (plan.ADD, plan.RESTART)
+        return [n for n in self.topology.dependents(name) if by_node[n].action not in restarted]
 
     def _restart_dependents(self, name: str, lost: str, by_node: dict[str, plan.Action]) -> None:
         """`name` was restarted and offers less than before: the filters over it would not take
@@ -716,7 +713,7 @@ class Supervisor:
         runner.supervise()
         if before is None:
             return ""
-        after = await runner.offer()
+        after = runner.offered  # (start() asked for it: the node has dependents)
         if after is None:
             log.warning("%s: no offer to compare after its restart; %s left as they are",
                         node.name, ", ".join(kept or ()))  # fmt: skip

@@ -26,6 +26,7 @@ from nodes.params import (
     validate_model,
     whole_number,
 )
+from nodes.server.addresses import export_identity, repeats, same_export_problem
 
 from .names import default_name, is_uri, node_ref
 
@@ -522,8 +523,6 @@ class _Validator:
                 f"'upstreams' (got {len(upstreams)})",
             )
         for i, j in self.repeated_members(upstreams):
-            from nodes.server.addresses import same_export_problem
-
             problem = same_export_problem(i, upstreams[i], j, upstreams[j], repr)
             self.problem((*path, field_name, j), f"{spec.kind} {name!r}: {problem}")
         if spec.workers > 1 and not cls.shareable:
@@ -555,16 +554,10 @@ class _Validator:
         """(i, j) for each of a node's upstreams J that is the export an earlier one I is:
         the same node reference (`NODE`, `NODE/EXPORT`), or a URI with the same
         export_identity (relative unix sockets are where the nodes run: the file's directory)."""
-        from nodes.server.addresses import export_identity
-
-        seen: dict[tuple[Any, ...], int] = {}
-        repeats = []
-        for j, up in enumerate(upstreams):
-            key = export_identity(up, self.base_dir) if is_uri(up) else ("node", *node_ref(up))
-            if key in seen:
-                repeats.append((seen[key], j))
-            seen.setdefault(key, j)
-        return repeats
+        return repeats(
+            export_identity(up, self.base_dir) if is_uri(up) else ("node", *node_ref(up))
+            for up in upstreams
+        )
 
     def params(
         self, path: tuple[Any, ...], kind: str, cls: KindInfo, values: dict[str, Any]

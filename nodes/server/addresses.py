@@ -9,7 +9,7 @@ import ipaddress
 import os
 import socket
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 from urllib.parse import quote, unquote
@@ -196,7 +196,10 @@ def uri_parts(uri: str) -> UriParts:
 
 def export_name(uri: str) -> str:
     """The export name an NBD URI names: its path without the first "/", percent-decoded."""
-    path = uri_parts(uri).path
+    return _decoded_export(uri_parts(uri).path)
+
+
+def _decoded_export(path: str) -> str:
     return unquote(path[1:]) if path.startswith("/") else ""
 
 
@@ -224,7 +227,7 @@ def export_identity(uri: str, cwd: str | None = None) -> tuple[str | int, ...]:
         return ("uri", uri)
     transport = scheme.lower().removeprefix("nbds").removeprefix("nbd")
     query = after.split("#", 1)[0].removeprefix("?")
-    export = unquote(path[1:]) if path.startswith("/") else ""
+    export = _decoded_export(path)
     if transport == "+unix":
         socket_path = _query_value(query, "socket")
         if not socket_path:
@@ -293,15 +296,16 @@ def _absolute(path: str, cwd: str) -> str:
     return "/" + "/".join(parts)
 
 
+def repeats(keys: Iterable[Hashable]) -> list[tuple[int, int]]:
+    """(i, j) for each key J equal to an earlier one, I the first of them."""
+    first: dict[Hashable, int] = {}
+    return [(first[k], j) for j, k in enumerate(keys) if first.setdefault(k, j) != j]
+
+
 def repeated_export(uris: Sequence[str], cwd: str | None = None) -> tuple[int, int] | None:
     """The first (i, j), i < j, of `uris` that are one export (export_identity), if any."""
-    seen: dict[tuple[str | int, ...], int] = {}
-    for j, uri in enumerate(uris):
-        key = export_identity(uri, cwd)
-        if key in seen:
-            return seen[key], j
-        seen[key] = j
-    return None
+    found = repeats(export_identity(uri, cwd) for uri in uris)
+    return found[0] if found else None
 
 
 def same_export_problem(
