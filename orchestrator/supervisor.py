@@ -5,9 +5,9 @@ NBD socket), restarts a node that exits or stops serving, per its restart policy
 back-off, and reports what happens as events (logged, kept, and streamed to subscribers).
 Dependents are not restarted with their upstream: they reconnect to the same socket by
 themselves. Unless the upstream comes back (restarted by a re-apply, or after a crash) offering
-less than before (smaller, read-only, a flag gone): a filter does not take such an upstream
-back, so it is restarted too (and, if it then offers less in turn, its own dependents); a fan
-keeps such a member out, and is left to the operator.
+less than when the dependent started (smaller, read-only, a flag gone): a filter does not take
+such an upstream back, so it is restarted too (and, if it then offers less in turn, its own
+dependents); a fan keeps such a member out, and is left to the operator.
 """
 
 from __future__ import annotations
@@ -200,6 +200,9 @@ class NodeRunner:
         #: What it offered its clients at its last start (None: not known): a restart after a
         #: crash that comes back offering less restarts the filters over it (Supervisor).
         self.offered: Capabilities | None = None
+        #: What each of its upstream nodes offered when it started: its upstream connection
+        #: holds it to that first offer (nodes/upstream.py), not to whatever came after.
+        self.promised: dict[str, Capabilities] = {}
 
     @property
     def name(self) -> str:
@@ -256,6 +259,12 @@ class NodeRunner:
             raise
         self.state = "running"
         self.sup.save_state()
+        self.offered = None
+        self.promised = {
+            up: runner.offered
+            for up in self.node.node_upstreams()
+            if (runner := self.sup.runners.get(up)) is not None and runner.offered is not None
+        }
         if self.sup.topology is not None and self.sup.topology.dependents(self.name):
             self.offered = await self.offer()
 
@@ -453,10 +462,8 @@ class NodeRunner:
                 continue
             taken = False
             self.emit("restarted", f"{self.who} (restart {self.restarts})")
-            if before is not None and self.offered is not None:
-                lost = offers_less(before, self.offered)
-                if lost:  # (a file that shrank while the node was down, say)
-                    await self.sup.restart_over(self.name, lost)
+            # (a file that shrank while the node was down, say)
+            await self.sup.restart_over(self.name, before, self.offered)
 
     # stop ---------------------------------------------------------------------------------
 
@@ -609,19 +616,18 @@ class Supervisor:
         failures: list[str] = []
         for group in plan.levels(topology):
             todo = [n for n in group if by_node[n].action in (plan.ADD, plan.RESTART)]
+            # What each offered before (its dependents that started before it was known hold
+            # it to that; those that started later, to what it offered then).
+            before = {n: r.offered if (r := self.runners.get(n)) else None for n in todo}
             results = await asyncio.gather(
-                *(
-                    self._start(topology.nodes[n], by_node[n].action, self._kept(n, by_node))
-                    for n in todo
-                ),
+                *(self._start(topology.nodes[n]) for n in todo),
                 return_exceptions=True,
             )
             failures += [str(r) for r in results if isinstance(r, BaseException)]
             if failures:
                 break
-            for name, lost in zip(todo, results, strict=True):
-                if lost and isinstance(lost, str):
-                    self._restart_dependents(name, lost, by_node)
+            for name in todo:
+                self._restart_dependents(name, before[name], by_node)
         self.save_state()
         # The last event of an apply: `up` prints the ones before it as progress.
         if failures:
@@ -651,55 +657,73 @@ class Supervisor:
         restarted = (plan.ADD, plan.RESTART)
         return [n for n in self.topology.dependents(name) if by_node[n].action not in restarted]
 
-    def _restart_dependents(self, name: str, lost: str, by_node: dict[str, plan.Action]) -> None:
-        """`name` was restarted and offers less than before: the filters over it would not take
-        it back (nodes/upstream.py), so they are restarted too, in their level (then offering
-        what it offers now). A fan is not: a new process would forget its members' states."""
-        for dep in self._kept(name, by_node):
-            assert self.topology is not None
+    def _stranded(
+        self, name: str, deps: list[str], before: Capabilities | None, now: Capabilities | None
+    ) -> list[tuple[str, str]]:
+        """The nodes of `deps` that `name`, now offering `now`, offers less than what it
+        offered when they started (`before` where that is not known), with what it lacks; the
+        fans among them are told, not returned: a new process would forget its members'
+        states. An offer grown and then shrunk back strands nobody."""
+        assert self.topology is not None
+        if now is None:
+            if before is not None and deps:
+                log.warning("%s: no offer to compare after its restart; %s left as they are",
+                            name, ", ".join(deps))  # fmt: skip
+            return []
+        stranded = []
+        for dep in deps:
+            runner = self.runners.get(dep)
+            was = runner.promised.get(name, before) if runner is not None else before
+            lost = offers_less(was, now) if was is not None else ""
+            if not lost:
+                continue
             if self.topology.nodes[dep].role == "fan":
-                self._tell_fan(dep, name, lost)
+                self.emit(dep, "member-offers-less", f"member {name} offers less ({lost}): the "
+                          "fan keeps it out; replace the member (`nbdfabric ctl ADDR replace`) "
+                          "or restart the fan")  # fmt: skip
                 continue
             reason = f"upstream {name} offers less: {lost}"
-            by_node[dep] = plan.Action(dep, plan.RESTART, reason)
             self.emit(dep, "restart-needed", reason)
+            stranded.append((dep, reason))
+        return stranded
 
-    def _tell_fan(self, fan: str, member: str, lost: str) -> None:
-        self.emit(fan, "member-offers-less", f"member {member} offers less ({lost}): the fan "
-                  "keeps it out; replace the member (`nbdfabric ctl ADDR replace`) or restart "
-                  "the fan")  # fmt: skip
+    def _restart_dependents(
+        self, name: str, before: Capabilities | None, by_node: dict[str, plan.Action]
+    ) -> None:
+        """`name` was restarted by this apply: the filters over it that it now offers less
+        than they started with would not take it back (nodes/upstream.py), so they are
+        restarted too, in their level (then holding it to what it offers now)."""
+        now = self.runners[name].offered
+        for dep, reason in self._stranded(name, self._kept(name, by_node), before, now):
+            by_node[dep] = plan.Action(dep, plan.RESTART, reason)
 
-    async def restart_over(self, name: str, lost: str) -> None:
-        """`name` came back from a crash offering less: the filters over it would not take it
-        back, so they are restarted (and theirs, if they then offer less in turn); a fan is
-        told, not restarted, as in an apply."""
+    async def restart_over(
+        self, name: str, before: Capabilities | None, now: Capabilities | None
+    ) -> None:
+        """`name` came back from a crash: the filters over it that it now offers less than
+        they started with are restarted (and theirs, if they then offer less in turn), as in
+        an apply."""
         assert self.topology is not None
-        for dep in self.topology.dependents(name):
-            runner = self.runners.get(dep)
-            if runner is None or runner.state not in ("running", "restarting"):
-                continue
-            if self.topology.nodes[dep].role == "fan":
-                self._tell_fan(dep, name, lost)
-                continue
-            self.emit(dep, "restart-needed", f"upstream {name} offers less: {lost}")
-            before = runner.offered
+        running = [
+            dep
+            for dep in self.topology.dependents(name)
+            if (r := self.runners.get(dep)) is not None and r.state in ("running", "restarting")
+        ]
+        for dep, _reason in self._stranded(name, running, before, now):
+            runner = self.runners[dep]
+            was = runner.offered
             await runner.stop()
             try:
                 await runner.start()
             except StartError:
                 continue  # start() said why; its supervision is over, as after an apply's
             runner.supervise()
-            if before is not None and runner.offered is not None:
-                less = offers_less(before, runner.offered)
-                if less:
-                    await self.restart_over(dep, less)
+            await self.restart_over(dep, was, runner.offered)
 
-    async def _start(self, node: Node, action: str, kept: list[str] | None = None) -> str:
-        """Start or restart `node`. With `kept` (its dependents left running), what it now
-        offers less than it did before ("" if nothing, or if that cannot be told)."""
+    async def _start(self, node: Node) -> None:
+        """Start or restart `node`."""
         runner = self.runners.get(node.name)
         old = runner.node if runner is not None else None
-        before = await runner.offer() if runner is not None and kept else None
         if runner is not None:
             await runner.stop()
             runner.node = node
@@ -711,14 +735,6 @@ class Supervisor:
             self.backend.forget_state(node.name)
         await runner.start()
         runner.supervise()
-        if before is None:
-            return ""
-        after = runner.offered  # (start() asked for it: the node has dependents)
-        if after is None:
-            log.warning("%s: no offer to compare after its restart; %s left as they are",
-                        node.name, ", ".join(kept or ()))  # fmt: skip
-            return ""
-        return offers_less(before, after)
 
     async def _configure_live(self, action: plan.Action) -> bool:
         runner = self.runners[action.node]
