@@ -22,7 +22,7 @@ import yaml
 
 from .argv import export_words, option_words, param_words, state_words, uri_path
 from .names import is_uri, node_ref
-from .topology import Node, Topology, load_or_report
+from .topology import HealthTimes, Node, Topology, load_or_report
 
 #: The image every node container runs; `${NBDFABRIC_IMAGE}` overrides it when compose runs.
 DEFAULT_IMAGE = "nbdfabric:latest"
@@ -36,6 +36,11 @@ STATE_DIR = "/var/lib/nbdfabric"
 MOUNT_ROOT = "/mnt/nbdfabric"
 LABEL_PREFIX = "io.nbdfabric"
 RESTART = {"always": "unless-stopped", "never": "no"}
+#: The engine's health check of a node's container where its `healthcheck:` says nothing
+#: (a compose file's; the docker backend checks every second, as its supervisor reads it).
+#: `grace` is the supervisor's alone: the engine only marks a container unhealthy.
+COMPOSE_HEALTH = HealthTimes(interval=2.0, timeout=3.0, retries=5, start_period=10.0, grace=0)
+ENGINE_HEALTH = COMPOSE_HEALTH._replace(interval=1.0)
 
 
 @dataclass
@@ -138,6 +143,36 @@ def labels(topology: Topology, node: Node) -> dict[str, str]:
     return out
 
 
+def compose_healthcheck(node: Node) -> dict[str, Any]:
+    """The timings of a compose service's `healthcheck:` (durations as compose writes them)."""
+    watch = node.healthcheck.over(COMPOSE_HEALTH)
+    return {
+        "interval": _compose_duration(watch.interval),
+        "timeout": _compose_duration(watch.timeout),
+        "retries": watch.retries,
+        "start_period": _compose_duration(watch.start_period),
+    }
+
+
+def engine_healthcheck(node: Node) -> dict[str, Any]:
+    """The same for the engine's API (durations in nanoseconds)."""
+    watch = node.healthcheck.over(ENGINE_HEALTH)
+    return {
+        "interval": round(watch.interval * 1e9),
+        "timeout": round(watch.timeout * 1e9),
+        "retries": watch.retries,
+        "start_period": round(watch.start_period * 1e9),
+    }
+
+
+def _compose_duration(seconds: float) -> str:
+    """`2s`, `1500ms`, `250us`: the engine takes at least 1ms (under it, compose refuses)."""
+    us = max(round(seconds * 1e6), 1000)
+    if us % 1_000_000 == 0:
+        return f"{us // 1_000_000}s"
+    return f"{us // 1000}ms" if us % 1000 == 0 else f"{us}us"
+
+
 def restart_policy(node: Node) -> str:
     if node.restart == "on-failure":
         return f"on-failure:{node.max_restarts}" if node.max_restarts else "on-failure"
@@ -161,13 +196,7 @@ def compose_dict(
             "command": layout.command(node, mounts),
             "restart": restart_policy(node),
             "labels": labels(topology, node),
-            "healthcheck": {
-                "test": layout.healthcheck(),
-                "interval": "2s",
-                "timeout": "3s",
-                "retries": 5,
-                "start_period": "10s",
-            },
+            "healthcheck": {"test": layout.healthcheck(), **compose_healthcheck(node)},
             "stop_grace_period": "10s",
         }
         if control:

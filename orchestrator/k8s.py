@@ -12,6 +12,7 @@ claim with qemu-img; the Job completes when the copy does.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from collections.abc import Sequence
@@ -23,12 +24,16 @@ import yaml
 from .argv import export_words, option_words, param_words, state_words, uri_path
 from .compose import DEFAULT_IMAGE, LABEL_PREFIX
 from .names import is_uri, node_ref
-from .topology import Node, Topology, load_or_report
+from .topology import HealthTimes, Node, Topology, load_or_report
 
 RUN_DIR = "/run/nbdfabric"
 DATA_ROOT = "/mnt/nbdfabric"
 TARGET_DIR = "/target"
 USER_ID = 10809
+#: The probes' timings where a node's `healthcheck:` says nothing: readiness and liveness
+#: every `interval`, the container restarted after `retries` failed liveness probes, a start
+#: given `start_period` (a startup probe every second). `grace` is the supervisor's alone.
+PROBES = HealthTimes(interval=5.0, timeout=3.0, retries=3, start_period=60.0, grace=0)
 
 
 def k8s_name(text: str) -> str:
@@ -99,10 +104,11 @@ def node_container(
     if export is not None:
         args += export_words(export, tls=False)  # TLS files are not mapped into pods yet
     args += ["--control", _ctl(node.name)]
+    watch = node.healthcheck.over(PROBES)
     probe = {
         "exec": {"command": ["nbdfabric", "health", "-q", _ctl(node.name)]},
-        "periodSeconds": 5,
-        "timeoutSeconds": 3,
+        "periodSeconds": _whole_seconds(watch.interval),
+        "timeoutSeconds": _whole_seconds(watch.timeout),
     }
     mounts = [{"name": "run", "mountPath": RUN_DIR}]
     mounts += [
@@ -113,13 +119,22 @@ def node_container(
         "image": image,
         "args": args,
         "volumeMounts": mounts,
-        "startupProbe": {**probe, "periodSeconds": 1, "failureThreshold": 60},
+        "startupProbe": {
+            **probe,
+            "periodSeconds": 1,
+            "failureThreshold": _whole_seconds(watch.start_period),
+        },
         "readinessProbe": probe,
-        "livenessProbe": {**probe, "failureThreshold": 3},
+        "livenessProbe": {**probe, "failureThreshold": watch.retries},
     }
     if ports:
         container["ports"] = [{"name": f"nbd-{i}", "containerPort": p} for i, p in enumerate(ports)]
     return container
+
+
+def _whole_seconds(seconds: float) -> int:
+    """A probe's seconds are whole, at least 1."""
+    return max(1, math.ceil(seconds))
 
 
 def _labels(topology: Topology) -> dict[str, str]:

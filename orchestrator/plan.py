@@ -88,6 +88,8 @@ def node_diff(old: Node, new: Node, old_top: Topology, new_top: Topology) -> Act
         return Action(name, CONFIGURE, "live params: " + ", ".join(changed), values)
     if (old.restart, old.max_restarts) != (new.restart, new.max_restarts):
         return Action(name, UNCHANGED, "restart policy updated")
+    if old.healthcheck != new.healthcheck:  # the supervisor reads it at each check
+        return Action(name, UNCHANGED, "healthcheck updated")
     return Action(name, UNCHANGED)
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -42,20 +43,17 @@ from .backends.process import (
     exit_text,
 )
 from .events import Event
-from .topology import Node, Topology
+from .topology import HealthTimes, Node, Topology
 
 log = logging.getLogger("nbdfabric.orchestrator")
 
-#: Seconds between health checks of a node.
-HEALTH_INTERVAL = 0.5
-#: Timeout of one health check RPC.
+#: How the supervisor watches a node whose `healthcheck:` says nothing: a check every
+#: `interval`, each within `timeout`; `retries` unanswered checks in a row and a live process
+#: counts as hung and is restarted; a start may take `start_period` (process ready, then
+#: SERVING); a node NOT_SERVING for `grace` while its upstreams are healthy is restarted.
+WATCH = HealthTimes(interval=0.5, timeout=2.0, retries=6, start_period=60.0, grace=15.0)
+#: Timeout of an RPC asking a node for its info or members.
 CHECK_TIMEOUT = 2.0
-#: Failed health RPCs in a row after which a live process counts as hung and is restarted.
-UNREACHABLE_CHECKS = 6
-#: A node that reports NOT_SERVING this long while its upstreams are healthy is restarted.
-NOT_SERVING_GRACE = 15.0
-#: How long a start may take (process ready, then SERVING) before it counts as failed.
-START_TIMEOUT = 60.0
 #: Back-off before the n-th consecutive restart: BACKOFF_FIRST * 2**(n-1), at most BACKOFF_MAX.
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 10.0
@@ -82,11 +80,11 @@ class UnknownNode(ConfigureError):
     """`set NODE` for a node the fabric does not have (NOT_FOUND, not a bad argument value)."""
 
 
-async def check_health(channel: grpc.aio.Channel) -> str:
+async def check_health(channel: grpc.aio.Channel, within: float = CHECK_TIMEOUT) -> str:
     """SERVING | NOT_SERVING | UNKNOWN | UNREACHABLE for the node's overall health."""
     stub = health_pb2_grpc.HealthStub(channel)
     try:
-        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=CHECK_TIMEOUT)
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=within)
     except grpc.aio.AioRpcError:
         return "UNREACHABLE"
     except asyncio.CancelledError:
@@ -209,6 +207,11 @@ class NodeRunner:
         return self.node.name
 
     @property
+    def watch(self) -> HealthTimes:
+        """How it is watched (its `healthcheck:` over the defaults; a re-apply may change it)."""
+        return self.node.healthcheck.over(WATCH)
+
+    @property
     def control(self) -> str:
         if not self.sup.control:
             return ""
@@ -245,7 +248,7 @@ class NodeRunner:
         try:
             self.emit("starting")
             await proc.spawn()
-            await proc.wait_ready(START_TIMEOUT)
+            await proc.wait_ready(self.watch.start_period)
             self.emit("started", self.who)
             self._pin(topology, proc.info.get("uris", []))
             await self._wait_serving(proc)
@@ -315,7 +318,8 @@ class NodeRunner:
                 ) from None
 
     async def _wait_serving(self, proc: NodeProcess) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
+        start_period = self.watch.start_period
+        deadline = time.monotonic() + start_period
         while True:
             health = await self.check()
             if health == "SERVING":
@@ -324,14 +328,14 @@ class NodeRunner:
             if not proc.alive():
                 raise StartError(proc.failure(exit_text(proc.returncode)))
             if time.monotonic() > deadline:
-                raise StartError(proc.failure(f"not SERVING after {START_TIMEOUT:.0f}s ({health})"))
+                raise StartError(proc.failure(f"not SERVING after {start_period:g}s ({health})"))
             await proc.wait_exit(0.05)
 
     async def check(self) -> str:
         if self.sup.control:
             if self.channel is None:
                 self.channel = grpc.aio.insecure_channel(self.control)
-            return await check_health(self.channel)
+            return await check_health(self.channel, self.watch.timeout)
         ok = await asyncio.to_thread(self.sup.backend.probe, self.process)
         return "SERVING" if ok else "UNREACHABLE"
 
@@ -387,7 +391,8 @@ class NodeRunner:
         bad_since = 0.0
         said_why = False
         while True:
-            await proc.wait_exit(HEALTH_INTERVAL)
+            watch = self.watch
+            await proc.wait_exit(watch.interval)
             if proc.returncode is not None:
                 self.health = "UNKNOWN"
                 self.healthy_since = 0.0
@@ -402,14 +407,12 @@ class NodeRunner:
                 continue
             if health == "UNREACHABLE":
                 unreachable += 1
-                if unreachable >= UNREACHABLE_CHECKS:
+                if unreachable >= watch.retries:
                     return "does not answer health checks", None
                 continue
             unreachable = 0
             bad_since = bad_since or time.monotonic()
-            if time.monotonic() - bad_since < NOT_SERVING_GRACE or not self.sup.upstreams_ok(
-                self.node
-            ):
+            if time.monotonic() - bad_since < watch.grace or not self.sup.upstreams_ok(self.node):
                 continue
             if self.node.role == "fan":
                 # A fan that does not serve knows which members it cannot trust; a new process
@@ -417,10 +420,10 @@ class NodeRunner:
                 # data). It waits for its members or for the operator (`ctl trust`) instead.
                 if not said_why:
                     said_why = True
-                    self.emit("failed", f"{health} for {NOT_SERVING_GRACE:.0f}s with healthy "
+                    self.emit("failed", f"{health} for {watch.grace:g}s with healthy "
                               "upstreams: not restarted (see `nbdfabric status`)")  # fmt: skip
                 continue
-            return f"{health} for {NOT_SERVING_GRACE:.0f}s with healthy upstreams", None
+            return f"{health} for {watch.grace:g}s with healthy upstreams", None
 
     async def _supervise(self) -> None:
         failures = 0
@@ -452,7 +455,10 @@ class NodeRunner:
             delay = min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
             self.state = "restarting"
             await asyncio.sleep(delay)
-            await proc.stop(STOP_GRACE)
+            alive = proc.alive()
+            status = await proc.stop(STOP_GRACE)
+            if alive and status in (-signal.SIGKILL, 128 + signal.SIGKILL):  # (a container's)
+                self.emit("killed", f"did not exit within {STOP_GRACE:g}s of SIGTERM")
             self.restarts += 1
             before = self.offered
             try:

@@ -10,10 +10,11 @@ import dataclasses
 import os
 import re
 import sys
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol, Union
+from typing import Annotated, Any, Literal, NamedTuple, Protocol, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
@@ -27,6 +28,7 @@ from nodes.params import (
     whole_number,
 )
 from nodes.server.addresses import export_identity, repeats, same_export_problem
+from nodes.values import parse_duration
 
 from .names import default_name, is_uri, node_ref
 
@@ -87,6 +89,33 @@ class TopologyError(ValueError):
 # -- the validated topology -------------------------------------------------------------------
 
 
+class HealthTimes(NamedTuple):
+    """How one watcher (the supervisor, compose, docker, a kubelet) watches a node's health."""
+
+    interval: float  #: seconds between checks
+    timeout: float  #: seconds one check may take
+    retries: int  #: failed checks in a row before the node counts as hung (or unhealthy)
+    start_period: float  #: seconds a start may take to serve
+    grace: float  #: seconds NOT_SERVING, upstreams healthy, before the supervisor acts
+
+
+@dataclass(frozen=True)
+class Healthcheck:
+    """A node's `healthcheck:`, each None where the file says nothing: every watcher then
+    keeps its own default (its HealthTimes)."""
+
+    interval: float | None = None
+    timeout: float | None = None
+    retries: int | None = None
+    start_period: float | None = None
+    grace: float | None = None
+
+    def over(self, defaults: HealthTimes) -> HealthTimes:
+        """Its values, the watcher's `defaults` where it has none."""
+        given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return defaults._replace(**given)
+
+
 @dataclass(frozen=True)
 class Node:
     name: str
@@ -104,6 +133,7 @@ class Node:
     poll_max_us: int = 0
     #: `nbdfabric node --workers`: processes serving the node together (1: the node alone).
     workers: int = 1
+    healthcheck: Healthcheck = Healthcheck()
     #: None, or what the node serves several exports of, chosen by name ("directory": file
     #: dir=, one per file; "names": exportname); its upstream references then name one
     #: (`NODE/EXPORT`; of "names", a bare `NODE` is its default export).
@@ -193,6 +223,35 @@ _UPSTREAM_HELP = (
 )
 
 
+class HealthcheckDef(_Strict):
+    """A node's `healthcheck:`, named as docker compose names its own (plus `grace`)."""
+
+    interval: float | None = Field(None, gt=0, description="time between health checks")
+    timeout: float | None = Field(None, gt=0, description="time one health check may take")
+    retries: int | None = Field(
+        None, ge=1, description="failed checks in a row before the node counts as hung"
+    )
+    start_period: float | None = Field(
+        None, gt=0, description="time a start may take until the node serves"
+    )
+    grace: float | None = Field(
+        None,
+        ge=0,
+        description="time a node may report NOT_SERVING, its upstreams healthy, before the "
+        "supervisor restarts it (a fan is reported failed instead)",
+    )
+
+    @field_validator("interval", "timeout", "start_period", "grace", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return None if value is None else parse_duration(value)
+
+    @field_validator("retries", mode="before")
+    @classmethod
+    def _ascii_whole_number(cls, value: Any) -> Any:
+        return whole_number(value) if isinstance(value, str) else value
+
+
 class NodeDef(_Strict):
     """One entry of `nodes:`."""
 
@@ -210,6 +269,10 @@ class NodeDef(_Strict):
     )
     poll_max_us: int = Field(0, ge=0, description=_POLL_HELP)
     workers: int = Field(1, ge=1, description=_WORKERS_HELP)
+    healthcheck: HealthcheckDef | None = Field(
+        None,
+        description="how the node's health is watched (durations: 2, 1.5s, 500ms)",
+    )
 
     @field_validator("max_restarts", "poll_max_us", "workers", mode="before")
     @classmethod
@@ -310,6 +373,20 @@ def _graph_problem(root: yaml.Node | None) -> tuple[int, str] | None:
             )
             stack.extend((child, False) for child in reversed(children))
     return None
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
+    """The model of the mapping at `loc` inside `model` (a nested section such as
+    `healthcheck`), for the fields an unknown key there could have been."""
+    for key in loc:
+        by_alias = {f.alias or n: f for n, f in model.model_fields.items()}
+        inner = by_alias.get(str(key)) or model.model_fields.get(str(key))
+        kinds = typing.get_args(inner.annotation) or (inner.annotation,) if inner else ()
+        models = [t for t in kinds if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not models:  # (`X | None` is a section X)
+            break
+        model = models[0]
+    return model
 
 
 def _dotted(path: tuple[Any, ...]) -> str:
@@ -546,6 +623,9 @@ class _Validator:
             max_restarts=spec.max_restarts,
             poll_max_us=spec.poll_max_us,
             workers=spec.workers,
+            healthcheck=Healthcheck(**spec.healthcheck.model_dump())
+            if spec.healthcheck
+            else Healthcheck(),
             multi_export=cls.multi_export(params),
             line=self.lines.line(path),
         )
@@ -738,10 +818,11 @@ class _Validator:
     def pydantic_problems(
         self, path: tuple[Any, ...], exc: ValidationError, model: type[BaseModel]
     ) -> None:
-        accepts = ", ".join(f.alias or n for n, f in model.model_fields.items())
         for err in exc.errors():
             where = (*path, *err["loc"])
             if err["type"] == "extra_forbidden":
+                fields = _fields_at(model, err["loc"][:-1]).model_fields
+                accepts = ", ".join(f.alias or n for n, f in fields.items())
                 hint = did_you_mean(str(err["loc"][-1]), accepts.split(", "))
                 self.problem(where, f"unknown field{hint} (accepts: {accepts})")
             elif err["type"] == "missing":
@@ -782,6 +863,7 @@ def json_schema(kinds: Mapping[str, KindInfo] | None = None) -> dict[str, Any]:
         "max_restarts": (int, Field(5, ge=0, description="failed restarts before giving up")),
         "poll_max_us": (int, Field(0, ge=0, description=_POLL_HELP)),
         "workers": (int, Field(1, ge=1, description=_WORKERS_HELP)),
+        "healthcheck": (HealthcheckDef, Field(None, description="how health is watched")),
     }
     variants: list[Any] = []
     for kind, cls in sorted(kinds.items()):

@@ -194,6 +194,37 @@ def test_orchestrator_restarts_killed_node_and_export_serves_again(
     assert "slow: restarted: pid" in events
 
 
+HUNG = """\
+name: f
+nodes:
+  disk:
+    kind: memory
+    params: {size: 1M}
+    healthcheck: {interval: 200ms, timeout: 300ms, retries: 3}
+exports:
+  vm: {node: disk, listen: ["unix:${SOCKDIR}/vm.sock"]}
+"""
+
+
+def test_orchestrator_restarts_a_hung_node_after_its_healthcheck_retries(tmp_path: Path) -> None:
+    """A node that stops answering (SIGSTOP: alive, but it neither serves nor answers health
+    checks) is restarted after `retries` unanswered checks in a row, at its `interval` and
+    `timeout`; the stop wakes it (SIGCONT after SIGTERM) so it exits by itself, not SIGKILLed
+    after the stop grace."""
+    fab = Fabric(tmp_path, HUNG)
+    try:
+        fab.up()
+        before = fab.status()["disk"]
+        os.kill(before["pid"], signal.SIGSTOP)
+        wait_for(lambda: restarted(fab, "disk", before["pid"]), 60, "disk restarted")
+        events = fab.cli("logs", "--events").stdout
+        assert "disk: unhealthy: does not answer health checks" in events, events
+        assert "disk: killed" not in events, events
+        write_read(tmp_path, fab.uri("vm"), 1 << 20)
+    finally:
+        fab.cli("down", check=False)
+
+
 #: Two nodes, each exported on a port picked at their first start.
 PORT0 = """\
 name: f
@@ -893,15 +924,16 @@ def test_orchestrator_leaves_a_failed_mirror_to_the_operator(
     0 left first and missed writes member 1 acknowledged; member 1 is back only later. The
     mirror keeps failing reads (never stale data), `status` says what a trust would cost, and
     the mirror serves the new data again by itself once member 1 is back."""
-    from orchestrator.supervisor import NOT_SERVING_GRACE
-
     size = 4 << 20
     disks = [tmp_path / "a.img", tmp_path / "b.img"]
     for disk in disks:
         disk.write_bytes(bytes(size))
     a, b = (start_node("file", str(d)) for d in disks)
     fab = Fabric(
-        tmp_path, uri_fan("mirror", [a.uri, b.uri], "{check-interval: 0.05, retry-delay: 0.1}")
+        tmp_path,
+        uri_fan("mirror", [a.uri, b.uri], "{check-interval: 0.05, retry-delay: 0.1}").replace(
+            "retry-delay: 0.1}", "retry-delay: 0.1},\n        healthcheck: {grace: 2s}"
+        ),
     )
     old, new = os.urandom(size), os.urandom(size)
     try:
@@ -920,9 +952,10 @@ def test_orchestrator_leaves_a_failed_mirror_to_the_operator(
 
         def said_failed() -> bool:
             res = fab.cli("events", "--no-follow")
-            return any(" fan: failed: " in line for line in res.stdout.splitlines())
+            said = " fan: failed: NOT_SERVING for 2s with healthy upstreams: not restarted"
+            return any(said in line for line in res.stdout.splitlines())
 
-        wait_for(said_failed, NOT_SERVING_GRACE + 30, "the supervisor to give up on the fan", 0.5)
+        wait_for(said_failed, 60, "the supervisor to give up on the fan", 0.5)
         nodes = fab.status()
         assert nodes["fan"]["restarts"] == 0 and nodes["fan"]["health"] == "NOT_SERVING"
         res = subprocess.run(["nbdcopy", uri, "-"], capture_output=True, timeout=60)

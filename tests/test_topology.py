@@ -132,7 +132,7 @@ INVALID = [
         "unknown node field",
         "nodes:\n  a: {kind: memory, params: {size: 1M}, restrat: never}\n",
         "f.yaml:2: nodes.a.restrat: unknown field, did you mean 'restart'? (accepts: kind, "
-        "params, upstream, upstreams, restart, max-restarts, poll-max-us, workers)",
+        "params, upstream, upstreams, restart, max-restarts, poll-max-us, workers, healthcheck)",
     ),
     (
         "bad restart policy",
@@ -259,6 +259,29 @@ INVALID = [
         "f.yaml:6: nodes.q.upstreams[1]: quorum 'q': members 0 and 1 are the same export "
         "('nbd://disks:10809/x' and 'nbds://Disks/x'): each member must be a different export, "
         "or the fan would use one as two",
+    ),
+    (
+        "healthcheck: an unknown key",
+        "nodes:\n  a:\n    kind: memory\n    healthcheck: {interval: 1s, timout: 2s}\n",
+        "f.yaml:4: nodes.a.healthcheck.timout: unknown field, did you mean 'timeout'? (accepts: "
+        "interval, timeout, retries, start-period, grace)",
+    ),
+    (
+        "healthcheck: not a duration",
+        "nodes:\n  a: {kind: memory, healthcheck: {grace: soon}}\n",
+        "f.yaml:2: nodes.a.healthcheck.grace: bad value 'soon': expected a duration like 10ms, "
+        "2s or a number of seconds",
+    ),
+    (
+        "healthcheck: checks at no interval",
+        "nodes:\n  a: {kind: memory, healthcheck: {interval: 0ms}}\n",
+        "f.yaml:2: nodes.a.healthcheck.interval: bad value 0.0: Input should be greater than 0",
+    ),
+    (
+        "healthcheck: no retries",
+        "nodes:\n  a: {kind: memory, healthcheck: {retries: 0}}\n",
+        "f.yaml:2: nodes.a.healthcheck.retries: bad value 0: Input should be greater than or "
+        "equal to 1",
     ),
     (
         "unset variable",
@@ -579,3 +602,45 @@ def test_topology_fan_member_twice_through_a_relative_socket(tmp_path: Path) -> 
     assert len(load(f).nodes["v"].upstreams) == 2
     f.write_text(f.read_text().replace(f"///?socket={tmp_path}/other", "///b?socket=."))
     assert len(load(f).nodes["v"].upstreams) == 2
+
+
+def test_healthcheck_reaches_every_watcher(tmp_path: Path) -> None:
+    """A node's `healthcheck:` times the supervisor's checks, the compose file's and the
+    engine's health checks and the pod's probes; each keeps its own default for what the file
+    leaves out, and another healthcheck is taken without a restart."""
+    from orchestrator.compose import COMPOSE_HEALTH, compose_dict, engine_healthcheck
+    from orchestrator.k8s import PROBES, manifests
+    from orchestrator.supervisor import WATCH
+
+    watched = CHAIN.replace(
+        "delay-read: 1ms}",
+        "delay-read: 1ms}, healthcheck: {interval: 1500ms, timeout: 4, retries: 2, "
+        "start_period: 2m, grace: 30s}",
+    )
+    top = load_text(watched, "f.yaml")
+    slow, disk = top.nodes["slow"], top.nodes["disk"]
+    assert slow.healthcheck.over(WATCH) == (1.5, 4.0, 2, 120.0, 30.0)
+    assert disk.healthcheck.over(WATCH) == WATCH
+    services = compose_dict(top)["services"]
+    assert {k: v for k, v in services["slow"]["healthcheck"].items() if k != "test"} == {
+        "interval": "1500ms", "timeout": "4s", "retries": 2, "start_period": "120s"
+    }  # fmt: skip
+    assert services["disk"]["healthcheck"]["interval"] == f"{COMPOSE_HEALTH.interval:g}s"
+    assert engine_healthcheck(slow) == {
+        "interval": 1_500_000_000, "timeout": 4_000_000_000, "retries": 2,
+        "start_period": 120_000_000_000,
+    }  # fmt: skip
+    (pod,) = [d for d in manifests(top) if d["kind"] == "Pod"]
+    probes = {c["name"]: c for c in pod["spec"]["containers"]}
+    liveness = probes["slow"]["livenessProbe"]
+    assert (liveness["periodSeconds"], liveness["timeoutSeconds"]) == (2, 4)  # whole seconds
+    assert liveness["failureThreshold"] == 2
+    assert probes["slow"]["startupProbe"]["failureThreshold"] == 120  # one a second
+    assert probes["disk"]["livenessProbe"]["periodSeconds"] == PROBES.interval
+    assert probes["disk"]["livenessProbe"]["failureThreshold"] == PROBES.retries
+    assert _actions(CHAIN, watched)["slow"] == ("unchanged", "healthcheck updated")
+    assert _actions(watched, watched)["slow"] == ("unchanged", "")
+    schema = json_schema()["$defs"]
+    assert set(schema["HealthcheckDef"]["properties"]) == {
+        "interval", "timeout", "retries", "start-period", "grace"
+    }  # fmt: skip

@@ -35,6 +35,7 @@ from ..compose import (
     STATE_DIR,
     ContainerLayout,
     Mounts,
+    engine_healthcheck,
     labels,
 )
 from ..plan import start_order, stop_order
@@ -129,13 +130,7 @@ def run_container(
         restart_policy=restart,
         environment={"NBDFABRIC_CONTROL": f"127.0.0.1:{CONTROL_PORT}"},
         volumes=volumes,
-        healthcheck={
-            "test": layout.healthcheck(),
-            "interval": 1_000_000_000,
-            "timeout": 3_000_000_000,
-            "retries": 5,
-            "start_period": 10_000_000_000,
-        },
+        healthcheck={"test": layout.healthcheck(), **engine_healthcheck(node)},
     )
 
 

@@ -263,6 +263,9 @@ class NodeProcess:
         if proc is not None and proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
+                # A stopped process (SIGSTOP, a debugger gone) sees the SIGTERM only once it
+                # runs again, as systemd knows: it sends SIGCONT after SIGTERM too.
+                proc.send_signal(signal.SIGCONT)
             try:
                 await asyncio.wait_for(proc.wait(), grace)
             except TimeoutError:
