@@ -306,6 +306,9 @@ def test_control_ctl_json_output(node):
     assert data["capabilities"]["zero"] == "native"
     assert data["status"] == {"allocated_bytes": 0}
     assert data["params"][0]["name"] == "size"
+    assert (data["serves_several"], data["exports"]) == (False, [])  # one export: the above
+    table = ctl("ctl", p.control, "info").stdout
+    assert any(line.startswith("size ") for line in table.splitlines()), table
 
     h = nbd_connect(p.uri)
     h.pwrite(b"z" * 4096, 0)

@@ -421,6 +421,10 @@ def test_exportname_script_under_control_logs_nothing_about_fork(start_node: Sta
     listed = json.loads(run(["nbdinfo", "--list", "--json", ours.uri]).stdout)["exports"]
     assert {e["export-name"]: e.get("description") for e in listed} == {"a": "<a>", "b": "<b>"}
     assert "fork" not in ours.stderr() and "gRPC" not in ours.stderr(), ours.stderr()
+    # Its control lists the same exports (GetInfo), and says it serves several.
+    info = Control(ours).stub.GetInfo(pb.GetInfoRequest(), timeout=10)
+    assert info.serves_several
+    assert [(e.name, e.description) for e in info.exports] == [("a", "<a>"), ("b", "<b>")]
 
 
 def test_exportname_keeps_the_upstream_descriptions(start_node: StartNode) -> None:

@@ -361,7 +361,13 @@ def test_dir_control_info_pause_flush_and_flush(
     status = info["status"]
     assert info["size"] == 0 and status["exports"] == EXPORTS
     assert status["open"]["a.img"]["connections"] == 1
-    assert "a.img" in ctl("info").stdout  # the table view too
+    # The node says it serves several exports, and which: as NBD_OPT_LIST lists them.
+    assert info["serves_several"] is True
+    assert [e["name"] for e in info["exports"]] == list(listed(node)) == EXPORTS
+    table = ctl("info").stdout.splitlines()
+    assert not any(line.startswith(("size ", "export ")) for line in table), table
+    shown = [line.split("│")[-1].strip() for line in table if "│" in line]
+    assert shown[shown.index("a.img") :][: len(EXPORTS)] == EXPORTS, table
     ctl("pause", "--flush")
     ctl("resume")
     ctl("flush")

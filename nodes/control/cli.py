@@ -134,8 +134,15 @@ def show_info(info: pb.GetInfoResponse) -> None:
     rows = [
         ("kind", f"{d['kind']} ({d['role']})"),
         ("state", d["state"] + ("" if d["healthy"] else "  (unhealthy)")),
-        ("export", repr(d["export_name"]) + (f"  {d['description']}" if d["description"] else "")),
-        ("size", f"{human_size(d['size'])} ({d['size']} bytes)"),
+        *(
+            [("exports", "\n".join(
+                e["name"] + (f"  {e['description']}" if e["description"] else "")
+                for e in d["exports"]) or "(none now)")]
+            if d["serves_several"] else
+            [("export", repr(d["export_name"])
+                        + (f"  {d['description']}" if d["description"] else "")),
+             ("size", f"{human_size(d['size'])} ({d['size']} bytes)")]
+        ),
         ("capabilities", ", ".join(
             k if v is True else f"{k}={v}" for k, v in d["capabilities"].items() if k in caps)),
         ("block sizes", "min {minimum} / preferred {preferred} / max {maximum}".format(

@@ -279,6 +279,8 @@ class NodeServicer(pb_grpc.NodeServiceServicer):  # type: ignore[misc]
             uptime_seconds=time.time() - rt.stats.started,
             event_loop=event_loop_name(),
             polling=pb.Polling(**POLLER.info()),
+            serves_several=rt.multi_export,
+            exports=[pb.ListedExport(name=n, description=d) for n, d in rt.listed_exports()],
         )
 
     @rpc

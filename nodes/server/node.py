@@ -361,6 +361,16 @@ class NodeRuntime:
         except OSError as exc:  # the lookup that follows finds nothing: the client is told so
             log.warning("export %r: %s", name, exc)
 
+    def listed_exports(self) -> list[tuple[str, str]]:
+        """Of a multi-export node: (name, description) of each export it lists now (none if
+        the listing is refused); of any other node, nothing."""
+        if not self.multi_export:
+            return []
+        try:
+            return [(i.name, i.description) for i in self._list_exports()]
+        except ListRefused:
+            return []
+
     def _list_exports(self) -> list[ExportInfo]:
         # NBD_OPT_LIST carries names and descriptions only: no file is opened for it.
         try:

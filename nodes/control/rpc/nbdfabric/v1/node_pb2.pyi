@@ -124,7 +124,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("kind", "role", "version", "state", "healthy", "params", "export_name", "description", "size", "capabilities", "block_sizes", "uris", "upstreams", "status_json", "read_only", "pid", "uptime_seconds", "event_loop", "polling")
+    __slots__ = ("kind", "role", "version", "state", "healthy", "params", "export_name", "description", "size", "capabilities", "block_sizes", "uris", "upstreams", "status_json", "read_only", "pid", "uptime_seconds", "event_loop", "polling", "serves_several", "exports")
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,8 @@ class GetInfoResponse(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EVENT_LOOP_FIELD_NUMBER: _ClassVar[int]
     POLLING_FIELD_NUMBER: _ClassVar[int]
+    SERVES_SEVERAL_FIELD_NUMBER: _ClassVar[int]
+    EXPORTS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     role: NodeRole
     version: str
@@ -163,7 +165,17 @@ class GetInfoResponse(_message.Message):
     uptime_seconds: float
     event_loop: str
     polling: Polling
-    def __init__(self, kind: _Optional[str] = ..., role: _Optional[_Union[NodeRole, str]] = ..., version: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., healthy: bool = ..., params: _Optional[_Iterable[_Union[Param, _Mapping]]] = ..., export_name: _Optional[str] = ..., description: _Optional[str] = ..., size: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., block_sizes: _Optional[_Union[BlockSizes, _Mapping]] = ..., uris: _Optional[_Iterable[str]] = ..., upstreams: _Optional[_Iterable[_Union[Upstream, _Mapping]]] = ..., status_json: _Optional[str] = ..., read_only: bool = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., event_loop: _Optional[str] = ..., polling: _Optional[_Union[Polling, _Mapping]] = ...) -> None: ...
+    serves_several: bool
+    exports: _containers.RepeatedCompositeFieldContainer[ListedExport]
+    def __init__(self, kind: _Optional[str] = ..., role: _Optional[_Union[NodeRole, str]] = ..., version: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., healthy: bool = ..., params: _Optional[_Iterable[_Union[Param, _Mapping]]] = ..., export_name: _Optional[str] = ..., description: _Optional[str] = ..., size: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., block_sizes: _Optional[_Union[BlockSizes, _Mapping]] = ..., uris: _Optional[_Iterable[str]] = ..., upstreams: _Optional[_Iterable[_Union[Upstream, _Mapping]]] = ..., status_json: _Optional[str] = ..., read_only: bool = ..., pid: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., event_loop: _Optional[str] = ..., polling: _Optional[_Union[Polling, _Mapping]] = ..., serves_several: bool = ..., exports: _Optional[_Iterable[_Union[ListedExport, _Mapping]]] = ...) -> None: ...
+
+class ListedExport(_message.Message):
+    __slots__ = ("name", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
 
 class Polling(_message.Message):
     __slots__ = ("max_ns", "ns", "hits", "misses")
