@@ -20,7 +20,7 @@ from .values import value_text
 
 #: Sub-commands the orchestrator provides (nodes never import it at module level).
 FABRIC_COMMANDS = ("up", "down", "status", "validate", "graph", "set", "compose", "k8s", "logs",
-                   "events", "schema")  # fmt: skip
+                   "events", "schema", "stop", "start", "restart")  # fmt: skip
 
 
 def _node_parser(full_help: bool = True) -> argparse.ArgumentParser:
@@ -341,7 +341,7 @@ kinds [KIND] [--json]       list node kinds, or one kind's params
 ctl ADDR ...                talk to a node's gRPC control endpoint
 health ADDR                 exit 0 only if the node at ADDR is SERVING
 up FILE | down | status | validate FILE | graph | set NODE K=V | logs NODE
-compose FILE | k8s FILE | schema | events
+stop|start|restart NODE... | compose FILE | k8s FILE | schema | events
                             run and inspect fabrics from a topology file
 --version                   print the version
 """

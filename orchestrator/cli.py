@@ -776,6 +776,54 @@ def cmd_set(argv: Sequence[str]) -> int:
     return 0
 
 
+_OPERATE_HELP = {
+    "stop": "Stop nodes of a running fabric (dependents first); they stay stopped until "
+    "`start`, `restart` or `up` (as docker compose stop).",
+    "start": "Start stopped or failed nodes of a running fabric (upstreams first).",
+    "restart": "Restart nodes of a running fabric (upstreams first), as a crash would: a fan "
+    "keeps its member states.",
+}
+
+
+def cmd_operate(command: str) -> Callable[[Sequence[str]], int]:
+    """`nbdfabric stop|start|restart NODE...`: OrchestratorService.{Stop,Start,Restart}Nodes."""
+
+    def run(argv: Sequence[str]) -> int:
+        p = _parser(command, _OPERATE_HELP[command])
+        p.add_argument("nodes", nargs="+", metavar="NODE")
+        args = p.parse_args(argv)
+        found = _find_fabric(command, args)
+        if found is None:
+            return 1
+        name, run = found
+        client = connect(run)
+        if client is None:
+            _err(command, f"fabric {name} is not running")
+            return 1
+        method = f"{command.capitalize()}Nodes"
+        request = getattr(client.pb, f"{method}Request")(nodes=args.nodes)
+        try:
+            reply = getattr(client.stub, method)(request)
+        except grpc.RpcError as exc:
+            _err(command, _rpc_error(exc))
+            return 1
+        finally:
+            client.close()
+        if command == "stop":
+            done = [f"{n}: stopped" for n in reply.stopped]
+        else:
+            nodes = reply.started if command == "start" else reply.restarted
+            done = [f"{n.name}: {command}ed (pid {n.pid})" for n in nodes]
+        left = sorted(set(args.nodes) - {line.split(":")[0] for line in done})
+        for line in done:
+            print(line)
+        for node in left:
+            print(f"{node}: already {'stopped' if command == 'stop' else 'running'}")
+        return 0
+
+    return run
+
+
 # -- pure commands ------------------------------------------------------------------------------
 
 
@@ -837,6 +885,9 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "logs": cmd_logs,
     "events": cmd_events,
     "set": cmd_set,
+    "stop": cmd_operate("stop"),
+    "start": cmd_operate("start"),
+    "restart": cmd_operate("restart"),
     "validate": cmd_validate,
     "graph": cmd_graph,
     "schema": cmd_schema,

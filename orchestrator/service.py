@@ -108,6 +108,38 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             await context.abort(code, str(exc))
         return pb.ConfigureNodeResponse()
 
+    async def StopNodes(self, request: pb.StopNodesRequest, context: Any) -> pb.StopNodesResponse:
+        return pb.StopNodesResponse(stopped=await self._operate("stop", request, context))
+
+    async def StartNodes(
+        self, request: pb.StartNodesRequest, context: Any
+    ) -> pb.StartNodesResponse:
+        started = await self._operate("start", request, context)
+        return pb.StartNodesResponse(started=self._statuses(started))
+
+    async def RestartNodes(
+        self, request: pb.RestartNodesRequest, context: Any
+    ) -> pb.RestartNodesResponse:
+        restarted = await self._operate("restart", request, context)
+        return pb.RestartNodesResponse(restarted=self._statuses(restarted))
+
+    async def _operate(self, action: str, request: Any, context: Any) -> list[str]:
+        if self.sup.finished.is_set():
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the fabric is going down")
+        try:
+            return await self.sup.operate(action, list(request.nodes))
+        except UnknownNode as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except ConfigureError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ApplyError as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        raise AssertionError("unreachable")  # abort() raises
+
+    def _statuses(self, names: list[str]) -> list[pb.NodeStatus]:
+        by_name = {n["name"]: n for n in self.sup.status()}
+        return [pb.NodeStatus(**by_name[n]) for n in names if n in by_name]
+
     async def Down(self, request: pb.DownRequest, context: Any) -> pb.DownResponse:
         return pb.DownResponse(stopped=await self.sup.down())
 

@@ -789,6 +789,56 @@ class Supervisor:
             self.topology = dataclasses.replace(self.topology, nodes=nodes)
             self.emit(name, "configured", ", ".join(f"{k}={v}" for k, v in changes.items()))
 
+    # stop, start, restart -------------------------------------------------------------------
+
+    async def operate(self, action: str, names: list[str]) -> list[str]:
+        """`nbdfabric stop|start|restart NODE...`, as docker compose's commands of those names:
+        `stop` stops the nodes (dependents first) and they stay stopped, unsupervised, until a
+        `start`, a `restart` or an `up` (the filters over them fail requests meanwhile, and a
+        fan runs degraded); `start` starts the stopped or failed ones (upstreams first) and
+        supervises them again; `restart` does both, as a crash would: a fan keeps its member
+        states, and the filters over a node that comes back offering less are restarted too.
+        Returns the nodes acted on; UnknownNode, or ApplyError naming those that did not
+        start."""
+        assert action in ("stop", "start", "restart")
+        async with self.lock:
+            if not names:
+                raise ConfigureError(f"{action}: name the nodes to {action}")
+            unknown = [n for n in names if n not in self.runners]
+            if unknown or self.topology is None:
+                known = ", ".join(self.runners) or "(none)"
+                raise UnknownNode(f"no node named {(unknown or names)[0]!r} (nodes: {known})")
+            order = [n for group in plan.levels(self.topology) for n in group if n in names]
+            acted: list[str] = []
+            if action == "stop":
+                for name in reversed(order):
+                    runner = self.runners[name]
+                    if runner.state != "stopped":
+                        await runner.stop()
+                        acted.append(name)
+                self.save_state()
+                return acted
+            failures = []
+            for name in order:
+                runner = self.runners[name]
+                alive = runner.process is not None and runner.process.alive()
+                if action == "start" and alive and runner.state != "stopped":
+                    continue  # running (or being restarted by its supervision)
+                before = runner.offered
+                await runner.stop()
+                try:
+                    await runner.start()
+                except StartError as exc:  # start() said why (start-failed)
+                    failures.append(str(exc))
+                    continue
+                runner.supervise()
+                acted.append(name)
+                await self.restart_over(name, before, runner.offered)
+            self.save_state()
+            if failures:
+                raise ApplyError("\n".join(failures))
+            return acted
+
     # down -----------------------------------------------------------------------------------
 
     async def down(self) -> list[str]:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from nodes.control.rpc.nbdfabric.v1 import node_pb2 as nbdfabric_dot_v1_dot_node__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fnbdfabric/v1/orchestrator.proto\x12\x0cnbdfabric.v1\x1a\x17nbdfabric/v1/node.proto\"X\n\x0c\x41pplyRequest\x12\x15\n\rtopology_yaml\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\x12\x10\n\x08\x62\x61se_dir\x18\x04 \x01(\t\"=\n\rPlannedAction\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"j\n\rApplyResponse\x12,\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x1b.nbdfabric.v1.PlannedAction\x12+\n\x07\x65xports\x18\x02 \x03(\x0b\x32\x1a.nbdfabric.v1.FabricExport\"I\n\x0c\x46\x61\x62ricExport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0c\n\x04uris\x18\x03 \x03(\t\x12\x0f\n\x07\x65xports\x18\x04 \x01(\t\"\x0f\n\rStatusRequest\"\xdb\x02\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06health\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x03\x12\x10\n\x08restarts\x18\x07 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12\x0b\n\x03uri\x18\t \x01(\t\x12\x0f\n\x07\x63ontrol\x18\n \x01(\t\x12\x11\n\tupstreams\x18\x0b \x03(\t\x12\x13\n\x0b\x65xport_name\x18\x0c \x01(\t\x12\x10\n\x08log_path\x18\r \x01(\t\x12\x12\n\nlast_error\x18\x0e \x01(\t\x12\x13\n\x0b\x65xport_uris\x18\x0f \x03(\t\x12\x14\n\x0c\x63ontainer_id\x18\x10 \x01(\t\x12%\n\x07members\x18\x11 \x03(\x0b\x32\x14.nbdfabric.v1.Member\x12\x0f\n\x07\x65xports\x18\x12 \x01(\t\"\xc0\x01\n\x0eStatusResponse\x12\x0e\n\x06\x66\x61\x62ric\x18\x01 \x01(\t\x12\'\n\x05nodes\x18\x02 \x03(\x0b\x32\x18.nbdfabric.v1.NodeStatus\x12+\n\x07\x65xports\x18\x03 \x03(\x0b\x32\x1a.nbdfabric.v1.FabricExport\x12\x16\n\x0esupervisor_pid\x18\x04 \x01(\x03\x12\x0f\n\x07run_dir\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\":\n\x18WatchFabricEventsRequest\x12\x0e\n\x06replay\x18\x01 \x01(\x08\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"V\n\x19WatchFabricEventsResponse\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x96\x01\n\x14\x43onfigureNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12@\n\x07\x63hanges\x18\x02 \x03(\x0b\x32/.nbdfabric.v1.ConfigureNodeRequest.ChangesEntry\x1a.\n\x0c\x43hangesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x17\n\x15\x43onfigureNodeResponse\"\r\n\x0b\x44ownRequest\"\x1f\n\x0c\x44ownResponse\x12\x0f\n\x07stopped\x18\x01 \x03(\t2\x9d\x03\n\x13OrchestratorService\x12@\n\x05\x41pply\x12\x1a.nbdfabric.v1.ApplyRequest\x1a\x1b.nbdfabric.v1.ApplyResponse\x12\x43\n\x06Status\x12\x1b.nbdfabric.v1.StatusRequest\x1a\x1c.nbdfabric.v1.StatusResponse\x12\x66\n\x11WatchFabricEvents\x12&.nbdfabric.v1.WatchFabricEventsRequest\x1a\'.nbdfabric.v1.WatchFabricEventsResponse0\x01\x12X\n\rConfigureNode\x12\".nbdfabric.v1.ConfigureNodeRequest\x1a#.nbdfabric.v1.ConfigureNodeResponse\x12=\n\x04\x44own\x12\x19.nbdfabric.v1.DownRequest\x1a\x1a.nbdfabric.v1.DownResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fnbdfabric/v1/orchestrator.proto\x12\x0cnbdfabric.v1\x1a\x17nbdfabric/v1/node.proto\"!\n\x10StopNodesRequest\x12\r\n\x05nodes\x18\x01 \x03(\t\"$\n\x11StopNodesResponse\x12\x0f\n\x07stopped\x18\x01 \x03(\t\"\"\n\x11StartNodesRequest\x12\r\n\x05nodes\x18\x01 \x03(\t\"?\n\x12StartNodesResponse\x12)\n\x07started\x18\x01 \x03(\x0b\x32\x18.nbdfabric.v1.NodeStatus\"$\n\x13RestartNodesRequest\x12\r\n\x05nodes\x18\x01 \x03(\t\"C\n\x14RestartNodesResponse\x12+\n\trestarted\x18\x01 \x03(\x0b\x32\x18.nbdfabric.v1.NodeStatus\"X\n\x0c\x41pplyRequest\x12\x15\n\rtopology_yaml\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x0f\n\x07\x64ry_run\x18\x03 \x01(\x08\x12\x10\n\x08\x62\x61se_dir\x18\x04 \x01(\t\"=\n\rPlannedAction\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"j\n\rApplyResponse\x12,\n\x07\x61\x63tions\x18\x01 \x03(\x0b\x32\x1b.nbdfabric.v1.PlannedAction\x12+\n\x07\x65xports\x18\x02 \x03(\x0b\x32\x1a.nbdfabric.v1.FabricExport\"I\n\x0c\x46\x61\x62ricExport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0c\n\x04uris\x18\x03 \x03(\t\x12\x0f\n\x07\x65xports\x18\x04 \x01(\t\"\x0f\n\rStatusRequest\"\xdb\x02\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x0e\n\x06health\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x03\x12\x10\n\x08restarts\x18\x07 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12\x0b\n\x03uri\x18\t \x01(\t\x12\x0f\n\x07\x63ontrol\x18\n \x01(\t\x12\x11\n\tupstreams\x18\x0b \x03(\t\x12\x13\n\x0b\x65xport_name\x18\x0c \x01(\t\x12\x10\n\x08log_path\x18\r \x01(\t\x12\x12\n\nlast_error\x18\x0e \x01(\t\x12\x13\n\x0b\x65xport_uris\x18\x0f \x03(\t\x12\x14\n\x0c\x63ontainer_id\x18\x10 \x01(\t\x12%\n\x07members\x18\x11 \x03(\x0b\x32\x14.nbdfabric.v1.Member\x12\x0f\n\x07\x65xports\x18\x12 \x01(\t\"\xc0\x01\n\x0eStatusResponse\x12\x0e\n\x06\x66\x61\x62ric\x18\x01 \x01(\t\x12\'\n\x05nodes\x18\x02 \x03(\x0b\x32\x18.nbdfabric.v1.NodeStatus\x12+\n\x07\x65xports\x18\x03 \x03(\x0b\x32\x1a.nbdfabric.v1.FabricExport\x12\x16\n\x0esupervisor_pid\x18\x04 \x01(\x03\x12\x0f\n\x07run_dir\x18\x05 \x01(\t\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x07 \x01(\t\":\n\x18WatchFabricEventsRequest\x12\x0e\n\x06replay\x18\x01 \x01(\x08\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\"V\n\x19WatchFabricEventsResponse\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x96\x01\n\x14\x43onfigureNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12@\n\x07\x63hanges\x18\x02 \x03(\x0b\x32/.nbdfabric.v1.ConfigureNodeRequest.ChangesEntry\x1a.\n\x0c\x43hangesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x17\n\x15\x43onfigureNodeResponse\"\r\n\x0b\x44ownRequest\"\x1f\n\x0c\x44ownResponse\x12\x0f\n\x07stopped\x18\x01 \x03(\t2\x93\x05\n\x13OrchestratorService\x12@\n\x05\x41pply\x12\x1a.nbdfabric.v1.ApplyRequest\x1a\x1b.nbdfabric.v1.ApplyResponse\x12\x43\n\x06Status\x12\x1b.nbdfabric.v1.StatusRequest\x1a\x1c.nbdfabric.v1.StatusResponse\x12\x66\n\x11WatchFabricEvents\x12&.nbdfabric.v1.WatchFabricEventsRequest\x1a\'.nbdfabric.v1.WatchFabricEventsResponse0\x01\x12X\n\rConfigureNode\x12\".nbdfabric.v1.ConfigureNodeRequest\x1a#.nbdfabric.v1.ConfigureNodeResponse\x12=\n\x04\x44own\x12\x19.nbdfabric.v1.DownRequest\x1a\x1a.nbdfabric.v1.DownResponse\x12L\n\tStopNodes\x12\x1e.nbdfabric.v1.StopNodesRequest\x1a\x1f.nbdfabric.v1.StopNodesResponse\x12O\n\nStartNodes\x12\x1f.nbdfabric.v1.StartNodesRequest\x1a .nbdfabric.v1.StartNodesResponse\x12U\n\x0cRestartNodes\x12!.nbdfabric.v1.RestartNodesRequest\x1a\".nbdfabric.v1.RestartNodesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +34,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CONFIGURENODEREQUEST_CHANGESENTRY']._loaded_options = None
   _globals['_CONFIGURENODEREQUEST_CHANGESENTRY']._serialized_options = b'8\001'
-  _globals['_APPLYREQUEST']._serialized_start=74
-  _globals['_APPLYREQUEST']._serialized_end=162
-  _globals['_PLANNEDACTION']._serialized_start=164
-  _globals['_PLANNEDACTION']._serialized_end=225
-  _globals['_APPLYRESPONSE']._serialized_start=227
-  _globals['_APPLYRESPONSE']._serialized_end=333
-  _globals['_FABRICEXPORT']._serialized_start=335
-  _globals['_FABRICEXPORT']._serialized_end=408
-  _globals['_STATUSREQUEST']._serialized_start=410
-  _globals['_STATUSREQUEST']._serialized_end=425
-  _globals['_NODESTATUS']._serialized_start=428
-  _globals['_NODESTATUS']._serialized_end=775
-  _globals['_STATUSRESPONSE']._serialized_start=778
-  _globals['_STATUSRESPONSE']._serialized_end=970
-  _globals['_WATCHFABRICEVENTSREQUEST']._serialized_start=972
-  _globals['_WATCHFABRICEVENTSREQUEST']._serialized_end=1030
-  _globals['_WATCHFABRICEVENTSRESPONSE']._serialized_start=1032
-  _globals['_WATCHFABRICEVENTSRESPONSE']._serialized_end=1118
-  _globals['_CONFIGURENODEREQUEST']._serialized_start=1121
-  _globals['_CONFIGURENODEREQUEST']._serialized_end=1271
-  _globals['_CONFIGURENODEREQUEST_CHANGESENTRY']._serialized_start=1225
-  _globals['_CONFIGURENODEREQUEST_CHANGESENTRY']._serialized_end=1271
-  _globals['_CONFIGURENODERESPONSE']._serialized_start=1273
-  _globals['_CONFIGURENODERESPONSE']._serialized_end=1296
-  _globals['_DOWNREQUEST']._serialized_start=1298
-  _globals['_DOWNREQUEST']._serialized_end=1311
-  _globals['_DOWNRESPONSE']._serialized_start=1313
-  _globals['_DOWNRESPONSE']._serialized_end=1344
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=1347
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=1760
+  _globals['_STOPNODESREQUEST']._serialized_start=74
+  _globals['_STOPNODESREQUEST']._serialized_end=107
+  _globals['_STOPNODESRESPONSE']._serialized_start=109
+  _globals['_STOPNODESRESPONSE']._serialized_end=145
+  _globals['_STARTNODESREQUEST']._serialized_start=147
+  _globals['_STARTNODESREQUEST']._serialized_end=181
+  _globals['_STARTNODESRESPONSE']._serialized_start=183
+  _globals['_STARTNODESRESPONSE']._serialized_end=246
+  _globals['_RESTARTNODESREQUEST']._serialized_start=248
+  _globals['_RESTARTNODESREQUEST']._serialized_end=284
+  _globals['_RESTARTNODESRESPONSE']._serialized_start=286
+  _globals['_RESTARTNODESRESPONSE']._serialized_end=353
+  _globals['_APPLYREQUEST']._serialized_start=355
+  _globals['_APPLYREQUEST']._serialized_end=443
+  _globals['_PLANNEDACTION']._serialized_start=445
+  _globals['_PLANNEDACTION']._serialized_end=506
+  _globals['_APPLYRESPONSE']._serialized_start=508
+  _globals['_APPLYRESPONSE']._serialized_end=614
+  _globals['_FABRICEXPORT']._serialized_start=616
+  _globals['_FABRICEXPORT']._serialized_end=689
+  _globals['_STATUSREQUEST']._serialized_start=691
+  _globals['_STATUSREQUEST']._serialized_end=706
+  _globals['_NODESTATUS']._serialized_start=709
+  _globals['_NODESTATUS']._serialized_end=1056
+  _globals['_STATUSRESPONSE']._serialized_start=1059
+  _globals['_STATUSRESPONSE']._serialized_end=1251
+  _globals['_WATCHFABRICEVENTSREQUEST']._serialized_start=1253
+  _globals['_WATCHFABRICEVENTSREQUEST']._serialized_end=1311
+  _globals['_WATCHFABRICEVENTSRESPONSE']._serialized_start=1313
+  _globals['_WATCHFABRICEVENTSRESPONSE']._serialized_end=1399
+  _globals['_CONFIGURENODEREQUEST']._serialized_start=1402
+  _globals['_CONFIGURENODEREQUEST']._serialized_end=1552
+  _globals['_CONFIGURENODEREQUEST_CHANGESENTRY']._serialized_start=1506
+  _globals['_CONFIGURENODEREQUEST_CHANGESENTRY']._serialized_end=1552
+  _globals['_CONFIGURENODERESPONSE']._serialized_start=1554
+  _globals['_CONFIGURENODERESPONSE']._serialized_end=1577
+  _globals['_DOWNREQUEST']._serialized_start=1579
+  _globals['_DOWNREQUEST']._serialized_end=1592
+  _globals['_DOWNRESPONSE']._serialized_start=1594
+  _globals['_DOWNRESPONSE']._serialized_end=1625
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=1628
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=2287
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,42 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class StopNodesRequest(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StopNodesResponse(_message.Message):
+    __slots__ = ("stopped",)
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    stopped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stopped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StartNodesRequest(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StartNodesResponse(_message.Message):
+    __slots__ = ("started",)
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    started: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    def __init__(self, started: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...
+
+class RestartNodesRequest(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RestartNodesResponse(_message.Message):
+    __slots__ = ("restarted",)
+    RESTARTED_FIELD_NUMBER: _ClassVar[int]
+    restarted: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    def __init__(self, restarted: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...
+
 class ApplyRequest(_message.Message):
     __slots__ = ("topology_yaml", "source", "dry_run", "base_dir")
     TOPOLOGY_YAML_FIELD_NUMBER: _ClassVar[int]

@@ -60,6 +60,21 @@ class OrchestratorServiceStub(object):
                 request_serializer=nbdfabric_dot_v1_dot_orchestrator__pb2.DownRequest.SerializeToString,
                 response_deserializer=nbdfabric_dot_v1_dot_orchestrator__pb2.DownResponse.FromString,
                 _registered_method=True)
+        self.StopNodes = channel.unary_unary(
+                '/nbdfabric.v1.OrchestratorService/StopNodes',
+                request_serializer=nbdfabric_dot_v1_dot_orchestrator__pb2.StopNodesRequest.SerializeToString,
+                response_deserializer=nbdfabric_dot_v1_dot_orchestrator__pb2.StopNodesResponse.FromString,
+                _registered_method=True)
+        self.StartNodes = channel.unary_unary(
+                '/nbdfabric.v1.OrchestratorService/StartNodes',
+                request_serializer=nbdfabric_dot_v1_dot_orchestrator__pb2.StartNodesRequest.SerializeToString,
+                response_deserializer=nbdfabric_dot_v1_dot_orchestrator__pb2.StartNodesResponse.FromString,
+                _registered_method=True)
+        self.RestartNodes = channel.unary_unary(
+                '/nbdfabric.v1.OrchestratorService/RestartNodes',
+                request_serializer=nbdfabric_dot_v1_dot_orchestrator__pb2.RestartNodesRequest.SerializeToString,
+                response_deserializer=nbdfabric_dot_v1_dot_orchestrator__pb2.RestartNodesResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer(object):
@@ -107,6 +122,32 @@ class OrchestratorServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StopNodes(self, request, context):
+        """Stop nodes (dependents first), as `docker compose stop`: they stay stopped, unsupervised,
+        until StartNodes, RestartNodes or an Apply; the filters over them fail requests meanwhile
+        and a fan over one runs degraded. NOT_FOUND: a node the fabric does not have.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartNodes(self, request, context):
+        """Start stopped or failed nodes (upstreams first) and supervise them again; running ones
+        are left alone. NOT_FOUND as StopNodes; ABORTED: a node did not start (its log tail).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestartNodes(self, request, context):
+        """Stop and start nodes (upstreams first), as a crash would: a fan keeps its member states,
+        and the filters over a node that comes back offering less are restarted too. Errors as
+        StartNodes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -134,6 +175,21 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.Down,
                     request_deserializer=nbdfabric_dot_v1_dot_orchestrator__pb2.DownRequest.FromString,
                     response_serializer=nbdfabric_dot_v1_dot_orchestrator__pb2.DownResponse.SerializeToString,
+            ),
+            'StopNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopNodes,
+                    request_deserializer=nbdfabric_dot_v1_dot_orchestrator__pb2.StopNodesRequest.FromString,
+                    response_serializer=nbdfabric_dot_v1_dot_orchestrator__pb2.StopNodesResponse.SerializeToString,
+            ),
+            'StartNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartNodes,
+                    request_deserializer=nbdfabric_dot_v1_dot_orchestrator__pb2.StartNodesRequest.FromString,
+                    response_serializer=nbdfabric_dot_v1_dot_orchestrator__pb2.StartNodesResponse.SerializeToString,
+            ),
+            'RestartNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestartNodes,
+                    request_deserializer=nbdfabric_dot_v1_dot_orchestrator__pb2.RestartNodesRequest.FromString,
+                    response_serializer=nbdfabric_dot_v1_dot_orchestrator__pb2.RestartNodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,6 +328,87 @@ class OrchestratorService(object):
             '/nbdfabric.v1.OrchestratorService/Down',
             nbdfabric_dot_v1_dot_orchestrator__pb2.DownRequest.SerializeToString,
             nbdfabric_dot_v1_dot_orchestrator__pb2.DownResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nbdfabric.v1.OrchestratorService/StopNodes',
+            nbdfabric_dot_v1_dot_orchestrator__pb2.StopNodesRequest.SerializeToString,
+            nbdfabric_dot_v1_dot_orchestrator__pb2.StopNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nbdfabric.v1.OrchestratorService/StartNodes',
+            nbdfabric_dot_v1_dot_orchestrator__pb2.StartNodesRequest.SerializeToString,
+            nbdfabric_dot_v1_dot_orchestrator__pb2.StartNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestartNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nbdfabric.v1.OrchestratorService/RestartNodes',
+            nbdfabric_dot_v1_dot_orchestrator__pb2.RestartNodesRequest.SerializeToString,
+            nbdfabric_dot_v1_dot_orchestrator__pb2.RestartNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,
