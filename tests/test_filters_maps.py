@@ -1,6 +1,6 @@
-"""The ddrescue filter (a map of the disk read from a file at start), in real node processes
-driven by real clients (libnbd, nbdinfo), checked against nbdkit 1.32's filter of the same
-name over the same file with the same map.
+"""The ddrescue and extentlist filters (a map of the disk read from a file at start), in real
+node processes driven by real clients (libnbd, nbdinfo), each checked against nbdkit 1.32's
+filter of the same name over the same file with the same map.
 
 Our chains are `file FILE` -> filter; nbdkit's are `nbdkit --filter=NAME file FILE`. The
 mapfile is written by hand in the format GNU ddrescue writes (ddrescue is not installed).
@@ -21,6 +21,7 @@ from conftest import CAPABILITIES, NBDFABRIC, ROOT, Proc, errno_of, export_info,
 
 from nodes.filters._linefile import BadLine, records
 from nodes.filters.ddrescue import parse_mapfile
+from nodes.filters.extentlist import parse_extent_list
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = MiB
@@ -275,3 +276,174 @@ def test_ddrescue_node_refuses_a_bad_mapfile(
         path.write_text(content)
     res = node_refused("ddrescue", f"ddrescue-mapfile={path}")
     assert res.stderr.startswith(f"nbdfabric node ddrescue: ddrescue-mapfile={path}{said}")
+
+
+# extentlist ----------------------------------------------------------------------------------
+
+#: Unsorted, every TYPE spelling, sizes in K, sectors and bytes, a gap between each, an extent
+#: of length 0 and one running past the end of the 1 MiB disk.
+EXTENT_LIST = """\
+768K 64K 3
+0 64K
+128K 64K hole
+256K 32s zero
+300K 4096b zero,hole
+512K 128K 1
+896K 512K
+64K 0
+"""
+#: What nbdinfo --map shows for it (neighbours alike merged): gaps are holes that read as zeros.
+EXTENT_MAP = [
+    (0, 64 * KiB, 0),
+    (64 * KiB, 64 * KiB, 3),
+    (128 * KiB, 64 * KiB, 1),
+    (192 * KiB, 64 * KiB, 3),
+    (256 * KiB, 16 * KiB, 2),
+    (272 * KiB, 240 * KiB, 3),
+    (512 * KiB, 128 * KiB, 1),
+    (640 * KiB, 256 * KiB, 3),
+    (896 * KiB, 128 * KiB, 0),
+]
+
+
+def block_status(h: Any, length: int, offset: int, flags: int) -> list[tuple[int, int]]:
+    """One BLOCK_STATUS's extents, neighbours with equal flags merged and cut at the request's
+    end (nbdkit sends the whole last extent, past the request, as the spec allows; ours cuts)."""
+    seen: list[list[int]] = []
+    h.block_status(length, offset, lambda _ctx, _off, entries, _err: seen.append(entries) or 0,
+                   flags)  # fmt: skip
+    out: list[tuple[int, int]] = []
+    left = length
+    for n, kind in zip(seen[0][::2], seen[0][1::2], strict=True):
+        n = min(n, left)
+        left -= n
+        if out and out[-1][1] == kind:
+            out[-1] = (out[-1][0] + n, kind)
+        elif n:
+            out.append((n, kind))
+    return out
+
+
+@pytest.fixture
+def extent_list(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.extents"
+    path.write_text(EXTENT_LIST)
+    return path
+
+
+def test_extentlist_map_matches_nbdkit(
+    disk: Path, extent_list: Path, start_node: StartNode, start_nbdkit: Any
+) -> None:
+    up = start_node("file", str(disk))
+    ours = start_node("extentlist", f"extentlist={extent_list}", upstreams=[up.uri])
+    theirs = start_nbdkit("--filter=extentlist", "file", str(disk), f"extentlist={extent_list}")
+    assert nbdinfo_map(ours.uri) == EXTENT_MAP
+    assert nbdinfo_map(theirs.uri) == EXTENT_MAP
+    # Requests from inside extents, across them, past the disk's end, and with REQ_ONE.
+    probes = [(1, 0), (100, 60 * KiB), (300 * KiB, 280 * KiB), (4096, 1000 * KiB)]
+    probes += [(SIZE - 5000, 10), (SIZE - 1, 0)]
+    answers = []
+    for proc in (ours, theirs):
+        h = nbd_connect(proc.uri)
+        got = []
+        for length, offset in probes:
+            for flags in (0, nbd.CMD_FLAG_REQ_ONE):
+                got.append((length, offset, flags, block_status(h, length, offset, flags)))
+        h.shutdown()
+        answers.append(got)
+    assert answers[0] == answers[1]
+    assert answers[0][0] == (1, 0, 0, [(1, 0)])
+    assert answers[0][4] == (300 * KiB, 280 * KiB, 0, [(232 * KiB, 3), (68 * KiB, 1)])
+    assert answers[0][5] == (300 * KiB, 280 * KiB, nbd.CMD_FLAG_REQ_ONE, [(232 * KiB, 3)])
+
+
+def test_extentlist_capabilities_match_nbdkit(
+    extent_list: Path, start_node: StartNode, start_nbdkit: Any
+) -> None:
+    """The upstream's capabilities, writable included (nbdkit leaves read-only to -r), with
+    base:allocation offered even over an upstream that has none, and answered from the list
+    there too."""
+    ours = start_node("extentlist", str(extent_list), upstreams=[start_node("memory", "1M").uri])
+    theirs = start_nbdkit("--filter=extentlist", "memory", "1M", f"extentlist={extent_list}")
+    assert caps(ours.uri) == caps(theirs.uri)
+    assert caps(ours.uri)["is_read_only"] is False
+    bare = start_nbdkit("--no-sr", "memory", "1M")  # no structured replies: no contexts
+    assert "contexts" not in export_info(bare.uri)
+    ours = start_node("extentlist", f"extentlist={extent_list}", upstreams=[bare.uri])
+    theirs = start_nbdkit("--filter=extentlist", "nbd", f"socket={bare.socket}",
+                          f"extentlist={extent_list}")  # fmt: skip
+    assert caps(ours.uri) == caps(theirs.uri)
+    assert caps(ours.uri)["contexts"] == ["base:allocation"]
+    assert nbdinfo_map(ours.uri) == nbdinfo_map(theirs.uri) == EXTENT_MAP
+    ours.stop()  # before nbdkit's teardown: nbdkit waits for its clients to leave
+
+
+def test_extentlist_writes_pass_through_and_the_list_stays(
+    tmp_path: Path, extent_list: Path, start_node: StartNode, start_nbdkit: Any
+) -> None:
+    """A write into a listed hole lands upstream and reads back; the map still calls it a
+    hole (the list is never updated, as nbdkit's manual warns). The upstream is never asked
+    about extents: a log node between them sees none."""
+    log = tmp_path / "up.jsonl"
+    memory = start_node("memory", "1M")
+    logged = start_node("log", f"logfile={log}", upstreams=[memory.uri])
+    ours = start_node("extentlist", f"extentlist={extent_list}", upstreams=[logged.uri])
+    theirs = start_nbdkit("--filter=extentlist", "memory", "1M", f"extentlist={extent_list}")
+    for proc in (ours, theirs):
+        h = nbd_connect(proc.uri)
+        h.pwrite(b"\x5a" * 4096, 128 * KiB)
+        assert h.pread(4096, 128 * KiB) == b"\x5a" * 4096
+        h.shutdown()
+        assert nbdinfo_map(proc.uri) == EXTENT_MAP
+    ops = [json.loads(line).get("op") for line in log.read_text().splitlines()]
+    assert "write" in ops and "extents" not in ops
+
+
+#: (list, line, words the message must hold), each a start-up error.
+BAD_LISTS = [
+    ("0\n", 1, "expected `OFFSET LENGTH [TYPE]`, got '0'"),
+    ("0 1M hole zero\n", 1, "expected `OFFSET LENGTH [TYPE]`"),
+    ("0 1M\n1M 1M hole,foo\n", 2, "type 'hole,foo': expected a number 0-3 or the words"),
+    ("0 1M hole,\n", 1, "type 'hole,'"),
+    ("0 1M 4\n", 1, "type 4 is not one of 0-3"),
+    ("0 1M -1\n", 1, "expected a number 0-3"),
+    ("0x100000 1M\n", 1, "'0x100000 1M': expected a size"),
+    ("0 1Q\n", 1, "'0 1Q': expected a size"),
+    ("0 2M\n\n# comment\n1M 2M hole\n", 4, "the extent at 1048576 overlaps the one on line 1"),
+    ("0 1025\n1K 1K\n", 2, "the extent at 1024 overlaps the one on line 1"),  # by one byte
+    ("4M 1M\n0 8M zero\n", 1, "the extent at 4194304 overlaps the one on line 2"),
+    ("7E 1E\n", 1, "ends past"),
+    ("0 1M\n\xff 1M\n", 2, "not ASCII text"),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "words"), BAD_LISTS)
+def test_extentlist_bad_list_names_the_line(
+    tmp_path: Path, text: str, line: int, words: str
+) -> None:
+    with pytest.raises(BadLine) as caught:
+        parse_extent_list(lines(text, tmp_path))
+    assert caught.value.line == line
+    assert words in str(caught.value)
+
+
+def test_extentlist_comments_blank_lines_and_touching_extents(tmp_path: Path) -> None:
+    text = "# from xfs_bmap\n\n0 1M   # data\n1M 1M 0x3\r\n2M 0 hole\n2M 1K zero  # touching\n"
+    parsed = parse_extent_list(lines(text, tmp_path))
+    assert (parsed.starts, parsed.ends, parsed.types) == (
+        [0, MiB, 2 * MiB],
+        [MiB, 2 * MiB, 2 * MiB + KiB],
+        [0, 3, 2],
+    )
+
+
+def test_extentlist_node_refuses_a_bad_list(tmp_path: Path) -> None:
+    path = tmp_path / "bad.extents"
+    path.write_text("0 1M\n512K 1M hole\n")
+    res = node_refused("extentlist", f"extentlist={path}")
+    assert res.stderr.startswith(
+        f"nbdfabric node extentlist: extentlist={path}, line 2: the extent at 524288 overlaps "
+        "the one on line 1"
+    )
+    res = node_refused("extentlist", f"extentlist={tmp_path}")
+    assert res.stderr.startswith(f"nbdfabric node extentlist: extentlist={tmp_path}: Is a dir")
