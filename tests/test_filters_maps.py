@@ -248,7 +248,7 @@ def test_ddrescue_bad_mapfile_names_the_line(
 
 def test_ddrescue_mapfile_comments_old_status_lines_and_c_numbers(tmp_path: Path) -> None:
     """'#' starts a comment at a line's start or after whitespace; the status line may lack
-    the pass (ddrescue before 1.20); numbers are decimal, hex or octal; blocks of size 0 and
+    the pass (older versions of ddrescue); numbers are decimal, hex or octal; blocks of size 0 and
     blocks that are not finished leave no rescued bytes."""
     text = (
         "# heading\n\n   # indented comment\n"

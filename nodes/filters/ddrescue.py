@@ -24,7 +24,7 @@ The mapfile is GNU ddrescue's format, as ddrescue writes it:
     0x00120000  0x00048000  ?
 `#` at the start of a line or after whitespace starts a comment; blank lines are skipped. The
 first other line is the status line: the position being tried, the phase (one of `?*/-FG+`)
-and the pass (a positive decimal number; mapfiles of ddrescue before 1.20 have none). Every
+and the pass (a positive decimal number; older versions of ddrescue wrote none). Every
 later line is a block, `POS SIZE STATUS`, its STATUS one of `?` non-tried, `*` non-trimmed,
 `/` non-scraped, `-` bad sector(s), `+` finished. Numbers are written as C++ integers: decimal,
 `0x` hexadecimal or `0` octal. The blocks must come in order, each starting where the one
