@@ -28,6 +28,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import itertools
 import json
 import os
 import random
@@ -915,6 +916,38 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         args: list[str] = []  # the default window covers the whole disk: every later ask hits
         node = under_test(start_node, "cacheextents", *args, upstreams=[up.uri])
         return Target(shape, node, [node, up], image, check_below=same_below(shape, up.uri))
+    if shape == "extentlist":
+        # Read-only (as its manual asks) over a lumpy image, with a list written from the
+        # image, shuffled: its 4K blocks of data listed, its blocks of zeros listed as "zero"
+        # or "hole,zero" or left out (a gap: a hole that must read as zeros). Each extent
+        # that says zero is judged against the bytes.
+        image = lumpy(rng, SIZE)
+        up = memory_with(start_node, image)
+        listed = []
+        for pos in range(0, SIZE, 4 * KiB):
+            if any(image[pos : pos + 4 * KiB]):
+                listed.append(f"{pos} 4K{rng.choice(['', ' 0'])}")
+            elif rng.random() < 0.5:
+                listed.append(f"{pos // 512}s 8s {rng.choice(['zero', 'hole,zero', '3'])}")
+        rng.shuffle(listed)
+        path = tmp_path / "image.extents"
+        path.write_text("# from the image\n" + "\n".join(listed) + "\n")
+        node = under_test(start_node, "extentlist", f"extentlist={path}", upstreams=[up.uri],
+                          extra=("--read-only",))  # fmt: skip
+        return Target(shape, node, [node, up], image, read_only=True)
+    if shape == "ddrescue":
+        # Every block of the disk finished, in blocks cut at random (finished neighbours are
+        # one run), and unfinished blocks past the disk's end: every read passes, read-only.
+        image = rng.randbytes(SIZE)
+        up = memory_with(start_node, image)
+        cuts = [0, *sorted(rng.sample(range(1, SIZE), 7)), SIZE]
+        blocks = [f"{a:#010x}  {b - a:#010x}  +" for a, b in itertools.pairwise(cuts)]
+        blocks += [f"{SIZE:#x} 0x200 -", f"{SIZE + 512:#x} 0x800 ?"]
+        path = tmp_path / "image.map"
+        header = f"# Mapfile. Created by GNU ddrescue version 1.27\n{SIZE:#x} - 2\n"
+        path.write_text(header + "\n".join(blocks) + "\n")
+        node = under_test(start_node, "ddrescue", f"ddrescue-mapfile={path}", upstreams=[up.uri])
+        return Target(shape, node, [node, up], image, read_only=True)
     if shape in ("swab-16", "swab-64"):
         bits = int(shape.split("-")[1])
         image = rng.randbytes(SIZE)
@@ -2957,6 +2990,8 @@ MORE_SHAPES = [
     "swab-16",
     "swab-64",
     "cacheextents",
+    "extentlist",
+    "ddrescue",
     "tar",
     "qcow2dec",
     "scan",
