@@ -307,6 +307,8 @@ def cmd_kinds(argv: Sequence[str]) -> int:
                 flags.append("required")
             elif prm["repeat"]:
                 flags.append("may be repeated")
+                if prm["follows"]:
+                    flags.append(f"for each {prm['follows']} after it")
             elif prm["default"] is None:
                 flags.append("optional")
             else:

@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
@@ -73,9 +74,18 @@ def param(default: Any = ..., description: str = "", **kwargs: Any) -> Any:
     return Field(default, description=description, **kwargs)
 
 
-def repeated(description: str = "") -> Any:
-    """A param (of type `Many`) that may be given several times, or not at all."""
-    return Field(default_factory=list, description=description, json_schema_extra={"repeat": True})
+def repeated(description: str = "", follows: str | None = None) -> Any:
+    """A param (a list, such as `Many`) that may be given several times, or not at all.
+
+    With `follows`, it is a setting of nbdkit's positional kind: on the command line each value
+    applies to the values of the repeated param `follows` given after it, up to the next one
+    (`mbr-id=0x82 swap.img mbr-id=default root.img`), and the param holds one value per value
+    of `follows` (parse_params fills in `default` where none applied yet: its items must take
+    that word). A mapping (a topology) gives one value for all, or a list of one per value."""
+    extra: dict[str, Any] = {"repeat": True}
+    if follows is not None:
+        extra["follows"] = follows
+    return Field(default_factory=list, description=description, json_schema_extra=extra)
 
 
 def secret(default: Any = None, description: str = "") -> Any:
@@ -139,12 +149,14 @@ def field_info(model: type[Params]) -> list[dict[str, Any]]:
         out.append(
             {
                 "name": key,
-                "type": "string" if extra.get("repeat") else _type_name(prop),
+                # A repeated param's values: strings, unless its schema says ("x-item").
+                "type": prop.get("x-item", "string") if extra.get("repeat") else _type_name(prop),
                 "default": None if required or extra.get("repeat") else _jsonable(f.default),
                 "required": f.is_required(),
                 "live": bool(extra.get("live")),
                 "secret": bool(extra.get("secret")),
                 "repeat": bool(extra.get("repeat")),
+                "follows": extra.get("follows"),
                 "help": f.description or "",
             }
         )
@@ -219,11 +231,16 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f", did you mean '{close[0]}'?" if close else ""
 
 
+def param_key(loc: tuple[int | str, ...]) -> str:
+    """The param an error's location names: `alignment` for an item (`alignment.0`) too."""
+    return ".".join(str(p) for p in loc if not isinstance(p, int))
+
+
 def format_error(kind: str, model: type[Params], exc: ValidationError) -> str:
     lines = []
     names = ", ".join(e["name"] for e in field_info(model)) or "(none)"
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "?"
+        key = param_key(err["loc"]) or "?"
         if not err["loc"]:  # a check of several params together (a model validator)
             msg = str(err["msg"]).removeprefix("Value error, ")
             lines.append(f"{kind}: {msg}")
@@ -246,30 +263,64 @@ def parse_params(
 ) -> Params:
     """Build a kind's params from `KEY=VALUE` words (or a mapping), nbdkit style.
 
-    A first word without '=' is the kind's magic param (`memory 1G`, `file disk.img`).
+    A first word without '=' is the kind's magic param (`memory 1G`, `file disk.img`); when
+    the magic param may be repeated, every such word is one of its values (`split a b c`).
+    A param that `follows` another (see repeated()) applies to the values of that one after it.
     """
     values: dict[str, Any] = {}
     if isinstance(args, dict):
         values = {str(k): v for k, v in args.items()}
     else:
-        repeatable = {e["name"] for e in field_info(model) if e["repeat"]}
+        info = field_info(model)
+        repeatable = {e["name"] for e in info if e["repeat"]}
+        follows = {e["name"]: e["follows"] for e in info if e["follows"]}
+        setting: dict[str, str] = {}  #: the followers' values in force, as the words go
+        unused: dict[str, str] = {}  #: ... that no value of their leader came after (yet)
         for i, word in enumerate(args):
             key, sep, value = word.partition("=")
             if not sep:
-                if i == 0 and magic:
+                if magic and (i == 0 or magic in repeatable):
                     key, value = magic, word
                 else:
                     raise ParamError(f"{kind}: expected KEY=VALUE, got {word!r}")
+            if key in follows:
+                if key in unused:  # replaced before it applied to anything: checked still
+                    _check_item(kind, model, key, unused[key])
+                setting[key] = unused[key] = value
+                continue
             if key in repeatable:
                 values.setdefault(key, []).append(value)
+                for name, leader in follows.items():
+                    if leader == key:
+                        values.setdefault(name, []).append(setting.get(name, "default"))
+                        unused.pop(name, None)
                 continue
             if key in values:
                 raise ParamError(f"{kind}: parameter '{key}' given twice")
             values[key] = value
+        for name in follows:  # never given: the param's own default (no list of "default"s)
+            if name not in setting:
+                values.pop(name, None)
+        for name, value in unused.items():  # applies to nothing, but is checked (as nbdkit)
+            _check_item(kind, model, name, value)
     try:
         return validate_model(model, values)
     except ValidationError as exc:
         raise ParamError(format_error(kind, model, exc)) from None
+
+
+def _check_item(kind: str, model: type[Params], name: str, value: str) -> None:
+    """Validate `value` as one item of the list param `name` (ParamError if it is bad)."""
+    f = next(f for attr, f in model.model_fields.items() if (f.alias or attr) == name)
+    try:
+        kind_of: Any = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+        TypeAdapter(kind_of).validate_python([value])
+    except ValidationError as exc:
+        msg = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise ParamError(
+            f"{kind}: bad value {shown_input(value)} for '{name}' "
+            f"(accepts {_accepts(model, name)}): {msg}"
+        ) from None
 
 
 def update_params(kind: str, params: Params, changes: dict[str, Any]) -> Params:

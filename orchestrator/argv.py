@@ -41,13 +41,38 @@ def is_path_param(name: str) -> bool:
 
 
 def param_words(node: Node, map_file: PathMap = _same) -> list[str]:
-    """`KEY=VALUE` words; file params go through `map_file` (a container's view of them)."""
+    """`KEY=VALUE` words; file params go through `map_file` (a container's view of them).
+
+    A param that may be repeated gives one word per value (`file=a file=b`, not `file=a,b`);
+    one that follows another (partitioning's `mbr-id` follows `file`, see params.repeated)
+    goes before each value of that one, as the node's command line reads it."""
+    from nodes.params import field_info
+
+    entries = {e["name"]: e for e in field_info(type(node.params))}
+    follows = {name: e["follows"] for name, e in entries.items() if e["follows"]}
+    dumped = node.params.model_dump(mode="json", by_alias=True)
     words = []
-    for key, value in node.raw_params.items():
+
+    def word(key: str, value: Any) -> str:
         text = param_text(value)
-        if is_path_param(str(key)) and text:
+        if is_path_param(key) and text:
             text = map_file(text)
-        words.append(f"{key}={text}")
+        return f"{key}={text}"
+
+    for raw_key, value in node.raw_params.items():
+        key = str(raw_key).replace("_", "-")
+        if key in follows:
+            continue  # placed among the values it follows, below
+        if not entries.get(key, {}).get("repeat"):
+            words.append(word(str(raw_key), value))
+            continue
+        items = value if isinstance(value, list | tuple) else [value]
+        for i, item in enumerate(items):
+            for name, leader in follows.items():
+                given = dumped.get(name) or []
+                if leader == key and given and (len(given) > 1 or i == 0):
+                    words.append(word(name, given[i if len(given) > 1 else 0]))
+            words.append(word(key, item))
     return words
 
 

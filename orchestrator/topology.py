@@ -23,6 +23,7 @@ from nodes.params import (
     Params,
     did_you_mean,
     field_info,
+    param_key,
     shown_input,
     validate_model,
     whole_number,
@@ -649,7 +650,7 @@ class _Validator:
         info = {e["name"]: e for e in field_info(cls.Params)}
         names = ", ".join(info) or "(none)"
         for err in errors:
-            key = ".".join(str(p) for p in err["loc"])
+            key = param_key(err["loc"])
             where = (*path, "params", key)
             if err["type"] == "extra_forbidden":
                 hint = did_you_mean(key, info)

@@ -49,6 +49,8 @@ BASE: dict[str, list[str]] = {
     "sparse-random": ["size=1M"],
     "http": ["url=http://127.0.0.1:9/x"],
     "partition": ["partition=1"],
+    "split": ["file=disk.img"],
+    "partitioning": ["file=disk.img"],
 }
 PARAMS = [(kind, entry) for kind, cls in KINDS.items() for entry in field_info(cls.Params)]
 PARAM_IDS = [f"{kind}.{entry['name']}" for kind, entry in PARAMS]
@@ -183,7 +185,13 @@ def test_unknown_missing_repeated_and_stray_words(kind: str):
             with pytest.raises(ParamError, match="given twice") as exc:
                 _parse(kind, [*base, f"{entry['name']}={value}", f"{entry['name']}={value}"])
             _assert_names(str(exc.value), kind, entry["name"])
-    # A bare word is only the first (magic) one.
+    # A bare word is only the first (magic) one, unless the magic param may be given
+    # several times (`split a b c`): then each is one more value of it.
+    repeats = {e["name"] for e in field_info(cls.Params) if e["repeat"]}
+    if cls.magic in repeats:
+        values = getattr(_parse(kind, [*base, "stray"]), _field(kind, cls.magic))
+        assert values[-1] == "stray", values
+        return
     with pytest.raises(ParamError, match="expected KEY=VALUE"):
         _parse(kind, [*base, "a=1", "stray"])
 

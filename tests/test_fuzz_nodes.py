@@ -282,6 +282,10 @@ class Target:
     #: Byte ranges [start, end) whose bytes a write, trim or zero must not change (protect):
     #: such a request fails with EPERM, unless it leaves them as they are.
     protected: list[tuple[int, int]] = field(default_factory=list)
+    #: ... with this error instead (partitioning: EIO, as nbdkit), and trims of them may pass
+    #: (as hints that leave the bytes as they are: partitioning's table).
+    protected_errno: int = EPERM
+    protected_trims_pass: bool = False
     #: Several exports (name -> initial contents) instead of the default one.
     exports: dict[bytes, bytes] | None = None
     #: Per export name, as check_below (several exports).
@@ -646,6 +650,46 @@ IDLE_STATUS = {
 }
 
 
+def files_shape(shape: str, start_node: Any, tmp_path: Path, rng: random.Random) -> Target:
+    """Files of odd sizes (none a whole number of sectors, one sparse) end to end (split), or
+    as partitions behind an MBR (partitioning, 4K-aligned: its table and padding change only
+    to themselves, else EIO). The initial disk of partitioning is nbdkit's over the same files
+    (byte for byte ours); after a flush the files hold what the export serves there."""
+    sizes = [300001, 400003, 200005]
+    paths = []
+    for i, size in enumerate(sizes):
+        paths.append(tmp_path / f"part{i}.img")
+        data = lumpy(rng, size) if i == 1 else rng.randbytes(size)
+        paths[-1].write_bytes(data)
+    if shape == "split":
+        node = under_test(start_node, "split", *map(str, paths))
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        image, protected = b"".join(p.read_bytes() for p in paths), []
+    else:
+        words = ["alignment=4K", *map(str, paths)]
+        out = subprocess.run(["nbdkit", "-U", "-", "partitioning", *words, "--run",
+                              "nbdcopy \"$uri\" -"], capture_output=True, check=True)  # fmt: skip
+        image = out.stdout
+        # MBR entries: (status, CHS, type, CHS, first sector, sectors)
+        starts = [struct.unpack_from("<B3sB3sII", image, 446 + 16 * i)[4] * 512 for i in range(3)]
+        edges = [
+            0,
+            *(x for at, n in zip(starts, sizes, strict=True) for x in (at, at + n)),
+            len(image),
+        ]
+        protected = list(zip(edges[::2], edges[1::2], strict=True))
+        node = under_test(start_node, "partitioning", *words)
+
+    def files_below(export: bytes, trimmed: bytearray) -> None:
+        for path, at, size in zip(paths, starts, sizes, strict=True):
+            bad = differ(path.read_bytes(), export[at : at + size], trimmed[at : at + size])
+            check(bad is None, f"{path.name} differs from the export at {at} + {bad}")
+
+    t = Target(shape, node, [node], image, check_below=files_below, protected=protected)
+    t.protected_errno, t.protected_trims_pass = EIO, True
+    return t
+
+
 def connection_shape(shape: str, start_node: Any, tmp_path: Path, rng: random.Random) -> Target:
     """A filter about connections over a memory disk of random data (multi-conn: a writeback
     cache in between): the data as any filter's, and what the filter does with clients
@@ -742,6 +786,8 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
 
         image = b"".join(images)
         return Target(shape, node, [node, *members], image, check_below=concat_below)
+    if shape in ("split", "partitioning"):
+        return files_shape(shape, start_node, tmp_path, rng)
     if shape == "stripe":
         chunk, n = 64 * KiB, 4
         members = [start_node("memory", str(SIZE // n)) for _ in range(n)]
@@ -2378,9 +2424,10 @@ class Client:
         if (
             t.protected
             and cmd in (WRITE, TRIM, ZERO)
+            and not (cmd == TRIM and t.protected_trims_pass)
             and not self.keeps_protected(cmd, offset, length, payload)
         ):
-            out = {EPERM, ENOTSUP} if fast else {EPERM}
+            out = {t.protected_errno, ENOTSUP} if fast else {t.protected_errno}
         if length == 0:
             out.add(0)  # unspecified (NBD-NOTES): the server may answer it as a no-op
         if t.injects:
@@ -2938,6 +2985,8 @@ SHAPES = [
 #: Shapes added later, FUZZ_SECONDS_MORE each.
 MORE_SHAPES = [
     "concat",
+    "split",
+    "partitioning",
     "stripe",
     "quorum",
     "verify",
