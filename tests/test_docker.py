@@ -606,10 +606,21 @@ class KubeletPod:
     root-owned directory; fsGroup makes both the group's and adds it to every container), each
     container's command/args/env/mounts/user from the spec. Init containers start in order; a
     native sidecar (restartPolicy: Always) counts as started once its startupProbe passes, probed
-    every periodSeconds up to failureThreshold times. Every container made carries `labels`."""
+    every periodSeconds up to failureThreshold times. Every container made carries `labels`.
+    A secret volume is the files of `secrets[secretName]` (a host directory: what `kubectl
+    create secret generic NAME --from-file=DIR` would hold), root-owned with defaultMode and,
+    with fsGroup, the group's."""
 
-    def __init__(self, engine: Any, image: str, spec: dict[str, Any], workdir: Path) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        image: str,
+        spec: dict[str, Any],
+        workdir: Path,
+        secrets: dict[str, Path] | None = None,
+    ) -> None:
         self.engine, self.image, self.spec = engine, image, spec
+        self.secrets = secrets or {}
         self.name = f"nbdfabric-pod-{uuid.uuid4().hex[:8]}"
         self.labels = {"io.nbdfabric.test": "1", "io.nbdfabric.test.pod": self.name}
         self.sidecars: list[Any] = []
@@ -637,8 +648,20 @@ class KubeletPod:
                 mode = 0o777  # as kubelet makes them
             elif "persistentVolumeClaim" in vol:
                 mode = 0o755  # a fresh filesystem's root, owned by root
+            elif "secret" in vol:
+                name = vol["secret"]["secretName"]
+                assert name in self.secrets, f"volume {vol['name']}: no Secret {name!r} exists"
+                file_mode = vol["secret"].get("defaultMode", 0o644)
+                for item in self.secrets[name].iterdir():
+                    copy = host / item.name
+                    shutil.copyfile(item, copy)
+                    os.chown(copy, 0, fs_group if fs_group is not None else 0)
+                    copy.chmod(file_mode)
+                host.chmod(0o755)
+                dirs[vol["name"]] = host
+                continue  # (kubelet: files group-owned by fsGroup, the directory not writable)
             else:
-                raise AssertionError(f"volume {vol['name']}: only emptyDir and claims here: {vol}")
+                raise AssertionError(f"volume {vol['name']}: only emptyDir, claims, secrets: {vol}")
             if fs_group is not None:  # kubelet's volume ownership: group rw, setgid
                 os.chown(host, 0, fs_group)
                 mode |= 0o2070
@@ -785,12 +808,13 @@ class KubeletPod:
                 )
                 time.sleep(0.5)
 
-    def client(self, entrypoint: list[str], timeout: float = 60) -> str:
+    def client(
+        self, entrypoint: list[str], timeout: float = 60, mounts: list[Any] | None = None
+    ) -> str:
         """Run a client (our image: qemu-io, nbdinfo, ...) in the pod's network namespace to
-        its end, which must be exit 0: its output."""
-        return self.run_to_completion(
-            {"name": f"client-{uuid.uuid4().hex[:4]}", "command": entrypoint}, timeout
-        )
+        its end, which must be exit 0: its output. `mounts`: volumeMounts of the pod's volumes."""
+        spec = {"name": f"client-{uuid.uuid4().hex[:4]}", "command": entrypoint}
+        return self.run_to_completion({**spec, "volumeMounts": mounts or []}, timeout)
 
     def run_init_containers(self) -> None:
         for spec in self.spec.get("initContainers", []):
@@ -922,6 +946,59 @@ def test_k8s_pod_serves_the_example_fabric_to_clients_in_the_pod(
             h = nbd_connect(f"nbd+unix:///?socket={run_dir}/{member}.sock")
             assert h.pread(3 << 20, 1 << 20) == b"\x5a" * (3 << 20), member
             h.shutdown()
+        codes = pod.stop_sidecars()
+        assert codes == {c["name"]: 0 for c in spec["containers"]}, codes
+    finally:
+        pod.remove()
+    assert pod.leftovers() == []
+
+
+TLS_FABRIC = """\
+name: sec
+nodes:
+  disk: {kind: memory, params: {size: 4M}}
+exports:
+  vm: {node: disk, listen: ["0.0.0.0:10809"], tls: require, tls-certificates: certs}
+"""
+
+
+def test_k8s_pod_serves_a_tls_export_with_the_certificates_of_its_secret(
+    engine: Any, image: str, tmp_path: Path
+) -> None:
+    """An export with `tls: require`: the pod's node serves it with the certificates of a
+    Secret (mounted read-only, group-readable by the nodes' fsGroup), which the manifests'
+    header says how to make from the topology's directory. A client in the pod with the CA
+    reads and writes over nbds://; one without TLS is refused. (The manifests served it in
+    plain text before.)"""
+    from conftest import make_certificates
+
+    from orchestrator import k8s
+    from orchestrator.topology import load
+
+    (tmp_path / "certs").mkdir()
+    make_certificates(tmp_path / "certs")
+    (tmp_path / "fabric.yaml").write_text(TLS_FABRIC)
+    topology = load(tmp_path / "fabric.yaml")
+    (command,) = k8s.secret_commands(topology)
+    assert command == f"kubectl create secret generic sec-vm-tls --from-file={tmp_path}/certs"
+    spec = k8s.manifests(topology)[0]["spec"]
+    secrets = {"sec-vm-tls": tmp_path / "certs"}  # as that command makes it
+    pod = KubeletPod(engine, image, spec, tmp_path / "pod", secrets)
+    try:
+        pod.start()
+        pod.start_containers()
+        ca = [{"name": "tls-vm", "mountPath": "/ca", "readOnly": True}]  # (its ca-cert.pem)
+        uri = "nbds://127.0.0.1:10809/vm?tls-certificates=/ca"
+        pod.client(["qemu-io", "--image-opts",
+                    "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port=10809,"
+                    "export=vm,tls-creds=tls0", "--object",
+                    "tls-creds-x509,id=tls0,dir=/ca,endpoint=client",
+                    "-c", "write -P 0x5a 0 1M", "-c", "read -P 0x5a 0 1M"],
+                   mounts=ca)  # fmt: skip
+        info = pod.client(["nbdinfo", "--no-content", "--json", uri], mounts=ca)
+        assert json.loads(info[info.index("{") :])["exports"][0]["export-size"] == 4 << 20, info
+        with pytest.raises(AssertionError, match="exited 1"):  # plain text: refused
+            pod.client(["nbdinfo", "--json", "nbd://127.0.0.1:10809/vm"])
         codes = pod.stop_sidecars()
         assert codes == {c["name"]: 0 for c in spec["containers"]}, codes
     finally:

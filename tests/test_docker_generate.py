@@ -142,3 +142,33 @@ def test_compose_cli_wires_a_filter_to_one_file_of_a_directory_node(tmp_path: Pa
     assert "dir=/mnt/nbdfabric/0/disks" in files["command"]
     assert files["volumes"] == [f"{tmp_path}:/mnt/nbdfabric/0"]
     assert files["ports"] == ["127.0.0.1:10900:10809"]
+
+
+def test_k8s_tls_export_reads_its_certificates_from_a_secret(tmp_path: Path) -> None:
+    """An export with TLS keeps it in the pod (it was dropped: served in plain text): its node
+    reads the certificates from a read-only Secret volume, group-readable by the nodes' fsGroup,
+    and the header says how to make the Secret. An import Job, which serves the export on its
+    unix socket only, needs none."""
+    (tmp_path / "fabric.yaml").write_text(
+        "name: sec\nnodes:\n  disk: {kind: memory, params: {size: 1M}}\nexports:\n"
+        '  vm: {node: disk, listen: ["0.0.0.0:10809"], tls: require, tls-certificates: pki}\n'
+    )
+    top = load(tmp_path / "fabric.yaml")
+    (pod, _service) = k8s.manifests(top)
+    (disk,) = pod["spec"]["containers"]
+    args = disk["args"]
+    assert "--tls=require" in args
+    assert args[args.index("--tls-certificates") + 1] == "/etc/nbdfabric/tls/vm"
+    assert {"name": "tls-vm", "mountPath": "/etc/nbdfabric/tls/vm", "readOnly": True} in disk[
+        "volumeMounts"
+    ]
+    assert {"name": "tls-vm", "secret": {"secretName": "sec-vm-tls", "defaultMode": 0o440}} in (
+        pod["spec"]["volumes"]
+    )
+    assert pod["spec"]["securityContext"]["fsGroup"] == pod["spec"]["securityContext"]["runAsUser"]
+    text = k8s.render(k8s.manifests(top), "fabric.yaml", k8s.secret_commands(top))
+    assert f"#   kubectl create secret generic sec-vm-tls --from-file={tmp_path}/pki\n" in text
+    job = k8s.import_job(top, "vm", "claim")
+    (sidecar,) = job["spec"]["template"]["spec"]["initContainers"]
+    assert not any(a.startswith("--tls") for a in sidecar["args"])
+    assert not any("secret" in v for v in job["spec"]["template"]["spec"]["volumes"])
