@@ -64,17 +64,29 @@ Many = Annotated[
 ]
 
 
-def live(default: Any = None, description: str = "", **kwargs: Any) -> Any:
+#: `path=True` on a param (param, live, repeated): its values name files or directories of
+#: the machine the node runs on, which a container sees elsewhere (orchestrator.argv maps them
+#: for compose and Kubernetes; the local backend runs nodes in the topology file's directory).
+
+
+def _extra(path: bool, **extra: Any) -> dict[str, Any]:
+    """Field kwargs marking a param: none at all for a plain one (an explicit
+    json_schema_extra would hide its type's own, such as Size's `format`)."""
+    extra = {**extra, "path": True} if path else extra
+    return {"json_schema_extra": extra} if extra else {}
+
+
+def live(default: Any = None, description: str = "", path: bool = False, **kwargs: Any) -> Any:
     """A param that can be changed while the node serves (gRPC Configure, `nbdfabric set`)."""
-    return Field(default, description=description, json_schema_extra={"live": True}, **kwargs)
+    return Field(default, description=description, **_extra(path, live=True), **kwargs)
 
 
-def param(default: Any = ..., description: str = "", **kwargs: Any) -> Any:
+def param(default: Any = ..., description: str = "", path: bool = False, **kwargs: Any) -> Any:
     """A param fixed for the node's lifetime."""
-    return Field(default, description=description, **kwargs)
+    return Field(default, description=description, **_extra(path), **kwargs)
 
 
-def repeated(description: str = "", follows: str | None = None) -> Any:
+def repeated(description: str = "", follows: str | None = None, path: bool = False) -> Any:
     """A param (a list, such as `Many`) that may be given several times, or not at all.
 
     With `follows`, it is a setting of nbdkit's positional kind: on the command line each value
@@ -85,7 +97,7 @@ def repeated(description: str = "", follows: str | None = None) -> Any:
     extra: dict[str, Any] = {"repeat": True}
     if follows is not None:
         extra["follows"] = follows
-    return Field(default_factory=list, description=description, json_schema_extra=extra)
+    return Field(default_factory=list, description=description, **_extra(path, **extra))
 
 
 def secret(default: Any = None, description: str = "") -> Any:
@@ -157,6 +169,7 @@ def field_info(model: type[Params]) -> list[dict[str, Any]]:
                 "secret": bool(extra.get("secret")),
                 "repeat": bool(extra.get("repeat")),
                 "follows": extra.get("follows"),
+                "path": bool(extra.get("path")),
                 "help": f.description or "",
             }
         )

@@ -35,13 +35,9 @@ def param_text(value: Any) -> str:
     return str(value)
 
 
-def is_path_param(name: str) -> bool:
-    """Params naming host files or directories (`file`, `bitmap-file`, `error-file`, `dir`)."""
-    return name in ("file", "dir") or name.endswith(("-file", "-dir"))
-
-
 def param_words(node: Node, map_file: PathMap = _same) -> list[str]:
-    """`KEY=VALUE` words; file params go through `map_file` (a container's view of them).
+    """`KEY=VALUE` words; the values of params that name files or directories (declared with
+    `path=True`) go through `map_file` (a container's view of them).
 
     A param that may be repeated gives one word per value (`file=a file=b`, not `file=a,b`);
     one that follows another (partitioning's `mbr-id` follows `file`, see params.repeated)
@@ -55,7 +51,7 @@ def param_words(node: Node, map_file: PathMap = _same) -> list[str]:
 
     def word(key: str, value: Any) -> str:
         text = param_text(value)
-        if is_path_param(key) and text:
+        if entries.get(key.replace("_", "-"), {}).get("path") and text:
             text = map_file(text)
         return f"{key}={text}"
 

@@ -4,10 +4,11 @@ re-apply plans, JSON Schema and graphs. The kinds are the real registry's."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -644,3 +645,61 @@ def test_healthcheck_reaches_every_watcher(tmp_path: Path) -> None:
     assert set(schema["HealthcheckDef"]["properties"]) == {
         "interval", "timeout", "retries", "start-period", "grace"
     }  # fmt: skip
+
+
+PATHS = """\
+name: t
+nodes:
+  a: {kind: split, params: {file: [disks/a.img, disks/b.img]}}
+  listed: {kind: extentlist, upstream: a, params: {extentlist: maps/a.extents}}
+  logged: {kind: log, upstream: listed, params: {logfile: logs/requests.jsonl}}
+  counted: {kind: stats, upstream: logged, params: {statsfile: logs/stats.json, statsappend: true}}
+"""
+
+
+def test_every_file_param_is_seen_where_the_container_mounts_it(tmp_path: Path) -> None:
+    """Params declared with path=True (a log's logfile, an extentlist, each file of a split)
+    are rewritten to where the compose service's or the pod's container mounts their host
+    directory, and only those: they were left as host paths, which the node inside the
+    container could not open (only `file`, `dir`, `*-file` and `*-dir` were mapped)."""
+    from orchestrator.compose import MOUNT_ROOT, compose_dict
+    from orchestrator.k8s import DATA_ROOT, manifests
+
+    top = load_text(PATHS, str(tmp_path / "f.yaml"))
+    services = compose_dict(top)["services"]
+
+    def host(service: str, key: str) -> list[Path]:
+        """Where the service's `key=` values are on the host, through its volumes."""
+        volumes = {v.split(":")[1]: Path(v.split(":")[0]) for v in services[service]["volumes"]}
+        words = [w for w in services[service]["command"] if w.startswith(f"{key}=")]
+        paths = [PurePosixPath(w.split("=", 1)[1]) for w in words]
+        assert all(p.is_relative_to(MOUNT_ROOT) for p in paths), words
+        return [volumes[str(p.parent)] / p.name for p in paths]
+
+    assert host("a", "file") == [tmp_path / "disks/a.img", tmp_path / "disks/b.img"]
+    assert host("listed", "extentlist") == [tmp_path / "maps/a.extents"]
+    assert host("logged", "logfile") == [tmp_path / "logs/requests.jsonl"]
+    assert host("counted", "statsfile") == [tmp_path / "logs/stats.json"]
+    assert "statsappend=true" in services["counted"]["command"]  # not a path: as written
+    (pod,) = [d for d in manifests(top) if d["kind"] == "Pod"]
+    args = {c["name"]: c["args"] for c in pod["spec"]["containers"]}
+    for name, key in (("listed", "extentlist"), ("logged", "logfile"), ("a", "file")):
+        words = [w for w in args[name] if w.startswith(f"{key}=")]
+        assert words and all(w.split("=", 1)[1].startswith(f"{DATA_ROOT}/") for w in words)
+
+
+def test_params_that_name_files_are_declared_so() -> None:
+    """A param that names a file or directory by its name (`file`, `*-file`, `*file`, `dir`,
+    an extent list, a CA bundle) is declared with path=True, and such a param holds text: a new
+    kind that forgets the marker would have its file left behind by compose and Kubernetes."""
+    from nodes import registry
+    from nodes.params import field_info
+
+    looks_like_a_path = re.compile(r"(^|-)(file|dir)$|file$|^extentlist$|^cainfo$")
+    for kind, cls in registry.kinds().items():
+        for entry in field_info(cls.Params):
+            name = entry["name"]
+            if looks_like_a_path.search(name):
+                assert entry["path"], f"{kind}: {name} names a file but is not path=True"
+            if entry["path"]:
+                assert entry["type"] == "string", f"{kind}: {name} is a path of {entry['type']}"

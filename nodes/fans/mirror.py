@@ -108,7 +108,7 @@ class MirrorParams(Params):
         64 * 1024, description="granularity of the write-intent bitmap", gt=0
     )
     bitmap_file: str | None = param(
-        None, description="persist the write-intent bitmap and member states in this file"
+        None, "persist the write-intent bitmap and member states in this file", path=True
     )
     intent_region: Size = param(
         64 << 20,

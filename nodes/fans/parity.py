@@ -107,6 +107,7 @@ class ParityParams(Params):
     retry_delay: Duration = param(1.0, description="wait before rebuilding a returning member")
     state_file: str | None = param(
         None,
+        path=True,
         description="JSON file keeping which members are in sync across restarts of the fan; "
         "beside it, PATH.journal keeps what a write while a member is out could garble",
     )

@@ -154,6 +154,7 @@ def parse_mapfile(lines: Iterator[tuple[int, list[str]]]) -> Mapfile:
 
 class DdrescueParams(Params):
     ddrescue_mapfile: str = param(
+        path=True,
         description="GNU ddrescue's mapfile of the image: reads outside its finished (+) "
         "blocks fail with EIO",
         min_length=1,

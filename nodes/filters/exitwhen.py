@@ -82,8 +82,8 @@ def _numbers(what: str, signed: bool) -> AfterValidator:
 
 
 class ExitwhenParams(Params):
-    exit_when_file_created: Many = repeated("exit when this file exists")
-    exit_when_file_deleted: Many = repeated("exit when this file is gone")
+    exit_when_file_created: Many = repeated("exit when this file exists", path=True)
+    exit_when_file_deleted: Many = repeated("exit when this file is gone", path=True)
     exit_when_pipe_closed: Annotated[Many, _numbers("file descriptor", True)] = repeated(
         "exit when the pipe read on this inherited fd is closed (alias exit-when-fd-closed)"
     )

@@ -116,6 +116,7 @@ def parse_extent_list(lines: Iterator[tuple[int, list[str]]]) -> ExtentList:
 
 class ExtentListParams(Params):
     extentlist: str = param(
+        path=True,
         description="file of extents, one `OFFSET LENGTH [TYPE]` a line; gaps are holes",
         min_length=1,
     )

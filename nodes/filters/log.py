@@ -38,7 +38,7 @@ T = TypeVar("T")
 
 
 class LogParams(Params):
-    logfile: str | None = param(None, "file to write JSON lines to")
+    logfile: str | None = param(None, "file to write JSON lines to", path=True)
     logappend: bool = param(False, "append to the file instead of truncating it")
 
 

@@ -86,9 +86,11 @@ class RateParams(Params):
     client_rate: Bandwidth | None = live(None, "bytes/s for each client address, per direction")
     burstiness: Duration = live(2.0, "seconds of bandwidth an idle bucket may save up")
     burst: Size | None = live(None, "bucket capacity in bytes (overrides burstiness)")
-    rate_file: str | None = live(None, "file holding the node rate; re-read when it changes")
-    connection_rate_file: str | None = live(None, "file holding the connection rate")
-    client_rate_file: str | None = live(None, "file holding the client rate")
+    rate_file: str | None = live(
+        None, "file holding the node rate; re-read when it changes", path=True
+    )
+    connection_rate_file: str | None = live(None, "file holding the connection rate", path=True)
+    client_rate_file: str | None = live(None, "file holding the client rate", path=True)
 
 
 class Bucket:

@@ -41,7 +41,7 @@ OPS = ("read", "write", "trim", "zero", "extents", "cache", "flush")
 
 
 class StatsParams(Params):
-    statsfile: str | None = param(None, "file to write the statistics to")
+    statsfile: str | None = param(None, "file to write the statistics to", path=True)
     statsappend: bool = param(False, "append each report instead of replacing the file")
     statsinterval: Duration | None = live(None, "rewrite the file this often while serving")
     statsformat: Literal["text", "json"] = live("text", "text (nbdkit-like) or json")

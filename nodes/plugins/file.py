@@ -114,10 +114,11 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 
 class FileParams(Params):
     file: str | None = param(
-        None, description="path of the file or block device to serve (this or dir=)"
+        None, description="path of the file or block device to serve (this or dir=)", path=True
     )
     dir: str | None = param(
         None,
+        path=True,
         description="serve each regular file and block device in this directory as the export "
         "of its name (this or file=)",
     )

@@ -72,7 +72,9 @@ class HttpParams(Params):
     header: Many = repeated("an extra request header, 'Name: value'")
     timeout: Duration = param(0.0, description="time limit per request (0: none)")
     sslverify: bool = param(True, description="verify the server's certificate")
-    cainfo: str | None = param(None, description="CA bundle (PEM file) to verify the server")
+    cainfo: str | None = param(
+        None, description="CA bundle (PEM file) to verify the server", path=True
+    )
     followlocation: bool = param(True, description="follow redirects")
     connections: int = param(4, ge=1, le=64, description="kept-alive connections to the server")
 

@@ -155,7 +155,9 @@ TypeGuids = Annotated[
 
 
 class PartitioningParams(Params):
-    file: Many = repeated("a file holding one partition, in partition order (at least one)")
+    file: Many = repeated(
+        "a file holding one partition, in partition order (at least one)", path=True
+    )
     partition_type: Literal["mbr", "gpt"] | None = param(
         None, description="the partition table (default: gpt for over 4 files or 2 TB, else mbr)"
     )

@@ -52,7 +52,7 @@ EXTENT_REGIONS = 64
 
 
 class SplitParams(Params):
-    file: Many = repeated("a file to serve, after those given before it (at least one)")
+    file: Many = repeated("a file to serve, after those given before it (at least one)", path=True)
 
     @model_validator(mode="after")
     def _some_file(self) -> SplitParams:
