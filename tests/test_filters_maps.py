@@ -447,3 +447,31 @@ def test_extentlist_node_refuses_a_bad_list(tmp_path: Path) -> None:
     )
     res = node_refused("extentlist", f"extentlist={tmp_path}")
     assert res.stderr.startswith(f"nbdfabric node extentlist: extentlist={tmp_path}: Is a dir")
+
+
+def test_extents_finer_than_the_minimum_block_size_are_joined_into_blocks(
+    start_node: StartNode, tmp_path: Path
+) -> None:
+    """A node that advertises a 4K minimum block size over an upstream whose extents are finer
+    (an extent list of 512-byte pieces) answers in whole 4K blocks, as the spec requires, each
+    a hole or zeros only if all of it is; before, the pieces went out as they came."""
+    listed = tmp_path / "extents"
+    listed.write_text("0 512 hole\n512 512\n4096 4096 hole\n8192 3584 zero\n")  # gaps: 3
+    mem = start_node("memory", "16K")
+    fine = start_node("extentlist", f"extentlist={listed}", upstreams=[mem.uri])
+    policed = start_node("blocksize-policy", "blocksize-minimum=4096", upstreams=[fine.uri])
+    assert export_info(policed.uri)["block_size_minimum"] == 4096
+    h = nbd_connect(policed.uri)
+    got: list[int] = []
+
+    def collect(context: str, offset: int, entries: list[int], err: Any) -> int:
+        got.extend(entries)
+        return 0
+
+    h.block_status(16 * KiB, 0, collect)
+    h.shutdown()
+    pairs = list(zip(got[::2], got[1::2], strict=True))
+    HOLE, ZERO = 1, 2
+    # 0-4K: a hole, data and a gap: data. 4K-8K: a hole. 8K-12K: zeros then a gap (a hole
+    # of zeros): zeros, not a hole. 12K-16K: a gap.
+    assert pairs == [(4096, 0), (4096, HOLE), (4096, ZERO), (4096, HOLE | ZERO)], pairs

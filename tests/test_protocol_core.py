@@ -4,6 +4,8 @@ reply encoder decoded back by a small independent decoder written here.
 
 from __future__ import annotations
 
+import functools
+import operator
 import struct
 from dataclasses import dataclass
 
@@ -770,3 +772,32 @@ def test_clip_extents_properties(
         assert out, "at least one descriptor when the backend described anything"
     # A reply of at most `limit` descriptors: the first ones of the whole answer, unchanged.
     assert clip_extents(extents, length, req_one, limit=limit) == out[:limit]
+
+
+@given(
+    extents=st.lists(st.tuples(st.integers(0, 300), st.integers(0, 3)), min_size=1,
+                     max_size=12),
+    shift=st.integers(0, 8),
+    length=st.integers(1, 4000),
+    req_one=st.booleans(),
+)  # fmt: skip
+def test_clip_extents_keeps_to_the_minimum_block_size(
+    extents: list[tuple[int, int]], shift: int, length: int, req_one: bool
+) -> None:
+    """The spec: descriptor lengths MUST be multiples of an advertised minimum block size.
+    Pieces a backend gives finer than that are joined into whole blocks, each block with the
+    flags every byte of it has (a hole or zeros only if all of it is); only the last
+    descriptor may be short (the request or the backend ended inside a block)."""
+    align = 1 << shift
+    out = clip_extents(extents, length, req_one, align)
+    assert all(n % align == 0 for n, _ in out[:-1]), out
+    described = [f for n, f in extents for _ in range(n)]  # the backend's flags, per byte
+    answered = [f for n, f in out for _ in range(n)]
+    if req_one:
+        assert len(out) <= 1
+    else:
+        assert len(answered) == min(length, len(described))
+    for start in range(0, len(answered), align):
+        block = described[start : start + align]
+        shared = functools.reduce(operator.and_, block)
+        assert set(answered[start : start + align]) == {shared}, (start, out)

@@ -8,7 +8,7 @@ The server's hot path reads headers and payloads itself (straight into pooled bu
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .constants import (
@@ -228,6 +228,33 @@ def block_status_chunk(cookie: int, context: int, extents: Iterable[tuple[int, i
     return chunk(cookie, Chunk.BLOCK_STATUS, bytes(body))
 
 
+def align_extents(extents: Iterable[tuple[int, int]], align: int) -> Iterator[tuple[int, int]]:
+    """The extents in whole granules of `align` bytes (the spec: descriptor lengths MUST be
+    multiples of an advertised minimum block size), but for a short last one: a granule that
+    the backend described in several pieces gets the flags all of them share (a hole only if
+    it is a hole throughout, zeros only if all zeros), as qemu's server does."""
+    pending, flags_in = 0, -1  # bytes of the granule begun, and the flags they share
+    for length, flags in extents:
+        if length <= 0:
+            continue
+        if pending:
+            take = min(length, align - pending)
+            pending += take
+            flags_in &= flags
+            length -= take
+            if pending < align:
+                continue
+            yield align, flags_in
+            pending = 0
+        whole = length - length % align
+        if whole:
+            yield whole, flags
+        if length > whole:
+            pending, flags_in = length - whole, flags
+    if pending:
+        yield pending, flags_in
+
+
 def clip_extents(
     extents: Iterable[tuple[int, int]],
     length: int,
@@ -238,9 +265,11 @@ def clip_extents(
     """Merge neighbours with equal flags, cut at the request's end, fit u32 lengths.
 
     Backends may describe more than was asked; the client gets at most `length` bytes' worth
-    in at most `limit` descriptors (exactly one with REQ_ONE). Lengths stay multiples of
-    `align`.
+    in at most `limit` descriptors (exactly one with REQ_ONE). Lengths are multiples of
+    `align` (align_extents), but for a last one cut short by the request or the backend.
     """
+    if align > 1:
+        extents = align_extents(extents, align)
     longest = (0xFFFFFFFF // align) * align
     out: list[tuple[int, int]] = []
     left = length
