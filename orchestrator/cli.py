@@ -813,7 +813,8 @@ def cmd_operate(command: str) -> Callable[[Sequence[str]], int]:
             done = [f"{n}: stopped" for n in reply.stopped]
         else:
             nodes = reply.started if command == "start" else reply.restarted
-            done = [f"{n.name}: {command}ed (pid {n.pid})" for n in nodes]
+            whom = [f"pid {n.pid}" if n.pid else f"container {n.container_id}" for n in nodes]
+            done = [f"{n.name}: {command}ed ({w})" for n, w in zip(nodes, whom, strict=True)]
         left = sorted(set(args.nodes) - {line.split(":")[0] for line in done})
         for line in done:
             print(line)

@@ -521,11 +521,34 @@ def test_docker_backend_cli_supervises_mirror_through_docker_kill(
         assert "m1: exited: exited with status 137" in events, events
         assert "m1: restarted: container" in events
         assert "--- nbdfabric: container" in fab.cli("logs", "m1").stdout
+        # `stop`, `start` and `restart` as with local processes: a stopped container is gone
+        # and stays so; a restarted memory member comes back empty and is rebuilt.
+        gone = fab.status()["m1"]["container_id"]
+        assert fab.cli("stop", "m1").stdout == "m1: stopped\n"
+        assert fab.status()["m1"]["state"] == "stopped" and _gone(engine, gone)
+        assert fab.cli("start", "m1").stdout.startswith("m1: started (container ")
+        wait_for(rebuilt, 120, "the mirror to rebuild m1 after its start")
+        before = fab.status()["m0"]["container_id"]
+        res = fab.cli("restart", "m0")
+        assert res.stdout.startswith("m0: restarted (container ") and before not in res.stdout
+        wait_for(lambda: all(m["state"] == "in_sync" for m in fab.status()["mirror"]["members"]),
+                 120, "the mirror to rebuild m0 after its restart")  # fmt: skip
+        assert fab.member_sha256("m0") == fab.member_sha256("m1") == expect
     finally:
         res = fab.cli("down", check=False)
     assert res.returncode == 0, res.stderr
     assert fab.leftovers() == []
     assert fab.cli("status", check=False).returncode == 3
+
+
+def _gone(engine: Any, container_id: str) -> bool:
+    import docker.errors
+
+    try:
+        engine.containers.get(container_id)
+    except docker.errors.NotFound:
+        return True
+    return False
 
 
 def test_docker_backend_mirror_container_killed_keeps_its_faulty_member(
