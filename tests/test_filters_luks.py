@@ -548,10 +548,11 @@ def test_luks_never_shows_the_passphrase(images: dict[str, Path], start_node: St
 
 
 def test_luks_refuses_an_upstream_that_is_not_luks(start_node: StartNode) -> None:
-    cases = [("1M", "the upstream is not a LUKS image (it starts with b'\\x00"),
-             ("512", "the upstream is 512 bytes: too small for a LUKS header")]  # fmt: skip
-    for size, said in cases:
-        up = start_node("memory", size)
+    cases = [("memory", "1M", "the upstream is not a LUKS image (it starts with b'\\x00"),
+             ("memory", "512", "the upstream is 512 bytes: too small for a LUKS header"),
+             ("null", "0", "the upstream is 0 bytes: too small for a LUKS header")]  # fmt: skip
+    for kind, size, said in cases:
+        up = start_node(kind, size)
         assert said in failed_start(start_node, f"passphrase={PASS}", upstreams=(up.uri,))
 
 

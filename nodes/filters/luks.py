@@ -228,6 +228,8 @@ class Luks(Filter):
 
     async def _read_file(self, offset: int, length: int, size: int) -> bytes:
         """Bytes of the image, read in requests aligned to the upstream's minimum block."""
+        if length <= 0:
+            return b""  # an empty upstream: parse_header says so
         begin = offset - offset % self.unit
         end = min(size, -(-(offset + length) // self.unit) * self.unit)
         view = memoryview(bytearray(end - begin))
