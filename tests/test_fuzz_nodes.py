@@ -908,6 +908,27 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         up = start_node("file", str(packed), extra=("--read-only",))
         node = under_test(start_node, "qcow2dec", upstreams=[up.uri])
         return Target(shape, node, [node, up], raw.read_bytes(), read_only=True)
+    if shape == "luks":  # a qemu-made LUKS image of lumpy data; qemu judges what lands in it
+        packed, raw, plain = tmp_path / "image.luks", tmp_path / "image.raw", tmp_path / "out.raw"
+        secret = ["--object", "secret,id=s0,data=fuzz"]
+        opts = f"driver=luks,key-secret=s0,file.filename={packed}"
+        create = ["qemu-img", "create", "-q", "-f", "luks", *secret]
+        opt = ["-o", "key-secret=s0,iter-time=10"]
+        subprocess.run([*create, *opt, str(packed), str(SIZE)], check=True)
+        image = lumpy(rng, SIZE)
+        raw.write_bytes(image)
+        subprocess.run(["qemu-img", "convert", "-n", *secret, "-f", "raw", str(raw),
+                        "--target-image-opts", opts], check=True)  # fmt: skip
+        up = start_node("file", str(packed))
+        node = under_test(start_node, "luks", "passphrase=fuzz", upstreams=[up.uri])
+
+        def luks_below(export: bytes, trimmed: bytearray) -> None:
+            subprocess.run(["qemu-img", "convert", *secret, "--image-opts", opts, "-O", "raw",
+                            str(plain)], check=True)  # fmt: skip
+            bad = differ(plain.read_bytes(), export, trimmed)
+            check(bad is None, f"luks: what qemu decrypts differs from the export at {bad}")
+
+        return Target(shape, node, [node, up], image, check_below=luks_below)
     if shape in ("xz", "xz-whole", "gzip"):
         image = lumpy(rng, SIZE)
         raw = tmp_path / "image.raw"
@@ -3043,6 +3064,7 @@ MORE_SHAPES = [
     "ddrescue",
     "tar",
     "qcow2dec",
+    "luks",
     "scan",
     "retry-request",
     "blocksize-policy-error",
