@@ -37,6 +37,7 @@ from .backends.process import (
     kill_leftovers,
     log_tail,
     pid_matches,
+    rotate_log,
     run_base,
 )
 from .names import peek_name
@@ -376,6 +377,7 @@ def _detach(
     cmd = [sys.executable, "-m", "orchestrator.daemon", str(run.path), "--backend", backend]
     if image:
         cmd += ["--image", image]
+    rotate_log(run.supervisor_log)
     with run.supervisor_log.open("ab") as log:
         daemon = subprocess.Popen(
             cmd,

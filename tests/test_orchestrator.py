@@ -289,6 +289,31 @@ def test_orchestrator_stop_start_restart_nodes_as_compose_does(tmp_path: Path) -
         fab.cli("down", check=False)
 
 
+def test_orchestrator_a_large_log_is_kept_as_old_when_its_node_starts(tmp_path: Path) -> None:
+    """A node's log holds every run; grown past 8 MiB, it is kept as NODE.log.old (one
+    generation) when the node starts again and a new one begun, so a long-lived fabric does
+    not fill its run dir. `logs` shows the new one; `down` keeps both."""
+    from orchestrator.backends.process import LOG_ROTATE_BYTES
+
+    two = "name: f\nnodes:\n  a: {kind: memory, params: {size: 1M}}\n  b: {kind: null}\n"
+    fab = Fabric(tmp_path, two)
+    try:
+        fab.up()
+        log = tmp_path / "r" / "f" / "a.log"
+        old = log.with_name("a.log.old")
+        with log.open("ab") as f:
+            f.write(b"x" * (LOG_ROTATE_BYTES + 1) + b"\nthe end of the old log\n")
+        fab.cli("restart", "a")
+        assert old.read_bytes().endswith(b"the end of the old log\n")
+        assert log.stat().st_size < 4096 and log.read_text().startswith("--- nbdfabric: ")
+        assert "the end of the old log" not in fab.cli("logs", "a").stdout
+        fab.cli("restart", "b")  # a small log stays as it is
+        assert not log.with_name("b.log.old").exists()
+    finally:
+        fab.cli("down", check=False)
+    assert old.exists() and log.exists()
+
+
 #: Two nodes, each exported on a port picked at their first start.
 PORT0 = """\
 name: f

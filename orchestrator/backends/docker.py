@@ -40,7 +40,7 @@ from ..compose import (
 )
 from ..plan import start_order, stop_order
 from ..topology import Node, Topology
-from .process import START_MARK, RunDir
+from .process import START_MARK, RunDir, rotate_log
 from .process import StartError as ProcessStartError
 
 FABRIC_LABEL = f"{LABEL_PREFIX}.fabric"
@@ -206,6 +206,7 @@ class DockerNode:
         """Container output -> RUN/NODE.log, until the container stops."""
         path = self.backend.run.log(self.node.name)
         try:
+            rotate_log(path)
             with path.open("ab") as f:
                 f.write(f"{START_MARK}container {container.name} {container.id[:12]}\n".encode())
                 f.flush()

@@ -144,6 +144,19 @@ def node_command(node: Node, topology: Topology, run: RunDir, control: bool) -> 
 
 #: How a log line that the supervisor writes before each start of a node begins.
 START_MARK = "--- nbdfabric: "
+#: A node's (or the supervisor's) log larger than this when it starts is kept as LOG.old (one
+#: generation, replacing the last) and a new one begun: logs keep every run, and a fabric that
+#: runs for months would otherwise fill its run dir with them.
+LOG_ROTATE_BYTES = 8 << 20
+
+
+def rotate_log(path: Path, limit: int = LOG_ROTATE_BYTES) -> None:
+    """Begin a new `path` if it holds more than `limit` bytes, the old one kept as PATH.old."""
+    try:
+        if path.stat().st_size > limit:
+            os.replace(path, path.with_name(path.name + ".old"))
+    except FileNotFoundError:
+        pass
 
 
 def exit_text(status: int | None) -> str:
@@ -220,6 +233,7 @@ class NodeProcess:
         self.run.remove_node_files(name, self.topology)
         cmd = node_command(self.node, self.topology, self.run, self.control_on)
         log = self.run.log(name)
+        rotate_log(log)
         with log.open("ab") as f:
             f.write(f"{START_MARK}starting {name}: {' '.join(cmd)}\n".encode())
             # A session of its own: Ctrl-C on a foreground `up` reaches the supervisor only,
@@ -364,7 +378,7 @@ def clean_run_dir(run: RunDir, keep_logs: bool = True) -> None:
     if not run.path.is_dir():
         return
     for p in run.path.iterdir():
-        if keep_logs and p.suffix == ".log":
+        if keep_logs and p.name.endswith((".log", ".log.old")):
             continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
