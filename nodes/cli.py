@@ -92,6 +92,22 @@ def _node_parser(full_help: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="exit when the parent process dies (Linux), as nbdkit's option",
     )
+    p.add_argument(
+        "-P",
+        "--pidfile",
+        metavar="PATH",
+        help="once it serves, write its process id here (replaced if there; left at exit)",
+    )
+    p.add_argument(
+        "-u",
+        "--user",
+        metavar="USER",
+        help="started as root: run as USER (name or id) once the sockets are bound and the "
+        "backend is open, with USER's groups (and group, unless -g)",
+    )
+    p.add_argument(
+        "-g", "--group", metavar="GROUP", help="started as root: run as GROUP (name or id)"
+    )
     p.add_argument("--name", default="", help="node name for logs and metrics")
     p.add_argument(
         "--ordering",
@@ -220,6 +236,14 @@ def cmd_node(argv: Sequence[str]) -> int:
         print(f"nbdfabric node: -s serves the client on stdin/stdout: it cannot go with "
               f"{', '.join(clash)}", file=sys.stderr)  # fmt: skip
         return 1
+    try:
+        run_as = _run_as(args.user, args.group)
+    except ValueError as exc:
+        print(f"nbdfabric node: {exc}", file=sys.stderr)
+        return 1
+    if run_as is not None and args.workers > 1:
+        print("nbdfabric node: -u/-g cannot go with --workers yet", file=sys.stderr)
+        return 1
     if args.tls != "off" and not (args.tls_certificates or args.tls_psk):
         print("nbdfabric node: --tls=on/require needs --tls-certificates DIR", file=sys.stderr)
         return 1
@@ -261,12 +285,40 @@ def cmd_node(argv: Sequence[str]) -> int:
         workers=args.workers,
         single=args.single,
         exit_with_parent=os.getppid() if args.exit_with_parent else 0,
+        pidfile=args.pidfile,
+        run_as=run_as,
     )
     try:
         return run_node(spec)
     except SpecError as exc:
         print(f"nbdfabric node: {exc}", file=sys.stderr)
         return 1
+
+
+def _run_as(user: str | None, group: str | None) -> Any:
+    """-u/-g as a RunAs (names looked up now: a typo stops the node before it binds anything),
+    or None. -u alone takes the user's own group."""
+    import grp
+    import pwd
+
+    from .run import RunAs
+
+    if user is None and group is None:
+        return None
+    uid = gid = None
+    name = None
+    if user is not None:
+        try:
+            entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        except (KeyError, OverflowError):
+            raise ValueError(f"-u {user}: no such user") from None
+        uid, gid, name = entry.pw_uid, entry.pw_gid, entry.pw_name
+    if group is not None:
+        try:
+            gid = (grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)).gr_gid
+        except (KeyError, OverflowError):
+            raise ValueError(f"-g {group}: no such group") from None
+    return RunAs(user=name, uid=uid, gid=gid)
 
 
 def cmd_kinds(argv: Sequence[str]) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -57,6 +58,41 @@ class NodeSpec:
     #: The parent's pid (as seen at start): exit (SIGTERM) when it dies (nbdkit's
     #: --exit-with-parent; Linux); 0: no.
     exit_with_parent: int = 0
+    #: -P: write the pid here once the node serves (nbdkit's --pidfile; left at exit, as its).
+    pidfile: str | None = None
+    #: -u/-g: the user and group to run as once the sockets are bound and the backend open
+    #: (nbdkit's --user/--group), as (name, uid, gid); None: stay who we are.
+    run_as: RunAs | None = None
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """Who a node becomes after binding its sockets and opening its backend (-u/-g)."""
+
+    user: str | None  #: its supplementary groups are the user's (initgroups); None: none
+    uid: int | None
+    gid: int | None
+
+    def become(self, sockets: Sequence[str] = ()) -> None:
+        """setgroups/setgid/setuid, in that order (after setuid nothing else can change); the
+        unix `sockets` it made become its own first, so that it can remove them at exit and
+        its user can connect (nbdkit leaves them root's)."""
+        try:
+            for path in sockets:
+                os.chown(path, -1 if self.uid is None else self.uid, -1 if self.gid is None
+                         else self.gid)  # fmt: skip
+            if self.gid is not None:
+                if self.user is not None:
+                    os.initgroups(self.user, self.gid)
+                else:
+                    os.setgroups([])
+                os.setgid(self.gid)
+            if self.uid is not None:
+                os.setuid(self.uid)
+        except PermissionError:
+            raise OSError(
+                errno.EPERM, "-u/-g: only a node started as root can change its user or group"
+            ) from None
 
 
 class SpecError(ValueError):
@@ -114,6 +150,18 @@ def write_ready_file(path: str, info: dict[str, Any]) -> None:
         raise OSError(exc.errno, f"--ready-file {path}: {exc.strerror}") from None
 
 
+def write_pidfile(path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)  # an existing one is replaced whole, never seen half written
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise OSError(exc.errno, f"--pidfile {path}: {exc.strerror}") from None
+
+
 async def serve(
     spec: NodeSpec,
     *,
@@ -153,6 +201,8 @@ async def serve(
             metrics_addr = start_metrics(runtime, spec.metrics, node_name=spec.name or spec.kind)
 
         uris = runtime.uris() if single is None else ["nbd+unix:///?socket=/dev/stdin"]
+        if spec.pidfile:
+            write_pidfile(spec.pidfile)
         if spec.ready_file:
             write_ready_file(
                 spec.ready_file,
@@ -165,6 +215,11 @@ async def serve(
                     "kind": spec.kind,
                 },
             )
+        if spec.run_as is not None:  # sockets bound, backend open, files above written
+            owned = [a.path for a in runtime.addresses if a.kind == "unix"]
+            if control_addr and control_addr.startswith("unix:"):
+                owned.append(control_addr.removeprefix("unix:"))
+            spec.run_as.become(owned)
         if spec.print_uri:  # last: a URI printed is one that serves (a wrapper reads it so)
             print(uris[0], flush=True)
     except Exception:

@@ -109,6 +109,71 @@ def test_lifecycle_ready_file_and_many_addresses(procs: list[Any], tmp_path: Pat
     assert not (tmp_path / "a.sock").exists(), "the unix socket is removed at exit"
 
 
+def test_lifecycle_pidfile_is_written_once_it_serves(procs: list[Any], tmp_path: Path) -> None:
+    """-P/--pidfile, as nbdkit's: the pid, once the node serves; a file already there is
+    replaced; a place it cannot be written stops the node with a message."""
+    pidfile, ready = tmp_path / "node.pid", tmp_path / "ready.json"
+    pidfile.write_text("12345\n")  # stale
+    p = spawn(procs, node_cmd("memory", "1M", "--listen", f"unix:{tmp_path}/s.sock",
+                              "-P", str(pidfile), "--ready-file", str(ready)))  # fmt: skip
+    wait_ready(p, ready)
+    assert pidfile.read_text() == f"{p.pid}\n"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(15) == 0
+    res = run(node_cmd("memory", "1M", "--listen", f"unix:{tmp_path}/t.sock", "--pidfile",
+                       f"{tmp_path}/nowhere/pid"), check=False)  # fmt: skip
+    assert res.returncode == 1
+    assert f"--pidfile {tmp_path}/nowhere/pid: No such file or directory" in res.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="-u/-g need a node started as root")
+def test_lifecycle_user_and_group_are_taken_once_it_serves(
+    procs: list[Any], tmp_path: Path
+) -> None:
+    """-u nobody, as nbdkit's --user: the node opens its file (root's, mode 0600) and binds its
+    socket as root, then runs as nobody with nobody's groups; it still serves and writes the
+    file, its unix socket is nobody's (nobody can connect); a user or group that does not exist
+    stops it before it binds anything, and -u with --workers is refused."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    disk = tmp_path / "secret.img"
+    disk.write_bytes(os.urandom(MiB))
+    disk.chmod(0o600)
+    tmp_path.chmod(0o755)
+    ready, sock = tmp_path / "ready.json", tmp_path / "s.sock"
+    p = spawn(procs, node_cmd("file", str(disk), "--listen", f"unix:{sock}", "-u", "nobody",
+                              "--ready-file", str(ready)))  # fmt: skip
+    info = wait_ready(p, ready)
+
+    def ids() -> dict[str, str]:
+        lines = Path(f"/proc/{p.pid}/status").read_text().splitlines()
+        return {k: v.split() for k, v in (ln.split(":", 1) for ln in lines)}  # type: ignore[misc]
+
+    wait_for(lambda: ids()["Uid"][0] == str(nobody.pw_uid), 10, "the node to become nobody")
+    assert ids()["Uid"] == [str(nobody.pw_uid)] * 4
+    assert ids()["Gid"] == [str(nobody.pw_gid)] * 4
+    assert "0" not in ids()["Groups"]  # root's groups are dropped
+    assert (sock.stat().st_uid, sock.stat().st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    h = nbd_connect(info["uri"])
+    assert h.pread(4096, 0) == disk.read_bytes()[:4096]
+    h.pwrite(b"w" * 4096, 8192)
+    h.flush()
+    h.shutdown()
+    assert disk.read_bytes()[8192:12288] == b"w" * 4096
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(15) == 0
+    for words, message in (
+        (["-u", "no-such-user-here"], "-u no-such-user-here: no such user"),
+        (["-g", "no-such-group-here"], "-g no-such-group-here: no such group"),
+        (["-u", "nobody", "--workers", "2"], "-u/-g cannot go with --workers yet"),
+    ):
+        res = run(node_cmd("memory", "1M", "--listen", f"unix:{tmp_path}/x.sock", *words),
+                  check=False)  # fmt: skip
+        assert (res.returncode, res.stderr.strip()) == (1, f"nbdfabric node: {message}")
+        assert not (tmp_path / "x.sock").exists()
+
+
 @pytest.mark.parametrize("status", [0, 7])
 def test_lifecycle_run_captive(tmp_path: Path, status: int) -> None:
     script = f'test -n "$uri" && nbdinfo "$uri" >/dev/null && echo "$uri" && exit {status}'
