@@ -83,6 +83,34 @@ class SlowZero(Memory):
         raise OSError(errno.ENOTSUP, "no fast way to zero here")
 
 
+class FlushOnly(Memory):
+    """Memory with no FUA of its own (the server emulates it by flushing), logging the calls."""
+
+    def __init__(self, params: MemoryParams) -> None:
+        super().__init__(params)
+        self.calls: list[tuple[str, int]] = []
+
+    def capabilities(self) -> Capabilities:
+        from dataclasses import replace
+
+        return replace(super().capabilities(), fua=Support.EMULATE)
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        self.calls.append(("pwrite", flags))
+        await super().pwrite(buf, offset, flags)
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        self.calls.append(("zero", flags))
+        await super().zero(count, offset, flags)
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        self.calls.append(("trim", flags))
+        await super().trim(count, offset, flags)
+
+    async def flush(self, flags: int) -> None:
+        self.calls.append(("flush", flags))
+
+
 class Staggered(Memory):
     """Memory whose reads at even 4 KiB blocks are slow, counting concurrent reads."""
 
@@ -337,6 +365,29 @@ def test_libnbd_fast_zero_fails_fast_and_only_when_asked(in_process: Any, suppor
     h.zero(4096, 4096)  # written as zeros instead
     h.zero(4096, 8192, nbd.CMD_FLAG_NO_HOLE)
     assert h.pread(8192, 4096) == bytes(8192)
+    h.shutdown()
+
+
+def test_libnbd_emulated_fua_flushes_before_the_reply(in_process: Any) -> None:
+    # Spec, NBD_CMD_FLAG_FUA: the server MUST NOT reply to a command with FUA set until the
+    # data it wrote is persisted. A backend without FUA of its own gets a flush after the
+    # write and before the reply (nbdkit's emulation); the flag itself is not passed down.
+    backend = FlushOnly(MemoryParams(size=MiB))
+    node = in_process(backend)
+    h = nbd_connect(node.uri)
+    assert h.can_fua()
+    fua = nbd.CMD_FLAG_FUA
+    for name, call in (
+        ("pwrite", lambda: h.pwrite(b"p" * 4096, 0, fua)),
+        ("zero", lambda: h.zero(4096, 0, fua)),
+        ("trim", lambda: h.trim(4096, 0, fua)),
+    ):
+        backend.calls.clear()
+        call()
+        assert backend.calls == [(name, 0), ("flush", 0)], name
+    backend.calls.clear()
+    h.pwrite(b"q" * 4096, 0)
+    assert backend.calls == [("pwrite", 0)], "no flush without FUA"
     h.shutdown()
 
 
