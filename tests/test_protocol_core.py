@@ -347,6 +347,43 @@ def test_handshake_failed_set_meta_context_clears_selection() -> None:
     assert isinstance(event, Ready) and event.meta_contexts == ()
 
 
+def _meta_head(name: bytes = b"disk") -> bytes:
+    return struct.pack(">I", len(name)) + name
+
+
+@pytest.mark.parametrize("option", [Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT])
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(_meta_head() + struct.pack(">II", 1, 50) + b"base:", id="query-past-end"),
+        pytest.param(_meta_head() + struct.pack(">II", 2, 5) + b"base:", id="count-past-end"),
+        pytest.param(_meta_head() + b"\0\0", id="count-cut-short"),
+        pytest.param(b"\0\0\0\x09short", id="name-past-end"),
+        pytest.param(meta_data("disk", [BASE_ALLOCATION]) + b"x", id="trailing-bytes"),
+        pytest.param(_meta_head() + struct.pack(">II", 1, 2) + b"\xff\xfe", id="query-not-utf8"),
+    ],
+)
+def test_handshake_malformed_meta_context_request_is_invalid(option: Opt, data: bytes) -> None:
+    # Spec, NBD_OPT_LIST_META_CONTEXT: a syntactically invalid request (a query running past
+    # the option's length) MUST fail with NBD_REP_ERR_INVALID, and sends no context.
+    c = Client()
+    c.send(opt(Opt.STRUCTURED_REPLY))
+    _, replies = c.send(opt(option, data))
+    assert [r.rep for r in replies] == [Rep.ERR_INVALID]
+    _, replies = c.send(opt(Opt.LIST))  # and negotiation goes on
+    assert replies[-1].rep == Rep.ACK
+
+
+def test_handshake_error_messages_are_whole_utf8_strings() -> None:
+    # Spec, Conventions: strings (error messages too) are UTF-8 and at most 4096 bytes. A
+    # message quoting a 4096-byte name must be cut, and not inside a character.
+    name = "\u00e9" * 2048
+    _, replies = Client().send(opt(Opt.INFO, info_data(name)))
+    assert [r.rep for r in replies] == [Rep.ERR_UNKNOWN]
+    assert len(replies[0].data) <= 4096
+    assert replies[0].data.decode().startswith("no export named")
+
+
 def test_handshake_option_count_cap() -> None:
     c = Client()
     for _ in range(MAX_OPTIONS):
@@ -727,6 +764,19 @@ def test_error_chunk_round_trip(cookie: int, error: Err, message: str, offset: i
     assert err == error and reply.payload[6 : 6 + mlen].decode() == message
     tail = reply.payload[6 + mlen :]
     assert tail == (b"" if offset is None else struct.pack(">Q", offset))
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["x" + "\u00e9" * 3000, "\u20ac" * 2000, "bad name \udcff from the OS"],
+    ids=["odd-cut", "three-byte", "surrogate"],
+)
+def test_error_chunk_message_is_a_whole_utf8_string(message: str) -> None:
+    reply, _ = decode_reply(error_chunk(7, Err.EIO, message))
+    err, mlen = struct.unpack_from(">IH", reply.payload)
+    assert err == Err.EIO and mlen <= 4096 and len(reply.payload) == 6 + mlen
+    text = reply.payload[6:].decode()  # whole characters only
+    assert message.startswith(text.replace("?", "\udcff"))
 
 
 @given(cookie=u64, context=st.integers(0, 2**32 - 1),

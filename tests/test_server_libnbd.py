@@ -6,6 +6,7 @@ requests in flight, reply ordering and clients that vanish mid-request.
 from __future__ import annotations
 
 import asyncio
+import errno
 import random
 import socket
 import struct
@@ -18,7 +19,7 @@ import nbd
 import pytest
 from conftest import errno_of, nbd_connect, sha
 
-from nodes.base import Capabilities, Holes
+from nodes.base import Capabilities, Holes, Support
 from nodes.plugins.memory import Memory, MemoryParams
 from nodes.protocol.constants import REPLY_EXTENTS
 from nodes.server.addresses import Address
@@ -63,6 +64,51 @@ class Aligned(Memory):
 
         return replace(super().capabilities(), block_min=512, block_preferred=4096,
                        block_max=65536)  # fmt: skip
+
+
+class SlowZero(Memory):
+    """Memory that cannot zero faster than it writes: its zero() says ENOTSUP (as a file
+    system without fallocate does), or it offers zeroing only as emulated writes."""
+
+    def __init__(self, params: MemoryParams, zero: Support) -> None:
+        super().__init__(params)
+        self.zero_support = zero
+
+    def capabilities(self) -> Capabilities:
+        from dataclasses import replace
+
+        return replace(super().capabilities(), zero=self.zero_support, fast_zero=True)
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        raise OSError(errno.ENOTSUP, "no fast way to zero here")
+
+
+class FlushOnly(Memory):
+    """Memory with no FUA of its own (the server emulates it by flushing), logging the calls."""
+
+    def __init__(self, params: MemoryParams) -> None:
+        super().__init__(params)
+        self.calls: list[tuple[str, int]] = []
+
+    def capabilities(self) -> Capabilities:
+        from dataclasses import replace
+
+        return replace(super().capabilities(), fua=Support.EMULATE)
+
+    async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
+        self.calls.append(("pwrite", flags))
+        await super().pwrite(buf, offset, flags)
+
+    async def zero(self, count: int, offset: int, flags: int) -> None:
+        self.calls.append(("zero", flags))
+        await super().zero(count, offset, flags)
+
+    async def trim(self, count: int, offset: int, flags: int) -> None:
+        self.calls.append(("trim", flags))
+        await super().trim(count, offset, flags)
+
+    async def flush(self, flags: int) -> None:
+        self.calls.append(("flush", flags))
 
 
 class Staggered(Memory):
@@ -302,6 +348,46 @@ def test_libnbd_block_size_advertised_and_enforced(in_process: Any) -> None:
     entries: list[int] = []
     h.block_status(65536, 0, lambda meta, off, e, err: entries.extend(e) or 0)
     assert all(n % 512 == 0 for n in entries[::2]), entries
+    h.shutdown()
+
+
+@pytest.mark.parametrize("support", [Support.NATIVE, Support.EMULATE])
+def test_libnbd_fast_zero_fails_fast_and_only_when_asked(in_process: Any, support: Support) -> None:
+    # Spec, NBD_CMD_WRITE_ZEROES: with NBD_CMD_FLAG_FAST_ZERO set, a server that cannot zero
+    # faster than it writes MUST fail quickly with NBD_ENOTSUP (and SHOULD NOT change the
+    # data); without the flag it MUST NOT fail with NBD_ENOTSUP, even where it is no faster.
+    node = in_process(SlowZero(MemoryParams(size=MiB), support))
+    h = nbd_connect(node.uri)
+    assert h.can_fast_zero()
+    h.pwrite(b"k" * 8192, 4096)
+    assert errno_of(lambda: h.zero(8192, 4096, nbd.CMD_FLAG_FAST_ZERO)) == "ENOTSUP"
+    assert h.pread(8192, 4096) == b"k" * 8192
+    h.zero(4096, 4096)  # written as zeros instead
+    h.zero(4096, 8192, nbd.CMD_FLAG_NO_HOLE)
+    assert h.pread(8192, 4096) == bytes(8192)
+    h.shutdown()
+
+
+def test_libnbd_emulated_fua_flushes_before_the_reply(in_process: Any) -> None:
+    # Spec, NBD_CMD_FLAG_FUA: the server MUST NOT reply to a command with FUA set until the
+    # data it wrote is persisted. A backend without FUA of its own gets a flush after the
+    # write and before the reply (nbdkit's emulation); the flag itself is not passed down.
+    backend = FlushOnly(MemoryParams(size=MiB))
+    node = in_process(backend)
+    h = nbd_connect(node.uri)
+    assert h.can_fua()
+    fua = nbd.CMD_FLAG_FUA
+    for name, call in (
+        ("pwrite", lambda: h.pwrite(b"p" * 4096, 0, fua)),
+        ("zero", lambda: h.zero(4096, 0, fua)),
+        ("trim", lambda: h.trim(4096, 0, fua)),
+    ):
+        backend.calls.clear()
+        call()
+        assert backend.calls == [(name, 0), ("flush", 0)], name
+    backend.calls.clear()
+    h.pwrite(b"q" * 4096, 0)
+    assert backend.calls == [("pwrite", 0)], "no flush without FUA"
     h.shutdown()
 
 

@@ -145,6 +145,16 @@ class Raw:
                 return cookie, error, bytes(data)
             assert struct.unpack(">I", self.recv_exact(4))[0] == CHUNK_MAGIC
 
+    def chunks(self) -> list[tuple[int, int, int, bytes]]:
+        """(flags, type, cookie, payload) of each chunk of one structured reply, DONE last."""
+        out = []
+        while True:
+            magic, flags, kind, cookie, length = struct.unpack(">IHHQI", self.recv_exact(20))
+            assert magic == CHUNK_MAGIC, f"a structured reply was due, got magic {magic:#x}"
+            out.append((flags, kind, cookie, self.recv_exact(length)))
+            if flags & 1:
+                return out
+
     def is_closed(self) -> bool:
         """True once the server has dropped us (EOF or reset)."""
         try:
@@ -220,6 +230,16 @@ def test_raw_handshake_export_name_without_zeroes(raw: Raw) -> None:
     assert raw.reply()[1] == 0
 
 
+def test_raw_abort_with_data_is_acked(raw: Raw) -> None:
+    # Spec, NBD_OPT_ABORT: the server MUST reply with NBD_REP_ACK, and SHOULD ignore data the
+    # client sent with it rather than reject the request as invalid.
+    raw.greeting()
+    raw.sock.sendall(struct.pack(">I", 3))
+    raw.option(2, b"data the server should ignore")
+    assert raw.opt_reply() == (2, REP_ACK, b"")
+    assert raw.is_closed()
+
+
 # Transmission --------------------------------------------------------------------------------
 
 
@@ -288,6 +308,85 @@ def test_raw_bad_requests_get_errors(
     assert raw.reply()[:2] == (0xDEADBEEF, expected)
     raw.request(0, 0, 16, cookie=2)
     assert raw.reply()[:2] == (2, 0), "the connection must stay usable after an error"
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "flags", "expected"),
+    [
+        pytest.param(0, 512, 1 << 1, EINVAL, id="bad-flag"),
+        pytest.param(SIZE - 256, 512, 0, EINVAL, id="past-end"),
+        pytest.param(0, 64 << 20, 0, EINVAL, id="over-max-payload"),
+        pytest.param(0, 0, 0, 0, id="zero-length"),
+    ],
+)
+def test_raw_structured_read_replies_are_never_simple(
+    raw: Raw, offset: int, length: int, flags: int, expected: int
+) -> None:
+    # Spec, Structured reply chunk message: with structured replies negotiated the server MUST
+    # NOT use a simple reply for NBD_CMD_READ, "even for the case of an early NBD_EINVAL due to
+    # bad flags". An error is one error chunk (bit 15, nonzero error, message within the
+    # chunk) marked DONE; an empty read is a NONE chunk (OFFSET_DATA needs 9 bytes or more).
+    raw.handshake()
+    raw.request(0, offset, length, flags, cookie=77)
+    [(done, kind, cookie, payload)] = raw.chunks()
+    assert (done, cookie) == (1, 77)
+    if expected:
+        error, mlen = struct.unpack_from(">IH", payload)
+        assert kind == (1 << 15) + 1 and error == expected and len(payload) == 6 + mlen
+        payload[6:].decode()
+    else:
+        assert (kind, payload) == (0, b"")
+
+
+def test_raw_fua_is_accepted_on_every_command(raw: Raw) -> None:
+    # Spec, NBD_CMD_FLAG_FUA: valid for all commands once NBD_FLAG_SEND_FUA is advertised, "in
+    # which case the server MUST accept all commands with this bit set (even by ignoring it)".
+    raw.handshake()
+    fua = 1
+    raw.request(1, 8192, 512, fua, cookie=1, payload=b"f" * 512)
+    assert raw.reply() == (1, 0, b"")
+    for cookie, (cmd, length) in enumerate([(3, 0), (4, 512), (5, 4096), (6, 512)], 2):
+        raw.request(cmd, 0 if cmd == 3 else 16384, length, fua, cookie=cookie)
+        assert raw.reply()[:2] == (cookie, 0), f"command {cmd} with FUA"
+    raw.request(0, 8192, 512, fua, cookie=9)
+    assert raw.reply() == (9, 0, b"f" * 512)
+    raw.request(7, 0, 4096, fua, cookie=10)
+    assert raw.reply()[:2] == (10, 0)
+
+
+def test_raw_block_status_is_one_chunk_per_selected_context(raw: Raw) -> None:
+    # Spec, NBD_CMD_BLOCK_STATUS: a successful reply is exactly one NBD_REPLY_TYPE_BLOCK_STATUS
+    # chunk per selected context, carrying the id NBD_OPT_SET_META_CONTEXT gave it, with one
+    # or more nonzero descriptors; all but the last end before the requested length; with
+    # REQ_ONE exactly one descriptor, no longer than the request.
+    raw.greeting()
+    raw.sock.sendall(struct.pack(">I", 3))
+    raw.option(OPT_SR)
+    assert raw.opt_replies() == [REP_ACK]
+    q = b"base:allocation"
+    raw.option(OPT_SET_META, struct.pack(">II", 0, 1) + struct.pack(">I", len(q)) + q)
+    _, rep, data = raw.opt_reply()
+    assert rep == 4 and data[4:] == q
+    (context,) = struct.unpack(">I", data[:4])
+    assert raw.opt_replies() == [REP_ACK]
+    raw.option(OPT_GO, struct.pack(">IH", 0, 0))
+    assert raw.opt_replies()[-1] == REP_ACK
+    for cookie, offset in enumerate((4096, 65536), 1):  # data amid holes (32K pages)
+        raw.request(1, offset, 4096, cookie=cookie, payload=b"d" * 4096)
+        assert raw.reply() == (cookie, 0, b"")
+    for flags, length in ((0, 131072), (0, 40960), (8, 131072), (8, 1000)):
+        raw.request(7, 0, length, flags, cookie=50)
+        [(done, kind, cookie, payload)] = raw.chunks()
+        assert (done, kind, cookie) == (1, 5, 50)
+        assert len(payload) >= 12 and (len(payload) - 4) % 8 == 0
+        assert struct.unpack_from(">I", payload)[0] == context
+        lengths = [n for n, _ in struct.iter_unpack(">II", payload[4:])]
+        assert all(lengths)
+        assert sum(lengths[:-1]) < length
+        if flags:
+            assert len(lengths) == 1 and lengths[0] <= length
+        else:
+            assert len(lengths) > 1
 
 
 def test_raw_huge_rejected_write_disconnects(raw: Raw) -> None:

@@ -40,6 +40,18 @@ EXTENT = struct.Struct(">II")  # length, flags
 
 #: Strings on the wire are at most this long (spec: MUST be <= 4096 bytes).
 MAX_STRING = 4096
+
+
+def wire_string(text: str, limit: int = MAX_STRING) -> bytes:
+    """`text` as a string on the wire: UTF-8, at most `limit` bytes, cut at a character
+    boundary (spec, Conventions: a string is UTF-8 and MUST be no longer than 4096 bytes; a
+    character cut in two is not UTF-8). Unencodable characters (lone surrogates) become '?'."""
+    raw = text.encode(errors="replace")
+    if len(raw) <= limit:
+        return raw
+    return raw[:limit].decode(errors="ignore").encode()
+
+
 #: nbdkit's guards, adopted: options per connection and bytes of one option's data.
 MAX_OPTIONS = 32
 MAX_OPTION_LENGTH = 64 * 1024 * 1024

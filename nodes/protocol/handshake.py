@@ -37,6 +37,7 @@ from .constants import (
     Opt,
     Rep,
     TFlag,
+    wire_string,
 )
 
 
@@ -254,7 +255,7 @@ class ServerHandshake:
         self._out += data
 
     def _error(self, option: int, rep: Rep, message: str) -> None:
-        self._reply(option, rep, message.encode()[:MAX_STRING])
+        self._reply(option, rep, wire_string(message))
 
     def _lookup(self, name: str) -> ExportInfo | None:
         self._await_prepared(name)
@@ -356,7 +357,7 @@ class ServerHandshake:
             self._option_budget += 2 * len(listing)
         for export in listing:
             name = export.name.encode()
-            payload = U32.pack(len(name)) + name + export.description.encode()[:MAX_STRING]
+            payload = U32.pack(len(name)) + name + wire_string(export.description)
             self._reply(Opt.LIST, Rep.SERVER, payload)
         self._reply(Opt.LIST, Rep.ACK)
 
@@ -377,7 +378,7 @@ class ServerHandshake:
         if Info.NAME in requests:
             self._reply(option, Rep.INFO, U16.pack(Info.NAME) + export.name.encode())
         if Info.DESCRIPTION in requests and export.description:
-            desc = export.description.encode()[:MAX_STRING]
+            desc = wire_string(export.description)
             self._reply(option, Rep.INFO, U16.pack(Info.DESCRIPTION) + desc)
         if export.block_min:
             # Sent even when not asked for: the spec allows it and clients must obey it if asked.

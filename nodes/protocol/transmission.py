@@ -31,6 +31,7 @@ from .constants import (
     Err,
     ReplyFlag,
     TFlag,
+    wire_string,
 )
 from .errors import ProtocolError
 
@@ -214,7 +215,7 @@ def hole_chunk(cookie: int, offset: int, length: int, done: bool) -> bytes:
 
 
 def error_chunk(cookie: int, error: int, message: str = "", offset: int | None = None) -> bytes:
-    text = message.encode()[:4096]
+    text = wire_string(message)
     payload = ERROR_HEAD.pack(error, len(text)) + text
     if offset is None:
         return chunk(cookie, Chunk.ERROR, payload)
