@@ -29,6 +29,7 @@ from .constants import (
     Cmd,
     CmdFlag,
     Err,
+    Extent,
     ReplyFlag,
     TFlag,
     wire_string,
@@ -229,6 +230,9 @@ def block_status_chunk(cookie: int, context: int, extents: Iterable[tuple[int, i
     return chunk(cookie, Chunk.BLOCK_STATUS, bytes(body))
 
 
+_ALLOCATION_FLAGS = int(Extent.HOLE | Extent.ZERO)
+
+
 def align_extents(extents: Iterable[tuple[int, int]], align: int) -> Iterator[tuple[int, int]]:
     """The extents in whole granules of `align` bytes (the spec: descriptor lengths MUST be
     multiples of an advertised minimum block size), but for a short last one: a granule that
@@ -279,6 +283,7 @@ def clip_extents(
             break
         if ext_len <= 0:
             continue
+        flags &= _ALLOCATION_FLAGS  # the others are reserved: the spec has them sent as 0
         ext_len = min(ext_len, left)
         left -= ext_len
         if out and out[-1][1] == flags and out[-1][0] + ext_len <= longest:
