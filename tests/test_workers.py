@@ -55,6 +55,43 @@ def test_workers_serve_one_disk_from_every_process(start_node) -> None:
     b.shutdown()
 
 
+@pytest.mark.parametrize("kind", ["split", "partitioning"])
+def test_workers_of_a_disk_made_of_files(start_node, tmp_path: Path, kind: str) -> None:
+    """split and partitioning open their files in each worker: a write through one worker
+    across the files' boundary is read back through the other, and lands in both files."""
+    files = [tmp_path / "a.img", tmp_path / "b.img"]
+    for f in files:
+        f.write_bytes(bytes(1 << 20))
+    node = start_node(kind, *map(str, files), extra=("--workers", "2"))
+    first, worker = sorted(children_of(node.pid))
+    h = nbd_connect(node.uri)
+    size = h.get_size()
+    h.shutdown()
+    # Where a.img ends on the disk: split puts it first; partitioning after the table
+    # (its first partition starts 1M in, nbdkit's default alignment).
+    end_of_a = (1 << 20) if kind == "split" else (2 << 20)
+    data = os.urandom(64 << 10)
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        a = nbd_connect(node.uri)
+        a.pwrite(data, end_of_a - len(data) // 2)
+        a.flush()
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    os.kill(first, signal.SIGSTOP)
+    try:
+        b = nbd_connect(node.uri)
+        assert b.get_size() == size
+        assert b.pread(len(data), end_of_a - len(data) // 2) == data
+        b.shutdown()
+    finally:
+        os.kill(first, signal.SIGCONT)
+    a.shutdown()
+    half = len(data) // 2
+    assert files[0].read_bytes()[-half:] == data[:half]
+    assert files[1].read_bytes()[:half] == data[half:]
+
+
 def test_workers_take_nbdcopy_connections_and_keep_every_byte(start_node, tmp_path: Path) -> None:
     node = start_node("memory", "32M", extra=("--workers", "3"))
     assert sorted(node.info["workers"]) == sorted(children_of(node.pid))
@@ -175,5 +212,5 @@ def test_kinds_say_which_can_have_workers() -> None:
         )
         return bool(json.loads(out.stdout)["workers"])
 
-    assert workers("memory") and workers("nbd") and workers("file")
+    assert workers("memory") and workers("nbd") and workers("file") and workers("split")
     assert not workers("cow") and not workers("mirror")

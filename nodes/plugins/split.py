@@ -84,6 +84,10 @@ class FileLayout(Plugin):
     """Files at fixed places on one disk, with fixed bytes and zeros between them: what split
     and partitioning share. A kind says where (`layout`); this serves it."""
 
+    #: --workers: each worker opens the files itself and computes the same layout (the files'
+    #: sizes at start, a partition table's GUIDs from their paths), as the file plugin does.
+    shareable = True
+
     def __init__(self, params: Params) -> None:
         super().__init__(params)
         self.files: list[File] = []
