@@ -97,6 +97,35 @@ def test_http_follows_redirects_and_authenticates(start_node, server, image, tmp
     assert sha(nbd_connect(authed.uri).pread(SIZE - 1000, 0)) == digest
 
 
+def test_http_password_forms_as_nbdkit_reads_them(server, image, tmp_path) -> None:
+    """password= in nbdkit's forms (nodes/passwords.py, as luks' passphrase=): -FD reads the
+    first line from an inherited descriptor; +FILE the file's first line, keeping a `\r` as
+    nbdkit does (so "p\r\n" is not the password "p"); a form that cannot be read is named."""
+    r, w = os.pipe()
+    os.write(w, b"p\nnot this line\n")
+    os.close(w)
+    try:
+        res = subprocess.run(
+            [*NBDFABRIC, "node", "http", server.url("auth"), "user=u", f"password=-{r}",
+             "--run", 'nbdinfo --size "$uri"'],
+            cwd=ROOT, capture_output=True, text=True, timeout=60, pass_fds=(r,),
+        )  # fmt: skip
+    finally:
+        os.close(r)
+    assert (res.returncode, res.stdout.strip()) == (0, str(SIZE - 1000)), res.stderr
+    crlf = tmp_path / "crlf"
+    crlf.write_bytes(b"p\r\n")
+    assert "401 Unauthorized" in node_fails(server.url("auth"), "user=u", f"password=+{crlf}")
+    assert (
+        "bad value '-x' for 'password' (accepts string): -FD needs a file descriptor"
+        in node_fails(server.url("auth"), "user=u", "password=-x")
+    )
+    missing = tmp_path / "missing"
+    assert f"password=+{missing}: cannot open the file: No such file or directory" in node_fails(
+        server.url("auth"), "user=u", f"password=+{missing}"
+    )
+
+
 def test_http_sends_every_header_given(start_node, server, image) -> None:
     args = ("header=X-One: 1", "header=X-Two: 2")
     assert "403 Forbidden" in node_fails(server.url("headers"), *args[:1])  # the server checks

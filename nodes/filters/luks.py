@@ -63,16 +63,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import getpass
 import logging
-import os
-import sys
 from typing import Any
 
 from pydantic import field_validator
 
 from ..base import Backend, Capabilities, Extents, Filter, Holes, Support, read_flat
 from ..params import Params, secret
+from ..passwords import check_form, read_secret
 from ..protocol.constants import CmdFlag
 from ..registry import register
 from ._blocks import RangeLocks
@@ -93,8 +91,6 @@ log = logging.getLogger("nbdfabric.luks")
 _FUA = int(CmdFlag.FUA)
 #: Bytes encrypted or decrypted between turns of the event loop (about 2.5 ms of work).
 CHUNK = 256 * 1024
-#: The longest passphrase read from a file or a file descriptor.
-MAX_PASSPHRASE = 64 * 1024
 
 
 class LuksParams(Params):
@@ -107,62 +103,15 @@ class LuksParams(Params):
     @field_validator("passphrase")
     @classmethod
     def _form(cls, value: str) -> str:
-        # Only the forms that read it from elsewhere can be wrong: a bad one is not the secret.
-        if value == "+":
-            raise ValueError("+FILE needs a file name")
-        if value.startswith("-") and value != "-":
-            digits = value[1:]
-            if not (digits.isascii() and digits.isdigit()):
-                raise ValueError("-FD needs a file descriptor number (a passphrase that starts "
-                                 "with '-' can be given in a file: +FILE)")  # fmt: skip
-            if int(digits) < 3:
-                raise ValueError("-FD cannot be stdin, stdout or stderr (0, 1, 2)")
-        return value
+        return check_form(value)
 
 
 def read_passphrase(value: str) -> bytes:
     """The passphrase `passphrase=VALUE` gives (nbdkit's forms); LuksError if it cannot be read."""
-    if value == "-":
-        if not sys.stdin.isatty():
-            raise LuksError(
-                "passphrase=-: stdin is not a terminal to ask on (give passphrase=+FILE or "
-                "passphrase=-FD)"
-            )
-        try:
-            return getpass.getpass("LUKS passphrase: ").encode()
-        except EOFError:
-            raise LuksError("passphrase=-: no passphrase was typed (end of input)") from None
-    if value.startswith("+"):
-        try:
-            fd = os.open(value[1:], os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise LuksError(f"passphrase={value}: cannot open the file: {exc.strerror}") from None
-        return _first_line(fd, value)
-    if value.startswith("-"):
-        return _first_line(int(value[1:]), value)
-    return value.encode()
-
-
-def _first_line(fd: int, value: str) -> bytes:
-    """The first line read from `fd` (up to a newline or the end), which is then closed."""
-    data = bytearray()
     try:
-        while b"\n" not in data and len(data) <= MAX_PASSPHRASE:
-            piece = os.read(fd, 4096)
-            if not piece:
-                break
-            data += piece
-    except OSError as exc:
-        raise LuksError(f"passphrase={value}: cannot read it: {exc.strerror}") from None
-    finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass  # not open: os.read said so already
-    line = bytes(data).split(b"\n", 1)[0]
-    if len(line) > MAX_PASSPHRASE:
-        raise LuksError(f"passphrase={value}: longer than {MAX_PASSPHRASE} bytes")
-    return line
+        return read_secret("passphrase", value, "LUKS passphrase: ")
+    except ValueError as exc:
+        raise LuksError(str(exc)) from None
 
 
 @register

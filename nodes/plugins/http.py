@@ -15,8 +15,9 @@ filter in front hides short outages of the server. `nbdfabric ctl ADDR info` sho
 and the last error, and health is NOT_SERVING until a read succeeds again.
 
 Params (nbdkit's names): `url` (magic, required; http:// or https://), `user` and `password`
-(basic auth; `password=+FILE` reads it from a file; never shown by `ctl info`, nor is a
-password in the URL), `header` (an extra request header, `Name: value`; repeat it for more),
+(basic auth; `password=+FILE`, `-FD` or `-` read it as nbdkit does, nodes/passwords.py; never
+shown by `ctl info`, nor is a password in the URL), `header` (an extra request header, `Name:
+value`; repeat it for more),
 `timeout` (per request; 0: none, though a server that does not connect within 30 s or sends
 nothing for 60 s fails the read all the same), `sslverify` (default true), `cainfo` (a CA
 bundle to verify the server with), `followlocation` (follow redirects, default true),
@@ -42,6 +43,7 @@ from pydantic import field_validator
 
 from ..base import Capabilities, Holes, Plugin
 from ..params import Duration, Many, Params, param, repeated, secret
+from ..passwords import check_form, read_secret
 from ..registry import register
 
 if TYPE_CHECKING:
@@ -67,8 +69,15 @@ class HttpParams(Params):
     url: str = param(description="http:// or https:// URL of the disk image")
     user: str | None = param(None, description="user name for basic authentication")
     password: str | None = secret(
-        description="password for basic authentication (+FILE: read it from FILE)"
+        description="password for basic authentication: SECRET, +FILE (its first line), -FD "
+        "(read from that inherited file descriptor) or - (asked for on the terminal)"
     )
+
+    @field_validator("password")
+    @classmethod
+    def _password_form(cls, value: str | None) -> str | None:
+        return None if value is None else check_form(value)
+
     header: Many = repeated("an extra request header, 'Name: value'")
     timeout: Duration = param(0.0, description="time limit per request (0: none)")
     sslverify: bool = param(True, description="verify the server's certificate")
@@ -143,7 +152,9 @@ class Http(Plugin):
         connector = aiohttp.TCPConnector(limit=p.connections, ssl=verify)
         auth = None
         if p.user is not None:
-            auth = aiohttp.BasicAuth(p.user, _password(p.password))
+            # The bytes as given (nbdkit hands libcurl the raw password), whatever they are.
+            secret = read_secret("password", p.password, "password: ") if p.password else b""
+            auth = aiohttp.BasicAuth(p.user, secret.decode("latin-1"), encoding="latin-1")
         for header in p.header:
             name, _, value = header.partition(":")
             self._headers.append((name.strip(), value.strip()))
@@ -296,13 +307,3 @@ def _content_range(text: str) -> tuple[int | None, int | None, int | None]:
         return None, None, None
     total = None if m.group(3) == "*" else int(m.group(3))
     return int(m.group(1)), int(m.group(2)), total
-
-
-def _password(value: str | None) -> str:
-    """nbdkit's convention: `+FILE` reads the password from FILE (first line)."""
-    if value is None:
-        return ""
-    if value.startswith("+"):
-        with open(value[1:]) as f:
-            return f.readline().rstrip("\r\n")
-    return value
