@@ -1,6 +1,6 @@
 """Side-by-side benchmark: nbdfabric nodes against nbdkit, in the same run, reporting ratios.
 
-    python -m bench [--suite core,chain,fan,source] [--runs 3] [--size 512M] [--seconds 5]
+    python -m bench [--suite core,chain,fan,source,luks] [--runs 3] [--size 512M] [--seconds 5]
                     [--poll-max-us N] [--workers N] [--json FILE]
 
 Each suite starts our topology and nbdkit's of the same shape, then runs the same workloads on both,
@@ -259,7 +259,31 @@ def source_pairs(f: Fabric, image: Path) -> Iterator[tuple[str, Pair]]:
     yield "http source", (f.node("http", url), f.nbdkit("-r", "curl", f"url={url}"))
 
 
-SUITES = {"core": core_pairs, "chain": chain_pairs, "fan": fan_pairs, "source": source_pairs}
+def luks_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
+    """Our file -> luks chain vs `nbdkit --filter=luks file`, each over its own LUKSv1 image
+    (aes-xts-plain64, as qemu-img makes it) of `size` bytes of payload."""
+    images = []
+    for side in ("ours", "nbdkit"):
+        image = f.tmp / f"{side}.luks"
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "luks", "--object", "secret,id=s,data=bench",
+             "-o", "key-secret=s,iter-time=10", str(image), size],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        images.append(str(image))
+    below = f.node("file", images[0])
+    ours = f.node("luks", "passphrase=bench", upstreams=(below.uri,))
+    theirs = f.nbdkit("--filter=luks", "file", images[1], "passphrase=bench")
+    yield "file -> luks", (ours.over(below), theirs)
+
+
+SUITES = {
+    "core": core_pairs,
+    "chain": chain_pairs,
+    "fan": fan_pairs,
+    "source": source_pairs,
+    "luks": luks_pairs,
+}
 #: Suites whose exports cannot be written: only the read workloads run.
 READ_ONLY = {"source"}
 
@@ -348,7 +372,9 @@ def idle_rss_mib(f: Fabric) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("--suite", default="core,chain", help="comma list of: core, chain, fan, source")
+    p.add_argument(
+        "--suite", default="core,chain", help="comma list of: core, chain, fan, source, luks"
+    )
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--size", default="512M", help="disk size and bytes copied per nbdcopy run")
     p.add_argument("--seconds", type=float, default=5, help="fio run time per measurement")
