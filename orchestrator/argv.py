@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 if TYPE_CHECKING:  # (not at run time: `status` and `down` start without the typed schema)
-    from .topology import Export, Node
+    from .topology import Export, Node, Topology
 
 PathMap = Callable[[str], str]
 
@@ -51,8 +51,11 @@ def param_words(node: Node, map_file: PathMap = _same) -> list[str]:
 
     def word(key: str, value: Any) -> str:
         text = param_text(value)
-        if entries.get(key.replace("_", "-"), {}).get("path") and text:
+        entry = entries.get(key.replace("_", "-"), {})
+        if entry.get("path") and text:
             text = map_file(text)
+        elif entry.get("secret") and text.startswith("+") and len(text) > 1:
+            text = "+" + map_file(text[1:])  # a secret kept in a file (nodes/passwords.py)
         return f"{key}={text}"
 
     for raw_key, value in node.raw_params.items():
@@ -70,6 +73,25 @@ def param_words(node: Node, map_file: PathMap = _same) -> list[str]:
                     words.append(word(name, given[i if len(given) > 1 else 0]))
             words.append(word(key, item))
     return words
+
+
+def secrets_in_clear(topology: Topology) -> list[str]:
+    """A warning for each secret param the topology gives as the secret itself: a compose
+    file or a manifest made from it holds the secret, and so does every listing of the
+    node's command line (`ps`, `docker inspect`, the pod spec). `+FILE` keeps it in a file."""
+    from nodes.params import field_info
+
+    warnings = []
+    for node in topology.nodes.values():
+        secret = {e["name"] for e in field_info(type(node.params)) if e["secret"]}
+        for raw_key, value in node.raw_params.items():
+            key = str(raw_key).replace("_", "-")
+            if key in secret and value is not None and not str(value).startswith(("+", "-")):
+                warnings.append(
+                    f"node {node.name!r}: {key} is written out in clear (as is every node "
+                    f"argument); give it as {key}: +FILE to keep it in a file"
+                )
+    return warnings
 
 
 def state_words(node: Node, path: str) -> list[str]:

@@ -20,7 +20,14 @@ from typing import Any
 
 import yaml
 
-from .argv import export_words, option_words, param_words, state_words, uri_path
+from .argv import (
+    export_words,
+    option_words,
+    param_words,
+    secrets_in_clear,
+    state_words,
+    uri_path,
+)
 from .names import is_uri, node_ref
 from .topology import HealthTimes, Node, Topology, load_or_report
 
@@ -260,6 +267,8 @@ def main(argv: Sequence[str]) -> int:
     topology = load_or_report(args.file)
     if topology is None:
         return 1
+    for warning in secrets_in_clear(topology):
+        print(f"nbdfabric compose: warning: {warning}", file=sys.stderr)
     out = Path(args.output) if args.output else None
     base = (out.parent if out else Path.cwd()).resolve()
     source = _relative_source(Path(args.file), base)

@@ -21,7 +21,14 @@ from typing import Any
 
 import yaml
 
-from .argv import export_words, option_words, param_words, state_words, uri_path
+from .argv import (
+    export_words,
+    option_words,
+    param_words,
+    secrets_in_clear,
+    state_words,
+    uri_path,
+)
 from .compose import DEFAULT_IMAGE, LABEL_PREFIX
 from .names import is_uri, node_ref
 from .topology import HealthTimes, Node, Topology, load_or_report
@@ -317,6 +324,8 @@ def main(argv: Sequence[str]) -> int:
     topology = load_or_report(args.file)
     if topology is None:
         return 1
+    for warning in secrets_in_clear(topology):
+        print(f"nbdfabric k8s: warning: {warning}", file=sys.stderr)
     if args.import_to:
         export = args.export or (next(iter(topology.exports)) if topology.exports else "")
         if args.export is None and len(topology.exports) != 1:

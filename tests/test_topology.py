@@ -703,3 +703,44 @@ def test_params_that_name_files_are_declared_so() -> None:
                 assert entry["path"], f"{kind}: {name} names a file but is not path=True"
             if entry["path"]:
                 assert entry["type"] == "string", f"{kind}: {name} is a path of {entry['type']}"
+
+
+SECRETS = """\
+name: t
+nodes:
+  img: {kind: memory, params: {size: 1M}}
+  plain: {kind: luks, upstream: img, params: {passphrase: +keys/disk.pass}}
+  web: {kind: http, params: {url: "http://h/x", user: u, password: hunter2}}
+"""
+
+
+def test_secrets_in_files_are_mapped_and_secrets_in_clear_are_warned_of(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A secret given as +FILE (nodes/passwords.py) names a file: compose and Kubernetes map it
+    into the container as they map paths (it stayed a host path the node could not read). One
+    given in clear ends up in the generated file, and in every listing of the node's command
+    line: `nbdfabric compose` and `k8s` say so on stderr, naming the node and the param."""
+    from orchestrator import compose, k8s
+    from orchestrator.compose import MOUNT_ROOT, compose_dict
+    from orchestrator.k8s import DATA_ROOT, manifests
+
+    (tmp_path / "f.yaml").write_text(SECRETS)
+    top = load(tmp_path / "f.yaml")
+    service = compose_dict(top)["services"]["plain"]
+    (word,) = [w for w in service["command"] if w.startswith("passphrase=")]
+    inside = PurePosixPath(word.removeprefix("passphrase=+"))
+    assert inside.is_relative_to(MOUNT_ROOT) and inside.name == "disk.pass"
+    host = {v.split(":")[1]: v.split(":")[0] for v in service["volumes"]}[str(inside.parent)]
+    assert Path(host).resolve() == tmp_path / "keys"
+    (pod,) = [d for d in manifests(top) if d["kind"] == "Pod"]
+    (container,) = [c for c in pod["spec"]["containers"] if c["name"] == "plain"]
+    assert any(a.startswith(f"passphrase=+{DATA_ROOT}/") for a in container["args"])
+    for main in (compose.main, k8s.main):
+        assert main([str(tmp_path / "f.yaml")]) == 0
+        err = capsys.readouterr().err.splitlines()
+        assert err == [
+            f"nbdfabric {'compose' if main is compose.main else 'k8s'}: warning: node 'web': "
+            "password is written out in clear (as is every node argument); give it as "
+            "password: +FILE to keep it in a file"
+        ], err
