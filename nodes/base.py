@@ -233,6 +233,18 @@ class Backend:
     def capabilities(self) -> Capabilities:
         raise NotImplementedError
 
+    def contexts(self) -> tuple[str, ...]:
+        """Meta contexts it answers besides base:allocation (`qemu:allocation-depth`,
+        `qemu:dirty-bitmap:NAME`), offered to clients by name; block status in one of them is
+        context_extents(). None by default: a filter does not pass its upstream's on (they
+        would describe the upstream's bytes, which it may move or change)."""
+        return ()
+
+    async def context_extents(self, context: str, count: int, offset: int, flags: int) -> Extents:
+        """Block status in meta context `context` (one of contexts()): (length, value) runs
+        from `offset`, as extents() gives base:allocation's; REQ_ONE in `flags` wants one."""
+        raise OSError(errno.EINVAL, f"no meta context {context}")
+
     def exports(self) -> list[tuple[str, str]] | None:
         """None for a backend that serves one export (all kinds but file dir=; asked once,
         after start). A backend that serves several, chosen by the client's export name,

@@ -516,3 +516,70 @@ def test_cow_big_ranges_through_qemu_io_and_nbdinfo_map(start_node) -> None:
         "bytes_in_memory": 128 * KiB,
     }
     run(["qemu-io", "-f", "raw", up.uri, "-c", f"read -P 0x11 {GiB} {MiB}"])
+
+
+# Meta contexts beyond base:allocation (opt-in, as qemu-nbd -A and -B) ---------------------------
+
+K64 = 64 * 1024
+
+
+def test_cow_offers_allocation_depth_and_a_dirty_bitmap_to_real_clients(
+    start_node: Any, tmp_path: Any
+) -> None:
+    """cow allocation-depth=true dirty-bitmap=backup over a memory node holding 256K of data:
+    after a write and a zero through the cow, nbdinfo decodes qemu:allocation-depth (local,
+    backing depth 2, absent) and the dirty bitmap (dirty, clean) at the right places; qemu-img
+    reads the same bitmap (x-dirty-bitmap: dirty blocks show as not present, qemu's way); one
+    libnbd request for all three contexts gets one chunk for each; a cow without the params
+    offers base:allocation alone, as nbdkit's."""
+    base = start_node("memory", "4M")
+    h = nbd_connect(base.uri)
+    h.pwrite(b"a" * (4 * K64), 0)
+    h.shutdown()
+    plain = start_node("cow", upstreams=[base.uri])
+    node = start_node("cow", "allocation-depth=true", "dirty-bitmap=backup", upstreams=[base.uri])
+    h = nbd_connect(node.uri)
+    h.pwrite(b"b" * K64, 2 * K64)
+    h.zero(K64, 16 * K64)
+    h.shutdown()
+    contexts = json.loads(run(["nbdinfo", "--json", node.uri]).stdout)["exports"][0]["contexts"]
+    assert contexts == ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:backup"]
+    assert json.loads(run(["nbdinfo", "--json", plain.uri]).stdout)["exports"][0]["contexts"] == [
+        "base:allocation"
+    ]
+
+    def mapped(context: str) -> list[tuple[int, int, int]]:
+        out = run(["nbdinfo", "--json", f"--map={context}", node.uri]).stdout
+        return [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
+
+    M4 = 4 << 20
+    assert mapped("qemu:allocation-depth") == [
+        (0, 2 * K64, 2), (2 * K64, K64, 1), (3 * K64, K64, 2), (4 * K64, 12 * K64, 0),
+        (16 * K64, K64, 1), (17 * K64, M4 - 17 * K64, 0),
+    ]  # fmt: skip
+    assert mapped("qemu:dirty-bitmap:backup") == [
+        (0, 2 * K64, 0), (2 * K64, K64, 1), (3 * K64, 13 * K64, 0), (16 * K64, K64, 1),
+        (17 * K64, M4 - 17 * K64, 0),
+    ]  # fmt: skip
+    qemu = json.loads(run(["qemu-img", "map", "--output=json", "--image-opts",
+                           f"driver=nbd,server.type=unix,server.path={node.socket},"
+                           "x-dirty-bitmap=qemu:dirty-bitmap:backup"]).stdout)  # fmt: skip
+    dirty = [(e["start"], e["length"]) for e in qemu if not e["present"]]
+    assert dirty == [(2 * K64, K64), (16 * K64, K64)]
+    h = nbd.NBD()
+    for context in contexts:
+        h.add_meta_context(context)
+    h.connect_uri(node.uri)
+    seen: dict[str, list[int]] = {}
+
+    def collect(context: str, offset: int, entries: list[int], err: Any) -> int:
+        seen[context] = entries
+        return 0
+
+    h.block_status(4 * K64, 0, collect)
+    h.shutdown()
+    assert seen == {
+        "base:allocation": [4 * K64, 0],
+        "qemu:allocation-depth": [2 * K64, 2, K64, 1, K64, 2],
+        "qemu:dirty-bitmap:backup": [2 * K64, 0, K64, 1, K64, 0],
+    }

@@ -852,3 +852,42 @@ def test_clip_extents_keeps_to_the_minimum_block_size(
         block = described[start : start + align]
         shared = functools.reduce(operator.and_, block) & 3  # other bits are reserved
         assert set(answered[start : start + align]) == {shared}, (start, out)
+
+
+QEMU_CONTEXTS = ("qemu:allocation-depth", "qemu:dirty-bitmap:backup")
+
+
+@pytest.mark.parametrize(
+    ("option", "queries", "expected"),
+    [
+        # LIST: no query lists all; a namespace (ending in ':') lists what is under it.
+        (Opt.LIST_META_CONTEXT, [], [(0, BASE_ALLOCATION), (0, QEMU_CONTEXTS[0]),
+                                     (0, QEMU_CONTEXTS[1])]),
+        (Opt.LIST_META_CONTEXT, ["qemu:"], [(0, QEMU_CONTEXTS[0]), (0, QEMU_CONTEXTS[1])]),
+        (Opt.LIST_META_CONTEXT, ["qemu:dirty-bitmap:"], [(0, QEMU_CONTEXTS[1])]),
+        (Opt.LIST_META_CONTEXT, ["qemu:dirty-bitmap:other"], []),
+        # SET: whole names only, each with its id; a namespace selects nothing.
+        (Opt.SET_META_CONTEXT, ["qemu:"], []),
+        (Opt.SET_META_CONTEXT, [QEMU_CONTEXTS[1], BASE_ALLOCATION],
+         [(3, QEMU_CONTEXTS[1]), (1, BASE_ALLOCATION)]),
+    ],
+)  # fmt: skip
+def test_handshake_meta_contexts_an_export_offers_beyond_base_allocation(
+    option: Opt, queries: list[str], expected: list[tuple[int, str]]
+) -> None:
+    """An export with qemu: contexts (a cow node's qemu:allocation-depth and dirty bitmap):
+    LIST and SET as the spec words them, ids for SET in the export's order after
+    base:allocation's, and GO carries the selection."""
+    from dataclasses import replace
+
+    offering = replace(EXPORT, contexts=QEMU_CONTEXTS)
+    c = Client(HandshakePolicy(lookup=lambda name: offering, listing=lambda: [offering]))
+    c.send(opt(Opt.STRUCTURED_REPLY))
+    _, replies = c.send(opt(option, meta_data("disk", queries)))
+    got = [(struct.unpack(">I", r.data[:4])[0], r.data[4:].decode())
+           for r in replies if r.rep == Rep.META_CONTEXT]  # fmt: skip
+    assert got == expected and replies[-1].rep == Rep.ACK
+    event, _ = c.send(opt(Opt.GO, info_data("disk")))
+    assert isinstance(event, Ready)
+    assert event.meta_contexts == (tuple(i for i, _ in expected) if option == Opt.SET_META_CONTEXT
+                                   else ())  # fmt: skip

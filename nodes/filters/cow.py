@@ -18,6 +18,15 @@ Params:
 - `cow-block-size` (size, default 64K): overlay block size, a power of two from 4K to 64M.
 - `cow-on-read` (bool, default false): also copy blocks into the overlay when they are read,
   so later reads no longer touch the upstream.
+- `allocation-depth` (bool, default false): offer the `qemu:allocation-depth` meta context, as
+  `qemu-nbd -A`: 1 where the overlay holds the block, 2 where the upstream has data, 0 where
+  neither (`nbdinfo --map=qemu:allocation-depth`: local, backing depth 2, absent).
+- `dirty-bitmap` (name): offer `qemu:dirty-bitmap:NAME`, as `qemu-nbd -B NAME`: 1 for the
+  blocks the overlay holds (written, zeroed or trimmed since the node started; with
+  cow-on-read, read too), 0 elsewhere: what an incremental backup of the disk must copy
+  (`qemu-img map --image-opts ...,x-dirty-bitmap=qemu:dirty-bitmap:NAME`).
+  Filters over the cow do not pass these on (nor does nbdkit offer them): a client asks the
+  cow node itself.
 
 Example: `nbdfabric node cow --upstream nbd+unix:///?socket=/golden.sock` gives every test run a
 throw-away writable disk on top of a golden image.
@@ -43,10 +52,15 @@ from ..base import (
     zero_range,
 )
 from ..params import Params, Size, param
-from ..protocol.constants import Extent
+from ..protocol.constants import REPLY_EXTENTS, Extent
 from ..registry import register
-from ._blocks import new_block, read_aligned, run_extents, shift_holes
+from ._blocks import add_extent, new_block, read_aligned, run_extents, shift_holes
 from ._runs import RunMap
+
+ALLOCATION_DEPTH = "qemu:allocation-depth"
+DIRTY_BITMAP = "qemu:dirty-bitmap:"
+#: An overlay run in run_extents' answer for the depth context: no upstream flag is this.
+_IN_OVERLAY = 1 << 16
 
 # What a run of overlay blocks is: its extent flags.
 DATA = 0  #: written blocks: their bytes are in Cow.blocks
@@ -73,6 +87,18 @@ def _whole_blocks(holes: Holes, bs: int, length: int) -> set[int]:
 class CowParams(Params):
     cow_block_size: Size = param(64 * 1024, "overlay block size (power of two, 4K..64M)")
     cow_on_read: bool = param(False, "copy blocks into the overlay when they are read")
+    allocation_depth: bool = param(
+        False,
+        "offer the qemu:allocation-depth meta context, as qemu-nbd -A: 1 where the overlay "
+        "holds the block, 2 where the upstream has data, 0 where neither",
+    )
+    dirty_bitmap: str | None = param(
+        None,
+        "offer the qemu:dirty-bitmap:NAME meta context, as qemu-nbd -B NAME: 1 for the blocks "
+        "the overlay holds (written, zeroed or trimmed since the node started), 0 elsewhere",
+        min_length=1,
+        max_length=1000,
+    )
 
     @field_validator("cow_block_size")
     @classmethod
@@ -295,3 +321,37 @@ class Cow(Filter):
 
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
         return await run_extents(self.next, count, offset, self.bs, self.runs)
+
+    def contexts(self) -> tuple[str, ...]:
+        p = self.params
+        depth = (ALLOCATION_DEPTH,) if p.allocation_depth else ()
+        return depth + ((f"{DIRTY_BITMAP}{p.dirty_bitmap}",) if p.dirty_bitmap else ())
+
+    async def context_extents(self, context: str, count: int, offset: int, flags: int) -> Extents:
+        if context == ALLOCATION_DEPTH and self.params.allocation_depth:
+            # The overlay's runs, marked apart from every flag the upstream's map can have.
+            marked = await run_extents(
+                self.next, count, offset, self.bs, self.runs, lambda _: _IN_OVERLAY
+            )
+            return [(n, 1 if f == _IN_OVERLAY else 0 if f & Extent.HOLE else 2) for n, f in marked]
+        if context == f"{DIRTY_BITMAP}{self.params.dirty_bitmap}":
+            return self._dirty(count, offset)
+        return await super().context_extents(context, count, offset, flags)
+
+    def _dirty(self, count: int, offset: int) -> Extents:
+        """1 over the blocks the overlay holds, 0 elsewhere; the upstream is not asked. (With
+        cow-on-read, blocks copied in by reads count too: a backup copies them, needlessly.)"""
+        end, bs = offset + count, self.bs
+        out: Extents = []
+        pos = offset
+        for first, stop, _ in self.runs.runs(offset // bs, (end - 1) // bs + 1):
+            start, stop_at = max(first * bs, offset), min(stop * bs, end)
+            if start > pos:
+                add_extent(out, start - pos, 0)
+            add_extent(out, stop_at - start, 1)
+            pos = stop_at
+            if len(out) > REPLY_EXTENTS:
+                return out[:REPLY_EXTENTS]
+        if pos < end:
+            add_extent(out, end - pos, 0)
+        return out

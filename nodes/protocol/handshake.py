@@ -55,6 +55,16 @@ class ExportInfo:
     #: The server's own reference for this export (what serves it); the handshake passes it
     #: on in `Ready` and never looks at it.
     handle: object = field(default=None, compare=False, repr=False)
+    #: Meta contexts it offers besides base:allocation (`qemu:allocation-depth`,
+    #: `qemu:dirty-bitmap:NAME`), in order: the n-th has id BASE_ALLOCATION_ID + 1 + n.
+    contexts: tuple[str, ...] = ()
+
+    def offered_contexts(self) -> dict[str, int]:
+        """Every meta context of the export, by name, with the id SET_META_CONTEXT gives it."""
+        offered = {BASE_ALLOCATION: BASE_ALLOCATION_ID}
+        for n, name in enumerate(self.contexts):
+            offered.setdefault(name, BASE_ALLOCATION_ID + 1 + n)
+        return offered
 
     def flags_for(self, structured: bool) -> TFlag:
         flags = self.tflags | TFlag.HAS_FLAGS
@@ -109,7 +119,7 @@ class Ready:
 
     export: ExportInfo
     structured: bool
-    meta_contexts: tuple[int, ...]  #: selected context ids (only base:allocation exists)
+    meta_contexts: tuple[int, ...]  #: selected context ids (ExportInfo.offered_contexts)
     leftover: bytes
 
 
@@ -411,19 +421,25 @@ class ServerHandshake:
         reader.end()
         if not self.structured:
             raise _Malformed("meta contexts need structured replies first")
-        if self._lookup(name) is None:
+        export = self._lookup(name)
+        if export is None:
             self._error(option, Rep.ERR_UNKNOWN, f"no export named {name!r}")
             return
-        matched = False
-        for query in queries or ([] if setting else ["base:"]):
-            if query == BASE_ALLOCATION or (not setting and query == "base:"):
-                matched = True
-        if matched:
-            reply = U32.pack(BASE_ALLOCATION_ID if setting else 0) + BASE_ALLOCATION.encode()
+        offered = export.offered_contexts()
+        matched: dict[str, int] = {}
+        # LIST with no query lists them all; a query ending in ':' (`base:`, `qemu:`,
+        # `qemu:dirty-bitmap:`) lists those under it. SET takes whole names only (spec).
+        for query in queries or ([] if setting else [""]):
+            for context, context_id in offered.items():
+                wildcard = not setting and (query == "" or query.endswith(":"))
+                if context == query or (wildcard and context.startswith(query)):
+                    matched[context] = context_id
+        for context, context_id in matched.items():
+            reply = U32.pack(context_id if setting else 0) + context.encode()
             self._reply(option, Rep.META_CONTEXT, reply)
         if setting:
             self._meta_export = name
-            self._meta_ids = (BASE_ALLOCATION_ID,) if matched else ()
+            self._meta_ids = tuple(matched.values())
         self._reply(option, Rep.ACK)
 
 

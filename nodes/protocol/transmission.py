@@ -8,7 +8,8 @@ The server's hot path reads headers and payloads itself (straight into pooled bu
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+import operator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .constants import (
@@ -223,21 +224,38 @@ def error_chunk(cookie: int, error: int, message: str = "", offset: int | None =
     return chunk(cookie, Chunk.ERROR_OFFSET, payload + U64.pack(offset))
 
 
-def block_status_chunk(cookie: int, context: int, extents: Iterable[tuple[int, int]]) -> bytes:
+def block_status_chunk(
+    cookie: int, context: int, extents: Iterable[tuple[int, int]], done: bool = True
+) -> bytes:
     body = bytearray(U32.pack(context))
     for length, flags in extents:
         body += EXTENT.pack(length, flags)
-    return chunk(cookie, Chunk.BLOCK_STATUS, bytes(body))
+    return chunk(cookie, Chunk.BLOCK_STATUS, bytes(body), done)
 
 
 _ALLOCATION_FLAGS = int(Extent.HOLE | Extent.ZERO)
 
 
-def align_extents(extents: Iterable[tuple[int, int]], align: int) -> Iterator[tuple[int, int]]:
+def context_merge(context: str) -> Callable[[int, int], int] | None:
+    """How the values of a meta context's pieces in one block join (clip_extents): None for
+    base:allocation (the flags all share); a dirty bitmap's block is dirty if any piece is;
+    an allocation depth is the nearest layer any piece comes from (0 only if none is
+    allocated). Either way a backup or copy reading them takes too much, never too little."""
+    if context.startswith("qemu:dirty-bitmap:"):
+        return operator.or_
+    if context == "qemu:allocation-depth":
+        return lambda a, b: min(a, b) if a and b else a or b
+    return None
+
+
+def align_extents(
+    extents: Iterable[tuple[int, int]], align: int, merge: Callable[[int, int], int] = operator.and_
+) -> Iterator[tuple[int, int]]:
     """The extents in whole granules of `align` bytes (the spec: descriptor lengths MUST be
     multiples of an advertised minimum block size), but for a short last one: a granule that
-    the backend described in several pieces gets the flags all of them share (a hole only if
-    it is a hole throughout, zeros only if all zeros), as qemu's server does."""
+    the backend described in several pieces gets their values joined by `merge` (for
+    base:allocation the flags all of them share: a hole only if it is a hole throughout,
+    zeros only if all zeros, as qemu's server does)."""
     pending, flags_in = 0, -1  # bytes of the granule begun, and the flags they share
     for length, flags in extents:
         if length <= 0:
@@ -245,7 +263,7 @@ def align_extents(extents: Iterable[tuple[int, int]], align: int) -> Iterator[tu
         if pending:
             take = min(length, align - pending)
             pending += take
-            flags_in &= flags
+            flags_in = merge(flags_in, flags)
             length -= take
             if pending < align:
                 continue
@@ -266,15 +284,18 @@ def clip_extents(
     req_one: bool,
     align: int = 1,
     limit: int = MAX_EXTENTS,
+    merge: Callable[[int, int], int] | None = None,
 ) -> list[tuple[int, int]]:
     """Merge neighbours with equal flags, cut at the request's end, fit u32 lengths.
 
     Backends may describe more than was asked; the client gets at most `length` bytes' worth
     in at most `limit` descriptors (exactly one with REQ_ONE). Lengths are multiples of
     `align` (align_extents), but for a last one cut short by the request or the backend.
+    `merge` (context_merge) joins the values of pieces finer than `align`; without it, the
+    context is base:allocation: bits it does not define are reserved and sent as 0.
     """
     if align > 1:
-        extents = align_extents(extents, align)
+        extents = align_extents(extents, align, merge or operator.and_)
     longest = (0xFFFFFFFF // align) * align
     out: list[tuple[int, int]] = []
     left = length
@@ -283,7 +304,8 @@ def clip_extents(
             break
         if ext_len <= 0:
             continue
-        flags &= _ALLOCATION_FLAGS  # the others are reserved: the spec has them sent as 0
+        if merge is None:  # base:allocation's: the other bits are reserved, sent as 0 (spec)
+            flags &= _ALLOCATION_FLAGS
         ext_len = min(ext_len, left)
         left -= ext_len
         if out and out[-1][1] == flags and out[-1][0] + ext_len <= longest:

@@ -306,6 +306,7 @@ class NodeRuntime:
             block_preferred=min(caps.block_preferred or 4096, block_max),
             block_max=block_max,
             handle=export,
+            contexts=export.backend.contexts() if caps.extents else (),
         )
 
     def handshake_policy(self) -> HandshakePolicy:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ..base import Backend, Capabilities, ClientInfo, Support, current_client
 from ..protocol import transmission as tx
 from ..protocol.constants import (
+    BASE_ALLOCATION_ID,
     REPLY_EXTENTS,
     Cmd,
     CmdFlag,
@@ -324,6 +325,8 @@ class Session:
     async def _transmission(self, ready: Ready) -> None:
         node = self.node
         caps = self.caps
+        #: Meta context id -> name, for block status in others than base:allocation.
+        self.context_names = {i: n for n, i in ready.export.offered_contexts().items()}
         self.t = tx.Transmission(
             size=ready.export.size,
             tflags=ready.export.flags_for(ready.structured),
@@ -717,19 +720,29 @@ class Session:
         if cmd == _STATUS:
             started = time.perf_counter()
             count = min(length, self.t.size - offset)
-            if caps.extents:
-                extents = await backend.extents(count, offset, flags)
-            else:
-                extents = [(count, 0)]
-            clipped = tx.clip_extents(
-                extents, count, bool(flags & _REQ_ONE), self.t.block_min, REPLY_EXTENTS
-            )
-            if not clipped:
-                raise OSError(errno.EIO, "the backend returned no extents")
-            context = self.t.meta_contexts[0]
-            chunk = tx.block_status_chunk(req.cookie, context, clipped)
+            chunks = []
+            for context in self.t.meta_contexts:  # one chunk each, the last one DONE
+                name = self.context_names[context]
+                if context != BASE_ALLOCATION_ID:
+                    extents = await backend.context_extents(name, count, offset, flags)
+                elif caps.extents:
+                    extents = await backend.extents(count, offset, flags)
+                else:
+                    extents = [(count, 0)]
+                clipped = tx.clip_extents(
+                    extents,
+                    count,
+                    bool(flags & _REQ_ONE),
+                    self.t.block_min,
+                    REPLY_EXTENTS,
+                    merge=tx.context_merge(name),
+                )
+                if not clipped:
+                    raise OSError(errno.EIO, "the backend returned no extents")
+                done = context == self.t.meta_contexts[-1]
+                chunks.append(tx.block_status_chunk(req.cookie, context, clipped, done))
             self._charge(started)
-            return [chunk]
+            return chunks
         if cmd == _FLUSH:
             await backend.flush(flags)
         elif length == 0:
