@@ -195,6 +195,10 @@ class Upstream(Backend):
         #: The readiness handler: the plain one, or the one that tells the poller (poll.py).
         self._on_event: Callable[[_Conn, Callable[[], object]], None] = self._on_ready
         self._status_slots: asyncio.Semaphore | None = None  #: made on the node's loop
+        #: Meta contexts to ask for besides base:allocation (the nbd filter's `context`), and
+        #: those of them the upstream agreed to (contexts()).
+        self.wanted_contexts: tuple[str, ...] = ()
+        self._contexts: tuple[str, ...] = ()
 
     # Lifecycle ----------------------------------------------------------------------------
 
@@ -328,6 +332,8 @@ class Upstream(Backend):
         h = nbd.NBD()
         h.set_pread_initialize(False)
         h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        for context in self.wanted_contexts:
+            h.add_meta_context(context)
         # Bounds are the upstream's business: let it answer (ENOSPC vs EINVAL) with its errno.
         h.set_strict_mode(h.get_strict_mode() & ~nbd.STRICT_BOUNDS)
         if self.uri.startswith("nbds"):
@@ -372,6 +378,7 @@ class Upstream(Backend):
             raise OSError(errno.EIO, f"came back with less than it offered ({short}): not "
                           f"taken back until it offers that again")  # fmt: skip
         self._caps = caps
+        self._contexts = tuple(c for c in self.wanted_contexts if first.can_meta_context(c))
         self._promised = self._promised or caps
         if self.full_info:
             self._read_identity(first)
@@ -709,6 +716,29 @@ class Upstream(Backend):
             await self._run(lambda c: c.h.aio_block_status(count, offset, extent, None, flags))
         if not out:
             raise OSError(errno.EIO, f"upstream {self.uri} returned no extents")
+        return out
+
+    def contexts(self) -> tuple[str, ...]:
+        return self._contexts
+
+    async def context_extents(self, context: str, count: int, offset: int, flags: int) -> Extents:
+        if context not in self._contexts:
+            return await super().context_extents(context, count, offset, flags)
+        count = min(count, MAX_STATUS_LENGTH)
+        flags &= _STATUS_FLAGS
+        out: list[tuple[int, int]] = []
+
+        def extent(meta: str, off: int, entries: list[int], err: Any) -> int:
+            if meta == context:
+                out.extend(zip(entries[::2], entries[1::2], strict=True))
+            return 0
+
+        slots = self._status_slots
+        assert slots is not None  # bound by start() or connect_once(), before any request
+        async with slots:
+            await self._run(lambda c: c.h.aio_block_status(count, offset, extent, None, flags))
+        if not out:
+            raise OSError(errno.EIO, f"upstream {self.uri} returned no {context} extents")
         return out
 
 

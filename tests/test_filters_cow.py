@@ -583,3 +583,13 @@ def test_cow_offers_allocation_depth_and_a_dirty_bitmap_to_real_clients(
         "qemu:allocation-depth": [2 * K64, 2, K64, 1, K64, 2],
         "qemu:dirty-bitmap:backup": [2 * K64, 0, K64, 1, K64, 0],
     }
+    # Through an nbd proxy that asks for the bitmap (and for a context the cow lacks): the
+    # proxy offers the bitmap alone, and maps it as the cow does.
+    proxy = start_node("nbd", "context=qemu:dirty-bitmap:backup", "context=qemu:nope",
+                       upstreams=[node.uri])  # fmt: skip
+    info = json.loads(run(["nbdinfo", "--json", proxy.uri]).stdout)["exports"][0]
+    assert info["contexts"] == ["base:allocation", "qemu:dirty-bitmap:backup"]
+    through = run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:backup", proxy.uri]).stdout
+    assert [(e["offset"], e["length"], e["type"]) for e in json.loads(through)] == mapped(
+        "qemu:dirty-bitmap:backup"
+    )
