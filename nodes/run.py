@@ -139,27 +139,24 @@ def build_backend(spec: NodeSpec) -> Backend:
 
 
 def write_ready_file(path: str, info: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(info, f)
-        os.replace(tmp, path)  # readers never see half a file
-    except OSError as exc:  # the message named the temporary file, not the option
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise OSError(exc.errno, f"--ready-file {path}: {exc.strerror}") from None
+    _write_whole(path, json.dumps(info), "--ready-file")
 
 
 def write_pidfile(path: str) -> None:
+    _write_whole(path, f"{os.getpid()}\n", "--pidfile")
+
+
+def _write_whole(path: str, text: str, option: str) -> None:
+    """`text` into `path`, replacing what is there: readers never see half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(tmp, path)  # an existing one is replaced whole, never seen half written
-    except OSError as exc:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:  # the message named the temporary file, not the option
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise OSError(exc.errno, f"--pidfile {path}: {exc.strerror}") from None
+        raise OSError(exc.errno, f"{option} {path}: {exc.strerror}") from None
 
 
 async def serve(

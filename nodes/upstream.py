@@ -701,22 +701,7 @@ class Upstream(Backend):
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
         if not self._caps.extents:
             return [(count, 0)]
-        count = min(count, MAX_STATUS_LENGTH)
-        flags &= _STATUS_FLAGS
-        out: list[tuple[int, int]] = []
-
-        def extent(meta: str, off: int, entries: list[int], err: Any) -> int:
-            if meta == nbd.CONTEXT_BASE_ALLOCATION:
-                out.extend(zip(entries[::2], entries[1::2], strict=True))
-            return 0
-
-        slots = self._status_slots
-        assert slots is not None  # bound by start() or connect_once(), before any request
-        async with slots:
-            await self._run(lambda c: c.h.aio_block_status(count, offset, extent, None, flags))
-        if not out:
-            raise OSError(errno.EIO, f"upstream {self.uri} returned no extents")
-        return out
+        return await self._block_status(nbd.CONTEXT_BASE_ALLOCATION, count, offset, flags)
 
     def contexts(self) -> tuple[str, ...]:
         return self._contexts
@@ -724,6 +709,10 @@ class Upstream(Backend):
     async def context_extents(self, context: str, count: int, offset: int, flags: int) -> Extents:
         if context not in self._contexts:
             return await super().context_extents(context, count, offset, flags)
+        return await self._block_status(context, count, offset, flags)
+
+    async def _block_status(self, context: str, count: int, offset: int, flags: int) -> Extents:
+        """The upstream's answer in meta context `context` (its other contexts' are dropped)."""
         count = min(count, MAX_STATUS_LENGTH)
         flags &= _STATUS_FLAGS
         out: list[tuple[int, int]] = []
@@ -738,7 +727,8 @@ class Upstream(Backend):
         async with slots:
             await self._run(lambda c: c.h.aio_block_status(count, offset, extent, None, flags))
         if not out:
-            raise OSError(errno.EIO, f"upstream {self.uri} returned no {context} extents")
+            what = "extents" if context == nbd.CONTEXT_BASE_ALLOCATION else f"{context} extents"
+            raise OSError(errno.EIO, f"upstream {self.uri} returned no {what}")
         return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -152,23 +152,20 @@ def labels(topology: Topology, node: Node) -> dict[str, str]:
 
 def compose_healthcheck(node: Node) -> dict[str, Any]:
     """The timings of a compose service's `healthcheck:` (durations as compose writes them)."""
-    watch = node.healthcheck.over(COMPOSE_HEALTH)
-    return {
-        "interval": _compose_duration(watch.interval),
-        "timeout": _compose_duration(watch.timeout),
-        "retries": watch.retries,
-        "start_period": _compose_duration(watch.start_period),
-    }
+    return _health_timings(node.healthcheck.over(COMPOSE_HEALTH), _compose_duration)
 
 
 def engine_healthcheck(node: Node) -> dict[str, Any]:
     """The same for the engine's API (durations in nanoseconds)."""
-    watch = node.healthcheck.over(ENGINE_HEALTH)
+    return _health_timings(node.healthcheck.over(ENGINE_HEALTH), lambda s: round(s * 1e9))
+
+
+def _health_timings(watch: HealthTimes, duration: Callable[[float], Any]) -> dict[str, Any]:
     return {
-        "interval": round(watch.interval * 1e9),
-        "timeout": round(watch.timeout * 1e9),
+        "interval": duration(watch.interval),
+        "timeout": duration(watch.timeout),
         "retries": watch.retries,
-        "start_period": round(watch.start_period * 1e9),
+        "start_period": duration(watch.start_period),
     }
 
 

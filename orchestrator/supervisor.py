@@ -716,15 +716,18 @@ class Supervisor:
             if (r := self.runners.get(dep)) is not None and r.state in ("running", "restarting")
         ]
         for dep, _reason in self._stranded(name, running, before, now):
-            runner = self.runners[dep]
-            was = runner.offered
-            await runner.stop()
-            try:
-                await runner.start()
-            except StartError:
-                continue  # start() said why; its supervision is over, as after an apply's
-            runner.supervise()
-            await self.restart_over(dep, was, runner.offered)
+            with contextlib.suppress(StartError):  # start() said why; its supervision is over
+                await self._restart(dep)
+
+    async def _restart(self, name: str) -> None:
+        """Stop and start `name`'s process and supervise it again, then restart the filters
+        over it that it now offers less (restart_over); StartError if it did not start."""
+        runner = self.runners[name]
+        before = runner.offered
+        await runner.stop()
+        await runner.start()
+        runner.supervise()
+        await self.restart_over(name, before, runner.offered)
 
     async def _start(self, node: Node) -> None:
         """Start or restart `node`."""
@@ -824,16 +827,12 @@ class Supervisor:
                 alive = runner.process is not None and runner.process.alive()
                 if action == "start" and alive and runner.state != "stopped":
                     continue  # running (or being restarted by its supervision)
-                before = runner.offered
-                await runner.stop()
                 try:
-                    await runner.start()
+                    await self._restart(name)
                 except StartError as exc:  # start() said why (start-failed)
                     failures.append(str(exc))
                     continue
-                runner.supervise()
                 acted.append(name)
-                await self.restart_over(name, before, runner.offered)
             self.save_state()
             if failures:
                 raise ApplyError("\n".join(failures))
