@@ -269,6 +269,13 @@ class Backend:
         --handshake-limit; a failure is remembered for the call that follows (for_export:
         None), never raised."""
 
+    def for_client(self) -> Backend:
+        """The backend that serves the client now negotiating (`current_client`: its address,
+        whether it started TLS), whatever export it names: this one by default. Runs at the
+        client's handshake, when it asks for an export; another backend returned serves that
+        client alone, as for_export()'s do (tls-fallback: a notice for plaintext clients)."""
+        return self
+
     def export_identity(self, requested: str) -> tuple[str, str]:
         """Of a backend for_export() returned: the canonical name and the description a client
         that asked for `requested` is told (NBD_INFO_NAME, NBD_INFO_DESCRIPTION; "" for none:

@@ -10,6 +10,7 @@ import decimal
 import errno as _errno
 import math
 import re
+import shlex
 from typing import Any
 
 # re.ASCII: `\d` would take any script's digits (`٣K`, the fullwidth ones) as a number.
@@ -158,6 +159,8 @@ def value_text(kind: str, value: Any) -> str:
         return _duration_text(float(value))
     if isinstance(value, float):
         return _plain(value)
+    if isinstance(value, str):
+        return shlex.quote(value)  # one word, as a shell takes it back
     return str(value)
 
 

@@ -322,6 +322,9 @@ class NodeRuntime:
         info = self.export_info()
 
         def lookup(requested: str) -> ExportInfo | None:
+            stand_in = self.backend.for_client()
+            if stand_in is not self.backend:  # whatever the name: nbdkit's tls-fallback
+                return self._stand_in_export(requested or name, stand_in)
             # "" is the default export; without --export-name any name is accepted (nbdkit).
             if requested in ("", name) or not name:
                 size = self.backend.export_size(requested or name, info.size)
@@ -339,6 +342,9 @@ class NodeRuntime:
 
     def _lookup_export(self, name: str) -> ExportInfo | None:
         """Of a multi-export node: the export `name`, from the backend that serves it now."""
+        stand_in = self.backend.for_client()
+        if stand_in is not self.backend:
+            return self._stand_in_export(name, stand_in)
         try:
             backend = self.backend.for_export(name)
             if backend is None:
@@ -353,6 +359,11 @@ class NodeRuntime:
         canonical, description = backend.export_identity(name)
         info = self._info(canonical, size, Export(backend, caps))
         return replace(info, description=description) if description else info
+
+    def _stand_in_export(self, name: str, backend: Backend) -> ExportInfo:
+        """The export a client is served by the backend for_client() chose for it."""
+        caps = self.export_caps(backend)
+        return replace(self._info(name, caps.size, Export(backend, caps)), description="")
 
     async def prepare_export(self, name: str | None) -> None:
         """Before the handshake looks up export `name` (None: lists them), for a backend whose
