@@ -236,8 +236,8 @@ class Backend:
     def contexts(self) -> tuple[str, ...]:
         """Meta contexts it answers besides base:allocation (`qemu:allocation-depth`,
         `qemu:dirty-bitmap:NAME`), offered to clients by name; block status in one of them is
-        context_extents(). None by default: a filter does not pass its upstream's on (they
-        would describe the upstream's bytes, which it may move or change)."""
+        context_extents(). None by default; a filter with `passes_contexts` offers its
+        upstream's."""
         return ()
 
     async def context_extents(self, context: str, count: int, offset: int, flags: int) -> Extents:
@@ -373,6 +373,13 @@ class Filter(Backend):
     """Passes every operation to `self.next` unless it overrides it."""
 
     role = "filter"
+    #: True for filters that serve every byte at the upstream's offset and do not change what
+    #: it holds but by passing writes on (delay, log, stats, ...): the meta contexts the
+    #: upstream offers (a cow's dirty bitmap) then describe this export too, and are offered
+    #: and answered through it. A filter that also acts on extents (delays, logs, retries
+    #: them) does the same in context_extents(). Not for one that moves bytes (offset),
+    #: changes them (swab, luks), or holds writes back (cache).
+    passes_contexts: ClassVar[bool] = False
 
     def __init__(self, params: ParamsModel, next: Backend) -> None:
         super().__init__(params)
@@ -425,6 +432,14 @@ class Filter(Backend):
 
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
         return await self.next.extents(count, offset, flags)
+
+    def contexts(self) -> tuple[str, ...]:
+        return self.next.contexts() if self.passes_contexts else ()
+
+    async def context_extents(self, context: str, count: int, offset: int, flags: int) -> Extents:
+        if not self.passes_contexts:
+            return await super().context_extents(context, count, offset, flags)
+        return await self.next.context_extents(context, count, offset, flags)
 
 
 class Fan(Backend):

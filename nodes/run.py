@@ -122,7 +122,9 @@ def build_backend(spec: NodeSpec) -> Backend:
     if role == "filter":
         if len(spec.upstreams) != 1:
             raise SpecError(f"{spec.kind} is a filter: give exactly one --upstream URI")
-        return cls(spec.params, upstream(spec.upstreams[0], 0))  # type: ignore[call-arg]
+        up = upstream(spec.upstreams[0], 0)
+        up.all_contexts = getattr(cls, "passes_contexts", False)
+        return cls(spec.params, up)  # type: ignore[call-arg]
     if len(spec.upstreams) < cls.min_members:
         raise SpecError(
             f"{spec.kind} is a fan: give at least {cls.min_members} --upstream URIs "

@@ -199,6 +199,10 @@ class Upstream(Backend):
         #: those of them the upstream agreed to (contexts()).
         self.wanted_contexts: tuple[str, ...] = ()
         self._contexts: tuple[str, ...] = ()
+        #: Without wanted_contexts: ask for every meta context the upstream lists at the first
+        #: connection, and keep asking for those (a filter that passes them on sets it).
+        self.all_contexts = False
+        self._listed = False
 
     # Lifecycle ----------------------------------------------------------------------------
 
@@ -348,16 +352,42 @@ class Upstream(Backend):
         """Connect one handle. The blocking handshake runs in a worker thread (it releases the
         GIL); afterwards the handle is only touched from the event loop."""
         h = self._new_handle()
+        if self.all_contexts and not self.wanted_contexts and not self._listed:
+            connect = functools.partial(self._connect_listing, h)
+        else:
+            connect = functools.partial(h.connect_uri, self.uri)
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(
-                loop.run_in_executor(None, h.connect_uri, self.uri), self.connect_timeout
-            )
+            await asyncio.wait_for(loop.run_in_executor(None, connect), self.connect_timeout)
         except nbd.Error as exc:
             raise OSError(exc.errnum or errno.ECONNREFUSED, exc.string) from None
         except TimeoutError:
             raise OSError(errno.ETIMEDOUT, "connection timed out") from None
         return h
+
+    def _connect_listing(self, h: nbd.NBD) -> None:
+        """Connect `h` asking, in the same handshake, for every meta context the upstream lists
+        (NBD_OPT_LIST_META_CONTEXT with no query) and then for all of them; they become
+        wanted_contexts, asked for by name on every later connection."""
+        h.set_opt_mode(True)
+        h.connect_uri(self.uri)
+        listed: list[str] = []
+
+        def found(name: str) -> int:
+            listed.append(name)
+            return 0
+
+        if h.get_structured_replies_negotiated():
+            h.clear_meta_contexts()
+            with contextlib.suppress(nbd.Error):  # a server without meta contexts: none
+                h.opt_list_meta_context(found)
+            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+            for name in listed:
+                if name != nbd.CONTEXT_BASE_ALLOCATION:
+                    h.add_meta_context(name)
+        h.opt_go()
+        self.wanted_contexts = tuple(n for n in listed if n != nbd.CONTEXT_BASE_ALLOCATION)
+        self._listed = True
 
     async def _connect(self) -> None:
         self.state = "connecting"

@@ -593,3 +593,59 @@ def test_cow_offers_allocation_depth_and_a_dirty_bitmap_to_real_clients(
     assert [(e["offset"], e["length"], e["type"]) for e in json.loads(through)] == mapped(
         "qemu:dirty-bitmap:backup"
     )
+
+
+def test_meta_contexts_pass_through_filters_that_leave_bytes_in_place(
+    start_node: Any, tmp_path: Any
+) -> None:
+    """A cow's dirty bitmap and allocation depth read the same through delay -> blocksize ->
+    log -> stats -> nbd (filters that serve every byte where the upstream has it: each offers
+    what its upstream lists, unasked), with a request for all three contexts at once; the log
+    node logs block status in the bitmap as such. A filter that moves bytes (offset) or
+    changes them (swab) offers base:allocation alone; an nbd proxy given context= only those."""
+    base = start_node("memory", "4M")
+    cow = start_node("cow", "allocation-depth=true", "dirty-bitmap=backup", upstreams=[base.uri])
+    h = nbd_connect(cow.uri)
+    h.pwrite(b"b" * K64, 2 * K64)
+    h.pwrite(b"c" * 4096, 40 * K64 + 4096)
+    h.shutdown()
+    logfile = tmp_path / "requests.jsonl"
+    uri = cow.uri
+    for kind, *params in (["delay", "delay-extents=1ms"], ["blocksize", "minblock=4K"],
+                          ["log", f"logfile={logfile}"], ["stats"], ["nbd"]):  # fmt: skip
+        uri = start_node(kind, *params, upstreams=[uri]).uri
+    wanted = ["base:allocation", "qemu:allocation-depth", "qemu:dirty-bitmap:backup"]
+
+    def contexts(at: str) -> list[str]:
+        return json.loads(run(["nbdinfo", "--json", at]).stdout)["exports"][0]["contexts"]
+
+    def mapped(context: str, at: str) -> list[tuple[int, int, int]]:
+        out = run(["nbdinfo", "--json", f"--map={context}", at]).stdout
+        return [(e["offset"], e["length"], e["type"]) for e in json.loads(out)]
+
+    assert contexts(uri) == wanted
+    for context in wanted[1:]:
+        assert mapped(context, uri) == mapped(context, cow.uri), context
+    seen: dict[str, list[int]] = {}
+
+    def collect(context: str, offset: int, entries: list[int], err: Any) -> int:
+        seen[context] = entries
+        return 0
+
+    h = nbd.NBD()
+    for context in wanted:
+        h.add_meta_context(context)
+    h.connect_uri(uri)
+    h.block_status(4 * K64, 0, collect)
+    h.shutdown()
+    assert seen == {
+        "base:allocation": [2 * K64, HOLE, K64, 0, K64, HOLE],
+        "qemu:allocation-depth": [2 * K64, 0, K64, 1, K64, 0],
+        "qemu:dirty-bitmap:backup": [2 * K64, 0, K64, 1, K64, 0],
+    }
+    logged = [json.loads(line) for line in logfile.read_text().splitlines()]
+    assert any(r.get("context") == "qemu:dirty-bitmap:backup" for r in logged)
+    for kind, *params in (["offset", "offset=4K"], ["swab", "swab-bits=16"]):
+        assert contexts(start_node(kind, *params, upstreams=[cow.uri]).uri) == wanted[:1], kind
+    narrow = start_node("nbd", "context=qemu:dirty-bitmap:backup", upstreams=[cow.uri])
+    assert contexts(narrow.uri) == ["base:allocation", "qemu:dirty-bitmap:backup"]

@@ -110,6 +110,11 @@ class RetryingFilter(Filter):
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
         return await self._run("extents", flags, lambda: self.next.extents(count, offset, flags))
 
+    async def context_extents(self, context: str, count: int, offset: int, flags: int) -> Extents:
+        return await self._run(
+            "extents", flags, lambda: self.next.context_extents(context, count, offset, flags)
+        )
+
     async def cache(self, count: int, offset: int, flags: int) -> None:
         await self._run("cache", flags, lambda: self.next.cache(count, offset, flags))
 

@@ -20,6 +20,8 @@ device that only takes 4K-aligned requests.
 from __future__ import annotations
 
 import errno
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import model_validator
@@ -72,6 +74,7 @@ class Blocksize(Filter):
     """Splits and aligns requests to the upstream's block-size limits."""
 
     kind = "blocksize"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = BlocksizeParams
     params: BlocksizeParams
 
@@ -257,8 +260,19 @@ class Blocksize(Filter):
         await self._len_split(self.next.cache, hi - lo, lo, 0)
 
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        return await self._aligned_status(self.next.extents, count, offset, flags)
+
+    async def context_extents(self, context: str, count: int, offset: int, flags: int) -> Extents:
+        status = functools.partial(self.next.context_extents, context)
+        return await self._aligned_status(status, count, offset, flags)
+
+    async def _aligned_status(
+        self, status: Callable[[int, int, int], Awaitable[Extents]], count: int, offset: int,
+        flags: int,
+    ) -> Extents:  # fmt: skip
+        """Block status asked of the upstream for whole blocks within its limits."""
         mn, _, maxlen = self._limits()
         lo, hi = _down(offset, mn), min(_up(offset + count, mn), self._size())
-        got = await self.next.extents(min(hi - lo, maxlen), lo, flags & _REQ_ONE)
+        got = await status(min(hi - lo, maxlen), lo, flags & _REQ_ONE)
         out = skip_extents(got, offset - lo)
         return out or [(count, 0)]

@@ -88,6 +88,7 @@ class BlocksizePolicy(Filter):
     """Advertises block size constraints and enforces them, or lets them be broken."""
 
     kind = "blocksize-policy"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = BlocksizePolicyParams
     params: BlocksizePolicyParams
 

@@ -75,6 +75,7 @@ class CacheExtents(Filter):
     """Serves block status from the upstream's recent answers until something is written."""
 
     kind = "cacheextents"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = CacheExtentsParams
     params: CacheExtentsParams
 

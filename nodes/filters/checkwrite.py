@@ -48,6 +48,7 @@ class CheckWrite(Filter):
     """Checks that writes, zeroes and trims match the upstream; never writes it."""
 
     kind = "checkwrite"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
 
     def capabilities(self) -> Capabilities:
         up = self.next.capabilities()

@@ -166,6 +166,7 @@ class Ddrescue(Filter):
     """Serves a rescued image read-only; reads of what ddrescue did not rescue fail with EIO."""
 
     kind = "ddrescue"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = DdrescueParams
     params: DdrescueParams
     magic = "ddrescue-mapfile"

@@ -75,6 +75,7 @@ class Delay(Filter):
     """Delays requests by fixed, live-adjustable times per operation."""
 
     kind = "delay"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = DelayParams
     params: DelayParams
 
@@ -113,6 +114,10 @@ class Delay(Filter):
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
         await _pause(self.params.delay_extents)
         return await self.next.extents(count, offset, flags)
+
+    async def context_extents(self, context: str, count: int, offset: int, flags: int) -> Extents:
+        await _pause(self.params.delay_extents)
+        return await self.next.context_extents(context, count, offset, flags)
 
     async def cache(self, count: int, offset: int, flags: int) -> None:
         await _pause(self.params.delay_cache)

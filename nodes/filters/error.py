@@ -66,6 +66,7 @@ class Error(Filter):
     """Injects errors into requests, randomly and/or while a trigger file exists."""
 
     kind = "error"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = ErrorParams
     params: ErrorParams
 
@@ -121,6 +122,10 @@ class Error(Filter):
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
         self._inject("extents")
         return await self.next.extents(count, offset, flags)
+
+    async def context_extents(self, context: str, count: int, offset: int, flags: int) -> Extents:
+        self._inject("extents")
+        return await self.next.context_extents(context, count, offset, flags)
 
     async def cache(self, count: int, offset: int, flags: int) -> None:
         self._inject("cache")

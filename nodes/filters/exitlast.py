@@ -43,6 +43,7 @@ class Exitlast(Filter):
     """Exits the node when its last client disconnects."""
 
     kind = "exitlast"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = ExitlastParams
     params: ExitlastParams
 

@@ -255,6 +255,7 @@ class Exitwhen(Filter):
     """Exits the node gracefully when a file, pipe, process or script says so."""
 
     kind = "exitwhen"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = ExitwhenParams
     params: ExitwhenParams
 

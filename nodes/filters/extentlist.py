@@ -127,6 +127,7 @@ class ExtentListFilter(Filter):
     """Answers block status from a file's list of extents; everything else passes through."""
 
     kind = "extentlist"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = ExtentListParams
     params: ExtentListParams
     magic = "extentlist"

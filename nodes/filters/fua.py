@@ -53,6 +53,7 @@ class Fua(Filter):
     """Disables, emulates, forces or discards FUA (and flush)."""
 
     kind = "fua"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = FuaParams
     params: FuaParams
 

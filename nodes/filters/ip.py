@@ -179,6 +179,7 @@ class Ip(Filter):
     """Lets clients in or refuses them by address, process, user or group."""
 
     kind = "ip"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = IpParams
     params: IpParams
 

@@ -48,6 +48,7 @@ class Limit(Filter):
     """Serves at most N clients at once; more are refused."""
 
     kind = "limit"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = LimitParams
     params: LimitParams
 

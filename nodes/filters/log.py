@@ -13,7 +13,9 @@ Lines (`ts` is Unix time in seconds, `duration` in seconds):
     {"ts": ..., "event": "request", ..., "result": "error", "errno": "EIO", "error": "..."}
     {"ts": ..., "event": "close", "connection": 1, "transactions": 1}
 `op` is read, write, trim, zero, extents, cache or flush; `flags` names NBD command flags
-(fua, no_hole, df, req_one, fast_zero); `id` counts requests per connection.
+(fua, no_hole, df, req_one, fast_zero); `id` counts requests per connection. Block status in a
+meta context other than base:allocation (a cow's dirty bitmap, passed through) is an `extents`
+line with `"context": NAME`.
 
 Params: `logfile=PATH` (without it the filter only passes requests on), `logappend` (yes|no,
 default no: the file is truncated at start).
@@ -51,6 +53,7 @@ class Log(Filter):
     """Logs each request, connection and lifecycle event as a JSON line."""
 
     kind = "log"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = LogParams
     params: LogParams
 
@@ -109,7 +112,13 @@ class Log(Filter):
         await self.next.close_connection()
 
     async def _logged(
-        self, op: str, offset: int, count: int, flags: int, call: Callable[[], Awaitable[T]]
+        self,
+        op: str,
+        offset: int,
+        count: int,
+        flags: int,
+        call: Callable[[], Awaitable[T]],
+        context: str = "",
     ) -> T:
         if self.file is None:
             return await call()
@@ -124,6 +133,8 @@ class Log(Filter):
             "count": count,
             "flags": flag_names(flags),
         }
+        if context:  # block status in a meta context other than base:allocation
+            record["context"] = context
         started = time.perf_counter()
         try:
             result = await call()
@@ -168,6 +179,16 @@ class Log(Filter):
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
         return await self._logged(
             "extents", offset, count, flags, lambda: self.next.extents(count, offset, flags)
+        )
+
+    async def context_extents(self, context: str, count: int, offset: int, flags: int) -> Extents:
+        return await self._logged(
+            "extents",
+            offset,
+            count,
+            flags,
+            lambda: self.next.context_extents(context, count, offset, flags),
+            context=context,
         )
 
     async def cache(self, count: int, offset: int, flags: int) -> None:

@@ -134,6 +134,7 @@ class MultiConn(Filter):
     """Enables, emulates or disables multi-conn, and skips flushes nothing needs."""
 
     kind = "multi-conn"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = MultiConnParams
     params: MultiConnParams
 

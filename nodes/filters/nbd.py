@@ -6,10 +6,13 @@ upstream's. Better than nbdkit's nbd plugin: upstream holes stay holes (OFFSET_H
 zero bytes), a pool of upstream connections is used when the upstream allows multi-conn, and a
 lost upstream is reconnected in the background (requests fail with EIO meanwhile).
 
-Params: `context` (repeated): a meta context to pass on besides base:allocation, asked of the
-upstream by name (`context=qemu:dirty-bitmap:backup` through to a cow node's bitmap; one the
-upstream does not have is not offered). The upstream comes from `--upstream URI`; TLS from
-`--upstream-tls-certificates`.
+Meta contexts: every one the upstream lists (a cow node's `qemu:dirty-bitmap:NAME`, qemu-nbd's
+`qemu:allocation-depth`) is offered and answered as the upstream answers it, as by every filter
+that leaves bytes where they are.
+
+Params: `context` (repeated): pass on only these meta contexts besides base:allocation, asked of
+the upstream by name whether it lists them or not (one it does not have is not offered). The
+upstream comes from `--upstream URI`; TLS from `--upstream-tls-certificates`.
 
 Example: `nbdfabric node nbd --upstream nbd+unix:///?socket=/tmp/m.sock --listen 127.0.0.1:0`
 puts a unix-socket export on TCP.
@@ -19,15 +22,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..base import Extents, Filter
+from ..base import Filter
 from ..params import Many, Params, repeated
 from ..registry import register
 
 
 class NbdParams(Params):
     context: Many = repeated(
-        "a meta context to ask the upstream for and pass on besides base:allocation, by name "
-        "(qemu:allocation-depth, qemu:dirty-bitmap:NAME); one the upstream lacks is not offered"
+        "pass on only this meta context besides base:allocation (default: all the upstream "
+        "lists), by name: qemu:allocation-depth, qemu:dirty-bitmap:NAME"
     )
 
 
@@ -36,6 +39,7 @@ class Nbd(Filter):
     """A pass-through proxy to the upstream NBD server."""
 
     kind = "nbd"
+    passes_contexts = True
     shareable = True  #: --workers (see workers.py)
     Params = NbdParams
 
@@ -43,9 +47,3 @@ class Nbd(Filter):
         super().__init__(params, next)
         if params.context:  # asked for on the upstream's every connection
             next.wanted_contexts = tuple(params.context)
-
-    def contexts(self) -> tuple[str, ...]:
-        return tuple(self.next.contexts())
-
-    async def context_extents(self, context: str, count: int, offset: int, flags: int) -> Extents:
-        return await self.next.context_extents(context, count, offset, flags)

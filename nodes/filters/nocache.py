@@ -34,6 +34,7 @@ class NoCache(Filter):
     """Disables, emulates with reads, or ignores cache requests."""
 
     kind = "nocache"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = NoCacheParams
     params: NoCacheParams
 

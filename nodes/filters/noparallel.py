@@ -67,6 +67,7 @@ class Noparallel(Filter):
     """Handles requests one at a time per client or per node, or clients one at a time."""
 
     kind = "noparallel"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = NoparallelParams
     params: NoparallelParams
 
@@ -142,3 +143,7 @@ class Noparallel(Filter):
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
         async with self._turn():
             return await self.next.extents(count, offset, flags)
+
+    async def context_extents(self, context: str, count: int, offset: int, flags: int) -> Extents:
+        async with self._turn():
+            return await self.next.context_extents(context, count, offset, flags)

@@ -57,6 +57,7 @@ class NoZero(Filter):
     """Disables, emulates with writes, or restricts WRITE_ZEROES and fast zero."""
 
     kind = "nozero"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = NoZeroParams
     params: NoZeroParams
 

@@ -100,6 +100,7 @@ class Protect(Filter):
     """Refuses writes, trims and zeroes that would change protected byte ranges."""
 
     kind = "protect"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = ProtectParams
     params: ProtectParams
 

@@ -127,6 +127,7 @@ class Rate(Filter):
     """Limits read and write bandwidth per node, per connection and per client address."""
 
     kind = "rate"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = RateParams
     params: RateParams
 

@@ -66,6 +66,7 @@ class Readahead(Filter):
     """Prefetches ahead of sequential reads; overlapping prefetches are combined."""
 
     kind = "readahead"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = ReadaheadParams
     params: ReadaheadParams
 

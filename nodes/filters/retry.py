@@ -82,6 +82,7 @@ class Retry(RetryingFilter):
     """Retries failed requests, reopening the upstream in between."""
 
     kind = "retry"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = RetryParams
     params: RetryParams
 

@@ -62,6 +62,7 @@ class RetryRequest(RetryingFilter):
     """Retries a failed request on the same upstream connection."""
 
     kind = "retry-request"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = RetryRequestParams
     params: RetryRequestParams
 

@@ -74,6 +74,7 @@ class Scan(Filter):
     """Caches (or reads) the whole disk in the background while clients are connected."""
 
     kind = "scan"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = ScanParams
     params: ScanParams
     magic = "scan-size"

@@ -88,6 +88,7 @@ class Stats(Filter):
     """Counts requests, bytes, errors and latency per operation; live and in a file."""
 
     kind = "stats"
+    passes_contexts = True  #: meta contexts pass through (see Filter)
     Params = StatsParams
     params: StatsParams
 
@@ -253,6 +254,14 @@ class Stats(Filter):
     async def extents(self, count: int, offset: int, flags: int) -> Extents:
         return await self._timed(
             "extents", offset, count, lambda: self.next.extents(count, offset, flags)
+        )
+
+    async def context_extents(self, context: str, count: int, offset: int, flags: int) -> Extents:
+        return await self._timed(
+            "extents",
+            offset,
+            count,
+            lambda: self.next.context_extents(context, count, offset, flags),
         )
 
     async def cache(self, count: int, offset: int, flags: int) -> None:

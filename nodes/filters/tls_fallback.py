@@ -64,6 +64,7 @@ class TlsFallback(Filter):
     """Serves plaintext clients a read-only notice instead of the upstream."""
 
     kind = "tls-fallback"
+    passes_contexts = True  #: meta contexts pass through (see Filter), to TLS clients
     Params = TlsFallbackParams
     params: TlsFallbackParams
 
