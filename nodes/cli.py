@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,10 +60,25 @@ def _node_parser(full_help: bool = True) -> argparse.ArgumentParser:
         help="serve NBD on HOST:PORT, [IPV6]:PORT, unix:PATH or fd:N (port 0 picks a free "
         "one); repeatable; default 127.0.0.1:10809",
     )
+    p.add_argument(
+        "-U",
+        "--unix",
+        action="append",
+        default=[],
+        metavar="SOCKET",
+        help="as --listen unix:SOCKET (nbdkit's -U); `-U -`: a private socket in a new "
+        "directory, removed at exit (for --run)",
+    )
+    p.add_argument(
+        "-f", "--foreground", action="store_true", help="accepted for nbdkit command lines: a "
+        "node always runs in the foreground",
+    )  # fmt: skip
     p.add_argument("--control", metavar="ADDR", help="serve gRPC control + health here")
     p.add_argument("--no-reflection", action="store_true", help="turn gRPC reflection off")
     p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics here")
-    p.add_argument("--export-name", default="", metavar="NAME", help="the export's name")
+    p.add_argument(
+        "-e", "--export-name", "--exportname", default="", metavar="NAME", help="the export's name"
+    )
     p.add_argument("--description", default="", metavar="TEXT", help="the export's description")
     p.add_argument("-r", "--read-only", action="store_true", help="refuse writes")
     p.add_argument(
@@ -210,13 +227,27 @@ MAX_EXPORT_NAME = 4096
 
 
 def cmd_node(argv: Sequence[str]) -> int:
+    args = _node_parser(full_help=bool({"-h", "--help"} & set(argv))).parse_intermixed_args(argv)
+    private: str | None = None  #: `-U -`: the directory of the node's private socket
+    for path in args.unix:
+        if path == "-":
+            private = private or tempfile.mkdtemp(prefix="nbdfabric-")
+            path = os.path.join(private, "nbd.sock")
+        args.listen.append(f"unix:{path}")
+    try:
+        return _serve_node(args)
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def _serve_node(args: argparse.Namespace) -> int:
     from . import registry
     from .params import ParamError, parse_params
     from .run import NodeSpec, SpecError, UpstreamOptions, run_node
     from .server.addresses import AddressError, parse_address
     from .server.node import NodeOptions
 
-    args = _node_parser(full_help=bool({"-h", "--help"} & set(argv))).parse_intermixed_args(argv)
     try:
         cls = registry.get(args.kind)
         params = parse_params(args.kind, cls.Params, list(args.params), cls.magic)
@@ -391,6 +422,8 @@ def cmd_kinds(argv: Sequence[str]) -> int:
 USAGE = """usage: nbdfabric COMMAND ...
 
 node KIND [KEY=VALUE ...]   serve one node (plugin, filter or fan) over NBD
+chain [--filter=F]... PLUGIN [KEY=VALUE ...]
+                            an nbdkit command line, each layer its own node process
 kinds [KIND] [--json]       list node kinds, or one kind's params
 ctl ADDR ...                talk to a node's gRPC control endpoint
 health ADDR                 exit 0 only if the node at ADDR is SERVING
@@ -429,6 +462,10 @@ def _dispatch(args: list[str]) -> int:
         return cmd_node(rest)
     if command == "kinds":
         return cmd_kinds(rest)
+    if command == "chain":
+        from .chain import cmd_chain
+
+        return cmd_chain(rest, _node_parser(full_help=False))
     if command in ("ctl", "health"):
         from .control import cli as control_cli  # type: ignore[attr-defined]
 

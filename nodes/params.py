@@ -11,7 +11,7 @@ import difflib
 import functools
 import typing
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
     BaseModel,
@@ -107,6 +107,11 @@ def secret(default: Any = None, description: str = "") -> Any:
 
 class Params(BaseModel):
     """Base of every kind's parameters: dashed names on the outside, unknown keys refused."""
+
+    #: Other spellings of its params that a before-validator maps onto them (nbdkit's
+    #: `rdelay` for `delay-read`): keys it takes besides its fields' (`nbdfabric chain`
+    #: gives each KEY=VALUE to the layer that takes it).
+    spellings: ClassVar[tuple[str, ...]] = ()
 
     model_config = ConfigDict(
         extra="forbid",

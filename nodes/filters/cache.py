@@ -67,6 +67,8 @@ class CacheParams(Params):
     cache_on_read: bool = param(False, "also cache blocks that were read")
     cache_min_block_size: Size = param(4096, "cache block size (power of two, at least 4K)")
 
+    spellings = ("cache-mode",)
+
     @model_validator(mode="before")
     @classmethod
     def _mode_alias(cls, values: Any) -> Any:

@@ -35,6 +35,7 @@ _FAST_ZERO = int(CmdFlag.FAST_ZERO)
 
 
 class DelayParams(Params):
+    spellings = ("rdelay", "wdelay")
     delay_read: Duration = live(0.0, "delay before each read (alias rdelay)")
     delay_write: Duration = live(0.0, "delay before each write")
     delay_zero: Duration = live(0.0, "delay before each write-zeroes")

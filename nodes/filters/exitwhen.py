@@ -93,6 +93,8 @@ class ExitwhenParams(Params):
     exit_when_script: Many = repeated("exit when this shell command exits with status 88")
     exit_when_poll: Duration = param(60.0, "how often to check while no client is connected")
 
+    spellings = tuple(_ALIASES)
+
     @model_validator(mode="before")
     @classmethod
     def _nbdkit_aliases(cls, data: Any) -> Any:

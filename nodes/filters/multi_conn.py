@@ -104,6 +104,8 @@ class MultiConnParams(Params):
         False, "track dirty connections per export name (alias multi-conn-export-name)"
     )
 
+    spellings = ("multi-conn-export-name",)
+
     @model_validator(mode="before")
     @classmethod
     def _nbdkit_alias(cls, data: Any) -> Any:

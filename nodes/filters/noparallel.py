@@ -53,6 +53,8 @@ class NoparallelParams(Params):
         "requests", "requests (per client) | all-requests (whole node) | connections"
     )
 
+    spellings = ("serialise",)
+
     @model_validator(mode="before")
     @classmethod
     def _british(cls, data: Any) -> Any:
