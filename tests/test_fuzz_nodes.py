@@ -305,6 +305,10 @@ class Target:
     #: Every name leads to an export (info): what it holds for a name, None for a name the
     #: node must refuse. `exports` are then the names libnbd reads back after each batch.
     export_of: Callable[[bytes], bytes | None] | None = None
+    #: Each connection has a disk of its own, whatever name it asks for, fresh from what
+    #: export_of says (tmpdisk): a client's writes are judged by a model of its own, and no
+    #: other client, nor libnbd after the batch, may see them.
+    private: bool = False
     #: The contents change from read to read (info's clocks): never learnt, but each read is
     #: judged by this: (offset, bytes, monotonic time before the reader connected) -> what is
     #: wrong with them, or None.
@@ -376,10 +380,11 @@ def under_test(
     upstreams: Sequence[str] = (),
     extra: tuple[str, ...] = (),
     control: bool = False,
+    env: dict[str, str] | None = None,
 ) -> Proc:
     """The node the fuzz clients talk to: with metrics, to tell when its sessions are over."""
     extra = (*extra, "--metrics", "127.0.0.1:0")
-    return start_node(kind, *args, upstreams=upstreams, extra=extra, control=control)
+    return start_node(kind, *args, upstreams=upstreams, extra=extra, control=control, env=env)
 
 
 def sessions_open(node: Proc, timeout: float) -> int:
@@ -812,6 +817,8 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         node = under_test(start_node, shape, upstreams=[m.uri for m in members])
         below = members_below(shape, members)
         return Target(shape, node, [node, *members], image, check_below=below)
+    if shape == "tmpdisk":
+        return tmpdisk_shape(start_node, tmp_path, rng)
     if shape == "dir":
         folder = tmp_path / "disks"
         folder.mkdir()
@@ -1097,6 +1104,41 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
     if shape == "stats":
         extras["after_stop"] = lambda: check_stats(tmp_path / "stats.json")
     return Target(shape, node, [node, *procs], image, check_below=below, **extras)
+
+
+def tmpdisk_shape(start_node: Any, tmp_path: Path, rng: random.Random) -> Target:
+    """tmpdisk: each connection a fresh copy of a random image (its command= copies it, as
+    nbdkit's manual shows), whatever name it asks for: no client sees another's writes, and
+    no disk outlives its connection (after each batch the node holds none; after the run its
+    TMPDIR is empty)."""
+    image = lumpy(rng, SIZE)
+    base, temp = tmp_path / "base.img", tmp_path / "tmp"
+    base.write_bytes(image)
+    temp.mkdir()
+    copy = 'command=cp --sparse=always "$base" "$disk"'
+    node = under_test(start_node, "tmpdisk", "size=0", f"base={base}", copy,
+                      env={"TMPDIR": str(temp)})  # fmt: skip
+
+    def export_of(name: bytes) -> bytes | None:
+        return image if is_nbd_string(name) else None
+
+    def no_disk_held() -> None:
+        held = []
+        for fd in Path(f"/proc/{node.pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd).startswith(f"{temp}/"):
+                    held.append(os.readlink(fd))
+        check(not held, f"no client is connected, yet the node holds disks: {held}")
+
+    def temp_empty() -> None:
+        left = sorted(p.name for p in temp.iterdir())
+        check(not left, f"tmpdisk left {left} in its TMPDIR")
+
+    # Every name is the client's disk, but for what is no NBD string (so clients try names).
+    refused = [b"x" * 4097, b"\xff\xfe", b"a\0", b"\xc3", b"\xed\xa0\x80"]
+    return Target("tmpdisk", node, [node], image, exports={b"": image}, export_of=export_of,
+                  private=True, multi_conn=False, refused=refused, when_idle=no_disk_held,
+                  after_stop=temp_empty)  # fmt: skip
 
 
 def info_shape(shape: str, start_node: Any, rng: random.Random) -> Target:
@@ -1593,6 +1635,8 @@ class Client:
         #: The export this client asks for, and its model.
         self.name = rng.choice(sorted(models)) if len(models) > 1 else b""
         self.model = models[self.name]
+        if target.private:
+            self.model = target.model(target.initial_of(self.name))
         self.rng = rng
         self.stats = stats
         self.tag = tag
@@ -1749,7 +1793,7 @@ class Client:
         READ of the seed a TRIM, or a payload byte a header. Every request the node can act on
         starts with the request magic, so each header found anywhere in `data` that could
         change the export makes its range unknown, as a write cut off with its connection."""
-        if self.t.writes != "store":
+        if self.t.writes != "store" or self.t.private:  # private: its disk is gone with it
             return
         magic = REQUEST_MAGIC.to_bytes(4, "big")
         at = data.find(magic)
@@ -2154,6 +2198,9 @@ class Client:
             content = self.t.export_of(name)
             self.expect(content is not None, f"export {name!r} accepted, it must be refused")
             assert content is not None
+            if self.t.private:  # every name is this connection's own disk
+                self.name = name
+                return
             # A name of its own (not read back by libnbd): read-only, so its model stays right.
             model = self.models.get(name) or self.t.model(content)
             self.name, self.model = name, model
@@ -3069,6 +3116,7 @@ MORE_SHAPES = [
     "retry-request",
     "blocksize-policy-error",
     "blocksize-policy-allow",
+    "tmpdisk",
     *CONNECTION_SHAPES,
 ]
 
