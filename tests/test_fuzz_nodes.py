@@ -309,6 +309,9 @@ class Target:
     #: export_of says (tmpdisk): a client's writes are judged by a model of its own, and no
     #: other client, nor libnbd after the batch, may see them.
     private: bool = False
+    #: ... or, where every name leads to an export, one made for a new name keeps what clients
+    #: write to it (ondemand): its model is kept, and read back after each batch too.
+    persistent: bool = False
     #: The contents change from read to read (info's clocks): never learnt, but each read is
     #: judged by this: (offset, bytes, monotonic time before the reader connected) -> what is
     #: wrong with them, or None.
@@ -819,6 +822,8 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         return Target(shape, node, [node, *members], image, check_below=below)
     if shape == "tmpdisk":
         return tmpdisk_shape(start_node, tmp_path, rng)
+    if shape == "ondemand":
+        return ondemand_shape(start_node, tmp_path, rng)
     if shape == "dir":
         folder = tmp_path / "disks"
         folder.mkdir()
@@ -1139,6 +1144,42 @@ def tmpdisk_shape(start_node: Any, tmp_path: Path, rng: random.Random) -> Target
     return Target("tmpdisk", node, [node], image, exports={b"": image}, export_of=export_of,
                   private=True, multi_conn=False, refused=refused, when_idle=no_disk_held,
                   after_stop=temp_empty)  # fmt: skip
+
+
+def ondemand_shape(start_node: Any, tmp_path: Path, rng: random.Random) -> Target:
+    """ondemand over a directory with three exports in it ("" is `default`): a new name is a
+    new blank disk (its command= truncates), made once and kept (a mutated GO may write to
+    one); names with ".", ":" or "/" or over 255 bytes are refused; clients take turns at an
+    export (wait=true). The files hold what the exports serve; no half-made disk is left."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    files = {b"default": lumpy(rng, 64 * KiB), b"a": rng.randbytes(SIZE),
+             b"b": lumpy(rng, 256 * KiB + 4096)}  # fmt: skip
+    for name, image in files.items():
+        (folder / name.decode()).write_bytes(image)
+    new = 'command=truncate -s $size "$disk"'
+    node = under_test(start_node, "ondemand", str(SIZE), f"dir={folder}", "wait=true", new)
+
+    def export_of(name: bytes) -> bytes | None:
+        if not is_nbd_string(name):
+            return None
+        text = name.decode()
+        if any(c in text for c in "./:") or len(name) > 255:
+            return None
+        return files.get(name or b"default", bytes(SIZE))
+
+    def file_below(name: bytes, export: bytes, trimmed: bytearray) -> None:
+        bad = differ((folder / (name or b"default").decode()).read_bytes(), export, trimmed)
+        check(bad is None, f"file {name!r} differs from its export at {bad}")
+
+    def no_folder_left() -> None:
+        left = [p.name for p in folder.iterdir() if p.name.startswith(".")]
+        check(not left, f"ondemand left {left} in its directory")
+
+    refused = [b"a.b", b".", b"..", b"x:y", b"a/b", b"/a", b"n" * 256, b"\xff\xfe", b"a\0"]
+    return Target("ondemand", node, [node], b"", exports=files, aliases={b"": b"default"},
+                  export_of=export_of, persistent=True, multi_conn=False, refused=refused,
+                  check_named=file_below, after_stop=no_folder_left)  # fmt: skip
 
 
 def info_shape(shape: str, start_node: Any, rng: random.Random) -> Target:
@@ -2201,8 +2242,11 @@ class Client:
             if self.t.private:  # every name is this connection's own disk
                 self.name = name
                 return
-            # A name of its own (not read back by libnbd): read-only, so its model stays right.
+            # A name of its own (not read back by libnbd): read-only, so its model stays right;
+            # or kept as one more export (persistent).
             model = self.models.get(name) or self.t.model(content)
+            if self.t.persistent:
+                model = self.models.setdefault(name, model)
             self.name, self.model = name, model
             return
         self.expect(name in self.models, f"export {name!r} accepted, not one of the exports")
@@ -3117,6 +3161,7 @@ MORE_SHAPES = [
     "blocksize-policy-error",
     "blocksize-policy-allow",
     "tmpdisk",
+    "ondemand",
     *CONNECTION_SHAPES,
 ]
 

@@ -315,15 +315,18 @@ def test_tmpdisk_a_missing_tmpdir_exits_1(tmp_path: Path) -> None:
     assert status == 1 and "TMPDIR" in stderr and "not a directory" in stderr, stderr
 
 
-def test_tmpdisk_in_a_topology_is_named_bare_or_by_export() -> None:
+def test_tmpdisk_and_ondemand_in_a_topology_are_named_bare_or_by_export() -> None:
     from orchestrator.topology import TopologyError, load_text
 
     top = load_text(
         """
 nodes:
   scratch: {kind: tmpdisk, params: {size: 1G, label: s}}
+  kept: {kind: ondemand, params: {size: 1G, dir: /srv/exports}}
   a: {kind: cow, upstream: scratch}
   b: {kind: readahead, upstream: scratch/anything}
+  c: {kind: cow, upstream: kept/vm1}
+  d: {kind: cow, upstream: kept}
 exports:
   fresh: {node: scratch, listen: ["unix:/run/t.sock"]}
 """,
@@ -333,5 +336,272 @@ exports:
     assert top.exports["fresh"].served_name == ""  # no --export-name: every name is served
     assert top.nodes["a"].upstreams == ("scratch",)
     assert top.nodes["b"].upstreams == ("scratch/anything",)
+    assert top.nodes["kept"].multi_export == "on-demand"
+    assert top.nodes["c"].upstreams == ("kept/vm1",) and top.nodes["d"].upstreams == ("kept",)
     with pytest.raises(TopologyError, match="unknown parameter 'lable'"):
         load_text("nodes:\n  t: {kind: tmpdisk, params: {size: 1G, lable: x}}\n", "f.yaml")
+
+
+# ondemand -------------------------------------------------------------------------------------
+
+
+def listed_names(uri: str) -> list[str]:
+    """NBD_OPT_LIST's names as they are sent (nbdinfo shows canonical names instead)."""
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_uri(uri)
+    names: list[str] = []
+    h.opt_list(lambda name, description: names.append(name) or 0)
+    h.opt_abort()
+    return sorted(names)
+
+
+def put_file(h: nbd.NBD, tmp_path: Path, name: str, text: str) -> None:
+    """Write /NAME holding `text` into the ext file system of export `h` (through `h`)."""
+    image = save(h, tmp_path / "edit.img")
+    (tmp_path / "content").write_text(text)
+    debugfs(image, f"write {tmp_path / 'content'} {name}", write=True)
+    write_disk(h, image.read_bytes())
+
+
+@pytest.fixture
+def exports_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "exports"
+    d.mkdir()
+    return d
+
+
+def test_ondemand_makes_each_export_once_and_keeps_it(
+    start_node: Callable[..., Proc], exports_dir: Path, tmp_path: Path
+) -> None:
+    node = start_node("ondemand", "4M", f"dir={exports_dir}", "label=od")
+    assert listed_names(node.uri) == [""]  # the default export, always there to be made
+    h = connect(node, "alpha")
+    put_file(h, tmp_path, "note.txt", "kept\n")
+    h.shutdown()
+    # Its file, formatted, holds what the client wrote, and is listed.
+    disk = exports_dir / "alpha"
+    assert disk.stat().st_size == 4 * MiB
+    fsck_clean(disk)
+    assert probe(disk)["TYPE"] == "ext4" and probe(disk)["LABEL"] == "od"
+    assert debugfs(disk, "cat /note.txt") == "kept\n"
+    assert listed_names(node.uri) == ["", "alpha"]
+    # Another connection to it finds it as it was; another name is another file system.
+    h = connect(node, "alpha")
+    assert debugfs(save(h, tmp_path / "again.img"), "cat /note.txt") == "kept\n"
+    h.shutdown()
+    h = connect(node, "beta")
+    assert "note.txt" not in debugfs(save(h, tmp_path / "beta.img"), "ls /")
+    h.shutdown()
+    # "" is the file `default`, listed as "" (nbdinfo --list shows its canonical name).
+    h = connect(node, "")
+    h.shutdown()
+    assert (exports_dir / "default").exists()
+    assert listed_names(node.uri) == ["", "alpha", "beta"]
+    out = run(["nbdinfo", "--list", "--json", node.uri]).stdout
+    assert '"export-name": "default"' in out and '"export-name": "alpha"' in out
+    # After a restart of the node, the same disks.
+    node.stop()
+    node = start_node("ondemand", "4M", f"dir={exports_dir}")
+    assert listed_names(node.uri) == ["", "alpha", "beta"]
+    h = connect(node, "alpha")
+    assert debugfs(save(h, tmp_path / "restarted.img"), "cat /note.txt") == "kept\n"
+    h.shutdown()
+    assert sorted(p.name for p in exports_dir.iterdir()) == ["alpha", "beta", "default"]
+
+
+def test_ondemand_one_client_at_a_time_per_export(
+    start_node: Callable[..., Proc], start_nbdkit: Callable[..., Proc], exports_dir: Path
+) -> None:
+    node = start_node("ondemand", "1M", f"dir={exports_dir}", 'command=truncate -s $size "$disk"')
+    theirs = start_nbdkit("ondemand", f"dir={exports_dir}", "1M",
+                          "command=truncate -s $size \"$disk\"")  # fmt: skip
+    a = connect(node, "shared")
+    for who in (node, theirs):  # the lock holds against this node's clients and nbdkit's
+        with pytest.raises(nbd.Error) as exc:
+            connect(who, "shared")
+        assert exc.value.errno == "ENOENT"
+    assert "filesystem is locked by another client" in node.stderr()
+    other = connect(node, "other")  # other exports are free
+    # INFO too is refused while it is held (as nbdkit), and the list still shows it.
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.set_export_name("shared")
+    h.connect_unix(node.socket)
+    with pytest.raises(nbd.Error):
+        h.opt_info()
+    h.opt_abort()
+    assert "shared" in listed_names(node.uri)
+    a.shutdown()
+    wait_for(lambda: not refused(node, "shared"), what="the export to be free again")
+    # nbdkit's client holds it: ours is refused (the same OFD lock).
+    b = connect(theirs, "shared")
+    assert refused(node, "shared")
+    b.shutdown()
+    wait_for(lambda: not refused(node, "shared"), what="nbdkit's client to let it go")
+    other.shutdown()
+
+
+def test_ondemand_wait_true_waits_for_the_export(
+    start_node: Callable[..., Proc], exports_dir: Path, tmp_path: Path
+) -> None:
+    import threading
+
+    node = start_node("ondemand", "4M", f"dir={exports_dir}", "wait=true")
+    a = connect(node, "turns")
+    got: list[object] = []
+
+    def second() -> None:
+        try:
+            h = connect(node, "turns")
+            got.append(save(h, tmp_path / "second.img"))
+            h.shutdown()
+        except nbd.Error as exc:
+            got.append(exc)
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    waiter.join(0.5)  # (not a timing check: it cannot have the export while A does)
+    assert not got
+    put_file(a, tmp_path, "first.txt", "a was here\n")
+    a.shutdown()
+    waiter.join(30)
+    (image,) = got
+    assert isinstance(image, Path), image
+    assert debugfs(image, "cat /first.txt") == "a was here\n"  # it got it after A
+
+
+BAD_NAMES = [".", "..", ".hidden", "a.b", "x:y", "a/b", "/abs", "n" * 256, "é" * 128]
+GOOD_NAMES = ["-x", "a b", "é" * 127, "n" * 255, "tab\there", "$x", "'q", "x;y"]
+
+
+def test_ondemand_refuses_the_names_nbdkit_refuses(
+    start_node: Callable[..., Proc], start_nbdkit: Callable[..., Proc], tmp_path: Path
+) -> None:
+    results = {}
+    for who in ("ours", "theirs"):
+        folder = tmp_path / who
+        folder.mkdir()
+        command = 'command=truncate -s $size "$disk"'
+        if who == "ours":
+            node = start_node("ondemand", "64K", f"dir={folder}", command)
+        else:
+            node = start_nbdkit("ondemand", f"dir={folder}", "64K", command)
+        results[who] = {name: refused(node, name) for name in BAD_NAMES + GOOD_NAMES}
+        made = sorted(p.name for p in folder.iterdir())
+        assert made == sorted(GOOD_NAMES), (who, made)
+    assert results["ours"] == results["theirs"]
+    assert all(results["ours"][n] for n in BAD_NAMES)
+    assert not any(results["ours"][n] for n in GOOD_NAMES)
+
+
+def test_ondemand_matches_nbdkit(
+    start_node: Callable[..., Proc], start_nbdkit: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """The same requests to each over a directory of its own: the same exports made (ext4,
+    labelled), listed alike, with the same capabilities."""
+    images, lists, caps = {}, {}, {}
+    for who in ("ours", "theirs"):
+        folder = tmp_path / who
+        folder.mkdir()
+        (folder / "given.img").write_bytes(b"\1" * 8192)  # not a valid export name: not listed
+        (folder / "given").write_bytes(b"\2" * 8192)  # one there already
+        args = ("8M", f"dir={folder}", "type=ext4", "label=vol")
+        node = start_node("ondemand", *args) if who == "ours" else start_nbdkit("ondemand", *args)
+        for name in ("x", "y", ""):
+            connect(node, name).shutdown()
+        caps[who] = capabilities(uri_of(node, "x"), AGREED)
+        lists[who] = listed_names(node.uri)
+        given = connect(node, "given")
+        assert read_disk(given) == b"\2" * 8192  # served as it is
+        given.shutdown()
+        images[who] = {name: probe(folder / name) for name in ("x", "y", "default")}
+    assert caps["ours"] == caps["theirs"]
+    assert lists["ours"] == lists["theirs"] == ["", "given", "x", "y"]
+    for name in ("x", "y", "default"):
+        for key in ("TYPE", "LABEL"):
+            assert images["ours"][name][key] == images["theirs"][name][key] == {
+                "TYPE": "ext4", "LABEL": "vol"}[key]  # fmt: skip
+
+
+def test_ondemand_command_makes_new_disks_once_and_whole(
+    start_node: Callable[..., Proc], exports_dir: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "made.log"
+    command = (f'echo "$(basename "$disk") $size $flavour" >> {log}; sleep 0.3; '
+               'truncate -s 12345 "$disk"')  # fmt: skip
+    node = start_node("ondemand", "1M", f"dir={exports_dir}", "wait=true", "flavour=plain",
+                      f"command={command}")  # fmt: skip
+    # Two clients ask for a new name at once: it is made once, both get it in turn.
+    import threading
+
+    sizes: list[object] = []
+
+    def use() -> None:
+        try:
+            h = connect(node, "twice")
+            sizes.append(h.get_size())
+            h.shutdown()
+        except nbd.Error as exc:
+            sizes.append(exc)
+
+    threads = [threading.Thread(target=use) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sizes == [12345, 12345]
+    assert log.read_text() == "twice 1048576 plain\n"
+    assert sorted(p.name for p in exports_dir.iterdir()) == ["twice"]  # no folder left
+
+
+def test_ondemand_a_failed_or_interrupted_making_leaves_no_export(
+    start_node: Callable[..., Proc], exports_dir: Path, tmp_path: Path
+) -> None:
+    flag = tmp_path / "fail"
+    flag.touch()
+    command = f'truncate -s $size "$disk"; test ! -e {flag}'  # makes a file, then fails
+    node = start_node("ondemand", "1M", f"dir={exports_dir}", f"command={command}")
+    assert refused(node, "broken")
+    assert list(exports_dir.iterdir()) == []  # not even the half-made file
+    assert "command= exited with status 1" in node.stderr()
+    flag.unlink()
+    assert not refused(node, "broken")
+    node.stop()
+    # A node killed -9 while it makes a disk: the half-made one is never served.
+    started = tmp_path / "started"
+    command = f'truncate -s $size "$disk"; touch {started}; sleep 300'
+    node = start_node("ondemand", "1M", f"dir={exports_dir}", f"command={command}")
+    client = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import nbd
+        h = nbd.NBD()
+        h.set_export_name("cut")
+        h.connect_unix({node.socket!r})
+    """)], stderr=subprocess.DEVNULL)  # fmt: skip
+    wait_for(started.exists, what="the command to start")
+    node.kill()
+    client.wait(30)
+    node = start_node("ondemand", "1M", f"dir={exports_dir}", 'command=truncate -s 4096 "$disk"')
+    assert listed_names(node.uri) == ["", "broken"]
+    h = connect(node, "cut")
+    assert h.get_size() == 4096  # made anew
+    h.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["1M", "dir={tmp}/nowhere"], "nowhere: No such file or directory"),
+        (["1M", "dir={tmp}/file"], "file: Not a directory"),
+        (["1M"], "'dir' is required"),
+        (["size=0", "dir={tmp}"], "'size'"),
+        (["1M", "dir={tmp}", "type=nosuchfs"], "there is no mkfs.nosuchfs"),
+        (["1M", "dir={tmp}", "wait=maybe"], "'wait'"),
+        (["1M", "dir={tmp}", "colour=red"], "unknown parameter 'colour'"),
+    ],
+)
+def test_ondemand_bad_params_exit_1_saying_why(tmp_path: Path, args: list[str], said: str) -> None:
+    (tmp_path / "file").touch()
+    words = [a.format(tmp=tmp_path) for a in args]
+    status, stderr = node_exits(tmp_path, "ondemand", *words)
+    assert status == 1 and said in stderr, stderr

@@ -11,7 +11,6 @@ error message; a command's goes to the node's stderr.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import re
@@ -248,11 +247,3 @@ class DiskFile(File):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-async def wait_quietly(task: asyncio.Future[Any]) -> None:
-    """Await `task`, whatever it ends with (it reports its own failures)."""
-    try:
-        await task
-    except (Exception, asyncio.CancelledError):
-        pass
