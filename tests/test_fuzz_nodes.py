@@ -824,6 +824,17 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         return tmpdisk_shape(start_node, tmp_path, rng)
     if shape == "ondemand":
         return ondemand_shape(start_node, tmp_path, rng)
+    if shape == "linuxdisk":
+        # A file system of random files in a GPT partition, read-only: what it serves at
+        # first it must serve to the end (and refuse every write).
+        tree = tmp_path / "tree"
+        (tree / "sub").mkdir(parents=True)
+        (tree / "a.bin").write_bytes(rng.randbytes(300 * KiB))
+        (tree / "sub" / "b.bin").write_bytes(lumpy(rng, 200 * KiB))
+        (tree / "link").symlink_to("sub/b.bin")
+        node = under_test(start_node, "linuxdisk", str(tree), "type=ext4", "label=fuzz")
+        image = read_all(node.uri)
+        return Target(shape, node, [node], image, read_only=True, multi_conn=True)
     if shape == "dir":
         folder = tmp_path / "disks"
         folder.mkdir()
@@ -3162,6 +3173,7 @@ MORE_SHAPES = [
     "blocksize-policy-allow",
     "tmpdisk",
     "ondemand",
+    "linuxdisk",
     *CONNECTION_SHAPES,
 ]
 

@@ -605,3 +605,203 @@ def test_ondemand_bad_params_exit_1_saying_why(tmp_path: Path, args: list[str], 
     words = [a.format(tmp=tmp_path) for a in args]
     status, stderr = node_exits(tmp_path, "ondemand", *words)
     assert status == 1 and said in stderr, stderr
+
+
+# linuxdisk ------------------------------------------------------------------------------------
+
+LINUX_FS_GUID = "0fc63daf-8483-4772-8e79-3d69d8477de4"
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A directory of what a root file system holds: text, binary, empty and sparse files,
+    a subdirectory, a symbolic and a hard link, odd names."""
+    root = tmp_path / "tree"
+    (root / "etc" / "deep").mkdir(parents=True)
+    (root / "etc" / "hostname").write_text("linuxdisk-test\n")
+    (root / "etc" / "deep" / "random.bin").write_bytes(os.urandom(300_000))
+    (root / "empty").touch()
+    with (root / "sparse").open("wb") as f:
+        f.truncate(2 * MiB)
+        f.seek(MiB)
+        f.write(b"middle")
+    (root / "with space é").write_text("odd name\n")
+    (root / "hostname-link").symlink_to("etc/hostname")
+    os.link(root / "etc" / "hostname", root / "hardlink")
+    return root
+
+
+def gpt(image: bytes) -> dict[str, object]:
+    """The GPT of a disk image: its header's fields and its first partition's."""
+    import struct
+    import uuid
+    import zlib
+
+    header = image[512 : 512 + 92]
+    (sig, _, size, crc, _, _, backup, first, last, disk_guid, at, count, entry_size,
+     array_crc) = struct.unpack("<8sIIIIQQQQ16sQIII", header)  # fmt: skip
+    raw = bytearray(image[512 : 512 + size])
+    raw[16:20] = bytes(4)
+    array = image[at * 512 : at * 512 + count * entry_size]
+    ptype, _, start, end, attrs, name = struct.unpack("<16s16sQQQ72s", array[:128])
+    return {
+        "signature": sig,
+        "header_crc_ok": zlib.crc32(bytes(raw)) == crc,
+        "array_crc_ok": zlib.crc32(array) == array_crc,
+        "backup_lba": backup,
+        "first_usable": first,
+        "last_usable": last,
+        "entries": count,
+        "type": str(uuid.UUID(bytes_le=ptype)),
+        "start": start,
+        "end": end,
+        "attributes": attrs,
+        "name": name.decode("utf-16-le").rstrip("\0"),
+        "disk_guid": str(uuid.UUID(bytes_le=disk_guid)),
+        "protective_mbr": image[450] == 0xEE and image[510:512] == b"\x55\xaa",
+        "backup_header": image[backup * 512 : backup * 512 + 8] == b"EFI PART",
+        "disk_size": len(image),
+    }
+
+
+def partition_of(image: Path, out: Path) -> Path:
+    data = image.read_bytes()
+    g = gpt(data)
+    out.write_bytes(data[int(g["start"]) * 512 : (int(g["end"]) + 1) * 512])  # type: ignore[call-overload]
+    return out
+
+
+def copy_of(node: Proc, path: Path) -> Path:
+    run(["nbdcopy", node.uri, str(path)])
+    return path
+
+
+def test_linuxdisk_serves_the_directory_as_an_ext_file_system_in_a_gpt_partition(
+    start_node: Callable[..., Proc], tree: Path, tmp_path: Path
+) -> None:
+    node = start_node("linuxdisk", str(tree), "type=ext4", "label=ROOTFS")
+    disk = copy_of(node, tmp_path / "disk.img")
+    g = gpt(disk.read_bytes())
+    assert g["signature"] == b"EFI PART" and g["header_crc_ok"] and g["array_crc_ok"], g
+    assert g["protective_mbr"] and g["backup_header"] and g["entries"] == 128
+    assert g["type"] == LINUX_FS_GUID and g["start"] == 2048 and g["attributes"] == 4
+    fs = partition_of(disk, tmp_path / "fs.img")
+    fsck_clean(fs)
+    assert probe(fs)["TYPE"] == "ext4" and probe(fs)["LABEL"] == "ROOTFS"
+    assert debugfs(fs, "cat /etc/hostname") == "linuxdisk-test\n"
+    (tmp_path / "random.out").unlink(missing_ok=True)
+    debugfs(fs, f"dump /etc/deep/random.bin {tmp_path / 'random.out'}")
+    assert (tmp_path / "random.out").read_bytes() == (tree / "etc/deep/random.bin").read_bytes()
+    assert debugfs(fs, "cat /empty") == ""
+    debugfs(fs, f"dump /sparse {tmp_path / 'sparse.out'}")
+    assert (tmp_path / "sparse.out").read_bytes() == (tree / "sparse").read_bytes()
+    assert debugfs(fs, 'cat "/with space é"') == "odd name\n"
+    assert 'Fast link dest: "etc/hostname"' in debugfs(fs, "stat /hostname-link")
+    assert debugfs(fs, "stat /hardlink").split("Links: ")[1].split()[0] == "2"
+
+
+def test_linuxdisk_is_read_only_and_shared(
+    start_node: Callable[..., Proc], tree: Path, tmp_path: Path
+) -> None:
+    node = start_node("linuxdisk", f"dir={tree}")
+    caps = capabilities(node.uri)
+    assert caps["is_read_only"] and caps["can_multi_conn"] and not caps["can_trim"], caps
+    h = connect(node)
+    with pytest.raises(nbd.Error) as exc:
+        h.pwrite(b"x" * 512, 0)
+    assert exc.value.errno == "EPERM"
+    h.shutdown()
+    # Two clients read the same disk.
+    assert (
+        copy_of(node, tmp_path / "a.img").read_bytes()
+        == copy_of(node, tmp_path / "b.img").read_bytes()
+    )
+    # A partition node over it serves the bare file system (ext2 by default).
+    bare = start_node("partition", "partition=1", upstreams=[node.uri])
+    fs = copy_of(bare, tmp_path / "bare.img")
+    fsck_clean(fs)
+    assert probe(fs)["TYPE"] == "ext2" and "LABEL" not in probe(fs)
+
+
+def test_linuxdisk_sizes(
+    start_node: Callable[..., Proc], tree: Path, tmp_path: Path, start_nbdkit: Callable[..., Proc]
+) -> None:
+    # SIZE: the file system's, rounded up to sectors; the disk has 1 MiB + 33 sectors more.
+    node = start_node("linuxdisk", str(tree), "size=10000000")
+    theirs = start_nbdkit("linuxdisk", str(tree), "size=10000000")
+    want = 10000384 + MiB + 33 * 512
+    assert capabilities(node.uri)["export-size"] == capabilities(theirs.uri)["export-size"] == want
+    # +SIZE: at least that much free for users after the files.
+    node = start_node("linuxdisk", str(tree), "size=+64M", "type=ext3")
+    fs = partition_of(copy_of(node, tmp_path / "plus.img"), tmp_path / "plus.fs")
+    head = run(["dumpe2fs", "-h", str(fs)]).stdout
+    fields = dict(line.split(":", 1) for line in head.splitlines() if ":" in line)
+    free = int(fields["Free blocks"]) - int(fields["Reserved block count"])
+    assert free * int(fields["Block size"]) >= 64 * MiB
+    assert "has_journal" in fields["Filesystem features"]
+    # No size: about just enough (and the files are all there).
+    node = start_node("linuxdisk", str(tree))
+    fs = partition_of(copy_of(node, tmp_path / "fit.img"), tmp_path / "fit.fs")
+    fsck_clean(fs)
+    assert fs.stat().st_size < 8 * MiB
+    assert debugfs(fs, "cat /etc/hostname") == "linuxdisk-test\n"
+
+
+def test_linuxdisk_matches_nbdkit(
+    start_node: Callable[..., Proc], start_nbdkit: Callable[..., Proc], tree: Path, tmp_path: Path
+) -> None:
+    args = (str(tree), "size=16M", "type=ext4", "label=same")
+    ours, theirs = start_node("linuxdisk", *args), start_nbdkit("linuxdisk", *args)
+    agreed = ("export-size", "is_read_only", "can_flush", "can_fua", "can_trim", "can_zero",
+              "can_fast_zero", "can_cache", "can_multi_conn", "can_df")  # fmt: skip
+    assert capabilities(ours.uri, agreed) == capabilities(theirs.uri, agreed)
+    tables, files = {}, {}
+    for who, node in (("ours", ours), ("theirs", theirs)):
+        disk = copy_of(node, tmp_path / f"{who}.img")
+        tables[who] = gpt(disk.read_bytes())
+        fs = partition_of(disk, tmp_path / f"{who}.fs")
+        fsck_clean(fs)
+        odd = debugfs(fs, 'cat "/with space é"')
+        files[who] = (probe(fs)["TYPE"], probe(fs)["LABEL"], debugfs(fs, "cat /etc/hostname"), odd)
+    assert files["ours"] == files["theirs"] == ("ext4", "same", "linuxdisk-test\n", "odd name\n")
+    layout = ("first_usable", "last_usable", "entries", "start", "end", "attributes", "name",
+              "backup_lba", "disk_size", "header_crc_ok", "array_crc_ok")  # fmt: skip
+    assert {k: tables["ours"][k] for k in layout} == {k: tables["theirs"][k] for k in layout}
+    # nbdkit 1.32 writes the type GUID's text as its bytes; ours is the Linux data type.
+    assert tables["ours"]["type"] == LINUX_FS_GUID != tables["theirs"]["type"]
+    # ... and an all-zero disk GUID; ours is random.
+    zero = "00000000-0000-0000-0000-000000000000"
+    assert tables["theirs"]["disk_guid"] == zero != tables["ours"]["disk_guid"]
+
+
+def test_linuxdisk_leaves_nothing_in_tmpdir(
+    start_node: Callable[..., Proc], tree: Path, tmpdir_env: tuple[Path, dict[str, str]]
+) -> None:
+    directory, env = tmpdir_env
+    node = start_node("linuxdisk", str(tree), env=env)
+    assert list(directory.iterdir()) == []
+    held = disk_fds(node.pid, directory)
+    assert len(held) == 1 and held[0].endswith("(deleted)"), held
+    node.kill()
+    assert list(directory.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["{tmp}/nowhere"], "nowhere: No such file or directory"),
+        (["{tmp}/file"], "file: Not a directory"),
+        ([], "'dir' is required"),
+        (["{tree}", "type=ext5"], "'type'"),
+        (["{tree}", "size=0"], "'size'"),
+        (["{tree}", "size=+x"], "'size'"),
+        (["{tree}", "size=100K"], "Could not allocate"),
+    ],
+)
+def test_linuxdisk_bad_params_exit_1_saying_why(
+    tmp_path: Path, tree: Path, args: list[str], said: str
+) -> None:
+    (tmp_path / "file").touch()
+    words = [a.format(tmp=tmp_path, tree=tree) for a in args]
+    status, stderr = node_exits(tmp_path, "linuxdisk", *words)
+    assert status == 1 and said in stderr, stderr
