@@ -805,3 +805,44 @@ def test_linuxdisk_bad_params_exit_1_saying_why(
     words = [a.format(tmp=tmp_path, tree=tree) for a in args]
     status, stderr = node_exits(tmp_path, "linuxdisk", *words)
     assert status == 1 and said in stderr, stderr
+
+
+def test_orchestrator_exports_an_ondemand_node_and_a_filter_over_one_of_its_exports(
+    tmp_path: Path,
+) -> None:
+    """`up` serves an ondemand node on its export's addresses (every name, made on first use;
+    the URIs name none, with a note) and a cow over `kept/vm1`, which that node makes."""
+    from test_orchestrator import Fabric, assert_all_gone
+
+    (tmp_path / "exports").mkdir()
+    fab = Fabric(
+        tmp_path,
+        "name: od\nnodes:\n"
+        '  kept: {kind: ondemand, params: {size: 2M, dir: "${SOCKDIR}/exports",'
+        ' command: "truncate -s $size \\"$disk\\""}}\n'
+        "  vm1: {kind: cow, upstream: kept/vm1}\n"
+        'exports:\n  all: {node: kept, listen: ["unix:${SOCKDIR}/all.sock"]}\n'
+        '  one: {node: vm1, listen: ["unix:${SOCKDIR}/one.sock"]}\n',
+    )
+    try:
+        out = fab.up()
+        note = "  (an export made for each name asked for, nbdinfo --list)"
+        assert f"  all: nbd+unix:///?socket={tmp_path}/all.sock{note}\n" in out, out
+        assert fab.status()["kept"]["exports"] == "on-demand"
+        assert (tmp_path / "exports" / "vm1").stat().st_size == 2 * MiB  # made for the cow
+        h = nbd.NBD()
+        h.connect_uri(fab.uri("one"))
+        h.pwrite(b"overlay!" * 512, 0)
+        assert h.pread(4096, 0) == b"overlay!" * 512
+        h.shutdown()
+        assert (tmp_path / "exports" / "vm1").read_bytes() == bytes(2 * MiB)  # the cow's own
+        h = nbd.NBD()
+        h.set_export_name("fresh")
+        h.connect_unix(str(tmp_path / "all.sock"))
+        assert h.get_size() == 2 * MiB
+        h.shutdown()
+        assert listed_names(f"nbd+unix:///?socket={tmp_path}/all.sock") == ["", "fresh", "vm1"]
+        pids = set(fab.pids)
+    finally:
+        fab.cli("down", check=False)
+    assert_all_gone(tmp_path, pids)
