@@ -570,7 +570,7 @@ def test_ondemand_a_failed_or_interrupted_making_leaves_no_export(
     node.stop()
     # A node killed -9 while it makes a disk: the half-made one is never served.
     started = tmp_path / "started"
-    command = f'truncate -s $size "$disk"; touch {started}; sleep 300'
+    command = f'truncate -s $size "$disk"; echo $$ > {started}; sleep 300'
     node = start_node("ondemand", "1M", f"dir={exports_dir}", f"command={command}")
     client = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import nbd
@@ -578,9 +578,10 @@ def test_ondemand_a_failed_or_interrupted_making_leaves_no_export(
         h.set_export_name("cut")
         h.connect_unix({node.socket!r})
     """)], stderr=subprocess.DEVNULL)  # fmt: skip
-    wait_for(started.exists, what="the command to start")
+    wait_for(lambda: started.exists() and started.read_text().strip(), what="the command")
     node.kill()
     client.wait(30)
+    os.killpg(int(started.read_text()), signal.SIGKILL)  # it outlives a node killed -9
     node = start_node("ondemand", "1M", f"dir={exports_dir}", 'command=truncate -s 4096 "$disk"')
     assert listed_names(node.uri) == ["", "broken"]
     h = connect(node, "cut")

@@ -9,8 +9,9 @@ back as it was left. The default export "" is the file `default`. Names are refu
 than 255 bytes; so is a name whose file is not a regular file or block device (after links: a
 directory, a FIFO, a dangling link). A new disk is made in a hidden folder of the directory
 (`.ondemandXXXXXX`, which no export name reaches) and linked into place only once made, never
-over a file that appeared meanwhile: no client gets a half-made disk, even after a crash. Two
-clients asking for a new name at once wait for the same making.
+over a file that appeared meanwhile: no client gets a half-made disk, even after a crash (a
+node killed -9 while it makes one leaves that folder behind, for the operator to remove). Two
+clients asking for a new name at once wait for the same making, which goes on if they leave.
 
 One client at a time uses an export: its file is locked (an open file description lock,
 F_OFD_SETLK, as nbdkit 1.32 takes, so nbdkit and this node exclude each other on the same

@@ -7,7 +7,9 @@ script `command=` makes at "$disk". The disk is made when the client first names
 kept for the rest of that connection (an INFO and then a GO see the same disk), and gone when
 the client disconnects however it does (a kill -9 too): the file is unlinked as soon as it is
 open, so the disk lives only as long as the node holds it, and nothing is left in $TMPDIR even
-if the node itself is killed. Clients never see each other's disks; multi-conn is not offered
+if the node itself is killed (but for a disk being made at that moment: its command, in a
+process group of its own, is ended when the client gives up or the node stops, not when the
+node is killed). Clients never see each other's disks; multi-conn is not offered
 (a second connection is another disk). Every export name leads to the client's disk; the list
 (NBD_OPT_LIST) has the default export "" only. A disk that cannot be made (mkfs fails, the
 command fails or makes nothing) refuses that client (NBD_REP_ERR_UNKNOWN, the reason in the
