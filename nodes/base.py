@@ -29,8 +29,9 @@ Extents = list[tuple[int, int]]
 Piece = memoryview | int
 #: What a node that serves several exports, chosen by name, serves (see Backend.multi_export):
 #: "directory" (file dir=, one export per file), "names" (exportname: the names it maps onto
-#: its upstream's exports; "" among them).
-MultiExport = Literal["directory", "names"]
+#: its upstream's exports; "" among them), "on-demand" (tmpdisk, ondemand: an export made for
+#: the name a client asks for, "" among them).
+MultiExport = Literal["directory", "names", "on-demand"]
 
 
 class Support(IntEnum):

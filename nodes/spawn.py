@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 from typing import IO, Any
 
@@ -69,6 +70,14 @@ class Child:
     def kill(self) -> None:
         self.popen.kill()
 
+    def kill_group(self) -> None:
+        """SIGKILL to its process group (one started with new_session=True): the shell and
+        what it started. Only before it is reaped: until then its pid, the group's id, is
+        nobody else's."""
+        if self.popen.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+
 
 async def shell(
     command: str,
@@ -76,11 +85,15 @@ async def shell(
     env: dict[str, str] | None = None,
     stdin: int | IO[Any] | None = None,
     stdout: int | IO[Any] | None = None,
+    new_session: bool = False,
 ) -> Child:
     """Run `command` through /bin/sh, as asyncio.create_subprocess_shell; stdout=PIPE gives
-    the Child a StreamReader."""
+    the Child a StreamReader. `new_session`: in a session (and process group) of its own, so
+    that kill_group() ends what the script started too."""
     # In the loop, as asyncio's default loop does it too: Popen returns once the child execs.
-    popen = subprocess.Popen(command, shell=True, env=env, stdin=stdin, stdout=stdout)  # noqa: ASYNC220
+    popen = subprocess.Popen(  # noqa: ASYNC220
+        command, shell=True, env=env, stdin=stdin, stdout=stdout, start_new_session=new_session
+    )
     child = Child(popen)
     if popen.stdout is not None:
         reader = child.stdout = asyncio.StreamReader()

@@ -150,6 +150,7 @@ def _rpc_error(exc: grpc.RpcError) -> str:
 _EXPORTS_NOTE = {
     "directory": "  (directory: one export per file, nbdinfo --list)",
     "names": "  (exportname: the upstream's exports by name, nbdinfo --list)",
+    "on-demand": "  (an export made for each name asked for, nbdinfo --list)",
 }
 
 

@@ -136,8 +136,9 @@ class Node:
     workers: int = 1
     healthcheck: Healthcheck = Healthcheck()
     #: None, or what the node serves several exports of, chosen by name ("directory": file
-    #: dir=, one per file; "names": exportname); its upstream references then name one
-    #: (`NODE/EXPORT`; of "names", a bare `NODE` is its default export).
+    #: dir=, one per file; "names": exportname; "on-demand": tmpdisk, ondemand); its upstream
+    #: references then name one (`NODE/EXPORT`; of all but "directory", a bare `NODE` is its
+    #: default export).
     multi_export: str | None = None
     line: int | None = None
 
@@ -196,7 +197,10 @@ class Topology:
 _MULTI_TEXT = {
     "directory": ("a directory (one export per file)", "one of its files"),
     "names": ("the exports its upstream serves", "one of them"),
+    "on-demand": ("exports made on demand", "one"),
 }
+#: Node.multi_export values with a default export (""), which a bare `NODE` names.
+_HAS_DEFAULT = ("names", "on-demand")
 
 
 # -- structural schema (per node / per export) -------------------------------------------------
@@ -722,7 +726,7 @@ class _Validator:
         if target is None:  # invalid itself, and reported
             return None
         # An exportname node has a default export (""), which a bare reference names.
-        if target.multi_export and target.multi_export != "names" and ref.export is None:
+        if target.multi_export and target.multi_export not in _HAS_DEFAULT and ref.export is None:
             what, which = _MULTI_TEXT.get(target.multi_export, ("several exports", "one"))
             return f"node {ref.node!r} serves {what}: name {which}, '{ref.node}/NAME'"
         if not target.multi_export and ref.export is not None:

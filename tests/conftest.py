@@ -173,7 +173,9 @@ def start_nbdkit(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         pytest.fail("nbdkit is not installed: run `make setup`")
     procs: list[Proc] = []
 
-    def start(*args: str, pass_fds: tuple[int, ...] = ()) -> Proc:
+    def start(
+        *args: str, pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None
+    ) -> Proc:
         n = next(_counter)
         sock = str(tmp_path / f"nbdkit{n}.sock")
         log = tmp_path / f"nbdkit{n}.log"
@@ -182,6 +184,7 @@ def start_nbdkit(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
             stdout=subprocess.DEVNULL,
             stderr=log.open("wb"),
             pass_fds=pass_fds,
+            env={**os.environ, **(env or {})},
         )
         p = Proc(proc, uri=f"nbd+unix:///?socket={sock}", socket=sock, log=log)
         procs.append(p)

@@ -51,6 +51,9 @@ BASE: dict[str, list[str]] = {
     "partition": ["partition=1"],
     "split": ["file=disk.img"],
     "partitioning": ["file=disk.img"],
+    "tmpdisk": ["size=1M"],
+    "ondemand": ["size=1M", "dir=."],
+    "linuxdisk": ["dir=."],
 }
 PARAMS = [(kind, entry) for kind, cls in KINDS.items() for entry in field_info(cls.Params)]
 PARAM_IDS = [f"{kind}.{entry['name']}" for kind, entry in PARAMS]

@@ -305,6 +305,13 @@ class Target:
     #: Every name leads to an export (info): what it holds for a name, None for a name the
     #: node must refuse. `exports` are then the names libnbd reads back after each batch.
     export_of: Callable[[bytes], bytes | None] | None = None
+    #: Each connection has a disk of its own, whatever name it asks for, fresh from what
+    #: export_of says (tmpdisk): a client's writes are judged by a model of its own, and no
+    #: other client, nor libnbd after the batch, may see them.
+    private: bool = False
+    #: ... or, where every name leads to an export, one made for a new name keeps what clients
+    #: write to it (ondemand): its model is kept, and read back after each batch too.
+    persistent: bool = False
     #: The contents change from read to read (info's clocks): never learnt, but each read is
     #: judged by this: (offset, bytes, monotonic time before the reader connected) -> what is
     #: wrong with them, or None.
@@ -376,10 +383,11 @@ def under_test(
     upstreams: Sequence[str] = (),
     extra: tuple[str, ...] = (),
     control: bool = False,
+    env: dict[str, str] | None = None,
 ) -> Proc:
     """The node the fuzz clients talk to: with metrics, to tell when its sessions are over."""
     extra = (*extra, "--metrics", "127.0.0.1:0")
-    return start_node(kind, *args, upstreams=upstreams, extra=extra, control=control)
+    return start_node(kind, *args, upstreams=upstreams, extra=extra, control=control, env=env)
 
 
 def sessions_open(node: Proc, timeout: float) -> int:
@@ -812,6 +820,21 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         node = under_test(start_node, shape, upstreams=[m.uri for m in members])
         below = members_below(shape, members)
         return Target(shape, node, [node, *members], image, check_below=below)
+    if shape == "tmpdisk":
+        return tmpdisk_shape(start_node, tmp_path, rng)
+    if shape == "ondemand":
+        return ondemand_shape(start_node, tmp_path, rng)
+    if shape == "linuxdisk":
+        # A file system of random files in a GPT partition, read-only: what it serves at
+        # first it must serve to the end (and refuse every write).
+        tree = tmp_path / "tree"
+        (tree / "sub").mkdir(parents=True)
+        (tree / "a.bin").write_bytes(rng.randbytes(300 * KiB))
+        (tree / "sub" / "b.bin").write_bytes(lumpy(rng, 200 * KiB))
+        (tree / "link").symlink_to("sub/b.bin")
+        node = under_test(start_node, "linuxdisk", str(tree), "type=ext4", "label=fuzz")
+        image = read_all(node.uri)
+        return Target(shape, node, [node], image, read_only=True, multi_conn=True)
     if shape == "dir":
         folder = tmp_path / "disks"
         folder.mkdir()
@@ -1097,6 +1120,77 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
     if shape == "stats":
         extras["after_stop"] = lambda: check_stats(tmp_path / "stats.json")
     return Target(shape, node, [node, *procs], image, check_below=below, **extras)
+
+
+def tmpdisk_shape(start_node: Any, tmp_path: Path, rng: random.Random) -> Target:
+    """tmpdisk: each connection a fresh copy of a random image (its command= copies it, as
+    nbdkit's manual shows), whatever name it asks for: no client sees another's writes, and
+    no disk outlives its connection (after each batch the node holds none; after the run its
+    TMPDIR is empty)."""
+    image = lumpy(rng, SIZE)
+    base, temp = tmp_path / "base.img", tmp_path / "tmp"
+    base.write_bytes(image)
+    temp.mkdir()
+    copy = 'command=cp --sparse=always "$base" "$disk"'
+    node = under_test(start_node, "tmpdisk", "size=0", f"base={base}", copy,
+                      env={"TMPDIR": str(temp)})  # fmt: skip
+
+    def export_of(name: bytes) -> bytes | None:
+        return image if is_nbd_string(name) else None
+
+    def no_disk_held() -> None:
+        held = []
+        for fd in Path(f"/proc/{node.pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd).startswith(f"{temp}/"):
+                    held.append(os.readlink(fd))
+        check(not held, f"no client is connected, yet the node holds disks: {held}")
+
+    def temp_empty() -> None:
+        left = sorted(p.name for p in temp.iterdir())
+        check(not left, f"tmpdisk left {left} in its TMPDIR")
+
+    # Every name is the client's disk, but for what is no NBD string (so clients try names).
+    refused = [b"x" * 4097, b"\xff\xfe", b"a\0", b"\xc3", b"\xed\xa0\x80"]
+    return Target("tmpdisk", node, [node], image, exports={b"": image}, export_of=export_of,
+                  private=True, multi_conn=False, refused=refused, when_idle=no_disk_held,
+                  after_stop=temp_empty)  # fmt: skip
+
+
+def ondemand_shape(start_node: Any, tmp_path: Path, rng: random.Random) -> Target:
+    """ondemand over a directory with three exports in it ("" is `default`): a new name is a
+    new blank disk (its command= truncates), made once and kept (a mutated GO may write to
+    one); names with ".", ":" or "/" or over 255 bytes are refused; clients take turns at an
+    export (wait=true). The files hold what the exports serve; no half-made disk is left."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    files = {b"default": lumpy(rng, 64 * KiB), b"a": rng.randbytes(SIZE),
+             b"b": lumpy(rng, 256 * KiB + 4096)}  # fmt: skip
+    for name, image in files.items():
+        (folder / name.decode()).write_bytes(image)
+    new = 'command=truncate -s $size "$disk"'
+    node = under_test(start_node, "ondemand", str(SIZE), f"dir={folder}", "wait=true", new)
+
+    def export_of(name: bytes) -> bytes | None:
+        if not is_nbd_string(name):
+            return None
+        text = name.decode()
+        if any(c in text for c in "./:") or len(name) > 255:
+            return None
+        return files.get(name or b"default", bytes(SIZE))
+
+    def file_below(name: bytes, export: bytes, trimmed: bytearray) -> None:
+        bad = differ((folder / (name or b"default").decode()).read_bytes(), export, trimmed)
+        check(bad is None, f"file {name!r} differs from its export at {bad}")
+
+    def no_folder_left() -> None:
+        left = [p.name for p in folder.iterdir() if p.name.startswith(".")]
+        check(not left, f"ondemand left {left} in its directory")
+
+    refused = [b"a.b", b".", b"..", b"x:y", b"a/b", b"/a", b"n" * 256, b"\xff\xfe", b"a\0"]
+    return Target("ondemand", node, [node], b"", exports=files, aliases={b"": b"default"},
+                  export_of=export_of, persistent=True, multi_conn=False, refused=refused,
+                  check_named=file_below, after_stop=no_folder_left)  # fmt: skip
 
 
 def info_shape(shape: str, start_node: Any, rng: random.Random) -> Target:
@@ -1593,6 +1687,8 @@ class Client:
         #: The export this client asks for, and its model.
         self.name = rng.choice(sorted(models)) if len(models) > 1 else b""
         self.model = models[self.name]
+        if target.private:
+            self.model = target.model(target.initial_of(self.name))
         self.rng = rng
         self.stats = stats
         self.tag = tag
@@ -1749,7 +1845,7 @@ class Client:
         READ of the seed a TRIM, or a payload byte a header. Every request the node can act on
         starts with the request magic, so each header found anywhere in `data` that could
         change the export makes its range unknown, as a write cut off with its connection."""
-        if self.t.writes != "store":
+        if self.t.writes != "store" or self.t.private:  # private: its disk is gone with it
             return
         magic = REQUEST_MAGIC.to_bytes(4, "big")
         at = data.find(magic)
@@ -2154,8 +2250,14 @@ class Client:
             content = self.t.export_of(name)
             self.expect(content is not None, f"export {name!r} accepted, it must be refused")
             assert content is not None
-            # A name of its own (not read back by libnbd): read-only, so its model stays right.
+            if self.t.private:  # every name is this connection's own disk
+                self.name = name
+                return
+            # A name of its own (not read back by libnbd): read-only, so its model stays right;
+            # or kept as one more export (persistent).
             model = self.models.get(name) or self.t.model(content)
+            if self.t.persistent:
+                model = self.models.setdefault(name, model)
             self.name, self.model = name, model
             return
         self.expect(name in self.models, f"export {name!r} accepted, not one of the exports")
@@ -3069,6 +3171,9 @@ MORE_SHAPES = [
     "retry-request",
     "blocksize-policy-error",
     "blocksize-policy-allow",
+    "tmpdisk",
+    "ondemand",
+    "linuxdisk",
     *CONNECTION_SHAPES,
 ]
 

@@ -59,6 +59,7 @@ import re
 import struct
 import uuid
 import zlib
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, WithJsonSchema, field_validator, model_validator
@@ -66,6 +67,7 @@ from pydantic import BeforeValidator, WithJsonSchema, field_validator, model_val
 from ..params import Many, Params, param, repeated
 from ..registry import register
 from ..values import c_integer, parse_size
+from .file import File
 from .split import FileLayout, Region
 
 SECTOR = 512
@@ -309,65 +311,100 @@ class Partitioning(FileLayout):
     def _gpt(self, sectors: list[int], alignments: list[int]) -> list[tuple[int, bytes | int]]:
         """(sector, table bytes | file index) of everything on a GPT disk, and its end."""
         p = self.params
-        n = len(sectors)
-        slots = max(1, -(-n // GPT_ENTRIES_STEP)) * GPT_ENTRIES_STEP
-        array_sectors = slots * GPT_ENTRY.size // SECTOR
-        first_usable = 2 + array_sectors
-        places: list[tuple[int, bytes | int]] = []
-        entries = []
-        pos = first_usable
         paths = [os.path.abspath(f) for f in p.file]
-        for i, (count, alignment) in enumerate(zip(sectors, alignments, strict=True)):
-            start = _align_up(pos, alignment)
-            places.append((start, i))
-            pos = start + count
-            entries.append(
-                GPT_ENTRY.pack(
-                    uuid.UUID(p.setting(p.type_guid, i, DEFAULT_TYPE_GUID)).bytes_le,
-                    _guid("partition", str(i + 1), paths[i]),
-                    start,
-                    pos - 1,
-                    GPT_BIOS_BOOTABLE if i == 0 else 0,
-                    _name(p.file[i]),
-                )
+        partitions = [
+            GptPartition(
+                sectors=count,
+                alignment=alignment,
+                type_guid=p.setting(p.type_guid, i, DEFAULT_TYPE_GUID),
+                guid=_guid("partition", str(i + 1), paths[i]),
+                name=_name(p.file[i]),
+                attributes=GPT_BIOS_BOOTABLE if i == 0 else 0,
             )
-        array = b"".join(entries).ljust(slots * GPT_ENTRY.size, b"\0")
-        last_usable, backup_array = pos - 1, pos
-        last = backup_array + array_sectors
-        disk_guid = _guid("disk", *paths)
-
-        def header(mine: int, other: int, array_at: int) -> bytes:
-            fields = [b"EFI PART", 0x00010000, GPT_HEADER_SIZE, 0, 0, mine, other, first_usable,
-                      last_usable, disk_guid, array_at, slots, GPT_ENTRY.size,
-                      zlib.crc32(array)]  # fmt: skip
-            blank = GPT_HEADER.pack(*fields).ljust(GPT_HEADER_SIZE, b"\0")
-            fields[3] = zlib.crc32(blank)
-            return GPT_HEADER.pack(*fields).ljust(SECTOR, b"\0")
-
-        protective = _mbr_entry(0, MBR_PROTECTIVE, 1, min(last, 0xFFFFFFFF))
-        places += [
-            (0, _boot_record([protective])),
-            (1, header(1, last, 2)),
-            (2, array),
-            (backup_array, array),
-            (last, header(last, 1, backup_array)),
-            (last + 1, b""),  # the end of the disk
+            for i, (count, alignment) in enumerate(zip(sectors, alignments, strict=True))
         ]
-        return places
+        return gpt_places(partitions, _guid("disk", *paths))
 
     def _regions(self, places: list[tuple[int, bytes | int]], sizes: list[int]) -> list[Region]:
-        """The disk's regions from what is placed where (the last place, b"", is its end):
-        the gaps between are padding."""
-        regions: list[Region] = []
-        pos = 0
-        for sector, what in sorted(places, key=lambda place: place[0]):
-            at = sector * SECTOR
-            if at > pos:
-                regions.append(Region(pos, at - pos))
-            if isinstance(what, int):
-                regions.append(Region(at, sizes[what], self.files[what]))
-                pos = at + sizes[what]
-            elif what:
-                regions.append(Region(at, len(what), fixed=what))
-                pos = at + len(what)
-        return regions
+        return regions_at(places, sizes, self.files)
+
+
+def regions_at(
+    places: list[tuple[int, bytes | int]], sizes: list[int], files: list[File]
+) -> list[Region]:
+    """A disk's regions from what is placed where, by sector (an int: that one of `files`,
+    of `sizes[i]` bytes; bytes: a table; the last place, b"", is the disk's end): the gaps
+    between are padding."""
+    regions: list[Region] = []
+    pos = 0
+    for sector, what in sorted(places, key=lambda place: place[0]):
+        at = sector * SECTOR
+        if at > pos:
+            regions.append(Region(pos, at - pos))
+        if isinstance(what, int):
+            regions.append(Region(at, sizes[what], files[what]))
+            pos = at + sizes[what]
+        elif what:
+            regions.append(Region(at, len(what), fixed=what))
+            pos = at + len(what)
+    return regions
+
+
+@dataclass(frozen=True)
+class GptPartition:
+    """One partition of a GPT disk, as gpt_places() lays it out."""
+
+    sectors: int
+    alignment: int  #: its start is the next multiple of this after what comes before it
+    type_guid: str  #: XXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX
+    guid: bytes  #: its unique GUID, as stored (mixed endian)
+    name: bytes  #: 72 bytes of UTF-16LE
+    attributes: int = 0
+
+
+def gpt_places(partitions: list[GptPartition], disk_guid: bytes) -> list[tuple[int, bytes | int]]:
+    """(sector, table bytes | partition index) of everything on a GPT disk holding these
+    partitions in order, and (last) its end: a protective MBR, the header in sector 1 and the
+    partition array after it, the partitions, the backup array and header in the last sector."""
+    slots = max(1, -(-len(partitions) // GPT_ENTRIES_STEP)) * GPT_ENTRIES_STEP
+    array_sectors = slots * GPT_ENTRY.size // SECTOR
+    first_usable = 2 + array_sectors
+    places: list[tuple[int, bytes | int]] = []
+    entries = []
+    pos = first_usable
+    for i, part in enumerate(partitions):
+        start = _align_up(pos, part.alignment)
+        places.append((start, i))
+        pos = start + part.sectors
+        entries.append(
+            GPT_ENTRY.pack(
+                uuid.UUID(part.type_guid).bytes_le,
+                part.guid,
+                start,
+                pos - 1,
+                part.attributes,
+                part.name,
+            )
+        )
+    array = b"".join(entries).ljust(slots * GPT_ENTRY.size, b"\0")
+    last_usable, backup_array = pos - 1, pos
+    last = backup_array + array_sectors
+
+    def header(mine: int, other: int, array_at: int) -> bytes:
+        fields = [b"EFI PART", 0x00010000, GPT_HEADER_SIZE, 0, 0, mine, other, first_usable,
+                  last_usable, disk_guid, array_at, slots, GPT_ENTRY.size,
+                  zlib.crc32(array)]  # fmt: skip
+        blank = GPT_HEADER.pack(*fields).ljust(GPT_HEADER_SIZE, b"\0")
+        fields[3] = zlib.crc32(blank)
+        return GPT_HEADER.pack(*fields).ljust(SECTOR, b"\0")
+
+    protective = _mbr_entry(0, MBR_PROTECTIVE, 1, min(last, 0xFFFFFFFF))
+    places += [
+        (0, _boot_record([protective])),
+        (1, header(1, last, 2)),
+        (2, array),
+        (backup_array, array),
+        (last, header(last, 1, backup_array)),
+        (last + 1, b""),  # the end of the disk
+    ]
+    return places
