@@ -10,6 +10,7 @@ import decimal
 import errno as _errno
 import math
 import re
+import shlex
 from typing import Any
 
 # re.ASCII: `\d` would take any script's digits (`٣K`, the fullwidth ones) as a number.
@@ -147,6 +148,8 @@ def value_text(kind: str, value: Any) -> str:
         return "true" if value else "false"
     if value == "":
         return "''"
+    if isinstance(value, str) and any(c.isspace() for c in value):
+        return shlex.quote(value)  # one word: eval's `missing` is `'exit 2'`
     if kind == "errno" and isinstance(value, int):
         return _errno_name(value)
     if kind == "size" and isinstance(value, int) and value > 0:
