@@ -192,7 +192,8 @@ async def run_captured(
     )
     child = Child(popen)
     loop = asyncio.get_running_loop()
-    transports: list[asyncio.BaseTransport] = []
+    readers: list[asyncio.BaseTransport] = []
+    writer: asyncio.WriteTransport | None = None
 
     def kill() -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -208,12 +209,11 @@ async def run_captured(
         assert popen.stdout is not None and popen.stderr is not None
         for pipe, protocol in ((popen.stdout, out), (popen.stderr, err)):
             reader, _ = await loop.connect_read_pipe(lambda p=protocol: p, pipe)  # type: ignore[misc]
-            transports.append(reader)
+            readers.append(reader)
             unowned.remove(pipe)
         if data is not None:
             assert popen.stdin is not None
             writer, _ = await loop.connect_write_pipe(_Input, popen.stdin)
-            transports.append(writer)
             unowned.remove(popen.stdin)
             if len(data):
                 writer.write(data)
@@ -232,8 +232,10 @@ async def run_captured(
         kill()  # cancelled, or the pipes could not be watched: reaped by Child in any case
         raise
     finally:
-        for transport in transports:
+        for transport in readers:
             transport.close()
+        if writer is not None:
+            writer.abort()  # what it did not read goes: the caller's buffer is theirs again
         for file in unowned:
             file.close()
     return Captured(
