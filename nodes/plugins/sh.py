@@ -31,14 +31,22 @@ Example: `nbdfabric node sh ./disk.sh file=disk.img --listen unix:/tmp/sh.sock` 
 like nbdkit's example.sh (`get_size) stat -L -c %s "$(cat $tmpdir/file)"`, `pread) dd
 if=... skip=$4 count=$3 iflag=skip_bytes,count_bytes`, ...).
 
-Differences from nbdkit 1.32: a script that runs longer than `script-timeout` is killed and its
-request fails with EIO (nbdkit waits for it forever). A client's export is opened when it looks
+A run that is killed by a signal, prints what cannot be parsed or the wrong number of bytes
+fails that request with EIO (an export it cannot describe is refused to the client), with a
+line in the node's log; the node serves on. As it serves the export names the script takes
+(and lists), the node takes no --export-name.
+
+Differences from nbdkit 1.32: a script that runs longer than `script-timeout` is killed, with
+whatever it started, and its request fails with EIO (nbdkit waits for it forever, and so do
+its other clients under the default thread model). A read of the wrong length is EIO (nbdkit
+sets no errno for it: the client gets a stale one). A client's export is opened when it looks
 it up (NBD_OPT_INFO or GO) and, looked up again by name, keeps its handle (nbdkit opens and
 closes for each INFO); an export whose open or can_* fails is refused as unknown (nbdkit drops
 the connection for some). Requests that break the script's block_size are refused with EINVAL
 (nbdkit passes them on). A key given several times goes to `config` with each value where it
 was first given; bare values where the first was. An errno name the script prints is any
-the system knows (EACCES reaches the client as EPERM, where nbdkit says EIO).
+the system knows (EACCES reaches the client as EPERM, where nbdkit says EIO). A list's last
+line counts without its newline too (nbdkit drops it in INTERLEAVED mode).
 """
 
 from __future__ import annotations
