@@ -194,6 +194,9 @@ class Backend:
     #: SIGTERM does (no new clients, requests in flight finish, flush, exit 0). For kinds that
     #: end their node (exitlast, exitwhen); None where no node serves the backend (a test's).
     stop_node: Callable[[], None] | None = None
+    #: Set on its backend by the node runtime that serves it: the node was started with
+    #: --read-only (the scriptable kinds tell their script, as nbdkit tells it of -r).
+    read_only: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 import typing
 from collections.abc import Iterable
 from typing import Annotated, Any, ClassVar
@@ -105,6 +106,22 @@ def secret(default: Any = None, description: str = "") -> Any:
     return Field(default, description=description, json_schema_extra={"secret": True})
 
 
+#: nbdkit's rule for a key (nbdkit(1)): a word whose part before '=' is not one is a value.
+CONFIG_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*", re.ASCII)
+#: Where a kind that passes unknown keys on keeps the values given without a key after its
+#: magic one (sh: for its script's magic_config_key, as nbdkit's `config "" VALUE` when the
+#: script names none).
+BARE = ""
+
+
+def passes_on(model: type[Params]) -> bool:
+    """A kind whose params model allows keys it does not declare (`extra="allow"`): sh and eval
+    hand them to their script's `config` method, as nbdkit does. parse_params keeps them, in
+    the order first given, a key given several times as a list of its values; bare words after
+    the magic one go under BARE."""
+    return model.model_config.get("extra") == "allow"
+
+
 class Params(BaseModel):
     """Base of every kind's parameters: dashed names on the outside, unknown keys refused."""
 
@@ -199,7 +216,7 @@ def _accepts(model: type[Params], key: str) -> str:
     for entry in field_info(model):
         if entry["name"] == key:
             return entry["type"]
-    return "?"
+    return "a string, or a list of strings" if passes_on(model) else "?"
 
 
 #: Longest rendering of a bad value in an error message (a 5000-digit size is not echoed whole).
@@ -294,13 +311,23 @@ def parse_params(
         follows = {e["name"]: e["follows"] for e in info if e["follows"]}
         setting: dict[str, str] = {}  #: the followers' values in force, as the words go
         unused: dict[str, str] = {}  #: ... that no value of their leader came after (yet)
+        others = passes_on(model)
+        declared = {e["name"] for e in info} | set(model.model_fields)  # by name too
         for i, word in enumerate(args):
             key, sep, value = word.partition("=")
+            if others and sep and key not in declared and not CONFIG_KEY.fullmatch(key):
+                sep = ""  # `a+b=1` is a value, as nbdkit reads it
             if not sep:
                 if magic and (i == 0 or magic in repeatable):
                     key, value = magic, word
+                elif others:
+                    key, value = BARE, word
                 else:
                     raise ParamError(f"{kind}: expected KEY=VALUE, got {word!r}")
+            if others and key not in declared:
+                given = values.get(key)
+                values[key] = value if given is None else [*_as_list(given), value]
+                continue
             if key in follows:
                 if key in unused:  # replaced before it applied to anything: checked still
                     _check_item(kind, model, key, unused[key])
@@ -325,6 +352,10 @@ def parse_params(
         return validate_model(model, values)
     except ValidationError as exc:
         raise ParamError(format_error(kind, model, exc)) from None
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
 
 
 def _check_item(kind: str, model: type[Params], name: str, value: str) -> None:

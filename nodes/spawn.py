@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import subprocess
+from dataclasses import dataclass
 from typing import IO, Any
 
 PIPE = subprocess.PIPE
@@ -108,3 +109,152 @@ async def shell(
             popen.stdout.close()
             raise
     return child
+
+
+# Commands whose output is the answer (the sh and eval plugins' scripts) ---------------------
+
+#: What is kept of a command's stderr (the rest is read and dropped: a full pipe would stop it).
+STDERR_KEPT = 64 * 1024
+
+
+@dataclass
+class Captured:
+    """How a command run by run_captured() ended."""
+
+    #: Its exit status; -N when signal N ended it (SIGKILL when it was killed below).
+    status: int
+    #: What it wrote on stdout (empty when it went `into` a buffer), up to the limit.
+    stdout: bytes
+    #: How many bytes it wrote on stdout (more than the limit only when it was over).
+    written: int
+    #: The first STDERR_KEPT bytes it wrote on stderr.
+    stderr: bytes
+    #: It did not finish (its stdout and stderr closed) `within` the time given: killed.
+    timed_out: bool = False
+    #: It wrote more than the limit on stdout with `kill_over`: killed.
+    over: bool = False
+
+
+class _Output(asyncio.Protocol):
+    """One of a command's output pipes: its bytes kept (or put `into` a buffer) up to `limit`,
+    the rest counted and dropped, or `over()` told once it goes past the limit."""
+
+    def __init__(self, limit: int, into: memoryview | None = None, over: Any = None) -> None:
+        self.limit, self.into, self.over = limit, into, over
+        self.chunks: list[bytes] = []
+        self.count = 0
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        room = self.limit - self.count
+        if room > 0:
+            piece = data[:room]
+            if self.into is not None:
+                self.into[self.count : self.count + len(piece)] = piece
+            else:
+                self.chunks.append(piece)
+        was_over = self.count > self.limit
+        self.count += len(data)
+        if self.count > self.limit and not was_over and self.over is not None:
+            self.over()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class _Input(asyncio.Protocol):
+    """A command's stdin: written to once, then closed (a command that does not read it all
+    breaks the pipe, which is no error: nbdkit ignores that too)."""
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+def _seen(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def run_captured(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    data: Any = None,
+    into: memoryview | None = None,
+    limit: int = 1 << 20,
+    kill_over: bool = False,
+    within: float | None = None,
+) -> Captured:
+    """Run `argv` (no shell) in a process group of its own, `data` (bytes-like) on its stdin
+    (else /dev/null), its stdout kept up to `limit` bytes (or written `into` that buffer, whose
+    length is then the limit), its stderr kept as Captured.stderr says. The event loop goes on
+    serving meanwhile. It is killed, its process group with it, when it goes over the limit
+    with `kill_over`, when it has not finished `within` that many seconds, or when the caller is
+    cancelled. OSError if it cannot be started (no such file, not executable)."""
+    if into is not None:
+        limit = len(into)
+    popen = subprocess.Popen(  # noqa: ASYNC220 (vfork + exec: returns once the child execs)
+        argv,
+        env=env,
+        stdin=PIPE if data is not None else DEVNULL,
+        stdout=PIPE,
+        stderr=PIPE,
+        process_group=0,
+    )
+    child = Child(popen)
+    loop = asyncio.get_running_loop()
+    readers: list[asyncio.BaseTransport] = []
+    writer: asyncio.WriteTransport | None = None
+
+    def kill() -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(popen.pid, signal.SIGKILL)
+
+    out = _Output(limit, into, kill if kill_over else None)
+    err = _Output(STDERR_KEPT)
+    timed_out = False
+    #: The pipes no transport has taken yet (a transport closes its own, later: closing it
+    #: here as well closed an fd number libuv was about to close, and it aborted the node).
+    unowned = [f for f in (popen.stdin, popen.stdout, popen.stderr) if f is not None]
+    try:
+        assert popen.stdout is not None and popen.stderr is not None
+        for pipe, protocol in ((popen.stdout, out), (popen.stderr, err)):
+            reader, _ = await loop.connect_read_pipe(lambda p=protocol: p, pipe)  # type: ignore[misc]
+            readers.append(reader)
+            unowned.remove(pipe)
+        if data is not None:
+            assert popen.stdin is not None
+            writer, _ = await loop.connect_write_pipe(_Input, popen.stdin)
+            unowned.remove(popen.stdin)
+            if len(data):
+                writer.write(data)
+            writer.close()  # once what was written has gone (or the pipe broke)
+        try:
+            # wait_for, not asyncio.timeout(): a request's coroutine may run without a Task
+            # (nodes/server/eager.py).
+            finished = asyncio.gather(child.wait(), out.closed, err.closed)
+            finished.add_done_callback(_seen)  # cancelled with its caller: nothing to report
+            await asyncio.wait_for(finished, within)
+        except TimeoutError:
+            timed_out = True
+            kill()
+            await child.wait()
+    except BaseException:
+        kill()  # cancelled, or the pipes could not be watched: reaped by Child in any case
+        raise
+    finally:
+        for transport in readers:
+            transport.close()
+        if writer is not None:
+            writer.abort()  # what it did not read goes: the caller's buffer is theirs again
+        for file in unowned:
+            file.close()
+    return Captured(
+        status=child.returncode if child.returncode is not None else -signal.SIGKILL,
+        stdout=b"".join(out.chunks),
+        written=out.count,
+        stderr=b"".join(err.chunks),
+        timed_out=timed_out,
+        over=kill_over and out.count > limit,
+    )

@@ -42,12 +42,15 @@ def param_words(node: Node, map_file: PathMap = _same) -> list[str]:
     A param that may be repeated gives one word per value (`file=a file=b`, not `file=a,b`);
     one that follows another (partitioning's `mbr-id` follows `file`, see params.repeated)
     goes before each value of that one, as the node's command line reads it."""
-    from nodes.params import field_info
+    from nodes.params import BARE, field_info, passes_on
 
     entries = {e["name"]: e for e in field_info(type(node.params))}
     follows = {name: e["follows"] for name, e in entries.items() if e["follows"]}
     dumped = node.params.model_dump(mode="json", by_alias=True)
-    words = []
+    # Keys a kind passes on (sh, eval: to the script's config): one word per value, in order;
+    # values without a key (BARE) last, as bare words (the first word names the script).
+    others = set(node.params.model_extra or ()) if passes_on(type(node.params)) else set()
+    words, bare = [], []
 
     def word(key: str, value: Any) -> str:
         text = param_text(value)
@@ -59,6 +62,13 @@ def param_words(node: Node, map_file: PathMap = _same) -> list[str]:
         return f"{key}={text}"
 
     for raw_key, value in node.raw_params.items():
+        if str(raw_key) in others:
+            items = value if isinstance(value, list | tuple) else [value]
+            if raw_key == BARE:
+                bare += [param_text(v) for v in items]
+            else:
+                words += [f"{raw_key}={param_text(v)}" for v in items]
+            continue
         key = str(raw_key).replace("_", "-")
         if key in follows:
             continue  # placed among the values it follows, below
@@ -72,7 +82,7 @@ def param_words(node: Node, map_file: PathMap = _same) -> list[str]:
                 if leader == key and given and (len(given) > 1 or i == 0):
                     words.append(word(name, given[i if len(given) > 1 else 0]))
             words.append(word(key, item))
-    return words
+    return words + bare
 
 
 def secrets_in_clear(topology: Topology) -> list[str]:

@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from nodes import registry
 from nodes.control.rpc.nbdfabric.v1 import node_pb2 as pb
 from nodes.control.rpc.nbdfabric.v1 import node_pb2_grpc as pb_grpc
-from nodes.params import ParamError, field_info, parse_params
+from nodes.params import ParamError, field_info, parse_params, passes_on
 from orchestrator.topology import TopologyError, load, load_text
 
 NBDFABRIC = [sys.executable, "-m", "nodes.cli"]
@@ -54,6 +54,7 @@ BASE: dict[str, list[str]] = {
     "tmpdisk": ["size=1M"],
     "ondemand": ["size=1M", "dir=."],
     "linuxdisk": ["dir=."],
+    "sh": ["script=disk.sh"],
 }
 PARAMS = [(kind, entry) for kind, cls in KINDS.items() for entry in field_info(cls.Params)]
 PARAM_IDS = [f"{kind}.{entry['name']}" for kind, entry in PARAMS]
@@ -173,10 +174,14 @@ def _field(kind: str, name: str) -> str:
 def test_unknown_missing_repeated_and_stray_words(kind: str):
     cls = KINDS[kind]
     base = BASE.get(kind, [])
-    with pytest.raises(ParamError) as exc:
-        _parse(kind, [*base, "no-such-param=1"])
-    _assert_names(str(exc.value), kind, "no-such-param")
-    assert "accepts:" in str(exc.value)
+    if passes_on(cls.Params):  # sh, eval: other keys go to the script's config, in order
+        given = _parse(kind, [*base, "no-such-param=1", "no-such-param=2", "x.y=3"])
+        assert given.model_extra == {"no-such-param": ["1", "2"], "x.y": "3"}
+    else:
+        with pytest.raises(ParamError) as exc:
+            _parse(kind, [*base, "no-such-param=1"])
+        _assert_names(str(exc.value), kind, "no-such-param")
+        assert "accepts:" in str(exc.value)
     for entry in field_info(cls.Params):
         if entry["required"]:
             with pytest.raises(ParamError) as exc:
@@ -191,6 +196,9 @@ def test_unknown_missing_repeated_and_stray_words(kind: str):
     # A bare word is only the first (magic) one, unless the magic param may be given
     # several times (`split a b c`): then each is one more value of it.
     repeats = {e["name"] for e in field_info(cls.Params) if e["repeat"]}
+    if kind == "sh":  # for the script's magic_config_key
+        assert _parse(kind, [*base, "a=1", "stray"]).model_extra == {"a": "1", "": "stray"}
+        return
     if cls.magic in repeats:
         values = getattr(_parse(kind, [*base, "stray"]), _field(kind, cls.magic))
         assert values[-1] == "stray", values

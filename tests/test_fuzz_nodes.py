@@ -698,6 +698,44 @@ def files_shape(shape: str, start_node: Any, tmp_path: Path, rng: random.Random)
     return t
 
 
+#: nbdkit-eval-plugin(1)'s file plugin, as inline scripts (thread_model: the default, one
+#: request at a time in the node).
+EVAL_DISK = [
+    'config=ln -sf "$(realpath "$3")" $tmpdir/file',
+    "get_size=stat -Lc %s $tmpdir/file",
+    "pread=dd if=$tmpdir/file skip=$4 count=$3 iflag=count_bytes,skip_bytes status=none",
+    "pwrite=dd of=$tmpdir/file seek=$4 conv=notrunc oflag=seek_bytes status=none",
+    "flush=sync $tmpdir/file",
+    "trim=fallocate -p -o $4 -l $3 -n $tmpdir/file",
+    "zero=fallocate -p -o $4 -l $3 -n $tmpdir/file",
+    "extents=echo $4 $3",
+]
+
+
+def script_shape(shape: str, start_node: Any, tmp_path: Path, rng: random.Random) -> Target:
+    """A disk in a file served by a script: sh runs test_plugins_sh's bash one (parallel
+    requests, FUA native, cache emulated), eval the inline EVAL_DISK. Each request is a fork
+    or two: the node must answer every one, whatever the script does in between."""
+    from test_plugins_sh import DISK
+
+    path = tmp_path / f"{shape}.img"
+    image = lumpy(rng, SIZE)
+    path.write_bytes(image)
+    if shape == "sh":
+        script = tmp_path / "disk.sh"
+        script.write_text(DISK)
+        script.chmod(0o755)
+        node = under_test(start_node, "sh", str(script), f"file={path}")
+    else:
+        node = under_test(start_node, "eval", *EVAL_DISK, f"file={path}")
+
+    def script_below(export: bytes, trimmed: bytearray) -> None:
+        bad = differ(path.read_bytes(), export, trimmed)
+        check(bad is None, f"the file behind the script differs from the export at {bad}")
+
+    return Target(shape, node, [node], image, check_below=script_below)
+
+
 def connection_shape(shape: str, start_node: Any, tmp_path: Path, rng: random.Random) -> Target:
     """A filter about connections over a memory disk of random data (multi-conn: a writeback
     cache in between): the data as any filter's, and what the filter does with clients
@@ -796,6 +834,8 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         return Target(shape, node, [node, *members], image, check_below=concat_below)
     if shape in ("split", "partitioning"):
         return files_shape(shape, start_node, tmp_path, rng)
+    if shape in ("sh", "eval"):
+        return script_shape(shape, start_node, tmp_path, rng)
     if shape == "stripe":
         chunk, n = 64 * KiB, 4
         members = [start_node("memory", str(SIZE // n)) for _ in range(n)]
@@ -3174,6 +3214,8 @@ MORE_SHAPES = [
     "tmpdisk",
     "ondemand",
     "linuxdisk",
+    "sh",
+    "eval",
     *CONNECTION_SHAPES,
 ]
 

@@ -114,6 +114,7 @@ class NodeRuntime:
         self.multi_export = False
         self._stop_task: asyncio.Task[None] | None = None
         backend.stop_node = self._stop_soon
+        backend.read_only = options.read_only
         previous = getattr(backend, "emit", None)
         if previous is not None:
             # Fans report member and rebuild events through the node (and still to their own
