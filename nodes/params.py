@@ -129,6 +129,9 @@ class Params(BaseModel):
     #: `rdelay` for `delay-read`): keys it takes besides its fields' (`nbdfabric chain`
     #: gives each KEY=VALUE to the layer that takes it).
     spellings: ClassVar[tuple[str, ...]] = ()
+    #: Of a kind that passes unknown keys on (passes_on): bare words after the magic one are
+    #: kept under BARE too (sh, for its script's magic_config_key), not refused.
+    takes_bare_words: ClassVar[bool] = False
 
     model_config = ConfigDict(
         extra="forbid",
@@ -320,7 +323,7 @@ def parse_params(
             if not sep:
                 if magic and (i == 0 or magic in repeatable):
                     key, value = magic, word
-                elif others:
+                elif others and model.takes_bare_words:
                     key, value = BARE, word
                 else:
                     raise ParamError(f"{kind}: expected KEY=VALUE, got {word!r}")

@@ -62,6 +62,7 @@ from ._script import OK, ScriptParams, ScriptPlugin
 
 
 class ShParams(ScriptParams):
+    takes_bare_words = True  # for the script's magic_config_key
     script: str = param(
         description="the script or executable run for each method; - reads it from stdin",
         path=True,
