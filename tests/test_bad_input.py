@@ -51,6 +51,7 @@ BASE: dict[str, list[str]] = {
     "partition": ["partition=1"],
     "split": ["file=disk.img"],
     "partitioning": ["file=disk.img"],
+    "pause": ["pause-control=pause.ctl"],
 }
 PARAMS = [(kind, entry) for kind, cls in KINDS.items() for entry in field_info(cls.Params)]
 PARAM_IDS = [f"{kind}.{entry['name']}" for kind, entry in PARAMS]
