@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol
 
 from .params import Params as ParamsModel
 from .params import update_params
@@ -156,6 +156,30 @@ current_client: ContextVar[ClientInfo] = ContextVar(
 )
 
 
+class NodeControl(Protocol):
+    """What a backend may steer of the node that serves it (the node runtime): its pause, as
+    `nbdfabric ctl ADDR pause|resume` steers it (the pause filter's control socket does)."""
+
+    #: New requests are held until resume.
+    paused: bool
+    #: The node is shutting down (it cannot be paused any more).
+    draining: bool
+
+    @property
+    def held(self) -> int:
+        """Requests waiting for resume."""
+        ...
+
+    async def pause(self, flush: bool = False) -> None:
+        """Hold new requests; return once those in flight have finished. RuntimeError while
+        the node shuts down."""
+        ...
+
+    def resume(self) -> None:
+        """Release the held requests; new ones go on at once."""
+        ...
+
+
 class StopNode(Exception):
     """Raised by a backend's start(): the node exits at once with status 0, having served
     nobody (exitwhen, when its event happened before the node started: nbdkit exits so)."""
@@ -197,6 +221,9 @@ class Backend:
     #: Set on its backend by the node runtime that serves it: the node was started with
     #: --read-only (the scriptable kinds tell their script, as nbdkit tells it of -r).
     read_only: bool = False
+    #: Set on its backend by the node runtime that serves it, as stop_node: its pause and
+    #: resume (the pause filter's control socket drives them). None where no node serves it.
+    node: NodeControl | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

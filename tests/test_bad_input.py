@@ -55,6 +55,7 @@ BASE: dict[str, list[str]] = {
     "ondemand": ["size=1M", "dir=."],
     "linuxdisk": ["dir=."],
     "sh": ["script=disk.sh"],
+    "pause": ["pause-control=pause.ctl"],
 }
 PARAMS = [(kind, entry) for kind, cls in KINDS.items() for entry in field_info(cls.Params)]
 PARAM_IDS = [f"{kind}.{entry['name']}" for kind, entry in PARAMS]

@@ -15,6 +15,8 @@ a limit node never serves more than its limit side by side and its refusals are 
 outcome, noparallel's connections mode serves one client at a time, the filters' own counts of
 clients are back to nothing between batches, exitlast and exitwhen exit by themselves (status
 0) once told after the run, and multi-conn over a writeback cache skips no flush that is owed.
+The pause shape is paused and resumed through its control socket at random while each batch
+runs: every `p` and `r` must be answered, and held requests answered as any others.
 
 The tls-* shapes serve their clients over TLS (STARTTLS, then a TLS handshake the client drives
 itself, so it can also get it wrong: options before TLS, STARTTLS twice or with data, plaintext
@@ -34,6 +36,7 @@ import os
 import random
 import re
 import signal
+import socket
 import ssl
 import struct
 import subprocess
@@ -784,6 +787,88 @@ def connection_shape(shape: str, start_node: Any, tmp_path: Path, rng: random.Ra
     return t
 
 
+class Pauser:
+    """Pauses and resumes a pause node through its control socket at random moments while a
+    batch runs (one connection: `p`, its `P`, a moment, `r`, its `R`, a moment, ...), and
+    resumes it for good when the batch is over. Each answer must come within REPLY_TIMEOUT."""
+
+    def __init__(self, path: Path, rng: random.Random) -> None:
+        self.path, self.rng = path, rng
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.failure: str | None = None
+        self.pauses = 0
+
+    def start(self) -> None:
+        self.done.clear()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _command(self, s: socket.socket, command: bytes) -> None:
+        s.sendall(command)
+        try:
+            got = s.recv(1)
+        except TimeoutError:
+            got = b"(nothing within the timeout)"
+        if got != command.upper():
+            raise FuzzFailure(f"pause-control: {command!r} was answered {got!r}")
+
+    def _run(self) -> None:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(REPLY_TIMEOUT)
+                s.connect(str(self.path))
+                while not self.done.wait(self.rng.uniform(0, 0.03)):
+                    self._command(s, b"p")
+                    self.pauses += 1
+                    self.done.wait(self.rng.uniform(0, 0.03))
+                    self._command(s, b"r")
+        except (OSError, FuzzFailure) as exc:
+            self.failure = f"the pauser failed: {exc}"
+
+    def stop(self) -> None:
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join(REPLY_TIMEOUT + 5)
+            check(not self.thread.is_alive(), "the pauser is stuck")
+            self.thread = None
+        with socket.socket(socket.AF_UNIX) as s:  # resumed, whatever the pauser got to
+            s.settimeout(REPLY_TIMEOUT)
+            s.connect(str(self.path))
+            s.sendall(b"r")
+            check(s.recv(1) == b"R", "pause-control: r not answered R")
+        failure, self.failure = self.failure, None
+        check(failure is None, str(failure))
+
+
+def pause_shape(start_node: Any, tmp_path: Path, rng: random.Random) -> Target:
+    """pause over a memory disk of random data, paused and resumed through its control socket
+    at random moments while each batch runs: requests held meanwhile are answered once it
+    resumes, within the harness's bounds, as any others (a client that leaves while its
+    requests are held loses only those, as it would lose them in flight); resumed between
+    batches, when its status must show nothing held."""
+    image = rng.randbytes(SIZE)
+    up = memory_with(start_node, image)
+    sock = tmp_path / "pause.ctl"
+    node = under_test(
+        start_node, "pause", f"pause-control={sock}", upstreams=[up.uri], control=True
+    )
+    pauser = Pauser(sock, random.Random(f"{SEED}:pause:pauser"))
+    t = Target("pause", node, [node, up], image, check_below=same_below("pause", up.uri))
+    t.before_batch, t.after_batch = pauser.start, pauser.stop
+    control = Control(node)
+    t.cleanups += [pauser.done.set, control.channel.close]
+
+    def when_idle() -> None:
+        state = control.status().get("pause", {})
+        got = {k: state.get(k) for k in ("paused", "held")}
+        check(got == {"paused": False, "held": 0}, f"[pause] resumed and idle, yet {state}")
+
+    t.when_idle = when_idle
+    t.after_stop = lambda: check(pauser.pauses > 0, "[pause] the run never paused the node")
+    return t
+
+
 def exits_alone(node: Proc, act: Callable[[], None], what: str) -> None:
     """After `act` the node must exit by itself, with status 0 (within REPLY_TIMEOUT: a bound
     on a hang, not a speed)."""
@@ -802,6 +887,8 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
     seed = str(rng.randrange(1 << 31))
     if shape in CONNECTION_SHAPES:
         return connection_shape(shape, start_node, tmp_path, rng)
+    if shape == "pause":
+        return pause_shape(start_node, tmp_path, rng)
     if shape.startswith("info"):
         return info_shape(shape, start_node, rng)
     if shape.startswith("exportname"):
@@ -3216,6 +3303,7 @@ MORE_SHAPES = [
     "linuxdisk",
     "sh",
     "eval",
+    "pause",
     *CONNECTION_SHAPES,
 ]
 

@@ -94,9 +94,9 @@ class NodeRuntime:
         self.state = "starting"
         self.draining = False
         self.paused = False
-        self._resumed = asyncio.Event()
-        self._resumed.set()
-        self.held = 0  #: requests waiting for resume (counted in stats.in_flight too)
+        #: One future per request a pause holds: resume() answers each True (go on); a session
+        #: whose client is gone answers its own False (dropped unserved: see Session._finish).
+        self._holds: set[asyncio.Future[bool]] = set()
         self.sessions: set[Session] = set()
         self.listeners: list[socket.socket] = []
         #: Remove unix socket files at shutdown (not in a --workers worker: the first process does).
@@ -115,6 +115,7 @@ class NodeRuntime:
         self._stop_task: asyncio.Task[None] | None = None
         backend.stop_node = self._stop_soon
         backend.read_only = options.read_only
+        backend.node = self
         previous = getattr(backend, "emit", None)
         if previous is not None:
             # Fans report member and rebuild events through the node (and still to their own
@@ -423,18 +424,31 @@ class NodeRuntime:
     def healthy(self) -> bool:
         return self.state in ("serving", "paused") and self.backend.healthy()
 
+    @property
+    def held(self) -> int:
+        """Requests waiting for resume (counted in stats.in_flight too)."""
+        return len(self._holds)
+
     async def pause(self, flush: bool = False) -> None:
-        """New requests wait; those in flight finish. With flush, data is then made durable."""
+        """New requests wait; returns once those in flight have finished (or a resume came
+        meanwhile: there is no pause to report then). With flush, data is then made durable.
+        Requests held by an earlier pause are not waited for: they cannot finish before resume."""
+        if self.draining:
+            raise RuntimeError("the node is shutting down; nothing to pause")
         self.paused = True
-        self._resumed.clear()
         self.set_state("paused")
-        await self.wait_idle()
-        if flush and self.caps.flush:
+        # Polled: in_flight changes on the hot path, which must not pay for telling us.
+        while self.paused and self.stats.in_flight > self.held:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        if flush and self.paused and self.caps.flush:
             await self.backend.flush(0)
 
     def resume(self) -> None:
         self.paused = False
-        self._resumed.set()
+        holds, self._holds = self._holds, set()
+        for hold in holds:
+            if not hold.done():
+                hold.set_result(True)
         if self.state == "paused":
             self.set_state("serving")
 
@@ -444,12 +458,18 @@ class NodeRuntime:
         while self.stats.in_flight > self.held:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
-    async def wait_resumed(self) -> None:
-        self.held += 1
+    async def wait_resumed(self, mine: set[asyncio.Future[bool]]) -> bool:
+        """Hold a request (of the session whose holds are `mine`) until resume: True then.
+        False if the session answered it first because its client is gone: the request is
+        dropped unserved, nobody being there to take its reply."""
+        hold: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._holds.add(hold)
+        mine.add(hold)
         try:
-            await self._resumed.wait()
+            return await hold
         finally:
-            self.held -= 1
+            self._holds.discard(hold)
+            mine.discard(hold)
 
     def params_info(self) -> list[dict[str, Any]]:
         values = self.backend.params.shown()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -127,6 +128,8 @@ class Session:
         self.tasks: set[asyncio.Task[None]] = set()
         #: Requests that had to wait, carried on without a Task (see eager.py).
         self.waiting: set[Resumed] = set()
+        #: Its requests a pause holds (see NodeRuntime.wait_resumed).
+        self.holds: set[asyncio.Future[bool]] = set()
         self._drainers: list[asyncio.Future[None]] = []  #: drain() calls waiting for them
         self.closed = False
         self._senders = 0  #: replies partly sent or waiting for their turn to be
@@ -470,6 +473,17 @@ class Session:
             else:
                 done.set_exception(exc)
         self._room.set()
+        if self.holds and (exc is not None or self.closed or _hung_up(self.stream)):
+            self._drop_holds()
+
+    def _drop_holds(self) -> None:
+        """The client is gone (or is being disconnected) while a pause holds some of its
+        requests: they are dropped unserved, never reaching the backend, and the session ends
+        now rather than at resume. (After DISC, or an end of stream that may be a half-close,
+        they stay held: their replies are still owed.)"""
+        for hold in list(self.holds):
+            if not hold.done():
+                hold.set_result(False)
 
     def _validate_write_size(self, req: tx.Request) -> Err:
         """_validate, on an export with a write-disconnect size (only there: this costs every
@@ -535,9 +549,9 @@ class Session:
                 err, failed = Err.ESHUTDOWN, True
             if err is not Err.OK:
                 parts = [self._error_reply(req, err, _message(err))]
+            elif node.paused and not await node.wait_resumed(self.holds):
+                failed = True  # held by a pause, and its client went away meanwhile
             else:
-                if node.paused:
-                    await node.wait_resumed()
                 try:
                     if req.cmd == _READ:
                         # Shorter than asked only for an --eof-tolerant read past the end.
@@ -566,12 +580,13 @@ class Session:
                     failed = True
                     log.exception("%s: request %s failed", self.client.address, req)
                     parts = [self._error_reply(req, Err.EIO, "internal error")]
-            if previous is not None:
-                await previous
-            held, read_buf = read_buf, None  # _send gives it back once the reply is out
-            rest = self._send(parts, held)
-            if rest is not None:
-                await rest
+            if parts is not None:
+                if previous is not None:
+                    await previous
+                held, read_buf = read_buf, None  # _send gives it back once the reply is out
+                rest = self._send(parts, held)
+                if rest is not None:
+                    await rest
         finally:
             if mine is not None and not mine.done():
                 mine.set_result(None)
@@ -842,6 +857,20 @@ class _PollingSocketReader(_SocketReader):
         POLLER.woke()
         super().buffer_updated(nbytes)
         POLLER.idle_soon(self.session._loop)
+
+
+def _hung_up(stream: Stream) -> bool:
+    """Whether the peer is gone for good: POLLHUP (a unix socket's peer closed it) or POLLERR
+    (reset). A TCP peer's close looks like a half-close (FIN) until a reply is sent to it."""
+    sock = getattr(stream, "sock", None) or getattr(getattr(stream, "raw", None), "sock", None)
+    if not isinstance(sock, socket.socket):
+        return False  # not known to be gone: its replies may still be owed
+    if sock.fileno() < 0:
+        return True
+    poller = select.poll()
+    poller.register(sock, 0)  # none asked for: hang-up and error come anyway
+    ready = poller.poll(0)
+    return bool(ready and ready[0][1] & (select.POLLHUP | select.POLLERR | select.POLLNVAL))
 
 
 def _peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
