@@ -195,7 +195,7 @@ class Backend:
     kind: ClassVar[str] = ""
     role: ClassVar[str] = "plugin"  #: plugin | filter | fan
     Params: ClassVar[type[ParamsModel]] = ParamsModel
-    #: The param a first bare word on the command line sets (`memory 1G`).
+    #: The param a bare word on the command line sets (`memory 1G`, `ondemand dir=d 1G`).
     magic: ClassVar[str | None] = None
     #: Fewest upstreams a fan needs.
     min_members: ClassVar[int] = 0

@@ -5,7 +5,7 @@
 runs a memory node, a delay node over it and a cow node over that, each its own process, and
 serves the cow node where the options say: what `nbdkit --filter=cow --filter=delay memory 1G
 delay-read=10ms` serves in one process. As in nbdkit, the first --filter is the outermost (the
-one clients talk to), a first bare word is the plugin's magic param, and each KEY=VALUE goes to
+one clients talk to), a bare word is the plugin's magic param, and each KEY=VALUE goes to
 the outermost filter that takes that key, else to the plugin. With `--upstream URI` instead of
 a plugin, the filters stand over that NBD server.
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import registry
-from .params import ParamError, field_info, parse_params
+from .params import CONFIG_KEY, ParamError, field_info, parse_params
 
 #: The options that belong to the node reaching the chain's --upstream, not the outermost one.
 UPSTREAM_OPTIONS = ("--upstream", "--upstream-tls-certificates", "--upstream-timeout")
@@ -137,6 +137,8 @@ def parse_chain(argv: Sequence[str], parser: argparse.ArgumentParser) -> Chain:
     outside_in = [Layer(kind) for kind in filters]
     for word in words:
         key, eq, _ = word.partition("=")
+        if not CONFIG_KEY.fullmatch(key):
+            key, eq = word, ""  # `./a=b.img`: a bare word, the plugin's magic param
         taker = next((f for f in outside_in if eq and key in (accepted_keys(f.kind) or ())), None)
         if taker is None:
             if plugin is None:

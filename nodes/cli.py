@@ -40,7 +40,7 @@ def _node_parser(full_help: bool = True) -> argparse.ArgumentParser:
         nargs="*",
         default=[],  # else parse_intermixed_args said "required: kind, KEY=VALUE" without a kind
         metavar="KEY=VALUE",
-        help="the kind's params (`nbdfabric kinds KIND`); a first bare word sets its magic "
+        help="the kind's params (`nbdfabric kinds KIND`); a bare word sets its magic "
         "param: memory 1G, file disk.img",
     )
     p.add_argument(

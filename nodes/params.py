@@ -301,8 +301,9 @@ def parse_params(
 ) -> Params:
     """Build a kind's params from `KEY=VALUE` words (or a mapping), nbdkit style.
 
-    A first word without '=' is the kind's magic param (`memory 1G`, `file disk.img`); when
-    the magic param may be repeated, every such word is one of its values (`split a b c`).
+    A word without '=' (or whose part before it is no key: `./a=b.img`) is the kind's magic
+    param (`memory 1G`, `file disk.img`, `ondemand dir=d 1G`); when the magic param may be
+    repeated, every such word is one of its values (`split a b c`).
     A param that `follows` another (see repeated()) applies to the values of that one after it.
     """
     values: dict[str, Any] = {}
@@ -318,10 +319,13 @@ def parse_params(
         declared = {e["name"] for e in info} | set(model.model_fields)  # by name too
         for i, word in enumerate(args):
             key, sep, value = word.partition("=")
-            if others and sep and key not in declared and not CONFIG_KEY.fullmatch(key):
-                sep = ""  # `a+b=1` is a value, as nbdkit reads it
+            if sep and key not in declared and not CONFIG_KEY.fullmatch(key):
+                sep = ""  # `./a=b.img` is a value, as nbdkit reads it
             if not sep:
-                if magic and (i == 0 or magic in repeatable):
+                # As nbdkit: a bare word anywhere is the magic param (`ondemand dir=d 1G`;
+                # twice is refused below), but for a kind whose later bare words are its
+                # script's (sh).
+                if magic and (i == 0 or magic in repeatable or not model.takes_bare_words):
                     key, value = magic, word
                 elif others and model.takes_bare_words:
                     key, value = BARE, word

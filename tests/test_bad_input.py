@@ -208,8 +208,20 @@ def test_unknown_missing_repeated_and_stray_words(kind: str):
         values = getattr(_parse(kind, [*base, "stray"]), _field(kind, cls.magic))
         assert values[-1] == "stray", values
         return
-    with pytest.raises(ParamError, match="expected KEY=VALUE"):
-        _parse(kind, [*base, "a=1", "stray"])
+    if cls.magic is None:
+        with pytest.raises(ParamError, match="expected KEY=VALUE"):
+            _parse(kind, [*base, "stray"])
+        return
+    # As nbdkit, a bare word anywhere sets the magic param; a second one is refused.
+    with pytest.raises(ParamError, match=f"'{cls.magic}' given twice"):
+        _parse(kind, [*base, "stray", "stray2"])
+
+
+def test_a_bare_word_anywhere_is_the_magic_param() -> None:
+    """nbdkit(1): the magic key is assumed wherever a word has no `key=` part, and a word
+    whose part before '=' is no key (`./a=b.img`) has none."""
+    assert _parse("ondemand", ["dir=.", "1G"]).size == 1 << 30
+    assert _parse("file", ["cache=none", "./a=b.img"]).file == "./a=b.img"
 
 
 ODD_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=40) | st.sampled_from(

@@ -41,7 +41,7 @@ def probe(output: str) -> tuple[dict[str, Any], str]:
 def test_chain_runs_an_nbdkit_command_line_as_nbdkit_does() -> None:
     """The same words after `nbdkit` and after `nbdfabric chain`: the same disk (offset and
     range go to the offset filter, the magic size to the plugin), the same capabilities."""
-    line = ("-U", "-", "--filter=delay", "--filter=offset", "pattern", "1M", "offset=4096",
+    line = ("-U", "-", "--filter=delay", "--filter=offset", "pattern", "offset=4096", "1M",
             "range=65536", "rdelay=1ms", "--run", PROBE)  # fmt: skip
     ours = probe(chain(*line).stdout)
     theirs = probe(run(["nbdkit", *line]).stdout)
