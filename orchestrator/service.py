@@ -66,7 +66,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         )
 
     async def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
-        await self.sup.refresh_members()
+        await asyncio.gather(self.sup.refresh_members(), self.sup.refresh_states())
         top = self.sup.topology
         return pb.StatusResponse(
             fabric=top.name if top else "",

@@ -191,6 +191,9 @@ class NodeRunner:
         self.channel: grpc.aio.Channel | None = None
         #: A fan's members as it last reported them (node_pb2.Member messages).
         self.members: list[Any] = []
+        #: A running node that holds its requests (ctl pause, a pause filter's `p`): health
+        #: checks cannot tell (a paused node is SERVING), so status asks (refresh_state).
+        self.paused = False
         #: Its export's TCP addresses that asked for port 0, as (place in `listen`, address
         #: as written) -> the address with the port the first start was given: a restart
         #: listens there again, so clients (and `up`'s URIs) keep working.
@@ -360,6 +363,16 @@ class NodeRunner:
         if after != before:
             self.emit("members", " ".join(f"{i}:{state}" for i, state in after))
 
+    async def refresh_state(self) -> None:
+        """Whether the node is paused, from its GetInfo: asked when status is, not per check."""
+        from nodes.control.rpc.nbdfabric.v1 import node_pb2
+
+        if self.channel is None or not self.process or self.state != "running":
+            self.paused = False
+            return
+        reply = await _ask(self.channel, "GetInfo")
+        self.paused = reply is not None and reply.state == node_pb2.NODE_STATE_PAUSED
+
     def _set_health(self, health: str) -> None:
         before, self.health = self.health, health
         if health == "SERVING" and before != "SERVING":
@@ -505,7 +518,7 @@ class NodeRunner:
             "name": self.name,
             "kind": self.node.kind,
             "role": self.node.role,
-            "state": self.state,
+            "state": "paused" if self.paused and self.state == "running" else self.state,
             "health": self.health if alive else "UNKNOWN",
             "pid": self.pid,
             "container_id": proc.container_id if alive and proc else "",
@@ -875,6 +888,9 @@ class Supervisor:
 
     async def refresh_members(self) -> None:
         await asyncio.gather(*(r.refresh_members() for r in list(self.runners.values())))
+
+    async def refresh_states(self) -> None:
+        await asyncio.gather(*(r.refresh_state() for r in list(self.runners.values())))
 
     def status(self) -> list[dict[str, Any]]:
         if self.topology is None:

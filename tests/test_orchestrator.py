@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, alive, nbd_connect, run, sha, wait_for
+from conftest import NBDFABRIC, ROOT, alive, nbd_connect, run, sha, wait_for
 
 from bench.http_server import HttpServer
 
@@ -128,6 +128,14 @@ def test_orchestrator_up_serves_every_export_and_down_leaves_nothing(
 
     text = fabric.cli("status").stdout
     assert "NODE" in text and "RESTARTS" in text and "raid" in text
+    # A node paused by hand (to snapshot what is under it) shows so; health says SERVING.
+    control = nodes["slow"]["control"]
+    run([*NBDFABRIC, "ctl", control, "pause"])
+    assert (fabric.status()["slow"]["state"], fabric.status()["slow"]["health"]) == (
+        "paused", "SERVING"
+    )  # fmt: skip
+    run([*NBDFABRIC, "ctl", control, "resume"])
+    assert fabric.status()["slow"]["state"] == "running"
 
     pids = set(fabric.pids)
     assert len(pids) == 6  # five nodes and the supervisor
