@@ -55,6 +55,7 @@ BASE: dict[str, list[str]] = {
     "ondemand": ["size=1M", "dir=."],
     "linuxdisk": ["dir=."],
     "iso": ["dir=."],
+    "floppy": ["dir=."],
     "sh": ["script=disk.sh"],
     "pause": ["pause-control=pause.ctl"],
 }

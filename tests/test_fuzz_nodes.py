@@ -973,6 +973,15 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         node = under_test(start_node, "iso", str(tree), f"dir={more}", "params=-J -r -V fuzz")
         image = read_all(node.uri)
         return Target(shape, node, [node], image, read_only=True, multi_conn=True)
+    if shape == "floppy":
+        # A FAT32 of random files in an MBR partition, read-only, the same to the end.
+        tree = tmp_path / "tree"
+        (tree / "sub").mkdir(parents=True)
+        (tree / "a.bin").write_bytes(rng.randbytes(300 * KiB))
+        (tree / "sub" / "b b.bin").write_bytes(lumpy(rng, 200 * KiB))
+        node = under_test(start_node, "floppy", str(tree), "label=FUZZ")
+        image = read_all(node.uri)
+        return Target(shape, node, [node], image, read_only=True, multi_conn=True)
     if shape == "dir":
         folder = tmp_path / "disks"
         folder.mkdir()
@@ -3313,6 +3322,7 @@ MORE_SHAPES = [
     "ondemand",
     "linuxdisk",
     "iso",
+    "floppy",
     "sh",
     "eval",
     "pause",

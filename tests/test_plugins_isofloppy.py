@@ -167,3 +167,119 @@ def test_iso_bad_params_exit_1_saying_why(
     words = [a.format(tmp=tmp_path, tree=tree) for a in args]
     status, stderr = node_exits(tmp_path, "iso", *words)
     assert status == 1 and said.format(tmp=tmp_path) in stderr, stderr
+
+
+# floppy ---------------------------------------------------------------------------------------
+
+
+def mtools_files(image: Path, out: Path, fix_geometry: bool = False) -> dict[str, bytes]:
+    """The files of the FAT in `image`'s partition at 1 MiB, copied out with mtools. With
+    `fix_geometry`, a heads/sectors geometry is put in the boot sector first: nbdkit 1.32 leaves
+    them 0, which mtools refuses ("zero number of heads or sectors")."""
+    if fix_geometry:
+        with image.open("r+b") as f:
+            f.seek(MiB + 24)
+            f.write((63).to_bytes(2, "little") + (255).to_bytes(2, "little"))
+    out.mkdir()
+    env = {**os.environ, "MTOOLSRC": "/dev/null"}
+    subprocess.run(["mcopy", "-s", "-m", "-n", "-i", f"{image}@@1M", "::*", f"{out}/"],
+                   check=True, env=env, capture_output=True)  # fmt: skip
+    return files_in(out)
+
+
+def fat_probe(image: Path) -> dict[str, str]:
+    out = run(["blkid", "-p", "-O", str(MiB), "-o", "export", str(image)]).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def mbr_entry(image: Path) -> tuple[int, int, int]:
+    data = image.read_bytes()[446:462]
+    return data[4], int.from_bytes(data[8:12], "little"), int.from_bytes(data[12:16], "little")
+
+
+def test_floppy_serves_the_directory_as_fat32_in_an_mbr_partition(
+    start_node: Callable[..., Proc], tree: Path, tmp_path: Path
+) -> None:
+    (tree / "link").symlink_to("etc/hostname")  # left out, as nbdkit
+    node = start_node("floppy", str(tree), "label=MYFLOPPY")
+    image = copy_of(node, tmp_path / "floppy.img")
+    ptype, start, sectors = mbr_entry(image)
+    assert (ptype, start) == (0x0C, 2048) and (start + sectors) * 512 == image.stat().st_size
+    probe = fat_probe(image)
+    assert probe["TYPE"] == "vfat" and probe["VERSION"] == "FAT32" and probe["LABEL"] == "MYFLOPPY"
+    (tmp_path / "fs.img").write_bytes(image.read_bytes()[MiB:])
+    fsck = subprocess.run(["fsck.vfat", "-n", str(tmp_path / "fs.img")], capture_output=True,
+                          text=True)  # fmt: skip
+    assert fsck.returncode == 0 and "Warning" not in fsck.stdout + fsck.stderr, fsck
+    got = mtools_files(image, tmp_path / "out")
+    assert got == files_in(tree) and "link" not in got
+    write_refused(node)
+
+
+def test_floppy_default_label_and_sizes(
+    start_node: Callable[..., Proc], tree: Path, tmp_path: Path
+) -> None:
+    node = start_node("floppy", f"dir={tree}")
+    image = copy_of(node, tmp_path / "default.img")
+    assert fat_probe(image)["LABEL"] == "NBDKITFLOPY"
+    assert image.stat().st_size < 40 * MiB  # about just enough (a FAT32's least)
+    node = start_node("floppy", str(tree), "size=64M")
+    assert capabilities(node.uri, ("export-size",))["export-size"] == 64 * MiB
+    # Big files grow the disk until they fit.
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(3):
+        (big / f"f{i}.bin").write_bytes(os.urandom(16 * MiB))
+    node = start_node("floppy", str(big))
+    image = copy_of(node, tmp_path / "big.img")
+    assert mtools_files(image, tmp_path / "bigout") == files_in(big)
+
+
+def test_floppy_matches_nbdkit(
+    start_node: Callable[..., Proc], start_nbdkit: Callable[..., Proc], tree: Path, tmp_path: Path
+) -> None:
+    # size= big enough that nbdkit's 16 KiB clusters are a FAT32 mtools reads (65525 or more).
+    args = (str(tree), "label=SAME", "size=1100M")
+    ours, theirs = start_node("floppy", *args), start_nbdkit("floppy", *args)
+    keys = ("export-size", *AGREED)
+    assert capabilities(ours.uri, keys) == capabilities(theirs.uri, keys)
+    got = {}
+    for who, node in (("ours", ours), ("theirs", theirs)):
+        image = copy_of(node, tmp_path / f"{who}.img")
+        probe = fat_probe(image)
+        got[who] = (
+            mbr_entry(image),
+            probe["LABEL"],
+            probe["VERSION"],
+            mtools_files(image, tmp_path / f"{who}-out", fix_geometry=who == "theirs"),
+        )
+    assert got["ours"] == got["theirs"]
+    assert got["ours"][3] == files_in(tree)
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        ([], "'dir' is required"),
+        (["{tmp}/nowhere"], "dir={tmp}/nowhere: No such file or directory"),
+        (["{tmp}/file"], "file: Not a directory"),
+        (["{tree}", "label=TWELVE_CHARS"], "'label'"),
+        (["{tree}", "label=é"], "'label'"),
+        (["{tree}", "size=10M"], "bad value 10485760 for 'size'"),
+        (["{tree}", "size=x"], "'size'"),
+        (["{tree}", "colour=red"], "unknown parameter 'colour'"),
+    ],
+)
+def test_floppy_bad_params_exit_1_saying_why(
+    tmp_path: Path, tree: Path, args: list[str], said: str
+) -> None:
+    (tmp_path / "file").touch()
+    words = [a.format(tmp=tmp_path, tree=tree) for a in args]
+    status, stderr = node_exits(tmp_path, "floppy", *words)
+    assert status == 1 and said.format(tmp=tmp_path) in stderr, stderr
+
+
+def test_floppy_files_too_big_for_size_exit_1(tmp_path: Path, tree: Path) -> None:
+    (tree / "big.bin").write_bytes(os.urandom(40 * MiB))
+    status, stderr = node_exits(tmp_path, "floppy", str(tree), "size=36M")
+    assert status == 1 and "do not fit" in stderr, stderr
