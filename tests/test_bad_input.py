@@ -54,6 +54,8 @@ BASE: dict[str, list[str]] = {
     "tmpdisk": ["size=1M"],
     "ondemand": ["size=1M", "dir=."],
     "linuxdisk": ["dir=."],
+    "iso": ["dir=."],
+    "floppy": ["dir=."],
     "sh": ["script=disk.sh"],
     "pause": ["pause-control=pause.ctl"],
 }

@@ -962,6 +962,26 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         node = under_test(start_node, "linuxdisk", str(tree), "type=ext4", "label=fuzz")
         image = read_all(node.uri)
         return Target(shape, node, [node], image, read_only=True, multi_conn=True)
+    if shape == "iso":
+        # An ISO of random files from two directories, read-only, the same to the end.
+        tree, more = tmp_path / "tree", tmp_path / "more"
+        (tree / "sub").mkdir(parents=True)
+        more.mkdir()
+        (tree / "a.bin").write_bytes(rng.randbytes(300 * KiB))
+        (tree / "sub" / "b.bin").write_bytes(lumpy(rng, 200 * KiB))
+        (more / "c.bin").write_bytes(rng.randbytes(5000))
+        node = under_test(start_node, "iso", str(tree), f"dir={more}", "params=-J -r -V fuzz")
+        image = read_all(node.uri)
+        return Target(shape, node, [node], image, read_only=True, multi_conn=True)
+    if shape == "floppy":
+        # A FAT32 of random files in an MBR partition, read-only, the same to the end.
+        tree = tmp_path / "tree"
+        (tree / "sub").mkdir(parents=True)
+        (tree / "a.bin").write_bytes(rng.randbytes(300 * KiB))
+        (tree / "sub" / "b b.bin").write_bytes(lumpy(rng, 200 * KiB))
+        node = under_test(start_node, "floppy", str(tree), "label=FUZZ")
+        image = read_all(node.uri)
+        return Target(shape, node, [node], image, read_only=True, multi_conn=True)
     if shape == "dir":
         folder = tmp_path / "disks"
         folder.mkdir()
@@ -3301,6 +3321,8 @@ MORE_SHAPES = [
     "tmpdisk",
     "ondemand",
     "linuxdisk",
+    "iso",
+    "floppy",
     "sh",
     "eval",
     "pause",

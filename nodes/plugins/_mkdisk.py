@@ -1,6 +1,7 @@
-"""What the plugins that make disks for their clients share (tmpdisk, ondemand): their params,
+"""What the plugins that make disks share: for their clients (tmpdisk, ondemand): their params,
 making a disk (mkfs on a sparse file, or the user's command=), and serving one from its open
-file.
+file; once at start from a directory (linuxdisk, iso, floppy): MadeImage, an image made in a
+folder of $TMPDIR, unlinked once open and served read-only.
 
 A disk is made at a path that does not exist yet: either a sparse file of `size` bytes that
 mkfs.TYPE formats (with the label, if given), or whatever `command=` makes there, a shell script
@@ -11,11 +12,14 @@ error message; a command's goes to the node's stderr.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import shlex
 import shutil
+import stat
+import tempfile
 from dataclasses import replace
 from typing import Any
 
@@ -25,6 +29,7 @@ from ..base import Capabilities
 from ..params import Params, Size, did_you_mean, field_info, param
 from ..spawn import DEVNULL, PIPE, shell
 from .file import File, FileParams
+from .split import FileLayout, Region
 
 #: Where disks are made when TMPDIR is not set (nbdkit's LARGE_TMPDIR: /tmp is often a small
 #: tmpfs, too small for disks).
@@ -247,3 +252,56 @@ class DiskFile(File):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def check_directory(key: str, path: str) -> str:
+    """The absolute path of the directory `path` (param `key`); OSError naming both if it is
+    not one."""
+    try:
+        if not stat.S_ISDIR(os.stat(path).st_mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+    except OSError as exc:
+        raise OSError(exc.errno, f"{key}={path}: {exc.strerror}") from None
+    return os.path.abspath(path)
+
+
+class MadeImage(FileLayout):
+    """A disk image made once, at start, in a folder of its own in $TMPDIR (default /var/tmp),
+    then opened, unlinked (nothing is left behind, even if the node is killed) and served
+    read-only (multi-conn offered: every client reads the same bytes). A kind says how to make
+    it (`make`, at self.image, which does not exist yet) and may lay the disk out around it
+    (`layout`; by default the image is the whole disk)."""
+
+    #: One image per node: workers would each make their own (other UUIDs, times).
+    shareable = False
+
+    def __init__(self, params: Params) -> None:
+        super().__init__(params)
+        self.image = ""
+
+    def paths(self) -> list[str]:
+        return [self.image]
+
+    def layout(self, sizes: list[int]) -> list[Region]:
+        return [Region(0, sizes[0], self.files[0])]
+
+    async def check(self) -> None:
+        """Before anything is made: ValueError/OSError if the params cannot work."""
+
+    async def make(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        await self.check()
+        directory = temp_directory()
+        check_temp_directory(directory)
+        folder = tempfile.mkdtemp(prefix=self.kind, dir=directory)
+        try:
+            self.image = os.path.join(folder, "disk.img")
+            await self.make()
+            await super().start()  # opens the image and lays the disk out
+        finally:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(folder)  # the open image lives on as long as it is served
+        # Not rotational, as nbdkit's: the image is a temporary, whatever disk $TMPDIR is on.
+        self.caps = replace(self.caps, writable=False, flush=False, rotational=False).normalized()

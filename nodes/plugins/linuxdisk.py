@@ -37,14 +37,10 @@ gives e2fsck, debugfs or mount as it is.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import shlex
-import shutil
 import stat
 import struct
-import tempfile
-from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator
@@ -52,7 +48,7 @@ from pydantic import BeforeValidator
 from ..params import Params, param
 from ..registry import register
 from ..values import parse_size
-from ._mkdisk import check_temp_directory, find_mkfs, run_script, temp_directory
+from ._mkdisk import MadeImage, check_directory, find_mkfs, run_script
 from .partitioning import (
     DEFAULT_ALIGNMENT,
     DEFAULT_TYPE_GUID,
@@ -62,7 +58,7 @@ from .partitioning import (
     gpt_places,
     regions_at,
 )
-from .split import FileLayout, Region
+from .split import Region
 
 MiB = 1 << 20
 #: Tries at growing a file system the files (or the free space asked for) did not fit in.
@@ -145,24 +141,19 @@ def available(image: str) -> int:
 
 
 @register
-class LinuxDisk(FileLayout):
+class LinuxDisk(MadeImage):
     """A GPT disk whose one partition is an ext2/3/4 file system made from a directory."""
 
     kind = "linuxdisk"
     Params = LinuxdiskParams
     magic = "dir"
     params: LinuxdiskParams
-    #: One file system per node: workers would each make their own (other UUIDs, times).
-    shareable = False
 
     def __init__(self, params: LinuxdiskParams) -> None:
         super().__init__(params)
         self.source = os.path.abspath(params.dir)
-        self.image = ""
+        self.program = ""
         self.fs_size = 0
-
-    def paths(self) -> list[str]:
-        return [self.image]
 
     def layout(self, sizes: list[int]) -> list[Region]:
         (fs_size,) = sizes
@@ -176,25 +167,12 @@ class LinuxDisk(FileLayout):
         )
         return regions_at(gpt_places([partition], os.urandom(16)), sizes, self.files)
 
-    async def start(self) -> None:
-        p = self.params
-        program = find_mkfs(p.type)
-        try:
-            if not stat.S_ISDIR(os.stat(self.source).st_mode):
-                raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-        except OSError as exc:
-            raise OSError(exc.errno, f"dir={p.dir}: {exc.strerror}") from None
-        directory = temp_directory()
-        check_temp_directory(directory)
-        folder = tempfile.mkdtemp(prefix="linuxdisk", dir=directory)
-        try:
-            self.image = os.path.join(folder, "fs.img")
-            await self._make(program)
-            await super().start()  # opens the image and lays the disk out
-        finally:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(folder)  # the open image lives on as long as it is served
-        self.caps = replace(self.caps, writable=False, flush=False).normalized()
+    async def check(self) -> None:
+        self.program = find_mkfs(self.params.type)
+        self.source = check_directory("dir", self.params.dir)
+
+    async def make(self) -> None:
+        await self._make(self.program)
 
     def status(self) -> dict[str, Any]:
         return {
