@@ -11,7 +11,7 @@ set -euo pipefail
 
 TAG=${1:-nbdfabric-base:bookworm}
 SUITE=bookworm
-PKGS=python3,python3-venv,python3-libnbd,libnbd-bin,qemu-utils,tini,ca-certificates
+PKGS=python3,python3-venv,python3-libnbd,libnbd-bin,qemu-utils,tini,ca-certificates,e2fsprogs,xorriso,dosfstools,mtools
 INPUTS=$(printf '%s\n' "v1" "$SUITE" "$PKGS" | sha256sum | cut -c1-16)
 
 have=$(docker image inspect -f '{{index .Config.Labels "nbdfabric.base-inputs"}}' "$TAG" 2>/dev/null || true)

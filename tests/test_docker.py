@@ -200,6 +200,36 @@ def test_docker_image_imports_nbd_and_lists_kinds(engine: Any, image: str) -> No
     assert out.strip()
 
 
+def test_docker_image_has_the_tools_the_disk_making_kinds_run(
+    engine: Any, image: str, tmp_path: Path
+) -> None:
+    """iso (xorriso), floppy (mkfs.vfat, mtools), linuxdisk and tmpdisk (mke2fs) and sh (bash)
+    make their disks inside the container, as the nodes' user: each serves a disk there that
+    nbdinfo, in the same container, reads."""
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "hello.txt").write_text("hello\n")
+    files.chmod(0o755)
+    script = files / "disk.sh"
+    script.write_text('#!/bin/bash\ncase "$1" in get_size) echo 1M ;; pread) '
+                      'dd if=/dev/zero count=$3 iflag=count_bytes status=none ;; '
+                      '*) exit 2 ;; esac\n')  # fmt: skip
+    script.chmod(0o755)
+    mounts = {str(files): {"bind": "/files", "mode": "ro"}}
+    for words, minimum in (
+        (["iso", "/files"], 32 * 1024),
+        (["floppy", "/files"], 32 << 20),
+        (["linuxdisk", "/files"], 1 << 20),
+        (["tmpdisk", "64M"], 64 << 20),
+        (["sh", "/files/disk.sh"], 1 << 20),
+    ):
+        out = engine.containers.run(
+            image, ["node", *words, "-U", "-", "--run", 'nbdinfo --size "$uri"'],
+            volumes=mounts, remove=True,
+        )  # fmt: skip
+        assert int(out.decode().split()[-1]) >= minimum, (words, out)
+
+
 # -- compose -------------------------------------------------------------------------------------
 
 
