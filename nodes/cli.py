@@ -70,6 +70,14 @@ def _node_parser(full_help: bool = True) -> argparse.ArgumentParser:
         "directory, removed at exit (for --run)",
     )
     p.add_argument(
+        "-p", "--port", metavar="PORT", help="as --listen IP:PORT (nbdkit's -p; IP from -i, "
+        "else 127.0.0.1: nbdkit's default is every address)",
+    )  # fmt: skip
+    p.add_argument(
+        "-i", "--ipaddr", metavar="IP", help="as --listen IP:PORT (nbdkit's -i; PORT from -p, "
+        "else 10809)",
+    )  # fmt: skip
+    p.add_argument(
         "-f", "--foreground", action="store_true", help="accepted for nbdkit command lines: a "
         "node always runs in the foreground",
     )  # fmt: skip
@@ -234,6 +242,10 @@ def cmd_node(argv: Sequence[str]) -> int:
             private = private or tempfile.mkdtemp(prefix="nbdfabric-")
             path = os.path.join(private, "nbd.sock")
         args.listen.append(f"unix:{path}")
+    if args.port is not None or args.ipaddr is not None:
+        ip = args.ipaddr or "127.0.0.1"
+        host = f"[{ip}]" if ":" in ip and not ip.startswith("[") else ip
+        args.listen.append(f"{host}:{args.port if args.port is not None else 10809}")
     try:
         return _serve_node(args)
     finally:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -60,6 +61,30 @@ def test_chain_order_is_nbdkits_first_filter_outermost(tmp_path: Path) -> None:
               f"logfile={logfile}", "cow-block-size=4K", "--run", io)  # fmt: skip
         ops = [json.loads(line).get("op") for line in logfile.read_text().splitlines()]
         assert ("write" in ops) is logged, (order, ops)
+
+
+def test_chain_serves_one_client_on_stdin_stdout_for_libnbd() -> None:
+    """`nbdkit -s` as libnbd's connect_command runs it: the outermost node serves the pipe,
+    the inner ones keep off it, and all are gone when the client hangs up."""
+    import nbd
+
+    h = nbd.NBD()
+    h.connect_command([*NBDFABRIC, "chain", "-s", "--filter=cow", "--filter=delay", "memory",
+                       "1M", "rdelay=1ms"])  # fmt: skip
+    h.pwrite(b"x" * 4096, 0)
+    assert (h.get_size(), bytes(h.pread(4096, 0))) == (MiB, b"x" * 4096)
+    h.shutdown()
+
+
+def test_chain_listens_where_nbdkits_p_and_i_say() -> None:
+    """-p PORT and -i IP as nbdkit's (on 127.0.0.1 when no -i: nbdkit's default is every
+    address, ours the loopback)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = chain("-p", str(port), "-i", "127.0.0.1", "--filter=delay", "memory", "1M",
+                "--run", 'echo "$uri"; nbdinfo --size "$uri"').stdout.split()  # fmt: skip
+    assert out == [f"nbd://127.0.0.1:{port}/", str(MiB)]
 
 
 def test_chain_over_an_upstream(start_node: Any, tmp_path: Path) -> None:
