@@ -307,6 +307,11 @@ class Backend:
         client alone, as for_export()'s do (tls-fallback: a notice for plaintext clients)."""
         return self
 
+    def sockets(self) -> list[str]:
+        """Unix sockets the backend listens on itself (the pause filter's control socket),
+        made by start(): a node run with -u/-g gives them to its user with its own."""
+        return []
+
     def export_identity(self, requested: str) -> tuple[str, str]:
         """Of a backend for_export() returned: the canonical name and the description a client
         that asked for `requested` is told (NBD_INFO_NAME, NBD_INFO_DESCRIPTION; "" for none:

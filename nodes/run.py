@@ -216,6 +216,7 @@ async def serve(
             )
         if spec.run_as is not None:  # sockets bound, backend open, files above written
             owned = [a.path for a in runtime.addresses if a.kind == "unix"]
+            owned += runtime.backend.sockets()
             if control_addr and control_addr.startswith("unix:"):
                 owned.append(control_addr.removeprefix("unix:"))
             spec.run_as.become(owned)

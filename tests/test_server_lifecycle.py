@@ -163,6 +163,16 @@ def test_lifecycle_user_and_group_are_taken_once_it_serves(
     assert disk.read_bytes()[8192:12288] == b"w" * 4096
     p.send_signal(signal.SIGTERM)
     assert p.wait(15) == 0
+    # A socket the backend made itself (a pause node's control socket) is given over too.
+    up = spawn(procs, node_cmd("memory", "1M", "--listen", f"unix:{tmp_path}/m.sock",
+                               "--ready-file", str(tmp_path / "m.json")))  # fmt: skip
+    control, ready = tmp_path / "pause.ctl", tmp_path / "p.json"
+    paused = spawn(procs, node_cmd("pause", f"pause-control={control}", "--upstream",
+                                   wait_ready(up, tmp_path / "m.json")["uri"], "--listen",
+                                   f"unix:{tmp_path}/p.sock", "-u", "nobody", "--ready-file",
+                                   str(ready)))  # fmt: skip
+    wait_ready(paused, ready)
+    wait_for(lambda: control.stat().st_uid == nobody.pw_uid, 10, "the control socket's owner")
     for words, message in (
         (["-u", "no-such-user-here"], "-u no-such-user-here: no such user"),
         (["-g", "no-such-group-here"], "-g no-such-group-here: no such group"),

@@ -141,6 +141,9 @@ class Pause(Filter):
         self._made = (made.st_dev, made.st_ino)
         return sock
 
+    def sockets(self) -> list[str]:
+        return [self.params.pause_control] if self._made is not None else []
+
     async def stop(self) -> None:
         if self._acceptor is not None:
             self._acceptor.cancel()
