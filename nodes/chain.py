@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import registry
-from .params import CONFIG_KEY, ParamError, field_info, parse_params
+from .params import CONFIG_KEY, ParamError, field_info, parse_params, passes_on
+from .spawn import nbdfabric_command
 
 #: The options that belong to the node reaching the chain's --upstream, not the outermost one.
 UPSTREAM_OPTIONS = ("--upstream", "--upstream-tls-certificates", "--upstream-timeout")
@@ -76,7 +77,7 @@ def accepted_keys(kind: str) -> set[str] | None:
     """The KEY=VALUE keys a kind takes (its params and their older spellings), or None for a
     kind that takes any (a script plugin passes unknown keys to its script)."""
     model = registry.get(kind).Params
-    if model.model_config.get("extra") == "allow":
+    if passes_on(model):
         return None
     keys = {entry["name"] for entry in field_info(model)}
     return keys | set(model.spellings)
@@ -160,11 +161,6 @@ def parse_chain(argv: Sequence[str], parser: argparse.ArgumentParser) -> Chain:
     return Chain(layers, outer, upstream)
 
 
-def _node_command() -> list[str]:
-    script = Path(sys.executable).parent / "nbdfabric"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "nodes.cli"]
-
-
 def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, what: str, stop: list[int]) -> str:
     """The URI of an inner node once its --ready-file is written."""
     deadline = time.monotonic() + READY_TIMEOUT
@@ -181,7 +177,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, what: str, stop: lis
 
 def run_chain(chain: Chain) -> int:
     """Start the inner nodes, run the outermost in the foreground, stop them all after it."""
-    node = _node_command()
+    node = nbdfabric_command()
     workdir = Path(tempfile.mkdtemp(prefix="nbdfabric-chain-"))
     inner: list[tuple[subprocess.Popen[bytes], str]] = []
     outer: subprocess.Popen[bytes] | None = None

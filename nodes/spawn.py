@@ -14,11 +14,20 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
+
+
+def nbdfabric_command() -> list[str]:
+    """The command that runs nbdfabric itself (to start nodes: `nbdfabric chain`, the
+    orchestrator's process backend): the console script beside this Python, else the module."""
+    script = Path(sys.executable).parent / "nbdfabric"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "nodes.cli"]
 
 
 class Child:

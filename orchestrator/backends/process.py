@@ -20,13 +20,13 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nodes.server.addresses import UNIX_PATH_MAX
+from nodes.spawn import nbdfabric_command
 
 from ..argv import export_words, option_words, param_words, state_words, uri_path
 from ..names import is_uri, node_ref
@@ -117,11 +117,6 @@ class RunDir:
                 with contextlib.suppress(OSError):
                     if Path(addr[5:]).is_socket():
                         Path(addr[5:]).unlink()
-
-
-def nbdfabric_command() -> list[str]:
-    script = Path(sys.executable).parent / "nbdfabric"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "nodes.cli"]
 
 
 def node_command(node: Node, topology: Topology, run: RunDir, control: bool) -> list[str]:
