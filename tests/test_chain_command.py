@@ -63,6 +63,19 @@ def test_chain_order_is_nbdkits_first_filter_outermost(tmp_path: Path) -> None:
         assert ("write" in ops) is logged, (order, ops)
 
 
+def test_nofilter_serves_what_nbdkits_nofilter_serves() -> None:
+    """--filter=nofilter over a sparse data disk: the same map, capabilities and bytes as nbdkit
+    running the same line (the whole chain passes extents through, holes and all)."""
+    line = ("-U", "-", "--filter=nofilter", "data", "@32768 1 2 3 @1048576 4", "size=2M",
+            "--run", f'nbdinfo --map "$uri" && {PROBE}')  # fmt: skip
+    ours, theirs = chain(*line).stdout, run(["nbdkit", *line]).stdout
+    mapped, _, rest = ours.partition("{")
+    their_map, _, their_rest = theirs.partition("{")
+    assert probe("{" + rest) == probe("{" + their_rest)
+    assert mapped == their_map
+    assert "hole,zero" in mapped and "data" in mapped
+
+
 def test_chain_serves_one_client_on_stdin_stdout_for_libnbd() -> None:
     """`nbdkit -s` as libnbd's connect_command runs it: the outermost node serves the pipe,
     the inner ones keep off it, and all are gone when the client hangs up."""

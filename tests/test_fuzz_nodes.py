@@ -1243,6 +1243,7 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         ],
         "blocksize-policy-allow": ["blocksize-minimum=512", "blocksize-preferred=64K"],
         "nbd": [],
+        "nofilter": [],
         # The fuzz clients and libnbd connect over a unix socket, as this process's user.
         "ip": [f"allow=uid:{os.getuid()}", "deny=all"],
     }[shape]
@@ -3292,6 +3293,7 @@ MORE_SHAPES = [
     "exportname-many",
     "protect",
     "nbd",
+    "nofilter",
     "empty",
     "http",
     "http-cow",
