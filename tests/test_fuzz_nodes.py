@@ -22,6 +22,12 @@ The tls-* shapes serve their clients over TLS (STARTTLS, then a TLS handshake th
 itself, so it can also get it wrong: options before TLS, STARTTLS twice or with data, plaintext
 injected behind STARTTLS, garbage or a cut ClientHello, a handshake that never ends, a corrupt
 record, close_notify while replies are on their way); libnbd reads them back over TLS too.
+tls-fallback (the filter run with --tls=on over a memory node) serves its TLS clients the disk,
+judged as tls-on's, and a session that stays plaintext a stand-in (Target.plaintext), as
+nbdkit 1.32 does: whatever name it asks for, the tlsreadme= notice padded with NULs to 512
+bytes, read-only with nothing else advertised, listed as the one export "", told by its own
+name and with no description. Its writes get EPERM, and none of them (nor a replayed seed's)
+may show in the disk libnbd reads back over TLS after each batch.
 """
 
 from __future__ import annotations
@@ -330,6 +336,10 @@ class Target:
     tls: str = "off"
     pki: Path | None = None
     tls_contexts: list[ssl.SSLContext] = field(default_factory=list)
+    #: What a session that stays plaintext is served instead, under every name it asks for
+    #: (tls-fallback's notice): these bytes, read-only and with nothing else advertised. None
+    #: of its requests may reach the export, which libnbd reads back over TLS.
+    plaintext: bytes | None = None
     #: The node serves at most this many clients at once (limit, noparallel's connections):
     #: no more get replies side by side (0: not judged).
     limit: int = 0
@@ -1552,11 +1562,28 @@ def check_stats(path: Path) -> None:
 
 def tls_shape(shape: str, start_node: Any, pki: Path) -> Target:
     """A memory node that serves its clients over TLS (tls-require: only; tls-on: TLS or
-    plaintext, and polling before it sleeps, the TLS reader's other path), or a plaintext nbd
-    filter whose upstream hop is TLS (tls-chain: the upstream side's TLS under load)."""
+    plaintext, and polling before it sleeps, the TLS reader's other path), a plaintext nbd
+    filter whose upstream hop is TLS (tls-chain: the upstream side's TLS under load), or a
+    tls-fallback filter run with --tls=on over a memory node (tls-fallback: TLS clients are
+    served the disk as tls-on's, plaintext ones a read-only notice under any name, and none of
+    their requests may reach the disk)."""
     rng = random.Random(f"{SEED}:{shape}:initial")
     image = rng.randbytes(SIZE)
     tls = ("--tls-certificates", str(pki), "--handshake-limit", str(HANDSHAKE_LIMIT))
+    if shape == "tls-fallback":
+        up = memory_with(start_node, image)
+        node = under_test(
+            start_node,
+            "tls-fallback",
+            f"tlsreadme={TLS_README}",
+            upstreams=[up.uri],
+            extra=("--tls=on", *tls),
+        )
+        return Target(
+            shape, node, [node, up], image, check_below=same_below(shape, up.uri), tls="on",
+            pki=pki, tls_contexts=client_contexts(pki),
+            plaintext=TLS_README.encode().ljust(512, b"\0"),  # nbdkit's padding: NULs to 512
+        )  # fmt: skip
     if shape == "tls-chain":
         up = start_node("memory", str(SIZE), extra=("--tls=require", *tls))
         secure = f"{up.uri}&tls-certificates={urllib.parse.quote(str(pki))}"
@@ -1594,6 +1621,11 @@ def client_hello(context: ssl.SSLContext) -> bytes:
         obj.do_handshake()
     return outgoing.read()
 
+
+#: tls-fallback's tlsreadme=: what its plaintext clients read (UTF-8, under 512 bytes).
+TLS_README = "Plaintext clients read only this notice \u2014 start TLS for the disk.\n"
+#: The names a plaintext session on it asks for: each leads to the notice.
+PLAINTEXT_NAMES = [b"", b"disk", "\u00e9t\u00e9".encode(), b"../etc/passwd", b"x" * 4096]
 
 #: How the clients of a TLS node begin (weights); ONLY_WITH: ways for one --tls mode.
 TLS_WAYS = {
@@ -1848,6 +1880,9 @@ class Client:
         self.half_closed = False
         self.closing = False  #: we are hanging up: the end of the stream is ours
         self.secured = False  #: the session runs over TLS
+        #: A plaintext session served `target.plaintext`: the export's name and model, kept
+        #: for a STARTTLS later on (self.name and self.model are then the stand-in's).
+        self.stand_in: tuple[bytes, Model] | None = None
         #: A full node may end the session now (limit): before the greeting, and from the
         #: end of the handshake until the first reply.
         self.refusable = target.refuses
@@ -1869,6 +1904,10 @@ class Client:
     def expect(self, cond: object, message: str) -> None:
         if not cond:
             raise self.fail(message)
+
+    @property
+    def read_only(self) -> bool:
+        return self.stand_in is not None or self.t.read_only
 
     async def run(self) -> None:
         self.connected_at = time.monotonic()
@@ -1960,6 +1999,7 @@ class Client:
             if self.t.tls == "require":
                 await self.export_name_before_tls()
                 return
+            self.without_tls()
             if not await self.export_name(cflags):
                 return
         else:
@@ -1995,6 +2035,8 @@ class Client:
         change the export makes its range unknown, as a write cut off with its connection."""
         if self.t.writes != "store" or self.t.private:  # private: its disk is gone with it
             return
+        if self.t.plaintext is not None:  # a replay is plaintext: it must not reach the export
+            return
         magic = REQUEST_MAGIC.to_bytes(4, "big")
         at = data.find(magic)
         while 0 <= at <= len(data) - REQUEST.size:
@@ -2017,6 +2059,7 @@ class Client:
         rng = self.rng
         if self.t.tls == "on" and rng.random() < 0.4:
             self.stats.count(self.stats.tls, "plaintext")
+            self.without_tls()
             return True
         ways = {k: w for k, w in TLS_WAYS.items() if ONLY_WITH.get(k, self.t.tls) == self.t.tls}
         how = rng.choices(list(ways), list(ways.values()))[0]
@@ -2051,6 +2094,17 @@ class Client:
             self.expect(reps == [(ERR_INVALID, reps[0][1])], f"STARTTLS over TLS: {reps}")
         return True
 
+    def without_tls(self) -> None:
+        """The session goes on in plaintext: where such a session is served a stand-in
+        (tls-fallback), it is judged by a model of the stand-in's bytes, read-only, and asks
+        for it by a name of any kind (every name leads there)."""
+        if self.t.plaintext is None or self.stand_in is not None:
+            return
+        self.stand_in = (self.name, self.model)
+        self.name = self.rng.choice(PLAINTEXT_NAMES)
+        self.model = self.t.model(self.t.plaintext)
+        self.stats.count(self.stats.tls, "stand-in")
+
     async def tls_handshake(self) -> None:
         """After the STARTTLS ACK: the TLS handshake, then the session goes on over TLS."""
         link = TLSLink(self.reader, self.writer, self.rng.choice(self.t.tls_contexts), self.rng)
@@ -2060,6 +2114,9 @@ class Client:
             raise self.fail(f"the TLS handshake took over {REPLY_TIMEOUT} s (a hang)") from None
         self.reader = self.writer = link
         self.secured = True
+        if self.stand_in is not None:  # from a plaintext session: the export itself from now on
+            self.name, self.model = self.stand_in
+            self.stand_in = None
         self.trace.append(f"TLS up: {link.version}")
         self.stats.count(self.stats.tls, link.version)
 
@@ -2231,11 +2288,16 @@ class Client:
                 self.expect(pref >= lo and pref & (pref - 1) == 0, f"preferred block {pref}")
                 self.expect(hi == 0xFFFFFFFF or (hi >= pref and hi % lo == 0), f"max {hi}")
                 s.block_min, s.block_max, s.block_max_advertised = lo, hi, True
-            elif kind == INFO_NAME and self.t.exports is not None and self.t.export_of is None:
+            elif kind == INFO_NAME and (
+                self.stand_in is not None
+                or (self.t.exports is not None and self.t.export_of is None)
+            ):
                 self.expect(
                     body[2:] == canonical,
                     f"INFO_NAME {body[2:]!r} for {self.name!r}: {canonical!r}",
                 )
+            elif kind == INFO_DESCRIPTION and self.stand_in is not None:
+                raise self.fail(f"INFO_DESCRIPTION {body[2:]!r} of the plaintext stand-in")
             elif kind == INFO_DESCRIPTION and self.t.describe is not None:
                 self.expect(
                     body[2:] == described, f"INFO_DESCRIPTION {body[2:]!r} of {canonical!r}"
@@ -2254,7 +2316,12 @@ class Client:
         want = self.model.size
         self.expect(size == want, f"export {self.name!r}: size {size}, expected {want}")
         self.expect(tflags & T_HAS_FLAGS, "HAS_FLAGS clear")
-        self.expect(bool(tflags & T_READ_ONLY) == self.t.read_only, f"tflags {tflags:#x}: RO")
+        self.expect(bool(tflags & T_READ_ONLY) == self.read_only, f"tflags {tflags:#x}: RO")
+        if self.stand_in is not None:
+            # A read-only disk and nothing more (nbdkit 1.32's notice: no flush, trim, zero,
+            # FUA, cache nor multi-conn).
+            want = T_HAS_FLAGS | T_READ_ONLY | (T_DF if structured else 0)
+            self.expect(tflags == want, f"the stand-in's tflags {tflags:#x}, expected {want:#x}")
         self.expect(structured or not tflags & T_DF, "SEND_DF without structured replies")
         self.expect(not tflags & T_FAST_ZERO or tflags & T_ZERO, "FAST_ZERO without ZERO")
         self.expect(not tflags & ~0x0DFF, f"unknown transmission flags {tflags:#x}")
@@ -2314,7 +2381,12 @@ class Client:
                 name = self.name if rng.random() < 0.9 else b"other"
                 await self.option(OPT_SET_META, self.meta_data(name, queries))
                 reps = await self.opt_replies(OPT_SET_META)
-                if structured and name not in self.models and reps[-1][0] == ERR_UNKNOWN:
+                if (
+                    structured
+                    and name not in self.models
+                    and self.stand_in is None
+                    and reps[-1][0] == ERR_UNKNOWN
+                ):
                     meta = None  # several exports: an unknown name may be refused
                     continue
                 ids = self.check_meta(reps, structured, set_=True)
@@ -2392,6 +2464,9 @@ class Client:
     def bind(self, name: bytes) -> None:
         """A (mutated) name the server accepted: with several exports, it must be one of them
         (and then its model is the one that judges)."""
+        if self.stand_in is not None:  # every name leads to the stand-in
+            self.name = name
+            return
         if self.t.exports is None:
             return
         if self.t.export_of is not None:
@@ -2461,6 +2536,10 @@ class Client:
         t = self.t
         if t.list_error:
             self.expect(reps == [(t.list_error, reps[0][1])], f"LIST: {reps}")
+            return
+        if self.stand_in is not None:
+            # One export, the default one, with no description (nbdkit 1.32's answer here).
+            self.expect(reps == [(REP_SERVER, bytes(4)), (REP_ACK, b"")], f"LIST: {reps}")
             return
         self.expect(
             reps[-1][0] == REP_ACK and all(r == REP_SERVER for r, _ in reps[:-1]), f"LIST: {reps}"
@@ -2559,9 +2638,12 @@ class Client:
                 assert parsed is not None
                 return structured, (parsed[0], ids)
             return structured, None
-        if option in (OPT_GO, OPT_INFO) and final != REP_ACK and self.t.exports is not None:
+        several = self.t.exports is not None or self.stand_in is not None
+        if option in (OPT_GO, OPT_INFO) and final != REP_ACK and several:
             name = parse_info(bytes(data))
-            if self.t.export_of is None:
+            if self.stand_in is not None:  # any name that is an NBD string
+                served = name is not None and is_nbd_string(name)
+            elif self.t.export_of is None:
                 served = name in self.models
             else:
                 served = name is not None and self.t.export_of(name) is not None
@@ -3307,6 +3389,7 @@ MORE_SHAPES = [
     "tls-require",
     "tls-on",
     "tls-chain",
+    "tls-fallback",
     "checkwrite",
     "swab-16",
     "swab-64",
