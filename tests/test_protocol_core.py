@@ -43,6 +43,7 @@ from nodes.protocol.handshake import (
     Ready,
     ServerHandshake,
     StartTLS,
+    block_sizes,
 )
 from nodes.protocol.transmission import (
     Request,
@@ -891,3 +892,46 @@ def test_handshake_meta_contexts_an_export_offers_beyond_base_allocation(
     assert isinstance(event, Ready)
     assert event.meta_contexts == (tuple(i for i, _ in expected) if option == Opt.SET_META_CONTEXT
                                    else ())  # fmt: skip
+
+
+def _valid_block_sizes(lo: int, pref: int, hi: int) -> bool:
+    def power_of_two(n: int) -> bool:
+        return n > 0 and n & (n - 1) == 0
+
+    return (
+        power_of_two(lo)
+        and lo <= 64 * 1024
+        and power_of_two(pref)
+        and max(lo, 512) <= pref <= 32 * 1024 * 1024
+        and pref <= hi <= 0xFFFFFFFF
+        and (hi == 0xFFFFFFFF or hi % lo == 0)
+    )
+
+
+@given(lo=st.integers(0, 2**32 - 1), pref=st.integers(0, 2**32 - 1), hi=st.integers(0, 2**32 - 1))
+def test_block_sizes_are_always_what_the_spec_allows(lo: int, pref: int, hi: int) -> None:
+    """Whatever a backend asks for, INFO_BLOCK_SIZE carries valid constraints; what it asks
+    that is valid already is kept as it is, and a stated maximum is never raised above what
+    the backend takes unless it is below the 512 bytes every preferred size needs."""
+    got = block_sizes(lo, pref, hi)
+    assert _valid_block_sizes(*got), got
+    if _valid_block_sizes(lo, pref, hi):
+        assert got == (lo, pref, hi)
+    if hi and got[2] != 0xFFFFFFFF:
+        assert got[2] <= max(hi, got[0], 512)
+
+
+@pytest.mark.parametrize(
+    ("asked", "advertised"),
+    [
+        ((0, 0, 0), (1, 4096, 0xFFFFFFFF)),
+        ((65536, 0, 0), (65536, 65536, 0xFFFFFFFF)),  # the 4096 default is below the minimum
+        ((512, 0, 1024), (512, 1024, 1024)),  # ... and above the maximum
+        ((3, 1000, 5001), (4, 1024, 5000)),
+        ((1, 0, 256), (1, 512, 512)),
+    ],
+)
+def test_block_sizes_move_as_little_as_they_can(
+    asked: tuple[int, int, int], advertised: tuple[int, int, int]
+) -> None:
+    assert block_sizes(*asked) == advertised

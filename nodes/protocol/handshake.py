@@ -40,6 +40,37 @@ from .constants import (
     wire_string,
 )
 
+#: The largest minimum block size the spec allows, and the range of the preferred one.
+MAX_BLOCK_MIN = 64 * 1024
+PREFERRED_RANGE = (512, 32 * 1024 * 1024)
+#: A maximum block size that means "no limit of its own" (it need not be a multiple).
+UNLIMITED_BLOCK_MAX = 0xFFFFFFFF
+
+
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _power_of_two_at_most(n: int) -> int:
+    return 1 << (n.bit_length() - 1)
+
+
+def block_sizes(minimum: int, preferred: int, maximum: int) -> tuple[int, int, int]:
+    """The INFO_BLOCK_SIZE a server may send for what a backend asked (each 0: no preference),
+    as the spec requires: a minimum that is a power of two up to 64K, a preferred size that is
+    a power of two from max(minimum, 512) to 32M, and a maximum that is 4G-1 or a multiple of
+    the minimum and at least the preferred size. Valid input comes back unchanged; anything
+    else (a backend's or script's mistake) moves as little as it can: the minimum up to a
+    power of two, the preferred size into its range and under the maximum, the maximum down to
+    a multiple of the minimum but never below max(minimum, 512)."""
+    lo = min(_power_of_two_at_least(minimum or 1), MAX_BLOCK_MIN)
+    hi = maximum or UNLIMITED_BLOCK_MAX
+    if hi != UNLIMITED_BLOCK_MAX:
+        hi = max(hi - hi % lo, lo, PREFERRED_RANGE[0])
+    pref = _power_of_two_at_least(max(preferred or 4096, lo, PREFERRED_RANGE[0]))
+    pref = min(pref, PREFERRED_RANGE[1], _power_of_two_at_most(hi))
+    return lo, pref, hi
+
 
 @dataclass(frozen=True)
 class ExportInfo:

@@ -17,7 +17,7 @@ from typing import Any
 from ..base import Backend, Capabilities, ClientInfo
 from ..params import field_info, live_names
 from ..protocol.constants import DEFAULT_MAX_PAYLOAD, TFlag
-from ..protocol.handshake import ExportInfo, HandshakePolicy, ListRefused
+from ..protocol.handshake import ExportInfo, HandshakePolicy, ListRefused, block_sizes
 from ..protocol.transmission import MAX_DATA
 from ..stats import NodeStats
 from .addresses import (
@@ -298,14 +298,20 @@ class NodeRuntime:
         caps = export.caps
         # Never more than the session takes (MAX_DATA): an upstream that says 4G-1 (nbdkit's
         # default) would otherwise have us advertise what we then refuse.
-        block_max = min(caps.block_max or self.default_block_max, MAX_DATA)
+        # block_sizes: what the backend said, made valid whatever it said (the session then
+        # enforces what was advertised).
+        block_min, block_preferred, block_max = block_sizes(
+            caps.block_min,
+            caps.block_preferred,
+            min(caps.block_max or self.default_block_max, MAX_DATA),
+        )
         return ExportInfo(
             name=name,
             size=size,
             tflags=caps.tflags(),
             description=self.options.description,
-            block_min=caps.block_min or 1,
-            block_preferred=min(caps.block_preferred or 4096, block_max),
+            block_min=block_min,
+            block_preferred=block_preferred,
             block_max=block_max,
             handle=export,
             contexts=export.backend.contexts() if caps.extents else (),

@@ -335,8 +335,10 @@ class Session:
             tflags=ready.export.flags_for(ready.structured),
             structured=ready.structured,
             meta_contexts=ready.meta_contexts,
-            block_min=caps.block_min or 1,
-            block_max=caps.block_max or node.default_block_max,
+            # What the handshake advertised (node._info made it valid), not the backend's raw
+            # figures: a client that keeps to the advertised sizes is never refused.
+            block_min=ready.export.block_min,
+            block_max=ready.export.block_max,
             enforce_block_size=caps.enforce_block_size,
         )
         #: A WRITE longer than this ends the connection before its payload is read.
