@@ -286,6 +286,21 @@ def test_cdi_layer_picks_the_layer_and_counts_back_from_the_last(
     assert members(copy_of(default, tmp_path / "default.tar")) == wanted["0"]
 
 
+def test_cdi_status_names_the_layer_and_its_disk_entries(
+    start_node: Callable[..., Proc], two: str, engine: Any
+) -> None:
+    """`ctl info`: the image, its id, the layer served of how many, the tar-entry names."""
+    node = start_node("cdi", two, "layer=-1", control=True)
+    res = subprocess.run(
+        [*NBDFABRIC, "ctl", str(node.control), "info", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    status = json.loads(res.stdout)["status"]
+    assert status["image"] == two and status["id"] == engine.images.get(two).id
+    assert (status["layer"], status["layers"]) == (1, 2)
+    assert status["disk_entries"] == ["disk/b.qcow2"]
+
+
 @pytest.mark.parametrize("layer", ["2", "-3", "99"])
 def test_cdi_layer_out_of_range_exits_1(tmp_path: Path, two: str, layer: str) -> None:
     status, said = node_exits(tmp_path, two, f"layer={layer}")

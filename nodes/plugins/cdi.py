@@ -44,10 +44,11 @@ serves (the copy is finished first, then removed); a node killed (SIGKILL) in th
 leaves its folder in $TMPDIR, as nbdkit's does.
 
 Example (a containerDisk's qcow2 image as a raw disk, as nbdkit's manual does with its tar
-filter): `nbdfabric chain -U /tmp/fedora.sock --filter=qcow2dec --filter=tar cdi
-quay.io/containerdisks/fedora:40 tar-entry=disk/disk.img`; or the layer alone: `nbdfabric node
-cdi my-disk:latest --listen unix:/tmp/layer.sock`, then `nbdcopy
-'nbd+unix:///?socket=/tmp/layer.sock' - | tar t` lists disk/ and disk/disk.img.
+filter): `nbdfabric chain -U /tmp/vm.sock --filter=qcow2dec --filter=tar cdi my-vm-disk:latest
+tar-entry=disk/disk.qcow2`; or the layer alone: `nbdfabric node cdi my-vm-disk:latest --listen
+unix:/tmp/layer.sock`, then `nbdcopy 'nbd+unix:///?socket=/tmp/layer.sock' - | tar t` lists
+disk/ and disk/disk.qcow2. An image built `FROM` a base image has the disk in its last layer:
+`layer=-1`.
 """
 
 from __future__ import annotations
