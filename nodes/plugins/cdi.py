@@ -38,10 +38,11 @@ installed here, so no differential test runs nbdkit's own pull; the tests run nb
 `podman` shim that saves the same image from docker to compare the layers served). A missing
 image, a `layer` out of range (the message says how many there are), an engine that cannot be
 reached: exit 1 with a message at start, as nbdkit fails in get_ready. The temporary layer is
-sparse and unlinked once open (nbdkit keeps a full copy named in $TMPDIR until it exits, and
-reports no extents). A stop signal while the image is being saved is acted on once the node
-serves (the copy is finished first, then removed); a node killed (SIGKILL) in that window
-leaves its folder in $TMPDIR, as nbdkit's does.
+sparse and its holes are reported as extents (nbdkit's copy, also unlinked while it serves,
+holds every zero, and it reports all data). A stop signal while the image is being saved is
+acted on once the node serves (the copy is finished first, then removed); a node killed
+(SIGKILL) in that window leaves its folder in $TMPDIR, as nbdkit killed during its `podman
+save` leaves its $TMPDIR/imageXXXXXX.d.
 
 Example (a containerDisk's qcow2 image as a raw disk, as nbdkit's manual does with its tar
 filter): `nbdfabric chain -U /tmp/vm.sock --filter=qcow2dec --filter=tar cdi my-vm-disk:latest
