@@ -56,6 +56,7 @@ BASE: dict[str, list[str]] = {
     "linuxdisk": ["dir=."],
     "iso": ["dir=."],
     "floppy": ["dir=."],
+    "cdi": ["name=my-disk:latest"],
     "sh": ["script=disk.sh"],
     "pause": ["pause-control=pause.ctl"],
 }

@@ -891,6 +891,36 @@ def exits_alone(node: Proc, act: Callable[[], None], what: str) -> None:
     check(status == 0, f"the node exited {status} after {what}: {node.stderr()[-2000:]}")
 
 
+def cdi_shape(start_node: Any, tmp_path: Path, rng: random.Random) -> Target:
+    """A containerDisk built here (`FROM scratch`, `ADD disk.img /disk/`, random bytes) and
+    served by a cdi node, read-only, the same to the end; the image is removed after. Without
+    a docker engine the shape skips (fails under CI), as tests/test_plugin_cdi.py does."""
+    try:
+        import docker
+
+        engine = docker.from_env()
+        engine.ping()
+    except Exception as exc:  # any failure to reach the engine
+        if os.environ.get("CI"):
+            pytest.fail(f"no docker engine: {exc}")
+        pytest.skip(f"no docker engine: {exc}")
+    context = tmp_path / "cdi-context"
+    context.mkdir()
+    (context / "disk.img").write_bytes(lumpy(rng, SIZE))
+    (context / "Dockerfile").write_text("FROM scratch\nADD disk.img /disk/\n")
+    tag = f"nbdfabric-fuzz-cdi-{os.getpid()}-{rng.randrange(1 << 32):08x}:latest"
+    engine.images.build(path=str(context), tag=tag, rm=True, forcerm=True)
+    try:
+        node = under_test(start_node, "cdi", tag)
+        image = read_all(node.uri)
+    except BaseException:
+        engine.images.remove(tag, force=True)
+        raise
+    target = Target("cdi", node, [node], image, read_only=True, multi_conn=True)
+    target.cleanups.append(lambda: engine.images.remove(tag, force=True))
+    return target
+
+
 def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> Target:
     """The shapes added after the first eleven."""
     rng = random.Random(f"{SEED}:{shape}:initial")
@@ -992,6 +1022,8 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         node = under_test(start_node, "floppy", str(tree), "label=FUZZ")
         image = read_all(node.uri)
         return Target(shape, node, [node], image, read_only=True, multi_conn=True)
+    if shape == "cdi":
+        return cdi_shape(start_node, tmp_path, rng)
     if shape == "dir":
         folder = tmp_path / "disks"
         folder.mkdir()
@@ -3408,6 +3440,7 @@ MORE_SHAPES = [
     "linuxdisk",
     "iso",
     "floppy",
+    "cdi",
     "sh",
     "eval",
     "pause",
