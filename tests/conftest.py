@@ -361,6 +361,15 @@ def sha(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read a MiB at a time (disk images bigger than is wise to hold)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def errno_of(call: Callable[..., object], *args: Any) -> str | None:
     """The errno name of the nbd.Error `call(*args)` raises; None if it succeeds."""
     try:

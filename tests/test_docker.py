@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, nbd_connect, run, wait_for
+from conftest import ROOT, nbd_connect, run, sha256_file, wait_for
 
 IMAGE = os.environ.get("NBDFABRIC_IMAGE", "nbdfabric:latest")
 EXAMPLE = ROOT / "compose" / "example.yaml"
@@ -71,14 +71,6 @@ def image(engine: Any) -> str:
     assert res.returncode == 0, f"build-image.sh failed:\n{res.stdout}\n{res.stderr}"
     print(f"image {IMAGE}: {time.monotonic() - started:.1f}s\n{res.stdout}")
     return IMAGE
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(MiB), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def random_file(path: Path, size: int, seed: int) -> Path:

@@ -28,7 +28,7 @@ from typing import Any
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, ROOT, Proc, capabilities, run, wait_for
+from conftest import NBDFABRIC, ROOT, Proc, capabilities, run, sha256_file, wait_for
 
 MiB = 1 << 20
 pytestmark = pytest.mark.timeout(600)
@@ -160,14 +160,6 @@ def two(images: Images, files: dict[str, Path]) -> str:
 
 
 # Helpers -----------------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(MiB), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def saved_layers(name: str) -> list[bytes]:
