@@ -12,13 +12,14 @@ import random
 import signal
 import stat
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import nbd
 import pytest
 from conftest import CAPABILITIES, NBDFABRIC, ROOT, capabilities, nbd_connect, run, sha, wait_for
-from ssh_server import Sshd, descendants, usable
+from ssh_server import Sshd, descendants, free_port, usable
 
 SIZE = 4 << 20
 
@@ -332,3 +333,52 @@ def test_ssh_the_remote_file_shrunk_is_not_taken_back(start_node, tmp_path, imag
         h.shutdown()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def password_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """asyncssh's SSH server (tests/asyncssh_server.py) letting in user `u` with password
+    `p`: the ssh node's params that reach it, but the password."""
+    directory = tmp_path_factory.mktemp("pwserver")
+    key = directory / "host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    port = free_port()
+    pub = " ".join(key.with_suffix(".pub").read_text().split()[:2])
+    (directory / "known_hosts").write_text(f"[127.0.0.1]:{port} {pub}\n")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "asyncssh_server.py"), str(port), str(key), "u", "p"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield ["host=127.0.0.1", f"port={port}", "user=u",
+               f"known-hosts={directory / 'known_hosts'}"]  # fmt: skip
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_ssh_password_forms_log_in(start_node, password_server, image, tmp_path) -> None:
+    """password= in nbdkit's forms (nodes/passwords.py): +FILE (its first line, a `\\r`
+    kept), -FD (the first line of an inherited descriptor, read once, before --workers
+    fork: every worker logs in with it), the password itself; a wrong one is named."""
+    digest = sha(image.read_bytes())
+    password = tmp_path / "password"
+    password.write_text("p\nnot this line\n")
+    node = start_node("ssh", *password_server, f"password=+{password}", str(image))
+    assert sha(nbd_connect(node.uri).pread(SIZE - 1000, 0)) == digest
+    r, w = os.pipe()
+    os.write(w, b"p\n")
+    os.close(w)
+    try:
+        node = start_node("ssh", *password_server, f"password=-{r}", str(image),
+                          extra=("--workers", "2"), pass_fds=(r,))  # fmt: skip
+    finally:
+        os.close(r)
+    out = subprocess.run(["nbdcopy", node.uri, "-"], capture_output=True, check=True)
+    assert sha(out.stdout) == digest
+    crlf = tmp_path / "crlf"
+    crlf.write_bytes(b"p\r\n")
+    for wrong in (f"password=+{crlf}", "password=q"):
+        said = node_fails(*password_server, wrong, str(image))
+        assert "ssh u@127.0.0.1" in said and "cannot log in" in said
