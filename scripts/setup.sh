@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(python3-venv python3-libnbd libnbd-bin nbdkit qemu-utils fio gzip xz-utils strace e2fsprogs xorriso dosfstools mtools)
+APT_PKGS=(python3-venv python3-libnbd libnbd-bin nbdkit qemu-utils fio gzip xz-utils strace e2fsprogs xorriso dosfstools mtools openssh-server)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -13,8 +13,24 @@ done
 if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}"
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    # openssh-server is here for the ssh plugin's tests, which run a private sshd of their
+    # own: installing it must not start the system's. Package scripts start services through
+    # invoke-rc.d or deb-systemd-invoke, which ask /usr/sbin/policy-rc.d first (exit 101:
+    # "not allowed"). One is put there for the install only if the machine has none, and
+    # only ours is removed.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        policy=/usr/sbin/policy-rc.d
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+        $sudo chmod 755 "$policy"
+        trap "$sudo rm -f $policy" EXIT
+    fi
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    if [ -n "$policy" ]; then
+        $sudo rm -f "$policy"
+        trap - EXIT
+    fi
 fi
 
 PY=/usr/bin/python3

@@ -48,6 +48,7 @@ BASE: dict[str, list[str]] = {
     "random": ["size=1M"],
     "sparse-random": ["size=1M"],
     "http": ["url=http://127.0.0.1:9/x"],
+    "ssh": ["host=127.0.0.1", "path=disk.img"],
     "partition": ["partition=1"],
     "split": ["file=disk.img"],
     "partitioning": ["file=disk.img"],
@@ -274,7 +275,9 @@ def test_any_yaml_value_for_any_param_is_taken_or_refused_cleanly(data: st.DataO
 
 
 #: Kinds whose params can be tried in-process over RAM disks (the rest need files/servers).
-IN_PROCESS = [k for k in KINDS if k not in ("http", "file", "gzip", "xz", "info", "log", "stats")]
+IN_PROCESS = [
+    k for k in KINDS if k not in ("http", "ssh", "file", "gzip", "xz", "info", "log", "stats")
+]
 EDGE: dict[str, list[str]] = {
     "size": ["0", "1", "3", "511", "1E", "8E"],
     "integer": ["-1", "0", "1", "2", "100", "99999999999999999999"],

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ssh_server
 from conftest import Proc, make_certificates, rss_kib
 from test_filters_policy import Control
 
@@ -921,6 +922,31 @@ def cdi_shape(start_node: Any, tmp_path: Path, rng: random.Random) -> Target:
     return target
 
 
+def ssh_shape(start_node: Any, tmp_path: Path, rng: random.Random) -> Target:
+    """A file served by a private sshd (tests/ssh_server.py) through the ssh plugin, written
+    by the fuzz clients: after each batch the remote file holds what the export serves."""
+    why = ssh_server.usable()
+    if why is not None:
+        pytest.skip(why)
+    server = ssh_server.Sshd(tmp_path / "sshd")
+    try:
+        path = tmp_path / "remote.img"
+        image = rng.randbytes(SIZE - 1000)  # a tail that is not whole sectors
+        path.write_bytes(image)
+        node = under_test(start_node, "ssh", *server.args(), str(path))
+    except BaseException:
+        server.stop()
+        raise
+
+    def ssh_below(export: bytes, trimmed: bytearray) -> None:
+        bad = differ(path.read_bytes(), export, trimmed)
+        check(bad is None, f"the remote file differs from what the export serves at {bad}")
+
+    target = Target("ssh", node, [node], image, check_below=ssh_below, multi_conn=True)
+    target.cleanups.append(server.stop)
+    return target
+
+
 def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> Target:
     """The shapes added after the first eleven."""
     rng = random.Random(f"{SEED}:{shape}:initial")
@@ -946,6 +972,8 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
             check(read_all(http.uri) == image, "the http node no longer serves the image")
 
         return Target(shape, node, [node, http], image, check_below=http_below)
+    if shape == "ssh":
+        return ssh_shape(start_node, tmp_path, rng)
     if shape == "concat":
         sizes = [256 * KiB, 512 * KiB, 256 * KiB]
         images = [rng.randbytes(n) for n in sizes]
@@ -3411,6 +3439,7 @@ MORE_SHAPES = [
     "empty",
     "http",
     "http-cow",
+    "ssh",
     "ip",
     "info",
     "info-base64exportname",

@@ -194,7 +194,7 @@ INVALID = [
         "  b: {kind: cow, upstream: a, workers: 2}\n",
         "f.yaml:3: nodes.b.workers: cow keeps its state in one process, so it cannot be served by "
         "several workers (kinds that can: data, file, full, http, memory, nbd, null, "
-        "partitioning, pattern, split, zero)",
+        "partitioning, pattern, split, ssh, zero)",
     ),
     (
         "workers on a fan",
