@@ -57,6 +57,7 @@ BASE: dict[str, list[str]] = {
     "iso": ["dir=."],
     "floppy": ["dir=."],
     "sh": ["script=disk.sh"],
+    "python": ["script=disk.py"],
     "pause": ["pause-control=pause.ctl"],
 }
 PARAMS = [(kind, entry) for kind, cls in KINDS.items() for entry in field_info(cls.Params)]

@@ -78,26 +78,22 @@ def zero(h, count, offset, flags):
 
 #: A sparse RAM disk in 64K blocks: a block never written (or trimmed, or zeroed with
 #: may_trim) is a hole, one zeroed whole is allocated zeros; extents say so. FUA native, cache
-#: emulated, fast zero, two export names for the one disk, and `limit=`: writes that end
-#: past it fail with ENOSPC (set_error). Thread-safe under the parallel model.
+#: emulated, fast zero, two export names for the one disk (others refused). Thread-safe under
+#: the parallel model.
 SPARSE = """\
-import errno
 import nbdkit
 
 API_VERSION = 2
 BLOCK = 65536
 size = 4 * 1024 * 1024
-limit = None
 blocks = {}  # block number -> bytearray(BLOCK); absent: a hole
 zeroed = set()  # allocated blocks known to be all zeros
 
 
 def config(key, value):
-    global size, limit
+    global size
     if key == "size":
         size = nbdkit.parse_size(value)
-    elif key == "limit":
-        limit = nbdkit.parse_size(value)
     else:
         raise RuntimeError("unknown parameter: " + key)
 
@@ -120,7 +116,10 @@ def default_export(readonly, is_tls):
 
 
 def open(readonly):
-    return {"export": nbdkit.export_name()}
+    name = nbdkit.export_name()
+    if name not in ("sparse", "other"):
+        raise RuntimeError("no export named " + name)
+    return {"export": name}
 
 
 def export_description(h):
@@ -166,9 +165,6 @@ def pread(h, buf, offset, flags):
 
 
 def pwrite(h, buf, offset, flags):
-    if limit is not None and offset + len(buf) > limit:
-        nbdkit.set_error(errno.ENOSPC)
-        raise RuntimeError("past the limit")
     pos = 0
     for n, lo, hi in pieces(len(buf), offset):
         b = blocks.setdefault(n, bytearray(BLOCK))
@@ -609,6 +605,64 @@ def test_python_errors_reach_the_client_as_nbdkit_gives_them(
     log = ours.stderr()
     assert "RuntimeError: no room" in log and "ZeroDivisionError" in log
     assert f'File "{path}", line' in log  # where in the script, as nbdkit logs it
+
+
+#: A read-only disk of zeros to which config adds callbacks: `have=pwrite,flush` defines
+#: those (doing nothing), `can_zero=False` a can_zero returning that.
+CAPS = """\
+API_VERSION = 2
+
+
+def config(key, value):
+    if key == "have":
+        for name in value.split(","):
+            globals()[name] = lambda *args: None
+    else:
+        globals()[key] = lambda h: eval(value)
+
+
+def open(readonly):
+    return 1
+
+
+def get_size(h):
+    return 1024 * 1024
+
+
+def pread(h, buf, offset, flags):
+    buf[:] = bytes(len(buf))
+"""
+CAPS_VARIANTS = [
+    [],
+    ["have=pwrite"],
+    ["have=pwrite,flush"],
+    ["have=pwrite,zero"],
+    ["have=pwrite,zero,trim,cache,extents"],
+    ["have=pwrite", "can_zero=False"],
+    ["have=pwrite", "can_zero=True"],
+    ["have=pwrite", "can_fast_zero=True"],
+    ["have=pwrite", "can_zero=False", "can_fast_zero=False"],
+    ["can_write=True"],
+    ["have=pwrite", "can_write=0"],
+    ["have=pwrite,flush", "can_fua=0"],
+    ["have=pwrite", "can_fua=2"],
+    ["have=pwrite", "can_flush=True"],
+    ["can_cache=1"],
+    ["have=cache"],
+    ["can_multi_conn=True", "is_rotational=True", "can_trim=True"],
+    ["can_multi_conn=1", "is_rotational=2"],  # only True is true (nbdkit 1.32)
+    ["have=pwrite,trim,flush", "can_trim=1", "can_flush=None"],
+]
+
+
+def test_python_missing_callbacks_give_nbdkits_defaults(
+    start_node: Callable[..., Proc], start_nbdkit: Callable[..., Proc], tmp_path: Path
+):
+    path = write_script(tmp_path, "caps.py", CAPS)
+    for words in CAPS_VARIANTS:
+        ours, theirs = both(start_node, start_nbdkit, path, *words)
+        assert capabilities(ours.uri, KEYS) == capabilities(theirs.uri, KEYS), words
+        ours.stop(), theirs.stop()
 
 
 # -- start-up failures --------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """python: a disk served by a Python script written for nbdkit-python-plugin, unchanged.
 
-The script, unchanged, is run in the node's own interpreter as nbdkit runs it: a module named
+The script is run in the node's own interpreter as nbdkit runs it: a module named
 `__main__` (not put in sys.modules) whose `__file__` is the path as given, importing our
 `nbdkit` module (put in sys.modules first): nbdkit 1.32's `debug`, `export_name`, `set_error`,
 `parse_size`, `shutdown` and constants (THREAD_MODEL_*, FLAG_MAY_TRIM, FLAG_FUA, FLAG_REQ_ONE,
@@ -23,7 +23,8 @@ flags)`, `extents(h, count, offset, flags)` returns (offset, length, type) tuple
 `cleanup()` when the node stops. `open`, `get_size` and `pread` are required. A missing can_*
 is nbdkit's python default: true where its request's callback is defined (pwrite, flush, trim,
 zero, extents; cache: native), FUA emulated by flush where flush is defined, fast zero where
-zero is not (written as zeros, a fast zero fails at once), multi-conn and rotational false.
+zero is not (written as zeros, a fast zero fails at once), multi-conn and rotational false;
+one that returns anything but True itself says false (1 too, as nbdkit 1.32).
 An exception fails its request with the errno set_error() chose, else EIO, and its traceback
 (the script's frames) goes to the node's log; a zero that fails with EOPNOTSUPP is written as
 zeros instead. An exception before the node serves (loading, a required callback missing,
@@ -31,11 +32,14 @@ config, ..., after_fork) ends the node with status 1 and the same description.
 
 How callbacks run: each on a worker thread of the node, never on its event loop, which serves
 handshakes, other clients' replies and gRPC meanwhile, in the turns the script's thread_model
-gives (sh's: serialize_all_requests, nbdkit's default for Python, one callback at a time in the
+gives (as sh's: serialize_all_requests, nbdkit's default for Python, one callback at a time in the
 node; serialize_requests, one per client; serialize_connections, one client at a time;
 parallel), at most 16 at once. The GIL runs one thread's Python at a time: threads help a
 script that waits (I/O, sleep, C code that lets the GIL go), as under nbdkit; a script that
-computes shares a core with the loop, which then gets a turn every 5 ms (sys.getswitchinterval).
+computes shares the GIL with the loop, which gets it back every switch interval (5 ms).
+Measured on this project's 2-core VM, parallel model, while one callback computed for 3 s:
+another client's 4K reads took 0.07 ms median, 10.5 ms p99 (nbdkit 1.32: 0.03 and 5.3 ms),
+a new client's handshake 24 ms (nbdkit: 33 ms); idle, 0.11 ms median (nbdkit: 0.05 ms).
 A callback that has not returned within `script-timeout` (its wait for its turn included)
 fails its request with EIO, said in the log. Python cannot stop a thread: an overdue callback
 runs on, and keeps its turn until it returns (the thread model holds); the requests waiting for
@@ -57,10 +61,13 @@ node's (nbdkit's is [""]), and the script shares the interpreter with the node (
 imports, its threads, its GIL). pread gets a scratch buffer copied into the reply, pwrite a
 read-only copy of the data: an overdue callback never writes into a buffer the node reused. A
 client's export is opened when it looks it up and kept for its GO (as sh's). An export whose
-open or can_* fails is refused as unknown. Requests that break block_size are refused with
-EINVAL. An errno set_error() gives that the node's errno map does not know reaches the client
-as EIO (nbdkit: EINVAL). With API 1, can_fua's NATIVE is taken as EMULATE (API 1's callbacks
-have no flags to pass FUA in). export_name() before a connection's open raises, as nbdkit.
+open or can_* fails is refused as unknown. A key given several times goes to `config` with
+each value where it was first given (`a=1 b=2 a=3`: a 1, a 3, b 2; as sh's). Requests that
+break block_size are refused with EINVAL. An errno set_error() gives that the node's errno map
+does not know reaches the client as EIO (nbdkit: EINVAL). With API 1, can_fua's NATIVE is
+taken as EMULATE (API 1's callbacks have no flags to pass FUA in). On nbdkit.shutdown() the
+node closes its clients' connections once their requests are answered (nbdkit waits for them
+to leave).
 """
 
 from __future__ import annotations
@@ -278,7 +285,9 @@ class Python(Plugin):
         super().__init__(params)
         self.name = params.script
         self.api = 2
-        self.functions: dict[str, Callable[..., Any]] = {}
+        #: The script's globals: callbacks are looked up at each call, as nbdkit does (a script
+        #: may define them as it runs: in config, say).
+        self.namespace: dict[str, Any] = {}
         self.gate = Gate()
         self.call_state = _Call()
         self.workers = Workers(self.call_state)
@@ -308,7 +317,7 @@ class Python(Plugin):
         self._configure()
         self._startup("config_complete")
         model = self._startup("thread_model")
-        if "thread_model" in self.functions:
+        if self.has("thread_model"):
             self.gate.model = self._thread_model(model)
         self._startup("get_ready")
         self._startup("after_fork")
@@ -344,12 +353,11 @@ class Python(Plugin):
                 f"{self.name}: API_VERSION requested unknown version: {api!r} (1 and 2 are)"
             )
         self.api = api
-        self.functions = {n: v for n, v in namespace.items() if callable(v)}
-        self.module = module
+        self.namespace = namespace
 
     def _startup(self, name: str, *args: Any) -> Any:
-        fn = self.functions.get(name)
-        if fn is None:
+        fn = self.namespace.get(name)
+        if not callable(fn):
             return None
         self.calls += 1
         try:
@@ -361,7 +369,7 @@ class Python(Plugin):
         for key, value in self.params.config_pairs():
             if key == BARE:  # not given by parse_params (no bare words), but by a mapping
                 raise ScriptError(f"expected key=value, got {value!r}")
-            if "config" not in self.functions:
+            if not self.has("config"):
                 raise ScriptError(
                     f"{self.name}: {key}={value}: the script has no config function, so it "
                     "takes no parameters"
@@ -399,7 +407,7 @@ class Python(Plugin):
                 await self.run("cleanup")
             except OSError:
                 pass  # said in the log; nothing else to do at exit
-        self.functions = {}
+        self.namespace = {}
         self.workers.stop()
 
     def capabilities(self) -> Capabilities:
@@ -423,13 +431,15 @@ class Python(Plugin):
     # Running callbacks --------------------------------------------------------------------------
 
     def has(self, name: str) -> bool:
-        return name in self.functions
+        return callable(self.namespace.get(name))
 
     async def run(self, name: str, *args: Any, export: str | None = None) -> Any:
         """Call the script's `name` on a worker thread in the turn the thread model gives,
         within script-timeout; its exception becomes OSError (set_error's errno, else EIO).
         (Requests' coroutines may run outside a Task: wait_for, not asyncio.timeout.)"""
-        fn = self.functions[name]
+        fn = self.namespace.get(name)
+        if not callable(fn):  # it was there when asked: the script took it away since
+            raise self._failed(name, errno.EIO, "the script has no such function")
         limit = self.params.script_timeout or None
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -613,8 +623,9 @@ class PythonExport(Backend):
         return await self.owner.run(name, self.handle, *args, export=self.name)
 
     async def flag(self, name: str, default: bool) -> bool:
-        """A can_* callback's answer as a boolean, or `default` when the script has none."""
-        return bool(await self.call(name)) if self.owner.has(name) else default
+        """A can_* callback's answer, or `default` when the script has none: only True itself
+        is true (nbdkit 1.32 compares with Py_True: 1 is false)."""
+        return (await self.call(name)) is True if self.owner.has(name) else default
 
     async def level(self, name: str, default: Support) -> Support:
         """can_fua's or can_cache's answer (NONE, EMULATE or NATIVE)."""
