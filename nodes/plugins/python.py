@@ -65,9 +65,9 @@ open or can_* fails is refused as unknown. A key given several times goes to `co
 each value where it was first given (`a=1 b=2 a=3`: a 1, a 3, b 2; as sh's). Requests that
 break block_size are refused with EINVAL. An errno set_error() gives that the node's errno map
 does not know reaches the client as EIO (nbdkit: EINVAL). With API 1, can_fua's NATIVE is
-taken as EMULATE (API 1's callbacks have no flags to pass FUA in). On nbdkit.shutdown() the
-node closes its clients' connections once their requests are answered (nbdkit waits for them
-to leave).
+taken as EMULATE, a flush after (API 1's callbacks take no flags; nbdkit drops the FUA). On
+nbdkit.shutdown() the node closes its clients' connections once their requests are answered
+(nbdkit waits for them to leave).
 """
 
 from __future__ import annotations
