@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS=(python3-venv python3-libnbd libnbd-bin nbdkit qemu-utils fio gzip xz-utils strace e2fsprogs xorriso dosfstools mtools openssh-server)
+APT_PKGS=(python3-venv python3-libnbd libnbd-bin nbdkit qemu-utils fio gzip xz-utils strace e2fsprogs xorriso dosfstools mtools openssh-server nbdkit-plugin-python)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -59,6 +59,7 @@ BASE: dict[str, list[str]] = {
     "floppy": ["dir=."],
     "cdi": ["name=my-disk:latest"],
     "sh": ["script=disk.sh"],
+    "python": ["script=disk.py"],
     "pause": ["pause-control=pause.ctl"],
 }
 PARAMS = [(kind, entry) for kind, cls in KINDS.items() for entry in field_info(cls.Params)]

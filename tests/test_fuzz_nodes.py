@@ -750,6 +750,25 @@ def script_shape(shape: str, start_node: Any, tmp_path: Path, rng: random.Random
     return Target(shape, node, [node], image, check_below=script_below)
 
 
+def python_shape(start_node: Any, tmp_path: Path, rng: random.Random) -> Target:
+    """test_plugin_python's sparse RAM disk (a Python script for nbdkit's python plugin, in
+    64K blocks, holes and allocated zeros in its extents, FUA native, cache emulated, the
+    parallel thread model): every callback on a worker thread, whatever the clients do."""
+    from test_plugin_python import SPARSE
+
+    script = tmp_path / "sparse.py"
+    script.write_text(SPARSE)
+    node = under_test(start_node, "python", str(script), f"size={SIZE}")
+    image = lumpy(rng, SIZE)
+    fill(node.uri, image)
+    # The script names its exports: "sparse" (the default) and "other", one disk.
+    t = Target("python", node, [node], image)
+    t.exports = {b"sparse": image}
+    t.aliases = {b"": b"sparse"}  # ("other" is the same disk, told as "other")
+    t.listed = [b"sparse", b"other"]
+    return t
+
+
 def connection_shape(shape: str, start_node: Any, tmp_path: Path, rng: random.Random) -> Target:
     """A filter about connections over a memory disk of random data (multi-conn: a writeback
     cache in between): the data as any filter's, and what the filter does with clients
@@ -991,6 +1010,8 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         return files_shape(shape, start_node, tmp_path, rng)
     if shape in ("sh", "eval"):
         return script_shape(shape, start_node, tmp_path, rng)
+    if shape == "python":
+        return python_shape(start_node, tmp_path, rng)
     if shape == "stripe":
         chunk, n = 64 * KiB, 4
         members = [start_node("memory", str(SIZE // n)) for _ in range(n)]
@@ -3472,6 +3493,7 @@ MORE_SHAPES = [
     "cdi",
     "sh",
     "eval",
+    "python",
     "pause",
     *CONNECTION_SHAPES,
 ]

@@ -238,6 +238,11 @@ def parse_block_size(text: str) -> tuple[int, int, int]:
         low, preferred, high = (parse_size(f) for f in fields)
     except ValueError as exc:
         raise OSError(errno.EIO, f"block_size: cannot parse {text.strip()!r}: {exc}") from None
+    return check_block_size(low, preferred, high)
+
+
+def check_block_size(low: int, preferred: int, high: int) -> tuple[int, int, int]:
+    """A plugin's block sizes, checked as nbdkit checks them (0 0 0: no constraints)."""
     if (low, preferred, high) == (0, 0, 0):
         return 0, 0, 0
     if not (_power_of_two(low) and low <= 65536):
