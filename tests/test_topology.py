@@ -193,7 +193,7 @@ INVALID = [
         "nodes:\n  a: {kind: memory, params: {size: 1M}}\n"
         "  b: {kind: cow, upstream: a, workers: 2}\n",
         "f.yaml:3: nodes.b.workers: cow keeps its state in one process, so it cannot be served by "
-        "several workers (kinds that can: data, file, full, http, memory, nbd, null, "
+        "several workers (kinds that can: data, file, full, http, memory, nbd, nofilter, null, "
         "partitioning, pattern, split, ssh, zero)",
     ),
     (
