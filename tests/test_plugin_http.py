@@ -97,7 +97,7 @@ def test_http_follows_redirects_and_authenticates(start_node, server, image, tmp
     assert sha(nbd_connect(authed.uri).pread(SIZE - 1000, 0)) == digest
 
 
-def test_http_password_forms_as_nbdkit_reads_them(server, image, tmp_path) -> None:
+def test_http_password_forms_as_nbdkit_reads_them(start_node, server, image, tmp_path) -> None:
     """password= in nbdkit's forms (nodes/passwords.py, as luks' passphrase=): -FD reads the
     first line from an inherited descriptor; +FILE the file's first line, keeping a `\r` as
     nbdkit does (so "p\r\n" is not the password "p"); a form that cannot be read is named."""
@@ -113,6 +113,19 @@ def test_http_password_forms_as_nbdkit_reads_them(server, image, tmp_path) -> No
     finally:
         os.close(r)
     assert (res.returncode, res.stdout.strip()) == (0, str(SIZE - 1000)), res.stderr
+    # Under --workers the descriptor is read once, before they fork: every worker logs in
+    # (nbdcopy's four connections land on both).
+    r, w = os.pipe()
+    os.write(w, b"p\n")
+    os.close(w)
+    try:
+        node = start_node("http", server.url("auth"), "user=u", f"password=-{r}",
+                          extra=("--workers", "2"), pass_fds=(r,))  # fmt: skip
+    finally:
+        os.close(r)
+    for _ in range(3):
+        copied = subprocess.run(["nbdcopy", node.uri, "-"], capture_output=True, check=True)
+        assert sha(copied.stdout) == sha(image.read_bytes())
     crlf = tmp_path / "crlf"
     crlf.write_bytes(b"p\r\n")
     assert "401 Unauthorized" in node_fails(server.url("auth"), "user=u", f"password=+{crlf}")

@@ -138,6 +138,21 @@ class Http(Plugin):
         self.failing = False  #: the last request failed (health)
         self._session: aiohttp.ClientSession | None = None
         self._headers: list[tuple[str, str]] = []
+        self._password: bytes | None = None  #: read once (share(), else start())
+
+    def _secret(self) -> bytes:
+        if self._password is None:
+            p = self.params
+            self._password = (
+                read_secret("password", p.password, "password: ") if p.password else b""
+            )
+        return self._password
+
+    def share(self) -> None:
+        """Before --workers fork: read the password here, once (a -FD read by one worker would
+        be empty for the others, and `-` would ask each on the terminal)."""
+        if self.params.user is not None:
+            self._secret()
 
     # Lifecycle ----------------------------------------------------------------------------
 
@@ -153,7 +168,7 @@ class Http(Plugin):
         auth = None
         if p.user is not None:
             # The bytes as given (nbdkit hands libcurl the raw password), whatever they are.
-            secret = read_secret("password", p.password, "password: ") if p.password else b""
+            secret = self._secret()
             auth = aiohttp.BasicAuth(p.user, secret.decode("latin-1"), encoding="latin-1")
         for header in p.header:
             name, _, value = header.partition(":")
