@@ -277,12 +277,84 @@ def luks_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
     yield "file -> luks", (ours.over(below), theirs)
 
 
+def ssh_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
+    """Our ssh node vs `nbdkit ssh`, each over a remote file of its own (in /dev/shm when it
+    can, so the disk is not measured) on one private sshd on loopback (bench/ssh_server.py)."""
+    from .ssh_server import Sshd, usable
+
+    why = usable()
+    if why is not None:
+        raise SystemExit(f"bench: the ssh suite needs a private sshd: {why}")
+    server = Sshd(f.tmp / "sshd")
+    f.stack.callback(server.stop)
+    shm = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else f.tmp
+    files = []
+    for side in ("ours", "nbdkit"):
+        path = shm / f"nbdbench-{os.getpid()}-{side}.ssh.img"
+        with open(path, "wb") as out:
+            out.truncate(parse_size(size))
+        f.stack.callback(path.unlink, missing_ok=True)
+        files.append(str(path))
+    ours = f.node("ssh", *server.args(), files[0])
+    theirs = f.nbdkit("ssh", *server.args(), files[1])
+    yield "ssh (sftp)", (ours, theirs)
+
+
+#: A RAM disk in nbdkit's python plugin API (as its manual's ramdisk.py): our python node and
+#: `nbdkit python` run the very same file.
+RAMDISK_SCRIPT = """\
+import nbdkit
+
+API_VERSION = 2
+disk = bytearray()
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def config(key, value):
+    global disk
+    if key == "size":
+        disk = bytearray(nbdkit.parse_size(value))
+
+
+def open(readonly):
+    return 1
+
+
+def get_size(h):
+    return len(disk)
+
+
+def pread(h, buf, offset, flags):
+    end = offset + len(buf)
+    buf[:] = disk[offset:end]
+
+
+def pwrite(h, buf, offset, flags):
+    end = offset + len(buf)
+    disk[offset:end] = buf
+"""
+
+
+def python_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
+    """Our python node vs `nbdkit python`, running the same RAM-disk script."""
+    script = f.tmp / "ramdisk.py"
+    script.write_text(RAMDISK_SCRIPT)
+    ours = f.node("python", str(script), f"size={size}")
+    theirs = f.nbdkit("python", str(script), f"size={size}")
+    yield "python ramdisk", (ours, theirs)
+
+
 SUITES = {
     "core": core_pairs,
     "chain": chain_pairs,
     "fan": fan_pairs,
     "source": source_pairs,
     "luks": luks_pairs,
+    "ssh": ssh_pairs,
+    "python": python_pairs,
 }
 #: Suites whose exports cannot be written: only the read workloads run.
 READ_ONLY = {"source"}
@@ -373,7 +445,9 @@ def idle_rss_mib(f: Fabric) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument(
-        "--suite", default="core,chain", help="comma list of: core, chain, fan, source, luks"
+        "--suite",
+        default="core,chain",
+        help="comma list of: core, chain, fan, source, luks, ssh, python",
     )
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--size", default="512M", help="disk size and bytes copied per nbdcopy run")

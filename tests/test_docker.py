@@ -187,7 +187,9 @@ def test_docker_image_runs_as_non_root_under_tini(node_container: Any) -> None:
 def test_docker_image_imports_nbd_and_lists_kinds(engine: Any, image: str) -> None:
     out = engine.containers.run(image, ["kinds"], remove=True).decode()
     assert "memory" in out and "mirror" in out
-    py = ["/opt/nbdfabric/bin/python", "-c", "import nbd; print(nbd.NBD().get_version())"]
+    # asyncssh (the ssh plugin's) is imported only when such a node starts: check it is there.
+    py = ["/opt/nbdfabric/bin/python", "-c",
+          "import asyncssh, nbd; print(nbd.NBD().get_version())"]  # fmt: skip
     out = engine.containers.run(image, [], entrypoint=py, remove=True)
     assert out.strip()
 
@@ -195,9 +197,9 @@ def test_docker_image_imports_nbd_and_lists_kinds(engine: Any, image: str) -> No
 def test_docker_image_has_the_tools_the_disk_making_kinds_run(
     engine: Any, image: str, tmp_path: Path
 ) -> None:
-    """iso (xorriso), floppy (mkfs.vfat, mtools), linuxdisk and tmpdisk (mke2fs) and sh (bash)
-    make their disks inside the container, as the nodes' user: each serves a disk there that
-    nbdinfo, in the same container, reads."""
+    """iso (xorriso), floppy (mkfs.vfat, mtools), linuxdisk and tmpdisk (mke2fs), sh (bash) and
+    python (an nbdkit python script) make their disks inside the container, as the nodes'
+    user: each serves a disk there that nbdinfo, in the same container, reads."""
     files = tmp_path / "files"
     files.mkdir()
     (files / "hello.txt").write_text("hello\n")
@@ -207,6 +209,12 @@ def test_docker_image_has_the_tools_the_disk_making_kinds_run(
                       'dd if=/dev/zero count=$3 iflag=count_bytes status=none ;; '
                       '*) exit 2 ;; esac\n')  # fmt: skip
     script.chmod(0o755)
+    (files / "ram.py").write_text(
+        "import nbdkit\nAPI_VERSION = 2\n"
+        "def open(readonly): return bytearray(1 << 20)\n"
+        "def get_size(h): return len(h)\n"
+        "def pread(h, buf, offset, flags): buf[:] = h[offset:offset + len(buf)]\n"
+    )
     mounts = {str(files): {"bind": "/files", "mode": "ro"}}
     for words, minimum in (
         (["iso", "/files"], 32 * 1024),
@@ -214,6 +222,7 @@ def test_docker_image_has_the_tools_the_disk_making_kinds_run(
         (["linuxdisk", "/files"], 1 << 20),
         (["tmpdisk", "64M"], 64 << 20),
         (["sh", "/files/disk.sh"], 1 << 20),
+        (["python", "/files/ram.py"], 1 << 20),
     ):
         out = engine.containers.run(
             image, ["node", *words, "-U", "-", "--run", 'nbdinfo --size "$uri"'],

@@ -58,10 +58,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ssh_server
 from conftest import Proc, make_certificates, rss_kib
 from test_filters_policy import Control
 
+from bench import ssh_server
 from bench.http_server import HttpServer
 
 pytestmark = pytest.mark.slow

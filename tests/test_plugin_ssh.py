@@ -19,7 +19,8 @@ from pathlib import Path
 import nbd
 import pytest
 from conftest import CAPABILITIES, NBDFABRIC, ROOT, capabilities, nbd_connect, run, sha, wait_for
-from ssh_server import Sshd, descendants, free_port, usable
+
+from bench.ssh_server import Sshd, descendants, free_port, usable
 
 SIZE = 4 << 20
 

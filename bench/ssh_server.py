@@ -1,5 +1,5 @@
-"""A private OpenSSH server for the ssh plugin's tests: its own host key, config, client key
-and known_hosts under a temporary directory, listening on 127.0.0.1 on a free port.
+"""A private OpenSSH server for the ssh plugin's tests and benchmark: its own host key, config,
+client key and known_hosts under a temporary directory, listening on 127.0.0.1 on a free port.
 
 It runs as root (sshd needs it to log anyone in), serves SFTP with internal-sftp and lets in
 the one client key. Nothing of the system's sshd is used or changed but /run/sshd, the
