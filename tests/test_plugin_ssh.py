@@ -206,6 +206,8 @@ def test_ssh_compression_and_expansion(start_node, sshd, image, tmp_path) -> Non
     plain = start_node("ssh", *sshd.args(), str(image), control=True)
     status = json.loads(run([*NBDFABRIC, "ctl", plain.control, "info", "--json"]).stdout)["status"]
     assert status["compression"] == "none"
+    # AES-GCM first (asyncssh's chacha20-poly1305 costs twice the CPU: PREFERRED_CIPHERS).
+    assert status["cipher"] == "aes128-gcm@openssh.com"
 
 
 def test_ssh_reads_an_ssh_config(start_node, sshd, image, tmp_path) -> None:
@@ -218,6 +220,14 @@ def test_ssh_reads_an_ssh_config(start_node, sshd, image, tmp_path) -> None:
     node = start_node("ssh", "host=disks", f"config={config}",
                       f"known-hosts={sshd.known_hosts}", str(image))  # fmt: skip
     assert sha(nbd_connect(node.uri).pread(SIZE - 1000, 0)) == sha(image.read_bytes())
+    # A config that says Ciphers is followed, not the node's preference.
+    with config.open("a") as f:
+        f.write("  Ciphers chacha20-poly1305@openssh.com\n")
+    node = start_node("ssh", "host=disks", f"config={config}",
+                      f"known-hosts={sshd.known_hosts}", str(image), control=True)  # fmt: skip
+    assert sha(nbd_connect(node.uri).pread(SIZE - 1000, 0)) == sha(image.read_bytes())
+    status = json.loads(run([*NBDFABRIC, "ctl", node.control, "info", "--json"]).stdout)["status"]
+    assert status["cipher"] == "chacha20-poly1305@openssh.com"
 
 
 def _replace(args: list[str], key: str, value: str | None) -> list[str]:
