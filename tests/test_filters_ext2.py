@@ -447,3 +447,23 @@ def test_ext2_node_damaged_file_system_fails_requests_not_the_node(
             outcomes.update(res.stdout.split())
         up.stop()
     assert "refused" in outcomes and "read" in outcomes, outcomes
+
+
+def test_ext2_node_keeps_the_upstreams_block_size_limits(
+    images: dict[str, Path], tmp_path: Path, start_node: Any
+) -> None:
+    """An upstream that refuses requests not aligned to 4K nor within 64K (blocksize-policy
+    with error-policy=error) under a file system of 1K blocks: the node reads and writes in
+    aligned requests that fit (the superblock's bytes read-modify-written), and the file
+    system stays clean."""
+    fs = image(images, "ext2", tmp_path)
+    assert "Block size:               1024" in run(["dumpe2fs", "-h", str(fs)]).stdout
+    up = start_node("file", str(fs))
+    policy = start_node("blocksize-policy", "blocksize-minimum=4096", "blocksize-maximum=64K",
+                        "blocksize-error-policy=error", upstreams=[up.uri])  # fmt: skip
+    node = start_node("ext2", "ext2file=/sparse.img", upstreams=[policy.uri])
+    qemu_io(node.uri, *WRITES)
+    assert copied(node.uri, tmp_path) == expected_after_writes()
+    node.stop()
+    fsck_clean(fs)
+    assert dump(fs, "/sparse.img", tmp_path) == expected_after_writes()

@@ -49,6 +49,7 @@ unix:/tmp/disk.sock` and `qemu-img info 'nbd+unix:///?socket=/tmp/disk.sock'`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import errno
 import functools
@@ -78,9 +79,17 @@ log = logging.getLogger("nbdfabric.ext2")
 
 #: ext2file's value that has each client's export name pick the file.
 EXPORTNAME = "exportname"
-#: Upstream bytes read at once and kept for the worker's next reads: libext2fs reads a file
-#: one file system block (1K to 4K) at a time, each a round trip through the event loop.
-READ_AHEAD = 256 * 1024
+#: The upstream is read in chunks of this size, the last CACHE_CHUNKS of them kept: libext2fs
+#: reads a file one file system block (1K to 4K) at a time, and between them the blocks of its
+#: extent tree or indirect blocks elsewhere; each upstream read is a round trip through the
+#: event loop. Writes go through to the upstream and into the chunks kept.
+CHUNK = 64 * 1024
+CACHE_CHUNKS = 64
+#: Reads larger than this bypass the chunks (the bitmaps of a large file system, say).
+DIRECT_READ = 1024 * 1024
+#: Contiguous writes of one request are sent upstream as one, up to this size: libext2fs
+#: writes a file one block at a time.
+MAX_PENDING = 4 * 1024 * 1024
 #: Largest upstream request when the upstream advertises no maximum.
 DEFAULT_MAX_REQUEST = 32 * 1024 * 1024
 #: How often a worker waiting on the event loop checks that the loop still runs.
@@ -107,8 +116,10 @@ class Ext2Params(Params):
 class UpstreamDevice:
     """The upstream as libext2fs's device, used from the worker thread: each read or write
     runs on the event loop (through `Backend` calls on the upstream) and the worker waits for
-    it. Reads are aligned to the upstream's minimum block size and read ahead; unaligned
-    writes (the superblock's changed bytes) are read-modify-write."""
+    it. Reads come from a cache of chunks, aligned to the upstream's minimum block size;
+    writes update the chunks kept, and contiguous ones are held and sent upstream as one
+    until settle(), which the node calls at the end of each request's work (a failure is that
+    request's), or until something else needs the upstream: the order of writes is kept."""
 
     def __init__(self, upstream: Backend, loop: asyncio.AbstractEventLoop, writable: bool) -> None:
         caps = upstream.capabilities()
@@ -120,7 +131,9 @@ class UpstreamDevice:
         self.align = caps.block_min or 1
         most = min(caps.block_max or DEFAULT_MAX_REQUEST, DEFAULT_MAX_REQUEST)
         self.most = max(self.align, most - most % self.align)
-        self.window_at, self.window = 0, bytearray()  #: the last read, ahead included
+        self.chunk = max(self.align, CHUNK - CHUNK % self.align)
+        self.chunks: collections.OrderedDict[int, bytearray] = collections.OrderedDict()
+        self.pending_at, self.pending = 0, bytearray()  #: written, not yet sent upstream
         self.bytes_read = self.bytes_written = 0
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -152,39 +165,79 @@ class UpstreamDevice:
         self.bytes_written += len(data)
 
     def pread(self, offset: int, length: int) -> bytes:
-        start = offset - self.window_at
-        if start >= 0 and start + length <= len(self.window):
-            return bytes(self.window[start : start + length])
-        begin, end = self._bounds(offset, max(offset + length, offset + READ_AHEAD))
-        self.window_at, self.window = begin, self._run(self._read(begin, end - begin))
-        return bytes(self.window[offset - begin : offset - begin + length])
+        if length > DIRECT_READ:
+            self.settle()
+            begin, end = self._bounds(offset, offset + length)
+            return bytes(self._run(self._read(begin, end - begin))[offset - begin :][:length])
+        out = bytearray()
+        at, end = offset, offset + length
+        while at < end:
+            index = at // self.chunk
+            data = self._chunk(index)
+            start = at - index * self.chunk
+            piece = data[start : start + end - at]
+            out += piece
+            at += len(piece)
+        return bytes(out)
+
+    def _chunk(self, index: int) -> bytearray:
+        data = self.chunks.get(index)
+        if data is not None:
+            self.chunks.move_to_end(index)
+            return data
+        self.settle()  # what is read must include what was written
+        begin = index * self.chunk
+        data = self._run(self._read(begin, min(self.chunk, self.size - begin)))
+        self.chunks[index] = data
+        if len(self.chunks) > CACHE_CHUNKS:
+            self.chunks.popitem(last=False)
+        return data
 
     def pwrite(self, offset: int, data: bytes) -> None:
+        self._patch(offset, data)
+        end = self.pending_at + len(self.pending)
+        if self.pending and offset == end and len(self.pending) + len(data) <= MAX_PENDING:
+            self.pending += data
+            return
+        self.settle()
+        self.pending_at, self.pending = offset, bytearray(data)
+
+    def settle(self) -> None:
+        """Send the writes held back to the upstream (read-modify-write at unaligned ends)."""
+        if not self.pending:
+            return
+        offset, data = self.pending_at, self.pending
+        self.pending = bytearray()
         begin, end = self._bounds(offset, offset + len(data))
-        if begin == offset and end == offset + len(data):
-            self._run(self._write(offset, data))
-        else:
+        if begin != offset or end != offset + len(data):
             block = self._run(self._read(begin, end - begin))
             block[offset - begin : offset - begin + len(data)] = data
-            self._run(self._write(begin, block))
-        self._patch_window(offset, data)
+            offset, data = begin, block
+        self._run(self._write(offset, data))
 
-    def _patch_window(self, offset: int, data: bytes) -> None:
-        """Keep the read-ahead window what the upstream now holds."""
-        lo = max(offset, self.window_at)
-        hi = min(offset + len(data), self.window_at + len(self.window))
-        if lo < hi:
-            self.window[lo - self.window_at : hi - self.window_at] = data[lo - offset : hi - offset]
+    def _patch(self, offset: int, data: bytes) -> None:
+        """Keep the chunks kept what the upstream will hold."""
+        first, last = offset // self.chunk, (offset + len(data) - 1) // self.chunk
+        for index in range(first, last + 1):
+            chunk = self.chunks.get(index)
+            if chunk is None:
+                continue
+            base = index * self.chunk
+            lo, hi = max(offset, base), min(offset + len(data), base + len(chunk))
+            if lo < hi:
+                chunk[lo - base : hi - base] = data[lo - offset : hi - offset]
 
     def flush(self) -> None:
+        self.settle()
         if self.can_flush:
             self._run(self.upstream.flush(0))
 
     def zero(self, offset: int, length: int) -> None:
         if not self.can_zero or offset % self.align or length % self.align:
             raise OSError(errno.ENOTSUP, "the upstream cannot zero this")
+        self.settle()
         self._run(self.upstream.zero(length, offset, 0))
-        self._patch_window(offset, bytes(length))
+        self._patch(offset, bytes(length))
 
 
 @dataclass
@@ -265,7 +318,16 @@ class Ext2(Filter):
         if self.worker is None:
             raise OSError(errno.EIO, "the file system is not open")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.worker, functools.partial(fn, *args))
+        return await loop.run_in_executor(self.worker, functools.partial(self._job, fn, *args))
+
+    def _job(self, fn: Callable[..., T], *args: Any) -> T:
+        """On the worker: `fn(*args)`, then the writes it made sent upstream (an error in
+        either is the request's)."""
+        try:
+            return fn(*args)
+        finally:
+            if self.device is not None:
+                self.device.settle()
 
     def write(self, file: File, offset: int, data: bytes) -> None:
         """On the worker: a write into `file`."""
@@ -355,7 +417,7 @@ class Ext2(Filter):
             flush=True,
             fua=Support.EMULATE,  # a write, then a flush of the file system
             zero=Support.EMULATE,  # zeros written through the file (blocks stay allocated)
-            cache=Support.EMULATE,  # reading is caching (the read-ahead window)
+            cache=Support.EMULATE,  # reading is caching (the chunks kept)
             rotational=up.rotational,
         ).normalized()
 
