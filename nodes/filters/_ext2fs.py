@@ -505,10 +505,11 @@ class FileSystem:
     def lookup(self, path: str) -> int:
         """The inode number of `path` (absolute, or from the root); intermediate symlinks are
         followed, a last one is not (ext2fs_namei)."""
+        name = path.encode(errors="surrogateescape")  # an export name's bytes, as sent
+        if b"\0" in name:
+            raise OSError(errno.ENOENT, f"{path!r}: no file name holds a NUL byte")
         ino = c_uint()
-        code = self.lib.ext2fs_namei(
-            self._handle(), EXT2_ROOT_INO, EXT2_ROOT_INO, path.encode(), byref(ino)
-        )
+        code = self.lib.ext2fs_namei(self._handle(), EXT2_ROOT_INO, EXT2_ROOT_INO, name, byref(ino))
         _check(code, f"{path}: namei")
         return ino.value
 
