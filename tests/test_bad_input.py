@@ -61,6 +61,7 @@ BASE: dict[str, list[str]] = {
     "sh": ["script=disk.sh"],
     "python": ["script=disk.py"],
     "pause": ["pause-control=pause.ctl"],
+    "ext2": ["ext2file=/disk.img"],
 }
 PARAMS = [(kind, entry) for kind, cls in KINDS.items() for entry in field_info(cls.Params)]
 PARAM_IDS = [f"{kind}.{entry['name']}" for kind, entry in PARAMS]

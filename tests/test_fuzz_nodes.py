@@ -1225,6 +1225,30 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
             check(bad is None, f"tar: the entry in the archive differs from the export at {bad}")
 
         return Target(shape, node, [node, up], image, check_below=tar_below)
+    if shape == "ext2":  # a file of an ext4 file system (on a file node), written in place
+        image, src = lumpy(rng, SIZE), tmp_path / "fs-src"
+        (src / "disks").mkdir(parents=True)
+        (src / "disks" / "disk.img").write_bytes(image)
+        (src / "other.bin").write_bytes(rng.randbytes(100_000))
+        fs = tmp_path / "fs.img"
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(src), str(fs), "8M"], check=True)
+        up = start_node("file", str(fs))
+        node = under_test(start_node, "ext2", "ext2file=/disks/disk.img", upstreams=[up.uri])
+
+        def ext2_below(export: bytes, trimmed: bytearray) -> None:
+            # The node flushed: the file system is clean and holds the export as the file.
+            fsck = subprocess.run(["e2fsck", "-fn", str(fs)], capture_output=True, text=True)
+            check(fsck.returncode == 0, f"ext2: e2fsck finds the file system unclean: "
+                  f"{fsck.stdout[-400:]}")  # fmt: skip
+            out = tmp_path / "dumped.img"
+            subprocess.run(["debugfs", "-R", f"dump /disks/disk.img {out}", str(fs)],
+                           check=True, capture_output=True)  # fmt: skip
+            bad = differ(out.read_bytes(), export, trimmed)
+            check(
+                bad is None, f"ext2: the file in the file system differs from the export at {bad}"
+            )
+
+        return Target(shape, node, [node, up], image, check_below=ext2_below)
     if shape == "checkwrite":
         # Random runs and zero runs: writes of what is there pass, other writes fail (EIO);
         # trims and zeroes pass where the bytes are zeros. The upstream never changes.
@@ -3480,6 +3504,7 @@ MORE_SHAPES = [
     "ddrescue",
     "tar",
     "qcow2dec",
+    "ext2",
     "luks",
     "scan",
     "retry-request",
