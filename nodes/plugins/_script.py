@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Protocol
 
 from pydantic import BeforeValidator, ConfigDict, Field, model_validator
 
@@ -307,10 +307,88 @@ class Gate:
             self._slot.release()
 
 
+# Each client's export --------------------------------------------------------------------------
+
+
+class ClientExport(Protocol):
+    requested: str  #: the name the client asked for
+
+    async def close(self) -> None: ...
+
+
+class ClientExports:
+    """What the script kinds (sh, eval, python) share for their clients: a client's export is
+    opened when the handshake looks it up (INFO then GO for the same name share the handle),
+    and closed when the client leaves or the node stops; the export list a client asked for is
+    kept for its LIST. The kind says how to list (`_list`) and to open (`_open_export`, an
+    OSError refusing the client) its exports; `gate` is its thread model."""
+
+    gate: Gate
+
+    def _init_client_exports(self) -> None:
+        self._pending: dict[int, Any] = {}  #: looked up, not yet opened, by client
+        self._open: set[Any] = set()
+        self._closing: set[asyncio.Future[Any]] = set()  #: close runs not finished
+        self._lists: dict[int, list[tuple[str, str]] | OSError] = {}
+        self._last_list: list[tuple[str, str]] = []
+
+    async def _list(self) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    async def _open_export(self, name: str) -> ClientExport:
+        raise NotImplementedError
+
+    async def _close_exports(self) -> None:
+        """At stop: every client's export closed, and every close run finished."""
+        for export in [*self._pending.values(), *self._open]:
+            await export.close()
+        self._pending.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def connection_ended(self) -> None:
+        client = _client.get().connection_id
+        self._lists.pop(client, None)
+        try:
+            export = self._pending.pop(client, None)
+            if export is not None:
+                await export.close()
+        finally:
+            self.gate.leave()
+
+    def exports(self) -> list[tuple[str, str]]:
+        listed = self._lists.get(_client.get().connection_id, self._last_list)
+        if isinstance(listed, OSError):
+            raise listed
+        return listed
+
+    def for_export(self, name: str) -> Backend | None:
+        export = self._pending.get(_client.get().connection_id)
+        return export if export is not None and export.requested == name else None
+
+    async def prepare_export(self, name: str | None) -> None:
+        client = _client.get().connection_id
+        if name is None:
+            try:
+                self._lists[client] = self._last_list = await self._list()
+            except OSError as exc:
+                self._lists[client] = exc
+            return
+        export = self._pending.get(client)
+        if export is not None and export.requested == name:
+            return  # INFO, then GO: the handle opened for the first serves both
+        if export is not None:
+            del self._pending[client]
+            await export.close()
+        try:
+            self._pending[client] = await self._open_export(name)
+        except OSError:
+            pass  # said in the log; for_export() finds nothing: the client is refused
+
+
 # The node's backend ---------------------------------------------------------------------------
 
 
-class ScriptPlugin(Plugin):
+class ScriptPlugin(ClientExports, Plugin):
     """A scriptable kind's node: it runs the node-wide methods (load, config, ..., unload), and
     for each client its connection's (preconnect, default_export, list_exports, open and what
     follows): a client's handle is opened when its export is looked up, during the handshake
@@ -330,11 +408,7 @@ class ScriptPlugin(Plugin):
         self.gate = Gate()
         self.via_shell = False  #: the program is a script without #!: run by /bin/sh (execvp)
         self.magic_key: str | None = None  #: the key for BARE values (magic_config_key)
-        self._pending: dict[int, ScriptExport] = {}  #: looked up, not yet opened, by client
-        self._open: set[ScriptExport] = set()
-        self._closing: set[asyncio.Future[Reply]] = set()  #: close runs not finished
-        self._lists: dict[int, list[tuple[str, str]] | OSError] = {}
-        self._last_list: list[tuple[str, str]] = []
+        self._init_client_exports()
         self.calls = 0
         self.failures = 0
         self.last_error = ""
@@ -509,10 +583,7 @@ class ScriptPlugin(Plugin):
         return _DEFAULT_MODEL
 
     async def stop(self) -> None:
-        for export in [*self._pending.values(), *self._open]:
-            await export.close()
-        self._pending.clear()
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        await self._close_exports()
         if not self.tmpdir:
             return
         reply = await self.call("unload")
@@ -555,45 +626,6 @@ class ScriptPlugin(Plugin):
         except BaseException:
             self.gate.leave()
             raise
-
-    async def connection_ended(self) -> None:
-        client = _client.get().connection_id
-        self._lists.pop(client, None)
-        try:
-            export = self._pending.pop(client, None)
-            if export is not None:
-                await export.close()
-        finally:
-            self.gate.leave()
-
-    def exports(self) -> list[tuple[str, str]]:
-        listed = self._lists.get(_client.get().connection_id, self._last_list)
-        if isinstance(listed, OSError):
-            raise listed
-        return listed
-
-    def for_export(self, name: str) -> Backend | None:
-        export = self._pending.get(_client.get().connection_id)
-        return export if export is not None and export.requested == name else None
-
-    async def prepare_export(self, name: str | None) -> None:
-        client = _client.get().connection_id
-        if name is None:
-            try:
-                self._lists[client] = self._last_list = await self._list()
-            except OSError as exc:
-                self._lists[client] = exc
-            return
-        export = self._pending.get(client)
-        if export is not None and export.requested == name:
-            return  # INFO, then GO: the handle opened for the first serves both
-        if export is not None:
-            del self._pending[client]
-            await export.close()
-        try:
-            self._pending[client] = await self._open_export(name)
-        except OSError:
-            pass  # said in the log; for_export() finds nothing: the client is refused
 
     async def _list(self) -> list[tuple[str, str]]:
         reply = await self.answer("list_exports", self._read_only(), self._tls())

@@ -91,7 +91,14 @@ from ..params import Params as ParamsModel
 from ..protocol.constants import CmdFlag, Extent
 from ..registry import register
 from ..values import parse_size
-from ._script import MAX_STRING, THREAD_MODELS, Gate, ScriptParams, check_block_size
+from ._script import (
+    MAX_STRING,
+    THREAD_MODELS,
+    ClientExports,
+    Gate,
+    ScriptParams,
+    check_block_size,
+)
 
 log = logging.getLogger("nbdfabric.python")
 
@@ -272,7 +279,7 @@ class PythonParams(ScriptParams):
 
 
 @register
-class Python(Plugin):
+class Python(ClientExports, Plugin):
     """A disk served by a Python script written for nbdkit's python plugin."""
 
     kind = "python"
@@ -294,11 +301,7 @@ class Python(Plugin):
         self._slots = asyncio.Semaphore(MAX_THREADS)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._shutdown_asked = False
-        self._pending: dict[int, PythonExport] = {}  #: looked up, not yet opened, by client
-        self._open: set[PythonExport] = set()
-        self._closing: set[asyncio.Task[None]] = set()
-        self._lists: dict[int, list[tuple[str, str]] | OSError] = {}
-        self._last_list: list[tuple[str, str]] = []
+        self._init_client_exports()
         self._started = False
         self.calls = 0
         self.failures = 0
@@ -398,10 +401,7 @@ class Python(Plugin):
             self._shutdown_asked = True
 
     async def stop(self) -> None:
-        for export in [*self._pending.values(), *self._open]:
-            await export.close()
-        self._pending.clear()
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        await self._close_exports()
         if self.has("cleanup"):
             try:
                 await self.run("cleanup")
@@ -516,45 +516,6 @@ class Python(Plugin):
         except BaseException:
             self.gate.leave()
             raise
-
-    async def connection_ended(self) -> None:
-        client = _client.get().connection_id
-        self._lists.pop(client, None)
-        try:
-            export = self._pending.pop(client, None)
-            if export is not None:
-                await export.close()
-        finally:
-            self.gate.leave()
-
-    def exports(self) -> list[tuple[str, str]]:
-        listed = self._lists.get(_client.get().connection_id, self._last_list)
-        if isinstance(listed, OSError):
-            raise listed
-        return listed
-
-    def for_export(self, name: str) -> Backend | None:
-        export = self._pending.get(_client.get().connection_id)
-        return export if export is not None and export.requested == name else None
-
-    async def prepare_export(self, name: str | None) -> None:
-        client = _client.get().connection_id
-        if name is None:
-            try:
-                self._lists[client] = self._last_list = await self._list()
-            except OSError as exc:
-                self._lists[client] = exc
-            return
-        export = self._pending.get(client)
-        if export is not None and export.requested == name:
-            return  # INFO, then GO: the handle opened for the first serves both
-        if export is not None:
-            del self._pending[client]
-            await export.close()
-        try:
-            self._pending[client] = await self._open_export(name)
-        except OSError:
-            pass  # said in the log; for_export() finds nothing: the client is refused
 
     async def _list(self) -> list[tuple[str, str]]:
         if not self.has("list_exports"):  # the default export alone
