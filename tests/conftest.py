@@ -361,6 +361,25 @@ def sha(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def every_request_kind(h: Any) -> None:
+    """One of each request a script plugin sees, with each flag it can get (writes, FUA,
+    zeroes with NO_HOLE and FAST_ZERO, trims, cache, flush, block status with REQ_ONE): for
+    comparing the calls our script kinds make with nbdkit's for the same requests."""
+    import nbd
+
+    h.pwrite(b"a" * 512, 512)
+    h.pwrite(b"a" * 512, 1024, nbd.CMD_FLAG_FUA)
+    h.zero(4096, 4096)
+    h.zero(4096, 4096, nbd.CMD_FLAG_NO_HOLE)
+    h.zero(4096, 8192, nbd.CMD_FLAG_FUA | nbd.CMD_FLAG_FAST_ZERO)
+    h.trim(4096, 0, nbd.CMD_FLAG_FUA)
+    h.trim(4096, 0)
+    h.cache(4096, 0)
+    h.flush()
+    h.block_status(65536, 0, lambda *a: 0, nbd.CMD_FLAG_REQ_ONE)
+    h.block_status(65536, 4096, lambda *a: 0)
+
+
 def sha256_file(path: Path) -> str:
     """The sha256 of a file, read a MiB at a time (disk images bigger than is wise to hold)."""
     h = hashlib.sha256()

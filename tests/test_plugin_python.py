@@ -20,7 +20,17 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import NBDFABRIC, ROOT, Proc, capabilities, nbd_connect, read_all, run, wait_for
+from conftest import (
+    NBDFABRIC,
+    ROOT,
+    Proc,
+    capabilities,
+    every_request_kind,
+    nbd_connect,
+    read_all,
+    run,
+    wait_for,
+)
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -549,17 +559,7 @@ def test_python_callbacks_get_nbdkits_arguments(
         node = start("python", path, f"log={log}", "a=1", "a=3", "b.c=two words", "x-y=")
         h = nbd_connect(node.uri)
         h.pread(512, 1024)
-        h.pwrite(b"a" * 512, 512)
-        h.pwrite(b"a" * 512, 1024, nbd.CMD_FLAG_FUA)
-        h.zero(4096, 4096)
-        h.zero(4096, 4096, nbd.CMD_FLAG_NO_HOLE)
-        h.zero(4096, 8192, nbd.CMD_FLAG_FUA | nbd.CMD_FLAG_FAST_ZERO)
-        h.trim(4096, 0, nbd.CMD_FLAG_FUA)
-        h.trim(4096, 0)
-        h.cache(4096, 0)
-        h.flush()
-        h.block_status(65536, 0, lambda *a: 0, nbd.CMD_FLAG_REQ_ONE)
-        h.block_status(65536, 4096, lambda *a: 0)
+        every_request_kind(h)
         h.shutdown()
         node.stop()
         calls[name] = log.read_text().splitlines()
