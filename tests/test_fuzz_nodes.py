@@ -4,7 +4,7 @@ of the export, and after every batch a well-behaved libnbd client must still be 
 back exactly what the model says the export holds.
 
 Bounded and reproducible: `NBDFABRIC_FUZZ_SECONDS` per node shape (default 6 for the first
-eleven shapes, 1.5 for the others, so the whole file stays within about 3.5 minutes),
+eleven shapes, 1.5 for the others, so the whole file stays within about 5 minutes),
 `NBDFABRIC_FUZZ_SEED` to replay a run (the seed is printed; a failure shows it). The client
 sequences follow from the seed; the interleaving of concurrent clients follows the scheduler.
 A node that stops answering fails the run within about REPLY_TIMEOUT, naming the shape and the
