@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import random
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -232,6 +233,54 @@ def test_ext2_node_serves_each_file_as_mkfs_wrote_it(
     node.stop()
     by_name.stop()
     assert sha(fs.read_bytes()) == before
+
+
+def extent_map(uri: str) -> list[tuple[int, int, int]]:
+    """nbdinfo --map: (offset, length, type) of each extent."""
+    import json
+
+    return [(e["offset"], e["length"], e["type"]) for e in json.loads(
+        run(["nbdinfo", "--map", "--json", uri]).stdout)]  # fmt: skip
+
+
+@pytest.mark.parametrize("fs_type", FS_TYPES)
+def test_ext2_node_maps_the_files_own_holes(
+    images: dict[str, Path], fs_type: str, tmp_path: Path, start_node: Any
+) -> None:
+    """Block status is the file's: its holes (no block) are holes that read as zeros, an
+    fallocated range (ext4's uninitialized extent) zeros that are allocated, its blocks data;
+    a write into a hole turns that range into data. nbdcopy, which skips holes, still copies
+    the file exactly (through nbdkit 1.32's filter, which passes the image's map through at
+    the file's offsets, it need not)."""
+    fs = image(images, fs_type, tmp_path)
+    uninit: list[tuple[int, int]] = []  # (first, last) logical blocks, as debugfs lists them
+    if fs_type == "ext4":  # from block 2048 of the file on, allocated and unwritten
+        run(["debugfs", "-w", "-R", "fallocate /sparse.img 2048 2099", str(fs)])
+        for line in run(["debugfs", "-R", "ex /sparse.img", str(fs)]).stdout.splitlines():
+            if line.rstrip().endswith("Uninit"):
+                first, last = re.findall(r"(\d+) -\s+(\d+)", line)[0]  # the logical range
+                uninit.append((int(first), int(last)))
+        assert uninit and uninit[0][0] == 2048, uninit
+    bs = int(next(line for line in run(["dumpe2fs", "-h", str(fs)]).stdout.splitlines()
+                  if line.startswith("Block size:")).split()[-1])  # fmt: skip
+    node = start_ext2(start_node, fs, "/sparse.img")
+    extents = extent_map(node.uri)
+    assert sum(length for _, length, _ in extents) == SPARSE_SIZE
+    hello = 4 * MiB - 4 * MiB % bs
+
+    def kind_at(offset: int) -> int:
+        return next(t for o, n, t in extents if o <= offset < o + n)
+
+    assert kind_at(hello) == 0 and kind_at(hello + bs - 1) == 0
+    assert kind_at(0) == kind_at(hello + bs) == kind_at(SPARSE_SIZE - 1) == 3
+    assert [(o, n) for o, n, t in extents if t == 0] == [(hello, bs)]
+    zeros = [(o, n) for o, n, t in extents if t == 2]
+    assert zeros == [(first * bs, (last - first + 1) * bs) for first, last in uninit]
+    assert sha(copied(node.uri, tmp_path)) == sha(sparse_bytes())
+    qemu_io(node.uri, "write -P 0x5a 1M 64K")
+    assert kind_at(1 * MiB) == 3  # the map taken before
+    extents = extent_map(node.uri)
+    assert kind_at(1 * MiB) == kind_at(1 * MiB + 64 * KiB - 1) == 0
 
 
 @pytest.mark.parametrize("fs_type", FS_TYPES)

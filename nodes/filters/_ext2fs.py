@@ -91,6 +91,12 @@ EXT2_FLAG_SKIP_MMP = 0x100000
 EXT2_FILE_WRITE = 0x0001
 EXT2_ROOT_INO = 2
 EXT2_SEEK_SET = 0
+#: ext2fs_bmap2's ret_flags: the block is in an uninitialized extent (reads as zeros).
+BMAP_RET_UNINIT = 0x0001
+# NBD base:allocation flags, for File.map.
+NBD_HOLE, NBD_ZERO = 1, 2
+#: The most blocks one File.map looks up (a block status reply may cover less than asked).
+MAP_BLOCKS = 4096
 # ext2_io.h
 IO_FLAG_RW = 0x0001
 #: The superblock, where the library reads it (and where we look for a journal to replay).
@@ -176,6 +182,16 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
         "ext2fs_file_read": (c_void_p, c_void_p, c_uint, POINTER(c_uint)),
         "ext2fs_file_write": (c_void_p, c_void_p, c_uint, POINTER(c_uint)),
         "ext2fs_file_get_lsize": (c_void_p, POINTER(c_uint64)),
+        "ext2fs_bmap2": (
+            c_void_p,
+            c_uint,
+            c_void_p,
+            c_void_p,
+            c_int,
+            c_uint64,
+            POINTER(c_int),
+            POINTER(c_uint64),
+        ),
     }
     for fn, argtypes in protos.items():
         f = getattr(lib, fn)
@@ -490,6 +506,8 @@ class FileSystem:
         finally:
             _pending.pop(name, None)
         self.fs: int | None = fs.value
+        #: Bytes a block (s_log_block_size: 1024 << it), for mapping a file's blocks.
+        self.block_size = 1024 << int.from_bytes(device.pread(SUPERBLOCK_OFFSET + 24, 4), "little")
 
     def __enter__(self) -> FileSystem:
         return self
@@ -592,6 +610,36 @@ class File:
 
     def _seek(self, offset: int) -> None:
         _check(self.lib.ext2fs_file_llseek(self._h(), offset, EXT2_SEEK_SET, None), "seek")
+
+    def map(self, offset: int, length: int, most_blocks: int = MAP_BLOCKS) -> list[tuple[int, int]]:
+        """base:allocation extents of `length` bytes at `offset` (within the file), as (length,
+        NBD flags) runs: a block the file has no block for is a hole that reads as zeros (3),
+        an allocated but unwritten one (an uninit extent: fallocate) reads as zeros (2), any
+        other is data (0). At most `most_blocks` blocks are looked up: the runs may end
+        early, as a block status reply may."""
+        bs = self.fs.block_size
+        fs = self.fs._handle()
+        first, last = offset // bs, (offset + length - 1) // bs
+        last = min(last, first + most_blocks - 1)
+        runs: list[list[int]] = []
+        ret, phys = c_int(), c_uint64()
+        for block in range(first, last + 1):
+            ret.value = 0
+            _check(
+                self.lib.ext2fs_bmap2(fs, self.ino, None, None, 0, block, byref(ret), byref(phys)),
+                f"inode {self.ino}: block {block}",
+            )
+            if not phys.value:
+                kind = NBD_HOLE | NBD_ZERO
+            else:
+                kind = NBD_ZERO if ret.value & BMAP_RET_UNINIT else 0
+            start = max(block * bs, offset)
+            end = min((block + 1) * bs, offset + length)
+            if runs and runs[-1][1] == kind:
+                runs[-1][0] += end - start
+            else:
+                runs.append([end - start, kind])
+        return [(n, kind) for n, kind in runs]
 
     def pread(self, offset: int, length: int) -> bytes:
         """`length` bytes at `offset` (holes read as zeros; past the end, none)."""

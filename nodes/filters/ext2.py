@@ -16,10 +16,14 @@ is the export's and does not change. FLUSH (and FUA, which the node emulates wit
 writes the file's buffered block, the superblock, group descriptors and bitmaps that changed,
 and flushes the upstream; so does a client's disconnection: after it, `e2fsck -fn` on the
 upstream's image finds it clean. Zeroing is emulated by writing zeros (blocks stay allocated);
-trim is not offered; cache reads; block status says "all data" (nbdkit passes the upstream's
-block status through at the file's offsets, which describes other bytes: an nbdcopy through
-nbdkit 1.32's filter skips what the image's map calls holes and writes zeros there, seen
-here with a random 3M file in a 32M ext4 image; through this node it copies the file).
+trim is not offered; cache reads. Block status is the file's own (libext2fs's block map,
+File.map): a block the file does not have is a hole that reads as zeros, one in an
+uninitialized extent (fallocated) reads as zeros, the others are data; a request looks up at
+most 4096 blocks and may be answered short, as the protocol allows. nbdkit 1.32 passes the
+upstream's block status through at the file's offsets, which describes other bytes: an
+nbdcopy through its filter skips what the image's map calls holes and writes zeros there
+(seen here with a random 3M file in a 32M ext4 image); through this node it copies the file,
+and skips only the file's holes.
 
 Params:
 - `ext2file` (required; also the first bare word): the absolute path of the file in the file
@@ -70,6 +74,7 @@ from pydantic import field_validator
 from ..base import (
     Backend,
     Capabilities,
+    Extents,
     Filter,
     Holes,
     MultiExport,
@@ -282,6 +287,9 @@ class FileExport(Backend):
     async def flush(self, flags: int) -> None:
         await self.owner.call(self.owner.flush_all)
 
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        return await self.owner.call(self.opened.file.map, offset, count)
+
     async def close_connection(self) -> None:
         # As nbdkit, which closes the file system when its client leaves: the image is then
         # clean for whoever reads it next (e2fsck, a mount).
@@ -427,6 +435,7 @@ class Ext2(Filter):
             fua=Support.EMULATE,  # a write, then a flush of the file system
             zero=Support.EMULATE,  # zeros written through the file (blocks stay allocated)
             cache=Support.EMULATE,  # reading is caching (the chunks kept)
+            extents=True,  # the file's own holes (File.map), not the image's
             rotational=up.rotational,
         ).normalized()
 
@@ -518,8 +527,8 @@ class Ext2(Filter):
     async def cache(self, count: int, offset: int, flags: int) -> None:
         raise OSError(errno.ENOTSUP, "cache is emulated by the node")
 
-    async def extents(self, count: int, offset: int, flags: int) -> list[tuple[int, int]]:
-        return [(count, 0)]
+    async def extents(self, count: int, offset: int, flags: int) -> Extents:
+        return await self._file().extents(count, offset, flags)
 
     async def close_connection(self) -> None:
         if self.served is not None:
