@@ -385,6 +385,36 @@ class ClientExports:
             pass  # said in the log; for_export() finds nothing: the client is refused
 
 
+class OpenedExport:
+    """What a script kind's export (one client's, ClientExports) is to the node once the
+    client's GO takes it: the capabilities and identity the script gave when it was opened; it
+    moves from the looked-up exports to the open ones, and the client's leaving closes it."""
+
+    owner: ClientExports
+    caps: Capabilities
+    name: str
+    description: str
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    def capabilities(self) -> Capabilities:
+        return self.caps
+
+    def export_identity(self, requested: str) -> tuple[str, str]:
+        return self.name, self.description
+
+    async def open_connection(self) -> None:
+        owner = self.owner
+        client = _client.get().connection_id
+        if owner._pending.get(client) is self:
+            del owner._pending[client]
+        owner._open.add(self)
+
+    async def close_connection(self) -> None:
+        await self.close()
+
+
 # The node's backend ---------------------------------------------------------------------------
 
 
@@ -660,8 +690,10 @@ def _one_line_off(out: bytes) -> bytes:
 # One client's export --------------------------------------------------------------------------
 
 
-class ScriptExport(Backend):
+class ScriptExport(OpenedExport, Backend):
     """The export one client opened: its handle, and what the script said of it."""
+
+    owner: ScriptPlugin
 
     def __init__(self, owner: ScriptPlugin, requested: str, name: str, handle: str) -> None:
         super().__init__(owner.params)
@@ -762,24 +794,6 @@ class ScriptExport(Backend):
         reply = await asyncio.shield(closing)
         if reply.status not in (OK, MISSING):
             owner.failure("close", reply)
-
-    # The connection ---------------------------------------------------------------------------
-
-    def capabilities(self) -> Capabilities:
-        return self.caps
-
-    def export_identity(self, requested: str) -> tuple[str, str]:
-        return self.name, self.description
-
-    async def open_connection(self) -> None:
-        owner = self.owner
-        client = _client.get().connection_id
-        if owner._pending.get(client) is self:
-            del owner._pending[client]
-        owner._open.add(self)
-
-    async def close_connection(self) -> None:
-        await self.close()
 
     # Requests ---------------------------------------------------------------------------------
 

@@ -96,6 +96,7 @@ from ._script import (
     THREAD_MODELS,
     ClientExports,
     Gate,
+    OpenedExport,
     ScriptParams,
     check_block_size,
 )
@@ -566,8 +567,10 @@ def _int(method: str, value: Any) -> int:
 # One client's export --------------------------------------------------------------------------
 
 
-class PythonExport(Backend):
+class PythonExport(OpenedExport, Backend):
     """The export one client opened: its handle, and what the script said of it."""
+
+    owner: Python
 
     def __init__(self, owner: Python, requested: str, name: str, handle: Any) -> None:
         super().__init__(owner.params)
@@ -674,24 +677,6 @@ class PythonExport(Backend):
         except OSError:
             pass  # said in the log
         self.handle = None
-
-    # The connection ---------------------------------------------------------------------------
-
-    def capabilities(self) -> Capabilities:
-        return self.caps
-
-    def export_identity(self, requested: str) -> tuple[str, str]:
-        return self.name, self.description
-
-    async def open_connection(self) -> None:
-        owner = self.owner
-        client = _client.get().connection_id
-        if owner._pending.get(client) is self:
-            del owner._pending[client]
-        owner._open.add(self)
-
-    async def close_connection(self) -> None:
-        await self.close()
 
     # Requests ---------------------------------------------------------------------------------
 
