@@ -561,6 +561,9 @@ def test_python_callbacks_get_nbdkits_arguments(
         h.pread(512, 1024)
         every_request_kind(h)
         h.shutdown()
+        # The server runs close once it has seen the disconnection; a stop signal before
+        # that may skip it (nbdkit does, under load): wait for it on both.
+        wait_for(lambda log=log: "close h" in log.read_text().splitlines(), what=f"{name}: close")
         node.stop()
         calls[name] = log.read_text().splitlines()
     assert calls["ours"] == calls["nbdkit"]
