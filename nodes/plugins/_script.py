@@ -386,14 +386,23 @@ class ClientExports:
 
 
 class OpenedExport:
-    """What a script kind's export (one client's, ClientExports) is to the node once the
-    client's GO takes it: the capabilities and identity the script gave when it was opened; it
-    moves from the looked-up exports to the open ones, and the client's leaving closes it."""
+    """A script kind's export, one client's (ClientExports): the handle the script's open
+    gave for the name the client asked for, and, once the client's GO takes it, the
+    capabilities and identity the script gave then; it moves from the looked-up exports to the
+    open ones, and the client's leaving closes it. Put it before Backend in the bases."""
 
-    owner: ClientExports
-    caps: Capabilities
-    name: str
-    description: str
+    owner: Any  #: the kind's node backend (ClientExports, Plugin); subclasses say which
+
+    def __init__(self, owner: Any, requested: str, name: str, handle: Any) -> None:
+        super().__init__(owner.params)  # type: ignore[call-arg]  # Backend's: next in the MRO
+        self.kind = owner.kind
+        self.owner = owner
+        self.requested = requested  #: the name the client asked for
+        self.name = name  #: the name it was opened with ("" asked: default_export's)
+        self.handle = handle
+        self.description = ""
+        self.caps = Capabilities(size=0)
+        self.closed = False
 
     async def close(self) -> None:
         raise NotImplementedError
@@ -694,17 +703,6 @@ class ScriptExport(OpenedExport, Backend):
     """The export one client opened: its handle, and what the script said of it."""
 
     owner: ScriptPlugin
-
-    def __init__(self, owner: ScriptPlugin, requested: str, name: str, handle: str) -> None:
-        super().__init__(owner.params)
-        self.kind = owner.kind  # type: ignore[misc]
-        self.owner = owner
-        self.requested = requested  #: the name the client asked for
-        self.name = name  #: the name it was opened with ("" asked: default_export's)
-        self.handle = handle
-        self.description = ""
-        self.caps = Capabilities(size=0)
-        self.closed = False
 
     async def learn(self) -> None:
         """Ask the script what the export is, in nbdkit's order (the write side only when

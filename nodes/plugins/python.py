@@ -572,17 +572,6 @@ class PythonExport(OpenedExport, Backend):
 
     owner: Python
 
-    def __init__(self, owner: Python, requested: str, name: str, handle: Any) -> None:
-        super().__init__(owner.params)
-        self.kind = owner.kind  # type: ignore[misc]
-        self.owner = owner
-        self.requested = requested  #: the name the client asked for
-        self.name = name  #: the name it was opened with ("" asked: default_export's)
-        self.handle = handle
-        self.description = ""
-        self.caps = Capabilities(size=0)
-        self.closed = False
-
     async def call(self, name: str, *args: Any) -> Any:
         return await self.owner.run(name, self.handle, *args, export=self.name)
 
