@@ -25,14 +25,28 @@ from bench.ssh_server import Sshd, descendants, free_port, usable
 SIZE = 4 << 20
 
 
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+def need_sshd() -> None:
+    """Skip where no private sshd can run without root; as root (CI) its absence fails."""
     why = usable()
     if why is not None:
         if os.geteuid() != 0:
             pytest.skip(why)
         pytest.fail(why)
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    need_sshd()
     server = Sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_sshd(tmp_path: Path) -> Iterator[Sshd]:
+    """A server of the test's own, to stop and start again."""
+    need_sshd()
+    server = Sshd(tmp_path / "sshd")
     yield server
     server.stop()
 
@@ -284,66 +298,52 @@ def test_ssh_password_is_never_shown(start_node, sshd, image) -> None:
     assert params["password"] == "***" and "hunter2" not in text
 
 
-def test_ssh_server_outage_fails_requests_then_recovers(start_node, tmp_path, image) -> None:
+def test_ssh_server_outage_fails_requests_then_recovers(start_node, own_sshd, image) -> None:
     """sshd killed (listener and sessions): requests fail with EIO, the node stays up and
     reports NOT_SERVING; sshd back on the same port: the same client reads and writes again
     (nbdkit's plugin would need the client to reconnect)."""
-    why = usable()
-    if why is not None:
-        pytest.skip(why)
-    server = Sshd(tmp_path / "sshd")
-    try:
-        node = start_node("ssh", *server.args(), str(image), control=True)
-        h = nbd_connect(node.uri)
-        data = image.read_bytes()
-        assert h.pread(65536, 0) == data[:65536]
+    node = start_node("ssh", *own_sshd.args(), str(image), control=True)
+    h = nbd_connect(node.uri)
+    data = image.read_bytes()
+    assert h.pread(65536, 0) == data[:65536]
 
-        def health() -> str:
-            return run([*NBDFABRIC, "health", node.control], check=False).stdout.strip()
+    def health() -> str:
+        return run([*NBDFABRIC, "health", node.control], check=False).stdout.strip()
 
-        server.stop()
-        wait_for(lambda: health() == "NOT_SERVING", 20, "the node to see the server gone", 0.2)
-        for call in (lambda: h.pread(65536, 65536), lambda: h.pwrite(b"y" * 512, 0)):
-            with pytest.raises(nbd.Error) as err:
-                call()
-            assert err.value.errnum == 5  # EIO
-        assert node.proc.poll() is None
-        server.start()  # the same port, host key and client key
-        assert h.pread(65536, 65536) == data[65536:131072]
-        h.pwrite(b"z" * 512, 0)
-        h.flush()
-        assert image.read_bytes()[:512] == b"z" * 512
-        wait_for(lambda: health() == "SERVING", 20, "the node to be healthy again", 0.2)
-        info = run([*NBDFABRIC, "ctl", node.control, "info", "--json"]).stdout
-        status = json.loads(info)["status"]
-        assert status["errors"] >= 2 and status["reconnects"] == 1 and status["connected"]
-        h.shutdown()
-    finally:
-        server.stop()
+    own_sshd.stop()
+    wait_for(lambda: health() == "NOT_SERVING", 20, "the node to see the server gone", 0.2)
+    for call in (lambda: h.pread(65536, 65536), lambda: h.pwrite(b"y" * 512, 0)):
+        with pytest.raises(nbd.Error) as err:
+            call()
+        assert err.value.errnum == 5  # EIO
+    assert node.proc.poll() is None
+    own_sshd.start()  # the same port, host key and client key
+    assert h.pread(65536, 65536) == data[65536:131072]
+    h.pwrite(b"z" * 512, 0)
+    h.flush()
+    assert image.read_bytes()[:512] == b"z" * 512
+    wait_for(lambda: health() == "SERVING", 20, "the node to be healthy again", 0.2)
+    info = run([*NBDFABRIC, "ctl", node.control, "info", "--json"]).stdout
+    status = json.loads(info)["status"]
+    assert status["errors"] >= 2 and status["reconnects"] == 1 and status["connected"]
+    h.shutdown()
 
 
-def test_ssh_the_remote_file_shrunk_is_not_taken_back(start_node, tmp_path, image) -> None:
+def test_ssh_the_remote_file_shrunk_is_not_taken_back(start_node, own_sshd, image) -> None:
     """A reconnection that finds the file smaller than clients were told fails the request
     (reads past the new end could not be served)."""
-    why = usable()
-    if why is not None:
-        pytest.skip(why)
-    server = Sshd(tmp_path / "sshd")
-    try:
-        node = start_node("ssh", *server.args(), str(image), control=True)
-        h = nbd_connect(node.uri)
-        server.stop()
-        with open(image, "r+b") as f:
-            f.truncate(4096)
-        server.start()
-        with pytest.raises(nbd.Error) as err:
-            h.pread(512, 0)
-        assert err.value.errnum == 5
-        info = json.loads(run([*NBDFABRIC, "ctl", node.control, "info", "--json"]).stdout)
-        assert "smaller than the" in info["status"]["last_error"]
-        h.shutdown()
-    finally:
-        server.stop()
+    node = start_node("ssh", *own_sshd.args(), str(image), control=True)
+    h = nbd_connect(node.uri)
+    own_sshd.stop()
+    with open(image, "r+b") as f:
+        f.truncate(4096)
+    own_sshd.start()
+    with pytest.raises(nbd.Error) as err:
+        h.pread(512, 0)
+    assert err.value.errnum == 5
+    info = json.loads(run([*NBDFABRIC, "ctl", node.control, "info", "--json"]).stdout)
+    assert "smaller than the" in info["status"]["last_error"]
+    h.shutdown()
 
 
 @pytest.fixture(scope="module")
