@@ -21,6 +21,7 @@ from pathlib import Path
 import nbd
 import pytest
 from conftest import (
+    CAPABILITIES,
     NBDFABRIC,
     ROOT,
     Proc,
@@ -438,19 +439,7 @@ def errno_name(call: Callable[[], object]) -> str | None:
 
 #: nbdinfo --json's fields that both must agree on (block sizes apart: ours says what the
 #: session enforces where nbdkit says nothing).
-KEYS = (
-    "export-size",
-    "is_read_only",
-    "is_rotational",
-    "can_flush",
-    "can_fua",
-    "can_trim",
-    "can_zero",
-    "can_fast_zero",
-    "can_cache",
-    "can_multi_conn",
-    "can_df",
-)
+KEYS = (*CAPABILITIES, "is_rotational")
 
 WORKLOAD = (
     "write -P 0xab 0 1M",
