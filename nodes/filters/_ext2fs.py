@@ -468,11 +468,11 @@ MANAGER = IoManager(
 # The file system -------------------------------------------------------------------------------
 
 
-def check_superblock(device: Device) -> None:
+def check_superblock(device: Device) -> bytes:
     """Refuse, before the library opens it, a file system it would serve wrong: one whose
     journal needs replaying (the library does not replay it; its files would read stale
     and writes land under what the replay then writes back). Other damage is the library's
-    to find."""
+    to find. Returns the superblock it read."""
     if device.size < SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE:
         raise Ext2Error(EXT2_ET_SHORT_READ, "open")
     sb = device.pread(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE)
@@ -484,6 +484,7 @@ def check_superblock(device: Device) -> None:
             "the file system's journal needs recovery (it was not cleanly unmounted): "
             "run e2fsck on it first",
         )
+    return sb
 
 
 class FileSystem:
@@ -496,7 +497,7 @@ class FileSystem:
         self.writable = writable
         self._bitmaps = False
         self.files: set[File] = set()
-        check_superblock(device)
+        superblock = check_superblock(device)
         name = f"nbdfabric-ext2-{next(_names)}".encode()
         flags = EXT2_FLAG_64BITS | EXT2_FLAG_SKIP_MMP | (EXT2_FLAG_RW if writable else 0)
         fs = c_void_p()
@@ -507,7 +508,7 @@ class FileSystem:
             _pending.pop(name, None)
         self.fs: int | None = fs.value
         #: Bytes a block (s_log_block_size: 1024 << it), for mapping a file's blocks.
-        self.block_size = 1024 << int.from_bytes(device.pread(SUPERBLOCK_OFFSET + 24, 4), "little")
+        self.block_size = 1024 << int.from_bytes(superblock[24:28], "little")
 
     def __enter__(self) -> FileSystem:
         return self
