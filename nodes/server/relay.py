@@ -61,6 +61,7 @@ from ..protocol.constants import (
 )
 from . import session as _session
 from .pages import lazy_buffer
+from .replies import read_reply
 from .stream import Buffer, SocketStream, _after
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ BIG = 64 * 1024
 BACKOFF_FIRST = 0.05
 BACKOFF_CAP = 2.0
 
-_READ, _WRITE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC)
+_READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
 _STATUS_CHUNK, _ERROR_BIT, _DONE = int(Chunk.BLOCK_STATUS), 0x8000, 1
 _SIMPLE, _STRUCTURED = SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC
 _SIMPLE_SIZE, _CHUNK_SIZE = SIMPLE_REPLY.size, CHUNK_HEADER.size
@@ -226,8 +227,10 @@ class Relay:
             err = Err.EINVAL  # a cookie still in flight: its replies could not be told apart
         if err is not Err.OK or self.up_state != "up":
             self._local(req, err if err is not Err.OK else Err.EIO, payload)
-            return
-        self._forward(req, payload)
+        elif req.length == 0 and req.cmd != _FLUSH:
+            self._local(req, Err.OK, payload)  # a no-op, as the normal path answers it
+        else:
+            self._forward(req, payload)
 
     def _forward(self, req: tx.Request, payload: memoryview | None) -> None:
         s = self.s
@@ -243,16 +246,25 @@ class Relay:
             self._to_upstream([head, payload], cast(bytearray, payload.obj))
 
     def _local(self, req: tx.Request, err: Err, payload: memoryview | None) -> None:
-        """Answer a request here, as the normal path answers one it refuses."""
+        """Answer a request here, as the normal path answers one it refuses (or a zero-length
+        one, which it answers without asking the upstream)."""
         s = self.s
         if payload is not None:
             s.node.pool.put(cast(bytearray, payload.obj))
-        rest = s._send([s._error_reply(req, err, _session._message(err))])
+        if err is Err.OK:
+            reply = (
+                read_reply(s.t, req, [], 0, False)
+                if req.cmd == _READ
+                else [tx.simple_reply(req.cookie)]
+            )
+        else:
+            reply = [s._error_reply(req, err, _session._message(err))]
+        rest = s._send(reply)
         if rest is not None:
             self._track(rest)
         op = s._op_stats.get(req.cmd)
         if op is not None:
-            op.record(0, 0.0, True)
+            op.record(0, 0.0, err is not Err.OK)
 
     def _hold(self, req: tx.Request, payload: memoryview | None) -> None:
         """The node is paused: keep the request (reading stops) until resume."""
