@@ -359,3 +359,33 @@ def test_relay_not_for_two_meta_contexts(start_node):
     one.block_status(65536, 0, lambda ctx, off, ents, err: got.append(ents) or 0)
     assert got and got[0][:2] == [4096, 1]  # written in the cow's overlay: depth 1
     assert relays(relay)
+
+
+def test_relay_renumbers_a_context_qemu_nbd_numbers_otherwise(start_node, tmp_path):
+    """qemu-nbd numbers qemu:allocation-depth 1, we number it 2 (after base:allocation): the
+    relayed chunk must carry ours, or the client cannot tell which context it answers."""
+    image = tmp_path / "q.qcow2"
+    run(["qemu-img", "create", "-f", "qcow2", str(image), "8M"])
+    sock = tmp_path / "q.sock"
+    qemu = subprocess.Popen(
+        ["qemu-nbd", "-k", str(sock), "-e", "8", "-A", "-f", "qcow2", str(image)]
+    )
+    try:
+        wait_for(sock.exists, 10, "qemu-nbd")
+        uri = f"nbd+unix:///?socket={sock}"
+        relay = start_node("nbd", "relay=true", upstreams=[uri], env=INFO)
+        h = nbd.NBD()
+        h.add_meta_context("qemu:allocation-depth")
+        h.connect_uri(relay.uri)
+        h.pwrite(b"a" * 65536, MiB)
+        seen: list[tuple[str, list[int]]] = []
+        h.block_status(4 * MiB, 0, lambda ctx, off, ents, err: seen.append((ctx, ents)) or 0)
+        assert [ctx for ctx, _ in seen] == ["qemu:allocation-depth"]
+        assert seen[0][1][:4] == [MiB, 0, 65536, 1]  # absent, then local
+        h.shutdown()
+        maps = [run(["nbdinfo", "--map=qemu:allocation-depth", u]).stdout for u in (uri, relay.uri)]
+        assert maps[0] == maps[1]
+        assert relays(relay, 2)
+    finally:
+        qemu.terminate()
+        qemu.wait()
