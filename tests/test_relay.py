@@ -296,7 +296,6 @@ def test_relay_sigterm_under_load_finishes_in_flight_then_exits_0(hops):
     data = os.urandom(MiB)
     cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), i * MiB)
                for i in range(32)]  # fmt: skip
-    wait_for(lambda: h.aio_in_flight() < 32 or True, 1)
     relay.proc.send_signal(signal.SIGTERM)
     ok = shut = 0
     for cookie in cookies:
@@ -333,7 +332,6 @@ def test_relay_client_vanishing_mid_request_leaves_others_alone(hops):
         del gone  # closed with its requests in flight
     assert other.pread(4096, 0) == b"o" * 4096
     run(["nbdcopy", relay.uri, "null:"])
-    wait_for(lambda: "Traceback" not in relay.stderr(), 1)
     assert "Traceback" not in relay.stderr()
     assert relays(relay, 5)
 
