@@ -237,6 +237,12 @@ def chain_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
     ka = f.nbdkit("nbd", f"uri={k3.uri}")
     kb = f.nbdkit("nbd", f"uri={ka.uri}")
     yield "3-hop chain", (b.over(a, m3), kb.over(ka, k3))
+    # The same shapes with `nbd relay=true` hops (nodes/server/relay.py), vs the same nbdkit.
+    relay = f.node("nbd", "relay=true", upstreams=(m.uri,))
+    yield "1-hop relay", (relay.over(m), khop.over(k))
+    ra = f.node("nbd", "relay=true", upstreams=(m3.uri,))
+    rb = f.node("nbd", "relay=true", upstreams=(ra.uri,))
+    yield "3-hop relay", (rb.over(ra, m3), kb.over(ka, k3))
 
 
 def fan_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:

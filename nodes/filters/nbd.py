@@ -10,9 +10,20 @@ Meta contexts: every one the upstream lists (a cow node's `qemu:dirty-bitmap:NAM
 `qemu:allocation-depth`) is offered and answered as the upstream answers it, as by every filter
 that leaves bytes where they are.
 
-Params: `context` (repeated): pass on only these meta contexts besides base:allocation, asked of
-the upstream by name whether it lists them or not (one it does not have is not offered). The
-upstream comes from `--upstream URI`; TLS from `--upstream-tls-certificates`.
+Relay (`relay=true`): each client gets an upstream connection of its own, opened through
+libnbd with the client's options (structured replies, its meta context), and its requests and
+the upstream's replies are then passed on as bytes, headers parsed only to cut the stream into
+whole messages and to renumber a block-status context id (nodes/server/relay.py). A lost
+upstream still gives EIO for what was outstanding, the client keeps its connection, and relaying
+goes on once the upstream is back. Connections that do not relay (served as above): TLS to the
+client or an nbds:// upstream, more than one meta context selected, --ordering ordered|serial,
+--eof-tolerant, an upstream unreachable when the client connects, or one that lacks something
+the client was told (size, a flag, the context, block sizes).
+
+Params: `relay` (default false): as above. `context` (repeated): pass on only these meta
+contexts besides base:allocation, asked of the upstream by name whether it lists them or not
+(one it does not have is not offered). The upstream comes from `--upstream URI`; TLS from
+`--upstream-tls-certificates`.
 
 Example: `nbdfabric node nbd --upstream nbd+unix:///?socket=/tmp/m.sock --listen 127.0.0.1:0`
 puts a unix-socket export on TCP.
@@ -23,11 +34,17 @@ from __future__ import annotations
 from typing import Any
 
 from ..base import Filter
-from ..params import Many, Params, repeated
+from ..params import Many, Params, param, repeated
 from ..registry import register
 
 
 class NbdParams(Params):
+    relay: bool = param(
+        False,
+        "relay each client's requests and replies as bytes over an upstream connection of "
+        "its own instead of re-issuing them through libnbd (where the connection allows: "
+        "see the kind's manual)",
+    )
     context: Many = repeated(
         "pass on only this meta context besides base:allocation (default: all the upstream "
         "lists), by name: qemu:allocation-depth, qemu:dirty-bitmap:NAME"
@@ -47,3 +64,5 @@ class Nbd(Filter):
         super().__init__(params, next)
         if params.context:  # asked for on the upstream's every connection
             next.wanted_contexts = tuple(params.context)
+        #: Where sessions relay to (server/relay.py), with relay=true.
+        self.relay_upstream = next if params.relay else None

@@ -37,6 +37,7 @@ from .eager import Resumed, start_eager
 from .framing import RequestFramer
 from .pages import lazy_buffer
 from .poll import POLLER
+from .relay import Relay, can_relay
 from .replies import ZERO_CHUNK, ZERO_VIEW, pieces_of, read_reply
 from .stream import Buffer, SocketStream, Stream, TLSStream
 
@@ -352,21 +353,34 @@ class Session:
         #: Reads are sent straight from the backend's memory where it lends it (memory).
         self._lends = self.backend.lends_memory
         self._loop = loop = asyncio.get_running_loop()
+        # `nbd relay=true`: relayed to an upstream connection of its own where it can be.
+        relay: Relay | None = None
+        upstream = can_relay(self)
+        if upstream is not None:
+            relay = Relay(self, upstream)
+            if not await relay.start():
+                relay = None
         done = self._done = loop.create_future()
         framer = self._framer = RequestFramer(
             self._validate_write_size if caps.write_disconnect else self._validate,
-            self._dispatch,
+            self._dispatch if relay is None else relay.dispatch,
             node.pool,
             ready.leftover,
         )
-        self._feed()  # requests that came in with the end of the handshake
-        stream = self.stream
-        if isinstance(stream, SocketStream) and not done.done():
-            reader = _PollingSocketReader if POLLER.enabled else _SocketReader
-            await loop.connect_accepted_socket(lambda: reader(self, framer), stream.split_reader())
-        elif not isinstance(stream, SocketStream):
-            await self._read_stream(framer)
-        await done
+        try:
+            self._feed()  # requests that came in with the end of the handshake
+            stream = self.stream
+            if isinstance(stream, SocketStream) and not done.done():
+                reader = _PollingSocketReader if POLLER.enabled else _SocketReader
+                await loop.connect_accepted_socket(
+                    lambda: reader(self, framer), stream.split_reader()
+                )
+            elif not isinstance(stream, SocketStream):
+                await self._read_stream(framer)
+            await done
+        finally:
+            if relay is not None:
+                await relay.close()
 
     async def _read_stream(self, framer: RequestFramer) -> None:
         """The reader for streams the loop cannot read for us (TLS)."""

@@ -1,0 +1,593 @@
+"""The relaying transmission phase of an `nbd relay=true` node: one upstream connection per
+client, NBD messages passed between the two sockets whole, not re-issued through libnbd.
+
+After the client's handshake, `open_relay` connects one libnbd handle to the upstream with the
+client's options (structured replies iff the client has them, the one meta context it chose),
+checks that what the upstream offers covers what the client was told, then takes the socket
+(`aio_get_fd`, duplicated) and never calls libnbd on that handle again: it is only dropped
+(closed) at the end. Then:
+
+- client -> upstream: the session's framer and validation as on the normal path; what the node
+  must refuse itself (range, flags, read-only, block sizes, ESHUTDOWN while draining) is
+  answered here as the normal path answers it; valid requests go upstream as bytes, cookie
+  unchanged.
+- upstream -> client: reply headers are parsed to cut the stream into whole messages (simple
+  reply: a successful READ's data follows; structured: each chunk's length), and only whole
+  messages are relayed, so a lost upstream still leaves every outstanding cookie a clean EIO
+  (a simple error reply, or an ERROR chunk with DONE, valid after earlier chunks too). A
+  BLOCK_STATUS chunk's context id is rewritten to the id the client got from us.
+- a lost upstream: everything outstanding and every new request gets EIO while it is down; the
+  client keeps its connection; a new handle is connected with back-off (as nodes/upstream.py)
+  and relaying goes on once it offers what the client was told.
+
+Which connections relay (else the normal path serves them, decided once per connection):
+plain sockets both ways (no TLS to the client, no nbds:// upstream: libnbd's TLS state cannot
+be taken over), at most one meta context selected (libnbd 1.14 does not tell the upstream's
+context ids, so the one id of a reply must be that context's), the default --ordering parallel
+and no --eof-tolerant (both change replies), and an upstream that, connected for this client,
+has the same size and every flag, meta context and block size the client was told. An upstream
+that cannot be reached when the client connects also leaves that client on the normal path.
+--poll-max-us does not watch a relayed connection's upstream socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+import nbd
+
+from ..protocol import transmission as tx
+from ..protocol.constants import (
+    CHUNK_HEADER,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
+    U32,
+    Chunk,
+    Cmd,
+    Err,
+    TFlag,
+)
+from . import session as _session
+from .pages import lazy_buffer
+from .replies import read_reply
+from .stream import Buffer, SocketStream, _after
+
+if TYPE_CHECKING:
+    from ..upstream import Upstream
+    from .session import Session
+
+log = logging.getLogger("nbdfabric.relay")
+
+#: The upstream reply buffer. A message longer than BIG gets a pooled buffer of its own, which
+#: the socket fills directly (a 1 MiB read reply is not copied out of this one).
+REPLY_BUFFER = 256 * 1024
+BIG = 64 * 1024
+#: Reconnect back-off: first delay, cap (as nodes/upstream.py).
+BACKOFF_FIRST = 0.05
+BACKOFF_CAP = 2.0
+
+_READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
+_STATUS_CHUNK, _ERROR_BIT, _DONE = int(Chunk.BLOCK_STATUS), 0x8000, 1
+_SIMPLE, _STRUCTURED = SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC
+_SIMPLE_SIZE, _CHUNK_SIZE = SIMPLE_REPLY.size, CHUNK_HEADER.size
+#: What the client may have been told, and how to ask a libnbd handle whether the upstream has it.
+_OFFERS: tuple[tuple[TFlag, str], ...] = (
+    (TFlag.SEND_FLUSH, "can_flush"),
+    (TFlag.SEND_FUA, "can_fua"),
+    (TFlag.SEND_TRIM, "can_trim"),
+    (TFlag.SEND_WRITE_ZEROES, "can_zero"),
+    (TFlag.SEND_FAST_ZERO, "can_fast_zero"),
+    (TFlag.SEND_CACHE, "can_cache"),
+)
+
+
+@dataclass(slots=True)
+class _Out:
+    """A request the upstream has not finished answering."""
+
+    cmd: int
+    length: int
+    started: float
+    failed: bool = False
+
+
+def can_relay(session: Session) -> Upstream | None:
+    """The upstream to relay this connection to, if it may relay at all (see the module's
+    docstring); None: the normal path."""
+    upstream = getattr(session.backend, "relay_upstream", None)
+    options = session.node.options
+    if (
+        upstream is None
+        or session.client.tls
+        or not isinstance(session.stream, SocketStream)
+        or upstream.uri.startswith("nbds")
+        or len(session.t.meta_contexts) > 1
+        or options.ordering != "parallel"
+        or options.eof_tolerant
+    ):
+        return None
+    return cast("Upstream", upstream)
+
+
+class Relay:
+    def __init__(self, session: Session, upstream: Upstream) -> None:
+        self.s = session
+        self.up = upstream
+        t = session.t
+        #: The meta context the client chose (at most one) and the id we gave it.
+        self.context = session.context_names[t.meta_contexts[0]] if t.meta_contexts else None
+        self._context_id = U32.pack(t.meta_contexts[0]) if t.meta_contexts else b""
+        self._out: dict[int, _Out] = {}
+        self._idle: asyncio.Future[None] | None = None  #: set when _out empties (close waits)
+        self._h: Any = None  #: the libnbd handle, kept only to be dropped (closed) at the end
+        self._reader: asyncio.Transport | None = None
+        self._writer: SocketStream | None = None
+        self._backlog: list[tuple[list[Buffer], bytearray | None]] = []  #: to the upstream
+        self._pushing: asyncio.Task[None] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._held: list[tuple[tx.Request, memoryview | None]] = []  #: while the node is paused
+        self.up_state = "down"
+        self.closing = False
+
+    # Connecting ---------------------------------------------------------------------------
+
+    def _connect_blocking(self) -> Any:
+        """A handle negotiated as the client negotiated with us (runs in a worker thread)."""
+        h = nbd.NBD()
+        h.set_request_structured_replies(self.s.t.structured)
+        if self.context is not None:
+            h.add_meta_context(self.context)
+        h.connect_uri(self.up.uri)
+        return h
+
+    def _mismatch(self, h: Any) -> str:
+        """What the upstream, as connected by `h`, lacks of what the client was told ("" if
+        nothing): relaying to it would have the upstream refuse what the client may send."""
+        t = self.s.t
+        if h.get_size() != t.size:
+            return f"size {h.get_size()}, the client was told {t.size}"
+        if bool(h.get_structured_replies_negotiated()) != t.structured:
+            return "structured replies differ"
+        if not t.tflags & TFlag.READ_ONLY and h.is_read_only():
+            return "read-only"
+        for flag, ask in _OFFERS:
+            if t.tflags & flag and not getattr(h, ask)():
+                return f"no {ask}"
+        if t.structured and t.tflags & TFlag.SEND_DF and not h.can_df():
+            return "no can_df"
+        if self.context is not None and not h.can_meta_context(self.context):
+            return f"no meta context {self.context}"
+        up_min = h.get_block_size(nbd.SIZE_MINIMUM) or 1
+        up_max = h.get_block_size(nbd.SIZE_MAXIMUM) or t.check_max
+        if t.check_min % up_min or t.check_max > up_max:
+            return "block sizes differ"
+        return ""
+
+    async def _open(self) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(None, self._connect_blocking), self.up.connect_timeout
+            )
+        except nbd.Error as exc:
+            raise OSError(exc.errnum or errno.ECONNREFUSED, exc.string) from None
+        except TimeoutError:
+            raise OSError(errno.ETIMEDOUT, "connection timed out") from None
+
+    async def start(self) -> bool:
+        """Connect and take the socket; False if this connection cannot relay (normal path)."""
+        try:
+            h = await self._open()
+        except OSError as exc:
+            log.info("%s: not relayed: %s", self.s.client.address, exc.strerror or exc)
+            return False
+        why = self._mismatch(h)
+        if why:
+            log.info("%s: not relayed: the upstream: %s", self.s.client.address, why)
+            return False
+        await self._attach(h)
+        log.info("%s: relayed to %s", self.s.client.address, self.up.uri)
+        return True
+
+    async def _attach(self, h: Any) -> None:
+        """Take the connected handle's socket: from now on only raw NBD on a duplicate."""
+        sock = socket.socket(fileno=os.dup(h.aio_get_fd()))
+        self._h = h
+        writer = SocketStream(sock)
+        reading = writer.split_reader()
+        self._writer = writer
+        self.up_state = "up"
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: _ReplyReader(self), reading)
+
+    # Client -> upstream -------------------------------------------------------------------
+
+    def dispatch(self, req: tx.Request, err: Err, payload: memoryview | None) -> None:
+        """The framer's callback for each request: answer it here or send it upstream."""
+        s = self.s
+        node = s.node
+        if err is Err.OK and node.draining:
+            err = Err.ESHUTDOWN
+        if err is Err.OK and node.paused:
+            self._hold(req, payload)
+            return
+        if err is Err.OK and req.cookie in self._out:
+            err = Err.EINVAL  # a cookie still in flight: its replies could not be told apart
+        if err is not Err.OK or self.up_state != "up":
+            self._local(req, err if err is not Err.OK else Err.EIO, payload)
+        elif req.length == 0 and req.cmd != _FLUSH:
+            self._local(req, Err.OK, payload)  # a no-op, as the normal path answers it
+        else:
+            self._forward(req, payload)
+
+    def _forward(self, req: tx.Request, payload: memoryview | None) -> None:
+        s = self.s
+        s.node.stats.in_flight += 1
+        s._busy += 1
+        if req.cmd == _READ or req.cmd == _WRITE:
+            s._busy_bytes += req.length
+        self._out[req.cookie] = _Out(req.cmd, req.length, time.perf_counter())
+        head = REQUEST.pack(REQUEST_MAGIC, req.flags, req.cmd, req.cookie, req.offset, req.length)
+        if payload is None:
+            self._to_upstream([head], None)
+        else:
+            self._to_upstream([head, payload], cast(bytearray, payload.obj))
+
+    def _local(self, req: tx.Request, err: Err, payload: memoryview | None) -> None:
+        """Answer a request here, as the normal path answers one it refuses (or a zero-length
+        one, which it answers without asking the upstream)."""
+        s = self.s
+        if payload is not None:
+            s.node.pool.put(cast(bytearray, payload.obj))
+        if err is Err.OK:
+            reply = (
+                read_reply(s.t, req, [], 0, False)
+                if req.cmd == _READ
+                else [tx.simple_reply(req.cookie)]
+            )
+        else:
+            reply = [s._error_reply(req, err, _session._message(err))]
+        rest = s._send(reply)
+        if rest is not None:
+            self._track(rest)
+        op = s._op_stats.get(req.cmd)
+        if op is not None:
+            op.record(0, 0.0, err is not Err.OK)
+
+    def _hold(self, req: tx.Request, payload: memoryview | None) -> None:
+        """The node is paused: keep the request (reading stops) until resume."""
+        self._held.append((req, payload))
+        if len(self._held) == 1:
+            s = self.s
+            s._busy += _session._HOLD
+            s._pause_reading()
+            self._track(self._wait_resume())
+
+    async def _wait_resume(self) -> None:
+        s = self.s
+        go = await s.node.wait_resumed(s.holds)
+        held, self._held = self._held, []
+        s._busy -= _session._HOLD
+        for req, payload in held:
+            if go and self.up_state == "up":
+                self._forward(req, payload)
+            elif go:
+                self._local(req, Err.EIO, payload)
+            elif payload is not None:  # the client is gone: dropped unserved
+                s.node.pool.put(cast(bytearray, payload.obj))
+        if s._reading_paused:
+            s._made_room()
+
+    def _to_upstream(self, parts: list[Buffer], held: bytearray | None) -> None:
+        """Send one request's bytes upstream after those queued before it."""
+        writer = self._writer
+        if writer is None:
+            return
+        if not self._backlog:
+            try:
+                sent = writer.try_send(parts)
+            except OSError as exc:
+                self._lost(f"sending: {exc}")
+                if held is not None:
+                    self.s.node.pool.put(held)
+                return
+            if sent == sum(map(len, parts)):
+                if held is not None:
+                    self.s.node.pool.put(held)
+                return
+            parts = _after(parts, sent)
+        self._backlog.append((parts, held))
+        if self._pushing is None:
+            self._pushing = asyncio.get_running_loop().create_task(self._push())
+
+    async def _push(self) -> None:
+        """Send the backlog as the upstream socket takes it."""
+        try:
+            while self._backlog and self._writer is not None:
+                parts, held = self._backlog[0]
+                try:
+                    await self._writer.send(parts)
+                except OSError as exc:
+                    self._lost(f"sending: {exc}")
+                    return
+                self._backlog.pop(0)
+                if held is not None:
+                    self.s.node.pool.put(held)
+        finally:
+            self._pushing = None
+
+    # Upstream -> client -------------------------------------------------------------------
+
+    def cut(self, buf: memoryview, start: int, end: int) -> tuple[int, int]:
+        """Retire the whole messages in buf[start:end]: (where the first incomplete one
+        starts, its full size, or 0 if not even its header is there)."""
+        out = self._out
+        while True:
+            avail = end - start
+            if avail < 4:
+                return start, 0
+            magic = int.from_bytes(buf[start : start + 4], "big")
+            if magic == _SIMPLE:
+                if avail < _SIMPLE_SIZE:
+                    return start, 0
+                _, error, cookie = SIMPLE_REPLY.unpack_from(buf, start)
+                o = out.get(cookie)
+                if o is None:
+                    raise ValueError(f"a reply to unknown cookie {cookie:#x}")
+                size = _SIMPLE_SIZE + (o.length if o.cmd == _READ and not error else 0)
+                if avail < size:
+                    return start, size
+                o.failed = bool(error)
+                self._retire(cookie, o)
+            elif magic == _STRUCTURED:
+                if avail < _CHUNK_SIZE:
+                    return start, 0
+                _, flags, kind, cookie, length = CHUNK_HEADER.unpack_from(buf, start)
+                o = out.get(cookie)
+                if o is None:
+                    raise ValueError(f"a chunk for unknown cookie {cookie:#x}")
+                size = _CHUNK_SIZE + length
+                if avail < size:
+                    return start, size
+                if kind & _ERROR_BIT:
+                    o.failed = True
+                elif kind == _STATUS_CHUNK and length >= 4 and self._context_id:
+                    buf[start + _CHUNK_SIZE : start + _CHUNK_SIZE + 4] = self._context_id
+                if flags & _DONE:
+                    self._retire(cookie, o)
+            else:
+                raise ValueError(f"bad reply magic {magic:#x}")
+            start += size
+
+    def _retire(self, cookie: int, o: _Out) -> None:
+        """A request's reply is complete (in the bytes being relayed): count it done."""
+        del self._out[cookie]
+        s = self.s
+        s.node.stats.in_flight -= 1
+        s._busy -= 1
+        if o.cmd == _READ or o.cmd == _WRITE:
+            s._busy_bytes -= o.length
+        op = s._op_stats.get(o.cmd)
+        if op is not None:
+            nbytes = o.length if (o.cmd == _READ or o.cmd == _WRITE) and not o.failed else 0
+            op.record(nbytes, time.perf_counter() - o.started, o.failed)
+        if not self._out and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    def room_made(self) -> None:
+        if self.s._reading_paused:
+            self.s._made_room()
+
+    def to_client(self, parts: list[Buffer], held: bytearray | None, resume: Callable[[], None]
+                  ) -> bool:  # fmt: skip
+        """Relay whole messages; False if the client socket is full (the caller stops reading
+        the upstream until `resume` is called: its buffer must not be reused meanwhile)."""
+        rest = self.s._send(parts, held)
+        if rest is None:
+            return True
+        self._track(_then(rest, resume))
+        return False
+
+    def _track(self, coro: Any) -> None:
+        """A task the session's drain() waits for."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.s.tasks.add(task)
+        task.add_done_callback(self.s.tasks.discard)
+
+    # Upstream lost ------------------------------------------------------------------------
+
+    def _lost(self, why: str) -> None:
+        """The upstream is gone: EIO for everything outstanding, then reconnect (unless the
+        client is gone or leaving)."""
+        if self.up_state != "up":
+            return
+        self.up_state = "down"
+        if not self.closing:
+            log.warning("%s: upstream %s lost: %s", self.s.client.address, self.up.uri, why)
+        self._drop_connection()
+        self.fail_outstanding(send=not self.s.closed)
+        if not self.closing and not self.s.closed:
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    def _drop_connection(self) -> None:
+        if self._reader is not None:
+            self._reader.abort()
+            self._reader = None
+        if self._writer is not None:
+            self._writer.sock.close()
+            self._writer = None
+        backlog, self._backlog = self._backlog, []
+        for _, held in backlog:
+            if held is not None:
+                self.s.node.pool.put(held)
+        self._h = None  # dropping the last reference closes the handle (and its socket)
+
+    def fail_outstanding(self, send: bool) -> None:
+        s = self.s
+        for cookie, o in list(self._out.items()):
+            o.failed = True
+            self._retire(cookie, o)
+            if send:
+                req = tx.Request(0, o.cmd, cookie, 0, o.length)
+                rest = s._send([s._error_reply(req, Err.EIO, f"upstream {self.up.uri} lost")])
+                if rest is not None:
+                    self._track(rest)
+        self.room_made()
+
+    async def _reconnect(self) -> None:
+        delay = BACKOFF_FIRST
+        while not self.closing and not self.s.closed:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_CAP)
+            try:
+                h = await self._open()
+            except OSError:
+                continue
+            why = self._mismatch(h)
+            if why:
+                log.warning("%s: upstream came back with less (%s): not taken back",
+                            self.s.client.address, why)  # fmt: skip
+                continue
+            if self.closing or self.s.closed:
+                return
+            await self._attach(h)
+            log.warning("%s: upstream %s is back", self.s.client.address, self.up.uri)
+            return
+
+    # End ----------------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """The client is done: let outstanding replies come (unless the client is gone),
+        then say DISC to the upstream and close it."""
+        self.closing = True
+        try:
+            if self._out and not self.s.closed and self.up_state == "up":
+                self._idle = asyncio.get_running_loop().create_future()
+                await self._idle
+        finally:
+            if self._reconnecting is not None:
+                self._reconnecting.cancel()
+            if self.up_state == "up" and self._writer is not None and not self._backlog:
+                disc = REQUEST.pack(REQUEST_MAGIC, 0, _DISC, 0, 0, 0)
+                with contextlib.suppress(OSError):
+                    self._writer.try_send([disc])
+            self.up_state = "closed"
+            self._drop_connection()
+            self.fail_outstanding(send=False)
+            for _, payload in self._held:
+                if payload is not None:
+                    self.s.node.pool.put(cast(bytearray, payload.obj))
+            self._held = []
+
+
+async def _then(rest: Any, after: Callable[[], None]) -> None:
+    try:
+        await rest
+    finally:
+        after()
+
+
+class _ReplyReader(asyncio.BufferedProtocol):
+    """Reads the upstream's replies straight into a buffer and relays each whole message."""
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.pool = relay.s.node.pool
+        self.buf = memoryview(lazy_buffer(REPLY_BUFFER))
+        self.start = self.end = 0
+        self.need = 0  #: the size of the message at `start`, once its header is in
+        #: A message longer than BIG being filled in a buffer of its own, and how far.
+        self.big: bytearray | None = None
+        self.big_size = self.big_filled = 0
+        self.into_big = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = self.relay._reader = cast(asyncio.Transport, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.big is not None:
+            self.into_big = True
+            return memoryview(self.big)[self.big_filled : self.big_size]
+        self.into_big = False
+        if self.start == self.end:
+            self.start = self.end = 0
+        elif self.start and (
+            len(self.buf) - self.end < BIG or self.start + self.need > len(self.buf)
+        ):
+            n = self.end - self.start
+            self.buf[:n] = self.buf[self.start : self.end]
+            self.start, self.end = 0, n
+        return self.buf[self.end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        relay = self.relay
+        if self.into_big:
+            self.big_filled += nbytes
+            if self.big_filled < self.big_size:
+                return
+            big, size = self.big, self.big_size
+            assert big is not None
+            self.big = None
+            try:
+                relay.cut(memoryview(big), 0, size)  # retire it (and renumber a context id)
+            except ValueError as exc:
+                self.pool.put(big)
+                relay._lost(str(exc))
+                return
+            if not relay.to_client([memoryview(big)[:size]], big, self._resume):
+                self._pause()
+            relay.room_made()
+            return
+        self.end += nbytes
+        first = self.start
+        try:
+            self.start, self.need = relay.cut(self.buf, first, self.end)
+        except ValueError as exc:
+            relay._lost(str(exc))
+            return
+        sent = True
+        if self.start > first:
+            sent = relay.to_client([self.buf[first : self.start]], None, self._resume)
+        if self.need > BIG:
+            # Too long to wait for in this buffer: it goes on in its own (a copy of what came
+            # of it so far; the buffer itself is not written while a relay from it waits).
+            big = self.big = self.pool.get(self.need)
+            have = self.end - self.start
+            big[:have] = self.buf[self.start : self.end]
+            self.big_size, self.big_filled = self.need, have
+            self.start = self.end = self.need = 0
+        if not sent:
+            self._pause()
+        relay.room_made()
+
+    def _pause(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def eof_received(self) -> bool:
+        self.relay._lost("the upstream closed the connection")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.relay._reader is self.transport:
+            self.relay._lost(f"the connection closed ({exc or 'end of stream'})")
+        if self.big is not None:
+            self.pool.put(self.big)
+            self.big = None

@@ -1,0 +1,389 @@
+"""nodes/server/relay.py: `nbd relay=true`, a hop that relays NBD messages instead of re-issuing
+them, driven by real clients and compared with the normal hop and a direct connection.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+
+import nbd
+import pytest
+from conftest import nbd_connect, run, sha, wait_for
+
+MiB = 1 << 20
+#: The relay says so per connection at log level INFO (a connection that cannot relay is
+#: served by the normal path, which gives the same answers: the tests check it relayed).
+INFO = {"NBDFABRIC_LOG": "info"}
+
+
+def relays(node, times: int = 1) -> bool:
+    return node.stderr().count("relayed to") >= times
+
+
+@pytest.fixture
+def hops(start_node):
+    """A memory node, the relay over it and the normal hop over it."""
+
+    def make(size: str = "64M", normal: bool = False):
+        up = start_node("memory", size)
+        relay = start_node("nbd", "relay=true", upstreams=[up.uri], env=INFO)
+        hop = start_node("nbd", upstreams=[up.uri]) if normal else None
+        return up, relay, hop
+
+    return make
+
+
+def test_relay_qemu_io_every_command(hops):
+    up, relay, _ = hops()
+    cmds = [
+        "write -P 0x41 0 1M",
+        "write -P 0x42 -f 1M 64k",
+        "write -z 2M 1M",
+        "write -z -u 3M 64k",
+        "discard 4M 1M",
+        "flush",
+        "read -P 0x41 0 1M",
+        "read -P 0x42 1M 64k",
+        "read -P 0 2M 1M",
+        "read -P 0 4M 1M",
+    ]
+    args = [a for c in cmds for a in ("-c", c)]
+    out = run(["qemu-io", "-f", "raw", *args, relay.uri]).stdout
+    assert "Pattern verification failed" not in out, out
+    assert out.count("read ") == 4 and out.count("wrote ") == 4, out
+    h = nbd_connect(relay.uri)
+    h.cache(MiB, 0)
+    h.pwrite(b"x" * 4096, 0, nbd.CMD_FLAG_FUA)
+    h.zero(65536, 8 * MiB, nbd.CMD_FLAG_FAST_ZERO | nbd.CMD_FLAG_NO_HOLE)
+    h.trim(65536, 8 * MiB, nbd.CMD_FLAG_FUA)
+    got = h.pread_structured(4096, 0, lambda *a: 0, nbd.CMD_FLAG_DF)
+    assert bytes(got) == b"x" * 4096
+    assert relays(relay, 2)
+    assert read_through(up.uri, 0, 2 * MiB) == read_through(relay.uri, 0, 2 * MiB)
+
+
+def read_through(uri: str, offset: int, length: int) -> bytes:
+    h = nbd_connect(uri)
+    try:
+        return bytes(h.pread(length, offset))
+    finally:
+        h.shutdown()
+
+
+def test_relay_nbdcopy_both_ways_with_checksums(hops, tmp_path):
+    up, relay, _ = hops("16M")
+    data = random.Random(1).randbytes(16 * MiB)
+    src = tmp_path / "in.img"
+    src.write_bytes(data)
+    run(["nbdcopy", str(src), relay.uri])
+    out = subprocess.run(["nbdcopy", relay.uri, "-"], capture_output=True, check=True).stdout
+    assert sha(out) == sha(data)
+    direct = subprocess.run(["nbdcopy", up.uri, "-"], capture_output=True, check=True).stdout
+    assert sha(direct) == sha(data)
+    assert relays(relay, 2)
+
+
+def test_relay_map_keeps_holes(hops):
+    up, relay, hop = hops("16M", normal=True)
+    h = nbd_connect(up.uri)
+    h.pwrite(b"d" * MiB, 2 * MiB)
+    h.pwrite(b"e" * 4096, 9 * MiB)
+    maps = [run(["nbdinfo", "--map", u]).stdout for u in (up.uri, relay.uri, hop.uri)]
+    assert maps[0] == maps[1] == maps[2], maps
+    assert "hole" in maps[1] and "data" in maps[1]
+    assert relays(relay)
+
+
+def test_relay_over_nbdkit_memory_renumbers_the_context_id(start_node, start_nbdkit):
+    """nbdkit numbers base:allocation 0, we number it 1: a block-status chunk relayed
+    unchanged would carry an id the client never got (libnbd fails the command)."""
+    kit = start_nbdkit("memory", "8M")
+    relay = start_node("nbd", "relay=true", upstreams=[kit.uri], env=INFO)
+    h = nbd_connect(relay.uri)
+    h.pwrite(b"k" * 65536, MiB)
+    seen: list[tuple[str, list[int]]] = []
+    h.block_status(4 * MiB, 0, lambda ctx, off, ents, err: seen.append((ctx, ents)) or 0)
+    assert seen and seen[0][0] == nbd.CONTEXT_BASE_ALLOCATION
+    assert seen[0][1][:2] == [MiB, 3]  # a hole, then the data
+    assert bytes(h.pread(65536, MiB)) == b"k" * 65536
+    run(["nbdcopy", relay.uri, "null:"])
+    assert relays(relay, 2)
+
+
+def outcomes(uri: str, structured: bool = True) -> list[str | None]:
+    """What a libnbd client with strict mode off gets for each edge case."""
+    h = nbd_connect(uri, strict=False, structured=structured)
+    size = h.get_size()
+    cases = [
+        lambda: h.pread(4096, size),  # past the end
+        lambda: h.pread(8192, size - 4096),  # across the end
+        lambda: h.pwrite(b"a" * 4096, size),  # write past the end: ENOSPC
+        lambda: h.zero(4096, size - 2048),
+        lambda: h.trim(4096, size),
+        lambda: h.pread(0, 0),  # zero-length
+        lambda: h.pwrite(b"", 0),
+        lambda: h.block_status(0, 0, lambda *a: 0),  # zero-length block status: EINVAL
+        lambda: h.pread(4096, 0, 1 << 9),  # an unknown flag
+        lambda: h.pwrite(b"b" * 4096, 0, nbd.CMD_FLAG_DF),  # DF on a write
+        lambda: h.pread(4096, 0, nbd.CMD_FLAG_FUA),  # FUA on a read: accepted
+        lambda: h.pread(33 * MiB, 0),  # over the maximum
+        lambda: h.pread(4097, 511),  # misaligned (refused where block_min > 1)
+        lambda: h.pwrite(b"c" * 512, 513),
+        lambda: h.cache(4096, size - 1024),
+        lambda: h.flush(),
+    ]
+    got = []
+    for case in cases:
+        try:
+            case()
+            got.append(None)
+        except nbd.Error as exc:
+            got.append(errno.errorcode.get(exc.errnum or 0, str(exc.errnum)))
+    h.shutdown()
+    return got
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "simple"])
+def test_relay_edge_cases_answer_as_the_normal_hop_and_direct(hops, structured):
+    up, relay, hop = hops("16M", normal=True)
+    direct = outcomes(up.uri, structured)
+    assert outcomes(relay.uri, structured) == outcomes(hop.uri, structured) == direct
+    assert "EINVAL" in direct and "ENOSPC" in direct
+    assert relays(relay)
+
+
+def test_relay_edge_cases_on_a_block_size_and_read_only(start_node, start_nbdkit):
+    """The checks the node makes itself (alignment from a 512-byte minimum, --read-only)
+    answer as the normal hop's; nbdkit with the same filters answers the same."""
+    kit = start_nbdkit("--filter=blocksize-policy", "memory", "16M",
+                       "blocksize-minimum=512", "blocksize-error-policy=error")  # fmt: skip
+    relay = start_node("nbd", "relay=true", upstreams=[kit.uri], env=INFO)
+    hop = start_node("nbd", upstreams=[kit.uri])
+    got = outcomes(relay.uri)
+    assert got == outcomes(hop.uri)
+    assert got[12] == got[13] == "EINVAL"
+    ro = start_node("nbd", "relay=true", upstreams=[kit.uri], env=INFO, extra=("--read-only",))
+    ro_hop = start_node("nbd", upstreams=[kit.uri], extra=("--read-only",))
+    got = outcomes(ro.uri)
+    assert got == outcomes(ro_hop.uri)
+    assert got[2] == got[6] == "EPERM"
+    assert relays(relay) and relays(ro)
+
+
+def test_relay_many_requests_in_flight_out_of_order(hops):
+    """Random reads and writes of many sizes, 64 in flight, against a model."""
+    up, relay, _ = hops("32M")
+    rng = random.Random(7)
+    model = bytearray(32 * MiB)
+    h = nbd_connect(relay.uri)
+    pending: dict[int, tuple[object, int, int]] = {}
+    for i in range(1000):
+        length = rng.choice([512, 4096, 65536, 200_000, MiB])
+        offset = rng.randrange(0, 32 * MiB - length)
+        if i % 3:
+            data = rng.randbytes(length)
+            # Writes never overlap requests in flight: then the model is exact.
+            while any(o < offset + length and offset < o + n for _, o, n in pending.values()):
+                h.poll(1)
+                reap(h, pending, model)
+            model[offset : offset + length] = data
+            cookie = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), offset)
+            pending[cookie] = (None, offset, length)
+        else:
+            buf = nbd.Buffer(length)
+            pending[h.aio_pread(buf, offset)] = (buf, offset, length)
+        while h.aio_in_flight() >= 64:
+            h.poll(1)
+            reap(h, pending, model)
+    while pending:
+        h.poll(1)
+        reap(h, pending, model)
+    assert sha(read_through(up.uri, 0, 32 * MiB)) == sha(model)
+    assert relays(relay)
+
+
+def reap(h, pending, model) -> None:
+    for cookie in list(pending):
+        if h.aio_command_completed(cookie):
+            buf, offset, length = pending.pop(cookie)
+            if buf is not None:
+                got = bytes(buf.to_bytearray())
+                # A read overlapping a write in flight may see either: only check the others.
+                if not any(o < offset + length and offset < o + n for _, o, n in pending.values()):
+                    assert got == model[offset : offset + length]
+
+
+def test_relay_upstream_lost_eio_then_serves_again(start_node, tmp_path):
+    sock = str(tmp_path / "up.sock")
+    up = start_node("memory", "8M", listen=f"unix:{sock}")
+    relay = start_node("nbd", "relay=true", upstreams=[up.uri], env=INFO)
+    h = nbd_connect(relay.uri)
+    h.pwrite(b"q" * 4096, 0)
+    up.kill()
+    for call in (lambda: h.pread(4096, 0), lambda: h.pwrite(b"r" * 4096, 0)):
+        with pytest.raises(nbd.Error) as exc:
+            call()
+        assert exc.value.errnum == errno.EIO
+    start_node("memory", "8M", listen=f"unix:{sock}")
+
+    def serves() -> bool:
+        try:
+            return h.pread(4096, 0) == bytes(4096)  # a fresh memory node: zeros
+        except nbd.Error:
+            return False
+
+    wait_for(serves, 20, "the relay to reconnect")
+    h.pwrite(b"s" * 4096, 0)
+    assert h.pread(4096, 0) == b"s" * 4096
+    assert relays(relay) and "upstream" in relay.stderr() and "is back" in relay.stderr()
+
+
+def test_relay_upstream_killed_under_load_every_request_answered(start_node, tmp_path):
+    """Requests in flight when the upstream dies all complete (EIO or data), none hangs."""
+    sock = str(tmp_path / "up.sock")
+    up = start_node("memory", "64M", listen=f"unix:{sock}")
+    relay = start_node("nbd", "relay=true", upstreams=[up.uri], env=INFO)
+    h = nbd_connect(relay.uri)
+    bufs = [nbd.Buffer(MiB) for _ in range(32)]
+    cookies = [h.aio_pread(b, i * MiB) for i, b in enumerate(bufs)]
+    up.kill()
+    deadline = time.monotonic() + 20
+    failed = 0
+    for cookie in cookies:
+        while True:
+            try:
+                if h.aio_command_completed(cookie):
+                    break
+            except nbd.Error as exc:
+                assert exc.errnum == errno.EIO
+                failed += 1
+                break
+            assert time.monotonic() < deadline, "a request hangs"
+            h.poll(1)
+    assert h.aio_is_ready()  # the client keeps its connection
+    with pytest.raises(nbd.Error):
+        h.pread(4096, 0)
+
+
+def test_relay_retry_in_front_hides_the_outage(start_node, tmp_path):
+    sock = str(tmp_path / "up.sock")
+    up = start_node("memory", "8M", listen=f"unix:{sock}")
+    relay = start_node("nbd", "relay=true", upstreams=[up.uri], env=INFO)
+    retry = start_node("retry", "retries=40", "retry-delay=100ms", "retry-exponential=false",
+                       upstreams=[relay.uri])  # fmt: skip
+    h = nbd_connect(retry.uri)
+    assert h.pread(4096, 0) == bytes(4096)
+    up.kill()
+    restart = threading.Timer(0.5, lambda: start_node("memory", "8M", listen=f"unix:{sock}"))
+    restart.start()
+    try:
+        h.pwrite(b"t" * 4096, 0)  # fails at the relay while down, retried: no error here
+        assert h.pread(4096, 0) == b"t" * 4096
+    finally:
+        restart.join()
+    assert relays(relay)
+
+
+def test_relay_sigterm_under_load_finishes_in_flight_then_exits_0(hops):
+    up, relay, _ = hops("64M")
+    h = nbd_connect(relay.uri)
+    data = os.urandom(MiB)
+    cookies = [h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), i * MiB)
+               for i in range(32)]  # fmt: skip
+    relay.proc.send_signal(signal.SIGTERM)
+    ok = shut = 0
+    for cookie in cookies:
+        while True:
+            try:
+                if h.aio_command_completed(cookie):
+                    ok += 1
+                    break
+            except nbd.Error as exc:
+                # Refused while draining, or never read before the node closed.
+                assert exc.errnum in (errno.ESHUTDOWN, errno.ENOTCONN), exc
+                shut += 1
+                break
+            try:
+                h.poll(1)
+            except nbd.Error:
+                break
+    assert relay.proc.wait(20) == 0
+    assert ok + shut == 32
+    check = nbd_connect(up.uri)
+    for i in range(ok):  # the ones that succeeded are there
+        assert bytes(check.pread(4096, i * MiB)) == data[:4096]
+    assert relays(relay)
+
+
+def test_relay_client_vanishing_mid_request_leaves_others_alone(hops):
+    _, relay, _ = hops("64M")
+    other = nbd_connect(relay.uri)
+    other.pwrite(b"o" * 4096, 0)
+    for _ in range(3):
+        gone = nbd_connect(relay.uri)
+        for i in range(16):
+            gone.aio_pread(nbd.Buffer(MiB), i * MiB)
+        del gone  # closed with its requests in flight
+    assert other.pread(4096, 0) == b"o" * 4096
+    run(["nbdcopy", relay.uri, "null:"])
+    assert "Traceback" not in relay.stderr()
+    assert relays(relay, 5)
+
+
+def test_relay_not_for_two_meta_contexts(start_node):
+    """A client selecting two meta contexts is served by the normal path (see relay.py)."""
+    up = start_node("memory", "8M")
+    cow = start_node("cow", "cow-block-size=4K", "allocation-depth=true", upstreams=[up.uri])
+    relay = start_node("nbd", "relay=true", upstreams=[cow.uri], env=INFO)
+    h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.add_meta_context("qemu:allocation-depth")
+    h.connect_uri(relay.uri)
+    h.pwrite(b"w" * 4096, 0)
+    seen: set[str] = set()
+    h.block_status(65536, 0, lambda ctx, *a: seen.add(ctx) or 0)
+    assert seen == {nbd.CONTEXT_BASE_ALLOCATION, "qemu:allocation-depth"}
+    assert not relays(relay)
+    one = nbd.NBD()
+    one.add_meta_context("qemu:allocation-depth")
+    one.connect_uri(relay.uri)
+    got: list[list[int]] = []
+    one.block_status(65536, 0, lambda ctx, off, ents, err: got.append(ents) or 0)
+    assert got and got[0][:2] == [4096, 1]  # written in the cow's overlay: depth 1
+    assert relays(relay)
+
+
+def test_relay_renumbers_a_context_qemu_nbd_numbers_otherwise(start_node, tmp_path):
+    """qemu-nbd numbers qemu:allocation-depth 1, we number it 2 (after base:allocation): the
+    relayed chunk must carry ours, or the client cannot tell which context it answers."""
+    image = tmp_path / "q.qcow2"
+    run(["qemu-img", "create", "-f", "qcow2", str(image), "8M"])
+    sock = tmp_path / "q.sock"
+    qemu = subprocess.Popen(
+        ["qemu-nbd", "-k", str(sock), "-e", "8", "-A", "-f", "qcow2", str(image)]
+    )
+    try:
+        wait_for(sock.exists, 10, "qemu-nbd")
+        uri = f"nbd+unix:///?socket={sock}"
+        relay = start_node("nbd", "relay=true", upstreams=[uri], env=INFO)
+        h = nbd.NBD()
+        h.add_meta_context("qemu:allocation-depth")
+        h.connect_uri(relay.uri)
+        h.pwrite(b"a" * 65536, MiB)
+        seen: list[tuple[str, list[int]]] = []
+        h.block_status(4 * MiB, 0, lambda ctx, off, ents, err: seen.append((ctx, ents)) or 0)
+        assert [ctx for ctx, _ in seen] == ["qemu:allocation-depth"]
+        assert seen[0][1][:4] == [MiB, 0, 65536, 1]  # absent, then local
+        h.shutdown()
+        maps = [run(["nbdinfo", "--map=qemu:allocation-depth", u]).stdout for u in (uri, relay.uri)]
+        assert maps[0] == maps[1]
+        assert relays(relay, 2)
+    finally:
+        qemu.terminate()
+        qemu.wait()
