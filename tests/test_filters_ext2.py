@@ -24,7 +24,7 @@ import nbd
 import pytest
 from conftest import NBDFABRIC, ROOT, capabilities, errno_of, nbd_connect, run
 
-from nodes.filters import _ext2fs
+from nodes.filters import _ext2direct, _ext2fs
 
 KiB, MiB = 1 << 10, 1 << 20
 DISK = random.Random(1).randbytes(3 * MiB)  #: /disk.raw
@@ -755,3 +755,45 @@ def test_ext2_node_libext2fs_writes_keep_direct_writes_to_the_same_block(
     h.shutdown()
     fsck_clean(fs)
     assert dump(fs, "/frag.bin", tmp_path) == model
+
+
+def test_ext2_gate_keeps_the_kinds_apart_in_arrival_order() -> None:
+    """Worker jobs and direct writes (ORDERING in ext2.py): one kind inside at a time, any
+    number of it; a kind that waits goes before later arrivals of the kind inside; a waiter
+    given up holds no one back."""
+    import asyncio
+
+    async def scenario() -> list[str]:
+        gate = _ext2direct.Gate()
+        log: list[str] = []
+        inside: dict[str, int] = {"w": 0, "d": 0}
+
+        async def work(kind: str, name: str, hold: asyncio.Event) -> None:
+            await gate.enter(kind)
+            other = "d" if kind == "w" else "w"
+            assert inside[other] == 0, (name, inside)
+            inside[kind] += 1
+            log.append(name)
+            try:
+                await hold.wait()
+            finally:
+                inside[kind] -= 1
+                gate.leave()
+
+        go = asyncio.Event()
+        w1 = asyncio.create_task(work("w", "w1", go))
+        w2 = asyncio.create_task(work("w", "w2", go))
+        await asyncio.sleep(0)
+        d1 = asyncio.create_task(work("d", "d1", go))
+        gone = asyncio.create_task(work("w", "gone", go))
+        w3 = asyncio.create_task(work("w", "w3", go))
+        await asyncio.sleep(0.01)
+        assert log == ["w1", "w2"]  # d1 waits for them; w3 waits behind d1
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        go.set()
+        await asyncio.gather(w1, w2, d1, w3, return_exceptions=True)
+        assert gate.inside == 0 and gate.kind is None and not gate.queue
+        return log
+
+    assert asyncio.run(scenario()) == ["w1", "w2", "d1", "w3"]
