@@ -332,12 +332,11 @@ class FileExport(Backend):
         return None
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        data = bytes(buf)  # the node's own: it outlives a request given up (write_direct)
         opened = self.opened
-        if opened.map is not None and await self.owner.write_direct(opened, data, offset):
+        if opened.map is not None and await self.owner.write_direct(opened, buf, offset):
             return
-        try:
-            await self.owner.call(self.owner.write, opened.file, offset, data)
+        try:  # the worker's data is its own: the job outlives a request given up
+            await self.owner.call(self.owner.write, opened.file, offset, bytes(buf))
         finally:
             if opened.map is not None:
                 opened.map.invalidate()  # holes may now be data
@@ -484,41 +483,40 @@ class Ext2(Filter):
             if piece.flags:
                 holes.append((piece.at, piece.length))
             else:
-                reads.append(read(piece))
-        await _all(reads)
+                reads.append(piece)
+        if len(reads) == 1:
+            await read(reads[0])
+        else:
+            await _all([read(piece) for piece in reads])
         self.direct_read += len(buf)
         holes.sort()
         return holes
 
-    async def write_direct(self, opened: Opened, data: bytes, offset: int) -> bool:
+    async def write_direct(self, opened: Opened, buf: memoryview, offset: int) -> bool:
         """A write of `opened` straight at its blocks, when all are data and the upstream
-        takes the pieces as they are; False (nothing written) when libext2fs must do it."""
-        pieces = await self.pieces(opened, offset, len(data))
+        takes the pieces as they are; False (nothing written) when libext2fs must do it. A
+        request given up still ends its turn only when its upstream writes have ended: the
+        upstream lends `buf` to libnbd until then, even when cancelled."""
+        pieces = await self.pieces(opened, offset, len(buf))
         if any(p.flags or not self._aligned(p.physical, p.length) for p in pieces):
             return False
-        await self.gate.enter(DIRECT)
-        try:
-            task = asyncio.ensure_future(self._write_pieces(opened, data, pieces))
-        except BaseException:
-            self.gate.leave()
-            raise
-        task.add_done_callback(lambda _: self.gate.leave())
-        await asyncio.shield(task)  # given up or not, the turn ends when the writes do
-        return True
-
-    async def _write_pieces(self, opened: Opened, data: bytes, pieces: list[Piece]) -> None:
         device = self.device
         assert device is not None
-        opened.file.stale = True
-        view = memoryview(data)
+        await self.gate.enter(DIRECT)
         try:
-            await _all(
-                [self.next.pwrite(view[p.at : p.at + p.length], p.physical, 0) for p in pieces]
-            )
+            opened.file.stale = True
+            if len(pieces) == 1:
+                await self.next.pwrite(buf, pieces[0].physical, 0)
+            else:
+                await _all(
+                    [self.next.pwrite(buf[p.at : p.at + p.length], p.physical, 0) for p in pieces]
+                )
         finally:
             for p in pieces:
                 device.forget(p.physical, p.length)
-        self.direct_written += len(data)
+            self.gate.leave()
+        self.direct_written += len(buf)
+        return True
 
     # Lifecycle --------------------------------------------------------------------------------
 
