@@ -55,9 +55,10 @@ blocks are allocated before it is answered, so ENOSPC fails the write that needs
 nbdkit's I/O manager calls its next layer directly; here libext2fs's own reads and writes
 cross from the worker to the event loop and back (the upstream read in 64K chunks, kept, and
 a request's contiguous writes sent as one), which only metadata and allocating writes now
-pay. A 256M file on a file node reads with nbdcopy at about 330 MiB/s (1M requests; nbdkit's
-filter about 750 on the same loaded machine, bench/RESULTS.md), 4K random reads and writes
-cost about what a proxy hop (`nbd` node) costs.
+pay. A 256M file on a file node reads with nbdcopy at about 400 MiB/s (1M requests), about
+half of nbdkit's filter in the same run (it was 80 MiB/s, a tenth); 4K random reads and
+writes run at 0.13-0.19 of nbdkit's IOPS (bench/RESULTS.md, "ext2"), the node costing about
+what a proxy hop (`nbd` node) does.
 
 Example (a disk image stored in a file system image, on a file node):
 `nbdfabric node file fs.img --listen unix:/tmp/fs.sock`, then `nbdfabric node ext2
