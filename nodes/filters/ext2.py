@@ -131,7 +131,10 @@ WORKER, DIRECT = "worker", "direct"
 #   would feed the next job stale bytes. So a direct write runs only when no job is queued or
 #   running, and drops the chunks it overlaps and marks the file's buffer stale before the
 #   next job (File.pwrite then reopens the handle). A job's own writes reach the upstream
-#   before it ends (settle()), so none is held back while a direct write runs.
+#   before it ends (settle()), so none is held back while a direct write runs. A turn lasts
+#   until the work is done, even for a request given up: a job until the worker ends it
+#   (call() shields it), a direct write until its upstream writes end (the upstream keeps a
+#   cancelled request's buffer lent to libnbd until then).
 # - Why reads need none: a job's writes are on the upstream before the job's request is
 #   answered; a direct read overlapping a write still in flight is a request concurrent with
 #   it, free to see either bytes (NBD says nothing of their order). Blocks never move or leave
