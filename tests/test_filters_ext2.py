@@ -797,3 +797,32 @@ def test_ext2_gate_keeps_the_kinds_apart_in_arrival_order() -> None:
         return log
 
     assert asyncio.run(scenario()) == ["w1", "w2", "d1", "w3"]
+
+
+def test_ext2_node_file_data_does_not_go_through_libext2fs(
+    data_images: dict[str, Path], tmp_path: Path, start_node: Any
+) -> None:
+    """The node's status counts the bytes moved straight at the file's blocks apart from
+    libext2fs's own upstream I/O: a whole read of a 16M file and a write over its blocks are
+    direct, libext2fs reading only metadata; a write into a hole is libext2fs's."""
+    import json
+
+    def status() -> dict[str, Any]:
+        info = json.loads(run([*NBDFABRIC, "ctl", node.control, "info", "--json"]).stdout)
+        ext2: dict[str, Any] = info["status"]["ext2"]
+        return ext2
+
+    fs = image(data_images, "ext4", tmp_path)
+    up = start_node("file", str(fs))
+    node = start_node("ext2", "ext2file=exportname", upstreams=[up.uri], control=True)
+    assert sha(copied(named(node.uri, "big.bin"), tmp_path)) == sha(BIG)
+    got = status()
+    assert got["direct_bytes_read"] == len(BIG)
+    assert got["upstream_bytes_read"] < len(BIG) // 8, got
+    h = nbd_connect(named(node.uri, "frag.bin"))
+    h.pwrite(b"\x42" * (8 * KiB), 16 * KiB)  # 8K of data blocks
+    assert status()["direct_bytes_written"] == 8 * KiB
+    h.pwrite(b"\x43" * (8 * KiB), 24 * KiB)  # the hole after them
+    assert status()["direct_bytes_written"] == 8 * KiB
+    assert h.pread(16 * KiB, 16 * KiB) == b"\x42" * (8 * KiB) + b"\x43" * (8 * KiB)
+    h.shutdown()
