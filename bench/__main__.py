@@ -1,6 +1,6 @@
 """Side-by-side benchmark: nbdfabric nodes against nbdkit, in the same run, reporting ratios.
 
-    python -m bench [--suite core,chain,fan,source,luks] [--runs 3] [--size 512M] [--seconds 5]
+    python -m bench [--suite core,chain,fan,source,luks,ext2] [--runs 3] [--size 512M] [--seconds 5]
                     [--poll-max-us N] [--workers N] [--json FILE]
 
 Each suite starts our topology and nbdkit's of the same shape, then runs the same workloads on both,
@@ -283,6 +283,31 @@ def luks_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
     yield "file -> luks", (ours.over(below), theirs)
 
 
+def ext2_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
+    """Our file -> ext2 chain vs `nbdkit --filter=ext2 file`, each over its own ext4 image
+    (mkfs.ext4 -d) holding one file, /disk.raw, of `size` bytes of random data: allocated, so
+    that writes land on the file's blocks."""
+    n = parse_size(size)
+    src = f.tmp / "ext2-src"
+    src.mkdir()
+    with open(src / "disk.raw", "wb") as out:
+        for _ in range(n >> 20):
+            out.write(os.urandom(1 << 20))
+    images = []
+    for side in ("ours", "nbdkit"):
+        image = f.tmp / f"{side}.ext4"
+        subprocess.run(
+            ["mkfs.ext4", "-q", "-F", "-d", str(src), str(image), str(n + n // 8 + (64 << 20))],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        images.append(str(image))
+    (src / "disk.raw").unlink()
+    below = f.node("file", images[0])
+    ours = f.node("ext2", "ext2file=/disk.raw", upstreams=(below.uri,))
+    theirs = f.nbdkit("--filter=ext2", "file", images[1], "ext2file=/disk.raw")
+    yield "file -> ext2", (ours.over(below), theirs)
+
+
 def ssh_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
     """Our ssh node vs `nbdkit ssh`, each over a remote file of its own (in /dev/shm when it
     can, so the disk is not measured) on one private sshd on loopback (bench/ssh_server.py)."""
@@ -359,6 +384,7 @@ SUITES = {
     "fan": fan_pairs,
     "source": source_pairs,
     "luks": luks_pairs,
+    "ext2": ext2_pairs,
     "ssh": ssh_pairs,
     "python": python_pairs,
 }
@@ -453,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--suite",
         default="core,chain",
-        help="comma list of: core, chain, fan, source, luks, ssh, python",
+        help="comma list of: core, chain, fan, source, luks, ext2, ssh, python",
     )
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--size", default="512M", help="disk size and bytes copied per nbdcopy run")

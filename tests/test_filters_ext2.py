@@ -24,7 +24,7 @@ import nbd
 import pytest
 from conftest import NBDFABRIC, ROOT, capabilities, errno_of, nbd_connect, run
 
-from nodes.filters import _ext2fs
+from nodes.filters import _ext2direct, _ext2fs
 
 KiB, MiB = 1 << 10, 1 << 20
 DISK = random.Random(1).randbytes(3 * MiB)  #: /disk.raw
@@ -516,3 +516,313 @@ def test_ext2_node_keeps_the_upstreams_block_size_limits(
     node.stop()
     fsck_clean(fs)
     assert dump(fs, "/sparse.img", tmp_path) == expected_after_writes()
+
+
+# The data path: straight at the file's blocks ------------------------------------------------
+
+BIG = random.Random(5).randbytes(16 * MiB)  #: /big.bin: read whole, as debugfs dumps it
+FRAG_SIZE = 2 * MiB + 777  #: /frag.bin: 8K of data every 16K, the rest holes; an odd size
+#: (fs type, block size) of the images holding them; ext4's gets an uninitialized range too.
+DATA_IMAGES = (("ext2", 1024), ("ext3", 4096), ("ext4", 4096))
+#: Bytes of /frag.bin fallocated in the ext4 image (in its holes: uninitialized extents).
+UNINIT = (1 * MiB, 1 * MiB + 256 * KiB)
+
+
+def frag_bytes() -> bytes:
+    data = bytearray(FRAG_SIZE)
+    rng = random.Random(6)
+    for at in range(0, FRAG_SIZE, 16 * KiB):
+        data[at : at + 8 * KiB] = rng.randbytes(len(data[at : at + 8 * KiB]))
+    data[-3000:] = rng.randbytes(3000)  # the last (partial) block has data
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def data_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """By fs type: an image with /big.bin and /frag.bin (made once; tests copy them)."""
+    base = tmp_path_factory.mktemp("ext2-data-images")
+    src = base / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(BIG)
+    with (src / "frag.bin").open("wb") as f:  # sparse: mkfs -d keeps the holes
+        data = frag_bytes()
+        for at in range(0, FRAG_SIZE, 16 * KiB):
+            f.seek(at)
+            f.write(data[at : at + 8 * KiB])
+        f.seek(FRAG_SIZE - 3000)
+        f.write(data[-3000:])
+    out = {}
+    for fs_type, bs in DATA_IMAGES:
+        path = base / f"{fs_type}.img"
+        run([f"mkfs.{fs_type}", "-q", "-F", "-b", str(bs), "-d", str(src), str(path), "40M"])
+        if fs_type == "ext4":
+            first, last = UNINIT[0] // bs, UNINIT[1] // bs - 1
+            run(["debugfs", "-w", "-R", f"fallocate /frag.bin {first} {last}", str(path)])
+        out[fs_type] = path
+    return out
+
+
+def block_size(fs: Path) -> int:
+    out = run(["dumpe2fs", "-h", str(fs)]).stdout
+    return int(
+        next(line for line in out.splitlines() if line.startswith("Block size:")).split()[-1]
+    )
+
+
+def tail_span(fs: Path, path: str, size: int) -> tuple[int, int]:
+    """(offset, length) in the image of the bytes past `size` in the file's last block."""
+    bs = block_size(fs)
+    out = run(["debugfs", "-R", f"bmap {path} {(size - 1) // bs}", str(fs)]).stdout
+    physical = int(out.split()[-1])
+    assert physical, out
+    return physical * bs + size % bs, bs - size % bs
+
+
+@pytest.mark.parametrize("fs_type", [t for t, _ in DATA_IMAGES])
+def test_ext2fs_binding_maps_extents_as_bmap_does(
+    data_images: dict[str, Path], fs_type: str
+) -> None:
+    """File.mapping (an extent tree's leaves, or a lookup per block) says of every block of a
+    fragmented file what ext2fs_bmap2 says (File.map), a sub-range as the whole does."""
+    with _ext2fs.FileSystem(FileDevice(data_images[fs_type], False), False) as fs:
+        file = fs.open_regular("/frag.bin")
+        bs, blocks = fs.block_size, -(-FRAG_SIZE // fs.block_size)
+        runs = file.mapping(0, blocks)
+        assert len(runs) > 100  # many extents: a tree deeper than the inode's four
+        flat: list[tuple[int, int]] = []
+        for run_ in runs:
+            if flat and flat[-1][1] == run_.flags:
+                flat[-1] = (flat[-1][0] + run_.blocks * bs, run_.flags)
+            else:
+                flat.append((run_.blocks * bs, run_.flags))
+        flat[-1] = (flat[-1][0] - (blocks * bs - FRAG_SIZE), flat[-1][1])
+        assert flat == file.map(0, FRAG_SIZE, blocks)
+        assert any(r.flags == _ext2fs.NBD_ZERO for r in runs) == (fs_type == "ext4")
+        middle = file.mapping(37, 100)
+        assert middle[0].first == 37 and sum(r.blocks for r in middle) == 100
+        for part in middle:  # each block where the whole file's map has it
+            whole = next(r for r in runs if r.first <= part.first < r.first + r.blocks)
+            assert part.flags == whole.flags
+            if part.physical:
+                assert part.physical == whole.physical + part.first - whole.first
+
+
+@pytest.mark.parametrize("fs_type", [t for t, _ in DATA_IMAGES])
+def test_ext2_node_reads_large_and_fragmented_files_as_debugfs_dumps_them(
+    data_images: dict[str, Path], fs_type: str, tmp_path: Path, start_node: Any
+) -> None:
+    fs = image(data_images, fs_type, tmp_path)
+    node = start_ext2(start_node, fs, "ext2file=exportname", up_extra=("--read-only",))
+    assert sha(copied(named(node.uri, "big.bin"), tmp_path)) == sha(dump(fs, "/big.bin", tmp_path))
+    assert sha(dump(fs, "/big.bin", tmp_path)) == sha(BIG)
+    assert copied(named(node.uri, "frag.bin"), tmp_path) == frag_bytes()
+    h = nbd_connect(named(node.uri, "frag.bin"))
+    rng = random.Random(7)
+    for _ in range(200):  # reads of any shape, holes and uninitialized blocks among them
+        offset = rng.randrange(FRAG_SIZE)
+        length = min(FRAG_SIZE - offset, rng.choice([1, 511, 4096, 5000, 40_000, 300_000]))
+        assert h.pread(length, offset) == frag_bytes()[offset : offset + length], (offset, length)
+    h.shutdown()
+
+
+def _batch(h: Any, ops: list[tuple[str, int, bytes | int]]) -> list[bytes]:
+    """Send `ops` (("w", offset, data) or ("r", offset, length)) all at once; the reads' bytes."""
+    sent = []
+    for kind, offset, what in ops:
+        if kind == "w":
+            assert isinstance(what, bytes)
+            buf = nbd.Buffer.from_bytearray(bytearray(what))
+            sent.append((h.aio_pwrite(buf, offset), kind, buf))
+        else:
+            assert isinstance(what, int)
+            buf = nbd.Buffer(what)
+            sent.append((h.aio_pread(buf, offset), kind, buf))
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    out = []
+    for cookie, kind, buf in sent:
+        assert h.aio_command_completed(cookie)
+        if kind == "r":
+            out.append(bytes(buf.to_bytearray()))
+    return out
+
+
+def random_ops(rng: random.Random, bs: int, size: int) -> list[tuple[str, int, bytes | int]]:
+    """Requests none of which overlaps another, some sharing a block: whole aligned blocks,
+    small unaligned pieces, into holes and uninitialized blocks, at the very end."""
+    ops: list[tuple[str, int, bytes | int]] = []
+    taken: list[tuple[int, int]] = []
+
+    def add(kind: str, offset: int, length: int) -> None:
+        length = min(length, size - offset)
+        if length <= 0 or any(o < offset + length and offset < o + n for o, n in taken):
+            return
+        taken.append((offset, length))
+        ops.append((kind, offset, rng.randbytes(length) if kind == "w" else length))
+
+    for _ in range(10):
+        length = rng.choice([1, 100, bs // 2, bs, 3 * bs, 8 * KiB, 20_000, 64 * KiB])
+        shape = rng.random()
+        if shape < 0.15:
+            offset = size - rng.randint(1, min(length, 3000))  # the last block
+        elif shape < 0.5:
+            offset = rng.randrange(size // bs) * bs
+        else:
+            offset = rng.randrange(size)
+        add(rng.choice("wwr"), offset, length)
+    block = rng.randrange(size // bs) * bs  # two writes and a read in one block, side by side
+    add("w", block + 10, bs // 4)
+    add("w", block + bs // 2, 7)
+    add("r", block + bs // 2 + 7, 100)
+    return ops
+
+
+@pytest.mark.parametrize("fs_type", [t for t, _ in DATA_IMAGES])
+def test_ext2_node_concurrent_random_writes_match_a_model(
+    data_images: dict[str, Path], fs_type: str, tmp_path: Path, start_node: Any
+) -> None:
+    """Batches of reads and writes in flight together (libnbd aio), none overlapping another
+    but some sharing a block, over holes, uninitialized blocks, data and the last partial
+    block: what is read back is a bytearray model's, and once the client has gone the image
+    is clean, debugfs dumps the model, and the bytes past the end of the file's last block
+    (set to 0xEE here) were neither served nor written."""
+    fs = image(data_images, fs_type, tmp_path)
+    bs = block_size(fs)
+    tail_at, tail_len = tail_span(fs, "/frag.bin", FRAG_SIZE)
+    with fs.open("r+b") as f:
+        f.seek(tail_at)
+        f.write(b"\xee" * tail_len)
+    model = bytearray(frag_bytes())
+    node = start_ext2(start_node, fs, "/frag.bin")
+    h = nbd_connect(node.uri)
+    rng = random.Random(f"{fs_type}-8")
+    for _ in range(25):
+        ops = random_ops(rng, bs, FRAG_SIZE)
+        got = _batch(h, ops)
+        reads = [(offset, n) for kind, offset, n in ops if kind == "r"]
+        for (offset, n), data in zip(reads, got, strict=True):
+            assert isinstance(n, int)
+            assert data == model[offset : offset + n], (offset, n)
+        for kind, offset, data in ops:
+            if kind == "w":
+                assert isinstance(data, bytes)
+                model[offset : offset + len(data)] = data
+    assert h.pread(FRAG_SIZE, 0) == model
+    h.shutdown()
+    fsck_clean(fs)
+    assert dump(fs, "/frag.bin", tmp_path) == model
+    assert fs.read_bytes()[tail_at : tail_at + tail_len] == b"\xee" * tail_len
+
+
+def test_ext2_node_qemu_io_aio_reads_see_the_writes_before_them(
+    data_images: dict[str, Path], tmp_path: Path, start_node: Any
+) -> None:
+    """qemu-io's aio reads and writes in flight together (on data, holes and uninitialized
+    blocks of ext4), then reads after a flush: each pattern where it was written."""
+    fs = image(data_images, "ext4", tmp_path)
+    node = start_ext2(start_node, fs, "/frag.bin")
+    spots = [0, 12 * KiB, UNINIT[0] + 4 * KiB, 600 * KiB + 100, FRAG_SIZE - 5000]
+    ops = [f"aio_write -P {0x41 + i} {at} 4096" for i, at in enumerate(spots)]
+    ops += [f"aio_read -P 0 {8 * KiB} 4096", f"aio_read -P 0 {UNINIT[0] + 72 * KiB} 4096"]
+    ops += ["aio_flush"] + [f"read -P {0x41 + i} {at} 4096" for i, at in enumerate(spots)]
+    out = run(["qemu-io", "-f", "raw", node.uri, *(a for op in ops for a in ("-c", op))])
+    assert "fail" not in out.stdout.lower() + out.stderr.lower(), out.stdout + out.stderr
+    node.stop()
+    fsck_clean(fs)
+    want = bytearray(frag_bytes())
+    for i, at in enumerate(spots):
+        want[at : at + 4096] = bytes([0x41 + i]) * 4096
+    assert dump(fs, "/frag.bin", tmp_path) == want
+
+
+@pytest.mark.parametrize("fs_type", [t for t, _ in DATA_IMAGES])
+def test_ext2_node_libext2fs_writes_keep_direct_writes_to_the_same_block(
+    data_images: dict[str, Path], fs_type: str, tmp_path: Path, start_node: Any
+) -> None:
+    """One after the other, in one data block B (at 80K, a hole before it and after the next
+    8K): a write from the hole into B (through libext2fs, whose file handle then holds B), a
+    write inside B (straight at the upstream), a write from B into the next hole (libext2fs
+    again, starting from B): the second stays."""
+    fs = image(data_images, fs_type, tmp_path)
+    node = start_ext2(start_node, fs, "/frag.bin")
+    h = nbd_connect(node.uri)
+    model = bytearray(frag_bytes())
+    for offset, length, byte in ((80 * KiB - 100, 200, 1), (80 * KiB + 200, 100, 2),
+                                 (80 * KiB + 1000, 8 * KiB, 3)):  # fmt: skip
+        h.pwrite(bytes([byte]) * length, offset)
+        model[offset : offset + length] = bytes([byte]) * length
+    assert h.pread(32 * KiB, 64 * KiB) == model[64 * KiB : 96 * KiB]
+    h.shutdown()
+    fsck_clean(fs)
+    assert dump(fs, "/frag.bin", tmp_path) == model
+
+
+def test_ext2_gate_keeps_the_kinds_apart_in_arrival_order() -> None:
+    """Worker jobs and direct writes (ORDERING in ext2.py): one kind inside at a time, any
+    number of it; a kind that waits goes before later arrivals of the kind inside; a waiter
+    given up holds no one back."""
+    import asyncio
+
+    async def scenario() -> list[str]:
+        gate = _ext2direct.Gate()
+        log: list[str] = []
+        inside: dict[str, int] = {"w": 0, "d": 0}
+
+        async def work(kind: str, name: str, hold: asyncio.Event) -> None:
+            await gate.enter(kind)
+            other = "d" if kind == "w" else "w"
+            assert inside[other] == 0, (name, inside)
+            inside[kind] += 1
+            log.append(name)
+            try:
+                await hold.wait()
+            finally:
+                inside[kind] -= 1
+                gate.leave()
+
+        go = asyncio.Event()
+        w1 = asyncio.create_task(work("w", "w1", go))
+        w2 = asyncio.create_task(work("w", "w2", go))
+        await asyncio.sleep(0)
+        d1 = asyncio.create_task(work("d", "d1", go))
+        gone = asyncio.create_task(work("w", "gone", go))
+        w3 = asyncio.create_task(work("w", "w3", go))
+        await asyncio.sleep(0.01)
+        assert log == ["w1", "w2"]  # d1 waits for them; w3 waits behind d1
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        go.set()
+        await asyncio.gather(w1, w2, d1, w3, return_exceptions=True)
+        assert gate.inside == 0 and gate.kind is None and not gate.queue
+        return log
+
+    assert asyncio.run(scenario()) == ["w1", "w2", "d1", "w3"]
+
+
+def test_ext2_node_file_data_does_not_go_through_libext2fs(
+    data_images: dict[str, Path], tmp_path: Path, start_node: Any
+) -> None:
+    """The node's status counts the bytes moved straight at the file's blocks apart from
+    libext2fs's own upstream I/O: a whole read of a 16M file and a write over its blocks are
+    direct, libext2fs reading only metadata; a write into a hole is libext2fs's."""
+    import json
+
+    def status() -> dict[str, Any]:
+        info = json.loads(run([*NBDFABRIC, "ctl", node.control, "info", "--json"]).stdout)
+        ext2: dict[str, Any] = info["status"]["ext2"]
+        return ext2
+
+    fs = image(data_images, "ext4", tmp_path)
+    up = start_node("file", str(fs))
+    node = start_node("ext2", "ext2file=exportname", upstreams=[up.uri], control=True)
+    assert sha(copied(named(node.uri, "big.bin"), tmp_path)) == sha(BIG)
+    got = status()
+    assert got["direct_bytes_read"] == len(BIG)
+    assert got["upstream_bytes_read"] < len(BIG) // 8, got
+    h = nbd_connect(named(node.uri, "frag.bin"))
+    h.pwrite(b"\x42" * (8 * KiB), 16 * KiB)  # 8K of data blocks
+    assert status()["direct_bytes_written"] == 8 * KiB
+    h.pwrite(b"\x43" * (8 * KiB), 24 * KiB)  # the hole after them
+    assert status()["direct_bytes_written"] == 8 * KiB
+    assert h.pread(16 * KiB, 16 * KiB) == b"\x42" * (8 * KiB) + b"\x43" * (8 * KiB)
+    h.shutdown()

@@ -35,7 +35,7 @@ from ctypes import (
     c_void_p,
 )
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 log = logging.getLogger("nbdfabric.ext2")
 
@@ -60,6 +60,8 @@ EXT2_ET_UNIMPLEMENTED = 2133571408
 EXT2_ET_FILE_TOO_BIG = 2133571410
 EXT2_ET_SYMLINK_LOOP = 2133571392
 EXT2_ET_EXTENT_NO_SPACE = 2133571450
+EXT2_ET_INODE_NOT_EXTENT = 2133571451
+EXT2_ET_EXTENT_NO_NEXT = 2133571452
 EXT2_ET_EA_NO_SPACE = 2133571491
 EXT2_ET_INLINE_DATA_NO_SPACE = 2133571495
 
@@ -97,6 +99,13 @@ BMAP_RET_UNINIT = 0x0001
 NBD_HOLE, NBD_ZERO = 1, 2
 #: The most blocks one File.map looks up (a block status reply may cover less than asked).
 MAP_BLOCKS = 4096
+# ext2fs.h: ext2fs_extent_get's moves, and its extents' flags.
+EXT2_EXTENT_ROOT = 0x0001
+EXT2_EXTENT_NEXT_LEAF = 0x0007
+EXT2_EXTENT_FLAGS_LEAF = 0x0001
+EXT2_EXTENT_FLAGS_UNINIT = 0x0002
+#: ext2_fs.h: i_flags (at 0x20 in the inode) bits: data in the inode itself, not in blocks.
+EXT4_INLINE_DATA_FL = 0x10000000
 # ext2_io.h
 IO_FLAG_RW = 0x0001
 #: The superblock, where the library reads it (and where we look for a journal to replay).
@@ -106,6 +115,27 @@ EXT2_SUPER_MAGIC = 0xEF53
 EXT3_FEATURE_INCOMPAT_RECOVER = 0x0004
 #: sizeof(struct ext2_inode) (ext2_fs.h): what ext2fs_read_inode fills.
 INODE_SIZE = 128
+
+
+class Run(NamedTuple):
+    """`blocks` blocks of a file from logical block `first`: at physical block `physical` (0:
+    none), with `flags` the NBD base:allocation flags they read as (File.mapping)."""
+
+    first: int
+    blocks: int
+    physical: int
+    flags: int
+
+
+class ExtentStruct(Structure):
+    """struct ext2fs_extent (ext2fs.h)."""
+
+    _fields_ = [
+        ("e_pblk", c_uint64),
+        ("e_lblk", c_uint64),
+        ("e_len", ctypes.c_uint32),
+        ("e_flags", ctypes.c_uint32),
+    ]
 
 
 class Ext2Error(OSError):
@@ -182,6 +212,8 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
         "ext2fs_file_read": (c_void_p, c_void_p, c_uint, POINTER(c_uint)),
         "ext2fs_file_write": (c_void_p, c_void_p, c_uint, POINTER(c_uint)),
         "ext2fs_file_get_lsize": (c_void_p, POINTER(c_uint64)),
+        "ext2fs_extent_open2": (c_void_p, c_uint, c_void_p, POINTER(c_void_p)),
+        "ext2fs_extent_get": (c_void_p, c_int, c_void_p),
         "ext2fs_bmap2": (
             c_void_p,
             c_uint,
@@ -196,6 +228,7 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     for fn, argtypes in protos.items():
         f = getattr(lib, fn)
         f.argtypes, f.restype = list(argtypes), errcode_t
+    lib.ext2fs_extent_free.argtypes, lib.ext2fs_extent_free.restype = [c_void_p], None
     lib.initialize_ext2_error_table.argtypes, lib.initialize_ext2_error_table.restype = [], None
     com_err.error_message.argtypes, com_err.error_message.restype = [errcode_t], c_char_p
     lib.initialize_ext2_error_table()  # error_message() then knows the library's codes
@@ -532,11 +565,18 @@ class FileSystem:
         _check(code, f"{path}: namei")
         return ino.value
 
-    def mode(self, ino: int) -> int:
-        """The inode's i_mode (stat.S_ISREG and the like read it)."""
+    def _inode(self, ino: int) -> bytes:
         buf = ctypes.create_string_buffer(INODE_SIZE)
         _check(self.lib.ext2fs_read_inode(self._handle(), ino, buf), f"inode {ino}")
-        return int.from_bytes(buf.raw[:2], "little")
+        return buf.raw
+
+    def mode(self, ino: int) -> int:
+        """The inode's i_mode (stat.S_ISREG and the like read it)."""
+        return int.from_bytes(self._inode(ino)[:2], "little")
+
+    def inode_flags(self, ino: int) -> int:
+        """The inode's i_flags (EXT4_INLINE_DATA_FL and the like)."""
+        return int.from_bytes(self._inode(ino)[0x20:0x24], "little")
 
     def open_regular(self, path: str) -> File:
         """The regular file at `path`, opened (for writing if the file system is writable).
@@ -597,6 +637,14 @@ class File:
     def __init__(self, fs: FileSystem, ino: int, handle: int | None) -> None:
         self.fs, self.ino, self.handle = fs, ino, handle
         self.lib = fs.lib
+        #: Set by whoever writes the file's blocks behind the library's back: the one block
+        #: the handle buffers may then be older than the device (pwrite reopens first).
+        self.stale = False
+
+    @property
+    def inline(self) -> bool:
+        """Whether the file's data is in its inode (no blocks to map)."""
+        return bool(self.fs.inode_flags(self.ino) & EXT4_INLINE_DATA_FL)
 
     def _h(self) -> int:
         if self.handle is None:
@@ -642,6 +690,68 @@ class File:
                 runs.append([end - start, kind])
         return [(n, kind) for n, kind in runs]
 
+    def mapping(self, first: int, count: int) -> list[Run]:
+        """Where blocks `first` to `first + count` (exclusive) of the file are, as contiguous
+        runs covering them all, physically contiguous blocks of one kind in one run: a hole
+        (no block: physical 0, NBD_HOLE | NBD_ZERO), an uninitialized extent (reads as zeros:
+        NBD_ZERO) or data (0). Extent-mapped files walk their extent tree's leaves; others
+        (ext2/ext3's block maps) look each block up."""
+        runs: list[Run] = []
+        end = first + count
+
+        def add(lblk: int, n: int, pblk: int, flags: int) -> None:
+            lo, hi = max(lblk, first), min(lblk + n, end)
+            if lo >= hi:
+                return
+            pblk = pblk + lo - lblk if pblk else 0
+            at = runs[-1].first + runs[-1].blocks if runs else first
+            if lo > at:
+                add(at, lo - at, 0, NBD_HOLE | NBD_ZERO)
+            if runs:
+                last = runs[-1]
+                follows = (
+                    (pblk == 0) if last.physical == 0 else (pblk == last.physical + last.blocks)
+                )
+                if last.flags == flags and follows:
+                    runs[-1] = last._replace(blocks=last.blocks + hi - lo)
+                    return
+            runs.append(Run(lo, hi - lo, pblk, flags))
+
+        fs = self.fs._handle()
+        handle = c_void_p()
+        code = self.lib.ext2fs_extent_open2(fs, self.ino, None, byref(handle))
+        if code == EXT2_ET_INODE_NOT_EXTENT:
+            ret, phys = c_int(), c_uint64()
+            for block in range(first, end):
+                ret.value = 0
+                code = self.lib.ext2fs_bmap2(fs, self.ino, None, None, 0, block, byref(ret),
+                                             byref(phys))  # fmt: skip
+                _check(code, f"inode {self.ino}: block {block}")
+                if phys.value:
+                    add(block, 1, phys.value, NBD_ZERO if ret.value & BMAP_RET_UNINIT else 0)
+        else:
+            _check(code, f"inode {self.ino}: extents")
+            try:
+                extent, op = ExtentStruct(), EXT2_EXTENT_ROOT
+                while True:
+                    code = self.lib.ext2fs_extent_get(handle, op, byref(extent))
+                    if code == EXT2_ET_EXTENT_NO_NEXT:
+                        break
+                    _check(code, f"inode {self.ino}: extents")
+                    op = EXT2_EXTENT_NEXT_LEAF
+                    if not extent.e_flags & EXT2_EXTENT_FLAGS_LEAF:
+                        continue  # the root of a deeper tree: its first leaf comes next
+                    if extent.e_lblk >= end:
+                        break
+                    uninit = extent.e_flags & EXT2_EXTENT_FLAGS_UNINIT
+                    add(extent.e_lblk, extent.e_len, extent.e_pblk, NBD_ZERO if uninit else 0)
+            finally:
+                self.lib.ext2fs_extent_free(handle)
+        at = runs[-1].first + runs[-1].blocks if runs else first
+        if at < end:
+            runs.append(Run(at, end - at, 0, NBD_HOLE | NBD_ZERO))
+        return runs
+
     def pread(self, offset: int, length: int) -> bytes:
         """`length` bytes at `offset` (holes read as zeros; past the end, none)."""
         buf = ctypes.create_string_buffer(length)
@@ -664,6 +774,10 @@ class File:
         if not self.fs.writable:
             raise OSError(errno.EROFS, "the file system is open read-only")
         self.fs.load_bitmaps()
+        if self.stale:  # the buffered block may be older than the device: start afresh
+            self.stale = False
+            self._reopen()
+            self._h()
         try:
             self._seek(offset)
             written, done = c_uint(), 0
