@@ -275,7 +275,7 @@ def test_relay_retry_in_front_hides_the_outage(start_node, tmp_path):
     sock = str(tmp_path / "up.sock")
     up = start_node("memory", "8M", listen=f"unix:{sock}")
     relay = start_node("nbd", "relay=true", upstreams=[up.uri], env=INFO)
-    retry = start_node("retry", "retries=40", "retry-delay=100ms", "retry-exponential=false",
+    retry = start_node("retry", "retries=150", "retry-delay=100ms", "retry-exponential=false",
                        upstreams=[relay.uri])  # fmt: skip
     h = nbd_connect(retry.uri)
     assert h.pread(4096, 0) == bytes(4096)
