@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Iterator, Mapping
 from typing import TypeVar
 
 from .base import Backend
@@ -41,6 +42,26 @@ def _load_all() -> None:
 def kinds() -> dict[str, type[Backend]]:
     _load_all()
     return dict(sorted(_KINDS.items()))
+
+
+class _Catalog(Mapping[str, type[Backend]]):
+    """Every kind, each imported when it is looked up: checking a topology that names three
+    kinds builds three params models, not some hundred (half a second of every CLI command
+    and of the orchestrator's start). Listing it imports them all."""
+
+    def __getitem__(self, kind: str) -> type[Backend]:
+        return get(kind)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(kinds())
+
+    def __len__(self) -> int:
+        return len(kinds())
+
+
+def catalog() -> Mapping[str, type[Backend]]:
+    """The kinds by name, imported as they are looked up (see _Catalog)."""
+    return _Catalog()
 
 
 class UnknownKind(KeyError):

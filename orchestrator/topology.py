@@ -407,7 +407,7 @@ def _dotted(path: tuple[Any, ...]) -> str:
 def default_kinds() -> Mapping[str, KindInfo]:
     from nodes import registry
 
-    return registry.kinds()
+    return registry.catalog()
 
 
 def load(path: str | Path, kinds: Mapping[str, KindInfo] | None = None) -> Topology:
