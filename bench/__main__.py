@@ -227,17 +227,18 @@ def core_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
 def chain_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
     m = f.node("memory", size)
     k = f.nbdkit("memory", size)
-    hop = f.node("nbd", upstreams=(m.uri,))
+    hop = f.node("nbd", "relay=false", upstreams=(m.uri,))
     khop = f.nbdkit("nbd", f"uri={k.uri}")
     yield "1-hop proxy", (hop.over(m), khop.over(k))
     m3 = f.node("memory", size)
-    a = f.node("nbd", upstreams=(m3.uri,))
-    b = f.node("nbd", upstreams=(a.uri,))
+    a = f.node("nbd", "relay=false", upstreams=(m3.uri,))
+    b = f.node("nbd", "relay=false", upstreams=(a.uri,))
     k3 = f.nbdkit("memory", size)
     ka = f.nbdkit("nbd", f"uri={k3.uri}")
     kb = f.nbdkit("nbd", f"uri={ka.uri}")
     yield "3-hop chain", (b.over(a, m3), kb.over(ka, k3))
-    # The same shapes with `nbd relay=true` hops (nodes/server/relay.py), vs the same nbdkit.
+    # The same shapes with relaying hops (`nbd`'s default, nodes/server/relay.py; the ones above
+    # re-issue each request through libnbd), vs the same nbdkit.
     relay = f.node("nbd", "relay=true", upstreams=(m.uri,))
     yield "1-hop relay", (relay.over(m), khop.over(k))
     ra = f.node("nbd", "relay=true", upstreams=(m3.uri,))

@@ -15,9 +15,10 @@ cost of a wake-up or a cache miss. Read it as "how much work our code does per r
 the throughput figures, not instead of them. Setups:
 
 - `memory`: our memory node vs `nbdkit memory`;
-- `hop`: our `nbd` node over our memory node vs `nbdkit nbd` over `nbdkit memory` (only the
-  proxy is counted);
-- `relay`: the same with `nbd relay=true` (nodes/server/relay.py) against the same nbdkit hop;
+- `hop`: our `nbd` node (`relay=false`: each request re-issued through libnbd) over our
+  memory node vs `nbdkit nbd` over `nbdkit memory` (only the proxy is counted);
+- `relay`: the same with `nbd relay=true` (the default; nodes/server/relay.py) against the
+  same nbdkit hop;
 - `cow`: our `cow` node over our memory node vs `nbdkit --filter=cow memory` (the prefill goes
   through it, so the requests are served from the overlay; only the cow is counted);
 - `cache`: our `cache` node (writeback) over our memory node vs `nbdkit --filter=cache memory`
@@ -166,7 +167,7 @@ def count(setup: str, ours: bool, requests: int, depth: int, op: str, block: int
                 uri = run.nbdkit("--filter=cache", "memory", "64M", counted=True)
             elif ours:
                 upstream = run.node("memory", "64M")
-                relay = ("relay=true",) if setup == "relay" else ()
+                relay = ("relay=true",) if setup == "relay" else ("relay=false",)
                 uri = run.node("nbd", *relay, "--upstream", upstream, counted=True)
             else:
                 upstream = run.nbdkit("memory", "64M")

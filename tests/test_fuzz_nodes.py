@@ -1358,7 +1358,7 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         ],
         "blocksize-policy-allow": ["blocksize-minimum=512", "blocksize-preferred=64K"],
         "nbd": [],
-        "nbd-relay": ["relay=true"],
+        "nbd-libnbd": ["relay=false"],
         "nofilter": [],
         # The fuzz clients and libnbd connect over a unix socket, as this process's user.
         "ip": [f"allow=uid:{os.getuid()}", "deny=all"],
@@ -3481,7 +3481,7 @@ MORE_SHAPES = [
     "exportname-many",
     "protect",
     "nbd",
-    "nbd-relay",
+    "nbd-libnbd",
     "nofilter",
     "empty",
     "http",

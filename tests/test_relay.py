@@ -33,7 +33,7 @@ def hops(start_node):
     def make(size: str = "64M", normal: bool = False):
         up = start_node("memory", size)
         relay = start_node("nbd", "relay=true", upstreams=[up.uri], env=INFO)
-        hop = start_node("nbd", upstreams=[up.uri]) if normal else None
+        hop = start_node("nbd", "relay=false", upstreams=[up.uri]) if normal else None
         return up, relay, hop
 
     return make
@@ -164,12 +164,12 @@ def test_relay_edge_cases_on_a_block_size_and_read_only(start_node, start_nbdkit
     kit = start_nbdkit("--filter=blocksize-policy", "memory", "16M",
                        "blocksize-minimum=512", "blocksize-error-policy=error")  # fmt: skip
     relay = start_node("nbd", "relay=true", upstreams=[kit.uri], env=INFO)
-    hop = start_node("nbd", upstreams=[kit.uri])
+    hop = start_node("nbd", "relay=false", upstreams=[kit.uri])
     got = outcomes(relay.uri)
     assert got == outcomes(hop.uri)
     assert got[12] == got[13] == "EINVAL"
     ro = start_node("nbd", "relay=true", upstreams=[kit.uri], env=INFO, extra=("--read-only",))
-    ro_hop = start_node("nbd", upstreams=[kit.uri], extra=("--read-only",))
+    ro_hop = start_node("nbd", "relay=false", upstreams=[kit.uri], extra=("--read-only",))
     got = outcomes(ro.uri)
     assert got == outcomes(ro_hop.uri)
     assert got[2] == got[6] == "EPERM"

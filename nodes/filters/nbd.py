@@ -10,17 +10,19 @@ Meta contexts: every one the upstream lists (a cow node's `qemu:dirty-bitmap:NAM
 `qemu:allocation-depth`) is offered and answered as the upstream answers it, as by every filter
 that leaves bytes where they are.
 
-Relay (`relay=true`): each client gets an upstream connection of its own, opened through
-libnbd with the client's options (structured replies, its meta context), and its requests and
-the upstream's replies are then passed on as bytes, headers parsed only to cut the stream into
-whole messages and to renumber a block-status context id (nodes/server/relay.py). A lost
-upstream still gives EIO for what was outstanding, the client keeps its connection, and relaying
-goes on once the upstream is back. Connections that do not relay (served as above): TLS to the
-client or an nbds:// upstream, more than one meta context selected, --ordering ordered|serial,
---eof-tolerant, an upstream unreachable when the client connects, or one that lacks something
-the client was told (size, a flag, the context, block sizes).
+Relay (the default; `relay=false` turns it off): each client gets an upstream connection of
+its own, opened through libnbd with the client's options (structured replies, its meta
+context), and its requests and the upstream's replies are then passed on as bytes, headers
+parsed only to cut the stream into whole messages and to renumber a block-status context id
+(nodes/server/relay.py): about 40K instructions a 4K read where re-issuing through libnbd's
+Python binding costs 106K (bench/RESULTS.md). A lost upstream still gives EIO for what was
+outstanding, the client keeps its connection, and relaying goes on once the upstream is back.
+Connections that do not relay (served as above, through the shared pool): TLS to the client
+or an nbds:// upstream, more than one meta context selected, --ordering ordered|serial,
+--eof-tolerant, --poll-max-us, an upstream unreachable when the client connects, or one that
+lacks something the client was told (size, a flag, the context, block sizes).
 
-Params: `relay` (default false): as above. `context` (repeated): pass on only these meta
+Params: `relay` (default true): as above. `context` (repeated): pass on only these meta
 contexts besides base:allocation, asked of the upstream by name whether it lists them or not
 (one it does not have is not offered). The upstream comes from `--upstream URI`; TLS from
 `--upstream-tls-certificates`.
@@ -40,10 +42,10 @@ from ..registry import register
 
 class NbdParams(Params):
     relay: bool = param(
-        False,
+        True,
         "relay each client's requests and replies as bytes over an upstream connection of "
-        "its own instead of re-issuing them through libnbd (where the connection allows: "
-        "see the kind's manual)",
+        "its own (where the connection allows: see the kind's manual); false: re-issue them "
+        "through libnbd over the shared pool",
     )
     context: Many = repeated(
         "pass on only this meta context besides base:allocation (default: all the upstream "

@@ -23,11 +23,11 @@ checks that what the upstream offers covers what the client was told, then takes
 Which connections relay (else the normal path serves them, decided once per connection):
 plain sockets both ways (no TLS to the client, no nbds:// upstream: libnbd's TLS state cannot
 be taken over), at most one meta context selected (libnbd 1.14 does not tell the upstream's
-context ids, so the one id of a reply must be that context's), the default --ordering parallel
-and no --eof-tolerant (both change replies), and an upstream that, connected for this client,
-has the same size and every flag, meta context and block size the client was told. An upstream
-that cannot be reached when the client connects also leaves that client on the normal path.
---poll-max-us does not watch a relayed connection's upstream socket.
+context ids, so the one id of a reply must be that context's), the default --ordering
+parallel, no --eof-tolerant (both change replies), no --poll-max-us (the poller does not watch
+a relay's upstream socket), and an upstream that, connected for this client, has the size (or
+more) and every flag, meta context and block size the client was told. An upstream that cannot
+be reached when the client connects also leaves that client on the normal path.
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ def can_relay(session: Session) -> Upstream | None:
         or len(session.t.meta_contexts) > 1
         or options.ordering != "parallel"
         or options.eof_tolerant
+        or options.poll_max_us  # the poller watches sockets it registers; not the relay's
     ):
         return None
     return cast("Upstream", upstream)
@@ -156,7 +157,7 @@ class Relay:
         """What the upstream, as connected by `h`, lacks of what the client was told ("" if
         nothing): relaying to it would have the upstream refuse what the client may send."""
         t = self.s.t
-        if h.get_size() != t.size:
+        if h.get_size() < t.size:  # bigger is fine: requests are checked against t.size
             return f"size {h.get_size()}, the client was told {t.size}"
         if bool(h.get_structured_replies_negotiated()) != t.structured:
             return "structured replies differ"
