@@ -112,12 +112,14 @@ def test_upstream_errno_preserved(start_node, start_nbdkit):
     h4.pwrite(b"a" * 512, 0)  # the overlay is writable over the read-only upstream
 
 
-@pytest.mark.parametrize("poll", ["0", "200"], ids=["plain", "polling"])
+@pytest.mark.parametrize("poll", ["0", "200"], ids=["relay", "polling"])
 def test_upstream_loss_fails_with_eio_then_recovers(start_node, tmp_path, poll):
-    """Also with the proxy polling its sockets (the upstream's fd leaves and rejoins the poll)."""
+    """The relaying proxy (the default), and one polling its sockets, which re-issues through
+    libnbd (the upstream's fd leaves and rejoins the poll): both EIO, then serve again."""
     sock = str(tmp_path / "up.sock")
     mem = start_node("memory", "8M", listen=f"unix:{sock}")
-    proxy = start_node("nbd", upstreams=[mem.uri], extra=("--poll-max-us", poll))
+    proxy = start_node("nbd", upstreams=[mem.uri], extra=("--poll-max-us", poll),
+                       env={"NBDFABRIC_LOG": "info"})  # fmt: skip
     h = nbd_connect(proxy.uri)
     h.pwrite(b"q" * 4096, 0)
     mem.kill()
@@ -139,6 +141,8 @@ def test_upstream_loss_fails_with_eio_then_recovers(start_node, tmp_path, poll):
     wait_for(serves, 20, "the proxy to reconnect")
     h.pwrite(b"s" * 4096, 0)
     assert h.pread(4096, 0) == b"s" * 4096
+    relayed = "relayed to" in proxy.stderr()
+    assert relayed == (poll == "0") and (not relayed or "is back" in proxy.stderr())
 
 
 def test_upstream_that_comes_back_with_less_is_not_taken_back(start_node, tmp_path):
