@@ -159,6 +159,7 @@ class Session:
         self._cork_buffers: list[bytearray] = []
         self._cork_bytes = 0
         self._cork_replies = False
+        self._relay: Relay | None = None  #: relaying this connection (nbd relay=true)
         self._polled: int | None = None  #: the socket's fd, while POLLER watches it
 
     # Entry ---------------------------------------------------------------------------------
@@ -360,6 +361,7 @@ class Session:
             relay = Relay(self, upstream)
             if not await relay.start():
                 relay = None
+        self._relay = relay
         done = self._done = loop.create_future()
         framer = self._framer = RequestFramer(
             self._validate_write_size if caps.write_disconnect else self._validate,
@@ -420,6 +422,8 @@ class Session:
             return
         finally:
             self._feeding = False
+            if self._relay is not None:
+                self._relay.flush_requests()
             if self._corked:
                 self._flush_cork()
         if self._framer.disconnected:
