@@ -823,3 +823,31 @@ def test_mirror_process_takes_a_member_without_fast_zero_and_then_refuses_fast_z
     assert read_all(a.uri) == bytes(4 << 20) + b"\x55" * (4 << 20)
     qemu_compare(a.uri, b.uri)
     assert member_states(m.control) == ["in_sync", "in_sync"]
+
+
+def test_mirror_member_restarted_empty_is_rebuilt_fully_when_its_first_chunks_were_rewritten(
+    harness: Harness,
+) -> None:
+    """The fan must not take an emptied member for one holding its data when every chunk it
+    samples first happens to be dirty: data further on (clean, never copied) would then read as
+    zeros from it. The whole disk holds data (one extent); only its first 65 chunks (the ones
+    at the start of that extent) are written while the member is out."""
+    fan, flakies, uris, uri = make_mirror(harness, 2)
+    rng = random.Random(11)
+    model = bytearray(rng.randbytes(SIZE))
+    h = nbd_connect(uri)
+    for off in range(0, SIZE, 1 << 20):
+        h.pwrite(model[off : off + (1 << 20)], off)
+    h.flush()
+    flakies[1].down = True
+    wait_state(harness, fan, 1, "faulty")
+    data = rng.randbytes(65 * CHUNK)
+    model[: len(data)] = data
+    h.pwrite(data, 0)
+    h.flush()
+    flakies[1].wipe()  # its node restarted empty
+    flakies[1].down = False
+    wait_state(harness, fan, 1, "in_sync")
+    assert state(harness, fan)["rebuild"]["kind"] == "full"
+    assert read_all(uris[1], SIZE) == model
+    h.shutdown()
