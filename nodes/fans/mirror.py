@@ -1020,6 +1020,14 @@ class Mirror(RebuildingFan):
                 await self._recovery.wait()
             token = await self._guard.enter(offset, offset + count)
             try:
+                # The targets are taken after the waits: a member that failed meanwhile is
+                # not sent the write, so it must have it marked dirty (and saved) first.
+                changed = False
+                for s in self.slots:
+                    if s.state == FAULTY and not s.demoted:
+                        changed |= s.dirty.mark(first, last)
+                if changed:
+                    self._persist()
                 targets = [s for s in self.slots if s.state in (IN_SYNC, REBUILDING)]
                 results, refused = await to_each(
                     [partial(self._member_call, s, op) for s in targets],
