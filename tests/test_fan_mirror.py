@@ -823,3 +823,61 @@ def test_mirror_process_takes_a_member_without_fast_zero_and_then_refuses_fast_z
     assert read_all(a.uri) == bytes(4 << 20) + b"\x55" * (4 << 20)
     qemu_compare(a.uri, b.uri)
     assert member_states(m.control) == ["in_sync", "in_sync"]
+
+
+def test_mirror_member_restarted_empty_is_rebuilt_fully_when_its_first_chunks_were_rewritten(
+    harness: Harness,
+) -> None:
+    """The fan must not take an emptied member for one holding its data when every chunk it
+    samples first happens to be dirty: data further on (clean, never copied) would then read as
+    zeros from it. The whole disk holds data (one extent); only its first 65 chunks (the ones
+    at the start of that extent) are written while the member is out."""
+    fan, flakies, uris, uri = make_mirror(harness, 2)
+    rng = random.Random(11)
+    model = bytearray(rng.randbytes(SIZE))
+    h = nbd_connect(uri)
+    for off in range(0, SIZE, 1 << 20):
+        h.pwrite(model[off : off + (1 << 20)], off)
+    h.flush()
+    flakies[1].down = True
+    wait_state(harness, fan, 1, "faulty")
+    data = rng.randbytes(65 * CHUNK)
+    model[: len(data)] = data
+    h.pwrite(data, 0)
+    h.flush()
+    flakies[1].wipe()  # its node restarted empty
+    flakies[1].down = False
+    wait_state(harness, fan, 1, "in_sync")
+    assert state(harness, fan)["rebuild"]["kind"] == "full"
+    assert read_all(uris[1], SIZE) == model
+    h.shutdown()
+
+
+def test_mirror_write_that_waited_while_a_member_failed_is_marked_dirty_for_it(
+    harness: Harness,
+) -> None:
+    """A write that waits behind an overlapping one, during which a member fails, goes to the
+    others only: the member must have its chunk marked dirty, or a bitmap resync leaves the
+    member with the older data, which reads then serve from it."""
+    (m0, u0), (m1, u1) = harness.memory(SIZE), harness.memory(SIZE)
+    slow, quick = SlowFor(m0, 1), Flaky(m1)
+    fan = Mirror(MirrorParams.model_validate({"check-interval": 0.02, "retry-delay": 0.05,
+                                              "resync": "bitmap"}), [slow, quick])  # fmt: skip
+    harness.serve(fan, "mirror")
+
+    async def interleave() -> None:
+        first = asyncio.create_task(fan.pwrite(memoryview(b"\1" * 4096), 0, 0))
+        await asyncio.sleep(0.01)  # on member 1 already, still on its way to member 0
+        second = asyncio.create_task(fan.pwrite(memoryview(b"\2" * 8192), 0, 0))
+        await asyncio.sleep(0)  # it waits for the first
+        assert not first.done() and not second.done()
+        quick.down = True
+        fan._check_members()
+        assert fan.slots[1].state == "faulty"
+        await asyncio.gather(first, second)
+
+    harness.run(interleave())
+    harness.call(lambda: setattr(quick, "down", False))
+    wait_state(harness, fan, 1, "in_sync")
+    assert read_all(u0, 8192) == b"\2" * 8192
+    assert read_all(u1, 8192) == b"\2" * 8192

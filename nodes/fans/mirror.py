@@ -618,21 +618,18 @@ class Mirror(RebuildingFan):
         self, backend: Backend, dirty: Sequence[DirtyMap], want: int
     ) -> set[int]:
         """Up to `want` chunks that hold data on `backend` and are clean in every map of
-        `dirty`, spread over the disk."""
+        `dirty`, spread over the disk. None only if there is no such chunk at all: the scan
+        goes on to the end while it has found none, as a verdict of `nothing` rests on it."""
         found: list[int] = []
         pos, seen = 0, 0
-        while pos < self.size and seen < 4096 and len(found) < 64 * want:
+        while pos < self.size and (not found or (seen < 4096 and len(found) < 64 * want)):
             extents = await backend.extents(min(self.size - pos, 1 << 30), pos, 0)
             if not extents:
                 break
             for length, flags in extents:
                 length = min(length, self.size - pos)
                 if not flags & Extent.ZERO:
-                    first, last = self._chunks(pos, length)
-                    found.extend(
-                        c for c in range(first, min(last, first + 64) + 1)
-                        if not any(d.is_dirty(c) for d in dirty)
-                    )  # fmt: skip
+                    found.extend(self._clean_chunks(*self._chunks(pos, length), dirty, 65))
                 pos += length
                 seen += 1
                 if pos >= self.size:
@@ -641,6 +638,23 @@ class Mirror(RebuildingFan):
             return set(found)
         step = len(found) / want
         return {found[int(i * step)] for i in range(want)}
+
+    @staticmethod
+    def _clean_chunks(first: int, last: int, dirty: Sequence[DirtyMap], most: int) -> list[int]:
+        """Up to `most` chunks of first..last clean in every map of `dirty`. Dirty ones are
+        skipped, not counted: an extent whose start was rewritten (dirty) may hold clean data
+        further on, which an emptied member lacks. The walk stops where a full rebuild's
+        cursor makes every later chunk dirty, so it costs at most the maps' sizes."""
+        for d in dirty:
+            if d.full_from is not None:
+                last = min(last, d.full_from - 1)
+        out: list[int] = []
+        c = first
+        while c <= last and len(out) < most:
+            if not any(d.is_dirty(c) for d in dirty):
+                out.append(c)
+            c += 1
+        return out
 
     def _begin_rebuild(self, slot: Slot, mode: str) -> None:
         async def run() -> None:
@@ -1006,6 +1020,14 @@ class Mirror(RebuildingFan):
                 await self._recovery.wait()
             token = await self._guard.enter(offset, offset + count)
             try:
+                # The targets are taken after the waits: a member that failed meanwhile is
+                # not sent the write, so it must have it marked dirty (and saved) first.
+                changed = False
+                for s in self.slots:
+                    if s.state == FAULTY and not s.demoted:
+                        changed |= s.dirty.mark(first, last)
+                if changed:
+                    self._persist()
                 targets = [s for s in self.slots if s.state in (IN_SYNC, REBUILDING)]
                 results, refused = await to_each(
                     [partial(self._member_call, s, op) for s in targets],
