@@ -30,19 +30,19 @@ compose-check: setup
 	@bash compose/gen.sh --check
 
 # The bounded slow runs: the fuzz run (tests/test_fuzz_nodes.py) takes this many seconds per
-# node shape (101 shapes; unset: 6 s for the first eleven, 1.5 s for the others, about 5
+# node shape (101 shapes; unset: 4 s for the first eleven, 1 s for the others, about 4
 # minutes in all), the chaos soak (tests/test_soak.py) per fabric (3);
 # `make test NBDFABRIC_FUZZ_SECONDS=120` for a longer one, NBDFABRIC_FUZZ_SEED=N or
 # NBDFABRIC_SOAK_SEED=N to replay the seed a failure printed.
 NBDFABRIC_FUZZ_SECONDS ?=
-NBDFABRIC_SOAK_SECONDS ?= 30
+NBDFABRIC_SOAK_SECONDS ?= 20
 export NBDFABRIC_FUZZ_SECONDS NBDFABRIC_SOAK_SECONDS
 
-# Two pytest workers more than cores (at most 4), a test file per worker at a time: a file's
-# tests share its module fixtures (the image), and a worker often waits (on the docker image
-# build, node processes, sleeps), which left about a third of 2 cores idle with 2 workers and
-# a quarter with 3 (user + sys 25:21 over 17:10).
-TEST_WORKERS ?= $(shell n=$$(nproc); [ $$n -ge 2 ] && echo 4 || echo 3)
+# One pytest worker per core and one more (at most 4), a test file per worker at a time: a
+# file's tests share its module fixtures (the image), and a worker often waits (on the docker
+# image build, node processes, sleeps), which left about a third of 2 cores idle with 2. Four
+# on 2 cores measured slower than three (21:25 against 19:40): every test ran some 40 % longer.
+TEST_WORKERS ?= $(shell n=$$(nproc); [ $$n -ge 4 ] && echo 4 || echo $$((n + 1)))
 test: setup lint typecheck proto-check compose-check prebuild-image
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
 		--durations=25 tests

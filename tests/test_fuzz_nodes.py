@@ -3,8 +3,8 @@ fans), over raw sockets: every parsable reply is checked against the spec and ag
 of the export, and after every batch a well-behaved libnbd client must still be served and read
 back exactly what the model says the export holds.
 
-Bounded and reproducible: `NBDFABRIC_FUZZ_SECONDS` per node shape (default 6 for the first
-eleven shapes, 1.5 for the others, so the whole file stays within about 5 minutes),
+Bounded and reproducible: `NBDFABRIC_FUZZ_SECONDS` per node shape (default 4 for the first
+eleven shapes, 1 for the others, so the whole file stays within about 4 minutes),
 `NBDFABRIC_FUZZ_SEED` to replay a run (the seed is printed; a failure shows it). The client
 sequences follow from the seed; the interleaving of concurrent clients follows the scheduler.
 A node that stops answering fails the run within about REPLY_TIMEOUT, naming the shape and the
@@ -66,9 +66,9 @@ from bench.http_server import HttpServer
 
 pytestmark = pytest.mark.slow
 
-FUZZ_SECONDS = float(os.environ.get("NBDFABRIC_FUZZ_SECONDS") or 6)
+FUZZ_SECONDS = float(os.environ.get("NBDFABRIC_FUZZ_SECONDS") or 4)
 #: The shapes added later (plugins, most filters and fans) get less time each by default.
-FUZZ_SECONDS_MORE = float(os.environ.get("NBDFABRIC_FUZZ_SECONDS") or 1.5)
+FUZZ_SECONDS_MORE = float(os.environ.get("NBDFABRIC_FUZZ_SECONDS") or 1)
 SEED = int(os.environ.get("NBDFABRIC_FUZZ_SEED") or random.SystemRandom().randrange(1 << 32))
 #: A reply, or the end of a connection the server should close, must come within this.
 REPLY_TIMEOUT = 15.0

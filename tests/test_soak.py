@@ -12,7 +12,7 @@ retry in front the client must see no error at all. At the end: every member in 
 read equals the model, each mirror member's file equals it, each parity member file's stripes
 XOR to zero and decode to the model; `down` leaves no process or socket.
 
-Bounded: NBDFABRIC_SOAK_SECONDS per scenario (default 30). Seeded: the seed is printed, and
+Bounded: NBDFABRIC_SOAK_SECONDS per scenario (default 20). Seeded: the seed is printed, and
 NBDFABRIC_SOAK_SEED replays it (the kill moments still depend on timing).
 """
 
@@ -38,7 +38,7 @@ from test_orchestrator import Fabric, assert_all_gone
 
 pytestmark = pytest.mark.slow
 
-SOAK_SECONDS = float(os.environ.get("NBDFABRIC_SOAK_SECONDS", "30"))
+SOAK_SECONDS = float(os.environ.get("NBDFABRIC_SOAK_SECONDS", "20"))
 #: How long one recovery (restart, then every member in sync) may take before the test fails.
 RECOVERY_TIMEOUT = 60.0
 QUEUE = 8  #: requests the writer keeps in flight
