@@ -655,7 +655,10 @@ class Upstream(Backend):
             cookie = issue(conn)
         except nbd.Error as exc:
             if conn.h.aio_is_dead() or conn.h.aio_is_closed():
+                # The handle died under this call (libnbd then says EINVAL: "invalid state:
+                # DEAD"): the upstream is lost, and the request fails as lost ones do.
                 self._lost(exc.string)
+                raise UpstreamDown(errno.EIO, f"upstream {self.uri}: {exc.string}") from None
             raise _os_error(exc, self.uri) from None
         pending = conn.pending[cookie] = _Pending(fut, result)
         self._update_writer(conn)
