@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import nbd
 
@@ -72,6 +72,9 @@ class Catalog:
     exports: list[tuple[str, str]]  #: NBD_OPT_LIST: (name, description)
     list_error: str  #: why the list was refused ("" if it was not)
     default_name: str  #: the canonical name of the export the URI names
+
+
+T = TypeVar("T")
 
 
 class UpstreamDown(OSError):
@@ -353,17 +356,21 @@ class Upstream(Backend):
         GIL); afterwards the handle is only touched from the event loop."""
         h = self._new_handle()
         if self.all_contexts and not self.wanted_contexts and not self._listed:
-            connect = functools.partial(self._connect_listing, h)
+            await self.connect_in_thread(functools.partial(self._connect_listing, h))
         else:
-            connect = functools.partial(h.connect_uri, self.uri)
+            await self.connect_in_thread(functools.partial(h.connect_uri, self.uri))
+        return h
+
+    async def connect_in_thread(self, connect: Callable[[], T]) -> T:
+        """`connect()` (a blocking libnbd handshake) in a worker thread, within
+        connect_timeout; its failure as OSError."""
         loop = asyncio.get_running_loop()
         try:
-            await asyncio.wait_for(loop.run_in_executor(None, connect), self.connect_timeout)
+            return await asyncio.wait_for(loop.run_in_executor(None, connect), self.connect_timeout)
         except nbd.Error as exc:
             raise OSError(exc.errnum or errno.ECONNREFUSED, exc.string) from None
         except TimeoutError:
             raise OSError(errno.ETIMEDOUT, "connection timed out") from None
-        return h
 
     def _connect_listing(self, h: nbd.NBD) -> None:
         """Connect `h` asking, in the same handshake, for every meta context the upstream lists

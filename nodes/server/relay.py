@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -59,6 +58,7 @@ from ..protocol.constants import (
     Err,
     TFlag,
 )
+from ..upstream import BACKOFF_CAP, BACKOFF_FIRST
 from . import session as _session
 from .pages import lazy_buffer
 from .replies import read_reply
@@ -74,9 +74,6 @@ log = logging.getLogger("nbdfabric.relay")
 #: the socket fills directly (a 1 MiB read reply is not copied out of this one).
 REPLY_BUFFER = 256 * 1024
 BIG = 64 * 1024
-#: Reconnect back-off: first delay, cap (as nodes/upstream.py).
-BACKOFF_FIRST = 0.05
-BACKOFF_CAP = 2.0
 
 _READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
 _STATUS_CHUNK, _ERROR_BIT, _DONE = int(Chunk.BLOCK_STATUS), 0x8000, 1
@@ -184,15 +181,7 @@ class Relay:
         return ""
 
     async def _open(self) -> Any:
-        loop = asyncio.get_running_loop()
-        try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(None, self._connect_blocking), self.up.connect_timeout
-            )
-        except nbd.Error as exc:
-            raise OSError(exc.errnum or errno.ECONNREFUSED, exc.string) from None
-        except TimeoutError:
-            raise OSError(errno.ETIMEDOUT, "connection timed out") from None
+        return await self.up.connect_in_thread(self._connect_blocking)
 
     async def start(self) -> bool:
         """Connect and take the socket; False if this connection cannot relay (normal path)."""
