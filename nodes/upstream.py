@@ -32,6 +32,7 @@ from .params import Params
 from .protocol.constants import CmdFlag
 from .server.addresses import check_nbd_uri, export_name, with_export
 from .server.poll import POLLER
+from .server.stream import widen_send_buffer_of
 
 log = logging.getLogger("nbdfabric.upstream")
 
@@ -428,6 +429,7 @@ class Upstream(Backend):
         loop = asyncio.get_running_loop()
         for h in handles:
             conn = _Conn(h, h.aio_get_fd(), _Calls(h))
+            widen_send_buffer_of(conn.fd)  # big writes go upstream in one piece
             loop.add_reader(conn.fd, self._on_event, conn, conn.calls.notify_read)
             POLLER.watch(conn.fd)
             self._conns.append(conn)

@@ -5,12 +5,14 @@ well-formed client (libnbd or nbdinfo) must still be served by the same process.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import random
 import socket
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -459,6 +461,24 @@ def test_raw_replies_beyond_the_socket_buffer_arrive_whole(raw: Raw) -> None:
     got = {cookie: (error, data) for cookie, error, data in (raw.reply() for _ in expected)}
     assert {c: e for c, (e, _) in got.items()} == dict.fromkeys(expected, 0)
     assert {c: d for c, (_, d) in got.items()} == expected
+
+
+def test_raw_a_256k_reply_fits_in_the_unix_socket_at_once(raw: Raw) -> None:
+    """The node widens its unix sockets' send buffers so a big reply goes out in one piece,
+    not in wake-ups for room (nodes/server/stream.py UNIX_SNDBUF): a 256 KiB read's reply is
+    in the client's socket whole before the client reads a byte. With the kernel's default
+    (208 KiB, net.core.wmem_default) at most that much could be queued."""
+    raw.handshake(structured=False)
+    length = 256 * 1024
+    raw.request(0, 0, length, cookie=7)
+    whole = 16 + length  # a simple reply and its data
+    queued, deadline = 0, time.monotonic() + 10
+    while queued < whole and time.monotonic() < deadline:
+        time.sleep(0.05)
+        queued = struct.unpack("i", fcntl.ioctl(raw.sock, termios.FIONREAD, b"\0" * 4))[0]
+    assert queued == whole, f"{queued} of the reply's {whole} bytes queued"
+    assert raw.reply() == (7, 0, b"")
+    assert len(raw.recv_exact(length)) == length
 
 
 @pytest.mark.parametrize(

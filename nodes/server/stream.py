@@ -20,8 +20,28 @@ Buffer = bytes | bytearray | memoryview
 #: Buffers per sendmsg: the kernel refuses more (EMSGSIZE). A 32 MiB read lent from 32 KiB
 #: memory pages is 1024 views plus its header.
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+#: SO_SNDBUF asked for on unix sockets (the kernel caps it at net.core.wmem_max and doubles it;
+#: 4 MiB here). The default (208 KiB) takes a 256 KiB or 1 MiB reply in pieces, each sent after a
+#: wake-up for room; with room for whole replies, `nbdcopy` through one `nbd` hop read 256 KiB
+#: requests in 0.48 s a GiB instead of 0.76 (nbdkit: 0.50) and 1 MiB ones in 0.39 instead of
+#: 0.62. A bound, not an allocation: only data the peer has not read yet takes memory. TCP is
+#: left alone (setting it would turn off the kernel's own tuning of the buffer).
+UNIX_SNDBUF = 4 * 1024 * 1024
 #: How long a failed TLS handshake may take to hand its alert to a client that does not read.
 ALERT_TIMEOUT = 2.0
+
+
+def widen_send_buffer(sock: socket.socket) -> None:
+    """Room for whole big replies (or write requests) in a unix socket's send buffer."""
+    if sock.family == socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
+
+
+def widen_send_buffer_of(fd: int) -> None:
+    """The same for a socket someone else owns (a libnbd handle's): set through a duplicate."""
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+        widen_send_buffer(sock)
 
 
 class Stream:
@@ -57,6 +77,8 @@ class SocketStream(Stream):
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            widen_send_buffer(sock)
         self.sock = sock
         self.loop = asyncio.get_running_loop()
 
