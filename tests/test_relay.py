@@ -366,3 +366,80 @@ def test_relay_renumbers_a_context_qemu_nbd_numbers_otherwise(start_node, tmp_pa
     finally:
         qemu.terminate()
         qemu.wait()
+
+
+def _poll_done(h, cookies: list[int], seconds: float) -> set[int]:
+    done: set[int] = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and len(done) < len(cookies):
+        h.poll(50)
+        done |= {c for c in cookies if c not in done and h.aio_command_completed(c)}
+    return done
+
+
+@pytest.fixture
+def paused_relay(start_node):
+    """memory <- delay (writes take 1 s) <- relaying nbd node with gRPC control: (relay, stub)."""
+    import grpc
+
+    from nodes.control.rpc.nbdfabric.v1 import node_pb2_grpc as pb_grpc
+
+    up = start_node("memory", "16M")
+    slow = start_node("delay", "delay-write=1s", upstreams=[up.uri])
+    relay = start_node("nbd", "relay=true", upstreams=[slow.uri], control=True, env=INFO)
+    channel = grpc.insecure_channel(relay.control)
+    yield relay, pb_grpc.NodeServiceStub(channel)
+    channel.close()
+
+
+def test_relay_pause_waits_for_requests_in_flight_upstream_and_holds_new_ones(paused_relay):
+    """Pause returns once everything in flight is done or held (what a snapshot relies on):
+    a write already sent upstream (1 s in the delay node) is finished first, though another
+    is held meanwhile; the held one is counted in flight, as the normal path counts it, and
+    served after resume."""
+    from nodes.control.rpc.nbdfabric.v1 import node_pb2 as pb
+
+    relay, stub = paused_relay
+    h = nbd_connect(relay.uri)
+    first = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b"1" * 4096)), 0)
+    wait_for(lambda: stub.GetStats(pb.GetStatsRequest(), timeout=5).in_flight == 1, 10, "sent")
+    paused = threading.Thread(target=lambda: stub.Pause(pb.PauseRequest(flush=True), timeout=30))
+    paused.start()
+    wait_for(
+        lambda: stub.GetInfo(pb.GetInfoRequest(), timeout=5).state == pb.NODE_STATE_PAUSED,
+        5,
+        "pause",
+    )
+    second = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b"2" * 4096)), 4096)
+    paused.join(30)
+    assert not paused.is_alive()
+    stats = stub.GetStats(pb.GetStatsRequest(), timeout=5)
+    write = next(o for o in stats.ops if o.op == "write")
+    assert write.count == 1, "Pause returned before the write in flight upstream was done"
+    assert stats.in_flight == 1  # the held one
+    assert _poll_done(h, [first, second], 0.5) == {first}
+    stub.Resume(pb.ResumeRequest(), timeout=5)
+    assert _poll_done(h, [second], 10) == {second}
+    assert h.pread(8192, 0) == b"1" * 4096 + b"2" * 4096
+    assert relays(relay)
+    h.shutdown()
+
+
+def test_relay_disc_while_paused_still_serves_the_held_requests(paused_relay):
+    """A client that sends a request and then DISC while the node is paused: the held request
+    is still served after resume (its reply is owed) and only then the DISC acted on, as the
+    normal path does (reading stops while a request is held, so the DISC waits behind it)."""
+    from nodes.control.rpc.nbdfabric.v1 import node_pb2 as pb
+
+    relay, stub = paused_relay
+    h = nbd_connect(relay.uri)
+    stub.Pause(pb.PauseRequest(), timeout=5)
+    cookie = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b"3" * 4096)), 8192)
+    wait_for(lambda: stub.GetStats(pb.GetStatsRequest(), timeout=5).in_flight == 1, 10, "held")
+    h.aio_disconnect()  # DISC after the held write: its reply is still owed
+    time.sleep(0.3)
+    stub.Resume(pb.ResumeRequest(), timeout=5)
+    assert _poll_done(h, [cookie], 10) == {cookie}
+    del h
+    wait_for(lambda: stub.GetStats(pb.GetStatsRequest(), timeout=5).in_flight == 0, 10, "done")
+    assert read_through(relay.uri, 8192, 4096) == b"3" * 4096

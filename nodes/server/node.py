@@ -468,14 +468,23 @@ class NodeRuntime:
         """Hold a request (of the session whose holds are `mine`) until resume: True then.
         False if the session answered it first because its client is gone: the request is
         dropped unserved, nobody being there to take its reply."""
-        hold: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._holds.add(hold)
-        mine.add(hold)
+        hold = self.hold(mine)
         try:
             return await hold
         finally:
-            self._holds.discard(hold)
-            mine.discard(hold)
+            self.unhold(hold, mine)
+
+    def hold(self, mine: set[asyncio.Future[bool]]) -> asyncio.Future[bool]:
+        """A held request's future, which resume (True) or its session (False) resolves; the
+        caller counts the request in stats.in_flight while it is held, and calls unhold."""
+        hold: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._holds.add(hold)
+        mine.add(hold)
+        return hold
+
+    def unhold(self, hold: asyncio.Future[bool], mine: set[asyncio.Future[bool]]) -> None:
+        self._holds.discard(hold)
+        mine.discard(hold)
 
     def params_info(self) -> list[dict[str, Any]]:
         values = self.backend.params.shown()

@@ -142,7 +142,9 @@ class Relay:
         self._corked_held: list[bytearray] = []
         self._pushing: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
-        self._held: list[tuple[tx.Request, memoryview | None]] = []  #: while the node is paused
+        #: Requests a pause holds (in order), each with its hold (NodeRuntime.hold).
+        self._held: list[tuple[tx.Request, memoryview | None, asyncio.Future[bool]]] = []
+        self._resuming: asyncio.Task[Any] | None = None  #: serves them after resume
         self.up_state = "down"
         self.closing = False
 
@@ -277,26 +279,41 @@ class Relay:
             op.record(0, 0.0, err is not Err.OK)
 
     def _hold(self, req: tx.Request, payload: memoryview | None) -> None:
-        """The node is paused: keep the request (reading stops) until resume."""
-        self._held.append((req, payload))
+        """The node is paused: keep the request (reading stops) until resume. Counted as the
+        normal path counts a held request (in flight, and one hold each), which pause() relies
+        on: it waits until all that is in flight is held."""
+        s = self.s
+        s.node.stats.in_flight += 1
+        self._held.append((req, payload, s.node.hold(s.holds)))
         if len(self._held) == 1:
-            s = self.s
             s._busy += _session._HOLD
             s._pause_reading()
-            self._track(self._wait_resume())
+            self._resuming = self._track(self._wait_resume())
 
     async def _wait_resume(self) -> None:
         s = self.s
-        go = await s.node.wait_resumed(s.holds)
-        held, self._held = self._held, []
-        s._busy -= _session._HOLD
-        for req, payload in held:
-            if go and self.up_state == "up":
-                self._forward(req, payload)
-            elif go:
-                self._local(req, Err.EIO, payload)
-            elif payload is not None:  # the client is gone: dropped unserved
-                s.node.pool.put(cast(bytearray, payload.obj))
+        node = s.node
+        try:
+            while self._held:
+                await asyncio.wait([self._held[0][2]])
+                # Resume (or the session, for a client gone) settles every hold it finds at
+                # once: the settled ones are a prefix, in the order the requests came.
+                n = 0
+                while n < len(self._held) and self._held[n][2].done():
+                    n += 1
+                settled, self._held = self._held[:n], self._held[n:]
+                for req, payload, hold in settled:
+                    node.unhold(hold, s.holds)
+                    node.stats.in_flight -= 1
+                    if not hold.result():  # the client is gone: dropped unserved
+                        if payload is not None:
+                            node.pool.put(cast(bytearray, payload.obj))
+                    elif self.up_state == "up":
+                        self._forward(req, payload)
+                    else:
+                        self._local(req, Err.EIO, payload)
+        finally:
+            s._busy -= _session._HOLD
         if s._reading_paused:
             s._made_room()
 
@@ -414,11 +431,12 @@ class Relay:
         self._track(_then(rest, resume))
         return False
 
-    def _track(self, coro: Any) -> None:
+    def _track(self, coro: Any) -> asyncio.Task[Any]:
         """A task the session's drain() waits for."""
         task = asyncio.get_running_loop().create_task(coro)
         self.s.tasks.add(task)
         task.add_done_callback(self.s.tasks.discard)
+        return task
 
     # Upstream lost ------------------------------------------------------------------------
 
@@ -488,6 +506,10 @@ class Relay:
         then say DISC to the upstream and close it."""
         self.closing = True
         try:
+            # Held by a pause: served after resume, as the normal path serves them after DISC
+            # (or dropped, if the client is gone: the session settles their holds False).
+            if self._resuming is not None and not self._resuming.done():
+                await asyncio.wait([self._resuming])
             if self._out and not self.s.closed and self.up_state == "up":
                 self._idle = asyncio.get_running_loop().create_future()
                 await self._idle
@@ -501,9 +523,14 @@ class Relay:
             self.up_state = "closed"
             self._drop_connection()
             self.fail_outstanding(send=False)
-            for _, payload in self._held:
+            if self._resuming is not None:
+                self._resuming.cancel()  # only if close() itself was cancelled meanwhile
+            node = self.s.node
+            for _, payload, hold in self._held:
+                node.unhold(hold, self.s.holds)
+                node.stats.in_flight -= 1
                 if payload is not None:
-                    self.s.node.pool.put(cast(bytearray, payload.obj))
+                    node.pool.put(cast(bytearray, payload.obj))
             self._held = []
 
 
