@@ -23,7 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import nbd
 
@@ -33,6 +33,9 @@ from .protocol.constants import CmdFlag
 from .server.addresses import check_nbd_uri, export_name, with_export
 from .server.poll import POLLER
 from .server.stream import widen_send_buffer_of
+
+if TYPE_CHECKING:
+    from .server.relay import Relay
 
 log = logging.getLogger("nbdfabric.upstream")
 
@@ -183,6 +186,8 @@ class Upstream(Backend):
         self.description = ""
         self.state = "connecting"  #: up | down | connecting
         self.reconnects = 0
+        #: The relays (server/relay.py) with a connection of their own to this upstream.
+        self.relays: set[Relay] = set()
         self.last_error = ""
         self._conns: list[_Conn] = []
         self._turn = 0
@@ -329,6 +334,12 @@ class Upstream(Backend):
         }
         if self.last_error and self.state != "up":
             entry["error"] = self.last_error
+        if self.relays:
+            entry["relayed"] = {
+                "clients": len(self.relays),
+                "down": sum(r.up_state != "up" for r in self.relays),
+                "in_flight": sum(r.in_flight for r in self.relays),
+            }
         return {"upstreams": [entry]}
 
     def capabilities(self) -> Capabilities:

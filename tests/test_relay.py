@@ -5,6 +5,7 @@ them, driven by real clients and compared with the normal hop and a direct conne
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import signal
@@ -403,6 +404,8 @@ def test_relay_pause_waits_for_requests_in_flight_upstream_and_holds_new_ones(pa
     h = nbd_connect(relay.uri)
     first = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b"1" * 4096)), 0)
     wait_for(lambda: stub.GetStats(pb.GetStatsRequest(), timeout=5).in_flight == 1, 10, "sent")
+    (upstream,) = stub.GetInfo(pb.GetInfoRequest(), timeout=5).upstreams
+    assert json.loads(upstream.detail_json)["relayed"] == {"clients": 1, "down": 0, "in_flight": 1}
     paused = threading.Thread(target=lambda: stub.Pause(pb.PauseRequest(flush=True), timeout=30))
     paused.start()
     wait_for(
@@ -423,6 +426,13 @@ def test_relay_pause_waits_for_requests_in_flight_upstream_and_holds_new_ones(pa
     assert h.pread(8192, 0) == b"1" * 4096 + b"2" * 4096
     assert relays(relay)
     h.shutdown()
+    wait_for(
+        lambda: (
+            "relayed" not in stub.GetInfo(pb.GetInfoRequest(), timeout=5).upstreams[0].detail_json
+        ),
+        10,
+        "the relayed client to be gone from the upstream's status",
+    )
 
 
 def test_relay_disc_while_paused_still_serves_the_held_requests(paused_relay):

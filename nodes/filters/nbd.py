@@ -20,7 +20,9 @@ outstanding, the client keeps its connection, and relaying goes on once the upst
 Connections that do not relay (served as above, through the shared pool): TLS to the client
 or an nbds:// upstream, more than one meta context selected, --ordering ordered|serial,
 --eof-tolerant, --poll-max-us, an upstream unreachable when the client connects, or one that
-lacks something the client was told (size, a flag, the context, block sizes).
+lacks something the client was told (size, a flag, the context, block sizes). The node's
+control API shows the relayed connections beside the pool (GetInfo's upstream detail:
+`relayed` with clients, how many of their connections are down, requests in flight).
 
 Params: `relay` (default true): as above. `context` (repeated): pass on only these meta
 contexts besides base:allocation, asked of the upstream by name whether it lists them or not

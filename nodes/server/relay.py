@@ -145,7 +145,7 @@ class Relay:
         #: Requests a pause holds (in order), each with its hold (NodeRuntime.hold).
         self._held: list[tuple[tx.Request, memoryview | None, asyncio.Future[bool]]] = []
         self._resuming: asyncio.Task[Any] | None = None  #: serves them after resume
-        self.up_state = "down"
+        self.up_state: str = "down"
         self.closing = False
 
     # Connecting ---------------------------------------------------------------------------
@@ -182,6 +182,11 @@ class Relay:
             return "block sizes differ"
         return ""
 
+    @property
+    def in_flight(self) -> int:
+        """Requests sent upstream and not yet answered whole."""
+        return len(self._out)
+
     async def _open(self) -> Any:
         return await self.up.connect_in_thread(self._connect_blocking)
 
@@ -197,6 +202,7 @@ class Relay:
             log.info("%s: not relayed: the upstream: %s", self.s.client.address, why)
             return False
         await self._attach(h)
+        self.up.relays.add(self)
         log.info("%s: relayed to %s", self.s.client.address, self.up.uri)
         return True
 
@@ -521,6 +527,7 @@ class Relay:
                 with contextlib.suppress(OSError):
                     self._writer.try_send([disc])
             self.up_state = "closed"
+            self.up.relays.discard(self)
             self._drop_connection()
             self.fail_outstanding(send=False)
             if self._resuming is not None:
