@@ -453,3 +453,49 @@ def test_relay_disc_while_paused_still_serves_the_held_requests(paused_relay):
     del h
     wait_for(lambda: stub.GetStats(pb.GetStatsRequest(), timeout=5).in_flight == 0, 10, "done")
     assert read_through(relay.uri, 8192, 4096) == b"3" * 4096
+
+
+def test_relay_writes_queued_behind_a_stalled_upstream_arrive_intact(
+    start_nbdkit, start_node, tmp_path
+):
+    """Small writes relayed straight from the node's read buffer (not copied into a buffer
+    of their own) must be copied when the upstream socket does not take them at once: the
+    read buffer is reused by the next read. An upstream that stops reading (nbdkit, one
+    thread, paused by its pause filter) and the kernel's default send buffer
+    (NBDFABRIC_UNIX_SNDBUF=0) leave megabytes of a burst of 32 KiB writes waiting; after
+    resume every byte must be as written."""
+    control = tmp_path / "pause.ctl"
+    up = start_nbdkit(
+        "--threads", "1", "--filter=pause", "memory", "64M", f"pause-control={control}"
+    )
+    relay = start_node("nbd", upstreams=[up.uri], env={**INFO, "NBDFABRIC_UNIX_SNDBUF": "0"})
+    h = nbd_connect(relay.uri)
+    h.pwrite(b"\0" * 4096, 0)  # connected and relaying before the upstream stops
+    assert _pause_control(control, b"p") == b"P"
+    rng = random.Random(7)
+    size, count = 32 * 1024, 400
+    data = rng.randbytes(size * count)
+    order = list(range(count))
+    rng.shuffle(order)
+    cookies = [
+        h.aio_pwrite(
+            nbd.Buffer.from_bytearray(bytearray(data[i * size : (i + 1) * size])), i * size
+        )
+        for i in order
+    ]
+    assert _poll_done(h, cookies, 1.0) == set()  # held upstream, queued in the relay
+    assert _pause_control(control, b"r") == b"R"
+    assert _poll_done(h, cookies, 30) == set(cookies)
+    assert sha(h.pread(size * count, 0)) == sha(data)
+    assert relays(relay)
+    h.shutdown()
+
+
+def _pause_control(path, command: bytes) -> bytes:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(command)
+        return s.recv(1)

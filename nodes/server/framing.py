@@ -47,8 +47,15 @@ _WRITE, _DISC = int(Cmd.WRITE), int(Cmd.DISC)
 
 #: Called with each request, the verdict of `validate` on it, and for an accepted WRITE its
 #: payload: a view of exactly its length into a pooled buffer (`view.obj`), which the callee
-#: gives back to the pool when done with it.
+#: gives back to the pool when done with it; or, from a framer that lends payloads, possibly a
+#: view into the framer's own read buffer (see `lent`), valid only until feed() returns.
 Dispatch = Callable[[tx.Request, Err, "memoryview | None"], None]
+
+
+def lent(payload: memoryview) -> bool:
+    """A payload view into the framer's read buffer (not a pooled buffer): the callee must be
+    done with it, or have copied it, when feed() returns, and must not give it to the pool."""
+    return not isinstance(payload.obj, bytearray)
 
 
 class RequestFramer:
@@ -58,8 +65,12 @@ class RequestFramer:
         dispatch: Dispatch,
         pool: BufferPool,
         leftover: bytes = b"",
+        lend_payloads: bool = False,
     ) -> None:
         self._validate = validate
+        #: An accepted WRITE whose payload is already buffered whole is dispatched with a view
+        #: of it in the read buffer, not a pooled copy (a relay sends it on before feed() ends).
+        self._lend = lend_payloads
         self._dispatch = dispatch
         self._pool = pool
         self._pages = lazy_buffer(RECV_BUFFER)
@@ -128,6 +139,12 @@ class RequestFramer:
                 self.disconnected = True
                 return False
             if req.cmd == _WRITE and req.length:
+                start = self._start
+                if self._lend and err is Err.OK and self._end - start >= req.length:
+                    self._start = start + req.length
+                    self._header_next = req.length >= BIG_WRITE
+                    self._dispatch(req, err, self._buf[start : self._start])
+                    continue
                 self._begin_payload(req, err)
                 continue
             self._dispatch(req, err, None)

@@ -60,6 +60,7 @@ from ..protocol.constants import (
 )
 from ..upstream import BACKOFF_CAP, BACKOFF_FIRST
 from . import session as _session
+from .framing import lent
 from .pages import lazy_buffer
 from .replies import read_reply
 from .stream import Buffer, SocketStream, _after
@@ -245,15 +246,18 @@ class Relay:
             s._busy_bytes += req.length
         self._out[req.cookie] = _Out(req.cmd, req.length, time.perf_counter())
         head = REQUEST.pack(REQUEST_MAGIC, req.flags, req.cmd, req.cookie, req.offset, req.length)
-        if self.s._feeding:
+        if self.s._feeding:  # sent together when the feed ends (flush_requests)
             self._corked.append(head)
             if payload is not None:
                 self._corked.append(payload)
-                self._corked_held.append(cast(bytearray, payload.obj))
+                if not lent(payload):
+                    self._corked_held.append(cast(bytearray, payload.obj))
         elif payload is None:
             self._to_upstream([head], [])
         else:
-            self._to_upstream([head, payload], [cast(bytearray, payload.obj)])
+            self._to_upstream(
+                [head, payload], [] if lent(payload) else [cast(bytearray, payload.obj)]
+            )
 
     def flush_requests(self) -> None:
         """Send the requests forwarded during the feed that just ended (the session calls
@@ -267,7 +271,7 @@ class Relay:
         """Answer a request here, as the normal path answers one it refuses (or a zero-length
         one, which it answers without asking the upstream)."""
         s = self.s
-        if payload is not None:
+        if payload is not None and not lent(payload):
             s.node.pool.put(cast(bytearray, payload.obj))
         if err is Err.OK:
             reply = (
@@ -289,6 +293,10 @@ class Relay:
         normal path counts a held request (in flight, and one hold each), which pause() relies
         on: it waits until all that is in flight is held."""
         s = self.s
+        if payload is not None and lent(payload):  # held past this feed: a copy of its own
+            copy = s.node.pool.get(len(payload))
+            copy[: len(payload)] = payload
+            payload = memoryview(copy)[: len(payload)]
         s.node.stats.in_flight += 1
         self._held.append((req, payload, s.node.hold(s.holds)))
         if len(self._held) == 1:
@@ -325,7 +333,8 @@ class Relay:
 
     def _to_upstream(self, parts: list[Buffer], held: list[bytearray]) -> None:
         """Send requests' bytes upstream after those queued before them, then give `held`
-        back to the pool."""
+        back to the pool. What waits for room is copied out of the framer's read buffer
+        first (payloads it lent are valid only until its feed ends)."""
         writer = self._writer
         pool = self.s.node.pool
         if writer is None:
@@ -345,7 +354,7 @@ class Relay:
                     pool.put(buf)
                 return
             parts = _after(parts, sent)
-        self._backlog.append((parts, held))
+        self._backlog.append(([bytes(p) if _borrowed(p) else p for p in parts], held))
         if self._pushing is None:
             self._pushing = asyncio.get_running_loop().create_task(self._push())
 
@@ -539,6 +548,11 @@ class Relay:
                 if payload is not None:
                     node.pool.put(cast(bytearray, payload.obj))
             self._held = []
+
+
+def _borrowed(part: Buffer) -> bool:
+    """A view of memory this relay does not own (the framer's read buffer, or a header)."""
+    return isinstance(part, memoryview) and lent(part)
 
 
 async def _then(rest: Any, after: Callable[[], None]) -> None:

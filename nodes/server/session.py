@@ -368,6 +368,7 @@ class Session:
             self._dispatch if relay is None else relay.dispatch,
             node.pool,
             ready.leftover,
+            lend_payloads=relay is not None,
         )
         try:
             self._feed()  # requests that came in with the end of the handshake

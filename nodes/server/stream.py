@@ -26,14 +26,15 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 #: requests in 0.48 s a GiB instead of 0.76 (nbdkit: 0.50) and 1 MiB ones in 0.39 instead of
 #: 0.62. A bound, not an allocation: only data the peer has not read yet takes memory. TCP is
 #: left alone (setting it would turn off the kernel's own tuning of the buffer).
-UNIX_SNDBUF = 4 * 1024 * 1024
+#: NBDFABRIC_UNIX_SNDBUF=BYTES asks for another size; 0 leaves the kernel's default.
+UNIX_SNDBUF = int(os.environ.get("NBDFABRIC_UNIX_SNDBUF") or 4 * 1024 * 1024)
 #: How long a failed TLS handshake may take to hand its alert to a client that does not read.
 ALERT_TIMEOUT = 2.0
 
 
 def widen_send_buffer(sock: socket.socket) -> None:
     """Room for whole big replies (or write requests) in a unix socket's send buffer."""
-    if sock.family == socket.AF_UNIX:
+    if sock.family == socket.AF_UNIX and UNIX_SNDBUF:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
 
