@@ -16,6 +16,7 @@ import time
 import nbd
 import pytest
 from conftest import nbd_connect, run, sha, wait_for
+from test_filters_pause import ControlSocket, completed
 
 MiB = 1 << 20
 #: The relay says so per connection at log level INFO (a connection that cannot relay is
@@ -369,15 +370,6 @@ def test_relay_renumbers_a_context_qemu_nbd_numbers_otherwise(start_node, tmp_pa
         qemu.wait()
 
 
-def _poll_done(h, cookies: list[int], seconds: float) -> set[int]:
-    done: set[int] = set()
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and len(done) < len(cookies):
-        h.poll(50)
-        done |= {c for c in cookies if c not in done and h.aio_command_completed(c)}
-    return done
-
-
 @pytest.fixture
 def paused_relay(start_node):
     """memory <- delay (writes take 1 s) <- relaying nbd node with gRPC control: (relay, stub)."""
@@ -420,9 +412,9 @@ def test_relay_pause_waits_for_requests_in_flight_upstream_and_holds_new_ones(pa
     write = next(o for o in stats.ops if o.op == "write")
     assert write.count == 1, "Pause returned before the write in flight upstream was done"
     assert stats.in_flight == 1  # the held one
-    assert _poll_done(h, [first, second], 0.5) == {first}
+    assert completed(h, [first, second], 0.5) == {first}
     stub.Resume(pb.ResumeRequest(), timeout=5)
-    assert _poll_done(h, [second], 10) == {second}
+    assert completed(h, [second], 10) == {second}
     assert h.pread(8192, 0) == b"1" * 4096 + b"2" * 4096
     assert relays(relay)
     h.shutdown()
@@ -449,7 +441,7 @@ def test_relay_disc_while_paused_still_serves_the_held_requests(paused_relay):
     h.aio_disconnect()  # DISC after the held write: its reply is still owed
     time.sleep(0.3)
     stub.Resume(pb.ResumeRequest(), timeout=5)
-    assert _poll_done(h, [cookie], 10) == {cookie}
+    assert completed(h, [cookie], 10) == {cookie}
     del h
     wait_for(lambda: stub.GetStats(pb.GetStatsRequest(), timeout=5).in_flight == 0, 10, "done")
     assert read_through(relay.uri, 8192, 4096) == b"3" * 4096
@@ -471,7 +463,9 @@ def test_relay_writes_queued_behind_a_stalled_upstream_arrive_intact(
     relay = start_node("nbd", upstreams=[up.uri], env={**INFO, "NBDFABRIC_UNIX_SNDBUF": "0"})
     h = nbd_connect(relay.uri)
     h.pwrite(b"\0" * 4096, 0)  # connected and relaying before the upstream stops
-    assert _pause_control(control, b"p") == b"P"
+    pause = ControlSocket(control)
+    pause.send(b"p")
+    assert pause.reply() == b"P"
     rng = random.Random(7)
     size, count = 32 * 1024, 400
     data = rng.randbytes(size * count)
@@ -483,19 +477,11 @@ def test_relay_writes_queued_behind_a_stalled_upstream_arrive_intact(
         )
         for i in order
     ]
-    assert _poll_done(h, cookies, 1.0) == set()  # held upstream, queued in the relay
-    assert _pause_control(control, b"r") == b"R"
-    assert _poll_done(h, cookies, 30) == set(cookies)
+    assert completed(h, cookies, 1.0) == set()  # held upstream, queued in the relay
+    pause.send(b"r")
+    assert pause.reply() == b"R"
+    pause.sock.close()
+    assert completed(h, cookies, 30) == set(cookies)
     assert sha(h.pread(size * count, 0)) == sha(data)
     assert relays(relay)
     h.shutdown()
-
-
-def _pause_control(path, command: bytes) -> bytes:
-    import socket
-
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(10)
-        s.connect(str(path))
-        s.sendall(command)
-        return s.recv(1)
