@@ -13,7 +13,7 @@ import time
 import grpc
 import nbd
 import pytest
-from conftest import NBDFABRIC
+from conftest import NBDFABRIC, wait_for
 
 from nodes.control.rpc.nbdfabric.v1 import node_pb2 as pb
 from nodes.control.rpc.nbdfabric.v1 import node_pb2_grpc as pb_grpc
@@ -104,11 +104,14 @@ def info(control: str) -> pb.GetInfoResponse:
 
 @pytest.mark.parametrize("poll", [0, 1000])
 def test_a_polling_chain_serves_every_byte(tmp_path, start_node, poll: int) -> None:
-    """memory -> nbd proxy, both with --poll-max-us (or not): qemu-img writes a file through the
-    chain, reads it back and compares; libnbd does QD1 reads; the nodes report their polls."""
+    """memory -> nbd proxy (relaying), both with --poll-max-us (or not): qemu-img writes a file
+    through the chain, reads it back and compares; libnbd does QD1 reads; the nodes report
+    their polls."""
     opts = ("--poll-max-us", str(poll))
     memory = start_node("memory", "size=16M", control=True, extra=opts)
-    proxy = start_node("nbd", control=True, upstreams=[memory.uri], extra=opts)
+    proxy = start_node(
+        "nbd", control=True, upstreams=[memory.uri], extra=opts, env={"NBDFABRIC_LOG": "info"}
+    )
     data = os.urandom(16 << 20)
     src = tmp_path / "src.img"
     src.write_bytes(data)
@@ -123,8 +126,14 @@ def test_a_polling_chain_serves_every_byte(tmp_path, start_node, poll: int) -> N
     digest = hashlib.sha256()
     for offset in range(0, 16 << 20, 4096):  # one at a time: the case polling is for
         digest.update(h.pread(4096, offset))
+    assert proxy.control is not None
+    with_client = info(proxy.control).polling.sockets
     h.shutdown()
+    if poll:  # the client's socket and its relay's upstream connection, gone with the client
+        wait_for(lambda: info(proxy.control).polling.sockets == with_client - 2, 10, "unwatch")
     assert digest.digest() == hashlib.sha256(data).digest()
+    # The proxy relays (polling or not), its upstream socket watched by the poller too.
+    assert proxy.stderr().count("relayed to") >= 3, proxy.stderr()
     for node in (memory, proxy):
         assert node.control is not None
         polling = info(node.control).polling

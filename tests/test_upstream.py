@@ -112,14 +112,19 @@ def test_upstream_errno_preserved(start_node, start_nbdkit):
     h4.pwrite(b"a" * 512, 0)  # the overlay is writable over the read-only upstream
 
 
-@pytest.mark.parametrize("poll", ["0", "200"], ids=["relay", "polling"])
-def test_upstream_loss_fails_with_eio_then_recovers(start_node, tmp_path, poll):
-    """The relaying proxy (the default), and one polling its sockets, which re-issues through
-    libnbd (the upstream's fd leaves and rejoins the poll): both EIO, then serve again."""
+@pytest.mark.parametrize(
+    "relay, poll",
+    [("true", "0"), ("true", "200"), ("false", "200")],
+    ids=["relay", "relay-polling", "pool-polling"],
+)
+def test_upstream_loss_fails_with_eio_then_recovers(start_node, tmp_path, relay, poll):
+    """The relaying proxy (the default), and polling its sockets (the relay's upstream socket
+    leaves and rejoins the poll), and one that re-issues through libnbd's pool, polling (the
+    pool's fds leave and rejoin it): all EIO, then serve again."""
     sock = str(tmp_path / "up.sock")
     mem = start_node("memory", "8M", listen=f"unix:{sock}")
-    proxy = start_node("nbd", upstreams=[mem.uri], extra=("--poll-max-us", poll),
-                       env={"NBDFABRIC_LOG": "info"})  # fmt: skip
+    proxy = start_node("nbd", f"relay={relay}", upstreams=[mem.uri], control=True,
+                       extra=("--poll-max-us", poll), env={"NBDFABRIC_LOG": "info"})  # fmt: skip
     h = nbd_connect(proxy.uri)
     h.pwrite(b"q" * 4096, 0)
     mem.kill()
@@ -142,7 +147,14 @@ def test_upstream_loss_fails_with_eio_then_recovers(start_node, tmp_path, poll):
     h.pwrite(b"s" * 4096, 0)
     assert h.pread(4096, 0) == b"s" * 4096
     relayed = "relayed to" in proxy.stderr()
-    assert relayed == (poll == "0") and (not relayed or "is back" in proxy.stderr())
+    assert relayed == (relay == "true") and (not relayed or "is back" in proxy.stderr())
+    if poll != "0":
+        # Watched: the client's socket, the pool's connections and a relay's own; none of
+        # the connections the outage closed.
+        assert proxy.control is not None
+        got = json.loads(run([*NBDFABRIC, "ctl", "--json", proxy.control, "info"]).stdout)
+        pool = got["upstreams"][0]["detail"]["connections"]
+        assert got["polling"]["sockets"] == 1 + pool + relayed, got["polling"]
 
 
 def test_upstream_that_comes_back_with_less_is_not_taken_back(start_node, tmp_path):

@@ -153,9 +153,9 @@ def show_info(info: pb.GetInfoResponse) -> None:
     ]  # fmt: skip
     polling = d["polling"]
     if polling["max_ns"]:
-        rows.append(("polling", "up to {} µs, now {} µs; {} hits, {} misses".format(
+        rows.append(("polling", "up to {} µs, now {} µs; {} hits, {} misses; {} sockets".format(
             polling["max_ns"] // 1000, polling["ns"] // 1000, polling["hits"],
-            polling["misses"])))  # fmt: skip
+            polling["misses"], polling.get("sockets", 0))))  # fmt: skip
     con.print(_table(None, ("", ""), rows))
     if d["params"]:
         con.print()

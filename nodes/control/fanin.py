@@ -194,6 +194,7 @@ class FanIn:
                                  for a in answers])  # fmt: skip
         info.polling.hits = sum(a.polling.hits for a in got)
         info.polling.misses = sum(a.polling.misses for a in got)
+        info.polling.sockets = sum(a.polling.sockets for a in got)
         info.polling.ns = max(a.polling.ns for a in got)
         # An upstream is as healthy as its worst connection (each worker has its own pool).
         for a in got:

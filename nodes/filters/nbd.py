@@ -19,7 +19,7 @@ Python binding costs 106K (bench/RESULTS.md). A lost upstream still gives EIO fo
 outstanding, the client keeps its connection, and relaying goes on once the upstream is back.
 Connections that do not relay (served as above, through the shared pool): TLS to the client
 or an nbds:// upstream, more than one meta context selected, --ordering ordered|serial,
---eof-tolerant, --poll-max-us, an upstream unreachable when the client connects, or one that
+--eof-tolerant, an upstream unreachable when the client connects, or one that
 lacks something the client was told (size, a flag, the context, block sizes). The node's
 control API shows the relayed connections beside the pool (GetInfo's upstream detail:
 `relayed` with clients, how many of their connections are down, requests in flight).

@@ -38,6 +38,7 @@ class Poller:
         self._epoll: select.epoll | None = None
         self._scheduled = False
         self._idle_since = 0  #: when the loop last went to sleep after a miss (0: awake)
+        self._watched: set[int] = set()  #: the fds registered with _epoll
 
     @property
     def enabled(self) -> bool:
@@ -54,6 +55,7 @@ class Poller:
         elif not max_us and self._epoll is not None:
             self._epoll.close()
             self._epoll = None
+            self._watched.clear()
 
     def watch(self, fd: int) -> None:
         """Count `fd` readable as an event worth staying awake for (a client or upstream socket)."""
@@ -62,10 +64,12 @@ class Poller:
                 self._epoll.register(fd, select.EPOLLIN)
             except FileExistsError:  # a reused fd number whose old entry is still there
                 self._epoll.modify(fd, select.EPOLLIN)
+            self._watched.add(fd)
 
     def unwatch(self, fd: int) -> None:
         """Before `fd` closes (a duplicate of it may stay open, and its entry with it)."""
         if self._epoll is not None:
+            self._watched.discard(fd)
             with contextlib.suppress(OSError, ValueError):
                 self._epoll.unregister(fd)
 
@@ -109,7 +113,13 @@ class Poller:
             self.ns = min(max(self.ns * 2, START_NS), self.max_ns)
 
     def info(self) -> dict[str, int]:
-        return {"max_ns": self.max_ns, "ns": self.ns, "hits": self.hits, "misses": self.misses}
+        return {
+            "max_ns": self.max_ns,
+            "ns": self.ns,
+            "hits": self.hits,
+            "misses": self.misses,
+            "sockets": len(self._watched),
+        }
 
 
 #: One per process: every session and upstream of a node registers with it.

@@ -24,10 +24,11 @@ Which connections relay (else the normal path serves them, decided once per conn
 plain sockets both ways (no TLS to the client, no nbds:// upstream: libnbd's TLS state cannot
 be taken over), at most one meta context selected (libnbd 1.14 does not tell the upstream's
 context ids, so the one id of a reply must be that context's), the default --ordering
-parallel, no --eof-tolerant (both change replies), no --poll-max-us (the poller does not watch
-a relay's upstream socket), and an upstream that, connected for this client, has the size (or
-more) and every flag, meta context and block size the client was told. An upstream that cannot
-be reached when the client connects also leaves that client on the normal path.
+parallel, no --eof-tolerant (both change replies), and an upstream that, connected for this
+client, has the size (or more) and every flag, meta context and block size the client was
+told. An upstream that cannot be reached when the client connects also leaves that client on
+the normal path. With --poll-max-us the poller watches the relay's upstream socket too (a
+reply is the event a relaying node waits for after it forwards a request).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ from ..upstream import BACKOFF_CAP, BACKOFF_FIRST
 from . import session as _session
 from .framing import lent
 from .pages import lazy_buffer
+from .poll import POLLER
 from .replies import read_reply
 from .stream import Buffer, SocketStream, _after
 
@@ -114,7 +116,6 @@ def can_relay(session: Session) -> Upstream | None:
         or len(session.t.meta_contexts) > 1
         or options.ordering != "parallel"
         or options.eof_tolerant
-        or options.poll_max_us  # the poller watches sockets it registers; not the relay's
     ):
         return None
     return cast("Upstream", upstream)
@@ -132,6 +133,7 @@ class Relay:
         self._idle: asyncio.Future[None] | None = None  #: set when _out empties (close waits)
         self._h: Any = None  #: the libnbd handle, kept only to be dropped (closed) at the end
         self._reader: asyncio.Transport | None = None
+        self._polled: int | None = None  #: the upstream socket's fd, while POLLER watches it
         self._writer: SocketStream | None = None
         #: Requests to the upstream the socket has not taken yet, each with the pooled buffers
         #: its parts show (given back once sent).
@@ -216,7 +218,12 @@ class Relay:
         self._writer = writer
         self.up_state = "up"
         loop = asyncio.get_running_loop()
-        await loop.connect_accepted_socket(lambda: _ReplyReader(self), reading)
+        reader = _ReplyReader
+        if POLLER.enabled:  # --poll-max-us: a reply due from upstream is worth polling for
+            self._polled = reading.fileno()
+            POLLER.watch(self._polled)
+            reader = _PollingReplyReader
+        await loop.connect_accepted_socket(lambda: reader(self), reading)
 
     # Client -> upstream -------------------------------------------------------------------
 
@@ -469,6 +476,9 @@ class Relay:
             self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
 
     def _drop_connection(self) -> None:
+        if self._polled is not None:
+            POLLER.unwatch(self._polled)  # before its socket closes
+            self._polled = None
         if self._reader is not None:
             self._reader.abort()
             self._reader = None
@@ -654,3 +664,12 @@ class _ReplyReader(asyncio.BufferedProtocol):
         if self.big is not None:
             self.pool.put(self.big)
             self.big = None
+
+
+class _PollingReplyReader(_ReplyReader):
+    """The same, telling the poller (--poll-max-us) when the loop wakes and when it may poll."""
+
+    def buffer_updated(self, nbytes: int) -> None:
+        POLLER.woke()
+        super().buffer_updated(nbytes)
+        POLLER.idle_soon(self.relay.s._loop)

@@ -178,16 +178,18 @@ class ListedExport(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
 
 class Polling(_message.Message):
-    __slots__ = ("max_ns", "ns", "hits", "misses")
+    __slots__ = ("max_ns", "ns", "hits", "misses", "sockets")
     MAX_NS_FIELD_NUMBER: _ClassVar[int]
     NS_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
+    SOCKETS_FIELD_NUMBER: _ClassVar[int]
     max_ns: int
     ns: int
     hits: int
     misses: int
-    def __init__(self, max_ns: _Optional[int] = ..., ns: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ...) -> None: ...
+    sockets: int
+    def __init__(self, max_ns: _Optional[int] = ..., ns: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., sockets: _Optional[int] = ...) -> None: ...
 
 class OpStats(_message.Message):
     __slots__ = ("op", "count", "bytes", "errors", "latency_sum_seconds", "latency_buckets")
