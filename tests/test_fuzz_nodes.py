@@ -1359,6 +1359,7 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
         "blocksize-policy-allow": ["blocksize-minimum=512", "blocksize-preferred=64K"],
         "nbd": [],
         "nbd-libnbd": ["relay=false"],
+        "nbd-polling": [],
         "nofilter": [],
         # The fuzz clients and libnbd connect over a unix socket, as this process's user.
         "ip": [f"allow=uid:{os.getuid()}", "deny=all"],
@@ -1367,7 +1368,9 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
              "blocksize-policy-error": "blocksize-policy",
              "blocksize-policy-allow": "blocksize-policy"}  # fmt: skip
     kind = kinds.get(shape, shape.split("-")[0])
-    node = under_test(start_node, kind, *args, upstreams=[upstream])
+    # nbd-polling: the relay with --poll-max-us (its upstream socket watched by the poller).
+    extra = ("--poll-max-us", "100") if shape == "nbd-polling" else ()
+    node = under_test(start_node, kind, *args, upstreams=[upstream], extra=extra)
     below = same_below(shape, up.uri)
     if shape == "cow-on-read":
 
@@ -3482,6 +3485,7 @@ MORE_SHAPES = [
     "protect",
     "nbd",
     "nbd-libnbd",
+    "nbd-polling",
     "nofilter",
     "empty",
     "http",
