@@ -30,7 +30,7 @@ compose-check: setup
 	@bash compose/gen.sh --check
 
 # The bounded slow runs: the fuzz run (tests/test_fuzz_nodes.py) takes this many seconds per
-# node shape (102 shapes; unset: 4 s for the first eleven, 1 s for the others, about 4
+# node shape (103 shapes; unset: 4 s for the first eleven, 1 s for the others, about 4
 # minutes in all), the chaos soak (tests/test_soak.py) per fabric (3);
 # `make test NBDFABRIC_FUZZ_SECONDS=120` for a longer one, NBDFABRIC_FUZZ_SEED=N or
 # NBDFABRIC_SOAK_SEED=N to replay the seed a failure printed.

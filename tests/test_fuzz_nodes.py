@@ -1672,10 +1672,11 @@ def check_stats(path: Path) -> None:
 def tls_shape(shape: str, start_node: Any, pki: Path) -> Target:
     """A memory node that serves its clients over TLS (tls-require: only; tls-on: TLS or
     plaintext, and polling before it sleeps, the TLS reader's other path), a plaintext nbd
-    filter whose upstream hop is TLS (tls-chain: the upstream side's TLS under load), or a
-    tls-fallback filter run with --tls=on over a memory node (tls-fallback: TLS clients are
-    served the disk as tls-on's, plaintext ones a read-only notice under any name, and none of
-    their requests may reach the disk)."""
+    filter whose upstream hop is TLS (tls-chain: the upstream side's TLS under load), a
+    relaying nbd node that requires TLS of its clients (tls-relay), or a tls-fallback filter
+    run with --tls=on over a memory node (tls-fallback: TLS clients are served the disk as
+    tls-on's, plaintext ones a read-only notice under any name, and none of their requests may
+    reach the disk)."""
     rng = random.Random(f"{SEED}:{shape}:initial")
     image = rng.randbytes(SIZE)
     tls = ("--tls-certificates", str(pki), "--handshake-limit", str(HANDSHAKE_LIMIT))
@@ -1692,6 +1693,13 @@ def tls_shape(shape: str, start_node: Any, pki: Path) -> Target:
             shape, node, [node, up], image, check_below=same_below(shape, up.uri), tls="on",
             pki=pki, tls_contexts=client_contexts(pki),
             plaintext=TLS_README.encode().ljust(512, b"\0"),  # nbdkit's padding: NULs to 512
+        )  # fmt: skip
+    if shape == "tls-relay":  # a relaying nbd node that requires TLS of its clients
+        up = memory_with(start_node, image)
+        node = under_test(start_node, "nbd", upstreams=[up.uri], extra=("--tls=require", *tls))
+        return Target(
+            shape, node, [node, up], image, check_below=same_below(shape, up.uri),
+            tls="require", pki=pki, tls_contexts=client_contexts(pki),
         )  # fmt: skip
     if shape == "tls-chain":
         up = start_node("memory", str(SIZE), extra=("--tls=require", *tls))
@@ -3502,6 +3510,7 @@ MORE_SHAPES = [
     "tls-on",
     "tls-chain",
     "tls-fallback",
+    "tls-relay",
     "checkwrite",
     "swab-16",
     "swab-64",

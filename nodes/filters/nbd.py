@@ -17,10 +17,10 @@ parsed only to cut the stream into whole messages and to renumber a block-status
 (nodes/server/relay.py): about 40K instructions a 4K read where re-issuing through libnbd's
 Python binding costs 106K (bench/RESULTS.md). A lost upstream still gives EIO for what was
 outstanding, the client keeps its connection, and relaying goes on once the upstream is back.
-Connections that do not relay (served as above, through the shared pool): TLS to the client
-or an nbds:// upstream, more than one meta context selected, --ordering ordered|serial,
---eof-tolerant, an upstream unreachable when the client connects, or one that
-lacks something the client was told (size, a flag, the context, block sizes). The node's
+Connections that do not relay (served as above, through the shared pool): an nbds://
+upstream (a client over TLS is relayed), more than one meta context selected, --ordering
+ordered|serial, --eof-tolerant, an upstream unreachable when the client connects, or one
+that lacks something the client was told (size, a flag, the context, block sizes). The node's
 control API shows the relayed connections beside the pool (GetInfo's upstream detail:
 `relayed` with clients, how many of their connections are down, requests in flight).
 

@@ -21,14 +21,15 @@ checks that what the upstream offers covers what the client was told, then takes
   and relaying goes on once it offers what the client was told.
 
 Which connections relay (else the normal path serves them, decided once per connection):
-plain sockets both ways (no TLS to the client, no nbds:// upstream: libnbd's TLS state cannot
-be taken over), at most one meta context selected (libnbd 1.14 does not tell the upstream's
-context ids, so the one id of a reply must be that context's), the default --ordering
-parallel, no --eof-tolerant (both change replies), and an upstream that, connected for this
-client, has the size (or more) and every flag, meta context and block size the client was
-told. An upstream that cannot be reached when the client connects also leaves that client on
-the normal path. With --poll-max-us the poller watches the relay's upstream socket too (a
-reply is the event a relaying node waits for after it forwards a request).
+a plain socket to the upstream (no nbds://: libnbd's TLS state cannot be taken over; a client
+over TLS is fine, its requests are relayed once decrypted), at most one meta context selected
+(libnbd 1.14 does not tell the upstream's context ids, so the one id of a reply must be that
+context's), the default --ordering parallel, no --eof-tolerant (both change replies), and an
+upstream that, connected for this client, has the size (or more) and every flag, meta context
+and block size the client was told. An upstream that cannot be reached when the client
+connects also leaves that client on the normal path. With --poll-max-us the poller watches
+the relay's upstream socket too (a reply is what a relaying node waits for after it forwards
+a request).
 """
 
 from __future__ import annotations
@@ -110,8 +111,6 @@ def can_relay(session: Session) -> Upstream | None:
     options = session.node.options
     if (
         upstream is None
-        or session.client.tls
-        or not isinstance(session.stream, SocketStream)
         or upstream.uri.startswith("nbds")
         or len(session.t.meta_contexts) > 1
         or options.ordering != "parallel"
