@@ -265,3 +265,30 @@ def test_a_worker_replaced_slowly_keeps_what_the_old_one_counted() -> None:
     after = fanin._count([answer(101, 3.0, 4096)])
     assert op(after, "write").bytes == 65536 + 4096
     assert after.pid == 1
+
+
+def test_relayed_clients_of_every_worker_are_counted(start_node) -> None:
+    """An `nbd` node with two workers, a client relayed by each: its upstream's `relayed`
+    detail counts both (each worker has its own relays; one worker's answer says 1)."""
+    up = start_node("memory", "8M")
+    p = start_node("nbd", control=True, upstreams=[up.uri], extra=("--workers", "2"))
+    workers = sorted(p.info["workers"])
+    conns = [connect_to(p, pid, workers) for pid in workers]
+    for h in conns:
+        h.pwrite(b"r" * 4096, 0)
+    with grpc.insecure_channel(p.control) as channel:
+        stub = pb_grpc.NodeServiceStub(channel)
+        (upstream,) = stub.GetInfo(pb.GetInfoRequest(), timeout=10).upstreams
+        assert json.loads(upstream.detail_json)["relayed"] == {
+            "clients": 2, "down": 0, "in_flight": 0,
+        }  # fmt: skip
+        for h in conns:
+            h.shutdown()
+        wait_for(
+            lambda: (
+                "relayed"
+                not in stub.GetInfo(pb.GetInfoRequest(), timeout=10).upstreams[0].detail_json
+            ),
+            10,
+            "the relayed clients to be gone",
+        )

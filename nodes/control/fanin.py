@@ -201,6 +201,8 @@ class FanIn:
             for i, up in enumerate(a.upstreams):
                 if i < len(info.upstreams) and not up.healthy:
                     info.upstreams[i].CopyFrom(up)
+        for i, up in enumerate(info.upstreams):
+            _sum_relayed(up, [a.upstreams[i] for a in got if i < len(a.upstreams)])
         status = json.loads(info.status_json or "{}")
         if isinstance(status, dict):
             status["workers"] = [
@@ -526,3 +528,18 @@ async def serve_fanin(
         stop_metrics()
     await fanin.workers.close()
     return 0
+
+
+def _sum_relayed(up: pb.Upstream, per_worker: list[pb.Upstream]) -> None:
+    """Each worker relays its own clients (an `nbd` node's `relayed` detail): the node's figures
+    are their sums."""
+    got = [json.loads(w.detail_json or "{}").get("relayed") for w in per_worker]
+    relayed = [r for r in got if isinstance(r, dict)]
+    detail = json.loads(up.detail_json or "{}")
+    if not isinstance(detail, dict) or not (relayed or "relayed" in detail):
+        return
+    if relayed:
+        detail["relayed"] = {k: sum(r.get(k, 0) for r in relayed) for k in relayed[0]}
+    else:
+        detail.pop("relayed", None)
+    up.detail_json = json.dumps(detail, sort_keys=True)
