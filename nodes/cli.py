@@ -33,6 +33,10 @@ def _node_parser(full_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="nbdfabric node",
         description="Serve one node kind over NBD (see `nbdfabric kinds`).",
+        epilog="environment: NBDFABRIC_LOG=LEVEL (debug, info, warning: the default, error) "
+        "sets what the node logs on stderr; NBDFABRIC_UNIX_SNDBUF=BYTES the send buffer its "
+        "unix sockets ask for (default 4194304, capped by net.core.wmem_max; 0: the "
+        "kernel's default).",
     )
     p.add_argument("kind", help="the node's kind (`nbdfabric kinds` lists them)")
     p.add_argument(

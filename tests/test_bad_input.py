@@ -474,7 +474,9 @@ def test_node_help_explains_every_option():
     bare = [a.option_strings or a.dest for a in parser._actions if not a.help]
     assert not bare, f"options without help: {bare}"
     text = parser.format_help()
-    for form in ("unix:PATH", "fd:N", "127.0.0.1:10809", "nbd+unix://", "$uri", "magic"):
+    forms = ("unix:PATH", "fd:N", "127.0.0.1:10809", "nbd+unix://", "$uri", "magic",
+             "NBDFABRIC_LOG", "NBDFABRIC_UNIX_SNDBUF")  # fmt: skip
+    for form in forms:
         assert form in text, form
 
 
