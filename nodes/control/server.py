@@ -545,6 +545,13 @@ class NodeHealth(HealthBase):
     async def refresh(self) -> None:
         await self.set_all(self.derive())
 
+    async def Check(self, request: health_pb2.HealthCheckRequest, context: Any) -> Any:
+        """The status now, not as of the last event keep() has handled: a probe that follows a
+        change (a member just marked faulty) must not be told the state before it."""
+        if not self.closed:
+            await self.refresh()
+        return await super().Check(request, context)
+
     async def keep(self) -> None:
         """Follow the node: on each event and every HEALTH_INTERVAL, re-derive the status."""
         rt = self.runtime
