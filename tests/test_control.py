@@ -395,6 +395,17 @@ def test_control_rebuild_progress_says_a_finished_rebuild_is_done(
     assert capsys.readouterr().out.startswith(f"rebuild member 1: {said} (")
 
 
+def test_control_rebuild_progress_names_parity_s_recheck(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A parity fan's recheck of its own parity after a crash is a rebuild of no member."""
+    from nodes.control.cli import show_progress
+
+    show_progress(pb.RebuildProgress(running=True, done_bytes=1 << 20, total_bytes=1 << 22,
+                                     detail_json='{"kind": "parity"}'))  # fmt: skip
+    assert capsys.readouterr().out.startswith("rebuild (parity recheck): running 25.0% (")
+
+
 def test_control_members_say_how_to_take_back_a_member_marked_faulty(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

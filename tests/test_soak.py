@@ -7,7 +7,8 @@ in the middle). A writer keeps several random requests in flight (writes, zeroes
 FUA, flushes, reads) and a byte model of what was acknowledged; every read is checked against
 it. A killer picks a victim at random (a member, two mirror members, the fan, the filter in the
 middle, or a member and then the fan before it was rebuilt), never more than the redundancy
-tolerates, and waits for the fan to report every member in sync again before the next. With
+tolerates, and waits for the fan to report every member in sync again (and no rebuild running:
+for parity, that includes the recheck of its parity after a crash of the fan) before the next. With
 retry in front the client must see no error at all. At the end: every member in sync, a full
 read equals the model, each mirror member's file equals it, each parity member file's stripes
 XOR to zero and decode to the model; `down` leaves no process or socket.
@@ -18,6 +19,7 @@ NBDFABRIC_SOAK_SEED replays it (the kill moments still depend on timing).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -274,18 +276,29 @@ class Orchestrator:
 
     def members(self, control: str) -> list[dict[str, Any]] | None:
         """The fan's own view (fresher than the supervisor's copy); None if it does not answer."""
-        import json
+        reply = self._list(control)
+        if reply is None:
+            return None
+        return [{"state": m.state, **json.loads(m.detail_json or "{}")} for m in reply.members]
 
+    def recovered(self, control: str) -> bool:
+        """Every member in sync and no rebuild running: for parity, also no recheck of the
+        parity after a crash of the fan (a member lost before it is done may be rebuilt from a
+        torn write's stale parity: the RAID5 write hole, which it closes)."""
+        reply = self._list(control)
+        return (reply is not None and not reply.rebuild.running
+                and all(m.state == "in_sync" for m in reply.members))  # fmt: skip
+
+    def _list(self, control: str) -> Any:
         from nodes.control.rpc.nbdfabric.v1 import node_pb2, node_pb2_grpc
 
         try:
             with grpc.insecure_channel(control) as ch:
-                reply = node_pb2_grpc.NodeServiceStub(ch).ListMembers(
+                return node_pb2_grpc.NodeServiceStub(ch).ListMembers(
                     node_pb2.ListMembersRequest(), timeout=5
                 )
         except grpc.RpcError:
             return None
-        return [{"state": m.state, **json.loads(m.detail_json or "{}")} for m in reply.members]
 
     def close(self) -> None:
         self.channel.close()
@@ -432,8 +445,7 @@ class Killer(threading.Thread):
 
     def _in_sync(self) -> bool:
         fan = self.api.nodes()["fan"]
-        got = self.api.members(fan.control) if fan.health == "SERVING" else None
-        return got is not None and all(m["state"] == "in_sync" for m in got)
+        return fan.health == "SERVING" and self.api.recovered(fan.control)
 
 
 # The checks at the end ----------------------------------------------------------------------

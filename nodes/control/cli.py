@@ -302,6 +302,8 @@ def show_progress(p: pb.RebuildProgress) -> None:
         return
     pct = 100.0 * p.done_bytes / p.total_bytes if p.total_bytes else 0.0
     who = f" member {p.member_index}" if p.HasField("member_index") else ""
+    if json.loads(p.detail_json or "{}").get("kind") == "parity" and not who:
+        who = " (parity recheck)"  # parity's own, after a crash of the fan
     throttle = (
         f", throttle {human_size(p.throttle_bytes_per_second)}/s"
         if p.throttle_bytes_per_second

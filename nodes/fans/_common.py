@@ -74,11 +74,11 @@ class Recovery:
 
 @dataclass
 class RebuildRun:
-    """One rebuild of one member (the mirror's, quorum's and verify's): what `rebuild_progress`
-    and ListMembers show."""
+    """One rebuild of one member (the mirror's, quorum's, verify's and parity's), or parity's
+    recheck of the array's own parity: what `rebuild_progress` and ListMembers show."""
 
-    member: int
-    kind: str  #: full | bitmap
+    member: int | None  #: None: no member's (parity's recheck)
+    kind: str  #: full | bitmap | parity
     bytes_total: int
     bytes_done: int = 0
     started: float = field(default_factory=time.monotonic)

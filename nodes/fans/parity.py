@@ -37,8 +37,13 @@ not (or the other way round) leaves a stripe whose parity is wrong, and losing a
 later would rebuild that member's chunk of the stripe, data nobody wrote, as garbage. As md's
 write-intent bitmap, each `intent-region` (bytes on each member, in whole stripes) is marked
 in the file before the first write into it goes out and unmarked after `intent-linger`
-without writes; a fan that starts with regions marked recomputes their parity first (and so
-does a full parity recheck after every member was lost, until it is done).
+without writes; a fan that starts with regions marked recomputes their parity (and so does a
+full parity recheck after every member was lost, until it is done). The recheck runs in the
+background, throttled and paused as a rebuild and shown as one (kind "parity", no member);
+until it has reached a stripe, partial writes there compute its parity from the data chunks
+(as md, no read-modify-write before the resync: the old parity may be a torn write's). Losing
+a member before it is done is the write hole again, for the stripes not yet rechecked: an
+event says so.
 
 While a member is out, that recomputation is impossible: its chunk of a stripe exists only as
 the XOR of the parity and the other data chunks, and a partial write that lands on its data
@@ -64,6 +69,7 @@ Example: `nbdfabric node parity chunk-size=64K --upstream A --upstream B --upstr
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import errno
 import logging
@@ -79,7 +85,7 @@ from ..filters._blocks import RangeLocks
 from ..params import Duration, Params, Size, live, param
 from ..protocol.constants import CmdFlag, Extent
 from ..registry import register
-from ._bitmap import BitmapFile, WriteIntents, load_runs
+from ._bitmap import BitmapFile, WriteIntents, load_runs, merge_runs
 from ._common import (
     RebuildingFan,
     RebuildRun,
@@ -190,6 +196,8 @@ class Parity(RebuildingFan):
         #: Stripes whose parity may be wrong until recomputed: kept in the state file (with
         #: the intents) until then, so a crash meanwhile does not forget them.
         self._recheck: list[tuple[int, int]] = []
+        #: The recheck of `_recheck` (sorted, disjoint) has done every stripe below this one.
+        self._recheck_at = 0
         self._journal: Journal | None = None  #: with a state file, from start()
         #: Partial writes in flight with no journal entry: they went out with every member in
         #: sync, and a member lost before they end leaves their stripes to the write hole.
@@ -291,7 +299,7 @@ class Parity(RebuildingFan):
                 self.left_at[i] = self.acked if complete else None
                 self.retry_at[i] = time.monotonic() + self.params.retry_delay
                 log.warning("parity: member %d was not in sync before the fan restarted", i)
-        self._recheck = load_runs(data.get("intents"), self.stripes)
+        self._recheck = merge_runs(load_runs(data.get("intents"), self.stripes))
         self._exposed = all(s == IN_SYNC for s in data["states"]) or bool(data.get("unjournaled"))
         return True
 
@@ -547,33 +555,70 @@ class Parity(RebuildingFan):
     async def _resync_parity(self, runs: list[tuple[int, int]] | None = None) -> None:
         """Recompute the parity of the stripes in RUNS (every stripe: after every member was
         lost at once), where writes in flight may have left it wrong. Until done, they stay
-        in the state file to be recomputed by the next fan if this one stops."""
+        in the state file to be recomputed by the next fan if this one stops, partial writes
+        into them compute their parity from the data (see `_write_piece`), and the rebuild
+        progress shows it (kind "parity", no member): losing a member before it is done may
+        rebuild that member's chunks of a stripe it has not reached yet wrong (the RAID5 write
+        hole), so it is part of the array's recovery. Throttled and paused as a rebuild."""
         every = runs is None
-        runs = [(0, self.stripes - 1)] if runs is None else runs
-        self._recheck = runs
+        runs = [(0, self.stripes - 1)] if runs is None else merge_runs(runs)
+        self._recheck, self._recheck_at = runs, 0
         self._persist()
+        width = self.chunk * (self.n - 1)
+        total = sum(last - first + 1 for first, last in runs)
+        run = self.rebuild = RebuildRun(None, "parity", total * width)
+        self.emit("rebuild", f"rechecking the parity of {total} stripes"
+                  + ("" if every else " where writes were in flight when the fan stopped"),
+                  stripes=total)  # fmt: skip
         fixed = 0
-        for stripe in (s for first, last in runs for s in range(first, last + 1)):
-            async with self._lock(stripe):
-                if any(s != IN_SYNC for s in self.states):
-                    return  # another failure: its rebuild recomputes what it needs
-                pm = self.parity_member(stripe)
-                try:
-                    bufs = await self._read_stripe(stripe)
-                    parity = _xor((b for i, b in enumerate(bufs) if i != pm), self.chunk)
-                    if bufs[pm] != parity:
-                        await self.members[pm].pwrite(memoryview(parity), stripe * self.chunk, 0)
-                        fixed += 1
-                except OSError as exc:
-                    log.warning("parity: recomputing parity stopped: %s", exc)
-                    return
-            if self.params.rebuild_rate:
-                await asyncio.sleep(self.chunk * (self.n - 1) / self.params.rebuild_rate)
+        try:
+            for stripe in (s for first, last in runs for s in range(first, last + 1)):
+                await self._running.wait()  # ctl rebuild stop pauses here, start resumes
+                async with self._lock(stripe):
+                    out = [i for i, s in enumerate(self.states) if s != IN_SYNC]
+                    if out:
+                        self._recheck_lost(out, stripe)
+                        return
+                    pm = self.parity_member(stripe)
+                    try:
+                        bufs = await self._read_stripe(stripe)
+                        parity = _xor((b for i, b in enumerate(bufs) if i != pm), self.chunk)
+                        if bufs[pm] != parity:
+                            await self.members[pm].pwrite(memoryview(parity),
+                                                          stripe * self.chunk, 0)  # fmt: skip
+                            fixed += 1
+                    except OSError as exc:
+                        log.warning("parity: recomputing parity stopped: %s", exc)
+                        return
+                    self._recheck_at = stripe + 1
+                run.bytes_done += width
+                if self.params.rebuild_rate:
+                    await asyncio.sleep(width / self.params.rebuild_rate)
+        finally:
+            run.finished = time.monotonic()
         self._recheck = []
         self._persist()
         where = "" if every else " where writes were in flight when the fan stopped"
         self.emit("rebuild", f"parity recomputed{where}: {fixed} stripes were inconsistent",
                   fixed=fixed)  # fmt: skip
+
+    def _recheck_lost(self, out: list[int], stripe: int) -> None:
+        """A member left before the recheck was done: the stripes it has not reached may
+        hold a torn write, and the missing chunks of those are rebuilt from their parity."""
+        left = sum(last - max(first, stripe) + 1 for first, last in self._recheck if last >= stripe)
+        why = (f"member(s) {out} left before the parity recheck was done: their chunks in "
+               f"{left} stripes not yet rechecked may be rebuilt wrong if a write was torn "
+               f"there (the RAID5 write hole)")  # fmt: skip
+        log.warning("parity: %s", why)
+        self.emit("member", why, stripes=left)
+
+    def _unchecked(self, stripe: int) -> bool:
+        """STRIPE's parity may be wrong (a write was in flight there when a fan stopped, or
+        every member was lost) and the recheck has not fixed it yet."""
+        if not self._recheck or stripe < self._recheck_at:
+            return False
+        i = bisect.bisect_right(self._recheck, (stripe, self.stripes))
+        return i > 0 and self._recheck[i - 1][1] >= stripe
 
     async def _replay_journal(self, entries: list[Entry]) -> None:
         """The fan stopped with partial writes into degraded stripes journaled (in flight, or
@@ -667,7 +712,9 @@ class Parity(RebuildingFan):
         finally:
             run.finished = time.monotonic()
         self.states[member] = IN_SYNC
-        self._recheck = []  # every stripe was made consistent by computing the member's chunk
+        # Every stripe was made consistent by computing the member's chunk (consistent with
+        # what the parity implies, which is all a stripe left unchecked can give).
+        self._recheck, self._recheck_at = [], 0
         self._persist()
         self.emit("member", f"member {member} in sync", index=member, state=IN_SYNC)
 
@@ -981,7 +1028,16 @@ class Parity(RebuildingFan):
         implied: bytes | None = None
         missing = self._implied_by_parity(stripe, member)
         if self._good(pm, stripe):
-            if self._good(member, stripe):
+            if self._good(member, stripe) and self._unchecked(stripe) and missing is None:
+                # Old parity ^ old data ^ new data would carry a torn write's wrong parity
+                # over into this one's (md: no rmw before the resync): from the data instead.
+                try:
+                    parity = await self._parity_without(stripe, member, moff, new)
+                except OSError:
+                    others = tuple(i for i in range(self.n) if i not in (member, pm))
+                    await self._probe(stripe, others, moff, len(new))  # as _read_modify
+                    return await self._write_piece(stripe, j, within, new, flags)
+            elif self._good(member, stripe):
                 try:
                     parity, implied = await self._read_modify(stripe, member, missing, moff, new)
                 except _ReadAgain:
@@ -1044,20 +1100,19 @@ class Parity(RebuildingFan):
         return (old ^ int.from_bytes(new, "little")).to_bytes(n, "little"), implied
 
     async def _parity_without(self, stripe: int, member: int, moff: int, new: memoryview) -> bytes:
-        """The parity for NEW written into MEMBER's chunk while it is out: the XOR of the new
-        data and the other data chunks."""
+        """The parity for NEW written into MEMBER's chunk (while it is out, or while the
+        stripe's parity is not to be trusted): the XOR of the new data and the other data
+        chunks."""
         pm = self.parity_member(stripe)
         n = len(new)
-        others: list[bytes | bytearray | memoryview] = [new]
-        for i in range(self.n):
-            if i in (member, pm):
-                continue
-            if not self._good(i, stripe):
-                raise OSError(errno.EIO, f"parity: stripe {stripe} has lost two members")
-            other = bytearray(n)
-            await self._read_member(i, memoryview(other), moff)
-            others.append(other)
-        return _xor(others, n)
+        others = [i for i in range(self.n) if i not in (member, pm)]
+        if not all(self._good(i, stripe) for i in others):
+            raise OSError(errno.EIO, f"parity: stripe {stripe} has lost two members")
+        bufs = [bytearray(n) for _ in others]
+        await asyncio.gather(
+            *(self._read_member(i, memoryview(b), moff) for i, b in zip(others, bufs, strict=True))
+        )
+        return _xor([new, *bufs], n)
 
     async def _write_journaled(
         self,
