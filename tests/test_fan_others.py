@@ -539,25 +539,23 @@ def test_parity_rebuild_pauses_and_resumes_as_ctl_rebuild_says(harness: Harness)
     h.shutdown()
 
 
-def test_parity_fan_crash_mid_write_recomputes_the_parity_of_the_regions_in_flight(
-    harness: Harness, tmp_path: Path
-) -> None:
-    """The RAID5 write hole: a write's data chunk landed, its parity did not, the fan died.
-    Losing another member later would rebuild that member's chunk of the stripe, data nobody
-    wrote, from the stale parity. The state file marked the region before the write went out,
-    and the next fan recomputes its parity before anything else."""
+def torn_parity_write(
+    harness: Harness, tmp_path: Path, params: dict[str, Any], seed: int
+) -> tuple[list[tuple[Memory, str]], bytearray, Path, Any]:
+    """A parity fan over 3 memory members (16K chunks) fills them, then dies as a write of
+    0xee * 4096 at 0 has landed on its data member (member 0) and not on its parity (member
+    2): the members, the data as it was before the write, the state file the fan left
+    behind, and the writer's handle (its write never answered)."""
     from nodes.fans.parity import Parity, ParityParams
 
     mems = [harness.memory(1 << 20) for _ in range(3)]
-    params = {"chunk-size": "16K", "check-interval": 0.02, "retry-delay": 0.05,
-              "intent-region": "256K", "intent-linger": 0.2}  # fmt: skip
     state = tmp_path / "parity.state"
     stalled = Stalled(mems[2][0])  # stripe 0: parity on member 2, data on members 0 and 1
     fan = Parity(ParityParams.model_validate({**params, "state-file": str(state)}),
                  [Flaky(mems[0][0]), Flaky(mems[1][0]), stalled])  # fmt: skip
     uri = harness.serve(fan, "parity")
     assert harness.call(fan.parity_member, 0) == 2
-    model = fill_random(uri, 11)
+    model = bytearray(fill_random(uri, seed))
     wait_for(lambda: json.loads(state.read_text())["intents"] == [], 10, "the regions to settle")
     stalled.hold = True
     h = nbd_connect(uri)
@@ -568,6 +566,21 @@ def test_parity_fan_crash_mid_write_recomputes_the_parity_of_the_regions_in_flig
     stalled.drop, stalled.hold = True, False  # the parity never reaches member 2
     after_crash = tmp_path / "after.state"
     after_crash.write_text(crash)
+    return mems, model, after_crash, h
+
+
+def test_parity_fan_crash_mid_write_recomputes_the_parity_of_the_regions_in_flight(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The RAID5 write hole: a write's data chunk landed, its parity did not, the fan died.
+    Losing another member later would rebuild that member's chunk of the stripe, data nobody
+    wrote, from the stale parity. The state file marked the region before the write went out,
+    and the next fan recomputes its parity (in the background)."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    params = {"chunk-size": "16K", "check-interval": 0.02, "retry-delay": 0.05,
+              "intent-region": "256K", "intent-linger": 0.2}  # fmt: skip
+    mems, model, after_crash, h = torn_parity_write(harness, tmp_path, params, 11)
     flakies = [Flaky(m) for m, _ in mems]
     fan2 = Parity(ParityParams.model_validate({**params, "state-file": str(after_crash)}),
                   flakies)  # fmt: skip
@@ -593,23 +606,9 @@ def test_parity_write_before_the_recheck_reaches_its_stripe_computes_the_parity_
     and a member lost before it is done is reported."""
     from nodes.fans.parity import Parity, ParityParams
 
-    mems = [harness.memory(1 << 20) for _ in range(3)]
     params = {"chunk-size": "16K", "check-interval": 0.02, "retry-delay": 60,
               "intent-region": "256K", "intent-linger": 0.2}  # fmt: skip
-    state = tmp_path / "parity.state"
-    stalled = Stalled(mems[2][0])  # stripe 0: parity on member 2, data on members 0 and 1
-    fan = Parity(ParityParams.model_validate({**params, "state-file": str(state)}),
-                 [Flaky(mems[0][0]), Flaky(mems[1][0]), stalled])  # fmt: skip
-    uri = harness.serve(fan, "parity")
-    model = bytearray(fill_random(uri, 12))
-    wait_for(lambda: json.loads(state.read_text())["intents"] == [], 10, "the regions to settle")
-    stalled.hold = True
-    h = nbd_connect(uri)
-    h.aio_pwrite(b"\xee" * 4096, 0)  # data chunk 0 of stripe 0, on member 0
-    wait_for(lambda: nbd_connect(mems[0][1]).pread(1, 0) == b"\xee", 10, "member 0 to have it")
-    after_crash = tmp_path / "after.state"
-    after_crash.write_text(state.read_text())
-    stalled.drop, stalled.hold = True, False  # the parity never reaches member 2
+    mems, model, after_crash, h = torn_parity_write(harness, tmp_path, params, 12)
     flakies = [Flaky(m) for m, _ in mems]
     fan2 = Parity(ParityParams.model_validate({**params, "state-file": str(after_crash)}),
                   flakies)  # fmt: skip

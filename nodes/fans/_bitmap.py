@@ -219,14 +219,3 @@ def load_runs(value: Any, units: int) -> list[tuple[int, int]]:
         if 0 <= first <= last:
             runs.append((first, last))
     return runs
-
-
-def merge_runs(runs: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """[first, last] runs sorted, with overlapping and adjacent ones joined."""
-    out: list[tuple[int, int]] = []
-    for first, last in sorted(runs):
-        if out and first <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], last))
-        else:
-            out.append((first, last))
-    return out

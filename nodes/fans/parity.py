@@ -82,10 +82,11 @@ from pydantic import field_validator
 
 from ..base import Backend, Capabilities, Holes, Support, fill_holes
 from ..filters._blocks import RangeLocks
+from ..filters._runs import union
 from ..params import Duration, Params, Size, live, param
 from ..protocol.constants import CmdFlag, Extent
 from ..registry import register
-from ._bitmap import BitmapFile, WriteIntents, load_runs, merge_runs
+from ._bitmap import BitmapFile, WriteIntents, load_runs
 from ._common import (
     RebuildingFan,
     RebuildRun,
@@ -299,7 +300,7 @@ class Parity(RebuildingFan):
                 self.left_at[i] = self.acked if complete else None
                 self.retry_at[i] = time.monotonic() + self.params.retry_delay
                 log.warning("parity: member %d was not in sync before the fan restarted", i)
-        self._recheck = merge_runs(load_runs(data.get("intents"), self.stripes))
+        self._recheck = union(load_runs(data.get("intents"), self.stripes))
         self._exposed = all(s == IN_SYNC for s in data["states"]) or bool(data.get("unjournaled"))
         return True
 
@@ -561,7 +562,7 @@ class Parity(RebuildingFan):
         rebuild that member's chunks of a stripe it has not reached yet wrong (the RAID5 write
         hole), so it is part of the array's recovery. Throttled and paused as a rebuild."""
         every = runs is None
-        runs = [(0, self.stripes - 1)] if runs is None else merge_runs(runs)
+        runs = [(0, self.stripes - 1)] if runs is None else union(runs)
         self._recheck, self._recheck_at = runs, 0
         self._persist()
         width = self.chunk * (self.n - 1)

@@ -6,7 +6,20 @@ only at the runs inside it. Standard library only (bisect), no I/O.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+
+
+def union(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Inclusive [first, last] ranges as their union: sorted, overlapping and adjacent ones
+    joined."""
+    out: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if out and first <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], last))
+        else:
+            out.append((first, last))
+    return out
+
 
 #: A run: [start, stop) and its value.
 Run = tuple[int, int, int]

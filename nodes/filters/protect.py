@@ -28,6 +28,7 @@ from ..base import Backend, Filter, read_flat
 from ..params import Params, param
 from ..registry import register
 from ..values import c_integer, parse_size
+from ._runs import union
 
 #: nbdkit's "end of the disk": the largest offset an export can have.
 END_OF_DISK = 2**63 - 1
@@ -68,19 +69,9 @@ def parse_ranges(text: str) -> list[tuple[int, int]]:
                 ranges.append((0, start - 1))
             if end < END_OF_DISK:
                 ranges.append((end + 1, END_OF_DISK))
-    return _merge(ranges)
-
-
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     # The union. (nbdkit 1.32 keeps the later range's end, so there a range inside another
     # shrinks the protection: `0-1000,10-20` protects only 0-20. Not copied.)
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(ranges):
-        if merged and start <= merged[-1][1] + 1:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
+    return union(ranges)
 
 
 def _valid_ranges(text: str) -> str:
