@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -627,7 +628,7 @@ def test_parity_write_before_the_recheck_reaches_its_stripe_computes_the_parity_
     harness.call(fan2.set_rebuild, True)
     wait_for(lambda: not harness.call(fan2.rebuild_progress)["running"], 10, "the recheck to stop")
     assert any("left before the parity recheck was done" in e[1] for e in harness.events)
-    assert [0, 15] in json.loads(after_crash.read_text())["intents"]  # still to recheck
+    assert json.loads(after_crash.read_text())["recheck"] == [[0, 15]]  # still to recheck
     h2.shutdown()
     h.shutdown()
 
@@ -666,22 +667,22 @@ JOURNAL_PARAMS = {"chunk-size": "16K", "check-interval": 0.02, "retry-delay": 0.
 
 
 def crash_mid_write(
-    harness: Harness, tmp_path: Path, lost: str = "never"
+    harness: Harness, tmp_path: Path, lost: str = "never", policy: str = "bitmap"
 ) -> tuple[list[tuple[Memory, str]], bytes, Path]:
     """A fan over 3 members (stripe 0: parity on member 2, data on 0 and 1), filled, writes 4K
     into data chunk 0 of stripe 0 and 'crashes' once member 0 has it and the parity is held:
     what it leaves (state file and journal) is copied to `crash.state` and
     `crash.state.journal`, and the parity write is dropped. Member 1 is LOST "before" the write,
-    "during" it (before the crash), or "never". The members, the data before the write, and the
-    copied state file."""
+    "during" it (before the crash), or "never". POLICY: its consistency-policy. The members,
+    the data before the write, and the copied state file."""
     from nodes.fans.parity import Parity, ParityParams
 
     mems = [harness.memory(1 << 20) for _ in range(3)]
     state = tmp_path / "parity.state"
     stalled = Stalled(mems[2][0])
     flakies = [Flaky(mems[0][0]), Flaky(mems[1][0]), stalled]
-    fan = Parity(ParityParams.model_validate({**JOURNAL_PARAMS, "state-file": str(state)}),
-                 flakies)  # fmt: skip
+    params = {**JOURNAL_PARAMS, "state-file": str(state), "consistency-policy": policy}
+    fan = Parity(ParityParams.model_validate(params), flakies)
     uri = harness.serve(fan, "parity")
     assert harness.call(fan.parity_member, 0) == 2
     assert harness.call(fan.data_member, 0, 1) == 1
@@ -722,14 +723,15 @@ class Unreachable(Flaky):
 
 
 def start_on(harness: Harness, mems: list[tuple[Memory, str]], state: Path,
-             out: int) -> str:  # fmt: skip
-    """A new fan on the members and a crash image, with member OUT unreachable at start."""
+             out: int | None, policy: str = "bitmap") -> tuple[Any, str]:  # fmt: skip
+    """A new fan on the members and a crash image, with member OUT unreachable at start: the
+    fan and its URI."""
     from nodes.fans.parity import Parity, ParityParams
 
     flakies = [Unreachable(m) if i == out else Flaky(m) for i, (m, _) in enumerate(mems)]
-    fan = Parity(ParityParams.model_validate({**JOURNAL_PARAMS, "state-file": str(state)}),
-                 flakies)  # fmt: skip
-    return harness.serve(fan, "parity")
+    params = {**JOURNAL_PARAMS, "state-file": str(state), "consistency-policy": policy}
+    fan = Parity(ParityParams.model_validate(params), flakies)
+    return fan, harness.serve(fan, "parity")
 
 
 def test_parity_degraded_fan_crash_mid_write_replays_the_journal_so_the_missing_chunk_survives(
@@ -744,7 +746,7 @@ def test_parity_degraded_fan_crash_mid_write_replays_the_journal_so_the_missing_
     saved = json.loads(crash.read_text())
     assert saved["states"][1] == "faulty" and saved["intents"] and not saved["unjournaled"]
     events = len(harness.events)
-    uri2 = start_on(harness, mems, crash, out=1)
+    _, uri2 = start_on(harness, mems, crash, out=1)
     h2 = nbd_connect(uri2)
     assert h2.pread(16384, 16384) == model[16384:32768]  # member 1's chunk, from 0 and parity
     assert h2.pread(4096, 0) == b"\xee" * 4096
@@ -787,6 +789,58 @@ def test_parity_member_lost_while_an_unjournaled_write_is_in_flight_still_warns(
     events = len(harness.events)
     start_on(harness, mems, crash, out=1)
     assert any("write hole" in e[1] for e in harness.events[events:])
+
+
+@pytest.mark.parametrize("lost", ["never", "during"])
+def test_parity_ppl_dirty_degraded_start_keeps_the_missing_chunk(
+    harness: Harness, tmp_path: Path, lost: str
+) -> None:
+    """consistency-policy=ppl covers what the two tests above cannot: the fan crashed with a
+    write in flight that went out with every member in sync (member 1 lost "never", or
+    "during" the write) and starts with member 1 out. The write journaled its partial parity
+    (member 1's bytes over its range, here), so the next fan sets the parity from it and
+    member 0's chunk as it is: member 1's chunk, rebuilt from those, is what it was."""
+    mems, model, crash = crash_mid_write(harness, tmp_path, lost=lost, policy="ppl")
+    saved = json.loads(crash.read_text())
+    assert saved["ppl"] and not saved["unjournaled"]
+    events = len(harness.events)
+    _, uri2 = start_on(harness, mems, crash, out=1, policy="ppl")
+    h2 = nbd_connect(uri2)
+    assert h2.pread(16384, 16384) == model[16384:32768]  # member 1's chunk, from 0 and parity
+    assert h2.pread(4096, 0) == b"\xee" * 4096
+    h2.shutdown()
+    messages = [e[1] for e in harness.events[events:]]
+    assert ("journal: parity recomputed for 1 pieces in flight when the fan stopped (1 from "
+            "their partial parity)") in messages  # fmt: skip
+    assert not any("write hole" in m for m in messages)
+
+
+def test_parity_ppl_crash_in_sync_replays_instead_of_rechecking(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """With ppl, a fan that crashed with every member in sync mends the writes in flight from
+    its journal before it serves, and rechecks no region: a member lost at once leaves
+    nothing exposed. (Under the default policy the regions are rechecked in the background,
+    and a member lost before that is done is the write hole: see the test above.)"""
+    mems, model, crash = crash_mid_write(harness, tmp_path, policy="ppl")
+    assert json.loads(crash.read_text())["intents"] == [[0, 15]]  # marked, yet not rechecked
+    fan2, uri2 = start_on(harness, mems, crash, out=None, policy="ppl")
+    assert not harness.call(fan2.rebuild_progress)["running"]
+    assert json.loads(crash.read_text())["recheck"] == []
+    h2 = nbd_connect(uri2)
+    harness.run(fan2.mark_faulty(1))  # lost before anything could have rechecked stripe 0
+    assert h2.pread(16384, 16384) == model[16384:32768]
+    h2.shutdown()
+    assert not any("rechecking the parity" in e[1] for e in harness.events)
+
+
+def test_parity_ppl_needs_a_state_file() -> None:
+    """Said when the node starts (a fabric gives every fan a state file)."""
+    res = run([sys.executable, "-m", "nodes.cli", "node", "parity", "consistency-policy=ppl",
+               "--upstream", "nbd://a", "--upstream", "nbd://b", "--upstream", "nbd://c"],
+              check=False)  # fmt: skip
+    assert res.returncode == 1
+    assert "consistency-policy=ppl needs a state-file" in res.stderr
 
 
 def test_parity_journal_full_makes_writers_wait_and_loses_nothing(

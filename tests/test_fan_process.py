@@ -396,7 +396,7 @@ def test_parity_killed_mid_write_recomputes_the_parity_it_left_stale(
     start_node("delay", upstreams=[members[2].uri], listen=f"unix:{slow.socket}")
     fan2 = start_node("parity", *args, upstreams=uris, control=True)
     state = tmp_path / "parity.state"
-    wait_for(lambda: json.loads(state.read_text())["intents"] == [], 30, "the recomputation")
+    wait_for(lambda: json.loads(state.read_text())["recheck"] == [], 30, "the recomputation")
     members[1].kill()
     h = nbd_connect(fan2.uri)
     assert h.pread(16384, 16384) == b"\x11" * 16384  # stripe 0's chunk on member 1

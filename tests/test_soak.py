@@ -343,6 +343,14 @@ SCENARIOS = [
     # Rebuilds throttled to a few seconds, so that kills land in them too.
     Scenario("retry-mirror3", "mirror", 3, 16 << 20, params="rebuild-rate: 8M"),
     Scenario("retry-parity4", "parity", 4, 8 << 20, params="rebuild-rate: 4M"),
+    # Every partial write journaled: fan kills leave nothing to recheck, only to replay.
+    Scenario(
+        "retry-parity3-ppl",
+        "parity",
+        3,
+        8 << 20,
+        params="rebuild-rate: 4M, consistency-policy: ppl",
+    ),
     Scenario("retry-cache-mirror2", "mirror", 2, 16 << 20, True, "rebuild-rate: 8M"),
 ]
 

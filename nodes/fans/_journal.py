@@ -15,12 +15,18 @@ write and `sync_now()` when members change state make the clears durable first, 
 never writes an old D_M over a newer one. A journaled write's own fdatasync carries earlier
 clears with it: the common case (degraded partial writes) pays one fdatasync per piece.
 
+With consistency-policy=ppl (md's name) every partial write is journaled, degraded or not: with
+every member in sync the entry holds the partial parity (md's PPL), the XOR of the data chunks
+the write leaves alone over its range, so a crash mid-write leaves no stripe whose parity must
+be found out by reading it: the replay sets parity = partial parity ^ the written chunk as it is.
+
 Layout (little-endian), slot size = 4096 + chunk size:
   offset 0:     file header `FILE_HEADER` (magic, members, chunk, stripes, slots, CRC32), one
                 block; written once when the file is made and checked at every start.
-  4096 + k*slot: slot k: `SLOT_HEADER` (magic, sequence number, stripe, missing member, offset in
-                the chunk, length, CRC32 of the header with a zero CRC field and of the data),
-                the data at +4096. A header without the magic or with a bad CRC is no entry.
+  4096 + k*slot: slot k: `SLOT_HEADER` (magic, sequence number, stripe, member with the top bit
+                set for a partial parity entry, offset in the chunk, length, CRC32 of the
+                header with a zero CRC field and of the data), the data at +4096. A header
+                without the magic or with a bad CRC is no entry.
 The file is sparse: only the written part of a slot takes disk space.
 """
 
@@ -40,7 +46,7 @@ FILE_MAGIC = b"nbdfPJ01"
 SLOT_MAGIC = b"nbdfSLOT"
 #: magic, members, chunk size, stripes, slots, CRC32 of the fields before it
 FILE_HEADER = struct.Struct("<8sIIQII")
-#: magic, sequence number, stripe, missing member, offset in chunk, length, CRC32
+#: magic, sequence number, stripe, member (| PPL), offset in chunk, length, CRC32
 SLOT_HEADER = struct.Struct("<8sQQIIII")
 BLOCK = 4096
 SLOTS = 64  #: journaled writes in flight at once (one per stripe: the stripe lock)
@@ -73,15 +79,31 @@ class Geometry:
         return FILE_HEADER.pack(*fields, crc)
 
 
+#: In a slot's member field: a partial parity entry (consistency-policy=ppl), not a degraded one.
+PPL = 1 << 31
+
+
 @dataclass(frozen=True)
 class Entry:
-    """One journaled piece: member MEMBER's bytes [within, within + len(data)) of STRIPE."""
+    """One journaled piece of STRIPE over [within, within + len(data)) of a chunk. Degraded
+    (`member` without PPL): the bytes of data member MEMBER, out, as the parity implied them.
+    Partial parity (`member | PPL`): the XOR of every data chunk but MEMBER's, the one written;
+    the parity there is that ^ MEMBER's bytes, whatever part of the write landed."""
 
     seq: int
     stripe: int
     member: int
     within: int
     data: bytes
+
+    @property
+    def ppl(self) -> bool:
+        return bool(self.member & PPL)
+
+    @property
+    def index(self) -> int:
+        """The member the entry is about (see the class docstring)."""
+        return self.member & ~PPL
 
 
 def encode_slot(entry: Entry) -> bytes:
@@ -103,7 +125,7 @@ def decode_slot(raw: bytes, geometry: Geometry) -> Entry | None:
     head = SLOT_HEADER.pack(magic, seq, stripe, member, within, length, 0)
     if zlib.crc32(data, zlib.crc32(head)) != crc:
         return None
-    if stripe >= geometry.stripes or member >= geometry.members:
+    if stripe >= geometry.stripes or member & ~PPL >= geometry.members:
         return None
     return Entry(seq, stripe, member, within, bytes(data))
 
@@ -210,8 +232,9 @@ class Journal:
     # Writes -----------------------------------------------------------------------------------
 
     async def put(self, stripe: int, member: int, within: int, data: bytes) -> int:
-        """Save member MEMBER's bytes at WITHIN of STRIPE in a free slot (waiting for one), on
-        disk when this returns; the slot, to `release` once the member writes are done."""
+        """Save an entry (see `Entry`: MEMBER may carry PPL) at WITHIN of STRIPE in a free slot
+        (waiting for one), on disk when this returns; the slot, to `release` once the member
+        writes are done."""
         await self._slots.acquire()
         slot = self._free.pop()
         entry = Entry(self._seq, stripe, member, within, data)

@@ -59,9 +59,19 @@ fan that crashed with every member in sync and starts with one out (md refuses t
 "dirty degraded" array): nothing can tell that member's chunks in the regions marked then, and
 an event says so.
 
+`consistency-policy=ppl` (mdadm's name; needs the state file) closes that too, and the recheck
+window above: every partial write, degraded or not, journals first, with every member in sync
+the partial parity of its range (the XOR of the data chunks it leaves alone, which
+read-modify-write has at hand: old parity ^ old data), so a fan that starts after a crash
+recomputes the parity of exactly the writes in flight, from the journal, before it serves, and
+rechecks nothing. It costs an fdatasync of the journal per partial-stripe write (md's PPL
+costs a write to each member's log area); full-stripe writes and zeros of whole stripes need
+none.
+
 Params: `chunk-size` (default 64K), `rebuild-rate` (live, bytes/s of rebuilt member data;
 also `ctl rebuild --throttle`, and `ctl rebuild stop|start` pauses and resumes a rebuild),
-`state-file`, `intent-region` (default 64M), `intent-linger` (default 5 s).
+`state-file`, `intent-region` (default 64M), `intent-linger` (default 5 s),
+`consistency-policy` (bitmap, the default, or ppl).
 
 Example: `nbdfabric node parity chunk-size=64K --upstream A --upstream B --upstream C`.
 """
@@ -76,7 +86,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import field_validator
 
@@ -96,7 +106,7 @@ from ._common import (
     to_each,
     write_zeroes,
 )
-from ._journal import Entry, Geometry, Journal
+from ._journal import PPL, Entry, Geometry, Journal
 
 log = logging.getLogger("nbdfabric.parity")
 
@@ -126,6 +136,12 @@ class ParityParams(Params):
     )
     intent_linger: Duration = param(
         5.0, description="with state-file: how long a region stays marked after its last write"
+    )
+    consistency_policy: Literal["bitmap", "ppl"] = param(
+        "bitmap",
+        description="as mdadm's: bitmap (regions marked in the state file, their parity "
+        "rechecked after a crash of the fan) or ppl (with state-file: every partial write "
+        "journals its partial parity first, one fdatasync each; no recheck, no write hole)",
     )
 
     @field_validator("chunk_size")
@@ -200,6 +216,11 @@ class Parity(RebuildingFan):
         #: The recheck of `_recheck` (sorted, disjoint) has done every stripe below this one.
         self._recheck_at = 0
         self._journal: Journal | None = None  #: with a state file, from start()
+        #: consistency-policy=ppl: every partial write journals its partial parity
+        self._ppl = params.consistency_policy == "ppl"
+        if self._ppl and not params.state_file:  # (a fabric gives every fan one by default)
+            raise ValueError("parity: consistency-policy=ppl needs a state-file (the journal "
+                             "is beside it)")  # fmt: skip
         #: Partial writes in flight with no journal entry: they went out with every member in
         #: sync, and a member lost before they end leaves their stripes to the write hole.
         self._bare = 0
@@ -300,8 +321,16 @@ class Parity(RebuildingFan):
                 self.left_at[i] = self.acked if complete else None
                 self.retry_at[i] = time.monotonic() + self.params.retry_delay
                 log.warning("parity: member %d was not in sync before the fan restarted", i)
-        self._recheck = union(load_runs(data.get("intents"), self.stripes))
-        self._exposed = all(s == IN_SYNC for s in data["states"]) or bool(data.get("unjournaled"))
+        # The stripes a recheck had left, and the regions written to when the fan stopped,
+        # unless every partial write into them was journaled (ppl): the replay mends those.
+        journaled = bool(data.get("ppl"))
+        runs = load_runs(data.get("recheck"), self.stripes)
+        if not journaled:
+            runs += load_runs(data.get("intents"), self.stripes)
+        self._recheck = union(runs)
+        self._exposed = not journaled and (
+            all(s == IN_SYNC for s in data["states"]) or bool(data.get("unjournaled"))
+        )
         return True
 
     def _persist(self) -> None:
@@ -316,8 +345,9 @@ class Parity(RebuildingFan):
             "states": [IN_SYNC if s == IN_SYNC else FAULTY for s in self.states],
             "complete": [s != IN_SYNC and self.left_at[i] == self.acked
                          for i, s in enumerate(self.states)],
-            "intents": [*map(list, self._recheck),
-                        *(self._intents.runs() if self._intents is not None else [])],
+            "intents": self._intents.runs() if self._intents is not None else [],
+            "recheck": [*map(list, self._recheck)],
+            "ppl": self._ppl,
             "unjournaled": self._bare > 0 and any(s != IN_SYNC for s in self.states),
         }  # fmt: skip
         if data != self._saved:
@@ -622,16 +652,34 @@ class Parity(RebuildingFan):
         return i > 0 and self._recheck[i - 1][1] >= stripe
 
     async def _replay_journal(self, entries: list[Entry]) -> None:
-        """The fan stopped with partial writes into degraded stripes journaled (in flight, or
-        done and their slots not yet cleared on disk): recompute the parity over each range
-        from the missing member's bytes the journal kept, so that they read back as they were,
-        whatever part of the write landed. Idempotent: a write that had landed whole gives the
-        parity it wrote. Before the fan serves; the slots are cleared once the parity is
-        flushed (a crash meanwhile replays them again)."""
+        """The fan stopped with partial writes journaled (in flight, or done and their slots
+        not yet cleared on disk): recompute the parity over each range, from the missing
+        member's bytes the journal kept (degraded stripes), so that they read back as they
+        were whatever part of the write landed, or from the partial parity (ppl) and the
+        written chunk as it is now. Idempotent: a write that had landed whole gives the parity
+        it wrote. Before the fan serves; the slots are cleared once the parity is flushed (a
+        crash meanwhile replays them again)."""
         assert self._journal is not None
-        replayed, lost, written = 0, set(), set()
+        replayed, partial, lost, written = 0, 0, set(), set()
         for entry in sorted(entries, key=lambda e: e.seq):  # oldest first: a later one wins
             pm = self.parity_member(entry.stripe)
+            if entry.ppl:
+                if entry.index == pm or any(self.states[i] != IN_SYNC for i in (pm, entry.index)):
+                    # The written member out: its chunk is the parity's to imply, and the
+                    # write's own range may read as either version. The parity out: nothing
+                    # to mend (and a stripe with two out is lost whatever is done here).
+                    continue
+                try:
+                    await self._replay_partial(entry, pm)
+                except OSError as exc:
+                    log.warning("parity: replaying the journal for stripe %d failed: %s",
+                                entry.stripe, exc)  # fmt: skip
+                    lost.add(entry.stripe)
+                    continue
+                replayed += 1
+                partial += 1
+                written.add(pm)
+                continue
             if self.states[entry.member] == IN_SYNC:
                 # In sync again (rebuilt or trusted before the fan stopped): its chunk is on
                 # it, not implied by the parity, and the state file's regions cover the rest.
@@ -661,12 +709,24 @@ class Parity(RebuildingFan):
                 except OSError as exc:
                     self._fail(i, f"flush failed: {exc}")  # a second member out: see above
         self._journal.clear()
-        why = f"journal: parity recomputed for {replayed} pieces written while a member was out"
+        why = f"journal: parity recomputed for {replayed} pieces" + (
+            f" in flight when the fan stopped ({partial} from their partial parity)"
+            if partial
+            else " written while a member was out"
+        )
         if lost:
             why += (f"; not for stripes {sorted(lost)} (two members out): their missing chunks "
                     f"may be rebuilt wrong")  # fmt: skip
         log.warning("parity: %s", why)  # the fan died while degraded: worth the operator's eye
         self.emit("member", why, replayed=replayed, lost=len(lost))
+
+    async def _replay_partial(self, entry: Entry, pm: int) -> None:
+        """Parity over the entry's range = its partial parity ^ the written member's bytes."""
+        moff = entry.stripe * self.chunk + entry.within
+        now = bytearray(len(entry.data))
+        await self._read_member(entry.index, memoryview(now), moff)
+        parity = _xor([entry.data, now], len(now))
+        await self.members[pm].pwrite(memoryview(parity), moff, 0)
 
     async def _replay_entry(self, entry: Entry, pm: int, others: list[int]) -> None:
         """Parity over the entry's range = the missing member's bytes it kept ^ the others'."""
@@ -1026,8 +1086,10 @@ class Parity(RebuildingFan):
         writes: list[tuple[int, memoryview, int]] = []
         if self._good(member, stripe):
             writes.append((member, new, moff))
-        implied: bytes | None = None
+        #: What the journal keeps first, if anything: (member, as `Entry` says; its bytes).
+        saved: tuple[int, bytes] | None = None
         missing = self._implied_by_parity(stripe, member)
+        ppl = self._ppl and missing is None  # else a degraded entry covers it (ppl or not)
         if self._good(pm, stripe):
             if self._good(member, stripe) and self._unchecked(stripe) and missing is None:
                 # Old parity ^ old data ^ new data would carry a torn write's wrong parity
@@ -1038,11 +1100,19 @@ class Parity(RebuildingFan):
                     others = tuple(i for i in range(self.n) if i not in (member, pm))
                     await self._probe(stripe, others, moff, len(new))  # as _read_modify
                     return await self._write_piece(stripe, j, within, new, flags)
+                if ppl:
+                    saved = (member | PPL, _xor((parity, new), len(new)))
             elif self._good(member, stripe):
                 try:
-                    parity, implied = await self._read_modify(stripe, member, missing, moff, new)
+                    parity, implied, partial = await self._read_modify(
+                        stripe, member, missing, moff, new, ppl
+                    )
                 except _ReadAgain:
                     return await self._write_piece(stripe, j, within, new, flags)
+                if implied is not None and missing is not None:
+                    saved = (missing, implied)
+                elif partial is not None:
+                    saved = (member | PPL, partial)
             else:
                 # The data member is gone: parity = XOR of the other data chunks and the new
                 # data. No journal entry: the only chunk this can garble is the one it writes.
@@ -1050,7 +1120,7 @@ class Parity(RebuildingFan):
             writes.append((pm, memoryview(parity), moff))
         if not writes:
             raise OSError(errno.EIO, f"parity: stripe {stripe} has lost two members")
-        await self._write_journaled(stripe, writes, flags, missing, within, implied)
+        await self._write_journaled(stripe, writes, flags, within, saved)
 
     def _implied_by_parity(self, stripe: int, member: int) -> int | None:
         """A data member of STRIPE other than MEMBER that a fan restarted now would rebuild
@@ -1065,12 +1135,19 @@ class Parity(RebuildingFan):
         return None
 
     async def _read_modify(
-        self, stripe: int, member: int, missing: int | None, moff: int, new: memoryview
-    ) -> tuple[bytes, bytes | None]:
-        """Read-modify-write: the new parity (old parity ^ old data ^ new data) and, when a
-        member MISSING is out, its bytes there (what the journal must keep), read in the same
-        round: from it if its chunk is rebuilt already, else as the XOR of parity and data.
-        _ReadAgain when a read failed (and its member, found out, is faulty now)."""
+        self,
+        stripe: int,
+        member: int,
+        missing: int | None,
+        moff: int,
+        new: memoryview,
+        ppl: bool = False,
+    ) -> tuple[bytes, bytes | None, bytes | None]:
+        """Read-modify-write: the new parity (old parity ^ old data ^ new data); when a member
+        MISSING is out, its bytes there (what the journal must keep), read in the same round:
+        from it if its chunk is rebuilt already, else as the XOR of parity and data; with PPL,
+        the partial parity (old parity ^ old data: the other data chunks'). _ReadAgain when a
+        read failed (and its member, found out, is faulty now)."""
         pm = self.parity_member(stripe)
         n = len(new)
         reads = {member: bytearray(n), pm: bytearray(n)}
@@ -1098,7 +1175,8 @@ class Parity(RebuildingFan):
             implied = bytes(reads[missing])
         elif missing is not None:  # the XOR of the parity and all the other data
             implied = (old ^ _xor_int(reads.values())).to_bytes(n, "little")
-        return (old ^ int.from_bytes(new, "little")).to_bytes(n, "little"), implied
+        partial = old.to_bytes(n, "little") if ppl else None
+        return (old ^ int.from_bytes(new, "little")).to_bytes(n, "little"), implied, partial
 
     async def _parity_without(self, stripe: int, member: int, moff: int, new: memoryview) -> bytes:
         """The parity for NEW written into MEMBER's chunk (while it is out, or while the
@@ -1120,16 +1198,15 @@ class Parity(RebuildingFan):
         stripe: int,
         writes: list[tuple[int, memoryview, int]],
         flags: int,
-        missing: int | None,
         within: int,
-        implied: bytes | None,
+        saved: tuple[int, bytes] | None,
     ) -> None:
-        """Send WRITES, with MISSING's IMPLIED bytes at WITHIN saved in the journal first (when
-        given), and cleared once the writes are done, landed or not."""
+        """Send WRITES, with SAVED (a member as `Entry` says, and its bytes at WITHIN) in the
+        journal first when given, cleared once the writes are done, landed or not."""
         journal = self._journal
         if journal is None:
             return await self._write_all(stripe, writes, flags)
-        if implied is None or missing is None:
+        if saved is None:
             await journal.settle(stripe)
             # Data and parity with every member in sync: exposed if one is lost meanwhile.
             bare = len(writes) > 1 and all(s == IN_SYNC for s in self.states)
@@ -1141,7 +1218,7 @@ class Parity(RebuildingFan):
                 if bare and not self._bare and self._saved and self._saved["unjournaled"]:
                     self._persist()  # the member lost meanwhile no longer exposes a stripe
         try:
-            slot = await journal.put(stripe, missing, within, implied)
+            slot = await journal.put(stripe, saved[0], within, saved[1])
         except OSError as exc:
             raise OSError(exc.errno or errno.EIO, f"parity: journal write failed: {exc}") from exc
         try:
