@@ -1,7 +1,7 @@
 """Side-by-side benchmark: nbdfabric nodes against nbdkit, in the same run, reporting ratios.
 
-    python -m bench [--suite core,chain,fan,source,luks,ext2] [--runs 3] [--size 512M] [--seconds 5]
-                    [--poll-max-us N] [--workers N] [--json FILE]
+    python -m bench [--suite core,chain,fan,parity,source,luks,ext2] [--runs 3] [--size 512M]
+                    [--seconds 5] [--poll-max-us N] [--workers N] [--json FILE]
 
 Each suite starts our topology and nbdkit's of the same shape, then runs the same workloads on both,
 interleaved (ours, theirs, theirs, ours, ...) and reports the median of the runs and the ratio
@@ -260,6 +260,25 @@ def fan_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
     yield "mirror x2 vs 1 node", (mirror.over(*pair), f.node("memory", size))
 
 
+def parity_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
+    """Not against nbdkit either: parity over 3 memory nodes (members half the size: the same
+    bytes) against one memory node, then its two consistency policies against each other (ppl
+    journals every partial write's partial parity, an fdatasync of a file in the suite's
+    directory each; bitmap, the default, marks regions)."""
+    half = str(parse_size(size) // 2)
+
+    def parity(policy: str) -> Server:
+        members = [f.node("memory", half) for _ in range(3)]
+        state = f"state-file={f.tmp}/parity-{policy}.state"
+        fan = f.node("parity", state, f"consistency-policy={policy}",
+                     upstreams=tuple(m.uri for m in members))  # fmt: skip
+        return fan.over(*members)
+
+    bitmap = parity("bitmap")
+    yield "parity x3 vs 1 node", (bitmap, f.node("memory", size))
+    yield "parity x3: ppl vs bitmap", (parity("ppl"), bitmap)
+
+
 def source_pairs(f: Fabric, image: Path) -> Iterator[tuple[str, Pair]]:
     """Read-only: our http node vs `nbdkit -r curl`, over the same HTTP server and image."""
     url = f.http_server(image)
@@ -383,6 +402,7 @@ SUITES = {
     "core": core_pairs,
     "chain": chain_pairs,
     "fan": fan_pairs,
+    "parity": parity_pairs,
     "source": source_pairs,
     "luks": luks_pairs,
     "ext2": ext2_pairs,
@@ -480,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--suite",
         default="core,chain",
-        help="comma list of: core, chain, fan, source, luks, ext2, ssh, python",
+        help="comma list of: core, chain, fan, parity, source, luks, ext2, ssh, python",
     )
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--size", default="512M", help="disk size and bytes copied per nbdcopy run")

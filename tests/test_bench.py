@@ -130,6 +130,18 @@ def test_bench_luks_suite_runs_against_nbdkit_luks(tmp_path: Path) -> None:
     assert len(rows) == 8 and all(r["ours"] > 0 and r["theirs"] > 0 for r in rows)
 
 
+def test_bench_parity_suite_compares_the_consistency_policies(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, "-m", "bench", "--suite", "parity", "--runs", "1", "--size", "4M",
+        "--seconds", "0.3", "--json", str(out),
+    ]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["setup"] for r in rows} == {"parity x3 vs 1 node", "parity x3: ppl vs bitmap"}
+    assert len(rows) == 16 and all(r["ours"] > 0 and r["theirs"] > 0 for r in rows)
+
+
 def test_wakeup_ping_pong_runs_every_way_of_waiting() -> None:
     """bench.wakeup: each way of waiting serves its client to the end and reports a time."""
     cmd = [sys.executable, "-m", "bench.wakeup", "--rounds", "200", "--repeat", "1"]
