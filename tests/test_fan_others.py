@@ -633,6 +633,39 @@ def test_parity_write_before_the_recheck_reaches_its_stripe_computes_the_parity_
     h.shutdown()
 
 
+def test_parity_recheck_after_losing_every_member_replaces_a_paused_one(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A recheck paused (ctl rebuild stop) when every member is lost and back: the array is
+    trusted again (the stripes still to recheck, one of which holds the torn write, are no
+    evidence that a member lost data: sampling them, it stayed failed), and the full recheck
+    that follows replaces the old one. Left running beside it, the old one would end first and
+    clear the stripes still to recheck, so writes into them would go back to read-modify-write
+    on a parity not yet checked."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    params = {"chunk-size": "16K", "check-interval": 0.02, "retry-delay": 60,
+              "intent-region": "256K", "intent-linger": 0.2}  # fmt: skip
+    mems, _, after_crash, h = torn_parity_write(harness, tmp_path, params, 13)
+    flakies = [Flaky(m) for m, _ in mems]
+    fan2 = Parity(ParityParams.model_validate({**params, "state-file": str(after_crash)}),
+                  flakies)  # fmt: skip
+    fan2.set_rebuild(False)
+    uri2 = harness.serve(fan2, "parity")
+    wait_for(lambda: harness.call(fan2.rebuild_progress)["running"], 10, "the recheck")
+    lose_every_member(harness, fan2, flakies, uri2)
+    for f in flakies:
+        f.down = False
+    wait_for(lambda: harness.call(fan2.healthy), 10, "the array to serve again")
+    harness.call(fan2.set_rebuild, True)
+    wait_for(lambda: any("parity recomputed: " in e[1] for e in harness.events), 30,
+             "the full recheck")  # fmt: skip
+    messages = [e[1] for e in harness.events]
+    assert not any("parity recomputed where writes were in flight" in m for m in messages)
+    assert json.loads(after_crash.read_text())["recheck"] == []
+    h.shutdown()
+
+
 def test_parity_state_file_says_who_is_out_before_it_matters(harness: Harness, tmp_path) -> None:
     """state-file: a member's fall is on disk at once; the first write acknowledged without it
     makes it 'not complete' on disk before it is sent; a file of another array is refused."""

@@ -200,6 +200,7 @@ class Parity(RebuildingFan):
         self._tasks: set[asyncio.Task[None]] = set()
         self._recovery = Recovery(self._recover, self._seen, self._tasks)
         self._monitor_task: asyncio.Task[None] | None = None
+        self._rechecking: asyncio.Task[None] | None = None  #: the last `_start_recheck`
         self.rebuild: RebuildRun | None = None  #: the last rebuild, or the one running
         self.acked = 0  #: writes and flushes acknowledged to clients
         #: `acked` when each member left the in-sync set (see `_recover`)
@@ -265,7 +266,7 @@ class Parity(RebuildingFan):
         if self._recheck:
             out = [i for i, s in enumerate(self.states) if s != IN_SYNC]
             if not out:
-                self._spawn(self._resync_parity(self._recheck))
+                self._start_recheck(self._recheck)
             elif self._exposed:
                 stripes = sum(last - first + 1 for first, last in self._recheck)
                 why = (f"writes were in flight in {stripes} stripes when the fan stopped with "
@@ -533,7 +534,7 @@ class Parity(RebuildingFan):
                 log.warning("parity: every member holds every acknowledged write: serving again")
                 self.emit("member", "every member is back with its data: the array serves again",
                           state=IN_SYNC)  # fmt: skip
-                self._spawn(self._resync_parity())
+                self._start_recheck(None)
                 return True
         except OSError as exc:
             log.warning("parity: checking the returning members failed: %s", exc)
@@ -566,7 +567,8 @@ class Parity(RebuildingFan):
         step = max(1, self.stripes // 8)
         stripes.update(range(0, self.stripes, step))
         evidence = False
-        for stripe in sorted(stripes):
+        # A stripe still to recheck after a crash may hold a torn write: no evidence either way.
+        for stripe in sorted(s for s in stripes if not self._unchecked(s)):
             bufs = await self._read_stripe(stripe)
             if _xor(bufs, self.chunk).count(0) != self.chunk:
                 log.warning("parity: stripe %d is inconsistent: a member lost data", stripe)
@@ -582,6 +584,16 @@ class Parity(RebuildingFan):
             *(self._read_member(i, memoryview(b), off) for i, b in enumerate(bufs))
         )
         return bufs
+
+    def _start_recheck(self, runs: list[tuple[int, int]] | None) -> None:
+        """Run `_resync_parity(runs)` instead of any recheck still running (one paused by ctl
+        rebuild stop when every member was lost would otherwise go on beside the new one, and
+        its end would say the new one's stripes were done)."""
+        if self._rechecking is not None:
+            self._rechecking.cancel()
+        task = self._rechecking = asyncio.get_running_loop().create_task(self._resync_parity(runs))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _resync_parity(self, runs: list[tuple[int, int]] | None = None) -> None:
         """Recompute the parity of the stripes in RUNS (every stripe: after every member was
