@@ -633,6 +633,31 @@ def test_parity_write_before_the_recheck_reaches_its_stripe_computes_the_parity_
     h.shutdown()
 
 
+def test_parity_recheck_that_cannot_read_a_member_marks_it_faulty_and_says_so(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """A read error during the recheck is a member's failure, as in a client's read: it goes
+    faulty (rebuilt later), and the stripes not rechecked are reported, not left silently
+    unchecked with the member still counted in sync."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    params = {"chunk-size": "16K", "check-interval": 0.02, "retry-delay": 60,
+              "intent-region": "256K", "intent-linger": 0.2}  # fmt: skip
+    mems, _, after_crash, h = torn_parity_write(harness, tmp_path, params, 14)
+    flakies = [Flaky(m) for m, _ in mems]
+    flakies[1].fail_reads = True
+    fan2 = Parity(ParityParams.model_validate({**params, "state-file": str(after_crash)}),
+                  flakies)  # fmt: skip
+    harness.serve(fan2, "parity")
+    wait_for(lambda: any("left before the parity recheck was done" in e[1]
+                         for e in harness.events), 10, "the recheck to give up")  # fmt: skip
+    assert [m["state"] for m in harness.call(fan2.status)["members"]] == [
+        "in_sync", "faulty", "in_sync"
+    ]  # fmt: skip
+    assert not harness.call(fan2.rebuild_progress)["running"]
+    h.shutdown()
+
+
 def test_parity_recheck_after_losing_every_member_replaces_a_paused_one(
     harness: Harness, tmp_path: Path
 ) -> None:

@@ -615,28 +615,25 @@ class Parity(RebuildingFan):
                   stripes=total)  # fmt: skip
         fixed = 0
         try:
-            for stripe in (s for first, last in runs for s in range(first, last + 1)):
+            stripes = (s for first, last in runs for s in range(first, last + 1))
+            stripe = next(stripes, None)
+            while stripe is not None:
                 await self._running.wait()  # ctl rebuild stop pauses here, start resumes
                 async with self._lock(stripe):
-                    out = [i for i, s in enumerate(self.states) if s != IN_SYNC]
-                    if out:
-                        self._recheck_lost(out, stripe)
-                        return
-                    pm = self.parity_member(stripe)
-                    try:
-                        bufs = await self._read_stripe(stripe)
-                        parity = _xor((b for i, b in enumerate(bufs) if i != pm), self.chunk)
-                        if bufs[pm] != parity:
-                            await self.members[pm].pwrite(memoryview(parity),
-                                                          stripe * self.chunk, 0)  # fmt: skip
-                            fixed += 1
-                    except OSError as exc:
-                        log.warning("parity: recomputing parity stopped: %s", exc)
-                        return
-                    self._recheck_at = stripe + 1
+                    done = await self._recheck_stripe(stripe)
+                if done is None:  # a member is out
+                    self._recheck_lost([i for i, s in enumerate(self.states) if s != IN_SYNC],
+                                       stripe)  # fmt: skip
+                    return
+                if done == "again":  # a read failed, then succeeded: once more, later
+                    await asyncio.sleep(self.params.retry_delay)
+                    continue
+                fixed += done == "fixed"
+                self._recheck_at = stripe + 1
                 run.bytes_done += width
                 if self.params.rebuild_rate:
                     await asyncio.sleep(width / self.params.rebuild_rate)
+                stripe = next(stripes, None)
         finally:
             run.finished = time.monotonic()
         self._recheck = []
@@ -644,6 +641,32 @@ class Parity(RebuildingFan):
         where = "" if every else " where writes were in flight when the fan stopped"
         self.emit("rebuild", f"parity recomputed{where}: {fixed} stripes were inconsistent",
                   fixed=fixed)  # fmt: skip
+
+    async def _recheck_stripe(self, stripe: int) -> str | None:
+        """Recompute STRIPE's parity (under its lock): "fixed" or "ok"; None if a member is
+        out (found out here, perhaps: a member a read or write fails on is faulty, as for a
+        client's request); "again" if a read failed and then succeeded."""
+        if any(s != IN_SYNC for s in self.states):
+            return None
+        pm = self.parity_member(stripe)
+        off = stripe * self.chunk
+        try:
+            bufs = await self._read_stripe(stripe)
+        except OSError:
+            try:  # who failed: each read alone
+                await self._probe(stripe, tuple(range(self.n)), off, self.chunk)
+            except OSError as exc:
+                log.warning("parity: recheck of stripe %d: %s", stripe, exc)
+            return None if any(s != IN_SYNC for s in self.states) else "again"
+        parity = _xor((b for i, b in enumerate(bufs) if i != pm), self.chunk)
+        if bufs[pm] == parity:
+            return "ok"
+        try:
+            await self.members[pm].pwrite(memoryview(parity), off, 0)
+        except OSError as exc:
+            self._fail(pm, f"write failed: {exc}")
+            return None
+        return "fixed"
 
     def _recheck_lost(self, out: list[int], stripe: int) -> None:
         """A member left before the recheck was done: the stripes it has not reached may
