@@ -4,8 +4,9 @@ Stripe s holds N-1 data chunks and one parity chunk (the XOR of the data chunks)
 s * chunk-size on their members. The parity member rotates: for stripe s it is member
 N-1 - (s mod N), and data chunk j sits on the member after it, j+1 places on (mod N). Writes
 that do not cover whole stripes read, modify and write: new parity = old parity ^ old data ^ new
-data. Each stripe is locked while it is written or reconstructed, so concurrent partial writes
-and a rebuild never interleave inside a stripe.
+data (or, in a stripe whose parity is still to be rechecked after a crash, the XOR of the new
+data and the other data chunks). Each stripe is locked while it is written or reconstructed,
+so concurrent partial writes and a rebuild never interleave inside a stripe.
 
 One member may fail: it is marked faulty, reads of its chunks are rebuilt from the others (XOR),
 writes go to the survivors (its share is implied by the parity). A second failure fails the
@@ -126,7 +127,8 @@ class ParityParams(Params):
         None,
         path=True,
         description="JSON file keeping which members are in sync across restarts of the fan; "
-        "beside it, PATH.journal keeps what a write while a member is out could garble",
+        "beside it, PATH.journal keeps what a partial write could garble (while a member is "
+        "out; always, with consistency-policy=ppl)",
     )
     intent_region: Size = param(
         64 << 20,
