@@ -700,44 +700,39 @@ class Parity(RebuildingFan):
         replayed, partial, lost, written = 0, 0, set(), set()
         for entry in sorted(entries, key=lambda e: e.seq):  # oldest first: a later one wins
             pm = self.parity_member(entry.stripe)
+            mend: Awaitable[None]
             if entry.ppl:
                 if entry.index == pm or any(self.states[i] != IN_SYNC for i in (pm, entry.index)):
                     # The written member out: its chunk is the parity's to imply, and the
                     # write's own range may read as either version. The parity out: nothing
                     # to mend (and a stripe with two out is lost whatever is done here).
                     continue
-                try:
-                    await self._replay_partial(entry, pm)
-                except OSError as exc:
-                    log.warning("parity: replaying the journal for stripe %d failed: %s",
-                                entry.stripe, exc)  # fmt: skip
+                mend = self._replay_partial(entry, pm)
+            else:
+                if self.states[entry.member] == IN_SYNC:
+                    # In sync again (rebuilt or trusted before the fan stopped): its chunk is
+                    # on it, not implied by the parity, and the state file's regions cover the
+                    # rest.
+                    continue
+                if entry.member == pm:
+                    continue  # not an entry this array writes (the CRC held: written elsewhere?)
+                others = [self.data_member(entry.stripe, j) for j in range(self.n - 1)]
+                others.remove(entry.member)
+                if any(self.states[i] != IN_SYNC for i in (pm, *others)):
+                    # A second member out: no parity to mend, or not all the data to mend it
+                    # from; the stripe has lost two members until one comes back.
                     lost.add(entry.stripe)
                     continue
-                replayed += 1
-                partial += 1
-                written.add(pm)
-                continue
-            if self.states[entry.member] == IN_SYNC:
-                # In sync again (rebuilt or trusted before the fan stopped): its chunk is on
-                # it, not implied by the parity, and the state file's regions cover the rest.
-                continue
-            if entry.member == pm:
-                continue  # not an entry this array writes (the CRC held: written elsewhere?)
-            others = [self.data_member(entry.stripe, j) for j in range(self.n - 1)]
-            others.remove(entry.member)
-            if any(self.states[i] != IN_SYNC for i in (pm, *others)):
-                # A second member out: no parity to mend, or not all the data to mend it from;
-                # the stripe has lost two members until one comes back.
-                lost.add(entry.stripe)
-                continue
+                mend = self._replay_entry(entry, pm, others)
             try:
-                await self._replay_entry(entry, pm, others)
+                await mend
             except OSError as exc:
                 log.warning("parity: replaying the journal for stripe %d failed: %s",
                             entry.stripe, exc)  # fmt: skip
                 lost.add(entry.stripe)
                 continue
             replayed += 1
+            partial += entry.ppl
             written.add(pm)
         for i in sorted(written):
             if self.member_caps[i].flush:
