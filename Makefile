@@ -31,7 +31,7 @@ compose-check: setup
 
 # The bounded slow runs: the fuzz run (tests/test_fuzz_nodes.py) takes this many seconds per
 # node shape (103 shapes; unset: 4 s for the first eleven, 1 s for the others, about 4
-# minutes in all), the chaos soak (tests/test_soak.py) per fabric (3);
+# minutes in all), the chaos soak (tests/test_soak.py) per fabric (4);
 # `make test NBDFABRIC_FUZZ_SECONDS=120` for a longer one, NBDFABRIC_FUZZ_SEED=N or
 # NBDFABRIC_SOAK_SEED=N to replay the seed a failure printed.
 NBDFABRIC_FUZZ_SECONDS ?=
