@@ -569,7 +569,9 @@ def _node_json(n: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field in n.DESCRIPTOR.fields:
         value = getattr(n, field.name)
-        if field.label != field.LABEL_REPEATED:
+        if field.message_type is not None and field.label != field.LABEL_REPEATED:
+            out[field.name] = to_data(value) if n.HasField(field.name) else None
+        elif field.label != field.LABEL_REPEATED:
             out[field.name] = value
         elif field.message_type is not None:
             out[field.name] = [to_data(v) for v in value]
@@ -578,8 +580,15 @@ def _node_json(n: Any) -> dict[str, Any]:
     return out
 
 
-def _members_text(members: Sequence[Any]) -> str:
-    return " ".join(f"{m.index}:{m.state}" for m in members) or "-"
+def _members_text(n: Any) -> str:
+    """A fan's members with their states, and its rebuild while one runs."""
+    text = " ".join(f"{m.index}:{m.state}" for m in n.members) or "-"
+    p = n.rebuild
+    if n.HasField("rebuild") and p.running:
+        who = f"member {p.member_index}" if p.HasField("member_index") else "parity recheck"
+        pct = 100.0 * p.done_bytes / p.total_bytes if p.total_bytes else 0.0
+        text += f" (rebuild {who}: {pct:.0f}%)"
+    return text
 
 
 def cmd_status(argv: Sequence[str]) -> int:
@@ -635,7 +644,7 @@ def cmd_status(argv: Sequence[str]) -> int:
     if any(n.role == "fan" for n in reply.nodes):
         header += ("MEMBERS",)
         rows = [
-            (*r, _members_text(n.members) if n.role == "fan" else "")
+            (*r, _members_text(n) if n.role == "fan" else "")
             for r, n in zip(rows, reply.nodes, strict=True)
         ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

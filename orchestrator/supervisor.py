@@ -124,10 +124,10 @@ async def _ask(channel: grpc.aio.Channel, method: str) -> Any:
         return None
 
 
-async def list_members(channel: grpc.aio.Channel) -> list[Any] | None:
-    """A fan's members (NodeService.ListMembers), None when it does not answer."""
-    reply = await _ask(channel, "ListMembers")
-    return None if reply is None else list(reply.members)
+async def list_members(channel: grpc.aio.Channel) -> Any | None:
+    """A fan's members and rebuild progress (NodeService.ListMembers' reply), None when it
+    does not answer."""
+    return await _ask(channel, "ListMembers")
 
 
 async def get_offer(channel: grpc.aio.Channel) -> Capabilities | None:
@@ -191,6 +191,7 @@ class NodeRunner:
         self.channel: grpc.aio.Channel | None = None
         #: A fan's members as it last reported them (node_pb2.Member messages).
         self.members: list[Any] = []
+        self.rebuild: Any = None  #: a fan's rebuild progress, as it last reported it
         #: A running node that holds its requests (ctl pause, a pause filter's `p`): health
         #: checks cannot tell (a paused node is SERVING), so status asks (refresh_state).
         self.paused = False
@@ -354,11 +355,12 @@ class NodeRunner:
         """Ask a fan for its members; an event when their states changed."""
         if self.node.role != "fan" or self.channel is None or not self.process:
             return
-        members = await list_members(self.channel)
-        if members is None:
+        reply = await list_members(self.channel)
+        if reply is None:
             return
+        members = list(reply.members)
         before = [(m.index, m.state) for m in self.members]
-        self.members = members
+        self.members, self.rebuild = members, reply.rebuild
         after = [(m.index, m.state) for m in members]
         if after != before:
             self.emit("members", " ".join(f"{i}:{state}" for i, state in after))
@@ -532,6 +534,7 @@ class NodeRunner:
             "last_error": self.last_error,
             "export_uris": self.export_uris(),
             "members": list(self.members) if alive else [],
+            "rebuild": self.rebuild if alive else None,
             "exports": self.node.multi_export or "",
         }
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -943,6 +944,34 @@ def test_orchestrator_restarts_dead_mirror_member_and_the_mirror_rebuilds_it(
     assert members and members[-1] == "0:in_sync 1:in_sync"
     res = fab.cli("events", "--no-follow", check=False)
     assert res.returncode == 3 and "not running" in res.stderr
+
+
+def test_orchestrator_status_shows_a_fans_rebuild_while_it_runs(tmp_path: Path) -> None:
+    """`nbdfabric status` (table and --json) carries the fan's rebuild progress: a member
+    restarted empty is being rebuilt (throttled to a few seconds), and the MEMBERS column says
+    so beside the states; once done, it says nothing more."""
+    fab = Fabric(
+        tmp_path,
+        MIRROR.replace("upstreams: [m0, m1]}", "upstreams: [m0, m1], params: {rebuild-rate: 2M}}"),
+    )
+    try:
+        fab.up()
+        run(["qemu-io", "-f", "raw", fab.uri("vm"), "-c", "write -P 0x5a 0 16M"])
+        victim = fab.status()["m1"]["pid"]
+        os.kill(victim, signal.SIGKILL)
+
+        def rebuilding() -> dict[str, Any] | None:
+            rebuild = fab.status()["mirror"]["rebuild"]
+            return rebuild if rebuild and rebuild["running"] else None
+
+        rebuild = wait_for(rebuilding, 60, "the rebuild of m1", interval=0.3)
+        assert rebuild["member_index"] == 1 and rebuild["total_bytes"] > 0
+        table = fab.cli("status").stdout
+        assert re.search(r"0:in_sync 1:rebuilding \(rebuild member 1: \d+%\)", table), table
+        wait_for(lambda: not rebuilding() and "(rebuild" not in fab.cli("status").stdout, 60,
+                 "the rebuild to end", interval=0.3)  # fmt: skip
+    finally:
+        fab.cli("down")
 
 
 def file_fan(kind: str, names: list[str]) -> str:

@@ -89,7 +89,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "kind", "role", "state", "health", "pid", "restarts", "uptime_seconds", "uri", "control", "upstreams", "export_name", "log_path", "last_error", "export_uris", "container_id", "members", "exports")
+    __slots__ = ("name", "kind", "role", "state", "health", "pid", "restarts", "uptime_seconds", "uri", "control", "upstreams", "export_name", "log_path", "last_error", "export_uris", "container_id", "members", "exports", "rebuild")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class NodeStatus(_message.Message):
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     EXPORTS_FIELD_NUMBER: _ClassVar[int]
+    REBUILD_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     role: str
@@ -126,7 +127,8 @@ class NodeStatus(_message.Message):
     container_id: str
     members: _containers.RepeatedCompositeFieldContainer[_node_pb2.Member]
     exports: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., health: _Optional[str] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., uri: _Optional[str] = ..., control: _Optional[str] = ..., upstreams: _Optional[_Iterable[str]] = ..., export_name: _Optional[str] = ..., log_path: _Optional[str] = ..., last_error: _Optional[str] = ..., export_uris: _Optional[_Iterable[str]] = ..., container_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[_node_pb2.Member, _Mapping]]] = ..., exports: _Optional[str] = ...) -> None: ...
+    rebuild: _node_pb2.RebuildProgress
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., health: _Optional[str] = ..., pid: _Optional[int] = ..., restarts: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., uri: _Optional[str] = ..., control: _Optional[str] = ..., upstreams: _Optional[_Iterable[str]] = ..., export_name: _Optional[str] = ..., log_path: _Optional[str] = ..., last_error: _Optional[str] = ..., export_uris: _Optional[_Iterable[str]] = ..., container_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[_node_pb2.Member, _Mapping]]] = ..., exports: _Optional[str] = ..., rebuild: _Optional[_Union[_node_pb2.RebuildProgress, _Mapping]] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("fabric", "nodes", "exports", "supervisor_pid", "run_dir", "source", "backend")
