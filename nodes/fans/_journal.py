@@ -143,11 +143,9 @@ class Journal:
         self._free = list(range(geometry.slots - 1, -1, -1))
         self._slots = asyncio.Semaphore(geometry.slots)
         self._seq = 1
-        self._cleared = 0  #: clears written so far (their count, as a clock)
-        self._synced = 0  #: clears an fdatasync that completed was sure to carry
-        self._pending: dict[int, int] = {}  #: stripe -> its last clear not yet synced
-        self._written = 0  #: slots written so far (their count, as a clock)
-        self._durable = 0  #: slots an fdatasync that completed was sure to carry
+        self._written = 0  #: slot writes and clears so far (their count, as a clock)
+        self._durable = 0  #: how many of those an fdatasync that completed was sure to carry
+        self._pending: dict[int, int] = {}  #: stripe -> its last clear not yet durable
         self._syncing: asyncio.Future[None] | None = None  #: the fdatasync under way, if any
 
     # Start ------------------------------------------------------------------------------------
@@ -258,7 +256,8 @@ class Journal:
         return slot
 
     async def _sync(self, written: int) -> None:
-        """Return once an fdatasync that started after slot write number WRITTEN is done."""
+        """Return once an fdatasync that started after write (or clear) number WRITTEN is
+        done."""
         while self._durable < written:
             if self._syncing is None:
                 self._syncing = asyncio.ensure_future(self._sync_once())
@@ -267,13 +266,12 @@ class Journal:
             await asyncio.shield(self._syncing)
 
     async def _sync_once(self) -> None:
-        written, carried = self._written, self._cleared  # what this fdatasync carries
+        written = self._written  # what this fdatasync carries
         try:
             await asyncio.to_thread(os.fdatasync, self._fd)
         finally:
             self._syncing = None
-        self._durable = max(self._durable, written)
-        self._carried(carried)
+        self._carried(written)
 
     def release(self, slot: int, stripe: int) -> None:
         """The member writes of SLOT's piece are done: it is free. Cleared in the page cache
@@ -282,8 +280,8 @@ class Journal:
             if self._fd >= 0:  # else closed: the fan stopped (the thread of a cancelled put)
                 os.pwrite(self._fd, _ZERO_HEADER, self.geometry.slot_offset(slot))
         finally:
-            self._cleared += 1
-            self._pending[stripe] = self._cleared
+            self._written += 1
+            self._pending[stripe] = self._written
             self._free.append(slot)
             self._slots.release()
 
@@ -292,26 +290,24 @@ class Journal:
         slots on disk, if they are not yet, so that a crash cannot bring one back to undo this
         write."""
         if last is None:
-            pending = stripe in self._pending  # `_carried` keeps only clears not yet synced
+            clear = self._pending.get(stripe, 0)  # `_carried` keeps only clears not yet durable
         else:  # a few stripes (writes since the last fdatasync), whatever the run
-            pending = any(stripe <= s <= last for s in self._pending)
-        if pending:
-            # Any fdatasync that starts from now on carries the clears, one under way may not.
-            self._written += 1  # (a tick of the clock, no slot)
-            await self._sync(self._written)
+            clear = max((c for s, c in self._pending.items() if stripe <= s <= last), default=0)
+        if clear:
+            await self._sync(clear)
 
     def sync_now(self) -> None:
         """Every clear on disk now (members changed state: a cleared slot must not come back
         to a member that is in sync again, or out again later)."""
-        if self._cleared > self._synced:
-            carried, written = self._cleared, self._written
+        if self._pending:
+            written = self._written
             os.fdatasync(self._fd)
-            self._carried(carried)
-            self._durable = max(self._durable, written)
+            self._carried(written)
 
-    def _carried(self, clears: int) -> None:
-        self._synced = max(self._synced, clears)
-        self._pending = {s: c for s, c in self._pending.items() if c > self._synced}
+    def _carried(self, written: int) -> None:
+        """An fdatasync carried every write and clear up to number WRITTEN."""
+        self._durable = max(self._durable, written)
+        self._pending = {s: c for s, c in self._pending.items() if c > self._durable}
 
     def busy(self) -> int:
         """Slots in use now."""
