@@ -707,7 +707,8 @@ class Parity(RebuildingFan):
                     # write's own range may read as either version. The parity out: nothing
                     # to mend (and a stripe with two out is lost whatever is done here).
                     continue
-                mend = self._replay_partial(entry, pm)
+                # parity = the partial parity ^ the written member's bytes as they are
+                mend = self._replay_entry(entry, pm, [entry.index])
             else:
                 if self.states[entry.member] == IN_SYNC:
                     # In sync again (rebuilt or trusted before the fan stopped): its chunk is
@@ -752,16 +753,10 @@ class Parity(RebuildingFan):
         log.warning("parity: %s", why)  # the fan died while degraded: worth the operator's eye
         self.emit("member", why, replayed=replayed, lost=len(lost))
 
-    async def _replay_partial(self, entry: Entry, pm: int) -> None:
-        """Parity over the entry's range = its partial parity ^ the written member's bytes."""
-        moff = entry.stripe * self.chunk + entry.within
-        now = bytearray(len(entry.data))
-        await self._read_member(entry.index, memoryview(now), moff)
-        parity = _xor([entry.data, now], len(now))
-        await self.members[pm].pwrite(memoryview(parity), moff, 0)
-
     async def _replay_entry(self, entry: Entry, pm: int, others: list[int]) -> None:
-        """Parity over the entry's range = the missing member's bytes it kept ^ the others'."""
+        """Parity over the entry's range = the bytes it kept ^ those of OTHERS: a degraded
+        entry's missing member's bytes ^ the other data members', or a partial parity ^ the
+        written member's."""
         moff = entry.stripe * self.chunk + entry.within
         bufs = [bytearray(len(entry.data)) for _ in others]
         await asyncio.gather(
