@@ -569,25 +569,23 @@ def _node_json(n: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field in n.DESCRIPTOR.fields:
         value = getattr(n, field.name)
-        if field.message_type is not None and field.label != field.LABEL_REPEATED:
-            out[field.name] = to_data(value) if n.HasField(field.name) else None
-        elif field.label != field.LABEL_REPEATED:
-            out[field.name] = value
+        if field.label == field.LABEL_REPEATED:
+            out[field.name] = [to_data(v) for v in value] if field.message_type else list(value)
         elif field.message_type is not None:
-            out[field.name] = [to_data(v) for v in value]
+            out[field.name] = to_data(value) if n.HasField(field.name) else None
         else:
-            out[field.name] = list(value)
+            out[field.name] = value
     return out
 
 
 def _members_text(n: Any) -> str:
     """A fan's members with their states, and its rebuild while one runs."""
+    from nodes.control.cli import percent_done, rebuild_subject
+
     text = " ".join(f"{m.index}:{m.state}" for m in n.members) or "-"
-    p = n.rebuild
-    if n.HasField("rebuild") and p.running:
-        who = f"member {p.member_index}" if p.HasField("member_index") else "parity recheck"
-        pct = 100.0 * p.done_bytes / p.total_bytes if p.total_bytes else 0.0
-        text += f" (rebuild {who}: {pct:.0f}%)"
+    if n.HasField("rebuild") and n.rebuild.running:
+        who = rebuild_subject(n.rebuild) or "running"
+        text += f" (rebuild {who}: {percent_done(n.rebuild):.0f}%)"
     return text
 
 

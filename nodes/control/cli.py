@@ -296,14 +296,25 @@ def held_hints(members: Sequence[pb.Member], addr: str) -> list[str]:
     ]
 
 
+def rebuild_subject(p: pb.RebuildProgress) -> str:
+    """What a rebuild rebuilds: "member N", "parity recheck" (parity's own, after a crash of
+    the fan), or "" when it does not say."""
+    if p.HasField("member_index"):
+        return f"member {p.member_index}"
+    return "parity recheck" if json.loads(p.detail_json or "{}").get("kind") == "parity" else ""
+
+
+def percent_done(p: pb.RebuildProgress) -> float:
+    return 100.0 * p.done_bytes / p.total_bytes if p.total_bytes else 0.0
+
+
 def show_progress(p: pb.RebuildProgress) -> None:
     if not p.running and not p.total_bytes:
         print("rebuild: idle")
         return
-    pct = 100.0 * p.done_bytes / p.total_bytes if p.total_bytes else 0.0
-    who = f" member {p.member_index}" if p.HasField("member_index") else ""
-    if json.loads(p.detail_json or "{}").get("kind") == "parity" and not who:
-        who = " (parity recheck)"  # parity's own, after a crash of the fan
+    pct = percent_done(p)
+    subject = rebuild_subject(p)
+    who = f" ({subject})" if subject == "parity recheck" else f" {subject}" if subject else ""
     throttle = (
         f", throttle {human_size(p.throttle_bytes_per_second)}/s"
         if p.throttle_bytes_per_second
