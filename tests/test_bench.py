@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.__main__ import Cpu, Server
 
@@ -71,14 +72,18 @@ def test_a_server_counts_the_processes_it_stands_on() -> None:
     assert proxy.uri.endswith("/p") and proxy.pids == [20, 10]
 
 
-def test_bench_core_suite_runs_against_nbdkit(tmp_path: Path) -> None:
+def run_bench(tmp_path: Path, suite: str, size: str, seconds: str, *more: str) -> Any:
+    """`python -m bench --suite SUITE --runs 1` with a small disk and short fio runs: its
+    --json report."""
     out = tmp_path / "bench.json"
-    cmd = [
-        sys.executable, "-m", "bench", "--suite", "core", "--runs", "1", "--size", "16M",
-        "--seconds", "0.5", "--poll-max-us", "100", "--workers", "2", "--json", str(out),
-    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "bench", "--suite", suite, "--runs", "1", "--size", size,
+           "--seconds", seconds, *more, "--json", str(out)]  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bench_core_suite_runs_against_nbdkit(tmp_path: Path) -> None:
+    report = run_bench(tmp_path, "core", "16M", "0.5", "--poll-max-us", "100", "--workers", "2")
     assert 10 < report["idle_rss_mib"] < 200
     assert (report["poll_max_us"], report["workers"]) == (100, 2)
     rows = report["rows"]
@@ -103,13 +108,7 @@ def test_bench_core_suite_runs_against_nbdkit(tmp_path: Path) -> None:
 
 
 def test_bench_source_suite_reads_through_http_against_nbdkit_curl(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    cmd = [
-        sys.executable, "-m", "bench", "--suite", "source", "--runs", "1", "--size", "16M",
-        "--seconds", "0.5", "--json", str(out),
-    ]  # fmt: skip
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
-    rows = json.loads(out.read_text())["rows"]
+    rows = run_bench(tmp_path, "source", "16M", "0.5")["rows"]
     assert {(r["setup"], r["workload"]) for r in rows} == {
         ("http source", w)
         for w in ("nbdcopy read 1M", "nbdcopy read 256K", "fio 4K randread QD1",
@@ -119,25 +118,13 @@ def test_bench_source_suite_reads_through_http_against_nbdkit_curl(tmp_path: Pat
 
 
 def test_bench_luks_suite_runs_against_nbdkit_luks(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    cmd = [
-        sys.executable, "-m", "bench", "--suite", "luks", "--runs", "1", "--size", "4M",
-        "--seconds", "0.3", "--json", str(out),
-    ]  # fmt: skip
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
-    rows = json.loads(out.read_text())["rows"]
+    rows = run_bench(tmp_path, "luks", "4M", "0.3")["rows"]
     assert {r["setup"] for r in rows} == {"file -> luks"}
     assert len(rows) == 8 and all(r["ours"] > 0 and r["theirs"] > 0 for r in rows)
 
 
 def test_bench_parity_suite_compares_the_consistency_policies(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    cmd = [
-        sys.executable, "-m", "bench", "--suite", "parity", "--runs", "1", "--size", "4M",
-        "--seconds", "0.3", "--json", str(out),
-    ]  # fmt: skip
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
-    rows = json.loads(out.read_text())["rows"]
+    rows = run_bench(tmp_path, "parity", "4M", "0.3")["rows"]
     assert {r["setup"] for r in rows} == {"parity x3 vs 1 node", "parity x3: ppl vs bitmap"}
     assert len(rows) == 16 and all(r["ours"] > 0 and r["theirs"] > 0 for r in rows)
 

@@ -540,15 +540,22 @@ def test_parity_rebuild_pauses_and_resumes_as_ctl_rebuild_says(harness: Harness)
     h.shutdown()
 
 
+def torn_params(retry_delay: float) -> dict[str, Any]:
+    """The params of the fans in the torn-write tests (16K chunks, 256K regions)."""
+    return {"chunk-size": "16K", "check-interval": 0.02, "retry-delay": retry_delay,
+            "intent-region": "256K", "intent-linger": 0.2}  # fmt: skip
+
+
 def torn_parity_write(
-    harness: Harness, tmp_path: Path, params: dict[str, Any], seed: int
+    harness: Harness, tmp_path: Path, seed: int, retry_delay: float
 ) -> tuple[list[tuple[Memory, str]], bytearray, Path, Any]:
-    """A parity fan over 3 memory members (16K chunks) fills them, then dies as a write of
+    """A parity fan over 3 memory members (`torn_params`) fills them, then dies as a write of
     0xee * 4096 at 0 has landed on its data member (member 0) and not on its parity (member
     2): the members, the data as it was before the write, the state file the fan left
     behind, and the writer's handle (its write never answered)."""
     from nodes.fans.parity import Parity, ParityParams
 
+    params = torn_params(retry_delay)
     mems = [harness.memory(1 << 20) for _ in range(3)]
     state = tmp_path / "parity.state"
     stalled = Stalled(mems[2][0])  # stripe 0: parity on member 2, data on members 0 and 1
@@ -570,6 +577,18 @@ def torn_parity_write(
     return mems, model, after_crash, h
 
 
+def fan_after_crash(
+    mems: list[tuple[Memory, str]], after_crash: Path, retry_delay: float
+) -> tuple[Any, list[Flaky]]:
+    """The fan that starts after `torn_parity_write`'s crash, from the state file it left,
+    on the same members (each a Flaky of its own), not yet served."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    flakies = [Flaky(m) for m, _ in mems]
+    params = {**torn_params(retry_delay), "state-file": str(after_crash)}
+    return Parity(ParityParams.model_validate(params), flakies), flakies
+
+
 def test_parity_fan_crash_mid_write_recomputes_the_parity_of_the_regions_in_flight(
     harness: Harness, tmp_path: Path
 ) -> None:
@@ -577,14 +596,8 @@ def test_parity_fan_crash_mid_write_recomputes_the_parity_of_the_regions_in_flig
     Losing another member later would rebuild that member's chunk of the stripe, data nobody
     wrote, from the stale parity. The state file marked the region before the write went out,
     and the next fan recomputes its parity (in the background)."""
-    from nodes.fans.parity import Parity, ParityParams
-
-    params = {"chunk-size": "16K", "check-interval": 0.02, "retry-delay": 0.05,
-              "intent-region": "256K", "intent-linger": 0.2}  # fmt: skip
-    mems, model, after_crash, h = torn_parity_write(harness, tmp_path, params, 11)
-    flakies = [Flaky(m) for m, _ in mems]
-    fan2 = Parity(ParityParams.model_validate({**params, "state-file": str(after_crash)}),
-                  flakies)  # fmt: skip
+    mems, model, after_crash, h = torn_parity_write(harness, tmp_path, 11, retry_delay=0.05)
+    fan2, flakies = fan_after_crash(mems, after_crash, retry_delay=0.05)
     uri2 = harness.serve(fan2, "parity")
     wait_for(lambda: any("parity recomputed where writes were in flight" in e[1]
                          for e in harness.events), 10, "the parity to be recomputed")  # fmt: skip
@@ -605,14 +618,8 @@ def test_parity_write_before_the_recheck_reaches_its_stripe_computes_the_parity_
     acknowledged write would be lost with its member. md forbids rmw there; so do we. The
     recheck shows in the rebuild progress (kind parity, no member; paused by ctl rebuild stop),
     and a member lost before it is done is reported."""
-    from nodes.fans.parity import Parity, ParityParams
-
-    params = {"chunk-size": "16K", "check-interval": 0.02, "retry-delay": 60,
-              "intent-region": "256K", "intent-linger": 0.2}  # fmt: skip
-    mems, model, after_crash, h = torn_parity_write(harness, tmp_path, params, 12)
-    flakies = [Flaky(m) for m, _ in mems]
-    fan2 = Parity(ParityParams.model_validate({**params, "state-file": str(after_crash)}),
-                  flakies)  # fmt: skip
+    mems, model, after_crash, h = torn_parity_write(harness, tmp_path, 12, retry_delay=60)
+    fan2, flakies = fan_after_crash(mems, after_crash, retry_delay=60)
     fan2.set_rebuild(False)  # the recheck waits before its first stripe
     uri2 = harness.serve(fan2, "parity")
     wait_for(lambda: harness.call(fan2.rebuild_progress)["running"], 10, "the recheck")
@@ -639,15 +646,9 @@ def test_parity_recheck_that_cannot_read_a_member_marks_it_faulty_and_says_so(
     """A read error during the recheck is a member's failure, as in a client's read: it goes
     faulty (rebuilt later), and the stripes not rechecked are reported, not left silently
     unchecked with the member still counted in sync."""
-    from nodes.fans.parity import Parity, ParityParams
-
-    params = {"chunk-size": "16K", "check-interval": 0.02, "retry-delay": 60,
-              "intent-region": "256K", "intent-linger": 0.2}  # fmt: skip
-    mems, _, after_crash, h = torn_parity_write(harness, tmp_path, params, 14)
-    flakies = [Flaky(m) for m, _ in mems]
+    mems, _, after_crash, h = torn_parity_write(harness, tmp_path, 14, retry_delay=60)
+    fan2, flakies = fan_after_crash(mems, after_crash, retry_delay=60)
     flakies[1].fail_reads = True
-    fan2 = Parity(ParityParams.model_validate({**params, "state-file": str(after_crash)}),
-                  flakies)  # fmt: skip
     harness.serve(fan2, "parity")
     wait_for(lambda: any("left before the parity recheck was done" in e[1]
                          for e in harness.events), 10, "the recheck to give up")  # fmt: skip
@@ -667,14 +668,8 @@ def test_parity_recheck_after_losing_every_member_replaces_a_paused_one(
     that follows replaces the old one. Left running beside it, the old one would end first and
     clear the stripes still to recheck, so writes into them would go back to read-modify-write
     on a parity not yet checked."""
-    from nodes.fans.parity import Parity, ParityParams
-
-    params = {"chunk-size": "16K", "check-interval": 0.02, "retry-delay": 60,
-              "intent-region": "256K", "intent-linger": 0.2}  # fmt: skip
-    mems, _, after_crash, h = torn_parity_write(harness, tmp_path, params, 13)
-    flakies = [Flaky(m) for m, _ in mems]
-    fan2 = Parity(ParityParams.model_validate({**params, "state-file": str(after_crash)}),
-                  flakies)  # fmt: skip
+    mems, _, after_crash, h = torn_parity_write(harness, tmp_path, 13, retry_delay=60)
+    fan2, flakies = fan_after_crash(mems, after_crash, retry_delay=60)
     fan2.set_rebuild(False)
     uri2 = harness.serve(fan2, "parity")
     wait_for(lambda: harness.call(fan2.rebuild_progress)["running"], 10, "the recheck")
