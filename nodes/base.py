@@ -203,6 +203,11 @@ class Backend:
     #: reads straight from it (lend_read), without a copy through a buffer. Writes still arrive
     #: in a buffer first, so a write cut off mid-payload never lands half-way.
     lends_memory: ClassVar[bool] = False
+    #: True for kinds whose pwrite never waits (its coroutine ends at its first step: memory).
+    #: The session then hands it a WRITE payload still in the connection's read buffer, not a
+    #: copy in a buffer of its own, since the write is done before that buffer is read into
+    #: again (a write held by a pause gets its copy first).
+    writes_inline: ClassVar[bool] = False
     #: True for kinds that N processes can serve together (--workers): their state lives in the
     #: kernel (files), nowhere (null), upstream (nbd), or moves to shared memory in share().
     shareable: ClassVar[bool] = False
@@ -230,6 +235,8 @@ class Backend:
         # Lending bypasses pread: a subclass that changes it lends only if it says so.
         if "lends_memory" not in cls.__dict__ and "pread" in cls.__dict__:
             cls.lends_memory = False
+        if "writes_inline" not in cls.__dict__ and "pwrite" in cls.__dict__:
+            cls.writes_inline = False
 
     def __init__(self, params: ParamsModel) -> None:
         self.params = params

@@ -193,14 +193,25 @@ def test_control_pause_holds_requests_and_resume_releases_them(node):
     assert op(held, "write").count == 0 and op(held, "read").count == 0
     # A second pause must not wait for the held requests (they cannot finish while paused).
     stub.Pause(pb.PauseRequest(), timeout=5)
+    # More writes arrive where the first ones' payloads were read: the held ones keep theirs.
+    more = [bytes([0x80 + i]) * 4096 for i in range(8)]
+    cookies += [
+        h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b)), (8 + i) * 4096)
+        for i, b in enumerate(more)
+    ]
+    wait_for(
+        lambda: stub.GetStats(pb.GetStatsRequest(), timeout=5).in_flight == 17,
+        10,
+        "the second writes to be held too",
+    )
 
     stub.Resume(pb.ResumeRequest(), timeout=5)
     assert _poll_until(h, cookies, time.monotonic() + 10) == set(cookies)
-    for i, b in enumerate(blocks):
-        assert h.pread(4096, i * 4096) == b
+    for i, b in enumerate(blocks + more):
+        assert h.pread(4096, i * 4096) == b, f"block {i}"
     stats = stub.GetStats(pb.GetStatsRequest(), timeout=5)
-    assert op(stats, "write").count == 8  # none lost, none duplicated
-    assert op(stats, "write").bytes == 8 * 4096
+    assert op(stats, "write").count == 16  # none lost, none duplicated
+    assert op(stats, "write").bytes == 16 * 4096
     assert stats.in_flight == 0
     h.shutdown()
 

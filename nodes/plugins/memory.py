@@ -266,6 +266,7 @@ class Memory(Plugin):
     Params = MemoryParams
     magic = "size"
     lends_memory = True
+    writes_inline = True
     params: MemoryParams
 
     def __init__(self, params: MemoryParams) -> None:

@@ -34,7 +34,7 @@ from ..protocol.constants import (
 from ..protocol.errors import ProtocolError, to_wire
 from ..protocol.handshake import NEED_DATA, Closed, Prepare, Ready, ServerHandshake, StartTLS
 from .eager import Resumed, start_eager
-from .framing import RequestFramer
+from .framing import RequestFramer, lent
 from .pages import lazy_buffer
 from .poll import POLLER
 from .relay import Relay, can_relay
@@ -368,7 +368,7 @@ class Session:
             self._dispatch if relay is None else relay.dispatch,
             node.pool,
             ready.leftover,
-            lend_payloads=relay is not None,
+            lend_payloads=relay is not None or self.backend.writes_inline,
         )
         try:
             self._feed()  # requests that came in with the end of the handshake
@@ -528,6 +528,11 @@ class Session:
         self._busy += 1
         if req.cmd == _READ or req.cmd == _WRITE:
             self._busy_bytes += req.length
+        if payload is not None and self.node.paused and lent(payload):
+            # Held until resume, long after the read buffer has moved on: a copy of its own.
+            copy = self.node.pool.get(len(payload))
+            copy[: len(payload)] = payload
+            payload = memoryview(copy)[: len(payload)]
         previous = mine = None
         if self._ordering == "ordered":
             previous, mine = self._last_reply, self._loop.create_future()
@@ -611,7 +616,7 @@ class Session:
         finally:
             if mine is not None and not mine.done():
                 mine.set_result(None)
-            if payload is not None:
+            if payload is not None and not lent(payload):
                 node.pool.put(cast(bytearray, payload.obj))
             if read_buf is not None:
                 node.pool.put(read_buf)
