@@ -384,6 +384,12 @@ class Backend:
         """Default: everything is allocated data (what the spec says is always safe)."""
         return [(count, 0)]
 
+    def land_write(self, count: int, offset: int) -> Landing | None:
+        """Where a WRITE of `count` bytes at `offset` may be received without a copy after it
+        (only asked where writes_inline; a big WRITE whose payload is still to come). None:
+        into a buffer, then pwrite."""
+        return None
+
     # Lending (only where lends_memory) -------------------------------------------------------
 
     def lend_read(self, count: int, offset: int) -> list[Piece]:
@@ -391,6 +397,22 @@ class Backend:
         and hole lengths. The session sends them as they are, so a view may show a write that
         lands before it leaves: only a request in flight at the same time can do that, and the
         spec leaves overlapping requests in flight unordered. Views are never resized."""
+        raise NotImplementedError
+
+
+class Landing:
+    """A WRITE payload received straight into memory the backend will keep (land_write): the
+    socket fills `views` in order, and commit() is the write. Until then the backend's data is
+    untouched, so a write cut off mid-payload, refused, or held by a pause changes nothing;
+    release() gives back what a landing that was never committed holds (after a commit it
+    does nothing)."""
+
+    views: list[memoryview]
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
         raise NotImplementedError
 
 

@@ -5,6 +5,7 @@ Prometheus metrics, and the `nbdfabric ctl` / `nbdfabric health` commands.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -213,6 +214,30 @@ def test_control_pause_holds_requests_and_resume_releases_them(node):
     assert op(stats, "write").count == 16  # none lost, none duplicated
     assert op(stats, "write").bytes == 16 * 4096
     assert stats.in_flight == 0
+    h.shutdown()
+
+
+def test_control_pause_holds_a_big_write_out_of_the_store_until_resume(node):
+    """A big WRITE's payload is received straight into pages (a landing); held by a pause, it
+    is not in the disk yet (a snapshot taken now must not see it), and is after resume."""
+    p, stub, _ = node()
+    h = nbd_connect(p.uri)
+    allocated = lambda: json.loads(  # noqa: E731
+        stub.GetInfo(pb.GetInfoRequest(), timeout=5).status_json
+    )["allocated_bytes"]
+    stub.Pause(pb.PauseRequest(), timeout=5)
+    data = os.urandom(1 << 20)
+    cookie = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), 1 << 20)
+    wait_for(  # libnbd sends the rest of the payload as it is polled
+        lambda: h.poll(10) is not None and stub.GetStats(pb.GetStatsRequest()).in_flight == 1,
+        10,
+        "the write to be held",
+    )
+    assert allocated() == 0
+    stub.Resume(pb.ResumeRequest(), timeout=5)
+    assert _poll_until(h, [cookie], time.monotonic() + 10) == {cookie}
+    assert allocated() == 1 << 20
+    assert h.pread(1 << 20, 1 << 20) == data
     h.shutdown()
 
 

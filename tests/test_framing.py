@@ -10,6 +10,7 @@ gives it back when it holds nothing unparsed.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import struct
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nodes.base import Landing
 from nodes.protocol import transmission as tx
 from nodes.protocol.constants import REQUEST, REQUEST_MAGIC, Cmd, Err
 from nodes.protocol.errors import ProtocolError
@@ -45,9 +47,13 @@ class Harness:
     def validate(req: tx.Request) -> Err:
         return Err.EINVAL if req.cookie % 2 else Err.OK
 
-    def dispatch(self, req: tx.Request, err: Err, payload: memoryview | None) -> None:
+    def dispatch(self, req: tx.Request, err: Err, payload: memoryview | Landing | None) -> None:
         data = None
-        if payload is not None:
+        if isinstance(payload, Landing):
+            assert isinstance(payload, PieceLanding)
+            data = bytes(payload.buf)
+            payload.commit()
+        elif payload is not None:
             assert len(payload) == req.length
             data = bytes(payload)
             self.pool.put(payload.obj)  # type: ignore[arg-type]  # reused by the next WRITE
@@ -69,6 +75,68 @@ class Harness:
             while self.framer.feed(lambda: self.blocked):
                 pass
             pos += n
+
+
+class PieceLanding(Landing):
+    """A landing whose views are pieces of one buffer: a first piece of `first` bytes (an
+    unaligned write's partial page), then pieces of `piece` bytes."""
+
+    def __init__(self, length: int, first: int, piece: int) -> None:
+        self.buf = bytearray(length)
+        self.committed = self.released = False
+        cuts = [0, *range(min(first, length), length, piece), length]
+        whole = memoryview(self.buf)
+        self.views = [whole[a:b] for a, b in itertools.pairwise(cuts) if b > a]
+
+    def commit(self) -> None:
+        self.committed = True
+
+    def release(self) -> None:
+        self.released = self.released or not self.committed
+
+
+class LandingHarness(Harness):
+    """The same, landing WRITE payloads of MIN_LANDING bytes or more, and reading the rest of a
+    landing's payload in scatter reads as the session's socket reader does."""
+
+    MIN_LANDING = 1000
+
+    def __init__(self, first: int, piece: int, scatter: int) -> None:
+        self.first, self.piece, self.scatter = first, piece, scatter
+        self.landings: list[PieceLanding] = []
+        super().__init__()
+        self.framer = RequestFramer(self.validate, self.dispatch, self.pool, land=self.land)
+
+    def land(self, req: tx.Request) -> Landing | None:
+        if req.length < self.MIN_LANDING:
+            return None
+        landing = PieceLanding(req.length, self.first, self.piece)
+        self.landings.append(landing)
+        return landing
+
+    def push(self, stream: bytes, cuts: list[int]) -> None:
+        pos, i = 0, 0
+        framer = self.framer
+        while pos < len(stream) and not framer.disconnected:
+            buf = framer.get_buffer()
+            assert len(buf) > 0, "an empty buffer would stall the event loop's reads"
+            n = min(len(buf), cuts[i % len(cuts)], len(stream) - pos)
+            i += 1
+            buf[:n] = stream[pos : pos + n]
+            framer.buffer_updated(n)
+            pos += n
+            # As recvmsg_into would: the socket holds up to `scatter` bytes more.
+            views, room = framer.landing_views(), min(self.scatter, len(stream) - pos)
+            if views is not None and room:
+                got = 0
+                for view in views:
+                    take = min(len(view), room - got)
+                    view[:take] = stream[pos + got : pos + got + take]
+                    got += take
+                framer.payload_received(got)
+                pos += got
+            while framer.feed(lambda: self.blocked):
+                pass
 
 
 request_specs = st.lists(
@@ -103,6 +171,38 @@ def test_any_cutting_of_the_stream_gives_the_same_requests_and_payloads(specs, c
     h.push(stream, cuts)
     assert h.seen == expected
     assert not h.framer.disconnected
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    specs=request_specs,
+    cuts=st.lists(st.integers(1, 300000), min_size=1, max_size=8),
+    first=st.integers(1, 40000),
+    piece=st.integers(1, 40000),
+    scatter=st.integers(0, 300000),
+)
+def test_payloads_landed_in_pieces_come_out_the_same_however_the_stream_is_cut(
+    specs, cuts, first, piece, scatter
+):
+    """Landed payloads, filled from the read buffer, through get_buffer() a piece at a time
+    and by scatter reads in any mix, are the bytes sent; each landing is committed once."""
+    stream, expected = build(specs)
+    h = LandingHarness(first, piece, scatter)
+    h.push(stream, cuts)
+    assert h.seen == expected
+    landed = [len(data) for cmd, _, err, data in expected if data is not None and len(data) >= 1000]
+    assert [len(landing.buf) for landing in h.landings] == landed
+    assert all(landing.committed for landing in h.landings)
+
+
+def test_release_gives_back_a_landing_still_being_filled():
+    h = LandingHarness(first=100, piece=4096, scatter=0)
+    h.push(header(Cmd.WRITE, 2, 8192) + bytes(300), [4096])
+    (landing,) = h.landings
+    assert not landing.released
+    h.framer.release()
+    assert landing.released and not landing.committed
+    assert h.seen == []
 
 
 @settings(max_examples=50, deadline=None)

@@ -119,3 +119,85 @@ def test_shared_store_refuses_disks_beyond_its_address_space() -> None:
 
     with pytest.raises(ValueError, match="at most"):
         SharedStore(SharedStore.MAX_SIZE + 1)
+
+
+# Landing: big WRITE payloads received straight into pages -------------------------------------
+
+
+def fill(landing, payload: bytes) -> None:
+    """What the socket does to a landing: its views take the payload in order."""
+    pos = 0
+    for view in landing.views:
+        view[:] = payload[pos : pos + len(view)]
+        pos += len(view)
+    assert pos == len(payload)
+
+
+landing_op = st.one_of(
+    op,
+    st.tuples(st.sampled_from(["land", "land-released"]), span, st.integers(0, 255)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(landing_op, max_size=25), span)
+def test_a_committed_landing_is_a_write_and_a_released_one_is_nothing(ops, probe) -> None:
+    """Landed writes (whole pages swapped in, partial ones copied) read back as writes do,
+    beside plain writes and zeroing; a landing never committed changes nothing. Pages it
+    replaced are reused by later landings, even while reads of earlier ones are lent out."""
+    store, model = SparseStore(), bytearray(SIZE)
+    states: list[bytes] = []  # the disk after each step
+    lent: list[tuple[int, int, list]] = []  # reads lent out: at which step, where, the pieces
+    for kind, (offset, length), arg in ops:
+        payload = bytes([arg]) * length
+        if kind == "write":
+            store.write(memoryview(payload), offset)
+            model[offset : offset + length] = payload
+        elif kind == "zero":
+            store.zero(length, offset, punch=arg)
+            model[offset : offset + length] = bytes(length)
+        else:
+            landing = store.land(length, offset)
+            fill(landing, payload)
+            if kind == "land":
+                landing.commit()
+                model[offset : offset + length] = payload
+            landing.release()
+        states.append(bytes(model))
+        lent.append((len(states) - 1, offset, store.lend_read(min(PAGE, SIZE - offset), offset)))
+    # A reply still being sent shows, piece by piece, its offset's bytes as they were at some
+    # step since its read (writes in place show through), never another offset's.
+    for step, offset, pieces in lent:
+        pos = offset
+        for piece in pieces:
+            n = piece if isinstance(piece, int) else len(piece)
+            if not isinstance(piece, int):
+                assert any(bytes(piece) == state[pos : pos + n] for state in states[step:])
+            pos += n
+    offset, length = probe
+    assert data(store.lend_read(length, offset)) == bytes(model[offset : offset + length])
+    assert data(store.lend_read(SIZE, 0)) == bytes(model)
+
+
+def test_a_page_a_lent_read_shows_is_not_landed_into_again() -> None:
+    """A reply not yet sent shows a view of a page; a landing replaces that page, and the next
+    landing elsewhere must not fill it (the reply would then send another offset's bytes)."""
+    store = SparseStore()
+    store.write(memoryview(b"a" * PAGE), 0)
+    reply = store.lend_read(PAGE, 0)  # held, as by a socket that has not taken it yet
+    for offset, byte in ((0, b"b"), (4 * PAGE, b"c"), (8 * PAGE, b"d")):
+        landing = store.land(PAGE, offset)
+        fill(landing, byte * PAGE)
+        landing.commit()
+    assert data(reply) == b"a" * PAGE
+    assert data(store.lend_read(PAGE, 0)) == b"b" * PAGE
+    del reply  # sent: the page it showed may now be landed into
+    landing = store.land(PAGE, 12 * PAGE)
+    fill(landing, b"e" * PAGE)
+    landing.commit()
+    assert [data(store.lend_read(PAGE, i * PAGE))[:1] for i in (0, 4, 8, 12)] == [
+        b"b",
+        b"c",
+        b"d",
+        b"e",
+    ]

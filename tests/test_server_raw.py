@@ -271,13 +271,27 @@ def test_raw_write_payload_that_looks_like_requests(raw: Raw) -> None:
     assert raw.reply() == (6, 0, fake)
 
 
-def test_raw_write_cut_off_mid_payload(raw: Raw, node: Node) -> None:
+@pytest.mark.parametrize(
+    ("offset", "length", "sent"),
+    [
+        # (In the disk's top half: the other tests here lay out their data below it.)
+        pytest.param(768 << 10, 4096, 1000, id="4K"),
+        # Received straight into pages (a landing), aligned to them and not: none is applied.
+        pytest.param(640 << 10, 256 << 10, 150_000, id="256K-landing"),
+        pytest.param(700_000, 256 << 10, 200_000, id="256K-landing-unaligned"),
+    ],
+)
+def test_raw_write_cut_off_mid_payload(
+    raw: Raw, node: Node, offset: int, length: int, sent: int
+) -> None:
+    h = nbd_connect(node.uri)
+    before = bytes([0x5A]) * (length + 8192)
+    h.pwrite(before, offset - 4096)
     raw.handshake()
-    raw.request(1, 65536, 4096, cookie=1, payload=b"\xee" * 1000)
+    raw.request(1, offset, length, cookie=1, payload=b"\xee" * sent)
     raw.sock.shutdown(socket.SHUT_WR)
     assert raw.is_closed()
-    h = nbd_connect(node.uri)
-    assert h.pread(4096, 65536) == bytes(4096), "a partial write must not be applied"
+    assert h.pread(len(before), offset - 4096) == before, "a partial write must not be applied"
     h.shutdown()
 
 

@@ -13,12 +13,14 @@ Example: `nbdfabric node memory 1G --listen unix:/tmp/m.sock` then
 from __future__ import annotations
 
 import mmap
+import sys
 from collections.abc import Iterator
 
 from ..base import (
     Capabilities,
     Extents,
     Holes,
+    Landing,
     Piece,
     Plugin,
     Support,
@@ -36,6 +38,12 @@ _ZERO_VIEW = memoryview(_ZERO_PAGE)
 #: from where it ends). A range of pages written and not, in turn, would else cost a walk of
 #: every page of up to 4 GiB for 28 bytes of request.
 MAX_EXTENTS = REPLY_EXTENTS
+#: Pages a landing replaced, kept for the next landings to fill (no zero-filled allocation
+#: each time): at most this many; the rest are freed.
+MAX_SPARE_PAGES = 512  # 16 MiB
+#: The smallest WRITE received straight into pages: below it the payload is mostly in the
+#: read buffer already, or one page, and a copy costs less than a landing.
+MIN_LANDING = 64 * 1024
 
 
 class MemoryParams(Params):
@@ -47,10 +55,13 @@ class SparseStore:
 
     A page is kept as a memoryview of its bytearray: `page[a:b] = data` into a memoryview is
     one copy, into the bytearray itself two (CPython copies any source that is not a bytearray
-    into a new one first), and reads lend slices of it as they are."""
+    into a new one first). Reads lend views of it made afresh from the bytearray (`_lent`), so
+    that each one holds a reference to it while a reply shows it: a page a landing replaced is
+    filled again only once none does (`_retire`)."""
 
     def __init__(self) -> None:
         self.pages: dict[int, memoryview] = {}
+        self.spare: list[memoryview] = []  #: replaced pages no view shows, to land into
 
     def allocated_pages(self) -> int:
         return len(self.pages)
@@ -60,7 +71,7 @@ class SparseStore:
         index, in_page = divmod(offset, PAGE)
         if 0 < count <= PAGE - in_page:  # within one page: most small reads
             page = self.pages.get(index)
-            return [count] if page is None else [page[in_page : in_page + count]]
+            return [count] if page is None else [_lent(page, in_page, in_page + count)]
         pieces: list[Piece] = []
         pos, end, pages = offset, offset + count, self.pages
         while pos < end:
@@ -68,7 +79,7 @@ class SparseStore:
             n = min(PAGE - in_page, end - pos)
             page = pages.get(index)
             if page is not None:
-                pieces.append(page[in_page : in_page + n])
+                pieces.append(_lent(page, in_page, in_page + n))
             elif pieces and type(pieces[-1]) is int:
                 pieces[-1] += n
             else:
@@ -96,6 +107,18 @@ class SparseStore:
                 page = pages[index] = memoryview(bytearray(PAGE))
             page[in_page : in_page + n] = buf[pos : pos + n]
             pos += n
+
+    def land(self, count: int, offset: int) -> PageLanding:
+        """A landing for a write of `count` bytes at `offset`: the pages it covers whole are
+        received into spare (or new) pages, its partial first and last ones into scratch."""
+        return PageLanding(self, count, offset)
+
+    def _retire(self, page: memoryview) -> None:
+        """A page a landing replaced: spare if no lent view still shows it (a reply not yet
+        sent; a refilled page would show it another offset's data), else left to the views."""
+        # Its own memoryview's reference and getrefcount's argument: no view made by _lent.
+        if len(self.spare) < MAX_SPARE_PAGES and sys.getrefcount(page.obj) == 2:
+            self.spare.append(page)
 
     def _written(self, first: int, last: int) -> Iterator[int]:
         """The written pages from index `first` to `last`, in order, found as far as the
@@ -139,6 +162,57 @@ class SparseStore:
         if pos < end:
             _append(out, end - pos, hole)
         return out[:MAX_EXTENTS]
+
+
+class PageLanding(Landing):
+    """A big WRITE received straight into pages (SparseStore.land): commit() puts the whole
+    pages in place of the old ones, which costs no copy, and writes the partial first and
+    last pages from scratch."""
+
+    __slots__ = ("_partial", "_store", "_whole", "views")
+
+    def __init__(self, store: SparseStore, count: int, offset: int) -> None:
+        self._store = store
+        self._whole: list[tuple[int, memoryview]] = []  #: (page index, its new page)
+        self._partial: list[tuple[int, memoryview]] = []  #: (offset, scratch)
+        self.views = []
+        spare = store.spare
+        pos, end = offset, offset + count
+        while pos < end:
+            index, in_page = divmod(pos, PAGE)
+            n = min(PAGE - in_page, end - pos)
+            if n == PAGE:
+                view = spare.pop() if spare else memoryview(bytearray(PAGE))
+                self._whole.append((index, view))
+            else:
+                view = memoryview(bytearray(n))
+                self._partial.append((pos, view))
+            self.views.append(view)
+            pos += n
+
+    def commit(self) -> None:
+        store, pages = self._store, self._store.pages
+        for index, page in self._whole:
+            old = pages.get(index)
+            pages[index] = page
+            if old is not None:
+                store._retire(old)
+        for pos, scratch in self._partial:
+            store.write(scratch, pos)
+        self._whole = self._partial = []
+
+    def release(self) -> None:
+        spare = self._store.spare
+        for _, page in self._whole:
+            if len(spare) < MAX_SPARE_PAGES:
+                spare.append(page)
+        self._whole = self._partial = []
+
+
+def _lent(page: memoryview, start: int, stop: int) -> memoryview:
+    """A view of part of a page that holds its own reference to the page's bytearray (a slice
+    of `page` itself would share page's, and _retire could not see it)."""
+    return memoryview(page.obj)[start:stop]
 
 
 class SharedStore:
@@ -317,3 +391,9 @@ class Memory(Plugin):
 
     def lend_read(self, count: int, offset: int) -> list[Piece]:
         return self.store.lend_read(count, offset)
+
+    def land_write(self, count: int, offset: int) -> Landing | None:
+        store = self.store
+        if count < MIN_LANDING or not isinstance(store, SparseStore):
+            return None  # the shared mapping (--workers) is written in place by pwrite
+        return store.land(count, offset)

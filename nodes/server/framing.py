@@ -14,6 +14,7 @@ import mmap
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..base import Landing
 from ..protocol import transmission as tx
 from ..protocol.constants import REQUEST, Cmd, Err
 from ..protocol.errors import ProtocolError
@@ -42,14 +43,21 @@ BIG_WRITE = 64 * 1024
 #: not keep the loop, and so every other client, waiting.
 MAX_FEED = 256
 _FEED = range(MAX_FEED)
+#: Views one scatter read fills at most (a 4 MiB landing: 128 pages).
+_SCATTER = 128
 _HEADER = REQUEST.size
 _WRITE, _DISC = int(Cmd.WRITE), int(Cmd.DISC)
 
 #: Called with each request, the verdict of `validate` on it, and for an accepted WRITE its
 #: payload: a view of exactly its length into a pooled buffer (`view.obj`), which the callee
 #: gives back to the pool when done with it; or, from a framer that lends payloads, possibly a
-#: view into the framer's own read buffer (see `lent`), valid only until feed() returns.
-Dispatch = Callable[[tx.Request, Err, "memoryview | None"], None]
+#: view into the framer's own read buffer (see `lent`), valid only until feed() returns; or,
+#: from a framer that lands payloads, the Landing they were received into, which the callee
+#: commits or releases.
+Dispatch = Callable[[tx.Request, Err, "memoryview | Landing | None"], None]
+#: Asked where an accepted WRITE's payload (not yet buffered) goes: a Landing, or None for a
+#: pooled buffer.
+Land = Callable[[tx.Request], "Landing | None"]
 
 
 def lent(payload: memoryview) -> bool:
@@ -66,11 +74,13 @@ class RequestFramer:
         pool: BufferPool,
         leftover: bytes = b"",
         lend_payloads: bool = False,
+        land: Land | None = None,
     ) -> None:
         self._validate = validate
         #: An accepted WRITE whose payload is already buffered whole is dispatched with a view
         #: of it in the read buffer, not a pooled copy (a relay sends it on before feed() ends).
         self._lend = lend_payloads
+        self._land = land
         self._dispatch = dispatch
         self._pool = pool
         self._pages = lazy_buffer(RECV_BUFFER)
@@ -82,7 +92,12 @@ class RequestFramer:
         self._req: tx.Request | None = None
         self._err = Err.OK
         self._payload: bytearray | None = None
-        self._target: memoryview | None = None
+        self._landing: Landing | None = None
+        #: Where the payload goes: one view of a pooled buffer, or a landing's views in
+        #: order; empty while a rejected payload is skipped.
+        self._targets: list[memoryview] = []
+        self._at = 0  #: the view being filled
+        self._at_filled = 0  #: bytes in it
         self._filled = 0  #: payload bytes collected (or skipped, when rejected)
         self._into_payload = False  #: the last get_buffer() handed out the payload itself
         self._header_next = False  #: read only a header next (a big WRITE came last)
@@ -91,10 +106,10 @@ class RequestFramer:
 
     def get_buffer(self) -> memoryview:
         """Where the next bytes from the socket go."""
-        if self._target is not None and self._start == self._end:
+        if self._targets and self._start == self._end:
             # Nothing buffered ahead of the payload: the socket fills it directly.
             self._into_payload = True
-            return self._target[self._filled :]
+            return self._targets[self._at][self._at_filled :]
         self._into_payload = False
         if self._start == self._end:
             self._start = self._end = 0
@@ -111,9 +126,40 @@ class RequestFramer:
 
     def buffer_updated(self, n: int) -> None:
         if self._into_payload:
-            self._filled += n
+            self._advance(n)
         else:
             self._end += n
+
+    def landing_views(self) -> list[memoryview] | None:
+        """The rest of a landing's views, when the socket is to fill them next (nothing of
+        the stream buffered ahead): one scatter read (recvmsg_into) takes what the socket
+        holds of the payload, where get_buffer() offers one page at a time. Report what it
+        read with payload_received()."""
+        if self._landing is None or self._start != self._end:
+            return None
+        assert self._req is not None
+        if self._filled == self._req.length:
+            return None
+        at, targets = self._at, self._targets
+        return [targets[at][self._at_filled :], *targets[at + 1 : at + _SCATTER]]
+
+    def payload_received(self, n: int) -> None:
+        """`n` bytes went straight into landing_views()."""
+        self._advance(n)
+
+    def _advance(self, n: int) -> None:
+        """`n` payload bytes are in place, from the current view on."""
+        self._filled += n
+        targets = self._targets
+        while n:
+            take = min(n, len(targets[self._at]) - self._at_filled)
+            if not take:
+                raise RuntimeError("a WRITE payload ran past the views it lands in")
+            self._at_filled += take
+            n -= take
+            if self._at_filled == len(targets[self._at]) and self._at + 1 < len(targets):
+                self._at += 1
+                self._at_filled = 0
 
     def feed(self, blocked: Callable[[], bool]) -> bool:
         """Dispatch the complete requests buffered, until the buffer runs dry, `blocked()` says
@@ -126,8 +172,10 @@ class RequestFramer:
             if self._req is not None:
                 if not self._collect():
                     return False
-                req, err, payload = self._req, self._err, self._target
-                self._req = self._payload = self._target = None
+                req, err = self._req, self._err
+                payload = self._landing or (self._targets[0] if self._targets else None)
+                self._req = self._payload = self._landing = None
+                self._targets = []
                 self._dispatch(req, err, payload)
                 continue
             if self._end - self._start < _HEADER:
@@ -152,10 +200,15 @@ class RequestFramer:
 
     def _begin_payload(self, req: tx.Request, err: Err) -> None:
         self._req, self._err, self._filled = req, err, 0
+        self._at = self._at_filled = 0
         self._header_next = req.length >= BIG_WRITE
         if err is Err.OK:
-            self._payload = self._pool.get(req.length)
-            self._target = memoryview(self._payload)[: req.length]
+            landing = self._land(req) if self._land is not None else None
+            if landing is not None:
+                self._landing, self._targets = landing, landing.views
+            else:
+                self._payload = self._pool.get(req.length)
+                self._targets = [memoryview(self._payload)[: req.length]]
         elif req.length > MAX_SKIP:
             # Reading gigabytes just to stay in step is a DoS; the spec lets a server
             # hard-disconnect on an over-sized payload (nbdkit does too).
@@ -166,11 +219,16 @@ class RequestFramer:
         assert self._req is not None
         want = self._req.length - self._filled
         n = min(want, self._end - self._start)
-        if n:
-            if self._target is not None:
-                self._target[self._filled : self._filled + n] = self._buf[
-                    self._start : self._start + n
-                ]
+        if n and self._targets:
+            pos = self._start
+            while pos < self._start + n:  # into the views in turn (one, unless landing)
+                view, at = self._targets[self._at], self._at_filled
+                take = min(self._start + n - pos, len(view) - at)
+                view[at : at + take] = self._buf[pos : pos + take]
+                self._advance(take)
+                pos += take
+            self._start += n
+        elif n:  # a rejected payload: skipped
             self._start += n
             self._filled += n
         return self._filled == self._req.length
@@ -185,7 +243,10 @@ class RequestFramer:
             self._pages.madvise(mmap.MADV_DONTNEED)
 
     def release(self) -> None:
-        """Give back a payload buffer still being filled (the connection ended)."""
+        """Give back a payload buffer or landing still being filled (the connection ended)."""
         if self._payload is not None:
             self._pool.put(self._payload)
-            self._payload = self._target = None
+        if self._landing is not None:
+            self._landing.release()
+        self._payload = self._landing = None
+        self._targets = []

@@ -22,7 +22,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from ..base import Backend, Capabilities, ClientInfo, Support, current_client
+from ..base import Backend, Capabilities, ClientInfo, Landing, Support, current_client
 from ..protocol import transmission as tx
 from ..protocol.constants import (
     BASE_ALLOCATION_ID,
@@ -34,7 +34,7 @@ from ..protocol.constants import (
 from ..protocol.errors import ProtocolError, to_wire
 from ..protocol.handshake import NEED_DATA, Closed, Prepare, Ready, ServerHandshake, StartTLS
 from .eager import Resumed, start_eager
-from .framing import RequestFramer, lent
+from .framing import Dispatch, RequestFramer, lent
 from .pages import lazy_buffer
 from .poll import POLLER
 from .relay import Relay, can_relay
@@ -365,10 +365,13 @@ class Session:
         done = self._done = loop.create_future()
         framer = self._framer = RequestFramer(
             self._validate_write_size if caps.write_disconnect else self._validate,
-            self._dispatch if relay is None else relay.dispatch,
+            # (A relay's framer never lands a payload: it is dispatched views only.)
+            self._dispatch if relay is None else cast(Dispatch, relay.dispatch),
             node.pool,
             ready.leftover,
             lend_payloads=relay is not None or self.backend.writes_inline,
+            # Big WRITE payloads straight into the backend's memory, where it keeps its data.
+            land=self._land if relay is None and self.backend.writes_inline else None,
         )
         try:
             self._feed()  # requests that came in with the end of the handshake
@@ -523,12 +526,15 @@ class Session:
             return Err.OK
         return err
 
-    def _dispatch(self, req: tx.Request, err: Err, payload: memoryview | None) -> None:
+    def _land(self, req: tx.Request) -> Landing | None:
+        return self.backend.land_write(req.length, req.offset)
+
+    def _dispatch(self, req: tx.Request, err: Err, payload: memoryview | Landing | None) -> None:
         """Start one request: run it now, and only if it has to wait, carried on by a driver."""
         self._busy += 1
         if req.cmd == _READ or req.cmd == _WRITE:
             self._busy_bytes += req.length
-        if payload is not None and self.node.paused and lent(payload):
+        if type(payload) is memoryview and self.node.paused and lent(payload):
             # Held until resume, long after the read buffer has moved on: a copy of its own.
             copy = self.node.pool.get(len(payload))
             copy[: len(payload)] = payload
@@ -558,7 +564,7 @@ class Session:
         self,
         req: tx.Request,
         err: Err,
-        payload: memoryview | None,
+        payload: memoryview | Landing | None,
         previous: asyncio.Future[None] | None,
         mine: asyncio.Future[None] | None,
     ) -> None:
@@ -616,7 +622,9 @@ class Session:
         finally:
             if mine is not None and not mine.done():
                 mine.set_result(None)
-            if payload is not None and not lent(payload):
+            if isinstance(payload, Landing):
+                payload.release()  # nothing, once committed
+            elif payload is not None and not lent(payload):
                 node.pool.put(cast(bytearray, payload.obj))
             if read_buf is not None:
                 node.pool.put(read_buf)
@@ -751,7 +759,7 @@ class Session:
 
     # Operations ----------------------------------------------------------------------------
 
-    async def _execute(self, req: tx.Request, payload: memoryview | None) -> list[Buffer]:
+    async def _execute(self, req: tx.Request, payload: memoryview | Landing | None) -> list[Buffer]:
         backend, caps = self.backend, self.caps
         cmd, flags, offset, length = req.cmd, req.flags, req.offset, req.length
         fua = bool(flags & _FUA)
@@ -790,7 +798,11 @@ class Session:
             pass  # zero-length write/trim/zero/cache: a no-op that succeeds
         elif cmd == _WRITE:
             assert payload is not None
-            await backend.pwrite(payload, offset, flags)
+            if isinstance(payload, Landing):
+                payload.commit()  # the write: the payload is in the backend's memory already
+                emulate_fua = emulate_fua or bool(flags & _FUA)  # as a pwrite with FUA would
+            else:
+                await backend.pwrite(payload, offset, flags)
         else:
             started = time.perf_counter()
             if cmd == _TRIM:
@@ -858,8 +870,26 @@ class _SocketReader(asyncio.BufferedProtocol):
         return self.framer.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.framer.buffer_updated(nbytes)
+        framer = self.framer
+        framer.buffer_updated(nbytes)
+        if framer.landing_views() is not None:
+            self._read_landing()
         self.session._feed()
+
+    def _read_landing(self) -> None:
+        """The rest of a landing's payload, as much as the socket holds, in scatter reads
+        (the loop would read it a page per callback). Read from the sending duplicate: the
+        same socket; errors and the end of stream are left for the transport's next read."""
+        sock = cast(SocketStream, self.session.stream).sock
+        framer = self.framer
+        while (views := framer.landing_views()) is not None:
+            try:
+                n = sock.recvmsg_into(views)[0]
+            except OSError:  # BlockingIOError: all read for now
+                return
+            if not n:
+                return
+            framer.payload_received(n)
 
     def eof_received(self) -> bool:
         self.session._finish()
