@@ -200,8 +200,9 @@ class Backend:
     #: Fewest upstreams a fan needs.
     min_members: ClassVar[int] = 0
     #: True for kinds whose data sits in this process's memory (memory): the session then sends
-    #: reads straight from it (lend_read), without a copy through a buffer. Writes still arrive
-    #: in a buffer first, so a write cut off mid-payload never lands half-way.
+    #: reads straight from it (lend_read), without a copy through a buffer. Writes arrive in a
+    #: buffer first, or in memory the write adopts when it runs (land_write): either way a
+    #: write cut off mid-payload never lands half-way.
     lends_memory: ClassVar[bool] = False
     #: True for kinds whose pwrite never waits (its coroutine ends at its first step: memory).
     #: The session then hands it a WRITE payload still in the connection's read buffer, not a

@@ -3,9 +3,9 @@
 Sans-IO, in the shape of asyncio's BufferedProtocol: whoever reads the socket asks
 `get_buffer()` where the next bytes go, reports them with `buffer_updated(n)`, then calls
 `feed()` to hand each complete request to `dispatch`. Request headers are parsed out of one
-buffer (many small requests per read); a WRITE payload goes to a pooled buffer, and straight
-into it from the socket once the read buffer is empty; a rejected WRITE's payload is skipped so
-the stream stays in step.
+buffer (many small requests per read); a WRITE payload goes to a pooled buffer, or to the
+views of a Landing the backend offers, straight from the socket once the read buffer is empty;
+a rejected WRITE's payload is skipped so the stream stays in step.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 The hot path: on a plain socket the event loop reads straight into the request framer's buffer
 (a BufferedProtocol, the socket watched for the whole connection: no registration per read);
 the framer cuts requests out of it (many small ones per read) and lets large WRITE payloads land
-in pooled buffers. Requests run concurrently, eagerly and without Tasks (eager.py), and
-reply out of order unless the node asks for ordered replies or fully serial execution. Replies
-leave as one `sendmsg` of header + data views, on a duplicate of the socket.
+in pooled buffers, or, where the backend keeps its data in memory, in pages it adopts (a
+Landing, filled by scatter reads). Requests run concurrently, eagerly and without Tasks
+(eager.py), and reply out of order unless the node asks for ordered replies or fully serial
+execution. Replies leave as one `sendmsg` of header + data views, on a duplicate of the socket.
 """
 
 from __future__ import annotations
