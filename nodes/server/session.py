@@ -876,6 +876,11 @@ class _SocketReader(asyncio.BufferedProtocol):
         if framer.landing_views() is not None:
             self._read_landing()
         self.session._feed()
+        if framer.landing_views() is not None:
+            # A landing this feed began: its payload mostly came with its header and waits in
+            # the socket. Read it now, not a page at a time from the loop's next turn.
+            self._read_landing()
+            self.session._feed()
 
     def _read_landing(self) -> None:
         """The rest of a landing's payload, as much as the socket holds, in scatter reads
