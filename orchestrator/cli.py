@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -448,9 +449,11 @@ def _foreground(
             received: list[int] = []
 
             def down(sig: int) -> None:
-                print("stopping...", flush=True)
                 received.append(sig)
                 pending.add(asyncio.ensure_future(sup.down()))  # ends a start under way too
+                # Whoever read the output may be gone (a closed pipe): the fabric stops anyway.
+                with contextlib.suppress(OSError):
+                    print("stopping...", flush=True)
 
             # SIGHUP too (a closed terminal), as the daemon: the nodes run in sessions of their
             # own and outlived a supervisor it killed. Unless ignored already (nohup).

@@ -54,6 +54,17 @@ LONG_FILES = (
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests send SIGHUP to the nodes and `up`s they start, as a closing terminal would. Under
+    `nohup` (or any runner that ignores SIGHUP) those would inherit the ignored signal and
+    keep ignoring it, as they should there (test_lifecycle_sighup_ignored_under_nohup), and
+    the tests would wait on them for good. A handler that does nothing keeps this process
+    through a hangup as nohup meant, and the programs it starts begin with the default: exec
+    resets a handled signal, not an ignored one."""
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, lambda signum, frame: None)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Long files first (LONG_FILES), then the others by their number of tests, most first;
     the order within a file is kept."""

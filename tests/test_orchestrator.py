@@ -763,6 +763,36 @@ def test_orchestrator_foreground_up_stops_in_order_on_signal(tmp_path: Path, sig
     assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
 
 
+def test_orchestrator_foreground_up_stops_when_its_output_is_gone(tmp_path: Path) -> None:
+    """`nbdfabric up fabric.yaml | tee log`, and the tee is gone (its terminal closed): a
+    SIGTERM still stops the fabric. Saying "stopping..." into the closed pipe failed before
+    the stop was started, and the `up` and its nodes stayed."""
+    fab = Fabric(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nodes.cli", "up", str(fab.file)],
+        cwd=ROOT,
+        env=fab.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "Ctrl-C stops it" in line:
+                break
+        pids = {n["pid"] for n in fab.status().values()}
+        proc.stdout.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        fab.cli("down", check=False)
+    for pid in pids:
+        assert not alive(pid)
+
+
 #: A node that takes --upstream-timeout (30 s) to fail: its upstream refuses connections.
 SLOW_START = """\
 name: f
