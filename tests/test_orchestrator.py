@@ -5,6 +5,7 @@ restarts after kill -9, re-apply diffs (pids compared), `set`, and that `down` l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -725,17 +726,18 @@ def test_orchestrator_invalid_topology_starts_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
-def test_orchestrator_foreground_up_stops_in_order_on_signal(tmp_path: Path, sig: int) -> None:
-    """Ctrl-C, or the terminal closing (SIGHUP: the nodes, in sessions of their own, outlived
-    the `up` it killed)."""
-    fab = Fabric(tmp_path)
+@contextlib.contextmanager
+def foreground_up(
+    fab: Fabric, stderr: int = subprocess.STDOUT
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """`nbdfabric up` in the foreground, read until it says the fabric is up (the lines so far
+    come with it); killed if it still runs at the end, and what it left brought down."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "nodes.cli", "up", str(fab.file)],
         cwd=ROOT,
         env=fab.env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=stderr,
         text=True,
     )
     try:
@@ -745,16 +747,26 @@ def test_orchestrator_foreground_up_stops_in_order_on_signal(tmp_path: Path, sig
             lines.append(line)
             if "Ctrl-C stops it" in line:
                 break
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        fab.cli("down", check=False)  # what an `up` killed by a signal left
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_orchestrator_foreground_up_stops_in_order_on_signal(tmp_path: Path, sig: int) -> None:
+    """Ctrl-C, or the terminal closing (SIGHUP: the nodes, in sessions of their own, outlived
+    the `up` it killed)."""
+    fab = Fabric(tmp_path)
+    with foreground_up(fab) as (proc, lines):
         assert any("Ctrl-C" in x for x in lines), "".join(lines)
         pids = {n["pid"] for n in fab.status().values()}
         assert len(pids) == 5
         proc.send_signal(sig)
+        assert proc.stdout is not None
         rest = proc.stdout.read()
         assert proc.wait() == 0, rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        fab.cli("down", check=False)  # what an `up` killed by the signal left
     stops = [line.split()[1] for line in rest.splitlines() if line.endswith(": stopped")]
     assert stops.index("slow:") < stops.index("disk:")  # dependents first
     assert stops.index("raid:") < stops.index("m0:")
@@ -768,27 +780,12 @@ def test_orchestrator_foreground_up_stops_when_its_output_is_gone(tmp_path: Path
     SIGTERM still stops the fabric. Saying "stopping..." into the closed pipe failed before
     the stop was started, and the `up` and its nodes stayed."""
     fab = Fabric(tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nodes.cli", "up", str(fab.file)],
-        cwd=ROOT,
-        env=fab.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "Ctrl-C stops it" in line:
-                break
+    with foreground_up(fab, stderr=subprocess.DEVNULL) as (proc, _):
         pids = {n["pid"] for n in fab.status().values()}
+        assert proc.stdout is not None
         proc.stdout.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        fab.cli("down", check=False)
     for pid in pids:
         assert not alive(pid)
 
