@@ -871,31 +871,31 @@ class _SocketReader(asyncio.BufferedProtocol):
         return self.framer.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        framer = self.framer
-        framer.buffer_updated(nbytes)
-        if framer.landing_views() is not None:
-            self._read_landing()
+        self.framer.buffer_updated(nbytes)
         self.session._feed()
-        if framer.landing_views() is not None:
-            # A landing this feed began: its payload mostly came with its header and waits in
-            # the socket. Read it now, not a page at a time from the loop's next turn.
-            self._read_landing()
+        # A payload landing in pages (begun by this feed: it came with its header; or one the
+        # loop just read a page of) mostly waits in the socket: read it now, not a page at a
+        # time on the loop's next turns, then dispatch it.
+        if self._read_landing():
             self.session._feed()
 
-    def _read_landing(self) -> None:
-        """The rest of a landing's payload, as much as the socket holds, in scatter reads
-        (the loop would read it a page per callback). Read from the sending duplicate: the
-        same socket; errors and the end of stream are left for the transport's next read."""
+    def _read_landing(self) -> bool:
+        """The rest of a landing's payload, as much as the socket holds, in scatter reads;
+        whether any came. Read from the sending duplicate (the same socket); errors and the end
+        of stream are left for the transport's next read."""
         sock = cast(SocketStream, self.session.stream).sock
         framer = self.framer
+        got = False
         while (views := framer.landing_views()) is not None:
             try:
                 n = sock.recvmsg_into(views)[0]
             except OSError:  # BlockingIOError: all read for now
-                return
+                break
             if not n:
-                return
+                break
             framer.payload_received(n)
+            got = True
+        return got
 
     def eof_received(self) -> bool:
         self.session._finish()
