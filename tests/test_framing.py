@@ -63,7 +63,8 @@ class Harness:
         """Deliver `stream` in reads of the sizes in `cuts` (cycled), each no bigger than the
         buffer the framer offers, feeding after each read as the protocol callback does (and
         again while a feed stops at MAX_FEED requests, as the session does after a turn of the
-        event loop)."""
+        event loop). After each feed, `scatter` may read more of the stream, as the session's
+        socket reader does for a landing; then the framer is fed again."""
         pos, i = 0, 0
         while pos < len(stream) and not self.framer.disconnected:
             buf = self.framer.get_buffer()
@@ -72,9 +73,20 @@ class Harness:
             i += 1
             buf[:n] = stream[pos : pos + n]
             self.framer.buffer_updated(n)
-            while self.framer.feed(lambda: self.blocked):
-                pass
             pos += n
+            self.feed()
+            got = self.scatter(stream, pos)
+            if got:
+                pos += got
+                self.feed()
+
+    def feed(self) -> None:
+        while self.framer.feed(lambda: self.blocked):
+            pass
+
+    def scatter(self, stream: bytes, pos: int) -> int:
+        """Bytes of the stream from `pos` on read outside get_buffer(): none here."""
+        return 0
 
 
 class PieceLanding(Landing):
@@ -102,7 +114,7 @@ class LandingHarness(Harness):
     MIN_LANDING = 1000
 
     def __init__(self, first: int, piece: int, scatter: int) -> None:
-        self.first, self.piece, self.scatter = first, piece, scatter
+        self.first, self.piece, self.scatter_bytes = first, piece, scatter
         self.landings: list[PieceLanding] = []
         super().__init__()
         self.framer = RequestFramer(self.validate, self.dispatch, self.pool, land=self.land)
@@ -114,29 +126,19 @@ class LandingHarness(Harness):
         self.landings.append(landing)
         return landing
 
-    def push(self, stream: bytes, cuts: list[int]) -> None:
-        pos, i = 0, 0
-        framer = self.framer
-        while pos < len(stream) and not framer.disconnected:
-            buf = framer.get_buffer()
-            assert len(buf) > 0, "an empty buffer would stall the event loop's reads"
-            n = min(len(buf), cuts[i % len(cuts)], len(stream) - pos)
-            i += 1
-            buf[:n] = stream[pos : pos + n]
-            framer.buffer_updated(n)
-            pos += n
-            # As recvmsg_into would: the socket holds up to `scatter` bytes more.
-            views, room = framer.landing_views(), min(self.scatter, len(stream) - pos)
-            if views is not None and room:
-                got = 0
-                for view in views:
-                    take = min(len(view), room - got)
-                    view[:take] = stream[pos + got : pos + got + take]
-                    got += take
-                framer.payload_received(got)
-                pos += got
-            while framer.feed(lambda: self.blocked):
-                pass
+    def scatter(self, stream: bytes, pos: int) -> int:
+        """As recvmsg_into would, into the rest of a landing: the socket holds up to
+        `scatter_bytes` more."""
+        views, room = self.framer.landing_views(), min(self.scatter_bytes, len(stream) - pos)
+        if views is None or not room:
+            return 0
+        got = 0
+        for view in views:
+            take = min(len(view), room - got)
+            view[:take] = stream[pos + got : pos + got + take]
+            got += take
+        self.framer.payload_received(got)
+        return got
 
 
 request_specs = st.lists(
