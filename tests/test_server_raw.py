@@ -15,8 +15,9 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ROOT, nbd_connect, rss_kib, run, wait_for
@@ -536,6 +537,52 @@ def test_raw_a_client_that_never_reads_cannot_swell_the_node(
     finally:
         hog.close()
     assert_served(node)
+
+
+@pytest.mark.parametrize("ordering", ["unordered", "ordered"])
+def test_raw_replies_queued_behind_a_full_socket_arrive_whole_and_in_turn(
+    start_node: Callable[..., Any], ordering: str
+) -> None:
+    """A client that pipelines 40 MiB of reads of odd sizes and reads the replies slowly makes
+    the node queue most of them while its socket is full, and send each queued batch in pieces
+    the socket cuts anywhere. Every reply must still arrive whole, with its own bytes, and in
+    ordered mode in the order asked."""
+    extra = ("--ordering", ordering) if ordering == "ordered" else ()
+    node = start_node("memory", str(SIZE), extra=extra)
+    disk = random.Random(7).randbytes(SIZE)
+    h = nbd_connect(node.uri)
+    h.pwrite(disk, 0)
+    h.shutdown()
+    rng = random.Random(ordering)
+    asked = []
+    for cookie in range(80):
+        length = rng.choice([1, 4095, 65537, 262143, SIZE - 3, rng.randrange(1, SIZE)])
+        asked.append((cookie, rng.randrange(0, SIZE - length + 1), length))
+    client = Raw(node.socket)
+    try:
+        client.handshake()
+        client.sock.sendall(
+            b"".join(
+                struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 0, cookie, offset, length)
+                for cookie, offset, length in asked
+            )
+        )
+        time.sleep(0.5)  # the node fills its socket and queues the rest
+        got = []
+        for i in range(len(asked)):
+            if i % 10 == 0:
+                time.sleep(0.05)  # and again, while the queue empties
+            got.append(client.reply())
+    finally:
+        client.close()
+    if ordering == "ordered":
+        assert [cookie for cookie, _, _ in got] == list(range(len(asked)))
+    by_cookie = {cookie: (error, data) for cookie, error, data in got}
+    assert sorted(by_cookie) == list(range(len(asked)))
+    for cookie, offset, length in asked:
+        error, data = by_cookie[cookie]
+        assert error == 0 and data == disk[offset : offset + length], f"request {cookie}"
+    assert node.proc.poll() is None
 
 
 # One client's burst must not starve the others ------------------------------------------------

@@ -66,7 +66,7 @@ from .framing import lent
 from .pages import lazy_buffer
 from .poll import POLLER
 from .replies import read_reply
-from .stream import Buffer, SocketStream, _after
+from .stream import Buffer, SocketStream, remainder
 
 if TYPE_CHECKING:
     from ..upstream import Upstream
@@ -287,9 +287,7 @@ class Relay:
             )
         else:
             reply = [s._error_reply(req, err, _session._message(err))]
-        rest = s._send(reply)
-        if rest is not None:
-            self._track(rest)
+        s._send(reply)
         op = s._op_stats.get(req.cmd)
         if op is not None:
             op.record(0, 0.0, err is not Err.OK)
@@ -359,7 +357,7 @@ class Relay:
                 for buf in held:
                     pool.put(buf)
                 return
-            parts = _after(parts, sent)
+            parts = remainder(parts, sent)
         self._backlog.append(([bytes(p) if _borrowed(p) else p for p in parts], held))
         if self._pushing is None:
             self._pushing = asyncio.get_running_loop().create_task(self._push())
@@ -446,11 +444,7 @@ class Relay:
                   ) -> bool:  # fmt: skip
         """Relay whole messages; False if the client socket is full (the caller stops reading
         the upstream until `resume` is called: its buffer must not be reused meanwhile)."""
-        rest = self.s._send(parts, held)
-        if rest is None:
-            return True
-        self._track(_then(rest, resume))
-        return False
+        return self.s._send(parts, held, resume)
 
     def _track(self, coro: Any) -> asyncio.Task[Any]:
         """A task the session's drain() waits for."""
@@ -498,9 +492,7 @@ class Relay:
             self._retire(cookie, o)
             if send:
                 req = tx.Request(0, o.cmd, cookie, 0, o.length)
-                rest = s._send([s._error_reply(req, Err.EIO, f"upstream {self.up.uri} lost")])
-                if rest is not None:
-                    self._track(rest)
+                s._send([s._error_reply(req, Err.EIO, f"upstream {self.up.uri} lost")])
         self.room_made()
 
     async def _reconnect(self) -> None:
@@ -562,13 +554,6 @@ class Relay:
 def _borrowed(part: Buffer) -> bool:
     """A view of memory this relay does not own (the framer's read buffer, or a header)."""
     return isinstance(part, memoryview) and lent(part)
-
-
-async def _then(rest: Any, after: Callable[[], None]) -> None:
-    try:
-        await rest
-    finally:
-        after()
 
 
 class _ReplyReader(asyncio.BufferedProtocol):

@@ -19,9 +19,10 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Coroutine
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from ..base import Backend, Capabilities, ClientInfo, Landing, Support, current_client
 from ..protocol import transmission as tx
@@ -40,7 +41,7 @@ from .pages import lazy_buffer
 from .poll import POLLER
 from .relay import Relay, can_relay
 from .replies import ZERO_CHUNK, ZERO_VIEW, pieces_of, read_reply
-from .stream import Buffer, SocketStream, Stream, TLSStream
+from .stream import Buffer, SocketStream, Stream, TLSStream, remainder
 
 if TYPE_CHECKING:
     from .node import NodeRuntime
@@ -134,11 +135,10 @@ class Session:
         self.holds: set[asyncio.Future[bool]] = set()
         self._drainers: list[asyncio.Future[None]] = []  #: drain() calls waiting for them
         self.closed = False
-        self._senders = 0  #: replies partly sent or waiting for their turn to be
-        #: Done when the last reply that queued (see _send_now) has left: the next one waits
-        #: for it. Turns are taken when a reply is ready, not when its sender first runs (a
-        #: task started later must not overtake a reply queued before it).
-        self._last_turn: asyncio.Future[None] | None = None
+        #: Replies the socket has not taken yet, in the order they are to leave (see _push).
+        #: While it holds any, later replies queue behind them.
+        self._outbox: deque[_Queued] = deque()
+        self._sender: asyncio.Task[None] | None = None  #: empties the outbox
         #: Backpressure: reading stops at MAX_IN_FLIGHT requests or MAX_BYTES_IN_FLIGHT until
         #: a reply makes room (plain counters: this runs per request).
         self._busy = 0
@@ -617,9 +617,7 @@ class Session:
                 if previous is not None:
                     await previous
                 held, read_buf = read_buf, None  # _send gives it back once the reply is out
-                rest = self._send(parts, held)
-                if rest is not None:
-                    await rest
+                self._send(parts, held)
         finally:
             if mine is not None and not mine.done():
                 mine.set_result(None)
@@ -641,12 +639,15 @@ class Session:
                 op.record(nbytes, time.perf_counter() - started, failed)
 
     def _send(
-        self, parts: list[Buffer], held: bytearray | None = None
-    ) -> Coroutine[Any, Any, None] | None:
+        self,
+        parts: list[Buffer],
+        held: bytearray | None = None,
+        left: Callable[[], None] | None = None,
+    ) -> bool:
         """Send one reply whole (not at all if the client is gone), then give `held` (the
-        pooled buffer it shows) back. Mostly that is done at once (or the reply is corked);
-        else this returns the coroutine that sends the rest, for the caller to await. (Not a
-        coroutine itself: one fewer per request.)"""
+        pooled buffer it shows) back. True when that is done at once (or the reply is
+        corked); else the reply waits in the outbox, and `left()` is called once it is out
+        (or the client is gone)."""
         if self._feeding and self._cork_replies:
             # Served inline while requests are being read: the reply leaves with the others
             # when the read is done. (Replies of requests that waited go at once: gathering
@@ -657,63 +658,73 @@ class Session:
             self._cork_bytes += sum(map(len, parts))
             if self._cork_bytes >= MAX_CORK:
                 self._flush_cork()
-            return None
-        held_list = [held] if held is not None else []
-        queued = self._send_now(parts, held_list)
-        if queued is None:
-            return None
-        return self._send_rest(parts, held_list, *queued)
+            return True
+        return self._push(parts, [held] if held is not None else [], left)
 
-    def _send_now(
-        self, parts: list[Buffer], held: list[bytearray]
-    ) -> tuple[int, asyncio.Future[None] | None, asyncio.Future[None]] | None:
-        """Send what the socket takes now, unless another reply is on its way out. None when
-        nothing is left to do (all sent, or the client is gone; `held` went back to the pool);
-        else (the bytes sent, the turn to wait for, its own turn): the caller, now counted in
-        `_senders`, must `_send_rest` with them."""
+    def _push(
+        self, parts: list[Buffer], held: list[bytearray], left: Callable[[], None] | None = None
+    ) -> bool:
+        """Send what the socket takes now, unless replies wait before this one; queue the rest
+        (see _send)."""
         sent = 0
-        if not self.closed and not self._senders:
-            # The common case: nobody else is mid-reply and the socket takes the whole reply
-            # at once. (Checked by count, not lock.locked(): a woken waiter has not re-taken
-            # the lock yet but owns the next turn.)
+        if not self._outbox and not self.closed:
+            # The common case: nothing waits and the socket takes the whole reply at once.
             try:
                 sent = self.stream.try_send(parts)
             except OSError:
                 self._lost()
-        if self.closed or sent == sum(map(len, parts)):
+        total = sum(map(len, parts))
+        if self.closed or sent == total:
             for buf in held:
                 self.node.pool.put(buf)
-            return None
-        self._senders += 1
-        before, mine = self._last_turn, self._loop.create_future()
-        self._last_turn = mine
-        return sent, before, mine
+            return True
+        rest = remainder(parts, sent) if sent else parts
+        # What the socket has not taken counts against the byte budget until it leaves: the
+        # requests are done and no longer do. Else a client that asks for big reads and never
+        # reads a reply has the node queue replies without end, a MiB per 28 bytes. Each part
+        # counts what holds it too: a tiny reply costs more in objects than in bytes.
+        charge = total - sent + _PART_COST * len(rest)
+        self._busy_bytes += charge
+        self._outbox.append(_Queued(rest, total - sent, held, left, charge))
+        if self._sender is None:
+            self._sender = task = self._loop.create_task(self._send_queued())
+            self.tasks.add(task)  # drain() waits for it
+            task.add_done_callback(self.tasks.discard)
+        return False
 
-    async def _send_rest(
-        self,
-        parts: list[Buffer],
-        held: list[bytearray],
-        sent: int,
-        before: asyncio.Future[None] | None,
-        mine: asyncio.Future[None],
-    ) -> None:
-        """The rest of a reply the socket did not take at once, after the replies queued
-        before it; then the buffers it shows go back to the pool."""
+    async def _send_queued(self) -> None:
+        """Empty the outbox: each time the socket has room, as many of the queued replies as
+        it takes, in one system call."""
+        outbox = self._outbox
         try:
-            if before is not None and not before.done():
-                await asyncio.wait((before,))  # not `await before`: a cancel must not pass on
-            if not self.closed:
-                await self.stream.send(parts, sent)
+            while outbox and not self.closed:
+                parts = [part for queued in outbox for part in queued.parts]
+                sent = await self.stream.send_some(parts)
+                while sent and outbox:
+                    queued = outbox[0]
+                    if sent < queued.unsent:
+                        queued.parts = remainder(queued.parts, sent)
+                        queued.unsent -= sent
+                        break
+                    sent -= queued.unsent
+                    self._sent(outbox.popleft())
+                if self._reading_paused:
+                    self._made_room()
         except OSError:
             self._lost()
         finally:
-            self._senders -= 1
-            if not mine.done():
-                mine.set_result(None)
-            if self._last_turn is mine:
-                self._last_turn = None
-            for buf in held:
-                self.node.pool.put(buf)
+            self._sender = None
+            while outbox:  # the client is gone: nothing more leaves
+                self._sent(outbox.popleft())
+            if self._reading_paused:
+                self._made_room()
+
+    def _sent(self, queued: _Queued) -> None:
+        self._busy_bytes -= queued.charge
+        for buf in queued.held:
+            self.node.pool.put(buf)
+        if queued.left is not None:
+            queued.left()
 
     def _lost(self) -> None:
         # The client went away mid-reply: stop this session, leave the others alone.
@@ -721,37 +732,11 @@ class Session:
         self._finish()
 
     def _flush_cork(self) -> None:
-        """Send the corked replies in one go (the rest, if the socket is full, from a task)."""
+        """Send the corked replies in one go (the rest, if the socket is full, queued)."""
         parts, held = self._corked, self._cork_buffers
         self._corked, self._cork_buffers, self._cork_bytes = [], [], 0
-        queued = self._send_now(parts, held) if parts else None
-        if queued is not None:
-            # Their requests are done and no longer count against the byte budget; what the
-            # socket has not taken of their replies does, until it has left (now: the feed
-            # that corked them goes on). Else a client that asks for big reads and never
-            # reads a reply has the node queue replies without end, a MiB per 28 bytes. Each
-            # part counts what holds it too: a tiny reply costs more in objects than in bytes.
-            unsent = sum(map(len, parts)) - queued[0] + _PART_COST * len(parts)
-            self._busy_bytes += unsent
-            task = self._loop.create_task(self._send_corked_rest(parts, held, unsent, *queued))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-    async def _send_corked_rest(
-        self,
-        parts: list[Buffer],
-        held: list[bytearray],
-        unsent: int,
-        sent: int,
-        before: asyncio.Future[None] | None,
-        mine: asyncio.Future[None],
-    ) -> None:
-        try:
-            await self._send_rest(parts, held, sent, before, mine)
-        finally:
-            self._busy_bytes -= unsent
-            if self._reading_paused:
-                self._made_room()
+        if parts:
+            self._push(parts, held)
 
     def _error_reply(self, req: tx.Request, err: int, message: str) -> bytes:
         if self.t.structured:
@@ -919,6 +904,23 @@ class _PollingSocketReader(_SocketReader):
         POLLER.woke()
         super().buffer_updated(nbytes)
         POLLER.idle_soon(self.session._loop)
+
+
+class _Queued:
+    """A reply in the outbox: what is left of it to send, and what to do once it is out."""
+
+    __slots__ = ("charge", "held", "left", "parts", "unsent")
+
+    def __init__(
+        self,
+        parts: list[Buffer],
+        unsent: int,
+        held: list[bytearray],
+        left: Callable[[], None] | None,
+        charge: int,
+    ) -> None:
+        self.parts, self.unsent, self.held, self.left = parts, unsent, held, left
+        self.charge = charge  #: what it counts against the byte budget
 
 
 def _hung_up(stream: Stream) -> bool:

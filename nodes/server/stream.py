@@ -59,6 +59,12 @@ class Stream:
         """Send what the kernel takes right now, without waiting; returns the bytes sent."""
         return 0
 
+    async def send_some(self, parts: Sequence[Buffer]) -> int:
+        """Wait until some of `parts` can be sent; send what can be then; returns the bytes
+        sent (all of them, here)."""
+        await self.send(parts)
+        return sum(map(len, parts))
+
     async def recv_exactly(self, view: memoryview) -> bool:
         """Fill `view`; False if the peer closed first."""
         got = 0
@@ -126,10 +132,14 @@ class SocketStream(Stream):
         while left:
             # The socket buffer is full: wait until it drains, then send what is left of all
             # the parts at once (one wait per turn, not one per part; no copy).
-            parts = _after(parts, sent)
+            parts = remainder(parts, sent)
             await self._writable()
             sent = self.try_send(parts)
             left -= sent
+
+    async def send_some(self, parts: Sequence[Buffer]) -> int:
+        await self._writable()
+        return self.try_send(parts)
 
     async def _writable(self) -> None:
         fd = self.sock.fileno()
@@ -148,7 +158,7 @@ class SocketStream(Stream):
         self.sock.close()
 
 
-def _after(parts: Sequence[Buffer], sent: int) -> list[Buffer]:
+def remainder(parts: Sequence[Buffer], sent: int) -> list[Buffer]:
     """What is left of `parts` once their first `sent` bytes are gone."""
     out: list[Buffer] = []
     for part in parts:
