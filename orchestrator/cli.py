@@ -166,7 +166,19 @@ def _export_lines(exports: Sequence[Any], prefix: str = "  ") -> list[str]:
 
 def _print_exports(exports: Sequence[Any]) -> None:
     for line in _export_lines(exports):
+        _say(line)
+
+
+def _say(line: object) -> None:
+    """A line on stdout, now; if whoever read it is gone (`up | tee log`, and the tee closed),
+    nothing more, and no error: stdout goes to /dev/null from then on, so that neither the
+    next line nor the flush at exit fails (Python's own advice for a closed pipe)."""
+    try:
         print(line, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 #: How `up` shows an apply's events while it waits (docker compose's plain progress says
@@ -451,9 +463,10 @@ def _foreground(
             def down(sig: int) -> None:
                 received.append(sig)
                 pending.add(asyncio.ensure_future(sup.down()))  # ends a start under way too
-                # Whoever read the output may be gone (a closed pipe): the fabric stops anyway.
+                # Said after the stop began: whoever read the output may be gone (a closed
+                # pipe; _say copes, but an error here must not keep the fabric running).
                 with contextlib.suppress(OSError):
-                    print("stopping...", flush=True)
+                    _say("stopping...")
 
             # SIGHUP too (a closed terminal), as the daemon: the nodes run in sessions of their
             # own and outlived a supervisor it killed. Unless ignored already (nohup).
@@ -468,7 +481,7 @@ def _foreground(
                     if applying and event.kind == "start-failed":  # the error below has it all
                         first = event.message.split("\n", 1)[0].split("; ", 1)[0]
                         event = dataclasses.replace(event, message=first)
-                    print(event, flush=True)
+                    _say(event)
 
             printing = asyncio.ensure_future(printer())
             try:
@@ -479,8 +492,7 @@ def _foreground(
                 await sup.down()
                 printing.cancel()
                 return 128 + received[0] if received else 1
-            print(f"fabric {topology.name}: {len(topology.nodes)} nodes up; Ctrl-C stops it",
-                  flush=True)  # fmt: skip
+            _say(f"fabric {topology.name}: {len(topology.nodes)} nodes up; Ctrl-C stops it")
             _print_exports(export_messages(sup))
             await sup.finished.wait()
             await asyncio.sleep(0)

@@ -775,19 +775,49 @@ def test_orchestrator_foreground_up_stops_in_order_on_signal(tmp_path: Path, sig
     assert [p for p in tmp_path.rglob("*") if p.is_socket()] == []
 
 
-def test_orchestrator_foreground_up_stops_when_its_output_is_gone(tmp_path: Path) -> None:
-    """`nbdfabric up fabric.yaml | tee log`, and the tee is gone (its terminal closed): a
-    SIGTERM still stops the fabric. Saying "stopping..." into the closed pipe failed before
-    the stop was started, and the `up` and its nodes stayed."""
+@pytest.mark.parametrize("when", ["starting", "up"])
+def test_orchestrator_foreground_up_stops_when_its_output_is_gone(
+    tmp_path: Path, when: str
+) -> None:
+    """`nbdfabric up fabric.yaml | tee log`, and the tee is gone (its terminal closed), while
+    the fabric starts or once it is up: the fabric goes on starting and serving (a log
+    reader's end is no reason to stop storage), what `up` can no longer show is dropped
+    without an error, and a SIGTERM stops it as always, exit 0. Before, a line that met the
+    closed pipe while the fabric started or after ended `up` (exit 141), and the fabric with
+    it; before that, saying "stopping..." into the closed pipe failed before the stop was
+    started, and SIGTERM did nothing."""
     fab = Fabric(tmp_path)
-    with foreground_up(fab, stderr=subprocess.DEVNULL) as (proc, _):
-        pids = {n["pid"] for n in fab.status().values()}
-        assert proc.stdout is not None
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nodes.cli", "up", str(fab.file)],
+        cwd=ROOT,
+        env=fab.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        for line in proc.stdout:
+            if when == "starting" or "Ctrl-C stops it" in line:
+                break
         proc.stdout.close()
+        wait_for(
+            lambda: [n["health"] for n in fab.status().values()] == ["SERVING"] * 5,
+            60,
+            "every node serving",
+        )
+        pids = {n["pid"] for n in fab.status().values()}
+        assert proc.poll() is None, proc.stderr.read()
         proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
-    for pid in pids:
-        assert not alive(pid)
+        errors = proc.stderr.read()
+        assert proc.wait(30) == 0, errors
+        assert "Error" not in errors and "Traceback" not in errors, errors
+        for pid in pids:
+            assert not alive(pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        fab.cli("down", check=False)
 
 
 #: A node that takes --upstream-timeout (30 s) to fail: its upstream refuses connections.
