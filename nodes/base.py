@@ -391,6 +391,11 @@ class Backend:
         into a buffer, then pwrite."""
         return None
 
+    def write_now(self, buf: memoryview, offset: int) -> None:
+        """What pwrite without flags does, as a plain call (only asked where writes_inline:
+        the session then writes without a coroutine)."""
+        raise NotImplementedError
+
     # Lending (only where lends_memory) -------------------------------------------------------
 
     def lend_read(self, count: int, offset: int) -> list[Piece]:

@@ -374,6 +374,9 @@ class Memory(Plugin):
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
         self.store.write(buf, offset)
 
+    def write_now(self, buf: memoryview, offset: int) -> None:
+        self.store.write(buf, offset)
+
     async def flush(self, flags: int) -> None:
         pass
 

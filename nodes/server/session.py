@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from ..base import Backend, Capabilities, ClientInfo, Landing, Support, current_client
+from ..base import Backend, Capabilities, ClientInfo, Landing, Piece, Support, current_client
 from ..protocol import transmission as tx
 from ..protocol.constants import (
     BASE_ALLOCATION_ID,
@@ -354,6 +354,15 @@ class Session:
         self._cork_replies = self._ordering != "ordered"
         #: Reads are sent straight from the backend's memory where it lends it (memory).
         self._lends = self.backend.lends_memory
+        #: Requests served at once as they are read (_read_now, _write_now), where the
+        #: backend lends its memory or writes inline; not where replies must keep the
+        #: requests' order (a request before them may still be waiting).
+        self._serves_now: dict[int, Callable[[tx.Request, memoryview | Landing | None], bool]] = {}
+        if self._ordering != "ordered":
+            if self._lends:
+                self._serves_now[_READ] = self._read_now
+            if self.backend.writes_inline:
+                self._serves_now[_WRITE] = self._write_now
         self._loop = loop = asyncio.get_running_loop()
         # `nbd relay=true`: relayed to an upstream connection of its own where it can be.
         relay: Relay | None = None
@@ -532,6 +541,15 @@ class Session:
 
     def _dispatch(self, req: tx.Request, err: Err, payload: memoryview | Landing | None) -> None:
         """Start one request: run it now, and only if it has to wait, carried on by a driver."""
+        if err is Err.OK:
+            serve_now = self._serves_now.get(req.cmd)
+            node = self.node
+            if (
+                serve_now is not None
+                and not (node.paused or node.draining)
+                and serve_now(req, payload)
+            ):
+                return
         self._busy += 1
         if req.cmd == _READ or req.cmd == _WRITE:
             self._busy_bytes += req.length
@@ -549,6 +567,66 @@ class Session:
         )
         if request is not None:
             self.waiting.add(request)
+
+    # Served at once: most requests to a memory node. Nothing in them waits, so they need none
+    # of what a request that may wait does (no coroutine, no turn, nothing in flight after
+    # them). Each says False, having done nothing, to a request it leaves to _serve.
+
+    def _read_now(self, req: tx.Request, payload: memoryview | Landing | None) -> bool:
+        """A READ of memory the backend lends."""
+        started = time.perf_counter()
+        try:
+            parts, failed = self._lent_reply(req), False
+        except Exception as exc:
+            parts, failed = self._failure_reply(req, exc), True
+        self._send(parts)
+        self._op_stats[_READ].record(
+            0 if failed else req.length, time.perf_counter() - started, failed
+        )
+        return True
+
+    def _write_now(self, req: tx.Request, payload: memoryview | Landing | None) -> bool:
+        """A WRITE without FUA (which may need a flush) to a backend that writes inline."""
+        if payload is None or req.flags & _FUA:
+            return False
+        started = time.perf_counter()
+        try:
+            if isinstance(payload, Landing):
+                payload.commit()  # the payload is in the backend's memory already
+            else:
+                self.backend.write_now(payload, req.offset)
+            parts, failed = [tx.simple_reply(req.cookie)], False
+        except Exception as exc:
+            parts, failed = self._failure_reply(req, exc), True
+        finally:
+            if isinstance(payload, Landing):
+                payload.release()  # nothing, once committed
+            elif not lent(payload):
+                self.node.pool.put(cast(bytearray, payload.obj))
+        self._send(parts)
+        self._op_stats[_WRITE].record(
+            0 if failed else req.length, time.perf_counter() - started, failed
+        )
+        return True
+
+    def _lent_reply(self, req: tx.Request) -> list[Buffer]:
+        """The reply to a READ, showing the backend's own memory."""
+        # Shorter than asked only for an --eof-tolerant read past the end.
+        valid = min(req.length, self.t.size - req.offset)
+        pieces = self.backend.lend_read(valid, req.offset) if valid else []
+        return read_reply(self.t, req, pieces, valid, bool(req.flags & _DF))
+
+    def _failure_reply(self, req: tx.Request, exc: Exception) -> list[Buffer]:
+        """The error reply to a request whose backend call raised `exc`."""
+        if isinstance(exc, OSError):
+            wire = to_wire(
+                exc.errno or errno.EIO,
+                fast_zero=bool(req.flags & _FAST_ZERO),
+                df=bool(req.flags & _DF),
+            )
+            return [self._error_reply(req, wire, exc.strerror or str(exc))]
+        log.exception("%s: request %s failed", self.client.address, req, exc_info=exc)
+        return [self._error_reply(req, Err.EIO, "internal error")]
 
     def _tolerated_tail(self, req: tx.Request) -> bool:
         """--eof-tolerant: a structured READ that starts inside the export but runs past its end
@@ -586,33 +664,23 @@ class Session:
                 failed = True  # held by a pause, and its client went away meanwhile
             else:
                 try:
-                    if req.cmd == _READ:
+                    if req.cmd != _READ:
+                        parts = await self._execute(req, payload)
+                    elif self._lends:
+                        parts = self._lent_reply(req)
+                    else:
                         # Shorter than asked only for an --eof-tolerant read past the end.
                         valid = min(req.length, self.t.size - req.offset)
-                        if self._lends:
-                            pieces = self.backend.lend_read(valid, req.offset) if valid else []
-                        elif valid:
+                        pieces: list[Piece] = []
+                        if valid:
                             read_buf = node.pool.get(valid)
                             view = memoryview(read_buf)[:valid]
                             holes = await self.backend.pread(view, req.offset, req.flags)
                             pieces = pieces_of(view, holes)
-                        else:
-                            pieces = []
                         parts = read_reply(self.t, req, pieces, valid, bool(req.flags & _DF))
-                    else:
-                        parts = await self._execute(req, payload)
-                except OSError as exc:
+                except Exception as exc:
                     failed = True
-                    wire = to_wire(
-                        exc.errno or errno.EIO,
-                        fast_zero=bool(req.flags & _FAST_ZERO),
-                        df=bool(req.flags & _DF),
-                    )
-                    parts = [self._error_reply(req, wire, exc.strerror or str(exc))]
-                except Exception:
-                    failed = True
-                    log.exception("%s: request %s failed", self.client.address, req)
-                    parts = [self._error_reply(req, Err.EIO, "internal error")]
+                    parts = self._failure_reply(req, exc)
             if parts is not None:
                 if previous is not None:
                     await previous
