@@ -429,10 +429,7 @@ class Relay:
         s._busy -= 1
         if o.cmd == _READ or o.cmd == _WRITE:
             s._busy_bytes -= o.length
-        op = s._op_stats.get(o.cmd)
-        if op is not None:
-            nbytes = o.length if (o.cmd == _READ or o.cmd == _WRITE) and not o.failed else 0
-            op.record(nbytes, time.perf_counter() - o.started, o.failed)
+        s._record(o.cmd, o.length, o.started, o.failed)
         if not self._out and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 

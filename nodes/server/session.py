@@ -580,6 +580,7 @@ class Session:
         except Exception as exc:
             parts, failed = self._failure_reply(req, exc), True
         self._send(parts)
+        # As _record does, spelled out: one call fewer per request on the hot path.
         self._op_stats[_READ].record(
             0 if failed else req.length, time.perf_counter() - started, failed
         )
@@ -599,10 +600,7 @@ class Session:
         except Exception as exc:
             parts, failed = self._failure_reply(req, exc), True
         finally:
-            if isinstance(payload, Landing):
-                payload.release()  # nothing, once committed
-            elif not lent(payload):
-                self.node.pool.put(cast(bytearray, payload.obj))
+            self._release_payload(payload)
         self._send(parts)
         self._op_stats[_WRITE].record(
             0 if failed else req.length, time.perf_counter() - started, failed
@@ -689,10 +687,7 @@ class Session:
         finally:
             if mine is not None and not mine.done():
                 mine.set_result(None)
-            if isinstance(payload, Landing):
-                payload.release()  # nothing, once committed
-            elif payload is not None and not lent(payload):
-                node.pool.put(cast(bytearray, payload.obj))
+            self._release_payload(payload)
             if read_buf is not None:
                 node.pool.put(read_buf)
             stats.in_flight -= 1
@@ -701,10 +696,23 @@ class Session:
                 self._busy_bytes -= req.length
             if self._reading_paused:
                 self._made_room()
-            op = self._op_stats.get(req.cmd)
-            if op is not None:
-                nbytes = req.length if (req.cmd == _READ or req.cmd == _WRITE) and not failed else 0
-                op.record(nbytes, time.perf_counter() - started, failed)
+            self._record(req.cmd, req.length, started, failed)
+
+    def _release_payload(self, payload: memoryview | Landing | None) -> None:
+        """A served WRITE's payload is done with: a landing released (nothing, once
+        committed), a pooled buffer given back (a view of the read buffer needs nothing)."""
+        if isinstance(payload, Landing):
+            payload.release()
+        elif payload is not None and not lent(payload):
+            self.node.pool.put(cast(bytearray, payload.obj))
+
+    def _record(self, cmd: int, length: int, started: float, failed: bool) -> None:
+        """A served request (command, length, perf_counter() when it began) in the node's
+        per-operation statistics."""
+        op = self._op_stats.get(cmd)
+        if op is not None:
+            nbytes = length if cmd in (_READ, _WRITE) and not failed else 0
+            op.record(nbytes, time.perf_counter() - started, failed)
 
     def _send(
         self,

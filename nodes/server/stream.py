@@ -51,8 +51,8 @@ class Stream:
     async def recv_into(self, view: memoryview) -> int:
         raise NotImplementedError
 
-    async def send(self, parts: Sequence[Buffer], sent: int = 0) -> None:
-        """Send all of `parts`, of which the first `sent` bytes already went out (try_send)."""
+    async def send(self, parts: Sequence[Buffer]) -> None:
+        """Send all of `parts`."""
         raise NotImplementedError
 
     def try_send(self, parts: Sequence[Buffer]) -> int:
@@ -125,16 +125,14 @@ class SocketStream(Stream):
                 break
         return sent
 
-    async def send(self, parts: Sequence[Buffer], sent: int = 0) -> None:
-        if not sent:
-            sent = self.try_send(parts)
+    async def send(self, parts: Sequence[Buffer]) -> None:
+        sent = self.try_send(parts)
         left = sum(map(len, parts)) - sent
         while left:
             # The socket buffer is full: wait until it drains, then send what is left of all
             # the parts at once (one wait per turn, not one per part; no copy).
             parts = remainder(parts, sent)
-            await self._writable()
-            sent = self.try_send(parts)
+            sent = await self.send_some(parts)
             left -= sent
 
     async def send_some(self, parts: Sequence[Buffer]) -> int:
@@ -251,8 +249,7 @@ class TLSStream(Stream):
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return 0
 
-    async def send(self, parts: Sequence[Buffer], sent: int = 0) -> None:
-        # try_send never sends on TLS: `sent` is always 0 here.
+    async def send(self, parts: Sequence[Buffer]) -> None:
         for part in parts:
             if len(part):
                 self.obj.write(part)
