@@ -728,10 +728,11 @@ def test_orchestrator_invalid_topology_starts_nothing(tmp_path: Path) -> None:
 
 @contextlib.contextmanager
 def foreground_up(
-    fab: Fabric, stderr: int = subprocess.STDOUT
+    fab: Fabric, stderr: int = subprocess.STDOUT, until: str = "Ctrl-C stops it"
 ) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
-    """`nbdfabric up` in the foreground, read until it says the fabric is up (the lines so far
-    come with it); killed if it still runs at the end, and what it left brought down."""
+    """`nbdfabric up` in the foreground, read until a line has `until` (by default: until it
+    says the fabric is up; "" stops after the first line); the lines so far come with it.
+    Killed if it still runs at the end, and what it left brought down."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "nodes.cli", "up", str(fab.file)],
         cwd=ROOT,
@@ -745,7 +746,7 @@ def foreground_up(
         lines = []
         for line in proc.stdout:
             lines.append(line)
-            if "Ctrl-C stops it" in line:
+            if until in line:
                 break
         yield proc, lines
     finally:
@@ -787,19 +788,9 @@ def test_orchestrator_foreground_up_stops_when_its_output_is_gone(
     it; before that, saying "stopping..." into the closed pipe failed before the stop was
     started, and SIGTERM did nothing."""
     fab = Fabric(tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nodes.cli", "up", str(fab.file)],
-        cwd=ROOT,
-        env=fab.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    until = "" if when == "starting" else "Ctrl-C stops it"
+    with foreground_up(fab, stderr=subprocess.PIPE, until=until) as (proc, _):
         assert proc.stdout is not None and proc.stderr is not None
-        for line in proc.stdout:
-            if when == "starting" or "Ctrl-C stops it" in line:
-                break
         proc.stdout.close()
         wait_for(
             lambda: [n["health"] for n in fab.status().values()] == ["SERVING"] * 5,
@@ -814,10 +805,6 @@ def test_orchestrator_foreground_up_stops_when_its_output_is_gone(
         assert "Error" not in errors and "Traceback" not in errors, errors
         for pid in pids:
             assert not alive(pid)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        fab.cli("down", check=False)
 
 
 #: A node that takes --upstream-timeout (30 s) to fail: its upstream refuses connections.
