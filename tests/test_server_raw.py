@@ -5,9 +5,11 @@ well-formed client (libnbd or nbdinfo) must still be served by the same process.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import random
+import signal
 import socket
 import struct
 import subprocess
@@ -80,9 +82,11 @@ class Raw:
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.settimeout(20)
         self.sock.connect(address)
+        self.ahead = bytearray()  #: bytes received already, read before the socket's
 
     def recv_exact(self, n: int) -> bytes:
-        out = bytearray()
+        out = self.ahead[:n]
+        del self.ahead[:n]
         while len(out) < n:
             piece = self.sock.recv(n - len(out))
             if not piece:
@@ -582,6 +586,47 @@ def test_raw_replies_queued_behind_a_full_socket_arrive_whole_and_in_turn(
     for cookie, offset, length in asked:
         error, data = by_cookie[cookie]
         assert error == 0 and data == disk[offset : offset + length], f"request {cookie}"
+    assert node.proc.poll() is None
+
+
+def test_raw_a_reply_never_cuts_into_one_the_socket_took_in_part(
+    start_node: Callable[..., Any],
+) -> None:
+    """A reply the socket took only part of waits for room; one made meanwhile must wait behind
+    it, even when the socket has room by the time it is made (else its bytes land inside the
+    first reply's data). The node is stopped while the client makes room and asks again, so
+    that its loop sees both at once: it reads and answers the new request before the waiting
+    reply's sender runs. The reply is far larger than the socket's buffer (made small here)
+    and what waits of it is less than the connection's byte budget (MAX_BYTES_IN_FLIGHT), so
+    that the node goes on reading requests."""
+    size = 4 << 20
+    node = start_node("memory", str(size), env={"NBDFABRIC_UNIX_SNDBUF": str(64 << 10)})
+    disk = random.Random(11).randbytes(size)
+    h = nbd_connect(node.uri)
+    h.pwrite(disk, 0)
+    h.shutdown()
+    client = Raw(node.socket)
+    try:
+        client.handshake()
+        client.request(0, 0, size, cookie=1)
+        time.sleep(0.5)  # the node fills its socket and keeps the rest of the reply back
+        node.proc.send_signal(signal.SIGSTOP)
+        try:
+            client.sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while piece := client.sock.recv(1 << 20):  # all the socket holds: room
+                    client.ahead += piece
+            client.sock.settimeout(20)
+            client.request(0, 4096, 4096, cookie=2)
+            time.sleep(0.1)
+        finally:
+            node.proc.send_signal(signal.SIGCONT)
+        assert 0 < len(client.ahead) < size, "the first reply was not cut by the socket"
+        first, second = client.reply(), client.reply()
+    finally:
+        client.close()
+    assert first[:2] == (1, 0) and first[2] == disk, "the first reply came back altered"
+    assert second == (2, 0, disk[4096:8192])
     assert node.proc.poll() is None
 
 
