@@ -16,7 +16,6 @@ import random
 import re
 import resource
 import shutil
-import socket
 import struct
 import subprocess
 import zlib
@@ -852,11 +851,8 @@ def test_xz_burst_of_reads_beyond_the_socket_buffer_arrive_in_one_piece(
     original = image.read_bytes()
     rng = random.Random("burst")
     for attempt in range(6):
-        raw = Raw.__new__(Raw)
-        raw.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw = Raw((host, int(port)), receive_buffer=4096)
         raw.sock.settimeout(30)
-        raw.sock.connect((host, int(port)))
         try:
             raw.handshake()
             expected: dict[int, bytes] = {}

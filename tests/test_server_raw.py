@@ -77,9 +77,11 @@ def assert_served(node: Node) -> None:
 class Raw:
     """A hand-driven NBD client on a plain socket: a unix socket's path, or (host, port)."""
 
-    def __init__(self, address: str | tuple[str, int]) -> None:
+    def __init__(self, address: str | tuple[str, int], receive_buffer: int = 0) -> None:
         family = socket.AF_INET if isinstance(address, tuple) else socket.AF_UNIX
         self.sock = socket.socket(family, socket.SOCK_STREAM)
+        if receive_buffer:  # before connecting: it sets the TCP window offered
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
         self.sock.settimeout(20)
         self.sock.connect(address)
         self.ahead = bytearray()  #: bytes received already, read before the socket's
