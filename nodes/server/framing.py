@@ -167,10 +167,10 @@ class RequestFramer:
         call again after the event loop has run). Raises ProtocolError for a stream that cannot
         be followed (bad magic, a rejected payload too big to skip)."""
         for _ in _FEED:  # a bound at the cost of one step of a range iterator per request
-            if self.disconnected or blocked():
+            if self.disconnected:
                 return False
             if self._req is not None:
-                if not self._collect():
+                if blocked() or not self._collect():
                     return False
                 req, err = self._req, self._err
                 payload = self._landing or (self._targets[0] if self._targets else None)
@@ -178,7 +178,7 @@ class RequestFramer:
                 self._targets = []
                 self._dispatch(req, err, payload)
                 continue
-            if self._end - self._start < _HEADER:
+            if self._end - self._start < _HEADER or blocked():
                 return False
             req = tx.parse_request(self._buf[self._start : self._start + _HEADER])
             self._start += _HEADER

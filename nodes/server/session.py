@@ -932,30 +932,33 @@ class _SocketReader(asyncio.BufferedProtocol):
         return self.framer.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.framer.buffer_updated(nbytes)
+        framer = self.framer
+        framer.buffer_updated(nbytes)
         self.session._feed()
         # A payload landing in pages (begun by this feed: it came with its header; or one the
         # loop just read a page of) mostly waits in the socket: read it now, not a page at a
         # time on the loop's next turns, then dispatch it.
-        if self._read_landing():
+        if (views := framer.landing_views()) is not None and self._read_landing(views):
             self.session._feed()
 
-    def _read_landing(self) -> bool:
-        """The rest of a landing's payload, as much as the socket holds, in scatter reads;
-        whether any came. Read from the sending duplicate (the same socket); errors and the end
-        of stream are left for the transport's next read."""
+    def _read_landing(self, views: list[memoryview]) -> bool:
+        """The rest of a landing's payload (its first `views`), as much as the socket holds,
+        in scatter reads; whether any came. Read from the sending duplicate (the same socket);
+        errors and the end of stream are left for the transport's next read."""
         sock = cast(SocketStream, self.session.stream).sock
         framer = self.framer
         got = False
-        while (views := framer.landing_views()) is not None:
+        rest: list[memoryview] | None = views
+        while rest is not None:
             try:
-                n = sock.recvmsg_into(views)[0]
+                n = sock.recvmsg_into(rest)[0]
             except OSError:  # BlockingIOError: all read for now
                 break
             if not n:
                 break
             framer.payload_received(n)
             got = True
+            rest = framer.landing_views()
         return got
 
     def eof_received(self) -> bool:
