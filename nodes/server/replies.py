@@ -59,7 +59,8 @@ def read_reply(
         return [tx.simple_reply(cookie), *data]
     if not valid:
         return [tx.none_chunk(cookie)]
-    return _tail(t, req, [tx.data_chunk_header(cookie, offset, valid, done), *data], valid)
+    parts = [tx.data_chunk_header(cookie, offset, valid, done), *data]
+    return parts if done else _tail(t, req, parts, valid)
 
 
 def _tail(t: tx.Transmission, req: tx.Request, parts: list[Buffer], valid: int) -> list[Buffer]:
