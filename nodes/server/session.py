@@ -941,24 +941,24 @@ class _SocketReader(asyncio.BufferedProtocol):
         if (views := framer.landing_views()) is not None and self._read_landing(views):
             self.session._feed()
 
-    def _read_landing(self, views: list[memoryview]) -> bool:
-        """The rest of a landing's payload (its first `views`), as much as the socket holds,
-        in scatter reads; whether any came. Read from the sending duplicate (the same socket);
-        errors and the end of stream are left for the transport's next read."""
+    def _read_landing(self, views: list[memoryview] | None) -> bool:
+        """The rest of a landing's payload (framer.landing_views(): `views` to begin with), as
+        much as the socket holds, in scatter reads; whether any came. Read from the sending
+        duplicate (the same socket); errors and the end of stream are left for the transport's
+        next read."""
         sock = cast(SocketStream, self.session.stream).sock
         framer = self.framer
         got = False
-        rest: list[memoryview] | None = views
-        while rest is not None:
+        while views is not None:
             try:
-                n = sock.recvmsg_into(rest)[0]
+                n = sock.recvmsg_into(views)[0]
             except OSError:  # BlockingIOError: all read for now
                 break
             if not n:
                 break
             framer.payload_received(n)
             got = True
-            rest = framer.landing_views()
+            views = framer.landing_views()
         return got
 
     def eof_received(self) -> bool:
