@@ -595,6 +595,54 @@ def test_exportname_opens_one_connection_for_clients_asking_at_once(
     assert [u["uri"].split("?")[0] for u in status["upstreams"]] == ["nbd+unix:///b"]
 
 
+def test_exportname_a_client_asking_as_the_open_completes_shares_it(
+    monkeypatch: pytest.MonkeyPatch, start_node: StartNode, disks: tuple[Path, dict[str, bytes]]
+) -> None:
+    """The race CI caught (opened == 2 above, once in many runs): a client whose lookup runs in
+    the loop turn after the upstream connection is made, before the first client's wait on it
+    resumes, must find the export being opened, not open another. Its step is queued as the
+    connection completes (a task that yields once), as a session's is when its option arrives
+    in that same turn."""
+    from nodes.filters import exportname
+    from nodes.params import parse_params
+    from nodes.upstream import Upstream
+
+    folder, files = disks
+    dir_node = start_node("file", f"dir={folder}")
+    late: list[asyncio.Task[None]] = []
+    connect_once = Upstream.connect_once
+
+    async def connect_then_another_asks(self: Upstream) -> None:
+        await connect_once(self)
+        if not late:
+
+            async def ask() -> None:
+                await asyncio.sleep(0)
+                await node.prepare_export("b")
+
+            late.append(asyncio.ensure_future(ask()))
+
+    monkeypatch.setattr(Upstream, "connect_once", connect_then_another_asks)
+    params = parse_params("exportname", exportname.ExportnameParams, [])
+    node = exportname.ExportName(params, Upstream(dir_node.uri))  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        await node.start()
+        await node.prepare_export("b")
+        await late[0]
+        assert node.opened == 1 and list(node.open) == ["b"]
+        export = node.for_export("b")
+        assert isinstance(export, exportname._Export)
+        await export.open_connection()
+        buf = bytearray(4096)
+        await export.pread(memoryview(buf), 0, 0)
+        assert bytes(buf) == files["b"][:4096]
+        await export.close_connection()
+        await node.stop()
+
+    asyncio.run(scenario())
+
+
 def test_handshake_announces_each_lookup_and_listing_with_prepare() -> None:
     """With policy.prepare, an option that looks an export up (INFO, GO, EXPORT_NAME, the meta
     context ones) or lists them stops at a Prepare event; the server gets ready, and the next

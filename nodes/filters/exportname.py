@@ -304,15 +304,19 @@ class ExportName(Filter):
         except OSError as exc:
             log.info("exportname: export %r: %s", target, exc.strerror or exc)
             return
-        self.open[target] = export
-        self.open.move_to_end(target)
+        if self.open.get(target) is export:
+            self.open.move_to_end(target)
         await self._close_idle()
 
     async def _connect(self, target: str) -> _Export:
         upstream = self.upstream.sibling(target)
         await upstream.connect_once()
         self.opened += 1
-        return _Export(self, target, upstream)
+        export = _Export(self, target, upstream)
+        # Listed here, not by the waiters: the future's done callback takes it off _opening a
+        # loop turn before they resume, and a client asking in that turn would open another.
+        self.open[target] = export
+        return export
 
     async def reopen(self, export: _Export) -> None:
         """An export closed as idle after a client looked it up: that client still gets it."""
