@@ -408,12 +408,18 @@ class Backend:
 
 class Landing:
     """A WRITE payload received straight into memory the backend will keep (land_write): the
-    socket fills `views` in order, and commit() is the write. Until then the backend's data is
+    socket fills `views` in order (made as it goes, if more() makes them), and commit() is the
+    write. Until then the backend's data is
     untouched, so a write cut off mid-payload, refused, or held by a pause changes nothing;
     release() gives back what a landing that was never committed holds (after a commit it
     does nothing)."""
 
     views: list[memoryview]
+
+    def more(self) -> bool:
+        """Append the next views to `views` (the same list), for a landing that makes them as
+        the payload reaches them; False when it has made them all (the default: all up front)."""
+        return False
 
     def commit(self) -> None:
         raise NotImplementedError

@@ -41,6 +41,8 @@ MAX_EXTENTS = REPLY_EXTENTS
 #: Pages a landing replaced, kept for the next landings to fill (no zero-filled allocation
 #: each time): at most this many; the rest are freed.
 MAX_SPARE_PAGES = 512  # 16 MiB
+#: Pages a landing makes at a time (1 MiB), ahead of the payload that fills them.
+LANDING_WINDOW = 32
 #: The smallest WRITE received straight into pages: below it the payload is mostly in the
 #: read buffer already, or one page, and a copy costs less than a landing.
 MIN_LANDING = 64 * 1024
@@ -167,18 +169,27 @@ class SparseStore:
 class PageLanding(Landing):
     """A big WRITE received straight into pages (SparseStore.land): commit() puts the whole
     pages in place of the old ones, which costs no copy, and writes the partial first and
-    last pages from scratch."""
+    last pages from scratch. The pages are made LANDING_WINDOW at a time as the payload
+    reaches them (more()): a 32 MiB WRITE header with no payload behind it costs one window,
+    not 32 MiB."""
 
-    __slots__ = ("_partial", "_store", "_whole", "views")
+    __slots__ = ("_end", "_partial", "_pos", "_store", "_whole", "views")
 
     def __init__(self, store: SparseStore, count: int, offset: int) -> None:
         self._store = store
         self._whole: list[tuple[int, memoryview]] = []  #: (page index, its new page)
         self._partial: list[tuple[int, memoryview]] = []  #: (offset, scratch)
         self.views = []
-        spare = store.spare
-        pos, end = offset, offset + count
-        while pos < end:
+        self._pos, self._end = offset, offset + count  #: where the next view starts
+        self.more()
+
+    def more(self) -> bool:
+        pos, end = self._pos, self._end
+        if pos == end:
+            return False
+        stop = min(end, pos + LANDING_WINDOW * PAGE)
+        spare = self._store.spare
+        while pos < stop:
             index, in_page = divmod(pos, PAGE)
             n = min(PAGE - in_page, end - pos)
             if n == PAGE:
@@ -189,6 +200,8 @@ class PageLanding(Landing):
                 self._partial.append((pos, view))
             self.views.append(view)
             pos += n
+        self._pos = pos
+        return True
 
     def commit(self) -> None:
         store, pages = self._store, self._store.pages

@@ -18,7 +18,7 @@ from ..base import Landing
 from ..protocol import transmission as tx
 from ..protocol.constants import REQUEST, Cmd, Err
 from ..protocol.errors import ProtocolError
-from .pages import lazy_buffer
+from .pages import Pooled, PooledPages, lazy_buffer
 
 if TYPE_CHECKING:
     from .session import BufferPool
@@ -63,7 +63,7 @@ Land = Callable[[tx.Request], "Landing | None"]
 def lent(payload: memoryview) -> bool:
     """A payload view into the framer's read buffer (not a pooled buffer): the callee must be
     done with it, or have copied it, when feed() returns, and must not give it to the pool."""
-    return not isinstance(payload.obj, bytearray)
+    return not isinstance(payload.obj, (bytearray, PooledPages))
 
 
 class RequestFramer:
@@ -91,7 +91,7 @@ class RequestFramer:
         #: The WRITE whose payload is being collected, its verdict, buffer and progress.
         self._req: tx.Request | None = None
         self._err = Err.OK
-        self._payload: bytearray | None = None
+        self._payload: Pooled | None = None
         self._landing: Landing | None = None
         #: Where the payload goes: one view of a pooled buffer, or a landing's views in
         #: order; empty while a rejected payload is skipped.
@@ -157,7 +157,11 @@ class RequestFramer:
                 raise RuntimeError("a WRITE payload ran past the views it lands in")
             self._at_filled += take
             n -= take
-            if self._at_filled == len(targets[self._at]) and self._at + 1 < len(targets):
+            if self._at_filled == len(targets[self._at]) and (
+                self._at + 1 < len(targets)
+                # the landing's next views, made once the payload has reached them
+                or (self._landing is not None and self._landing.more())
+            ):
                 self._at += 1
                 self._at_filled = 0
 

@@ -11,6 +11,17 @@ from __future__ import annotations
 import mmap
 
 
+class PooledPages(mmap.mmap):
+    """A lazy buffer that a BufferPool handed out (and takes back): what tells a pooled
+    payload from a view into a connection's read buffer, which is a lazy mapping too."""
+
+    __slots__ = ()
+
+
+#: What BufferPool hands out: small buffers are bytearrays (cheaper to make), big ones lazy.
+Pooled = bytearray | PooledPages
+
+
 def lazy_buffer(size: int) -> mmap.mmap:
     """`size` zero bytes, writable, with no page backed until written. Private: a shared
     anonymous mapping's pages would live in shmem (and outlive MADV_DONTNEED)."""

@@ -63,7 +63,7 @@ from ..protocol.constants import (
 from ..upstream import BACKOFF_CAP, BACKOFF_FIRST
 from . import session as _session
 from .framing import lent
-from .pages import lazy_buffer
+from .pages import Pooled, lazy_buffer
 from .poll import POLLER
 from .replies import read_reply
 from .stream import Buffer, SocketStream, remainder
@@ -136,12 +136,12 @@ class Relay:
         self._writer: SocketStream | None = None
         #: Requests to the upstream the socket has not taken yet, each with the pooled buffers
         #: its parts show (given back once sent).
-        self._backlog: list[tuple[list[Buffer], list[bytearray]]] = []
+        self._backlog: list[tuple[list[Buffer], list[Pooled]]] = []
         #: Requests forwarded during the session's current feed: they leave together, in one
         #: send, when the feed ends (flush_requests): at queue depth 16 that is one system
         #: call upstream for the sixteen requests a read of the client's socket brought.
         self._corked: list[Buffer] = []
-        self._corked_held: list[bytearray] = []
+        self._corked_held: list[Pooled] = []
         self._pushing: asyncio.Task[None] | None = None
         self._reconnecting: asyncio.Task[None] | None = None
         #: Requests a pause holds (in order), each with its hold (NodeRuntime.hold).
@@ -257,13 +257,11 @@ class Relay:
             if payload is not None:
                 self._corked.append(payload)
                 if not lent(payload):
-                    self._corked_held.append(cast(bytearray, payload.obj))
+                    self._corked_held.append(cast(Pooled, payload.obj))
         elif payload is None:
             self._to_upstream([head], [])
         else:
-            self._to_upstream(
-                [head, payload], [] if lent(payload) else [cast(bytearray, payload.obj)]
-            )
+            self._to_upstream([head, payload], [] if lent(payload) else [cast(Pooled, payload.obj)])
 
     def flush_requests(self) -> None:
         """Send the requests forwarded during the feed that just ended (the session calls
@@ -278,7 +276,7 @@ class Relay:
         one, which it answers without asking the upstream)."""
         s = self.s
         if payload is not None and not lent(payload):
-            s.node.pool.put(cast(bytearray, payload.obj))
+            s.node.pool.put(cast(Pooled, payload.obj))
         if err is Err.OK:
             reply = (
                 read_reply(s.t, req, [], 0, False)
@@ -325,7 +323,7 @@ class Relay:
                     node.stats.in_flight -= 1
                     if not hold.result():  # the client is gone: dropped unserved
                         if payload is not None:
-                            node.pool.put(cast(bytearray, payload.obj))
+                            node.pool.put(cast(Pooled, payload.obj))
                     elif self.up_state == "up":
                         self._forward(req, payload)
                     else:
@@ -335,7 +333,7 @@ class Relay:
         if s._reading_paused:
             s._made_room()
 
-    def _to_upstream(self, parts: list[Buffer], held: list[bytearray]) -> None:
+    def _to_upstream(self, parts: list[Buffer], held: list[Pooled]) -> None:
         """Send requests' bytes upstream after those queued before them, then give `held`
         back to the pool. What waits for room is copied out of the framer's read buffer
         first (payloads it lent are valid only until its feed ends)."""
@@ -437,7 +435,7 @@ class Relay:
         if self.s._reading_paused:
             self.s._made_room()
 
-    def to_client(self, parts: list[Buffer], held: bytearray | None, resume: Callable[[], None]
+    def to_client(self, parts: list[Buffer], held: Pooled | None, resume: Callable[[], None]
                   ) -> bool:  # fmt: skip
         """Relay whole messages; False if the client socket is full (the caller stops reading
         the upstream until `resume` is called: its buffer must not be reused meanwhile)."""
@@ -544,7 +542,7 @@ class Relay:
                 node.unhold(hold, self.s.holds)
                 node.stats.in_flight -= 1
                 if payload is not None:
-                    node.pool.put(cast(bytearray, payload.obj))
+                    node.pool.put(cast(Pooled, payload.obj))
             self._held = []
 
 
@@ -563,7 +561,7 @@ class _ReplyReader(asyncio.BufferedProtocol):
         self.start = self.end = 0
         self.need = 0  #: the size of the message at `start`, once its header is in
         #: A message longer than BIG being filled in a buffer of its own, and how far.
-        self.big: bytearray | None = None
+        self.big: Pooled | None = None
         self.big_size = self.big_filled = 0
         self.into_big = False
         self.transport: asyncio.Transport | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import mmap
 import select
 import socket
 import ssl
@@ -37,7 +38,7 @@ from ..protocol.errors import ProtocolError, to_wire
 from ..protocol.handshake import NEED_DATA, Closed, Prepare, Ready, ServerHandshake, StartTLS
 from .eager import Resumed, start_eager
 from .framing import Dispatch, RequestFramer, lent
-from .pages import lazy_buffer
+from .pages import Pooled, PooledPages, lazy_buffer
 from .poll import POLLER
 from .relay import Relay, can_relay
 from .replies import ZERO_CHUNK, ZERO_VIEW, pieces_of, read_reply
@@ -56,6 +57,9 @@ MAX_IN_FLIGHT = 64
 MAX_BYTES_IN_FLIGHT = 8 * 1024 * 1024
 #: Reply bytes gathered during one feed before they go out anyway.
 MAX_CORK = 256 * 1024
+#: Pooled buffers from this size on are made lazy (see BufferPool): at and above glibc's
+#: mmap threshold a bytearray is a fresh mapping anyway, which its zero-fill then touches.
+LAZY_FROM = 256 * 1024
 #: Memory a reply's part holds beyond its bytes, counted against the byte budget while the
 #: socket has not taken it: a header's bytes object, or a view of the backend's memory and its
 #: buffer object, and its list slot (a 1-byte read's reply: 29 bytes, some 400 in objects).
@@ -88,22 +92,29 @@ _OP_NAMES = {
 
 
 class BufferPool:
-    """Reusable buffers in power-of-two size classes: no allocation per request."""
+    """Reusable buffers in power-of-two size classes: no allocation per request.
+
+    A fresh buffer of LAZY_FROM bytes or more is a lazy mapping (pages.py): a WRITE's buffer
+    costs memory as its payload arrives, not when its header does. As bytearrays, 32 headers
+    of 32 MiB writes with no payload behind them held 1 GiB of a file node's memory (as
+    nbdkit's, whose buffers are zeroed too)."""
 
     def __init__(self, max_pooled: int = 64 * 1024 * 1024) -> None:
-        self._free: dict[int, list[bytearray]] = {}
+        self._free: dict[int, list[Pooled]] = {}
         self._pooled = 0
         self._max = max_pooled
 
-    def get(self, size: int) -> bytearray:
+    def get(self, size: int) -> Pooled:
         cls = max(4096, 1 << (size - 1).bit_length())
         free = self._free.get(cls)
         if free:
             self._pooled -= cls
             return free.pop()
-        return bytearray(cls)
+        if cls < LAZY_FROM:
+            return bytearray(cls)
+        return PooledPages(-1, cls, flags=mmap.MAP_PRIVATE)
 
-    def put(self, buf: bytearray) -> None:
+    def put(self, buf: Pooled) -> None:
         if self._pooled + len(buf) <= self._max:
             self._free.setdefault(len(buf), []).append(buf)
             self._pooled += len(buf)
@@ -157,7 +168,7 @@ class Session:
         #: Replies of requests served inline while one read is fed, and the pooled buffers
         #: they show: they leave in one sendmsg when the feed ends.
         self._corked: list[Buffer] = []
-        self._cork_buffers: list[bytearray] = []
+        self._cork_buffers: list[Pooled] = []
         self._cork_bytes = 0
         self._cork_replies = False
         self._relay: Relay | None = None  #: relaying this connection (nbd relay=true)
@@ -651,7 +662,7 @@ class Session:
         stats.in_flight += 1
         started = time.perf_counter()
         parts: list[Buffer] | None = None
-        read_buf: bytearray | None = None
+        read_buf: Pooled | None = None
         failed = err is not Err.OK
         try:
             if err is Err.OK and node.draining:
@@ -704,7 +715,7 @@ class Session:
         if isinstance(payload, Landing):
             payload.release()
         elif payload is not None and not lent(payload):
-            self.node.pool.put(cast(bytearray, payload.obj))
+            self.node.pool.put(cast(Pooled, payload.obj))
 
     def _record(self, cmd: int, length: int, started: float, failed: bool) -> None:
         """A served request (command, length, perf_counter() when it began) in the node's
@@ -717,7 +728,7 @@ class Session:
     def _send(
         self,
         parts: list[Buffer],
-        held: bytearray | None = None,
+        held: Pooled | None = None,
         left: Callable[[], None] | None = None,
     ) -> bool:
         """Send one reply whole (not at all if the client is gone), then give `held` (the
@@ -738,7 +749,7 @@ class Session:
         return self._push(parts, [held] if held is not None else [], left)
 
     def _push(
-        self, parts: list[Buffer], held: list[bytearray], left: Callable[[], None] | None = None
+        self, parts: list[Buffer], held: list[Pooled], left: Callable[[], None] | None = None
     ) -> bool:
         """Send what the socket takes now, unless replies wait before this one; queue the rest
         (see _send)."""
@@ -994,7 +1005,7 @@ class _Queued:
         self,
         parts: list[Buffer],
         unsent: int,
-        held: list[bytearray],
+        held: list[Pooled],
         left: Callable[[], None] | None,
         charge: int,
     ) -> None:
