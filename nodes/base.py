@@ -408,11 +408,10 @@ class Backend:
 
 class Landing:
     """A WRITE payload received straight into memory the backend will keep (land_write): the
-    socket fills `views` in order (made as it goes, if more() makes them), and commit() is the
-    write. Until then the backend's data is
-    untouched, so a write cut off mid-payload, refused, or held by a pause changes nothing;
-    release() gives back what a landing that was never committed holds (after a commit it
-    does nothing)."""
+    socket fills `views` in order (made as the payload reaches them, if more() makes them),
+    and commit() is the write. Until then the backend's data is untouched, so a write cut off
+    mid-payload, refused, or held by a pause changes nothing; release() gives back what a
+    landing that was never committed holds (after a commit it does nothing)."""
 
     views: list[memoryview]
 
