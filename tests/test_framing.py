@@ -93,12 +93,21 @@ class PieceLanding(Landing):
     """A landing whose views are pieces of one buffer: a first piece of `first` bytes (an
     unaligned write's partial page), then pieces of `piece` bytes."""
 
-    def __init__(self, length: int, first: int, piece: int) -> None:
+    def __init__(self, length: int, first: int, piece: int, window: int = 0) -> None:
         self.buf = bytearray(length)
         self.committed = self.released = False
         cuts = [0, *range(min(first, length), length, piece), length]
         whole = memoryview(self.buf)
-        self.views = [whole[a:b] for a, b in itertools.pairwise(cuts) if b > a]
+        self.pieces = [whole[a:b] for a, b in itertools.pairwise(cuts) if b > a]
+        # With a window, the views are made that many at a time, as the memory node's are.
+        self.window = window or len(self.pieces)
+        self.views = []
+        self.more()
+
+    def more(self) -> bool:
+        made = len(self.views)
+        self.views += self.pieces[made : made + self.window]
+        return len(self.views) > made
 
     def commit(self) -> None:
         self.committed = True
@@ -113,8 +122,8 @@ class LandingHarness(Harness):
 
     MIN_LANDING = 1000
 
-    def __init__(self, first: int, piece: int, scatter: int) -> None:
-        self.first, self.piece, self.scatter_bytes = first, piece, scatter
+    def __init__(self, first: int, piece: int, scatter: int, window: int = 0) -> None:
+        self.first, self.piece, self.scatter_bytes, self.window = first, piece, scatter, window
         self.landings: list[PieceLanding] = []
         super().__init__()
         self.framer = RequestFramer(self.validate, self.dispatch, self.pool, land=self.land)
@@ -122,7 +131,7 @@ class LandingHarness(Harness):
     def land(self, req: tx.Request) -> Landing | None:
         if req.length < self.MIN_LANDING:
             return None
-        landing = PieceLanding(req.length, self.first, self.piece)
+        landing = PieceLanding(req.length, self.first, self.piece, self.window)
         self.landings.append(landing)
         return landing
 
@@ -182,14 +191,16 @@ def test_any_cutting_of_the_stream_gives_the_same_requests_and_payloads(specs, c
     first=st.integers(1, 40000),
     piece=st.integers(1, 40000),
     scatter=st.integers(0, 300000),
+    window=st.integers(0, 4),
 )
 def test_payloads_landed_in_pieces_come_out_the_same_however_the_stream_is_cut(
-    specs, cuts, first, piece, scatter
+    specs, cuts, first, piece, scatter, window
 ):
     """Landed payloads, filled from the read buffer, through get_buffer() a piece at a time
-    and by scatter reads in any mix, are the bytes sent; each landing is committed once."""
+    and by scatter reads in any mix, are the bytes sent, whether the landing made its views
+    up front or a few at a time (Landing.more); each landing is committed once."""
     stream, expected = build(specs)
-    h = LandingHarness(first, piece, scatter)
+    h = LandingHarness(first, piece, scatter, window)
     h.push(stream, cuts)
     assert h.seen == expected
     landed = [len(data) for cmd, _, err, data in expected if data is not None and len(data) >= 1000]
