@@ -13,13 +13,10 @@ clients' unread send queues are empty).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
-import struct
 import subprocess
 import sys
 import tempfile
-import termios
 import time
 from pathlib import Path
 
@@ -28,19 +25,8 @@ from nodes.values import parse_size
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_server_raw import REQUEST_MAGIC, Raw  # noqa: E402
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
-def unread(r: Raw) -> int:
-    (n,) = struct.unpack("i", fcntl.ioctl(r.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))
-    return int(n)
+from conftest import rss_kib  # noqa: E402
+from test_server_raw import Raw  # noqa: E402
 
 
 def measure(cmd: list[str], sock: str, clients: int, size: int) -> tuple[float, float]:
@@ -53,17 +39,17 @@ def measure(cmd: list[str], sock: str, clients: int, size: int) -> tuple[float, 
                 raise RuntimeError(f"{cmd[0]} did not start")
             time.sleep(0.05)
         time.sleep(0.3)
-        idle = rss_mib(proc.pid)
+        idle = rss_kib(proc.pid) / 1024
         conns = []
         for i in range(clients):
             r = Raw(sock)
             r.handshake()
-            r.sock.sendall(struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 1, i + 1, 0, size))
+            r.request(1, 0, size, cookie=i + 1)  # NBD_CMD_WRITE, no payload
             conns.append(r)
-        while any(unread(r) for r in conns):
+        while any(r.unread() for r in conns):
             time.sleep(0.05)
         time.sleep(0.5)  # the header read, its buffer made: a moment for the rest to settle
-        held = rss_mib(proc.pid)
+        held = rss_kib(proc.pid) / 1024
         for r in conns:
             r.close()
         return idle, held

@@ -8,18 +8,15 @@ connection on average, is far from both that and what a connection costs now (so
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
-import struct
-import termios
 from pathlib import Path
 from typing import Any
 
 import nbd
 import pytest
 from conftest import nbd_connect, rss_kib, wait_for
-from test_server_raw import REQUEST_MAGIC, Raw
+from test_server_raw import Raw
 
 from nodes.server.node import IDLE_PAGES_SWEEP
 
@@ -85,12 +82,6 @@ HEADERS = 16  #: clients that each send a WRITE header and the first page of its
 HEADER_WRITE = 16 * 1024 * 1024  #: the size each of them announces
 
 
-def unread(r: Raw) -> int:
-    """Bytes this client sent that the node has not read from its unix socket yet."""
-    (n,) = struct.unpack("i", fcntl.ioctl(r.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))
-    return int(n)
-
-
 @pytest.mark.parametrize("kind", ["memory", "file"])
 def test_footprint_a_write_header_costs_the_node_only_the_payload_that_came(
     start_node: Any, tmp_path: Path, kind: str
@@ -118,11 +109,10 @@ def test_footprint_a_write_header_costs_the_node_only_the_payload_that_came(
     for i in range(HEADERS):
         r = Raw(node.socket)
         r.handshake()
-        header = struct.pack(">IHHQQI", REQUEST_MAGIC, 0, 1, i + 1, i * HEADER_WRITE, HEADER_WRITE)
-        r.sock.sendall(header + payload(i)[:4096])
+        r.request(1, i * HEADER_WRITE, HEADER_WRITE, cookie=i + 1, payload=payload(i)[:4096])
         clients.append(r)
     # The node has read every header and page sent (not merely been sent them).
-    wait_for(lambda: not any(unread(r) for r in clients), 20, "the node to read the headers")
+    wait_for(lambda: not any(r.unread() for r in clients), 20, "the node to read the headers")
     grown = rss_kib(node.pid) - before
     assert grown < HEADERS * 2 * 1024, f"{kind}: the node grew by {grown} KiB"
     for i, r in enumerate(clients):

@@ -175,6 +175,12 @@ class Raw:
         except TimeoutError:
             return False
 
+    def unread(self) -> int:
+        """Bytes sent that the peer has not read from the socket yet (TIOCOUTQ; on a unix
+        socket: not yet taken by the node)."""
+        (n,) = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))
+        return int(n)
+
     def close(self) -> None:
         self.sock.close()
 
