@@ -16,6 +16,12 @@ checks that what the upstream offers covers what the client was told, then takes
   messages are relayed, so a lost upstream still leaves every outstanding cookie a clean EIO
   (a simple error reply, or an ERROR chunk with DONE, valid after earlier chunks too). A
   BLOCK_STATUS chunk's context id is rewritten to the id the client got from us.
+- each message is checked as libnbd checks what it receives (the re-issuing path's judge):
+  its kind fits the command and what was negotiated, its length is one the command can have
+  (checked from the header: a chunk that says 4 GiB follow is refused, not waited for), its
+  offsets lie in the request, and a READ's chunks cover its range. A message that fails is
+  never relayed: the upstream is treated as lost (the requests outstanding get EIO, the
+  client keeps its connection), where passing it on would have broken the client's.
 - a lost upstream: everything outstanding and every new request gets EIO while it is down; the
   client keeps its connection; a new handle is connected with back-off (as nodes/upstream.py)
   and relaying goes on once it offers what the client was told.
@@ -39,6 +45,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,7 +87,17 @@ REPLY_BUFFER = 256 * 1024
 BIG = 64 * 1024
 
 _READ, _WRITE, _DISC, _FLUSH = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.DISC), int(Cmd.FLUSH)
+_STATUS = int(Cmd.BLOCK_STATUS)
+_NONE, _DATA, _HOLE = int(Chunk.NONE), int(Chunk.OFFSET_DATA), int(Chunk.OFFSET_HOLE)
 _STATUS_CHUNK, _ERROR_BIT, _DONE = int(Chunk.BLOCK_STATUS), 0x8000, 1
+_ERROR_OFFSET = int(Chunk.ERROR_OFFSET)
+#: The longest status chunk taken from the upstream (libnbd's bound on any chunk), and the
+#: longest error chunk: an errno, a message of at most 4096 bytes (the spec's cap on strings)
+#: and an offset.
+MAX_STATUS_CHUNK = (64 << 20) + 8
+_HOLE_BODY = struct.Struct(">QI")
+_CHUNK_AT = struct.Struct(CHUNK_HEADER.format + "Q")  #: a chunk header and the u64 after it
+MAX_ERROR_CHUNK = 4 + 2 + 4096 + 8
 _SIMPLE, _STRUCTURED = SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC
 _SIMPLE_SIZE, _CHUNK_SIZE = SIMPLE_REPLY.size, CHUNK_HEADER.size
 #: What the client may have been told, and how to ask a libnbd handle whether the upstream has it.
@@ -99,9 +116,20 @@ class _Out:
     """A request the upstream has not finished answering."""
 
     cmd: int
+    offset: int
     length: int
     started: float
     failed: bool = False
+    covered: int = 0  #: bytes of a READ's range its data and hole chunks have covered so far
+
+
+class UpstreamFault(ValueError):
+    """The upstream broke the protocol in the message at `at` of the bytes being cut: what
+    came before it is relayed, it and what follows is not."""
+
+    def __init__(self, why: str, at: int) -> None:
+        super().__init__(why)
+        self.at = at
 
 
 def can_relay(session: Session) -> Upstream | None:
@@ -128,6 +156,7 @@ class Relay:
         #: The meta context the client chose (at most one) and the id we gave it.
         self.context = session.context_names[t.meta_contexts[0]] if t.meta_contexts else None
         self._context_id = U32.pack(t.meta_contexts[0]) if t.meta_contexts else b""
+        self._structured = t.structured  #: the upstream connection's too (_mismatch checks)
         self._out: dict[int, _Out] = {}
         self._idle: asyncio.Future[None] | None = None  #: set when _out empties (close waits)
         self._h: Any = None  #: the libnbd handle, kept only to be dropped (closed) at the end
@@ -250,7 +279,7 @@ class Relay:
         s._busy += 1
         if req.cmd == _READ or req.cmd == _WRITE:
             s._busy_bytes += req.length
-        self._out[req.cookie] = _Out(req.cmd, req.length, time.perf_counter())
+        self._out[req.cookie] = _Out(req.cmd, req.offset, req.length, time.perf_counter())
         head = REQUEST.pack(REQUEST_MAGIC, req.flags, req.cmd, req.cookie, req.offset, req.length)
         if self.s._feeding:  # sent together when the feed ends (flush_requests)
             self._corked.append(head)
@@ -380,8 +409,9 @@ class Relay:
 
     def cut(self, buf: memoryview, start: int, end: int) -> tuple[int, int]:
         """Retire the whole messages in buf[start:end]: (where the first incomplete one
-        starts, its full size, or 0 if not even its header is there)."""
-        out = self._out
+        starts, its full size, or 0 if not even its header is there). Raises UpstreamFault
+        at the first message that breaks the protocol."""
+        out, structured = self._out, self._structured
         while True:
             avail = end - start
             if avail < 4:
@@ -393,31 +423,90 @@ class Relay:
                 _, error, cookie = SIMPLE_REPLY.unpack_from(buf, start)
                 o = out.get(cookie)
                 if o is None:
-                    raise ValueError(f"a reply to unknown cookie {cookie:#x}")
+                    raise UpstreamFault(f"a reply to unknown cookie {cookie:#x}", start)
+                if o.cmd == _READ and not error and structured:
+                    raise UpstreamFault("a simple reply with data to a READ, where structured "
+                                        "replies were negotiated", start)  # fmt: skip
                 size = _SIMPLE_SIZE + (o.length if o.cmd == _READ and not error else 0)
                 if avail < size:
                     return start, size
                 o.failed = bool(error)
                 self._retire(cookie, o)
             elif magic == _STRUCTURED:
-                if avail < _CHUNK_SIZE:
+                if avail >= _CHUNK_SIZE + 8:  # the header and what a data chunk's offset is
+                    _, flags, kind, cookie, length, at = _CHUNK_AT.unpack_from(buf, start)
+                elif avail >= _CHUNK_SIZE:
+                    _, flags, kind, cookie, length = CHUNK_HEADER.unpack_from(buf, start)
+                else:
                     return start, 0
-                _, flags, kind, cookie, length = CHUNK_HEADER.unpack_from(buf, start)
                 o = out.get(cookie)
                 if o is None:
-                    raise ValueError(f"a chunk for unknown cookie {cookie:#x}")
+                    raise UpstreamFault(f"a chunk for unknown cookie {cookie:#x}", start)
+                if not (
+                    kind == _DATA and o.cmd == _READ and 8 < length <= o.length + 8 and structured
+                ):
+                    why = self._chunk_fault(o, flags, kind, length)  # not the common case
+                    if why:
+                        raise UpstreamFault(f"{why} (cookie {cookie:#x})", start)
                 size = _CHUNK_SIZE + length
                 if avail < size:
                     return start, size
-                if kind & _ERROR_BIT:
+                body = start + _CHUNK_SIZE
+                if kind == _DATA:  # (size > 28: `at` was unpacked)
+                    length -= 8
+                    if not o.offset <= at <= o.offset + o.length - length:
+                        raise UpstreamFault(self._outside("data", at, length, o, cookie), start)
+                    o.covered += length
+                elif kind == _HOLE:
+                    at, length = _HOLE_BODY.unpack_from(buf, body)
+                    if not length or not o.offset <= at <= o.offset + o.length - length:
+                        raise UpstreamFault(self._outside("hole", at, length, o, cookie), start)
+                    o.covered += length
+                elif kind & _ERROR_BIT:
+                    why = _error_fault(buf[body : body + length], kind, o)
+                    if why:
+                        raise UpstreamFault(f"{why} (cookie {cookie:#x})", start)
                     o.failed = True
-                elif kind == _STATUS_CHUNK and length >= 4 and self._context_id:
-                    buf[start + _CHUNK_SIZE : start + _CHUNK_SIZE + 4] = self._context_id
+                elif kind == _STATUS_CHUNK and self._context_id:
+                    buf[body : body + 4] = self._context_id
                 if flags & _DONE:
+                    if o.cmd == _READ and not o.failed and o.covered != o.length:
+                        raise UpstreamFault(f"the chunks of a READ of {o.length} bytes covered "
+                                            f"{o.covered} (cookie {cookie:#x})", start)  # fmt: skip
                     self._retire(cookie, o)
             else:
-                raise ValueError(f"bad reply magic {magic:#x}")
+                raise UpstreamFault(f"bad reply magic {magic:#x}", start)
             start += size
+
+    def _chunk_fault(self, o: _Out, flags: int, kind: int, length: int) -> str | None:
+        """What is wrong with a chunk's header for its request, if anything (all that can be
+        told before its payload is there)."""
+        if not self._structured:
+            return "a structured reply chunk, where structured replies were not negotiated"
+        if kind == _DATA:
+            if o.cmd != _READ:
+                return f"a data chunk for command {o.cmd}"
+            return f"a data chunk of {length - 8} bytes for a READ of {o.length}"
+        if kind == _HOLE:
+            if o.cmd != _READ or length != 12:
+                return f"a hole chunk of {length} bytes for command {o.cmd}"
+        elif kind == _NONE:
+            if length or not flags & _DONE:
+                return "a NONE chunk that is not the last, or not empty"
+        elif kind == _STATUS_CHUNK:
+            if o.cmd != _STATUS or not 12 <= length <= MAX_STATUS_CHUNK or (length - 4) % 8:
+                return f"a status chunk of {length} bytes for command {o.cmd}"
+        elif kind & _ERROR_BIT:
+            if not 6 <= length <= MAX_ERROR_CHUNK:
+                return f"an error chunk of {length} bytes"
+        else:
+            return f"a chunk of unknown type {kind}"
+        return None
+
+    @staticmethod
+    def _outside(what: str, at: int, length: int, o: _Out, cookie: int) -> str:
+        return (f"a {what} chunk of {length} bytes at {at}, outside the request's "
+                f"{o.length} bytes at {o.offset} (cookie {cookie:#x})")  # fmt: skip
 
     def _retire(self, cookie: int, o: _Out) -> None:
         """A request's reply is complete (in the bytes being relayed): count it done."""
@@ -546,6 +635,21 @@ class Relay:
             self._held = []
 
 
+def _error_fault(body: memoryview, kind: int, o: _Out) -> str | None:
+    """What is wrong with an error chunk's payload (errno, message length, message, and for
+    ERROR_OFFSET an offset inside the request), if anything."""
+    message = int.from_bytes(body[4:6], "big")
+    if 6 + message > len(body):
+        return f"an error message of {message} bytes in a chunk of {len(body)}"
+    if kind == _ERROR_OFFSET:
+        if len(body) != 6 + message + 8:
+            return f"an ERROR_OFFSET chunk of {len(body)} bytes"
+        at = int.from_bytes(body[6 + message :], "big")
+        if not o.offset <= at < o.offset + o.length:
+            return f"an error offset {at} outside the request's {o.length} bytes at {o.offset}"
+    return None
+
+
 def _borrowed(part: Buffer) -> bool:
     """A view of memory this relay does not own (the framer's read buffer, or a header)."""
     return isinstance(part, memoryview) and lent(part)
@@ -595,7 +699,7 @@ class _ReplyReader(asyncio.BufferedProtocol):
             self.big = None
             try:
                 relay.cut(memoryview(big), 0, size)  # retire it (and renumber a context id)
-            except ValueError as exc:
+            except UpstreamFault as exc:
                 self.pool.put(big)
                 relay._lost(str(exc))
                 return
@@ -607,7 +711,9 @@ class _ReplyReader(asyncio.BufferedProtocol):
         first = self.start
         try:
             self.start, self.need = relay.cut(self.buf, first, self.end)
-        except ValueError as exc:
+        except UpstreamFault as exc:
+            if exc.at > first:  # the whole messages before the fault were retired: relay them
+                relay.to_client([self.buf[first : exc.at]], None, self._resume)
             relay._lost(str(exc))
             return
         sent = True

@@ -1,0 +1,250 @@
+"""An upstream that breaks the protocol, behind a hop: the relay (`nbd relay=true`) and the
+re-issuing hop (`relay=false`, libnbd) must each answer the request it spoiled with an error,
+never pass the bad message on, never hang, and serve again once the upstream is reconnected.
+
+The upstream here is a small server on our own sans-IO handshake: it keeps its data in a
+bytearray and answers every request correctly but a READ at POISON, which gets the reply of
+the fault under test. Each connection (the node's own, then the one opened per client) answers
+the same way, so the first bad reply after a reconnect comes only with the next READ at POISON.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import nbd
+import pytest
+from conftest import nbd_connect, wait_for
+
+from nodes.protocol.constants import TFlag
+from nodes.protocol.handshake import (
+    NEED_DATA,
+    Closed,
+    ExportInfo,
+    HandshakePolicy,
+    Ready,
+    ServerHandshake,
+)
+
+SIZE = 1 << 20
+POISON = 64 * 1024  #: a READ here gets the faulty reply
+SIMPLE, CHUNK = 0x67446698, 0x668E33EF
+DONE = 1
+DATA, HOLE, NONE, STATUS, ERROR, ERROR_OFFSET = 1, 2, 0, 5, 32769, 32770
+READ, WRITE, DISC = 0, 1, 2
+
+
+def chunk(cookie: int, kind: int, payload: bytes, flags: int = DONE) -> bytes:
+    return struct.pack(">IHHQI", CHUNK, flags, kind, cookie, len(payload)) + payload
+
+
+def data(cookie: int, offset: int, body: bytes, flags: int = DONE) -> bytes:
+    return chunk(cookie, DATA, struct.pack(">Q", offset) + body, flags)
+
+
+#: The faults: (cookie, offset, length, the data there) -> what the upstream sends instead of
+#: the READ's reply. Structured replies are negotiated unless the name says otherwise.
+FAULTS: dict[str, Callable[[int, int, int, bytes], bytes]] = {
+    "data before the request": lambda c, o, n, d: data(c, o - 512, d),
+    "data past the request": lambda c, o, n, d: data(c, o, d + bytes(512)),
+    # a chunk that says 4 GiB follows, and nothing does: must not be waited for
+    "a 4 GiB chunk": lambda c, o, n, d: struct.pack(">IHHQI", CHUNK, DONE, DATA, c, 0xFFFFFFFF),
+    "a hole of the wrong size": lambda c, o, n, d: chunk(c, HOLE, struct.pack(">QII", o, n, 0)),
+    "a hole past the request": lambda c, o, n, d: chunk(c, HOLE, struct.pack(">QI", o, n + 512)),
+    "an unknown chunk type": lambda c, o, n, d: chunk(c, 7, b"") + data(c, o, d),
+    "a status chunk for a READ": lambda c, o, n, d: chunk(c, STATUS, struct.pack(">III", 1, n, 0)),
+    "NONE not last": lambda c, o, n, d: chunk(c, NONE, b"", 0) + data(c, o, d),
+    "half the range, then DONE": lambda c, o, n, d: data(c, o, d[: n // 2]),
+    "a reply to another cookie": lambda c, o, n, d: data(c ^ 0x5A5A, o, d),
+    "a simple reply with data": lambda c, o, n, d: struct.pack(">IIQ", SIMPLE, 0, c) + d,
+    "an error offset past the request": lambda c, o, n, d: chunk(
+        c, ERROR_OFFSET, struct.pack(">IHQ", 5, 0, o + n + 4096)
+    ),
+    "an error message longer than its chunk": lambda c, o, n, d: chunk(
+        c, ERROR, struct.pack(">IH", 5, 100) + b"short"
+    ),
+    "bad magic": lambda c, o, n, d: struct.pack(">IIQ", 0x12345678, 0, c),
+    "a chunk without structured replies": lambda c, o, n, d: data(c, o, d),
+}
+
+
+class RogueUpstream:
+    """The upstream: a thread that accepts on a unix socket, a thread per connection."""
+
+    def __init__(self, path: Path, fault: Callable[[int, int, int, bytes], bytes]) -> None:
+        self.path, self.fault = path, fault
+        self.disk = bytearray(SIZE)
+        self.poisoned = 0  #: faulty replies sent
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(str(path))
+        self.listener.listen()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.path}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                structured = self._handshake(conn)
+                if structured is not None:
+                    self._transmit(conn, structured)
+            except (OSError, ConnectionError):
+                pass
+
+    def _handshake(self, conn: socket.socket) -> bool | None:
+        flags = (TFlag.SEND_FLUSH | TFlag.SEND_TRIM | TFlag.SEND_WRITE_ZEROES
+                 | TFlag.SEND_FUA | TFlag.SEND_DF | TFlag.SEND_CACHE)  # fmt: skip
+        export = ExportInfo(name="", size=SIZE, tflags=flags)
+        hs = ServerHandshake(HandshakePolicy(lookup=lambda name: export))
+        while True:
+            event = hs.next_event()
+            conn.sendall(hs.data_to_send())
+            if event is NEED_DATA:
+                more = conn.recv(65536)
+                if not more:
+                    return None
+                hs.receive_data(more)
+            elif isinstance(event, Ready):
+                assert not event.leftover
+                return event.structured
+            elif isinstance(event, Closed):
+                return None
+
+    def _transmit(self, conn: socket.socket, structured: bool) -> None:
+        def exactly(n: int) -> bytes:
+            out = b""
+            while len(out) < n:
+                piece = conn.recv(n - len(out))
+                if not piece:
+                    raise ConnectionError("closed")
+                out += piece
+            return out
+
+        while True:
+            _, _, cmd, cookie, offset, length = struct.unpack(">IHHQQI", exactly(28))
+            if cmd == DISC:
+                return
+            if cmd == WRITE:
+                self.disk[offset : offset + length] = exactly(length)
+            if cmd != READ:
+                conn.sendall(struct.pack(">IIQ", SIMPLE, 0, cookie))
+                continue
+            body = bytes(self.disk[offset : offset + length])
+            if offset == POISON:
+                self.poisoned += 1
+                conn.sendall(self.fault(cookie, offset, length, body))
+            elif structured:
+                conn.sendall(data(cookie, offset, body))
+            else:
+                conn.sendall(struct.pack(">IIQ", SIMPLE, 0, cookie) + body)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def rogue(tmp_path: Path) -> Iterator[Callable[[str], RogueUpstream]]:
+    made: list[RogueUpstream] = []
+
+    def make(fault: str | Callable[[int, int, int, bytes], bytes]) -> RogueUpstream:
+        up = RogueUpstream(
+            tmp_path / "rogue.sock", FAULTS[fault] if isinstance(fault, str) else fault
+        )
+        made.append(up)
+        return up
+
+    yield make
+    for up in made:
+        up.close()
+
+
+def pread_within(h, length: int, offset: int, seconds: float = 20) -> bytes:
+    """A READ that must be answered (data, or nbd.Error) within `seconds`: a hop that waits
+    for bytes the upstream never sends fails here, not by hanging the test."""
+    buf = nbd.Buffer(length)
+    cookie = h.aio_pread(buf, offset)
+    deadline = time.monotonic() + seconds
+    while not h.aio_command_completed(cookie):  # raises nbd.Error for a failed command
+        assert time.monotonic() < deadline, f"the READ at {offset} was never answered"
+        h.poll(100)
+    return bytes(buf.to_bytearray())
+
+
+#: The re-issuing hop talks to its upstream with structured replies whatever the client
+#: negotiated: a chunk is no fault there.
+CASES = [(f, r) for f in FAULTS for r in ("true", "false") if r == "true" or "without" not in f]
+
+
+@pytest.mark.parametrize(("fault", "relay"), CASES)
+def test_relay_faults_an_upstream_breaking_the_protocol_costs_one_request(
+    start_node, rogue, fault: str, relay: str
+) -> None:
+    up = rogue(fault)
+    hop = start_node("nbd", f"relay={relay}", upstreams=[up.uri], env={"NBDFABRIC_LOG": "info"})
+    structured = "without structured" not in fault
+    h = nbd_connect(hop.uri, structured=structured)
+    try:
+        good = bytes(range(256)) * 1024
+        h.pwrite(good, 0)  # 256 KiB: POISON and the bytes around it
+        assert pread_within(h, 4096, 0) == good[:4096]
+        assert ("relayed to" in hop.stderr()) == (relay == "true"), hop.stderr()
+        with pytest.raises(nbd.Error) as failed:
+            pread_within(h, 4096, POISON)
+        # an errno: the hop answered with an error; the client's libnbd, given the bad
+        # message itself, would have raised without one and its connection would be dead
+        assert failed.value.errnum == errno.EIO, failed.value
+        assert up.poisoned >= 1
+        assert hop.proc.poll() is None, "the hop died"
+        if relay == "true":  # it saw the fault itself (libnbd, below a re-issuing hop, may
+            # fail only the one command and keep its connection)
+            assert "lost" in hop.stderr(), hop.stderr()
+
+        def serves() -> bool:
+            try:
+                return pread_within(h, 8192, 4096) == good[4096 : 4096 + 8192]
+            except nbd.Error:
+                return False  # down until the upstream is reconnected
+
+        wait_for(serves, 20, "the hop to serve again")
+        h.pwrite(b"\xee" * 4096, 8192)
+        assert pread_within(h, 4096, 8192) == b"\xee" * 4096
+        assert up.disk[8192 : 8192 + 4096] == b"\xee" * 4096
+    finally:
+        h.shutdown()
+
+
+def test_relay_faults_the_replies_before_a_fault_in_the_same_read_are_relayed(
+    start_node, rogue
+) -> None:
+    """The upstream sends a READ's whole reply and garbage behind it, in one write: the relay
+    cuts (and counts as answered) the reply, then meets the garbage. The reply must still
+    reach the client; it used to be dropped with the rest of that read, and the READ, no
+    longer outstanding, was never answered at all."""
+    up = rogue(lambda c, o, n, d: data(c, o, d) + struct.pack(">IIQ", 0x12345678, 0, 0))
+    hop = start_node("nbd", "relay=true", upstreams=[up.uri], env={"NBDFABRIC_LOG": "info"})
+    h = nbd_connect(hop.uri)
+    try:
+        good = bytes(range(256)) * 1024
+        h.pwrite(good, 0)
+        assert pread_within(h, 4096, POISON) == good[POISON : POISON + 4096]
+        wait_for(lambda: "lost" in hop.stderr(), 10, "the relay to drop the upstream")
+        wait_for(lambda: "is back" in hop.stderr(), 20, "the relay to reconnect")
+        assert pread_within(h, 4096, 0) == good[:4096]
+    finally:
+        h.shutdown()
