@@ -37,7 +37,7 @@ POISON = 64 * 1024  #: a READ here gets the faulty reply
 SIMPLE, CHUNK = 0x67446698, 0x668E33EF
 DONE = 1
 DATA, HOLE, NONE, STATUS, ERROR, ERROR_OFFSET = 1, 2, 0, 5, 32769, 32770
-READ, WRITE, DISC = 0, 1, 2
+READ, WRITE, DISC, BLOCK_STATUS = 0, 1, 2, 7
 
 
 def chunk(cookie: int, kind: int, payload: bytes, flags: int = DONE) -> bytes:
@@ -74,11 +74,30 @@ FAULTS: dict[str, Callable[[int, int, int, bytes], bytes]] = {
 }
 
 
+def status(cookie: int, extents: bytes, flags: int = DONE) -> bytes:
+    return chunk(cookie, STATUS, struct.pack(">I", 1) + extents, flags)
+
+
+#: The same for a BLOCK_STATUS at POISON: (cookie, offset, length) -> what is sent instead.
+STATUS_FAULTS: dict[str, Callable[[int, int, int], bytes]] = {
+    "a descriptor cut short": lambda c, o, n: status(c, struct.pack(">II", n, 0) + b"\0\0\0"),
+    "no descriptor": lambda c, o, n: status(c, b""),
+    "data for a BLOCK_STATUS": lambda c, o, n: data(c, o, bytes(n)),
+    "a simple reply": lambda c, o, n: struct.pack(">IIQ", SIMPLE, 0, c),
+    "NONE alone": lambda c, o, n: chunk(c, NONE, b""),
+}
+
+
 class RogueUpstream:
     """The upstream: a thread that accepts on a unix socket, a thread per connection."""
 
-    def __init__(self, path: Path, fault: Callable[[int, int, int, bytes], bytes]) -> None:
-        self.path, self.fault = path, fault
+    def __init__(
+        self,
+        path: Path,
+        fault: Callable[[int, int, int, bytes], bytes] | None = None,
+        status_fault: Callable[[int, int, int], bytes] | None = None,
+    ) -> None:
+        self.path, self.fault, self.status_fault = path, fault, status_fault
         self.disk = bytearray(SIZE)
         self.poisoned = 0  #: faulty replies sent
         self.listener = socket.socket(socket.AF_UNIX)
@@ -142,11 +161,18 @@ class RogueUpstream:
                 return
             if cmd == WRITE:
                 self.disk[offset : offset + length] = exactly(length)
+            if cmd == BLOCK_STATUS:  # all data, in one extent
+                if offset == POISON and self.status_fault is not None:
+                    self.poisoned += 1
+                    conn.sendall(self.status_fault(cookie, offset, length))
+                else:
+                    conn.sendall(status(cookie, struct.pack(">II", length, 0)))
+                continue
             if cmd != READ:
                 conn.sendall(struct.pack(">IIQ", SIMPLE, 0, cookie))
                 continue
             body = bytes(self.disk[offset : offset + length])
-            if offset == POISON:
+            if offset == POISON and self.fault is not None:
                 self.poisoned += 1
                 conn.sendall(self.fault(cookie, offset, length, body))
             elif structured:
@@ -162,10 +188,11 @@ class RogueUpstream:
 def rogue(tmp_path: Path) -> Iterator[Callable[[str], RogueUpstream]]:
     made: list[RogueUpstream] = []
 
-    def make(fault: str | Callable[[int, int, int, bytes], bytes]) -> RogueUpstream:
-        up = RogueUpstream(
-            tmp_path / "rogue.sock", FAULTS[fault] if isinstance(fault, str) else fault
-        )
+    def make(
+        fault: Callable[[int, int, int, bytes], bytes] | None = None,
+        status_fault: Callable[[int, int, int], bytes] | None = None,
+    ) -> RogueUpstream:
+        up = RogueUpstream(tmp_path / "rogue.sock", fault, status_fault)
         made.append(up)
         return up
 
@@ -195,7 +222,7 @@ CASES = [(f, r) for f in FAULTS for r in ("true", "false") if r == "true" or "wi
 def test_relay_faults_an_upstream_breaking_the_protocol_costs_one_request(
     start_node, rogue, fault: str, relay: str
 ) -> None:
-    up = rogue(fault)
+    up = rogue(FAULTS[fault])
     hop = start_node("nbd", f"relay={relay}", upstreams=[up.uri], env={"NBDFABRIC_LOG": "info"})
     structured = "without structured" not in fault
     h = nbd_connect(hop.uri, structured=structured)
@@ -246,5 +273,43 @@ def test_relay_faults_the_replies_before_a_fault_in_the_same_read_are_relayed(
         wait_for(lambda: "lost" in hop.stderr(), 10, "the relay to drop the upstream")
         wait_for(lambda: "is back" in hop.stderr(), 20, "the relay to reconnect")
         assert pread_within(h, 4096, 0) == good[:4096]
+    finally:
+        h.shutdown()
+
+
+@pytest.mark.parametrize("relay", ["true", "false"])
+@pytest.mark.parametrize("fault", list(STATUS_FAULTS))
+def test_relay_faults_a_bad_block_status_reply_costs_one_request(
+    start_node, rogue, fault: str, relay: str
+) -> None:
+    up = rogue(status_fault=STATUS_FAULTS[fault])
+    hop = start_node("nbd", f"relay={relay}", upstreams=[up.uri], env={"NBDFABRIC_LOG": "info"})
+    h = nbd_connect(hop.uri)
+    seen: list[list[int]] = []
+
+    def extents(metacontext: str, offset: int, entries: list[int], err: int) -> int:
+        seen.append(entries)
+        return 0
+
+    try:
+        h.block_status(4096, 0, extents)  # the upstream's context id, renumbered or not
+        assert seen == [[4096, 0]]
+        assert ("relayed to" in hop.stderr()) == (relay == "true"), hop.stderr()
+        with pytest.raises(nbd.Error) as failed:
+            h.block_status(4096, POISON, extents)
+        assert failed.value.errnum == errno.EIO, failed.value
+        assert up.poisoned == 1
+        if relay == "true":
+            assert "lost" in hop.stderr(), hop.stderr()
+
+        def serves() -> bool:
+            try:
+                h.block_status(4096, 8192, extents)
+                return True
+            except nbd.Error:
+                return False
+
+        wait_for(serves, 20, "the hop to serve again")
+        assert seen[-1] == [4096, 0]
     finally:
         h.shutdown()

@@ -120,7 +120,8 @@ class _Out:
     length: int
     started: float
     failed: bool = False
-    covered: int = 0  #: bytes of a READ's range its data and hole chunks have covered so far
+    #: a READ's bytes covered by its data and hole chunks so far; a BLOCK_STATUS's status chunks
+    covered: int = 0
 
 
 class UpstreamFault(ValueError):
@@ -424,9 +425,9 @@ class Relay:
                 o = out.get(cookie)
                 if o is None:
                     raise UpstreamFault(f"a reply to unknown cookie {cookie:#x}", start)
-                if o.cmd == _READ and not error and structured:
-                    raise UpstreamFault("a simple reply with data to a READ, where structured "
-                                        "replies were negotiated", start)  # fmt: skip
+                if not error and structured and (o.cmd == _READ or o.cmd == _STATUS):
+                    raise UpstreamFault(f"a simple reply to command {o.cmd} where structured "
+                                        f"replies were negotiated", start)  # fmt: skip
                 size = _SIMPLE_SIZE + (o.length if o.cmd == _READ and not error else 0)
                 if avail < size:
                     return start, size
@@ -467,12 +468,17 @@ class Relay:
                     if why:
                         raise UpstreamFault(f"{why} (cookie {cookie:#x})", start)
                     o.failed = True
-                elif kind == _STATUS_CHUNK and self._context_id:
-                    buf[body : body + 4] = self._context_id
+                elif kind == _STATUS_CHUNK:
+                    o.covered += 1  # (counts status chunks)
+                    if self._context_id:
+                        buf[body : body + 4] = self._context_id
                 if flags & _DONE:
-                    if o.cmd == _READ and not o.failed and o.covered != o.length:
+                    if not o.failed and o.cmd == _READ and o.covered != o.length:
                         raise UpstreamFault(f"the chunks of a READ of {o.length} bytes covered "
                                             f"{o.covered} (cookie {cookie:#x})", start)  # fmt: skip
+                    if not o.failed and o.cmd == _STATUS and not o.covered:
+                        raise UpstreamFault(f"a BLOCK_STATUS reply without a status chunk "
+                                            f"(cookie {cookie:#x})", start)  # fmt: skip
                     self._retire(cookie, o)
             else:
                 raise UpstreamFault(f"bad reply magic {magic:#x}", start)
