@@ -288,9 +288,6 @@ def _serve_node(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"nbdfabric node: {exc}", file=sys.stderr)
         return 1
-    if run_as is not None and args.workers > 1:
-        print("nbdfabric node: -u/-g cannot go with --workers yet", file=sys.stderr)
-        return 1
     if args.tls != "off" and not (args.tls_certificates or args.tls_psk):
         print("nbdfabric node: --tls=on/require needs --tls-certificates DIR", file=sys.stderr)
         return 1

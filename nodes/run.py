@@ -73,14 +73,18 @@ class RunAs:
     uid: int | None
     gid: int | None
 
+    def give(self, paths: Sequence[str]) -> None:
+        """Make `paths` (unix sockets, a directory of them) the user's and group's."""
+        for path in paths:
+            os.chown(path, -1 if self.uid is None else self.uid, -1 if self.gid is None
+                     else self.gid)  # fmt: skip
+
     def become(self, sockets: Sequence[str] = ()) -> None:
         """setgroups/setgid/setuid, in that order (after setuid nothing else can change); the
         unix `sockets` it made become its own first, so that it can remove them at exit and
         its user can connect (nbdkit leaves them root's)."""
         try:
-            for path in sockets:
-                os.chown(path, -1 if self.uid is None else self.uid, -1 if self.gid is None
-                         else self.gid)  # fmt: skip
+            self.give(sockets)
             if self.gid is not None:
                 if self.user is not None:
                     os.initgroups(self.user, self.gid)
@@ -279,6 +283,10 @@ async def _serve_as_worker(
         from .control.server import start_control
 
         control_server, _ = await start_control(runtime, spec.control, reflection=False)
+    if spec.run_as is not None:  # its control socket made: the control process connects as
+        # the user (the supervisor gave the listening sockets before it forked the workers)
+        owned = [spec.control.removeprefix("unix:")] if spec.control else []
+        spec.run_as.become(owned + runtime.backend.sockets())
     if ready_fd is not None:
         os.write(ready_fd, b"w")
         os.close(ready_fd)

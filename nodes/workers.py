@@ -112,6 +112,7 @@ class Supervisor:
         for sig in self.signals:
             signal.signal(sig, self._on_signal)
         try:
+            self._give_to_user()
             ready = [self._spawn(slot) for slot in range(self.spec.workers)]
             for fd in ready:
                 _wait_ready(fd)
@@ -137,10 +138,29 @@ class Supervisor:
             env = dict(os.environ, uri=uris[0])
             if self.bound["control"]:
                 env["control"] = self.bound["control"]  # as a single-process node sets it
-            command = subprocess.Popen(self.spec.run, shell=True, env=env)
+            command = subprocess.Popen(self.spec.run, shell=True, env=env, **self._as_user())
         self._supervise(command)
         self._remove_socket_files()
         return self.status
+
+    def _give_to_user(self) -> None:
+        """-u/-g: the workers and the control process become the user once they have made
+        their sockets; the supervisor, which serves no client, stays who it is, to fork their
+        replacements and to remove the socket files at the end (nginx's master and workers).
+        What they share becomes the user's first: the listening unix sockets (so the user can
+        connect) and the directory of the workers' control sockets."""
+        run_as = self.spec.run_as
+        if run_as is None:
+            return
+        paths = [a.path for a in map(bound_address, self.sockets) if a.kind == "unix"]
+        if self.control_dir is not None:
+            paths.append(self.control_dir)
+        try:
+            run_as.give(paths)
+        except PermissionError:
+            raise SpecError(
+                "-u/-g: only a node started as root can change its user or group"
+            ) from None
 
     # Workers -------------------------------------------------------------------------------
 
@@ -208,6 +228,7 @@ class Supervisor:
                 event_loop_runner()(
                     serve_fanin(
                         paths,
+                        run_as=spec.run_as,
                         node_pid=node_pid,
                         started=self.started,
                         export_name=spec.options.export_name,
@@ -311,6 +332,16 @@ class Supervisor:
 
     # Reporting -----------------------------------------------------------------------------
 
+    def _as_user(self) -> dict[str, Any]:
+        """Popen's arguments that run the --run command as -u/-g's user and group, as a
+        single-process node runs it (after it has become them)."""
+        run_as = self.spec.run_as
+        if run_as is None:
+            return {}
+        gid = os.getgid() if run_as.gid is None else run_as.gid
+        groups = os.getgrouplist(run_as.user, gid) if run_as.user is not None else []
+        return {"user": run_as.uid, "group": run_as.gid, "extra_groups": groups}
+
     def _uris(self) -> list[str]:
         return export_uris([bound_address(s) for s in self.sockets], self.spec.options)
 
@@ -330,6 +361,12 @@ class Supervisor:
             addr = bound_address(sock)
             sock.close()
             remove_socket_file(addr)
+        if self.spec.run_as is not None:  # the control process, as the user, may not remove
+            # its own from a directory that is not the user's
+            for bound in self.bound.values():
+                if bound and bound.startswith("unix:"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(bound.removeprefix("unix:"))
         if self.control_dir is not None:
             shutil.rmtree(self.control_dir, ignore_errors=True)
 

@@ -18,6 +18,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,7 +134,7 @@ def test_lifecycle_user_and_group_are_taken_once_it_serves(
     """-u nobody, as nbdkit's --user: the node opens its file (root's, mode 0600) and binds its
     socket as root, then runs as nobody with nobody's groups; it still serves and writes the
     file, its unix socket is nobody's (nobody can connect); a user or group that does not exist
-    stops it before it binds anything, and -u with --workers is refused."""
+    stops it before it binds anything."""
     import pwd
 
     nobody = pwd.getpwnam("nobody")
@@ -176,12 +177,73 @@ def test_lifecycle_user_and_group_are_taken_once_it_serves(
     for words, message in (
         (["-u", "no-such-user-here"], "-u no-such-user-here: no such user"),
         (["-g", "no-such-group-here"], "-g no-such-group-here: no such group"),
-        (["-u", "nobody", "--workers", "2"], "-u/-g cannot go with --workers yet"),
     ):
         res = run(node_cmd("memory", "1M", "--listen", f"unix:{tmp_path}/x.sock", *words),
                   check=False)  # fmt: skip
         assert (res.returncode, res.stderr.strip()) == (1, f"nbdfabric node: {message}")
         assert not (tmp_path / "x.sock").exists()
+
+
+def _ids(pid: int) -> dict[str, list[str]]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.split() for k, v in (ln.split(":", 1) for ln in lines)}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="-u/-g need a node started as root")
+def test_lifecycle_user_with_workers_the_processes_that_serve_become_the_user(
+    procs: list[Any],
+) -> None:
+    """-u nobody --workers 2 --control: each worker, and the control process that answers for
+    them, runs as nobody once it has made its sockets; so does a worker forked to replace one
+    killed, and the --run command. The supervisor, which serves no client, stays root to fork
+    them and to remove the socket files at the end (nginx's master and workers)."""
+    import pwd
+
+    from bench.__main__ import children_of
+
+    nobody = pwd.getpwnam("nobody")
+    where = Path(tempfile.mkdtemp(prefix="nbdfabric-user-", dir="/tmp"))
+    try:
+        where.chmod(0o755)  # nobody's --run command connects to the socket in it
+        ready, sock, control = where / "ready.json", where / "w.sock", where / "c.sock"
+        p = spawn(procs, node_cmd("memory", "8M", "--workers", "2", "-u", "nobody",
+                                  "--listen", f"unix:{sock}", "--control", f"unix:{control}",
+                                  "--ready-file", str(ready)))  # fmt: skip
+        info = wait_ready(p, ready)
+        as_nobody = [str(nobody.pw_uid)] * 4
+
+        def served_by_nobody() -> bool:
+            children = children_of(p.pid)
+            return len(children) == 3 and all(_ids(c)["Uid"] == as_nobody for c in children)
+
+        wait_for(served_by_nobody, 10, "the workers and the control process to become nobody")
+        assert _ids(p.pid)["Uid"] == ["0"] * 4
+        for child in children_of(p.pid):
+            assert _ids(child)["Gid"] == [str(nobody.pw_gid)] * 4
+            assert "0" not in _ids(child)["Groups"]
+        assert sock.stat().st_uid == nobody.pw_uid
+        for _ in range(4):  # connections land on both workers
+            h = nbd_connect(info["uri"])
+            h.pwrite(b"u" * 4096, 4096)
+            assert h.pread(4096, 4096) == b"u" * 4096
+            h.shutdown()
+        said = json.loads(run([*NBDFABRIC, "ctl", f"unix:{control}", "info", "--json"]).stdout)
+        assert said  # the control process (nobody) reached the workers' sockets
+        os.kill(info["workers"][0], signal.SIGKILL)
+        wait_for(lambda: info["workers"][0] not in children_of(p.pid) and served_by_nobody(),
+                 15, "a replacement worker, as nobody")  # fmt: skip
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+        assert not sock.exists() and not control.exists()
+        script = f'test "$(id -u)" = {nobody.pw_uid} && nbdinfo --size "$uri"'
+        res = subprocess.run(
+            node_cmd("memory", "1M", "--workers", "2", "-u", "nobody", "--listen",
+                     f"unix:{where}/r.sock", "--run", script),
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert (res.returncode, res.stdout.strip()) == (0, "1048576"), res.stderr
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
 
 
 @pytest.mark.parametrize("status", [0, 7])

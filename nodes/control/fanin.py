@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -39,6 +39,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ..stats import LATENCY_BUCKETS, NodeStats, OpStats
 from .rpc.nbdfabric.v1 import node_pb2 as pb
 from .rpc.nbdfabric.v1 import node_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from ..run import RunAs
+
 from .server import (
     HEALTH_INTERVAL,
     NOT_SERVING,
@@ -481,6 +485,7 @@ async def start_fanin_control(
 async def serve_fanin(
     worker_paths: list[str],
     *,
+    run_as: RunAs | None = None,
     node_pid: int,
     started: float,
     export_name: str,
@@ -508,6 +513,9 @@ async def serve_fanin(
         bound["metrics"] = start_metrics(
             fanin.view, metrics, node_name=node_name, refresh=fanin.refresh_view
         )
+    if run_as is not None:  # its addresses bound: it becomes -u/-g's user, as the workers
+        owned = [a.removeprefix("unix:") for a in bound.values() if a and a.startswith("unix:")]
+        run_as.become(owned)
     os.write(ready_fd, json.dumps(bound).encode())
     os.close(ready_fd)
 
