@@ -425,7 +425,9 @@ class Relay:
                 o = out.get(cookie)
                 if o is None:
                     raise UpstreamFault(f"a reply to unknown cookie {cookie:#x}", start)
-                if not error and structured and (o.cmd == _READ or o.cmd == _STATUS):
+                # where structured replies were negotiated, a READ must be answered in chunks
+                # (even an error: libnbd refuses it), a BLOCK_STATUS that succeeds too
+                if structured and (o.cmd == _READ or (o.cmd == _STATUS and not error)):
                     raise UpstreamFault(f"a simple reply to command {o.cmd} where structured "
                                         f"replies were negotiated", start)  # fmt: skip
                 size = _SIMPLE_SIZE + (o.length if o.cmd == _READ and not error else 0)
@@ -642,8 +644,10 @@ class Relay:
 
 
 def _error_fault(body: memoryview, kind: int, o: _Out) -> str | None:
-    """What is wrong with an error chunk's payload (errno, message length, message, and for
-    ERROR_OFFSET an offset inside the request), if anything."""
+    """What is wrong with an error chunk's payload (an errno that is not 0, the message's
+    length, and for ERROR_OFFSET an offset inside the request), if anything."""
+    if not int.from_bytes(body[:4], "big"):
+        return "an error chunk with error 0"
     message = int.from_bytes(body[4:6], "big")
     if 6 + message > len(body):
         return f"an error message of {message} bytes in a chunk of {len(body)}"
