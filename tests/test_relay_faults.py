@@ -3,9 +3,10 @@ re-issuing hop (`relay=false`, libnbd) must each answer the request it spoiled w
 never pass the bad message on, never hang, and serve again once the upstream is reconnected.
 
 The upstream here is a small server on our own sans-IO handshake: it keeps its data in a
-bytearray and answers every request correctly but a READ at POISON, which gets the reply of
-the fault under test. Each connection (the node's own, then the one opened per client) answers
-the same way, so the first bad reply after a reconnect comes only with the next READ at POISON.
+bytearray and answers every request correctly but a READ (or a BLOCK_STATUS) at POISON, which
+gets the reply of the fault under test. Each connection (the node's own, then the one opened
+per client) answers the same way, so the first bad reply after a reconnect comes only with the
+next request at POISON.
 """
 
 from __future__ import annotations

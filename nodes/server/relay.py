@@ -95,9 +95,9 @@ _ERROR_OFFSET = int(Chunk.ERROR_OFFSET)
 #: longest error chunk: an errno, a message of at most 4096 bytes (the spec's cap on strings)
 #: and an offset.
 MAX_STATUS_CHUNK = (64 << 20) + 8
+MAX_ERROR_CHUNK = 4 + 2 + 4096 + 8
 _HOLE_BODY = struct.Struct(">QI")
 _CHUNK_AT = struct.Struct(CHUNK_HEADER.format + "Q")  #: a chunk header and the u64 after it
-MAX_ERROR_CHUNK = 4 + 2 + 4096 + 8
 _SIMPLE, _STRUCTURED = SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC
 _SIMPLE_SIZE, _CHUNK_SIZE = SIMPLE_REPLY.size, CHUNK_HEADER.size
 #: What the client may have been told, and how to ask a libnbd handle whether the upstream has it.
