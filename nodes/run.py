@@ -65,6 +65,10 @@ class NodeSpec:
     run_as: RunAs | None = None
 
 
+#: What -u/-g say when the node may not change its user or group.
+NOT_ROOT = "-u/-g: only a node started as root can change its user or group"
+
+
 @dataclass(frozen=True)
 class RunAs:
     """Who a node becomes after binding its sockets and opening its backend (-u/-g)."""
@@ -94,9 +98,14 @@ class RunAs:
             if self.uid is not None:
                 os.setuid(self.uid)
         except PermissionError:
-            raise OSError(
-                errno.EPERM, "-u/-g: only a node started as root can change its user or group"
-            ) from None
+            raise OSError(errno.EPERM, NOT_ROOT) from None
+
+    def popen_args(self) -> dict[str, Any]:
+        """subprocess.Popen's arguments that start a command as become() makes the node: the
+        user, the group, and the user's groups (none without a user)."""
+        gid = os.getgid() if self.gid is None else self.gid
+        groups = os.getgrouplist(self.user, gid) if self.user is not None else []
+        return {"user": self.uid, "group": self.gid, "extra_groups": groups}
 
 
 class SpecError(ValueError):

@@ -44,6 +44,7 @@ from typing import Any
 from . import registry
 from .base import Backend
 from .run import (
+    NOT_ROOT,
     NodeSpec,
     SpecError,
     build_backend,
@@ -138,7 +139,8 @@ class Supervisor:
             env = dict(os.environ, uri=uris[0])
             if self.bound["control"]:
                 env["control"] = self.bound["control"]  # as a single-process node sets it
-            command = subprocess.Popen(self.spec.run, shell=True, env=env, **self._as_user())
+            as_user = {} if self.spec.run_as is None else self.spec.run_as.popen_args()
+            command = subprocess.Popen(self.spec.run, shell=True, env=env, **as_user)
         self._supervise(command)
         self._remove_socket_files()
         return self.status
@@ -158,9 +160,7 @@ class Supervisor:
         try:
             run_as.give(paths)
         except PermissionError:
-            raise SpecError(
-                "-u/-g: only a node started as root can change its user or group"
-            ) from None
+            raise SpecError(NOT_ROOT) from None
 
     # Workers -------------------------------------------------------------------------------
 
@@ -331,16 +331,6 @@ class Supervisor:
         self.control_pid = None
 
     # Reporting -----------------------------------------------------------------------------
-
-    def _as_user(self) -> dict[str, Any]:
-        """Popen's arguments that run the --run command as -u/-g's user and group, as a
-        single-process node runs it (after it has become them)."""
-        run_as = self.spec.run_as
-        if run_as is None:
-            return {}
-        gid = os.getgid() if run_as.gid is None else run_as.gid
-        groups = os.getgrouplist(run_as.user, gid) if run_as.user is not None else []
-        return {"user": run_as.uid, "group": run_as.gid, "extra_groups": groups}
 
     def _uris(self) -> list[str]:
         return export_uris([bound_address(s) for s in self.sockets], self.spec.options)
