@@ -192,7 +192,7 @@ class RogueUpstream:
 
 
 @pytest.fixture
-def rogue(tmp_path: Path) -> Iterator[Callable[[str], RogueUpstream]]:
+def rogue(tmp_path: Path) -> Iterator[Callable[..., RogueUpstream]]:
     made: list[RogueUpstream] = []
 
     def make(
