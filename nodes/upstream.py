@@ -30,6 +30,7 @@ import nbd
 
 from .base import Backend, Capabilities, Extents, Holes, Support, add_range, shortfalls
 from .params import Params
+from .protocol import transmission as tx
 from .protocol.constants import CmdFlag
 from .server.addresses import check_nbd_uri, export_name, with_export
 from .server.poll import POLLER
@@ -725,10 +726,29 @@ class Upstream(Backend):
         if len(buf) > self._max_request:
             return await self._pread_split(buf, offset, flags)
         holes: list[tuple[int, int]] = []
+        expect = offset  # chunks in order so far cover offset..expect
+        spans: list[tuple[int, int]] | None = None  # what they cover, once one is not in order
+        refused = False
 
         def chunk(sub: memoryview, off: int, status: int, err: Any) -> int:
+            # libnbd checks no overlap between chunks, and leaves bytes they miss as they were
+            # (pread_initialize is off): the last request's, maybe another client's.
+            nonlocal expect, spans, refused
+            n = len(sub)
+            if off == expect and spans is None and n:
+                expect += n
+            elif status != nbd.READ_ERROR:
+                if spans is None:
+                    spans = [(offset, expect)] if expect > offset else []
+                if refused or not n or not tx.cover(spans, off, off + n):
+                    if not refused:
+                        log.warning("upstream %s: a READ's reply chunks overlap, or one is "
+                                    "empty (%d bytes at %d)", self.uri, n, off)  # fmt: skip
+                    refused = True
+                    err.value = errno.EIO
+                    return -1
             if status == nbd.READ_HOLE:
-                holes.append((off - offset, len(sub)))
+                holes.append((off - offset, n))
             return 0
 
         await self._run(lambda c: c.calls.pread(buf, offset, chunk, None, flags))
@@ -799,6 +819,10 @@ class Upstream(Backend):
 
         def extent(meta: str, off: int, entries: list[int], err: Any) -> int:
             if meta == context:
+                if out:  # a second chunk for the context: whose bytes would its extents be?
+                    err.value = errno.EIO
+                    log.warning("upstream %s: a second status chunk for %s", self.uri, meta)
+                    return -1
                 out.extend(zip(entries[::2], entries[1::2], strict=True))
             return 0
 

@@ -5,6 +5,7 @@ reply encoder decoded back by a small independent decoder written here.
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 import struct
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from nodes.protocol.transmission import (
     block_status_chunk,
     chunk,
     clip_extents,
+    cover,
     data_chunk_header,
     error_chunk,
     hole_chunk,
@@ -802,6 +804,21 @@ def test_none_chunk_round_trip(cookie: int) -> None:
 def test_chunk_not_done() -> None:
     reply, _ = decode_reply(chunk(5, Chunk.OFFSET_HOLE, b"x" * 12, done=False))
     assert reply.flags == 0
+
+
+@given(st.lists(st.tuples(st.integers(0, 63), st.integers(1, 16)), max_size=24))
+def test_cover_refuses_exactly_the_chunks_that_overlap(chunks: list[tuple[int, int]]) -> None:
+    """A READ's chunks in any order: `cover` takes those that touch no byte taken before and
+    refuses the others, against a set of bytes; its spans stay sorted, apart and joined."""
+    spans: list[tuple[int, int]] = []
+    taken: set[int] = set()
+    for at, n in chunks:
+        wanted = set(range(at, at + n))
+        assert cover(spans, at, at + n) == (not wanted & taken), (spans, at, n)
+        if not wanted & taken:
+            taken |= wanted
+        assert set().union(*(range(a, b) for a, b in spans)) == taken
+        assert all(a < b < c for (a, b), (c, _) in itertools.pairwise(spans))
 
 
 @given(

@@ -66,6 +66,13 @@ FAULTS: dict[str, Callable[[int, int, int, bytes], bytes]] = {
     "a status chunk for a READ": lambda c, o, n, d: chunk(c, STATUS, struct.pack(">III", 1, n, 0)),
     "NONE not last": lambda c, o, n, d: chunk(c, NONE, b"", 0) + data(c, o, d),
     "half the range, then DONE": lambda c, o, n, d: data(c, o, d[: n // 2]),
+    # as many bytes as the READ asked for, and its last quarter never sent
+    "overlapping data chunks": lambda c, o, n, d: (
+        data(c, o, d[: n // 2], 0) + data(c, o + n // 4, d[n // 4 : 3 * n // 4])
+    ),
+    "a hole over data": lambda c, o, n, d: (
+        data(c, o, d[: n // 2], 0) + chunk(c, HOLE, struct.pack(">QI", o, n // 2))
+    ),
     "a reply to another cookie": lambda c, o, n, d: data(c ^ 0x5A5A, o, d),
     "a simple reply with data": lambda c, o, n, d: struct.pack(">IIQ", SIMPLE, 0, c) + d,
     "a simple error reply": lambda c, o, n, d: struct.pack(">IIQ", SIMPLE, 5, c),
@@ -92,6 +99,35 @@ STATUS_FAULTS: dict[str, Callable[[int, int, int], bytes]] = {
     "data for a BLOCK_STATUS": lambda c, o, n: data(c, o, bytes(n)),
     "a simple reply": lambda c, o, n: struct.pack(">IIQ", SIMPLE, 0, c),
     "NONE alone": lambda c, o, n: chunk(c, NONE, b""),
+    # the one context negotiated, answered twice: whose bytes would the second one describe?
+    "two status chunks": lambda c, o, n: (
+        status(c, struct.pack(">II", n, 0), 0) + status(c, struct.pack(">II", n, 1))
+    ),
+}
+
+#: Replies to a BLOCK_STATUS with REQ_ONE that break it (one extent, no longer than asked).
+REQ_ONE_FAULTS: dict[str, Callable[[int, int, int], bytes]] = {
+    "two extents": lambda c, o, n: status(c, struct.pack(">IIII", n // 2, 0, n // 2, 1)),
+    "an extent longer than asked": lambda c, o, n: status(c, struct.pack(">II", 2 * n, 0)),
+}
+
+#: Replies to a READ with DF (at most one content chunk): (fault, the bytes it describes).
+DF_REPLIES: dict[str, tuple[Callable[[int, int, int, bytes], bytes], Callable[[bytes], bytes]]] = {
+    "two data chunks": (
+        lambda c, o, n, d: data(c, o, d[: n // 2], 0) + data(c, o + n // 2, d[n // 2 :]),
+        lambda d: d,
+    ),
+    "a hole, then data": (
+        lambda c, o, n, d: (
+            chunk(c, HOLE, struct.pack(">QI", o, n // 2), 0) + data(c, o + n // 2, d[len(d) // 2 :])
+        ),
+        lambda d: bytes(len(d) // 2) + d[len(d) // 2 :],
+    ),
+    # valid: one content chunk, which may be a hole
+    "one hole chunk": (
+        lambda c, o, n, d: chunk(c, HOLE, struct.pack(">QI", o, n)),
+        lambda d: bytes(len(d)),
+    ),
 }
 
 
@@ -211,13 +247,30 @@ def rogue(tmp_path: Path) -> Iterator[Callable[..., RogueUpstream]]:
 def pread_within(h, length: int, offset: int, seconds: float = 20) -> bytes:
     """A READ that must be answered (data, or nbd.Error) within `seconds`: a hop that waits
     for bytes the upstream never sends fails here, not by hanging the test."""
-    buf = nbd.Buffer(length)
+    # filled with what no reply carries, and not zeroed by libnbd: a byte the reply leaves
+    # uncovered shows
+    h.set_pread_initialize(False)
+    buf = nbd.Buffer.from_bytearray(bytearray(b"\xa5") * length)
     cookie = h.aio_pread(buf, offset)
     deadline = time.monotonic() + seconds
     while not h.aio_command_completed(cookie):  # raises nbd.Error for a failed command
         assert time.monotonic() < deadline, f"the READ at {offset} was never answered"
         h.poll(100)
     return bytes(buf.to_bytearray())
+
+
+def pread_df(h, length: int, offset: int, seconds: float = 20) -> tuple[bytes, int]:
+    """A READ with DF, answered within `seconds`: (the data, how many content chunks)."""
+    buf = nbd.Buffer.from_bytearray(bytearray(b"\xa5") * length)
+    chunks = []
+    cookie = h.aio_pread_structured(
+        buf, offset, lambda sub, off, st, err: chunks.append(st) or 0, flags=nbd.CMD_FLAG_DF
+    )
+    deadline = time.monotonic() + seconds
+    while not h.aio_command_completed(cookie):
+        assert time.monotonic() < deadline, f"the READ at {offset} was never answered"
+        h.poll(100)
+    return bytes(buf.to_bytearray()), len(chunks)
 
 
 #: The re-issuing hop talks to its upstream with structured replies whatever the client
@@ -368,17 +421,21 @@ def random_reply(rng: random.Random, cookie: int, offset: int, length: int) -> b
     return b"".join(out)
 
 
+@pytest.mark.parametrize("relay", ["true", "false"])
 @pytest.mark.parametrize("seed", range(4))
 def test_relay_faults_random_replies_never_reach_the_client_broken(
-    start_node, rogue, seed: int
+    start_node, rogue, seed: int, relay: str
 ) -> None:
-    """Random replies to READs of zeros through the relay: each READ returns zeros or fails
+    """Random replies to READs of zeros through the hop: each READ returns zeros or fails
     with an errno, and the client's connection stays usable (a message libnbd refuses,
     relayed, would have killed it), whatever the upstream sent."""
     rng = random.Random(seed)
     up = rogue(lambda c, o, n, d: random_reply(rng, c, o, n))
-    hop = start_node("nbd", "relay=true", upstreams=[up.uri], env={"NBDFABRIC_LOG": "info"})
+    hop = start_node("nbd", f"relay={relay}", upstreams=[up.uri], env={"NBDFABRIC_LOG": "info"})
     h = nbd_connect(hop.uri)
+    # read between the READs of zeros: what a reused buffer holds where a reply left a gap
+    other = b"\x5a" * 4096
+    h.pwrite(other, 0)
     failed = 0  # (no try/finally: shutdown would wait for a READ left unanswered)
     for _ in range(ROUNDS):
         try:
@@ -390,12 +447,75 @@ def test_relay_faults_random_replies_never_reach_the_client_broken(
 
         def serves() -> bool:
             try:
-                return pread_within(h, 4096, 0) == bytes(4096)
+                return pread_within(h, 4096, 0) == other
             except nbd.Error as exc:
                 assert exc.errnum == errno.EIO, exc
                 return False
 
         wait_for(serves, 20, "the hop to serve again")
-    assert "relayed to" in hop.stderr()
+    assert ("relayed to" in hop.stderr()) == (relay == "true")
     assert 0 < failed < ROUNDS  # both kinds of reply were met
     h.shutdown()
+
+
+@pytest.mark.parametrize("relay", ["true", "false"])
+@pytest.mark.parametrize("fault", list(REQ_ONE_FAULTS))
+def test_relay_faults_a_block_status_with_req_one_gets_one_extent(
+    start_node, rogue, fault: str, relay: str
+) -> None:
+    """REQ_ONE asks for one extent, no longer than the request: the relay refuses a reply
+    with more, or a longer one (EIO, the upstream dropped); the re-issuing hop answers from
+    what it made of the reply, cut to one extent."""
+    up = rogue(status_fault=REQ_ONE_FAULTS[fault])
+    hop = start_node("nbd", f"relay={relay}", upstreams=[up.uri], env={"NBDFABRIC_LOG": "info"})
+    h = nbd_connect(hop.uri)
+    seen: list[list[int]] = []
+
+    def extents(metacontext: str, offset: int, entries: list[int], err: int) -> int:
+        seen.append(entries)
+        return 0
+
+    try:
+        h.block_status(4096, 0, extents, nbd.CMD_FLAG_REQ_ONE)
+        assert seen == [[4096, 0]]
+        if relay == "true":
+            with pytest.raises(nbd.Error) as failed:
+                h.block_status(4096, POISON, extents, nbd.CMD_FLAG_REQ_ONE)
+            assert failed.value.errnum == errno.EIO, failed.value
+            assert "lost" in hop.stderr(), hop.stderr()
+        else:
+            h.block_status(4096, POISON, extents, nbd.CMD_FLAG_REQ_ONE)
+            assert len(seen[-1]) == 2 and 0 < seen[-1][0] <= 4096, seen
+        assert up.poisoned == 1
+    finally:
+        h.shutdown()
+
+
+@pytest.mark.parametrize("relay", ["true", "false"])
+@pytest.mark.parametrize("reply", list(DF_REPLIES))
+def test_relay_faults_a_read_with_df_gets_one_content_chunk(
+    start_node, rogue, reply: str, relay: str
+) -> None:
+    """DF: at most one content chunk. The relay refuses a reply in pieces (EIO) and passes
+    one hole chunk for the whole range; the re-issuing hop sends its client one chunk of
+    what the upstream's pieces said."""
+    fault, described = DF_REPLIES[reply]
+    up = rogue(fault)
+    hop = start_node("nbd", f"relay={relay}", upstreams=[up.uri], env={"NBDFABRIC_LOG": "info"})
+    h = nbd_connect(hop.uri)
+    try:
+        assert h.can_df()
+        good = bytes(range(256)) * 1024
+        h.pwrite(good, 0)
+        assert pread_df(h, 4096, 0) == (good[:4096], 1)
+        expected = described(good[POISON : POISON + 4096])
+        if relay == "true" and reply != "one hole chunk":
+            with pytest.raises(nbd.Error) as failed:
+                pread_df(h, 4096, POISON)
+            assert failed.value.errnum == errno.EIO, failed.value
+            assert "lost" in hop.stderr(), hop.stderr()
+        else:
+            assert pread_df(h, 4096, POISON) == (expected, 1)
+        assert up.poisoned == 1
+    finally:
+        h.shutdown()

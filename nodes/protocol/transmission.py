@@ -7,6 +7,7 @@ The server's hot path reads headers and payloads itself (straight into pooled bu
 
 from __future__ import annotations
 
+import bisect
 import functools
 import operator
 from collections.abc import Callable, Iterable, Iterator
@@ -231,6 +232,29 @@ def block_status_chunk(
     for length, flags in extents:
         body += EXTENT.pack(length, flags)
     return chunk(cookie, Chunk.BLOCK_STATUS, bytes(body), done)
+
+
+def cover(spans: list[tuple[int, int]], start: int, end: int) -> bool:
+    """Add the bytes start..end of a READ's reply to `spans` (what its content chunks covered
+    so far: sorted, disjoint, touching ones joined): False, and nothing added, if they
+    overlap bytes already covered. The chunks may come in any order but MUST NOT overlap; a
+    client that only sums their lengths (libnbd 1.14, which says it checks neither) takes
+    two overlapping chunks for the whole range while part of it never came, and its buffer
+    there keeps what it held before: another request's bytes, in a reused one."""
+    i = bisect.bisect_left(spans, (start,))  # the first span that starts at or after start
+    joins_left = i > 0 and spans[i - 1][1] == start
+    if (i > 0 and spans[i - 1][1] > start) or (i < len(spans) and spans[i][0] < end):
+        return False
+    if i < len(spans) and spans[i][0] == end:  # touches the next one
+        if joins_left:
+            spans[i - 1] = (spans[i - 1][0], spans.pop(i)[1])
+        else:
+            spans[i] = (start, spans[i][1])
+    elif joins_left:
+        spans[i - 1] = (spans[i - 1][0], end)
+    else:
+        spans.insert(i, (start, end))
+    return True
 
 
 _ALLOCATION_FLAGS = int(Extent.HOLE | Extent.ZERO)

@@ -19,7 +19,11 @@ checks that what the upstream offers covers what the client was told, then takes
 - each message is checked as libnbd checks what it receives (the re-issuing path's judge):
   its kind fits the command and what was negotiated, its length is one the command can have
   (checked from the header: a chunk that says 4 GiB follow is refused, not waited for), its
-  offsets lie in the request, and a READ's chunks cover its range. A message that fails is
+  offsets lie in the request, a READ's chunks cover its range and none overlaps another (a
+  client that sums their lengths, as libnbd does, would take an overlap for the whole range
+  and keep whatever its buffer held in the gap), a READ with DF gets one content chunk, and
+  a BLOCK_STATUS one status chunk (one extent, no longer than asked, with REQ_ONE): stricter
+  than libnbd 1.14, which checks none of these last ones. A message that fails is
   never relayed: the upstream is treated as lost (the requests outstanding get EIO, the
   client keeps its connection), where passing it on would have broken the client's.
 - a lost upstream: everything outstanding and every new request gets EIO while it is down; the
@@ -64,6 +68,7 @@ from ..protocol.constants import (
     U32,
     Chunk,
     Cmd,
+    CmdFlag,
     Err,
     TFlag,
 )
@@ -91,6 +96,7 @@ _STATUS = int(Cmd.BLOCK_STATUS)
 _NONE, _DATA, _HOLE = int(Chunk.NONE), int(Chunk.OFFSET_DATA), int(Chunk.OFFSET_HOLE)
 _STATUS_CHUNK, _ERROR_BIT, _DONE = int(Chunk.BLOCK_STATUS), 0x8000, 1
 _ERROR_OFFSET = int(Chunk.ERROR_OFFSET)
+_DF, _REQ_ONE = int(CmdFlag.DF), int(CmdFlag.REQ_ONE)
 #: The longest status chunk taken from the upstream (libnbd's bound on any chunk), and the
 #: longest error chunk: an errno, a message of at most 4096 bytes (the spec's cap on strings)
 #: and an offset.
@@ -116,12 +122,16 @@ class _Out:
     """A request the upstream has not finished answering."""
 
     cmd: int
+    flags: int
     offset: int
     length: int
     started: float
     failed: bool = False
     #: a READ's bytes covered by its data and hole chunks so far; a BLOCK_STATUS's status chunks
     covered: int = 0
+    #: a READ's covered bytes as spans (tx.cover), once a chunk came out of order; until then
+    #: they are offset..offset+covered
+    spans: list[tuple[int, int]] | None = None
 
 
 class UpstreamFault(ValueError):
@@ -280,7 +290,9 @@ class Relay:
         s._busy += 1
         if req.cmd == _READ or req.cmd == _WRITE:
             s._busy_bytes += req.length
-        self._out[req.cookie] = _Out(req.cmd, req.offset, req.length, time.perf_counter())
+        self._out[req.cookie] = _Out(
+            req.cmd, req.flags, req.offset, req.length, time.perf_counter()
+        )
         head = REQUEST.pack(REQUEST_MAGIC, req.flags, req.cmd, req.cookie, req.offset, req.length)
         if self.s._feeding:  # sent together when the feed ends (flush_requests)
             self._corked.append(head)
@@ -446,7 +458,11 @@ class Relay:
                 if o is None:
                     raise UpstreamFault(f"a chunk for unknown cookie {cookie:#x}", start)
                 if not (
-                    kind == _DATA and o.cmd == _READ and 8 < length <= o.length + 8 and structured
+                    kind == _DATA
+                    and o.cmd == _READ
+                    and 8 < length <= o.length + 8
+                    and structured
+                    and not o.flags & _DF
                 ):
                     why = self._chunk_fault(o, flags, kind, length)  # not the common case
                     if why:
@@ -459,11 +475,18 @@ class Relay:
                     length -= 8
                     if not o.offset <= at <= o.offset + o.length - length:
                         raise UpstreamFault(self._outside("data", at, length, o, cookie), start)
+                    if at != o.offset + o.covered or o.spans is not None:  # out of order
+                        self._cover(o, at, length, cookie, start)
                     o.covered += length
                 elif kind == _HOLE:
                     at, length = _HOLE_BODY.unpack_from(buf, body)
                     if not length or not o.offset <= at <= o.offset + o.length - length:
                         raise UpstreamFault(self._outside("hole", at, length, o, cookie), start)
+                    if o.flags & _DF and length != o.length:
+                        why = f"a hole chunk of {length} bytes for a READ of {o.length} with DF"
+                        raise UpstreamFault(f"{why} (cookie {cookie:#x})", start)
+                    if at != o.offset + o.covered or o.spans is not None:
+                        self._cover(o, at, length, cookie, start)
                     o.covered += length
                 elif kind & _ERROR_BIT:
                     why = _error_fault(buf[body : body + length], kind, o)
@@ -472,6 +495,12 @@ class Relay:
                     o.failed = True
                 elif kind == _STATUS_CHUNK:
                     o.covered += 1  # (counts status chunks)
+                    if (
+                        o.flags & _REQ_ONE
+                        and int.from_bytes(buf[body + 4 : body + 8], "big") > o.length
+                    ):
+                        why = f"an extent longer than the BLOCK_STATUS of {o.length} with REQ_ONE"
+                        raise UpstreamFault(f"{why} (cookie {cookie:#x})", start)
                     if self._context_id:
                         buf[body : body + 4] = self._context_id
                 if flags & _DONE:
@@ -494,7 +523,10 @@ class Relay:
         if kind == _DATA:
             if o.cmd != _READ:
                 return f"a data chunk for command {o.cmd}"
-            return f"a data chunk of {length - 8} bytes for a READ of {o.length}"
+            if o.flags & _DF and length - 8 == o.length:
+                return None  # the one content chunk a READ with DF may have
+            df = " with DF" if o.flags & _DF else ""
+            return f"a data chunk of {length - 8} bytes for a READ of {o.length}{df}"
         if kind == _HOLE:
             if o.cmd != _READ or length != 12:
                 return f"a hole chunk of {length} bytes for command {o.cmd}"
@@ -504,12 +536,26 @@ class Relay:
         elif kind == _STATUS_CHUNK:
             if o.cmd != _STATUS or not 12 <= length <= MAX_STATUS_CHUNK or (length - 4) % 8:
                 return f"a status chunk of {length} bytes for command {o.cmd}"
+            if o.covered:  # one context was negotiated: it gets one chunk
+                return "a second status chunk for the one meta context"
+            if o.flags & _REQ_ONE and length != 12:
+                return f"{(length - 4) // 8} extents for a BLOCK_STATUS with REQ_ONE"
         elif kind & _ERROR_BIT:
             if not 6 <= length <= MAX_ERROR_CHUNK:
                 return f"an error chunk of {length} bytes"
         else:
             return f"a chunk of unknown type {kind}"
         return None
+
+    @staticmethod
+    def _cover(o: _Out, at: int, length: int, cookie: int, start: int) -> None:
+        """Count a READ's content chunk that does not simply extend what came before it; an
+        overlap with what did is a fault (tx.cover)."""
+        if o.spans is None:
+            o.spans = [(o.offset, o.offset + o.covered)] if o.covered else []
+        if not tx.cover(o.spans, at, at + length):
+            raise UpstreamFault(f"a chunk of {length} bytes at {at} overlapping another of the "
+                                f"READ's (cookie {cookie:#x})", start)  # fmt: skip
 
     @staticmethod
     def _outside(what: str, at: int, length: int, o: _Out, cookie: int) -> str:
