@@ -22,7 +22,10 @@ the throughput figures, not instead of them. Setups:
 - `cow`: our `cow` node over our memory node vs `nbdkit --filter=cow memory` (the prefill goes
   through it, so the requests are served from the overlay; only the cow is counted);
 - `cache`: our `cache` node (writeback) over our memory node vs `nbdkit --filter=cache memory`
-  (likewise served from the cache; only the cache is counted).
+  (likewise served from the cache; only the cache is counted);
+- `offset`, `offset-reissue`: our `offset` node (offset=1M; relaying, the default, or
+  `relay=false`) over our memory node vs `nbdkit --filter=offset memory` (only the offset
+  node is counted; nbdkit's filter is in the one process).
 """
 
 from __future__ import annotations
@@ -165,6 +168,12 @@ def count(setup: str, ours: bool, requests: int, depth: int, op: str, block: int
                 uri = run.node("cache", "--upstream", upstream, counted=True)
             elif setup == "cache":
                 uri = run.nbdkit("--filter=cache", "memory", "64M", counted=True)
+            elif setup.startswith("offset") and ours:
+                upstream = run.node("memory", "64M")
+                relay = "relay=false" if setup == "offset-reissue" else "relay=true"
+                uri = run.node("offset", "offset=1M", relay, "--upstream", upstream, counted=True)
+            elif setup.startswith("offset"):
+                uri = run.nbdkit("--filter=offset", "memory", "64M", "offset=1M", counted=True)
             elif ours:
                 upstream = run.node("memory", "64M")
                 relay = ("relay=true",) if setup == "relay" else ("relay=false",)

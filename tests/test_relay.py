@@ -16,6 +16,7 @@ import time
 import nbd
 import pytest
 from conftest import nbd_connect, run, sha, wait_for
+from test_filters_catalog import SECTOR, gpt_disk
 from test_filters_pause import ControlSocket, completed
 
 MiB = 1 << 20
@@ -512,3 +513,81 @@ def test_relay_serves_a_tls_client(start_node, tmp_path):
     run(["nbdcopy", secure, str(back)])
     assert sha(back.read_bytes()[: 8 * MiB]) == sha(data)
     assert relays(relay, 2)
+
+
+def allocation_map(uri: str) -> list[tuple[int, int, int]]:
+    """The export's base:allocation map, walked with block status, neighbours of one kind
+    joined: (start, end, flags). Two servers may cut the same map differently."""
+    h = nbd_connect(uri)
+    out: list[tuple[int, int, int]] = []
+    try:
+        size, at = h.get_size(), 0
+        got: list[int] = []
+        while at < size:
+            got.clear()
+            h.block_status(size - at, at, lambda meta, off, entries, err: got.extend(entries))
+            for length, flags in zip(got[::2], got[1::2], strict=True):
+                end = min(at + length, size)
+                if out and out[-1][1] == at and out[-1][2] == flags:
+                    out[-1] = (out[-1][0], end, flags)
+                else:
+                    out.append((at, end, flags))
+                at = end
+    finally:
+        h.shutdown()
+    return out
+
+
+@pytest.mark.parametrize("relay", ["true", "false"])
+def test_relay_an_offset_window_matches_nbdkits_offset_filter(start_node, start_nbdkit, relay):
+    """An offset node over a memory node, relaying (the default) or re-issuing, against
+    `nbdkit --filter=offset nbd` over the same node: the same bytes, holes and map, and
+    writes that land shifted. (An upstream's extent that runs past the window's end:
+    test_relay_faults.)"""
+    up = start_node("memory", "16M")
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x61 2M 2M", "-c", "write -P 0x62 6M 64k",
+         "-c", "write -P 0x63 9M 512k", up.uri])  # fmt: skip
+    window = ("offset=3M", "range=7M")  # upstream [3M, 10M); a hole from 9.5M to 16M
+    ours = start_node("offset", *window, f"relay={relay}", upstreams=[up.uri], env=INFO)
+    theirs = start_nbdkit("--filter=offset", "nbd", f"uri={up.uri}", *window)
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", ours.uri, theirs.uri])
+    assert relays(ours) == (relay == "true"), ours.stderr()
+    mapped = allocation_map(ours.uri)
+    assert mapped == allocation_map(theirs.uri)
+    assert mapped[-1] == (6 * MiB + 512 * 1024, 7 * MiB, 3), mapped
+    # sparse reads keep their holes, at the window's offsets (the client checks each chunk)
+    h = nbd_connect(ours.uri)
+    kinds: list[tuple[int, int, int]] = []
+    h.pread_structured(
+        2 * MiB, 5 * MiB, lambda sub, off, st, err: kinds.append((off, len(sub), st))
+    )
+    assert sorted(kinds)[0][0] == 5 * MiB and sum(n for _, n, _ in kinds) == 2 * MiB
+    assert {st for _, _, st in kinds} == {nbd.READ_DATA, nbd.READ_HOLE}, kinds
+    h.pwrite(b"\x64" * 4096, 4 * MiB)  # the upstream's 7M
+    h.flush()  # no offset to move: the upstream checks it is 0
+    h.shutdown()
+    direct = nbd_connect(up.uri)
+    assert direct.pread(4096, 7 * MiB) == b"\x64" * 4096
+    direct.shutdown()
+
+
+def test_relay_a_partition_node_relays_its_partition(start_node, tmp_path):
+    """partition=N relays too: a GPT disk's second partition written and read through the
+    node, the bytes found at the partition's place in the disk, the rest of it untouched."""
+    disk, parts = gpt_disk()
+    path = tmp_path / "gpt.img"
+    path.write_bytes(disk)
+    first, count = (n * SECTOR for n in parts[2])
+    up = start_node("file", str(path))
+    part = start_node("partition", "partition=2", upstreams=[up.uri], env=INFO)
+    payload = random.Random(7).randbytes(count)
+    h = nbd_connect(part.uri)
+    assert h.get_size() == count
+    assert h.pread(count, 0) == disk[first : first + count]
+    h.pwrite(payload, 0)
+    assert h.pread(count, 0) == payload
+    h.shutdown()
+    assert relays(part), part.stderr()
+    after = path.read_bytes()
+    assert after[first : first + count] == payload
+    assert after[:first] == disk[:first] and after[first + count :] == disk[first + count :]

@@ -519,3 +519,108 @@ def test_relay_faults_a_read_with_df_gets_one_content_chunk(
         assert up.poisoned == 1
     finally:
         h.shutdown()
+
+
+#: An offset window over the rogue upstream: the export is its bytes [WINDOW, 2 * WINDOW + ...)
+#: and a request at POISON - WINDOW reaches POISON.
+WINDOW = 32 * 1024
+
+#: Valid replies to a READ at POISON whose offsets the relay must move back by WINDOW (the
+#: client's libnbd refuses, and drops the connection for, an offset outside its request):
+#: (fault, the bytes the client must get, or None for an error).
+WINDOW_READS: dict[
+    str, tuple[Callable[[int, int, int, bytes], bytes], Callable[[bytes], bytes | None]]
+] = {
+    "data, then the hole before it": (
+        lambda c, o, n, d: (
+            data(c, o + n // 2, d[n // 2 :], 0) + chunk(c, HOLE, struct.pack(">QI", o, n // 2))
+        ),
+        lambda d: bytes(len(d) // 2) + d[len(d) // 2 :],
+    ),
+    "an error at an offset": (
+        lambda c, o, n, d: chunk(c, ERROR_OFFSET, struct.pack(">IHQ", 5, 0, o + 512)),
+        lambda d: None,
+    ),
+}
+
+
+@pytest.mark.parametrize("relay", ["true", "false"])
+@pytest.mark.parametrize("reply", list(WINDOW_READS))
+def test_relay_faults_through_a_window_the_offsets_in_replies_are_moved_back(
+    start_node, rogue, reply: str, relay: str
+) -> None:
+    fault, described = WINDOW_READS[reply]
+    up = rogue(fault)
+    hop = start_node(
+        "offset", f"offset={WINDOW}", f"relay={relay}", upstreams=[up.uri],
+        env={"NBDFABRIC_LOG": "info"},
+    )  # fmt: skip
+    h = nbd_connect(hop.uri)
+    try:
+        good = bytes(range(256)) * 1024
+        h.pwrite(good[WINDOW:], 0)
+        assert pread_within(h, 4096, 0) == good[WINDOW : WINDOW + 4096]
+        assert ("relayed to" in hop.stderr()) == (relay == "true"), hop.stderr()
+        expected = described(good[POISON : POISON + 4096])
+        if expected is None:
+            with pytest.raises(nbd.Error) as failed:
+                pread_within(h, 4096, POISON - WINDOW)
+            assert failed.value.errnum == errno.EIO, failed.value
+        else:
+            assert pread_within(h, 4096, POISON - WINDOW) == expected
+        assert up.poisoned == 1
+        # the same connection goes on: nothing was refused, no upstream lost
+        assert pread_within(h, 4096, 4096) == good[WINDOW + 4096 : WINDOW + 8192]
+        assert "lost" not in hop.stderr(), hop.stderr()
+    finally:
+        h.shutdown()
+
+
+#: Replies to a BLOCK_STATUS of the window's last 32K (POISON - WINDOW, the upstream's POISON):
+#: (reply, what the relay makes of it, what the re-issuing hop does).
+WINDOW_STATUS: dict[str, tuple[Callable[[int, int, int], bytes], list[int] | None, list[int]]] = {
+    # the final extent may run past the request: not past the client's export
+    "an extent past the window's end": (
+        lambda c, o, n: status(c, struct.pack(">II", n + 64 * 1024, 1)),
+        [32768, 1],
+        [32768, 1],
+    ),
+    # only the final one may: the relay refuses, the re-issuing hop cuts
+    "two extents, the first past the window's end": (
+        lambda c, o, n: status(c, struct.pack(">IIII", n + 4096, 1, 4096, 0)),
+        None,
+        [32768, 1],
+    ),
+}
+
+
+@pytest.mark.parametrize("relay", ["true", "false"])
+@pytest.mark.parametrize("reply", list(WINDOW_STATUS))
+def test_relay_faults_through_a_window_no_extent_reaches_past_the_export(
+    start_node, rogue, reply: str, relay: str
+) -> None:
+    fault, relayed, reissued = WINDOW_STATUS[reply]
+    up = rogue(status_fault=fault)
+    hop = start_node(
+        "offset", f"offset={WINDOW}", f"range={POISON + 32768 - WINDOW}", f"relay={relay}",
+        upstreams=[up.uri], env={"NBDFABRIC_LOG": "info"},
+    )  # fmt: skip
+    h = nbd_connect(hop.uri)
+    seen: list[list[int]] = []
+    try:
+        assert h.get_size() == POISON + 32768 - WINDOW
+        h.block_status(4096, 0, lambda meta, off, entries, err: seen.append(entries) or 0)
+        assert seen == [[4096, 0]]
+        assert ("relayed to" in hop.stderr()) == (relay == "true"), hop.stderr()
+        expected = relayed if relay == "true" else reissued
+        if expected is None:
+            with pytest.raises(nbd.Error) as failed:
+                h.block_status(32768, POISON - WINDOW, lambda *a: seen.append(a[2]) or 0)
+            assert failed.value.errnum == errno.EIO, failed.value
+            assert "lost" in hop.stderr(), hop.stderr()
+        else:
+            h.block_status(32768, POISON - WINDOW, lambda *a: seen.append(a[2]) or 0)
+            assert seen[-1] == expected, seen
+        assert up.poisoned == 1
+    finally:
+        h.shutdown()

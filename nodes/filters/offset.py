@@ -4,7 +4,15 @@ The export is `[offset, offset+range)` of the upstream; every request is shifted
 It is an error (at start) if the range runs past the upstream's end, or if `offset` breaks the
 upstream's minimum block size. Block sizes and every other capability are the upstream's.
 
+Relay (the default, as the `nbd` kind's; `relay=false` turns it off): each client's requests go
+to an upstream connection of its own as bytes, their offsets moved by the window's start, and
+the upstream's replies come back as bytes, the offsets in them (data, hole, error) moved back
+and a last extent that runs past the window's end shortened (nodes/server/relay.py, which
+checks every reply too). The connections the `nbd` kind would not relay are served by
+re-issuing each request through libnbd, as with `relay=false`.
+
 Params: `offset` (default 0), `range` (default: up to the upstream's end). Sizes like `1M`.
+`relay` (default true): as above.
 
 Example: `nbdfabric node offset offset=1M range=100M --upstream nbd+unix:///?socket=disk.sock`
 (to serve one partition by number, use the `partition` filter).
@@ -17,9 +25,19 @@ from dataclasses import replace
 from ..base import Backend, Capabilities, Extents, Filter, Holes
 from ..params import Params, Size, param
 from ..registry import register
+from ..upstream import Upstream
 
 
-class OffsetParams(Params):
+class WindowParams(Params):
+    relay: bool = param(
+        True,
+        "relay each client's requests and replies as bytes over an upstream connection of "
+        "its own, their offsets moved (as the nbd kind's relay); false: re-issue them "
+        "through libnbd over the shared pool",
+    )
+
+
+class OffsetParams(WindowParams):
     offset: Size = param(0, "where the served range starts in the upstream")
     range: Size | None = param(None, "length served (default: to the upstream's end)")
 
@@ -32,6 +50,9 @@ class Window(Filter):
         super().__init__(params, next)
         self.start_at = 0
         self.length = 0
+        #: Where sessions relay to (server/relay.py), and the window there, once started.
+        self.relay_upstream: Upstream | None = None
+        self.relay_shift, self.relay_end = 0, 0
 
     async def start(self) -> None:
         await self.next.start()
@@ -48,6 +69,9 @@ class Window(Filter):
                 f"{self.kind}: start {self.start_at} is not a multiple of the upstream's "
                 f"minimum block size {align}"
             )
+        if getattr(self.params, "relay", False) and isinstance(self.next, Upstream):
+            self.relay_upstream = self.next
+            self.relay_shift, self.relay_end = self.start_at, self.start_at + self.length
 
     async def locate(self, upstream_size: int) -> tuple[int, int]:
         raise NotImplementedError

@@ -9,7 +9,8 @@ Supported tables (512-byte sectors):
 A missing table, an unused slot or a partition beyond the disk stops the node with a message
 that says what the table does hold.
 
-Params: `partition` (required, from 1).
+Params: `partition` (required, from 1). `relay` (default true): each client's requests and
+replies relayed as bytes, as the `offset` kind's.
 
 Example: `nbdfabric node partition partition=1 --upstream nbd+unix:///?socket=disk.sock`
 """
@@ -19,9 +20,9 @@ from __future__ import annotations
 import struct
 
 from ..base import Backend, read_flat
-from ..params import Params, param
+from ..params import param
 from ..registry import register
-from .offset import Window
+from .offset import Window, WindowParams
 
 SECTOR = 512
 MBR_ENTRY = struct.Struct("<B3sB3sII")  # status, CHS first, type, CHS last, LBA start, sectors
@@ -32,7 +33,7 @@ GPT_PROTECTIVE = 0xEE
 MAX_LOGICAL = 128
 
 
-class PartitionParams(Params):
+class PartitionParams(WindowParams):
     partition: int = param(description="partition number to serve, from 1", ge=1)
 
 

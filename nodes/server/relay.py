@@ -1,5 +1,9 @@
 """The relaying transmission phase of an `nbd relay=true` node: one upstream connection per
-client, NBD messages passed between the two sockets whole, not re-issued through libnbd.
+client, NBD messages passed between the two sockets whole, not re-issued through libnbd. The
+`offset` and `partition` kinds relay the same way to a window of their upstream: requests go
+with their offsets moved by the window's start (`relay_shift`), and the offsets in replies
+(data, hole and error chunks) come back moved, in place; a status chunk's last extent that
+runs past the window's end (`relay_end`) is cut there.
 
 After the client's handshake, `open_relay` connects one libnbd handle to the upstream with the
 client's options (structured replies iff the client has them, the one meta context it chose),
@@ -44,12 +48,14 @@ a request).
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import logging
 import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,6 +109,7 @@ _DF, _REQ_ONE = int(CmdFlag.DF), int(CmdFlag.REQ_ONE)
 MAX_STATUS_CHUNK = (64 << 20) + 8
 MAX_ERROR_CHUNK = 4 + 2 + 4096 + 8
 _HOLE_BODY = struct.Struct(">QI")
+_U64, _U32 = struct.Struct(">Q"), struct.Struct(">I")
 _CHUNK_AT = struct.Struct(CHUNK_HEADER.format + "Q")  #: a chunk header and the u64 after it
 _SIMPLE, _STRUCTURED = SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC
 _SIMPLE_SIZE, _CHUNK_SIZE = SIMPLE_REPLY.size, CHUNK_HEADER.size
@@ -168,6 +175,11 @@ class Relay:
         self.context = session.context_names[t.meta_contexts[0]] if t.meta_contexts else None
         self._context_id = U32.pack(t.meta_contexts[0]) if t.meta_contexts else b""
         self._structured = t.structured  #: the upstream connection's too (_mismatch checks)
+        #: A window of the upstream (the offset and partition kinds): where the export starts
+        #: in the upstream, and where it ends. Requests are sent moved by the shift, and the
+        #: offsets in replies moved back; requests are checked against _Out in the upstream's.
+        self._shift: int = getattr(session.backend, "relay_shift", 0)
+        self._end: int | None = getattr(session.backend, "relay_end", None)
         self._out: dict[int, _Out] = {}
         self._idle: asyncio.Future[None] | None = None  #: set when _out empties (close waits)
         self._h: Any = None  #: the libnbd handle, kept only to be dropped (closed) at the end
@@ -205,8 +217,8 @@ class Relay:
         """What the upstream, as connected by `h`, lacks of what the client was told ("" if
         nothing): relaying to it would have the upstream refuse what the client may send."""
         t = self.s.t
-        if h.get_size() < t.size:  # bigger is fine: requests are checked against t.size
-            return f"size {h.get_size()}, the client was told {t.size}"
+        if h.get_size() < t.size + self._shift:  # bigger is fine: requests are checked
+            return f"size {h.get_size()}, the client was told {t.size} from {self._shift}"
         if bool(h.get_structured_replies_negotiated()) != t.structured:
             return "structured replies differ"
         if not t.tflags & TFlag.READ_ONLY and h.is_read_only():
@@ -290,10 +302,11 @@ class Relay:
         s._busy += 1
         if req.cmd == _READ or req.cmd == _WRITE:
             s._busy_bytes += req.length
-        self._out[req.cookie] = _Out(
-            req.cmd, req.flags, req.offset, req.length, time.perf_counter()
-        )
-        head = REQUEST.pack(REQUEST_MAGIC, req.flags, req.cmd, req.cookie, req.offset, req.length)
+        offset = req.offset  # FLUSH and DISC have none (their 0 is checked upstream)
+        if req.cmd != _FLUSH and req.cmd != _DISC:
+            offset += self._shift
+        self._out[req.cookie] = _Out(req.cmd, req.flags, offset, req.length, time.perf_counter())
+        head = REQUEST.pack(REQUEST_MAGIC, req.flags, req.cmd, req.cookie, offset, req.length)
         if self.s._feeding:  # sent together when the feed ends (flush_requests)
             self._corked.append(head)
             if payload is not None:
@@ -478,6 +491,8 @@ class Relay:
                     if at != o.offset + o.covered or o.spans is not None:  # out of order
                         self._cover(o, at, length, cookie, start)
                     o.covered += length
+                    if self._shift:
+                        _U64.pack_into(buf, body, at - self._shift)
                 elif kind == _HOLE:
                     at, length = _HOLE_BODY.unpack_from(buf, body)
                     if not length or not o.offset <= at <= o.offset + o.length - length:
@@ -488,11 +503,16 @@ class Relay:
                     if at != o.offset + o.covered or o.spans is not None:
                         self._cover(o, at, length, cookie, start)
                     o.covered += length
+                    if self._shift:
+                        _U64.pack_into(buf, body, at - self._shift)
                 elif kind & _ERROR_BIT:
                     why = _error_fault(buf[body : body + length], kind, o)
                     if why:
                         raise UpstreamFault(f"{why} (cookie {cookie:#x})", start)
                     o.failed = True
+                    if self._shift and kind == _ERROR_OFFSET:
+                        end = body + length - 8
+                        _U64.pack_into(buf, end, _U64.unpack_from(buf, end)[0] - self._shift)
                 elif kind == _STATUS_CHUNK:
                     o.covered += 1  # (counts status chunks)
                     if (
@@ -503,6 +523,11 @@ class Relay:
                         raise UpstreamFault(f"{why} (cookie {cookie:#x})", start)
                     if self._context_id:
                         buf[body : body + 4] = self._context_id
+                    if self._end is not None and not _clip_status(
+                        buf[body + 4 : body + length], self._end - o.offset
+                    ):
+                        why = "extents past the request before the last one"
+                        raise UpstreamFault(f"{why} (cookie {cookie:#x})", start)
                 if flags & _DONE:
                     if not o.failed and o.cmd == _READ and o.covered != o.length:
                         raise UpstreamFault(f"the chunks of a READ of {o.length} bytes covered "
@@ -704,6 +729,26 @@ def _error_fault(body: memoryview, kind: int, o: _Out) -> str | None:
         if not o.offset <= at < o.offset + o.length:
             return f"an error offset {at} outside the request's {o.length} bytes at {o.offset}"
     return None
+
+
+def _clip_status(descriptors: memoryview, limit: int) -> bool:
+    """Shorten, in place, the last of a status chunk's descriptors where the extents run past
+    `limit` bytes (a window's end: the client must not be told of bytes past its export).
+    Only the last may (the spec lets the final extent reach past the request); False if
+    others do."""
+    lengths = array.array("I")
+    lengths.frombytes(descriptors)
+    if sys.byteorder == "little":
+        lengths.byteswap()
+    del lengths[1::2]  # the flags
+    total = sum(lengths)
+    if total <= limit:
+        return True
+    last = lengths[-1] - (total - limit)
+    if last <= 0:
+        return False
+    _U32.pack_into(descriptors, len(descriptors) - 8, last)
+    return True
 
 
 def _borrowed(part: Buffer) -> bool:
