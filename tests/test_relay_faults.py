@@ -273,6 +273,14 @@ def pread_df(h, length: int, offset: int, seconds: float = 20) -> tuple[bytes, i
     return bytes(buf.to_bytearray()), len(chunks)
 
 
+class Seen(list[list[int]]):
+    """A block status callback that keeps each reply's entries."""
+
+    def __call__(self, metacontext: str, offset: int, entries: list[int], err: int) -> int:
+        self.append(entries)
+        return 0
+
+
 #: The re-issuing hop talks to its upstream with structured replies whatever the client
 #: negotiated: a chunk is no fault there.
 CASES = [(f, r) for f in FAULTS for r in ("true", "false") if r == "true" or "without" not in f]
@@ -348,18 +356,13 @@ def test_relay_faults_a_bad_block_status_reply_costs_one_request(
     up = rogue(status_fault=STATUS_FAULTS[fault])
     hop = start_node("nbd", f"relay={relay}", upstreams=[up.uri], env={"NBDFABRIC_LOG": "info"})
     h = nbd_connect(hop.uri)
-    seen: list[list[int]] = []
-
-    def extents(metacontext: str, offset: int, entries: list[int], err: int) -> int:
-        seen.append(entries)
-        return 0
-
+    seen = Seen()
     try:
-        h.block_status(4096, 0, extents)  # the upstream's context id, renumbered or not
+        h.block_status(4096, 0, seen)  # the upstream's context id, renumbered or not
         assert seen == [[4096, 0]]
         assert ("relayed to" in hop.stderr()) == (relay == "true"), hop.stderr()
         with pytest.raises(nbd.Error) as failed:
-            h.block_status(4096, POISON, extents)
+            h.block_status(4096, POISON, seen)
         assert failed.value.errnum == errno.EIO, failed.value
         assert up.poisoned == 1
         if relay == "true":
@@ -367,7 +370,7 @@ def test_relay_faults_a_bad_block_status_reply_costs_one_request(
 
         def serves() -> bool:
             try:
-                h.block_status(4096, 8192, extents)
+                h.block_status(4096, 8192, seen)
                 return True
             except nbd.Error:
                 return False
@@ -469,22 +472,17 @@ def test_relay_faults_a_block_status_with_req_one_gets_one_extent(
     up = rogue(status_fault=REQ_ONE_FAULTS[fault])
     hop = start_node("nbd", f"relay={relay}", upstreams=[up.uri], env={"NBDFABRIC_LOG": "info"})
     h = nbd_connect(hop.uri)
-    seen: list[list[int]] = []
-
-    def extents(metacontext: str, offset: int, entries: list[int], err: int) -> int:
-        seen.append(entries)
-        return 0
-
+    seen = Seen()
     try:
-        h.block_status(4096, 0, extents, nbd.CMD_FLAG_REQ_ONE)
+        h.block_status(4096, 0, seen, nbd.CMD_FLAG_REQ_ONE)
         assert seen == [[4096, 0]]
         if relay == "true":
             with pytest.raises(nbd.Error) as failed:
-                h.block_status(4096, POISON, extents, nbd.CMD_FLAG_REQ_ONE)
+                h.block_status(4096, POISON, seen, nbd.CMD_FLAG_REQ_ONE)
             assert failed.value.errnum == errno.EIO, failed.value
             assert "lost" in hop.stderr(), hop.stderr()
         else:
-            h.block_status(4096, POISON, extents, nbd.CMD_FLAG_REQ_ONE)
+            h.block_status(4096, POISON, seen, nbd.CMD_FLAG_REQ_ONE)
             assert len(seen[-1]) == 2 and 0 < seen[-1][0] <= 4096, seen
         assert up.poisoned == 1
     finally:
@@ -606,20 +604,20 @@ def test_relay_faults_through_a_window_no_extent_reaches_past_the_export(
         upstreams=[up.uri], env={"NBDFABRIC_LOG": "info"},
     )  # fmt: skip
     h = nbd_connect(hop.uri)
-    seen: list[list[int]] = []
+    seen = Seen()
     try:
         assert h.get_size() == POISON + 32768 - WINDOW
-        h.block_status(4096, 0, lambda meta, off, entries, err: seen.append(entries) or 0)
+        h.block_status(4096, 0, seen)
         assert seen == [[4096, 0]]
         assert ("relayed to" in hop.stderr()) == (relay == "true"), hop.stderr()
         expected = relayed if relay == "true" else reissued
         if expected is None:
             with pytest.raises(nbd.Error) as failed:
-                h.block_status(32768, POISON - WINDOW, lambda *a: seen.append(a[2]) or 0)
+                h.block_status(32768, POISON - WINDOW, seen)
             assert failed.value.errnum == errno.EIO, failed.value
             assert "lost" in hop.stderr(), hop.stderr()
         else:
-            h.block_status(32768, POISON - WINDOW, lambda *a: seen.append(a[2]) or 0)
+            h.block_status(32768, POISON - WINDOW, seen)
             assert seen[-1] == expected, seen
         assert up.poisoned == 1
     finally:
