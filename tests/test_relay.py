@@ -591,3 +591,37 @@ def test_relay_a_partition_node_relays_its_partition(start_node, tmp_path):
     after = path.read_bytes()
     assert after[first : first + count] == payload
     assert after[:first] == disk[:first] and after[first + count :] == disk[first + count :]
+
+
+def test_relay_an_offset_window_reconnects_and_keeps_its_shift(start_node, tmp_path):
+    """An offset node's relay over a file node that is killed and started again: requests
+    fail with EIO while it is down, and after the reconnect reads and writes still land at
+    the window's place in the file (the shift is the relay's, not the connection's)."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(8 * MiB))
+    sock = str(tmp_path / "up.sock")
+    up = start_node("file", str(disk), listen=f"unix:{sock}")
+    window = start_node("offset", "offset=3M", "range=4M", upstreams=[up.uri], env=INFO)
+    h = nbd_connect(window.uri)
+    h.pwrite(b"\x71" * 65536, MiB)  # the file's 4M
+    up.kill()
+    with pytest.raises(nbd.Error) as failed:
+        h.pread(4096, 0)
+    assert failed.value.errnum == errno.EIO
+    start_node("file", str(disk), listen=f"unix:{sock}")
+
+    def back() -> bool:
+        try:
+            return h.pread(65536, MiB) == b"\x71" * 65536
+        except nbd.Error:
+            return False
+
+    wait_for(back, 20, "the window to serve again")
+    h.pwrite(b"\x72" * 4096, 2 * MiB)  # the file's 5M, through the new upstream connection
+    h.flush()
+    h.shutdown()
+    assert relays(window) and "is back" in window.stderr(), window.stderr()
+    data = disk.read_bytes()
+    assert data[4 * MiB : 4 * MiB + 65536] == b"\x71" * 65536
+    assert data[5 * MiB : 5 * MiB + 4096] == b"\x72" * 4096
+    assert data.count(0) == len(data) - 65536 - 4096
