@@ -552,12 +552,12 @@ def build_target(shape: str, start_node: Any, tmp_path: Path) -> Target:
                 check(bad is None, f"{shape}: after a flush the upstream differs at {bad}")
 
         return Target(shape, node, [node, up], image, check_below=below)
-    if shape == "offset":
+    if shape in ("offset", "offset-libnbd"):  # relaying (the default), or re-issuing
         return window_shape(
             shape,
             start_node,
             "offset",
-            ["offset=256K", "range=1M"],
+            ["offset=256K", "range=1M", *(["relay=false"] if shape == "offset-libnbd" else [])],
             2 * MiB,
             (256 * KiB, 256 * KiB + MiB),
         )
@@ -972,6 +972,8 @@ def build_more(shape: str, start_node: Any, tmp_path: Path, start_http: Any) -> 
     seed = str(rng.randrange(1 << 31))
     if shape in CONNECTION_SHAPES:
         return connection_shape(shape, start_node, tmp_path, rng)
+    if shape == "offset-libnbd":  # the offset window, re-issuing instead of relaying
+        return build_target(shape, start_node, tmp_path)
     if shape == "pause":
         return pause_shape(start_node, tmp_path, rng)
     if shape.startswith("info"):
@@ -3494,6 +3496,7 @@ MORE_SHAPES = [
     "nbd",
     "nbd-libnbd",
     "nbd-polling",
+    "offset-libnbd",
     "nofilter",
     "empty",
     "http",
