@@ -21,6 +21,7 @@ Example: `nbdfabric node offset offset=1M range=100M --upstream nbd+unix:///?soc
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from ..base import Backend, Capabilities, Extents, Filter, Holes
 from ..params import Params, Size, param
@@ -28,8 +29,9 @@ from ..registry import register
 from ..upstream import Upstream
 
 
-class WindowParams(Params):
-    relay: bool = param(
+def relay_param() -> Any:
+    """The `relay` param of the kinds that serve a window of their upstream (Window)."""
+    return param(
         True,
         "relay each client's requests and replies as bytes over an upstream connection of "
         "its own, their offsets moved (as the nbd kind's relay); false: re-issue them "
@@ -37,9 +39,10 @@ class WindowParams(Params):
     )
 
 
-class OffsetParams(WindowParams):
+class OffsetParams(Params):
     offset: Size = param(0, "where the served range starts in the upstream")
     range: Size | None = param(None, "length served (default: to the upstream's end)")
+    relay: bool = relay_param()
 
 
 class Window(Filter):

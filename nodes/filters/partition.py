@@ -20,9 +20,9 @@ from __future__ import annotations
 import struct
 
 from ..base import Backend, read_flat
-from ..params import param
+from ..params import Params, param
 from ..registry import register
-from .offset import Window, WindowParams
+from .offset import Window, relay_param
 
 SECTOR = 512
 MBR_ENTRY = struct.Struct("<B3sB3sII")  # status, CHS first, type, CHS last, LBA start, sectors
@@ -33,8 +33,9 @@ GPT_PROTECTIVE = 0xEE
 MAX_LOGICAL = 128
 
 
-class PartitionParams(WindowParams):
+class PartitionParams(Params):
     partition: int = param(description="partition number to serve, from 1", ge=1)
+    relay: bool = relay_param()
 
 
 class PartitionError(ValueError):
