@@ -625,3 +625,26 @@ def test_relay_an_offset_window_reconnects_and_keeps_its_shift(start_node, tmp_p
     assert data[4 * MiB : 4 * MiB + 65536] == b"\x71" * 65536
     assert data[5 * MiB : 5 * MiB + 4096] == b"\x72" * 4096
     assert data.count(0) == len(data) - 65536 - 4096
+
+
+@pytest.mark.parametrize(
+    ("args", "relayed"),
+    [
+        (("truncate=5M",), True),
+        (("truncate=7M", "round-down=2M"), True),
+        (("truncate=11M",), False),
+    ],
+)
+def test_relay_a_truncate_node_relays_unless_it_grows(start_node, start_nbdkit, args, relayed):
+    """truncate relays what lies within its upstream (a shrink, a rounding down: the window
+    at 0, its last extent cut at the end), and re-issues when it grows the upstream (it
+    answers past the upstream's end itself). Against nbdkit's truncate filter over the same
+    memory node: the same bytes and map."""
+    up = start_node("memory", "8M")
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x61 1M 1M", "-c", "write -P 0x62 4M 64k",
+         "-c", "write -P 0x63 5M 2M", up.uri])  # fmt: skip
+    ours = start_node("truncate", *args, upstreams=[up.uri], env=INFO)
+    theirs = start_nbdkit("--filter=truncate", "nbd", f"uri={up.uri}", *args)
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", ours.uri, theirs.uri])
+    assert allocation_map(ours.uri) == allocation_map(theirs.uri)
+    assert relays(ours) == relayed, ours.stderr()

@@ -30,12 +30,13 @@ from ..upstream import Upstream
 
 
 def relay_param() -> Any:
-    """The `relay` param of the kinds that serve a window of their upstream (Window)."""
+    """The `relay` param of the kinds that serve a window of their upstream (offset,
+    partition, truncate)."""
     return param(
         True,
         "relay each client's requests and replies as bytes over an upstream connection of "
-        "its own, their offsets moved (as the nbd kind's relay); false: re-issue them "
-        "through libnbd over the shared pool",
+        "its own, to this kind's window of the upstream (as the nbd kind's relay); false: "
+        "re-issue them through libnbd over the shared pool",
     )
 
 

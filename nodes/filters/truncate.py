@@ -6,8 +6,14 @@ tail reads as zeros and is reported as a hole), or rounds it to a multiple (`rou
 end, writes must carry only zeros (anything else fails with ENOSPC), and trim, zero and cache
 are no-ops there.
 
+Relay (the default; `relay=false` turns it off): when the size served is no larger than the
+upstream's (a shrink, or a size rounded down), each client's requests and replies pass as bytes
+over an upstream connection of its own, as the `offset` kind's with its window at 0 (a last
+extent that runs past the end is cut there). A node that grows the upstream re-issues each
+request, as it must answer past the upstream's end itself.
+
 Params: `truncate` (size; default the upstream's), `round-up`, `round-down` (applied after
-`truncate`).
+`truncate`), `relay` (default true).
 
 Example: `nbdfabric node truncate round-up=4K --upstream nbd+unix:///?socket=file.sock`
 """
@@ -20,13 +26,15 @@ from dataclasses import replace
 from ..base import Backend, Capabilities, Extents, Filter, Holes, all_zero_extent
 from ..params import Params, Size, param
 from ..registry import register
-from .offset import clip
+from ..upstream import Upstream
+from .offset import clip, relay_param
 
 
 class TruncateParams(Params):
     truncate: Size | None = param(None, "the apparent size (default: the upstream's)")
     round_up: Size | None = param(None, "round the size up to a multiple of this", gt=0)
     round_down: Size | None = param(None, "round the size down to a multiple of this", gt=0)
+    relay: bool = relay_param()
 
 
 @register
@@ -41,6 +49,10 @@ class Truncate(Filter):
         super().__init__(params, next)
         self.real = 0  #: the upstream's size
         self.size = 0  #: the size we serve
+        #: Where sessions relay to (server/relay.py) when the size is no larger than the
+        #: upstream's: a window at 0.
+        self.relay_upstream: Upstream | None = None
+        self.relay_shift, self.relay_end = 0, 0
 
     async def start(self) -> None:
         await self.next.start()
@@ -52,6 +64,8 @@ class Truncate(Filter):
         if p.round_down:
             size = size // p.round_down * p.round_down
         self.size = size
+        if p.relay and size <= self.real and isinstance(self.next, Upstream):
+            self.relay_upstream, self.relay_end = self.next, size
 
     def capabilities(self) -> Capabilities:
         return replace(self.next.capabilities(), size=self.size)

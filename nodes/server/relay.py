@@ -1,6 +1,7 @@
 """The relaying transmission phase of an `nbd relay=true` node: one upstream connection per
 client, NBD messages passed between the two sockets whole, not re-issued through libnbd. The
-`offset` and `partition` kinds relay the same way to a window of their upstream: requests go
+`offset` and `partition` kinds (and `truncate` when it does not grow the upstream) relay the
+same way to a window of their upstream: requests go
 with their offsets moved by the window's start (`relay_shift`), and the offsets in replies
 (data, hole and error chunks) come back moved, in place; a status chunk's last extent that
 runs past the window's end (`relay_end`) is cut there.
