@@ -1,6 +1,6 @@
 """Side-by-side benchmark: nbdfabric nodes against nbdkit, in the same run, reporting ratios.
 
-    python -m bench [--suite core,chain,fan,parity,source,luks,ext2] [--runs 3] [--size 512M]
+    python -m bench [--suite core,chain,window,fan,parity,source,luks,ext2] [--runs 3] [--size 512M]
                     [--seconds 5] [--poll-max-us N] [--workers N] [--json FILE]
 
 Each suite starts our topology and nbdkit's of the same shape, then runs the same workloads on both,
@@ -246,6 +246,21 @@ def chain_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
     yield "3-hop relay", (rb.over(ra, m3), kb.over(ka, k3))
 
 
+def window_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
+    """An offset node (offset=1M) over a memory node 1M larger than the export, relaying (the
+    default) and re-issuing, vs `nbdkit --filter=offset nbd` over `nbdkit memory` of the same
+    shape."""
+    upstream = str(parse_size(size) + (1 << 20))
+    m = f.node("memory", upstream)
+    k = f.nbdkit("memory", upstream)
+    theirs = f.nbdkit("--filter=offset", "nbd", f"uri={k.uri}", "offset=1M")
+    relay = f.node("offset", "offset=1M", upstreams=(m.uri,))
+    yield "offset relay", (relay.over(m), theirs.over(k))
+    m2 = f.node("memory", upstream)
+    reissue = f.node("offset", "offset=1M", "relay=false", upstreams=(m2.uri,))
+    yield "offset re-issuing", (reissue.over(m2), theirs.over(k))
+
+
 def fan_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
     """Not against nbdkit (it has no RAID): a fan over our memory nodes vs one memory node."""
     # Members a quarter of the size each, so both exports hold the same bytes (nbdcopy reads
@@ -401,6 +416,7 @@ def python_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
 SUITES = {
     "core": core_pairs,
     "chain": chain_pairs,
+    "window": window_pairs,
     "fan": fan_pairs,
     "parity": parity_pairs,
     "source": source_pairs,
@@ -500,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--suite",
         default="core,chain",
-        help="comma list of: core, chain, fan, parity, source, luks, ext2, ssh, python",
+        help="comma list of: core, chain, window, fan, parity, source, luks, ext2, ssh, python",
     )
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--size", default="512M", help="disk size and bytes copied per nbdcopy run")
