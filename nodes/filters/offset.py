@@ -54,9 +54,9 @@ class Window(Filter):
         super().__init__(params, next)
         self.start_at = 0
         self.length = 0
-        #: Where sessions relay to (server/relay.py), and the window there, once started.
+        #: Where sessions relay to (server/relay.py), once started; the window there is
+        #: relay_shift..relay_end.
         self.relay_upstream: Upstream | None = None
-        self.relay_shift, self.relay_end = 0, 0
 
     async def start(self) -> None:
         await self.next.start()
@@ -75,7 +75,14 @@ class Window(Filter):
             )
         if getattr(self.params, "relay", False) and isinstance(self.next, Upstream):
             self.relay_upstream = self.next
-            self.relay_shift, self.relay_end = self.start_at, self.start_at + self.length
+
+    @property
+    def relay_shift(self) -> int:
+        return self.start_at
+
+    @property
+    def relay_end(self) -> int:
+        return self.start_at + self.length
 
     async def locate(self, upstream_size: int) -> tuple[int, int]:
         raise NotImplementedError

@@ -50,9 +50,8 @@ class Truncate(Filter):
         self.real = 0  #: the upstream's size
         self.size = 0  #: the size we serve
         #: Where sessions relay to (server/relay.py) when the size is no larger than the
-        #: upstream's: a window at 0.
+        #: upstream's: a window at 0, to relay_end.
         self.relay_upstream: Upstream | None = None
-        self.relay_shift, self.relay_end = 0, 0
 
     async def start(self) -> None:
         await self.next.start()
@@ -65,7 +64,11 @@ class Truncate(Filter):
             size = size // p.round_down * p.round_down
         self.size = size
         if p.relay and size <= self.real and isinstance(self.next, Upstream):
-            self.relay_upstream, self.relay_end = self.next, size
+            self.relay_upstream = self.next
+
+    @property
+    def relay_end(self) -> int:
+        return self.size
 
     def capabilities(self) -> Capabilities:
         return replace(self.next.capabilities(), size=self.size)

@@ -176,9 +176,10 @@ class Relay:
         self.context = session.context_names[t.meta_contexts[0]] if t.meta_contexts else None
         self._context_id = U32.pack(t.meta_contexts[0]) if t.meta_contexts else b""
         self._structured = t.structured  #: the upstream connection's too (_mismatch checks)
-        #: A window of the upstream (the offset and partition kinds): where the export starts
-        #: in the upstream, and where it ends. Requests are sent moved by the shift, and the
-        #: offsets in replies moved back; requests are checked against _Out in the upstream's.
+        #: A window of the upstream (the offset, partition and truncate kinds): where the
+        #: export starts in the upstream, and where it ends. Requests are sent moved by the
+        #: shift, and the offsets in replies moved back; requests are checked against _Out in
+        #: the upstream's.
         self._shift: int = getattr(session.backend, "relay_shift", 0)
         self._end: int | None = getattr(session.backend, "relay_end", None)
         self._out: dict[int, _Out] = {}
@@ -303,8 +304,9 @@ class Relay:
         s._busy += 1
         if req.cmd == _READ or req.cmd == _WRITE:
             s._busy_bytes += req.length
-        offset = req.offset  # FLUSH and DISC have none (their 0 is checked upstream)
-        if req.cmd != _FLUSH and req.cmd != _DISC:
+        offset = req.offset
+        # (FLUSH and DISC have no offset: their 0 is checked upstream)
+        if self._shift and req.cmd != _FLUSH and req.cmd != _DISC:
             offset += self._shift
         self._out[req.cookie] = _Out(req.cmd, req.flags, offset, req.length, time.perf_counter())
         head = REQUEST.pack(REQUEST_MAGIC, req.flags, req.cmd, req.cookie, offset, req.length)
