@@ -1,7 +1,7 @@
 """Side-by-side benchmark: nbdfabric nodes against nbdkit, in the same run, reporting ratios.
 
-    python -m bench [--suite core,chain,window,fan,parity,source,luks,ext2] [--runs 3] [--size 512M]
-                    [--seconds 5] [--poll-max-us N] [--workers N] [--json FILE]
+    python -m bench [--suite core,chain,window,file,fan,parity,source,luks,ext2] [--runs 3]
+                    [--size 512M] [--seconds 5] [--poll-max-us N] [--workers N] [--json FILE]
 
 Each suite starts our topology and nbdkit's of the same shape, then runs the same workloads on both,
 interleaved (ours, theirs, theirs, ours, ...) and reports the median of the runs and the ratio
@@ -318,6 +318,18 @@ def luks_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
     yield "file -> luks", (ours.over(below), theirs)
 
 
+def file_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
+    """Our file node vs `nbdkit file`, each over its own file of `size` bytes in the suite's
+    directory (on the machine's disk; what the copies write stays in the page cache)."""
+    files = []
+    for side in ("ours", "nbdkit"):
+        path = f.tmp / f"{side}.img"
+        with open(path, "wb") as out:
+            out.truncate(parse_size(size))
+        files.append(str(path))
+    yield "file", (f.node("file", files[0]), f.nbdkit("file", files[1]))
+
+
 def ext2_pairs(f: Fabric, size: str) -> Iterator[tuple[str, Pair]]:
     """Our file -> ext2 chain vs `nbdkit --filter=ext2 file`, each over its own ext4 image
     (mkfs.ext4 -d) holding one file, /disk.raw, of `size` bytes of random data: allocated, so
@@ -420,6 +432,7 @@ SUITES = {
     "fan": fan_pairs,
     "parity": parity_pairs,
     "source": source_pairs,
+    "file": file_pairs,
     "luks": luks_pairs,
     "ext2": ext2_pairs,
     "ssh": ssh_pairs,
@@ -516,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--suite",
         default="core,chain",
-        help="comma list of: core, chain, window, fan, parity, source, luks, ext2, ssh, python",
+        help="comma list of: core, chain, window, file, fan, parity, source, luks, ext2, ssh, "
+        "python",
     )
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--size", default="512M", help="disk size and bytes copied per nbdcopy run")

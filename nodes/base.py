@@ -209,6 +209,10 @@ class Backend:
     #: copy in a buffer of its own, since the write is done before that buffer is read into
     #: again (a write held by a pause gets its copy first).
     writes_inline: ClassVar[bool] = False
+    #: True for kinds that can often read without waiting (file: from the page cache): the
+    #: session first tries read_now as a plain call, and awaits pread only where it says no.
+    #: (Not a ClassVar: a backend may find out when it opens its data that it cannot.)
+    reads_inline: bool = False
     #: True for kinds that N processes can serve together (--workers): their state lives in the
     #: kernel (files), nowhere (null), upstream (nbd), or moves to shared memory in share().
     shareable: ClassVar[bool] = False
@@ -238,6 +242,8 @@ class Backend:
             cls.lends_memory = False
         if "writes_inline" not in cls.__dict__ and "pwrite" in cls.__dict__:
             cls.writes_inline = False
+        if "reads_inline" not in cls.__dict__ and "pread" in cls.__dict__:
+            cls.reads_inline = False
 
     def __init__(self, params: ParamsModel) -> None:
         self.params = params
@@ -394,6 +400,13 @@ class Backend:
     def write_now(self, buf: memoryview, offset: int) -> None:
         """What pwrite without flags does, as a plain call (only asked where writes_inline:
         the session then writes without a coroutine)."""
+        raise NotImplementedError
+
+    def read_now(self, buf: memoryview, offset: int) -> bool:
+        """Fill `buf` with the bytes at `offset` as pread without flags would (all data, no
+        holes), as a plain call, if that needs no waiting (only asked where reads_inline).
+        False, having left `buf` undefined, where it would wait: the session then awaits
+        pread."""
         raise NotImplementedError
 
     # Lending (only where lends_memory) -------------------------------------------------------

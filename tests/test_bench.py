@@ -123,6 +123,12 @@ def test_bench_luks_suite_runs_against_nbdkit_luks(tmp_path: Path) -> None:
     assert len(rows) == 8 and all(r["ours"] > 0 and r["theirs"] > 0 for r in rows)
 
 
+def test_bench_file_suite_runs_against_nbdkit_file(tmp_path: Path) -> None:
+    rows = run_bench(tmp_path, "file", "4M", "0.3")["rows"]
+    assert {r["setup"] for r in rows} == {"file"}
+    assert len(rows) == 8 and all(r["ours"] > 0 and r["theirs"] > 0 for r in rows)
+
+
 def test_bench_parity_suite_compares_the_consistency_policies(tmp_path: Path) -> None:
     rows = run_bench(tmp_path, "parity", "4M", "0.3")["rows"]
     assert {r["setup"] for r in rows} == {"parity x3 vs 1 node", "parity x3: ppl vs bitmap"}

@@ -299,6 +299,57 @@ def test_file_missing_is_refused_with_its_name(
     assert str(missing) in node.stderr()
 
 
+def cached(fd: int, offset: int) -> bool:
+    """Whether the page at `offset` of `fd`'s file is in the page cache (a RWF_NOWAIT read)."""
+    try:
+        os.preadv(fd, [bytearray(1)], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def test_file_reads_from_the_page_cache_and_from_the_disk_alike(
+    tmp_path: Path, start_node: Callable[..., Proc]
+) -> None:
+    """Reads the page cache holds are served at once (RWF_NOWAIT); the rest of a read, not
+    cached, from a worker thread. Both must give the file's bytes: a read wholly cached, one
+    not cached at all, and ones that start cached and go on where nothing is."""
+    image = tmp_path / "disk.img"
+    data = os.urandom(16 * MiB)
+    image.write_bytes(data)
+    node = start_node("file", str(image))
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            if cached(fd, 0):
+                pytest.skip(f"cannot drop {image}'s pages from the page cache here")
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:
+                raise
+            pytest.skip(f"{image}'s file system cannot read with RWF_NOWAIT: nothing to check")
+        # Only [4M, 5M) cached; no read-ahead past it (POSIX_FADV_RANDOM on this descriptor).
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.preadv(fd, [bytearray(MiB)], 4 * MiB)
+        assert cached(fd, 4 * MiB) and cached(fd, 5 * MiB - 4096) and not cached(fd, 5 * MiB)
+        h = nbd_connect(node.uri)
+        for offset, length in [
+            (4 * MiB, MiB),  # cached
+            (4 * MiB + 512 * 1024, MiB),  # half cached, then not
+            (5 * MiB - 4096, 8192),  # a small one across the edge
+            (9 * MiB, 256 * 1024),  # nothing cached
+            (12 * MiB + 1, 4095),  # nothing cached, unaligned
+        ]:
+            assert h.pread(length, offset) == data[offset : offset + length], (offset, length)
+        h.shutdown()
+    finally:
+        os.close(fd)
+    copy = tmp_path / "copy.img"
+    run(["nbdcopy", node.uri, str(copy)])
+    assert copy.read_bytes() == data
+
+
 def test_file_new_connections_see_a_grown_file(
     image: Path, start_node: Callable[..., Proc]
 ) -> None:

@@ -10,6 +10,11 @@ from `SEEK_DATA`/`SEEK_HOLE` on regular files (holes are reported as hole+zero);
 is served read-only. The size is read again for every new connection, so a file that grew
 shows its new size to new clients.
 
+A read first takes what the page cache holds, at once on the event loop (`preadv` with
+RWF_NOWAIT, where the file system has it: ext4 and xfs do, tmpfs does not); what is not cached
+is read in a worker thread, so a slow disk never holds the other requests up. Writes of 256K
+or more go to a worker thread; smaller ones are written on the loop.
+
 `cache=none` opens the file with O_DIRECT so the page cache is bypassed (nbdkit's cache=none
 instead drops pages after use; the aim is the same). O_DIRECT needs aligned I/O: the node
 then advertises a minimum block size (the device's logical sector size, 4096 for files) and
@@ -88,6 +93,10 @@ ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
 BLKSSZGET = 0x1268  #: ioctl: a block device's logical sector size
 #: Requests this large run in a worker thread so one slow disk op does not stall the others.
 THREAD_THRESHOLD = 256 * 1024
+#: A read the page cache holds is copied on the event loop up to this size (cheaper than the
+#: hand-off to a thread); a larger one is copied in a thread, so the loop is not held longer
+#: than about a millisecond by one request.
+INLINE_READ_MAX = 4 * 1024 * 1024
 #: O_DIRECT alignment for regular files: safe on every device (logical sectors are <= 4096).
 FILE_DIRECT_ALIGN = 4096
 #: Describe at most this many extents per request (the spec lets us return less than asked).
@@ -185,6 +194,9 @@ class File(Plugin):
         self.sector = 512  #: a block device's logical sector size (discards are rounded to it)
         self.unsupported: set[int] = set()  #: fallocate modes this file system refused
         self.identity = (0, 0)  #: (st_dev, st_ino) of the open file
+        #: Reads try the page cache first (RWF_NOWAIT) where the file system can (not with
+        #: O_DIRECT: there RWF_NOWAIT means something else).
+        self.nowait = False
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -229,6 +241,7 @@ class File(Plugin):
         if direct:
             self.align = self.sector if self.block_device else FILE_DIRECT_ALIGN
         os.posix_fadvise(self.fd, 0, 0, _FADVICE[self.params.fadvise])
+        self.nowait = self.reads_inline = not direct and _reads_nowait(self.fd)
         if not self.writable:
             log.warning("%s is not writable: serving it read-only", path)
 
@@ -262,8 +275,18 @@ class File(Plugin):
 
     # Data ----------------------------------------------------------------------------------
 
+    def read_now(self, buf: memoryview, offset: int) -> bool:
+        return len(buf) <= INLINE_READ_MAX and self._read_cached(buf, offset) == len(buf)
+
     async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
-        await self._run(self._read, buf, offset)
+        done = self._read_cached(buf, offset) if len(buf) <= INLINE_READ_MAX else 0
+        if done < len(buf):
+            rest = buf[done:] if done else buf
+            if self.nowait or len(rest) >= THREAD_THRESHOLD:
+                # Not in the page cache (or too big to copy on the loop): the disk may be slow.
+                await asyncio.to_thread(self._read, rest, offset + done)
+            else:
+                self._read(rest, offset + done)
         return None
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
@@ -353,6 +376,26 @@ class File(Plugin):
                 buf[:] = bounce
         else:
             read_all(self.fd, buf, offset)
+
+    def _read_cached(self, buf: memoryview, offset: int) -> int:
+        """Read what the page cache holds of `buf`'s range from its start, without waiting for
+        the disk (RWF_NOWAIT); how many bytes that was. A cached read of any size costs the
+        loop a copy, cheaper than the hand-off to a thread; a miss goes to one."""
+        pos = 0
+        if self.nowait:
+            try:
+                while pos < len(buf):
+                    n = os.preadv(self.fd, [buf[pos:]], offset + pos, os.RWF_NOWAIT)
+                    if n == 0:
+                        break  # the end of the file: the ordinary read says so
+                    pos += n
+            except BlockingIOError:
+                pass  # the rest is not cached
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                self.nowait = self.reads_inline = False  # it cannot after all: as before
+        return pos
 
     def _write(self, buf: memoryview, offset: int) -> None:
         if self.align:
@@ -549,6 +592,17 @@ class DirectoryFile(File):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _reads_nowait(fd: int) -> bool:
+    """Whether `fd`'s file system can read with RWF_NOWAIT (ext4 and xfs can, tmpfs cannot)."""
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+    except BlockingIOError:
+        pass  # it can, and the first byte is not cached
+    except OSError as exc:
+        return exc.errno not in _UNSUPPORTED
+    return True
 
 
 class _Bounce:
