@@ -146,3 +146,14 @@ def test_wakeup_ping_pong_runs_every_way_of_waiting() -> None:
     assert all(float(line.split()[1]) > 0 and line.endswith("µs per round trip") for line in lines)
     bad = subprocess.run([*cmd, "nope"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown: nope" in bad.stderr
+
+
+def test_offload_bench_compares_both_ways_at_each_depth() -> None:
+    cmd = [sys.executable, "-m", "bench.offload", "--calls", "200", "--depth", "1,4"]
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=120)
+    rows = [line.split() for line in out.stdout.splitlines()]
+    assert [(r[1], r[2]) for r in rows] == [
+        ("1", "asyncio.to_thread"), ("1", "run_blocking"),
+        ("4", "asyncio.to_thread"), ("4", "run_blocking"),
+    ]  # fmt: skip
+    assert all(float(r[3]) > 0 and float(r[6]) > 0 for r in rows)

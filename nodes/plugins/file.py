@@ -78,6 +78,7 @@ from ..base import (
     fua_requested,
     may_trim,
 )
+from ..offload import run_blocking
 from ..params import Params, param
 from ..params import Params as ParamsModel  # (in the classes, `Params` is their own)
 from ..protocol.constants import MAX_STRING, Extent
@@ -284,7 +285,7 @@ class File(Plugin):
             rest = buf[done:] if done else buf
             if self.nowait or len(rest) >= THREAD_THRESHOLD:
                 # Not in the page cache (or too big to copy on the loop): the disk may be slow.
-                await asyncio.to_thread(self._read, rest, offset + done)
+                await run_blocking(self._read, rest, offset + done)
             else:
                 self._read(rest, offset + done)
         return None
@@ -295,7 +296,7 @@ class File(Plugin):
             await self.flush(0)
 
     async def flush(self, flags: int) -> None:
-        await asyncio.to_thread(os.fdatasync, self.fd)  # may wait long for the disk
+        await run_blocking(os.fdatasync, self.fd)  # may wait long for the disk
 
     async def trim(self, count: int, offset: int, flags: int) -> None:
         # A hint: where punching is unsupported (or not sector-aligned) nothing happens.
@@ -364,7 +365,7 @@ class File(Plugin):
         self, op: Callable[[memoryview, int], None], buf: memoryview, offset: int
     ) -> None:
         if len(buf) >= THREAD_THRESHOLD:
-            await asyncio.to_thread(op, buf, offset)
+            await run_blocking(op, buf, offset)
         else:
             op(buf, offset)
 
