@@ -42,6 +42,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+from ..offload import run_blocking
+
 log = logging.getLogger("nbdfabric.parity")
 
 FILE_MAGIC = b"nbdfPJ01"
@@ -268,7 +270,7 @@ class Journal:
     async def _sync_once(self) -> None:
         written = self._written  # what this fdatasync carries
         try:
-            await asyncio.to_thread(os.fdatasync, self._fd)
+            await run_blocking(os.fdatasync, self._fd)
         finally:
             self._syncing = None
         self._carried(written)

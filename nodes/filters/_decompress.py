@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from ..base import Backend, Capabilities, Filter, Holes, Support, read_flat
+from ..offload import run_blocking
 from ..params import Params
 from ..plugins.file import THREAD_THRESHOLD, read_all, write_all
 
@@ -330,7 +331,7 @@ class Decompress(Filter):
 
     async def pread(self, buf: memoryview, offset: int, flags: int) -> Holes:
         if len(buf) >= THREAD_THRESHOLD:
-            await asyncio.to_thread(read_all, self.fd, buf, offset)
+            await run_blocking(read_all, self.fd, buf, offset)
         else:
             read_all(self.fd, buf, offset)
         return None

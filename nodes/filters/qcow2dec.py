@@ -54,6 +54,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
 from ..base import Backend, Capabilities, Extents, Filter, Holes, Support, add_range, read_flat
+from ..offload import run_blocking
 from ..params import Params, Size, param
 from ..protocol.constants import CmdFlag, Extent
 from ..registry import register
@@ -322,7 +323,7 @@ class Qcow2dec(Filter):
         data = await self._read_file(run.host, run.csize)
         try:
             if size >= THREAD_CLUSTER:
-                return await asyncio.to_thread(inflate, data, size)
+                return await run_blocking(inflate, data, size)
             return inflate(data, size)
         except BadCluster as exc:
             base = run.start - run.start % size

@@ -51,6 +51,7 @@ import time
 from typing import Any
 
 from ..base import Backend, Holes, read_flat
+from ..offload import run_blocking
 from ..params import Params, Size, param
 from ..registry import register
 from ._decompress import PIECE, Decompress, Sink, Stream, StreamError
@@ -202,7 +203,7 @@ class BlockReader:
                 view = memoryview(buf)[: block.length]
                 await read_flat(self.upstream, view, block.offset)
                 self.bytes_read += block.length
-                data = await asyncio.to_thread(decode_block, block, view)
+                data = await run_blocking(decode_block, block, view)
             except asyncio.CancelledError:
                 reusable = False  # an upstream read or a decoding thread may still write to it
                 raise
