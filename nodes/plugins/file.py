@@ -304,17 +304,24 @@ class File(Plugin):
         if self.block_device:  # a discard must cover whole sectors
             start, end = -(-start // self.sector) * self.sector, end - end % self.sector
         if start < end:
-            self._fallocate(PUNCH_HOLE, start, end - start)
+            await self._fallocate_off(PUNCH_HOLE, start, end - start)
         if fua_requested(flags):
             await self.flush(0)
 
     async def zero(self, count: int, offset: int, flags: int) -> None:
-        punched = may_trim(flags) and self._fallocate(PUNCH_HOLE, offset, count)
-        if not (punched or self._fallocate(ZERO_RANGE, offset, count)):
+        punched = may_trim(flags) and await self._fallocate_off(PUNCH_HOLE, offset, count)
+        if not (punched or await self._fallocate_off(ZERO_RANGE, offset, count)):
             # The server falls back to writing zeros (or fails a FAST_ZERO request).
             raise OSError(errno.ENOTSUP, "this file cannot zero without writing")
         if fua_requested(flags):
             await self.flush(0)
+
+    async def _fallocate_off(self, mode: int, offset: int, count: int) -> bool:
+        """_fallocate in a worker thread: ext4 takes milliseconds to punch even 4K (it waits
+        for its journal), which on the loop held every other request of the node that long."""
+        if mode in self.unsupported:
+            return False
+        return await run_blocking(self._fallocate, mode, offset, count)
 
     def _fallocate(self, mode: int, offset: int, count: int) -> bool:
         """True when done; False when the file cannot (remembered) or not at this range."""
