@@ -21,6 +21,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
+from threading import Lock
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -36,6 +37,9 @@ class _Results:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        #: Jobs submitted and not yet posted: the eventfd stays open while any may still be
+        #: written to (closed, its number could be another file's by then).
+        self.outstanding = 0
         self.done: deque[tuple[asyncio.Future[Any], Any, BaseException | None]] = deque()
         #: A wake-up is on its way (the eventfd written, not yet read): set by workers, cleared
         #: by the loop only after it has read the eventfd, so a result is never left unseen.
@@ -43,15 +47,16 @@ class _Results:
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         loop.add_reader(self.fd, self._take)
 
-    def post(self, fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    def post(
+        self, fut: asyncio.Future[Any], result: Any, exc: BaseException | None, lock: Lock
+    ) -> None:
         """In a worker: hand a result to the loop."""
         self.done.append((fut, result, exc))
         if not self.told:
             self.told = True
-            try:
-                os.eventfd_write(self.fd, 1)
-            except OSError:
-                pass  # the loop is gone (closed): nobody waits for this
+            os.eventfd_write(self.fd, 1)  # open: see `outstanding`
+        with lock:
+            self.outstanding -= 1
 
     def _take(self) -> None:
         try:
@@ -78,7 +83,8 @@ class _Pool:
         self.jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self.threads = 0
         self.idle = 0  #: threads waiting for a job
-        self.lock = threading.Lock()  #: for `idle`, counted from several threads
+        #: For what several threads count: `idle`, `threads`, each _Results' `outstanding`.
+        self.lock = threading.Lock()
         self.results: dict[asyncio.AbstractEventLoop, _Results] = {}
 
     def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> asyncio.Future[Any]:
@@ -87,17 +93,22 @@ class _Pool:
         if results is None:
             results = self._results_for(loop)
         fut = loop.create_future()
+        with self.lock:
+            results.outstanding += 1
+            start = self.idle == 0 and self.threads < MAX_THREADS
+            self.threads += start
         self.jobs.put((fut, results, fn, args))
-        if self.idle == 0 and self.threads < MAX_THREADS:
-            self.threads += 1
+        if start:
             threading.Thread(target=self._work, name="offload", daemon=True).start()
         return fut
 
     def _results_for(self, loop: asyncio.AbstractEventLoop) -> _Results:
-        for old in [r for r in self.results.values() if r.loop.is_closed()]:
-            del self.results[old.loop]  # a loop that ended (tests run several)
-            old.close()
-        results = self.results[loop] = _Results(loop)
+        with self.lock:  # loops in other threads may come and go at the same time
+            for old in list(self.results.values()):
+                if old.loop.is_closed() and not old.outstanding:
+                    del self.results[old.loop]  # a loop that ended (tests run several)
+                    old.close()
+            results = self.results[loop] = _Results(loop)
         return results
 
     def _work(self) -> None:
@@ -113,7 +124,7 @@ class _Pool:
                 result = fn(*args)
             except BaseException as raised:  # carried to the awaiting task, as to_thread does
                 result, exc = None, raised
-            results.post(fut, result, exc)
+            results.post(fut, result, exc, lock)
             del fut, results, fn, args, result, exc  # nothing held while idle
 
 

@@ -123,3 +123,30 @@ def test_a_forked_child_has_a_pool_of_its_own() -> None:
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     pytest.fail("the forked child's job never finished")
+
+
+def test_a_job_that_outlives_its_loop_keeps_the_loops_eventfd_open() -> None:
+    """A loop that ends while its job runs: its eventfd is not closed until the job has
+    written its wake-up there (closed, the number could be a file's by then, and the write
+    would land in it)."""
+    started, finish = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        started.set()
+        finish.wait(10)
+
+    async def ends_early() -> None:
+        job = asyncio.ensure_future(run_blocking(slow))
+        await asyncio.to_thread(started.wait)
+        job.cancel()  # the loop ends with the job under way
+
+    asyncio.run(ends_early())
+    (ended,) = [r for r in offload._pool.results.values() if r.loop.is_closed()]
+    asyncio.run(run_blocking(int, "1"))  # a new loop: ended loops are cleaned up
+    assert ended in offload._pool.results.values()  # not yet: its job still runs
+    finish.set()
+    deadline = time.monotonic() + 10
+    while ended.outstanding and time.monotonic() < deadline:
+        time.sleep(0.01)
+    asyncio.run(run_blocking(int, "1"))
+    assert ended not in offload._pool.results.values()  # closed now
