@@ -686,6 +686,39 @@ def test_parity_recheck_after_losing_every_member_replaces_a_paused_one(
     h.shutdown()
 
 
+def test_parity_member_marked_faulty_stays_out_until_replaced(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """`ctl faulty`: the member stays out though it is reachable (one that failed is rebuilt
+    once it is back, after retry-delay), across a restart of the fan, until `ctl replace`."""
+    from nodes.fans.parity import Parity, ParityParams
+
+    state = tmp_path / "parity.state"
+    flakies, _ = harness.flaky_members(3, 1 << 20)
+    params = {"chunk-size": "16K", "check-interval": 0.02, "retry-delay": 0.05,
+              "state-file": str(state)}  # fmt: skip
+    fan = Parity(ParityParams.model_validate(params), flakies)
+    uri = harness.serve(fan, "parity")
+    model = fill_random(uri, 7)
+    harness.run(fan.mark_faulty(1))
+    time.sleep(0.5)  # ten retry delays, 25 health checks
+    members = harness.call(fan.status)["members"]
+    assert [m["state"] for m in members] == ["in_sync", "faulty", "in_sync"]
+    assert [m["held"] for m in members] == [False, True, False]
+    assert json.loads(state.read_text())["held"] == [False, True, False]
+    # A new fan on the same members and state file keeps it out too.
+    again = Parity(ParityParams.model_validate(params), [Flaky(f.inner) for f in flakies])
+    again_uri = harness.serve(again, "parity")
+    time.sleep(0.5)
+    assert [m["state"] for m in harness.call(again.status)["members"]][1] == "faulty"
+    assert nbd_connect(again_uri).pread(len(model), 0) == model  # degraded
+    # Replaced (here by itself), it is rebuilt and in sync.
+    harness.run(fan.replace_member(1, Flaky(flakies[1].inner)))
+    wait_for(lambda: harness.call(fan.status)["degraded"] is False, 30, "the rebuild")
+    assert [m["held"] for m in harness.call(fan.status)["members"]] == [False] * 3
+    assert nbd_connect(uri).pread(len(model), 0) == model
+
+
 def test_parity_state_file_says_who_is_out_before_it_matters(harness: Harness, tmp_path) -> None:
     """state-file: a member's fall is on disk at once; the first write acknowledged without it
     makes it 'not complete' on disk before it is sent; a file of another array is refused."""

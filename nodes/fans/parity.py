@@ -16,9 +16,11 @@ member that restarted empty), and parity is recomputed over every stripe in the 
 a request meanwhile waits (up to 5 s) for that check rather than fail. When the fan will not trust
 them by itself, the operator can (`trust_member`, ctl trust INDEX, mdadm's `--assemble --force`):
 once N-1 members are trusted the array serves, degraded, and rebuilds the last one from them.
-A member that returns, or one swapped in by `replace_member`, is rebuilt fully (there is no
-bitmap here), stripe by stripe in the background; stripes already rebuilt are written and read
-as usual. Size: (smallest member, in whole chunks) * (N-1).
+A member the operator marks faulty (ctl faulty INDEX) stays out, reachable or not, across
+restarts (the state file says so), until `ctl replace` takes it back, as a mirror's does.
+A member that returns (after retry-delay), or one swapped in by `replace_member`, is rebuilt
+fully (there is no bitmap here), stripe by stripe in the background; stripes already rebuilt
+are written and read as usual. Size: (smallest member, in whole chunks) * (N-1).
 
 WRITE_ZEROES of whole stripes is the members' own, one range per member (all-zero data has
 all-zero parity), FAST_ZERO and NO_HOLE passed on; the partial stripes at the edges are written
@@ -193,6 +195,9 @@ class Parity(RebuildingFan):
         self.cursor = [0] * self.n  #: while rebuilding: stripes below it are good
         self.errors = [0] * self.n
         self.retry_at = [0.0] * self.n
+        #: Out by the operator's word (ctl faulty): not rebuilt when it is reachable again,
+        #: until `ctl replace` (or `ctl trust`) takes it back.
+        self.held = [False] * self.n
         #: each member's reconnect count when last trusted (see `_returned`)
         self.seen = [getattr(m, "reconnects", 0) for m in self.members]
         self.stripes = 0
@@ -317,7 +322,9 @@ class Parity(RebuildingFan):
                 f"parity: state file {self._state.path} belongs to another array ({got}, this "
                 f"one is {expect}); remove it to start afresh"
             )
+        held = data.get("held") or []  # (not in files from before it was kept)
         for i, (state, complete) in enumerate(zip(data["states"], data["complete"], strict=True)):
+            self.held[i] = state != IN_SYNC and i < len(held) and bool(held[i])
             if state != IN_SYNC:
                 self.states[i] = FAULTY
                 # `acked` starts again at 0: a member that missed nothing still matches it.
@@ -346,6 +353,7 @@ class Parity(RebuildingFan):
             "chunk": self.chunk,
             "stripes": self.stripes,
             "states": [IN_SYNC if s == IN_SYNC else FAULTY for s in self.states],
+            "held": list(self.held),
             "complete": [s != IN_SYNC and self.left_at[i] == self.acked
                          for i, s in enumerate(self.states)],
             "intents": self._intents.runs() if self._intents is not None else [],
@@ -456,6 +464,7 @@ class Parity(RebuildingFan):
                 "trustable": failed and self.states[i] != IN_SYNC and m.healthy(),
                 # It left the in-sync set last: it missed no acknowledged write.
                 "complete": self.states[i] != IN_SYNC and self.left_at[i] == self.acked,
+                "held": self.held[i],
             }  # fmt: skip
             if i in self.kept_out:
                 info["last_error"] = self.kept_out[i]
@@ -484,6 +493,7 @@ class Parity(RebuildingFan):
                 elif (
                     self.states[i] == FAULTY
                     and up
+                    and not self.held[i]
                     and self.healthy_others(i)
                     and time.monotonic() >= self.retry_at[i]
                     and (i not in self.late or self._joins(i))
@@ -819,6 +829,7 @@ class Parity(RebuildingFan):
         self.late.discard(index)
         self.kept_out.pop(index, None)
         self.retry_at[index] = 0.0
+        self.held[index] = False  # a new disk: the operator's choice
         self._persist()
         self.members[index] = new
         self.member_caps[index] = caps
@@ -831,6 +842,13 @@ class Parity(RebuildingFan):
             log.warning("parity: stopping the old member failed: %s", exc)
 
     async def mark_faulty(self, index: int) -> None:
+        """Take member INDEX out (ctl faulty) until it is replaced: healthy or not, it is not
+        rebuilt on its own, as a member that failed is once it is back."""
+        if not 0 <= index < self.n:
+            raise IndexError(f"parity: no member {index} (0..{self.n - 1})")
+        self.held[index] = True
+        if self.states[index] == FAULTY:
+            self._persist()  # out already: now held too
         self._fail(index, "marked faulty by the operator")
 
     async def trust_member(self, index: int) -> None:
@@ -855,6 +873,7 @@ class Parity(RebuildingFan):
         complete = self.left_at[index] == self.acked
         self.seen[index] = getattr(member, "reconnects", 0)
         self.left_at[index] = None
+        self.held[index] = False
         self.states[index] = IN_SYNC  # a rebuild of it still running sees this and stops
         self._persist()
         why = "" if complete else " (it may miss writes acknowledged after it left)"
