@@ -13,7 +13,8 @@ shows its new size to new clients.
 A read first takes what the page cache holds, at once on the event loop (`preadv` with
 RWF_NOWAIT, where the file system has it: ext4 and xfs do, tmpfs does not); what is not cached
 is read in a worker thread, so a slow disk never holds the other requests up. Writes of 256K
-or more go to a worker thread; smaller ones are written on the loop.
+or more, flushes, trims and write-zeroes (ext4 takes milliseconds to punch even 4K) run in
+worker threads too (nodes/offload.py); smaller writes go into the page cache on the loop.
 
 `cache=none` opens the file with O_DIRECT so the page cache is bypassed (nbdkit's cache=none
 instead drops pages after use; the aim is the same). O_DIRECT needs aligned I/O: the node
@@ -387,8 +388,8 @@ class File(Plugin):
 
     def _read_cached(self, buf: memoryview, offset: int) -> int:
         """Read what the page cache holds of `buf`'s range from its start, without waiting for
-        the disk (RWF_NOWAIT); how many bytes that was. A cached read of any size costs the
-        loop a copy, cheaper than the hand-off to a thread; a miss goes to one."""
+        the disk (RWF_NOWAIT); how many bytes that was. A cached read costs the loop a copy,
+        cheaper than the hand-off to a thread; a miss goes to one."""
         pos = 0
         if self.nowait:
             try:
