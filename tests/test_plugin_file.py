@@ -350,6 +350,53 @@ def test_file_reads_from_the_page_cache_and_from_the_disk_alike(
     assert copy.read_bytes() == data
 
 
+def test_file_writes_that_must_read_a_page_first_are_found(tmp_path: Path) -> None:
+    """A write that covers a page only in part, not cached, makes the kernel read that page
+    from the disk first: such a write goes to a worker thread. Writes of whole pages, or into
+    cached pages, or past the end of the file, do not wait for the disk."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(4 * MiB))
+    backend = File(FileParams(file=str(image)))
+    asyncio.run(backend.start())
+    try:
+        if not backend.nowait:
+            pytest.skip(f"{image}'s file system cannot read with RWF_NOWAIT: nothing to check")
+        os.fsync(backend.fd)
+        os.posix_fadvise(backend.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if cached(backend.fd, 0):
+            pytest.skip(f"cannot drop {image}'s pages from the page cache here")
+        reads_first = backend._reads_first
+        assert reads_first(100, 512)  # inside one page
+        assert reads_first(MiB, 4096 + 512)  # a whole page, then part of the next
+        assert reads_first(MiB + 512, 4096 - 512)  # the end of a page
+        assert not reads_first(2 * MiB, 8192)  # whole pages: nothing to read
+        assert not reads_first(4 * MiB, 100)  # past the end: nothing to read
+        os.preadv(backend.fd, [bytearray(4096)], 3 * MiB)  # this page cached now
+        assert not reads_first(3 * MiB + 100, 512)
+    finally:
+        asyncio.run(backend.stop())
+
+
+def test_file_unaligned_writes_into_uncached_pages_land(
+    tmp_path: Path, start_node: Callable[..., Proc]
+) -> None:
+    image = tmp_path / "disk.img"
+    data = bytearray(os.urandom(4 * MiB))
+    image.write_bytes(data)
+    node = start_node("file", str(image))
+    with open(image, "rb") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    h = nbd_connect(node.uri)
+    for offset, length in [(100, 512), (MiB - 512, 1024), (2 * MiB + 4000, 8192), (0, 4096)]:
+        chunk = os.urandom(length)
+        h.pwrite(chunk, offset)
+        data[offset : offset + length] = chunk
+    h.flush()
+    h.shutdown()
+    assert image.read_bytes() == data
+
+
 def test_file_new_connections_see_a_grown_file(
     image: Path, start_node: Callable[..., Proc]
 ) -> None:

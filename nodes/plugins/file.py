@@ -14,7 +14,9 @@ A read first takes what the page cache holds, at once on the event loop (`preadv
 RWF_NOWAIT, where the file system has it: ext4 and xfs do, tmpfs does not); what is not cached
 is read in a worker thread, so a slow disk never holds the other requests up. Writes of 256K
 or more, flushes, trims and write-zeroes (ext4 takes milliseconds to punch even 4K) run in
-worker threads too (nodes/offload.py); smaller writes go into the page cache on the loop.
+worker threads too (nodes/offload.py); smaller writes go into the page cache on the loop,
+unless a page they cover only in part is not cached (the kernel would read it from the disk
+first).
 
 `cache=none` opens the file with O_DIRECT so the page cache is bypassed (nbdkit's cache=none
 instead drops pages after use; the aim is the same). O_DIRECT needs aligned I/O: the node
@@ -63,7 +65,6 @@ import mmap
 import os
 import stat
 import struct
-from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import model_validator
@@ -99,6 +100,7 @@ THREAD_THRESHOLD = 256 * 1024
 #: hand-off to a thread); a larger one is copied in a thread, so the loop is not held longer
 #: than about a millisecond by one request.
 INLINE_READ_MAX = 4 * 1024 * 1024
+PAGE = mmap.PAGESIZE
 #: O_DIRECT alignment for regular files: safe on every device (logical sectors are <= 4096).
 FILE_DIRECT_ALIGN = 4096
 #: Describe at most this many extents per request (the spec lets us return less than asked).
@@ -199,6 +201,7 @@ class File(Plugin):
         #: Reads try the page cache first (RWF_NOWAIT) where the file system can (not with
         #: O_DIRECT: there RWF_NOWAIT means something else).
         self.nowait = False
+        self._probe = bytearray(1)  #: _cached reads one byte into it
 
     # Lifecycle -----------------------------------------------------------------------------
 
@@ -292,7 +295,10 @@ class File(Plugin):
         return None
 
     async def pwrite(self, buf: memoryview, offset: int, flags: int) -> None:
-        await self._run(self._write, buf, offset)
+        if len(buf) >= THREAD_THRESHOLD or self._reads_first(offset, len(buf)):
+            await run_blocking(self._write, buf, offset)
+        else:
+            self._write(buf, offset)  # into the page cache: cheaper than a hand-off
         if fua_requested(flags):
             await self.flush(0)
 
@@ -369,13 +375,25 @@ class File(Plugin):
 
     # Plumbing ------------------------------------------------------------------------------
 
-    async def _run(
-        self, op: Callable[[memoryview, int], None], buf: memoryview, offset: int
-    ) -> None:
-        if len(buf) >= THREAD_THRESHOLD:
-            await run_blocking(op, buf, offset)
-        else:
-            op(buf, offset)
+    def _reads_first(self, offset: int, count: int) -> bool:
+        """Whether a write must read from the disk first: a page it covers only in part, and
+        that is not cached, is read before the write can go into it (a 512-byte write then
+        waits for the disk)."""
+        if not self.nowait:
+            return False  # cannot tell (and on tmpfs it never does)
+        head, tail = offset % PAGE, (offset + count) % PAGE
+        return bool(
+            (head and not self._cached(offset - head))
+            or (tail and not self._cached(offset + count - tail))
+        )
+
+    def _cached(self, offset: int) -> bool:
+        """Whether the page at `offset` is in the page cache (or past the end of the file)."""
+        try:
+            os.preadv(self.fd, [self._probe], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        return True
 
     def _read(self, buf: memoryview, offset: int) -> None:
         if self.align:
