@@ -109,3 +109,20 @@ def test_pieces_of_a_buffer_with_holes() -> None:
     assert pieces_of(view[:0], None) == []
     got = pieces_of(view, [(2, 3), (4, 2), (9, 1)])  # overlapping holes are merged
     assert [p if isinstance(p, int) else bytes(p) for p in got] == [b"ab", 3, 1, b"ghi", 1]
+    got = pieces_of(view, [(2, 3), (3, 2)])  # a hole inside the last one adds no piece
+    assert [p if isinstance(p, int) else bytes(p) for p in got] == [b"ab", 3, b"fghij"]
+
+
+def test_a_hole_of_min_hole_chunk_bytes_is_a_hole_chunk_and_a_shorter_one_zeros() -> None:
+    # MIN_HOLE_CHUNK is the shortest hole worth a chunk: only shorter ones go as zeros.
+    for hole, kinds in (
+        (MIN_HOLE_CHUNK, [OFFSET_DATA, OFFSET_HOLE]),
+        (MIN_HOLE_CHUNK - 1, [OFFSET_DATA]),
+    ):
+        pieces, expected = build([(True, 10), (False, hole)])
+        req = tx.Request(0, 0, COOKIE, OFFSET, len(expected))
+        wire = b"".join(
+            bytes(p) for p in read_reply(transmission(True), req, pieces, len(expected), False)
+        )
+        got, got_kinds, _ = decode_structured(wire, len(expected))
+        assert (got, got_kinds) == (expected, kinds)
