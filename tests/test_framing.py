@@ -23,7 +23,7 @@ from nodes.base import Landing
 from nodes.protocol import transmission as tx
 from nodes.protocol.constants import REQUEST, REQUEST_MAGIC, Cmd, Err
 from nodes.protocol.errors import ProtocolError
-from nodes.server.framing import BIG_WRITE, MAX_FEED, MAX_SKIP, RECV_BUFFER, RequestFramer
+from nodes.server.framing import BIG_WRITE, MAX_FEED, MAX_SKIP, RECV_BUFFER, RequestFramer, lent
 from nodes.server.session import BufferPool
 
 Seen = tuple[int, int, Err, bytes | None]  # cmd, cookie, verdict, payload
@@ -150,6 +150,24 @@ class LandingHarness(Harness):
         return got
 
 
+class LendingHarness(Harness):
+    """The same, with a framer that lends payloads already buffered whole (as a relay's does):
+    it records which payloads were lent, copies those and gives only the others to the pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.framer = RequestFramer(self.validate, self.dispatch, self.pool, lend_payloads=True)
+        self.lent: list[bool] = []
+
+    def dispatch(self, req: tx.Request, err: Err, payload: memoryview | Landing | None) -> None:
+        if isinstance(payload, memoryview):
+            self.lent.append(lent(payload))
+            if self.lent[-1]:
+                self.seen.append((req.cmd, req.cookie, err, bytes(payload)))
+                return
+        super().dispatch(req, err, payload)
+
+
 request_specs = st.lists(
     st.tuples(
         st.sampled_from([Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, Cmd.WRITE]),
@@ -208,6 +226,55 @@ def test_payloads_landed_in_pieces_come_out_the_same_however_the_stream_is_cut(
     assert all(landing.committed for landing in h.landings)
 
 
+def test_only_a_payload_in_the_read_buffer_is_lent_never_a_pooled_one():
+    """lent() is what keeps the read buffer out of the pool: True for an accepted payload that
+    came whole behind its header (a big one, too, is followed by a read of one header), False
+    for one read into a pooled buffer, small (a bytearray) or big (lazy pages); a rejected
+    payload is skipped, lent to no one."""
+    small, big = os.urandom(1000), os.urandom(2 * RECV_BUFFER)
+    h = LendingHarness()
+    h.push(header(Cmd.WRITE, 2, BIG_WRITE) + big[:BIG_WRITE], [RECV_BUFFER])
+    assert len(h.framer.get_buffer()) == REQUEST.size
+    rejected = header(Cmd.WRITE, 5, len(small)) + small
+    h.push(header(Cmd.WRITE, 4, len(small)) + small + rejected + header(Cmd.WRITE, 6, len(small)),
+           [RECV_BUFFER])  # fmt: skip
+    h.push(small, [RECV_BUFFER])  # the payload of 6 comes in a read of its own
+    h.push(header(Cmd.WRITE, 8, len(big)) + big, [RECV_BUFFER])  # longer than the read buffer
+    assert h.lent == [True, True, False, False]
+    payloads = {2: big[:BIG_WRITE], 4: small, 5: None, 6: small, 8: big}
+    assert h.seen == [(int(Cmd.WRITE), cookie, Err.EINVAL if cookie == 5 else Err.OK, payload)
+                      for cookie, payload in payloads.items()]  # fmt: skip
+
+
+def test_landing_views_are_the_rest_of_the_landing_until_the_payload_is_all_there():
+    """With nothing of the stream buffered ahead, one scatter read may fill all that is left of
+    a landing: landing_views() offers every view from where the payload has got to. Once the
+    payload is all there, there is nothing to offer."""
+    data = os.urandom(20000)
+    h = LandingHarness(first=100, piece=4096, scatter=0)
+    h.push(header(Cmd.WRITE, 2, len(data)) + data[:300], [RECV_BUFFER])
+    views = h.framer.landing_views()
+    assert views is not None and sum(len(view) for view in views) == len(data) - 300
+    pos = 300
+    for view in views:
+        view[:] = data[pos : pos + len(view)]
+        pos += len(view)
+    h.framer.payload_received(len(data) - 300)
+    assert h.framer.landing_views() is None
+    h.feed()
+    assert h.seen == [(int(Cmd.WRITE), 2, Err.OK, data)]
+
+
+def test_more_payload_reported_than_the_landing_takes_is_an_error_not_a_hang():
+    # A reader that reports more bytes than the views it was given is a bug: it must surface,
+    # not spin on views with no room left.
+    h = LandingHarness(first=100, piece=4096, scatter=0)
+    h.push(header(Cmd.WRITE, 2, 2000), [RECV_BUFFER])
+    assert h.framer.landing_views() is not None
+    with pytest.raises(RuntimeError, match="ran past the views"):
+        h.framer.payload_received(3000)
+
+
 def test_release_gives_back_a_landing_still_being_filled():
     h = LandingHarness(first=100, piece=4096, scatter=0)
     h.push(header(Cmd.WRITE, 2, 8192) + bytes(300), [4096])
@@ -232,7 +299,11 @@ def test_bytes_left_over_from_the_handshake_are_framed_first(specs, split):
 def test_disc_ends_the_stream_and_nothing_after_it_is_dispatched():
     h = Harness()
     stream = header(Cmd.READ, 2, 512) + header(Cmd.DISC, 4, 0) + header(Cmd.READ, 6, 512)
-    h.push(stream, [len(stream)])
+    h.framer.get_buffer()[: len(stream)] = stream
+    h.framer.buffer_updated(len(stream))
+    # False, then and ever after: there is no more to feed (True would have it called again).
+    assert h.framer.feed(lambda: False) is False
+    assert h.framer.feed(lambda: False) is False
     assert h.seen == [(int(Cmd.READ), 2, Err.OK, None)]
     assert h.framer.disconnected
 
@@ -271,6 +342,17 @@ def test_headers_cut_at_the_end_of_the_read_buffer_are_moved_to_its_front_and_pa
     stream, expected = build(specs)  # type: ignore[arg-type]
     h = Harness()
     h.push(stream, [100000])
+    assert h.seen == expected
+
+
+def test_a_read_that_fills_the_buffer_to_its_end_inside_a_header_leaves_room_for_the_next():
+    """A read can take the whole read buffer and end part way into a header: that part is moved
+    to the front, or the next read would get no room at all and the connection would stall."""
+    specs = [(Cmd.READ, 512, False)] * (2 * RECV_BUFFER // REQUEST.size)
+    stream, expected = build(specs)  # type: ignore[arg-type]
+    assert RECV_BUFFER % REQUEST.size, "the first read must end inside a header"
+    h = Harness()
+    h.push(stream, [RECV_BUFFER])
     assert h.seen == expected
 
 
@@ -316,6 +398,13 @@ def test_a_stream_that_cannot_be_followed_is_a_protocol_error(stream: bytes, why
     h = Harness()
     with pytest.raises(ProtocolError, match=why):
         h.push(stream, [len(stream)])
+
+
+def test_a_rejected_payload_of_max_skip_bytes_is_still_skipped():
+    # MAX_SKIP is the largest payload skipped: only a longer one ends the connection.
+    h = Harness()
+    h.push(header(Cmd.WRITE, 1, MAX_SKIP) + bytes(1000), [RECV_BUFFER])
+    assert h.seen == [] and not h.framer.disconnected
 
 
 def test_release_gives_a_half_filled_payload_buffer_back():
