@@ -291,6 +291,25 @@ def test_handshake_info_then_go() -> None:
     ]
 
 
+def test_handshake_block_sizes_sent_only_for_an_export_that_has_them() -> None:
+    """An export with block size constraints announces them (NBD_INFO_BLOCK_SIZE), even to a
+    client that did not ask, as the spec allows; one without (block_min 0) announces none."""
+    from dataclasses import replace
+
+    def block_sizes_sent(replies: list[OptReply]) -> list[tuple[int, ...]]:
+        infos = [r.data for r in replies if r.rep == Rep.INFO]
+        kind = struct.pack(">H", Info.BLOCK_SIZE)
+        return [struct.unpack(">HIII", data)[1:] for data in infos if data[:2] == kind]
+
+    sized = replace(EXPORT, block_min=512, block_preferred=4096, block_max=1 << 20)
+    for export, expected in ((EXPORT, []), (sized, [(512, 4096, 1 << 20)])):
+        c = Client(HandshakePolicy(lookup=lambda name: export))  # noqa: B023 (used at once)
+        _, replies = c.send(opt(Opt.INFO, info_data("disk", (Info.BLOCK_SIZE,))))
+        assert block_sizes_sent(replies) == expected
+        _, replies = c.send(opt(Opt.GO, info_data("disk")))  # not asked for
+        assert block_sizes_sent(replies) == expected
+
+
 def test_handshake_go_leftover_bytes_kept() -> None:
     c = Client()
     event, _ = c.send(opt(Opt.GO, info_data("")) + b"first request")
