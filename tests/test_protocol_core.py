@@ -310,6 +310,28 @@ def test_handshake_block_sizes_sent_only_for_an_export_that_has_them() -> None:
         assert block_sizes_sent(replies) == expected
 
 
+def test_handshake_description_sent_when_asked() -> None:
+    # NBD_INFO_DESCRIPTION: the export's description, for a client that asks for it.
+    from dataclasses import replace
+
+    described = replace(EXPORT, description="a test disk")
+    c = Client(HandshakePolicy(lookup=lambda name: described))
+    _, replies = c.send(opt(Opt.INFO, info_data("disk", (Info.DESCRIPTION,))))
+    assert replies[-1].rep == Rep.ACK
+    infos = [r.data for r in replies if r.rep == Rep.INFO]
+    assert struct.pack(">H", Info.DESCRIPTION) + b"a test disk" in infos
+
+
+def test_handshake_structured_reply_twice_gets_one_error_and_stays_negotiated() -> None:
+    # Every option gets a final reply; a second STRUCTURED_REPLY is an error, not ignored.
+    c = Client()
+    c.send(opt(Opt.STRUCTURED_REPLY))
+    _, replies = c.send(opt(Opt.STRUCTURED_REPLY))
+    assert [r.rep for r in replies] == [Rep.ERR_INVALID]
+    event, _ = c.send(opt(Opt.GO, info_data("disk")))
+    assert isinstance(event, Ready) and event.structured
+
+
 def test_handshake_go_leftover_bytes_kept() -> None:
     c = Client()
     event, _ = c.send(opt(Opt.GO, info_data("")) + b"first request")
