@@ -593,6 +593,9 @@ ALIGNED = Transmission(size=1 << 20, tflags=FULL.tflags, structured=True, meta_c
                        block_min=512, block_max=65536)  # fmt: skip
 BARE = Transmission(size=1 << 20, tflags=TFlag.HAS_FLAGS, structured=True, meta_contexts=())
 END = 1 << 20
+#: No block sizes given: READ and WRITE are held to 32 MiB, the spec's limit for a client that
+#: wants to interoperate and saw no constraints.
+UNSIZED = Transmission(size=1 << 30, tflags=FULL.tflags, structured=True, meta_contexts=(1,))
 
 
 @pytest.mark.parametrize(
@@ -644,6 +647,8 @@ END = 1 << 20
         (ALIGNED, Cmd.READ, 1, 512, 0, Err.EINVAL),
         (ALIGNED, Cmd.WRITE, 0, 100, 0, Err.EINVAL),
         (ALIGNED, Cmd.READ, 0, 131072, CmdFlag.DF, Err.EOVERFLOW),
+        (UNSIZED, Cmd.WRITE, 0, 32 << 20, 0, Err.OK),
+        (UNSIZED, Cmd.READ, 0, (32 << 20) + 1, 0, Err.EINVAL),
     ],
 )
 def test_validate_table(
