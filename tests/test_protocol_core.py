@@ -255,6 +255,9 @@ def test_handshake_unknown_option_is_unsup_and_parsing_continues() -> None:
         (opt(Opt.GO, b"\0\0\0\0\0\x02\0\x01"), Rep.ERR_INVALID),  # 2 requests, 1 present
         (opt(Opt.INFO, info_data("nope")), Rep.ERR_UNKNOWN),
         (opt(Opt.INFO, info_data("\xff")[:-2] + b"\xff\0\0"), Rep.ERR_INVALID),
+        # Strings (names too) MUST have no NUL and at most 4096 bytes: malformed, not unknown.
+        (opt(Opt.INFO, info_data("a\0b")), Rep.ERR_INVALID),
+        (opt(Opt.INFO, info_data("x" * 4097)), Rep.ERR_INVALID),
         (opt(Opt.STRUCTURED_REPLY, b"x"), Rep.ERR_INVALID),
         (opt(Opt.STARTTLS), Rep.ERR_UNSUP),  # tls=off
         (opt(Opt.PEEK_EXPORT), Rep.ERR_UNSUP),
