@@ -709,7 +709,7 @@ def reference_validate(req: Request, t: Transmission) -> Err:
     tflags=st.integers(0, 0xFFF),
     structured=st.booleans(),
     contexts=st.sampled_from([(), (1,)]),
-    block_min=st.sampled_from([1, 512, 4096]),
+    block_min=st.sampled_from([1, 2, 512, 4096]),
     block_max=st.sampled_from([4096, 65536, 1 << 25]),
     cmd=st.integers(0, 9),
     flags=st.one_of(st.integers(0, 0x1F), st.integers(0, 0xFFFF)),
@@ -789,6 +789,11 @@ u64 = st.integers(0, 2**64 - 1)
 def test_simple_reply_round_trip(cookie: int, error: Err) -> None:
     reply, rest = decode_reply(simple_reply(cookie, error))
     assert (reply.kind, reply.cookie, reply.error, rest) == ("simple", cookie, error, b"")
+
+
+def test_simple_reply_without_an_error_is_a_success() -> None:
+    reply, _ = decode_reply(simple_reply(7))
+    assert (reply.kind, reply.cookie, reply.error) == ("simple", 7, 0)
 
 
 @given(cookie=u64, offset=u64, data=st.binary(max_size=64), done=st.booleans())
