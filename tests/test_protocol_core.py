@@ -875,6 +875,13 @@ def test_cover_refuses_exactly_the_chunks_that_overlap(chunks: list[tuple[int, i
         assert all(a < b < c for (a, b), (c, _) in itertools.pairwise(spans))
 
 
+def test_cover_joins_a_chunk_that_fills_a_gap_with_both_neighbours() -> None:
+    # The random chunks above rarely fill a gap exactly: the spans on both sides become one.
+    spans = [(0, 4), (8, 12), (20, 24)]
+    assert cover(spans, 4, 8)
+    assert spans == [(0, 12), (20, 24)]
+
+
 @given(
     extents=st.lists(st.tuples(st.integers(0, 2**34), st.integers(0, 3)), min_size=1,
                      max_size=10),
