@@ -53,6 +53,7 @@ from nodes.protocol.transmission import (
     block_status_chunk,
     chunk,
     clip_extents,
+    context_merge,
     cover,
     data_chunk_header,
     error_chunk,
@@ -934,6 +935,23 @@ def test_clip_extents_keeps_to_the_minimum_block_size(
 
 
 QEMU_CONTEXTS = ("qemu:allocation-depth", "qemu:dirty-bitmap:backup")
+
+
+def test_clip_extents_without_an_alignment_keeps_the_backends_lengths() -> None:
+    # No minimum block size: descriptors as fine as the backend gave them, only merged and cut.
+    extents = [(3, 0), (5, 3), (1, 3), (7, 1)]
+    assert clip_extents(extents, 14, False) == [(3, 0), (6, 3), (5, 1)]
+
+
+def test_context_merge_joins_pieces_of_a_block_as_each_context_means() -> None:
+    """A dirty bitmap's block is dirty if any piece is; an allocation depth is the nearest
+    layer any piece comes from, 0 only if none is allocated; base:allocation's flags are
+    joined by clip_extents itself (None)."""
+    assert context_merge(BASE_ALLOCATION) is None
+    dirty, depth = context_merge(QEMU_CONTEXTS[1]), context_merge(QEMU_CONTEXTS[0])
+    assert dirty is not None and depth is not None
+    assert (dirty(0, 1), dirty(1, 0), dirty(0, 0)) == (1, 1, 0)
+    assert (depth(2, 3), depth(3, 2), depth(0, 3), depth(3, 0), depth(0, 0)) == (2, 2, 3, 3, 0)
 
 
 @pytest.mark.parametrize(
