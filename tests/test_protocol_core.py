@@ -943,6 +943,12 @@ def test_clip_extents_without_an_alignment_keeps_the_backends_lengths() -> None:
     assert clip_extents(extents, 14, False) == [(3, 0), (6, 3), (5, 1)]
 
 
+def test_clip_extents_an_empty_piece_inside_a_block_describes_nothing() -> None:
+    # A backend's zero-length extent has no bytes: it cannot spoil the flags of its block
+    # (while 1-byte pieces are bytes like any other).
+    assert clip_extents([(2, 3), (0, 0), (1, 3), (1, 3)], 4, False, align=4) == [(4, 3)]
+
+
 def test_context_merge_joins_pieces_of_a_block_as_each_context_means() -> None:
     """A dirty bitmap's block is dirty if any piece is; an allocation depth is the nearest
     layer any piece comes from, 0 only if none is allocated; base:allocation's flags are
