@@ -943,6 +943,12 @@ def test_clip_extents_without_an_alignment_keeps_the_backends_lengths() -> None:
     assert clip_extents(extents, 14, False) == [(3, 0), (6, 3), (5, 1)]
 
 
+def test_clip_extents_merges_equal_neighbours_while_the_length_fits_in_32_bits() -> None:
+    big = 0xFFFFFFFF  # descriptor lengths are u32
+    assert clip_extents([(big - 1, 1), (1, 1)], 2**34, False) == [(big, 1)]
+    assert clip_extents([(5, 0), (big, 1), (1, 1)], 2**34, False) == [(5, 0), (big, 1), (1, 1)]
+
+
 def test_clip_extents_an_empty_piece_inside_a_block_describes_nothing() -> None:
     # A backend's zero-length extent has no bytes: it cannot spoil the flags of its block
     # (while 1-byte pieces are bytes like any other).
