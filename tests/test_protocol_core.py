@@ -953,6 +953,8 @@ def test_clip_extents_an_empty_piece_inside_a_block_describes_nothing() -> None:
     # A backend's zero-length extent has no bytes: it cannot spoil the flags of its block
     # (while 1-byte pieces are bytes like any other).
     assert clip_extents([(2, 3), (0, 0), (1, 3), (1, 3)], 4, False, align=4) == [(4, 3)]
+    # The smallest alignment there is, too: a block of 2 bytes with data is data.
+    assert clip_extents([(3, 0), (3, 3)], 6, False, align=2) == [(4, 0), (2, 3)]
 
 
 def test_context_merge_joins_pieces_of_a_block_as_each_context_means() -> None:
