@@ -748,6 +748,14 @@ def test_request_parser_waits_for_whole_payload_then_disc_ends() -> None:
     assert parser.events() == []
 
 
+def test_request_parser_reads_requests_without_payloads_back_to_back() -> None:
+    parser = RequestParser(FULL)
+    parser.receive_data(request(Cmd.READ, 0, 512, cookie=1) + request(Cmd.FLUSH, cookie=2)
+                        + request(Cmd.READ, 512, 512, cookie=3))  # fmt: skip
+    assert [(e.request.cookie, e.error, e.payload) for e in parser.events()] == [
+        (1, Err.OK, b""), (2, Err.OK, b""), (3, Err.OK, b"")]  # fmt: skip
+
+
 def test_request_parser_bad_magic_is_protocol_error() -> None:
     parser = RequestParser(FULL)
     parser.receive_data(struct.pack(">IHHQQI", 0x12560953, 0, 0, 1, 0, 1))
