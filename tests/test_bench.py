@@ -157,3 +157,17 @@ def test_offload_bench_compares_both_ways_at_each_depth() -> None:
         ("4", "asyncio.to_thread"), ("4", "run_blocking"),
     ]  # fmt: skip
     assert all(float(r[3]) > 0 and float(r[6]) > 0 for r in rows)
+
+
+def test_stalls_bench_measures_a_reader_beside_each_disturbance(tmp_path: Path) -> None:
+    out = tmp_path / "stalls.json"
+    cmd = [sys.executable, "-m", "bench.stalls", "--size", "132M", "--seconds", "0.5",
+           "--disturb", "none,trim,partial", "--json", str(out)]  # fmt: skip
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())
+    assert [(r["disturb"], r["side"]) for r in rows] == [
+        (how, side) for how in ("none", "trim", "partial") for side in ("ours", "nbdkit")
+    ]
+    for row in rows:
+        assert row["iops"] > 0 and 0 < row["p50_us"] <= row["p99_us"] <= row["p999_us"]
+        assert (row["other_ops"] > 0) == (row["disturb"] != "none"), row
