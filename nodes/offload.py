@@ -1,9 +1,11 @@
 """Blocking calls on the data path, run in worker threads and handed back cheaply.
 
-`asyncio.to_thread` costs about 50 µs of CPU a call on this project's machine (a
-concurrent.futures Future and work item, a context copy, `call_soon_threadsafe` through the
-loop's self-pipe, a future chained onto it): as much as the 256K write it carries. Here a job
-is a tuple on a `SimpleQueue`; a worker puts its result on the loop's deque and writes the
+`asyncio.to_thread` costs about 46 µs of CPU a call on this project's machine when it is busy,
+130 when it is idle (a halted vCPU to wake): a concurrent.futures Future and work item, a
+context copy, `call_soon_threadsafe` through the loop's self-pipe, a future chained onto it;
+as much as the 256K write it carries. run_blocking costs 70-80 % of that one at a time, a
+third to a half with several in flight (bench/RESULTS.md, "The file node"). Here a job is a
+tuple on a `SimpleQueue`; a worker puts its result on the loop's deque and writes the
 loop's eventfd only when the loop has not been told already, so the loop takes every result
 that finished meanwhile in one wake-up. `python -m bench.offload` measures both.
 
@@ -21,7 +23,6 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from threading import Lock
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -48,7 +49,7 @@ class _Results:
         loop.add_reader(self.fd, self._take)
 
     def post(
-        self, fut: asyncio.Future[Any], result: Any, exc: BaseException | None, lock: Lock
+        self, fut: asyncio.Future[Any], result: Any, exc: BaseException | None, lock: threading.Lock
     ) -> None:
         """In a worker: hand a result to the loop."""
         self.done.append((fut, result, exc))
