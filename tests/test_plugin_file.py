@@ -397,6 +397,31 @@ def test_file_unaligned_writes_into_uncached_pages_land(
     assert image.read_bytes() == data
 
 
+def test_file_that_shrank_under_a_client_reads_eio_past_its_new_end(
+    tmp_path: Path, start_node: Callable[..., Proc]
+) -> None:
+    """The client was told the old size; what the file no longer holds is an error, never
+    zeros or stale bytes, whether the part before the new end is cached or not."""
+    image = tmp_path / "disk.img"
+    data = os.urandom(4 * MiB)
+    image.write_bytes(data)
+    node = start_node("file", str(image))
+    h = nbd_connect(node.uri)
+    assert h.pread(8192, MiB) == data[MiB : MiB + 8192]  # cached now
+    os.truncate(image, MiB + 100)
+    for offset, length in [(2 * MiB, 4096), (MiB, 8192), (MiB + 4096, 512)]:
+        with pytest.raises(nbd.Error) as raised:
+            h.pread(length, offset)
+        assert raised.value.errnum == errno.EIO, (offset, length)
+    with open(image, "rb") as f:  # and with the part before the end not cached
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    with pytest.raises(nbd.Error) as raised:
+        h.pread(8192, MiB - 4096)
+    assert raised.value.errnum == errno.EIO
+    assert h.pread(4096, 0) == data[:4096]  # the connection still serves
+    h.shutdown()
+
+
 def test_file_new_connections_see_a_grown_file(
     image: Path, start_node: Callable[..., Proc]
 ) -> None:
