@@ -27,7 +27,7 @@ import pytest
 from conftest import NBDFABRIC, ROOT, mem, nbd_connect, run, wait_for
 
 from nodes.base import Backend, Capabilities, Extents, Holes, Support, read_flat
-from nodes.fans._bitmap import DirtyMap
+from nodes.fans._bitmap import BitmapFile, DirtyMap
 from nodes.fans._common import combine_caps, to_each
 from nodes.plugins.memory import Memory, MemoryParams, SparseStore
 from nodes.server.addresses import export_identity, parse_address, repeated_export
@@ -377,6 +377,38 @@ def test_fan_fast_zero_is_sent_only_if_every_member_zeroes_fast() -> None:
     assert held() == [b"\1" * 4096] * 2
     assert asyncio.run(to_each(calls, caps, 0)) == ([None, None], False)
     assert held() == [bytes(4096)] * 2
+
+
+def test_bitmap_file_never_puts_an_older_state_over_a_newer_one(tmp_path: Path) -> None:
+    """A fan saves from its loop and from worker threads (the marks a write makes, off the
+    loop), and they may finish in any order: the file ends with the newest state taken."""
+    import json
+
+    path = tmp_path / "bitmap.json"
+    f = BitmapFile(str(path))
+    f.save({"n": 2}, 2)
+    f.save({"n": 1}, 1)  # taken before, finished after
+    assert json.loads(path.read_text()) == {"n": 2}
+    f.save({"n": 0})  # generation 0: always written
+    assert json.loads(path.read_text()) == {"n": 0}
+    saves = list(range(3, 60))
+    random.shuffle(saves)
+    failed: list[BaseException] = []
+
+    def save(n: int) -> None:
+        try:
+            f.save({"n": n}, n)
+        except BaseException as exc:  # (two saves at once share the temporary file)
+            failed.append(exc)
+
+    threads = [threading.Thread(target=save, args=(n,)) for n in saves]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failed == []
+    assert json.loads(path.read_text()) == {"n": 59}
+    assert [p.name for p in tmp_path.iterdir()] == ["bitmap.json"]  # no temporary file left
 
 
 def test_fan_dirty_map_counts_runs_and_cursor() -> None:

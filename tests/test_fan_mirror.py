@@ -11,6 +11,7 @@ import hashlib
 import json
 import random
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -881,3 +882,25 @@ def test_mirror_write_that_waited_while_a_member_failed_is_marked_dirty_for_it(
     wait_state(harness, fan, 1, "in_sync")
     assert read_all(u0, 8192) == b"\2" * 8192
     assert read_all(u1, 8192) == b"\2" * 8192
+
+
+def test_mirror_bitmap_file_that_cannot_be_written_is_said_and_writes_go_on(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """The write-intent mark of a write is saved off the loop; when the file cannot be
+    written, the error is said (logged, and an event) and the write is served all the same,
+    as it was when the save ran on the loop."""
+    where = tmp_path / "state"
+    where.mkdir()
+    params = {"bitmap-file": str(where / "bitmap.json"), "intent-region": "1M"}
+    _, _, _, uri = make_mirror(harness, **params)
+    h = nbd_connect(uri)
+    h.pwrite(b"a" * 4096, 0)
+    shutil.rmtree(where)  # nowhere to write the next save
+    h.pwrite(b"b" * 4096, SIZE - 4096)  # a new intent region: a save before it is sent
+    assert h.pread(4096, SIZE - 4096) == b"b" * 4096
+    assert any(
+        kind == "error" and "cannot write the bitmap file" in message
+        for kind, message, _ in harness.events
+    )
+    h.shutdown()

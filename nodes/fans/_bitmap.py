@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -125,6 +126,10 @@ class BitmapFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        #: Saves come from the event loop and from worker threads (a fan's writes save off
+        #: the loop): one at a time, and never an older state over a newer one.
+        self._lock = threading.Lock()
+        self._saved = 0  #: the generation on disk
 
     def load(self) -> dict[str, Any] | None:
         try:
@@ -136,13 +141,20 @@ class BitmapFile:
             raise ValueError(f"bitmap file {self.path}: unreadable ({exc})") from exc
         return data if isinstance(data, dict) else None
 
-    def save(self, data: dict[str, Any]) -> None:
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+    def save(self, data: dict[str, Any], generation: int = 0) -> None:
+        """Write DATA, the state as of GENERATION (numbered by the caller as it takes them, in
+        order; 0: always written). A state older than the one on disk is not written: the
+        newer one holds what it said, or what came after."""
+        with self._lock:
+            if generation and generation <= self._saved:
+                return
+            tmp = f"{self.path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            self._saved = max(self._saved, generation)
 
 
 class WriteIntents:

@@ -74,6 +74,7 @@ from functools import partial
 from typing import Any, Literal
 
 from ..base import Backend, Capabilities, Extents, Holes, fill_holes, read_flat
+from ..offload import run_blocking
 from ..params import Duration, Params, Size, live, param
 from ..protocol.constants import CmdFlag, Extent
 from ..registry import register
@@ -220,6 +221,7 @@ class Mirror(RebuildingFan):
         self._copy_lock = asyncio.Lock()
         self._monitor_task: asyncio.Task[None] | None = None
         self._bitmap = BitmapFile(params.bitmap_file) if params.bitmap_file else None
+        self._generation = 0  #: of the states saved (see BitmapFile.save)
         self._intents: WriteIntents | None = None  #: with a bitmap file, from start()
         self._last_run: RebuildRun | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -324,8 +326,37 @@ class Mirror(RebuildingFan):
         self._resync_intents(load_runs(data.get("intents"), self.nchunks))
 
     def _persist(self) -> None:
+        """Save the member states, dirty maps and write intents now, on the loop (state
+        changes: rare)."""
+        saving = self._snapshot()
+        if saving is not None:
+            assert self._bitmap is not None
+            try:
+                self._bitmap.save(*saving)
+            except OSError as exc:
+                self._not_saved(exc)
+
+    async def _persist_off_loop(self) -> None:
+        """_persist with the file written in a worker thread, for the marks a write makes
+        before it is sent: the loop serves other requests during the fsync. Returns once this
+        state, or a newer one, is on disk."""
+        saving = self._snapshot()
+        if saving is not None:
+            assert self._bitmap is not None
+            try:
+                await run_blocking(self._bitmap.save, *saving)
+            except OSError as exc:
+                self._not_saved(exc)  # (on the loop: emit is not for other threads)
+
+    def _not_saved(self, exc: OSError) -> None:
+        log.error("mirror: cannot write the bitmap file: %s", exc)
+        self.emit("error", f"cannot write the bitmap file: {exc}")
+
+    def _snapshot(self) -> tuple[dict[str, Any], int] | None:
+        """What the bitmap file is to hold now, numbered (see BitmapFile.save)."""
         if self._bitmap is None or not self.slots:
-            return
+            return None
+        self._generation += 1
         members = [
             {
                 "uri": member_name(s.backend, s.index),
@@ -344,11 +375,7 @@ class Mirror(RebuildingFan):
             "members": members,
             "intents": self._intents.runs() if self._intents is not None else [],
         }
-        try:
-            self._bitmap.save(data)
-        except OSError as exc:
-            log.error("mirror: cannot write the bitmap file: %s", exc)
-            self.emit("error", f"cannot write the bitmap file: {exc}")
+        return data, self._generation
 
     # Write intents ------------------------------------------------------------------------
 
@@ -440,7 +467,7 @@ class Mirror(RebuildingFan):
                 if self._intents is not None and self._intents.settle(
                     self.params.intent_linger, self._unflushed
                 ):
-                    self._persist()
+                    await self._persist_off_loop()  # regions unmarked: no hurry
             except Exception:
                 log.exception("mirror: member check failed")
 
@@ -1014,7 +1041,7 @@ class Mirror(RebuildingFan):
             regions, new = intents.begin(first, last)
             changed |= new
         if changed:
-            self._persist()
+            await self._persist_off_loop()
         try:
             if not self.healthy():
                 await self._recovery.wait()
@@ -1027,7 +1054,7 @@ class Mirror(RebuildingFan):
                     if s.state == FAULTY and not s.demoted:
                         changed |= s.dirty.mark(first, last)
                 if changed:
-                    self._persist()
+                    await self._persist_off_loop()
                 targets = [s for s in self.slots if s.state in (IN_SYNC, REBUILDING)]
                 results, refused = await to_each(
                     [partial(self._member_call, s, op) for s in targets],
