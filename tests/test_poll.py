@@ -134,23 +134,32 @@ def test_a_polling_chain_serves_every_byte(tmp_path, start_node, poll: int) -> N
     assert digest.digest() == hashlib.sha256(data).digest()
     # The proxy relays (polling or not), its upstream socket watched by the poller too.
     assert proxy.stderr().count("relayed to") >= 3, proxy.stderr()
+    hits = 0
     for node in (memory, proxy):
         assert node.control is not None
         polling = info(node.control).polling
         assert polling.max_ns == poll * 1000
         if poll:
-            # 4096 requests in turn: most were followed by a poll, and some found the next one
-            # (how many depends on the scheduler: with other tests on the other core, 62 did).
-            # Not every one: the poll time adapts, and a run of gaps over the maximum (the
-            # client kept off both cores by other tests) can halve it to 0, and the next requests
-            # go unpolled until a short gap grows it again (4094 of 4096 polled in one such run).
-            assert polling.hits + polling.misses >= 4096 // 2 and polling.hits > 0, polling
+            # 4096 requests in turn: most were followed by a poll. Not every one: the poll time
+            # adapts, and a run of gaps over the maximum (the client kept off both cores by
+            # other tests) can halve it to 0, and the next requests go unpolled until a short
+            # gap grows it again (4094 of 4096 polled in one such run).
+            assert polling.hits + polling.misses >= 4096 // 2, polling
+            hits += polling.hits
             shown = subprocess.run(
                 [*NBDFABRIC, "ctl", node.control, "info"], capture_output=True, text=True
             )
             assert "polling" in shown.stdout and "up to 1000 µs" in shown.stdout, shown
         else:
             assert (polling.hits, polling.misses, polling.ns) == (0, 0, 0)
+    if poll:
+        # And some polls found what they waited for: a poller watching the wrong sockets never
+        # does. How many depends on the scheduler (with other tests on the other core, 62 did),
+        # and on one node alone it can be none: under load the memory node's next request
+        # comes a whole round trip (proxy, client, proxy) after its reply, past its poll time
+        # every time (0 of 4095 in a clean run with three test workers and a docker build).
+        # The proxy's polls wait for its upstream's reply, a shorter way.
+        assert hits > 0
 
 
 def test_a_tls_session_polls_too(tmp_path, start_node) -> None:
